@@ -1,0 +1,9 @@
+//! kappa's log: an append-only, partitioned, compacting store of Kafka RecordBatch v2
+//! batches in segment files.
+//!
+//! Invariant: this crate knows record batches and files. It knows nothing of requests,
+//! connections, consumer groups or views.
+
+pub mod batch;
+pub mod io;
+pub mod records;
