@@ -5,5 +5,6 @@
 //! connections, consumer groups or views.
 
 pub mod batch;
+pub mod compression;
 pub mod io;
 pub mod records;
