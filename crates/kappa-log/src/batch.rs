@@ -49,7 +49,9 @@ pub enum BatchError {
     BadMagic(u8),
     #[error("record batch CRC mismatch: header says {expected:#010x}, contents hash to {actual:#010x}")]
     BadCrc { expected: u32, actual: u32 },
-    #[error("record batch has {records_count} records but last_offset_delta {last_offset_delta}; a producer's batch must have last_offset_delta = records_count - 1")]
+    #[error(
+        "record batch has {records_count} records but last_offset_delta {last_offset_delta}; a producer's batch must have last_offset_delta = records_count - 1"
+    )]
     CountMismatch { records_count: i32, last_offset_delta: i32 },
     #[error("record batch has an unknown compression codec {0}")]
     BadCodec(u16),
@@ -189,7 +191,8 @@ pub fn batch_total_len(bytes: &[u8], max_batch_bytes: usize) -> Result<usize, Ba
     }
     let length = i64::from(be_i32(bytes, 8));
     let total = length + LENGTH_PREFIX_BYTES as i64;
-    if total < HEADER_BYTES as i64 || total > max_batch_bytes as i64 {
+    let max = i64::try_from(max_batch_bytes).unwrap_or(i64::MAX);
+    if total < HEADER_BYTES as i64 || total > max {
         return Err(BatchError::BadLength { length: total, min: HEADER_BYTES, max: max_batch_bytes });
     }
     Ok(total as usize)

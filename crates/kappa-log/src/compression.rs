@@ -101,7 +101,8 @@ fn decompress_xerial(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, RecordErr
     let mut rest = body.get(XERIAL_HEADER_BYTES..).ok_or_else(|| snappy_error("xerial header is truncated"))?;
     let mut out = Vec::new();
     while !rest.is_empty() {
-        let (len, after_len) = rest.split_first_chunk::<4>().ok_or_else(|| snappy_error("xerial chunk length is truncated"))?;
+        let (len, after_len) =
+            rest.split_first_chunk::<4>().ok_or_else(|| snappy_error("xerial chunk length is truncated"))?;
         let len = u32::from_be_bytes(*len) as usize;
         if len > after_len.len() {
             return Err(snappy_error("xerial chunk is longer than the remaining body"));
@@ -125,9 +126,8 @@ fn append_snappy_block(block: &[u8], max_bytes: usize, out: &mut Vec<u8>) -> Res
     }
     let start = out.len();
     out.resize(start + len, 0);
-    let written = snap::raw::Decoder::new()
-        .decompress(block, &mut out[start..])
-        .map_err(|e| snappy_error(&e.to_string()))?;
+    let written =
+        snap::raw::Decoder::new().decompress(block, &mut out[start..]).map_err(|e| snappy_error(&e.to_string()))?;
     out.truncate(start + written);
     Ok(())
 }

@@ -5,6 +5,21 @@
 //! connections, consumer groups or views.
 
 pub mod batch;
+pub mod clock;
+pub mod compaction;
 pub mod compression;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod index;
 pub mod io;
+pub mod log;
+pub mod partition;
+pub mod producer;
 pub mod records;
+pub mod segment;
+
+pub use crate::config::TopicConfig;
+pub use crate::error::{LogError, Result};
+pub use crate::log::{Log, LogOptions, RecoveryReport, Topic};
+pub use crate::partition::{AppendOutcome, Isolation, Partition, ReadOutcome, SyncPolicy};

@@ -566,6 +566,12 @@ impl Cursor<'_> {
     }
 }
 
+/// Every record's (offset, timestamp), in order: what ListOffsets-by-timestamp searches.
+pub fn record_timestamps(batch_bytes: &[u8], max_uncompressed_bytes: usize) -> Result<Vec<(i64, i64)>, RecordError> {
+    let decoded = decode_records(batch_bytes, max_uncompressed_bytes)?;
+    Ok(decoded.iter().map(|r| (r.offset(), r.timestamp())).collect())
+}
+
 /// Compaction: rewrites a batch to hold only the records `keep` accepts, copied
 /// verbatim. Header fields (base offset, last offset delta, timestamps, producer
 /// identity, attributes and codec) are kept so offsets and producer state survive; the

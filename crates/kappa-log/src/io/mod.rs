@@ -90,8 +90,12 @@ pub fn child(dir: &Path, name: &str) -> PathBuf {
 /// Writes `bytes` to `path` atomically and durably: a temporary file, fsync, rename, and
 /// an fsync of the directory. After a crash the file holds the old or the new contents.
 pub fn write_file_atomic(fs: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent directory"))?;
-    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let dir =
+        path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent directory"))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!("{name}.tmp"));
     let file = fs.open(&tmp, OpenMode::Create)?;
     file.write_all_at(bytes, 0)?;

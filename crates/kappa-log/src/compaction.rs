@@ -1,0 +1,325 @@
+//! The cleaner: rewrites closed segments of compacted topics keeping the latest record per
+//! compaction key. The compaction key is the record key, or (key, sub-key) when the topic
+//! names a sub-key header (`kappa.compaction.subkey.header`).
+//!
+//! Rules (a record at offset `o` with key `k` and sub-key `s`):
+//! - removed if a later record in the cleaned range has the same (k, s);
+//! - with a sub-key header: removed if a later *whole-key tombstone* (key `k`, null value,
+//!   no sub-key header) exists in the cleaned range — "delete the channel and its items";
+//! - a tombstone that is the latest for its key is kept until its segment's largest
+//!   timestamp is older than `delete.retention.ms`, then removed;
+//! - records of aborted transactions are removed; control batches (markers) are kept;
+//! - records without a key are kept.
+//!
+//! Offsets never change: a cleaned batch keeps its base offset and offset deltas, and a
+//! segment keeps its base offset even when cleaning empties it.
+//!
+//! Crash safety: the cleaned segment is written to `{base}.log.cleaned` and fsynced; the
+//! old indexes are removed; the cleaned file is renamed over `{base}.log`; the directory is
+//! fsynced. A crash leaves the old or the new segment (a leftover `.cleaned` is deleted on
+//! open, a missing index is rebuilt by a scan).
+//!
+//! Invariant: the cleaned range is always a prefix of the log that ends before the active
+//! segment, the last stable offset, and any segment younger than `min.compaction.lag.ms`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::batch::BatchHeader;
+use crate::config::MAX_MESSAGE_BYTES_LIMIT;
+use crate::error::{LogError, Result};
+use crate::io::{OpenMode, StorageFile};
+use crate::partition::Partition;
+use crate::records::{self, Record};
+use crate::segment::{self, Segment, Trust};
+
+/// Most memory the key map of one cleaning pass may use; a larger cleanable range is
+/// cleaned in part (the prefix whose keys fit) and the rest on the next pass.
+pub const COMPACTION_MAP_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Per-entry overhead counted against [`COMPACTION_MAP_BYTES_MAX`] besides the key bytes.
+const MAP_ENTRY_OVERHEAD_BYTES: usize = 64;
+
+/// What one cleaning pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionOutcome {
+    pub segments_cleaned: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub records_removed: u64,
+    pub tombstones_removed: u64,
+    /// Offset up to which the log is now clean.
+    pub cleaned_up_to: i64,
+}
+
+/// The cleaner's view of a partition, for status calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CompactionStatus {
+    pub cleanable_bytes: u64,
+    pub dirty_bytes: u64,
+    pub dirty_ratio: f64,
+    pub cleaned_up_to: i64,
+    pub last: Option<CompactionOutcome>,
+}
+
+/// The compaction key of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CompactionKey {
+    key: Vec<u8>,
+    subkey: Option<Vec<u8>>,
+}
+
+/// Latest offsets seen in the cleanable range.
+#[derive(Default)]
+struct KeyMap {
+    latest: HashMap<CompactionKey, i64>,
+    /// With a sub-key header: key -> offset of its latest whole-key tombstone.
+    whole_key_tombstones: HashMap<Vec<u8>, i64>,
+    bytes: usize,
+}
+
+/// A closed segment in the cleanable range.
+struct Candidate {
+    base_offset: i64,
+    file: Arc<dyn StorageFile>,
+    size: u64,
+    /// Offset after the segment's last batch before cleaning.
+    next_offset: i64,
+    max_timestamp: i64,
+    path: PathBuf,
+}
+
+impl KeyMap {
+    fn observe(&mut self, record: &Record<'_>, subkey_header: Option<&str>) {
+        let Some(key) = record.key else { return };
+        let subkey = subkey_header.and_then(|name| record.header(name)).map(|v| v.unwrap_or_default().to_vec());
+        if subkey_header.is_some() && subkey.is_none() && record.value.is_none() {
+            self.whole_key_tombstones.insert(key.to_vec(), record.offset());
+        }
+        let entry = CompactionKey { key: key.to_vec(), subkey };
+        let added = entry.key.len() + entry.subkey.as_ref().map_or(0, Vec::len) + MAP_ENTRY_OVERHEAD_BYTES;
+        if self.latest.insert(entry, record.offset()).is_none() {
+            self.bytes += added;
+        }
+    }
+
+    /// Whether a record survives cleaning (before the tombstone-expiry rule).
+    fn is_latest(&self, record: &Record<'_>, subkey_header: Option<&str>) -> bool {
+        let Some(key) = record.key else { return true };
+        let subkey = subkey_header.and_then(|name| record.header(name)).map(|v| v.unwrap_or_default().to_vec());
+        let offset = record.offset();
+        if subkey.is_some() && self.whole_key_tombstones.get(key).is_some_and(|&t| t > offset) {
+            return false;
+        }
+        let entry = CompactionKey { key: key.to_vec(), subkey };
+        self.latest.get(&entry).is_none_or(|&latest| latest <= offset)
+    }
+}
+
+impl Partition {
+    /// The closed segments the cleaner may rewrite now: a prefix of the log ending before
+    /// the active segment, the last stable offset, and segments younger than the lag.
+    fn cleanable_segments(&self) -> Vec<Candidate> {
+        let config = self.config();
+        let now = self.ctx.clock.now_ms();
+        let last_stable_offset = self.last_stable_offset();
+        let inner = self.lock_inner();
+        let closed = &inner.segments[..inner.segments.len() - 1];
+        closed
+            .iter()
+            .take_while(|s| {
+                s.next_offset <= last_stable_offset && s.max_timestamp <= now - config.min_compaction_lag_ms
+            })
+            .map(|s| Candidate {
+                base_offset: s.base_offset,
+                file: s.file.clone(),
+                size: s.size,
+                next_offset: s.next_offset,
+                max_timestamp: s.max_timestamp,
+                path: s.path.clone(),
+            })
+            .collect()
+    }
+
+    /// How dirty the log is: bytes written past the last cleaning, over all cleanable bytes.
+    pub fn compaction_status(&self) -> CompactionStatus {
+        let candidates = self.cleanable_segments();
+        let cleaned_up_to = *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner());
+        let cleanable_bytes: u64 = candidates.iter().map(|c| c.size).sum();
+        let dirty_bytes: u64 = candidates.iter().filter(|c| c.base_offset >= cleaned_up_to).map(|c| c.size).sum();
+        let dirty_ratio = if cleanable_bytes == 0 { 0.0 } else { dirty_bytes as f64 / cleanable_bytes as f64 };
+        let last = *self.last_compaction.lock().unwrap_or_else(|e| e.into_inner());
+        CompactionStatus { cleanable_bytes, dirty_bytes, dirty_ratio, cleaned_up_to, last }
+    }
+
+    /// Runs one cleaning pass if the topic is compacted and the log is dirty enough
+    /// (`min.cleanable.dirty.ratio`), or unconditionally with `force`.
+    pub fn compact(&self, force: bool) -> Result<Option<CompactionOutcome>> {
+        let config = self.config();
+        if !config.cleanup_policy.compact {
+            return Ok(None);
+        }
+        let _one_pass_at_a_time = self.compaction_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let status = self.compaction_status();
+        if status.dirty_bytes == 0 || (!force && status.dirty_ratio < config.min_cleanable_dirty_ratio) {
+            return Ok(None);
+        }
+        let subkey_header = config.compaction_subkey_header.as_deref();
+        let mut candidates = self.cleanable_segments();
+        let map = self.build_key_map(&mut candidates, subkey_header)?;
+        let cleaned_end = candidates.last().map_or(0, |c| c.next_offset);
+        let aborted = self.lock_inner().producers.aborted_in_range(i64::MIN, cleaned_end);
+        let tombstone_horizon = self.ctx.clock.now_ms() - config.delete_retention_ms;
+        let mut outcome = CompactionOutcome::default();
+        for candidate in &candidates {
+            let expire_tombstones = candidate.max_timestamp < tombstone_horizon;
+            let cleaned = clean_segment(candidate, &map, subkey_header, expire_tombstones, &aborted, &mut outcome)?;
+            self.swap_in(candidate, &cleaned)?;
+            outcome.segments_cleaned += 1;
+            outcome.bytes_before += candidate.size;
+            outcome.bytes_after += cleaned.len() as u64;
+        }
+        outcome.cleaned_up_to = cleaned_end;
+        *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner()) = outcome.cleaned_up_to;
+        *self.last_compaction.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        tracing::info!(
+            topic = %self.ctx.topic, partition = self.ctx.partition, segments = outcome.segments_cleaned,
+            bytes_before = outcome.bytes_before, bytes_after = outcome.bytes_after,
+            records_removed = outcome.records_removed, tombstones_removed = outcome.tombstones_removed,
+            "compacted"
+        );
+        Ok(Some(outcome))
+    }
+
+    /// Reads every record of the candidates into the key map, stopping (and shortening
+    /// `candidates`) once the map would exceed its memory bound.
+    fn build_key_map(&self, candidates: &mut Vec<Candidate>, subkey_header: Option<&str>) -> Result<KeyMap> {
+        let mut map = KeyMap::default();
+        for (i, candidate) in candidates.iter().enumerate() {
+            for_each_batch(candidate, |_, bytes| {
+                let decoded = records::decode_records(bytes, MAX_MESSAGE_BYTES_LIMIT)
+                    .map_err(|e| corrupt(candidate, e.to_string()))?;
+                if decoded.header().is_control() {
+                    return Ok(());
+                }
+                decoded.iter().for_each(|record| map.observe(&record, subkey_header));
+                Ok(())
+            })?;
+            if map.bytes > COMPACTION_MAP_BYTES_MAX && i + 1 < candidates.len() {
+                tracing::warn!(topic = %self.ctx.topic, partition = self.ctx.partition, "compaction key map is full; cleaning a prefix of the log this pass");
+                candidates.truncate(i + 1);
+                break;
+            }
+        }
+        Ok(map)
+    }
+
+    /// Replaces a closed segment by its cleaned bytes, crash-safely (see module docs).
+    fn swap_in(&self, candidate: &Candidate, cleaned: &[u8]) -> Result<()> {
+        let fs = self.ctx.fs.as_ref();
+        let dir = &self.ctx.dir;
+        let base = candidate.base_offset;
+        let cleaned_path = dir.join(format!("{}.cleaned", segment::log_file_name(base)));
+        let file = fs.open(&cleaned_path, OpenMode::Create).map_err(|e| LogError::io(&cleaned_path, e))?;
+        file.write_all_at(cleaned, 0).and_then(|()| file.sync_data()).map_err(|e| LogError::io(&cleaned_path, e))?;
+        drop(file);
+
+        let mut inner = self.lock_inner();
+        let Some(position) =
+            inner.segments.iter().position(|s| s.base_offset == base && Arc::ptr_eq(&s.file, &candidate.file))
+        else {
+            // Retention deleted the segment meanwhile: drop the cleaned copy.
+            drop(inner);
+            fs.remove_file(&cleaned_path).map_err(|e| LogError::io(&cleaned_path, e))?;
+            return Ok(());
+        };
+        for name in [segment::offset_index_file_name(base), segment::time_index_file_name(base)] {
+            match fs.remove_file(&dir.join(&name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(LogError::io(dir.join(name), e)),
+            }
+        }
+        fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        fs.rename(&cleaned_path, &candidate.path).map_err(|e| LogError::io(&candidate.path, e))?;
+        fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        let (fresh, outcome) = Segment::open(fs, dir, base, Trust::Nothing)?;
+        if let Some(reason) = outcome.stop_reason {
+            // We just wrote and synced these bytes: failing to read them back is a bug or a
+            // failing disk, never something to serve.
+            let err = LogError::Corrupt { path: candidate.path.clone(), position: outcome.valid_bytes, reason };
+            self.ctx.health.poison(&err);
+            return Err(err);
+        }
+        fresh.write_indexes(fs, dir)?;
+        let mut fresh = fresh;
+        fresh.first_append_ms = inner.segments[position].first_append_ms;
+        inner.segments[position] = fresh;
+        Ok(())
+    }
+}
+
+/// Produces the cleaned bytes of one segment.
+fn clean_segment(
+    candidate: &Candidate,
+    map: &KeyMap,
+    subkey_header: Option<&str>,
+    expire_tombstones: bool,
+    aborted: &[crate::producer::AbortedTxn],
+    outcome: &mut CompactionOutcome,
+) -> Result<Vec<u8>> {
+    let mut cleaned = Vec::with_capacity(candidate.size as usize);
+    for_each_batch(candidate, |header, bytes| {
+        if header.is_control() {
+            cleaned.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let aborted_batch = header.is_transactional()
+            && aborted.iter().any(|a| {
+                a.producer_id == header.producer_id
+                    && a.first_offset <= header.base_offset
+                    && header.base_offset < a.last_offset
+            });
+        let rebuilt = records::rebuild_batch(
+            bytes,
+            |record| {
+                let superseded = aborted_batch || !map.is_latest(record, subkey_header);
+                let expired_tombstone =
+                    !superseded && expire_tombstones && record.key.is_some() && record.value.is_none();
+                outcome.records_removed += u64::from(superseded || expired_tombstone);
+                outcome.tombstones_removed += u64::from(expired_tombstone);
+                !(superseded || expired_tombstone)
+            },
+            MAX_MESSAGE_BYTES_LIMIT,
+        )
+        .map_err(|e| corrupt(candidate, e.to_string()))?;
+        if let Some(batch) = rebuilt {
+            cleaned.extend_from_slice(&batch);
+        }
+        Ok(())
+    })?;
+    Ok(cleaned)
+}
+
+/// Calls `visit` for every batch of a closed segment (validated while scanning).
+fn for_each_batch(candidate: &Candidate, mut visit: impl FnMut(&BatchHeader, &[u8]) -> Result<()>) -> Result<()> {
+    let mut failure = None;
+    let outcome =
+        segment::scan_batches(candidate.file.as_ref(), candidate.base_offset, candidate.size, |_, header, bytes| {
+            if failure.is_none() {
+                failure = visit(header, bytes).err();
+            }
+        })
+        .map_err(|e| LogError::io(&candidate.path, e))?;
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    match outcome.stop_reason {
+        Some(reason) => Err(corrupt(candidate, reason)),
+        None => Ok(()),
+    }
+}
+
+fn corrupt(candidate: &Candidate, reason: String) -> LogError {
+    LogError::Corrupt { path: candidate.path.clone(), position: 0, reason }
+}

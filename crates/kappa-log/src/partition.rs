@@ -1,0 +1,830 @@
+//! One partition: an ordered list of segments, the producer state, and the durability
+//! machinery (group commit, high watermark).
+//!
+//! Invariants:
+//! - Offsets are assigned here, under `inner`, in append order; they only grow.
+//! - The high watermark is the offset after the last *fsynced* batch (with the default
+//!   policy): readers never see a record that a crash could take back.
+//! - After a failed write or fsync the directory is poisoned; nothing is acknowledged again.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+use crate::batch::{self, BatchHeader};
+use crate::clock::Clock;
+use crate::config::{MAX_MESSAGE_BYTES_LIMIT, TimestampType, TopicConfig};
+use crate::error::{LogError, Result};
+use crate::health::DirHealth;
+use crate::io::{self, Storage, StorageFile};
+use crate::producer::{AbortedTxn, Admission, Marker, ProducerState};
+use crate::segment::{self, Segment, Trust, walk_headers};
+
+/// When appends become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// An append completes after an fdatasync covers it; concurrent appends share syncs
+    /// (group commit). The default.
+    EveryAppend,
+    /// Opt-in: an append completes once written; a background flush syncs every `ms`.
+    /// A crash (power loss) can lose the last `ms` of acknowledged appends.
+    IntervalMs(u64),
+}
+
+/// Which records a reader may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Up to the high watermark.
+    ReadUncommitted,
+    /// Up to the last stable offset, with the aborted transactions in range.
+    ReadCommitted,
+}
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// The broker's timestamp when the topic uses LogAppendTime.
+    pub log_append_time: Option<i64>,
+    pub log_start_offset: i64,
+    /// True when the batch was a producer retry of one already in the log.
+    pub duplicate: bool,
+}
+
+/// Whole batches read from a partition plus the offsets a fetch response reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOutcome {
+    pub records: Vec<u8>,
+    pub high_watermark: i64,
+    pub last_stable_offset: i64,
+    pub log_start_offset: i64,
+    /// Aborted transactions overlapping the returned range (read_committed only).
+    pub aborted: Vec<AbortedTxn>,
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub segments_deleted: usize,
+    pub bytes_deleted: u64,
+}
+
+/// What opening a partition found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionRecovery {
+    pub segments: usize,
+    pub bytes: u64,
+    pub log_start_offset: i64,
+    pub log_end_offset: i64,
+    /// Opened from a clean-shutdown checkpoint without scanning.
+    pub clean: bool,
+    /// Bytes scanned to validate the tail.
+    pub scanned_bytes: u64,
+    /// Bytes cut off invalid tails, with the reason.
+    pub truncated_bytes: u64,
+    pub truncation_reasons: Vec<String>,
+}
+
+/// Fixed facts about a partition given at open.
+pub struct PartitionContext {
+    pub topic: String,
+    pub partition: i32,
+    pub dir: PathBuf,
+    pub fs: Arc<dyn Storage>,
+    pub health: Arc<DirHealth>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<RwLock<Arc<TopicConfig>>>,
+    pub sync_policy: SyncPolicy,
+}
+
+pub struct Partition {
+    pub(crate) ctx: PartitionContext,
+    inner: Mutex<Inner>,
+    /// One cleaning pass at a time; what the last one did and how far the log is clean.
+    pub(crate) compaction_lock: Mutex<()>,
+    pub(crate) cleaned_up_to: Mutex<i64>,
+    pub(crate) last_compaction: Mutex<Option<crate::compaction::CompactionOutcome>>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    high_watermark: AtomicI64,
+    high_watermark_tx: tokio::sync::watch::Sender<i64>,
+}
+
+pub(crate) struct Inner {
+    /// Sorted by base offset; the last is the active segment. Never empty.
+    pub(crate) segments: Vec<Segment>,
+    pub(crate) producers: ProducerState,
+}
+
+struct SyncState {
+    in_flight: bool,
+    synced_offset: i64,
+    written_offset: i64,
+    file: Arc<dyn StorageFile>,
+}
+
+/// Snapshots of producer state older than the newest this many are deleted.
+const SNAPSHOTS_KEPT: usize = 2;
+const CHECKPOINT_FILE: &str = "clean.checkpoint";
+const SNAPSHOT_SUFFIX: &str = ".snapshot";
+/// Segments a single read looks at (bounds work per fetch on logs of tiny segments).
+const READ_SEGMENTS_MAX: usize = 64;
+
+impl Inner {
+    fn active(&mut self) -> &mut Segment {
+        self.segments.last_mut().expect("a partition always has an active segment")
+    }
+    fn log_end_offset(&self) -> i64 {
+        self.segments.last().expect("a partition always has an active segment").next_offset
+    }
+    fn log_start_offset(&self) -> i64 {
+        self.segments[0].base_offset
+    }
+    /// Index of the segment that holds (or would hold) `offset`.
+    fn segment_index_for(&self, offset: i64) -> usize {
+        self.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1)
+    }
+}
+
+impl Partition {
+    /// Opens (or creates) the partition in `ctx.dir`, recovering it: an invalid tail is
+    /// truncated, indexes rebuilt when needed, producer state restored.
+    pub fn open(ctx: PartitionContext) -> Result<(Self, PartitionRecovery)> {
+        let fs = ctx.fs.clone();
+        let dir = ctx.dir.clone();
+        fs.create_dir_all(&dir).map_err(|e| LogError::io(&dir, e))?;
+        let names = fs.list_dir(&dir).map_err(|e| LogError::io(&dir, e))?;
+        remove_leftovers(fs.as_ref(), &dir, &names)?;
+        let checkpoint = take_checkpoint(fs.as_ref(), &dir)?;
+        let mut bases: Vec<i64> = names.iter().filter_map(|n| segment::parse_log_file_name(n)).collect();
+        bases.sort_unstable();
+
+        let mut report = PartitionRecovery { clean: checkpoint.is_some(), ..Default::default() };
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        for (i, &base) in bases.iter().enumerate() {
+            let is_last = i + 1 == bases.len();
+            // Closed segments were synced with their indexes when they were rolled; the
+            // active one is trusted only after a clean shutdown.
+            let trust = match (is_last, checkpoint) {
+                (false, _) => Trust::IndexesIfValid,
+                (true, Some((active, size))) if active == base => Trust::Size(size),
+                (true, _) => Trust::Nothing,
+            };
+            let (mut seg, outcome) = Segment::open(fs.as_ref(), &dir, base, trust)?;
+            if outcome.scanned {
+                report.scanned_bytes += outcome.valid_bytes;
+            }
+            if let Some(reason) = outcome.stop_reason {
+                let cut = outcome.file_bytes - outcome.valid_bytes;
+                tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
+                seg.truncate(outcome.valid_bytes)?;
+                report.truncated_bytes += cut;
+                report.truncation_reasons.push(format!("segment {base}: {reason}"));
+            }
+            if is_last && trust == Trust::Nothing {
+                // What a crashed process left in the page cache is durable only after this.
+                seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
+            }
+            segments.push(seg);
+        }
+        if segments.is_empty() {
+            segments.push(Segment::create(fs.as_ref(), &dir, 0)?);
+        }
+        let mut inner = Inner { segments, producers: ProducerState::default() };
+        restore_producer_state(fs.as_ref(), &dir, &names, &mut inner)?;
+
+        let log_end_offset = inner.log_end_offset();
+        report.segments = inner.segments.len();
+        report.bytes = inner.segments.iter().map(|s| s.size).sum();
+        report.log_start_offset = inner.log_start_offset();
+        report.log_end_offset = log_end_offset;
+        let file = inner.segments.last().expect("non-empty").file.clone();
+        let (high_watermark_tx, _) = tokio::sync::watch::channel(log_end_offset);
+        let partition = Self {
+            ctx,
+            inner: Mutex::new(inner),
+            compaction_lock: Mutex::new(()),
+            cleaned_up_to: Mutex::new(i64::MIN),
+            last_compaction: Mutex::new(None),
+            sync: Mutex::new(SyncState {
+                in_flight: false,
+                synced_offset: log_end_offset,
+                written_offset: log_end_offset,
+                file,
+            }),
+            synced: Condvar::new(),
+            high_watermark: AtomicI64::new(log_end_offset),
+            high_watermark_tx,
+        };
+        Ok((partition, report))
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.ctx.topic
+    }
+
+    pub fn index(&self) -> i32 {
+        self.ctx.partition
+    }
+
+    pub fn config(&self) -> Arc<TopicConfig> {
+        self.ctx.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Offset after the last durable (visible) record.
+    pub fn high_watermark(&self) -> i64 {
+        self.high_watermark.load(Ordering::Acquire)
+    }
+
+    /// A receiver that changes whenever the high watermark moves (long-poll wake-ups).
+    pub fn watch_high_watermark(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.high_watermark_tx.subscribe()
+    }
+
+    pub fn log_start_offset(&self) -> i64 {
+        self.lock_inner().log_start_offset()
+    }
+
+    /// Offset the next appended record will get.
+    pub fn log_end_offset(&self) -> i64 {
+        self.lock_inner().log_end_offset()
+    }
+
+    pub fn last_stable_offset(&self) -> i64 {
+        let hw = self.high_watermark();
+        self.lock_inner().producers.last_stable_offset(hw)
+    }
+
+    /// Total bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.lock_inner().segments.iter().map(|s| s.size).sum()
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.lock_inner().segments.len()
+    }
+
+    /// The current epoch of a producer, if this partition has seen it.
+    pub fn producer_epoch(&self, producer_id: i64) -> Option<i16> {
+        self.lock_inner().producers.producer_epoch(producer_id)
+    }
+
+    pub(crate) fn lock_inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_sync(&self) -> MutexGuard<'_, SyncState> {
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends one producer batch: validates it, assigns offsets, writes it, and returns
+    /// once it is durable under the sync policy. A retried idempotent batch returns its
+    /// original offsets without being written again.
+    pub fn append(&self, mut bytes: Vec<u8>) -> Result<AppendOutcome> {
+        self.ctx.health.check()?;
+        let config = self.config();
+        if bytes.len() > config.max_message_bytes {
+            return Err(LogError::MessageTooLarge { size: bytes.len(), max: config.max_message_bytes });
+        }
+        let header = batch::validate_produced(&bytes, MAX_MESSAGE_BYTES_LIMIT)?;
+        let marker = if header.is_control() { Some(control_marker(&bytes)?) } else { None };
+        if config.cleanup_policy.compact && !header.is_control() {
+            require_keys(&bytes)?;
+        }
+        let outcome = self.write(&mut bytes, header, marker, &config)?;
+        self.wait_durable(outcome.last_offset + 1)?;
+        Ok(outcome)
+    }
+
+    /// Assigns offsets and writes under the partition lock (no fsync here).
+    fn write(
+        &self,
+        bytes: &mut [u8],
+        mut header: BatchHeader,
+        marker: Option<Marker>,
+        config: &TopicConfig,
+    ) -> Result<AppendOutcome> {
+        let now = self.ctx.clock.now_ms();
+        let mut inner = self.lock_inner();
+        self.ctx.health.check()?;
+        if let Admission::Duplicate { base_offset, last_offset } = inner.producers.admit(&header)? {
+            return Ok(AppendOutcome {
+                base_offset,
+                last_offset,
+                log_append_time: None,
+                log_start_offset: inner.log_start_offset(),
+                duplicate: true,
+            });
+        }
+        let base_offset = inner.log_end_offset();
+        batch::set_base_offset(bytes, base_offset);
+        header.base_offset = base_offset;
+        let log_append_time = (config.message_timestamp_type == TimestampType::LogAppendTime).then(|| {
+            batch::set_log_append_time(bytes, now);
+            now
+        });
+        if log_append_time.is_some() {
+            header = BatchHeader::parse(bytes)?;
+        }
+        self.maybe_roll(&mut inner, bytes.len() as u64, config, now).inspect_err(|e| self.ctx.health.poison(e))?;
+        let active = inner.active();
+        if let Err(e) = active.append(bytes, &header, now) {
+            let err = LogError::io(&active.path, e);
+            self.ctx.health.poison(&err);
+            return Err(err);
+        }
+        inner.producers.apply(&header, marker);
+        let next = header.next_offset();
+        let mut sync = self.lock_sync();
+        sync.written_offset = next;
+        drop(sync);
+        if let SyncPolicy::IntervalMs(_) = self.ctx.sync_policy {
+            self.publish_high_watermark(next);
+        }
+        Ok(AppendOutcome {
+            base_offset,
+            last_offset: header.last_offset(),
+            log_append_time,
+            log_start_offset: inner.log_start_offset(),
+            duplicate: false,
+        })
+    }
+
+    /// Blocks until `offset` (exclusive) is durable. With group commit, one caller becomes
+    /// the sync leader and its fdatasync covers everything written so far; the others wait.
+    fn wait_durable(&self, offset: i64) -> Result<()> {
+        if let SyncPolicy::IntervalMs(_) = self.ctx.sync_policy {
+            return Ok(());
+        }
+        let mut sync = self.lock_sync();
+        loop {
+            if sync.synced_offset >= offset {
+                return Ok(());
+            }
+            self.ctx.health.check()?;
+            if sync.in_flight {
+                sync = self.synced.wait(sync).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            sync = self.lead_sync(sync);
+        }
+    }
+
+    /// Runs one fdatasync for everything written so far, outside the lock.
+    fn lead_sync<'a>(&'a self, mut sync: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        sync.in_flight = true;
+        let target = sync.written_offset;
+        let file = sync.file.clone();
+        drop(sync);
+        let result = file.sync_data();
+        let mut sync = self.lock_sync();
+        sync.in_flight = false;
+        match result {
+            Ok(()) => {
+                sync.synced_offset = sync.synced_offset.max(target);
+                self.publish_high_watermark(sync.synced_offset);
+            }
+            Err(e) => self.ctx.health.poison(&LogError::io(&self.ctx.dir, e)),
+        }
+        self.synced.notify_all();
+        sync
+    }
+
+    fn publish_high_watermark(&self, offset: i64) {
+        if self.high_watermark.fetch_max(offset, Ordering::AcqRel) < offset {
+            self.high_watermark_tx.send_replace(offset);
+        }
+    }
+
+    /// Makes everything written durable now (the interval policy's background flush, and
+    /// shutdown).
+    pub fn flush(&self) -> Result<()> {
+        let written = self.lock_sync().written_offset;
+        match self.ctx.sync_policy {
+            SyncPolicy::EveryAppend => self.wait_durable(written),
+            SyncPolicy::IntervalMs(_) => {
+                let file = self.lock_sync().file.clone();
+                file.sync_data().map_err(|e| {
+                    let err = LogError::io(&self.ctx.dir, e);
+                    self.ctx.health.poison(&err);
+                    err
+                })
+            }
+        }
+    }
+
+    /// Starts a new segment when the active one is full or old enough. The closed segment
+    /// is synced with its indexes and a producer-state snapshot, so recovery after a crash
+    /// only has to scan the new active segment.
+    fn maybe_roll(&self, inner: &mut Inner, incoming_bytes: u64, config: &TopicConfig, now: i64) -> Result<()> {
+        let active = inner.segments.last().expect("non-empty");
+        let full = active.size + incoming_bytes > config.segment_bytes;
+        let old = active.first_append_ms.is_some_and(|first| now - first >= config.segment_ms);
+        if active.size == 0 || !(full || old) {
+            return Ok(());
+        }
+        self.roll(inner)
+    }
+
+    fn roll(&self, inner: &mut Inner) -> Result<()> {
+        let fs = self.ctx.fs.as_ref();
+        let dir = &self.ctx.dir;
+        let closing = inner.segments.last().expect("non-empty");
+        closing.file.sync_data().map_err(|e| LogError::io(&closing.path, e))?;
+        closing.write_indexes(fs, dir)?;
+        let next = closing.next_offset;
+        write_snapshot(fs, dir, &inner.producers, next)?;
+        let fresh = Segment::create(fs, dir, next)?;
+        self.lock_sync().file = fresh.file.clone();
+        inner.segments.push(fresh);
+        prune_snapshots(fs, dir)?;
+        tracing::debug!(topic = %self.ctx.topic, partition = self.ctx.partition, base_offset = next, "rolled segment");
+        Ok(())
+    }
+
+    /// Reads whole batches starting at the batch that holds `offset`, up to `max_bytes`
+    /// (but always at least one whole batch), never past the high watermark (or the last
+    /// stable offset for read_committed). Every returned batch passed its CRC check.
+    pub fn read(&self, offset: i64, max_bytes: usize, isolation: Isolation) -> Result<ReadOutcome> {
+        let high_watermark = self.high_watermark();
+        let (plan, upper, mut outcome) = {
+            let inner = self.lock_inner();
+            let log_start_offset = inner.log_start_offset();
+            let log_end_offset = inner.log_end_offset();
+            if offset < log_start_offset || offset > log_end_offset {
+                return Err(LogError::OffsetOutOfRange { offset, log_start_offset, log_end_offset });
+            }
+            let last_stable_offset = inner.producers.last_stable_offset(high_watermark);
+            let outcome = ReadOutcome {
+                records: Vec::new(),
+                high_watermark,
+                last_stable_offset,
+                log_start_offset,
+                aborted: Vec::new(),
+            };
+            let upper = match isolation {
+                Isolation::ReadUncommitted => high_watermark,
+                Isolation::ReadCommitted => last_stable_offset,
+            };
+            if offset >= upper {
+                return Ok(outcome);
+            }
+            let first = inner.segment_index_for(offset);
+            let plan: Vec<ReadPlan> = inner.segments[first..]
+                .iter()
+                .take(READ_SEGMENTS_MAX)
+                .map(|s| ReadPlan {
+                    file: s.file.clone(),
+                    path: s.path.clone(),
+                    start: s.position_for(offset),
+                    end: s.size,
+                })
+                .collect();
+            (plan, upper, outcome)
+        };
+        let mut last_read = None;
+        for step in plan {
+            let budget = max_bytes.saturating_sub(outcome.records.len());
+            if budget == 0 && !outcome.records.is_empty() {
+                break;
+            }
+            last_read = step.read_into(offset, upper, budget, &mut outcome.records)?.or(last_read);
+        }
+        if isolation == Isolation::ReadCommitted {
+            if let Some(last) = last_read {
+                outcome.aborted = self.lock_inner().producers.aborted_in_range(offset, last + 1);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The first offset whose record timestamp is >= `timestamp`, with that timestamp, among
+    /// records visible under `isolation`; None when there is none (Kafka ListOffsets).
+    pub fn offset_for_timestamp(&self, timestamp: i64, isolation: Isolation) -> Result<Option<(i64, i64)>> {
+        let high_watermark = self.high_watermark();
+        let (candidates, upper) = {
+            let inner = self.lock_inner();
+            let upper = match isolation {
+                Isolation::ReadUncommitted => high_watermark,
+                Isolation::ReadCommitted => inner.producers.last_stable_offset(high_watermark),
+            };
+            let candidates: Vec<(Arc<dyn StorageFile>, u64, u64)> = inner
+                .segments
+                .iter()
+                .filter(|s| s.max_timestamp >= timestamp)
+                .filter_map(|s| s.position_for_timestamp(timestamp).map(|p| (s.file.clone(), p, s.size)))
+                .collect();
+            (candidates, upper)
+        };
+        for (file, start, end) in candidates {
+            let mut found = None;
+            walk_headers(file.as_ref(), start, end, |position, header| {
+                if header.base_offset >= upper {
+                    return false;
+                }
+                if header.max_timestamp >= timestamp && !header.is_control() {
+                    found = Some((position, *header));
+                    return false;
+                }
+                true
+            })
+            .map_err(|e| LogError::Corrupt {
+                path: self.ctx.dir.clone(),
+                position: start,
+                reason: e.to_string(),
+            })?;
+            if let Some((position, header)) = found {
+                let mut bytes = vec![0; header.total_bytes()];
+                file.read_exact_at(&mut bytes, position).map_err(|e| LogError::io(&self.ctx.dir, e))?;
+                return Ok(first_record_at_or_after(&bytes, &header, timestamp));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes closed segments past `retention.ms` (by their largest timestamp) or beyond
+    /// `retention.bytes`, moving the log start offset forward. The active segment stays.
+    pub fn enforce_retention(&self) -> Result<RetentionOutcome> {
+        let config = self.config();
+        if !config.cleanup_policy.delete {
+            return Ok(RetentionOutcome::default());
+        }
+        let now = self.ctx.clock.now_ms();
+        let mut inner = self.lock_inner();
+        let mut total: u64 = inner.segments.iter().map(|s| s.size).sum();
+        let mut doomed = 0;
+        for segment in &inner.segments[..inner.segments.len() - 1] {
+            let expired = config.retention_ms >= 0 && segment.max_timestamp < now - config.retention_ms;
+            let oversize = config.retention_bytes >= 0 && total - segment.size >= config.retention_bytes as u64;
+            if !(expired || oversize) {
+                break;
+            }
+            total -= segment.size;
+            doomed += 1;
+        }
+        if doomed == 0 {
+            return Ok(RetentionOutcome::default());
+        }
+        let removed: Vec<Segment> = inner.segments.drain(..doomed).collect();
+        let log_start_offset = inner.log_start_offset();
+        inner.producers.forget_before(log_start_offset);
+        drop(inner);
+        let outcome =
+            RetentionOutcome { segments_deleted: removed.len(), bytes_deleted: removed.iter().map(|s| s.size).sum() };
+        self.delete_segment_files(&removed)?;
+        tracing::info!(topic = %self.ctx.topic, partition = self.ctx.partition, segments = outcome.segments_deleted, bytes = outcome.bytes_deleted, log_start_offset, "retention deleted segments");
+        Ok(outcome)
+    }
+
+    fn delete_segment_files(&self, segments: &[Segment]) -> Result<()> {
+        let fs = self.ctx.fs.as_ref();
+        for segment in segments {
+            for name in segment.file_names() {
+                let path = self.ctx.dir.join(name);
+                match fs.remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(LogError::io(path, e)),
+                }
+            }
+        }
+        fs.sync_dir(&self.ctx.dir).map_err(|e| LogError::io(&self.ctx.dir, e))
+    }
+
+    /// Syncs, writes the active segment's indexes, a producer snapshot and the
+    /// clean-shutdown checkpoint, so the next open needs no scan.
+    pub fn close(&self) -> Result<()> {
+        self.ctx.health.check()?;
+        self.flush()?;
+        let inner = self.lock_inner();
+        let fs = self.ctx.fs.as_ref();
+        let dir = &self.ctx.dir;
+        let active = inner.segments.last().expect("non-empty");
+        active.write_indexes(fs, dir)?;
+        write_snapshot(fs, dir, &inner.producers, active.next_offset)?;
+        let checkpoint = encode_checkpoint(active.base_offset, active.size);
+        let path = dir.join(CHECKPOINT_FILE);
+        io::write_file_atomic(fs, &path, &checkpoint).map_err(|e| LogError::io(path, e))
+    }
+
+    /// Directory of this partition.
+    pub fn dir(&self) -> &Path {
+        &self.ctx.dir
+    }
+}
+
+/// One segment's part of a read.
+struct ReadPlan {
+    file: Arc<dyn StorageFile>,
+    path: PathBuf,
+    start: u64,
+    end: u64,
+}
+
+impl ReadPlan {
+    /// Appends whole valid batches with `last_offset >= offset` and `base_offset < upper`
+    /// to `out`, up to `budget` bytes (at least one batch when `out` is empty). Returns the
+    /// last offset appended.
+    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<Option<i64>> {
+        let corrupt = |position: u64, reason: String| LogError::Corrupt { path: self.path.clone(), position, reason };
+        // Find the first batch that ends at or after `offset` (a few headers past the index entry).
+        let mut first = None;
+        walk_headers(self.file.as_ref(), self.start, self.end, |position, header| {
+            if header.last_offset() >= offset {
+                first = Some(position);
+                return false;
+            }
+            true
+        })
+        .map_err(|e| corrupt(self.start, e.to_string()))?;
+        let Some(start) = first else { return Ok(None) };
+        let available = (self.end - start) as usize;
+        let first_len = {
+            let mut prefix = [0u8; batch::LENGTH_PREFIX_BYTES];
+            self.file.read_exact_at(&mut prefix, start).map_err(|e| LogError::io(&self.path, e))?;
+            batch::batch_total_len(&prefix, segment::RECOVERY_BATCH_BYTES_MAX)
+                .map_err(|e| corrupt(start, e.to_string()))?
+        };
+        let want = if out.is_empty() { budget.max(first_len) } else { budget }.min(available);
+        let mut buffer = vec![0; want];
+        self.file.read_exact_at(&mut buffer, start).map_err(|e| LogError::io(&self.path, e))?;
+        let mut position = 0;
+        let mut last = None;
+        while position + batch::LENGTH_PREFIX_BYTES <= buffer.len() {
+            let Ok(total) = batch::batch_total_len(&buffer[position..], segment::RECOVERY_BATCH_BYTES_MAX) else {
+                break;
+            };
+            if position + total > buffer.len() {
+                break;
+            }
+            let bytes = &buffer[position..position + total];
+            let header = match batch::validate(bytes, segment::RECOVERY_BATCH_BYTES_MAX) {
+                Ok(header) => header,
+                Err(e) if out.is_empty() && last.is_none() => {
+                    return Err(corrupt(start + position as u64, e.to_string()));
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), position = start + position as u64, error = %e, "corrupt batch; returning the data before it");
+                    break;
+                }
+            };
+            if header.base_offset >= upper {
+                break;
+            }
+            out.extend_from_slice(bytes);
+            last = Some(header.last_offset());
+            position += total;
+        }
+        Ok(last)
+    }
+}
+
+/// The first record in a batch with a timestamp >= `timestamp`: (offset, timestamp).
+fn first_record_at_or_after(bytes: &[u8], header: &BatchHeader, timestamp: i64) -> Option<(i64, i64)> {
+    if header.has_log_append_time() {
+        return Some((header.base_offset, header.max_timestamp));
+    }
+    match crate::records::record_timestamps(bytes, MAX_MESSAGE_BYTES_LIMIT) {
+        Ok(stamps) => stamps.into_iter().find(|&(_, t)| t >= timestamp),
+        // An undecodable body still has a trustworthy header: answer at batch granularity.
+        Err(_) => Some((header.base_offset, header.max_timestamp)),
+    }
+}
+
+/// Compacted topics keep the latest record per key, so a record without one is rejected
+/// (as Kafka does).
+fn require_keys(bytes: &[u8]) -> Result<()> {
+    let decoded = crate::records::decode_records(bytes, MAX_MESSAGE_BYTES_LIMIT)
+        .map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+    match decoded.iter().position(|r| r.key.is_none()) {
+        Some(index) => Err(LogError::MissingKey { index }),
+        None => Ok(()),
+    }
+}
+
+/// Reads whether a control batch commits or aborts.
+fn control_marker(bytes: &[u8]) -> Result<Marker> {
+    match crate::records::control_type(bytes) {
+        Ok(crate::records::ControlType::Commit) => Ok(Marker::Commit),
+        Ok(crate::records::ControlType::Abort) => Ok(Marker::Abort),
+        Err(e) => Err(LogError::InvalidTxnMarker { producer_id: batch::be_i64(bytes, 43), reason: e.to_string() }),
+    }
+}
+
+fn encode_checkpoint(active_base: i64, active_size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(b"KCKP");
+    out.extend_from_slice(&active_base.to_be_bytes());
+    out.extend_from_slice(&active_size.to_be_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+fn decode_checkpoint(bytes: &[u8]) -> Option<(i64, u64)> {
+    if bytes.len() != 24 || &bytes[0..4] != b"KCKP" || crc32c::crc32c(&bytes[..20]) != batch::be_u32(bytes, 20) {
+        return None;
+    }
+    Some((batch::be_i64(bytes, 4), batch::be_i64(bytes, 12) as u64))
+}
+
+/// Reads and removes the clean-shutdown checkpoint: it vouches for the files only until
+/// the first write after opening, so it must not survive into the next crash.
+fn take_checkpoint(fs: &dyn Storage, dir: &Path) -> Result<Option<(i64, u64)>> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !fs.exists(&path) {
+        return Ok(None);
+    }
+    let checkpoint = io::read_file(fs, &path).ok().and_then(|b| decode_checkpoint(&b));
+    fs.remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+    fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    Ok(checkpoint)
+}
+
+/// Removes temporary files an interrupted write or cleaning pass left behind.
+fn remove_leftovers(fs: &dyn Storage, dir: &Path, names: &[String]) -> Result<()> {
+    let mut removed = false;
+    for name in names.iter().filter(|n| n.ends_with(".tmp") || n.ends_with(".cleaned")) {
+        let path = dir.join(name);
+        fs.remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+        removed = true;
+    }
+    if removed {
+        fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    }
+    Ok(())
+}
+
+fn snapshot_file_name(offset: i64) -> String {
+    format!("{offset:020}{SNAPSHOT_SUFFIX}")
+}
+
+fn parse_snapshot_file_name(name: &str) -> Option<i64> {
+    let digits = name.strip_suffix(SNAPSHOT_SUFFIX)?;
+    (digits.len() == 20).then(|| digits.parse().ok()).flatten()
+}
+
+fn write_snapshot(fs: &dyn Storage, dir: &Path, producers: &ProducerState, offset: i64) -> Result<()> {
+    let path = dir.join(snapshot_file_name(offset));
+    io::write_file_atomic(fs, &path, &producers.encode(offset)).map_err(|e| LogError::io(path, e))
+}
+
+fn prune_snapshots(fs: &dyn Storage, dir: &Path) -> Result<()> {
+    let names = fs.list_dir(dir).map_err(|e| LogError::io(dir, e))?;
+    let mut offsets: Vec<i64> = names.iter().filter_map(|n| parse_snapshot_file_name(n)).collect();
+    offsets.sort_unstable();
+    if offsets.len() <= SNAPSHOTS_KEPT {
+        return Ok(());
+    }
+    for &offset in &offsets[..offsets.len() - SNAPSHOTS_KEPT] {
+        let path = dir.join(snapshot_file_name(offset));
+        fs.remove_file(&path).map_err(|e| LogError::io(&path, e))?;
+    }
+    fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))
+}
+
+/// Loads the newest usable snapshot and replays every batch after it.
+fn restore_producer_state(fs: &dyn Storage, dir: &Path, names: &[String], inner: &mut Inner) -> Result<()> {
+    let log_end_offset = inner.log_end_offset();
+    let mut offsets: Vec<i64> =
+        names.iter().filter_map(|n| parse_snapshot_file_name(n)).filter(|&o| o <= log_end_offset).collect();
+    offsets.sort_unstable_by(|a, b| b.cmp(a));
+    let (from, state) = offsets
+        .iter()
+        .find_map(|&o| {
+            io::read_file(fs, &dir.join(snapshot_file_name(o)))
+                .ok()
+                .and_then(|b| ProducerState::decode(&b))
+                .filter(|(at, _)| *at == o)
+        })
+        .unwrap_or((i64::MIN, ProducerState::default()));
+    inner.producers = state;
+    let first = if from == i64::MIN { 0 } else { inner.segment_index_for(from) };
+    for segment in &inner.segments[first..] {
+        let start = if from == i64::MIN { 0 } else { segment.position_for(from) };
+        let mut replay = Vec::new();
+        walk_headers(segment.file.as_ref(), start, segment.size, |position, header| {
+            if header.base_offset >= from && header.has_producer_id() {
+                replay.push((position, *header));
+            }
+            true
+        })
+        .map_err(|e| LogError::Corrupt {
+            path: segment.path.clone(),
+            position: start,
+            reason: e.to_string(),
+        })?;
+        for (position, header) in replay {
+            let marker = if header.is_control() {
+                let mut bytes = vec![0; header.total_bytes()];
+                segment.file.read_exact_at(&mut bytes, position).map_err(|e| LogError::io(&segment.path, e))?;
+                control_marker(&bytes).ok()
+            } else {
+                None
+            };
+            inner.producers.apply(&header, marker);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Partition behaviour on the real file system: offsets, reads, rolls, recovery,
+//! idempotence, transactions, retention, timestamps.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use kappa_log::clock::ManualClock;
+use kappa_log::records::{BatchBuilder, ControlType, NewRecord};
+use kappa_log::{Isolation, LogError};
+
+#[test]
+fn appends_get_consecutive_offsets_and_read_back_whole_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 2, &overrides(&[])).unwrap();
+    let p = log.partition("t", 1).unwrap();
+    let a = p.append(batch("a", 3, T0)).unwrap();
+    let b = p.append(batch("b", 2, T0)).unwrap();
+    assert_eq!((a.base_offset, a.last_offset, b.base_offset, b.last_offset), (0, 2, 3, 4));
+    assert_eq!(p.high_watermark(), 5);
+
+    let all = p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(headers(&all.records).iter().map(|h| h.base_offset).collect::<Vec<_>>(), vec![0, 3]);
+    // A read starting inside a batch returns that whole batch.
+    let mid = p.read(1, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(headers(&mid.records)[0].base_offset, 0);
+    // A 1-byte budget still returns one whole batch.
+    let tiny = p.read(3, 1, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(headers(&tiny.records).len(), 1);
+    // At the high watermark: empty; past the end: out of range.
+    assert!(p.read(5, 1 << 20, Isolation::ReadUncommitted).unwrap().records.is_empty());
+    assert!(matches!(p.read(6, 100, Isolation::ReadUncommitted), Err(LogError::OffsetOutOfRange { offset: 6, .. })));
+}
+
+#[test]
+fn malformed_and_oversized_batches_are_rejected_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("max.message.bytes", "200")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let mut bad = batch("x", 1, T0);
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    assert!(matches!(p.append(bad), Err(LogError::InvalidBatch(_))));
+    assert!(matches!(p.append(batch("x", 20, T0)), Err(LogError::MessageTooLarge { .. })));
+    assert!(matches!(p.append(vec![0; 10]), Err(LogError::InvalidBatch(_))));
+    assert_eq!((p.log_end_offset(), p.size_bytes()), (0, 0));
+}
+
+#[test]
+fn segments_roll_by_size_and_time_and_reads_cross_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024"), ("segment.ms", "60000")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..20 {
+        p.append(batch(&i.to_string(), 4, T0)).unwrap();
+    }
+    let by_size = p.segment_count();
+    assert!(by_size >= 3, "20 batches of ~110 bytes in 1 KiB segments: {by_size}");
+    clock.advance(60_000);
+    p.append(batch("late", 1, T0)).unwrap();
+    assert_eq!(p.segment_count(), by_size + 1, "segment.ms rolls an old segment");
+    let mut offset = 0;
+    let mut seen = 0;
+    while offset < p.high_watermark() {
+        let read = p.read(offset, 300, Isolation::ReadUncommitted).unwrap();
+        let hs = headers(&read.records);
+        assert_eq!(hs[0].base_offset, offset);
+        seen += hs.iter().map(|h| h.records_count).sum::<i32>();
+        offset = hs.last().unwrap().next_offset();
+    }
+    assert_eq!(seen, 81);
+}
+
+#[test]
+fn clean_restart_skips_the_scan_and_unclean_restart_truncates_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    {
+        let log = open(dir.path(), &clock);
+        log.create_topic("t", 1, &overrides(&[("segment.bytes", "2048")])).unwrap();
+        let p = log.partition("t", 0).unwrap();
+        for i in 0..30 {
+            p.append(batch(&i.to_string(), 3, T0)).unwrap();
+        }
+        log.close().unwrap();
+    }
+    let (log, report) = kappa_log::Log::open(dir.path(), options(Arc::new(kappa_log::io::RealFs), &clock)).unwrap();
+    assert!(report.all_clean());
+    assert_eq!(report.scanned_bytes(), 0, "a clean shutdown needs no scan");
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), 90);
+    let active = std::fs::read_dir(p.dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .max()
+        .unwrap();
+    drop(log);
+
+    // Simulate a crash mid-write: half a batch at the end of the active segment.
+    let torn = batch("torn", 5, T0);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&active).unwrap();
+    std::io::Write::write_all(&mut file, &torn[..torn.len() / 2]).unwrap();
+    drop(file);
+    let (log, report) = kappa_log::Log::open(dir.path(), options(Arc::new(kappa_log::io::RealFs), &clock)).unwrap();
+    assert!(!report.all_clean());
+    assert_eq!(report.truncated_bytes(), (torn.len() / 2) as u64);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!((p.log_end_offset(), p.high_watermark()), (90, 90));
+    assert_eq!(p.append(batch("after", 1, T0)).unwrap().base_offset, 90);
+}
+
+#[test]
+fn idempotent_retries_are_deduplicated_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let produce = |seq: i32, n: usize| {
+        let mut b = BatchBuilder::new().producer(42, 0, seq);
+        for i in 0..n {
+            b.push(NewRecord::new(Some(b"k"), Some(format!("{seq}-{i}").as_bytes()), T0));
+        }
+        b.build()
+    };
+    {
+        let log = open(dir.path(), &clock);
+        log.create_topic("t", 1, &overrides(&[])).unwrap();
+        let p = log.partition("t", 0).unwrap();
+        assert_eq!(p.append(produce(0, 2)).unwrap().base_offset, 0);
+        let retry = p.append(produce(0, 2)).unwrap();
+        assert!(retry.duplicate && retry.base_offset == 0);
+        assert!(matches!(p.append(produce(5, 1)), Err(LogError::OutOfOrderSequence { expected: 2, .. })));
+        assert_eq!(p.append(produce(2, 1)).unwrap().base_offset, 2);
+        // No close: the next open replays the tail to rebuild producer state.
+    }
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let retry = p.append(produce(2, 1)).unwrap();
+    assert!(retry.duplicate && retry.base_offset == 2, "{retry:?}");
+    assert_eq!(p.log_end_offset(), 3);
+}
+
+fn txn_batch(pid: i64, seq: i32, value: &str) -> Vec<u8> {
+    BatchBuilder::new()
+        .producer(pid, 0, seq)
+        .transactional(true)
+        .record(NewRecord::new(Some(b"k"), Some(value.as_bytes()), T0))
+        .build()
+}
+
+#[test]
+fn transactions_bound_read_committed_and_list_aborted_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    p.append(batch("plain", 1, T0)).unwrap(); // 0
+    p.append(txn_batch(1, 0, "a")).unwrap(); // 1: txn of producer 1
+    p.append(txn_batch(2, 0, "b")).unwrap(); // 2: txn of producer 2
+    assert_eq!(p.last_stable_offset(), 1);
+    let committed = p.read(0, 1 << 20, Isolation::ReadCommitted).unwrap();
+    assert_eq!(headers(&committed.records).len(), 1, "only data below the LSO");
+    assert_eq!(p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap().high_watermark, 3);
+
+    p.append(BatchBuilder::control_marker(1, 0, ControlType::Abort, 0, T0).build()).unwrap(); // 3
+    assert_eq!(p.last_stable_offset(), 2);
+    p.append(BatchBuilder::control_marker(2, 0, ControlType::Commit, 0, T0).build()).unwrap(); // 4
+    assert_eq!(p.last_stable_offset(), 5);
+    let read = p.read(0, 1 << 20, Isolation::ReadCommitted).unwrap();
+    assert_eq!(headers(&read.records).len(), 5);
+    assert_eq!(read.aborted.len(), 1);
+    assert_eq!((read.aborted[0].producer_id, read.aborted[0].first_offset), (1, 1));
+    drop(log);
+    // The aborted index and LSO survive an unclean restart (rebuilt by replay).
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let read = p.read(2, 1 << 20, Isolation::ReadCommitted).unwrap();
+    assert_eq!(read.aborted.len(), 1);
+    assert_eq!(p.last_stable_offset(), 5);
+}
+
+#[test]
+fn retention_deletes_old_and_excess_segments_but_never_the_active_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024"), ("retention.ms", "1000")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..10 {
+        p.append(batch(&i.to_string(), 4, T0)).unwrap();
+    }
+    let before = p.segment_count();
+    assert_eq!(p.enforce_retention().unwrap().segments_deleted, 0, "nothing is old yet");
+    clock.advance(5_000);
+    let outcome = p.enforce_retention().unwrap();
+    assert_eq!(outcome.segments_deleted, before - 1);
+    assert_eq!(p.segment_count(), 1);
+    assert!(p.log_start_offset() > 0);
+    assert!(matches!(p.read(0, 100, Isolation::ReadUncommitted), Err(LogError::OffsetOutOfRange { .. })));
+
+    log.alter_topic_config(
+        "t",
+        &[
+            ("retention.ms".to_string(), Some("-1".to_string())),
+            ("retention.bytes".to_string(), Some("2048".to_string())),
+        ]
+        .into(),
+    )
+    .unwrap();
+    for i in 0..20 {
+        p.append(batch(&i.to_string(), 4, clock.now())).unwrap();
+    }
+    p.enforce_retention().unwrap();
+    assert!(p.size_bytes() <= 2048 + 1024, "size {} within retention.bytes plus the active segment", p.size_bytes());
+}
+
+trait Now {
+    fn now(&self) -> i64;
+}
+impl Now for ManualClock {
+    fn now(&self) -> i64 {
+        kappa_log::clock::Clock::now_ms(self)
+    }
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..20 {
+        p.append(batch(&i.to_string(), 5, T0 + i * 100)).unwrap(); // records at T0+i*100 .. +4
+    }
+    assert_eq!(p.offset_for_timestamp(T0, Isolation::ReadUncommitted).unwrap(), Some((0, T0)));
+    assert_eq!(p.offset_for_timestamp(T0 + 702, Isolation::ReadUncommitted).unwrap(), Some((37, T0 + 702)));
+    assert_eq!(p.offset_for_timestamp(T0 + 705, Isolation::ReadUncommitted).unwrap(), Some((40, T0 + 800)));
+    assert_eq!(p.offset_for_timestamp(T0 + 1_000_000, Isolation::ReadUncommitted).unwrap(), None);
+}
+
+#[test]
+fn concurrent_appenders_share_fsyncs_and_get_unique_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = Arc::new(open(dir.path(), &clock));
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                (0..50).map(|i| p.append(batch(&format!("{t}-{i}"), 2, T0)).unwrap().base_offset).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut offsets: Vec<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..400).map(|i| i * 2).collect::<Vec<_>>());
+    assert_eq!(p.high_watermark(), 800);
+}
+
+#[test]
+fn topics_persist_with_their_config_and_bad_names_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    {
+        let log = open(dir.path(), &clock);
+        log.create_topic(
+            "channels",
+            4,
+            &overrides(&[("cleanup.policy", "compact"), ("kappa.compaction.subkey.header", "contentId")]),
+        )
+        .unwrap();
+        log.create_topic("gone", 1, &overrides(&[])).unwrap();
+        log.delete_topic("gone").unwrap();
+        assert!(matches!(log.create_topic("channels", 1, &overrides(&[])), Err(LogError::TopicExists(_))));
+        assert!(matches!(log.create_topic("bad/name", 1, &overrides(&[])), Err(LogError::InvalidTopicName { .. })));
+        assert!(matches!(log.create_topic("x", 0, &overrides(&[])), Err(LogError::InvalidPartitions { .. })));
+        assert!(matches!(log.create_topic("y", 1, &overrides(&[("nope", "1")])), Err(LogError::UnknownConfig(_))));
+        log.add_partitions("channels", 6).unwrap();
+        assert!(matches!(log.add_partitions("channels", 3), Err(LogError::InvalidPartitions { .. })));
+    }
+    let log = open(dir.path(), &clock);
+    let names: Vec<String> = log.topics().iter().map(|t| t.name().to_owned()).collect();
+    assert_eq!(names, vec!["channels"]);
+    let topic = log.topic("channels").unwrap();
+    assert_eq!(topic.partition_count(), 6);
+    assert_eq!(topic.config().compaction_subkey_header.as_deref(), Some("contentId"));
+    assert!(topic.config().cleanup_policy.compact);
+}
