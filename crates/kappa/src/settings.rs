@@ -1,0 +1,121 @@
+//! Server settings from, in order of precedence: command-line flags, `KAPPA_*` environment
+//! variables, a TOML config file (`--config`), and defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kappa_log::SyncPolicy;
+use serde::Deserialize;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
+    /// maintenance_interval_ms.
+    #[arg(long, env = "KAPPA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the log lives [default: ./kappa-data]
+    #[arg(long, env = "KAPPA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Kafka protocol listener [default: 127.0.0.1:9092]
+    #[arg(long, env = "KAPPA_KAFKA_LISTEN")]
+    pub kafka_listen: Option<SocketAddr>,
+    /// HTTP API listener [default: 127.0.0.1:8080]
+    #[arg(long, env = "KAPPA_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Host name clients are told to connect to [default: the Kafka listener's IP]
+    #[arg(long, env = "KAPPA_ADVERTISED_HOST")]
+    pub advertised_host: Option<String>,
+    /// Durability: "fsync" (acknowledge after fdatasync, with group commit) or
+    /// "interval:<ms>" (acknowledge after write; sync every <ms>) [default: fsync]
+    #[arg(long, env = "KAPPA_SYNC")]
+    pub sync: Option<String>,
+    /// How often retention and background flushes run, in ms [default: 30000]
+    #[arg(long, env = "KAPPA_MAINTENANCE_INTERVAL_MS")]
+    pub maintenance_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    data_dir: Option<PathBuf>,
+    kafka_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    advertised_host: Option<String>,
+    sync: Option<String>,
+    maintenance_interval_ms: Option<u64>,
+}
+
+/// The resolved settings `serve` runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub kafka_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub advertised_host: String,
+    pub sync_policy: SyncPolicy,
+    pub maintenance_interval: Duration,
+}
+
+impl Settings {
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file_settings(path)?,
+            None => FileSettings::default(),
+        };
+        let kafka_listen =
+            args.kafka_listen.or(file.kafka_listen).unwrap_or_else(|| "127.0.0.1:9092".parse().expect("valid default"));
+        let sync = args.sync.or(file.sync).unwrap_or_else(|| "fsync".to_owned());
+        let maintenance_interval_ms = args.maintenance_interval_ms.or(file.maintenance_interval_ms).unwrap_or(30_000);
+        if maintenance_interval_ms == 0 {
+            bail!("maintenance_interval_ms must be at least 1");
+        }
+        Ok(Self {
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./kappa-data")),
+            kafka_listen,
+            http_listen: args
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid default")),
+            advertised_host: args
+                .advertised_host
+                .or(file.advertised_host)
+                .unwrap_or_else(|| kafka_listen.ip().to_string()),
+            sync_policy: parse_sync_policy(&sync)?,
+            maintenance_interval: Duration::from_millis(maintenance_interval_ms),
+        })
+    }
+}
+
+fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms)", path.display()))
+}
+
+fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
+    if value == "fsync" {
+        return Ok(SyncPolicy::EveryAppend);
+    }
+    if let Some(ms) = value.strip_prefix("interval:") {
+        let ms: u64 = ms.parse().ok().filter(|&ms| ms > 0).with_context(|| {
+            format!("sync policy '{value}': the interval must be a whole number of milliseconds >= 1")
+        })?;
+        return Ok(SyncPolicy::IntervalMs(ms));
+    }
+    bail!("unknown sync policy '{value}': use 'fsync' or 'interval:<ms>'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_policies_parse_and_bad_ones_say_what_to_use() {
+        assert_eq!(parse_sync_policy("fsync").unwrap(), SyncPolicy::EveryAppend);
+        assert_eq!(parse_sync_policy("interval:50").unwrap(), SyncPolicy::IntervalMs(50));
+        assert!(parse_sync_policy("interval:0").is_err());
+        assert!(parse_sync_policy("sometimes").unwrap_err().to_string().contains("interval:<ms>"));
+    }
+}
