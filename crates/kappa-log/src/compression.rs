@@ -27,11 +27,14 @@ pub fn compress(compression: Compression, body: &[u8]) -> Vec<u8> {
     match compression {
         Compression::None => body.to_vec(),
         Compression::Gzip => {
-            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             encoder.write_all(body).expect(VEC_WRITE);
             encoder.finish().expect(VEC_WRITE)
         }
-        Compression::Snappy => snap::raw::Encoder::new().compress_vec(body).expect(VEC_WRITE),
+        Compression::Snappy => snap::raw::Encoder::new()
+            .compress_vec(body)
+            .expect(VEC_WRITE),
         Compression::Lz4 => {
             let mut encoder = lz4::EncoderBuilder::new()
                 .block_size(lz4::BlockSize::Max64KB)
@@ -50,15 +53,26 @@ pub fn compress(compression: Compression, body: &[u8]) -> Vec<u8> {
 }
 
 /// Decompresses a records body, failing once the output would exceed `max_bytes`.
-pub fn decompress(compression: Compression, body: &[u8], max_bytes: usize) -> Result<Vec<u8>, RecordError> {
+pub fn decompress(
+    compression: Compression,
+    body: &[u8],
+    max_bytes: usize,
+) -> Result<Vec<u8>, RecordError> {
     match compression {
         Compression::None => {
             if body.len() > max_bytes {
-                return Err(RecordError::DecompressedTooLarge { codec: compression, limit: max_bytes });
+                return Err(RecordError::DecompressedTooLarge {
+                    codec: compression,
+                    limit: max_bytes,
+                });
             }
             Ok(body.to_vec())
         }
-        Compression::Gzip => read_bounded(compression, flate2::read::MultiGzDecoder::new(body), max_bytes),
+        Compression::Gzip => read_bounded(
+            compression,
+            flate2::read::MultiGzDecoder::new(body),
+            max_bytes,
+        ),
         Compression::Snappy if body.starts_with(XERIAL_MAGIC) => decompress_xerial(body, max_bytes),
         Compression::Snappy => {
             let mut out = Vec::new();
@@ -78,7 +92,8 @@ pub fn decompress(compression: Compression, body: &[u8], max_bytes: usize) -> Re
             Ok(out)
         }
         Compression::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(body).map_err(|e| codec_error(compression, &e))?;
+            let decoder =
+                zstd::stream::read::Decoder::new(body).map_err(|e| codec_error(compression, &e))?;
             read_bounded(compression, decoder, max_bytes)
         }
     }
@@ -86,25 +101,43 @@ pub fn decompress(compression: Compression, body: &[u8], max_bytes: usize) -> Re
 
 /// Reads at most `max_bytes + 1` bytes so an oversized stream is detected without
 /// inflating it further.
-fn read_bounded(codec: Compression, reader: impl Read, max_bytes: usize) -> Result<Vec<u8>, RecordError> {
+fn read_bounded(
+    codec: Compression,
+    reader: impl Read,
+    max_bytes: usize,
+) -> Result<Vec<u8>, RecordError> {
     let mut out = Vec::new();
-    let limit = u64::try_from(max_bytes).unwrap_or(u64::MAX).saturating_add(1);
-    reader.take(limit).read_to_end(&mut out).map_err(|e| codec_error(codec, &e))?;
+    let limit = u64::try_from(max_bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    reader
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|e| codec_error(codec, &e))?;
     if out.len() > max_bytes {
-        return Err(RecordError::DecompressedTooLarge { codec, limit: max_bytes });
+        return Err(RecordError::DecompressedTooLarge {
+            codec,
+            limit: max_bytes,
+        });
     }
     Ok(out)
 }
 
 /// Xerial framing: a 16-byte header, then `[u32 BE length][raw snappy block]` chunks.
 fn decompress_xerial(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, RecordError> {
-    let mut rest = body.get(XERIAL_HEADER_BYTES..).ok_or_else(|| snappy_error("xerial header is truncated"))?;
+    let mut rest = body
+        .get(XERIAL_HEADER_BYTES..)
+        .ok_or_else(|| snappy_error("xerial header is truncated"))?;
     let mut out = Vec::new();
     while !rest.is_empty() {
-        let (len, after_len) = rest.split_first_chunk::<4>().ok_or_else(|| snappy_error("xerial chunk length is truncated"))?;
+        let (len, after_len) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| snappy_error("xerial chunk length is truncated"))?;
         let len = u32::from_be_bytes(*len) as usize;
         if len > after_len.len() {
-            return Err(snappy_error("xerial chunk is longer than the remaining body"));
+            return Err(snappy_error(
+                "xerial chunk is longer than the remaining body",
+            ));
         }
         let (chunk, after_chunk) = after_len.split_at(len);
         append_snappy_block(chunk, max_bytes, &mut out)?;
@@ -115,13 +148,20 @@ fn decompress_xerial(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, RecordErr
 
 /// Decodes one raw snappy block onto `out`. The block's declared length is checked
 /// against the limit before any buffer is allocated for it.
-fn append_snappy_block(block: &[u8], max_bytes: usize, out: &mut Vec<u8>) -> Result<(), RecordError> {
+fn append_snappy_block(
+    block: &[u8],
+    max_bytes: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
     if block.is_empty() {
         return Ok(());
     }
     let len = snap::raw::decompress_len(block).map_err(|e| snappy_error(&e.to_string()))?;
     if len > max_bytes.saturating_sub(out.len()) {
-        return Err(RecordError::DecompressedTooLarge { codec: Compression::Snappy, limit: max_bytes });
+        return Err(RecordError::DecompressedTooLarge {
+            codec: Compression::Snappy,
+            limit: max_bytes,
+        });
     }
     let start = out.len();
     out.resize(start + len, 0);
@@ -133,9 +173,15 @@ fn append_snappy_block(block: &[u8], max_bytes: usize, out: &mut Vec<u8>) -> Res
 }
 
 fn codec_error(codec: Compression, error: &io::Error) -> RecordError {
-    RecordError::Decompress { codec, reason: error.to_string() }
+    RecordError::Decompress {
+        codec,
+        reason: error.to_string(),
+    }
 }
 
 fn snappy_error(reason: &str) -> RecordError {
-    RecordError::Decompress { codec: Compression::Snappy, reason: reason.to_owned() }
+    RecordError::Decompress {
+        codec: Compression::Snappy,
+        reason: reason.to_owned(),
+    }
 }

@@ -12,7 +12,9 @@ use std::borrow::Cow;
 
 use thiserror::Error;
 
-use crate::batch::{self, BatchError, BatchHeader, Compression, HEADER_BYTES, LENGTH_PREFIX_BYTES, MAGIC_V2};
+use crate::batch::{
+    self, BatchError, BatchHeader, Compression, HEADER_BYTES, LENGTH_PREFIX_BYTES, MAGIC_V2,
+};
 use crate::compression::{compress, decompress};
 
 /// One record to put into a batch.
@@ -26,11 +28,17 @@ pub struct NewRecord {
 
 impl NewRecord {
     pub fn new(key: Option<&[u8]>, value: Option<&[u8]>, timestamp: i64) -> Self {
-        Self { timestamp, key: key.map(<[u8]>::to_vec), value: value.map(<[u8]>::to_vec), headers: Vec::new() }
+        Self {
+            timestamp,
+            key: key.map(<[u8]>::to_vec),
+            value: value.map(<[u8]>::to_vec),
+            headers: Vec::new(),
+        }
     }
 
     pub fn header(mut self, name: &str, value: Option<&[u8]>) -> Self {
-        self.headers.push((name.to_owned(), value.map(<[u8]>::to_vec)));
+        self.headers
+            .push((name.to_owned(), value.map(<[u8]>::to_vec)));
         self
     }
 }
@@ -122,16 +130,26 @@ impl BatchBuilder {
         let mut value = Vec::with_capacity(6);
         value.extend_from_slice(&END_TXN_MARKER_VERSION.to_be_bytes());
         value.extend_from_slice(&coordinator_epoch.to_be_bytes());
-        let mut builder = Self::new().producer(producer_id, producer_epoch, -1).transactional(true);
+        let mut builder = Self::new()
+            .producer(producer_id, producer_epoch, -1)
+            .transactional(true);
         builder.control = true;
         builder.record(NewRecord::new(Some(&key), Some(&value), timestamp))
     }
 
     /// Encodes the batch with a valid CRC. Panics on an empty batch (a caller bug).
     pub fn build(&self) -> Vec<u8> {
-        assert!(!self.records.is_empty(), "a record batch needs at least one record");
+        assert!(
+            !self.records.is_empty(),
+            "a record batch needs at least one record"
+        );
         let base_timestamp = self.records[0].timestamp;
-        let max_timestamp = self.records.iter().map(|r| r.timestamp).max().unwrap_or(base_timestamp);
+        let max_timestamp = self
+            .records
+            .iter()
+            .map(|r| r.timestamp)
+            .max()
+            .unwrap_or(base_timestamp);
         let mut body = Vec::new();
         for (delta, record) in self.records.iter().enumerate() {
             encode_record(&mut body, record, base_timestamp, delta as i32);
@@ -220,7 +238,11 @@ pub enum RecordError {
     #[error("cannot decompress {codec:?} records body: {reason}")]
     Decompress { codec: Compression, reason: String },
     #[error("record {field} is truncated: need {needed} bytes, have {available}")]
-    Truncated { field: &'static str, needed: usize, available: usize },
+    Truncated {
+        field: &'static str,
+        needed: usize,
+        available: usize,
+    },
     #[error("record {field} varint is truncated")]
     VarintTruncated { field: &'static str },
     #[error("record {field} varint does not fit in {bits} bits")]
@@ -296,11 +318,16 @@ impl ControlType {
 pub fn control_type(batch_bytes: &[u8]) -> Result<ControlType, RecordError> {
     let header = BatchHeader::parse(batch_bytes)?;
     if !header.is_control() {
-        return Err(RecordError::NotControl { attributes: header.attributes });
+        return Err(RecordError::NotControl {
+            attributes: header.attributes,
+        });
     }
     let records = decode_records(batch_bytes, CONTROL_BATCH_MAX_UNCOMPRESSED)?;
     // validate() guarantees at least one record.
-    let first = records.iter().next().ok_or(RecordError::TooFewRecords { declared: header.records_count, found: 0 })?;
+    let first = records.iter().next().ok_or(RecordError::TooFewRecords {
+        declared: header.records_count,
+        found: 0,
+    })?;
     ControlType::from_key(first.key)
 }
 
@@ -332,13 +359,17 @@ struct BatchContext {
 impl Record<'_> {
     /// The record's offset in the partition. Wraps like Java's arithmetic on hostile input.
     pub fn offset(&self) -> i64 {
-        self.batch.base_offset.wrapping_add(i64::from(self.offset_delta))
+        self.batch
+            .base_offset
+            .wrapping_add(i64::from(self.offset_delta))
     }
 
     /// The record's timestamp: the broker's append time when the batch uses LogAppendTime,
     /// otherwise the producer's `base_timestamp + timestamp_delta`.
     pub fn timestamp(&self) -> i64 {
-        self.batch.log_append_time.unwrap_or_else(|| self.batch.base_timestamp.wrapping_add(self.timestamp_delta))
+        self.batch
+            .log_append_time
+            .unwrap_or_else(|| self.batch.base_timestamp.wrapping_add(self.timestamp_delta))
     }
 }
 
@@ -347,7 +378,11 @@ impl<'a> Record<'a> {
     /// there is no such header, `Some(None)` when its value is null.
     pub fn header(&self, name: impl AsRef<[u8]>) -> Option<Option<&'a [u8]>> {
         let name = name.as_ref();
-        self.headers.iter().rev().find(|(key, _)| *key == name).map(|(_, value)| *value)
+        self.headers
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| *value)
     }
 }
 
@@ -419,12 +454,19 @@ impl<'a> DecodedRecords<'a> {
             offset_delta: index.offset_delta,
             key: index.key.map(|span| span.of(body)),
             value: index.value.map(|span| span.of(body)),
-            headers: index.headers.iter().map(|(key, value)| (key.of(body), value.map(|v| v.of(body)))).collect(),
+            headers: index
+                .headers
+                .iter()
+                .map(|(key, value)| (key.of(body), value.map(|v| v.of(body))))
+                .collect(),
             raw: index.raw.of(body),
             batch: BatchContext {
                 base_offset: self.header.base_offset,
                 base_timestamp: self.header.base_timestamp,
-                log_append_time: self.header.has_log_append_time().then_some(self.header.max_timestamp),
+                log_append_time: self
+                    .header
+                    .has_log_append_time()
+                    .then_some(self.header.max_timestamp),
             },
         }
     }
@@ -433,7 +475,10 @@ impl<'a> DecodedRecords<'a> {
 /// Validates one complete batch (length, magic, codec, CRC), decompresses its body with
 /// at most `max_uncompressed_bytes` of output and parses every record. The body must hold
 /// exactly `records_count` records and nothing after them.
-pub fn decode_records(batch_bytes: &[u8], max_uncompressed_bytes: usize) -> Result<DecodedRecords<'_>, RecordError> {
+pub fn decode_records(
+    batch_bytes: &[u8],
+    max_uncompressed_bytes: usize,
+) -> Result<DecodedRecords<'_>, RecordError> {
     let header = batch::validate(batch_bytes, ANY_BATCH_BYTES)?;
     let compressed = &batch_bytes[HEADER_BYTES..];
     let body = match header.compression()? {
@@ -441,7 +486,11 @@ pub fn decode_records(batch_bytes: &[u8], max_uncompressed_bytes: usize) -> Resu
         codec => Cow::Owned(decompress(codec, compressed, max_uncompressed_bytes)?),
     };
     let records = index_records(&body, header.records_count)?;
-    Ok(DecodedRecords { header, body, records })
+    Ok(DecodedRecords {
+        header,
+        body,
+        records,
+    })
 }
 
 fn index_records(body: &[u8], declared: i32) -> Result<Vec<RecordIndex>, RecordError> {
@@ -451,12 +500,18 @@ fn index_records(body: &[u8], declared: i32) -> Result<Vec<RecordIndex>, RecordE
     let mut cursor = Cursor { buf: body, pos: 0 };
     while records.len() < expected {
         if cursor.pos == body.len() {
-            return Err(RecordError::TooFewRecords { declared, found: records.len() });
+            return Err(RecordError::TooFewRecords {
+                declared,
+                found: records.len(),
+            });
         }
         records.push(parse_record(&mut cursor)?);
     }
     if cursor.pos != body.len() {
-        return Err(RecordError::TrailingBytes { declared, extra: body.len() - cursor.pos });
+        return Err(RecordError::TrailingBytes {
+            declared,
+            extra: body.len() - cursor.pos,
+        });
     }
     Ok(records)
 }
@@ -468,7 +523,10 @@ fn parse_record(cursor: &mut Cursor<'_>) -> Result<RecordIndex, RecordError> {
     let length = cursor.length("record length")?;
     let fields_start = cursor.pos;
     let end = cursor.take("record", length)?.end;
-    let mut fields = Cursor { buf: &cursor.buf[..end], pos: fields_start };
+    let mut fields = Cursor {
+        buf: &cursor.buf[..end],
+        pos: fields_start,
+    };
     let attributes = fields.byte("attributes")? as i8;
     let timestamp_delta = fields.varlong("timestamp delta")?;
     let offset_delta = fields.varint("offset delta")?;
@@ -477,13 +535,26 @@ fn parse_record(cursor: &mut Cursor<'_>) -> Result<RecordIndex, RecordError> {
     let header_count = fields.length("header count")?;
     let mut headers = Vec::with_capacity(header_count.min(fields.remaining() / MIN_HEADER_BYTES));
     for _ in 0..header_count {
-        let name = fields.nullable_bytes("header key")?.ok_or(RecordError::NullHeaderKey)?;
+        let name = fields
+            .nullable_bytes("header key")?
+            .ok_or(RecordError::NullHeaderKey)?;
         headers.push((name, fields.nullable_bytes("header value")?));
     }
     if fields.pos != end {
-        return Err(RecordError::RecordLengthMismatch { declared: length, consumed: fields.pos - fields_start });
+        return Err(RecordError::RecordLengthMismatch {
+            declared: length,
+            consumed: fields.pos - fields_start,
+        });
     }
-    Ok(RecordIndex { raw: Span { start, end }, attributes, timestamp_delta, offset_delta, key, value, headers })
+    Ok(RecordIndex {
+        raw: Span { start, end },
+        attributes,
+        timestamp_delta,
+        offset_delta,
+        key,
+        value,
+        headers,
+    })
 }
 
 /// A bounds-checked reader over a records body.
@@ -498,7 +569,11 @@ impl Cursor<'_> {
     }
 
     fn byte(&mut self, field: &'static str) -> Result<u8, RecordError> {
-        let byte = *self.buf.get(self.pos).ok_or(RecordError::Truncated { field, needed: 1, available: 0 })?;
+        let byte = *self.buf.get(self.pos).ok_or(RecordError::Truncated {
+            field,
+            needed: 1,
+            available: 0,
+        })?;
         self.pos += 1;
         Ok(byte)
     }
@@ -506,9 +581,16 @@ impl Cursor<'_> {
     /// Claims the next `len` bytes.
     fn take(&mut self, field: &'static str, len: usize) -> Result<Span, RecordError> {
         if len > self.remaining() {
-            return Err(RecordError::Truncated { field, needed: len, available: self.remaining() });
+            return Err(RecordError::Truncated {
+                field,
+                needed: len,
+                available: self.remaining(),
+            });
         }
-        let span = Span { start: self.pos, end: self.pos + len };
+        let span = Span {
+            start: self.pos,
+            end: self.pos + len,
+        };
         self.pos = span.end;
         Ok(span)
     }
@@ -518,7 +600,10 @@ impl Cursor<'_> {
         let mut value = 0u64;
         let mut shift = 0u32;
         loop {
-            let byte = *self.buf.get(self.pos).ok_or(RecordError::VarintTruncated { field })?;
+            let byte = *self
+                .buf
+                .get(self.pos)
+                .ok_or(RecordError::VarintTruncated { field })?;
             self.pos += 1;
             let payload = u64::from(byte & 0x7f);
             // Bits that would land above `bits` mean the encoder overflowed (or lies).
@@ -559,7 +644,8 @@ impl Cursor<'_> {
         match self.varint(field)? {
             -1 => Ok(None),
             length => {
-                let len = usize::try_from(length).map_err(|_| RecordError::NegativeLength { field, length })?;
+                let len = usize::try_from(length)
+                    .map_err(|_| RecordError::NegativeLength { field, length })?;
                 self.take(field, len).map(Some)
             }
         }
@@ -597,14 +683,597 @@ pub fn rebuild_batch(
     out.extend_from_slice(&batch_bytes[..HEADER_BYTES]);
     out.extend_from_slice(&body);
     // Recompression may (rarely) grow the body past what batch_length can express.
-    let batch_length = i32::try_from(out.len() - LENGTH_PREFIX_BYTES).map_err(|_| BatchError::BadLength {
-        length: out.len() as i64,
-        min: HEADER_BYTES,
-        max: ANY_BATCH_BYTES,
-    })?;
+    let batch_length =
+        i32::try_from(out.len() - LENGTH_PREFIX_BYTES).map_err(|_| BatchError::BadLength {
+            length: out.len() as i64,
+            min: HEADER_BYTES,
+            max: ANY_BATCH_BYTES,
+        })?;
     out[8..12].copy_from_slice(&batch_length.to_be_bytes());
     // kept < records_count, which is an i32.
     out[57..61].copy_from_slice(&(kept as i32).to_be_bytes());
     batch::rewrite_crc(&mut out);
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::compression::{compress, decompress};
+
+    const CODECS: [Compression; 5] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ];
+    const LIMIT: usize = 1 << 20;
+
+    fn sample_records() -> Vec<NewRecord> {
+        vec![
+            NewRecord::new(Some(b"k1"), Some(b"v1"), 1_000)
+                .header("h", Some(b"a"))
+                .header("h", Some(b"b")),
+            NewRecord::new(None, Some(b"value without key"), 1_005),
+            NewRecord::new(Some(b"tombstone"), None, 999).header("null", None),
+            NewRecord::new(Some(b""), Some(b""), 1_010).header("", Some(b"")),
+        ]
+    }
+
+    fn build(codec: Compression, records: &[NewRecord]) -> Vec<u8> {
+        let mut builder = BatchBuilder::new().compression(codec).producer(7, 3, 42);
+        builder.base_offset = 100;
+        for record in records {
+            builder.push(record.clone());
+        }
+        builder.build()
+    }
+
+    /// A batch with a valid header (count, codec, length, CRC) around an arbitrary body.
+    fn batch_with_body(codec: Compression, records_count: i32, body: &[u8]) -> Vec<u8> {
+        let template = build(Compression::None, &[NewRecord::new(None, None, 0)]);
+        let mut out = template[..HEADER_BYTES].to_vec();
+        out.extend_from_slice(body);
+        out[21..23].copy_from_slice(&codec.attribute_bits().to_be_bytes());
+        out[23..27].copy_from_slice(&(records_count - 1).to_be_bytes());
+        out[57..61].copy_from_slice(&records_count.to_be_bytes());
+        let batch_length = (out.len() - LENGTH_PREFIX_BYTES) as i32;
+        out[8..12].copy_from_slice(&batch_length.to_be_bytes());
+        batch::rewrite_crc(&mut out);
+        out
+    }
+
+    fn assert_matches(decoded: &DecodedRecords<'_>, expected: &[(i64, &NewRecord)]) {
+        assert_eq!(decoded.len(), expected.len());
+        for (record, (offset, want)) in decoded.iter().zip(expected) {
+            assert_eq!(record.offset(), *offset);
+            assert_eq!(record.timestamp(), want.timestamp);
+            assert_eq!(record.key, want.key.as_deref());
+            assert_eq!(record.value, want.value.as_deref());
+            let headers: Vec<_> = want
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_deref()))
+                .collect();
+            assert_eq!(record.headers, headers);
+        }
+    }
+
+    #[test]
+    fn every_codec_roundtrips_keys_values_nulls_and_duplicate_headers() {
+        let records = sample_records();
+        for codec in CODECS {
+            let bytes = build(codec, &records);
+            let header =
+                batch::validate_produced(&bytes, usize::MAX >> 1).expect("built batch is valid");
+            assert_eq!(header.compression(), Ok(codec));
+            let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+            let expected: Vec<_> = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (100 + i as i64, r))
+                .collect();
+            assert_matches(&decoded, &expected);
+            // The raw slices tile the uncompressed body exactly.
+            let raw: Vec<u8> = decoded.iter().flat_map(|r| r.raw.to_vec()).collect();
+            assert_eq!(raw, decoded.body(), "{codec:?}");
+            let first = decoded.get(0).expect("first record");
+            assert_eq!(
+                first.header("h"),
+                Some(Some(&b"b"[..])),
+                "last duplicate wins"
+            );
+            assert_eq!(decoded.get(2).expect("third").header(b"null"), Some(None));
+            assert_eq!(first.header("missing"), None);
+        }
+    }
+
+    #[test]
+    fn codecs_roundtrip_multi_block_bodies() {
+        // 300 KiB spans several LZ4 64 KiB blocks and snappy's 64 KiB fragments.
+        let body: Vec<u8> = (0..300 * 1024u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect();
+        for codec in CODECS {
+            let packed = compress(codec, &body);
+            assert_eq!(
+                decompress(codec, &packed, body.len()).as_deref(),
+                Ok(&body[..]),
+                "{codec:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lz4_is_a_frame_with_independent_blocks() {
+        let packed = compress(Compression::Lz4, b"hello hello hello");
+        assert_eq!(packed[..4], 0x184D_2204u32.to_le_bytes(), "LZ4 frame magic");
+        assert_ne!(
+            packed[4] & 0x20,
+            0,
+            "block independence flag (Kafka's Java reader needs it)"
+        );
+    }
+
+    fn xerial(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = b"\x82SNAPPY\x00".to_vec();
+        out.extend_from_slice(&1i32.to_be_bytes());
+        out.extend_from_slice(&1i32.to_be_bytes());
+        for chunk in chunks {
+            let block = snap::raw::Encoder::new()
+                .compress_vec(chunk)
+                .expect("compress");
+            out.extend_from_slice(&(block.len() as u32).to_be_bytes());
+            out.extend_from_slice(&block);
+        }
+        out
+    }
+
+    #[test]
+    fn snappy_decodes_xerial_framing() {
+        let framed = xerial(&[b"first chunk ", b"", b"second chunk"]);
+        assert_eq!(
+            decompress(Compression::Snappy, &framed, LIMIT).as_deref(),
+            Ok(&b"first chunk second chunk"[..])
+        );
+
+        // A whole batch whose body is xerial framed, split mid-record as Java may do.
+        let records = sample_records();
+        let plain = build(Compression::None, &records);
+        let body = &plain[HEADER_BYTES..];
+        let (a, b) = body.split_at(body.len() / 2);
+        let bytes = batch_with_body(Compression::Snappy, records.len() as i32, &xerial(&[a, b]));
+        let decoded = decode_records(&bytes, LIMIT).expect("xerial batch decodes");
+        assert_eq!(decoded.body(), body);
+        assert_eq!(decoded.len(), records.len());
+    }
+
+    #[test]
+    fn malformed_xerial_frames_are_errors() {
+        let framed = xerial(&[b"some data"]);
+        assert!(matches!(
+            decompress(Compression::Snappy, &framed[..12], LIMIT),
+            Err(RecordError::Decompress { .. })
+        ));
+        assert!(matches!(
+            decompress(Compression::Snappy, &framed[..18], LIMIT),
+            Err(RecordError::Decompress { .. })
+        ));
+        assert!(matches!(
+            decompress(Compression::Snappy, &framed[..framed.len() - 1], LIMIT),
+            Err(RecordError::Decompress { .. })
+        ));
+        let over = xerial(&[&[7u8; 700], &[8u8; 700]]);
+        assert_eq!(
+            decompress(Compression::Snappy, &over, 1_000),
+            Err(RecordError::DecompressedTooLarge {
+                codec: Compression::Snappy,
+                limit: 1_000
+            })
+        );
+    }
+
+    #[test]
+    fn decompression_stops_at_the_limit() {
+        let bomb = vec![0u8; 10 << 20];
+        for codec in CODECS {
+            let packed = compress(codec, &bomb);
+            let too_large = RecordError::DecompressedTooLarge {
+                codec,
+                limit: 1 << 20,
+            };
+            assert_eq!(
+                decompress(codec, &packed, 1 << 20),
+                Err(too_large.clone()),
+                "{codec:?}"
+            );
+            // The same through decode_records: the header is valid, only the size is not.
+            // (An uncompressed body is borrowed, not inflated, so the limit does not apply.)
+            if codec != Compression::None {
+                let bytes = batch_with_body(codec, 1, &packed);
+                assert_eq!(
+                    decode_records(&bytes, 1 << 20).map(|d| d.len()),
+                    Err(too_large),
+                    "{codec:?}"
+                );
+            }
+            // Exactly at the limit is fine.
+            let small = compress(codec, &bomb[..4096]);
+            assert_eq!(
+                decompress(codec, &small, 4096).map(|v| v.len()),
+                Ok(4096),
+                "{codec:?}"
+            );
+            assert!(decompress(codec, &small, 4095).is_err(), "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_compressed_bodies_are_errors() {
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        for codec in CODECS.into_iter().filter(|c| *c != Compression::None) {
+            let packed = compress(codec, &body);
+            let cut = &packed[..packed.len() / 2];
+            assert!(
+                matches!(decompress(codec, cut, LIMIT), Err(RecordError::Decompress { codec: c, .. }) if c == codec),
+                "{codec:?}: {:?}",
+                decompress(codec, cut, LIMIT).map(|v| v.len())
+            );
+            let garbage = [0x5au8; 64];
+            assert!(
+                decompress(codec, &garbage, LIMIT).is_err(),
+                "{codec:?} accepted garbage"
+            );
+        }
+    }
+
+    /// Writes one field of a hand-made record.
+    type Field<'f> = &'f dyn Fn(&mut Vec<u8>);
+
+    fn record_bytes(fields: &[Field<'_>]) -> Vec<u8> {
+        let mut inner = Vec::new();
+        for field in fields {
+            field(&mut inner);
+        }
+        let mut out = Vec::new();
+        put_varint(&mut out, inner.len() as i32);
+        out.extend_from_slice(&inner);
+        out
+    }
+
+    #[test]
+    fn malformed_records_name_what_is_wrong() {
+        let attrs = |b: &mut Vec<u8>| b.push(0);
+        let zero = |b: &mut Vec<u8>| put_varint(b, 0);
+        let null = |b: &mut Vec<u8>| put_varint(b, -1);
+        let decode = |count: i32, body: &[u8]| {
+            decode_records(&batch_with_body(Compression::None, count, body), LIMIT).map(|d| d.len())
+        };
+
+        let good = record_bytes(&[&attrs, &zero, &zero, &null, &null, &zero]);
+        assert_eq!(decode(1, &good), Ok(1));
+        assert_eq!(
+            decode(2, &good),
+            Err(RecordError::TooFewRecords {
+                declared: 2,
+                found: 1
+            })
+        );
+        let two = [good.clone(), good.clone()].concat();
+        assert_eq!(
+            decode(1, &two),
+            Err(RecordError::TrailingBytes {
+                declared: 1,
+                extra: good.len()
+            })
+        );
+
+        let negative_key =
+            record_bytes(&[&attrs, &zero, &zero, &|b| put_varint(b, -2), &null, &zero]);
+        assert_eq!(
+            decode(1, &negative_key),
+            Err(RecordError::NegativeLength {
+                field: "key",
+                length: -2
+            })
+        );
+
+        let long_value =
+            record_bytes(&[&attrs, &zero, &zero, &null, &|b| put_varint(b, 50), &zero]);
+        assert!(matches!(
+            decode(1, &long_value),
+            Err(RecordError::Truncated {
+                field: "value",
+                needed: 50,
+                ..
+            })
+        ));
+
+        let null_header_key = record_bytes(&[
+            &attrs,
+            &zero,
+            &zero,
+            &null,
+            &null,
+            &|b| put_varint(b, 1),
+            &null,
+            &null,
+        ]);
+        assert_eq!(decode(1, &null_header_key), Err(RecordError::NullHeaderKey));
+
+        let huge_header_count = record_bytes(&[&attrs, &zero, &zero, &null, &null, &|b| {
+            put_varint(b, i32::MAX)
+        }]);
+        assert!(matches!(
+            decode(1, &huge_header_count),
+            Err(RecordError::VarintTruncated {
+                field: "header key"
+            })
+        ));
+
+        let padded = record_bytes(&[&attrs, &zero, &zero, &null, &null, &zero, &|b| b.push(9)]);
+        assert_eq!(
+            decode(1, &padded),
+            Err(RecordError::RecordLengthMismatch {
+                declared: 7,
+                consumed: 6
+            })
+        );
+
+        let overlong_varint = [0xffu8, 0xff, 0xff, 0xff, 0x7f];
+        assert_eq!(
+            decode(1, &overlong_varint),
+            Err(RecordError::VarintOverflow {
+                field: "record length",
+                bits: 32
+            })
+        );
+        let endless_varint = [0x80u8; 12];
+        assert!(matches!(
+            decode(1, &endless_varint),
+            Err(RecordError::VarintOverflow { .. })
+        ));
+        assert_eq!(
+            decode(1, &[0x80]),
+            Err(RecordError::VarintTruncated {
+                field: "record length"
+            })
+        );
+
+        // A huge declared record count must not be trusted for allocation.
+        assert_eq!(
+            decode(i32::MAX, &good),
+            Err(RecordError::TooFewRecords {
+                declared: i32::MAX,
+                found: 1
+            })
+        );
+    }
+
+    #[test]
+    fn corrupt_batches_are_rejected_before_parsing() {
+        let mut bytes = build(Compression::None, &sample_records());
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(
+            decode_records(&bytes, LIMIT),
+            Err(RecordError::Batch(BatchError::BadCrc { .. }))
+        ));
+        assert!(matches!(
+            decode_records(&bytes[..40], LIMIT),
+            Err(RecordError::Batch(BatchError::BadLength { .. }))
+        ));
+    }
+
+    #[test]
+    fn varints_roundtrip_extremes() {
+        for value in [0, 1, -1, 63, -64, 64, i32::MAX, i32::MIN] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, value);
+            let mut cursor = Cursor { buf: &buf, pos: 0 };
+            assert_eq!(cursor.varint("v"), Ok(value));
+            assert_eq!(cursor.pos, buf.len());
+        }
+        for value in [0, -1, i64::from(i32::MAX) + 1, i64::MAX, i64::MIN] {
+            let mut buf = Vec::new();
+            put_varlong(&mut buf, value);
+            let mut cursor = Cursor { buf: &buf, pos: 0 };
+            assert_eq!(cursor.varlong("v"), Ok(value));
+            assert_eq!(cursor.pos, buf.len());
+        }
+    }
+
+    #[test]
+    fn log_append_time_overrides_record_timestamps() {
+        let mut bytes = build(Compression::None, &sample_records());
+        batch::set_log_append_time(&mut bytes, 55_555);
+        let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+        assert!(decoded.iter().all(|r| r.timestamp() == 55_555));
+        assert_eq!(
+            decoded.get(1).map(|r| r.timestamp_delta),
+            Some(5),
+            "deltas are kept"
+        );
+    }
+
+    #[test]
+    fn rebuild_keeps_header_offsets_and_only_chosen_records() {
+        let records = sample_records();
+        for codec in CODECS {
+            let bytes = build(codec, &records);
+            let original = BatchHeader::parse(&bytes).expect("header");
+            let rebuilt = rebuild_batch(&bytes, |r| r.offset() % 2 == 1, LIMIT)
+                .expect("rebuilds")
+                .expect("some records kept");
+            let header =
+                batch::validate(&rebuilt, usize::MAX >> 1).expect("rebuilt batch is valid");
+            assert_eq!(header.records_count, 2);
+            assert_eq!(header.compression(), Ok(codec));
+            assert_eq!(
+                BatchHeader {
+                    records_count: original.records_count,
+                    batch_length: 0,
+                    crc: 0,
+                    ..header
+                },
+                BatchHeader {
+                    batch_length: 0,
+                    crc: 0,
+                    ..original
+                },
+                "{codec:?}: only count, length and CRC change"
+            );
+            let decoded = decode_records(&rebuilt, LIMIT).expect("decodes");
+            assert_matches(&decoded, &[(101, &records[1]), (103, &records[3])]);
+
+            assert_eq!(
+                rebuild_batch(&bytes, |_| true, LIMIT),
+                Ok(Some(bytes.clone()))
+            );
+            assert_eq!(rebuild_batch(&bytes, |_| false, LIMIT), Ok(None));
+        }
+    }
+
+    #[test]
+    fn rebuild_propagates_decode_errors() {
+        let bytes = batch_with_body(Compression::None, 2, &[0x80]);
+        assert_eq!(
+            rebuild_batch(&bytes, |_| true, LIMIT),
+            Err(RecordError::VarintTruncated {
+                field: "record length"
+            })
+        );
+    }
+
+    #[test]
+    fn control_markers_roundtrip() {
+        for (control, coordinator_epoch) in [(ControlType::Commit, 9), (ControlType::Abort, 0)] {
+            let mut builder =
+                BatchBuilder::control_marker(77, 4, control, coordinator_epoch, 123_456);
+            builder.base_offset = 500;
+            let bytes = builder.build();
+            let header = batch::validate_produced(&bytes, usize::MAX >> 1).expect("valid marker");
+            assert!(header.is_control() && header.is_transactional());
+            assert_eq!(
+                (
+                    header.producer_id,
+                    header.producer_epoch,
+                    header.base_sequence
+                ),
+                (77, 4, -1)
+            );
+            assert_eq!(header.compression(), Ok(Compression::None));
+            assert_eq!(control_type(&bytes), Ok(control));
+            let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+            let record = decoded.get(0).expect("one record");
+            assert_eq!(decoded.len(), 1);
+            assert_eq!((record.offset(), record.timestamp()), (500, 123_456));
+            let mut value = 0i16.to_be_bytes().to_vec();
+            value.extend_from_slice(&coordinator_epoch.to_be_bytes());
+            assert_eq!(record.value, Some(&value[..]));
+        }
+    }
+
+    #[test]
+    fn control_type_rejects_data_batches_and_bad_keys() {
+        let data = build(Compression::None, &sample_records());
+        assert!(matches!(
+            control_type(&data),
+            Err(RecordError::NotControl { .. })
+        ));
+
+        let with_key = |key: Option<&[u8]>| {
+            let mut builder = BatchBuilder::new()
+                .transactional(true)
+                .record(NewRecord::new(key, None, 0));
+            builder.control = true;
+            control_type(&builder.build())
+        };
+        assert_eq!(
+            with_key(Some(&[0, 0, 0, 2])),
+            Err(RecordError::UnknownControlType(2))
+        );
+        assert_eq!(
+            with_key(Some(&[0xff, 0xff, 0, 1])),
+            Err(RecordError::BadControlVersion(-1))
+        );
+        assert_eq!(
+            with_key(Some(&[0, 0, 0])),
+            Err(RecordError::BadControlKey("3 bytes".to_owned()))
+        );
+        assert_eq!(
+            with_key(None),
+            Err(RecordError::BadControlKey("null".to_owned()))
+        );
+        // Newer key versions keep the layout and may append fields.
+        assert_eq!(with_key(Some(&[0, 1, 0, 1, 9])), Ok(ControlType::Commit));
+    }
+
+    fn codec() -> impl Strategy<Value = Compression> {
+        proptest::sample::select(CODECS.to_vec())
+    }
+
+    fn new_record() -> impl Strategy<Value = NewRecord> {
+        let bytes = || proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40));
+        let headers = proptest::collection::vec(("[a-c]{0,2}", bytes()), 0..4);
+        (any::<i32>(), bytes(), bytes(), headers).prop_map(|(timestamp, key, value, headers)| {
+            NewRecord {
+                timestamp: i64::from(timestamp),
+                key,
+                value,
+                headers,
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn random_bodies_never_panic(
+            codec in codec(),
+            records_count in 1i32..20,
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let bytes = batch_with_body(codec, records_count, &body);
+            if let Ok(decoded) = decode_records(&bytes, 64 * 1024) {
+                prop_assert_eq!(decoded.len(), records_count as usize);
+                let raw: Vec<u8> = decoded.iter().flat_map(|r| r.raw.to_vec()).collect();
+                prop_assert_eq!(&raw[..], decoded.body());
+                if codec == Compression::None {
+                    prop_assert_eq!(decoded.body(), &body[..]);
+                }
+            }
+        }
+
+        #[test]
+        fn built_batches_decode_to_their_records(
+            codec in codec(),
+            records in proptest::collection::vec(new_record(), 1..8),
+        ) {
+            let bytes = build(codec, &records);
+            let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+            let expected: Vec<_> = records.iter().enumerate().map(|(i, r)| (100 + i as i64, r)).collect();
+            assert_matches(&decoded, &expected);
+        }
+
+        #[test]
+        fn rebuild_keeps_exactly_the_chosen_records(
+            codec in codec(),
+            records in proptest::collection::vec(new_record(), 1..8),
+            mask in any::<u8>(),
+        ) {
+            let bytes = build(codec, &records);
+            let keep = |offset: i64| mask & (1 << (offset - 100)) != 0;
+            let expected: Vec<_> = records.iter().enumerate().map(|(i, r)| (100 + i as i64, r)).filter(|(o, _)| keep(*o)).collect();
+            match rebuild_batch(&bytes, |r| keep(r.offset()), LIMIT).expect("rebuilds") {
+                None => prop_assert!(expected.is_empty()),
+                Some(rebuilt) => {
+                    batch::validate(&rebuilt, usize::MAX >> 1).expect("valid");
+                    assert_matches(&decode_records(&rebuilt, LIMIT).expect("decodes"), &expected);
+                }
+            }
+        }
+    }
 }
