@@ -614,3 +614,401 @@ pub fn rebuild_batch(
     batch::rewrite_crc(&mut out);
     Ok(Some(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::compression::{compress, decompress};
+
+    const CODECS: [Compression; 5] =
+        [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
+    const LIMIT: usize = 1 << 20;
+
+    fn sample_records() -> Vec<NewRecord> {
+        vec![
+            NewRecord::new(Some(b"k1"), Some(b"v1"), 1_000).header("h", Some(b"a")).header("h", Some(b"b")),
+            NewRecord::new(None, Some(b"value without key"), 1_005),
+            NewRecord::new(Some(b"tombstone"), None, 999).header("null", None),
+            NewRecord::new(Some(b""), Some(b""), 1_010).header("", Some(b"")),
+        ]
+    }
+
+    fn build(codec: Compression, records: &[NewRecord]) -> Vec<u8> {
+        let mut builder = BatchBuilder::new().compression(codec).producer(7, 3, 42);
+        builder.base_offset = 100;
+        for record in records {
+            builder.push(record.clone());
+        }
+        builder.build()
+    }
+
+    /// A batch with a valid header (count, codec, length, CRC) around an arbitrary body.
+    fn batch_with_body(codec: Compression, records_count: i32, body: &[u8]) -> Vec<u8> {
+        let template = build(Compression::None, &[NewRecord::new(None, None, 0)]);
+        let mut out = template[..HEADER_BYTES].to_vec();
+        out.extend_from_slice(body);
+        out[21..23].copy_from_slice(&codec.attribute_bits().to_be_bytes());
+        out[23..27].copy_from_slice(&(records_count - 1).to_be_bytes());
+        out[57..61].copy_from_slice(&records_count.to_be_bytes());
+        let batch_length = (out.len() - LENGTH_PREFIX_BYTES) as i32;
+        out[8..12].copy_from_slice(&batch_length.to_be_bytes());
+        batch::rewrite_crc(&mut out);
+        out
+    }
+
+    fn assert_matches(decoded: &DecodedRecords<'_>, expected: &[(i64, &NewRecord)]) {
+        assert_eq!(decoded.len(), expected.len());
+        for (record, (offset, want)) in decoded.iter().zip(expected) {
+            assert_eq!(record.offset(), *offset);
+            assert_eq!(record.timestamp(), want.timestamp);
+            assert_eq!(record.key, want.key.as_deref());
+            assert_eq!(record.value, want.value.as_deref());
+            let headers: Vec<_> = want.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_deref())).collect();
+            assert_eq!(record.headers, headers);
+        }
+    }
+
+    #[test]
+    fn every_codec_roundtrips_keys_values_nulls_and_duplicate_headers() {
+        let records = sample_records();
+        for codec in CODECS {
+            let bytes = build(codec, &records);
+            let header = batch::validate_produced(&bytes, usize::MAX >> 1).expect("built batch is valid");
+            assert_eq!(header.compression(), Ok(codec));
+            let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+            let expected: Vec<_> = records.iter().enumerate().map(|(i, r)| (100 + i as i64, r)).collect();
+            assert_matches(&decoded, &expected);
+            // The raw slices tile the uncompressed body exactly.
+            let raw: Vec<u8> = decoded.iter().flat_map(|r| r.raw.to_vec()).collect();
+            assert_eq!(raw, decoded.body(), "{codec:?}");
+            let first = decoded.get(0).expect("first record");
+            assert_eq!(first.header("h"), Some(Some(&b"b"[..])), "last duplicate wins");
+            assert_eq!(decoded.get(2).expect("third").header(b"null"), Some(None));
+            assert_eq!(first.header("missing"), None);
+        }
+    }
+
+    #[test]
+    fn codecs_roundtrip_multi_block_bodies() {
+        // 300 KiB spans several LZ4 64 KiB blocks and snappy's 64 KiB fragments.
+        let body: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8 ^ (i >> 12) as u8).collect();
+        for codec in CODECS {
+            let packed = compress(codec, &body);
+            assert_eq!(decompress(codec, &packed, body.len()).as_deref(), Ok(&body[..]), "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn lz4_is_a_frame_with_independent_blocks() {
+        let packed = compress(Compression::Lz4, b"hello hello hello");
+        assert_eq!(packed[..4], 0x184D_2204u32.to_le_bytes(), "LZ4 frame magic");
+        assert_ne!(packed[4] & 0x20, 0, "block independence flag (Kafka's Java reader needs it)");
+    }
+
+    fn xerial(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = b"\x82SNAPPY\x00".to_vec();
+        out.extend_from_slice(&1i32.to_be_bytes());
+        out.extend_from_slice(&1i32.to_be_bytes());
+        for chunk in chunks {
+            let block = snap::raw::Encoder::new().compress_vec(chunk).expect("compress");
+            out.extend_from_slice(&(block.len() as u32).to_be_bytes());
+            out.extend_from_slice(&block);
+        }
+        out
+    }
+
+    #[test]
+    fn snappy_decodes_xerial_framing() {
+        let framed = xerial(&[b"first chunk ", b"", b"second chunk"]);
+        assert_eq!(decompress(Compression::Snappy, &framed, LIMIT).as_deref(), Ok(&b"first chunk second chunk"[..]));
+
+        // A whole batch whose body is xerial framed, split mid-record as Java may do.
+        let records = sample_records();
+        let plain = build(Compression::None, &records);
+        let body = &plain[HEADER_BYTES..];
+        let (a, b) = body.split_at(body.len() / 2);
+        let bytes = batch_with_body(Compression::Snappy, records.len() as i32, &xerial(&[a, b]));
+        let decoded = decode_records(&bytes, LIMIT).expect("xerial batch decodes");
+        assert_eq!(decoded.body(), body);
+        assert_eq!(decoded.len(), records.len());
+    }
+
+    #[test]
+    fn malformed_xerial_frames_are_errors() {
+        let framed = xerial(&[b"some data"]);
+        assert!(matches!(decompress(Compression::Snappy, &framed[..12], LIMIT), Err(RecordError::Decompress { .. })));
+        assert!(matches!(decompress(Compression::Snappy, &framed[..18], LIMIT), Err(RecordError::Decompress { .. })));
+        assert!(matches!(
+            decompress(Compression::Snappy, &framed[..framed.len() - 1], LIMIT),
+            Err(RecordError::Decompress { .. })
+        ));
+        let over = xerial(&[&[7u8; 700], &[8u8; 700]]);
+        assert_eq!(
+            decompress(Compression::Snappy, &over, 1_000),
+            Err(RecordError::DecompressedTooLarge { codec: Compression::Snappy, limit: 1_000 })
+        );
+    }
+
+    #[test]
+    fn decompression_stops_at_the_limit() {
+        let bomb = vec![0u8; 10 << 20];
+        for codec in CODECS {
+            let packed = compress(codec, &bomb);
+            let too_large = RecordError::DecompressedTooLarge { codec, limit: 1 << 20 };
+            assert_eq!(decompress(codec, &packed, 1 << 20), Err(too_large.clone()), "{codec:?}");
+            // The same through decode_records: the header is valid, only the size is not.
+            // (An uncompressed body is borrowed, not inflated, so the limit does not apply.)
+            if codec != Compression::None {
+                let bytes = batch_with_body(codec, 1, &packed);
+                assert_eq!(decode_records(&bytes, 1 << 20).map(|d| d.len()), Err(too_large), "{codec:?}");
+            }
+            // Exactly at the limit is fine.
+            let small = compress(codec, &bomb[..4096]);
+            assert_eq!(decompress(codec, &small, 4096).map(|v| v.len()), Ok(4096), "{codec:?}");
+            assert!(decompress(codec, &small, 4095).is_err(), "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_compressed_bodies_are_errors() {
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        for codec in CODECS.into_iter().filter(|c| *c != Compression::None) {
+            let packed = compress(codec, &body);
+            let cut = &packed[..packed.len() / 2];
+            assert!(
+                matches!(decompress(codec, cut, LIMIT), Err(RecordError::Decompress { codec: c, .. }) if c == codec),
+                "{codec:?}: {:?}",
+                decompress(codec, cut, LIMIT).map(|v| v.len())
+            );
+            let garbage = [0x5au8; 64];
+            assert!(decompress(codec, &garbage, LIMIT).is_err(), "{codec:?} accepted garbage");
+        }
+    }
+
+    /// Writes one field of a hand-made record.
+    type Field<'f> = &'f dyn Fn(&mut Vec<u8>);
+
+    fn record_bytes(fields: &[Field<'_>]) -> Vec<u8> {
+        let mut inner = Vec::new();
+        for field in fields {
+            field(&mut inner);
+        }
+        let mut out = Vec::new();
+        put_varint(&mut out, inner.len() as i32);
+        out.extend_from_slice(&inner);
+        out
+    }
+
+    #[test]
+    fn malformed_records_name_what_is_wrong() {
+        let attrs = |b: &mut Vec<u8>| b.push(0);
+        let zero = |b: &mut Vec<u8>| put_varint(b, 0);
+        let null = |b: &mut Vec<u8>| put_varint(b, -1);
+        let decode = |count: i32, body: &[u8]| {
+            decode_records(&batch_with_body(Compression::None, count, body), LIMIT).map(|d| d.len())
+        };
+
+        let good = record_bytes(&[&attrs, &zero, &zero, &null, &null, &zero]);
+        assert_eq!(decode(1, &good), Ok(1));
+        assert_eq!(decode(2, &good), Err(RecordError::TooFewRecords { declared: 2, found: 1 }));
+        let two = [good.clone(), good.clone()].concat();
+        assert_eq!(decode(1, &two), Err(RecordError::TrailingBytes { declared: 1, extra: good.len() }));
+
+        let negative_key = record_bytes(&[&attrs, &zero, &zero, &|b| put_varint(b, -2), &null, &zero]);
+        assert_eq!(decode(1, &negative_key), Err(RecordError::NegativeLength { field: "key", length: -2 }));
+
+        let long_value = record_bytes(&[&attrs, &zero, &zero, &null, &|b| put_varint(b, 50), &zero]);
+        assert!(matches!(decode(1, &long_value), Err(RecordError::Truncated { field: "value", needed: 50, .. })));
+
+        let null_header_key = record_bytes(&[&attrs, &zero, &zero, &null, &null, &|b| put_varint(b, 1), &null, &null]);
+        assert_eq!(decode(1, &null_header_key), Err(RecordError::NullHeaderKey));
+
+        let huge_header_count = record_bytes(&[&attrs, &zero, &zero, &null, &null, &|b| put_varint(b, i32::MAX)]);
+        assert!(matches!(decode(1, &huge_header_count), Err(RecordError::VarintTruncated { field: "header key" })));
+
+        let padded = record_bytes(&[&attrs, &zero, &zero, &null, &null, &zero, &|b| b.push(9)]);
+        assert_eq!(decode(1, &padded), Err(RecordError::RecordLengthMismatch { declared: 7, consumed: 6 }));
+
+        let overlong_varint = [0xffu8, 0xff, 0xff, 0xff, 0x7f];
+        assert_eq!(decode(1, &overlong_varint), Err(RecordError::VarintOverflow { field: "record length", bits: 32 }));
+        let endless_varint = [0x80u8; 12];
+        assert!(matches!(decode(1, &endless_varint), Err(RecordError::VarintOverflow { .. })));
+        assert_eq!(decode(1, &[0x80]), Err(RecordError::VarintTruncated { field: "record length" }));
+
+        // A huge declared record count must not be trusted for allocation.
+        assert_eq!(decode(i32::MAX, &good), Err(RecordError::TooFewRecords { declared: i32::MAX, found: 1 }));
+    }
+
+    #[test]
+    fn corrupt_batches_are_rejected_before_parsing() {
+        let mut bytes = build(Compression::None, &sample_records());
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(matches!(decode_records(&bytes, LIMIT), Err(RecordError::Batch(BatchError::BadCrc { .. }))));
+        assert!(matches!(decode_records(&bytes[..40], LIMIT), Err(RecordError::Batch(BatchError::BadLength { .. }))));
+    }
+
+    #[test]
+    fn varints_roundtrip_extremes() {
+        for value in [0, 1, -1, 63, -64, 64, i32::MAX, i32::MIN] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, value);
+            let mut cursor = Cursor { buf: &buf, pos: 0 };
+            assert_eq!(cursor.varint("v"), Ok(value));
+            assert_eq!(cursor.pos, buf.len());
+        }
+        for value in [0, -1, i64::from(i32::MAX) + 1, i64::MAX, i64::MIN] {
+            let mut buf = Vec::new();
+            put_varlong(&mut buf, value);
+            let mut cursor = Cursor { buf: &buf, pos: 0 };
+            assert_eq!(cursor.varlong("v"), Ok(value));
+            assert_eq!(cursor.pos, buf.len());
+        }
+    }
+
+    #[test]
+    fn log_append_time_overrides_record_timestamps() {
+        let mut bytes = build(Compression::None, &sample_records());
+        batch::set_log_append_time(&mut bytes, 55_555);
+        let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+        assert!(decoded.iter().all(|r| r.timestamp() == 55_555));
+        assert_eq!(decoded.get(1).map(|r| r.timestamp_delta), Some(5), "deltas are kept");
+    }
+
+    #[test]
+    fn rebuild_keeps_header_offsets_and_only_chosen_records() {
+        let records = sample_records();
+        for codec in CODECS {
+            let bytes = build(codec, &records);
+            let original = BatchHeader::parse(&bytes).expect("header");
+            let rebuilt =
+                rebuild_batch(&bytes, |r| r.offset() % 2 == 1, LIMIT).expect("rebuilds").expect("some records kept");
+            let header = batch::validate(&rebuilt, usize::MAX >> 1).expect("rebuilt batch is valid");
+            assert_eq!(header.records_count, 2);
+            assert_eq!(header.compression(), Ok(codec));
+            assert_eq!(
+                BatchHeader { records_count: original.records_count, batch_length: 0, crc: 0, ..header },
+                BatchHeader { batch_length: 0, crc: 0, ..original },
+                "{codec:?}: only count, length and CRC change"
+            );
+            let decoded = decode_records(&rebuilt, LIMIT).expect("decodes");
+            assert_matches(&decoded, &[(101, &records[1]), (103, &records[3])]);
+
+            assert_eq!(rebuild_batch(&bytes, |_| true, LIMIT), Ok(Some(bytes.clone())));
+            assert_eq!(rebuild_batch(&bytes, |_| false, LIMIT), Ok(None));
+        }
+    }
+
+    #[test]
+    fn rebuild_propagates_decode_errors() {
+        let bytes = batch_with_body(Compression::None, 2, &[0x80]);
+        assert_eq!(
+            rebuild_batch(&bytes, |_| true, LIMIT),
+            Err(RecordError::VarintTruncated { field: "record length" })
+        );
+    }
+
+    #[test]
+    fn control_markers_roundtrip() {
+        for (control, coordinator_epoch) in [(ControlType::Commit, 9), (ControlType::Abort, 0)] {
+            let mut builder = BatchBuilder::control_marker(77, 4, control, coordinator_epoch, 123_456);
+            builder.base_offset = 500;
+            let bytes = builder.build();
+            let header = batch::validate_produced(&bytes, usize::MAX >> 1).expect("valid marker");
+            assert!(header.is_control() && header.is_transactional());
+            assert_eq!((header.producer_id, header.producer_epoch, header.base_sequence), (77, 4, -1));
+            assert_eq!(header.compression(), Ok(Compression::None));
+            assert_eq!(control_type(&bytes), Ok(control));
+            let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+            let record = decoded.get(0).expect("one record");
+            assert_eq!(decoded.len(), 1);
+            assert_eq!((record.offset(), record.timestamp()), (500, 123_456));
+            let mut value = 0i16.to_be_bytes().to_vec();
+            value.extend_from_slice(&coordinator_epoch.to_be_bytes());
+            assert_eq!(record.value, Some(&value[..]));
+        }
+    }
+
+    #[test]
+    fn control_type_rejects_data_batches_and_bad_keys() {
+        let data = build(Compression::None, &sample_records());
+        assert!(matches!(control_type(&data), Err(RecordError::NotControl { .. })));
+
+        let with_key = |key: Option<&[u8]>| {
+            let mut builder = BatchBuilder::new().transactional(true).record(NewRecord::new(key, None, 0));
+            builder.control = true;
+            control_type(&builder.build())
+        };
+        assert_eq!(with_key(Some(&[0, 0, 0, 2])), Err(RecordError::UnknownControlType(2)));
+        assert_eq!(with_key(Some(&[0xff, 0xff, 0, 1])), Err(RecordError::BadControlVersion(-1)));
+        assert_eq!(with_key(Some(&[0, 0, 0])), Err(RecordError::BadControlKey("3 bytes".to_owned())));
+        assert_eq!(with_key(None), Err(RecordError::BadControlKey("null".to_owned())));
+        // Newer key versions keep the layout and may append fields.
+        assert_eq!(with_key(Some(&[0, 1, 0, 1, 9])), Ok(ControlType::Commit));
+    }
+
+    fn codec() -> impl Strategy<Value = Compression> {
+        proptest::sample::select(CODECS.to_vec())
+    }
+
+    fn new_record() -> impl Strategy<Value = NewRecord> {
+        let bytes = || proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40));
+        let headers = proptest::collection::vec(("[a-c]{0,2}", bytes()), 0..4);
+        (any::<i32>(), bytes(), bytes(), headers).prop_map(|(timestamp, key, value, headers)| NewRecord {
+            timestamp: i64::from(timestamp),
+            key,
+            value,
+            headers,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn random_bodies_never_panic(
+            codec in codec(),
+            records_count in 1i32..20,
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let bytes = batch_with_body(codec, records_count, &body);
+            if let Ok(decoded) = decode_records(&bytes, 64 * 1024) {
+                prop_assert_eq!(decoded.len(), records_count as usize);
+                let raw: Vec<u8> = decoded.iter().flat_map(|r| r.raw.to_vec()).collect();
+                prop_assert_eq!(&raw[..], decoded.body());
+                if codec == Compression::None {
+                    prop_assert_eq!(decoded.body(), &body[..]);
+                }
+            }
+        }
+
+        #[test]
+        fn built_batches_decode_to_their_records(
+            codec in codec(),
+            records in proptest::collection::vec(new_record(), 1..8),
+        ) {
+            let bytes = build(codec, &records);
+            let decoded = decode_records(&bytes, LIMIT).expect("decodes");
+            let expected: Vec<_> = records.iter().enumerate().map(|(i, r)| (100 + i as i64, r)).collect();
+            assert_matches(&decoded, &expected);
+        }
+
+        #[test]
+        fn rebuild_keeps_exactly_the_chosen_records(
+            codec in codec(),
+            records in proptest::collection::vec(new_record(), 1..8),
+            mask in any::<u8>(),
+        ) {
+            let bytes = build(codec, &records);
+            let keep = |offset: i64| mask & (1 << (offset - 100)) != 0;
+            let expected: Vec<_> = records.iter().enumerate().map(|(i, r)| (100 + i as i64, r)).filter(|(o, _)| keep(*o)).collect();
+            match rebuild_batch(&bytes, |r| keep(r.offset()), LIMIT).expect("rebuilds") {
+                None => prop_assert!(expected.is_empty()),
+                Some(rebuilt) => {
+                    batch::validate(&rebuilt, usize::MAX >> 1).expect("valid");
+                    assert_matches(&decode_records(&rebuilt, LIMIT).expect("decodes"), &expected);
+                }
+            }
+        }
+    }
+}
