@@ -1,0 +1,15 @@
+//! kappa's coordinators: consumer groups (membership and committed offsets) and
+//! transactions, with their state in internal compacted topics of the log.
+//!
+//! Invariant: this crate knows the log and the coordination state machines, not the wire
+//! protocol. The broker decodes requests, calls these, and encodes the answers.
+
+pub mod error;
+pub mod group;
+pub mod offsets;
+pub mod txn;
+
+pub use error::{GroupError, TxnError};
+pub use group::{GroupConfig, GroupCoordinator, JoinOutcome, JoinRequest, SyncRequest};
+pub use offsets::{CONSUMER_OFFSETS_TOPIC, CommittedOffset, OffsetStore};
+pub use txn::{TRANSACTION_STATE_TOPIC, TxnConfig, TxnCoordinator};

@@ -1,0 +1,326 @@
+//! Committed consumer-group offsets, kept in memory and stored in the internal compacted
+//! topic `__consumer_offsets` (one record per group, topic and partition; a tombstone
+//! deletes), so they survive restarts. Offsets committed inside a transaction are written
+//! as transactional records and only take effect when the commit marker is written.
+//!
+//! Record key:   kind u8 (1) | group_len u16 | group | topic_len u16 | topic | partition i32
+//! Record value: version u8 (1) | offset i64 | leader_epoch i32 | metadata_len u16 | metadata | commit_timestamp i64
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kappa_log::records::{self, BatchBuilder, NewRecord};
+use kappa_log::{Isolation, Log, LogError, Partition};
+
+use crate::error::GroupError;
+
+pub const CONSUMER_OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// Kafka: offset.metadata.max.bytes.
+pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
+const KEY_KIND_OFFSET: u8 = 1;
+const VALUE_VERSION: u8 = 1;
+/// Bytes read per step when replaying the topic at start.
+const REPLAY_READ_BYTES: usize = 4 * 1024 * 1024;
+
+/// One committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: String,
+    pub commit_timestamp: i64,
+}
+
+/// (topic, partition)
+pub type TopicPartition = (String, i32);
+
+type Pending = Vec<(String, TopicPartition, Option<CommittedOffset>)>;
+
+pub struct OffsetStore {
+    partition: Arc<Partition>,
+    committed: Mutex<HashMap<String, BTreeMap<TopicPartition, CommittedOffset>>>,
+    /// Offsets written inside open transactions, by producer id.
+    pending: Mutex<HashMap<i64, Pending>>,
+}
+
+impl OffsetStore {
+    /// Opens the store, creating the internal topic if needed and replaying it.
+    pub fn open(log: &Log) -> Result<Self, LogError> {
+        let topic = match log.topic(CONSUMER_OFFSETS_TOPIC) {
+            Ok(topic) => topic,
+            Err(LogError::UnknownTopic(_)) => {
+                let configs = [("cleanup.policy", "compact"), ("segment.bytes", "104857600")];
+                let configs = configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                log.create_topic(CONSUMER_OFFSETS_TOPIC, 1, &configs)?
+            }
+            Err(e) => return Err(e),
+        };
+        let store = Self {
+            partition: topic.partition(0)?,
+            committed: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+        };
+        store.replay()?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, BTreeMap<TopicPartition, CommittedOffset>>> {
+        self.committed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_pending(&self) -> MutexGuard<'_, HashMap<i64, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn replay(&self) -> Result<(), LogError> {
+        let mut offset = self.partition.log_start_offset();
+        let end = self.partition.high_watermark();
+        let mut count = 0usize;
+        while offset < end {
+            let read = self.partition.read(offset, REPLAY_READ_BYTES, Isolation::ReadUncommitted)?;
+            if read.records.is_empty() {
+                break;
+            }
+            let mut bytes = read.records.as_slice();
+            while !bytes.is_empty() {
+                let header = kappa_log::batch::BatchHeader::parse(bytes)?;
+                let (batch, rest) = bytes.split_at(header.total_bytes());
+                bytes = rest;
+                offset = header.next_offset();
+                if header.is_control() {
+                    let commit =
+                        records::control_type(batch).map(|t| t == records::ControlType::Commit).unwrap_or(false);
+                    self.complete_transaction(header.producer_id, commit);
+                    continue;
+                }
+                let decoded =
+                    records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+                for record in decoded.iter() {
+                    let Some((group, tp)) = record.key.and_then(decode_key) else { continue };
+                    let value = record.value.and_then(decode_value);
+                    count += 1;
+                    if header.is_transactional() {
+                        self.lock_pending().entry(header.producer_id).or_default().push((group, tp, value));
+                    } else {
+                        self.apply(group, tp, value);
+                    }
+                }
+            }
+        }
+        tracing::info!(records = count, groups = self.lock().len(), "restored committed offsets");
+        Ok(())
+    }
+
+    fn apply(&self, group: String, tp: TopicPartition, value: Option<CommittedOffset>) {
+        let mut committed = self.lock();
+        match value {
+            Some(value) => {
+                committed.entry(group).or_default().insert(tp, value);
+            }
+            None => {
+                if let Some(offsets) = committed.get_mut(&group) {
+                    offsets.remove(&tp);
+                    if offsets.is_empty() {
+                        committed.remove(&group);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores offsets durably, then makes them visible. All or nothing.
+    pub async fn commit(&self, group: &str, offsets: Vec<(TopicPartition, CommittedOffset)>) -> Result<(), GroupError> {
+        check_metadata(&offsets)?;
+        let entries: Vec<_> = offsets.into_iter().map(|(tp, v)| (tp, Some(v))).collect();
+        self.append(group, &entries, None).await?;
+        for (tp, value) in entries {
+            self.apply(group.to_owned(), tp, value);
+        }
+        Ok(())
+    }
+
+    /// Stores offsets as part of a producer's transaction (TxnOffsetCommit); they take
+    /// effect when [`Self::complete_transaction`] is called with `commit = true`.
+    pub async fn commit_transactional(
+        &self,
+        producer_id: i64,
+        producer_epoch: i16,
+        group: &str,
+        offsets: Vec<(TopicPartition, CommittedOffset)>,
+    ) -> Result<(), GroupError> {
+        check_metadata(&offsets)?;
+        let entries: Vec<_> = offsets.into_iter().map(|(tp, v)| (tp, Some(v))).collect();
+        self.append(group, &entries, Some((producer_id, producer_epoch))).await?;
+        self.lock_pending()
+            .entry(producer_id)
+            .or_default()
+            .extend(entries.into_iter().map(|(tp, v)| (group.to_owned(), tp, v)));
+        Ok(())
+    }
+
+    /// Applies (commit) or drops (abort) a producer's transactional offsets.
+    pub fn complete_transaction(&self, producer_id: i64, commit: bool) {
+        let pending = self.lock_pending().remove(&producer_id).unwrap_or_default();
+        if commit {
+            for (group, tp, value) in pending {
+                self.apply(group, tp, value);
+            }
+        }
+    }
+
+    /// The partition transaction markers for this store go to.
+    pub fn partition(&self) -> &Arc<Partition> {
+        &self.partition
+    }
+
+    /// Committed offsets of a group: the given partitions, or all of them.
+    pub fn fetch(
+        &self,
+        group: &str,
+        partitions: Option<&[TopicPartition]>,
+    ) -> Vec<(TopicPartition, Option<CommittedOffset>)> {
+        let committed = self.lock();
+        let offsets = committed.get(group);
+        match partitions {
+            Some(partitions) => {
+                partitions.iter().map(|tp| (tp.clone(), offsets.and_then(|o| o.get(tp)).cloned())).collect()
+            }
+            None => {
+                offsets.map(|o| o.iter().map(|(tp, v)| (tp.clone(), Some(v.clone()))).collect()).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Groups that have committed offsets.
+    pub fn groups(&self) -> Vec<String> {
+        let mut groups: Vec<String> = self.lock().keys().cloned().collect();
+        groups.sort();
+        groups
+    }
+
+    /// Deletes offsets (OffsetDelete), or all of a group's offsets with `None` (DeleteGroups).
+    pub async fn delete(&self, group: &str, partitions: Option<Vec<TopicPartition>>) -> Result<(), GroupError> {
+        let partitions = partitions.unwrap_or_else(|| self.fetch(group, None).into_iter().map(|(tp, _)| tp).collect());
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<_> = partitions.into_iter().map(|tp| (tp, None)).collect();
+        self.append(group, &entries, None).await?;
+        for (tp, value) in entries {
+            self.apply(group.to_owned(), tp, value);
+        }
+        Ok(())
+    }
+
+    async fn append(
+        &self,
+        group: &str,
+        entries: &[(TopicPartition, Option<CommittedOffset>)],
+        txn: Option<(i64, i16)>,
+    ) -> Result<(), GroupError> {
+        let mut builder = BatchBuilder::new();
+        if let Some((producer_id, epoch)) = txn {
+            builder = builder.producer(producer_id, epoch, -1).transactional(true);
+        }
+        let now = entries.iter().find_map(|(_, v)| v.as_ref().map(|v| v.commit_timestamp)).unwrap_or(0);
+        for (tp, value) in entries {
+            builder.push(NewRecord::new(
+                Some(&encode_key(group, tp)),
+                value.as_ref().map(encode_value).as_deref(),
+                now,
+            ));
+        }
+        let partition = self.partition.clone();
+        let bytes = builder.build();
+        tokio::task::spawn_blocking(move || partition.append(bytes))
+            .await
+            .map_err(|e| GroupError::Storage(e.to_string()))?
+            .map_err(|e| GroupError::Storage(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn check_metadata(offsets: &[(TopicPartition, CommittedOffset)]) -> Result<(), GroupError> {
+    match offsets.iter().find(|(_, v)| v.metadata.len() > OFFSET_METADATA_BYTES_MAX) {
+        Some((_, v)) => Err(GroupError::MetadataTooLarge { len: v.metadata.len(), max: OFFSET_METADATA_BYTES_MAX }),
+        None => Ok(()),
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn encode_key(group: &str, (topic, partition): &TopicPartition) -> Vec<u8> {
+    let mut out = vec![KEY_KIND_OFFSET];
+    put_str(&mut out, group);
+    put_str(&mut out, topic);
+    out.extend_from_slice(&partition.to_be_bytes());
+    out
+}
+
+fn encode_value(value: &CommittedOffset) -> Vec<u8> {
+    let mut out = vec![VALUE_VERSION];
+    out.extend_from_slice(&value.offset.to_be_bytes());
+    out.extend_from_slice(&value.leader_epoch.to_be_bytes());
+    put_str(&mut out, &value.metadata);
+    out.extend_from_slice(&value.commit_timestamp.to_be_bytes());
+    out
+}
+
+/// A bounds-checked reader for the key and value layouts.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+    fn string(&mut self) -> Option<String> {
+        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn i32(&mut self) -> Option<i32> {
+        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+fn decode_key(bytes: &[u8]) -> Option<(String, TopicPartition)> {
+    let mut c = Cursor(bytes);
+    (c.take(1)?[0] == KEY_KIND_OFFSET).then_some(())?;
+    Some((c.string()?, (c.string()?, c.i32()?)))
+}
+
+fn decode_value(bytes: &[u8]) -> Option<CommittedOffset> {
+    let mut c = Cursor(bytes);
+    (c.take(1)?[0] == VALUE_VERSION).then_some(())?;
+    Some(CommittedOffset {
+        offset: c.i64()?,
+        leader_epoch: c.i32()?,
+        metadata: c.string()?,
+        commit_timestamp: c.i64()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_round_trip_and_garbage_is_ignored() {
+        let tp = ("orders".to_owned(), 3);
+        assert_eq!(decode_key(&encode_key("g1", &tp)), Some(("g1".to_owned(), tp)));
+        let value = CommittedOffset { offset: 42, leader_epoch: -1, metadata: "m".into(), commit_timestamp: 7 };
+        assert_eq!(decode_value(&encode_value(&value)), Some(value.clone()));
+        let encoded = encode_value(&value);
+        for cut in 0..encoded.len() {
+            assert_eq!(decode_value(&encoded[..cut]), None);
+        }
+    }
+}

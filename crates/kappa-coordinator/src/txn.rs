@@ -1,0 +1,521 @@
+//! The transaction coordinator: producer ids, transactional ids with their epochs, and the
+//! two-phase end of a transaction (PrepareCommit/PrepareAbort is stored, the markers are
+//! written to every partition, then CompleteCommit/CompleteAbort is stored). State lives
+//! in the internal compacted topic `__transaction_state`, so a transaction caught between
+//! the phases by a crash is completed when the coordinator opens again.
+//!
+//! Fencing: InitProducerId bumps the epoch of a transactional id (aborting any open
+//! transaction with markers at the new epoch), so the log rejects the old producer's
+//! writes and this coordinator rejects its requests.
+//!
+//! Record key:   kind u8 (1 = transactional id, 2 = producer id block) | id_len u16 | id
+//! Record value (kind 1): version u8 (1) | producer_id i64 | epoch i16 | timeout_ms i32 |
+//!   status u8 | started_ms i64 | partition_count u32 | (topic_len u16, topic, partition i32)...
+//! Record value (kind 2): version u8 (1) | next_unallocated_producer_id i64
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use kappa_log::records::{self, BatchBuilder, ControlType, NewRecord};
+use kappa_log::{Isolation, Log, LogError, Partition};
+
+use crate::error::TxnError;
+use crate::offsets::{CONSUMER_OFFSETS_TOPIC, OffsetStore};
+
+pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
+/// Producer ids are reserved durably in blocks of this many.
+const PRODUCER_ID_BLOCK: i64 = 1000;
+const KEY_TXN: u8 = 1;
+const KEY_PID_BLOCK: u8 = 2;
+const PID_BLOCK_KEY: &str = "producer-ids";
+const REPLAY_READ_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct TxnConfig {
+    /// Kafka: transaction.max.timeout.ms.
+    pub max_timeout_ms: i32,
+    /// Partitions one transaction may touch.
+    pub partitions_max: usize,
+    /// Longest transactional id accepted.
+    pub id_bytes_max: usize,
+}
+
+impl Default for TxnConfig {
+    fn default() -> Self {
+        Self { max_timeout_ms: 900_000, partitions_max: 10_000, id_bytes_max: 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnStatus {
+    Empty,
+    Ongoing,
+    PrepareCommit,
+    PrepareAbort,
+    CompleteCommit,
+    CompleteAbort,
+}
+
+impl TxnStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Empty => "Empty",
+            Self::Ongoing => "Ongoing",
+            Self::PrepareCommit => "PrepareCommit",
+            Self::PrepareAbort => "PrepareAbort",
+            Self::CompleteCommit => "CompleteCommit",
+            Self::CompleteAbort => "CompleteAbort",
+        }
+    }
+    fn code(self) -> u8 {
+        self as u8
+    }
+    fn from_code(code: u8) -> Option<Self> {
+        [Self::Empty, Self::Ongoing, Self::PrepareCommit, Self::PrepareAbort, Self::CompleteCommit, Self::CompleteAbort]
+            .get(code as usize)
+            .copied()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TxnMetadata {
+    producer_id: i64,
+    epoch: i16,
+    timeout_ms: i32,
+    status: TxnStatus,
+    started_ms: i64,
+    partitions: BTreeSet<(String, i32)>,
+}
+
+pub struct TxnCoordinator {
+    log: Arc<Log>,
+    state: Arc<Partition>,
+    offsets: Arc<OffsetStore>,
+    config: TxnConfig,
+    /// One async lock per transactional id: its operations run one at a time.
+    txns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<TxnMetadata>>>>,
+    /// (next id to hand out, end of the durably reserved block).
+    producer_ids: tokio::sync::Mutex<(i64, i64)>,
+}
+
+impl TxnCoordinator {
+    /// Opens the coordinator: creates or replays `__transaction_state`, then completes any
+    /// transaction a crash left between its two phases.
+    pub async fn open(log: Arc<Log>, offsets: Arc<OffsetStore>, config: TxnConfig) -> Result<Arc<Self>, LogError> {
+        let topic = match log.topic(TRANSACTION_STATE_TOPIC) {
+            Ok(topic) => topic,
+            Err(LogError::UnknownTopic(_)) => {
+                let configs = [("cleanup.policy", "compact"), ("segment.bytes", "104857600")];
+                log.create_topic(
+                    TRANSACTION_STATE_TOPIC,
+                    1,
+                    &configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                )?
+            }
+            Err(e) => return Err(e),
+        };
+        let state = topic.partition(0)?;
+        let (txns, reserved) = replay(&state)?;
+        let coordinator = Arc::new(Self {
+            log,
+            state,
+            offsets,
+            config,
+            txns: Mutex::new(txns.into_iter().map(|(id, m)| (id, Arc::new(tokio::sync::Mutex::new(m)))).collect()),
+            producer_ids: tokio::sync::Mutex::new((reserved, reserved)),
+        });
+        for (id, entry) in coordinator.entries() {
+            let mut meta = entry.lock().await;
+            let commit = match meta.status {
+                TxnStatus::PrepareCommit => true,
+                TxnStatus::PrepareAbort => false,
+                _ => continue,
+            };
+            tracing::info!(transactional_id = %id, commit, "completing a transaction interrupted by a restart");
+            coordinator.complete(&id, &mut meta, commit).await.map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+        }
+        Ok(coordinator)
+    }
+
+    fn entries(&self) -> Vec<(String, Arc<tokio::sync::Mutex<TxnMetadata>>)> {
+        self.txns.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn entry(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<TxnMetadata>>> {
+        self.txns.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// InitProducerId. Without a transactional id: a fresh producer id (idempotence).
+    /// With one: the id's producer with a bumped epoch, after aborting its open transaction.
+    /// `expected` is the (producer id, epoch) a v3+ client already holds, or None.
+    pub async fn init_producer_id(
+        &self,
+        transactional_id: Option<&str>,
+        timeout_ms: i32,
+        expected: Option<(i64, i16)>,
+    ) -> Result<(i64, i16), TxnError> {
+        let Some(id) = transactional_id.filter(|id| !id.is_empty()) else {
+            return Ok((self.allocate_producer_id().await?, 0));
+        };
+        if id.len() > self.config.id_bytes_max {
+            return Err(TxnError::InvalidTransactionalId(format!("longer than {} bytes", self.config.id_bytes_max)));
+        }
+        if timeout_ms <= 0 || timeout_ms > self.config.max_timeout_ms {
+            return Err(TxnError::InvalidTransactionTimeout {
+                requested_ms: timeout_ms,
+                max_ms: self.config.max_timeout_ms,
+            });
+        }
+        let entry = match self.entry(id) {
+            Some(entry) => entry,
+            None => {
+                let producer_id = self.allocate_producer_id().await?;
+                let fresh = TxnMetadata {
+                    producer_id,
+                    epoch: -1,
+                    timeout_ms,
+                    status: TxnStatus::Empty,
+                    started_ms: 0,
+                    partitions: BTreeSet::new(),
+                };
+                self.txns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(id.to_owned())
+                    .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(fresh)))
+                    .clone()
+            }
+        };
+        let mut meta = entry.lock().await;
+        if let Some((pid, epoch)) = expected.filter(|(pid, _)| *pid >= 0) {
+            if pid != meta.producer_id || epoch > meta.epoch {
+                return Err(TxnError::InvalidProducerIdMapping);
+            }
+            if epoch < meta.epoch && meta.epoch >= 0 {
+                return Err(TxnError::ProducerFenced);
+            }
+        }
+        // Bump first: markers written below carry the new epoch, which fences the old producer.
+        if meta.epoch >= i16::MAX - 1 {
+            meta.producer_id = self.allocate_producer_id().await?;
+            meta.epoch = 0;
+        } else {
+            meta.epoch += 1;
+        }
+        meta.timeout_ms = timeout_ms;
+        match meta.status {
+            TxnStatus::Ongoing | TxnStatus::PrepareAbort => self.complete(id, &mut meta, false).await?,
+            TxnStatus::PrepareCommit => self.complete(id, &mut meta, true).await?,
+            _ => {
+                meta.status = TxnStatus::Empty;
+                self.persist(id, &meta).await?;
+            }
+        }
+        tracing::debug!(
+            transactional_id = id,
+            producer_id = meta.producer_id,
+            epoch = meta.epoch,
+            "initialised transactional producer"
+        );
+        Ok((meta.producer_id, meta.epoch))
+    }
+
+    async fn allocate_producer_id(&self) -> Result<i64, TxnError> {
+        let mut ids = self.producer_ids.lock().await;
+        if ids.0 >= ids.1 {
+            let reserved = ids.1 + PRODUCER_ID_BLOCK;
+            let record =
+                NewRecord::new(Some(&key(KEY_PID_BLOCK, PID_BLOCK_KEY)), Some(&encode_pid_block(reserved)), self.now());
+            self.append(&self.state, BatchBuilder::new().record(record).build()).await?;
+            ids.1 = reserved;
+        }
+        ids.0 += 1;
+        Ok(ids.0 - 1)
+    }
+
+    fn now(&self) -> i64 {
+        self.log.clock().now_ms()
+    }
+
+    /// Checks a request's producer id and epoch against the transactional id.
+    fn check(meta: &TxnMetadata, producer_id: i64, epoch: i16) -> Result<(), TxnError> {
+        if producer_id != meta.producer_id {
+            return Err(TxnError::InvalidProducerIdMapping);
+        }
+        if epoch < meta.epoch {
+            return Err(TxnError::ProducerFenced);
+        }
+        if epoch > meta.epoch {
+            return Err(TxnError::InvalidProducerIdMapping);
+        }
+        Ok(())
+    }
+
+    /// AddPartitionsToTxn (and AddOffsetsToTxn, which adds `__consumer_offsets`).
+    pub async fn add_partitions(
+        &self,
+        id: &str,
+        producer_id: i64,
+        epoch: i16,
+        partitions: &[(String, i32)],
+    ) -> Result<(), TxnError> {
+        let entry = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?;
+        let mut meta = entry.lock().await;
+        Self::check(&meta, producer_id, epoch)?;
+        match meta.status {
+            TxnStatus::PrepareCommit | TxnStatus::PrepareAbort => return Err(TxnError::ConcurrentTransactions),
+            TxnStatus::Ongoing => {}
+            _ => {
+                meta.status = TxnStatus::Ongoing;
+                meta.started_ms = self.now();
+                meta.partitions.clear();
+            }
+        }
+        let before = meta.partitions.len();
+        meta.partitions.extend(partitions.iter().cloned());
+        if meta.partitions.len() > self.config.partitions_max {
+            return Err(TxnError::TooManyPartitions { count: meta.partitions.len(), max: self.config.partitions_max });
+        }
+        if meta.partitions.len() != before || before == 0 {
+            self.persist(id, &meta).await?;
+        }
+        Ok(())
+    }
+
+    /// AddOffsetsToTxn: the group's offsets will be committed with the transaction.
+    pub async fn add_offsets(&self, id: &str, producer_id: i64, epoch: i16) -> Result<(), TxnError> {
+        self.add_partitions(id, producer_id, epoch, &[(CONSUMER_OFFSETS_TOPIC.to_owned(), 0)]).await
+    }
+
+    /// TxnOffsetCommit: checks the producer belongs to an open transaction that includes
+    /// the offsets partition.
+    pub async fn check_offset_commit(&self, id: &str, producer_id: i64, epoch: i16) -> Result<(), TxnError> {
+        let entry = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?;
+        let meta = entry.lock().await;
+        Self::check(&meta, producer_id, epoch)?;
+        if meta.status != TxnStatus::Ongoing || !meta.partitions.contains(&(CONSUMER_OFFSETS_TOPIC.to_owned(), 0)) {
+            return Err(TxnError::InvalidTxnState(meta.status.name()));
+        }
+        Ok(())
+    }
+
+    /// EndTxn: commits or aborts. A retry of an EndTxn that already completed succeeds.
+    pub async fn end(&self, id: &str, producer_id: i64, epoch: i16, commit: bool) -> Result<(), TxnError> {
+        let entry = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?;
+        let mut meta = entry.lock().await;
+        Self::check(&meta, producer_id, epoch)?;
+        match (meta.status, commit) {
+            (TxnStatus::Ongoing, _) => self.complete(id, &mut meta, commit).await,
+            (TxnStatus::CompleteCommit, true) | (TxnStatus::CompleteAbort, false) | (TxnStatus::Empty, _) => Ok(()),
+            (TxnStatus::PrepareCommit, _) | (TxnStatus::PrepareAbort, _) => Err(TxnError::ConcurrentTransactions),
+            (status, _) => Err(TxnError::InvalidTxnState(status.name())),
+        }
+    }
+
+    /// Phase 2: store Prepare*, write a marker to every partition, store Complete*.
+    async fn complete(&self, id: &str, meta: &mut TxnMetadata, commit: bool) -> Result<(), TxnError> {
+        meta.status = if commit { TxnStatus::PrepareCommit } else { TxnStatus::PrepareAbort };
+        self.persist(id, meta).await?;
+        let control = if commit { ControlType::Commit } else { ControlType::Abort };
+        let mut writes = Vec::new();
+        for (topic, index) in &meta.partitions {
+            let Ok(partition) = self.log.partition(topic, *index) else {
+                tracing::warn!(
+                    transactional_id = id,
+                    topic,
+                    partition = index,
+                    "skipping the marker for a partition that no longer exists"
+                );
+                continue;
+            };
+            let marker = BatchBuilder::control_marker(meta.producer_id, meta.epoch, control, 0, self.now()).build();
+            writes.push(tokio::task::spawn_blocking(move || partition.append(marker)));
+        }
+        for write in writes {
+            write.await.map_err(|e| TxnError::Storage(e.to_string()))?.map_err(|e| TxnError::Storage(e.to_string()))?;
+        }
+        if meta.partitions.contains(&(CONSUMER_OFFSETS_TOPIC.to_owned(), 0)) {
+            self.offsets.complete_transaction(meta.producer_id, commit);
+        }
+        meta.status = if commit { TxnStatus::CompleteCommit } else { TxnStatus::CompleteAbort };
+        meta.partitions.clear();
+        self.persist(id, meta).await?;
+        tracing::debug!(transactional_id = id, commit, "transaction completed");
+        Ok(())
+    }
+
+    /// Aborts open transactions older than their timeout, bumping the epoch so the
+    /// abandoned producer is fenced. Returns how many were aborted.
+    pub async fn abort_expired(&self) -> usize {
+        let now = self.now();
+        let mut aborted = 0;
+        for (id, entry) in self.entries() {
+            let mut meta = entry.lock().await;
+            if meta.status != TxnStatus::Ongoing || now - meta.started_ms < i64::from(meta.timeout_ms) {
+                continue;
+            }
+            tracing::info!(transactional_id = %id, producer_id = meta.producer_id, "aborting a transaction that exceeded transaction.timeout.ms");
+            meta.epoch = meta.epoch.saturating_add(1);
+            match self.complete(&id, &mut meta, false).await {
+                Ok(()) => aborted += 1,
+                Err(e) => tracing::error!(transactional_id = %id, error = %e, "could not abort an expired transaction"),
+            }
+        }
+        aborted
+    }
+
+    /// (transactional id, producer id, epoch, status name) of every known transactional id.
+    pub async fn describe(&self) -> Vec<(String, i64, i16, &'static str)> {
+        let mut out = Vec::new();
+        for (id, entry) in self.entries() {
+            let meta = entry.lock().await;
+            out.push((id, meta.producer_id, meta.epoch, meta.status.name()));
+        }
+        out.sort();
+        out
+    }
+
+    async fn persist(&self, id: &str, meta: &TxnMetadata) -> Result<(), TxnError> {
+        let record = NewRecord::new(Some(&key(KEY_TXN, id)), Some(&encode_txn(meta)), self.now());
+        self.append(&self.state, BatchBuilder::new().record(record).build()).await
+    }
+
+    async fn append(&self, partition: &Arc<Partition>, bytes: Vec<u8>) -> Result<(), TxnError> {
+        let partition = partition.clone();
+        tokio::task::spawn_blocking(move || partition.append(bytes))
+            .await
+            .map_err(|e| TxnError::Storage(e.to_string()))?
+            .map_err(|e| TxnError::Storage(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn key(kind: u8, id: &str) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out
+}
+
+fn encode_pid_block(reserved: i64) -> Vec<u8> {
+    let mut out = vec![1];
+    out.extend_from_slice(&reserved.to_be_bytes());
+    out
+}
+
+fn encode_txn(meta: &TxnMetadata) -> Vec<u8> {
+    let mut out = vec![1];
+    out.extend_from_slice(&meta.producer_id.to_be_bytes());
+    out.extend_from_slice(&meta.epoch.to_be_bytes());
+    out.extend_from_slice(&meta.timeout_ms.to_be_bytes());
+    out.push(meta.status.code());
+    out.extend_from_slice(&meta.started_ms.to_be_bytes());
+    out.extend_from_slice(&(meta.partitions.len() as u32).to_be_bytes());
+    for (topic, partition) in &meta.partitions {
+        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(&partition.to_be_bytes());
+    }
+    out
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+    fn string(&mut self) -> Option<String> {
+        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn i32(&mut self) -> Option<i32> {
+        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn i16(&mut self) -> Option<i16> {
+        Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+}
+
+fn decode_txn(bytes: &[u8]) -> Option<TxnMetadata> {
+    let mut c = Cursor(bytes);
+    (c.take(1)?[0] == 1).then_some(())?;
+    let (producer_id, epoch, timeout_ms) = (c.i64()?, c.i16()?, c.i32()?);
+    let status = TxnStatus::from_code(c.take(1)?[0])?;
+    let started_ms = c.i64()?;
+    let count = c.i32()? as u32 as usize;
+    let mut partitions = BTreeSet::new();
+    for _ in 0..count.min(bytes.len()) {
+        partitions.insert((c.string()?, c.i32()?));
+    }
+    Some(TxnMetadata { producer_id, epoch, timeout_ms, status, started_ms, partitions })
+}
+
+/// Rebuilds the transactional ids and the reserved producer-id block from the topic.
+fn replay(state: &Partition) -> Result<(HashMap<String, TxnMetadata>, i64), LogError> {
+    let mut txns = HashMap::new();
+    let mut reserved = 0i64;
+    let mut offset = state.log_start_offset();
+    while offset < state.high_watermark() {
+        let read = state.read(offset, REPLAY_READ_BYTES, Isolation::ReadUncommitted)?;
+        if read.records.is_empty() {
+            break;
+        }
+        let mut bytes = read.records.as_slice();
+        while !bytes.is_empty() {
+            let header = kappa_log::batch::BatchHeader::parse(bytes)?;
+            let (batch, rest) = bytes.split_at(header.total_bytes());
+            bytes = rest;
+            offset = header.next_offset();
+            let decoded =
+                records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+            for record in decoded.iter() {
+                let Some(key) = record.key else { continue };
+                let mut c = Cursor(key);
+                let (Some(kind), Some(id)) = (c.take(1).map(|k| k[0]), c.string()) else { continue };
+                match (kind, record.value) {
+                    (KEY_PID_BLOCK, Some(value)) => {
+                        reserved = reserved.max(Cursor(&value[1.min(value.len())..]).i64().unwrap_or(0))
+                    }
+                    (KEY_TXN, Some(value)) => {
+                        if let Some(meta) = decode_txn(value) {
+                            txns.insert(id, meta);
+                        }
+                    }
+                    (KEY_TXN, None) => {
+                        txns.remove(&id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((txns, reserved))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_metadata_round_trips() {
+        let meta = TxnMetadata {
+            producer_id: 9,
+            epoch: 3,
+            timeout_ms: 60_000,
+            status: TxnStatus::PrepareCommit,
+            started_ms: 12,
+            partitions: [("a".to_owned(), 0), ("b".to_owned(), 2)].into_iter().collect(),
+        };
+        assert_eq!(decode_txn(&encode_txn(&meta)), Some(meta.clone()));
+        let bytes = encode_txn(&meta);
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_txn(&bytes[..cut]), None, "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Group membership, committed offsets and transactions against a real log on disk.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kappa_coordinator::{
+    CommittedOffset, GroupConfig, GroupCoordinator, GroupError, JoinRequest, OffsetStore, SyncRequest, TxnConfig,
+    TxnCoordinator, TxnError,
+};
+use kappa_log::clock::ManualClock;
+use kappa_log::records::{BatchBuilder, NewRecord};
+use kappa_log::{Isolation, Log, LogOptions};
+
+fn join_request(group: &str, member: &str) -> JoinRequest {
+    JoinRequest {
+        group_id: group.to_owned(),
+        member_id: member.to_owned(),
+        group_instance_id: None,
+        client_id: "test".to_owned(),
+        client_host: "/127.0.0.1".to_owned(),
+        session_timeout_ms: 10_000,
+        rebalance_timeout_ms: 10_000,
+        protocol_type: "consumer".to_owned(),
+        protocols: vec![("range".to_owned(), b"meta".to_vec()), ("roundrobin".to_owned(), b"rr".to_vec())],
+        require_known_member_id: false,
+    }
+}
+
+fn coordinator() -> GroupCoordinator {
+    GroupCoordinator::new(GroupConfig { initial_rebalance_delay_ms: 0, ..GroupConfig::default() })
+}
+
+/// Members starting together land in one first generation thanks to the initial delay.
+fn coordinator_with_initial_delay() -> GroupCoordinator {
+    GroupCoordinator::new(GroupConfig { initial_rebalance_delay_ms: 100, ..GroupConfig::default() })
+}
+
+#[tokio::test]
+async fn two_members_join_sync_and_a_third_triggers_a_rebalance() {
+    let groups = coordinator_with_initial_delay();
+    let (a, b) = tokio::join!(groups.join(join_request("g", "")), async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        groups.join(join_request("g", "")).await
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.generation_id, b.generation_id), (1, 1), "generations start at 1");
+    assert_eq!(a.protocol_name, "range");
+    let (leader, follower) = if a.leader == a.member_id { (a, b) } else { (b, a) };
+    assert_eq!(leader.members.len(), 2, "the leader gets the roster");
+    assert!(follower.members.is_empty());
+
+    let sync = |member: &str, assignments: Vec<(String, Vec<u8>)>, generation| SyncRequest {
+        group_id: "g".to_owned(),
+        generation_id: generation,
+        member_id: member.to_owned(),
+        group_instance_id: None,
+        assignments,
+    };
+    let generation = leader.generation_id;
+    let assignments = vec![(leader.member_id.clone(), b"L".to_vec()), (follower.member_id.clone(), b"F".to_vec())];
+    let (l, f) = tokio::join!(groups.sync(sync(&leader.member_id, assignments, generation)), async {
+        groups.sync(sync(&follower.member_id, vec![], generation)).await
+    });
+    assert_eq!((l.unwrap(), f.unwrap()), (b"L".to_vec(), b"F".to_vec()));
+    groups.heartbeat("g", generation, &follower.member_id, None).unwrap();
+    assert_eq!(groups.heartbeat("g", generation - 1, &follower.member_id, None), Err(GroupError::IllegalGeneration));
+
+    // A third member: the others learn of the rebalance through their heartbeat.
+    let third = tokio::spawn({
+        let groups = groups.clone();
+        async move { groups.join(join_request("g", "")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(groups.heartbeat("g", generation, &leader.member_id, None), Err(GroupError::RebalanceInProgress));
+    let (l2, f2) = tokio::join!(
+        groups.join(join_request("g", &leader.member_id)),
+        groups.join(join_request("g", &follower.member_id))
+    );
+    let third = third.await.unwrap().unwrap();
+    assert_eq!(l2.unwrap().generation_id, generation + 1);
+    assert_eq!(f2.unwrap().generation_id, generation + 1);
+    assert_eq!(third.generation_id, generation + 1);
+
+    groups.leave("g", &third.member_id, None).unwrap();
+    assert_eq!(groups.group_state("g").unwrap().0.name(), "PreparingRebalance");
+}
+
+#[tokio::test]
+async fn member_id_required_static_membership_and_session_expiry() {
+    let groups = coordinator();
+    let mut first = join_request("g", "");
+    first.require_known_member_id = true;
+    let Err(GroupError::MemberIdRequired(id)) = groups.join(first.clone()).await else {
+        panic!("v4 first join must ask for a member id")
+    };
+    assert_eq!(groups.join(join_request("g", "made-up")).await, Err(GroupError::UnknownMemberId));
+    let joined = groups.join(join_request("g", &id)).await.unwrap();
+    assert_eq!(joined.member_id, id);
+
+    let mut stat = join_request("s", "");
+    stat.group_instance_id = Some("instance-1".to_owned());
+    stat.session_timeout_ms = 1_000;
+    let one = groups.join(stat.clone()).await.unwrap();
+    let two = groups.join(stat.clone()).await.unwrap();
+    assert_ne!(one.member_id, two.member_id, "a static member rejoining gets a new member id");
+    assert_eq!(
+        groups.heartbeat("s", two.generation_id, &one.member_id, Some("instance-1")),
+        Err(GroupError::FencedInstanceId)
+    );
+
+    // Without heartbeats the session expires and the group empties.
+    let generation = two.generation_id;
+    let sync = SyncRequest {
+        group_id: "s".into(),
+        generation_id: generation,
+        member_id: two.member_id.clone(),
+        group_instance_id: Some("instance-1".into()),
+        assignments: vec![(two.member_id.clone(), b"a".to_vec())],
+    };
+    groups.sync(sync).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    groups.expire_sessions();
+    assert_eq!(groups.group_state("s").unwrap().0.name(), "Empty");
+    assert!(groups.delete("s").is_ok());
+    assert_eq!(groups.delete("g"), Err(GroupError::NonEmptyGroup));
+}
+
+fn open_log(dir: &std::path::Path, clock: &ManualClock) -> Arc<Log> {
+    let options = LogOptions { clock: Arc::new(clock.clone()), ..LogOptions::default() };
+    Arc::new(Log::open(dir, options).unwrap().0)
+}
+
+fn offset(value: i64) -> CommittedOffset {
+    CommittedOffset { offset: value, leader_epoch: -1, metadata: String::new(), commit_timestamp: 1 }
+}
+
+#[tokio::test]
+async fn committed_offsets_survive_a_restart_and_deletes_stick() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    {
+        let log = open_log(dir.path(), &clock);
+        let store = OffsetStore::open(&log).unwrap();
+        store.commit("g1", vec![(("t".into(), 0), offset(5)), (("t".into(), 1), offset(7))]).await.unwrap();
+        store.commit("g1", vec![(("t".into(), 0), offset(9))]).await.unwrap();
+        store.commit("g2", vec![(("t".into(), 0), offset(1))]).await.unwrap();
+        store.delete("g2", None).await.unwrap();
+        let too_big = CommittedOffset { metadata: "x".repeat(5000), ..offset(1) };
+        assert!(matches!(
+            store.commit("g1", vec![(("t".into(), 0), too_big)]).await,
+            Err(GroupError::MetadataTooLarge { .. })
+        ));
+    }
+    let log = open_log(dir.path(), &clock);
+    let store = OffsetStore::open(&log).unwrap();
+    let fetched = store.fetch("g1", None);
+    assert_eq!(fetched, vec![(("t".into(), 0), Some(offset(9))), (("t".into(), 1), Some(offset(7)))]);
+    assert!(store.fetch("g2", None).is_empty());
+    assert_eq!(store.fetch("g1", Some(&[("other".into(), 0)])), vec![(("other".into(), 0), None)]);
+}
+
+#[tokio::test]
+async fn transactions_write_markers_fence_zombies_and_commit_offsets_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let log = open_log(dir.path(), &clock);
+    log.create_topic("out", 2, &Default::default()).unwrap();
+    let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+    let txns = TxnCoordinator::open(log.clone(), offsets.clone(), TxnConfig::default()).await.unwrap();
+
+    let (pid, epoch) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    assert_eq!(epoch, 0);
+    txns.add_partitions("tx", pid, epoch, &[("out".into(), 0), ("out".into(), 1)]).await.unwrap();
+    let p0 = log.partition("out", 0).unwrap();
+    let data = BatchBuilder::new()
+        .producer(pid, epoch, 0)
+        .transactional(true)
+        .record(NewRecord::new(Some(b"k"), Some(b"v"), 1))
+        .build();
+    p0.append(data).unwrap();
+    txns.add_offsets("tx", pid, epoch).await.unwrap();
+    txns.check_offset_commit("tx", pid, epoch).await.unwrap();
+    offsets.commit_transactional(pid, epoch, "g", vec![(("in".into(), 0), offset(42))]).await.unwrap();
+    assert_eq!(offsets.fetch("g", None), vec![], "not visible before the commit");
+    assert_eq!(p0.last_stable_offset(), 0, "the open transaction holds the LSO");
+
+    txns.end("tx", pid, epoch, true).await.unwrap();
+    assert_eq!(p0.last_stable_offset(), 2, "data + commit marker are stable");
+    assert_eq!(offsets.fetch("g", None), vec![(("in".into(), 0), Some(offset(42)))]);
+    txns.end("tx", pid, epoch, true).await.unwrap();
+    assert!(matches!(txns.end("tx", pid, epoch, false).await, Err(TxnError::InvalidTxnState(_))));
+
+    // A second transaction left open, then a new instance fences the zombie and aborts it.
+    txns.add_partitions("tx", pid, epoch, &[("out".into(), 1)]).await.unwrap();
+    let p1 = log.partition("out", 1).unwrap();
+    p1.append(
+        BatchBuilder::new()
+            .producer(pid, epoch, 0)
+            .transactional(true)
+            .record(NewRecord::new(Some(b"k"), Some(b"z"), 1))
+            .build(),
+    )
+    .unwrap();
+    let (pid2, epoch2) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    assert_eq!((pid2, epoch2), (pid, epoch + 1));
+    assert_eq!(txns.add_partitions("tx", pid, epoch, &[("out".into(), 1)]).await, Err(TxnError::ProducerFenced));
+    let read = p1.read(0, 1 << 20, Isolation::ReadCommitted).unwrap();
+    assert_eq!(read.aborted.len(), 1, "the zombie's transaction was aborted");
+    assert!(
+        p1.append(
+            BatchBuilder::new()
+                .producer(pid, epoch, 1)
+                .transactional(true)
+                .record(NewRecord::new(None, Some(b"late"), 1))
+                .build()
+        )
+        .is_err(),
+        "the log fences the old epoch too"
+    );
+
+    // Transaction timeout: an abandoned transaction is aborted by the coordinator.
+    txns.add_partitions("tx", pid2, epoch2, &[("out".into(), 0)]).await.unwrap();
+    clock.advance(61_000);
+    assert_eq!(txns.abort_expired().await, 1);
+    assert_eq!(txns.add_partitions("tx", pid2, epoch2, &[("out".into(), 0)]).await, Err(TxnError::ProducerFenced));
+}
+
+#[tokio::test]
+async fn producer_ids_stay_unique_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let log = open_log(dir.path(), &clock);
+        let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+        let txns = TxnCoordinator::open(log.clone(), offsets, TxnConfig::default()).await.unwrap();
+        for _ in 0..5 {
+            let (pid, epoch) = txns.init_producer_id(None, 60_000, None).await.unwrap();
+            assert_eq!(epoch, 0);
+            assert!(seen.insert(pid), "producer id {pid} handed out twice");
+        }
+    }
+}
