@@ -325,3 +325,239 @@ pub fn encode_message(
     out.put_i32(msg.len() as i32);
     out.put_slice(&msg);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kappa_log::batch;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    const MAX: usize = 1 << 20;
+
+    fn records_of(batch_bytes: &[u8]) -> Vec<records_v2::V2Record> {
+        let header = batch::validate(batch_bytes, MAX).unwrap();
+        records_v2::batch_records(&header, batch_bytes, MAX).unwrap()
+    }
+
+    fn magic1_set() -> BytesMut {
+        let mut set = BytesMut::new();
+        encode_message(&mut set, 0, 1, 0, 1000, Some(b"k1"), Some(b"v1"));
+        encode_message(&mut set, 1, 1, 0, 1005, None, Some(b"v2"));
+        encode_message(&mut set, 2, 1, 0, 999, Some(b"k3"), None);
+        set
+    }
+
+    #[test]
+    fn up_converts_magic1_keeping_keys_values_timestamps() {
+        let batch = up_convert(&magic1_set().freeze(), MAX).unwrap();
+        let got: Vec<_> = records_of(&batch)
+            .into_iter()
+            .map(|r| (r.offset, r.timestamp, r.key, r.value))
+            .collect();
+        let b = |s: &'static [u8]| Some(Bytes::from_static(s));
+        assert_eq!(
+            got,
+            vec![
+                (0, 1000, b(b"k1"), b(b"v1")),
+                (1, 1005, None, b(b"v2")),
+                (2, 999, b(b"k3"), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn up_converts_magic0_without_timestamps() {
+        let mut set = BytesMut::new();
+        encode_message(&mut set, 0, 0, 0, 0, Some(b"k"), Some(b"v"));
+        let batch = up_convert(&set.freeze(), MAX).unwrap();
+        let r = &records_of(&batch)[0];
+        assert_eq!(
+            (r.timestamp, r.key.as_deref(), r.value.as_deref()),
+            (NO_TIMESTAMP, Some(&b"k"[..]), Some(&b"v"[..]))
+        );
+    }
+
+    fn wrapper(codec: u8, compressed: &[u8], last_offset: i64, log_append: Option<i64>) -> Bytes {
+        let mut set = BytesMut::new();
+        let attributes = codec
+            | if log_append.is_some() {
+                ATTR_LOG_APPEND_TIME
+            } else {
+                0
+            };
+        encode_message(
+            &mut set,
+            last_offset,
+            1,
+            attributes,
+            log_append.unwrap_or(0),
+            None,
+            Some(compressed),
+        );
+        set.freeze()
+    }
+
+    #[test]
+    fn gzip_wrapper_expands_with_absolute_offsets() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&magic1_set()).unwrap();
+        let gz = enc.finish().unwrap();
+        let msgs = decode(&wrapper(1, &gz, 52, None), MAX, false).unwrap();
+        let offsets: Vec<i64> = msgs.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [50, 51, 52]);
+        assert_eq!(msgs[1].timestamp, 1005);
+        // LogAppendTime on the wrapper overrides the inner timestamps.
+        let msgs = decode(&wrapper(1, &gz, 2, Some(7777)), MAX, false).unwrap();
+        assert!(
+            msgs.iter()
+                .all(|m| m.timestamp == 7777 && m.log_append_time)
+        );
+        assert_eq!(
+            records_of(&up_convert(&wrapper(1, &gz, 2, None), MAX).unwrap()).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn snappy_xerial_wrapper_expands() {
+        let inner = magic1_set();
+        let block = snap::raw::Encoder::new().compress_vec(&inner).unwrap();
+        let mut xerial = b"\x82SNAPPY\0".to_vec();
+        xerial.extend_from_slice(&1i32.to_be_bytes());
+        xerial.extend_from_slice(&1i32.to_be_bytes());
+        xerial.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        xerial.extend_from_slice(&block);
+        let msgs = decode(&wrapper(2, &xerial, 2, None), MAX, false).unwrap();
+        assert_eq!(msgs.len(), 3);
+        assert_eq!(msgs[0].key.as_deref(), Some(&b"k1"[..]));
+        // Raw snappy (librdkafka) too.
+        assert_eq!(
+            decode(&wrapper(2, &block, 2, None), MAX, false)
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn rejects_bad_crc_magic_nesting_and_truncation() {
+        let mut set = magic1_set();
+        let last = set.len() - 1;
+        set[last] ^= 1;
+        assert!(matches!(
+            decode(&set.freeze(), MAX, false),
+            Err(MessageSetError::BadCrc { .. })
+        ));
+
+        let mut bad_magic = BytesMut::new();
+        encode_message(&mut bad_magic, 0, 2, 0, 0, None, Some(b"x"));
+        assert!(matches!(
+            decode(&bad_magic.freeze(), MAX, false),
+            Err(MessageSetError::BadMagic(2))
+        ));
+
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&wrapper(0, b"", 0, None)).unwrap(); // harmless inner
+        let inner_wrapper = wrapper(1, &enc.finish().unwrap(), 0, None);
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&inner_wrapper).unwrap();
+        let nested = wrapper(1, &enc.finish().unwrap(), 0, None);
+        assert_eq!(
+            decode(&nested, MAX, false),
+            Err(MessageSetError::NestedCompression)
+        );
+
+        let full = magic1_set().freeze();
+        let cut = full.slice(..full.len() - 3);
+        assert_eq!(decode(&cut, MAX, false), Err(MessageSetError::Truncated));
+        assert_eq!(decode(&cut, MAX, true).unwrap().len(), 2);
+        assert_eq!(up_convert(&Bytes::new(), MAX), Err(MessageSetError::Empty));
+    }
+
+    fn v2_batch(base_offset: i64, records: &[(Option<&[u8]>, Option<&[u8]>, i64)]) -> Vec<u8> {
+        let mut builder = BatchBuilder::new();
+        builder.base_offset = base_offset;
+        for (k, v, ts) in records {
+            builder.push(NewRecord::new(*k, *v, *ts));
+        }
+        builder.build()
+    }
+
+    #[test]
+    fn down_converts_to_magic0_and_magic1() {
+        let mut batches = v2_batch(100, &[(Some(b"a"), Some(b"1"), 10), (None, Some(b"2"), 20)]);
+        batches.extend(v2_batch(102, &[(Some(b"c"), None, 30)]));
+        for magic in [0i8, 1] {
+            let set = down_convert(&batches, magic, MAX).unwrap();
+            let msgs = decode(&set, MAX, false).unwrap();
+            let got: Vec<_> = msgs
+                .iter()
+                .map(|m| {
+                    (
+                        m.offset,
+                        m.magic,
+                        m.timestamp,
+                        m.key.clone(),
+                        m.value.clone(),
+                    )
+                })
+                .collect();
+            let ts = |t: i64| if magic == 1 { t } else { NO_TIMESTAMP };
+            let b = |s: &'static [u8]| Some(Bytes::from_static(s));
+            assert_eq!(
+                got,
+                vec![
+                    (100, magic, ts(10), b(b"a"), b(b"1")),
+                    (101, magic, ts(20), None, b(b"2")),
+                    (102, magic, ts(30), b(b"c"), None),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn down_convert_drops_partial_tail_and_control_batches() {
+        let mut batches = v2_batch(0, &[(Some(b"a"), Some(b"1"), 1)]);
+        let mut control = BatchBuilder::new().record(NewRecord::new(
+            Some(&[0, 0, 0, 0]),
+            Some(&[0, 0, 0, 0, 0, 0]),
+            2,
+        ));
+        control.base_offset = 1;
+        control.control = true;
+        batches.extend(control.build());
+        let tail = v2_batch(2, &[(Some(b"b"), Some(b"2"), 3)]);
+        batches.extend_from_slice(&tail[..tail.len() - 5]);
+        let msgs = decode(&down_convert(&batches, 1, MAX).unwrap(), MAX, false).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].key.as_deref(), Some(&b"a"[..]));
+    }
+
+    proptest! {
+        #[test]
+        fn v2_to_magic1_to_v2_roundtrip(
+            base in 0i64..1_000_000,
+            recs in proptest::collection::vec(
+                (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)),
+                 0i64..2_000_000_000_000),
+                1..20),
+        ) {
+            let refs: Vec<(Option<&[u8]>, Option<&[u8]>, i64)> =
+                recs.iter().map(|(k, v, t)| (k.as_deref(), v.as_deref(), *t)).collect();
+            let original = v2_batch(base, &refs);
+            let set = down_convert(&original, 1, MAX).unwrap();
+            let back = up_convert(&set, MAX).unwrap();
+            let a: Vec<_> = records_of(&original).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
+            let b: Vec<_> = records_of(&back).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&Bytes::from(data.clone()), MAX, true);
+            let _ = down_convert(&data, 1, MAX);
+        }
+    }
+}
