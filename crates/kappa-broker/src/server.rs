@@ -49,6 +49,9 @@ pub struct Limits {
     /// A connection with no complete request for this long is closed
     /// (Kafka: connections.max.idle.ms).
     pub idle_timeout: Duration,
+    /// How long shutdown waits for connections to finish their in-flight requests; a peer
+    /// that stopped reading could otherwise hold shutdown forever.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -58,6 +61,7 @@ impl Default for Limits {
             connections_max: 1024,
             in_flight_per_connection: 16,
             idle_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -106,7 +110,12 @@ pub async fn run(
     info!("kafka listener stopped accepting; draining connections");
     let _ = stop_tx.send(true);
     drop(done_tx);
-    let _ = done_rx.recv().await;
+    if tokio::time::timeout(limits.shutdown_grace, done_rx.recv())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace period");
+    }
 }
 
 struct Connection {
