@@ -1,0 +1,39 @@
+//! Errors of the protocol layer. Every variant says what was wrong with which request.
+
+use thiserror::Error;
+
+/// Why a frame or request could not be read, decoded or answered.
+///
+/// All of these close the offending connection (Kafka has no way to answer a request it
+/// cannot parse), except where the server says otherwise (ApiVersions answers error 35).
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("request frame of {size} bytes exceeds request_bytes_max ({max} bytes)")]
+    FrameTooLarge { size: i64, max: usize },
+    #[error("request frame size {0} is too small to hold a request header")]
+    FrameTooSmall(i32),
+    #[error("connection closed in the middle of a frame")]
+    TruncatedFrame,
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unknown api key {0}")]
+    UnknownApiKey(i16),
+    #[error("api key {api_key} version {version} is not supported by this broker")]
+    UnsupportedVersion { api_key: i16, version: i16 },
+    #[error("malformed request header: {0}")]
+    Header(String),
+    #[error("malformed request body (api key {api_key} version {version}): {reason}")]
+    Body {
+        api_key: i16,
+        version: i16,
+        reason: String,
+    },
+    #[error("cannot encode response (api key {api_key} version {version}): {reason}")]
+    Encode {
+        api_key: i16,
+        version: i16,
+        reason: String,
+    },
+    #[error("handler answered api key {request} with a response for api key {response}")]
+    ResponseMismatch { request: i16, response: i16 },
+}

@@ -1,0 +1,159 @@
+//! Fetch v0-3 (kafka-node's Consumer uses v0, ConsumerGroup v2).
+//!
+//! ```text
+//! request:  replica_id i32, max_wait_ms i32, min_bytes i32, max_bytes i32 (v3+),
+//!           [topic string, [partition i32, fetch_offset i64, partition_max_bytes i32]]
+//! response: throttle_time_ms i32 (v1+),
+//!           [topic string, [partition i32, error_code i16, high_watermark i64, message_set bytes]]
+//! ```
+//! The handler answers with RecordBatch v2 bytes; they are down-converted here to magic 0
+//! (v0/v1) or magic 1 (v2/v3), since these clients cannot read magic 2.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
+use tracing::warn;
+
+use super::message_set;
+use super::wire::{Reader, put_array_len, put_bytes, put_string};
+use super::{DECOMPRESSED_BYTES_MAX, LegacyError};
+
+/// UNKNOWN_SERVER_ERROR, for a partition whose stored batches cannot be down-converted.
+const UNKNOWN_SERVER_ERROR: i16 = -1;
+
+pub fn decode_request(version: i16, body: &mut Bytes) -> Result<FetchRequest, LegacyError> {
+    let mut r = Reader::new(body);
+    let replica_id = r.i32()?;
+    let max_wait_ms = r.i32()?;
+    let min_bytes = r.i32()?;
+    let max_bytes = if version >= 3 { r.i32()? } else { i32::MAX };
+    let topics = r.array("topics", 6, |r| {
+        let topic = r.string("topic")?;
+        let partitions = r.array("partitions", 16, |r| {
+            Ok(FetchPartition::default()
+                .with_partition(r.i32()?)
+                .with_fetch_offset(r.i64()?)
+                .with_partition_max_bytes(r.i32()?))
+        })?;
+        Ok(FetchTopic::default()
+            .with_topic(topic.into())
+            .with_partitions(partitions))
+    })?;
+    Ok(FetchRequest::default()
+        .with_replica_id(BrokerId(replica_id))
+        .with_max_wait_ms(max_wait_ms)
+        .with_min_bytes(min_bytes)
+        .with_max_bytes(max_bytes)
+        .with_isolation_level(0)
+        .with_topics(topics))
+}
+
+/// Message format an old Fetch version can read.
+pub fn magic_for(version: i16) -> i8 {
+    if version >= 2 { 1 } else { 0 }
+}
+
+pub fn encode_response(version: i16, resp: &FetchResponse, out: &mut BytesMut) {
+    if version >= 1 {
+        out.put_i32(resp.throttle_time_ms);
+    }
+    put_array_len(out, resp.responses.len());
+    for topic in &resp.responses {
+        put_string(out, &topic.topic);
+        put_array_len(out, topic.partitions.len());
+        for p in &topic.partitions {
+            let records = p.records.as_deref().unwrap_or_default();
+            let (error_code, set) = match message_set::down_convert(
+                records,
+                magic_for(version),
+                DECOMPRESSED_BYTES_MAX,
+            ) {
+                Ok(set) => (p.error_code, set),
+                Err(e) => {
+                    warn!(topic = %&*topic.topic, partition = p.partition_index, error = %e, "down-conversion failed");
+                    (UNKNOWN_SERVER_ERROR, Bytes::new())
+                }
+            };
+            out.put_i32(p.partition_index);
+            out.put_i16(error_code);
+            out.put_i64(p.high_watermark);
+            put_bytes(out, &set);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+    use kafka_protocol::protocol::StrBytes;
+    use kappa_log::records::{BatchBuilder, NewRecord};
+
+    fn request(version: i16) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i32(-1);
+        b.put_i32(100);
+        b.put_i32(1);
+        if version >= 3 {
+            b.put_i32(1 << 20);
+        }
+        put_array_len(&mut b, 1);
+        put_string(&mut b, "events");
+        put_array_len(&mut b, 1);
+        b.put_i32(0);
+        b.put_i64(17);
+        b.put_i32(4096);
+        b.freeze()
+    }
+
+    #[test]
+    fn decodes_v0_to_v3() {
+        for version in 0..=3 {
+            let req = decode_request(version, &mut request(version)).unwrap();
+            assert_eq!(req.max_wait_ms, 100);
+            assert_eq!(req.max_bytes, if version >= 3 { 1 << 20 } else { i32::MAX });
+            let p = &req.topics[0].partitions[0];
+            assert_eq!(
+                (p.partition, p.fetch_offset, p.partition_max_bytes),
+                (0, 17, 4096)
+            );
+        }
+    }
+
+    #[test]
+    fn encodes_with_down_converted_records() {
+        let mut builder = BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(b"v"), 1000));
+        builder.base_offset = 17;
+        let batch = Bytes::from(builder.build());
+        let resp = FetchResponse::default().with_responses(vec![
+            FetchableTopicResponse::default()
+                .with_topic(StrBytes::from_static_str("events").into())
+                .with_partitions(vec![
+                    PartitionData::default()
+                        .with_partition_index(0)
+                        .with_high_watermark(18)
+                        .with_records(Some(batch.clone())),
+                ]),
+        ]);
+        for version in 0..=3 {
+            let mut out = BytesMut::new();
+            encode_response(version, &resp, &mut out);
+            let set = message_set::down_convert(&batch, magic_for(version), 1 << 20).unwrap();
+            let mut expected = BytesMut::new();
+            if version >= 1 {
+                expected.put_i32(0);
+            }
+            put_array_len(&mut expected, 1);
+            put_string(&mut expected, "events");
+            put_array_len(&mut expected, 1);
+            expected.put_i32(0);
+            expected.put_i16(0);
+            expected.put_i64(18);
+            put_bytes(&mut expected, &set);
+            assert_eq!(out, expected, "v{version}");
+            let msgs = message_set::decode(&set, 1 << 20, false).unwrap();
+            assert_eq!(msgs[0].offset, 17);
+            assert_eq!(msgs[0].magic, magic_for(version));
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! MessageSet v0/v1 (magic 0 and 1): decoding, up-conversion to RecordBatch v2 for
+//! produce, and down-conversion from RecordBatch v2 for old fetches.
+//!
+//! ```text
+//! entry:   offset i64, message_size i32, message
+//! message: crc u32 (CRC-32/IEEE of magic..end), magic i8, attributes i8,
+//!          [timestamp i64 if magic 1], key bytes (i32 length, -1 null), value bytes
+//! ```
+//! A compressed "wrapper" message holds a whole inner message set in its value. Inner
+//! magic-1 offsets are relative (0..n-1) and the wrapper carries the last absolute offset.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kappa_log::batch::{BatchHeader, LENGTH_PREFIX_BYTES};
+use kappa_log::records::{BatchBuilder, NewRecord};
+use thiserror::Error;
+
+use super::compression::{Codec, decompress};
+use super::records_v2;
+
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+/// offset (8) + message_size (4).
+const ENTRY_OVERHEAD: usize = 12;
+/// crc (4) + magic (1) + attributes (1) + key length (4) + value length (4).
+const MESSAGE_V0_MIN: usize = 14;
+const ATTR_CODEC_MASK: u8 = 0x07;
+const ATTR_LOG_APPEND_TIME: u8 = 0x08;
+/// Timestamp of magic 0 messages, which have none.
+pub const NO_TIMESTAMP: i64 = -1;
+
+/// Why a message set could not be read or converted.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MessageSetError {
+    #[error("message set is truncated")]
+    Truncated,
+    #[error("invalid length {0} in message set")]
+    BadLength(i64),
+    #[error("message magic {0} is not 0 or 1")]
+    BadMagic(i8),
+    #[error("message CRC mismatch: header says {expected:#010x}, contents hash to {actual:#010x}")]
+    BadCrc { expected: u32, actual: u32 },
+    #[error("unknown compression codec {0}")]
+    BadCodec(u8),
+    #[error("compressed message inside a compressed message")]
+    NestedCompression,
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("decompressed data exceeds {max} bytes")]
+    TooLarge { max: usize },
+    #[error("message set holds no messages")]
+    Empty,
+    #[error("malformed varint in record batch")]
+    BadVarint,
+    #[error("record batch: {0}")]
+    Batch(String),
+}
+
+/// One message of a flattened (decompressed) message set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyMessage {
+    pub offset: i64,
+    pub magic: i8,
+    /// -1 for magic 0.
+    pub timestamp: i64,
+    pub log_append_time: bool,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+}
+
+/// Decodes a message set, expanding compressed wrappers. A trailing partial entry is an
+/// error unless `allow_partial` (fetch responses may end mid-message).
+pub fn decode(
+    data: &Bytes,
+    max_decompressed: usize,
+    allow_partial: bool,
+) -> Result<Vec<LegacyMessage>, MessageSetError> {
+    let mut out = Vec::new();
+    let mut budget = max_decompressed;
+    let mut buf = data.clone();
+    while buf.has_remaining() {
+        let Some(entry) = next_entry(&mut buf, allow_partial)? else {
+            break;
+        };
+        let (wrapper, codec, inner) = parse_message(entry.0, entry.1)?;
+        match codec {
+            Codec::None => out.push(wrapper),
+            _ => expand_wrapper(&wrapper, codec, inner, &mut budget, &mut out)?,
+        }
+    }
+    Ok(out)
+}
+
+/// Splits the next `(offset, message bytes)` off `buf`.
+fn next_entry(
+    buf: &mut Bytes,
+    allow_partial: bool,
+) -> Result<Option<(i64, Bytes)>, MessageSetError> {
+    let partial = |allow: bool| {
+        if allow {
+            Ok(None)
+        } else {
+            Err(MessageSetError::Truncated)
+        }
+    };
+    if buf.remaining() < ENTRY_OVERHEAD {
+        return partial(allow_partial);
+    }
+    let offset = i64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+    let size = i32::from_be_bytes(buf[8..12].try_into().expect("4 bytes"));
+    if size < MESSAGE_V0_MIN as i32 {
+        return Err(MessageSetError::BadLength(size as i64));
+    }
+    if buf.remaining() - ENTRY_OVERHEAD < size as usize {
+        return partial(allow_partial);
+    }
+    buf.advance(ENTRY_OVERHEAD);
+    Ok(Some((offset, buf.split_to(size as usize))))
+}
+
+/// Parses one message; for a wrapper, also returns its codec and compressed value.
+fn parse_message(
+    offset: i64,
+    msg: Bytes,
+) -> Result<(LegacyMessage, Codec, Bytes), MessageSetError> {
+    let expected = u32::from_be_bytes(msg[..4].try_into().expect("4 bytes"));
+    let actual = CRC32.checksum(&msg[4..]);
+    if expected != actual {
+        return Err(MessageSetError::BadCrc { expected, actual });
+    }
+    let mut b = msg.slice(4..);
+    let magic = b.get_i8();
+    let attributes = b.get_u8();
+    if magic != 0 && magic != 1 {
+        return Err(MessageSetError::BadMagic(magic));
+    }
+    let timestamp = if magic == 1 {
+        take_i64(&mut b)?
+    } else {
+        NO_TIMESTAMP
+    };
+    let key = take_bytes(&mut b)?;
+    let value = take_bytes(&mut b)?;
+    let codec = Codec::from_bits(attributes & ATTR_CODEC_MASK)?;
+    let log_append_time = magic == 1 && attributes & ATTR_LOG_APPEND_TIME != 0;
+    let inner = value.clone().unwrap_or_default();
+    Ok((
+        LegacyMessage {
+            offset,
+            magic,
+            timestamp,
+            log_append_time,
+            key,
+            value,
+        },
+        codec,
+        inner,
+    ))
+}
+
+fn take_i64(b: &mut Bytes) -> Result<i64, MessageSetError> {
+    if b.remaining() < 8 {
+        return Err(MessageSetError::Truncated);
+    }
+    Ok(b.get_i64())
+}
+
+fn take_bytes(b: &mut Bytes) -> Result<Option<Bytes>, MessageSetError> {
+    if b.remaining() < 4 {
+        return Err(MessageSetError::Truncated);
+    }
+    match b.get_i32() {
+        -1 => Ok(None),
+        n if n < 0 => Err(MessageSetError::BadLength(n as i64)),
+        n if n as usize > b.remaining() => Err(MessageSetError::Truncated),
+        n => Ok(Some(b.split_to(n as usize))),
+    }
+}
+
+/// Decompresses a wrapper's inner set and appends its messages with absolute offsets.
+fn expand_wrapper(
+    wrapper: &LegacyMessage,
+    codec: Codec,
+    compressed: Bytes,
+    budget: &mut usize,
+    out: &mut Vec<LegacyMessage>,
+) -> Result<(), MessageSetError> {
+    let raw = Bytes::from(decompress(codec, &compressed, *budget)?);
+    *budget -= raw.len();
+    let mut inner = Vec::new();
+    let mut buf = raw;
+    while buf.has_remaining() {
+        let Some((offset, msg)) = next_entry(&mut buf, false)? else {
+            break;
+        };
+        let (mut m, inner_codec, _) = parse_message(offset, msg)?;
+        if inner_codec != Codec::None {
+            return Err(MessageSetError::NestedCompression);
+        }
+        if wrapper.log_append_time {
+            m.timestamp = wrapper.timestamp;
+            m.log_append_time = true;
+        }
+        inner.push(m);
+    }
+    // Magic 1 inner offsets are relative; the wrapper holds the last absolute offset.
+    if wrapper.magic == 1 {
+        if let Some(last) = inner.last().map(|m| m.offset) {
+            for m in &mut inner {
+                m.offset = wrapper.offset - last + m.offset;
+            }
+        }
+    }
+    out.extend(inner);
+    Ok(())
+}
+
+/// Up-converts a produced message set into one uncompressed RecordBatch v2 (base offset 0;
+/// the log assigns offsets). Magic 0 messages get timestamp -1 (none).
+pub fn up_convert(data: &Bytes, max_decompressed: usize) -> Result<Vec<u8>, MessageSetError> {
+    let messages = decode(data, max_decompressed, false)?;
+    if messages.is_empty() {
+        return Err(MessageSetError::Empty);
+    }
+    let mut builder = BatchBuilder::new();
+    for m in messages {
+        builder.push(NewRecord {
+            timestamp: m.timestamp,
+            key: m.key.map(|k| k.to_vec()),
+            value: m.value.map(|v| v.to_vec()),
+            headers: Vec::new(),
+        });
+    }
+    Ok(builder.build())
+}
+
+/// Down-converts concatenated RecordBatch v2 bytes (as a fetch returns them) into an
+/// uncompressed message set of `magic` 0 or 1. Control batches are skipped; a trailing
+/// partial batch is dropped, as a fetch may end mid-batch.
+pub fn down_convert(
+    batches: &[u8],
+    magic: i8,
+    max_decompressed: usize,
+) -> Result<Bytes, MessageSetError> {
+    if magic != 0 && magic != 1 {
+        return Err(MessageSetError::BadMagic(magic));
+    }
+    let mut out = BytesMut::with_capacity(batches.len());
+    let mut rest = batches;
+    while rest.len() >= LENGTH_PREFIX_BYTES {
+        let Ok(header) = BatchHeader::parse(rest) else {
+            break;
+        };
+        if header.batch_length < 0 {
+            return Err(MessageSetError::BadLength(header.batch_length as i64));
+        }
+        let total = header.total_bytes();
+        if total > rest.len() {
+            break;
+        }
+        if header.magic != 2 {
+            return Err(MessageSetError::Batch(format!(
+                "stored batch has magic {}",
+                header.magic
+            )));
+        }
+        if !header.is_control() {
+            for r in records_v2::batch_records(&header, &rest[..total], max_decompressed)? {
+                put_message(&mut out, magic, &r);
+            }
+        }
+        rest = &rest[total..];
+    }
+    Ok(out.freeze())
+}
+
+/// Appends one uncompressed message entry with a fresh CRC.
+fn put_message(out: &mut BytesMut, magic: i8, r: &records_v2::V2Record) {
+    let attributes = if magic == 1 && r.log_append_time {
+        ATTR_LOG_APPEND_TIME
+    } else {
+        0
+    };
+    encode_message(
+        out,
+        r.offset,
+        magic,
+        attributes,
+        r.timestamp,
+        r.key.as_deref(),
+        r.value.as_deref(),
+    );
+}
+
+fn put_nullable(out: &mut BytesMut, data: Option<&[u8]>) {
+    match data {
+        None => out.put_i32(-1),
+        Some(d) => {
+            out.put_i32(d.len() as i32);
+            out.put_slice(d);
+        }
+    }
+}
+
+/// Encodes one message entry with its CRC (also what tests use to play an old producer).
+pub fn encode_message(
+    out: &mut BytesMut,
+    offset: i64,
+    magic: i8,
+    attributes: u8,
+    timestamp: i64,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let mut msg = BytesMut::new();
+    msg.put_u32(0);
+    msg.put_i8(magic);
+    msg.put_u8(attributes);
+    if magic == 1 {
+        msg.put_i64(timestamp);
+    }
+    put_nullable(&mut msg, key);
+    put_nullable(&mut msg, value);
+    let crc = CRC32.checksum(&msg[4..]);
+    msg[..4].copy_from_slice(&crc.to_be_bytes());
+    out.put_i64(offset);
+    out.put_i32(msg.len() as i32);
+    out.put_slice(&msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kappa_log::batch;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    const MAX: usize = 1 << 20;
+
+    fn records_of(batch_bytes: &[u8]) -> Vec<records_v2::V2Record> {
+        let header = batch::validate(batch_bytes, MAX).unwrap();
+        records_v2::batch_records(&header, batch_bytes, MAX).unwrap()
+    }
+
+    fn magic1_set() -> BytesMut {
+        let mut set = BytesMut::new();
+        encode_message(&mut set, 0, 1, 0, 1000, Some(b"k1"), Some(b"v1"));
+        encode_message(&mut set, 1, 1, 0, 1005, None, Some(b"v2"));
+        encode_message(&mut set, 2, 1, 0, 999, Some(b"k3"), None);
+        set
+    }
+
+    #[test]
+    fn up_converts_magic1_keeping_keys_values_timestamps() {
+        let batch = up_convert(&magic1_set().freeze(), MAX).unwrap();
+        let got: Vec<_> = records_of(&batch)
+            .into_iter()
+            .map(|r| (r.offset, r.timestamp, r.key, r.value))
+            .collect();
+        let b = |s: &'static [u8]| Some(Bytes::from_static(s));
+        assert_eq!(
+            got,
+            vec![
+                (0, 1000, b(b"k1"), b(b"v1")),
+                (1, 1005, None, b(b"v2")),
+                (2, 999, b(b"k3"), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn up_converts_magic0_without_timestamps() {
+        let mut set = BytesMut::new();
+        encode_message(&mut set, 0, 0, 0, 0, Some(b"k"), Some(b"v"));
+        let batch = up_convert(&set.freeze(), MAX).unwrap();
+        let r = &records_of(&batch)[0];
+        assert_eq!(
+            (r.timestamp, r.key.as_deref(), r.value.as_deref()),
+            (NO_TIMESTAMP, Some(&b"k"[..]), Some(&b"v"[..]))
+        );
+    }
+
+    fn wrapper(codec: u8, compressed: &[u8], last_offset: i64, log_append: Option<i64>) -> Bytes {
+        let mut set = BytesMut::new();
+        let attributes = codec
+            | if log_append.is_some() {
+                ATTR_LOG_APPEND_TIME
+            } else {
+                0
+            };
+        encode_message(
+            &mut set,
+            last_offset,
+            1,
+            attributes,
+            log_append.unwrap_or(0),
+            None,
+            Some(compressed),
+        );
+        set.freeze()
+    }
+
+    #[test]
+    fn gzip_wrapper_expands_with_absolute_offsets() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&magic1_set()).unwrap();
+        let gz = enc.finish().unwrap();
+        let msgs = decode(&wrapper(1, &gz, 52, None), MAX, false).unwrap();
+        let offsets: Vec<i64> = msgs.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [50, 51, 52]);
+        assert_eq!(msgs[1].timestamp, 1005);
+        // LogAppendTime on the wrapper overrides the inner timestamps.
+        let msgs = decode(&wrapper(1, &gz, 2, Some(7777)), MAX, false).unwrap();
+        assert!(
+            msgs.iter()
+                .all(|m| m.timestamp == 7777 && m.log_append_time)
+        );
+        assert_eq!(
+            records_of(&up_convert(&wrapper(1, &gz, 2, None), MAX).unwrap()).len(),
+            3
+        );
+    }
+
+    #[test]
+    fn snappy_xerial_wrapper_expands() {
+        let inner = magic1_set();
+        let block = snap::raw::Encoder::new().compress_vec(&inner).unwrap();
+        let mut xerial = b"\x82SNAPPY\0".to_vec();
+        xerial.extend_from_slice(&1i32.to_be_bytes());
+        xerial.extend_from_slice(&1i32.to_be_bytes());
+        xerial.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        xerial.extend_from_slice(&block);
+        let msgs = decode(&wrapper(2, &xerial, 2, None), MAX, false).unwrap();
+        assert_eq!(msgs.len(), 3);
+        assert_eq!(msgs[0].key.as_deref(), Some(&b"k1"[..]));
+        // Raw snappy (librdkafka) too.
+        assert_eq!(
+            decode(&wrapper(2, &block, 2, None), MAX, false)
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn rejects_bad_crc_magic_nesting_and_truncation() {
+        let mut set = magic1_set();
+        let last = set.len() - 1;
+        set[last] ^= 1;
+        assert!(matches!(
+            decode(&set.freeze(), MAX, false),
+            Err(MessageSetError::BadCrc { .. })
+        ));
+
+        let mut bad_magic = BytesMut::new();
+        encode_message(&mut bad_magic, 0, 2, 0, 0, None, Some(b"x"));
+        assert!(matches!(
+            decode(&bad_magic.freeze(), MAX, false),
+            Err(MessageSetError::BadMagic(2))
+        ));
+
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&wrapper(0, b"", 0, None)).unwrap(); // harmless inner
+        let inner_wrapper = wrapper(1, &enc.finish().unwrap(), 0, None);
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&inner_wrapper).unwrap();
+        let nested = wrapper(1, &enc.finish().unwrap(), 0, None);
+        assert_eq!(
+            decode(&nested, MAX, false),
+            Err(MessageSetError::NestedCompression)
+        );
+
+        let full = magic1_set().freeze();
+        let cut = full.slice(..full.len() - 3);
+        assert_eq!(decode(&cut, MAX, false), Err(MessageSetError::Truncated));
+        assert_eq!(decode(&cut, MAX, true).unwrap().len(), 2);
+        assert_eq!(up_convert(&Bytes::new(), MAX), Err(MessageSetError::Empty));
+    }
+
+    fn v2_batch(base_offset: i64, records: &[(Option<&[u8]>, Option<&[u8]>, i64)]) -> Vec<u8> {
+        let mut builder = BatchBuilder::new();
+        builder.base_offset = base_offset;
+        for (k, v, ts) in records {
+            builder.push(NewRecord::new(*k, *v, *ts));
+        }
+        builder.build()
+    }
+
+    #[test]
+    fn down_converts_to_magic0_and_magic1() {
+        let mut batches = v2_batch(100, &[(Some(b"a"), Some(b"1"), 10), (None, Some(b"2"), 20)]);
+        batches.extend(v2_batch(102, &[(Some(b"c"), None, 30)]));
+        for magic in [0i8, 1] {
+            let set = down_convert(&batches, magic, MAX).unwrap();
+            let msgs = decode(&set, MAX, false).unwrap();
+            let got: Vec<_> = msgs
+                .iter()
+                .map(|m| {
+                    (
+                        m.offset,
+                        m.magic,
+                        m.timestamp,
+                        m.key.clone(),
+                        m.value.clone(),
+                    )
+                })
+                .collect();
+            let ts = |t: i64| if magic == 1 { t } else { NO_TIMESTAMP };
+            let b = |s: &'static [u8]| Some(Bytes::from_static(s));
+            assert_eq!(
+                got,
+                vec![
+                    (100, magic, ts(10), b(b"a"), b(b"1")),
+                    (101, magic, ts(20), None, b(b"2")),
+                    (102, magic, ts(30), b(b"c"), None),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn down_convert_drops_partial_tail_and_control_batches() {
+        let mut batches = v2_batch(0, &[(Some(b"a"), Some(b"1"), 1)]);
+        let mut control = BatchBuilder::new().record(NewRecord::new(
+            Some(&[0, 0, 0, 0]),
+            Some(&[0, 0, 0, 0, 0, 0]),
+            2,
+        ));
+        control.base_offset = 1;
+        control.control = true;
+        batches.extend(control.build());
+        let tail = v2_batch(2, &[(Some(b"b"), Some(b"2"), 3)]);
+        batches.extend_from_slice(&tail[..tail.len() - 5]);
+        let msgs = decode(&down_convert(&batches, 1, MAX).unwrap(), MAX, false).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].key.as_deref(), Some(&b"a"[..]));
+    }
+
+    proptest! {
+        #[test]
+        fn v2_to_magic1_to_v2_roundtrip(
+            base in 0i64..1_000_000,
+            recs in proptest::collection::vec(
+                (proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..50)),
+                 0i64..2_000_000_000_000),
+                1..20),
+        ) {
+            let refs: Vec<(Option<&[u8]>, Option<&[u8]>, i64)> =
+                recs.iter().map(|(k, v, t)| (k.as_deref(), v.as_deref(), *t)).collect();
+            let original = v2_batch(base, &refs);
+            let set = down_convert(&original, 1, MAX).unwrap();
+            let back = up_convert(&set, MAX).unwrap();
+            let a: Vec<_> = records_of(&original).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
+            let b: Vec<_> = records_of(&back).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&Bytes::from(data.clone()), MAX, true);
+            let _ = down_convert(&data, 1, MAX);
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Produce v0-2 (kafka-node sends v2 with magic-1 MessageSets).
+//!
+//! ```text
+//! request:  acks i16, timeout i32, [topic string, [partition i32, message_set bytes]]
+//! response: [topic string, [partition i32, error_code i16, base_offset i64,
+//!            log_append_time i64 (v2+)]], throttle_time_ms i32 (v1+)
+//! ```
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::ProduceRequest;
+use kafka_protocol::messages::ProduceResponse;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use tracing::debug;
+
+use super::message_set;
+use super::wire::{Reader, put_array_len, put_string};
+use super::{DECOMPRESSED_BYTES_MAX, LegacyError};
+
+/// Decodes a v0-2 request; each partition's MessageSet becomes one RecordBatch v2.
+///
+/// A MessageSet that cannot be converted is passed through unchanged: its magic (0/1, at
+/// the same byte position as a batch's) makes the log reject it as CORRUPT_MESSAGE for
+/// that partition alone, rather than failing the whole request.
+pub fn decode_request(_version: i16, body: &mut Bytes) -> Result<ProduceRequest, LegacyError> {
+    let mut r = Reader::new(body);
+    let acks = r.i16()?;
+    let timeout_ms = r.i32()?;
+    let topic_data = r.array("topics", 6, |r| {
+        let name = r.string("topic")?;
+        let partition_data = r.array("partitions", 8, |r| {
+            let index = r.i32()?;
+            let records = r.nullable_bytes("message_set")?.map(up_convert);
+            Ok(PartitionProduceData::default()
+                .with_index(index)
+                .with_records(records))
+        })?;
+        Ok(TopicProduceData::default()
+            .with_name(name.into())
+            .with_partition_data(partition_data))
+    })?;
+    Ok(ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(timeout_ms)
+        .with_topic_data(topic_data))
+}
+
+fn up_convert(set: Bytes) -> Bytes {
+    match message_set::up_convert(&set, DECOMPRESSED_BYTES_MAX) {
+        Ok(batch) => Bytes::from(batch),
+        Err(e) => {
+            debug!(error = %e, "legacy produce: message set not convertible, passing it through");
+            set
+        }
+    }
+}
+
+pub fn encode_response(version: i16, resp: &ProduceResponse, out: &mut BytesMut) {
+    put_array_len(out, resp.responses.len());
+    for topic in &resp.responses {
+        put_string(out, &topic.name);
+        put_array_len(out, topic.partition_responses.len());
+        for p in &topic.partition_responses {
+            out.put_i32(p.index);
+            out.put_i16(p.error_code);
+            out.put_i64(p.base_offset);
+            if version >= 2 {
+                out.put_i64(p.log_append_time_ms);
+            }
+        }
+    }
+    if version >= 1 {
+        out.put_i32(resp.throttle_time_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::produce_response::{
+        PartitionProduceResponse, TopicProduceResponse,
+    };
+    use kappa_log::batch;
+
+    fn request_bytes(set: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i16(1);
+        b.put_i32(3000);
+        put_array_len(&mut b, 1);
+        put_string(&mut b, "events");
+        put_array_len(&mut b, 1);
+        b.put_i32(4);
+        b.put_i32(set.len() as i32);
+        b.put_slice(set);
+        b.freeze()
+    }
+
+    #[test]
+    fn decodes_v2_and_up_converts() {
+        let mut set = BytesMut::new();
+        message_set::encode_message(&mut set, 0, 1, 0, 1_700_000_000_000, Some(b"k"), Some(b"v"));
+        let req = decode_request(2, &mut request_bytes(&set)).unwrap();
+        assert_eq!(req.acks, 1);
+        assert_eq!(req.timeout_ms, 3000);
+        assert_eq!(&*req.topic_data[0].name, "events");
+        let p = &req.topic_data[0].partition_data[0];
+        assert_eq!(p.index, 4);
+        let records = p.records.as_ref().unwrap();
+        let header = batch::validate(records, 1 << 20).unwrap();
+        assert_eq!(header.records_count, 1);
+        assert_eq!(header.base_timestamp, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn corrupt_message_set_passes_through_for_a_per_partition_error() {
+        let mut set = BytesMut::new();
+        message_set::encode_message(&mut set, 0, 1, 0, 5, Some(b"k"), Some(b"v"));
+        let last = set.len() - 1;
+        set[last] ^= 0xff; // breaks the CRC
+        let req = decode_request(2, &mut request_bytes(&set)).unwrap();
+        assert_eq!(
+            req.topic_data[0].partition_data[0].records.as_deref(),
+            Some(&set[..])
+        );
+    }
+
+    #[test]
+    fn rejects_truncated_and_lying_counts() {
+        let full = request_bytes(b"");
+        let mut cut = full.slice(..full.len() - 2);
+        assert!(decode_request(2, &mut cut).is_err());
+        let mut lying = BytesMut::new();
+        lying.put_i16(1);
+        lying.put_i32(0);
+        lying.put_i32(i32::MAX);
+        assert!(decode_request(2, &mut lying.freeze()).is_err());
+    }
+
+    #[test]
+    fn encodes_v0_v1_v2_layouts() {
+        let resp = ProduceResponse::default()
+            .with_throttle_time_ms(7)
+            .with_responses(vec![
+                TopicProduceResponse::default()
+                    .with_name(kafka_protocol::protocol::StrBytes::from_static_str("t").into())
+                    .with_partition_responses(vec![
+                        PartitionProduceResponse::default()
+                            .with_index(2)
+                            .with_error_code(0)
+                            .with_base_offset(42)
+                            .with_log_append_time_ms(99),
+                    ]),
+            ]);
+        let mut v0 = BytesMut::new();
+        put_array_len(&mut v0, 1);
+        put_string(&mut v0, "t");
+        put_array_len(&mut v0, 1);
+        v0.put_i32(2);
+        v0.put_i16(0);
+        v0.put_i64(42);
+        let mut v1 = v0.clone();
+        v1.put_i32(7);
+        let mut v2 = v0.clone();
+        v2.put_i64(99);
+        v2.put_i32(7);
+        for (version, expected) in [(0, v0), (1, v1), (2, v2)] {
+            let mut out = BytesMut::new();
+            encode_response(version, &resp, &mut out);
+            assert_eq!(out, expected, "v{version}");
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The TCP server: accept loop, per-connection request pipeline, graceful shutdown.
+//!
+//! Shape borrowed from tokio's mini-redis: a semaphore bounds connections, a watch channel
+//! tells connections to stop reading, and each connection holds a clone of an mpsc sender
+//! so `run` knows when the last one has finished.
+//!
+//! Per connection, a reader task reads and decodes frames ahead into a bounded queue (Kafka
+//! clients pipeline) while the connection task handles them **one at a time, in order** and
+//! writes each response before taking the next. Sequential handling mirrors Kafka's channel
+//! muting: pipelined produces to one partition must append in the order they were sent.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestHeader};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::api_versions::{self, API_SUPPORT};
+use crate::error::ProtocolError;
+use crate::frame::{DEFAULT_REQUEST_BYTES_MAX, read_frame};
+use crate::request::{Request, Response, decode_request, encode_response, expects_response};
+
+/// A boxed, sendable future, so `Handler` stays object-safe without async-trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Answers decoded requests. ApiVersions never reaches it (the protocol layer answers).
+pub trait Handler: Send + Sync + 'static {
+    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader)
+    -> BoxFuture<'a, Response>;
+}
+
+/// Named limits of the listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request frame accepted (Kafka: socket.request.max.bytes).
+    pub request_bytes_max: usize,
+    /// Open connections; more are accepted and closed at once (Kafka: max.connections).
+    pub connections_max: usize,
+    /// Requests read ahead of the one being handled, per connection.
+    pub in_flight_per_connection: usize,
+    /// A connection with no complete request for this long is closed
+    /// (Kafka: connections.max.idle.ms).
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for connections to finish their in-flight requests; a peer
+    /// that stopped reading could otherwise hold shutdown forever.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_bytes_max: DEFAULT_REQUEST_BYTES_MAX,
+            connections_max: 1024,
+            in_flight_per_connection: 16,
+            idle_timeout: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves Kafka connections on `listener` until `shutdown` completes, then stops accepting,
+/// lets every connection finish the requests it has read, and returns.
+pub async fn run(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    limits: Limits,
+    shutdown: impl Future,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let limits = Arc::new(limits);
+    tokio::pin!(shutdown);
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!(%peer, max = limits.connections_max, "connections_max reached, closing new connection");
+            continue;
+        };
+        let conn = Connection {
+            handler: handler.clone(),
+            limits: limits.clone(),
+            stop: stop_rx.clone(),
+            _done: done_tx.clone(),
+            _permit: permit,
+            peer,
+        };
+        tokio::spawn(conn.serve(socket));
+    }
+    drop(listener);
+    info!("kafka listener stopped accepting; draining connections");
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    if tokio::time::timeout(limits.shutdown_grace, done_rx.recv())
+        .await
+        .is_err()
+    {
+        warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace period");
+    }
+}
+
+struct Connection {
+    handler: Arc<dyn Handler>,
+    limits: Arc<Limits>,
+    stop: watch::Receiver<bool>,
+    /// Dropped when the connection ends; `run` waits for all of them.
+    _done: mpsc::Sender<()>,
+    _permit: OwnedSemaphorePermit,
+    peer: SocketAddr,
+}
+
+/// What the reader hands the connection task.
+type Decoded = (RequestHeader, Request);
+
+impl Connection {
+    async fn serve(self, socket: TcpStream) {
+        let _ = socket.set_nodelay(true);
+        let (read, write) = socket.into_split();
+        let (tx, mut rx) = mpsc::channel::<Decoded>(self.limits.in_flight_per_connection.max(1));
+        let reader = tokio::spawn(read_loop(
+            read,
+            tx,
+            self.limits.clone(),
+            self.stop.clone(),
+            self.peer,
+        ));
+        let mut writer = BufWriter::new(write);
+        while let Some((header, request)) = rx.recv().await {
+            if let Err(e) = self.answer(&mut writer, header, request).await {
+                warn!(peer = %self.peer, error = %e, "closing connection");
+                break;
+            }
+        }
+        reader.abort();
+        let _ = writer.shutdown().await;
+        debug!(peer = %self.peer, "connection closed");
+    }
+
+    async fn answer(
+        &self,
+        writer: &mut BufWriter<OwnedWriteHalf>,
+        header: RequestHeader,
+        request: Request,
+    ) -> Result<(), ProtocolError> {
+        let frame: Option<Bytes> = if header.request_api_key == ApiKey::ApiVersions as i16 {
+            Some(api_versions::answer(&API_SUPPORT, &header))
+        } else {
+            let wants_answer = expects_response(&request);
+            let response = self.handler.handle(request, &header).await;
+            wants_answer
+                .then(|| encode_response(&header, &response))
+                .transpose()?
+        };
+        if let Some(frame) = frame {
+            writer.write_all(&frame).await?;
+            writer.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and decodes frames until EOF, a bad frame, idle timeout or shutdown; dropping
+/// `tx` then lets the connection task finish what was already queued and close.
+async fn read_loop(
+    mut read: OwnedReadHalf,
+    tx: mpsc::Sender<Decoded>,
+    limits: Arc<Limits>,
+    mut stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = tokio::time::timeout(limits.idle_timeout, read_frame(&mut read, limits.request_bytes_max)) => r,
+        };
+        let frame = match next {
+            Err(_) => return debug!(%peer, "idle timeout"),
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Err(e)) => return warn!(%peer, error = %e, "bad frame, closing connection"),
+        };
+        match decode_request(frame) {
+            Ok(decoded) => {
+                if tx.send(decoded).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => return warn!(%peer, error = %e, "undecodable request, closing connection"),
+        }
+    }
+}
