@@ -59,6 +59,11 @@ pub const API_SUPPORT: ApiSupport = ApiSupport(&[
     range(ApiKey::EndTxn, 0, 3),
     range(ApiKey::TxnOffsetCommit, 0, 3),
     range(ApiKey::DescribeConfigs, 1, 4), // v0 dropped by KIP-896; KafkaJS/kafka-node pick 2
+    range(ApiKey::AlterConfigs, 0, 2),
+    range(ApiKey::CreatePartitions, 0, 3),
+    range(ApiKey::DeleteGroups, 0, 2),
+    range(ApiKey::OffsetDelete, 0, 0),
+    range(ApiKey::IncrementalAlterConfigs, 0, 1),
 ]);
 
 impl ApiSupport {
@@ -67,8 +72,7 @@ impl ApiSupport {
     }
 
     pub fn supports(&self, key: ApiKey, version: i16) -> bool {
-        self.range(key)
-            .is_some_and(|r| (r.min..=r.max).contains(&version))
+        self.range(key).is_some_and(|r| (r.min..=r.max).contains(&version))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = ApiRange> + '_ {
@@ -77,12 +81,7 @@ impl ApiSupport {
 
     fn api_keys(&self) -> Vec<ApiVersion> {
         self.iter()
-            .map(|r| {
-                ApiVersion::default()
-                    .with_api_key(r.key as i16)
-                    .with_min_version(r.min)
-                    .with_max_version(r.max)
-            })
+            .map(|r| ApiVersion::default().with_api_key(r.key as i16).with_min_version(r.min).with_max_version(r.max))
             .collect()
     }
 
@@ -106,8 +105,7 @@ pub fn answer(support: &ApiSupport, header: &RequestHeader) -> Bytes {
     };
     let mut out = BytesMut::new();
     encode_response_header(&mut out, header.correlation_id, 0);
-    body.encode(&mut out, body_version)
-        .expect("ApiVersions v0..=3 encodes any table");
+    body.encode(&mut out, body_version).expect("ApiVersions v0..=3 encodes any table");
     frame::frame(&out)
 }
 

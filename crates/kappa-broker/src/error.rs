@@ -23,17 +23,9 @@ pub enum ProtocolError {
     #[error("malformed request header: {0}")]
     Header(String),
     #[error("malformed request body (api key {api_key} version {version}): {reason}")]
-    Body {
-        api_key: i16,
-        version: i16,
-        reason: String,
-    },
+    Body { api_key: i16, version: i16, reason: String },
     #[error("cannot encode response (api key {api_key} version {version}): {reason}")]
-    Encode {
-        api_key: i16,
-        version: i16,
-        reason: String,
-    },
+    Encode { api_key: i16, version: i16, reason: String },
     #[error("handler answered api key {request} with a response for api key {response}")]
     ResponseMismatch { request: i16, response: i16 },
 }

@@ -19,10 +19,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Checks a size prefix against the limits.
 pub fn check_frame_size(size: i32, max: usize) -> Result<usize, ProtocolError> {
     if size < 0 || size as usize > max {
-        return Err(ProtocolError::FrameTooLarge {
-            size: size as i64,
-            max,
-        });
+        return Err(ProtocolError::FrameTooLarge { size: size as i64, max });
     }
     if (size as usize) < MIN_REQUEST_BYTES {
         return Err(ProtocolError::FrameTooSmall(size));
@@ -31,10 +28,7 @@ pub fn check_frame_size(size: i32, max: usize) -> Result<usize, ProtocolError> {
 }
 
 /// Reads one frame body. `Ok(None)` means the peer closed cleanly between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    max: usize,
-) -> Result<Option<Bytes>, ProtocolError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Option<Bytes>, ProtocolError> {
     let mut prefix = [0u8; 4];
     match read_prefix(reader, &mut prefix).await? {
         false => return Ok(None),
@@ -54,19 +48,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 }
 
 /// Reads the 4-byte prefix; false on EOF before its first byte.
-async fn read_prefix<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    prefix: &mut [u8; 4],
-) -> Result<bool, ProtocolError> {
+async fn read_prefix<R: AsyncRead + Unpin>(reader: &mut R, prefix: &mut [u8; 4]) -> Result<bool, ProtocolError> {
     let mut filled = 0;
     while filled < 4 {
         let n = reader.read(&mut prefix[filled..]).await?;
         if n == 0 {
-            return if filled == 0 {
-                Ok(false)
-            } else {
-                Err(ProtocolError::TruncatedFrame)
-            };
+            return if filled == 0 { Ok(false) } else { Err(ProtocolError::TruncatedFrame) };
         }
         filled += n;
     }
@@ -105,15 +92,9 @@ mod tests {
         let mut data = 50i32.to_be_bytes().to_vec();
         data.extend_from_slice(&[0; 20]);
         let mut r = &data[..];
-        assert!(matches!(
-            read_frame(&mut r, 100).await,
-            Err(ProtocolError::TruncatedFrame)
-        ));
+        assert!(matches!(read_frame(&mut r, 100).await, Err(ProtocolError::TruncatedFrame)));
         let data = [0u8, 0];
         let mut r = &data[..];
-        assert!(matches!(
-            read_frame(&mut r, 100).await,
-            Err(ProtocolError::TruncatedFrame)
-        ));
+        assert!(matches!(read_frame(&mut r, 100).await, Err(ProtocolError::TruncatedFrame)));
     }
 }

@@ -13,10 +13,7 @@ use crate::error::ProtocolError;
 /// Reads api key and version without consuming them.
 pub fn peek_key_version(frame: &[u8]) -> Result<(i16, i16), ProtocolError> {
     if frame.len() < 4 {
-        return Err(ProtocolError::Header(format!(
-            "{} bytes is too short",
-            frame.len()
-        )));
+        return Err(ProtocolError::Header(format!("{} bytes is too short", frame.len())));
     }
     let key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);

@@ -7,6 +7,7 @@
 pub mod api_versions;
 pub mod error;
 pub mod frame;
+pub mod handlers;
 pub mod header;
 pub mod legacy;
 pub mod request;
@@ -14,6 +15,7 @@ pub mod server;
 
 pub use api_versions::{API_SUPPORT, ApiRange, ApiSupport};
 pub use error::ProtocolError;
+pub use handlers::{Broker, BrokerConfig};
 pub use kafka_protocol;
 pub use request::{Request, Response, decode_request, encode_response, expects_response};
 pub use server::{BoxFuture, Handler, Limits, run};

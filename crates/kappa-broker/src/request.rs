@@ -6,9 +6,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, RequestHeader, RequestKind, ResponseKind,
-};
+use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, RequestKind, ResponseKind};
 
 use crate::api_versions::API_SUPPORT;
 use crate::error::ProtocolError;
@@ -32,32 +30,20 @@ pub fn decode_request(frame: Bytes) -> Result<(RequestHeader, Request), Protocol
     let version = header.request_api_version;
     let supported = API_SUPPORT.supports(api_key, version);
     if api_key == ApiKey::ApiVersions && !supported {
-        return Ok((
-            header,
-            RequestKind::ApiVersions(ApiVersionsRequest::default()),
-        ));
+        return Ok((header, RequestKind::ApiVersions(ApiVersionsRequest::default())));
     }
     if !supported {
-        return Err(ProtocolError::UnsupportedVersion {
-            api_key: api_key as i16,
-            version,
-        });
+        return Err(ProtocolError::UnsupportedVersion { api_key: api_key as i16, version });
     }
-    let body_error = |reason: String| ProtocolError::Body {
-        api_key: api_key as i16,
-        version,
-        reason,
-    };
+    let body_error = |reason: String| ProtocolError::Body { api_key: api_key as i16, version, reason };
     let request = if legacy::handles(api_key, version) {
         legacy::decode_request(api_key, version, &mut buf).map_err(|e| body_error(e.to_string()))?
     } else {
         // kafka-protocol is generated code fed untrusted bytes: a panic in it must cost one
         // connection, not a worker thread.
-        catch_unwind(AssertUnwindSafe(|| {
-            RequestKind::decode(api_key, &mut buf, version)
-        }))
-        .map_err(|_| body_error("decoder panicked".into()))?
-        .map_err(|e| body_error(e.to_string()))?
+        catch_unwind(AssertUnwindSafe(|| RequestKind::decode(api_key, &mut buf, version)))
+            .map_err(|_| body_error("decoder panicked".into()))?
+            .map_err(|e| body_error(e.to_string()))?
     };
     Ok((header, request))
 }
@@ -68,28 +54,14 @@ pub fn expects_response(request: &Request) -> bool {
 }
 
 /// Encodes a response to `header` as a complete frame (size prefix, header, body).
-pub fn encode_response(
-    header: &RequestHeader,
-    response: &Response,
-) -> Result<Bytes, ProtocolError> {
+pub fn encode_response(header: &RequestHeader, response: &Response) -> Result<Bytes, ProtocolError> {
     let key = header.request_api_key;
     let version = header.request_api_version;
     let api_key = ApiKey::try_from(key).map_err(|_| ProtocolError::UnknownApiKey(key))?;
-    let mismatch = || ProtocolError::ResponseMismatch {
-        request: key,
-        response: response_key(response).unwrap_or(-1),
-    };
-    let encode_error = |reason: String| ProtocolError::Encode {
-        api_key: key,
-        version,
-        reason,
-    };
+    let mismatch = || ProtocolError::ResponseMismatch { request: key, response: response_key(response).unwrap_or(-1) };
+    let encode_error = |reason: String| ProtocolError::Encode { api_key: key, version, reason };
     let mut out = BytesMut::new();
-    encode_response_header(
-        &mut out,
-        header.correlation_id,
-        response_header_version(api_key, version),
-    );
+    encode_response_header(&mut out, header.correlation_id, response_header_version(api_key, version));
     if legacy::handles(api_key, version) {
         legacy::encode_response(api_key, version, response, &mut out).map_err(|e| match e {
             legacy::LegacyError::Mismatch => mismatch(),
@@ -99,9 +71,7 @@ pub fn encode_response(
         if response_key(response) != Some(key) {
             return Err(mismatch());
         }
-        response
-            .encode(&mut out, version)
-            .map_err(|e| encode_error(e.to_string()))?;
+        response.encode(&mut out, version).map_err(|e| encode_error(e.to_string()))?;
     }
     Ok(frame::frame(&out))
 }
@@ -169,9 +139,7 @@ mod tests {
             header = header.with_unknown_tagged_field(7, Bytes::from_static(b"xy"));
         }
         let mut out = BytesMut::new();
-        header
-            .encode(&mut out, key.request_header_version(version))
-            .unwrap();
+        header.encode(&mut out, key.request_header_version(version)).unwrap();
         out.put_slice(body);
         out.freeze()
     }
@@ -179,31 +147,17 @@ mod tests {
     #[test]
     fn flexible_header_with_tagged_fields_decodes() {
         let mut body = BytesMut::new();
-        MetadataRequest::default()
-            .with_topics(None)
-            .encode(&mut body, 12)
-            .unwrap();
-        let (header, request) =
-            decode_request(frame_of(ApiKey::Metadata, 12, true, &body)).unwrap();
-        assert_eq!(
-            (header.correlation_id, header.request_api_version),
-            (42, 12)
-        );
-        assert_eq!(
-            header.unknown_tagged_fields.get(&7).map(|b| &b[..]),
-            Some(&b"xy"[..])
-        );
+        MetadataRequest::default().with_topics(None).encode(&mut body, 12).unwrap();
+        let (header, request) = decode_request(frame_of(ApiKey::Metadata, 12, true, &body)).unwrap();
+        assert_eq!((header.correlation_id, header.request_api_version), (42, 12));
+        assert_eq!(header.unknown_tagged_fields.get(&7).map(|b| &b[..]), Some(&b"xy"[..]));
         assert!(matches!(request, RequestKind::Metadata(m) if m.topics.is_none()));
     }
 
     #[test]
     fn response_header_v0_and_v1() {
-        let header = |v| {
-            RequestHeader::default()
-                .with_request_api_key(3)
-                .with_request_api_version(v)
-                .with_correlation_id(9)
-        };
+        let header =
+            |v| RequestHeader::default().with_request_api_key(3).with_request_api_version(v).with_correlation_id(9);
         let resp = ResponseKind::Metadata(MetadataResponse::default());
         let mut v1 = encode_response(&header(1), &resp).unwrap();
         let mut v12 = encode_response(&header(12), &resp).unwrap();
@@ -211,45 +165,24 @@ mod tests {
         v12.advance(4);
         assert_eq!(v1.get_i32(), 9);
         assert_eq!(v12.get_i32(), 9);
-        assert_eq!(
-            v12.get_u8(),
-            0,
-            "flexible response header: empty tag buffer"
-        );
+        assert_eq!(v12.get_u8(), 0, "flexible response header: empty tag buffer");
     }
 
     #[test]
     fn mismatched_response_is_an_error() {
-        let header = RequestHeader::default()
-            .with_request_api_key(3)
-            .with_request_api_version(1);
+        let header = RequestHeader::default().with_request_api_key(3).with_request_api_version(1);
         let resp = ResponseKind::Produce(ProduceResponse::default());
-        assert!(matches!(
-            encode_response(&header, &resp),
-            Err(ProtocolError::ResponseMismatch { .. })
-        ));
-        let legacy = RequestHeader::default()
-            .with_request_api_key(0)
-            .with_request_api_version(2);
+        assert!(matches!(encode_response(&header, &resp), Err(ProtocolError::ResponseMismatch { .. })));
+        let legacy = RequestHeader::default().with_request_api_key(0).with_request_api_version(2);
         let resp = ResponseKind::Metadata(MetadataResponse::default());
-        assert!(matches!(
-            encode_response(&legacy, &resp),
-            Err(ProtocolError::ResponseMismatch { .. })
-        ));
+        assert!(matches!(encode_response(&legacy, &resp), Err(ProtocolError::ResponseMismatch { .. })));
     }
 
     #[test]
     fn unsupported_versions_are_errors_except_api_versions() {
         let err = decode_request(frame_of(ApiKey::Fetch, 13, false, &[])).unwrap_err();
-        assert!(matches!(
-            err,
-            ProtocolError::UnsupportedVersion {
-                api_key: 1,
-                version: 13
-            }
-        ));
-        let (header, req) =
-            decode_request(frame_of(ApiKey::ApiVersions, 4, false, &[1, 2, 3])).unwrap();
+        assert!(matches!(err, ProtocolError::UnsupportedVersion { api_key: 1, version: 13 }));
+        let (header, req) = decode_request(frame_of(ApiKey::ApiVersions, 4, false, &[1, 2, 3])).unwrap();
         assert_eq!(header.request_api_version, 4);
         assert!(matches!(req, RequestKind::ApiVersions(_)));
         assert!(matches!(

@@ -33,8 +33,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Answers decoded requests. ApiVersions never reaches it (the protocol layer answers).
 pub trait Handler: Send + Sync + 'static {
-    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader)
-    -> BoxFuture<'a, Response>;
+    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader) -> BoxFuture<'a, Response>;
 }
 
 /// Named limits of the listener.
@@ -68,12 +67,7 @@ impl Default for Limits {
 
 /// Serves Kafka connections on `listener` until `shutdown` completes, then stops accepting,
 /// lets every connection finish the requests it has read, and returns.
-pub async fn run(
-    listener: TcpListener,
-    handler: Arc<dyn Handler>,
-    limits: Limits,
-    shutdown: impl Future,
-) {
+pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limits, shutdown: impl Future) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(limits.connections_max));
@@ -110,10 +104,7 @@ pub async fn run(
     info!("kafka listener stopped accepting; draining connections");
     let _ = stop_tx.send(true);
     drop(done_tx);
-    if tokio::time::timeout(limits.shutdown_grace, done_rx.recv())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(limits.shutdown_grace, done_rx.recv()).await.is_err() {
         warn!(grace = ?limits.shutdown_grace, "connections still open after the shutdown grace period");
     }
 }
@@ -136,13 +127,7 @@ impl Connection {
         let _ = socket.set_nodelay(true);
         let (read, write) = socket.into_split();
         let (tx, mut rx) = mpsc::channel::<Decoded>(self.limits.in_flight_per_connection.max(1));
-        let reader = tokio::spawn(read_loop(
-            read,
-            tx,
-            self.limits.clone(),
-            self.stop.clone(),
-            self.peer,
-        ));
+        let reader = tokio::spawn(read_loop(read, tx, self.limits.clone(), self.stop.clone(), self.peer));
         let mut writer = BufWriter::new(write);
         while let Some((header, request)) = rx.recv().await {
             if let Err(e) = self.answer(&mut writer, header, request).await {
@@ -166,9 +151,7 @@ impl Connection {
         } else {
             let wants_answer = expects_response(&request);
             let response = self.handler.handle(request, &header).await;
-            wants_answer
-                .then(|| encode_response(&header, &response))
-                .transpose()?
+            wants_answer.then(|| encode_response(&header, &response)).transpose()?
         };
         if let Some(frame) = frame {
             writer.write_all(&frame).await?;

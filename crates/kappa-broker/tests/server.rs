@@ -9,8 +9,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, MetadataRequest, MetadataResponse,
-    ProduceResponse, RequestHeader, RequestKind, ResponseKind,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, MetadataRequest, MetadataResponse, ProduceResponse,
+    RequestHeader, RequestKind, ResponseKind,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kappa_broker::legacy::{message_set, records_v2};
@@ -28,55 +28,38 @@ struct TestHandler {
 }
 
 impl Handler for TestHandler {
-    fn handle<'a>(
-        &'a self,
-        request: Request,
-        header: &'a RequestHeader,
-    ) -> BoxFuture<'a, Response> {
+    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader) -> BoxFuture<'a, Response> {
         Box::pin(async move {
-            if let Some(ms) = header
-                .client_id
-                .as_deref()
-                .and_then(|c| c.strip_prefix("sleep-"))
-            {
+            if let Some(ms) = header.client_id.as_deref().and_then(|c| c.strip_prefix("sleep-")) {
                 tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
             }
-            self.seen
-                .lock()
-                .unwrap()
-                .push((header.clone(), request.clone()));
+            self.seen.lock().unwrap().push((header.clone(), request.clone()));
             match request {
                 RequestKind::Produce(p) => ResponseKind::Produce(
                     ProduceResponse::default().with_responses(
                         p.topic_data
                             .iter()
                             .map(|t| {
-                                TopicProduceResponse::default()
-                                    .with_name(t.name.clone())
-                                    .with_partition_responses(
-                                        t.partition_data
-                                            .iter()
-                                            .map(|pd| {
-                                                PartitionProduceResponse::default()
-                                                    .with_index(pd.index)
-                                                    .with_base_offset(0)
-                                            })
-                                            .collect(),
-                                    )
+                                TopicProduceResponse::default().with_name(t.name.clone()).with_partition_responses(
+                                    t.partition_data
+                                        .iter()
+                                        .map(|pd| {
+                                            PartitionProduceResponse::default().with_index(pd.index).with_base_offset(0)
+                                        })
+                                        .collect(),
+                                )
                             })
                             .collect(),
                     ),
                 ),
-                _ => ResponseKind::Metadata(
-                    MetadataResponse::default()
-                        .with_controller_id(BrokerId(0))
-                        .with_brokers(vec![
+                _ => ResponseKind::Metadata(MetadataResponse::default().with_controller_id(BrokerId(0)).with_brokers(
+                    vec![
                             MetadataResponseBroker::default()
                                 .with_node_id(BrokerId(0))
                                 .with_host(StrBytes::from_static_str("127.0.0.1"))
                                 .with_port(self.port as i32),
-                        ]),
-                ),
+                        ],
+                )),
             }
         })
     }
@@ -92,33 +75,15 @@ struct Server {
 async fn start(limits: Limits) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let handler = Arc::new(TestHandler {
-        port: addr.port(),
-        seen: Mutex::new(Vec::new()),
-    });
+    let handler = Arc::new(TestHandler { port: addr.port(), seen: Mutex::new(Vec::new()) });
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(kappa_broker::run(
-        listener,
-        handler.clone(),
-        limits,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    Server {
-        addr,
-        handler,
-        stop,
-        task,
-    }
+    let task = tokio::spawn(kappa_broker::run(listener, handler.clone(), limits, async {
+        let _ = stopped.await;
+    }));
+    Server { addr, handler, stop, task }
 }
 
-fn header(
-    key: ApiKey,
-    version: i16,
-    correlation_id: i32,
-    client_id: &'static str,
-) -> RequestHeader {
+fn header(key: ApiKey, version: i16, correlation_id: i32, client_id: &'static str) -> RequestHeader {
     RequestHeader::default()
         .with_request_api_key(key as i16)
         .with_request_api_version(version)
@@ -130,11 +95,7 @@ fn header(
 fn request_frame<T: Encodable>(h: &RequestHeader, body: &T) -> Vec<u8> {
     let key = ApiKey::try_from(h.request_api_key).unwrap();
     let mut payload = BytesMut::new();
-    h.encode(
-        &mut payload,
-        key.request_header_version(h.request_api_version),
-    )
-    .unwrap();
+    h.encode(&mut payload, key.request_header_version(h.request_api_version)).unwrap();
     body.encode(&mut payload, h.request_api_version).unwrap();
     raw_frame(&payload)
 }
@@ -148,10 +109,7 @@ fn raw_frame(payload: &[u8]) -> Vec<u8> {
 /// Reads one response frame; None if the server closed the connection.
 async fn recv(stream: &mut TcpStream) -> Option<Bytes> {
     let mut size = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut size))
-        .await
-        .expect("response in time")
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut size)).await.expect("response in time").ok()?;
     let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
     stream.read_exact(&mut body).await.ok()?;
     Some(Bytes::from(body))
@@ -162,37 +120,17 @@ async fn api_versions(addr: SocketAddr, version: i16) -> (i32, ApiVersionsRespon
     let req = ApiVersionsRequest::default()
         .with_client_software_name(StrBytes::from_static_str("test"))
         .with_client_software_version(StrBytes::from_static_str("1.0"));
-    s.write_all(&request_frame(
-        &header(ApiKey::ApiVersions, version, 7, "t"),
-        &req,
-    ))
-    .await
-    .unwrap();
+    s.write_all(&request_frame(&header(ApiKey::ApiVersions, version, 7, "t"), &req)).await.unwrap();
     let frame = recv(&mut s).await.expect("a response");
     let mut body = frame.clone();
     let correlation_id = body.get_i32(); // response header v0, always
-    let decode_version = if version > API_SUPPORT.range(ApiKey::ApiVersions).unwrap().max {
-        0
-    } else {
-        version
-    };
-    (
-        correlation_id,
-        ApiVersionsResponse::decode(&mut body, decode_version).unwrap(),
-        frame,
-    )
+    let decode_version = if version > API_SUPPORT.range(ApiKey::ApiVersions).unwrap().max { 0 } else { version };
+    (correlation_id, ApiVersionsResponse::decode(&mut body, decode_version).unwrap(), frame)
 }
 
 fn assert_matches_table(resp: &ApiVersionsResponse) {
-    let got: Vec<(i16, i16, i16)> = resp
-        .api_keys
-        .iter()
-        .map(|k| (k.api_key, k.min_version, k.max_version))
-        .collect();
-    let want: Vec<(i16, i16, i16)> = API_SUPPORT
-        .iter()
-        .map(|r| (r.key as i16, r.min, r.max))
-        .collect();
+    let got: Vec<(i16, i16, i16)> = resp.api_keys.iter().map(|k| (k.api_key, k.min_version, k.max_version)).collect();
+    let want: Vec<(i16, i16, i16)> = API_SUPPORT.iter().map(|r| (r.key as i16, r.min, r.max)).collect();
     assert_eq!(got, want);
 }
 
@@ -207,10 +145,7 @@ async fn api_versions_v0_and_v3() {
     assert_matches_table(&v3);
     // No tagged fields anywhere: the body ends with throttle_time_ms then an empty tag buffer.
     assert_eq!(&frame[frame.len() - 5..], &[0, 0, 0, 0, 0]);
-    assert!(
-        server.handler.seen.lock().unwrap().is_empty(),
-        "ApiVersions is answered by the protocol layer"
-    );
+    assert!(server.handler.seen.lock().unwrap().is_empty(), "ApiVersions is answered by the protocol layer");
 }
 
 #[tokio::test]
@@ -226,33 +161,20 @@ async fn unsupported_api_versions_gets_error_35_in_v0_layout() {
     // A far-future version with a body we cannot parse gets the same answer.
     let mut s = TcpStream::connect(server.addr).await.unwrap();
     let mut p = BytesMut::new();
-    header(ApiKey::ApiVersions, 127, 8, "t")
-        .encode(&mut p, 2)
-        .unwrap();
+    header(ApiKey::ApiVersions, 127, 8, "t").encode(&mut p, 2).unwrap();
     p.put_slice(&[0xde, 0xad, 0xbe, 0xef]);
     s.write_all(&raw_frame(&p)).await.unwrap();
     let mut frame = recv(&mut s).await.unwrap();
     assert_eq!(frame.len(), v0_len);
     assert_eq!(frame.get_i32(), 8);
-    assert_eq!(
-        ApiVersionsResponse::decode(&mut frame, 0)
-            .unwrap()
-            .error_code,
-        35
-    );
+    assert_eq!(ApiVersionsResponse::decode(&mut frame, 0).unwrap().error_code, 35);
 }
 
 #[tokio::test]
 async fn oversized_frame_closes_only_that_connection() {
-    let server = start(Limits {
-        request_bytes_max: 1024,
-        ..Limits::default()
-    })
-    .await;
+    let server = start(Limits { request_bytes_max: 1024, ..Limits::default() }).await;
     let mut bad = TcpStream::connect(server.addr).await.unwrap();
-    bad.write_all(&(200 * 1024 * 1024i32).to_be_bytes())
-        .await
-        .unwrap();
+    bad.write_all(&(200 * 1024 * 1024i32).to_be_bytes()).await.unwrap();
     assert!(recv(&mut bad).await.is_none());
     let (_, resp, _) = api_versions(server.addr, 3).await;
     assert_eq!(resp.error_code, 0);
@@ -263,9 +185,7 @@ async fn garbage_after_valid_header_closes_only_that_connection() {
     let server = start(Limits::default()).await;
     let mut bad = TcpStream::connect(server.addr).await.unwrap();
     let mut payload = BytesMut::new();
-    header(ApiKey::Metadata, 1, 1, "t")
-        .encode(&mut payload, 1)
-        .unwrap();
+    header(ApiKey::Metadata, 1, 1, "t").encode(&mut payload, 1).unwrap();
     payload.put_slice(&[0, 0, 0, 5, 0xff]); // five topics promised, one byte given
     bad.write_all(&raw_frame(&payload)).await.unwrap();
     assert!(recv(&mut bad).await.is_none());
@@ -291,15 +211,9 @@ async fn pipelined_requests_are_answered_in_order() {
     let mut all = Vec::new();
     // The first is the slowest; its answer must still come first.
     for (cid, client) in [(1, "sleep-150"), (2, "sleep-0"), (3, "sleep-50")] {
-        all.extend(request_frame(
-            &header(ApiKey::Metadata, 1, cid, client),
-            &MetadataRequest::default(),
-        ));
+        all.extend(request_frame(&header(ApiKey::Metadata, 1, cid, client), &MetadataRequest::default()));
     }
-    all.extend(request_frame(
-        &header(ApiKey::ApiVersions, 0, 4, "t"),
-        &ApiVersionsRequest::default(),
-    ));
+    all.extend(request_frame(&header(ApiKey::ApiVersions, 0, 4, "t"), &ApiVersionsRequest::default()));
     s.write_all(&all).await.unwrap();
     for expected in 1..=4 {
         let mut frame = recv(&mut s).await.unwrap();
@@ -313,9 +227,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 fn legacy_produce_v2(acks: i16, set: &[u8]) -> Vec<u8> {
     let mut p = BytesMut::new();
-    header(ApiKey::Produce, 2, 11, "kafka-node")
-        .encode(&mut p, 1)
-        .unwrap();
+    header(ApiKey::Produce, 2, 11, "kafka-node").encode(&mut p, 1).unwrap();
     p.put_i16(acks);
     p.put_i32(1000);
     p.put_i32(1);
@@ -350,9 +262,7 @@ async fn legacy_produce_v2_is_up_converted_and_answered_in_v2_layout() {
     expected.put_i32(0);
     assert_eq!(frame, expected.freeze());
     let seen = server.handler.seen.lock().unwrap();
-    let RequestKind::Produce(p) = &seen[0].1 else {
-        panic!("not a produce")
-    };
+    let RequestKind::Produce(p) = &seen[0].1 else { panic!("not a produce") };
     let batch = p.topic_data[0].partition_data[0].records.clone().unwrap();
     let h = kappa_log::batch::validate(&batch, 1 << 20).unwrap();
     let records = records_v2::batch_records(&h, &batch, 1 << 20).unwrap();
@@ -367,47 +277,25 @@ async fn produce_with_acks_0_gets_no_response() {
     message_set::encode_message(&mut set, 0, 1, 0, 1, None, Some(b"v"));
     let mut s = TcpStream::connect(server.addr).await.unwrap();
     let mut both = legacy_produce_v2(0, &set);
-    both.extend(request_frame(
-        &header(ApiKey::ApiVersions, 0, 12, "t"),
-        &ApiVersionsRequest::default(),
-    ));
+    both.extend(request_frame(&header(ApiKey::ApiVersions, 0, 12, "t"), &ApiVersionsRequest::default()));
     s.write_all(&both).await.unwrap();
     let mut frame = recv(&mut s).await.unwrap();
-    assert_eq!(
-        frame.get_i32(),
-        12,
-        "the first answer is the ApiVersions one"
-    );
-    assert_eq!(
-        server.handler.seen.lock().unwrap().len(),
-        1,
-        "the produce was still handled"
-    );
+    assert_eq!(frame.get_i32(), 12, "the first answer is the ApiVersions one");
+    assert_eq!(server.handler.seen.lock().unwrap().len(), 1, "the produce was still handled");
 }
 
 #[tokio::test]
 async fn connections_over_the_limit_are_closed() {
-    let server = start(Limits {
-        connections_max: 1,
-        ..Limits::default()
-    })
-    .await;
+    let server = start(Limits { connections_max: 1, ..Limits::default() }).await;
     let mut first = TcpStream::connect(server.addr).await.unwrap();
     first
-        .write_all(&request_frame(
-            &header(ApiKey::ApiVersions, 0, 1, "t"),
-            &ApiVersionsRequest::default(),
-        ))
+        .write_all(&request_frame(&header(ApiKey::ApiVersions, 0, 1, "t"), &ApiVersionsRequest::default()))
         .await
         .unwrap();
     assert!(recv(&mut first).await.is_some());
     let mut second = TcpStream::connect(server.addr).await.unwrap();
-    let _ = second
-        .write_all(&request_frame(
-            &header(ApiKey::ApiVersions, 0, 2, "t"),
-            &ApiVersionsRequest::default(),
-        ))
-        .await;
+    let _ =
+        second.write_all(&request_frame(&header(ApiKey::ApiVersions, 0, 2, "t"), &ApiVersionsRequest::default())).await;
     assert!(recv(&mut second).await.is_none());
     drop(first);
     // The permit comes back when the first connection ends.
@@ -420,51 +308,30 @@ async fn connections_over_the_limit_are_closed() {
 async fn shutdown_finishes_in_flight_requests_then_stops() {
     let server = start(Limits::default()).await;
     let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(&request_frame(
-        &header(ApiKey::Metadata, 1, 5, "sleep-200"),
-        &MetadataRequest::default(),
-    ))
-    .await
-    .unwrap();
+    s.write_all(&request_frame(&header(ApiKey::Metadata, 1, 5, "sleep-200"), &MetadataRequest::default()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await; // let the request be read
     server.stop.send(()).unwrap();
     let mut frame = recv(&mut s).await.expect("in-flight request answered");
     assert_eq!(frame.get_i32(), 5);
     assert!(recv(&mut s).await.is_none(), "then the connection closes");
-    tokio::time::timeout(Duration::from_secs(5), server.task)
-        .await
-        .expect("run returns")
-        .unwrap();
-    assert!(
-        TcpStream::connect(server.addr).await.is_err(),
-        "no longer accepting"
-    );
+    tokio::time::timeout(Duration::from_secs(5), server.task).await.expect("run returns").unwrap();
+    assert!(TcpStream::connect(server.addr).await.is_err(), "no longer accepting");
 }
 
 /// librdkafka 2.0.2 (Debian kcat) skips tagged fields wrongly; a metadata listing proves the
 /// ApiVersions v3 handshake and flexible headers work with it. Skipped without kcat.
 #[tokio::test]
 async fn kcat_lists_metadata() {
-    if std::process::Command::new("kcat")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
+    if std::process::Command::new("kcat").arg("-V").output().is_err() {
         eprintln!("kcat not installed; skipping");
         return;
     }
     let server = start(Limits::default()).await;
     let brokers = server.addr.to_string();
-    let out = tokio::process::Command::new("kcat")
-        .args(["-L", "-b", &brokers, "-m", "5"])
-        .output()
-        .await
-        .unwrap();
+    let out = tokio::process::Command::new("kcat").args(["-L", "-b", &brokers, "-m", "5"]).output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "kcat failed: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "kcat failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("1 brokers"), "{stdout}");
 }

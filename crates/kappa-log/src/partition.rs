@@ -261,6 +261,11 @@ impl Partition {
         self.lock_inner().segments.iter().map(|s| s.size).sum()
     }
 
+    /// The largest record timestamp in the partition, if it holds any record.
+    pub fn max_timestamp(&self) -> Option<i64> {
+        self.lock_inner().segments.iter().map(|s| s.max_timestamp).max().filter(|&t| t >= 0)
+    }
+
     pub fn segment_count(&self) -> usize {
         self.lock_inner().segments.len()
     }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kappa_broker::server::Limits;
+use kappa_broker::{Broker, BrokerConfig};
 use kappa_log::{Log, LogOptions};
 
 use crate::settings::{ServeArgs, Settings};
@@ -65,8 +67,14 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         let log = Arc::new(log);
         let maintenance = tokio::spawn(maintain(log.clone(), settings.maintenance_interval));
-        tracing::info!(kafka_listen = %settings.kafka_listen, http_listen = %settings.http_listen, "kappa is running; stop with Ctrl-C or SIGTERM");
-        shutdown_signal().await;
+        let listener = tokio::net::TcpListener::bind(settings.kafka_listen)
+            .await
+            .with_context(|| format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen))?;
+        let kafka_port = listener.local_addr()?.port();
+        let config = BrokerConfig { advertised_host: settings.advertised_host.clone(), advertised_port: i32::from(kafka_port), ..BrokerConfig::default() };
+        let broker = Broker::open(log.clone(), config).await.context("opening the group and transaction coordinators")?;
+        tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, "kappa is running; stop with Ctrl-C or SIGTERM");
+        kappa_broker::run(listener, broker, Limits::default(), shutdown_signal()).await;
         tracing::info!("shutting down: flushing and writing checkpoints");
         maintenance.abort();
         tokio::task::spawn_blocking(move || log.close()).await?.context("writing the clean-shutdown checkpoint")?;

@@ -43,13 +43,12 @@ pub fn decompress(codec: Codec, data: &[u8], max: usize) -> Result<Vec<u8>, Mess
         Codec::Gzip => read_bounded(flate2::read::MultiGzDecoder::new(data), max),
         Codec::Snappy => snappy(data, max),
         Codec::Lz4 => {
-            let decoder =
-                lz4::Decoder::new(data).map_err(|e| MessageSetError::Decompress(e.to_string()))?;
+            let decoder = lz4::Decoder::new(data).map_err(|e| MessageSetError::Decompress(e.to_string()))?;
             read_bounded(decoder, max)
         }
         Codec::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(data)
-                .map_err(|e| MessageSetError::Decompress(e.to_string()))?;
+            let decoder =
+                zstd::stream::read::Decoder::new(data).map_err(|e| MessageSetError::Decompress(e.to_string()))?;
             read_bounded(decoder, max)
         }
     }
@@ -57,10 +56,7 @@ pub fn decompress(codec: Codec, data: &[u8], max: usize) -> Result<Vec<u8>, Mess
 
 fn read_bounded<R: Read>(reader: R, max: usize) -> Result<Vec<u8>, MessageSetError> {
     let mut out = Vec::new();
-    reader
-        .take(max as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| MessageSetError::Decompress(e.to_string()))?;
+    reader.take(max as u64 + 1).read_to_end(&mut out).map_err(|e| MessageSetError::Decompress(e.to_string()))?;
     if out.len() > max {
         return Err(MessageSetError::TooLarge { max });
     }
@@ -74,24 +70,18 @@ fn snappy(data: &[u8], max: usize) -> Result<Vec<u8>, MessageSetError> {
         return Ok(out);
     }
     if data.len() < XERIAL_HEADER_BYTES {
-        return Err(MessageSetError::Decompress(
-            "truncated xerial snappy header".into(),
-        ));
+        return Err(MessageSetError::Decompress("truncated xerial snappy header".into()));
     }
     let mut rest = &data[XERIAL_HEADER_BYTES..];
     let mut out = Vec::new();
     while !rest.is_empty() {
         if rest.len() < 4 {
-            return Err(MessageSetError::Decompress(
-                "truncated xerial snappy chunk length".into(),
-            ));
+            return Err(MessageSetError::Decompress("truncated xerial snappy chunk length".into()));
         }
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         rest = &rest[4..];
         if len > rest.len() {
-            return Err(MessageSetError::Decompress(
-                "xerial snappy chunk overruns its data".into(),
-            ));
+            return Err(MessageSetError::Decompress("xerial snappy chunk overruns its data".into()));
         }
         snappy_block(&rest[..len], &mut out, max)?;
         rest = &rest[len..];
@@ -101,8 +91,7 @@ fn snappy(data: &[u8], max: usize) -> Result<Vec<u8>, MessageSetError> {
 
 /// Appends one raw snappy block, checking its declared length before allocating.
 fn snappy_block(block: &[u8], out: &mut Vec<u8>, max: usize) -> Result<(), MessageSetError> {
-    let len =
-        snap::raw::decompress_len(block).map_err(|e| MessageSetError::Decompress(e.to_string()))?;
+    let len = snap::raw::decompress_len(block).map_err(|e| MessageSetError::Decompress(e.to_string()))?;
     if out.len() + len > max {
         return Err(MessageSetError::TooLarge { max });
     }
@@ -133,10 +122,7 @@ mod tests {
             xerial.extend_from_slice(&c);
         }
         assert_eq!(decompress(Codec::Snappy, &xerial, 1 << 20).unwrap(), data);
-        assert!(matches!(
-            decompress(Codec::Snappy, &xerial, 100),
-            Err(MessageSetError::TooLarge { .. })
-        ));
+        assert!(matches!(decompress(Codec::Snappy, &xerial, 100), Err(MessageSetError::TooLarge { .. })));
     }
 
     #[test]
@@ -144,13 +130,7 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&vec![0u8; 1 << 20]).unwrap();
         let gz = enc.finish().unwrap();
-        assert_eq!(
-            decompress(Codec::Gzip, &gz, 1 << 20).unwrap().len(),
-            1 << 20
-        );
-        assert!(matches!(
-            decompress(Codec::Gzip, &gz, 1000),
-            Err(MessageSetError::TooLarge { .. })
-        ));
+        assert_eq!(decompress(Codec::Gzip, &gz, 1 << 20).unwrap().len(), 1 << 20);
+        assert!(matches!(decompress(Codec::Gzip, &gz, 1000), Err(MessageSetError::TooLarge { .. })));
     }
 }

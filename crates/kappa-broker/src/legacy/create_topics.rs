@@ -25,16 +25,12 @@ pub fn decode_request(version: i16, body: &mut Bytes) -> Result<CreateTopicsRequ
         let assignments = r.array("assignments", 8, |r| {
             let partition_index = r.i32()?;
             let broker_ids = r.array("broker_ids", 4, |r| r.i32().map(BrokerId))?;
-            Ok(CreatableReplicaAssignment::default()
-                .with_partition_index(partition_index)
-                .with_broker_ids(broker_ids))
+            Ok(CreatableReplicaAssignment::default().with_partition_index(partition_index).with_broker_ids(broker_ids))
         })?;
         let configs = r.array("configs", 4, |r| {
             let name = r.string("config_name")?;
             let value = r.nullable_string("config_value")?;
-            Ok(CreatableTopicConfig::default()
-                .with_name(name)
-                .with_value(value))
+            Ok(CreatableTopicConfig::default().with_name(name).with_value(value))
         })?;
         Ok(CreatableTopic::default()
             .with_name(name.into())
@@ -45,10 +41,7 @@ pub fn decode_request(version: i16, body: &mut Bytes) -> Result<CreateTopicsRequ
     })?;
     let timeout_ms = r.i32()?;
     let validate_only = if version >= 1 { r.bool()? } else { false };
-    Ok(CreateTopicsRequest::default()
-        .with_topics(topics)
-        .with_timeout_ms(timeout_ms)
-        .with_validate_only(validate_only))
+    Ok(CreateTopicsRequest::default().with_topics(topics).with_timeout_ms(timeout_ms).with_validate_only(validate_only))
 }
 
 pub fn encode_response(version: i16, resp: &CreateTopicsResponse, out: &mut BytesMut) {
@@ -89,10 +82,7 @@ mod tests {
             }
             let req = decode_request(version, &mut b.freeze()).unwrap();
             let t = &req.topics[0];
-            assert_eq!(
-                (&**t.name, t.num_partitions, t.replication_factor),
-                ("t", 3, 1)
-            );
+            assert_eq!((&**t.name, t.num_partitions, t.replication_factor), ("t", 3, 1));
             assert_eq!(t.assignments[0].broker_ids, vec![BrokerId(7)]);
             assert_eq!(t.configs[0].value.as_deref(), Some("compact"));
             assert_eq!(req.timeout_ms, 5000);

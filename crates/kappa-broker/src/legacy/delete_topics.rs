@@ -15,9 +15,7 @@ pub fn decode_request(body: &mut Bytes) -> Result<DeleteTopicsRequest, LegacyErr
     let mut r = Reader::new(body);
     let names = r.array("topic_names", 2, |r| r.string("topic_name").map(Into::into))?;
     let timeout_ms = r.i32()?;
-    Ok(DeleteTopicsRequest::default()
-        .with_topic_names(names)
-        .with_timeout_ms(timeout_ms))
+    Ok(DeleteTopicsRequest::default().with_topic_names(names).with_timeout_ms(timeout_ms))
 }
 
 pub fn encode_response(resp: &DeleteTopicsResponse, out: &mut BytesMut) {
@@ -47,9 +45,7 @@ mod tests {
         assert_eq!(req.timeout_ms, 1000);
 
         let resp = DeleteTopicsResponse::default().with_responses(vec![
-            DeletableTopicResult::default()
-                .with_name(Some(StrBytes::from_static_str("a").into()))
-                .with_error_code(3),
+            DeletableTopicResult::default().with_name(Some(StrBytes::from_static_str("a").into())).with_error_code(3),
         ]);
         let mut out = BytesMut::new();
         encode_response(&resp, &mut out);

@@ -35,9 +35,7 @@ pub fn decode_request(version: i16, body: &mut Bytes) -> Result<FetchRequest, Le
                 .with_fetch_offset(r.i64()?)
                 .with_partition_max_bytes(r.i32()?))
         })?;
-        Ok(FetchTopic::default()
-            .with_topic(topic.into())
-            .with_partitions(partitions))
+        Ok(FetchTopic::default().with_topic(topic.into()).with_partitions(partitions))
     })?;
     Ok(FetchRequest::default()
         .with_replica_id(BrokerId(replica_id))
@@ -63,11 +61,8 @@ pub fn encode_response(version: i16, resp: &FetchResponse, out: &mut BytesMut) {
         put_array_len(out, topic.partitions.len());
         for p in &topic.partitions {
             let records = p.records.as_deref().unwrap_or_default();
-            let (error_code, set) = match message_set::down_convert(
-                records,
-                magic_for(version),
-                DECOMPRESSED_BYTES_MAX,
-            ) {
+            let (error_code, set) = match message_set::down_convert(records, magic_for(version), DECOMPRESSED_BYTES_MAX)
+            {
                 Ok(set) => (p.error_code, set),
                 Err(e) => {
                     warn!(topic = %&*topic.topic, partition = p.partition_index, error = %e, "down-conversion failed");
@@ -113,10 +108,7 @@ mod tests {
             assert_eq!(req.max_wait_ms, 100);
             assert_eq!(req.max_bytes, if version >= 3 { 1 << 20 } else { i32::MAX });
             let p = &req.topics[0].partitions[0];
-            assert_eq!(
-                (p.partition, p.fetch_offset, p.partition_max_bytes),
-                (0, 17, 4096)
-            );
+            assert_eq!((p.partition, p.fetch_offset, p.partition_max_bytes), (0, 17, 4096));
         }
     }
 
@@ -126,14 +118,14 @@ mod tests {
         builder.base_offset = 17;
         let batch = Bytes::from(builder.build());
         let resp = FetchResponse::default().with_responses(vec![
-            FetchableTopicResponse::default()
-                .with_topic(StrBytes::from_static_str("events").into())
-                .with_partitions(vec![
+            FetchableTopicResponse::default().with_topic(StrBytes::from_static_str("events").into()).with_partitions(
+                vec![
                     PartitionData::default()
                         .with_partition_index(0)
                         .with_high_watermark(18)
                         .with_records(Some(batch.clone())),
-                ]),
+                ],
+            ),
         ]);
         for version in 0..=3 {
             let mut out = BytesMut::new();

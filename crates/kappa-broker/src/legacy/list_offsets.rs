@@ -19,19 +19,13 @@ pub fn decode_request(body: &mut Bytes) -> Result<ListOffsetsRequest, LegacyErro
     let topics = r.array("topics", 6, |r| {
         let name = r.string("topic")?;
         let partitions = r.array("partitions", 16, |r| {
-            let partition = ListOffsetsPartition::default()
-                .with_partition_index(r.i32()?)
-                .with_timestamp(r.i64()?);
+            let partition = ListOffsetsPartition::default().with_partition_index(r.i32()?).with_timestamp(r.i64()?);
             let _max_num_offsets = r.i32()?;
             Ok(partition)
         })?;
-        Ok(ListOffsetsTopic::default()
-            .with_name(name.into())
-            .with_partitions(partitions))
+        Ok(ListOffsetsTopic::default().with_name(name.into()).with_partitions(partitions))
     })?;
-    Ok(ListOffsetsRequest::default()
-        .with_replica_id(BrokerId(replica_id))
-        .with_topics(topics))
+    Ok(ListOffsetsRequest::default().with_replica_id(BrokerId(replica_id)).with_topics(topics))
 }
 
 pub fn encode_response(resp: &ListOffsetsResponse, out: &mut BytesMut) {
@@ -56,9 +50,7 @@ pub fn encode_response(resp: &ListOffsetsResponse, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::messages::list_offsets_response::{
-        ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
-    };
+    use kafka_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
     use kafka_protocol::protocol::StrBytes;
 
     #[test]
@@ -81,17 +73,10 @@ mod tests {
     #[test]
     fn encodes_old_style_offsets() {
         let resp = ListOffsetsResponse::default().with_topics(vec![
-            ListOffsetsTopicResponse::default()
-                .with_name(StrBytes::from_static_str("t").into())
-                .with_partitions(vec![
-                    ListOffsetsPartitionResponse::default()
-                        .with_partition_index(0)
-                        .with_offset(42),
-                    ListOffsetsPartitionResponse::default()
-                        .with_partition_index(1)
-                        .with_error_code(3)
-                        .with_offset(-1),
-                ]),
+            ListOffsetsTopicResponse::default().with_name(StrBytes::from_static_str("t").into()).with_partitions(vec![
+                ListOffsetsPartitionResponse::default().with_partition_index(0).with_offset(42),
+                ListOffsetsPartitionResponse::default().with_partition_index(1).with_error_code(3).with_offset(-1),
+            ]),
         ]);
         let mut out = BytesMut::new();
         encode_response(&resp, &mut out);

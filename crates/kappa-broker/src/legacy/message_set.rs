@@ -90,16 +90,9 @@ pub fn decode(
 }
 
 /// Splits the next `(offset, message bytes)` off `buf`.
-fn next_entry(
-    buf: &mut Bytes,
-    allow_partial: bool,
-) -> Result<Option<(i64, Bytes)>, MessageSetError> {
+fn next_entry(buf: &mut Bytes, allow_partial: bool) -> Result<Option<(i64, Bytes)>, MessageSetError> {
     let partial = |allow: bool| {
-        if allow {
-            Ok(None)
-        } else {
-            Err(MessageSetError::Truncated)
-        }
+        if allow { Ok(None) } else { Err(MessageSetError::Truncated) }
     };
     if buf.remaining() < ENTRY_OVERHEAD {
         return partial(allow_partial);
@@ -117,10 +110,7 @@ fn next_entry(
 }
 
 /// Parses one message; for a wrapper, also returns its codec and compressed value.
-fn parse_message(
-    offset: i64,
-    msg: Bytes,
-) -> Result<(LegacyMessage, Codec, Bytes), MessageSetError> {
+fn parse_message(offset: i64, msg: Bytes) -> Result<(LegacyMessage, Codec, Bytes), MessageSetError> {
     let expected = u32::from_be_bytes(msg[..4].try_into().expect("4 bytes"));
     let actual = CRC32.checksum(&msg[4..]);
     if expected != actual {
@@ -132,28 +122,13 @@ fn parse_message(
     if magic != 0 && magic != 1 {
         return Err(MessageSetError::BadMagic(magic));
     }
-    let timestamp = if magic == 1 {
-        take_i64(&mut b)?
-    } else {
-        NO_TIMESTAMP
-    };
+    let timestamp = if magic == 1 { take_i64(&mut b)? } else { NO_TIMESTAMP };
     let key = take_bytes(&mut b)?;
     let value = take_bytes(&mut b)?;
     let codec = Codec::from_bits(attributes & ATTR_CODEC_MASK)?;
     let log_append_time = magic == 1 && attributes & ATTR_LOG_APPEND_TIME != 0;
     let inner = value.clone().unwrap_or_default();
-    Ok((
-        LegacyMessage {
-            offset,
-            magic,
-            timestamp,
-            log_append_time,
-            key,
-            value,
-        },
-        codec,
-        inner,
-    ))
+    Ok((LegacyMessage { offset, magic, timestamp, log_append_time, key, value }, codec, inner))
 }
 
 fn take_i64(b: &mut Bytes) -> Result<i64, MessageSetError> {
@@ -235,11 +210,7 @@ pub fn up_convert(data: &Bytes, max_decompressed: usize) -> Result<Vec<u8>, Mess
 /// Down-converts concatenated RecordBatch v2 bytes (as a fetch returns them) into an
 /// uncompressed message set of `magic` 0 or 1. Control batches are skipped; a trailing
 /// partial batch is dropped, as a fetch may end mid-batch.
-pub fn down_convert(
-    batches: &[u8],
-    magic: i8,
-    max_decompressed: usize,
-) -> Result<Bytes, MessageSetError> {
+pub fn down_convert(batches: &[u8], magic: i8, max_decompressed: usize) -> Result<Bytes, MessageSetError> {
     if magic != 0 && magic != 1 {
         return Err(MessageSetError::BadMagic(magic));
     }
@@ -257,10 +228,7 @@ pub fn down_convert(
             break;
         }
         if header.magic != 2 {
-            return Err(MessageSetError::Batch(format!(
-                "stored batch has magic {}",
-                header.magic
-            )));
+            return Err(MessageSetError::Batch(format!("stored batch has magic {}", header.magic)));
         }
         if !header.is_control() {
             for r in records_v2::batch_records(&header, &rest[..total], max_decompressed)? {
@@ -274,20 +242,8 @@ pub fn down_convert(
 
 /// Appends one uncompressed message entry with a fresh CRC.
 fn put_message(out: &mut BytesMut, magic: i8, r: &records_v2::V2Record) {
-    let attributes = if magic == 1 && r.log_append_time {
-        ATTR_LOG_APPEND_TIME
-    } else {
-        0
-    };
-    encode_message(
-        out,
-        r.offset,
-        magic,
-        attributes,
-        r.timestamp,
-        r.key.as_deref(),
-        r.value.as_deref(),
-    );
+    let attributes = if magic == 1 && r.log_append_time { ATTR_LOG_APPEND_TIME } else { 0 };
+    encode_message(out, r.offset, magic, attributes, r.timestamp, r.key.as_deref(), r.value.as_deref());
 }
 
 fn put_nullable(out: &mut BytesMut, data: Option<&[u8]>) {
@@ -351,19 +307,9 @@ mod tests {
     #[test]
     fn up_converts_magic1_keeping_keys_values_timestamps() {
         let batch = up_convert(&magic1_set().freeze(), MAX).unwrap();
-        let got: Vec<_> = records_of(&batch)
-            .into_iter()
-            .map(|r| (r.offset, r.timestamp, r.key, r.value))
-            .collect();
+        let got: Vec<_> = records_of(&batch).into_iter().map(|r| (r.offset, r.timestamp, r.key, r.value)).collect();
         let b = |s: &'static [u8]| Some(Bytes::from_static(s));
-        assert_eq!(
-            got,
-            vec![
-                (0, 1000, b(b"k1"), b(b"v1")),
-                (1, 1005, None, b(b"v2")),
-                (2, 999, b(b"k3"), None)
-            ]
-        );
+        assert_eq!(got, vec![(0, 1000, b(b"k1"), b(b"v1")), (1, 1005, None, b(b"v2")), (2, 999, b(b"k3"), None)]);
     }
 
     #[test]
@@ -380,21 +326,8 @@ mod tests {
 
     fn wrapper(codec: u8, compressed: &[u8], last_offset: i64, log_append: Option<i64>) -> Bytes {
         let mut set = BytesMut::new();
-        let attributes = codec
-            | if log_append.is_some() {
-                ATTR_LOG_APPEND_TIME
-            } else {
-                0
-            };
-        encode_message(
-            &mut set,
-            last_offset,
-            1,
-            attributes,
-            log_append.unwrap_or(0),
-            None,
-            Some(compressed),
-        );
+        let attributes = codec | if log_append.is_some() { ATTR_LOG_APPEND_TIME } else { 0 };
+        encode_message(&mut set, last_offset, 1, attributes, log_append.unwrap_or(0), None, Some(compressed));
         set.freeze()
     }
 
@@ -409,14 +342,8 @@ mod tests {
         assert_eq!(msgs[1].timestamp, 1005);
         // LogAppendTime on the wrapper overrides the inner timestamps.
         let msgs = decode(&wrapper(1, &gz, 2, Some(7777)), MAX, false).unwrap();
-        assert!(
-            msgs.iter()
-                .all(|m| m.timestamp == 7777 && m.log_append_time)
-        );
-        assert_eq!(
-            records_of(&up_convert(&wrapper(1, &gz, 2, None), MAX).unwrap()).len(),
-            3
-        );
+        assert!(msgs.iter().all(|m| m.timestamp == 7777 && m.log_append_time));
+        assert_eq!(records_of(&up_convert(&wrapper(1, &gz, 2, None), MAX).unwrap()).len(), 3);
     }
 
     #[test]
@@ -432,12 +359,7 @@ mod tests {
         assert_eq!(msgs.len(), 3);
         assert_eq!(msgs[0].key.as_deref(), Some(&b"k1"[..]));
         // Raw snappy (librdkafka) too.
-        assert_eq!(
-            decode(&wrapper(2, &block, 2, None), MAX, false)
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(decode(&wrapper(2, &block, 2, None), MAX, false).unwrap().len(), 3);
     }
 
     #[test]
@@ -445,17 +367,11 @@ mod tests {
         let mut set = magic1_set();
         let last = set.len() - 1;
         set[last] ^= 1;
-        assert!(matches!(
-            decode(&set.freeze(), MAX, false),
-            Err(MessageSetError::BadCrc { .. })
-        ));
+        assert!(matches!(decode(&set.freeze(), MAX, false), Err(MessageSetError::BadCrc { .. })));
 
         let mut bad_magic = BytesMut::new();
         encode_message(&mut bad_magic, 0, 2, 0, 0, None, Some(b"x"));
-        assert!(matches!(
-            decode(&bad_magic.freeze(), MAX, false),
-            Err(MessageSetError::BadMagic(2))
-        ));
+        assert!(matches!(decode(&bad_magic.freeze(), MAX, false), Err(MessageSetError::BadMagic(2))));
 
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&wrapper(0, b"", 0, None)).unwrap(); // harmless inner
@@ -463,10 +379,7 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&inner_wrapper).unwrap();
         let nested = wrapper(1, &enc.finish().unwrap(), 0, None);
-        assert_eq!(
-            decode(&nested, MAX, false),
-            Err(MessageSetError::NestedCompression)
-        );
+        assert_eq!(decode(&nested, MAX, false), Err(MessageSetError::NestedCompression));
 
         let full = magic1_set().freeze();
         let cut = full.slice(..full.len() - 3);
@@ -491,18 +404,8 @@ mod tests {
         for magic in [0i8, 1] {
             let set = down_convert(&batches, magic, MAX).unwrap();
             let msgs = decode(&set, MAX, false).unwrap();
-            let got: Vec<_> = msgs
-                .iter()
-                .map(|m| {
-                    (
-                        m.offset,
-                        m.magic,
-                        m.timestamp,
-                        m.key.clone(),
-                        m.value.clone(),
-                    )
-                })
-                .collect();
+            let got: Vec<_> =
+                msgs.iter().map(|m| (m.offset, m.magic, m.timestamp, m.key.clone(), m.value.clone())).collect();
             let ts = |t: i64| if magic == 1 { t } else { NO_TIMESTAMP };
             let b = |s: &'static [u8]| Some(Bytes::from_static(s));
             assert_eq!(
@@ -519,11 +422,7 @@ mod tests {
     #[test]
     fn down_convert_drops_partial_tail_and_control_batches() {
         let mut batches = v2_batch(0, &[(Some(b"a"), Some(b"1"), 1)]);
-        let mut control = BatchBuilder::new().record(NewRecord::new(
-            Some(&[0, 0, 0, 0]),
-            Some(&[0, 0, 0, 0, 0, 0]),
-            2,
-        ));
+        let mut control = BatchBuilder::new().record(NewRecord::new(Some(&[0, 0, 0, 0]), Some(&[0, 0, 0, 0, 0, 0]), 2));
         control.base_offset = 1;
         control.control = true;
         batches.extend(control.build());

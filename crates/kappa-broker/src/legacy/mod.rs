@@ -59,22 +59,14 @@ pub fn handles(key: ApiKey, version: i16) -> bool {
 }
 
 /// Decodes a legacy request body into the modern request struct.
-pub fn decode_request(
-    key: ApiKey,
-    version: i16,
-    body: &mut Bytes,
-) -> Result<RequestKind, LegacyError> {
+pub fn decode_request(key: ApiKey, version: i16, body: &mut Bytes) -> Result<RequestKind, LegacyError> {
     Ok(match key {
         ApiKey::Produce => RequestKind::Produce(produce::decode_request(version, body)?),
         ApiKey::Fetch => RequestKind::Fetch(fetch::decode_request(version, body)?),
         ApiKey::ListOffsets => RequestKind::ListOffsets(list_offsets::decode_request(body)?),
-        ApiKey::OffsetCommit => {
-            RequestKind::OffsetCommit(offset_commit::decode_request(version, body)?)
-        }
+        ApiKey::OffsetCommit => RequestKind::OffsetCommit(offset_commit::decode_request(version, body)?),
         ApiKey::OffsetFetch => RequestKind::OffsetFetch(offset_fetch::decode_request(body)?),
-        ApiKey::CreateTopics => {
-            RequestKind::CreateTopics(create_topics::decode_request(version, body)?)
-        }
+        ApiKey::CreateTopics => RequestKind::CreateTopics(create_topics::decode_request(version, body)?),
         ApiKey::DeleteTopics => RequestKind::DeleteTopics(delete_topics::decode_request(body)?),
         other => return Err(LegacyError::NoCodec(other, version)),
     })
@@ -90,21 +82,11 @@ pub fn encode_response(
     match (key, response) {
         (ApiKey::Produce, ResponseKind::Produce(r)) => produce::encode_response(version, r, out),
         (ApiKey::Fetch, ResponseKind::Fetch(r)) => fetch::encode_response(version, r, out),
-        (ApiKey::ListOffsets, ResponseKind::ListOffsets(r)) => {
-            list_offsets::encode_response(r, out)
-        }
-        (ApiKey::OffsetCommit, ResponseKind::OffsetCommit(r)) => {
-            offset_commit::encode_response(r, out)
-        }
-        (ApiKey::OffsetFetch, ResponseKind::OffsetFetch(r)) => {
-            offset_fetch::encode_response(r, out)
-        }
-        (ApiKey::CreateTopics, ResponseKind::CreateTopics(r)) => {
-            create_topics::encode_response(version, r, out)
-        }
-        (ApiKey::DeleteTopics, ResponseKind::DeleteTopics(r)) => {
-            delete_topics::encode_response(r, out)
-        }
+        (ApiKey::ListOffsets, ResponseKind::ListOffsets(r)) => list_offsets::encode_response(r, out),
+        (ApiKey::OffsetCommit, ResponseKind::OffsetCommit(r)) => offset_commit::encode_response(r, out),
+        (ApiKey::OffsetFetch, ResponseKind::OffsetFetch(r)) => offset_fetch::encode_response(r, out),
+        (ApiKey::CreateTopics, ResponseKind::CreateTopics(r)) => create_topics::encode_response(version, r, out),
+        (ApiKey::DeleteTopics, ResponseKind::DeleteTopics(r)) => delete_topics::encode_response(r, out),
         _ => return Err(LegacyError::Mismatch),
     }
     Ok(())

@@ -10,9 +10,7 @@
 //! coordinator accepts for a group with no members. The v1 commit timestamp is dropped.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::offset_commit_request::{
-    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-};
+use kafka_protocol::messages::offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic};
 use kafka_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse};
 use kafka_protocol::protocol::StrBytes;
 
@@ -22,11 +20,8 @@ use super::wire::{Reader, put_array_len, put_string};
 pub fn decode_request(version: i16, body: &mut Bytes) -> Result<OffsetCommitRequest, LegacyError> {
     let mut r = Reader::new(body);
     let group_id = r.string("group_id")?;
-    let (generation, member_id) = if version >= 1 {
-        (r.i32()?, r.string("member_id")?)
-    } else {
-        (-1, StrBytes::default())
-    };
+    let (generation, member_id) =
+        if version >= 1 { (r.i32()?, r.string("member_id")?) } else { (-1, StrBytes::default()) };
     let topics = r.array("topics", 6, |r| {
         let name = r.string("topic")?;
         let partitions = r.array("partitions", 14, |r| {
@@ -41,9 +36,7 @@ pub fn decode_request(version: i16, body: &mut Bytes) -> Result<OffsetCommitRequ
                 .with_committed_offset(offset)
                 .with_committed_metadata(metadata))
         })?;
-        Ok(OffsetCommitRequestTopic::default()
-            .with_name(name.into())
-            .with_partitions(partitions))
+        Ok(OffsetCommitRequestTopic::default().with_name(name.into()).with_partitions(partitions))
     })?;
     Ok(OffsetCommitRequest::default()
         .with_group_id(group_id.into())
@@ -69,9 +62,7 @@ pub fn encode_response(resp: &OffsetCommitResponse, out: &mut BytesMut) {
 mod tests {
     use super::*;
     use crate::legacy::wire::put_nullable_string;
-    use kafka_protocol::messages::offset_commit_response::{
-        OffsetCommitResponsePartition, OffsetCommitResponseTopic,
-    };
+    use kafka_protocol::messages::offset_commit_response::{OffsetCommitResponsePartition, OffsetCommitResponseTopic};
 
     fn request(version: i16) -> Bytes {
         let mut b = BytesMut::new();
@@ -109,13 +100,9 @@ mod tests {
     #[test]
     fn encodes_response() {
         let resp = OffsetCommitResponse::default().with_topics(vec![
-            OffsetCommitResponseTopic::default()
-                .with_name(StrBytes::from_static_str("t").into())
-                .with_partitions(vec![
-                    OffsetCommitResponsePartition::default()
-                        .with_partition_index(2)
-                        .with_error_code(25),
-                ]),
+            OffsetCommitResponseTopic::default().with_name(StrBytes::from_static_str("t").into()).with_partitions(
+                vec![OffsetCommitResponsePartition::default().with_partition_index(2).with_error_code(25)],
+            ),
         ]);
         let mut out = BytesMut::new();
         encode_response(&resp, &mut out);

@@ -18,13 +18,9 @@ pub fn decode_request(body: &mut Bytes) -> Result<OffsetFetchRequest, LegacyErro
     let topics = r.array("topics", 6, |r| {
         let name = r.string("topic")?;
         let partitions = r.array("partitions", 4, |r| r.i32())?;
-        Ok(OffsetFetchRequestTopic::default()
-            .with_name(name.into())
-            .with_partition_indexes(partitions))
+        Ok(OffsetFetchRequestTopic::default().with_name(name.into()).with_partition_indexes(partitions))
     })?;
-    Ok(OffsetFetchRequest::default()
-        .with_group_id(group_id.into())
-        .with_topics(Some(topics)))
+    Ok(OffsetFetchRequest::default().with_group_id(group_id.into()).with_topics(Some(topics)))
 }
 
 pub fn encode_response(resp: &OffsetFetchResponse, out: &mut BytesMut) {
@@ -44,9 +40,7 @@ pub fn encode_response(resp: &OffsetFetchResponse, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::messages::offset_fetch_response::{
-        OffsetFetchResponsePartition, OffsetFetchResponseTopic,
-    };
+    use kafka_protocol::messages::offset_fetch_response::{OffsetFetchResponsePartition, OffsetFetchResponseTopic};
     use kafka_protocol::protocol::StrBytes;
 
     #[test]
@@ -67,14 +61,12 @@ mod tests {
     #[test]
     fn encodes_v0() {
         let resp = OffsetFetchResponse::default().with_topics(vec![
-            OffsetFetchResponseTopic::default()
-                .with_name(StrBytes::from_static_str("t").into())
-                .with_partitions(vec![
-                    OffsetFetchResponsePartition::default()
-                        .with_partition_index(1)
-                        .with_committed_offset(-1)
-                        .with_metadata(None),
-                ]),
+            OffsetFetchResponseTopic::default().with_name(StrBytes::from_static_str("t").into()).with_partitions(vec![
+                OffsetFetchResponsePartition::default()
+                    .with_partition_index(1)
+                    .with_committed_offset(-1)
+                    .with_metadata(None),
+            ]),
         ]);
         let mut out = BytesMut::new();
         encode_response(&resp, &mut out);

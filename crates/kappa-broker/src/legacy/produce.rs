@@ -30,18 +30,11 @@ pub fn decode_request(_version: i16, body: &mut Bytes) -> Result<ProduceRequest,
         let partition_data = r.array("partitions", 8, |r| {
             let index = r.i32()?;
             let records = r.nullable_bytes("message_set")?.map(up_convert);
-            Ok(PartitionProduceData::default()
-                .with_index(index)
-                .with_records(records))
+            Ok(PartitionProduceData::default().with_index(index).with_records(records))
         })?;
-        Ok(TopicProduceData::default()
-            .with_name(name.into())
-            .with_partition_data(partition_data))
+        Ok(TopicProduceData::default().with_name(name.into()).with_partition_data(partition_data))
     })?;
-    Ok(ProduceRequest::default()
-        .with_acks(acks)
-        .with_timeout_ms(timeout_ms)
-        .with_topic_data(topic_data))
+    Ok(ProduceRequest::default().with_acks(acks).with_timeout_ms(timeout_ms).with_topic_data(topic_data))
 }
 
 fn up_convert(set: Bytes) -> Bytes {
@@ -76,9 +69,7 @@ pub fn encode_response(version: i16, resp: &ProduceResponse, out: &mut BytesMut)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::messages::produce_response::{
-        PartitionProduceResponse, TopicProduceResponse,
-    };
+    use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
     use kappa_log::batch;
 
     fn request_bytes(set: &[u8]) -> Bytes {
@@ -117,10 +108,7 @@ mod tests {
         let last = set.len() - 1;
         set[last] ^= 0xff; // breaks the CRC
         let req = decode_request(2, &mut request_bytes(&set)).unwrap();
-        assert_eq!(
-            req.topic_data[0].partition_data[0].records.as_deref(),
-            Some(&set[..])
-        );
+        assert_eq!(req.topic_data[0].partition_data[0].records.as_deref(), Some(&set[..]));
     }
 
     #[test]
@@ -137,19 +125,17 @@ mod tests {
 
     #[test]
     fn encodes_v0_v1_v2_layouts() {
-        let resp = ProduceResponse::default()
-            .with_throttle_time_ms(7)
-            .with_responses(vec![
-                TopicProduceResponse::default()
-                    .with_name(kafka_protocol::protocol::StrBytes::from_static_str("t").into())
-                    .with_partition_responses(vec![
-                        PartitionProduceResponse::default()
-                            .with_index(2)
-                            .with_error_code(0)
-                            .with_base_offset(42)
-                            .with_log_append_time_ms(99),
-                    ]),
-            ]);
+        let resp = ProduceResponse::default().with_throttle_time_ms(7).with_responses(vec![
+            TopicProduceResponse::default()
+                .with_name(kafka_protocol::protocol::StrBytes::from_static_str("t").into())
+                .with_partition_responses(vec![
+                    PartitionProduceResponse::default()
+                        .with_index(2)
+                        .with_error_code(0)
+                        .with_base_offset(42)
+                        .with_log_append_time_ms(99),
+                ]),
+        ]);
         let mut v0 = BytesMut::new();
         put_array_len(&mut v0, 1);
         put_string(&mut v0, "t");

@@ -93,11 +93,7 @@ fn read_record(c: &mut Cursor, header: &BatchHeader) -> Result<V2Record, Message
     if length < 0 {
         return Err(MessageSetError::BadLength(length as i64));
     }
-    let end = c
-        .pos
-        .checked_add(length as usize)
-        .filter(|&e| e <= c.buf.len())
-        .ok_or(MessageSetError::Truncated)?;
+    let end = c.pos.checked_add(length as usize).filter(|&e| e <= c.buf.len()).ok_or(MessageSetError::Truncated)?;
     let _attributes = c.byte()?;
     let timestamp_delta = c.varlong()?;
     let offset_delta = c.varint()?;
@@ -109,16 +105,7 @@ fn read_record(c: &mut Cursor, header: &BatchHeader) -> Result<V2Record, Message
     // Headers are dropped: jump to the end of the record.
     c.pos = end;
     let log_append_time = header.has_log_append_time();
-    let timestamp = if log_append_time {
-        header.max_timestamp
-    } else {
-        header.base_timestamp.wrapping_add(timestamp_delta)
-    };
-    Ok(V2Record {
-        offset: header.base_offset + offset_delta as i64,
-        timestamp,
-        log_append_time,
-        key,
-        value,
-    })
+    let timestamp =
+        if log_append_time { header.max_timestamp } else { header.base_timestamp.wrapping_add(timestamp_delta) };
+    Ok(V2Record { offset: header.base_offset + offset_delta as i64, timestamp, log_append_time, key, value })
 }

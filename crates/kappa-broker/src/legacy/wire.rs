@@ -20,10 +20,7 @@ impl<'a> Reader<'a> {
 
     fn need(&self, n: usize) -> Result<(), LegacyError> {
         if self.buf.remaining() < n {
-            return Err(LegacyError::Truncated {
-                needed: n,
-                available: self.buf.remaining(),
-            });
+            return Err(LegacyError::Truncated { needed: n, available: self.buf.remaining() });
         }
         Ok(())
     }
@@ -53,26 +50,14 @@ impl<'a> Reader<'a> {
     }
 
     /// `i16` length then UTF-8; -1 is null.
-    pub fn nullable_string(
-        &mut self,
-        field: &'static str,
-    ) -> Result<Option<StrBytes>, LegacyError> {
+    pub fn nullable_string(&mut self, field: &'static str) -> Result<Option<StrBytes>, LegacyError> {
         let len = self.i16()?;
         if len < 0 {
-            return if len == -1 {
-                Ok(None)
-            } else {
-                Err(LegacyError::BadLength {
-                    field,
-                    length: len as i64,
-                })
-            };
+            return if len == -1 { Ok(None) } else { Err(LegacyError::BadLength { field, length: len as i64 }) };
         }
         self.need(len as usize)?;
         let raw = self.buf.split_to(len as usize);
-        StrBytes::from_utf8(raw)
-            .map(Some)
-            .map_err(|_| LegacyError::BadUtf8(field))
+        StrBytes::from_utf8(raw).map(Some).map_err(|_| LegacyError::BadUtf8(field))
     }
 
     pub fn string(&mut self, field: &'static str) -> Result<StrBytes, LegacyError> {
@@ -83,14 +68,7 @@ impl<'a> Reader<'a> {
     pub fn nullable_bytes(&mut self, field: &'static str) -> Result<Option<Bytes>, LegacyError> {
         let len = self.i32()?;
         if len < 0 {
-            return if len == -1 {
-                Ok(None)
-            } else {
-                Err(LegacyError::BadLength {
-                    field,
-                    length: len as i64,
-                })
-            };
+            return if len == -1 { Ok(None) } else { Err(LegacyError::BadLength { field, length: len as i64 }) };
         }
         self.need(len as usize)?;
         Ok(Some(self.buf.split_to(len as usize)))
@@ -98,24 +76,14 @@ impl<'a> Reader<'a> {
 
     /// `i32` element count; each element takes at least `min_element_bytes`, so a count the
     /// remaining bytes cannot hold is rejected before anything is sized from it.
-    pub fn array_len(
-        &mut self,
-        field: &'static str,
-        min_element_bytes: usize,
-    ) -> Result<usize, LegacyError> {
+    pub fn array_len(&mut self, field: &'static str, min_element_bytes: usize) -> Result<usize, LegacyError> {
         let count = self.i32()?;
         if count < 0 {
-            return Err(LegacyError::BadLength {
-                field,
-                length: count as i64,
-            });
+            return Err(LegacyError::BadLength { field, length: count as i64 });
         }
         let count = count as usize;
         if count.saturating_mul(min_element_bytes.max(1)) > self.buf.remaining() {
-            return Err(LegacyError::BadLength {
-                field,
-                length: count as i64,
-            });
+            return Err(LegacyError::BadLength { field, length: count as i64 });
         }
         Ok(count)
     }

@@ -1,0 +1,318 @@
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
+//! AlterConfigs and IncrementalAlterConfigs, over every topic config the log supports.
+
+use std::collections::BTreeMap;
+
+use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
+use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
+use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse as IncrementalResult;
+use kafka_protocol::messages::{
+    AlterConfigsRequest, AlterConfigsResponse, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
+    CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
+    IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse, TopicName,
+};
+use kappa_log::{LogError, TopicConfig};
+
+use super::errors::{self, log_code};
+use super::metadata::{is_internal, topic_id};
+use super::{Broker, blocking, str_bytes};
+
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+/// DescribeConfigs config_source values.
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_DEFAULT: i8 = 5;
+/// IncrementalAlterConfigs operations.
+const OP_SET: i8 = 0;
+const OP_DELETE: i8 = 1;
+
+/// An error code with the message that explains it.
+type Failure = (i16, String);
+
+fn failure(e: LogError) -> Failure {
+    (log_code(&e), e.to_string())
+}
+
+impl Broker {
+    pub(super) async fn create_topics(&self, request: CreateTopicsRequest, version: i16) -> CreateTopicsResponse {
+        let mut response = CreateTopicsResponse::default();
+        for topic in request.topics {
+            let name = topic.name.0.as_str().to_owned();
+            let mut result = CreatableTopicResult::default();
+            result.name = TopicName(str_bytes(name.clone()));
+            let partitions =
+                if topic.num_partitions == -1 { self.config.default_partitions } else { topic.num_partitions };
+            let overrides: BTreeMap<String, String> = topic
+                .configs
+                .iter()
+                .filter_map(|c| c.value.as_ref().map(|v| (c.name.as_str().to_owned(), v.as_str().to_owned())))
+                .collect();
+            let outcome = if !topic.assignments.is_empty() {
+                Err((
+                    errors::INVALID_REPLICA_ASSIGNMENT,
+                    "kappa is a single node: manual replica assignments are not supported".to_owned(),
+                ))
+            } else if topic.replication_factor != -1 && topic.replication_factor != 1 {
+                Err((
+                    errors::INVALID_REPLICATION_FACTOR,
+                    format!(
+                        "replication factor {} is impossible on a single node; use 1 or -1",
+                        topic.replication_factor
+                    ),
+                ))
+            } else if is_internal(&name) {
+                Err((errors::INVALID_REQUEST, format!("{name} is an internal topic")))
+            } else if request.validate_only {
+                kappa_log::log::validate_topic_name(&name)
+                    .and_then(|()| TopicConfig::from_overrides(&overrides).map(|_| ()))
+                    .and_then(|()| match self.log.topic(&name) {
+                        Ok(_) => Err(LogError::TopicExists(name.clone())),
+                        Err(_) if partitions < 1 => Err(LogError::InvalidPartitions {
+                            count: partitions,
+                            reason: "a topic needs at least one partition".into(),
+                        }),
+                        Err(_) => Ok(()),
+                    })
+                    .map_err(failure)
+            } else {
+                let log = self.log.clone();
+                let (name, overrides) = (name.clone(), overrides.clone());
+                blocking(move || log.create_topic(&name, partitions, &overrides).map(|_| ())).await.map_err(failure)
+            };
+            match outcome {
+                Ok(()) => {
+                    result.topic_id = topic_id(&name);
+                    result.num_partitions = partitions;
+                    result.replication_factor = 1;
+                    // Only v5+ carries the resulting configs.
+                    result.configs = (version >= 5).then(|| {
+                        TopicConfig::from_overrides(&overrides)
+                            .unwrap_or_default()
+                            .entries()
+                            .into_iter()
+                            .map(|(key, value, overridden)| {
+                                let mut c = CreatableTopicConfigs::default();
+                                c.name = str_bytes(key);
+                                c.value = Some(str_bytes(value));
+                                c.config_source = if overridden { SOURCE_TOPIC } else { SOURCE_DEFAULT };
+                                c
+                            })
+                            .collect()
+                    });
+                }
+                Err((code, message)) => {
+                    result.error_code = code;
+                    result.error_message = Some(str_bytes(message));
+                    result.num_partitions = -1;
+                    result.replication_factor = -1;
+                }
+            }
+            response.topics.push(result);
+        }
+        response
+    }
+
+    pub(super) async fn delete_topics(&self, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
+        let names: Vec<String> = request
+            .topic_names
+            .iter()
+            .map(|n| n.0.as_str().to_owned())
+            .chain(request.topics.iter().filter_map(|t| t.name.as_ref().map(|n| n.0.as_str().to_owned())))
+            .collect();
+        let mut response = DeleteTopicsResponse::default();
+        for name in names {
+            let mut result = DeletableTopicResult::default();
+            result.name = Some(TopicName(str_bytes(name.clone())));
+            result.topic_id = topic_id(&name);
+            let outcome = if is_internal(&name) {
+                Err((errors::INVALID_REQUEST, format!("{name} is an internal topic and cannot be deleted")))
+            } else {
+                let log = self.log.clone();
+                let name = name.clone();
+                blocking(move || log.delete_topic(&name)).await.map_err(failure)
+            };
+            if let Err((code, message)) = outcome {
+                result.error_code = code;
+                result.error_message = Some(str_bytes(message));
+            }
+            response.responses.push(result);
+        }
+        response
+    }
+
+    pub(super) async fn create_partitions(&self, request: CreatePartitionsRequest) -> CreatePartitionsResponse {
+        let mut response = CreatePartitionsResponse::default();
+        for topic in request.topics {
+            let name = topic.name.0.as_str().to_owned();
+            let mut result = CreatePartitionsTopicResult::default();
+            result.name = TopicName(str_bytes(name.clone()));
+            let outcome = if topic.assignments.as_ref().is_some_and(|a| !a.is_empty()) {
+                Err((
+                    errors::INVALID_REPLICA_ASSIGNMENT,
+                    "kappa is a single node: manual replica assignments are not supported".to_owned(),
+                ))
+            } else if request.validate_only {
+                self.log.topic(&name).map_err(failure).and_then(|t| {
+                    if topic.count > t.partition_count() {
+                        Ok(())
+                    } else {
+                        Err((
+                            errors::INVALID_PARTITIONS,
+                            format!("the topic already has {} partitions", t.partition_count()),
+                        ))
+                    }
+                })
+            } else {
+                let log = self.log.clone();
+                let (name, count) = (name.clone(), topic.count);
+                blocking(move || log.add_partitions(&name, count)).await.map_err(failure)
+            };
+            if let Err((code, message)) = outcome {
+                result.error_code = code;
+                result.error_message = Some(str_bytes(message));
+            }
+            response.results.push(result);
+        }
+        response
+    }
+
+    pub(super) fn describe_configs(&self, request: DescribeConfigsRequest) -> DescribeConfigsResponse {
+        let mut response = DescribeConfigsResponse::default();
+        for resource in request.resources {
+            let mut result = DescribeConfigsResult::default();
+            result.resource_type = resource.resource_type;
+            result.resource_name = resource.resource_name.clone();
+            let wanted =
+                resource.configuration_keys.map(|keys| keys.iter().map(|k| k.as_str().to_owned()).collect::<Vec<_>>());
+            match resource.resource_type {
+                RESOURCE_TOPIC => match self.log.topic(resource.resource_name.as_str()) {
+                    Ok(topic) => {
+                        result.configs = topic
+                            .config()
+                            .entries()
+                            .into_iter()
+                            .filter(|(key, _, _)| wanted.as_ref().is_none_or(|w| w.iter().any(|k| k == key)))
+                            .map(|(key, value, overridden)| {
+                                let mut c = DescribeConfigsResourceResult::default();
+                                c.name = str_bytes(key);
+                                c.value = Some(str_bytes(value));
+                                c.config_source = if overridden { SOURCE_TOPIC } else { SOURCE_DEFAULT };
+                                c
+                            })
+                            .collect();
+                    }
+                    Err(e) => {
+                        result.error_code = log_code(&e);
+                        result.error_message = Some(str_bytes(e.to_string()));
+                    }
+                },
+                // Broker configs are command-line settings, not altered over the protocol.
+                RESOURCE_BROKER => {}
+                other => {
+                    result.error_code = errors::INVALID_REQUEST;
+                    result.error_message =
+                        Some(str_bytes(format!("resource type {other} is not supported; use 2 (topic) or 4 (broker)")));
+                }
+            }
+            response.results.push(result);
+        }
+        response
+    }
+
+    pub(super) fn alter_configs(&self, request: AlterConfigsRequest) -> AlterConfigsResponse {
+        let mut response = AlterConfigsResponse::default();
+        for resource in request.resources {
+            let overrides: BTreeMap<String, String> = resource
+                .configs
+                .iter()
+                .filter_map(|c| c.value.as_ref().map(|v| (c.name.as_str().to_owned(), v.as_str().to_owned())))
+                .collect();
+            let name = resource.resource_name.as_str().to_owned();
+            let outcome = self.check_topic_resource(resource.resource_type, &name).and_then(|()| {
+                if request.validate_only {
+                    TopicConfig::from_overrides(&overrides).map(|_| ()).map_err(failure)
+                } else {
+                    self.log.set_topic_config(&name, &overrides).map_err(failure)
+                }
+            });
+            let mut result = AlterConfigsResourceResponse::default();
+            result.resource_type = resource.resource_type;
+            result.resource_name = resource.resource_name;
+            if let Err((code, message)) = outcome {
+                result.error_code = code;
+                result.error_message = Some(str_bytes(message));
+            }
+            response.responses.push(result);
+        }
+        response
+    }
+
+    pub(super) fn incremental_alter_configs(
+        &self,
+        request: IncrementalAlterConfigsRequest,
+    ) -> IncrementalAlterConfigsResponse {
+        let mut response = IncrementalAlterConfigsResponse::default();
+        for resource in request.resources {
+            let name = resource.resource_name.as_str().to_owned();
+            let changes: Result<BTreeMap<String, Option<String>>, Failure> = resource
+                .configs
+                .iter()
+                .map(|c| match c.config_operation {
+                    OP_SET => Ok((
+                        c.name.as_str().to_owned(),
+                        Some(c.value.as_ref().map(|v| v.as_str().to_owned()).unwrap_or_default()),
+                    )),
+                    OP_DELETE => Ok((c.name.as_str().to_owned(), None)),
+                    op => Err((
+                        errors::INVALID_REQUEST,
+                        format!(
+                            "config operation {op} on '{}' is not supported; use SET (0) or DELETE (1)",
+                            c.name.as_str()
+                        ),
+                    )),
+                })
+                .collect();
+            let outcome =
+                self.check_topic_resource(resource.resource_type, &name).and_then(|()| changes).and_then(|changes| {
+                    if request.validate_only {
+                        let mut config = self.log.topic(&name).map_err(failure)?.config().as_ref().clone();
+                        for (key, value) in &changes {
+                            let value = match value {
+                                Some(value) => value.clone(),
+                                None => TopicConfig::default()
+                                    .get(key)
+                                    .ok_or_else(|| failure(LogError::UnknownConfig(key.clone())))?,
+                            };
+                            config.set(key, &value).map_err(failure)?;
+                        }
+                        Ok(())
+                    } else {
+                        self.log.alter_topic_config(&name, &changes).map_err(failure)
+                    }
+                });
+            let mut result = IncrementalResult::default();
+            result.resource_type = resource.resource_type;
+            result.resource_name = resource.resource_name;
+            if let Err((code, message)) = outcome {
+                result.error_code = code;
+                result.error_message = Some(str_bytes(message));
+            }
+            response.responses.push(result);
+        }
+        response
+    }
+
+    fn check_topic_resource(&self, resource_type: i8, name: &str) -> Result<(), Failure> {
+        if resource_type != RESOURCE_TOPIC {
+            return Err((
+                errors::INVALID_REQUEST,
+                "only topic configs (resource type 2) can be altered; broker settings are command-line flags"
+                    .to_owned(),
+            ));
+        }
+        self.log.topic(name).map(|_| ()).map_err(failure)
+    }
+}

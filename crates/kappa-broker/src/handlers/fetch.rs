@@ -1,0 +1,241 @@
+//! Fetch (long polling, read_committed with aborted transactions) and ListOffsets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::messages::fetch_response::{AbortedTransaction, FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
+use kafka_protocol::messages::{
+    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProducerId, TopicName,
+};
+use kappa_log::{Isolation, LogError, Partition};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::errors::{self, log_code};
+use super::{Broker, blocking, str_bytes};
+
+/// ListOffsets' special timestamps.
+const LATEST_TIMESTAMP: i64 = -1;
+const EARLIEST_TIMESTAMP: i64 = -2;
+const MAX_TIMESTAMP: i64 = -3;
+
+/// One partition a fetch asks for.
+struct Wanted {
+    topic: String,
+    index: i32,
+    offset: i64,
+    max_bytes: usize,
+    partition: Result<Arc<Partition>, LogError>,
+}
+
+fn isolation(level: i8) -> Isolation {
+    if level == 1 { Isolation::ReadCommitted } else { Isolation::ReadUncommitted }
+}
+
+impl Broker {
+    pub(super) async fn fetch(&self, request: FetchRequest, version: i16) -> FetchResponse {
+        let isolation = if version >= 4 { isolation(request.isolation_level) } else { Isolation::ReadUncommitted };
+        let wanted: Vec<Wanted> = request
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().map(|p| Wanted {
+                    topic: t.topic.0.as_str().to_owned(),
+                    index: p.partition,
+                    offset: p.fetch_offset,
+                    max_bytes: p.partition_max_bytes.max(0) as usize,
+                    partition: self.log.partition(t.topic.0.as_str(), p.partition),
+                })
+            })
+            .collect();
+        let response_max = if version >= 3 {
+            (request.max_bytes.max(0) as usize).min(self.config.fetch_response_bytes_max)
+        } else {
+            self.config.fetch_response_bytes_max
+        };
+        let min_bytes = request.min_bytes.max(0) as usize;
+        let deadline = Instant::now()
+            + Duration::from_millis((request.max_wait_ms.max(0) as u64).min(self.config.fetch_wait_ms_max));
+        let wanted = Arc::new(wanted);
+        loop {
+            // Subscribe before reading so an append between the read and the wait wakes us.
+            let watches: Vec<_> =
+                wanted.iter().filter_map(|w| w.partition.as_ref().ok().map(|p| p.watch_high_watermark())).collect();
+            let reads = {
+                let wanted = wanted.clone();
+                blocking(move || read_all(&wanted, isolation, response_max)).await
+            };
+            let bytes: usize = reads.iter().map(|r| r.records.len()).sum();
+            let errored = reads.iter().any(|r| r.error_code != errors::NONE);
+            if bytes >= min_bytes.max(1) || errored || Instant::now() >= deadline || watches.is_empty() {
+                return build_fetch_response(&wanted, reads, isolation);
+            }
+            wait_for_any(watches, deadline).await;
+        }
+    }
+
+    pub(super) async fn list_offsets(&self, request: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
+        let isolation = if version >= 2 { isolation(request.isolation_level) } else { Isolation::ReadUncommitted };
+        let mut response = ListOffsetsResponse::default();
+        for topic in request.topics {
+            let name = topic.name.0.as_str().to_owned();
+            let mut out = ListOffsetsTopicResponse::default();
+            out.name = TopicName(str_bytes(name.clone()));
+            for p in topic.partitions {
+                let mut r = ListOffsetsPartitionResponse::default();
+                r.partition_index = p.partition_index;
+                if version >= 4 {
+                    r.leader_epoch = 0;
+                }
+                let partition = self.log.partition(&name, p.partition_index);
+                let answer = match partition {
+                    Ok(partition) => blocking(move || offset_for(&partition, p.timestamp, isolation)).await,
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok((offset, timestamp)) => {
+                        r.offset = offset;
+                        r.timestamp = timestamp;
+                    }
+                    Err(e) => {
+                        r.error_code = log_code(&e);
+                        r.offset = -1;
+                        r.timestamp = -1;
+                    }
+                }
+                out.partitions.push(r);
+            }
+            response.topics.push(out);
+        }
+        response
+    }
+}
+
+/// (offset, timestamp) for a ListOffsets timestamp; (-1, -1) when no record qualifies.
+fn offset_for(partition: &Partition, timestamp: i64, isolation: Isolation) -> Result<(i64, i64), LogError> {
+    let latest = match isolation {
+        Isolation::ReadUncommitted => partition.high_watermark(),
+        Isolation::ReadCommitted => partition.last_stable_offset(),
+    };
+    Ok(match timestamp {
+        EARLIEST_TIMESTAMP => (partition.log_start_offset(), -1),
+        LATEST_TIMESTAMP => (latest, -1),
+        // The record with the largest timestamp is the first one at or after it.
+        MAX_TIMESTAMP => match partition.max_timestamp() {
+            Some(max) => partition.offset_for_timestamp(max, isolation)?.unwrap_or((-1, -1)),
+            None => (-1, -1),
+        },
+        t => partition.offset_for_timestamp(t, isolation)?.unwrap_or((-1, -1)),
+    })
+}
+
+struct PartitionRead {
+    error_code: i16,
+    records: Bytes,
+    high_watermark: i64,
+    last_stable_offset: i64,
+    log_start_offset: i64,
+    aborted: Vec<kappa_log::producer::AbortedTxn>,
+}
+
+/// Reads every wanted partition within the response budget. The first partition with data
+/// gets at least one whole batch even if it is larger than the budget (Kafka semantics).
+fn read_all(wanted: &[Wanted], isolation: Isolation, response_max: usize) -> Vec<PartitionRead> {
+    let mut remaining = response_max;
+    let mut any_data = false;
+    wanted
+        .iter()
+        .map(|w| {
+            let empty = |code| PartitionRead {
+                error_code: code,
+                records: Bytes::new(),
+                high_watermark: -1,
+                last_stable_offset: -1,
+                log_start_offset: -1,
+                aborted: Vec::new(),
+            };
+            let partition = match &w.partition {
+                Ok(p) => p,
+                Err(e) => return empty(log_code(e)),
+            };
+            let budget = w.max_bytes.min(remaining);
+            if budget == 0 && any_data {
+                let mut read = empty(errors::NONE);
+                read.high_watermark = partition.high_watermark();
+                read.last_stable_offset = partition.last_stable_offset();
+                read.log_start_offset = partition.log_start_offset();
+                return read;
+            }
+            match partition.read(w.offset, budget.max(1), isolation) {
+                Ok(read) => {
+                    remaining = remaining.saturating_sub(read.records.len());
+                    any_data |= !read.records.is_empty();
+                    PartitionRead {
+                        error_code: errors::NONE,
+                        records: Bytes::from(read.records),
+                        high_watermark: read.high_watermark,
+                        last_stable_offset: read.last_stable_offset,
+                        log_start_offset: read.log_start_offset,
+                        aborted: read.aborted,
+                    }
+                }
+                Err(e) => {
+                    let mut read = empty(log_code(&e));
+                    read.high_watermark = partition.high_watermark();
+                    read.last_stable_offset = partition.last_stable_offset();
+                    read.log_start_offset = partition.log_start_offset();
+                    read
+                }
+            }
+        })
+        .collect()
+}
+
+fn build_fetch_response(wanted: &[Wanted], reads: Vec<PartitionRead>, isolation: Isolation) -> FetchResponse {
+    let mut response = FetchResponse::default();
+    for (w, read) in wanted.iter().zip(reads) {
+        let mut p = PartitionData::default();
+        p.partition_index = w.index;
+        p.error_code = read.error_code;
+        p.high_watermark = read.high_watermark;
+        p.last_stable_offset = read.last_stable_offset;
+        p.log_start_offset = read.log_start_offset;
+        p.preferred_read_replica = kafka_protocol::messages::BrokerId(-1);
+        p.aborted_transactions = (isolation == Isolation::ReadCommitted).then(|| {
+            read.aborted
+                .iter()
+                .map(|a| {
+                    let mut t = AbortedTransaction::default();
+                    t.producer_id = ProducerId(a.producer_id);
+                    t.first_offset = a.first_offset;
+                    t
+                })
+                .collect()
+        });
+        p.records = Some(read.records);
+        match response.responses.iter_mut().find(|t| t.topic.0.as_str() == w.topic) {
+            Some(topic) => topic.partitions.push(p),
+            None => {
+                let mut topic = FetchableTopicResponse::default();
+                topic.topic = TopicName(str_bytes(w.topic.clone()));
+                topic.partitions.push(p);
+                response.responses.push(topic);
+            }
+        }
+    }
+    response
+}
+
+/// Waits until any partition's high watermark moves or the deadline passes.
+async fn wait_for_any(watches: Vec<tokio::sync::watch::Receiver<i64>>, deadline: Instant) {
+    let mut set = JoinSet::new();
+    for mut watch in watches {
+        set.spawn(async move {
+            let _ = watch.changed().await;
+        });
+    }
+    let _ = tokio::time::timeout_at(deadline, set.join_next()).await;
+    set.abort_all();
+}

@@ -1,0 +1,137 @@
+//! Metadata (with topic auto-creation) and FindCoordinator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{
+    BrokerId, FindCoordinatorRequest, FindCoordinatorResponse, MetadataRequest, MetadataResponse, TopicName,
+};
+use kappa_coordinator::{CONSUMER_OFFSETS_TOPIC, TRANSACTION_STATE_TOPIC};
+use kappa_log::{LogError, Topic};
+
+use super::errors::{self, log_code};
+use super::{Broker, NODE_ID, blocking, str_bytes};
+
+/// A topic id derived from the name, stable across restarts (Kafka stores a random one;
+/// kappa advertises names-only API versions, so ids are informational).
+pub(crate) fn topic_id(name: &str) -> uuid::Uuid {
+    let hi = crc32c::crc32c(name.as_bytes()) as u64;
+    let lo = crc32c::crc32c_append(0x9e37_79b9, name.as_bytes()) as u64;
+    uuid::Uuid::from_u64_pair((hi << 32) | lo, (lo << 32) | hi)
+}
+
+pub(crate) fn is_internal(name: &str) -> bool {
+    name == CONSUMER_OFFSETS_TOPIC || name == TRANSACTION_STATE_TOPIC
+}
+
+impl Broker {
+    pub(super) async fn metadata(&self, request: MetadataRequest, version: i16) -> MetadataResponse {
+        // v0: an empty list means every topic; v1+: null means every topic.
+        let requested: Option<Vec<String>> = match request.topics {
+            None => None,
+            Some(topics) if topics.is_empty() && version == 0 => None,
+            Some(topics) => Some(topics.into_iter().filter_map(|t| t.name.map(|n| n.0.as_str().to_owned())).collect()),
+        };
+        let auto_create = self.config.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
+        let topics = match requested {
+            None => self.log.topics().iter().map(|t| describe_topic(t.name(), Ok(t.clone()))).collect(),
+            Some(names) => {
+                let mut out = Vec::with_capacity(names.len());
+                for name in names {
+                    let found = self.topic_or_create(&name, auto_create).await;
+                    out.push(describe_topic(&name, found));
+                }
+                out
+            }
+        };
+        let mut response = MetadataResponse::default();
+        response.brokers = vec![self.broker_entry()];
+        response.cluster_id = Some(str_bytes(self.config.cluster_id.clone()));
+        response.controller_id = BrokerId(NODE_ID);
+        response.topics = topics;
+        response.cluster_authorized_operations = i32::MIN;
+        response
+    }
+
+    fn broker_entry(&self) -> MetadataResponseBroker {
+        let mut broker = MetadataResponseBroker::default();
+        broker.node_id = BrokerId(NODE_ID);
+        broker.host = str_bytes(self.config.advertised_host.clone());
+        broker.port = self.config.advertised_port;
+        broker
+    }
+
+    /// The topic, created with the default partition count if missing and allowed.
+    pub(super) async fn topic_or_create(&self, name: &str, auto_create: bool) -> Result<Arc<Topic>, LogError> {
+        match self.log.topic(name) {
+            Err(LogError::UnknownTopic(_)) if auto_create && !is_internal(name) => {
+                let log = self.log.clone();
+                let (name, partitions) = (name.to_owned(), self.config.default_partitions);
+                blocking(move || match log.create_topic(&name, partitions, &BTreeMap::new()) {
+                    Err(LogError::TopicExists(_)) => log.topic(&name),
+                    other => other,
+                })
+                .await
+            }
+            other => other,
+        }
+    }
+
+    pub(super) fn find_coordinator(&self, request: FindCoordinatorRequest, version: i16) -> FindCoordinatorResponse {
+        let mut response = FindCoordinatorResponse::default();
+        if version >= 4 {
+            response.coordinators = request
+                .coordinator_keys
+                .into_iter()
+                .map(|key| {
+                    let mut c = Coordinator::default();
+                    c.key = key;
+                    c.node_id = BrokerId(NODE_ID);
+                    c.host = str_bytes(self.config.advertised_host.clone());
+                    c.port = self.config.advertised_port;
+                    c
+                })
+                .collect();
+            return response;
+        }
+        response.node_id = BrokerId(NODE_ID);
+        response.host = str_bytes(self.config.advertised_host.clone());
+        response.port = self.config.advertised_port;
+        response
+    }
+}
+
+fn describe_topic(name: &str, topic: Result<Arc<Topic>, LogError>) -> MetadataResponseTopic {
+    let mut out = MetadataResponseTopic::default();
+    out.name = Some(TopicName(str_bytes(name)));
+    out.topic_authorized_operations = i32::MIN;
+    match topic {
+        Ok(topic) => {
+            out.topic_id = topic_id(name);
+            out.is_internal = is_internal(name);
+            out.partitions = (0..topic.partition_count()).map(describe_partition).collect();
+        }
+        Err(e) => {
+            out.error_code = if matches!(e, LogError::InvalidTopicName { .. }) {
+                errors::INVALID_TOPIC_EXCEPTION
+            } else {
+                log_code(&e)
+            }
+        }
+    }
+    out
+}
+
+fn describe_partition(index: i32) -> MetadataResponsePartition {
+    let mut p = MetadataResponsePartition::default();
+    p.partition_index = index;
+    p.leader_id = BrokerId(NODE_ID);
+    p.leader_epoch = 0;
+    p.replica_nodes = vec![BrokerId(NODE_ID)];
+    p.isr_nodes = vec![BrokerId(NODE_ID)];
+    p
+}

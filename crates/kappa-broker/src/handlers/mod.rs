@@ -1,0 +1,156 @@
+//! What each Kafka request does: the [`Broker`] handler, one file per group of APIs.
+//!
+//! kappa is a single-node cluster: node 0 leads every partition and coordinates every
+//! group and transactional id. Requests reach the log and the coordinators through their
+//! typed APIs; blocking log calls run on the blocking thread pool.
+
+mod admin;
+pub mod errors;
+mod fetch;
+mod groups;
+mod metadata;
+mod produce;
+mod txn;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::protocol::StrBytes;
+use kappa_coordinator::{GroupConfig, GroupCoordinator, OffsetStore, TxnConfig, TxnCoordinator};
+use kappa_log::{Log, LogError};
+
+use crate::server::{BoxFuture, Handler};
+
+/// The node id kappa reports for itself.
+pub const NODE_ID: i32 = 0;
+
+/// Broker-level settings (topic-level ones live in the log's topic configs).
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Host and port clients are told to connect to (Metadata, FindCoordinator).
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    pub cluster_id: String,
+    /// Kafka: auto.create.topics.enable.
+    pub auto_create_topics: bool,
+    /// Kafka: num.partitions — partitions of an auto-created topic.
+    pub default_partitions: i32,
+    /// Longest a fetch may wait for data, whatever the client asks.
+    pub fetch_wait_ms_max: u64,
+    /// Largest fetch response, whatever the client asks (Kafka: fetch.max.bytes).
+    pub fetch_response_bytes_max: usize,
+    pub group: GroupConfig,
+    pub txn: TxnConfig,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            advertised_host: "127.0.0.1".to_owned(),
+            advertised_port: 9092,
+            cluster_id: "kappa-cluster".to_owned(),
+            auto_create_topics: true,
+            default_partitions: 1,
+            fetch_wait_ms_max: 30_000,
+            fetch_response_bytes_max: 55 * 1024 * 1024,
+            group: GroupConfig::default(),
+            txn: TxnConfig::default(),
+        }
+    }
+}
+
+/// The request handler behind `kappa serve`'s Kafka listener.
+pub struct Broker {
+    log: Arc<Log>,
+    config: BrokerConfig,
+    groups: GroupCoordinator,
+    offsets: Arc<OffsetStore>,
+    txns: Arc<TxnCoordinator>,
+}
+
+impl Broker {
+    /// Opens the coordinators on the log (restoring committed offsets and transaction
+    /// state) and starts their background work: session expiry and transaction timeouts.
+    pub async fn open(log: Arc<Log>, config: BrokerConfig) -> Result<Arc<Self>, LogError> {
+        let offsets = {
+            let log = log.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || OffsetStore::open(&log))
+                    .await
+                    .map_err(|e| LogError::InvalidRecords(e.to_string()))??,
+            )
+        };
+        let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
+        let groups = GroupCoordinator::new(config.group.clone());
+        groups.spawn_session_reaper(Duration::from_millis(500));
+        let broker = Arc::new(Self { log, config, groups, offsets, txns });
+        let weak = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                let Some(broker) = weak.upgrade() else { return };
+                broker.txns.abort_expired().await;
+            }
+        });
+        Ok(broker)
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    async fn dispatch(&self, request: RequestKind, header: &RequestHeader) -> ResponseKind {
+        let version = header.request_api_version;
+        let client_id = header.client_id.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
+        use RequestKind as Q;
+        use ResponseKind as R;
+        match request {
+            Q::Metadata(r) => R::Metadata(self.metadata(r, version).await),
+            Q::Produce(r) => R::Produce(self.produce(r).await),
+            Q::Fetch(r) => R::Fetch(self.fetch(r, version).await),
+            Q::ListOffsets(r) => R::ListOffsets(self.list_offsets(r, version).await),
+            Q::CreateTopics(r) => R::CreateTopics(self.create_topics(r, version).await),
+            Q::DeleteTopics(r) => R::DeleteTopics(self.delete_topics(r).await),
+            Q::CreatePartitions(r) => R::CreatePartitions(self.create_partitions(r).await),
+            Q::DescribeConfigs(r) => R::DescribeConfigs(self.describe_configs(r)),
+            Q::AlterConfigs(r) => R::AlterConfigs(self.alter_configs(r)),
+            Q::IncrementalAlterConfigs(r) => R::IncrementalAlterConfigs(self.incremental_alter_configs(r)),
+            Q::FindCoordinator(r) => R::FindCoordinator(self.find_coordinator(r, version)),
+            Q::JoinGroup(r) => R::JoinGroup(self.join_group(r, version, client_id).await),
+            Q::SyncGroup(r) => R::SyncGroup(self.sync_group(r).await),
+            Q::Heartbeat(r) => R::Heartbeat(self.heartbeat(r)),
+            Q::LeaveGroup(r) => R::LeaveGroup(self.leave_group(r, version)),
+            Q::OffsetCommit(r) => R::OffsetCommit(self.offset_commit(r).await),
+            Q::OffsetFetch(r) => R::OffsetFetch(self.offset_fetch(r, version)),
+            Q::ListGroups(_) => R::ListGroups(self.list_groups()),
+            Q::DescribeGroups(r) => R::DescribeGroups(self.describe_groups(r)),
+            Q::DeleteGroups(r) => R::DeleteGroups(self.delete_groups(r).await),
+            Q::OffsetDelete(r) => R::OffsetDelete(self.offset_delete(r).await),
+            Q::InitProducerId(r) => R::InitProducerId(self.init_producer_id(r).await),
+            Q::AddPartitionsToTxn(r) => R::AddPartitionsToTxn(self.add_partitions_to_txn(r).await),
+            Q::AddOffsetsToTxn(r) => R::AddOffsetsToTxn(self.add_offsets_to_txn(r).await),
+            Q::TxnOffsetCommit(r) => R::TxnOffsetCommit(self.txn_offset_commit(r).await),
+            Q::EndTxn(r) => R::EndTxn(self.end_txn(r).await),
+            other => {
+                unreachable!("the API table admits only implemented requests, got {:?}", std::mem::discriminant(&other))
+            }
+        }
+    }
+}
+
+impl Handler for Broker {
+    fn handle<'a>(&'a self, request: RequestKind, header: &'a RequestHeader) -> BoxFuture<'a, ResponseKind> {
+        Box::pin(self.dispatch(request, header))
+    }
+}
+
+pub(crate) fn str_bytes(s: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(s.into())
+}
+
+/// Runs a blocking log operation on the blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("a blocking log task panicked")
+}

@@ -1,0 +1,166 @@
+//! Transactions: InitProducerId, AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit,
+//! EndTxn — thin adapters over the transaction coordinator.
+
+use kafka_protocol::messages::add_partitions_to_txn_response::{
+    AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
+};
+use kafka_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::{
+    AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest, AddPartitionsToTxnResponse,
+    EndTxnRequest, EndTxnResponse, InitProducerIdRequest, InitProducerIdResponse, ProducerId, TxnOffsetCommitRequest,
+    TxnOffsetCommitResponse,
+};
+use kappa_coordinator::CommittedOffset;
+
+use super::Broker;
+use super::errors::{self, group_code, txn_code};
+
+impl Broker {
+    pub(super) async fn init_producer_id(&self, request: InitProducerIdRequest) -> InitProducerIdResponse {
+        let transactional_id = request.transactional_id.as_ref().map(|t| t.0.as_str().to_owned());
+        // v0-2 carry no producer id/epoch: treat them as -1 (a fresh initialisation).
+        let expected = (request.producer_id.0 >= 0).then_some((request.producer_id.0, request.producer_epoch));
+        let mut response = InitProducerIdResponse::default();
+        match self.txns.init_producer_id(transactional_id.as_deref(), request.transaction_timeout_ms, expected).await {
+            Ok((producer_id, epoch)) => {
+                response.producer_id = ProducerId(producer_id);
+                response.producer_epoch = epoch;
+            }
+            Err(e) => {
+                response.error_code = txn_code(&e);
+                response.producer_id = ProducerId(-1);
+                response.producer_epoch = -1;
+            }
+        }
+        response.ongoing_txn_producer_id = ProducerId(-1);
+        response.ongoing_txn_producer_epoch = -1;
+        response
+    }
+
+    pub(super) async fn add_partitions_to_txn(&self, request: AddPartitionsToTxnRequest) -> AddPartitionsToTxnResponse {
+        let id = request.v3_and_below_transactional_id.0.as_str().to_owned();
+        let (producer_id, epoch) = (request.v3_and_below_producer_id.0, request.v3_and_below_producer_epoch);
+        let mut wanted = Vec::new();
+        let mut unknown = Vec::new();
+        for topic in &request.v3_and_below_topics {
+            for &p in &topic.partitions {
+                let tp = (topic.name.0.as_str().to_owned(), p);
+                if self.log.partition(&tp.0, p).is_ok() { wanted.push(tp) } else { unknown.push(tp) }
+            }
+        }
+        // Kafka adds nothing when any partition is unknown: the others get OPERATION_NOT_ATTEMPTED.
+        let code_for_known = if !unknown.is_empty() {
+            OPERATION_NOT_ATTEMPTED
+        } else {
+            match self.txns.add_partitions(&id, producer_id, epoch, &wanted).await {
+                Ok(()) => errors::NONE,
+                Err(e) => txn_code(&e),
+            }
+        };
+        let mut response = AddPartitionsToTxnResponse::default();
+        for topic in request.v3_and_below_topics {
+            let mut result = AddPartitionsToTxnTopicResult::default();
+            result.results_by_partition = topic
+                .partitions
+                .iter()
+                .map(|&p| {
+                    let mut r = AddPartitionsToTxnPartitionResult::default();
+                    r.partition_index = p;
+                    r.partition_error_code = if unknown.contains(&(topic.name.0.as_str().to_owned(), p)) {
+                        errors::UNKNOWN_TOPIC_OR_PARTITION
+                    } else {
+                        code_for_known
+                    };
+                    r
+                })
+                .collect();
+            result.name = topic.name;
+            response.results_by_topic_v3_and_below.push(result);
+        }
+        response
+    }
+
+    pub(super) async fn add_offsets_to_txn(&self, request: AddOffsetsToTxnRequest) -> AddOffsetsToTxnResponse {
+        let mut response = AddOffsetsToTxnResponse::default();
+        if let Err(e) = self
+            .txns
+            .add_offsets(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
+            .await
+        {
+            response.error_code = txn_code(&e);
+        }
+        response
+    }
+
+    pub(super) async fn txn_offset_commit(&self, request: TxnOffsetCommitRequest) -> TxnOffsetCommitResponse {
+        let group = request.group_id.0.as_str().to_owned();
+        let check = self
+            .txns
+            .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
+            .await;
+        let now = self.log.clock().now_ms();
+        let offsets: Vec<_> = request
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().map(|p| {
+                    let metadata = p.committed_metadata.as_ref().map(|m| m.as_str().to_owned()).unwrap_or_default();
+                    (
+                        (t.name.0.as_str().to_owned(), p.partition_index),
+                        CommittedOffset {
+                            offset: p.committed_offset,
+                            leader_epoch: p.committed_leader_epoch,
+                            metadata,
+                            commit_timestamp: now,
+                        },
+                    )
+                })
+            })
+            .collect();
+        let code = match check {
+            Err(e) => txn_code(&e),
+            Ok(()) => match self
+                .offsets
+                .commit_transactional(request.producer_id.0, request.producer_epoch, &group, offsets)
+                .await
+            {
+                Ok(()) => errors::NONE,
+                Err(e) => group_code(&e),
+            },
+        };
+        let mut response = TxnOffsetCommitResponse::default();
+        for topic in request.topics {
+            let mut t = TxnOffsetCommitResponseTopic::default();
+            t.partitions = topic
+                .partitions
+                .iter()
+                .map(|p| {
+                    let mut r = TxnOffsetCommitResponsePartition::default();
+                    r.partition_index = p.partition_index;
+                    r.error_code = code;
+                    r
+                })
+                .collect();
+            t.name = topic.name;
+            response.topics.push(t);
+        }
+        response
+    }
+
+    pub(super) async fn end_txn(&self, request: EndTxnRequest) -> EndTxnResponse {
+        let mut response = EndTxnResponse::default();
+        if let Err(e) = self
+            .txns
+            .end(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch, request.committed)
+            .await
+        {
+            response.error_code = txn_code(&e);
+        }
+        response
+    }
+}
+
+/// Kafka's code for partitions left out because another one in the request failed.
+const OPERATION_NOT_ATTEMPTED: i16 = 55;
