@@ -1,0 +1,159 @@
+//! Runs the real `kappa` binary for end-to-end tests: a temp data directory, a free
+//! loopback port, readiness by connecting, clean stop (SIGTERM) and kill -9.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `kappa serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub kafka: SocketAddr,
+    pub http: SocketAddr,
+    log_path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local addr").port()
+}
+
+impl Server {
+    /// Starts a server on a fresh temp data directory.
+    pub fn start() -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_in(temp.path(), &[]);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on `data_dir` with extra flags.
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
+        let kafka: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log_path = data_dir.with_extension(format!("{}.log", kafka.port()));
+        let mut server = Self { child: None, data_dir: data_dir.to_owned(), kafka, http, log_path, _temp: None };
+        server.spawn(extra);
+        server
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::File::create(&self.log_path).expect("server log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--kafka-listen")
+            .arg(self.kafka.to_string())
+            .arg("--http-listen")
+            .arg(self.http.to_string())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start kappa serve");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if TcpStream::connect(self.kafka).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("kappa serve exited with {status} before listening; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("kappa serve did not listen on {} within 30 s; log:\n{}", self.kafka, self.log());
+    }
+
+    /// `host:port` for Kafka clients.
+    pub fn bootstrap(&self) -> String {
+        self.kafka.to_string()
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait: the clean shutdown path (flush + checkpoint).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let status = child.wait().expect("wait for kappa");
+            assert!(status.success(), "kappa serve exited with {status} on SIGTERM; log:\n{}", self.log());
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same data directory and ports.
+    pub fn restart(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "stop or kill the server before restarting it");
+        self.spawn(extra);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// Runs a command to completion with a timeout, returning stdout; panics with stderr and
+/// the server log on failure or timeout.
+pub fn run(command: &mut Command, timeout: Duration, server: &Server) -> String {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let started = Instant::now();
+    loop {
+        if let Some(_status) = child.try_wait().expect("try_wait") {
+            break;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "{command:?} timed out after {timeout:?}\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+                server.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("output");
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The repository root (for client scripts under tests/clients).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+}
