@@ -2,6 +2,14 @@
 //!
 //! `Request`/`Response` are kafka-protocol's `RequestKind`/`ResponseKind`: legacy versions
 //! decode into the same structs as modern ones, so handlers see one shape per API.
+//!
+//! Known hazard (kafka-protocol 0.18, upstream PRs #152/#161/#200 still open): its array
+//! decoders call `Vec::with_capacity(count)` with the count read off the wire, before
+//! checking it against the bytes left. A tiny frame announcing ~2^31 elements makes the
+//! allocator fail, which aborts the process (not a catchable panic). The frame limit does
+//! not bound it. Fix: patch `Array`/`CompactArray` decode to reject counts larger than
+//! `buf.remaining()` (a vendored `[patch.crates-io]` copy, or a release with the fix).
+//! The legacy codecs here check every count first.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
