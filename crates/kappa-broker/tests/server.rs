@@ -74,8 +74,7 @@ impl Handler for TestHandler {
                         .record(NewRecord::new(Some(b"k"), Some(b"v"), 5000))
                         .record(NewRecord::new(None, Some(b"w"), 5001));
                     batch.base_offset = f.topics[0].partitions[0].fetch_offset;
-                    ResponseKind::Fetch(
-                        FetchResponse::default().with_responses(vec![
+                    ResponseKind::Fetch(FetchResponse::default().with_responses(vec![
                             FetchableTopicResponse::default()
                                 .with_topic(f.topics[0].topic.clone())
                                 .with_partitions(vec![
@@ -84,8 +83,7 @@ impl Handler for TestHandler {
                                         .with_high_watermark(batch.base_offset + 2)
                                         .with_records(Some(Bytes::from(batch.build()))),
                                 ]),
-                        ]),
-                    )
+                        ]))
                 }
                 _ => ResponseKind::Metadata(
                     MetadataResponse::default()
