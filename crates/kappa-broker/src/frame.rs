@@ -30,9 +30,8 @@ pub fn check_frame_size(size: i32, max: usize) -> Result<usize, ProtocolError> {
 /// Reads one frame body. `Ok(None)` means the peer closed cleanly between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Option<Bytes>, ProtocolError> {
     let mut prefix = [0u8; 4];
-    match read_prefix(reader, &mut prefix).await? {
-        false => return Ok(None),
-        true => {}
+    if !read_prefix(reader, &mut prefix).await? {
+        return Ok(None);
     }
     let size = check_frame_size(i32::from_be_bytes(prefix), max)?;
     let mut buf = BytesMut::with_capacity(size.min(READ_CHUNK));

@@ -2,6 +2,11 @@
 //!
 //! `Request`/`Response` are kafka-protocol's `RequestKind`/`ResponseKind`: legacy versions
 //! decode into the same structs as modern ones, so handlers see one shape per API.
+//!
+//! kafka-protocol 0.18 pre-sizes vectors from wire counts before checking them (a tiny
+//! frame announcing ~2^31 elements aborts the process); the workspace uses a patched copy
+//! (vendor/kafka-protocol/KAPPA-PATCH.md) and `huge_array_counts_are_errors_not_aborts`
+//! guards it. The legacy codecs here check every count first.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -191,6 +196,23 @@ mod tests {
         ));
     }
 
+    /// Without the vendored kafka-protocol patch this aborts the test process.
+    #[test]
+    fn huge_array_counts_are_errors_not_aborts() {
+        let frame = frame_of(ApiKey::Metadata, 0, false, &[0x7f, 0xff, 0xff, 0xff, 0]);
+        assert!(matches!(decode_request(frame), Err(ProtocolError::Body { .. })));
+        // Flexible: compact array length as an unsigned varint (0xffffffff).
+        let frame = frame_of(ApiKey::Metadata, 12, false, &[0xff, 0xff, 0xff, 0xff, 0x0f, 0]);
+        assert!(matches!(decode_request(frame), Err(ProtocolError::Body { .. })));
+        let frame = frame_of(
+            ApiKey::JoinGroup,
+            5,
+            false,
+            &[0, 1, b'g', 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x7f, 0xff, 0xff, 0xff],
+        );
+        assert!(matches!(decode_request(frame), Err(ProtocolError::Body { .. })));
+    }
+
     const LEGACY: [(ApiKey, i16); 13] = [
         (ApiKey::Produce, 0),
         (ApiKey::Produce, 1),
@@ -209,8 +231,6 @@ mod tests {
 
     proptest! {
         // Fuzz-style: random bodies for every legacy codec must fail cleanly, never panic.
-        // (kafka-protocol's own decoders are left to a cargo-fuzz target: they pre-size
-        // vectors from wire counts, see the crate docs.)
         #[test]
         fn legacy_decoders_never_panic(which in 0usize..13, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let (key, version) = LEGACY[which];

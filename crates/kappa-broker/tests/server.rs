@@ -6,15 +6,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, MetadataRequest, MetadataResponse, ProduceResponse,
-    RequestHeader, RequestKind, ResponseKind,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchResponse, MetadataRequest, MetadataResponse,
+    ProduceResponse, RequestHeader, RequestKind, ResponseKind,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kappa_broker::legacy::{message_set, records_v2};
 use kappa_broker::{API_SUPPORT, BoxFuture, Handler, Limits, Request, Response};
+use kappa_log::records::{BatchBuilder, NewRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -52,6 +54,20 @@ impl Handler for TestHandler {
                             .collect(),
                     ),
                 ),
+                RequestKind::Fetch(f) => {
+                    let mut batch = BatchBuilder::new()
+                        .record(NewRecord::new(Some(b"k"), Some(b"v"), 5000))
+                        .record(NewRecord::new(None, Some(b"w"), 5001));
+                    batch.base_offset = f.topics[0].partitions[0].fetch_offset;
+                    ResponseKind::Fetch(FetchResponse::default().with_responses(vec![
+                        FetchableTopicResponse::default().with_topic(f.topics[0].topic.clone()).with_partitions(vec![
+                                    PartitionData::default()
+                                        .with_partition_index(0)
+                                        .with_high_watermark(batch.base_offset + 2)
+                                        .with_records(Some(Bytes::from(batch.build()))),
+                                ]),
+                    ]))
+                }
                 _ => ResponseKind::Metadata(MetadataResponse::default().with_controller_id(BrokerId(0)).with_brokers(
                     vec![
                             MetadataResponseBroker::default()
@@ -268,6 +284,55 @@ async fn legacy_produce_v2_is_up_converted_and_answered_in_v2_layout() {
     let records = records_v2::batch_records(&h, &batch, 1 << 20).unwrap();
     assert_eq!(records[0].key.as_deref(), Some(&b"key"[..]));
     assert_eq!(records[0].timestamp, 1234);
+}
+
+#[tokio::test]
+async fn legacy_fetch_v0_gets_magic0_and_v2_gets_magic1() {
+    let server = start(Limits::default()).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    for version in [0i16, 2] {
+        let mut p = BytesMut::new();
+        header(ApiKey::Fetch, version, 20 + version as i32, "kafka-node").encode(&mut p, 1).unwrap();
+        p.put_i32(-1); // replica
+        p.put_i32(100); // max wait
+        p.put_i32(1); // min bytes
+        p.put_i32(1);
+        p.put_i16(6);
+        p.put_slice(b"events");
+        p.put_i32(1);
+        p.put_i32(0); // partition
+        p.put_i64(40); // fetch offset
+        p.put_i32(1 << 20);
+        s.write_all(&raw_frame(&p)).await.unwrap();
+        let mut frame = recv(&mut s).await.unwrap();
+        assert_eq!(frame.get_i32(), 20 + version as i32);
+        if version >= 1 {
+            assert_eq!(frame.get_i32(), 0, "throttle_time_ms");
+        }
+        assert_eq!(frame.get_i32(), 1);
+        assert_eq!(frame.get_i16(), 6);
+        frame.advance(6);
+        assert_eq!(frame.get_i32(), 1);
+        assert_eq!((frame.get_i32(), frame.get_i16(), frame.get_i64()), (0, 0, 42));
+        let len = frame.get_i32() as usize;
+        assert_eq!(frame.len(), len);
+        let msgs = message_set::decode(&frame, 1 << 20, false).unwrap();
+        let magic = if version >= 2 { 1 } else { 0 };
+        let ts = |t| if magic == 1 { t } else { -1 };
+        let got: Vec<_> = msgs.iter().map(|m| (m.offset, m.magic, m.timestamp, m.value.clone().unwrap())).collect();
+        assert_eq!(
+            got,
+            vec![(40, magic, ts(5000), Bytes::from_static(b"v")), (41, magic, ts(5001), Bytes::from_static(b"w"))]
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let server = start(Limits { idle_timeout: Duration::from_millis(100), ..Limits::default() }).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(recv(&mut s).await.is_none());
 }
 
 #[tokio::test]

@@ -177,11 +177,9 @@ fn expand_wrapper(
         inner.push(m);
     }
     // Magic 1 inner offsets are relative; the wrapper holds the last absolute offset.
-    if wrapper.magic == 1 {
-        if let Some(last) = inner.last().map(|m| m.offset) {
-            for m in &mut inner {
-                m.offset = wrapper.offset - last + m.offset;
-            }
+    if let (1, Some(last)) = (wrapper.magic, inner.last().map(|m| m.offset)) {
+        for m in &mut inner {
+            m.offset += wrapper.offset - last;
         }
     }
     out.extend(inner);
@@ -388,7 +386,10 @@ mod tests {
         assert_eq!(up_convert(&Bytes::new(), MAX), Err(MessageSetError::Empty));
     }
 
-    fn v2_batch(base_offset: i64, records: &[(Option<&[u8]>, Option<&[u8]>, i64)]) -> Vec<u8> {
+    /// (key, value, timestamp)
+    type Rec<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, i64);
+
+    fn v2_batch(base_offset: i64, records: &[Rec<'_>]) -> Vec<u8> {
         let mut builder = BatchBuilder::new();
         builder.base_offset = base_offset;
         for (k, v, ts) in records {
@@ -443,7 +444,7 @@ mod tests {
                  0i64..2_000_000_000_000),
                 1..20),
         ) {
-            let refs: Vec<(Option<&[u8]>, Option<&[u8]>, i64)> =
+            let refs: Vec<Rec<'_>> =
                 recs.iter().map(|(k, v, t)| (k.as_deref(), v.as_deref(), *t)).collect();
             let original = v2_batch(base, &refs);
             let set = down_convert(&original, 1, MAX).unwrap();
