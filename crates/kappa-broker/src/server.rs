@@ -31,9 +31,17 @@ use crate::request::{Request, Response, decode_request, encode_response, expects
 /// A boxed, sendable future, so `Handler` stays object-safe without async-trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The connection a request arrived on. Ids grow in accept order, so a higher id is a
+/// newer connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub connection_id: u64,
+    pub addr: SocketAddr,
+}
+
 /// Answers decoded requests. ApiVersions never reaches it (the protocol layer answers).
 pub trait Handler: Send + Sync + 'static {
-    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader) -> BoxFuture<'a, Response>;
+    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader, peer: &'a Peer) -> BoxFuture<'a, Response>;
 }
 
 /// Named limits of the listener.
@@ -72,6 +80,7 @@ pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limit
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(limits.connections_max));
     let limits = Arc::new(limits);
+    let mut next_connection_id = 0u64;
     tokio::pin!(shutdown);
     loop {
         let (socket, peer) = tokio::select! {
@@ -90,6 +99,7 @@ pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limit
             warn!(%peer, max = limits.connections_max, "connections_max reached, closing new connection");
             continue;
         };
+        next_connection_id += 1;
         let conn = Connection {
             handler: handler.clone(),
             limits: limits.clone(),
@@ -97,6 +107,7 @@ pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limit
             _done: done_tx.clone(),
             _permit: permit,
             peer,
+            id: next_connection_id,
         };
         tokio::spawn(conn.serve(socket));
     }
@@ -117,6 +128,7 @@ struct Connection {
     _done: mpsc::Sender<()>,
     _permit: OwnedSemaphorePermit,
     peer: SocketAddr,
+    id: u64,
 }
 
 /// What the reader hands the connection task.
@@ -150,7 +162,8 @@ impl Connection {
             Some(api_versions::answer(&API_SUPPORT, &header))
         } else {
             let wants_answer = expects_response(&request);
-            let response = self.handler.handle(request, &header).await;
+            let peer = Peer { connection_id: self.id, addr: self.peer };
+            let response = self.handler.handle(request, &header, &peer).await;
             wants_answer.then(|| encode_response(&header, &response)).transpose()?
         };
         if let Some(frame) = frame {

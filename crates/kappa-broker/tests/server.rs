@@ -15,7 +15,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kappa_broker::legacy::{message_set, records_v2};
-use kappa_broker::{API_SUPPORT, BoxFuture, Handler, Limits, Request, Response};
+use kappa_broker::{API_SUPPORT, BoxFuture, Handler, Limits, Peer, Request, Response};
 use kappa_log::records::{BatchBuilder, NewRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,7 +30,7 @@ struct TestHandler {
 }
 
 impl Handler for TestHandler {
-    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader) -> BoxFuture<'a, Response> {
+    fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader, _peer: &'a Peer) -> BoxFuture<'a, Response> {
         Box::pin(async move {
             if let Some(ms) = header.client_id.as_deref().and_then(|c| c.strip_prefix("sleep-")) {
                 tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;

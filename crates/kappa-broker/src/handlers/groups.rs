@@ -22,6 +22,7 @@ use kappa_coordinator::{CommittedOffset, GroupError, JoinRequest, SyncRequest};
 
 use super::errors::{self, group_code};
 use super::{Broker, str_bytes};
+use crate::server::Peer;
 
 fn opt_str(s: &Option<kafka_protocol::protocol::StrBytes>) -> Option<String> {
     s.as_ref().map(|s| s.as_str().to_owned())
@@ -33,13 +34,14 @@ impl Broker {
         request: JoinGroupRequest,
         version: i16,
         client_id: String,
+        peer: &Peer,
     ) -> JoinGroupResponse {
         let join = JoinRequest {
             group_id: request.group_id.0.as_str().to_owned(),
             member_id: request.member_id.as_str().to_owned(),
             group_instance_id: opt_str(&request.group_instance_id),
             client_id,
-            client_host: "/127.0.0.1".to_owned(),
+            client_host: format!("/{}", peer.addr.ip()),
             session_timeout_ms: request.session_timeout_ms,
             // v0 has no rebalance timeout: Kafka uses the session timeout.
             rebalance_timeout_ms: if version >= 1 { request.rebalance_timeout_ms } else { request.session_timeout_ms },

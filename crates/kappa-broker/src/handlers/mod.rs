@@ -20,7 +20,7 @@ use kafka_protocol::protocol::StrBytes;
 use kappa_coordinator::{GroupConfig, GroupCoordinator, OffsetStore, TxnConfig, TxnCoordinator};
 use kappa_log::{Log, LogError};
 
-use crate::server::{BoxFuture, Handler};
+use crate::server::{BoxFuture, Handler, Peer};
 
 /// The node id kappa reports for itself.
 pub const NODE_ID: i32 = 0;
@@ -67,6 +67,8 @@ pub struct Broker {
     groups: GroupCoordinator,
     offsets: Arc<OffsetStore>,
     txns: Arc<TxnCoordinator>,
+    /// Transactional id -> the newest connection that sent a request for it (see txn.rs).
+    txn_connections: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Broker {
@@ -84,7 +86,7 @@ impl Broker {
         let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
         let groups = GroupCoordinator::new(config.group.clone());
         groups.spawn_session_reaper(Duration::from_millis(500));
-        let broker = Arc::new(Self { log, config, groups, offsets, txns });
+        let broker = Arc::new(Self { log, config, groups, offsets, txns, txn_connections: Default::default() });
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -101,7 +103,7 @@ impl Broker {
         &self.log
     }
 
-    async fn dispatch(&self, request: RequestKind, header: &RequestHeader) -> ResponseKind {
+    async fn dispatch(&self, request: RequestKind, header: &RequestHeader, peer: &Peer) -> ResponseKind {
         let version = header.request_api_version;
         let client_id = header.client_id.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
         use RequestKind as Q;
@@ -118,7 +120,7 @@ impl Broker {
             Q::AlterConfigs(r) => R::AlterConfigs(self.alter_configs(r)),
             Q::IncrementalAlterConfigs(r) => R::IncrementalAlterConfigs(self.incremental_alter_configs(r)),
             Q::FindCoordinator(r) => R::FindCoordinator(self.find_coordinator(r, version)),
-            Q::JoinGroup(r) => R::JoinGroup(self.join_group(r, version, client_id).await),
+            Q::JoinGroup(r) => R::JoinGroup(self.join_group(r, version, client_id, peer).await),
             Q::SyncGroup(r) => R::SyncGroup(self.sync_group(r).await),
             Q::Heartbeat(r) => R::Heartbeat(self.heartbeat(r)),
             Q::LeaveGroup(r) => R::LeaveGroup(self.leave_group(r, version)),
@@ -128,11 +130,11 @@ impl Broker {
             Q::DescribeGroups(r) => R::DescribeGroups(self.describe_groups(r)),
             Q::DeleteGroups(r) => R::DeleteGroups(self.delete_groups(r).await),
             Q::OffsetDelete(r) => R::OffsetDelete(self.offset_delete(r).await),
-            Q::InitProducerId(r) => R::InitProducerId(self.init_producer_id(r).await),
-            Q::AddPartitionsToTxn(r) => R::AddPartitionsToTxn(self.add_partitions_to_txn(r).await),
-            Q::AddOffsetsToTxn(r) => R::AddOffsetsToTxn(self.add_offsets_to_txn(r).await),
-            Q::TxnOffsetCommit(r) => R::TxnOffsetCommit(self.txn_offset_commit(r).await),
-            Q::EndTxn(r) => R::EndTxn(self.end_txn(r).await),
+            Q::InitProducerId(r) => R::InitProducerId(self.init_producer_id(r, peer).await),
+            Q::AddPartitionsToTxn(r) => R::AddPartitionsToTxn(self.add_partitions_to_txn(r, peer).await),
+            Q::AddOffsetsToTxn(r) => R::AddOffsetsToTxn(self.add_offsets_to_txn(r, peer).await),
+            Q::TxnOffsetCommit(r) => R::TxnOffsetCommit(self.txn_offset_commit(r, peer).await),
+            Q::EndTxn(r) => R::EndTxn(self.end_txn(r, peer).await),
             other => {
                 unreachable!("the API table admits only implemented requests, got {:?}", std::mem::discriminant(&other))
             }
@@ -141,8 +143,13 @@ impl Broker {
 }
 
 impl Handler for Broker {
-    fn handle<'a>(&'a self, request: RequestKind, header: &'a RequestHeader) -> BoxFuture<'a, ResponseKind> {
-        Box::pin(self.dispatch(request, header))
+    fn handle<'a>(
+        &'a self,
+        request: RequestKind,
+        header: &'a RequestHeader,
+        peer: &'a Peer,
+    ) -> BoxFuture<'a, ResponseKind> {
+        Box::pin(self.dispatch(request, header, peer))
     }
 }
 

@@ -1,5 +1,12 @@
 //! Transactions: InitProducerId, AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit,
 //! EndTxn — thin adapters over the transaction coordinator.
+//!
+//! Delayed requests: EndTxn before v5 carries nothing that names *which* transaction it
+//! ends, so an EndTxn held up in the network could end the producer's next transaction.
+//! A client sends a transactional id's requests over one connection at a time and moves
+//! only to newer ones, so a request for that id arriving on a connection older than the
+//! newest one it has used must be such a straggler: it is refused (INVALID_TXN_STATE)
+//! without touching the transaction.
 
 use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
@@ -16,10 +23,37 @@ use kappa_coordinator::CommittedOffset;
 
 use super::Broker;
 use super::errors::{self, group_code, txn_code};
+use crate::server::Peer;
 
 impl Broker {
-    pub(super) async fn init_producer_id(&self, request: InitProducerIdRequest) -> InitProducerIdResponse {
+    /// False for a request on a connection older than the newest one `transactional_id` used.
+    fn admit_from(&self, transactional_id: &str, peer: &Peer) -> bool {
+        let mut newest = self.txn_connections.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = newest.entry(transactional_id.to_owned()).or_insert(peer.connection_id);
+        if peer.connection_id < *seen {
+            tracing::warn!(
+                transactional_id,
+                connection = peer.connection_id,
+                newest = *seen,
+                "refusing a transactional request from a superseded connection"
+            );
+            return false;
+        }
+        *seen = peer.connection_id;
+        true
+    }
+
+    pub(super) async fn init_producer_id(&self, request: InitProducerIdRequest, peer: &Peer) -> InitProducerIdResponse {
         let transactional_id = request.transactional_id.as_ref().map(|t| t.0.as_str().to_owned());
+        if transactional_id.as_deref().is_some_and(|id| !id.is_empty() && !self.admit_from(id, peer)) {
+            let mut response = InitProducerIdResponse::default();
+            response.error_code = errors::INVALID_TXN_STATE;
+            response.producer_id = ProducerId(-1);
+            response.producer_epoch = -1;
+            response.ongoing_txn_producer_id = ProducerId(-1);
+            response.ongoing_txn_producer_epoch = -1;
+            return response;
+        }
         // v0-2 carry no producer id/epoch: treat them as -1 (a fresh initialisation).
         let expected = (request.producer_id.0 >= 0).then_some((request.producer_id.0, request.producer_epoch));
         let mut response = InitProducerIdResponse::default();
@@ -39,8 +73,13 @@ impl Broker {
         response
     }
 
-    pub(super) async fn add_partitions_to_txn(&self, request: AddPartitionsToTxnRequest) -> AddPartitionsToTxnResponse {
+    pub(super) async fn add_partitions_to_txn(
+        &self,
+        request: AddPartitionsToTxnRequest,
+        peer: &Peer,
+    ) -> AddPartitionsToTxnResponse {
         let id = request.v3_and_below_transactional_id.0.as_str().to_owned();
+        let admitted = self.admit_from(&id, peer);
         let (producer_id, epoch) = (request.v3_and_below_producer_id.0, request.v3_and_below_producer_epoch);
         let mut wanted = Vec::new();
         let mut unknown = Vec::new();
@@ -51,7 +90,9 @@ impl Broker {
             }
         }
         // Kafka adds nothing when any partition is unknown: the others get OPERATION_NOT_ATTEMPTED.
-        let code_for_known = if !unknown.is_empty() {
+        let code_for_known = if !admitted {
+            errors::INVALID_TXN_STATE
+        } else if !unknown.is_empty() {
             OPERATION_NOT_ATTEMPTED
         } else {
             match self.txns.add_partitions(&id, producer_id, epoch, &wanted).await {
@@ -82,9 +123,15 @@ impl Broker {
         response
     }
 
-    pub(super) async fn add_offsets_to_txn(&self, request: AddOffsetsToTxnRequest) -> AddOffsetsToTxnResponse {
+    pub(super) async fn add_offsets_to_txn(
+        &self,
+        request: AddOffsetsToTxnRequest,
+        peer: &Peer,
+    ) -> AddOffsetsToTxnResponse {
         let mut response = AddOffsetsToTxnResponse::default();
-        if let Err(e) = self
+        if !self.admit_from(request.transactional_id.0.as_str(), peer) {
+            response.error_code = errors::INVALID_TXN_STATE;
+        } else if let Err(e) = self
             .txns
             .add_offsets(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
             .await
@@ -94,12 +141,19 @@ impl Broker {
         response
     }
 
-    pub(super) async fn txn_offset_commit(&self, request: TxnOffsetCommitRequest) -> TxnOffsetCommitResponse {
+    pub(super) async fn txn_offset_commit(
+        &self,
+        request: TxnOffsetCommitRequest,
+        peer: &Peer,
+    ) -> TxnOffsetCommitResponse {
         let group = request.group_id.0.as_str().to_owned();
-        let check = self
-            .txns
-            .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
-            .await;
+        let check = if self.admit_from(request.transactional_id.0.as_str(), peer) {
+            self.txns
+                .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
+                .await
+        } else {
+            Err(kappa_coordinator::TxnError::InvalidTxnState("superseded connection"))
+        };
         let now = self.log.clock().now_ms();
         let offsets: Vec<_> = request
             .topics
@@ -149,9 +203,11 @@ impl Broker {
         response
     }
 
-    pub(super) async fn end_txn(&self, request: EndTxnRequest) -> EndTxnResponse {
+    pub(super) async fn end_txn(&self, request: EndTxnRequest, peer: &Peer) -> EndTxnResponse {
         let mut response = EndTxnResponse::default();
-        if let Err(e) = self
+        if !self.admit_from(request.transactional_id.0.as_str(), peer) {
+            response.error_code = errors::INVALID_TXN_STATE;
+        } else if let Err(e) = self
             .txns
             .end(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch, request.committed)
             .await

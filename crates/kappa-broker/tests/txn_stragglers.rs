@@ -1,0 +1,114 @@
+//! A delayed EndTxn must not end the producer's next transaction: requests for a
+//! transactional id that arrive on a connection older than the newest one it used are
+//! refused. Real broker, real log, raw protocol over two sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
+use kafka_protocol::messages::{
+    AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, ApiKey, EndTxnRequest, EndTxnResponse,
+    InitProducerIdRequest, InitProducerIdResponse, ProducerId, RequestHeader, ResponseHeader, TopicName,
+    TransactionalId,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kappa_broker::{Broker, BrokerConfig, Limits};
+use kappa_log::{Log, LogOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const INVALID_TXN_STATE: i16 = 48;
+
+async fn call<Req: Encodable, Resp: Decodable>(stream: &mut TcpStream, key: ApiKey, version: i16, body: &Req) -> Resp {
+    let header = RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(1)
+        .with_client_id(Some(StrBytes::from_static_str("t")));
+    let mut payload = BytesMut::new();
+    header.encode(&mut payload, key.request_header_version(version)).unwrap();
+    body.encode(&mut payload, version).unwrap();
+    let mut frame = (payload.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    stream.write_all(&frame).await.unwrap();
+    let mut size = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut size))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
+    stream.read_exact(&mut body).await.unwrap();
+    let mut body = Bytes::from(body);
+    ResponseHeader::decode(&mut body, key.response_header_version(version)).unwrap();
+    let response = Resp::decode(&mut body, version).unwrap();
+    assert_eq!(body.remaining(), 0);
+    response
+}
+
+fn add_partitions(pid: i64, epoch: i16) -> AddPartitionsToTxnRequest {
+    let mut topic = AddPartitionsToTxnTopic::default();
+    topic.name = TopicName(StrBytes::from_static_str("out"));
+    topic.partitions = vec![0];
+    let mut request = AddPartitionsToTxnRequest::default();
+    request.v3_and_below_transactional_id = TransactionalId(StrBytes::from_static_str("tx"));
+    request.v3_and_below_producer_id = ProducerId(pid);
+    request.v3_and_below_producer_epoch = epoch;
+    request.v3_and_below_topics = vec![topic];
+    request
+}
+
+fn end_txn(pid: i64, epoch: i16, committed: bool) -> EndTxnRequest {
+    let mut request = EndTxnRequest::default();
+    request.transactional_id = TransactionalId(StrBytes::from_static_str("tx"));
+    request.producer_id = ProducerId(pid);
+    request.producer_epoch = epoch;
+    request.committed = committed;
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
+    log.create_topic("out", 1, &Default::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker =
+        Broker::open(log.clone(), BrokerConfig { advertised_port: i32::from(addr.port()), ..BrokerConfig::default() })
+            .await
+            .unwrap();
+    tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
+
+    // The producer's first connection: init and transaction 1.
+    let mut old = TcpStream::connect(addr).await.unwrap();
+    let mut init = InitProducerIdRequest::default();
+    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("tx")));
+    init.transaction_timeout_ms = 60_000;
+    let init: InitProducerIdResponse = call(&mut old, ApiKey::InitProducerId, 1, &init).await;
+    let (pid, epoch) = (init.producer_id.0, init.producer_epoch);
+    let added: AddPartitionsToTxnResponse =
+        call(&mut old, ApiKey::AddPartitionsToTxn, 1, &add_partitions(pid, epoch)).await;
+    assert_eq!(added.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code, 0);
+
+    // Its EndTxn is "delayed"; the client moves to a new connection, retries the EndTxn
+    // there (success) and begins transaction 2.
+    let mut new = TcpStream::connect(addr).await.unwrap();
+    let ended: EndTxnResponse = call(&mut new, ApiKey::EndTxn, 1, &end_txn(pid, epoch, true)).await;
+    assert_eq!(ended.error_code, 0);
+    let added: AddPartitionsToTxnResponse =
+        call(&mut new, ApiKey::AddPartitionsToTxn, 1, &add_partitions(pid, epoch)).await;
+    assert_eq!(added.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code, 0);
+    let partition = log.partition("out", 0).unwrap();
+    let markers_before = partition.log_end_offset();
+
+    // The straggler finally arrives on the old connection: refused, nothing written.
+    let late: EndTxnResponse = call(&mut old, ApiKey::EndTxn, 1, &end_txn(pid, epoch, true)).await;
+    assert_eq!(late.error_code, INVALID_TXN_STATE);
+    assert_eq!(partition.log_end_offset(), markers_before, "no marker was written for transaction 2");
+
+    // Transaction 2 still ends normally on the current connection.
+    let ended: EndTxnResponse = call(&mut new, ApiKey::EndTxn, 1, &end_txn(pid, epoch, false)).await;
+    assert_eq!(ended.error_code, 0);
+    assert_eq!(partition.log_end_offset(), markers_before + 1, "transaction 2's abort marker");
+}
