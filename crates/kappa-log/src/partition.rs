@@ -489,7 +489,13 @@ impl Partition {
             if budget == 0 && !outcome.records.is_empty() {
                 break;
             }
-            last_read = step.read_into(offset, upper, budget, &mut outcome.records)?.or(last_read);
+            let (last, whole_segment) = step.read_into(offset, upper, budget, &mut outcome.records)?;
+            last_read = last.or(last_read);
+            if !whole_segment {
+                // The budget, the upper bound or damage stopped this segment part-way: the
+                // next segment's batches would leave a gap in the returned offsets.
+                break;
+            }
         }
         if isolation == Isolation::ReadCommitted {
             if let Some(last) = last_read {
@@ -625,8 +631,8 @@ struct ReadPlan {
 impl ReadPlan {
     /// Appends whole valid batches with `last_offset >= offset` and `base_offset < upper`
     /// to `out`, up to `budget` bytes (at least one batch when `out` is empty). Returns the
-    /// last offset appended.
-    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<Option<i64>> {
+    /// last offset appended, and whether every batch up to the segment's end was appended.
+    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<(Option<i64>, bool)> {
         let corrupt = |position: u64, reason: String| LogError::Corrupt { path: self.path.clone(), position, reason };
         // Find the first batch that ends at or after `offset` (a few headers past the index entry).
         let mut first = None;
@@ -638,7 +644,7 @@ impl ReadPlan {
             true
         })
         .map_err(|e| corrupt(self.start, e.to_string()))?;
-        let Some(start) = first else { return Ok(None) };
+        let Some(start) = first else { return Ok((None, true)) };
         let available = (self.end - start) as usize;
         let first_len = {
             let mut prefix = [0u8; batch::LENGTH_PREFIX_BYTES];
@@ -676,7 +682,7 @@ impl ReadPlan {
             last = Some(header.last_offset());
             position += total;
         }
-        Ok(last)
+        Ok((last, start + position as u64 == self.end))
     }
 }
 
