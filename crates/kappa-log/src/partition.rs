@@ -182,6 +182,16 @@ impl Partition {
                 report.truncated_bytes += cut;
                 report.truncation_reasons.push(format!("segment {base}: {reason}"));
             }
+            if is_last && outcome.scanned {
+                if let Some((position, reason)) = first_offset_gap(&seg)? {
+                    let cut = seg.size - position;
+                    tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
+                    seg.truncate(position)?;
+                    seg.rebuild_from_scan(position)?;
+                    report.truncated_bytes += cut;
+                    report.truncation_reasons.push(format!("segment {base}: {reason}"));
+                }
+            }
             if is_last && trust == Trust::Nothing {
                 // What a crashed process left in the page cache is durable only after this.
                 seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
@@ -696,6 +706,30 @@ fn first_record_at_or_after(bytes: &[u8], header: &BatchHeader, timestamp: i64) 
         // An undecodable body still has a trustworthy header: answer at batch granularity.
         Err(_) => Some((header.base_offset, header.max_timestamp)),
     }
+}
+
+/// The active segment is never compacted, so its batches are offset-contiguous from its
+/// base offset. The CRC does not cover a batch's base offset: one damaged to jump forward
+/// passes validation, and is caught here as the first batch out of sequence.
+fn first_offset_gap(seg: &Segment) -> Result<Option<(u64, String)>> {
+    let mut expected = seg.base_offset;
+    let mut gap = None;
+    walk_headers(seg.file.as_ref(), 0, seg.size, |position, header| {
+        if header.base_offset != expected {
+            gap = Some((
+                position,
+                format!(
+                    "batch at byte {position} has base offset {} where {expected} was expected",
+                    header.base_offset
+                ),
+            ));
+            return false;
+        }
+        expected = header.next_offset();
+        true
+    })
+    .map_err(|e| LogError::Corrupt { path: seg.path.clone(), position: 0, reason: e.to_string() })?;
+    Ok(gap)
 }
 
 /// Compacted topics keep the latest record per key, so a record without one is rejected
