@@ -254,7 +254,7 @@ fn run(retention_ms: i64, retention_bytes: i64, ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(96, 2000)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(64, 2000)))]
 
     #[test]
     fn log_matches_the_model(
