@@ -189,7 +189,7 @@ fn spec(subkeys: bool) -> impl Strategy<Value = Spec> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(40, 1000)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(30, 1000)))]
 
     #[test]
     fn compaction_matches_the_model(
