@@ -166,9 +166,12 @@ impl Partition {
         }
         let subkey_header = config.compaction_subkey_header.as_deref();
         let mut candidates = self.cleanable_segments();
-        let map = self.build_key_map(&mut candidates, subkey_header)?;
+        // Aborted records never happened: they must not shadow older committed ones, so
+        // they are left out of the key map (a superset of the range is harmless here).
+        let cleanable_end = candidates.last().map_or(0, |c| c.next_offset);
+        let aborted = self.lock_inner().producers.aborted_in_range(i64::MIN, cleanable_end);
+        let map = self.build_key_map(&mut candidates, subkey_header, &aborted)?;
         let cleaned_end = candidates.last().map_or(0, |c| c.next_offset);
-        let aborted = self.lock_inner().producers.aborted_in_range(i64::MIN, cleaned_end);
         let tombstone_horizon = self.ctx.clock.now_ms() - config.delete_retention_ms;
         let mut outcome = CompactionOutcome::default();
         for candidate in &candidates {
@@ -193,13 +196,18 @@ impl Partition {
 
     /// Reads every record of the candidates into the key map, stopping (and shortening
     /// `candidates`) once the map would exceed its memory bound.
-    fn build_key_map(&self, candidates: &mut Vec<Candidate>, subkey_header: Option<&str>) -> Result<KeyMap> {
+    fn build_key_map(
+        &self,
+        candidates: &mut Vec<Candidate>,
+        subkey_header: Option<&str>,
+        aborted: &[crate::producer::AbortedTxn],
+    ) -> Result<KeyMap> {
         let mut map = KeyMap::default();
         for (i, candidate) in candidates.iter().enumerate() {
             for_each_batch(candidate, |_, bytes| {
                 let decoded = records::decode_records(bytes, MAX_MESSAGE_BYTES_LIMIT)
                     .map_err(|e| corrupt(candidate, e.to_string()))?;
-                if decoded.header().is_control() {
+                if decoded.header().is_control() || is_aborted(decoded.header(), aborted) {
                     return Ok(());
                 }
                 decoded.iter().for_each(|record| map.observe(&record, subkey_header));
@@ -274,12 +282,7 @@ fn clean_segment(
             cleaned.extend_from_slice(bytes);
             return Ok(());
         }
-        let aborted_batch = header.is_transactional()
-            && aborted.iter().any(|a| {
-                a.producer_id == header.producer_id
-                    && a.first_offset <= header.base_offset
-                    && header.base_offset < a.last_offset
-            });
+        let aborted_batch = is_aborted(header, aborted);
         let rebuilt = records::rebuild_batch(
             bytes,
             |record| {
@@ -318,6 +321,16 @@ fn for_each_batch(candidate: &Candidate, mut visit: impl FnMut(&BatchHeader, &[u
         Some(reason) => Err(corrupt(candidate, reason)),
         None => Ok(()),
     }
+}
+
+/// Whether a data batch belongs to an aborted transaction.
+fn is_aborted(header: &BatchHeader, aborted: &[crate::producer::AbortedTxn]) -> bool {
+    header.is_transactional()
+        && aborted.iter().any(|a| {
+            a.producer_id == header.producer_id
+                && a.first_offset <= header.base_offset
+                && header.base_offset < a.last_offset
+        })
 }
 
 fn corrupt(candidate: &Candidate, reason: String) -> LogError {

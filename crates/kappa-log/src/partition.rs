@@ -182,6 +182,16 @@ impl Partition {
                 report.truncated_bytes += cut;
                 report.truncation_reasons.push(format!("segment {base}: {reason}"));
             }
+            if is_last && outcome.scanned {
+                if let Some((position, reason)) = first_offset_gap(&seg)? {
+                    let cut = seg.size - position;
+                    tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
+                    seg.truncate(position)?;
+                    seg.rebuild_from_scan(position)?;
+                    report.truncated_bytes += cut;
+                    report.truncation_reasons.push(format!("segment {base}: {reason}"));
+                }
+            }
             if is_last && trust == Trust::Nothing {
                 // What a crashed process left in the page cache is durable only after this.
                 seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
@@ -494,7 +504,13 @@ impl Partition {
             if budget == 0 && !outcome.records.is_empty() {
                 break;
             }
-            last_read = step.read_into(offset, upper, budget, &mut outcome.records)?.or(last_read);
+            let (last, whole_segment) = step.read_into(offset, upper, budget, &mut outcome.records)?;
+            last_read = last.or(last_read);
+            if !whole_segment {
+                // The budget, the upper bound or damage stopped this segment part-way: the
+                // next segment's batches would leave a gap in the returned offsets.
+                break;
+            }
         }
         if isolation == Isolation::ReadCommitted {
             if let Some(last) = last_read {
@@ -630,8 +646,8 @@ struct ReadPlan {
 impl ReadPlan {
     /// Appends whole valid batches with `last_offset >= offset` and `base_offset < upper`
     /// to `out`, up to `budget` bytes (at least one batch when `out` is empty). Returns the
-    /// last offset appended.
-    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<Option<i64>> {
+    /// last offset appended, and whether every batch up to the segment's end was appended.
+    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<(Option<i64>, bool)> {
         let corrupt = |position: u64, reason: String| LogError::Corrupt { path: self.path.clone(), position, reason };
         // Find the first batch that ends at or after `offset` (a few headers past the index entry).
         let mut first = None;
@@ -643,7 +659,7 @@ impl ReadPlan {
             true
         })
         .map_err(|e| corrupt(self.start, e.to_string()))?;
-        let Some(start) = first else { return Ok(None) };
+        let Some(start) = first else { return Ok((None, true)) };
         let available = (self.end - start) as usize;
         let first_len = {
             let mut prefix = [0u8; batch::LENGTH_PREFIX_BYTES];
@@ -681,7 +697,7 @@ impl ReadPlan {
             last = Some(header.last_offset());
             position += total;
         }
-        Ok(last)
+        Ok((last, start + position as u64 == self.end))
     }
 }
 
@@ -695,6 +711,30 @@ fn first_record_at_or_after(bytes: &[u8], header: &BatchHeader, timestamp: i64) 
         // An undecodable body still has a trustworthy header: answer at batch granularity.
         Err(_) => Some((header.base_offset, header.max_timestamp)),
     }
+}
+
+/// The active segment is never compacted, so its batches are offset-contiguous from its
+/// base offset. The CRC does not cover a batch's base offset: one damaged to jump forward
+/// passes validation, and is caught here as the first batch out of sequence.
+fn first_offset_gap(seg: &Segment) -> Result<Option<(u64, String)>> {
+    let mut expected = seg.base_offset;
+    let mut gap = None;
+    walk_headers(seg.file.as_ref(), 0, seg.size, |position, header| {
+        if header.base_offset != expected {
+            gap = Some((
+                position,
+                format!(
+                    "batch at byte {position} has base offset {} where {expected} was expected",
+                    header.base_offset
+                ),
+            ));
+            return false;
+        }
+        expected = header.next_offset();
+        true
+    })
+    .map_err(|e| LogError::Corrupt { path: seg.path.clone(), position: 0, reason: e.to_string() })?;
+    Ok(gap)
 }
 
 /// Compacted topics keep the latest record per key, so a record without one is rejected

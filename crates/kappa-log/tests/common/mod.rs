@@ -49,3 +49,70 @@ pub fn headers(mut bytes: &[u8]) -> Vec<BatchHeader> {
     }
     out
 }
+
+/// One record as a test model sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rec {
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub timestamp: i64,
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Decodes every record of a read's bytes (every batch is validated on the way).
+pub fn records_of(bytes: &[u8]) -> Vec<Rec> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let total = BatchHeader::parse(rest).expect("batch header").total_bytes();
+        let decoded = kappa_log::records::decode_records(&rest[..total], usize::MAX).expect("decodable batch");
+        if !decoded.header().is_control() {
+            for r in decoded.iter() {
+                out.push(Rec {
+                    offset: r.offset(),
+                    key: r.key.map(<[u8]>::to_vec),
+                    value: r.value.map(<[u8]>::to_vec),
+                    timestamp: r.timestamp(),
+                    headers: r.headers.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect(),
+                });
+            }
+        }
+        rest = &rest[total..];
+    }
+    out
+}
+
+/// Proptest cases: `base`, or `soak` when the env var SOAK is set.
+pub fn cases(base: u32, soak: u32) -> u32 {
+    if std::env::var_os("SOAK").is_some() { soak } else { base }
+}
+
+/// The `.log` files of a partition directory on the real file system: (base offset, size).
+pub fn segment_files(dir: &Path) -> Vec<(i64, u64)> {
+    let mut out: Vec<(i64, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let base = kappa_log::segment::parse_log_file_name(&name)?;
+            Some((base, e.metadata().ok()?.len()))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Reads a partition from `from` to its high watermark with a large budget, page by page.
+pub fn read_all(p: &kappa_log::Partition, from: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut offset = from;
+    while offset < p.high_watermark() {
+        let read = p.read(offset, 1 << 20, kappa_log::Isolation::ReadUncommitted).expect("read");
+        let hs = headers(&read.records);
+        let Some(last) = hs.last() else { break };
+        offset = last.next_offset();
+        out.extend_from_slice(&read.records);
+    }
+    out
+}

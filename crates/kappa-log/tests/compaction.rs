@@ -1,0 +1,505 @@
+//! Compaction against a model: random keyed (and sub-keyed) records, tombstones and
+//! codecs, cleaned and compared with what the rules in compaction.rs say must survive;
+//! plus deterministic tests of each knob, transactions, the channels scenario and crash
+//! safety on SimFs.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use kappa_log::batch::Compression;
+use kappa_log::clock::ManualClock;
+use kappa_log::io::sim::SimFs;
+use kappa_log::records::{BatchBuilder, ControlType, NewRecord};
+use kappa_log::{Isolation, Log, Partition};
+use proptest::prelude::*;
+
+const SUB: &str = "sub";
+const DELETE_RETENTION_MS: i64 = 10_000;
+
+fn now(clock: &ManualClock) -> i64 {
+    kappa_log::clock::Clock::now_ms(clock)
+}
+
+fn subkey_of(r: &Rec, subkey_mode: bool) -> Option<Vec<u8>> {
+    if !subkey_mode {
+        return None;
+    }
+    r.headers.iter().rev().find(|(k, _)| k == SUB.as_bytes()).map(|(_, v)| v.clone().unwrap_or_default())
+}
+
+/// What the cleaner must leave of `records`, given the segments' base offsets (the last is
+/// the active segment) and each segment's largest batch timestamp.
+fn model_clean(records: &[Rec], segments: &[(i64, i64)], now: i64, subkey_mode: bool) -> Vec<Rec> {
+    let active_base = segments.last().unwrap().0;
+    let cleaned: Vec<&Rec> = records.iter().filter(|r| r.offset < active_base).collect();
+    let segment_max_ts = |offset: i64| segments.iter().rev().find(|s| s.0 <= offset).unwrap().1;
+    records
+        .iter()
+        .filter(|r| {
+            if r.offset >= active_base {
+                return true;
+            }
+            let sub = subkey_of(r, subkey_mode);
+            let superseded =
+                cleaned.iter().any(|o| o.offset > r.offset && o.key == r.key && subkey_of(o, subkey_mode) == sub);
+            let deleted_with_key = subkey_mode
+                && sub.is_some()
+                && cleaned.iter().any(|o| {
+                    o.offset > r.offset && o.key == r.key && o.value.is_none() && subkey_of(o, true).is_none()
+                });
+            let expired = r.key.is_some() && r.value.is_none() && segment_max_ts(r.offset) < now - DELETE_RETENTION_MS;
+            !(superseded || deleted_with_key || expired)
+        })
+        .cloned()
+        .collect()
+}
+
+/// (base offset, largest batch timestamp) of every segment, from the files and a full read.
+fn segments_of(p: &Partition, bases: &[i64]) -> Vec<(i64, i64)> {
+    let all = read_all(p, p.log_start_offset());
+    let hs = headers(&all);
+    bases
+        .iter()
+        .enumerate()
+        .map(|(i, &base)| {
+            let next = bases.get(i + 1).copied().unwrap_or(i64::MAX);
+            let max = hs
+                .iter()
+                .filter(|h| h.base_offset >= base && h.base_offset < next)
+                .map(|h| h.max_timestamp)
+                .max()
+                .unwrap_or(-1);
+            (base, max)
+        })
+        .collect()
+}
+
+fn bases_real(p: &Partition) -> Vec<i64> {
+    segment_files(p.dir()).into_iter().map(|s| s.0).collect()
+}
+
+fn all_records(p: &Partition) -> Vec<Rec> {
+    records_of(&read_all(p, p.log_start_offset()))
+}
+
+fn compacted_topic(log: &Log, subkey: bool, extra: &[(&str, &str)]) -> Arc<Partition> {
+    let retention = DELETE_RETENTION_MS.to_string();
+    let mut config = vec![
+        ("cleanup.policy", "compact"),
+        ("segment.bytes", "1024"),
+        ("delete.retention.ms", retention.as_str()),
+        ("min.compaction.lag.ms", "0"),
+    ];
+    if subkey {
+        config.push(("kappa.compaction.subkey.header", SUB));
+    }
+    config.extend_from_slice(extra);
+    log.create_topic("t", 1, &overrides(&config)).unwrap();
+    log.partition("t", 0).unwrap()
+}
+
+/// (key, sub-key, tombstone) of a random record.
+type Spec = (u8, Option<u8>, bool);
+
+fn build(specs: &[Spec], ts: i64, codec: Compression, tag: usize) -> Vec<u8> {
+    let mut b = BatchBuilder::new().compression(codec);
+    for (i, &(key, sub, tombstone)) in specs.iter().enumerate() {
+        let value = format!("v{tag}-{i}");
+        let mut r = NewRecord::new(Some(format!("k{key}").as_bytes()), (!tombstone).then_some(value.as_bytes()), ts);
+        if let Some(s) = sub {
+            r = r.header(SUB, Some(format!("s{s}").as_bytes()));
+        }
+        b.push(r);
+    }
+    b.build()
+}
+
+const CODECS: [Compression; 5] =
+    [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
+
+fn run(subkey_mode: bool, batches: Vec<(Vec<Spec>, i64, usize)>, final_advance: i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, subkey_mode, &[]);
+    for (i, (mut specs, advance, codec)) in batches.into_iter().enumerate() {
+        if !subkey_mode {
+            specs.iter_mut().for_each(|s| s.1 = None);
+        }
+        clock.advance(advance);
+        p.append(build(&specs, now(&clock), CODECS[codec], i)).unwrap();
+    }
+    clock.advance(final_advance);
+    let before = all_records(&p);
+    let bases = bases_real(&p);
+    let expected = model_clean(&before, &segments_of(&p, &bases), now(&clock), subkey_mode);
+    let active_bytes_before = std::fs::read(p.dir().join(kappa_log::segment::log_file_name(*bases.last().unwrap())));
+
+    let outcome = p.compact(true).unwrap();
+    if bases.len() == 1 {
+        assert!(outcome.is_none(), "nothing closed, nothing to clean");
+    } else {
+        let outcome = outcome.expect("a forced pass over closed segments runs");
+        assert_eq!(outcome.cleaned_up_to, *bases.last().unwrap());
+        assert_eq!(outcome.segments_cleaned, bases.len() - 1);
+        assert_eq!(outcome.records_removed as usize, before.len() - expected.len());
+    }
+    // headers() inside read_all validates every batch a consumer from 0 would get.
+    let after = all_records(&p);
+    assert_eq!(after, expected);
+    assert_eq!(bases_real(&p), bases, "segments keep their base offsets");
+    assert_eq!(p.log_end_offset(), before.last().map_or(0, |r| r.offset + 1));
+    assert_eq!(
+        std::fs::read(p.dir().join(kappa_log::segment::log_file_name(*bases.last().unwrap()))).ok(),
+        active_bytes_before.ok(),
+        "the active segment is untouched"
+    );
+    // Nothing new is dirty: a second pass does nothing.
+    assert!(p.compact(true).unwrap().is_none());
+    assert_eq!(all_records(&p), expected);
+
+    // Clean restart, then a pass over the already-cleaned log is the model applied again.
+    log.close().unwrap();
+    drop(p);
+    drop(log);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(all_records(&p), expected);
+    let again = model_clean(&expected, &segments_of(&p, &bases), now(&clock), subkey_mode);
+    p.compact(true).unwrap();
+    assert_eq!(all_records(&p), again);
+    if final_advance == 0 || final_advance > 10 * DELETE_RETENTION_MS {
+        // No tombstone sits near the expiry horizon: cleaning is idempotent.
+        assert_eq!(again, expected);
+    }
+    // Unclean restart.
+    drop(p);
+    drop(log);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(all_records(&p), again);
+}
+
+fn spec(subkeys: bool) -> impl Strategy<Value = Spec> {
+    let sub = if subkeys { proptest::option::weighted(0.7, 0u8..3).boxed() } else { Just(None).boxed() };
+    (0u8..4, sub, proptest::bool::weighted(0.2))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(30, 1000)))]
+
+    #[test]
+    fn compaction_matches_the_model(
+        batches in proptest::collection::vec(
+            (proptest::collection::vec(spec(false), 1..5), 0i64..300, 0usize..5), 1..70),
+        final_advance in prop_oneof![Just(0i64), Just(DELETE_RETENTION_MS), Just(1_000_000)],
+    ) {
+        run(false, batches, final_advance);
+    }
+
+    #[test]
+    fn subkey_compaction_matches_the_model(
+        batches in proptest::collection::vec(
+            (proptest::collection::vec(spec(true), 1..5), 0i64..300, 0usize..5), 1..70),
+        final_advance in prop_oneof![Just(0i64), Just(DELETE_RETENTION_MS), Just(1_000_000)],
+    ) {
+        run(true, batches, final_advance);
+    }
+}
+
+fn keyed(key: &str, value: Option<&str>, ts: i64) -> Vec<u8> {
+    BatchBuilder::new().record(NewRecord::new(Some(key.as_bytes()), value.map(str::as_bytes), ts)).build()
+}
+
+/// Appends distinct-key filler until the partition has rolled `segments` more times.
+fn roll(p: &Partition, segments: usize, ts: i64) {
+    let target = p.segment_count() + segments;
+    let mut i = 0;
+    while p.segment_count() < target {
+        p.append(keyed(&format!("filler-{}-{i}", p.log_end_offset()), Some("x"), ts)).unwrap();
+        i += 1;
+    }
+}
+
+fn values_of(p: &Partition, key: &str) -> Vec<Option<Vec<u8>>> {
+    all_records(p).into_iter().filter(|r| r.key.as_deref() == Some(key.as_bytes())).map(|r| r.value).collect()
+}
+
+#[test]
+fn min_compaction_lag_protects_young_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, false, &[("min.compaction.lag.ms", "60000")]);
+    p.append(keyed("old", Some("1"), T0)).unwrap();
+    p.append(keyed("old", Some("2"), T0)).unwrap();
+    roll(&p, 2, T0);
+    clock.advance(100_000);
+    // The active segment (holding one old filler record) becomes young with the next append.
+    let young_base = *bases_real(&p).last().unwrap();
+    p.append(keyed("young", Some("1"), now(&clock))).unwrap();
+    p.append(keyed("young", Some("2"), now(&clock))).unwrap();
+    roll(&p, 2, now(&clock));
+    let outcome = p.compact(true).unwrap().unwrap();
+    assert_eq!(outcome.cleaned_up_to, young_base, "only segments older than the lag are cleaned");
+    assert_eq!(values_of(&p, "old"), vec![Some(b"2".to_vec())]);
+    assert_eq!(values_of(&p, "young"), vec![Some(b"1".to_vec()), Some(b"2".to_vec())], "young records untouched");
+    // Once old enough, they are cleaned too.
+    clock.advance(100_000);
+    p.compact(true).unwrap().unwrap();
+    assert_eq!(values_of(&p, "young"), vec![Some(b"2".to_vec())]);
+}
+
+#[test]
+fn min_cleanable_dirty_ratio_gates_unforced_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, false, &[("min.cleanable.dirty.ratio", "0.5")]);
+    p.append(keyed("k", Some("1"), T0)).unwrap();
+    p.append(keyed("k", Some("2"), T0)).unwrap();
+    roll(&p, 8, T0);
+    assert_eq!(p.compaction_status().dirty_ratio, 1.0);
+    assert!(p.compact(false).unwrap().is_some(), "all dirty: an unforced pass runs");
+    assert_eq!(values_of(&p, "k"), vec![Some(b"2".to_vec())]);
+    p.append(keyed("k", Some("3"), T0)).unwrap();
+    roll(&p, 1, T0);
+    let status = p.compaction_status();
+    assert!(status.dirty_ratio > 0.0 && status.dirty_ratio < 0.5, "{status:?}");
+    assert!(p.compact(false).unwrap().is_none(), "below the ratio nothing runs");
+    assert_eq!(values_of(&p, "k").len(), 2);
+    assert!(p.compact(true).unwrap().is_some(), "forced runs anyway");
+    assert_eq!(values_of(&p, "k"), vec![Some(b"3".to_vec())]);
+    assert_eq!(p.compaction_status().dirty_bytes, 0);
+}
+
+#[test]
+fn tombstones_are_kept_for_delete_retention_then_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, false, &[]);
+    p.append(keyed("k", Some("1"), T0)).unwrap();
+    p.append(keyed("k", None, T0)).unwrap();
+    roll(&p, 2, T0);
+    let outcome = p.compact(true).unwrap().unwrap();
+    assert_eq!(outcome.tombstones_removed, 0);
+    assert_eq!(values_of(&p, "k"), vec![None], "the tombstone stays so consumers see the delete");
+    clock.advance(DELETE_RETENTION_MS - 1);
+    roll(&p, 1, now(&clock));
+    p.compact(true).unwrap().unwrap();
+    assert_eq!(values_of(&p, "k"), vec![None], "not yet past delete.retention.ms");
+    clock.advance(2);
+    roll(&p, 1, now(&clock));
+    let outcome = p.compact(true).unwrap().unwrap();
+    assert_eq!(outcome.tombstones_removed, 1);
+    assert!(values_of(&p, "k").is_empty(), "expired tombstone removed");
+}
+
+#[test]
+fn aborted_records_go_committed_records_and_markers_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, false, &[]);
+    let txn = |pid: i64, seq: i32, key: &str, value: &str| {
+        BatchBuilder::new()
+            .producer(pid, 0, seq)
+            .transactional(true)
+            .record(NewRecord::new(Some(key.as_bytes()), Some(value.as_bytes()), T0))
+            .build()
+    };
+    p.append(keyed("a", Some("committed-before"), T0)).unwrap();
+    p.append(txn(1, 0, "a", "aborted")).unwrap();
+    p.append(txn(1, 1, "x", "aborted-only")).unwrap();
+    p.append(txn(2, 0, "b", "committed")).unwrap();
+    p.append(BatchBuilder::control_marker(1, 0, ControlType::Abort, 0, T0).build()).unwrap();
+    p.append(BatchBuilder::control_marker(2, 0, ControlType::Commit, 0, T0).build()).unwrap();
+    roll(&p, 2, T0);
+    p.compact(true).unwrap().unwrap();
+    let all = read_all(&p, 0);
+    let controls = headers(&all).iter().filter(|h| h.is_control()).count();
+    assert_eq!(controls, 2, "markers are kept");
+    assert_eq!(values_of(&p, "b"), vec![Some(b"committed".to_vec())]);
+    assert!(values_of(&p, "x").is_empty(), "aborted records are removed");
+    // An aborted write never happened: it must not shadow the committed value before it.
+    assert_eq!(values_of(&p, "a"), vec![Some(b"committed-before".to_vec())]);
+    let committed = p.read(0, 1 << 20, Isolation::ReadCommitted).unwrap();
+    let seen: Vec<Vec<u8>> = records_of(&committed.records)
+        .into_iter()
+        .filter(|r| !r.key.as_ref().is_some_and(|k| k.starts_with(b"filler")))
+        .filter_map(|r| r.value)
+        .collect();
+    assert_eq!(seen, vec![b"committed-before".to_vec(), b"committed".to_vec()], "read_committed after cleaning");
+}
+
+#[test]
+fn compressed_batches_are_compacted_record_by_record() {
+    for codec in [Compression::Gzip, Compression::Zstd] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let log = open(dir.path(), &clock);
+        let p = compacted_topic(&log, false, &[]);
+        for round in 0..3 {
+            let mut b = BatchBuilder::new().compression(codec);
+            for k in 0..6 {
+                if k % 3 != round {
+                    b.push(NewRecord::new(Some(format!("k{k}").as_bytes()), Some(format!("r{round}").as_bytes()), T0));
+                }
+            }
+            p.append(b.build()).unwrap();
+        }
+        roll(&p, 2, T0);
+        p.compact(true).unwrap().unwrap();
+        let all = read_all(&p, 0);
+        let hs = headers(&all);
+        // Round 0's records are all superseded, so its batch is gone; the other two remain.
+        assert_eq!(hs[0].base_offset, 4, "an emptied batch disappears");
+        assert!(hs[..2].iter().all(|h| h.compression().unwrap() == codec), "batches keep their codec");
+        for k in 0..6 {
+            let last_round = (0..3).rev().find(|r| k % 3 != *r).unwrap();
+            assert_eq!(values_of(&p, &format!("k{k}")), vec![Some(format!("r{last_round}").into_bytes())]);
+        }
+    }
+}
+
+#[test]
+fn deleting_a_channel_removes_all_its_older_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic(
+        "channels",
+        1,
+        &overrides(&[
+            ("cleanup.policy", "compact"),
+            ("segment.bytes", "1024"),
+            ("delete.retention.ms", "10000"),
+            ("kappa.compaction.subkey.header", "contentId"),
+        ]),
+    )
+    .unwrap();
+    let p = log.partition("channels", 0).unwrap();
+    let item = |channel: &str, content: &str, value: Option<&str>| {
+        BatchBuilder::new()
+            .record(
+                NewRecord::new(Some(channel.as_bytes()), value.map(str::as_bytes), T0)
+                    .header("contentId", Some(content.as_bytes())),
+            )
+            .build()
+    };
+    for content in ["i1", "i2", "i3"] {
+        p.append(item("c1", content, Some(content))).unwrap();
+        p.append(item("c2", content, Some(content))).unwrap();
+    }
+    p.append(item("c1", "i1", Some("i1-v2"))).unwrap();
+    p.append(item("c1", "i2", None)).unwrap(); // remove one item
+    p.append(keyed("c1", Some("channel metadata"), T0)).unwrap();
+    let delete_offset = p.append(keyed("c1", None, T0)).unwrap().base_offset; // delete the channel
+    p.append(item("c1", "i4", Some("after the delete"))).unwrap();
+    roll(&p, 2, T0);
+
+    // Before the tombstones expire: the delete is visible, nothing older of c1 is.
+    p.compact(true).unwrap().unwrap();
+    let c1: Vec<Rec> = all_records(&p).into_iter().filter(|r| r.key.as_deref() == Some(b"c1")).collect();
+    assert_eq!(c1.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![delete_offset, delete_offset + 1]);
+    assert_eq!(c1[0].value, None);
+
+    clock.advance(20_000);
+    roll(&p, 1, now(&clock));
+    p.compact(true).unwrap().unwrap();
+    let all = all_records(&p);
+    let c1: Vec<&Rec> = all.iter().filter(|r| r.key.as_deref() == Some(b"c1")).collect();
+    assert_eq!(c1.len(), 1, "only the item written after the delete remains: {c1:?}");
+    assert_eq!(c1[0].value.as_deref(), Some(&b"after the delete"[..]));
+    let c2: Vec<&Rec> = all.iter().filter(|r| r.key.as_deref() == Some(b"c2")).collect();
+    assert_eq!(c2.len(), 3, "another channel is untouched");
+}
+
+// ---- crash safety on SimFs ----
+
+fn sim_open(fs: &SimFs, clock: &ManualClock) -> Log {
+    Log::open(Path::new("/data"), options(Arc::new(fs.clone()), clock)).expect("open after crash").0
+}
+
+fn sim_bases(fs: &SimFs) -> Vec<i64> {
+    let mut bases: Vec<i64> = fs
+        .files()
+        .keys()
+        .filter(|p| p.starts_with("/data/topics/t/0"))
+        .filter_map(|p| kappa_log::segment::parse_log_file_name(p.file_name()?.to_str()?))
+        .collect();
+    bases.sort_unstable();
+    bases
+}
+
+/// A compacted log on SimFs with duplicates and sub-keys across 4+ segments.
+fn sim_setup(clock: &ManualClock) -> (SimFs, Log, Arc<Partition>) {
+    let fs = SimFs::new();
+    // The data directory exists before the broker starts (its parent entry is durable).
+    kappa_log::io::Storage::create_dir_all(&fs, Path::new("/data")).unwrap();
+    kappa_log::io::Storage::sync_dir(&fs, Path::new("/")).unwrap();
+    let log = sim_open(&fs, clock);
+    let p = compacted_topic(&log, true, &[]);
+    for i in 0..60u8 {
+        let specs = [(i % 5, Some(i % 3), i % 11 == 0), ((i % 7) % 5, None, i % 13 == 0)];
+        p.append(build(&specs, T0, CODECS[usize::from(i % 5)], usize::from(i))).unwrap();
+    }
+    assert!(p.segment_count() >= 4);
+    (fs, log, p)
+}
+
+#[test]
+fn a_crash_at_any_point_of_compaction_leaves_the_old_or_the_cleaned_segment() {
+    let clock = ManualClock::new(T0);
+    // Count the compaction's mutating operations, and what it produces.
+    let (fs, log, p) = sim_setup(&clock);
+    let before = all_records(&p);
+    let bases = sim_bases(&fs);
+    let segments = segments_of(&p, &bases);
+    let cleaned = model_clean(&before, &segments, now(&clock), true);
+    let ops_before = fs.stats().ops;
+    p.compact(true).unwrap().unwrap();
+    let ops = fs.stats().ops - ops_before;
+    assert_eq!(all_records(&p), cleaned);
+    assert!(ops > 10, "{ops}");
+    drop((p, log));
+
+    let in_segment = |recs: &[Rec], i: usize| -> Vec<Rec> {
+        let next = bases.get(i + 1).copied().unwrap_or(i64::MAX);
+        recs.iter().filter(|r| r.offset >= bases[i] && r.offset < next).cloned().collect()
+    };
+    let mut saw_old = false;
+    let mut saw_new = false;
+    for n in 0..=ops {
+        let (fs, log, p) = sim_setup(&clock);
+        fs.kill_after_ops(Some(n));
+        let result = p.compact(true);
+        assert!(n >= ops || result.is_err(), "a pass cut short at op {n} reports failure");
+        drop((p, log));
+        fs.crash(n);
+        let log = sim_open(&fs, &clock);
+        let p = log.partition("t", 0).unwrap();
+        let after = all_records(&p);
+        assert_eq!(p.log_end_offset(), before.last().unwrap().offset + 1, "op {n}");
+        for i in 0..bases.len() {
+            let got = in_segment(&after, i);
+            let old = in_segment(&before, i);
+            let new = in_segment(&cleaned, i);
+            assert!(got == old || got == new, "op {n}, segment {}: neither old nor cleaned: {got:?}", bases[i]);
+            saw_old |= got == old && old != new;
+            saw_new |= got == new && old != new;
+        }
+        // The latest value of every compaction key is always readable.
+        for latest in &cleaned {
+            assert!(after.contains(latest), "op {n}: lost {latest:?}");
+        }
+        // And the recovered log can be cleaned to the same result.
+        p.compact(true).unwrap();
+        assert_eq!(all_records(&p), cleaned, "op {n}");
+    }
+    assert!(saw_old && saw_new, "the crash points cover both outcomes");
+}
