@@ -176,7 +176,9 @@ fn overrides(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().next().unwrap_or("?").to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().next().unwrap_or("?").to_owned())
+        .unwrap_or_default()
 }
 
 /// Median, min, max.
@@ -190,11 +192,7 @@ fn stats(values: &[f64]) -> (f64, f64, f64) {
 
 fn fmt_range(values: &[f64], digits: usize) -> String {
     let (m, lo, hi) = stats(values);
-    if values.len() == 1 {
-        format!("{m:.digits$}")
-    } else {
-        format!("{m:.digits$} [{lo:.digits$}-{hi:.digits$}]")
-    }
+    if values.len() == 1 { format!("{m:.digits$}") } else { format!("{m:.digits$} [{lo:.digits$}-{hi:.digits$}]") }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -245,8 +243,8 @@ fn run_append(args: &Args, cfg: AppendConfig, run: usize) -> AppendRun {
     let _ = std::fs::remove_dir_all(&dir);
     let counters = Arc::new(Counters::default());
     let fs = Arc::new(CountingFs { inner: RealFs, counters: counters.clone() });
-    let (log, _) = Log::open(&dir, LogOptions { sync_policy: cfg.policy, fs, clock: Arc::new(SystemClock) })
-        .expect("open log");
+    let (log, _) =
+        Log::open(&dir, LogOptions { sync_policy: cfg.policy, fs, clock: Arc::new(SystemClock) }).expect("open log");
     let log = Arc::new(log);
     log.create_topic("bench", 1, &overrides(&[("max.message.bytes", "16777216"), ("segment.bytes", "2147483647")]))
         .expect("create topic");
