@@ -10,6 +10,7 @@ pub mod compaction;
 pub mod compression;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod health;
 pub mod index;
 pub mod io;
