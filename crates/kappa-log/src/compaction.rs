@@ -20,7 +20,8 @@
 //! open, a missing index is rebuilt by a scan).
 //!
 //! Invariant: the cleaned range is always a prefix of the log that ends before the active
-//! segment, the last stable offset, and any segment younger than `min.compaction.lag.ms`.
+//! segment, the last stable offset, any damaged segment, and any segment younger than
+//! `min.compaction.lag.ms`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -127,8 +128,11 @@ impl Partition {
         let closed = &inner.segments[..inner.segments.len() - 1];
         closed
             .iter()
+            // A damaged segment's unreadable tail must not be rewritten away: stop before it.
             .take_while(|s| {
-                s.next_offset <= last_stable_offset && s.max_timestamp <= now - config.min_compaction_lag_ms
+                s.damage.is_none()
+                    && s.next_offset <= last_stable_offset
+                    && s.max_timestamp <= now - config.min_compaction_lag_ms
             })
             .map(|s| Candidate {
                 base_offset: s.base_offset,

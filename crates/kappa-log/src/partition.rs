@@ -84,6 +84,8 @@ pub struct PartitionRecovery {
     /// Bytes cut off invalid tails, with the reason.
     pub truncated_bytes: u64,
     pub truncation_reasons: Vec<String>,
+    /// Closed segments found damaged (kept as they are; reads stop at the damage).
+    pub damaged_segments: Vec<String>,
 }
 
 /// Fixed facts about a partition given at open.
@@ -175,12 +177,25 @@ impl Partition {
             if outcome.scanned {
                 report.scanned_bytes += outcome.valid_bytes;
             }
-            if let Some(reason) = outcome.stop_reason {
-                let cut = outcome.file_bytes - outcome.valid_bytes;
-                tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
-                seg.truncate(outcome.valid_bytes)?;
-                report.truncated_bytes += cut;
-                report.truncation_reasons.push(format!("segment {base}: {reason}"));
+            match outcome.stop_reason {
+                // A torn tail of the active segment is an interrupted write: cut it off.
+                Some(reason) if is_last => {
+                    let cut = outcome.file_bytes - outcome.valid_bytes;
+                    tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
+                    seg.truncate(outcome.valid_bytes)?;
+                    report.truncated_bytes += cut;
+                    report.truncation_reasons.push(format!("segment {base}: {reason}"));
+                }
+                // Damage inside a closed segment was synced data once: keep the bytes (an
+                // operator may repair them) and make reads stop there instead of skipping.
+                Some(reason) => {
+                    tracing::error!(topic = %ctx.topic, partition = ctx.partition, segment = base, valid_bytes = outcome.valid_bytes, %reason, "closed segment is damaged; reads past the damage will fail");
+                    report
+                        .damaged_segments
+                        .push(format!("segment {base} after byte {}: {reason}", outcome.valid_bytes));
+                    seg.damage = Some(reason);
+                }
+                None => {}
             }
             if is_last && outcome.scanned {
                 if let Some((position, reason)) = first_offset_gap(&seg)? {
@@ -494,10 +509,12 @@ impl Partition {
                     path: s.path.clone(),
                     start: s.position_for(offset),
                     end: s.size,
+                    damage: s.damage.clone(),
                 })
                 .collect();
             (plan, upper, outcome)
         };
+        outcome.records.reserve(max_bytes.min(plan.iter().map(|p| (p.end - p.start) as usize).sum()));
         let mut last_read = None;
         for step in plan {
             let budget = max_bytes.saturating_sub(outcome.records.len());
@@ -506,6 +523,20 @@ impl Partition {
             }
             let (last, whole_segment) = step.read_into(offset, upper, budget, &mut outcome.records)?;
             last_read = last.or(last_read);
+            if let Some(reason) = step.damage.as_ref().filter(|_| whole_segment) {
+                // Never skip over damage to the next segment: return what precedes it, and
+                // fail when nothing does, so the reader sees the problem instead of a gap.
+                if outcome.records.is_empty() {
+                    return Err(LogError::Corrupt {
+                        path: step.path.clone(),
+                        position: step.end,
+                        reason: format!(
+                            "{reason}; records after this point are unreadable until the segment is repaired or removed"
+                        ),
+                    });
+                }
+                break;
+            }
             if !whole_segment {
                 // The budget, the upper bound or damage stopped this segment part-way: the
                 // next segment's batches would leave a gap in the returned offsets.
@@ -641,6 +672,8 @@ struct ReadPlan {
     path: PathBuf,
     start: u64,
     end: u64,
+    /// Why the segment's bytes past `end` could not be read (closed segments only).
+    damage: Option<String>,
 }
 
 impl ReadPlan {
@@ -668,8 +701,37 @@ impl ReadPlan {
                 .map_err(|e| corrupt(start, e.to_string()))?
         };
         let want = if out.is_empty() { budget.max(first_len) } else { budget }.min(available);
-        let mut buffer = vec![0; want];
-        self.file.read_exact_at(&mut buffer, start).map_err(|e| LogError::io(&self.path, e))?;
+        // Read straight into the caller's buffer and cut back to the whole batches accepted:
+        // one copy from the file, no second buffer.
+        let base = out.len();
+        out.resize(base + want, 0);
+        if let Err(e) = self.file.read_exact_at(&mut out[base..], start) {
+            out.truncate(base);
+            return Err(LogError::io(&self.path, e));
+        }
+        let accepted = self.accept_batches(&mut out[base..], start, upper, base == 0);
+        let (position, last) = match accepted {
+            Ok(done) => done,
+            Err(e) => {
+                out.truncate(base);
+                return Err(e);
+            }
+        };
+        out.truncate(base + position);
+        Ok((last, start + position as u64 == self.end))
+    }
+
+    /// How many leading bytes of `buffer` (read from `start`) are whole valid batches below
+    /// `upper`, and the last offset among them. Damage in the first batch of an empty read
+    /// is an error; later damage ends the read before it.
+    fn accept_batches(
+        &self,
+        buffer: &mut [u8],
+        start: u64,
+        upper: i64,
+        nothing_yet: bool,
+    ) -> Result<(usize, Option<i64>)> {
+        let corrupt = |position: u64, reason: String| LogError::Corrupt { path: self.path.clone(), position, reason };
         let mut position = 0;
         let mut last = None;
         while position + batch::LENGTH_PREFIX_BYTES <= buffer.len() {
@@ -682,7 +744,7 @@ impl ReadPlan {
             let bytes = &buffer[position..position + total];
             let header = match batch::validate(bytes, segment::RECOVERY_BATCH_BYTES_MAX) {
                 Ok(header) => header,
-                Err(e) if out.is_empty() && last.is_none() => {
+                Err(e) if nothing_yet && last.is_none() => {
                     return Err(corrupt(start + position as u64, e.to_string()));
                 }
                 Err(e) => {
@@ -693,11 +755,10 @@ impl ReadPlan {
             if header.base_offset >= upper {
                 break;
             }
-            out.extend_from_slice(bytes);
             last = Some(header.last_offset());
             position += total;
         }
-        Ok((last, start + position as u64 == self.end))
+        Ok((position, last))
     }
 }
 

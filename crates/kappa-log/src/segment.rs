@@ -52,6 +52,9 @@ pub struct Segment {
     pub first_append_ms: Option<i64>,
     pub offset_index: OffsetIndex,
     pub time_index: TimeIndex,
+    /// Why bytes past `size` could not be read when a closed segment was opened. Such a
+    /// segment keeps its file untouched; reads stop at the damage.
+    pub damage: Option<String>,
     bytes_since_index_entry: u64,
 }
 
@@ -97,6 +100,7 @@ impl Segment {
             first_append_ms: None,
             offset_index: OffsetIndex::default(),
             time_index: TimeIndex::default(),
+            damage: None,
             bytes_since_index_entry: 0,
         }
     }

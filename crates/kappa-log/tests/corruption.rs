@@ -376,7 +376,6 @@ fn a_damaged_checkpoint_does_not_hide_a_torn_tail() {
 /// segments. The rest of that segment is gone and a consumer reading through skips from
 /// the damage straight to the next segment, with no error.
 #[test]
-#[ignore = "known issue: a closed segment truncated by recovery leaves a silent gap"]
 fn a_damaged_header_in_a_closed_segment_does_not_leave_a_silent_gap() {
     let (dir, clock, batches) = setup(1024, 30, true);
     let at = layout(dir.path(), &batches);
