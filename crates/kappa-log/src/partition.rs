@@ -489,7 +489,12 @@ impl Partition {
             if budget == 0 && !outcome.records.is_empty() {
                 break;
             }
-            last_read = step.read_into(offset, upper, budget, &mut outcome.records)?.or(last_read);
+            let (last, reached_end) = step.read_into(offset, upper, budget, &mut outcome.records)?;
+            last_read = last.or(last_read);
+            // Batches must be contiguous: the next segment may only follow a whole one.
+            if !reached_end {
+                break;
+            }
         }
         if isolation == Isolation::ReadCommitted {
             if let Some(last) = last_read {
@@ -625,8 +630,8 @@ struct ReadPlan {
 impl ReadPlan {
     /// Appends whole valid batches with `last_offset >= offset` and `base_offset < upper`
     /// to `out`, up to `budget` bytes (at least one batch when `out` is empty). Returns the
-    /// last offset appended.
-    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<Option<i64>> {
+    /// last offset appended and whether the read reached the end of the segment.
+    fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<(Option<i64>, bool)> {
         let corrupt = |position: u64, reason: String| LogError::Corrupt { path: self.path.clone(), position, reason };
         // Find the first batch that ends at or after `offset` (a few headers past the index entry).
         let mut first = None;
@@ -638,7 +643,7 @@ impl ReadPlan {
             true
         })
         .map_err(|e| corrupt(self.start, e.to_string()))?;
-        let Some(start) = first else { return Ok(None) };
+        let Some(start) = first else { return Ok((None, true)) };
         let available = (self.end - start) as usize;
         let first_len = {
             let mut prefix = [0u8; batch::LENGTH_PREFIX_BYTES];
@@ -676,7 +681,7 @@ impl ReadPlan {
             last = Some(header.last_offset());
             position += total;
         }
-        Ok(last)
+        Ok((last, start + position as u64 == self.end))
     }
 }
 
