@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
-use kappa_log::batch::{self, BatchHeader, Compression};
+use kappa_log::batch::{BatchHeader, Compression};
 use kappa_log::clock::ManualClock;
 use kappa_log::io::sim::{SimFs, seeded_rng};
 use kappa_log::io::{OpenMode, Storage};
-use kappa_log::records::{BatchBuilder, NewRecord, decode_records};
+use kappa_log::records::{BatchBuilder, NewRecord};
 use kappa_log::segment::{parse_log_file_name, scan_batches};
 use kappa_log::{Isolation, Log};
 use rand::Rng;
@@ -30,11 +30,6 @@ const TOPIC: &str = "t";
 /// Small segments so rolls (and their index and snapshot writes) happen often.
 const SEGMENT_BYTES: &str = "4096";
 const PRODUCER_ID: i64 = 7_000;
-/// Enough for any batch the test builds.
-const MAX_RECORD_BYTES: usize = 1 << 20;
-
-/// A record as the producer sent it: key, value, headers, timestamp, offset delta.
-type RecordFields = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>, i64, i32);
 
 /// An acknowledged append: where the log put it and what was sent.
 #[derive(Clone)]
@@ -263,7 +258,7 @@ impl World {
         for partition in 0..self.partitions {
             let i = partition as usize;
             let p = self.log().partition(TOPIC, partition).unwrap();
-            let batches = read_all(&p, self.seed);
+            let batches = read_all(&p);
             let scanned = scan_partition_files(&self.fs, &p.dir().to_path_buf());
             assert_eq!(
                 summary(&batches),
@@ -319,36 +314,6 @@ fn random_bytes(rng: &mut StdRng, len: std::ops::Range<usize>) -> Vec<u8> {
 
 fn header_of(bytes: &[u8]) -> BatchHeader {
     BatchHeader::parse(bytes).unwrap()
-}
-
-/// Every batch the partition serves, read in small steps so reads cross segments and
-/// start at many index positions.
-fn read_all(p: &kappa_log::Partition, seed: u64) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut offset = p.log_start_offset();
-    loop {
-        let read = p
-            .read(offset, 700, Isolation::ReadUncommitted)
-            .unwrap_or_else(|e| panic!("seed {seed}: read at {offset} failed: {e}"));
-        if read.records.is_empty() {
-            return out;
-        }
-        let batches = split_batches(&read.records);
-        offset = header_of(batches.last().unwrap()).next_offset();
-        out.extend(batches);
-    }
-}
-
-/// Splits read bytes into batches; each must pass full validation.
-fn split_batches(mut bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let total = batch::batch_total_len(bytes, usize::MAX).expect("batch length");
-        batch::validate(&bytes[..total], usize::MAX).expect("served batches are valid");
-        out.push(bytes[..total].to_vec());
-        bytes = &bytes[total..];
-    }
-    out
 }
 
 /// The batches of a partition directory found by scanning its segment files directly,
@@ -436,20 +401,4 @@ fn assert_same_batch(stored: &[u8], sent: &[u8], seed: u64) {
         s.base_offset
     );
     assert_eq!(records_of(stored), records_of(sent), "seed {seed}: records at {} differ", s.base_offset);
-}
-
-fn records_of(bytes: &[u8]) -> Vec<RecordFields> {
-    let decoded = decode_records(bytes, MAX_RECORD_BYTES).expect("stored batches decode");
-    decoded
-        .iter()
-        .map(|r| {
-            (
-                r.key.map(<[u8]>::to_vec),
-                r.value.map(<[u8]>::to_vec),
-                r.headers.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect(),
-                r.timestamp(),
-                r.offset_delta,
-            )
-        })
-        .collect()
 }
