@@ -56,6 +56,25 @@ struct World {
     epoch: i16,
     sequences: Vec<i32>,
     crashes: u64,
+    coverage: Coverage,
+}
+
+/// What the seeds exercised, so a change that makes the simulation toothless fails.
+#[derive(Debug, Default, Clone, Copy)]
+struct Coverage {
+    failed_appends: u64,
+    unacked_survived: u64,
+    retries: u64,
+    rolled: u64,
+}
+
+impl Coverage {
+    fn add(&mut self, other: Coverage) {
+        self.failed_appends += other.failed_appends;
+        self.unacked_survived += other.unacked_survived;
+        self.retries += other.retries;
+        self.rolled += other.rolled;
+    }
 }
 
 #[test]
@@ -66,17 +85,25 @@ fn acknowledged_appends_survive_power_loss() {
         _ => (0..DEFAULT_SEEDS).collect(),
     };
     let started = std::time::Instant::now();
+    let mut coverage = Coverage::default();
     for &seed in &seeds {
-        if catch_unwind(AssertUnwindSafe(|| run_seed(seed))).is_err() {
-            panic!("seed {seed} failed; rerun it alone with: SEED={seed} cargo test -p kappa-log --test power_loss");
+        match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
+            Ok(c) => coverage.add(c),
+            Err(_) => {
+                panic!("seed {seed} failed; rerun it alone with: SEED={seed} cargo test -p kappa-log --test power_loss")
+            }
         }
     }
-    eprintln!("power_loss: {} seeds in {:.1?}", seeds.len(), started.elapsed());
+    eprintln!("power_loss: {} seeds in {:.1?}, {coverage:?}", seeds.len(), started.elapsed());
+    if seeds.len() >= 100 {
+        let c = coverage;
+        assert!(c.failed_appends > 0 && c.unacked_survived > 0 && c.retries > 0 && c.rolled > 0, "{c:?}");
+    }
 }
 
 /// One history: a few sessions of appends ended by deaths, clean restarts or power
 /// losses, then a final power loss, a recovery check and appends after recovery.
-fn run_seed(seed: u64) {
+fn run_seed(seed: u64) -> Coverage {
     let mut world = World::new(seed);
     let steps = world.rng.random_range(8..32);
     for _ in 0..steps {
@@ -93,6 +120,7 @@ fn run_seed(seed: u64) {
     }
     world.power_loss();
     world.append_after_recovery();
+    world.coverage
 }
 
 impl World {
@@ -116,6 +144,7 @@ impl World {
             epoch: 0,
             sequences: vec![0; n],
             crashes: 0,
+            coverage: Coverage::default(),
         }
     }
 
@@ -149,6 +178,7 @@ impl World {
                 true
             }
             Err(_) => {
+                self.coverage.failed_appends += 1;
                 self.unacked[i].push(sent);
                 false
             }
@@ -169,6 +199,7 @@ impl World {
         let end = p.log_end_offset();
         let outcome = p.append(last.sent.clone()).unwrap_or_else(|e| panic!("seed {}: retry failed: {e}", self.seed));
         assert!(outcome.duplicate, "seed {}: retry not detected", self.seed);
+        self.coverage.retries += 1;
         assert_eq!((outcome.base_offset, outcome.last_offset), (last.base_offset, last.last_offset));
         assert_eq!(p.log_end_offset(), end, "seed {}: a retry was written again", self.seed);
     }
@@ -277,6 +308,8 @@ impl World {
             check_acked_present(&batches, &self.acked[i], self.seed);
             check_others_were_sent(&batches, &self.acked[i], &self.unacked[i], self.seed);
             check_every_offset_is_found(&p, &batches, self.seed);
+            self.coverage.unacked_survived += (batches.len() - self.acked[i].len()) as u64;
+            self.coverage.rolled += u64::from(p.segment_count() > 1);
             // What survived is now part of history: later crashes must keep it only if it
             // is acknowledged, so adopt survivors as acknowledged-by-recovery (recovery
             // synced them) and forget what did not survive.
