@@ -290,7 +290,7 @@ impl World {
             let i = partition as usize;
             let p = self.log().partition(TOPIC, partition).unwrap();
             let batches = read_all(&p);
-            let scanned = scan_partition_files(&self.fs, &p.dir().to_path_buf());
+            let scanned = scan_partition_files(&self.fs, p.dir());
             assert_eq!(
                 summary(&batches),
                 summary(&scanned),
@@ -351,11 +351,11 @@ fn header_of(bytes: &[u8]) -> BatchHeader {
 
 /// The batches of a partition directory found by scanning its segment files directly,
 /// independent of the log's indexes and in-memory state.
-fn scan_partition_files(fs: &SimFs, dir: &PathBuf) -> Vec<Vec<u8>> {
+fn scan_partition_files(fs: &SimFs, dir: &Path) -> Vec<Vec<u8>> {
     let segments: BTreeMap<i64, PathBuf> = fs
         .files()
         .into_keys()
-        .filter(|path| path.parent() == Some(dir.as_path()))
+        .filter(|path| path.parent() == Some(dir))
         .filter_map(|path| Some((parse_log_file_name(path.file_name()?.to_str()?)?, path)))
         .collect();
     let mut out = Vec::new();
