@@ -220,7 +220,7 @@ fn restart_on_a_still_full_disk_recovers_and_reports_enospc_again() {
     // Recovery needs no new space.
     let log = open_on(Arc::new(fs.clone()), dir, &clock);
     let p = log.partition("t", 0).unwrap();
-    assert_acked_prefix(&p, &acked, &[unacked.clone()]);
+    assert_acked_prefix(&p, &acked, std::slice::from_ref(&unacked));
     assert!(p.append(unacked.clone()).is_err_and(|e| is_os_error(&e, ENOSPC)));
     drop((p, log));
 

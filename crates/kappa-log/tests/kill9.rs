@@ -142,7 +142,7 @@ fn verify(dir: &Path, acked: &BTreeMap<(i32, i64), Ack>, cycle: u64) {
         }
     }
     // Alternate clean and dirty shutdowns of the verifying process too.
-    if cycle % 2 == 0 {
+    if cycle.is_multiple_of(2) {
         log.close().expect("clean close");
     }
 }
