@@ -114,7 +114,7 @@ impl Log {
         let started = Instant::now();
         let fs = options.fs.clone();
         let topics_dir = dir.join(TOPICS_DIR);
-        fs.create_dir_all(&topics_dir).map_err(|e| LogError::io(&topics_dir, e))?;
+        create_dirs_durably(fs.as_ref(), &topics_dir)?;
         fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
         let log = Self {
             dir: dir.to_owned(),
@@ -352,6 +352,20 @@ impl Log {
         }
         self.all_partitions().iter().try_for_each(|p| p.close())
     }
+}
+
+/// Creates `dir` and its missing parents, syncing the parent of each directory it made:
+/// a new directory's entry is durable only once its parent is synced, and without that a
+/// power loss could take the whole (freshly created) data directory away.
+fn create_dirs_durably(fs: &dyn Storage, dir: &Path) -> Result<()> {
+    let missing: Vec<&Path> =
+        dir.ancestors().filter(|a| !a.as_os_str().is_empty()).take_while(|a| !fs.exists(a)).collect();
+    fs.create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+    for created in missing.iter().rev() {
+        let parent = created.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs.sync_dir(parent).map_err(|e| LogError::io(parent, e))?;
+    }
+    Ok(())
 }
 
 /// Kafka's rule: 1..=249 bytes of `[a-zA-Z0-9._-]`, not "." or "..".

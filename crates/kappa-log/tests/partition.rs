@@ -297,3 +297,26 @@ fn topics_persist_with_their_config_and_bad_names_are_rejected() {
     assert_eq!(topic.config().compaction_subkey_header.as_deref(), Some("contentId"));
     assert!(topic.config().cleanup_policy.compact);
 }
+
+#[test]
+fn a_read_that_fills_its_budget_inside_a_segment_does_not_skip_to_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    // A small batch, a big one (same segment), then a small one that starts the next.
+    p.append(batch("a", 1, T0)).unwrap();
+    p.append(batch("b", 55, T0)).unwrap();
+    p.append(batch("c", 10, T0)).unwrap();
+    assert_eq!(p.segment_count(), 2);
+    let first_len = batch("a", 1, T0).len();
+    for budget in first_len..first_len + 1024 {
+        let read = p.read(0, budget, Isolation::ReadUncommitted).unwrap();
+        let mut next = 0;
+        for h in headers(&read.records) {
+            assert_eq!(h.base_offset, next, "budget {budget}: a read must return contiguous batches");
+            next = h.next_offset();
+        }
+    }
+}

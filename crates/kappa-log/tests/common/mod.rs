@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use kappa_log::batch::BatchHeader;
+use kappa_log::batch::{self as batch_codec, BatchHeader};
 use kappa_log::clock::ManualClock;
 use kappa_log::io::Storage;
-use kappa_log::records::{BatchBuilder, NewRecord};
-use kappa_log::{Log, LogOptions, SyncPolicy};
+use kappa_log::records::{BatchBuilder, NewRecord, decode_records};
+use kappa_log::{Isolation, Log, LogOptions, Partition, SyncPolicy};
 
 pub const T0: i64 = 1_700_000_000_000;
 
@@ -115,4 +115,80 @@ pub fn read_all(p: &kappa_log::Partition, from: i64) -> Vec<u8> {
         out.extend_from_slice(&read.records);
     }
     out
+}
+
+/// Every batch a partition serves, read in small steps so reads cross segments and start
+/// at many index positions. Each returned batch must pass full validation.
+pub fn read_all_batches(p: &Partition) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut offset = p.log_start_offset();
+    loop {
+        let read =
+            p.read(offset, 700, Isolation::ReadUncommitted).unwrap_or_else(|e| panic!("read at {offset} failed: {e}"));
+        if read.records.is_empty() {
+            return out;
+        }
+        let batches = split_batches(&read.records);
+        offset = BatchHeader::parse(batches.last().unwrap()).unwrap().next_offset();
+        out.extend(batches);
+    }
+}
+
+/// Splits read bytes into batches; each must pass full validation.
+pub fn split_batches(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let total = batch_codec::batch_total_len(bytes, usize::MAX).expect("batch length");
+        batch_codec::validate(&bytes[..total], usize::MAX).expect("served batches are valid");
+        out.push(bytes[..total].to_vec());
+        bytes = &bytes[total..];
+    }
+    out
+}
+
+/// A record as the producer sent it: key, value, headers, timestamp, offset delta.
+pub type RecordFields = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(Vec<u8>, Option<Vec<u8>>)>, i64, i32);
+
+/// The records of a batch, independent of the base offset the log assigned.
+pub fn batch_records(bytes: &[u8]) -> Vec<RecordFields> {
+    let decoded = decode_records(bytes, 1 << 24).expect("stored batches decode");
+    decoded
+        .iter()
+        .map(|r| {
+            (
+                r.key.map(<[u8]>::to_vec),
+                r.value.map(<[u8]>::to_vec),
+                r.headers.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect(),
+                r.timestamp(),
+                r.offset_delta,
+            )
+        })
+        .collect()
+}
+
+/// Checks a partition after a restart: it holds exactly the acknowledged batches (same
+/// offsets and records), optionally followed by whole batches from `unacked`, and nothing
+/// else. Returns how many unacknowledged batches survived.
+pub fn assert_acked_prefix(p: &Partition, acked: &[(i64, Vec<u8>)], unacked: &[Vec<u8>]) -> usize {
+    let stored = read_all_batches(p);
+    assert!(stored.len() >= acked.len(), "{} batches stored, {} acknowledged", stored.len(), acked.len());
+    for ((base, sent), got) in acked.iter().zip(&stored) {
+        assert_eq!(BatchHeader::parse(got).unwrap().base_offset, *base, "acknowledged batch moved");
+        assert_eq!(batch_records(got), batch_records(sent), "acknowledged batch at {base} changed");
+    }
+    let extra = &stored[acked.len()..];
+    for got in extra {
+        assert!(
+            unacked.iter().any(|u| batch_records(u) == batch_records(got)),
+            "a batch that was never sent is stored"
+        );
+    }
+    let mut next = 0;
+    for got in &stored {
+        let h = BatchHeader::parse(got).unwrap();
+        assert_eq!(h.base_offset, next, "offsets are contiguous");
+        next = h.next_offset();
+    }
+    assert_eq!(p.high_watermark(), next, "everything below the high watermark is served");
+    extra.len()
 }
