@@ -7,6 +7,7 @@
 pub mod api_versions;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod handlers;
 pub mod header;
 pub mod legacy;
