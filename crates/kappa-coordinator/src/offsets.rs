@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kappa_log::codec::{Reader, put_str};
 use kappa_log::records::{self, BatchBuilder, NewRecord};
 use kappa_log::{Isolation, Log, LogError, Partition};
 
@@ -247,12 +248,6 @@ fn check_metadata(offsets: &[(TopicPartition, CommittedOffset)]) -> Result<(), G
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
 fn encode_key(group: &str, (topic, partition): &TopicPartition) -> Vec<u8> {
     let mut out = vec![KEY_KIND_OFFSET];
     put_str(&mut out, group);
@@ -270,36 +265,15 @@ fn encode_value(value: &CommittedOffset) -> Vec<u8> {
     out
 }
 
-/// A bounds-checked reader for the key and value layouts.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, tail) = self.0.split_at_checked(n)?;
-        self.0 = tail;
-        Some(head)
-    }
-    fn string(&mut self) -> Option<String> {
-        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
-        String::from_utf8(self.take(len)?.to_vec()).ok()
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn i32(&mut self) -> Option<i32> {
-        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-}
-
 fn decode_key(bytes: &[u8]) -> Option<(String, TopicPartition)> {
-    let mut c = Cursor(bytes);
-    (c.take(1)?[0] == KEY_KIND_OFFSET).then_some(())?;
+    let mut c = Reader(bytes);
+    (c.u8()? == KEY_KIND_OFFSET).then_some(())?;
     Some((c.string()?, (c.string()?, c.i32()?)))
 }
 
 fn decode_value(bytes: &[u8]) -> Option<CommittedOffset> {
-    let mut c = Cursor(bytes);
-    (c.take(1)?[0] == VALUE_VERSION).then_some(())?;
+    let mut c = Reader(bytes);
+    (c.u8()? == VALUE_VERSION).then_some(())?;
     Some(CommittedOffset {
         offset: c.i64()?,
         leader_epoch: c.i32()?,

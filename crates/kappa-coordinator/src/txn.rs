@@ -16,6 +16,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use kappa_log::codec::{Reader, put_str};
 use kappa_log::records::{self, BatchBuilder, ControlType, NewRecord};
 use kappa_log::{Isolation, Log, LogError, Partition};
 
@@ -392,8 +393,7 @@ impl TxnCoordinator {
 
 fn key(kind: u8, id: &str) -> Vec<u8> {
     let mut out = vec![kind];
-    out.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    out.extend_from_slice(id.as_bytes());
+    put_str(&mut out, id);
     out
 }
 
@@ -412,41 +412,17 @@ fn encode_txn(meta: &TxnMetadata) -> Vec<u8> {
     out.extend_from_slice(&meta.started_ms.to_be_bytes());
     out.extend_from_slice(&(meta.partitions.len() as u32).to_be_bytes());
     for (topic, partition) in &meta.partitions {
-        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        out.extend_from_slice(topic.as_bytes());
+        put_str(&mut out, topic);
         out.extend_from_slice(&partition.to_be_bytes());
     }
     out
 }
 
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, tail) = self.0.split_at_checked(n)?;
-        self.0 = tail;
-        Some(head)
-    }
-    fn string(&mut self) -> Option<String> {
-        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
-        String::from_utf8(self.take(len)?.to_vec()).ok()
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn i32(&mut self) -> Option<i32> {
-        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn i16(&mut self) -> Option<i16> {
-        Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
-    }
-}
-
 fn decode_txn(bytes: &[u8]) -> Option<TxnMetadata> {
-    let mut c = Cursor(bytes);
-    (c.take(1)?[0] == 1).then_some(())?;
+    let mut c = Reader(bytes);
+    (c.u8()? == 1).then_some(())?;
     let (producer_id, epoch, timeout_ms) = (c.i64()?, c.i16()?, c.i32()?);
-    let status = TxnStatus::from_code(c.take(1)?[0])?;
+    let status = TxnStatus::from_code(c.u8()?)?;
     let started_ms = c.i64()?;
     let count = c.i32()? as u32 as usize;
     let mut partitions = BTreeSet::new();
@@ -476,11 +452,14 @@ fn replay(state: &Partition) -> Result<(HashMap<String, TxnMetadata>, i64), LogE
                 records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
             for record in decoded.iter() {
                 let Some(key) = record.key else { continue };
-                let mut c = Cursor(key);
-                let (Some(kind), Some(id)) = (c.take(1).map(|k| k[0]), c.string()) else { continue };
+                let mut c = Reader(key);
+                let (Some(kind), Some(id)) = (c.u8(), c.string()) else { continue };
                 match (kind, record.value) {
                     (KEY_PID_BLOCK, Some(value)) => {
-                        reserved = reserved.max(Cursor(&value[1.min(value.len())..]).i64().unwrap_or(0))
+                        let mut v = Reader(value);
+                        if let (Some(1), Some(block_end)) = (v.u8(), v.i64()) {
+                            reserved = reserved.max(block_end);
+                        }
                     }
                     (KEY_TXN, Some(value)) => {
                         if let Some(meta) = decode_txn(value) {

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod clock;
+pub mod codec;
 pub mod compaction;
 pub mod compression;
 pub mod config;

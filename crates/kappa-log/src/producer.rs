@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::batch::BatchHeader;
+use crate::codec::Reader;
 use crate::error::{LogError, Result};
 
 /// How many recent batches per producer are remembered for duplicate detection (Kafka: 5,
@@ -246,10 +247,10 @@ impl ProducerState {
         }
         for _ in 0..producers {
             let id = r.i64()?;
-            let epoch = i16::from_be_bytes(r.take(2)?.try_into().ok()?);
+            let epoch = r.i16()?;
             let txn_first_offset = Some(r.i64()?).filter(|&o| o >= 0);
             let last_timestamp = r.i64()?;
-            let n = r.take(1)?[0] as usize;
+            let n = r.u8()? as usize;
             let mut batches = VecDeque::with_capacity(n.min(PRODUCER_BATCHES_CACHED));
             for _ in 0..n {
                 batches.push_back(BatchMeta {
@@ -268,32 +269,12 @@ impl ProducerState {
         for _ in 0..aborted {
             state.aborted.push(AbortedTxn { producer_id: r.i64()?, first_offset: r.i64()?, last_offset: r.i64()? });
         }
-        r.0.is_empty().then_some((offset, state))
+        r.is_empty().then_some((offset, state))
     }
 }
 
 fn next_sequence(sequence: i32) -> i32 {
     if sequence == i32::MAX { 0 } else { sequence + 1 }
-}
-
-/// A bounds-checked big-endian reader: every read returns None past the end.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, tail) = self.0.split_at_checked(n)?;
-        self.0 = tail;
-        Some(head)
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn i32(&mut self) -> Option<i32> {
-        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
 }
 
 #[cfg(test)]
