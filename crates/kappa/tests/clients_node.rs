@@ -94,7 +94,19 @@ fn kafka_node_reads_what_kcat_wrote() {
         let pairs: Vec<(String, String)> =
             (0..40).map(|i| (format!("channel-{}", i % 7), format!("{codec} content {i} {}", "x".repeat(i)))).collect();
         let mut child = Command::new("kcat")
-            .args(["-b", &server.bootstrap(), "-P", "-t", &topic, "-p", "0", "-K", "\t", "-X", &format!("compression.codec={codec}")])
+            .args([
+                "-b",
+                &server.bootstrap(),
+                "-P",
+                "-t",
+                &topic,
+                "-p",
+                "0",
+                "-K",
+                "\t",
+                "-X",
+                &format!("compression.codec={codec}"),
+            ])
             .args(["-X", "linger.ms=50"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -109,10 +121,8 @@ fn kafka_node_reads_what_kcat_wrote() {
             String::from_utf8_lossy(&output.stderr),
             server.log()
         );
-        let expected = format!(
-            "[{}]",
-            pairs.iter().map(|(k, v)| format!("[\"{k}\",\"{v}\"]")).collect::<Vec<_>>().join(",")
-        );
+        let expected =
+            format!("[{}]", pairs.iter().map(|(k, v)| format!("[\"{k}\",\"{v}\"]")).collect::<Vec<_>>().join(","));
         let summary = node(&server, "kafka-node-read-kcat.js", &[&topic, &expected], TIMEOUT);
         assert!(summary.contains(r#""consumed":40"#), "{codec}: {summary}");
     }
