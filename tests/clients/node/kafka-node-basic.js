@@ -3,7 +3,7 @@
 // Consumer fetching from explicit offsets, Offset.fetch / fetchLatestOffsets /
 // fetchEarliestOffsets, topic creation and metadata.
 
-const { assert, bootstrap, runMain, unique, step } = require('./lib');
+const { assert, bootstrap, runMain, unique, step, waitFor, sleep } = require('./lib');
 const { kafka, client, ready, call, consumeFrom } = require('./kafka-node-common');
 
 async function main() {
@@ -116,6 +116,28 @@ async function main() {
   const earliestAll = await call((cb) => offset.fetchEarliestOffsets([keyed], cb));
   assert.deepEqual(Object.values(earliestAll[keyed]), [0, 0, 0], `fetchEarliestOffsets: ${JSON.stringify(earliestAll)}`);
   summary.offsets = { latest: 20 };
+
+  // Offsets of the plain Consumer API: Offset.commit (OffsetCommit v0), OffsetFetch v0, and a
+  // Consumer with a groupId and fromOffset: false resuming at the committed offset.
+  step('OffsetCommit v0 / OffsetFetch v0');
+  const plainGroup = `kn-plain-${id}`;
+  await call((cb) => offset.commit(plainGroup, [{ topic: plainTopics[1], partition: 0, offset: 15, metadata: 'm' }], cb));
+  const fetched = await call((cb) => c.sendOffsetFetchRequest(plainGroup, [{ topic: plainTopics[1], partition: 0 }], cb));
+  assert.equal(fetched[plainTopics[1]]['0'], 15, `OffsetFetch v0: ${JSON.stringify(fetched)}`);
+  const resumed = await (async () => {
+    const rc = client(host);
+    await ready(rc, 'resuming consumer client');
+    const consumer = new kafka.Consumer(rc, [{ topic: plainTopics[1], partition: 0 }], { groupId: plainGroup, autoCommit: false, fromOffset: false, fetchMaxWaitMs: 100, encoding: 'utf8', keyEncoding: 'utf8' });
+    const got = [];
+    consumer.on('message', (m) => got.push(m.offset));
+    consumer.on('error', (e) => got.push(`error ${e}`));
+    await waitFor(() => `5 messages from the committed offset (got ${got})`, () => got.length >= 5);
+    await sleep(500);
+    await call((cb) => consumer.close(true, cb));
+    return got;
+  })();
+  assert.deepEqual(resumed, [15, 16, 17, 18, 19], 'plain Consumer resumes at the committed offset');
+  summary.plainConsumerResumedAt = resumed[0];
 
   await call((cb) => producer.close(cb));
   await call((cb) => hl.close(cb));
