@@ -85,6 +85,13 @@ fn kafka_node_consumer_group_resumes_from_committed_offset_after_restart() {
     assert!(summary.contains(r#""consumed":10"#), "{summary}");
 }
 
+#[test]
+fn kafka_node_consumer_group_second_member_joins_without_duplicates() {
+    let server = Server::start();
+    let summary = node(&server, "kafka-node-group-rebalance.js", &[], TIMEOUT);
+    assert!(summary.contains(r#""produced":80"#), "{summary}");
+}
+
 /// librdkafka writes RecordBatch v2 (compressed or not); kafka-node reads it down-converted.
 #[test]
 fn kafka_node_reads_what_kcat_wrote() {
