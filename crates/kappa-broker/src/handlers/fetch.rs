@@ -70,6 +70,12 @@ impl Broker {
             let bytes: usize = reads.iter().map(|r| r.records.len()).sum();
             let errored = reads.iter().any(|r| r.error_code != errors::NONE);
             if bytes >= min_bytes.max(1) || errored || Instant::now() >= deadline || watches.is_empty() {
+                let mut reads = reads;
+                if version <= LAST_LEGACY_FETCH_VERSION {
+                    for (w, read) in wanted.iter().zip(reads.iter_mut()) {
+                        read.records = drop_records_before(std::mem::take(&mut read.records), w.offset);
+                    }
+                }
                 return build_fetch_response(&wanted, reads, isolation);
             }
             wait_for_any(watches, deadline).await;
@@ -129,6 +135,38 @@ fn offset_for(partition: &Partition, timestamp: i64, isolation: Isolation) -> Re
         },
         t => partition.offset_for_timestamp(t, isolation)?.unwrap_or((-1, -1)),
     })
+}
+
+/// Fetch v0-3 answers are down-converted to message sets (magic 0/1).
+const LAST_LEGACY_FETCH_VERSION: i16 = 3;
+
+/// For down-converted (Fetch v0-3) answers: drops the records before `offset` from the first
+/// batch, which starts at or before the fetch offset. Kafka does the same when it down-converts
+/// (`RecordsUtil.downConvert`), and kafka-node's Consumer relies on it: it hands every message
+/// it gets to the application, so a fetch from offset 13 into a batch 10..19 would redeliver
+/// 10..12.
+fn drop_records_before(records: Bytes, offset: i64) -> Bytes {
+    let Ok(header) = kappa_log::batch::BatchHeader::parse(&records) else {
+        return records;
+    };
+    let total = header.total_bytes();
+    if header.base_offset >= offset || total > records.len() || header.is_control() {
+        return records;
+    }
+    match kappa_log::records::rebuild_batch(
+        &records[..total],
+        |r| r.offset() >= offset,
+        crate::legacy::DECOMPRESSED_BYTES_MAX,
+    ) {
+        Ok(Some(first)) => {
+            let mut out = first;
+            out.extend_from_slice(&records[total..]);
+            Bytes::from(out)
+        }
+        Ok(None) => records.slice(total..),
+        // The down-conversion reports a batch it cannot decode.
+        Err(_) => records,
+    }
 }
 
 struct PartitionRead {
@@ -238,4 +276,38 @@ async fn wait_for_any(watches: Vec<tokio::sync::watch::Receiver<i64>>, deadline:
     }
     let _ = tokio::time::timeout_at(deadline, set.join_next()).await;
     set.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::legacy::message_set;
+    use kappa_log::batch::Compression;
+    use kappa_log::records::{BatchBuilder, NewRecord};
+
+    fn batch(base_offset: i64, count: usize, compression: Compression) -> Vec<u8> {
+        let mut builder = BatchBuilder::new().compression(compression);
+        builder.base_offset = base_offset;
+        for i in 0..count {
+            builder.push(NewRecord::new(Some(b"k"), Some(format!("v{}", base_offset + i as i64).as_bytes()), 1_000));
+        }
+        builder.build()
+    }
+
+    fn offsets(records: &Bytes) -> Vec<i64> {
+        let set = message_set::down_convert(records, 1, 1 << 20).unwrap();
+        message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect()
+    }
+
+    #[test]
+    fn legacy_fetch_starts_at_the_fetch_offset_inside_a_batch() {
+        for compression in [Compression::None, Compression::Gzip] {
+            let mut both = batch(10, 10, compression);
+            both.extend_from_slice(&batch(20, 2, compression));
+            let records = Bytes::from(both);
+            assert_eq!(offsets(&drop_records_before(records.clone(), 13)), [13, 14, 15, 16, 17, 18, 19, 20, 21]);
+            assert_eq!(offsets(&drop_records_before(records.clone(), 10)), (10..22).collect::<Vec<_>>());
+            assert_eq!(offsets(&drop_records_before(records.clone(), 20)), [20, 21]);
+        }
+    }
 }
