@@ -1,0 +1,116 @@
+//! End-to-end compatibility with the Python Kafka clients: confluent-kafka (bundled
+//! librdkafka) and kafka-python. Each test starts the real `kappa` binary and runs one case
+//! of `tests/clients/python/<client>_e2e.py`, which asserts itself and exits non-zero with
+//! a clear message. `scripts/test-all` installs the pip packages.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Server, repo_root, run};
+
+const CONFLUENT: &str = "confluent_e2e.py";
+const KAFKA_PYTHON: &str = "kafka_python_e2e.py";
+
+fn script(server: &Server, script: &str, case: &str, args: &[&str], timeout_s: u64) -> String {
+    let path = repo_root().join("tests/clients/python").join(script);
+    let mut command = Command::new("python3");
+    command.arg(&path).arg(server.bootstrap()).arg(case).args(args);
+    run(&mut command, Duration::from_secs(timeout_s), server)
+}
+
+/// A server whose maintenance loop (compaction) runs every 200 ms.
+fn compacting_server() -> (tempfile::TempDir, Server) {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_in(temp.path(), &["--maintenance-interval-ms", "200"]);
+    (temp, server)
+}
+
+fn committed_offsets_survive_restart(client: &str) {
+    let mut server = Server::start();
+    let out = script(&server, client, "commit_before_restart", &["restart-topic", "restart-group"], 60);
+    // {"p0": 10, "p1": N, ...}
+    let p1 = out.split("\"p1\": ").nth(1).and_then(|s| s.split([',', '}']).next()).expect("p1 in output").trim();
+    server.stop();
+    server.restart(&[]);
+    script(&server, client, "commit_after_restart", &["restart-topic", "restart-group", "10", p1], 60);
+}
+
+macro_rules! cases {
+    ($client:expr, $($name:ident => $case:literal, $timeout:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let server = Server::start();
+                script(&server, $client, $case, &[], $timeout);
+            }
+        )*
+    };
+}
+
+mod confluent_kafka {
+    use super::*;
+
+    cases! { CONFLUENT,
+        metadata => "metadata", 60;
+        keyed_produce_consume_in_order_with_headers => "produce_consume", 60;
+        every_compression_codec => "compression", 90;
+        idempotent_producer => "idempotent", 60;
+        consumer_group_rebalances_on_join_and_leave_without_loss_or_duplicates => "group", 150;
+        transactions_committed_and_aborted_seen_by_isolation_level => "transactions", 90;
+        consume_transform_produce_with_send_offsets_to_transaction => "consume_transform_produce", 90;
+        offsets_for_times => "offsets_for_times", 60;
+        admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
+    }
+
+    #[test]
+    fn committed_offsets_survive_broker_restart() {
+        committed_offsets_survive_restart(CONFLUENT);
+    }
+
+    #[test]
+    fn compaction_keeps_latest_per_key() {
+        let (_temp, server) = compacting_server();
+        script(&server, CONFLUENT, "compaction", &[], 90);
+    }
+
+    #[test]
+    fn subkey_compaction_keeps_latest_per_key_and_content_id() {
+        let (_temp, server) = compacting_server();
+        script(&server, CONFLUENT, "subkey_compaction", &[], 90);
+    }
+}
+
+mod kafka_python {
+    use super::*;
+
+    cases! { KAFKA_PYTHON,
+        metadata => "metadata", 60;
+        keyed_produce_consume_in_order_with_headers => "produce_consume", 60;
+        every_compression_codec => "compression", 90;
+        idempotent_producer => "idempotent", 60;
+        consumer_group_rebalances_on_join_and_leave_without_loss_or_duplicates => "group", 150;
+        transactions_committed_and_aborted_seen_by_isolation_level => "transactions", 90;
+        consume_transform_produce_with_send_offsets_to_transaction => "consume_transform_produce", 90;
+        offsets_for_times => "offsets_for_times", 60;
+        admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
+    }
+
+    #[test]
+    fn committed_offsets_survive_broker_restart() {
+        committed_offsets_survive_restart(KAFKA_PYTHON);
+    }
+
+    #[test]
+    fn compaction_keeps_latest_per_key() {
+        let (_temp, server) = compacting_server();
+        script(&server, KAFKA_PYTHON, "compaction", &[], 90);
+    }
+
+    #[test]
+    fn subkey_compaction_keeps_latest_per_key_and_content_id() {
+        let (_temp, server) = compacting_server();
+        script(&server, KAFKA_PYTHON, "subkey_compaction", &[], 90);
+    }
+}
