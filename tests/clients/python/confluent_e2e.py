@@ -529,25 +529,35 @@ def case_subkey_compaction():
     # Channel events without a sub-key compact per key.
     for rnd in range(5):
         recs.append({"key": b"channel-0", "value": f"meta-{rnd}".encode() + b"m" * 30, "headers": [("eventType", b"ChannelUpdated")]})
+    # A tombstone with a sub-key deletes that item; one without deletes the whole channel.
+    recs.append({"key": b"channel-1", "value": None, "headers": [("contentId", b"item-2")]})
+    for content in range(3):
+        recs.append({"key": b"channel-2", "value": f"doomed-{content}".encode() + b"d" * 30,
+                     "headers": [("contentId", f"item-{content}".encode())]})
+    recs.append({"key": b"channel-2", "value": None, "headers": [("eventType", b"ChannelDeleted")]})
     fillers = [{"key": f"filler-{i}".encode(), "value": b"f" * 60} for i in range(40)]
     produce_all(producer(**{"linger.ms": 0, "batch.num.messages": 1}), topic, recs + fillers)
 
     def subkey(headers):
         for k, v in headers or []:
             if k == "contentId":
-                return v
+                return v if isinstance(v, bytes) else v.encode()
         return None
 
     latest = {}
     for i, r in enumerate(recs):
-        latest[(r["key"], subkey(r.get("headers")))] = i
+        sk = subkey(r.get("headers"))
+        if r["value"] is None and sk is None:
+            latest = {ks: o for ks, o in latest.items() if ks[0] != r["key"]}
+        latest[(r["key"], sk)] = i
 
     def expect(msgs):
         interesting = [m for m in msgs if m.key().startswith(b"channel-")]
         got = {(m.key(), subkey(m.headers()), m.offset(), m.value()) for m in interesting}
         want = {(k, s, o, recs[o]["value"]) for (k, s), o in latest.items()}
         if len(interesting) != len(want) or got != want:
-            return f"{len(interesting)} channel records remain, want {len(want)} (latest per key+contentId)"
+            return (f"{len(interesting)} channel records remain, want {len(want)} (latest per key+contentId); "
+                    f"extra {sorted(got - want, key=str)[:5]}, missing {sorted(want - got, key=str)[:5]}")
         return None
 
     msgs = wait_compacted(topic, expect)
