@@ -301,3 +301,45 @@ fn read_committed_and_read_uncommitted_see_transactions_correctly() {
         ["committed", "aborted", "open"].iter().flat_map(|n| (0..3).map(move |i| format!("{n}-{i}"))).collect();
     assert_eq!(uncommitted, want);
 }
+
+#[test]
+fn compacted_topic_shows_latest_per_key_to_kcat() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(temp.path(), &["--maintenance-interval-ms", "200"]);
+    let code = format!(
+        "from confluent_kafka.admin import AdminClient, NewTopic\n\
+         a = AdminClient({{'bootstrap.servers': '{}'}})\n\
+         cfg = {{'cleanup.policy': 'compact', 'segment.bytes': '1024', 'min.cleanable.dirty.ratio': '0.01'}}\n\
+         a.create_topics([NewTopic('compacted', 1, 1, config=cfg)])['compacted'].result(15)",
+        server.bootstrap()
+    );
+    run(Command::new("python3").arg("-c").arg(code), Duration::from_secs(30), &server);
+    let mut lines = String::new();
+    for round in 0..15 {
+        for key in 0..5 {
+            lines.push_str(&format!("key-{key}:v{round}-{}\n", "p".repeat(40)));
+        }
+    }
+    for filler in 0..30 {
+        lines.push_str(&format!("filler-{filler}:{}\n", "f".repeat(60)));
+    }
+    // One record per request so segments of 1 KiB roll often.
+    produce(&server, "compacted", &["-X", "linger.ms=0", "-X", "batch.num.messages=1"], &lines);
+    let want: Vec<String> = (0..5).map(|k| format!("{} key-{k}:v14-{}", 70 + k, "p".repeat(40))).collect();
+    let started = Instant::now();
+    loop {
+        let got = consume(&server, "compacted", &[], "%o %k:%s\n");
+        let keyed: Vec<String> = got.iter().filter(|l| l.contains(" key-")).cloned().collect();
+        let fillers = got.iter().filter(|l| l.contains(" filler-")).count();
+        if keyed == want && fillers == 30 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not compacted within 30 s: {} key-* records (want the 5 latest at their offsets), {fillers} fillers\nserver log:\n{}",
+            keyed.len(),
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
