@@ -92,6 +92,12 @@ mod confluent_kafka {
     }
 
     #[test]
+    fn cooperative_sticky_group_rebalances_without_loss_or_duplicates() {
+        let server = Server::start();
+        script(&server, CONFLUENT, "group", &["cooperative-sticky"], 150);
+    }
+
+    #[test]
     fn committed_offsets_survive_broker_restart() {
         committed_offsets_survive_restart(CONFLUENT);
     }

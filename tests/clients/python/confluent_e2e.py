@@ -7,6 +7,7 @@ Each case asserts itself, prints one JSON line with what it saw and exits non-ze
 with a clear message on failure.
 """
 import json
+import os
 import sys
 import threading
 import time
@@ -221,14 +222,56 @@ def case_group():
     assignments = {}
     stops = {}
 
+    strategy = ARGS[0] if ARGS else "range,roundrobin"
+    owned = {}
+
     def member(name):
+        # Offsets consumed but not yet committed. With the cooperative protocol a member keeps
+        # consuming while the group rebalances, so a commit can race a JoinGroup completing and
+        # get ILLEGAL_GENERATION / REBALANCE_IN_PROGRESS (as on Apache Kafka); it is retried,
+        # and committed at the latest when the partition is revoked.
+        pending = {}
+
+        def commit_pending(c, only=None):
+            offsets = [TopicPartition(topic, p, o) for p, o in pending.items() if only is None or p in only]
+            if not offsets:
+                return
+            try:
+                c.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as e:
+                if e.args[0].code() not in (KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS):
+                    raise
+                return
+            for tp in offsets:
+                if pending.get(tp.partition) == tp.offset:
+                    del pending[tp.partition]
+
+        # Eager assignors hand over the full assignment; cooperative ones only the change.
         def on_assign(c, parts):
             with lock:
-                assignments.setdefault(name, []).append(sorted(p.partition for p in parts))
+                if strategy != "cooperative-sticky":
+                    owned[name] = set()
+                owned[name] = owned.get(name, set()) | {p.partition for p in parts}
+                assignments.setdefault(name, []).append(sorted(owned[name]))
+            if strategy == "cooperative-sticky":
+                c.incremental_assign(parts)
 
-        c = consumer(group, **{"enable.partition.eof": False, "session.timeout.ms": 10000, "heartbeat.interval.ms": 300})
-        c.subscribe([topic], on_assign=on_assign)
+        def on_revoke(c, parts):
+            revoked = {p.partition for p in parts}
+            commit_pending(c, revoked)
+            check(not (revoked & set(pending)), f"{name}: could not commit revoked partitions {pending}")
+            with lock:
+                owned[name] = owned.get(name, set()) - revoked
+                assignments.setdefault(name, []).append(sorted(owned[name]))
+            if strategy == "cooperative-sticky":
+                c.incremental_unassign(parts)
+
+        debug = {"debug": "cgrp"} if os.environ.get("RDDEBUG") else {}
+        c = consumer(group, **{"enable.partition.eof": False, "session.timeout.ms": 10000, "heartbeat.interval.ms": 300,
+                               "partition.assignment.strategy": strategy, **debug})
+        c.subscribe([topic], on_assign=on_assign, on_revoke=on_revoke)
         while not stops[name].is_set():
+            commit_pending(c)
             m = c.poll(0.2)
             if m is None:
                 continue
@@ -236,7 +279,9 @@ def case_group():
                 fail(f"{name}: {m.error()}")
             with lock:
                 seen.append((name, m.partition(), m.offset(), m.value().decode()))
-            c.commit(message=m, asynchronous=False)
+            pending[m.partition()] = m.offset() + 1
+            commit_pending(c)
+        commit_pending(c)
         c.close()
 
     threads = {}
