@@ -89,6 +89,7 @@ mod confluent_kafka {
         consume_transform_produce_with_send_offsets_to_transaction => "consume_transform_produce", 90;
         offsets_for_times => "offsets_for_times", 60;
         admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
+        admin_partitions_and_consumer_groups => "admin_groups", 60;
     }
 
     #[test]
@@ -132,6 +133,7 @@ mod kafka_python {
         consume_transform_produce_with_send_offsets_to_transaction => "consume_transform_produce", 90;
         offsets_for_times => "offsets_for_times", 60;
         admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
+        admin_partitions_and_consumer_groups => "admin_groups", 60;
     }
 
     #[test]

@@ -676,6 +676,61 @@ def case_admin():
     print(json.dumps({"ok": True}))
 
 
+def case_admin_groups():
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    from confluent_kafka.admin import NewPartitions
+
+    a = admin()
+    topic = f"admg-{uuid.uuid4().hex[:6]}"
+    create_topic(topic, partitions=2)
+    a.create_partitions([NewPartitions(topic, 4)])[topic].result(15)
+    parts = a.list_topics(topic=topic, timeout=10).topics[topic].partitions
+    check(sorted(parts) == [0, 1, 2, 3], f"after create_partitions: {sorted(parts)}")
+    try:
+        a.create_partitions([NewPartitions(topic, 2)])[topic].result(15)
+        fail("shrinking partitions succeeded")
+    except KafkaException as e:
+        check(e.args[0].code() == KafkaError.INVALID_PARTITIONS, f"shrink: {e}")
+
+    produce_all(producer(), topic, [{"key": f"k{i}".encode(), "value": b"v"} for i in range(20)])
+    group = f"admg-{uuid.uuid4().hex[:6]}"
+    c = consumer(group, **{"enable.partition.eof": False})
+    c.subscribe([topic])
+    deadline = time.time() + 20
+    got = 0
+    while got < 20:
+        check(time.time() < deadline, f"consumed {got} of 20")
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            got += 1
+    c.commit(asynchronous=False)
+
+    listed = {g.group_id: g for g in a.list_consumer_groups().result(15).valid}
+    check(group in listed, f"{group} not in list_consumer_groups: {sorted(listed)}")
+    desc = a.describe_consumer_groups([group])[group].result(15)
+    check(len(desc.members) == 1, f"describe: {len(desc.members)} members")
+    member_parts = sorted(tp.partition for tp in desc.members[0].assignment.topic_partitions)
+    check(member_parts == [0, 1, 2, 3], f"describe: member assignment {member_parts}")
+    check(str(desc.state).endswith("STABLE"), f"describe: state {desc.state}")
+    try:
+        a.delete_consumer_groups([group])[group].result(15)
+        fail("deleting a group with members succeeded")
+    except KafkaException as e:
+        check(e.args[0].code() == KafkaError.NON_EMPTY_GROUP, f"delete non-empty: {e}")
+    c.close()
+
+    offs = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result(15)
+    check(sum(tp.offset for tp in offs.topic_partitions) == 20, f"group offsets {offs.topic_partitions}")
+    a.delete_consumer_groups([group])[group].result(15)
+    listed = {g.group_id for g in a.list_consumer_groups().result(15).valid}
+    check(group not in listed, f"deleted group still listed")
+    c = consumer(group)
+    committed = c.committed([TopicPartition(topic, p) for p in range(4)], timeout=10)
+    c.close()
+    check(all(tp.offset < 0 for tp in committed), f"offsets of a deleted group: {committed}")
+    print(json.dumps({"ok": True}))
+
+
 if __name__ == "__main__":
     fn = globals().get(f"case_{CASE}")
     if fn is None:

@@ -528,6 +528,44 @@ def case_admin():
     print(json.dumps({"ok": True}))
 
 
+def case_admin_groups():
+    from kafka.admin import NewPartitions
+
+    a = admin()
+    topic = f"admg-{uuid.uuid4().hex[:6]}"
+    create_topic(topic, partitions=2)
+    a.create_partitions({topic: NewPartitions(4)})
+    desc = a.describe_topics([topic])
+    check(len(desc[0]["partitions"]) == 4, f"after create_partitions: {desc}")
+    produce_all(producer(), topic, [{"key": f"k{i}".encode(), "value": b"v"} for i in range(20)])
+    group = f"admg-{uuid.uuid4().hex[:6]}"
+    c = KafkaConsumer(topic, bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False,
+                      auto_offset_reset="earliest")
+    got = 0
+    deadline = time.time() + 20
+    while got < 20:
+        check(time.time() < deadline, f"consumed {got} of 20")
+        got += sum(len(v) for v in c.poll(timeout_ms=500).values())
+    c.commit()
+    groups = [g[0] if isinstance(g, tuple) else g for g in a.list_groups()]
+    groups = [g.get("group_id", g) if isinstance(g, dict) else g for g in groups]
+    check(group in groups, f"{group} not in list_groups: {groups}")
+    d = a.describe_groups([group])
+    d = d[0] if isinstance(d, list) else d
+    text = str(d)
+    check("Stable" in text or "STABLE" in text, f"describe_groups: {text[:500]}")
+    c.close()
+    offs = a.list_group_offsets(group)[group]
+    check(sum(om.offset for om in offs.values()) == 20, f"group offsets {offs}")
+    a.delete_groups([group])
+    c = KafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False)
+    committed = [c.committed(TopicPartition(topic, p)) for p in range(4)]
+    c.close()
+    check(all(o is None for o in committed), f"offsets of a deleted group: {committed}")
+    a.close()
+    print(json.dumps({"ok": True}))
+
+
 if __name__ == "__main__":
     fn = globals().get(f"case_{CASE}")
     if fn is None:
