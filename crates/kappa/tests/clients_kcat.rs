@@ -140,6 +140,9 @@ fn consume_from_a_timestamp() {
     assert_eq!(got, ["after-1", "after-2"]);
     let got = consume(&server, "times", &["-o", &format!("s@{}", cut + 3_600_000)], "%s\n");
     assert!(got.is_empty(), "nothing after a future timestamp: {got:?}");
+    // kcat -Q: ListOffsets by timestamp.
+    let out = run(kcat(&server).args(["-Q", "-t", &format!("times:0:{cut}")]), Duration::from_secs(30), &server);
+    assert!(out.contains("times [0] offset 2"), "first offset at or after the cut is 2: {out}");
 }
 
 /// A `kcat -G` balanced consumer writing `partition offset value` lines to a file.
