@@ -104,6 +104,15 @@ mod confluent_kafka {
     }
 
     #[test]
+    fn acknowledged_records_survive_kill_9() {
+        let mut server = Server::start();
+        script(&server, CONFLUENT, "produce_acked", &["acked", "3000"], 60);
+        server.kill9();
+        server.restart(&[]);
+        script(&server, CONFLUENT, "verify_acked", &["acked", "3000"], 60);
+    }
+
+    #[test]
     fn every_compression_codec_is_stored_compressed_and_round_trips() {
         every_compression_codec(CONFLUENT);
     }

@@ -676,6 +676,22 @@ def case_admin():
     print(json.dumps({"ok": True}))
 
 
+def case_produce_acked():
+    """Produces N acknowledged records (idempotent, acks=all) for a later kill -9."""
+    topic, n = ARGS[0], int(ARGS[1])
+    create_topic(topic, partitions=2)
+    produce_all(producer(**{"enable.idempotence": True, "acks": "all"}), topic,
+                [{"key": f"k{i % 10}".encode(), "value": str(i).encode()} for i in range(n)])
+    print(json.dumps({"acked": n}))
+
+
+def case_verify_acked():
+    topic, n = ARGS[0], int(ARGS[1])
+    values = sorted(int(m.value()) for m in read_topic(topic, 2))
+    check(values == list(range(n)), f"after kill -9: {len(values)} records, {len(set(values))} distinct, want {n}")
+    print(json.dumps({"records": len(values)}))
+
+
 def case_admin_groups():
     from confluent_kafka import ConsumerGroupTopicPartitions
     from confluent_kafka.admin import NewPartitions
