@@ -90,6 +90,7 @@ mod confluent_kafka {
         offsets_for_times => "offsets_for_times", 60;
         admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
         admin_partitions_and_consumer_groups => "admin_groups", 60;
+        static_member_restart_keeps_its_partitions => "static_membership", 60;
     }
 
     #[test]

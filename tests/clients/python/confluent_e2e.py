@@ -676,6 +676,45 @@ def case_admin():
     print(json.dumps({"ok": True}))
 
 
+def case_static_membership():
+    """A static member (group.instance.id) that restarts within the session timeout gets its
+    own partitions back and the group keeps both instances."""
+    topic = f"static-{uuid.uuid4().hex[:6]}"
+    create_topic(topic, partitions=4)
+    group = f"static-{uuid.uuid4().hex[:6]}"
+    a_admin = admin()
+
+    def member(instance):
+        c = consumer(group, **{"group.instance.id": instance, "session.timeout.ms": 10000,
+                               "enable.partition.eof": False})
+        c.subscribe([topic])
+        return c
+
+    def wait_stable(consumers, want_members):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            for c in consumers:
+                c.poll(0.1)
+            d = a_admin.describe_consumer_groups([group])[group].result(15)
+            if str(d.state).endswith("STABLE") and len(d.members) == want_members and all(c.assignment() for c in consumers):
+                return d
+        fail(f"group not stable with {want_members} members")
+
+    a, b = member("static-a"), member("static-b")
+    wait_stable([a, b], 2)
+    before = sorted(tp.partition for tp in b.assignment())
+    b.close()  # a static member does not leave the group on close
+    b = member("static-b")
+    d = wait_stable([a, b], 2)
+    after = sorted(tp.partition for tp in b.assignment())
+    check(after == before, f"restarted static member got {after}, had {before}")
+    instances = sorted(m.group_instance_id for m in d.members)
+    check(instances == ["static-a", "static-b"], f"members {instances}")
+    a.close()
+    b.close()
+    print(json.dumps({"partitions": after}))
+
+
 def case_produce_acked():
     """Produces N acknowledged records (idempotent, acks=all) for a later kill -9."""
     topic, n = ARGS[0], int(ARGS[1])
