@@ -163,6 +163,12 @@ mod kafka_python {
     }
 
     #[test]
+    fn compaction_of_compressed_multi_record_batches_keeps_latest_per_key() {
+        let (_temp, server) = compacting_server();
+        script(&server, KAFKA_PYTHON, "compaction", &["gzip"], 90);
+    }
+
+    #[test]
     fn subkey_compaction_keeps_latest_per_key_and_content_id() {
         let (_temp, server) = compacting_server();
         script(&server, KAFKA_PYTHON, "subkey_compaction", &[], 90);

@@ -433,9 +433,20 @@ def case_compaction():
     create_topic(topic, config=compaction_config())
     recs = [{"key": f"key-{k}".encode(), "value": f"v{rnd}-{k}-".encode() + b"p" * 40} for rnd in range(15) for k in range(6)]
     fillers = [{"key": f"filler-{i}".encode(), "value": b"f" * 60} for i in range(40)]
-    p = producer(linger_ms=0, batch_size=1)
-    for r in recs + fillers:
-        p.send(topic, **r).get(timeout=10)
+    codec = ARGS[0] if ARGS else None
+    if codec:
+        # Batches of 10 compressed records: compaction must rewrite part of a batch
+        # (recompress, fresh CRC, which kafka-python checks).
+        p = producer(linger_ms=1000, batch_size=1 << 20, compression_type=codec)
+        for i in range(0, len(recs + fillers), 10):
+            futures = [p.send(topic, **r) for r in (recs + fillers)[i:i + 10]]
+            p.flush()
+            for f in futures:
+                f.get(timeout=10)
+    else:
+        p = producer(linger_ms=0, batch_size=1)
+        for r in recs + fillers:
+            p.send(topic, **r).get(timeout=10)
     latest = {r["key"]: i for i, r in enumerate(recs)}
 
     def expect(msgs):
