@@ -481,6 +481,42 @@ fn replay(state: &Partition) -> Result<(HashMap<String, TxnMetadata>, i64), LogE
 mod tests {
     use super::*;
 
+    /// A crash between "PrepareCommit stored" and "markers written": the next open writes
+    /// the commit markers, so the transaction's records become visible to read_committed.
+    #[tokio::test]
+    async fn a_transaction_caught_in_prepare_commit_completes_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let open_log = || Arc::new(Log::open(dir.path(), kappa_log::LogOptions::default()).unwrap().0);
+        let (pid, epoch) = {
+            let log = open_log();
+            log.create_topic("out", 1, &Default::default()).unwrap();
+            let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+            let txns = TxnCoordinator::open(log.clone(), offsets, TxnConfig::default()).await.unwrap();
+            let (pid, epoch) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+            txns.add_partitions("tx", pid, epoch, &[("out".into(), 0)]).await.unwrap();
+            let data = BatchBuilder::new()
+                .producer(pid, epoch, 0)
+                .transactional(true)
+                .record(NewRecord::new(None, Some(b"v"), 1))
+                .build();
+            log.partition("out", 0).unwrap().append(data).unwrap();
+            // Phase one only, as if the process died right after storing PrepareCommit.
+            let entry = txns.entry("tx").unwrap();
+            let mut meta = entry.lock().await;
+            meta.status = TxnStatus::PrepareCommit;
+            txns.persist("tx", &meta).await.unwrap();
+            (pid, epoch)
+        };
+        let log = open_log();
+        assert_eq!(log.partition("out", 0).unwrap().last_stable_offset(), 0, "still open before recovery");
+        let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+        let txns = TxnCoordinator::open(log.clone(), offsets, TxnConfig::default()).await.unwrap();
+        let partition = log.partition("out", 0).unwrap();
+        assert_eq!(partition.last_stable_offset(), 2, "data and commit marker are stable");
+        assert!(partition.read(0, 1 << 20, Isolation::ReadCommitted).unwrap().aborted.is_empty());
+        assert_eq!(txns.describe().await, vec![("tx".to_owned(), pid, epoch, "CompleteCommit")]);
+    }
+
     #[test]
     fn transaction_metadata_round_trips() {
         let meta = TxnMetadata {

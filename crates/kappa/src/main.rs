@@ -76,7 +76,13 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen))?;
         let kafka_port = listener.local_addr()?.port();
-        let config = BrokerConfig { advertised_host: settings.advertised_host.clone(), advertised_port: i32::from(kafka_port), ..BrokerConfig::default() };
+        let config = BrokerConfig {
+            advertised_host: settings.advertised_host.clone(),
+            advertised_port: i32::from(kafka_port),
+            auto_create_topics: settings.auto_create_topics,
+            default_partitions: settings.num_partitions,
+            ..BrokerConfig::default()
+        };
         let broker = Broker::open(log.clone(), config).await.context("opening the group and transaction coordinators")?;
         tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, "kappa is running; stop with Ctrl-C or SIGTERM");
         kappa_broker::run(listener, broker, Limits::default(), shutdown_signal()).await;

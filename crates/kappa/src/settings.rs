@@ -13,7 +13,7 @@ use serde::Deserialize;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
-    /// maintenance_interval_ms.
+    /// maintenance_interval_ms, auto_create_topics, num_partitions.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -35,6 +35,13 @@ pub struct ServeArgs {
     /// How often retention and background flushes run, in ms [default: 30000]
     #[arg(long, env = "KAPPA_MAINTENANCE_INTERVAL_MS")]
     pub maintenance_interval_ms: Option<u64>,
+    /// Create a topic when a client first asks for it (Kafka: auto.create.topics.enable)
+    /// [default: true]
+    #[arg(long, env = "KAPPA_AUTO_CREATE_TOPICS")]
+    pub auto_create_topics: Option<bool>,
+    /// Partitions of an auto-created topic (Kafka: num.partitions) [default: 1]
+    #[arg(long, env = "KAPPA_NUM_PARTITIONS")]
+    pub num_partitions: Option<i32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -46,6 +53,8 @@ struct FileSettings {
     advertised_host: Option<String>,
     sync: Option<String>,
     maintenance_interval_ms: Option<u64>,
+    auto_create_topics: Option<bool>,
+    num_partitions: Option<i32>,
 }
 
 /// The resolved settings `serve` runs with.
@@ -57,6 +66,8 @@ pub struct Settings {
     pub advertised_host: String,
     pub sync_policy: SyncPolicy,
     pub maintenance_interval: Duration,
+    pub auto_create_topics: bool,
+    pub num_partitions: i32,
 }
 
 impl Settings {
@@ -72,6 +83,10 @@ impl Settings {
         if maintenance_interval_ms == 0 {
             bail!("maintenance_interval_ms must be at least 1");
         }
+        let num_partitions = args.num_partitions.or(file.num_partitions).unwrap_or(1);
+        if !(1..=kappa_log::log::PARTITIONS_MAX).contains(&num_partitions) {
+            bail!("num_partitions must be between 1 and {}, got {num_partitions}", kappa_log::log::PARTITIONS_MAX);
+        }
         Ok(Self {
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./kappa-data")),
             kafka_listen,
@@ -85,13 +100,15 @@ impl Settings {
                 .unwrap_or_else(|| kafka_listen.ip().to_string()),
             sync_policy: parse_sync_policy(&sync)?,
             maintenance_interval: Duration::from_millis(maintenance_interval_ms),
+            auto_create_topics: args.auto_create_topics.or(file.auto_create_topics).unwrap_or(true),
+            num_partitions,
         })
     }
 }
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {

@@ -45,6 +45,21 @@ fn records_survive_clean_restart_and_kill_9() {
 }
 
 #[test]
+fn auto_creation_follows_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &["--num-partitions", "3"]);
+    produce(&server, "auto", "a:1\n");
+    let metadata = run(kcat(&server).args(["-L", "-t", "auto"]), Duration::from_secs(30), &server);
+    assert!(metadata.contains("with 3 partitions"), "{metadata}");
+    drop(server);
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &["--auto-create-topics", "false"]);
+    let metadata = run(kcat(&server).args(["-L", "-t", "missing"]), Duration::from_secs(30), &server);
+    assert!(metadata.contains("Unknown topic") || metadata.contains("Broker: Unknown topic"), "{metadata}");
+}
+
+#[test]
 fn bad_flags_fail_with_a_clear_message() {
     let output = Command::new(env!("CARGO_BIN_EXE_kappa")).args(["serve", "--sync", "sometimes"]).output().unwrap();
     assert!(!output.status.success());
