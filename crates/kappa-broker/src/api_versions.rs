@@ -62,8 +62,8 @@ pub const API_SUPPORT: ApiSupport = ApiSupport(&[
     range(ApiKey::AlterConfigs, 0, 2),
     range(ApiKey::CreatePartitions, 0, 3),
     range(ApiKey::DeleteGroups, 0, 2),
-    range(ApiKey::OffsetDelete, 0, 0),
     range(ApiKey::IncrementalAlterConfigs, 0, 1),
+    range(ApiKey::OffsetDelete, 0, 0),
 ]);
 
 impl ApiSupport {

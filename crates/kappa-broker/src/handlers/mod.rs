@@ -133,7 +133,7 @@ impl Broker {
             Q::InitProducerId(r) => R::InitProducerId(self.init_producer_id(r, peer).await),
             Q::AddPartitionsToTxn(r) => R::AddPartitionsToTxn(self.add_partitions_to_txn(r, peer).await),
             Q::AddOffsetsToTxn(r) => R::AddOffsetsToTxn(self.add_offsets_to_txn(r, peer).await),
-            Q::TxnOffsetCommit(r) => R::TxnOffsetCommit(self.txn_offset_commit(r, peer).await),
+            Q::TxnOffsetCommit(r) => R::TxnOffsetCommit(self.txn_offset_commit(r).await),
             Q::EndTxn(r) => R::EndTxn(self.end_txn(r, peer).await),
             other => {
                 unreachable!("the API table admits only implemented requests, got {:?}", std::mem::discriminant(&other))

@@ -3,10 +3,12 @@
 //!
 //! Delayed requests: EndTxn before v5 carries nothing that names *which* transaction it
 //! ends, so an EndTxn held up in the network could end the producer's next transaction.
-//! A client sends a transactional id's requests over one connection at a time and moves
-//! only to newer ones, so a request for that id arriving on a connection older than the
-//! newest one it has used must be such a straggler: it is refused (INVALID_TXN_STATE)
-//! without touching the transaction.
+//! A client sends a transactional id's transaction-coordinator requests (InitProducerId,
+//! AddPartitionsToTxn, AddOffsetsToTxn, EndTxn) over one connection at a time and moves
+//! only to newer ones, so such a request arriving on a connection older than the newest
+//! one that id has used must be a straggler: it is refused (INVALID_TXN_STATE) without
+//! touching the transaction. TxnOffsetCommit is exempt: it goes to the group coordinator,
+//! which librdkafka reaches over a separate connection.
 
 use kafka_protocol::messages::add_partitions_to_txn_response::{
     AddPartitionsToTxnPartitionResult, AddPartitionsToTxnTopicResult,
@@ -141,19 +143,14 @@ impl Broker {
         response
     }
 
-    pub(super) async fn txn_offset_commit(
-        &self,
-        request: TxnOffsetCommitRequest,
-        peer: &Peer,
-    ) -> TxnOffsetCommitResponse {
+    pub(super) async fn txn_offset_commit(&self, request: TxnOffsetCommitRequest) -> TxnOffsetCommitResponse {
         let group = request.group_id.0.as_str().to_owned();
-        let check = if self.admit_from(request.transactional_id.0.as_str(), peer) {
-            self.txns
-                .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
-                .await
-        } else {
-            Err(kappa_coordinator::TxnError::InvalidTxnState("superseded connection"))
-        };
+        // TxnOffsetCommit goes to the *group* coordinator, which clients (librdkafka) reach
+        // over a different connection than the transaction coordinator: no fence here.
+        let check = self
+            .txns
+            .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
+            .await;
         let now = self.log.clock().now_ms();
         let offsets: Vec<_> = request
             .topics
