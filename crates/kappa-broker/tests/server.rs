@@ -14,7 +14,7 @@ use kafka_protocol::messages::{
     ProduceResponse, RequestHeader, RequestKind, ResponseKind,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kappa_broker::legacy::{message_set, records_v2};
+use kappa_broker::legacy::message_set;
 use kappa_broker::{API_SUPPORT, BoxFuture, Handler, Limits, Peer, Request, Response};
 use kappa_log::records::{BatchBuilder, NewRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -280,10 +280,11 @@ async fn legacy_produce_v2_is_up_converted_and_answered_in_v2_layout() {
     let seen = server.handler.seen.lock().unwrap();
     let RequestKind::Produce(p) = &seen[0].1 else { panic!("not a produce") };
     let batch = p.topic_data[0].partition_data[0].records.clone().unwrap();
-    let h = kappa_log::batch::validate(&batch, 1 << 20).unwrap();
-    let records = records_v2::batch_records(&h, &batch, 1 << 20).unwrap();
-    assert_eq!(records[0].key.as_deref(), Some(&b"key"[..]));
-    assert_eq!(records[0].timestamp, 1234);
+    kappa_log::batch::validate(&batch, 1 << 20).unwrap();
+    let records = kappa_log::records::decode_records(&batch, 1 << 20).unwrap();
+    let first = records.get(0).unwrap();
+    assert_eq!(first.key, Some(&b"key"[..]));
+    assert_eq!(first.timestamp(), 1234);
 }
 
 #[tokio::test]

@@ -14,8 +14,8 @@ use kappa_log::batch::{BatchHeader, LENGTH_PREFIX_BYTES};
 use kappa_log::records::{BatchBuilder, NewRecord};
 use thiserror::Error;
 
-use super::compression::{Codec, decompress};
-use super::records_v2;
+use kappa_log::batch::Compression;
+use kappa_log::records::{self, RecordError};
 
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 /// offset (8) + message_size (4).
@@ -82,7 +82,7 @@ pub fn decode(
         };
         let (wrapper, codec, inner) = parse_message(entry.0, entry.1)?;
         match codec {
-            Codec::None => out.push(wrapper),
+            Compression::None => out.push(wrapper),
             _ => expand_wrapper(&wrapper, codec, inner, &mut budget, &mut out)?,
         }
     }
@@ -110,7 +110,7 @@ fn next_entry(buf: &mut Bytes, allow_partial: bool) -> Result<Option<(i64, Bytes
 }
 
 /// Parses one message; for a wrapper, also returns its codec and compressed value.
-fn parse_message(offset: i64, msg: Bytes) -> Result<(LegacyMessage, Codec, Bytes), MessageSetError> {
+fn parse_message(offset: i64, msg: Bytes) -> Result<(LegacyMessage, Compression, Bytes), MessageSetError> {
     let expected = u32::from_be_bytes(msg[..4].try_into().expect("4 bytes"));
     let actual = CRC32.checksum(&msg[4..]);
     if expected != actual {
@@ -125,7 +125,7 @@ fn parse_message(offset: i64, msg: Bytes) -> Result<(LegacyMessage, Codec, Bytes
     let timestamp = if magic == 1 { take_i64(&mut b)? } else { NO_TIMESTAMP };
     let key = take_bytes(&mut b)?;
     let value = take_bytes(&mut b)?;
-    let codec = Codec::from_bits(attributes & ATTR_CODEC_MASK)?;
+    let codec = codec_of(attributes)?;
     let log_append_time = magic == 1 && attributes & ATTR_LOG_APPEND_TIME != 0;
     let inner = value.clone().unwrap_or_default();
     Ok((LegacyMessage { offset, magic, timestamp, log_append_time, key, value }, codec, inner))
@@ -153,7 +153,7 @@ fn take_bytes(b: &mut Bytes) -> Result<Option<Bytes>, MessageSetError> {
 /// Decompresses a wrapper's inner set and appends its messages with absolute offsets.
 fn expand_wrapper(
     wrapper: &LegacyMessage,
-    codec: Codec,
+    codec: Compression,
     compressed: Bytes,
     budget: &mut usize,
     out: &mut Vec<LegacyMessage>,
@@ -167,7 +167,7 @@ fn expand_wrapper(
             break;
         };
         let (mut m, inner_codec, _) = parse_message(offset, msg)?;
-        if inner_codec != Codec::None {
+        if inner_codec != Compression::None {
             return Err(MessageSetError::NestedCompression);
         }
         if wrapper.log_append_time {
@@ -229,8 +229,11 @@ pub fn down_convert(batches: &[u8], magic: i8, max_decompressed: usize) -> Resul
             return Err(MessageSetError::Batch(format!("stored batch has magic {}", header.magic)));
         }
         if !header.is_control() {
-            for r in records_v2::batch_records(&header, &rest[..total], max_decompressed)? {
-                put_message(&mut out, magic, &r);
+            let decoded = records::decode_records(&rest[..total], max_decompressed)
+                .map_err(|e| MessageSetError::Batch(e.to_string()))?;
+            let log_append_time = header.has_log_append_time();
+            for r in decoded.iter() {
+                put_message(&mut out, magic, &r, log_append_time);
             }
         }
         rest = &rest[total..];
@@ -239,9 +242,23 @@ pub fn down_convert(batches: &[u8], magic: i8, max_decompressed: usize) -> Resul
 }
 
 /// Appends one uncompressed message entry with a fresh CRC.
-fn put_message(out: &mut BytesMut, magic: i8, r: &records_v2::V2Record) {
-    let attributes = if magic == 1 && r.log_append_time { ATTR_LOG_APPEND_TIME } else { 0 };
-    encode_message(out, r.offset, magic, attributes, r.timestamp, r.key.as_deref(), r.value.as_deref());
+fn put_message(out: &mut BytesMut, magic: i8, r: &records::Record<'_>, log_append_time: bool) {
+    let attributes = if magic == 1 && log_append_time { ATTR_LOG_APPEND_TIME } else { 0 };
+    encode_message(out, r.offset(), magic, attributes, r.timestamp(), r.key, r.value);
+}
+
+/// The codec of a magic 0/1 message (the same numbering as RecordBatch v2 attributes).
+fn codec_of(attributes: u8) -> Result<Compression, MessageSetError> {
+    let bits = attributes & ATTR_CODEC_MASK;
+    Compression::from_attributes(u16::from(bits)).map_err(|_| MessageSetError::BadCodec(bits))
+}
+
+/// Bounded decompression through the log's codecs (gzip, snappy raw and xerial, lz4, zstd).
+fn decompress(codec: Compression, data: &[u8], max: usize) -> Result<Vec<u8>, MessageSetError> {
+    kappa_log::compression::decompress(codec, data, max).map_err(|e| match e {
+        RecordError::DecompressedTooLarge { .. } => MessageSetError::TooLarge { max },
+        other => MessageSetError::Decompress(other.to_string()),
+    })
 }
 
 fn put_nullable(out: &mut BytesMut, data: Option<&[u8]>) {
@@ -289,9 +306,29 @@ mod tests {
 
     const MAX: usize = 1 << 20;
 
-    fn records_of(batch_bytes: &[u8]) -> Vec<records_v2::V2Record> {
+    /// A decoded v2 record, owned, for comparisons.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct V2Record {
+        offset: i64,
+        timestamp: i64,
+        log_append_time: bool,
+        key: Option<Bytes>,
+        value: Option<Bytes>,
+    }
+
+    fn records_of(batch_bytes: &[u8]) -> Vec<V2Record> {
         let header = batch::validate(batch_bytes, MAX).unwrap();
-        records_v2::batch_records(&header, batch_bytes, MAX).unwrap()
+        let decoded = records::decode_records(batch_bytes, MAX).unwrap();
+        decoded
+            .iter()
+            .map(|r| V2Record {
+                offset: r.offset(),
+                timestamp: r.timestamp(),
+                log_append_time: header.has_log_append_time(),
+                key: r.key.map(Bytes::copy_from_slice),
+                value: r.value.map(Bytes::copy_from_slice),
+            })
+            .collect()
     }
 
     fn magic1_set() -> BytesMut {

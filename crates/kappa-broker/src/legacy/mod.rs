@@ -6,7 +6,6 @@
 //! old layout. Old Produce payloads are up-converted to RecordBatch v2 at decode time and
 //! old Fetch payloads are down-converted from RecordBatch v2 at encode time.
 
-pub mod compression;
 pub mod create_topics;
 pub mod delete_topics;
 pub mod fetch;
@@ -15,7 +14,6 @@ pub mod message_set;
 pub mod offset_commit;
 pub mod offset_fetch;
 pub mod produce;
-pub mod records_v2;
 pub mod wire;
 
 use bytes::{Bytes, BytesMut};
