@@ -577,6 +577,41 @@ def case_admin_groups():
     print(json.dumps({"ok": True}))
 
 
+def case_offset_delete():
+    """OffsetDelete: refused while a member is subscribed; afterwards it drops exactly the
+    named partition's committed offset and keeps the others."""
+    from kafka.structs import OffsetAndMetadata
+
+    topic = f"offdel-{uuid.uuid4().hex[:6]}"
+    group = f"offdel-{uuid.uuid4().hex[:6]}"
+    create_topic(topic, partitions=2)
+    produce_all(producer(), topic, [{"value": b"v", "partition": p} for p in (0, 1) for _ in range(5)])
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    member = KafkaConsumer(topic, bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False)
+    deadline = time.time() + 30
+    while not member.assignment():
+        check(time.time() < deadline, "the member was never assigned partitions")
+        member.poll(timeout_ms=200)
+    member.commit({tps[0]: OffsetAndMetadata(3, "", -1), tps[1]: OffsetAndMetadata(4, "", -1)})
+    a = admin()
+    try:
+        refused = a.delete_group_offsets(group, [tps[0]])
+        fail(f"deleting offsets of a group with a subscribed member succeeded: {refused}")
+    except kafka.errors.GroupSubscribedToTopicError:
+        pass
+    member.close()
+
+    result = a.delete_group_offsets(group, [tps[0]])
+    check(all(err is None or getattr(err, "errno", 0) == 0 or "NoError" in type(err).__name__ for err in result.values()),
+          f"delete_group_offsets failed: {result}")
+    c = KafkaConsumer(bootstrap_servers=BOOTSTRAP, group_id=group, enable_auto_commit=False)
+    committed = {tp.partition: c.committed(tp) for tp in tps}
+    c.close()
+    a.close()
+    check(committed[0] is None, f"partition 0's offset survived OffsetDelete: {committed}")
+    check(committed[1] == 4, f"partition 1's offset changed: {committed}")
+    print(json.dumps({"ok": True, "committed": committed}))
+
 if __name__ == "__main__":
     fn = globals().get(f"case_{CASE}")
     if fn is None:
