@@ -22,8 +22,9 @@ echo "# disk: $(df -hT "$DATA_DIR" | tail -1)"
 echo "# load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# results in $OUT"
 
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/kappa-target}"
 cargo build --release -p kappa-log --example log_bench
-./target/release/examples/log_bench --dir "$DATA_DIR/kappa" --runs "$RUNS" --seconds "$SECONDS_PER" \
+"$CARGO_TARGET_DIR/release/examples/log_bench" --dir "$DATA_DIR/kappa" --runs "$RUNS" --seconds "$SECONDS_PER" \
     --recovery-mib "$RECOVERY_MIB" --interval-ms "$INTERVAL_MS" --tsv "$OUT/kappa.tsv" | tee "$OUT/kappa.md"
 
 # fio: sequential appends into a fresh file, one writer, psync, at each write size.
