@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod group;
+mod internal;
 pub mod offsets;
 pub mod txn;
 

@@ -11,17 +11,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kappa_log::codec::{Reader, put_str};
 use kappa_log::records::{self, BatchBuilder, NewRecord};
-use kappa_log::{Isolation, Log, LogError, Partition};
+use kappa_log::{Log, LogError, Partition};
 
 use crate::error::GroupError;
+use crate::internal;
 
 pub const CONSUMER_OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Kafka: offset.metadata.max.bytes.
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
 const KEY_KIND_OFFSET: u8 = 1;
 const VALUE_VERSION: u8 = 1;
-/// Bytes read per step when replaying the topic at start.
-const REPLAY_READ_BYTES: usize = 4 * 1024 * 1024;
 
 /// One committed offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,20 +46,8 @@ pub struct OffsetStore {
 impl OffsetStore {
     /// Opens the store, creating the internal topic if needed and replaying it.
     pub fn open(log: &Log) -> Result<Self, LogError> {
-        let topic = match log.topic(CONSUMER_OFFSETS_TOPIC) {
-            Ok(topic) => topic,
-            Err(LogError::UnknownTopic(_)) => {
-                let configs = [("cleanup.policy", "compact"), ("segment.bytes", "104857600")];
-                let configs = configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-                log.create_topic(CONSUMER_OFFSETS_TOPIC, 1, &configs)?
-            }
-            Err(e) => return Err(e),
-        };
-        let store = Self {
-            partition: topic.partition(0)?,
-            committed: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-        };
+        let partition = internal::open_topic(log, CONSUMER_OFFSETS_TOPIC)?;
+        let store = Self { partition, committed: Mutex::new(HashMap::new()), pending: Mutex::new(HashMap::new()) };
         store.replay()?;
         Ok(store)
     }
@@ -74,40 +61,27 @@ impl OffsetStore {
     }
 
     fn replay(&self) -> Result<(), LogError> {
-        let mut offset = self.partition.log_start_offset();
-        let end = self.partition.high_watermark();
         let mut count = 0usize;
-        while offset < end {
-            let read = self.partition.read(offset, REPLAY_READ_BYTES, Isolation::ReadUncommitted)?;
-            if read.records.is_empty() {
-                break;
+        internal::replay(&self.partition, |header, batch| {
+            if header.is_control() {
+                let commit = records::control_type(batch).map(|t| t == records::ControlType::Commit).unwrap_or(false);
+                self.complete_transaction(header.producer_id, commit);
+                return Ok(());
             }
-            let mut bytes = read.records.as_slice();
-            while !bytes.is_empty() {
-                let header = kappa_log::batch::BatchHeader::parse(bytes)?;
-                let (batch, rest) = bytes.split_at(header.total_bytes());
-                bytes = rest;
-                offset = header.next_offset();
-                if header.is_control() {
-                    let commit =
-                        records::control_type(batch).map(|t| t == records::ControlType::Commit).unwrap_or(false);
-                    self.complete_transaction(header.producer_id, commit);
-                    continue;
-                }
-                let decoded =
-                    records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
-                for record in decoded.iter() {
-                    let Some((group, tp)) = record.key.and_then(decode_key) else { continue };
-                    let value = record.value.and_then(decode_value);
-                    count += 1;
-                    if header.is_transactional() {
-                        self.lock_pending().entry(header.producer_id).or_default().push((group, tp, value));
-                    } else {
-                        self.apply(group, tp, value);
-                    }
+            let decoded =
+                records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+            for record in decoded.iter() {
+                let Some((group, tp)) = record.key.and_then(decode_key) else { continue };
+                let value = record.value.and_then(decode_value);
+                count += 1;
+                if header.is_transactional() {
+                    self.lock_pending().entry(header.producer_id).or_default().push((group, tp, value));
+                } else {
+                    self.apply(group, tp, value);
                 }
             }
-        }
+            Ok(())
+        })?;
         tracing::info!(records = count, groups = self.lock().len(), "restored committed offsets");
         Ok(())
     }

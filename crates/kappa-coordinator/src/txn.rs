@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex};
 
 use kappa_log::codec::{Reader, put_str};
 use kappa_log::records::{self, BatchBuilder, ControlType, NewRecord};
-use kappa_log::{Isolation, Log, LogError, Partition};
+use kappa_log::{Log, LogError, Partition};
 
 use crate::error::TxnError;
+use crate::internal;
 use crate::offsets::{CONSUMER_OFFSETS_TOPIC, OffsetStore};
 
 pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
@@ -29,7 +30,6 @@ const PRODUCER_ID_BLOCK: i64 = 1000;
 const KEY_TXN: u8 = 1;
 const KEY_PID_BLOCK: u8 = 2;
 const PID_BLOCK_KEY: &str = "producer-ids";
-const REPLAY_READ_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct TxnConfig {
@@ -103,19 +103,7 @@ impl TxnCoordinator {
     /// Opens the coordinator: creates or replays `__transaction_state`, then completes any
     /// transaction a crash left between its two phases.
     pub async fn open(log: Arc<Log>, offsets: Arc<OffsetStore>, config: TxnConfig) -> Result<Arc<Self>, LogError> {
-        let topic = match log.topic(TRANSACTION_STATE_TOPIC) {
-            Ok(topic) => topic,
-            Err(LogError::UnknownTopic(_)) => {
-                let configs = [("cleanup.policy", "compact"), ("segment.bytes", "104857600")];
-                log.create_topic(
-                    TRANSACTION_STATE_TOPIC,
-                    1,
-                    &configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                )?
-            }
-            Err(e) => return Err(e),
-        };
-        let state = topic.partition(0)?;
+        let state = internal::open_topic(&log, TRANSACTION_STATE_TOPIC)?;
         let (txns, reserved) = replay(&state)?;
         let coordinator = Arc::new(Self {
             log,
@@ -436,50 +424,40 @@ fn decode_txn(bytes: &[u8]) -> Option<TxnMetadata> {
 fn replay(state: &Partition) -> Result<(HashMap<String, TxnMetadata>, i64), LogError> {
     let mut txns = HashMap::new();
     let mut reserved = 0i64;
-    let mut offset = state.log_start_offset();
-    while offset < state.high_watermark() {
-        let read = state.read(offset, REPLAY_READ_BYTES, Isolation::ReadUncommitted)?;
-        if read.records.is_empty() {
-            break;
-        }
-        let mut bytes = read.records.as_slice();
-        while !bytes.is_empty() {
-            let header = kappa_log::batch::BatchHeader::parse(bytes)?;
-            let (batch, rest) = bytes.split_at(header.total_bytes());
-            bytes = rest;
-            offset = header.next_offset();
-            let decoded =
-                records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
-            for record in decoded.iter() {
-                let Some(key) = record.key else { continue };
-                let mut c = Reader(key);
-                let (Some(kind), Some(id)) = (c.u8(), c.string()) else { continue };
-                match (kind, record.value) {
-                    (KEY_PID_BLOCK, Some(value)) => {
-                        let mut v = Reader(value);
-                        if let (Some(1), Some(block_end)) = (v.u8(), v.i64()) {
-                            reserved = reserved.max(block_end);
-                        }
+    internal::replay(state, |_, batch| {
+        let decoded =
+            records::decode_records(batch, usize::MAX).map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+        for record in decoded.iter() {
+            let Some(key) = record.key else { continue };
+            let mut c = Reader(key);
+            let (Some(kind), Some(id)) = (c.u8(), c.string()) else { continue };
+            match (kind, record.value) {
+                (KEY_PID_BLOCK, Some(value)) => {
+                    let mut v = Reader(value);
+                    if let (Some(1), Some(block_end)) = (v.u8(), v.i64()) {
+                        reserved = reserved.max(block_end);
                     }
-                    (KEY_TXN, Some(value)) => {
-                        if let Some(meta) = decode_txn(value) {
-                            txns.insert(id, meta);
-                        }
-                    }
-                    (KEY_TXN, None) => {
-                        txns.remove(&id);
-                    }
-                    _ => {}
                 }
+                (KEY_TXN, Some(value)) => {
+                    if let Some(meta) = decode_txn(value) {
+                        txns.insert(id, meta);
+                    }
+                }
+                (KEY_TXN, None) => {
+                    txns.remove(&id);
+                }
+                _ => {}
             }
         }
-    }
+        Ok(())
+    })?;
     Ok((txns, reserved))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kappa_log::Isolation;
 
     /// A crash between "PrepareCommit stored" and "markers written": the next open writes
     /// the commit markers, so the transaction's records become visible to read_committed.

@@ -97,7 +97,7 @@ fn recovery_scan_corpus_never_panics() {
 /// Writes the generated seeds into both corpus directories:
 /// `cargo test -p kappa-log --test fuzz_corpus -- --ignored write_seed_corpus`.
 #[test]
-#[ignore]
+#[ignore = "writes files into fuzz/corpus: run by hand to regenerate the seeds"]
 fn write_seed_corpus() {
     for target in ["batch_decode", "recovery_scan"] {
         let dir = corpus_dir(target);
