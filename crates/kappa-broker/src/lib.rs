@@ -19,4 +19,4 @@ pub use error::ProtocolError;
 pub use handlers::{Broker, BrokerConfig};
 pub use kafka_protocol;
 pub use request::{Request, Response, decode_request, encode_response, expects_response};
-pub use server::{BoxFuture, Handler, Limits, Peer, run};
+pub use server::{BoxFuture, Handler, Limits, Peer, Reply, run};

@@ -39,9 +39,35 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
+/// A handler's answer: ready now, or still completing (e.g. waiting for an fsync).
+pub enum Reply {
+    Ready(Response),
+    Pending(BoxFuture<'static, Response>),
+}
+
 /// Answers decoded requests. ApiVersions never reaches it (the protocol layer answers).
 pub trait Handler: Send + Sync + 'static {
     fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader, peer: &'a Peer) -> BoxFuture<'a, Response>;
+
+    /// Two-phase handling. The returned future runs in request order, one request of a
+    /// connection at a time (what must happen in order, such as appends, happens here);
+    /// the [`Reply`] it yields may still be pending, and the next request starts while it
+    /// completes. Replies are written in request order. The default does all the work in
+    /// the first phase.
+    fn handle_ordered<'a>(
+        &'a self,
+        request: Request,
+        header: &'a RequestHeader,
+        peer: &'a Peer,
+    ) -> BoxFuture<'a, Reply> {
+        Box::pin(async move { Reply::Ready(self.handle(request, header, peer).await) })
+    }
+}
+
+/// What the connection task hands its writer, in request order.
+enum Outgoing {
+    Frame(Bytes),
+    Reply { header: RequestHeader, wants_answer: bool, reply: Reply },
 }
 
 /// Named limits of the listener.
@@ -138,40 +164,63 @@ impl Connection {
     async fn serve(self, socket: TcpStream) {
         let _ = socket.set_nodelay(true);
         let (read, write) = socket.into_split();
-        let (tx, mut rx) = mpsc::channel::<Decoded>(self.limits.in_flight_per_connection.max(1));
+        let in_flight = self.limits.in_flight_per_connection.max(1);
+        let (tx, mut rx) = mpsc::channel::<Decoded>(in_flight);
         let reader = tokio::spawn(read_loop(read, tx, self.limits.clone(), self.stop.clone(), self.peer));
-        let mut writer = BufWriter::new(write);
+        // Replies waiting to be written are bounded like the requests read ahead.
+        let (out_tx, out_rx) = mpsc::channel::<Outgoing>(in_flight);
+        let writer = tokio::spawn(write_loop(write, out_rx, self.peer));
         while let Some((header, request)) = rx.recv().await {
-            if let Err(e) = self.answer(&mut writer, header, request).await {
-                warn!(peer = %self.peer, error = %e, "closing connection");
-                break;
+            let outgoing = if header.request_api_key == ApiKey::ApiVersions as i16 {
+                Outgoing::Frame(api_versions::answer(&API_SUPPORT, &header))
+            } else {
+                let wants_answer = expects_response(&request);
+                let peer = Peer { connection_id: self.id, addr: self.peer };
+                let reply = self.handler.handle_ordered(request, &header, &peer).await;
+                Outgoing::Reply { header, wants_answer, reply }
+            };
+            if out_tx.send(outgoing).await.is_err() {
+                break; // the writer stopped: the connection is closing
             }
         }
+        drop(out_tx);
         reader.abort();
-        let _ = writer.shutdown().await;
+        let _ = writer.await;
         debug!(peer = %self.peer, "connection closed");
     }
+}
 
-    async fn answer(
-        &self,
-        writer: &mut BufWriter<OwnedWriteHalf>,
-        header: RequestHeader,
-        request: Request,
-    ) -> Result<(), ProtocolError> {
-        let frame: Option<Bytes> = if header.request_api_key == ApiKey::ApiVersions as i16 {
-            Some(api_versions::answer(&API_SUPPORT, &header))
-        } else {
-            let wants_answer = expects_response(&request);
-            let peer = Peer { connection_id: self.id, addr: self.peer };
-            let response = self.handler.handle(request, &header, &peer).await;
-            wants_answer.then(|| encode_response(&header, &response)).transpose()?
+/// Completes replies in request order and writes them; stops at the first failure.
+async fn write_loop(write: OwnedWriteHalf, mut out_rx: mpsc::Receiver<Outgoing>, peer: SocketAddr) {
+    let mut writer = BufWriter::new(write);
+    while let Some(outgoing) = out_rx.recv().await {
+        let frame = match outgoing {
+            Outgoing::Frame(frame) => Ok(Some(frame)),
+            Outgoing::Reply { header, wants_answer, reply } => {
+                let response = match reply {
+                    Reply::Ready(response) => response,
+                    Reply::Pending(pending) => pending.await,
+                };
+                wants_answer.then(|| encode_response(&header, &response)).transpose()
+            }
         };
-        if let Some(frame) = frame {
-            writer.write_all(&frame).await?;
-            writer.flush().await?;
+        let written = match frame {
+            Ok(Some(frame)) => write_frame(&mut writer, &frame).await.map_err(ProtocolError::from),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            warn!(%peer, error = %e, "closing connection");
+            break;
         }
-        Ok(())
     }
+    let _ = writer.shutdown().await;
+}
+
+/// Writes and flushes one frame: a finished reply never waits behind a pending one.
+async fn write_frame(writer: &mut BufWriter<OwnedWriteHalf>, frame: &[u8]) -> std::io::Result<()> {
+    writer.write_all(frame).await?;
+    writer.flush().await
 }
 
 /// Reads and decodes frames until EOF, a bad frame, idle timeout or shutdown; dropping

@@ -311,7 +311,18 @@ impl Partition {
     /// Appends one producer batch: validates it, assigns offsets, writes it, and returns
     /// once it is durable under the sync policy. A retried idempotent batch returns its
     /// original offsets without being written again.
-    pub fn append(&self, mut bytes: Vec<u8>) -> Result<AppendOutcome> {
+    pub fn append(&self, bytes: Vec<u8>) -> Result<AppendOutcome> {
+        let outcome = self.append_unsynced(bytes)?;
+        self.wait_durable(outcome.last_offset + 1)?;
+        Ok(outcome)
+    }
+
+    /// The first half of [`Self::append`]: validates, assigns offsets and writes, without
+    /// waiting for durability. The batch is *not* acknowledged until
+    /// [`Self::wait_until_durable`] returns for `outcome.last_offset + 1`: callers that
+    /// pipeline appends (one connection's produce requests) write in order, then wait for
+    /// all of them together so they share fsyncs.
+    pub fn append_unsynced(&self, mut bytes: Vec<u8>) -> Result<AppendOutcome> {
         self.ctx.health.check()?;
         let config = self.config();
         if bytes.len() > config.max_message_bytes {
@@ -322,9 +333,13 @@ impl Partition {
         if config.cleanup_policy.compact && !header.is_control() {
             require_keys(&bytes)?;
         }
-        let outcome = self.write(&mut bytes, header, marker, &config)?;
-        self.wait_durable(outcome.last_offset + 1)?;
-        Ok(outcome)
+        self.write(&mut bytes, header, marker, &config)
+    }
+
+    /// Blocks until everything below `offset` is durable under the sync policy (or fails
+    /// if the directory was poisoned first).
+    pub fn wait_until_durable(&self, offset: i64) -> Result<()> {
+        self.wait_durable(offset)
     }
 
     /// Assigns offsets and writes under the partition lock (no fsync here).

@@ -20,7 +20,7 @@ use kafka_protocol::protocol::StrBytes;
 use kappa_coordinator::{GroupConfig, GroupCoordinator, OffsetStore, TxnConfig, TxnCoordinator};
 use kappa_log::{Log, LogError};
 
-use crate::server::{BoxFuture, Handler, Peer};
+use crate::server::{BoxFuture, Handler, Peer, Reply};
 
 /// The node id kappa reports for itself.
 pub const NODE_ID: i32 = 0;
@@ -150,6 +150,25 @@ impl Handler for Broker {
         peer: &'a Peer,
     ) -> BoxFuture<'a, ResponseKind> {
         Box::pin(self.dispatch(request, header, peer))
+    }
+
+    /// Produce is the one request with a slow second half (the fsync): appends happen in
+    /// request order, and the connection moves on while the durability wait completes.
+    fn handle_ordered<'a>(
+        &'a self,
+        request: RequestKind,
+        header: &'a RequestHeader,
+        peer: &'a Peer,
+    ) -> BoxFuture<'a, Reply> {
+        Box::pin(async move {
+            match request {
+                RequestKind::Produce(produce) => {
+                    let durable = self.produce_in_order(produce).await;
+                    Reply::Pending(Box::pin(async move { ResponseKind::Produce(durable.await) }))
+                }
+                other => Reply::Ready(self.dispatch(other, header, peer).await),
+            }
+        })
     }
 }
 

@@ -6,68 +6,121 @@ use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kappa_log::batch::{self, BatchHeader};
-use kappa_log::{AppendOutcome, LogError};
+use std::sync::Arc;
+
+use kappa_log::{AppendOutcome, LogError, Partition};
+
+use crate::server::BoxFuture;
 
 use super::errors::{self, log_code};
 use super::{Broker, blocking, str_bytes};
 
 impl Broker {
+    /// Produce, both phases: write in order, then wait for durability.
     pub(super) async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
-        let mut response = ProduceResponse::default();
+        self.produce_in_order(request).await.await
+    }
+
+    /// Phase one runs in request order on a connection: every partition's batches are
+    /// validated, given offsets and written. The returned future is phase two: it waits
+    /// until all of them are durable (sharing fsyncs with whatever else is in flight) and
+    /// builds the response, so a connection's next request need not wait for this fsync.
+    pub(super) async fn produce_in_order(&self, request: ProduceRequest) -> BoxFuture<'static, ProduceResponse> {
         let acks_valid = matches!(request.acks, -1..=1);
-        let mut pending = Vec::new();
-        for topic in request.topic_data {
-            let name = topic.name.0.as_str().to_owned();
-            for data in topic.partition_data {
-                let partition = self.log.partition(&name, data.index);
-                let records = data.records.unwrap_or_default();
-                let task = tokio::spawn(async move {
-                    if !acks_valid {
-                        return Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()));
-                    }
-                    let partition = partition.map_err(|e| (log_code(&e), e.to_string()))?;
-                    blocking(move || append_all(&partition, records)).await.map_err(|e| (log_code(&e), e.to_string()))
+        let work: Vec<(String, i32, Result<Arc<Partition>, LogError>, Bytes)> = request
+            .topic_data
+            .into_iter()
+            .flat_map(|topic| {
+                let name = topic.name.0.as_str().to_owned();
+                topic
+                    .partition_data
+                    .into_iter()
+                    .map(|data| {
+                        let partition = self.log.partition(&name, data.index);
+                        (name.clone(), data.index, partition, data.records.unwrap_or_default())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let written = blocking(move || {
+            work.into_iter()
+                .map(|(name, index, partition, records)| {
+                    let result = if acks_valid {
+                        partition
+                            .and_then(|p| append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end)))
+                            .map_err(failure)
+                    } else {
+                        Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()))
+                    };
+                    (name, index, result)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        Box::pin(async move {
+            let mut durable = Vec::with_capacity(written.len());
+            for (name, index, result) in written {
+                let wait = tokio::spawn(async move {
+                    let (partition, outcome, end) = result?;
+                    blocking(move || partition.wait_until_durable(end)).await.map_err(failure)?;
+                    Ok::<_, (i16, String)>(outcome)
                 });
-                pending.push((name.clone(), data.index, task));
+                durable.push((name, index, wait));
             }
-        }
-        for (name, index, task) in pending {
-            let result = task.await.unwrap_or_else(|e| Err((errors::KAFKA_STORAGE_ERROR, e.to_string())));
-            let mut p = PartitionProduceResponse::default();
-            p.index = index;
-            p.log_append_time_ms = -1;
-            match result {
-                Ok(outcome) => {
-                    p.base_offset = outcome.base_offset;
-                    p.log_append_time_ms = outcome.log_append_time.unwrap_or(-1);
-                    p.log_start_offset = outcome.log_start_offset;
-                }
-                Err((code, message)) => {
-                    tracing::debug!(topic = %name, partition = index, code, %message, "produce rejected");
-                    p.error_code = code;
-                    p.base_offset = -1;
-                    p.error_message = Some(str_bytes(message));
-                }
+            let mut response = ProduceResponse::default();
+            for (name, index, wait) in durable {
+                let result = wait.await.unwrap_or_else(|e| Err((errors::KAFKA_STORAGE_ERROR, e.to_string())));
+                add_partition_response(&mut response, name, index, result);
             }
-            match response.responses.iter_mut().find(|t| t.name.0.as_str() == name) {
-                Some(topic) => topic.partition_responses.push(p),
-                None => {
-                    let mut topic = TopicProduceResponse::default();
-                    topic.name = kafka_protocol::messages::TopicName(str_bytes(name));
-                    topic.partition_responses.push(p);
-                    response.responses.push(topic);
-                }
-            }
-        }
-        response
+            response
+        })
     }
 }
 
-/// Appends every batch in `records` in order; the outcome reports the first batch's base
-/// offset (Kafka's produce response carries one base offset per partition).
-fn append_all(partition: &kappa_log::Partition, records: Bytes) -> Result<AppendOutcome, LogError> {
+fn failure(e: LogError) -> (i16, String) {
+    (log_code(&e), e.to_string())
+}
+
+fn add_partition_response(
+    response: &mut ProduceResponse,
+    name: String,
+    index: i32,
+    result: Result<AppendOutcome, (i16, String)>,
+) {
+    let mut p = PartitionProduceResponse::default();
+    p.index = index;
+    p.log_append_time_ms = -1;
+    match result {
+        Ok(outcome) => {
+            p.base_offset = outcome.base_offset;
+            p.log_append_time_ms = outcome.log_append_time.unwrap_or(-1);
+            p.log_start_offset = outcome.log_start_offset;
+        }
+        Err((code, message)) => {
+            tracing::debug!(topic = %name, partition = index, code, %message, "produce rejected");
+            p.error_code = code;
+            p.base_offset = -1;
+            p.error_message = Some(str_bytes(message));
+        }
+    }
+    match response.responses.iter_mut().find(|t| t.name.0.as_str() == name) {
+        Some(topic) => topic.partition_responses.push(p),
+        None => {
+            let mut topic = TopicProduceResponse::default();
+            topic.name = kafka_protocol::messages::TopicName(str_bytes(name));
+            topic.partition_responses.push(p);
+            response.responses.push(topic);
+        }
+    }
+}
+
+/// Writes every batch in `records` in order, without waiting for durability. Returns the
+/// first batch's outcome (Kafka's produce response carries one base offset per partition)
+/// and the offset everything written ends before.
+fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), LogError> {
     let mut rest = records.as_ref();
     let mut first: Option<AppendOutcome> = None;
+    let mut end = 0;
     if rest.is_empty() {
         return Err(LogError::InvalidBatch(batch::BatchError::Truncated { needed: batch::HEADER_BYTES, available: 0 }));
     }
@@ -78,9 +131,10 @@ fn append_all(partition: &kappa_log::Partition, records: Bytes) -> Result<Append
         }
         let (one, tail) = rest.split_at(len);
         BatchHeader::parse(one)?;
-        let outcome = partition.append(one.to_vec())?;
+        let outcome = partition.append_unsynced(one.to_vec())?;
+        end = end.max(outcome.last_offset + 1);
         first.get_or_insert(outcome);
         rest = tail;
     }
-    Ok(first.expect("at least one batch"))
+    Ok((first.expect("at least one batch"), end))
 }
