@@ -73,9 +73,19 @@ pub fn decode(
     max_decompressed: usize,
     allow_partial: bool,
 ) -> Result<Vec<LegacyMessage>, MessageSetError> {
+    decode_with_codec(data, max_decompressed, allow_partial).map(|(messages, _)| messages)
+}
+
+/// [`decode`], also returning the codec of the first compressed wrapper (None if none).
+fn decode_with_codec(
+    data: &Bytes,
+    max_decompressed: usize,
+    allow_partial: bool,
+) -> Result<(Vec<LegacyMessage>, Compression), MessageSetError> {
     let mut out = Vec::new();
     let mut budget = max_decompressed;
     let mut buf = data.clone();
+    let mut first_codec = Compression::None;
     while buf.has_remaining() {
         let Some(entry) = next_entry(&mut buf, allow_partial)? else {
             break;
@@ -83,10 +93,15 @@ pub fn decode(
         let (wrapper, codec, inner) = parse_message(entry.0, entry.1)?;
         match codec {
             Compression::None => out.push(wrapper),
-            _ => expand_wrapper(&wrapper, codec, inner, &mut budget, &mut out)?,
+            _ => {
+                if first_codec == Compression::None {
+                    first_codec = codec;
+                }
+                expand_wrapper(&wrapper, codec, inner, &mut budget, &mut out)?
+            }
         }
     }
-    Ok(out)
+    Ok((out, first_codec))
 }
 
 /// Splits the next `(offset, message bytes)` off `buf`.
@@ -186,14 +201,16 @@ fn expand_wrapper(
     Ok(())
 }
 
-/// Up-converts a produced message set into one uncompressed RecordBatch v2 (base offset 0;
+/// Up-converts a produced message set into one RecordBatch v2, compressed with the codec of
+/// its (first) compressed wrapper, uncompressed otherwise (base offset 0;
 /// the log assigns offsets). Magic 0 messages get timestamp -1 (none).
 pub fn up_convert(data: &Bytes, max_decompressed: usize) -> Result<Vec<u8>, MessageSetError> {
-    let messages = decode(data, max_decompressed, false)?;
+    let (messages, codec) = decode_with_codec(data, max_decompressed, false)?;
     if messages.is_empty() {
         return Err(MessageSetError::Empty);
     }
-    let mut builder = BatchBuilder::new();
+    // Keep the producer's compression: the stored batch should not grow on disk.
+    let mut builder = BatchBuilder::new().compression(codec);
     for m in messages {
         builder.push(NewRecord {
             timestamp: m.timestamp,
@@ -378,7 +395,11 @@ mod tests {
         // LogAppendTime on the wrapper overrides the inner timestamps.
         let msgs = decode(&wrapper(1, &gz, 2, Some(7777)), MAX, false).unwrap();
         assert!(msgs.iter().all(|m| m.timestamp == 7777 && m.log_append_time));
-        assert_eq!(records_of(&up_convert(&wrapper(1, &gz, 2, None), MAX).unwrap()).len(), 3);
+        let batch = up_convert(&wrapper(1, &gz, 2, None), MAX).unwrap();
+        assert_eq!(records_of(&batch).len(), 3);
+        let header = batch::validate(&batch, MAX).unwrap();
+        assert_eq!(header.compression().unwrap(), Compression::Gzip, "the producer's codec is kept");
+        assert_eq!(records_of(&batch), records_of(&up_convert(&magic1_set().freeze(), MAX).unwrap()));
     }
 
     #[test]
@@ -395,6 +416,9 @@ mod tests {
         assert_eq!(msgs[0].key.as_deref(), Some(&b"k1"[..]));
         // Raw snappy (librdkafka) too.
         assert_eq!(decode(&wrapper(2, &block, 2, None), MAX, false).unwrap().len(), 3);
+        let batch = up_convert(&wrapper(2, &xerial, 2, None), MAX).unwrap();
+        assert_eq!(batch::validate(&batch, MAX).unwrap().compression().unwrap(), Compression::Snappy);
+        assert_eq!(records_of(&batch).len(), 3);
     }
 
     #[test]
