@@ -174,6 +174,20 @@ impl TopicConfig {
         Ok(())
     }
 
+    /// A copy with `changes` applied: `Some(value)` sets a key, `None` resets it to its
+    /// default (Kafka's IncrementalAlterConfigs SET and DELETE). Nothing changes on error.
+    pub fn with_changes(&self, changes: &BTreeMap<String, Option<String>>) -> Result<Self> {
+        let defaults = Self::default();
+        let mut config = self.clone();
+        for (key, value) in changes {
+            match value {
+                Some(value) => config.set(key, value)?,
+                None => config.set(key, &defaults.get(key).ok_or_else(|| LogError::UnknownConfig(key.clone()))?)?,
+            }
+        }
+        Ok(config)
+    }
+
     /// The value of one key as Kafka spells it.
     pub fn get(&self, key: &str) -> Option<String> {
         Some(match key {

@@ -204,9 +204,7 @@ impl Log {
         partitions: i32,
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>> {
-        validate_topic_name(name)?;
-        validate_partition_count(partitions, 0)?;
-        let config = TopicConfig::from_overrides(overrides)?;
+        let config = self.validate_new_topic(name, partitions, overrides)?;
         self.health.check()?;
         let mut topics = self.write_topics();
         if topics.contains_key(name) {
@@ -235,6 +233,23 @@ impl Log {
         topics.insert(name.to_owned(), topic.clone());
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
+    }
+
+    /// Checks everything `create_topic` checks, creating nothing (CreateTopics with
+    /// validate_only); returns the topic's config.
+    pub fn validate_new_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<TopicConfig> {
+        validate_topic_name(name)?;
+        validate_partition_count(partitions, 0)?;
+        let config = TopicConfig::from_overrides(overrides)?;
+        if self.topic(name).is_ok() {
+            return Err(LogError::TopicExists(name.to_owned()));
+        }
+        Ok(config)
     }
 
     /// Deletes a topic and all its data.
@@ -283,14 +298,7 @@ impl Log {
     /// IncrementalAlterConfigs).
     pub fn alter_topic_config(&self, name: &str, changes: &BTreeMap<String, Option<String>>) -> Result<()> {
         let topic = self.topic(name)?;
-        let mut config = (*topic.config()).clone();
-        let defaults = TopicConfig::default();
-        for (key, value) in changes {
-            match value {
-                Some(value) => config.set(key, value)?,
-                None => config.set(key, &defaults.get(key).ok_or_else(|| LogError::UnknownConfig(key.clone()))?)?,
-            }
-        }
+        let config = topic.config().with_changes(changes)?;
         self.persist_config(&topic, config)
     }
 

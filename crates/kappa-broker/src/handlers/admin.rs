@@ -66,17 +66,7 @@ impl Broker {
             } else if is_internal(&name) {
                 Err((errors::INVALID_REQUEST, format!("{name} is an internal topic")))
             } else if request.validate_only {
-                kappa_log::log::validate_topic_name(&name)
-                    .and_then(|()| TopicConfig::from_overrides(&overrides).map(|_| ()))
-                    .and_then(|()| match self.log.topic(&name) {
-                        Ok(_) => Err(LogError::TopicExists(name.clone())),
-                        Err(_) if partitions < 1 => Err(LogError::InvalidPartitions {
-                            count: partitions,
-                            reason: "a topic needs at least one partition".into(),
-                        }),
-                        Err(_) => Ok(()),
-                    })
-                    .map_err(failure)
+                self.log.validate_new_topic(&name, partitions, &overrides).map(|_| ()).map_err(failure)
             } else {
                 let log = self.log.clone();
                 let (name, overrides) = (name.clone(), overrides.clone());
@@ -278,17 +268,8 @@ impl Broker {
             let outcome =
                 self.check_topic_resource(resource.resource_type, &name).and_then(|()| changes).and_then(|changes| {
                     if request.validate_only {
-                        let mut config = self.log.topic(&name).map_err(failure)?.config().as_ref().clone();
-                        for (key, value) in &changes {
-                            let value = match value {
-                                Some(value) => value.clone(),
-                                None => TopicConfig::default()
-                                    .get(key)
-                                    .ok_or_else(|| failure(LogError::UnknownConfig(key.clone())))?,
-                            };
-                            config.set(key, &value).map_err(failure)?;
-                        }
-                        Ok(())
+                        let topic = self.log.topic(&name).map_err(failure)?;
+                        topic.config().with_changes(&changes).map(|_| ()).map_err(failure)
                     } else {
                         self.log.alter_topic_config(&name, &changes).map_err(failure)
                     }
