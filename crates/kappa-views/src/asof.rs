@@ -1,0 +1,195 @@
+//! Point-in-time answers: a view computed by replaying its inputs from offset 0 up to a
+//! position (an offset per input partition) or a timestamp, into memory.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::backend::LogBackend;
+use crate::error::{EventError, Result, ViewError};
+use crate::event::{PayloadCodec, decode_event};
+use crate::runner::{STEP_READ_BYTES, position_key};
+use crate::schema::Schemas;
+use crate::view::{EmptyStore, ErrorPolicy, View};
+
+/// Keys (view and internal) an as-of replay may hold in memory.
+pub const AS_OF_KEYS_MAX: usize = 2_000_000;
+
+/// The point to compute a view at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AsOf {
+    /// "topic/partition" → the first offset *not* applied, for every input partition.
+    Offsets(BTreeMap<String, i64>),
+    /// Every event with a timestamp <= this (ms since the epoch), in each partition's
+    /// offset order up to the first later event.
+    Timestamp(i64),
+}
+
+impl AsOf {
+    /// Parses `topic/partition=offset,...` or an RFC 3339 time or milliseconds since the epoch.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let text = text.trim();
+        if text.contains('=') {
+            let mut offsets = BTreeMap::new();
+            for part in text.split(',') {
+                let (key, offset) = part.split_once('=').ok_or_else(|| format!("'{part}' is not topic/partition=offset"))?;
+                let (topic, partition) =
+                    key.trim().rsplit_once('/').ok_or_else(|| format!("'{key}' is not topic/partition"))?;
+                let partition: i32 = partition.parse().map_err(|_| format!("'{partition}' is not a partition number"))?;
+                let offset: i64 = offset.trim().parse().map_err(|_| format!("'{offset}' is not an offset"))?;
+                offsets.insert(position_key(topic, partition), offset);
+            }
+            return Ok(Self::Offsets(offsets));
+        }
+        if let Ok(ms) = text.parse::<i64>() {
+            return Ok(Self::Timestamp(ms));
+        }
+        parse_rfc3339_ms(text).map(Self::Timestamp).ok_or_else(|| {
+            format!("'{text}' is neither an RFC 3339 time (2026-11-26T10:00:00Z), milliseconds since the epoch, nor topic/partition=offset,...")
+        })
+    }
+}
+
+/// A view as of a point: its values and the exact input positions replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsOfView {
+    pub positions: BTreeMap<String, i64>,
+    /// View key → JSON value, in key order.
+    pub values: Vec<(String, Vec<u8>)>,
+}
+
+pub(crate) fn replay(
+    backend: &Arc<dyn LogBackend>,
+    schemas: &Schemas,
+    codec: &dyn PayloadCodec,
+    view: &View,
+    at: &AsOf,
+) -> Result<AsOfView> {
+    let fail = |reason: String| ViewError::AsOf { view: view.name.clone(), reason };
+    let mut targets = BTreeMap::new();
+    for topic in &view.inputs {
+        for partition in 0..backend.partition_count(topic)? {
+            let key = position_key(topic, partition);
+            let end = backend.end_offset(topic, partition)?;
+            let target = match at {
+                AsOf::Offsets(offsets) => *offsets.get(&key).ok_or_else(|| {
+                    fail(format!("no offset given for input partition {key}; give one for each of the view's input partitions"))
+                })?,
+                AsOf::Timestamp(ms) => backend.offset_for_timestamp(topic, partition, ms.saturating_add(1))?.unwrap_or(end),
+            };
+            if target < 0 || target > end {
+                return Err(fail(format!("offset {target} of {key} is outside the partition's committed offsets 0..{end}")));
+            }
+            let start = backend.start_offset(topic, partition)?;
+            if start > 0 && target > 0 {
+                return Err(fail(format!(
+                    "the history of {key} before offset {start} was deleted by retention, so the view cannot be recomputed as of that point"
+                )));
+            }
+            targets.insert(key, (Arc::<str>::from(topic.as_str()), partition, target));
+        }
+    }
+    let mut applier = view.logic.applier();
+    for (key, (topic, partition, target)) in &targets {
+        let mut position = 0;
+        while position < *target {
+            let chunk = backend.read_committed(topic, *partition, position, STEP_READ_BYTES)?;
+            if chunk.history_gap {
+                return Err(fail(format!(
+                    "the history of {key} near offset {position} was compacted (records were removed), so the view cannot be recomputed exactly as of that point"
+                )));
+            }
+            if chunk.next_offset <= position {
+                break;
+            }
+            for record in chunk.records.into_iter().take_while(|r| r.offset < *target) {
+                let offset = record.offset;
+                let result = decode_event(topic, *partition, record, codec)
+                    .and_then(|event| schemas.upcast(event))
+                    .and_then(|event| applier.apply(&event, &EmptyStore));
+                if let Err(EventError(reason)) = result {
+                    if view.on_error == ErrorPolicy::Stop {
+                        return Err(fail(format!("replay stopped at {key} offset {offset}: {reason}")));
+                    }
+                }
+                if applier.cached_entries() > AS_OF_KEYS_MAX {
+                    return Err(fail(format!("the replay holds more than {AS_OF_KEYS_MAX} keys in memory (as_of_keys_max)")));
+                }
+            }
+            position = chunk.next_offset;
+        }
+    }
+    let values = applier.view_values().map_err(|e| fail(e.0))?;
+    Ok(AsOfView { positions: targets.into_iter().map(|(key, (_, _, target))| (key, target)).collect(), values })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` → ms since the epoch.
+pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || !matches!(bytes[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if bytes[13] != b':' || bytes[16] != b':' || !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut millis = 0;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let padded = format!("{:0<3}", &fraction[..digits.min(3)]);
+        millis = padded.parse::<i64>().ok()?;
+        rest = &fraction[digits..];
+    }
+    let offset_minutes = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            sign * (rest[1..3].parse::<i64>().ok()? * 60 + rest[4..6].parse::<i64>().ok()?)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    Some(((days * 86_400 + hour * 3600 + minute * 60 + second) - offset_minutes * 60) * 1000 + millis)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_index = (month + 9) % 12;
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_times_parse_to_epoch_milliseconds() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339_ms("2026-11-26T10:00:00Z"), Some(1_795_687_200_000));
+        assert_eq!(parse_rfc3339_ms("2026-11-26T11:00:00.5+01:00"), Some(1_795_687_200_500));
+        assert_eq!(parse_rfc3339_ms("2000-02-29T00:00:00Z"), Some(951_782_400_000));
+        assert_eq!(parse_rfc3339_ms("2026-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn as_of_parses_offsets_times_and_rejects_garbage() {
+        assert_eq!(
+            AsOf::parse("channels/0=5, channels/1=7").unwrap(),
+            AsOf::Offsets(BTreeMap::from([("channels/0".into(), 5), ("channels/1".into(), 7)]))
+        );
+        assert_eq!(AsOf::parse("1000").unwrap(), AsOf::Timestamp(1000));
+        assert!(AsOf::parse("channels=5").unwrap_err().contains("topic/partition"));
+        assert!(AsOf::parse("soon").unwrap_err().contains("RFC 3339"));
+    }
+}

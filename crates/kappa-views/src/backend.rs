@@ -1,0 +1,87 @@
+//! The narrow interface between the view engine and a log: read committed records of a
+//! partition, append to a changelog, wait. The embedded log implements it here
+//! (`embedded.rs`); an external Kafka cluster can implement it too.
+//!
+//! Invariant: the engine sees records (offset, timestamp, key, value, headers), never
+//! record batches or the wire protocol.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::Result;
+
+/// One committed record of an input partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRecord {
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Records read from one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InputChunk {
+    /// Committed records at or after the requested offset, in offset order (aborted
+    /// transactional records and transaction markers removed).
+    pub records: Vec<InputRecord>,
+    /// Where the next read continues.
+    pub next_offset: i64,
+    /// The last stable offset: everything below it is committed or aborted.
+    pub end_offset: i64,
+    /// A transaction whose records this chunk holds has its marker further on: a reader
+    /// that wants a transaction's records together reads on from `next_offset`.
+    pub open_transaction: bool,
+    /// Offsets in the read range are missing (compaction removed records), so a replay of
+    /// this range does not see everything that was written.
+    pub history_gap: bool,
+}
+
+/// One record to append (to a changelog or dead-letter topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    pub timestamp: i64,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// A log the view engine can run against.
+pub trait LogBackend: Send + Sync + 'static {
+    /// How many partitions `topic` has (an error when it does not exist).
+    fn partition_count(&self, topic: &str) -> Result<i32>;
+
+    /// Committed records of a partition from `from`, about `max_bytes` of them (at least
+    /// one batch when there is one).
+    fn read_committed(&self, topic: &str, partition: i32, from: i64, max_bytes: usize) -> Result<InputChunk>;
+
+    /// The first offset still in the partition (retention may have removed earlier ones).
+    fn start_offset(&self, topic: &str, partition: i32) -> Result<i64>;
+
+    /// The last stable offset: the end of what `read_committed` can return now.
+    fn end_offset(&self, topic: &str, partition: i32) -> Result<i64>;
+
+    /// The first offset whose timestamp is >= `timestamp`, if any.
+    fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp: i64) -> Result<Option<i64>>;
+
+    /// Blocks until one of the partitions may have records at or after the given offset,
+    /// or `timeout` passes.
+    fn wait_for_input(&self, inputs: &[(&str, i32, i64)], timeout: Duration) -> Result<()>;
+
+    /// Creates the topic when missing; checks partitions and cleanup policy when present.
+    fn ensure_topic(&self, topic: &str, partitions: i32, configs: &BTreeMap<String, String>) -> Result<()>;
+
+    /// Deletes a topic (a retired view's changelog); no error when it is already gone.
+    fn delete_topic(&self, topic: &str) -> Result<()>;
+
+    /// Appends records as one atomic batch, returning the first and last offsets. The batch
+    /// may not be durable yet: [`Self::wait_durable`] says when it is.
+    fn append(&self, topic: &str, partition: i32, records: Vec<OutputRecord>) -> Result<(i64, i64)>;
+
+    /// Blocks until everything below `offset` is durable.
+    fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> Result<()>;
+
+    /// The end of what readers may see (the high watermark): appended and durable.
+    fn durable_end_offset(&self, topic: &str, partition: i32) -> Result<i64>;
+}

@@ -1,0 +1,206 @@
+//! [`LogBackend`] over kappa's own embedded log.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kappa_log::batch::{self, BatchHeader};
+use kappa_log::records::{BatchBuilder, NewRecord, decode_records};
+use kappa_log::{Isolation, Log, LogError};
+
+use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord};
+use crate::error::{Result, ViewError};
+
+/// Caps decompression of one batch while reading inputs.
+const BATCH_UNCOMPRESSED_BYTES_MAX: usize = 128 * 1024 * 1024;
+
+/// The embedded log as a view backend.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    log: Arc<Log>,
+}
+
+impl EmbeddedLog {
+    pub fn new(log: Arc<Log>) -> Self {
+        Self { log }
+    }
+
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+}
+
+impl LogBackend for EmbeddedLog {
+    fn partition_count(&self, topic: &str) -> Result<i32> {
+        Ok(self.log.topic(topic)?.partition_count())
+    }
+
+    fn read_committed(&self, topic: &str, partition: i32, from: i64, max_bytes: usize) -> Result<InputChunk> {
+        let outcome = self.log.partition(topic, partition)?.read(from, max_bytes, Isolation::ReadCommitted)?;
+        let mut chunk = InputChunk {
+            records: Vec::new(),
+            next_offset: from,
+            end_offset: outcome.last_stable_offset,
+            open_transaction: false,
+            history_gap: false,
+        };
+        let mut open: HashSet<i64> = HashSet::new();
+        let mut expected = from;
+        let mut rest = outcome.records.as_slice();
+        while !rest.is_empty() {
+            let length = batch::batch_total_len(rest, rest.len()).map_err(LogError::from)?;
+            let (bytes, tail) = rest.split_at(length);
+            rest = tail;
+            let header = BatchHeader::parse(bytes).map_err(LogError::from)?;
+            let last_offset = header.last_offset();
+            if last_offset < from {
+                continue;
+            }
+            if header.base_offset > expected || (header.records_count as i64) < i64::from(header.last_offset_delta) + 1 {
+                chunk.history_gap = true;
+            }
+            expected = last_offset + 1;
+            chunk.next_offset = last_offset + 1;
+            if header.is_control() {
+                open.remove(&header.producer_id);
+                continue;
+            }
+            if header.is_transactional() {
+                let aborted = outcome.aborted.iter().any(|a| {
+                    a.producer_id == header.producer_id && a.first_offset <= header.base_offset && header.base_offset <= a.last_offset
+                });
+                if aborted {
+                    continue;
+                }
+                open.insert(header.producer_id);
+            }
+            let records = decode_records(bytes, BATCH_UNCOMPRESSED_BYTES_MAX)
+                .map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+            for record in records.iter() {
+                if record.offset() < from {
+                    continue;
+                }
+                chunk.records.push(InputRecord {
+                    offset: record.offset(),
+                    timestamp: record.timestamp(),
+                    key: record.key.map(<[u8]>::to_vec),
+                    value: record.value.map(<[u8]>::to_vec),
+                    headers: record
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(<[u8]>::to_vec)))
+                        .collect(),
+                });
+            }
+        }
+        chunk.open_transaction = !open.is_empty() && chunk.next_offset < chunk.end_offset;
+        Ok(chunk)
+    }
+
+    fn start_offset(&self, topic: &str, partition: i32) -> Result<i64> {
+        Ok(self.log.partition(topic, partition)?.log_start_offset())
+    }
+
+    fn end_offset(&self, topic: &str, partition: i32) -> Result<i64> {
+        Ok(self.log.partition(topic, partition)?.last_stable_offset())
+    }
+
+    fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp: i64) -> Result<Option<i64>> {
+        let partition = self.log.partition(topic, partition)?;
+        Ok(partition.offset_for_timestamp(timestamp, Isolation::ReadCommitted)?.map(|(offset, _)| offset))
+    }
+
+    fn wait_for_input(&self, inputs: &[(&str, i32, i64)], timeout: Duration) -> Result<()> {
+        let mut watches = Vec::with_capacity(inputs.len());
+        for (topic, index, position) in inputs {
+            let partition = self.log.partition(topic, *index)?;
+            // Subscribe before checking, so an append in between is not missed.
+            let watch = partition.watch_high_watermark();
+            if partition.last_stable_offset() > *position {
+                return Ok(());
+            }
+            watches.push(watch);
+        }
+        if watches.is_empty() {
+            std::thread::sleep(timeout);
+            return Ok(());
+        }
+        WAITER.with(|runtime| {
+            runtime.block_on(async {
+                let any_changed = std::future::poll_fn(|cx| {
+                    for watch in watches.iter_mut() {
+                        let changed = std::pin::pin!(watch.changed());
+                        if changed.poll(cx).is_ready() {
+                            return std::task::Poll::Ready(());
+                        }
+                    }
+                    std::task::Poll::Pending
+                });
+                let _ = tokio::time::timeout(timeout, any_changed).await;
+            })
+        });
+        Ok(())
+    }
+
+    fn ensure_topic(&self, topic: &str, partitions: i32, configs: &BTreeMap<String, String>) -> Result<()> {
+        match self.log.topic(topic) {
+            Ok(existing) => {
+                let count = existing.partition_count();
+                let config = existing.config();
+                let wants_compact = configs.get(kappa_log::config::CLEANUP_POLICY).is_some_and(|p| p.contains("compact"));
+                if count != partitions || (wants_compact && !config.cleanup_policy.compact) {
+                    return Err(ViewError::Definition {
+                        view: topic.to_owned(),
+                        reason: format!(
+                            "topic {topic} exists with {count} partitions (compacted: {}), but the view engine needs {partitions} partitions (compacted: {wants_compact}); delete the topic or fix its configuration",
+                            config.cleanup_policy.compact
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            Err(LogError::UnknownTopic(_)) => match self.log.create_topic(topic, partitions, configs) {
+                Ok(_) | Err(LogError::TopicExists(_)) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn delete_topic(&self, topic: &str) -> Result<()> {
+        match self.log.delete_topic(topic) {
+            Ok(()) | Err(LogError::UnknownTopic(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn append(&self, topic: &str, partition: i32, records: Vec<OutputRecord>) -> Result<(i64, i64)> {
+        let mut builder = BatchBuilder::new();
+        for record in records {
+            builder.push(NewRecord {
+                timestamp: record.timestamp,
+                key: Some(record.key),
+                value: record.value,
+                headers: record.headers,
+            });
+        }
+        let outcome = self.log.partition(topic, partition)?.append_unsynced(builder.build())?;
+        Ok((outcome.base_offset, outcome.last_offset))
+    }
+
+    fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        Ok(self.log.partition(topic, partition)?.wait_until_durable(offset)?)
+    }
+
+    fn durable_end_offset(&self, topic: &str, partition: i32) -> Result<i64> {
+        Ok(self.log.partition(topic, partition)?.high_watermark())
+    }
+}
+
+thread_local! {
+    /// Each view thread waits for appends on its own single-threaded runtime.
+    static WAITER: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime for waiting on the log");
+}

@@ -1,0 +1,494 @@
+//! The view engine: every version of every view, which version serves reads, switching and
+//! retiring versions, reads, status and as-of queries.
+//!
+//! On disk (under the engine's directory): `<view>/v<version>/state.redb` per version and
+//! `<view>/active` naming the version that serves reads. Versions whose code is in this
+//! build run on their own thread; versions found on disk without code stay readable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use kappa_log::io::{RealFs, write_file_atomic};
+
+use crate::asof::{self, AsOf, AsOfView};
+use crate::backend::LogBackend;
+use crate::error::{Result, ViewError};
+use crate::event::{JsonCodec, PayloadCodec};
+use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared};
+use crate::schema::Schemas;
+use crate::store::{Scope, Store, StoredValue};
+use crate::view::View;
+
+const ACTIVE_FILE: &str = "active";
+
+/// How the engine is set up.
+pub struct EngineConfig {
+    /// Where view state lives (e.g. `<data-dir>/views`).
+    pub dir: PathBuf,
+    pub schemas: Schemas,
+    pub codec: Arc<dyn PayloadCodec>,
+}
+
+impl EngineConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), schemas: Schemas::new(), codec: Arc::new(JsonCodec) }
+    }
+}
+
+/// One value read from a view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub key: String,
+    /// The value as JSON.
+    pub json: Vec<u8>,
+    /// The changelog offset of the change that wrote this value.
+    pub changelog_offset: i64,
+}
+
+/// A read's answer with the version and changelog position it is consistent with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read<T> {
+    pub version: u32,
+    /// Every change before this changelog offset is reflected, none after.
+    pub position: i64,
+    pub value: T,
+}
+
+/// What a version is doing.
+#[derive(Debug, Clone)]
+pub struct VersionInfo {
+    pub version: u32,
+    pub serving: bool,
+    /// True when this build has the version's code (it follows its inputs).
+    pub running: bool,
+    pub changelog_topic: String,
+    pub status: RunnerStatus,
+}
+
+/// A view with its versions.
+#[derive(Debug, Clone)]
+pub struct ViewInfo {
+    pub name: String,
+    pub active: Option<u32>,
+    pub inputs: Vec<String>,
+    pub versions: Vec<VersionInfo>,
+}
+
+struct ViewEntry {
+    name: String,
+    dir: PathBuf,
+    definitions: BTreeMap<u32, View>,
+    active: RwLock<Option<u32>>,
+    versions: RwLock<BTreeMap<u32, Arc<VersionShared>>>,
+    /// Serializes switch, retire and auto-switch.
+    admin: Mutex<()>,
+}
+
+struct Inner {
+    backend: Arc<dyn LogBackend>,
+    schemas: Arc<Schemas>,
+    codec: Arc<dyn PayloadCodec>,
+    views: BTreeMap<String, Arc<ViewEntry>>,
+    threads: Mutex<Vec<(String, u32, JoinHandle<()>)>>,
+}
+
+/// Runs views and answers reads. Cheap to clone.
+#[derive(Clone)]
+pub struct ViewEngine {
+    inner: Arc<Inner>,
+}
+
+impl ViewEngine {
+    /// Opens every version on disk and starts every version defined in `views`.
+    pub fn start(backend: Arc<dyn LogBackend>, config: EngineConfig, views: Vec<View>) -> Result<Self> {
+        Self::open(backend, config, views, true)
+    }
+
+    /// Opens every version without processing anything (for offline inspection and as-of
+    /// queries while the server is stopped).
+    pub fn open_offline(backend: Arc<dyn LogBackend>, config: EngineConfig, views: Vec<View>) -> Result<Self> {
+        Self::open(backend, config, views, false)
+    }
+
+    fn open(backend: Arc<dyn LogBackend>, config: EngineConfig, views: Vec<View>, run: bool) -> Result<Self> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| ViewError::io(&config.dir, e))?;
+        let mut definitions: BTreeMap<String, BTreeMap<u32, View>> = BTreeMap::new();
+        for view in views {
+            view.validate()?;
+            let versions = definitions.entry(view.name.clone()).or_default();
+            if versions.contains_key(&view.version) {
+                return Err(ViewError::Definition {
+                    view: view.name.clone(),
+                    reason: format!("version {} is defined twice", view.version),
+                });
+            }
+            versions.insert(view.version, view);
+        }
+        for name in list_dirs(&config.dir)? {
+            definitions.entry(name).or_default();
+        }
+        let mut entries = BTreeMap::new();
+        for (name, defined) in definitions {
+            let dir = config.dir.join(&name);
+            let active = read_active(&dir)?;
+            let entry = ViewEntry {
+                name: name.clone(),
+                dir,
+                definitions: defined,
+                active: RwLock::new(active),
+                versions: RwLock::new(BTreeMap::new()),
+                admin: Mutex::new(()),
+            };
+            entries.insert(name, Arc::new(entry));
+        }
+        let engine = Self {
+            inner: Arc::new(Inner {
+                backend,
+                schemas: Arc::new(config.schemas),
+                codec: config.codec,
+                views: entries,
+                threads: Mutex::new(Vec::new()),
+            }),
+        };
+        for entry in engine.inner.views.values() {
+            engine.open_versions(entry, run)?;
+        }
+        Ok(engine)
+    }
+
+    fn open_versions(&self, entry: &Arc<ViewEntry>, run: bool) -> Result<()> {
+        let mut versions: Vec<u32> = list_dirs(&entry.dir)?
+            .iter()
+            .filter_map(|name| name.strip_prefix('v').and_then(|v| v.parse().ok()))
+            .collect();
+        versions.extend(entry.definitions.keys());
+        versions.sort_unstable();
+        versions.dedup();
+        for version in versions {
+            let store = Store::open(&version_dir(&entry.dir, version))?;
+            let definition = entry.definitions.get(&version).filter(|_| run);
+            let phase = if definition.is_some() { Phase::Building } else { Phase::Stopped };
+            let shared = Arc::new(VersionShared::new(&entry.name, version, store, phase)?);
+            write_lock(&entry.versions).insert(version, shared.clone());
+            if let Some(view) = definition {
+                self.spawn_runner(shared, view.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_runner(&self, shared: Arc<VersionShared>, view: View) -> Result<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let on_caught_up: CaughtUp = Arc::new(move |name, version| {
+            if let Some(inner) = weak.upgrade() {
+                ViewEngine { inner }.auto_switch(name, version);
+            }
+        });
+        let runner = Runner::new(
+            shared.clone(),
+            self.inner.backend.clone(),
+            self.inner.schemas.clone(),
+            self.inner.codec.clone(),
+            view,
+            on_caught_up,
+        );
+        let name = format!("view-{}-v{}", shared.view, shared.version);
+        let handle = std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || runner.run())
+            .map_err(|e| ViewError::io(Path::new(&name), e))?;
+        lock(&self.inner.threads).push((shared.view.clone(), shared.version, handle));
+        Ok(())
+    }
+
+    /// A newly built version takes over reads when it first catches up, if it is the
+    /// newest version this build defines and newer than the one serving.
+    fn auto_switch(&self, name: &str, version: u32) {
+        let Some(entry) = self.inner.views.get(name) else { return };
+        let _admin = lock(&entry.admin);
+        let active = *read_lock(&entry.active);
+        let newest = entry.definitions.keys().next_back().copied();
+        if active.is_none() || (active < Some(version) && newest == Some(version)) {
+            match write_active(&entry.dir, version) {
+                Ok(()) => {
+                    *write_lock(&entry.active) = Some(version);
+                    tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
+                }
+                Err(e) => tracing::error!(view = name, version, error = %e, "could not switch to the new view version"),
+            }
+        }
+    }
+
+    fn entry(&self, name: &str) -> Result<&Arc<ViewEntry>> {
+        self.inner.views.get(name).ok_or_else(|| ViewError::UnknownView(name.to_owned()))
+    }
+
+    fn version(&self, entry: &ViewEntry, version: u32) -> Result<Arc<VersionShared>> {
+        let versions = read_lock(&entry.versions);
+        versions.get(&version).cloned().ok_or_else(|| ViewError::UnknownVersion {
+            view: entry.name.clone(),
+            version,
+            known: versions.keys().copied().collect(),
+        })
+    }
+
+    /// The version serving reads of `name`.
+    fn serving(&self, name: &str) -> Result<Arc<VersionShared>> {
+        let entry = self.entry(name)?;
+        match *read_lock(&entry.active) {
+            Some(version) => self.version(entry, version),
+            None => {
+                let versions = read_lock(&entry.versions);
+                let (version, building) =
+                    versions.iter().next_back().ok_or_else(|| ViewError::UnknownView(name.to_owned()))?;
+                let status = building.status();
+                Err(ViewError::NotReady {
+                    view: name.to_owned(),
+                    version: *version,
+                    progress: format!("{} events applied, {} behind", status.events_applied, status.lag()),
+                })
+            }
+        }
+    }
+
+    /// One key of the serving version.
+    pub fn get(&self, name: &str, key: &str) -> Result<Read<Option<Item>>> {
+        let shared = self.serving(name)?;
+        let snapshot = shared.store.snapshot()?;
+        let value = snapshot.get(Scope::View, key)?.map(|v| item(key.to_owned(), v));
+        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+    }
+
+    /// Up to `limit` keys of the serving version starting with `prefix`, after `after`.
+    pub fn scan(&self, name: &str, prefix: &str, after: Option<&str>, limit: usize) -> Result<Read<Vec<Item>>> {
+        let shared = self.serving(name)?;
+        let snapshot = shared.store.snapshot()?;
+        let value = snapshot.scan(prefix, after, limit)?.into_iter().map(|(k, v)| item(k, v)).collect();
+        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+    }
+
+    /// The changelog topic of the serving version (subscriptions follow it).
+    pub fn serving_changelog(&self, name: &str) -> Result<(u32, String)> {
+        let shared = self.serving(name)?;
+        Ok((shared.version, shared.changelog_topic.clone()))
+    }
+
+    /// Every view with its versions.
+    pub fn list(&self) -> Vec<ViewInfo> {
+        self.inner.views.values().map(|entry| self.info(entry)).collect()
+    }
+
+    pub fn describe(&self, name: &str) -> Result<ViewInfo> {
+        Ok(self.info(self.entry(name)?))
+    }
+
+    fn info(&self, entry: &ViewEntry) -> ViewInfo {
+        let active = *read_lock(&entry.active);
+        let versions = read_lock(&entry.versions)
+            .values()
+            .map(|shared| VersionInfo {
+                version: shared.version,
+                serving: active == Some(shared.version),
+                running: entry.definitions.contains_key(&shared.version),
+                changelog_topic: shared.changelog_topic.clone(),
+                status: shared.status(),
+            })
+            .collect();
+        let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
+        ViewInfo { name: entry.name.clone(), active, inputs, versions }
+    }
+
+    /// Makes `version` serve reads (a cutover, or a rollback). Without `force` the version
+    /// must have caught up with its inputs and be running.
+    pub fn switch(&self, name: &str, version: u32, force: bool) -> Result<()> {
+        let entry = self.entry(name)?;
+        let shared = self.version(entry, version)?;
+        let _admin = lock(&entry.admin);
+        let phase = shared.status().phase;
+        if !force && phase != Phase::Live {
+            return Err(ViewError::VersionNotCaughtUp { view: name.to_owned(), version, status: phase.name().to_owned() });
+        }
+        write_active(&entry.dir, version)?;
+        let previous = write_lock(&entry.active).replace(version);
+        tracing::info!(view = name, version, ?previous, "switched the version serving reads");
+        Ok(())
+    }
+
+    /// Stops a version that does not serve reads and deletes its state and changelog. A
+    /// version this build still defines is rebuilt on the next start.
+    pub fn retire(&self, name: &str, version: u32) -> Result<()> {
+        let entry = self.entry(name)?;
+        let shared = self.version(entry, version)?;
+        let _admin = lock(&entry.admin);
+        if *read_lock(&entry.active) == Some(version) {
+            return Err(ViewError::RetireActive { view: name.to_owned(), version });
+        }
+        shared.stop.store(true, Ordering::Release);
+        self.join(name, Some(version));
+        write_lock(&entry.versions).remove(&version);
+        self.inner.backend.delete_topic(&shared.changelog_topic)?;
+        let dir = version_dir(&entry.dir, version);
+        std::fs::remove_dir_all(&dir).map_err(|e| ViewError::io(&dir, e))?;
+        if entry.definitions.contains_key(&version) {
+            tracing::warn!(view = name, version, "retired a version this build still defines; it is rebuilt on the next start");
+        }
+        tracing::info!(view = name, version, "retired view version");
+        Ok(())
+    }
+
+    /// The view (or one key of it) as of a past point, by replaying its inputs. Uses the
+    /// serving version's code unless `version` is given.
+    pub fn as_of(&self, name: &str, version: Option<u32>, at: &AsOf, key: Option<&str>) -> Result<AsOfView> {
+        let entry = self.entry(name)?;
+        let version = match version {
+            Some(v) => v,
+            None => (*read_lock(&entry.active)).or_else(|| entry.definitions.keys().next_back().copied()).ok_or_else(|| {
+                ViewError::UnknownView(name.to_owned())
+            })?,
+        };
+        let view = entry.definitions.get(&version).ok_or_else(|| ViewError::AsOf {
+            view: name.to_owned(),
+            reason: format!("this build does not have the code of version {version}, so it cannot replay it"),
+        })?;
+        let mut result = asof::replay(&self.inner.backend, &self.inner.schemas, self.inner.codec.as_ref(), view, at)?;
+        if let Some(key) = key {
+            result.values.retain(|(k, _)| k == key);
+        }
+        Ok(result)
+    }
+
+    /// Stops every runner (each makes its state durable first) and closes the stores;
+    /// reads afterwards fail.
+    pub fn shutdown(&self) {
+        for entry in self.inner.views.values() {
+            for shared in read_lock(&entry.versions).values() {
+                shared.stop.store(true, Ordering::Release);
+            }
+        }
+        self.join_all();
+        for entry in self.inner.views.values() {
+            write_lock(&entry.versions).clear();
+        }
+    }
+
+    fn join(&self, name: &str, version: Option<u32>) {
+        let handles: Vec<_> = {
+            let mut threads = lock(&self.inner.threads);
+            let (matching, rest) = std::mem::take(&mut *threads)
+                .into_iter()
+                .partition(|(n, v, _)| n == name && version.is_none_or(|version| *v == version));
+            *threads = rest;
+            matching
+        };
+        for (name, version, handle) in handles {
+            if handle.join().is_err() {
+                tracing::error!(view = %name, version, "view thread panicked");
+            }
+        }
+    }
+
+    fn join_all(&self) {
+        let handles = std::mem::take(&mut *lock(&self.inner.threads));
+        for (name, version, handle) in handles {
+            if handle.join().is_err() {
+                tracing::error!(view = %name, version, "view thread panicked");
+            }
+        }
+    }
+
+    /// Blocks until `name` has a serving version that has applied its inputs up to their
+    /// current ends, or `timeout` passes; returns whether it did.
+    pub fn wait_caught_up(&self, name: &str, timeout: std::time::Duration) -> Result<bool> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let entry = self.entry(name)?;
+            if let Ok(shared) = self.serving(name) {
+                let status = shared.status();
+                let ends_now = self.current_ends(entry)?;
+                let done = ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
+                if done {
+                    return Ok(true);
+                }
+                if let Phase::Failed(reason) = status.phase {
+                    return Err(ViewError::Changelog { view: name.to_owned(), version: shared.version, reason });
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn current_ends(&self, entry: &ViewEntry) -> Result<BTreeMap<String, i64>> {
+        let mut ends = BTreeMap::new();
+        let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
+        for topic in inputs {
+            for partition in 0..self.inner.backend.partition_count(&topic)? {
+                ends.insert(crate::runner::position_key(&topic, partition), self.inner.backend.end_offset(&topic, partition)?);
+            }
+        }
+        Ok(ends)
+    }
+
+    pub fn backend(&self) -> &Arc<dyn LogBackend> {
+        &self.inner.backend
+    }
+}
+
+fn item(key: String, value: StoredValue) -> Item {
+    Item { key, json: value.json, changelog_offset: value.changelog_offset }
+}
+
+fn version_dir(view_dir: &Path, version: u32) -> PathBuf {
+    view_dir.join(format!("v{version}"))
+}
+
+fn read_active(dir: &Path) -> Result<Option<u32>> {
+    let path = dir.join(ACTIVE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            ViewError::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, "not a version number; fix or delete the file"))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ViewError::io(&path, e)),
+    }
+}
+
+fn write_active(dir: &Path, version: u32) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ViewError::io(dir, e))?;
+    let path = dir.join(ACTIVE_FILE);
+    write_file_atomic(&RealFs, &path, format!("{version}\n").as_bytes()).map_err(|e| ViewError::io(&path, e))
+}
+
+fn list_dirs(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+        Err(e) => return Err(ViewError::io(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| ViewError::io(dir, e))?;
+        if entry.file_type().map_err(|e| ViewError::io(dir, e))?.is_dir() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}

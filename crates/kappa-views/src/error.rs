@@ -1,0 +1,80 @@
+//! The view engine's errors. Every message names the view, version or input position it is
+//! about and says what to do.
+
+use std::path::PathBuf;
+
+/// Where in the inputs something happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl std::fmt::Display for InputPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} offset {}", self.topic, self.partition, self.offset)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("log: {0}")]
+    Log(#[from] kappa_log::LogError),
+    #[error("view state store {path}: {source}")]
+    Store { path: PathBuf, source: Box<redb::Error> },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("no view named '{0}'; list the views with `GET /v1/views` or `kappa view list`")]
+    UnknownView(String),
+    #[error("view '{view}' has no version {version}; its versions are {known:?}")]
+    UnknownVersion { view: String, version: u32, known: Vec<u32> },
+    #[error("view '{view}' has no serving version yet: version {version} is still building ({progress})")]
+    NotReady { view: String, version: u32, progress: String },
+    #[error("view '{view}' v{version} is {status}: only a version that has caught up with its inputs can serve reads; wait, or pass force")]
+    VersionNotCaughtUp { view: String, version: u32, status: String },
+    #[error("view '{view}' v{version} serves reads: switch to another version before retiring it")]
+    RetireActive { view: String, version: u32 },
+    #[error("invalid view definition '{view}': {reason}")]
+    Definition { view: String, reason: String },
+    #[error("view '{view}' v{version} stopped at {position}: {reason}")]
+    EventFailed { view: String, version: u32, position: InputPosition, reason: String },
+    #[error("as-of query on view '{view}': {reason}")]
+    AsOf { view: String, reason: String },
+    #[error("view '{view}' v{version}: {reason}")]
+    Changelog { view: String, version: u32, reason: String },
+    #[error("view value for key '{key}' is {bytes} bytes; the limit is {max} bytes (view_value_bytes_max)")]
+    ValueTooLarge { key: String, bytes: usize, max: usize },
+    #[error("the view engine is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T, E = ViewError> = std::result::Result<T, E>;
+
+impl ViewError {
+    pub(crate) fn store(path: &std::path::Path, source: impl Into<redb::Error>) -> Self {
+        Self::Store { path: path.to_owned(), source: Box::new(source.into()) }
+    }
+
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_owned(), source }
+    }
+}
+
+/// Why one event could not be applied: a bad payload, an unknown schema version, a failing
+/// upcaster or the view's own logic refusing it. The engine adds the position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EventError(pub String);
+
+impl EventError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+impl From<serde_json::Error> for EventError {
+    fn from(e: serde_json::Error) -> Self {
+        Self(format!("JSON: {e}"))
+    }
+}

@@ -1,0 +1,33 @@
+//! kappa's view engine: folds events from the log into materialized views, in order per
+//! input partition, exactly once, with a changelog per view version.
+//!
+//! Code map: `event` (records → events), `schema` (upcasting), `view` (how applications
+//! define views), `backend` (the narrow log interface) and `embedded` (it over kappa's log),
+//! `store` (redb state per version), `changelog` (the change stream's record format),
+//! `runner` (the processing loop and recovery), `engine` (versions, switching, reads),
+//! `asof` (point-in-time replays).
+//!
+//! Invariant: this crate reads records through [`backend::LogBackend`]; it knows nothing of
+//! the Kafka wire protocol, HTTP or JSON request shapes.
+
+pub mod asof;
+pub mod backend;
+pub mod changelog;
+pub mod embedded;
+pub mod engine;
+pub mod error;
+pub mod event;
+pub mod runner;
+pub mod schema;
+pub mod store;
+pub mod view;
+
+pub use crate::asof::{AsOf, AsOfView};
+pub use crate::backend::LogBackend;
+pub use crate::embedded::EmbeddedLog;
+pub use crate::engine::{EngineConfig, Item, Read, VersionInfo, ViewEngine, ViewInfo};
+pub use crate::error::{EventError, Result, ViewError};
+pub use crate::event::{Event, JsonCodec, PayloadCodec};
+pub use crate::runner::{Phase, RunnerStatus};
+pub use crate::schema::Schemas;
+pub use crate::view::{ErrorPolicy, Processor, Reducer, StateAccess, View};

@@ -1,0 +1,563 @@
+//! The processing loop of one view version: read committed input records, decode and
+//! upcast them, apply them, and commit each step.
+//!
+//! A step's commit happens in two places, in this order:
+//! 1. one batch appended to the version's changelog: every changed key, then a step marker
+//!    with the input positions after the step (`changelog.rs`);
+//! 2. one redb transaction with the same changes, the same positions and the changelog
+//!    offset after the batch (`store.rs`), committed without fsync.
+//!
+//! The changelog is the source of truth; the store is a cache of it that is made durable
+//! every `CHECKPOINT_INTERVAL`, and only after the changelog is durable up to the store's
+//! position. So after any crash the durable store is a prefix of the durable changelog:
+//! recovery replays the changelog from the store's position (changes and positions), and
+//! processing resumes from the positions of the last step in the changelog. No step is
+//! applied twice (its marker moved the positions) or lost (it is in the changelog, or it
+//! never happened and is processed again from the inputs, deterministically).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use redb::Durability;
+
+use crate::backend::{InputChunk, LogBackend, OutputRecord};
+use crate::changelog::{self, Change, Entry, StepMarker};
+use crate::error::{EventError, InputPosition, Result, ViewError};
+use crate::event::{Event, PayloadCodec, decode_event};
+use crate::schema::Schemas;
+use crate::store::{Progress, Scope, Snapshot, Store, StoreWrite, StoredValue};
+use crate::view::{Applier, ErrorPolicy, StoreRead, View};
+
+/// Input bytes read per step (more when a transaction's records continue further on).
+pub const STEP_READ_BYTES: usize = 1024 * 1024;
+/// A transaction's records are applied in one step up to this many bytes.
+pub const STEP_TRANSACTION_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// One step's changelog batch; a step that would write more is split.
+pub const CHANGELOG_STEP_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// The largest value one view key may hold.
+pub const VIEW_VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Decoded state kept in memory between steps.
+pub const CACHE_ENTRIES_MAX: usize = 200_000;
+/// How often the store is made durable (bounds recovery replay, not correctness).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an idle runner waits for input before checking for shutdown.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Where a version is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Replaying its changelog into the store after a restart.
+    Restoring,
+    /// Applying inputs, not yet caught up for the first time.
+    Building,
+    /// Caught up with its inputs (and following them).
+    Live,
+    /// Stopped at an event it could not apply, or by an error.
+    Failed(String),
+    /// Its code is not in this build: readable, not following its inputs.
+    Stopped,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Restoring => "restoring",
+            Phase::Building => "building",
+            Phase::Live => "live",
+            Phase::Failed(_) => "failed",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// A version's progress as the runner last reported it.
+#[derive(Debug, Clone)]
+pub struct RunnerStatus {
+    pub phase: Phase,
+    pub events_applied: i64,
+    /// "topic/partition" → next offset to apply.
+    pub positions: BTreeMap<String, i64>,
+    /// "topic/partition" → last stable offset when last looked at.
+    pub ends: BTreeMap<String, i64>,
+    /// The changelog offset after the last committed step.
+    pub changelog_next: i64,
+    /// Input offsets per second over recent steps.
+    pub rate_per_second: f64,
+}
+
+impl RunnerStatus {
+    /// Input records not yet applied.
+    pub fn lag(&self) -> i64 {
+        self.ends.iter().map(|(key, end)| (end - self.positions.get(key).copied().unwrap_or(0)).max(0)).sum()
+    }
+
+    /// Seconds until caught up at the current rate.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let lag = self.lag();
+        if lag == 0 {
+            Some(0.0)
+        } else if self.rate_per_second > 0.0 {
+            Some(lag as f64 / self.rate_per_second)
+        } else {
+            None
+        }
+    }
+}
+
+/// What the runner thread shares with readers and the engine.
+pub(crate) struct VersionShared {
+    pub view: String,
+    pub version: u32,
+    pub store: Store,
+    pub changelog_topic: String,
+    pub stop: AtomicBool,
+    status: Mutex<RunnerStatus>,
+}
+
+impl VersionShared {
+    pub fn new(view: &str, version: u32, store: Store, phase: Phase) -> Result<Self> {
+        let progress = store.progress()?;
+        Ok(Self {
+            view: view.to_owned(),
+            version,
+            changelog_topic: changelog::topic_name(view, version),
+            stop: AtomicBool::new(false),
+            status: Mutex::new(RunnerStatus {
+                phase,
+                events_applied: progress.events_applied,
+                positions: progress.positions,
+                ends: BTreeMap::new(),
+                changelog_next: progress.changelog_next,
+                rate_per_second: 0.0,
+            }),
+            store,
+        })
+    }
+
+    pub fn status(&self) -> RunnerStatus {
+        self.lock_status().clone()
+    }
+
+    fn lock_status(&self) -> MutexGuard<'_, RunnerStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.lock_status().phase = phase;
+    }
+}
+
+/// Called once when a version first catches up with its inputs.
+pub(crate) type CaughtUp = Arc<dyn Fn(&str, u32) + Send + Sync>;
+
+pub(crate) struct Runner {
+    pub shared: Arc<VersionShared>,
+    pub backend: Arc<dyn LogBackend>,
+    pub schemas: Arc<Schemas>,
+    pub codec: Arc<dyn PayloadCodec>,
+    pub view: View,
+    pub on_caught_up: CaughtUp,
+    applier: Box<dyn Applier>,
+    inputs: Vec<(Arc<str>, i32)>,
+    progress: Progress,
+    next_input: usize,
+    last_checkpoint: Instant,
+    rate_window: (Instant, i64),
+}
+
+/// The "topic/partition" key of an input position.
+pub fn position_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+impl Runner {
+    pub fn new(
+        shared: Arc<VersionShared>,
+        backend: Arc<dyn LogBackend>,
+        schemas: Arc<Schemas>,
+        codec: Arc<dyn PayloadCodec>,
+        view: View,
+        on_caught_up: CaughtUp,
+    ) -> Self {
+        let applier = view.logic.applier();
+        Self {
+            shared,
+            backend,
+            schemas,
+            codec,
+            view,
+            on_caught_up,
+            applier,
+            inputs: Vec::new(),
+            progress: Progress::default(),
+            next_input: 0,
+            last_checkpoint: Instant::now(),
+            rate_window: (Instant::now(), 0),
+        }
+    }
+
+    /// Runs until stopped or failed; a failure is recorded in the status.
+    pub fn run(mut self) {
+        let result = self.run_until_stopped();
+        if let Err(e) = &result {
+            tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "view version stopped");
+            self.shared.set_phase(Phase::Failed(e.to_string()));
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
+        }
+    }
+
+    fn run_until_stopped(&mut self) -> Result<()> {
+        self.resolve_inputs()?;
+        self.recover()?;
+        self.shared.set_phase(if self.progress.caught_up { Phase::Live } else { Phase::Building });
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let progressed = self.step()?;
+            if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                self.checkpoint()?;
+            }
+            if progressed {
+                continue;
+            }
+            if !self.progress.caught_up {
+                self.progress.caught_up = true;
+                self.shared.store.commit(&[], &self.progress, Durability::None)?;
+                self.checkpoint()?;
+                self.shared.set_phase(Phase::Live);
+                tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
+                (self.on_caught_up)(&self.shared.view, self.shared.version);
+            }
+            self.update_rate(true);
+            let waiting: Vec<(&str, i32, i64)> = self
+                .inputs
+                .iter()
+                .map(|(topic, partition)| (&**topic, *partition, self.position(topic, *partition)))
+                .collect();
+            self.backend.wait_for_input(&waiting, IDLE_WAIT)?;
+        }
+        Ok(())
+    }
+
+    fn resolve_inputs(&mut self) -> Result<()> {
+        for topic in &self.view.inputs {
+            let count = self.backend.partition_count(topic).map_err(|e| ViewError::Definition {
+                view: self.view.name.clone(),
+                reason: format!("input topic '{topic}': {e}; create the topic before starting the view"),
+            })?;
+            let topic: Arc<str> = Arc::from(topic.as_str());
+            self.inputs.extend((0..count).map(|p| (topic.clone(), p)));
+        }
+        Ok(())
+    }
+
+    fn position(&self, topic: &str, partition: i32) -> i64 {
+        self.progress.positions.get(&position_key(topic, partition)).copied().unwrap_or(0)
+    }
+
+    /// Brings the store up to the end of the changelog.
+    fn recover(&mut self) -> Result<()> {
+        let topic = self.shared.changelog_topic.clone();
+        let configs = BTreeMap::from([
+            (kappa_log::config::CLEANUP_POLICY.to_owned(), "compact".to_owned()),
+            (kappa_log::config::MAX_MESSAGE_BYTES.to_owned(), (CHANGELOG_STEP_BYTES_MAX + 1024 * 1024).to_string()),
+        ]);
+        self.backend.ensure_topic(&topic, 1, &configs)?;
+        self.progress = self.shared.store.progress()?;
+        let end = self.backend.durable_end_offset(&topic, 0)?;
+        let start = self.backend.start_offset(&topic, 0)?;
+        if self.progress.changelog_next > end {
+            return Err(self.changelog_error(format!(
+                "the state store is at changelog offset {} but the changelog ends at {end}: the changelog lost records. Retire this version (or delete its directory and changelog topic) to rebuild it from the inputs",
+                self.progress.changelog_next
+            )));
+        }
+        let mut from = self.progress.changelog_next.max(start);
+        if from < end {
+            self.shared.set_phase(Phase::Restoring);
+            tracing::info!(view = %self.shared.view, version = self.shared.version, from, end, "restoring view state from its changelog");
+        }
+        while from < end {
+            let chunk = self.backend.read_committed(&topic, 0, from, STEP_READ_BYTES)?;
+            if chunk.next_offset <= from {
+                break;
+            }
+            let mut writes = Vec::with_capacity(chunk.records.len());
+            for record in &chunk.records {
+                match changelog::decode(record).map_err(|e| self.changelog_error(format!("offset {}: {e}", record.offset)))? {
+                    Entry::Change { offset, change, .. } => writes.push(store_write(change, offset)),
+                    Entry::Step { marker, .. } => {
+                        self.progress.positions = marker.positions;
+                        self.progress.events_applied = marker.events_applied;
+                    }
+                }
+            }
+            from = chunk.next_offset;
+            self.progress.changelog_next = from;
+            self.shared.store.commit(&writes, &self.progress, Durability::None)?;
+        }
+        self.checkpoint()?;
+        self.publish(|_| {});
+        Ok(())
+    }
+
+    fn changelog_error(&self, reason: String) -> ViewError {
+        ViewError::Changelog { view: self.shared.view.clone(), version: self.shared.version, reason }
+    }
+
+    /// Makes the store durable up to what the changelog holds durably.
+    fn checkpoint(&mut self) -> Result<()> {
+        if self.progress.changelog_next > 0 {
+            self.backend.wait_durable(&self.shared.changelog_topic, 0, self.progress.changelog_next)?;
+        }
+        self.shared.store.checkpoint()?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Processes one chunk of one input partition with records; false when every input is
+    /// caught up.
+    fn step(&mut self) -> Result<bool> {
+        for _ in 0..self.inputs.len() {
+            let index = self.next_input % self.inputs.len();
+            self.next_input = index + 1;
+            let (topic, partition) = self.inputs[index].clone();
+            let key = position_key(&topic, partition);
+            let mut position = self.position(&topic, partition);
+            let start = self.backend.start_offset(&topic, partition)?;
+            if position < start {
+                tracing::warn!(view = %self.shared.view, version = self.shared.version, %key, position, start, "input records before {start} were deleted by retention before this view applied them; continuing from {start}");
+                position = start;
+            }
+            let end = self.backend.end_offset(&topic, partition)?;
+            self.publish(|status| {
+                status.ends.insert(key.clone(), end);
+            });
+            if position >= end {
+                continue;
+            }
+            let chunk = self.read_whole_transactions(&topic, partition, position)?;
+            if chunk.next_offset <= position {
+                continue;
+            }
+            self.process_chunk(&topic, partition, position, chunk)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Reads a chunk, extended until no transaction in it is still open (so a committed
+    /// transaction's records on this partition are applied in one step).
+    fn read_whole_transactions(&self, topic: &str, partition: i32, position: i64) -> Result<InputChunk> {
+        let mut chunk = self.backend.read_committed(topic, partition, position, STEP_READ_BYTES)?;
+        let mut bytes = STEP_READ_BYTES;
+        while chunk.open_transaction && bytes < STEP_TRANSACTION_BYTES_MAX {
+            let more = self.backend.read_committed(topic, partition, chunk.next_offset, STEP_READ_BYTES)?;
+            if more.next_offset <= chunk.next_offset {
+                break;
+            }
+            chunk.records.extend(more.records);
+            chunk.next_offset = more.next_offset;
+            chunk.open_transaction = more.open_transaction;
+            bytes += STEP_READ_BYTES;
+        }
+        Ok(chunk)
+    }
+
+    fn process_chunk(&mut self, topic: &Arc<str>, partition: i32, position: i64, chunk: InputChunk) -> Result<()> {
+        let key = position_key(topic, partition);
+        let offsets: Vec<i64> = chunk.records.iter().map(|r| r.offset).collect();
+        let events: Vec<Result<Event, EventError>> = chunk
+            .records
+            .into_iter()
+            .map(|record| decode_event(topic, partition, record, self.codec.as_ref()).and_then(|e| self.schemas.upcast(e)))
+            .collect();
+        let shared = self.shared.clone();
+        let snapshot = shared.store.snapshot()?;
+        let store = SnapshotRead(&snapshot);
+        let failure = apply_events(self.applier.as_mut(), &events, &store);
+        let mut applied = failure.as_ref().map_or(events.len(), |(index, _)| *index);
+        if failure.is_some() {
+            // The failing event may have changed keys before failing: start over without it.
+            self.reapply(&events[..applied], &store)?;
+        }
+        let mut changes = self.applier.take_changes().map_err(|e| self.event_failed(topic, partition, offsets[0], e))?;
+        let mut failure = failure;
+        while changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
+            if applied <= 1 {
+                return Err(self.changelog_error(format!(
+                    "the event at {topic}/{partition} offset {} changes {} bytes of view state; one step may change at most {CHANGELOG_STEP_BYTES_MAX} bytes",
+                    offsets[0],
+                    changes_bytes(&changes)
+                )));
+            }
+            applied /= 2;
+            failure = None;
+            self.reapply(&events[..applied], &store)?;
+            changes = self.applier.take_changes().map_err(|e| self.event_failed(topic, partition, offsets[0], e))?;
+        }
+        drop(snapshot);
+        let mut next = if applied == events.len() { chunk.next_offset } else { offsets[applied] };
+        let mut stop = None;
+        if let Some((index, error)) = failure {
+            let offset = offsets[index];
+            match self.view.on_error.clone() {
+                ErrorPolicy::Stop => stop = Some(self.event_failed(topic, partition, offset, error)),
+                ErrorPolicy::DeadLetter(dlq) => {
+                    self.dead_letter(&dlq, topic, partition, offset, &error)?;
+                    next = offset + 1;
+                }
+            }
+        }
+        let timestamp = events[..applied].iter().filter_map(|e| e.as_ref().ok().map(|e| e.timestamp)).max();
+        self.progress.positions.insert(key, next.max(position));
+        self.progress.events_applied += applied as i64;
+        self.commit_step(changes, timestamp.unwrap_or_else(now_ms))?;
+        self.applier.trim(CACHE_ENTRIES_MAX);
+        match stop {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn reapply(&mut self, events: &[Result<Event, EventError>], store: &dyn StoreRead) -> Result<()> {
+        self.applier.discard();
+        if let Some((index, error)) = apply_events(self.applier.as_mut(), events, store) {
+            // Applying is deterministic, so this means the view's logic is not.
+            let event = events[index].as_ref().ok();
+            return Err(self.changelog_error(format!(
+                "re-applying a step failed where it had succeeded ({error}) at offset {:?}: the view's logic is not deterministic",
+                event.map(|e| e.offset)
+            )));
+        }
+        Ok(())
+    }
+
+    fn event_failed(&self, topic: &str, partition: i32, offset: i64, error: EventError) -> ViewError {
+        ViewError::EventFailed {
+            view: self.shared.view.clone(),
+            version: self.shared.version,
+            position: InputPosition { topic: topic.to_owned(), partition, offset },
+            reason: error.0,
+        }
+    }
+
+    /// Appends the failed record, with why, to the dead-letter topic. At least once: a
+    /// crash before the step commits appends it again; the `kappa.dlq.source` header
+    /// identifies duplicates.
+    fn dead_letter(&self, dlq: &str, topic: &str, partition: i32, offset: i64, error: &EventError) -> Result<()> {
+        self.backend.ensure_topic(dlq, 1, &BTreeMap::new())?;
+        let chunk = self.backend.read_committed(topic, partition, offset, 1)?;
+        let record = chunk.records.into_iter().find(|r| r.offset == offset);
+        let (timestamp, key, value, mut headers) = match record {
+            Some(r) => (r.timestamp, r.key.unwrap_or_default(), r.value, r.headers),
+            None => (now_ms(), Vec::new(), None, Vec::new()),
+        };
+        let source = format!("{topic}/{partition}/{offset}");
+        headers.push(("kappa.dlq.source".to_owned(), Some(source.into_bytes())));
+        headers.push(("kappa.dlq.view".to_owned(), Some(format!("{}.v{}", self.shared.view, self.shared.version).into_bytes())));
+        headers.push(("kappa.dlq.reason".to_owned(), Some(error.0.clone().into_bytes())));
+        tracing::warn!(view = %self.shared.view, version = self.shared.version, %topic, partition, offset, reason = %error, dlq, "skipped an event into the dead-letter topic");
+        let (_, last) = self.backend.append(dlq, 0, vec![OutputRecord { timestamp, key, value, headers }])?;
+        self.backend.wait_durable(dlq, 0, last + 1)
+    }
+
+    /// Appends the step to the changelog, then commits it to the store.
+    fn commit_step(&mut self, changes: Vec<Change>, timestamp: i64) -> Result<()> {
+        let mut writes = Vec::with_capacity(changes.len());
+        if !changes.is_empty() {
+            for change in &changes {
+                let bytes = change.value.as_ref().map_or(0, Vec::len);
+                if bytes > VIEW_VALUE_BYTES_MAX {
+                    return Err(ViewError::ValueTooLarge { key: change.key.clone(), bytes, max: VIEW_VALUE_BYTES_MAX });
+                }
+            }
+            let marker = StepMarker {
+                positions: self.progress.positions.clone(),
+                events_applied: self.progress.events_applied,
+            };
+            let records = changelog::encode_step(&changes, &marker, timestamp);
+            let (base, last) = self.backend.append(&self.shared.changelog_topic, 0, records)?;
+            assert_eq!(last - base, changes.len() as i64, "a step's changelog batch is its changes plus one marker");
+            if self.progress.caught_up {
+                // Live: subscribers see a change once it is durable, so wait now (later
+                // steps grow while this waits). Building: the checkpoint waits, once a second.
+                self.backend.wait_durable(&self.shared.changelog_topic, 0, last + 1)?;
+            }
+            writes.extend(changes.into_iter().enumerate().map(|(i, change)| store_write(change, base + i as i64)));
+            self.progress.changelog_next = last + 1;
+        }
+        self.shared.store.commit(&writes, &self.progress, Durability::None)?;
+        self.update_rate(false);
+        Ok(())
+    }
+
+    fn publish(&self, extra: impl FnOnce(&mut RunnerStatus)) {
+        let mut status = self.shared.lock_status();
+        status.events_applied = self.progress.events_applied;
+        status.positions.clone_from(&self.progress.positions);
+        status.changelog_next = self.progress.changelog_next;
+        extra(&mut status);
+    }
+
+    fn update_rate(&mut self, idle: bool) {
+        let offsets: i64 = self.progress.positions.values().sum();
+        let (since, at) = self.rate_window;
+        let elapsed = since.elapsed().as_secs_f64();
+        let rate = if elapsed >= 0.5 || idle {
+            self.rate_window = (Instant::now(), offsets);
+            Some(if idle || elapsed == 0.0 { 0.0 } else { (offsets - at) as f64 / elapsed })
+        } else {
+            None
+        };
+        self.publish(|status| {
+            if let Some(rate) = rate {
+                status.rate_per_second = rate;
+            }
+        });
+    }
+}
+
+/// Applies events in order; on the first failure returns its index and reason.
+fn apply_events(
+    applier: &mut dyn Applier,
+    events: &[Result<Event, EventError>],
+    store: &dyn StoreRead,
+) -> Option<(usize, EventError)> {
+    for (index, event) in events.iter().enumerate() {
+        let result = match event {
+            Ok(event) => applier.apply(event, store),
+            Err(error) => Err(error.clone()),
+        };
+        if let Err(error) = result {
+            return Some((index, error));
+        }
+    }
+    None
+}
+
+fn changes_bytes(changes: &[Change]) -> usize {
+    changes.iter().map(|c| c.key.len() + c.value.as_ref().map_or(0, Vec::len) + 32).sum()
+}
+
+fn store_write(change: Change, offset: i64) -> StoreWrite {
+    StoreWrite {
+        scope: change.scope,
+        key: change.key,
+        value: change.value.map(|json| StoredValue { changelog_offset: offset, json }),
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+struct SnapshotRead<'a, 's>(&'a Snapshot<'s>);
+
+impl StoreRead for SnapshotRead<'_, '_> {
+    fn get(&self, scope: Scope, key: &str) -> Result<Option<Vec<u8>>, EventError> {
+        self.0.get(scope, key).map(|v| v.map(|v| v.json)).map_err(|e| EventError(format!("reading view state: {e}")))
+    }
+}

@@ -1,0 +1,100 @@
+//! Event schemas: the current version of each event type and the upcasters that lift older
+//! versions to it, so views only ever see current shapes — and a replay from offset 0 works
+//! against every shape ever written.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::error::EventError;
+use crate::event::Event;
+
+type Upcaster = Arc<dyn Fn(Value) -> Result<Value, EventError> + Send + Sync>;
+
+/// The registered event types. Types that were never registered pass through unchanged.
+#[derive(Clone, Default)]
+pub struct Schemas {
+    types: BTreeMap<String, TypeSchema>,
+}
+
+#[derive(Clone, Default)]
+struct TypeSchema {
+    current: u32,
+    /// from-version → the function producing from-version + 1.
+    upcasters: BTreeMap<u32, Upcaster>,
+}
+
+impl Schemas {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Declares an event type and its current version (an event with a newer version stops
+    /// the view: it was written by code this build does not know).
+    pub fn event_type(mut self, name: &str, current_version: u32) -> Self {
+        let entry = self.types.entry(name.to_owned()).or_default();
+        entry.current = entry.current.max(current_version.max(1));
+        self
+    }
+
+    /// Registers the upcaster from `from_version` to `from_version + 1` of `event_type`;
+    /// the type's current version becomes at least `from_version + 1`.
+    pub fn upcaster(
+        mut self,
+        event_type: &str,
+        from_version: u32,
+        upcast: impl Fn(Value) -> Result<Value, EventError> + Send + Sync + 'static,
+    ) -> Self {
+        let entry = self.types.entry(event_type.to_owned()).or_default();
+        entry.current = entry.current.max(from_version + 1);
+        entry.upcasters.insert(from_version, Arc::new(upcast));
+        self
+    }
+
+    /// The current version of a registered type.
+    pub fn current_version(&self, event_type: &str) -> Option<u32> {
+        self.types.get(event_type).map(|t| t.current)
+    }
+
+    /// Lifts `event` to its type's current version, one step at a time. Tombstones carry no
+    /// payload and are passed through.
+    pub fn upcast(&self, mut event: Event) -> Result<Event, EventError> {
+        let Some(schema) = event.event_type.as_deref().and_then(|t| self.types.get(t)) else {
+            return Ok(event);
+        };
+        if event.version > schema.current {
+            return Err(EventError(format!(
+                "{} version {} is newer than this build knows (current version {}); deploy code that knows it, or skip the event with a dead-letter policy",
+                event.event_type.as_deref().unwrap_or_default(),
+                event.version,
+                schema.current
+            )));
+        }
+        while event.version < schema.current {
+            let Some(payload) = event.payload.take() else {
+                event.version = schema.current;
+                break;
+            };
+            let upcaster = schema.upcasters.get(&event.version).ok_or_else(|| {
+                EventError(format!(
+                    "no upcaster from {} version {} to {}",
+                    event.event_type.as_deref().unwrap_or_default(),
+                    event.version,
+                    event.version + 1
+                ))
+            })?;
+            let upcast = upcaster(payload).map_err(|e| {
+                EventError(format!(
+                    "upcasting {} from version {} failed: {}",
+                    event.event_type.as_deref().unwrap_or_default(),
+                    event.version,
+                    e.0
+                ))
+            })?;
+            event.payload = Some(upcast);
+            event.version += 1;
+        }
+        Ok(event)
+    }
+}

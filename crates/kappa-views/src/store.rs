@@ -1,0 +1,239 @@
+//! A view version's state: one redb database holding the view's keys, the processor's
+//! internal keys, the input positions and how far the changelog is applied — all changed in
+//! one atomic commit per processing step.
+//!
+//! Stored value layout: 8 bytes big-endian changelog offset of the change that wrote it,
+//! then the JSON value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::error::{Result, ViewError};
+
+const VIEW_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("view_state");
+const INTERNAL_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("internal_state");
+/// "topic/partition" → the next input offset to apply.
+const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_positions");
+const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+
+/// The changelog offset up to which (exclusive) the state reflects the changelog.
+const META_CHANGELOG_NEXT: &str = "changelog_next";
+const META_EVENTS_APPLIED: &str = "events_applied";
+/// Set once the version first caught up with its inputs.
+const META_CAUGHT_UP: &str = "caught_up";
+
+pub const STATE_FILE: &str = "state.redb";
+
+/// Which keyspace a key lives in: the view's (read by clients) or the processor's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    View,
+    Internal,
+}
+
+/// One stored value with the changelog offset that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredValue {
+    pub changelog_offset: i64,
+    pub json: Vec<u8>,
+}
+
+impl StoredValue {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.json.len());
+        out.extend_from_slice(&self.changelog_offset.to_be_bytes());
+        out.extend_from_slice(&self.json);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        // Invariant: every value this module writes starts with the 8-byte offset.
+        assert!(bytes.len() >= 8, "stored view value shorter than its 8-byte header");
+        let (offset, json) = bytes.split_at(8);
+        Self { changelog_offset: i64::from_be_bytes(offset.try_into().expect("8 bytes")), json: json.to_vec() }
+    }
+}
+
+/// One write of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreWrite {
+    pub scope: Scope,
+    pub key: String,
+    /// None deletes the key.
+    pub value: Option<StoredValue>,
+}
+
+/// Where a view version's processing stands, as last committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub positions: BTreeMap<String, i64>,
+    pub changelog_next: i64,
+    pub events_applied: i64,
+    pub caught_up: bool,
+}
+
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| ViewError::io(dir, e))?;
+        let path = dir.join(STATE_FILE);
+        let db = Database::create(&path).map_err(|e| ViewError::store(&path, e))?;
+        let store = Self { db, path };
+        store.create_tables()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> ViewError {
+        ViewError::store(&self.path, e)
+    }
+
+    /// The committed progress.
+    pub fn progress(&self) -> Result<Progress> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let positions = txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
+        let meta_get = |key: &str| -> Result<i64> {
+            Ok(meta.get(key).map_err(|e| self.err(e))?.map(|v| v.value()).unwrap_or(0))
+        };
+        let mut progress = Progress {
+            positions: BTreeMap::new(),
+            changelog_next: meta_get(META_CHANGELOG_NEXT)?,
+            events_applied: meta_get(META_EVENTS_APPLIED)?,
+            caught_up: meta_get(META_CAUGHT_UP)? != 0,
+        };
+        for entry in positions.iter().map_err(|e| self.err(e))? {
+            let (key, value) = entry.map_err(|e| self.err(e))?;
+            progress.positions.insert(key.value().to_owned(), value.value());
+        }
+        Ok(progress)
+    }
+
+    /// Applies `writes` and records `progress`, atomically. `Durability::None` commits
+    /// survive a process crash only until the next durable one; see the module docs of
+    /// `runner.rs` for why that is enough.
+    pub fn commit(&self, writes: &[StoreWrite], progress: &Progress, durability: Durability) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(durability).map_err(|e| self.err(e))?;
+        txn.set_quick_repair(true);
+        {
+            let mut view = txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
+            let mut internal = txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let mut positions = txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
+            {
+                for write in writes {
+                    let table = match write.scope {
+                        Scope::View => &mut view,
+                        Scope::Internal => &mut internal,
+                    };
+                    match &write.value {
+                        Some(value) => {
+                            table.insert(write.key.as_str(), value.encode().as_slice()).map_err(|e| self.err(e))?;
+                        }
+                        None => {
+                            table.remove(write.key.as_str()).map_err(|e| self.err(e))?;
+                        }
+                    }
+                }
+                for (key, offset) in &progress.positions {
+                    positions.insert(key.as_str(), *offset).map_err(|e| self.err(e))?;
+                }
+                meta.insert(META_CHANGELOG_NEXT, progress.changelog_next).map_err(|e| self.err(e))?;
+                meta.insert(META_EVENTS_APPLIED, progress.events_applied).map_err(|e| self.err(e))?;
+                meta.insert(META_CAUGHT_UP, i64::from(progress.caught_up)).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn create_tables(&self) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
+        txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
+        txn.open_table(META).map_err(|e| self.err(e))?;
+        txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Makes every earlier commit durable.
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_quick_repair(true);
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// A consistent snapshot for reads.
+    pub fn snapshot(&self) -> Result<Snapshot<'_>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let view = txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
+        let internal = txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let changelog_next = meta.get(META_CHANGELOG_NEXT).map_err(|e| self.err(e))?.map_or(0, |v| v.value());
+        Ok(Snapshot { store: self, view, internal, changelog_next })
+    }
+}
+
+/// A read-only view of one committed state.
+pub struct Snapshot<'s> {
+    store: &'s Store,
+    view: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    internal: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    changelog_next: i64,
+}
+
+impl Snapshot<'_> {
+    /// The changelog position this snapshot is consistent with: every change below it is
+    /// in the snapshot, none at or after it.
+    pub fn changelog_next(&self) -> i64 {
+        self.changelog_next
+    }
+
+    pub fn get(&self, scope: Scope, key: &str) -> Result<Option<StoredValue>> {
+        let table = match scope {
+            Scope::View => &self.view,
+            Scope::Internal => &self.internal,
+        };
+        Ok(table.get(key).map_err(|e| self.store.err(e))?.map(|v| StoredValue::decode(v.value())))
+    }
+
+    /// Up to `limit` view keys starting with `prefix`, after `after` (exclusive), in key order.
+    pub fn scan(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, StoredValue)>> {
+        let mut out = Vec::new();
+        let start = match after {
+            Some(after) if after >= prefix => after,
+            _ => prefix,
+        };
+        let range = self.view.range(start..).map_err(|e| self.store.err(e))?;
+        for entry in range {
+            let (key, value) = entry.map_err(|e| self.store.err(e))?;
+            let key = key.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|after| key <= after) {
+                continue;
+            }
+            out.push((key.to_owned(), StoredValue::decode(value.value())));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> Result<u64> {
+        self.view.len().map_err(|e| self.store.err(e))
+    }
+}

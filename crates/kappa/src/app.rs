@@ -1,0 +1,303 @@
+//! [`App`]: the views an application defines plus the command line that serves them.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use kappa_broker::server::Limits;
+use kappa_broker::{Broker, BrokerConfig};
+use kappa_log::{Log, LogError, LogOptions};
+use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
+
+use crate::settings::{ServeArgs, Settings};
+
+/// Where view state lives inside the data directory.
+pub const VIEWS_DIR: &str = "views";
+/// Held (flock) while a process uses a data directory.
+const LOCK_FILE: &str = ".lock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kappa",
+    version,
+    about = "A durable event log speaking the Kafka protocol, with materialized views and live subscriptions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server on a data directory.
+    ///
+    /// Example: kappa serve --data-dir ./kappa-data --kafka-listen 127.0.0.1:9092
+    Serve(ServeArgs),
+    /// Inspect views in a data directory (the server must be stopped).
+    #[command(subcommand)]
+    View(ViewCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ViewCommand {
+    /// List views and their versions.
+    ///
+    /// Example: kappa view list --data-dir ./kappa-data
+    List(DataDirArgs),
+    /// Print one key of a view as JSON, now or as of a past point.
+    ///
+    /// Example: kappa view get channel_page c1 --as-of 2026-11-26T10:00:00Z
+    Get {
+        view: String,
+        key: String,
+        /// An RFC 3339 time, milliseconds since the epoch, or topic/partition=offset,...
+        #[arg(long)]
+        as_of: Option<String>,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DataDirArgs {
+    /// The server's data directory [default: ./kappa-data]
+    #[arg(long, env = "KAPPA_DATA_DIR", default_value = "./kappa-data")]
+    data_dir: PathBuf,
+}
+
+/// A topic the application needs, created on start when missing.
+#[derive(Debug, Clone)]
+struct TopicSpec {
+    name: String,
+    partitions: i32,
+    configs: BTreeMap<String, String>,
+}
+
+/// An application: its topics, event schemas and views.
+#[derive(Default)]
+pub struct App {
+    topics: Vec<TopicSpec>,
+    schemas: Schemas,
+    views: Vec<View>,
+}
+
+impl App {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A topic to create on start if it does not exist.
+    pub fn topic(mut self, name: &str, partitions: i32, configs: BTreeMap<String, String>) -> Self {
+        self.topics.push(TopicSpec { name: name.to_owned(), partitions, configs });
+        self
+    }
+
+    pub fn schemas(mut self, schemas: Schemas) -> Self {
+        self.schemas = schemas;
+        self
+    }
+
+    pub fn view(mut self, view: View) -> Self {
+        self.views.push(view);
+        self
+    }
+
+    pub fn views(mut self, views: impl IntoIterator<Item = View>) -> Self {
+        self.views.extend(views);
+        self
+    }
+
+    /// Parses the command line and runs it.
+    pub fn main(self) -> anyhow::Result<()> {
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt()
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init();
+        match Cli::parse().command {
+            Command::Serve(args) => self.serve(Settings::resolve(args)?),
+            Command::View(command) => self.view_command(command),
+        }
+    }
+
+    /// Runs the log, the broker and the views until SIGTERM or Ctrl-C.
+    pub fn serve(self, settings: Settings) -> anyhow::Result<()> {
+        let _lock = lock_data_dir(&settings.data_dir)?;
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+        runtime.block_on(self.serve_async(settings))
+    }
+
+    async fn serve_async(self, settings: Settings) -> anyhow::Result<()> {
+        let log = open_log(&settings).await?;
+        let maintenance = tokio::spawn(maintain(log.clone(), settings.maintenance_interval));
+        let listener = tokio::net::TcpListener::bind(settings.kafka_listen).await.with_context(|| {
+            format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen)
+        })?;
+        let kafka_port = listener.local_addr()?.port();
+        let config = BrokerConfig {
+            advertised_host: settings.advertised_host.clone(),
+            advertised_port: i32::from(kafka_port),
+            auto_create_topics: settings.auto_create_topics,
+            default_partitions: settings.num_partitions,
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::open(log.clone(), config).await.context("opening the group and transaction coordinators")?;
+        let engine = {
+            let log = log.clone();
+            let data_dir = settings.data_dir.clone();
+            tokio::task::spawn_blocking(move || self.start_views(&log, &data_dir, true)).await??
+        };
+        tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
+        kappa_broker::run(listener, broker, Limits::default(), shutdown_signal()).await;
+        tracing::info!("shutting down: stopping views, flushing and writing checkpoints");
+        tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+        maintenance.abort();
+        tokio::task::spawn_blocking(move || log.close()).await?.context("writing the clean-shutdown checkpoint")?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+
+    /// Creates the application's topics and starts (or, offline, only opens) its views.
+    fn start_views(self, log: &Arc<Log>, data_dir: &Path, run: bool) -> anyhow::Result<ViewEngine> {
+        if run {
+            for topic in &self.topics {
+                match log.create_topic(&topic.name, topic.partitions, &topic.configs) {
+                    Ok(_) => tracing::info!(topic = %topic.name, partitions = topic.partitions, "created the application's topic"),
+                    Err(LogError::TopicExists(_)) => {}
+                    Err(e) => return Err(e).with_context(|| format!("creating topic {}", topic.name)),
+                }
+            }
+        }
+        let backend = Arc::new(EmbeddedLog::new(log.clone()));
+        let config = EngineConfig { schemas: self.schemas, ..EngineConfig::new(data_dir.join(VIEWS_DIR)) };
+        let engine = if run {
+            ViewEngine::start(backend, config, self.views)
+        } else {
+            ViewEngine::open_offline(backend, config, self.views)
+        };
+        engine.context("starting the views")
+    }
+
+    fn view_command(self, command: ViewCommand) -> anyhow::Result<()> {
+        let data_dir = match &command {
+            ViewCommand::List(data) | ViewCommand::Get { data, .. } => data.data_dir.clone(),
+        };
+        let _lock = lock_data_dir(&data_dir)?;
+        let log = Arc::new(
+            Log::open(&data_dir, LogOptions::default())
+                .with_context(|| format!("opening data directory {}", data_dir.display()))?
+                .0,
+        );
+        let engine = self.start_views(&log, &data_dir, false)?;
+        match command {
+            ViewCommand::List(_) => {
+                for view in engine.list() {
+                    for version in &view.versions {
+                        println!(
+                            "{}\tv{}\t{}{}\tevents={}\tlag={}",
+                            view.name,
+                            version.version,
+                            version.status.phase.name(),
+                            if version.serving { " (serving)" } else { "" },
+                            version.status.events_applied,
+                            version.status.lag()
+                        );
+                    }
+                }
+            }
+            ViewCommand::Get { view, key, as_of, .. } => match as_of {
+                Some(at) => {
+                    let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
+                    let result = engine.as_of(&view, None, &at, Some(&key))?;
+                    match result.values.first() {
+                        Some((_, json)) => println!("{}", String::from_utf8_lossy(json)),
+                        None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
+                    }
+                }
+                None => match engine.get(&view, &key)?.value {
+                    Some(item) => println!("{}", String::from_utf8_lossy(&item.json)),
+                    None => bail!("view {view} has no key '{key}'"),
+                },
+            },
+        }
+        engine.shutdown();
+        log.close().context("closing the data directory")?;
+        Ok(())
+    }
+}
+
+/// Takes the data directory's lock for the life of the process: two processes on one
+/// directory would corrupt it.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let path = data_dir.join(LOCK_FILE);
+    let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "data directory {} is in use by another kappa process; stop it first (or use another --data-dir)",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+async fn open_log(settings: &Settings) -> anyhow::Result<Arc<Log>> {
+    let options = LogOptions { sync_policy: settings.sync_policy, ..LogOptions::default() };
+    let dir = settings.data_dir.clone();
+    let (log, report) = tokio::task::spawn_blocking(move || Log::open(&dir, options))
+        .await?
+        .with_context(|| format!("opening data directory {}", settings.data_dir.display()))?;
+    tracing::info!(
+        data_dir = %settings.data_dir.display(),
+        topics = report.topics(),
+        partitions = report.partitions.len(),
+        bytes = report.bytes(),
+        scanned_bytes = report.scanned_bytes(),
+        truncated_bytes = report.truncated_bytes(),
+        clean = report.all_clean(),
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "recovered data directory"
+    );
+    for (topic, partition, recovery) in &report.partitions {
+        for reason in &recovery.truncation_reasons {
+            tracing::warn!(topic, partition, %reason, "truncated an invalid tail during recovery");
+        }
+    }
+    Ok(Arc::new(log))
+}
+
+/// Periodic background work: the interval flush policy, retention and compaction.
+async fn maintain(log: Arc<Log>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let log = log.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            log.flush()?;
+            log.enforce_retention()?;
+            log.compact()
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "background maintenance failed"),
+            Err(e) => tracing::error!(error = %e, "background maintenance panicked"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
