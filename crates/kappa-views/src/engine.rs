@@ -492,3 +492,68 @@ fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The serving version's state rebuilt from its changelog alone, with checks that the
+/// changelog is well formed: every batch ends with a step marker and steps never go back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangelogFold {
+    pub version: u32,
+    /// View key → JSON value (latest change per key; deletions applied).
+    pub values: BTreeMap<String, Vec<u8>>,
+    pub steps: u64,
+    pub changes: u64,
+}
+
+impl ViewEngine {
+    /// Folds the serving version's changelog from its start (see [`ChangelogFold`]).
+    pub fn fold_changelog(&self, name: &str) -> Result<ChangelogFold> {
+        let shared = self.serving(name)?;
+        let backend = &self.inner.backend;
+        let topic = &shared.changelog_topic;
+        let fail = |reason: String| ViewError::Changelog { view: name.to_owned(), version: shared.version, reason };
+        let mut fold = ChangelogFold { version: shared.version, values: BTreeMap::new(), steps: 0, changes: 0 };
+        let mut last_marker: Option<crate::changelog::StepMarker> = None;
+        let mut pending_changes = 0u64;
+        let mut offset = backend.start_offset(topic, 0)?;
+        let end = backend.durable_end_offset(topic, 0)?;
+        while offset < end {
+            let chunk = backend.read_committed(topic, 0, offset, crate::runner::STEP_READ_BYTES)?;
+            if chunk.next_offset <= offset {
+                break;
+            }
+            for record in &chunk.records {
+                match crate::changelog::decode(record).map_err(|e| fail(format!("offset {}: {e}", record.offset)))? {
+                    crate::changelog::Entry::Change { change, .. } => {
+                        pending_changes += 1;
+                        if change.scope == Scope::View {
+                            match change.value {
+                                Some(json) => fold.values.insert(change.key, json),
+                                None => fold.values.remove(&change.key),
+                            };
+                        }
+                    }
+                    crate::changelog::Entry::Step { offset, marker } => {
+                        if let Some(previous) = &last_marker {
+                            let went_back = previous.positions.iter().any(|(k, p)| marker.positions.get(k).is_none_or(|m| m < p));
+                            if went_back || marker.events_applied <= previous.events_applied {
+                                return Err(fail(format!(
+                                    "the step marker at offset {offset} does not move forward from the previous one ({:?} → {:?}): a step was applied twice",
+                                    previous, marker
+                                )));
+                            }
+                        }
+                        fold.changes += pending_changes;
+                        pending_changes = 0;
+                        fold.steps += 1;
+                        last_marker = Some(marker);
+                    }
+                }
+            }
+            offset = chunk.next_offset;
+        }
+        if pending_changes > 0 {
+            return Err(fail(format!("{pending_changes} changes after the last step marker: a torn step")));
+        }
+        Ok(fold)
+    }
+}

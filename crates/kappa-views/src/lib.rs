@@ -25,7 +25,7 @@ pub mod view;
 pub use crate::asof::{AsOf, AsOfView};
 pub use crate::backend::LogBackend;
 pub use crate::embedded::EmbeddedLog;
-pub use crate::engine::{EngineConfig, Item, Read, VersionInfo, ViewEngine, ViewInfo};
+pub use crate::engine::{ChangelogFold, EngineConfig, Item, Read, VersionInfo, ViewEngine, ViewInfo};
 pub use crate::error::{EventError, Result, ViewError};
 pub use crate::event::{Event, JsonCodec, PayloadCodec};
 pub use crate::runner::{Phase, RunnerStatus};

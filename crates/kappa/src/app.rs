@@ -60,7 +60,31 @@ enum ViewCommand {
         #[command(flatten)]
         data: DataDirArgs,
     },
+    /// Print every key of a view as JSON lines `{"key":..,"value":..}`, in key order.
+    ///
+    /// Example: kappa view dump channel_page --catch-up
+    Dump {
+        view: String,
+        /// First apply every input record not yet applied (runs the view until caught up).
+        #[arg(long)]
+        catch_up: bool,
+        /// Where to read: the state store, or the view's changelog folded from its start
+        /// (checking that its steps never go back).
+        #[arg(long, value_enum, default_value = "store")]
+        source: DumpSource,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DumpSource {
+    Store,
+    Changelog,
+}
+
+/// How long `view dump --catch-up` waits for a view to apply its inputs.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Args)]
 struct DataDirArgs {
@@ -186,15 +210,18 @@ impl App {
 
     fn view_command(self, command: ViewCommand) -> anyhow::Result<()> {
         let data_dir = match &command {
-            ViewCommand::List(data) | ViewCommand::Get { data, .. } => data.data_dir.clone(),
+            ViewCommand::List(data) | ViewCommand::Get { data, .. } | ViewCommand::Dump { data, .. } => {
+                data.data_dir.clone()
+            }
         };
+        let run = matches!(command, ViewCommand::Dump { catch_up: true, .. });
         let _lock = lock_data_dir(&data_dir)?;
         let log = Arc::new(
             Log::open(&data_dir, LogOptions::default())
                 .with_context(|| format!("opening data directory {}", data_dir.display()))?
                 .0,
         );
-        let engine = self.start_views(&log, &data_dir, false)?;
+        let engine = self.start_views(&log, &data_dir, run)?;
         match command {
             ViewCommand::List(_) => {
                 for view in engine.list() {
@@ -225,11 +252,49 @@ impl App {
                     None => bail!("view {view} has no key '{key}'"),
                 },
             },
+            ViewCommand::Dump { view, catch_up, source, .. } => {
+                if catch_up && !engine.wait_caught_up(&view, CATCH_UP_TIMEOUT)? {
+                    bail!("view {view} did not catch up with its inputs within {CATCH_UP_TIMEOUT:?}");
+                }
+                dump_view(&engine, &view, source)?;
+            }
         }
         engine.shutdown();
         log.close().context("closing the data directory")?;
         Ok(())
     }
+}
+
+fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut line = |key: &str, json: &[u8]| -> anyhow::Result<()> {
+        let value: serde_json::Value = serde_json::from_slice(json).context("a stored view value is not JSON")?;
+        writeln!(out, "{}", serde_json::json!({"key": key, "value": value}))?;
+        Ok(())
+    };
+    match source {
+        DumpSource::Store => {
+            let mut after: Option<String> = None;
+            loop {
+                let page = engine.scan(view, "", after.as_deref(), 1000)?.value;
+                let Some(last) = page.last() else { break };
+                after = Some(last.key.clone());
+                for item in &page {
+                    line(&item.key, &item.json)?;
+                }
+            }
+        }
+        DumpSource::Changelog => {
+            let fold = engine.fold_changelog(view)?;
+            for (key, json) in &fold.values {
+                line(key, json)?;
+            }
+            tracing::info!(view, version = fold.version, steps = fold.steps, changes = fold.changes, "folded the changelog");
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Takes the data directory's lock for the life of the process: two processes on one

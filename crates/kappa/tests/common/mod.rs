@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 /// A running `kappa serve`.
 pub struct Server {
     child: Option<Child>,
+    binary: PathBuf,
     pub data_dir: PathBuf,
     pub kafka: SocketAddr,
     pub http: SocketAddr,
@@ -33,17 +34,23 @@ impl Server {
 
     /// Starts a server on `data_dir` with extra flags.
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_binary_in(Path::new(env!("CARGO_BIN_EXE_kappa")), data_dir, extra)
+    }
+
+    /// Starts `binary serve` (the kappa binary or an application built on kappa::App).
+    pub fn start_binary_in(binary: &Path, data_dir: &Path, extra: &[&str]) -> Self {
         let kafka: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log_path = data_dir.with_extension(format!("{}.log", kafka.port()));
-        let mut server = Self { child: None, data_dir: data_dir.to_owned(), kafka, http, log_path, _temp: None };
+        let mut server =
+            Self { child: None, binary: binary.to_owned(), data_dir: data_dir.to_owned(), kafka, http, log_path, _temp: None };
         server.spawn(extra);
         server
     }
 
     fn spawn(&mut self, extra: &[&str]) {
         let log = std::fs::File::create(&self.log_path).expect("server log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        let child = Command::new(&self.binary)
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -151,6 +158,16 @@ pub fn run(command: &mut Command, timeout: Duration, server: &Server) -> String 
         server.log()
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// An example program built beside the tests (`cargo build --examples`, which
+/// `cargo test`, nextest and scripts/test-all do).
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join("examples").join(name);
+    assert!(path.exists(), "{} is missing: build it with `cargo build --examples`", path.display());
+    path
 }
 
 /// The repository root (for client scripts under tests/clients).
