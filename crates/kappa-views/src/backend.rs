@@ -8,16 +8,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::error::Result;
 
-/// One committed record of an input partition.
+/// One committed record of an input partition. Its byte fields share the read buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputRecord {
     pub offset: i64,
     pub timestamp: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(Bytes, Option<Bytes>)>,
 }
 
 /// Records read from one partition.

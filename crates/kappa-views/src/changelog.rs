@@ -84,6 +84,6 @@ pub fn decode(record: &InputRecord) -> Result<Entry, EventError> {
     Ok(Entry::Change {
         offset: record.offset,
         timestamp: record.timestamp,
-        change: Change { scope, key, value: record.value.clone() },
+        change: Change { scope, key, value: record.value.as_ref().map(|v| v.to_vec()) },
     })
 }

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use kappa_log::batch::{self, BatchHeader};
 use kappa_log::records::{BatchBuilder, NewRecord, decode_records};
 use kappa_log::{Isolation, Log, LogError};
@@ -46,12 +47,14 @@ impl LogBackend for EmbeddedLog {
         };
         let mut open: HashSet<i64> = HashSet::new();
         let mut expected = from;
-        let mut rest = outcome.records.as_slice();
-        while !rest.is_empty() {
+        let buffer = Bytes::from(outcome.records);
+        let mut position = 0;
+        while position < buffer.len() {
+            let rest = &buffer[position..];
             let length = batch::batch_total_len(rest, rest.len()).map_err(LogError::from)?;
-            let (bytes, tail) = rest.split_at(length);
-            rest = tail;
-            let header = BatchHeader::parse(bytes).map_err(LogError::from)?;
+            let batch_bytes = &buffer[position..position + length];
+            position += length;
+            let header = BatchHeader::parse(batch_bytes).map_err(LogError::from)?;
             let last_offset = header.last_offset();
             if last_offset < from {
                 continue;
@@ -74,8 +77,21 @@ impl LogBackend for EmbeddedLog {
                 }
                 open.insert(header.producer_id);
             }
-            let records = decode_records(bytes, BATCH_UNCOMPRESSED_BYTES_MAX)
+            let records = decode_records(batch_bytes, BATCH_UNCOMPRESSED_BYTES_MAX)
                 .map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+            // Records share one buffer: the read's own bytes, or the decompressed body.
+            let body = records.body();
+            let shared = if header.compression().map_err(LogError::from)? == kappa_log::batch::Compression::None {
+                buffer.slice_ref(body)
+            } else {
+                Bytes::copy_from_slice(body)
+            };
+            let base = body.as_ptr() as usize;
+            let slice = |part: &[u8]| {
+                let start = part.as_ptr() as usize - base;
+                shared.slice(start..start + part.len())
+            };
+            chunk.records.reserve(records.len());
             for record in records.iter() {
                 if record.offset() < from {
                     continue;
@@ -83,13 +99,9 @@ impl LogBackend for EmbeddedLog {
                 chunk.records.push(InputRecord {
                     offset: record.offset(),
                     timestamp: record.timestamp(),
-                    key: record.key.map(<[u8]>::to_vec),
-                    value: record.value.map(<[u8]>::to_vec),
-                    headers: record
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(<[u8]>::to_vec)))
-                        .collect(),
+                    key: record.key.map(slice),
+                    value: record.value.map(slice),
+                    headers: record.headers.iter().map(|(k, v)| (slice(k), v.map(slice))).collect(),
                 });
             }
         }
@@ -177,12 +189,7 @@ impl LogBackend for EmbeddedLog {
     fn append(&self, topic: &str, partition: i32, records: Vec<OutputRecord>) -> Result<(i64, i64)> {
         let mut builder = BatchBuilder::new();
         for record in records {
-            builder.push(NewRecord {
-                timestamp: record.timestamp,
-                key: Some(record.key),
-                value: record.value,
-                headers: record.headers,
-            });
+            builder.push(NewRecord { timestamp: record.timestamp, key: Some(record.key), value: record.value, headers: record.headers });
         }
         let outcome = self.log.partition(topic, partition)?.append_unsynced(builder.build())?;
         Ok((outcome.base_offset, outcome.last_offset))

@@ -3,9 +3,15 @@
 //! Type and version come from the headers `kappa.type` / `kappa.version`; a record without
 //! them (kafka-node's protocol version carries no headers) may name them in its payload's
 //! `type` / `version` fields instead. A record without a version is version 1.
+//!
+//! JSON payloads are parsed lazily: a view that decodes the payload into its own type
+//! ([`Event::decode`]) never builds a `serde_json::Value`, and one that reads no payload
+//! never parses it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::backend::InputRecord;
@@ -19,55 +25,157 @@ pub const VERSION_FIELD: &str = "version";
 
 /// One event as views see it: where it is in the log, what it is, and its payload
 /// (already upcast to the current schema version when the view sees it).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Event {
     pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub timestamp: i64,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-    /// None for a record that names no type (e.g. a bare tombstone).
-    pub event_type: Option<String>,
-    pub version: u32,
-    /// None for a tombstone (a record with a null value).
-    pub payload: Option<Value>,
+    key: Option<Bytes>,
+    headers: Vec<(Bytes, Option<Bytes>)>,
+    event_type: Option<Bytes>,
+    version: u32,
+    payload: Payload,
+}
+
+#[derive(Debug, Clone)]
+enum Payload {
+    /// A null record value.
+    Tombstone,
+    /// JSON bytes, parsed into a `Value` the first time one is asked for.
+    Json(Bytes, OnceLock<Result<Value, EventError>>),
+    /// Already a value: upcast, or from a codec that is not lazy.
+    Value(Value),
 }
 
 impl Event {
+    /// An event built by hand (tests, tools); `payload` None is a tombstone.
+    pub fn new(topic: &str, partition: i32, offset: i64, key: Option<&str>, event_type: Option<&str>, version: u32, payload: Option<Value>) -> Self {
+        Self {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            timestamp: 0,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            headers: Vec::new(),
+            event_type: event_type.map(|t| Bytes::copy_from_slice(t.as_bytes())),
+            version,
+            payload: payload.map_or(Payload::Tombstone, Payload::Value),
+        }
+    }
+
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
     /// The record key as UTF-8, if it is.
     pub fn key_str(&self) -> Option<&str> {
         self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
     }
 
-    /// The value of the last header called `name` as UTF-8 (None when absent, null or not UTF-8).
-    pub fn header_str(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(key, _)| key == name)
-            .and_then(|(_, value)| value.as_deref())
-            .and_then(|v| std::str::from_utf8(v).ok())
+    /// Headers in wire order, duplicates kept.
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.headers.iter().map(|(k, v)| (&k[..], v.as_deref()))
     }
 
-    pub fn is_tombstone(&self) -> bool {
-        self.payload.is_none()
+    /// The value of the last header called `name` (None when absent or null).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().rev().find(|(key, _)| key == name.as_bytes()).and_then(|(_, value)| value.as_deref())
+    }
+
+    /// [`Self::header`] as UTF-8.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// None for a record that names no type (e.g. a bare tombstone).
+    pub fn event_type(&self) -> Option<&str> {
+        self.event_type.as_deref().and_then(|t| std::str::from_utf8(t).ok())
     }
 
     pub fn is_type(&self, event_type: &str) -> bool {
-        self.event_type.as_deref() == Some(event_type)
+        self.event_type.as_deref() == Some(event_type.as_bytes())
     }
 
-    /// A payload field as a string.
+    /// The schema version (after upcasting: the type's current version).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// True for a record with a null value.
+    pub fn is_tombstone(&self) -> bool {
+        matches!(self.payload, Payload::Tombstone)
+    }
+
+    /// The payload as a JSON value (None for a tombstone); an error when it is not JSON.
+    pub fn payload(&self) -> Result<Option<&Value>, EventError> {
+        match &self.payload {
+            Payload::Tombstone => Ok(None),
+            Payload::Value(value) => Ok(Some(value)),
+            Payload::Json(bytes, parsed) => match parsed.get_or_init(|| parse_json(bytes)) {
+                Ok(value) => Ok(Some(value)),
+                Err(e) => Err(e.clone()),
+            },
+        }
+    }
+
+    /// The payload decoded into `T` straight from its bytes (None for a tombstone).
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> Result<Option<T>, EventError> {
+        match &self.payload {
+            Payload::Tombstone => Ok(None),
+            Payload::Value(value) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
+            Payload::Json(bytes, parsed) => match parsed.get() {
+                Some(Ok(value)) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
+                _ => serde_json::from_slice(bytes).map(Some).map_err(|e| self.decode_error(e)),
+            },
+        }
+    }
+
+    fn decode_error(&self, e: serde_json::Error) -> EventError {
+        let what = self.event_type().unwrap_or("event");
+        if e.is_syntax() || e.is_eof() {
+            EventError(format!("the value is not valid JSON: {e}"))
+        } else {
+            EventError(format!("{what} v{} payload does not have the expected shape: {e}", self.version))
+        }
+    }
+
+    /// A payload field as a string (None when absent, not a string, or not JSON).
     pub fn field_str(&self, name: &str) -> Option<&str> {
-        self.payload.as_ref().and_then(|p| p.get(name)).and_then(Value::as_str)
+        self.payload().ok().flatten().and_then(|p| p.get(name)).and_then(Value::as_str)
+    }
+
+    /// Takes the payload as a value, for upcasting.
+    pub(crate) fn take_value(&mut self) -> Result<Option<Value>, EventError> {
+        match std::mem::replace(&mut self.payload, Payload::Tombstone) {
+            Payload::Tombstone => Ok(None),
+            Payload::Value(value) => Ok(Some(value)),
+            Payload::Json(bytes, parsed) => match parsed.into_inner() {
+                Some(result) => result.map(Some),
+                None => parse_json(&bytes).map(Some),
+            },
+        }
+    }
+
+    pub(crate) fn set_value(&mut self, value: Value, version: u32) {
+        self.payload = Payload::Value(value);
+        self.version = version;
     }
 }
 
-/// Turns record values into JSON values. JSON is the default; Avro or Protobuf decoders can
-/// implement this to produce the same `Value` shape.
+fn parse_json(bytes: &[u8]) -> Result<Value, EventError> {
+    serde_json::from_slice(bytes).map_err(|e| EventError(format!("the value is not valid JSON: {e}")))
+}
+
+/// Turns record values into JSON values. JSON is the default (parsed lazily); Avro or
+/// Protobuf decoders can implement `decode` to produce the same `Value` shape.
 pub trait PayloadCodec: Send + Sync + 'static {
     fn decode(&self, bytes: &[u8]) -> Result<Value, EventError>;
+
+    /// True when record values are JSON text that can be parsed on demand.
+    fn is_lazy_json(&self) -> bool {
+        false
+    }
 }
 
 /// Record values are JSON documents.
@@ -76,52 +184,65 @@ pub struct JsonCodec;
 
 impl PayloadCodec for JsonCodec {
     fn decode(&self, bytes: &[u8]) -> Result<Value, EventError> {
-        serde_json::from_slice(bytes).map_err(|e| EventError(format!("the value is not valid JSON: {e}")))
+        parse_json(bytes)
+    }
+
+    fn is_lazy_json(&self) -> bool {
+        true
     }
 }
 
 /// Decodes one record into an event, before upcasting.
 pub fn decode_event(topic: &Arc<str>, partition: i32, record: InputRecord, codec: &dyn PayloadCodec) -> Result<Event, EventError> {
-    let payload = record.value.as_deref().map(|bytes| codec.decode(bytes)).transpose()?;
-    let header = |name: &str| -> Option<&[u8]> {
-        record.headers.iter().rev().find(|(key, _)| key == name).and_then(|(_, value)| value.as_deref())
+    let payload = match record.value {
+        None => Payload::Tombstone,
+        Some(bytes) if codec.is_lazy_json() => Payload::Json(bytes, OnceLock::new()),
+        Some(bytes) => Payload::Value(codec.decode(&bytes)?),
     };
-    let event_type = match header(TYPE_HEADER) {
-        Some(bytes) => Some(
-            std::str::from_utf8(bytes)
-                .map_err(|_| EventError::new(format!("header {TYPE_HEADER} is not UTF-8")))?
-                .to_owned(),
-        ),
-        None => payload.as_ref().and_then(|p| p.get(TYPE_FIELD)).and_then(Value::as_str).map(str::to_owned),
-    };
-    let version = match header(VERSION_HEADER) {
-        Some(bytes) => parse_version(std::str::from_utf8(bytes).unwrap_or(""))
-            .ok_or_else(|| EventError::new(format!("header {VERSION_HEADER} must be a positive integer")))?,
-        None => match payload.as_ref().and_then(|p| p.get(VERSION_FIELD)) {
-            None | Some(Value::Null) => 1,
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n > 0)
-                .ok_or_else(|| EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {n}")))?,
-            Some(Value::String(s)) => parse_version(s)
-                .ok_or_else(|| EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {s:?}")))?,
-            Some(other) => {
-                return Err(EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {other}")));
-            }
-        },
-    };
-    Ok(Event {
+    let mut event = Event {
         topic: topic.clone(),
         partition,
         offset: record.offset,
         timestamp: record.timestamp,
         key: record.key,
         headers: record.headers,
-        event_type,
-        version,
+        event_type: None,
+        version: 1,
         payload,
-    })
+    };
+    let type_header = event.headers.iter().rev().find(|(k, _)| k == TYPE_HEADER.as_bytes()).and_then(|(_, v)| v.clone());
+    match type_header {
+        Some(bytes) => {
+            std::str::from_utf8(&bytes).map_err(|_| EventError::new(format!("header {TYPE_HEADER} is not UTF-8")))?;
+            event.event_type = Some(bytes);
+        }
+        None => event.event_type = event.field_str(TYPE_FIELD).map(|t| Bytes::copy_from_slice(t.as_bytes())),
+    }
+    event.version = match event.header(VERSION_HEADER) {
+        Some(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(parse_version)
+            .ok_or_else(|| EventError::new(format!("header {VERSION_HEADER} must be a positive integer")))?,
+        None if event.header(TYPE_HEADER).is_some() => 1,
+        None => version_field(&event)?,
+    };
+    Ok(event)
+}
+
+/// The payload's `version` field, for records without headers (1 when absent).
+fn version_field(event: &Event) -> Result<u32, EventError> {
+    let Ok(Some(payload)) = event.payload() else { return Ok(1) };
+    match payload.get(VERSION_FIELD) {
+        None | Some(Value::Null) => Ok(1),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {n}"))),
+        Some(Value::String(s)) => parse_version(s)
+            .ok_or_else(|| EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {s:?}"))),
+        Some(other) => Err(EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {other}"))),
+    }
 }
 
 fn parse_version(text: &str) -> Option<u32> {

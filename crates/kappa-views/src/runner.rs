@@ -22,24 +22,32 @@ use std::time::{Duration, Instant};
 
 use redb::Durability;
 
-use crate::backend::{InputChunk, LogBackend, OutputRecord};
+use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord};
 use crate::changelog::{self, Change, Entry, StepMarker};
 use crate::error::{EventError, InputPosition, Result, ViewError};
-use crate::event::{Event, PayloadCodec, decode_event};
+use crate::event::{PayloadCodec, decode_event};
 use crate::schema::Schemas;
 use crate::store::{Progress, Scope, Snapshot, Store, StoreWrite, StoredValue};
 use crate::view::{Applier, ErrorPolicy, StoreRead, View};
 
-/// Input bytes read per step (more when a transaction's records continue further on).
+/// Input bytes read at a time (more when a transaction's records continue further on).
 pub const STEP_READ_BYTES: usize = 1024 * 1024;
+/// Records applied per step while a version builds (big steps: fewer commits, and a key
+/// changed many times is written once per step).
+pub const STEP_RECORDS_BUILD_MAX: usize = 1_000_000;
+/// Records applied per step once caught up (small steps: low latency).
+pub const STEP_RECORDS_LIVE_MAX: usize = 10_000;
+/// Changed keys per step; a step ends once it has changed this many.
+pub const STEP_DIRTY_KEYS_MAX: usize = 50_000;
 /// A transaction's records are applied in one step up to this many bytes.
 pub const STEP_TRANSACTION_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// One step's changelog batch; a step that would write more is split.
-pub const CHANGELOG_STEP_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub const CHANGELOG_STEP_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// The largest value one view key may hold.
 pub const VIEW_VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Decoded state kept in memory between steps.
-pub const CACHE_ENTRIES_MAX: usize = 200_000;
+/// Decoded state kept in memory between steps (about half the clean entries are dropped
+/// when there are more).
+pub const CACHE_ENTRIES_MAX: usize = 500_000;
 /// How often the store is made durable (bounds recovery replay, not correctness).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an idle runner waits for input before checking for shutdown.
@@ -163,6 +171,8 @@ pub(crate) struct Runner {
     inputs: Vec<(Arc<str>, i32)>,
     progress: Progress,
     next_input: usize,
+    /// The largest input timestamp of the step being applied.
+    step_timestamp: Option<i64>,
     last_checkpoint: Instant,
     rate_window: (Instant, i64),
 }
@@ -193,6 +203,7 @@ impl Runner {
             inputs: Vec::new(),
             progress: Progress::default(),
             next_input: 0,
+            step_timestamp: None,
             last_checkpoint: Instant::now(),
             rate_window: (Instant::now(), 0),
         }
@@ -317,8 +328,8 @@ impl Runner {
         Ok(())
     }
 
-    /// Processes one chunk of one input partition with records; false when every input is
-    /// caught up.
+    /// Processes one step on one input partition that has records; false when every input
+    /// is caught up.
     fn step(&mut self) -> Result<bool> {
         for _ in 0..self.inputs.len() {
             let index = self.next_input % self.inputs.len();
@@ -338,14 +349,128 @@ impl Runner {
             if position >= end {
                 continue;
             }
-            let chunk = self.read_whole_transactions(&topic, partition, position)?;
-            if chunk.next_offset <= position {
-                continue;
+            if self.run_step(&topic, partition, position, end)? {
+                return Ok(true);
             }
-            self.process_chunk(&topic, partition, position, chunk)?;
-            return Ok(true);
         }
         Ok(false)
+    }
+
+    /// Applies records of one partition from `start` until the step's budget is used or the
+    /// partition's end, then commits them as one step. False when there was nothing to read.
+    fn run_step(&mut self, topic: &Arc<str>, partition: i32, start: i64, end: i64) -> Result<bool> {
+        let records_max = if self.progress.caught_up { STEP_RECORDS_LIVE_MAX } else { STEP_RECORDS_BUILD_MAX };
+        let shared = self.shared.clone();
+        let snapshot = shared.store.snapshot()?;
+        let store = SnapshotRead(&snapshot);
+        self.step_timestamp = None;
+        let mut position = start;
+        let mut applied = 0usize;
+        let mut failure = None;
+        'read: while position < end && applied < records_max && self.applier.dirty_entries() < STEP_DIRTY_KEYS_MAX {
+            let chunk = self.read_whole_transactions(topic, partition, position)?;
+            if chunk.next_offset <= position {
+                break;
+            }
+            for record in chunk.records {
+                let offset = record.offset;
+                if let Err(error) = self.apply_record(topic, partition, record, &store) {
+                    failure = Some((offset, error));
+                    break 'read;
+                }
+                applied += 1;
+            }
+            position = chunk.next_offset;
+        }
+        if position == start && failure.is_none() {
+            return Ok(false);
+        }
+        if let Some((offset, _)) = &failure {
+            // The failing event may have changed keys before failing: apply the step again
+            // without it.
+            (position, applied) = self.reapply(topic, partition, start, *offset, usize::MAX, &store)?;
+        }
+        let mut changes = self.take_changes(topic, partition, start)?;
+        while changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
+            if applied <= 1 {
+                return Err(self.changelog_error(format!(
+                    "the event at {topic}/{partition} offset {start} changes {} bytes of view state; one step may change at most {CHANGELOG_STEP_BYTES_MAX} bytes",
+                    changes_bytes(&changes)
+                )));
+            }
+            failure = None;
+            (position, applied) = self.reapply(topic, partition, start, end, applied / 2, &store)?;
+            changes = self.take_changes(topic, partition, start)?;
+        }
+        drop(snapshot);
+        let mut stop = None;
+        if let Some((offset, error)) = failure {
+            match self.view.on_error.clone() {
+                ErrorPolicy::Stop => stop = Some(self.event_failed(topic, partition, offset, error)),
+                ErrorPolicy::DeadLetter(dlq) => {
+                    self.dead_letter(&dlq, topic, partition, offset, &error)?;
+                    position = offset + 1;
+                }
+            }
+        }
+        self.progress.positions.insert(position_key(topic, partition), position);
+        self.progress.events_applied += applied as i64;
+        let timestamp = self.step_timestamp.take().unwrap_or_else(now_ms);
+        self.commit_step(changes, timestamp)?;
+        self.applier.trim(CACHE_ENTRIES_MAX);
+        match stop {
+            Some(error) => Err(error),
+            None => Ok(true),
+        }
+    }
+
+    fn apply_record(&mut self, topic: &Arc<str>, partition: i32, record: InputRecord, store: &dyn StoreRead) -> Result<(), EventError> {
+        let event = decode_event(topic, partition, record, self.codec.as_ref()).and_then(|e| self.schemas.upcast(e))?;
+        self.step_timestamp = Some(self.step_timestamp.map_or(event.timestamp, |t| t.max(event.timestamp)));
+        self.applier.apply(&event, store)
+    }
+
+    fn take_changes(&mut self, topic: &str, partition: i32, start: i64) -> Result<Vec<Change>> {
+        self.applier.take_changes().map_err(|e| self.event_failed(topic, partition, start, e))
+    }
+
+    /// Applies again, on an empty cache, the records of a partition from `start` up to
+    /// (excluding) offset `until`, at most `records_max` of them; returns the position
+    /// after them and how many were applied.
+    fn reapply(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        start: i64,
+        until: i64,
+        records_max: usize,
+        store: &dyn StoreRead,
+    ) -> Result<(i64, usize)> {
+        self.applier.discard();
+        self.step_timestamp = None;
+        let mut position = start;
+        let mut applied = 0;
+        while position < until && applied < records_max {
+            let chunk = self.read_whole_transactions(topic, partition, position)?;
+            if chunk.next_offset <= position {
+                break;
+            }
+            for record in chunk.records {
+                let offset = record.offset;
+                if offset >= until || applied >= records_max {
+                    return Ok((offset, applied));
+                }
+                if let Err(error) = self.apply_record(topic, partition, record, store) {
+                    // Applying is deterministic, so this means the view's logic is not.
+                    return Err(self.changelog_error(format!(
+                        "re-applying {topic}/{partition} offset {offset} failed ({error}) where it had succeeded: the view's logic is not deterministic"
+                    )));
+                }
+                applied += 1;
+            }
+            position = chunk.next_offset;
+        }
+        Ok((position.min(until), applied))
     }
 
     /// Reads a chunk, extended until no transaction in it is still open (so a committed
@@ -366,75 +491,6 @@ impl Runner {
         Ok(chunk)
     }
 
-    fn process_chunk(&mut self, topic: &Arc<str>, partition: i32, position: i64, chunk: InputChunk) -> Result<()> {
-        let key = position_key(topic, partition);
-        let offsets: Vec<i64> = chunk.records.iter().map(|r| r.offset).collect();
-        let events: Vec<Result<Event, EventError>> = chunk
-            .records
-            .into_iter()
-            .map(|record| decode_event(topic, partition, record, self.codec.as_ref()).and_then(|e| self.schemas.upcast(e)))
-            .collect();
-        let shared = self.shared.clone();
-        let snapshot = shared.store.snapshot()?;
-        let store = SnapshotRead(&snapshot);
-        let failure = apply_events(self.applier.as_mut(), &events, &store);
-        let mut applied = failure.as_ref().map_or(events.len(), |(index, _)| *index);
-        if failure.is_some() {
-            // The failing event may have changed keys before failing: start over without it.
-            self.reapply(&events[..applied], &store)?;
-        }
-        let mut changes = self.applier.take_changes().map_err(|e| self.event_failed(topic, partition, offsets[0], e))?;
-        let mut failure = failure;
-        while changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
-            if applied <= 1 {
-                return Err(self.changelog_error(format!(
-                    "the event at {topic}/{partition} offset {} changes {} bytes of view state; one step may change at most {CHANGELOG_STEP_BYTES_MAX} bytes",
-                    offsets[0],
-                    changes_bytes(&changes)
-                )));
-            }
-            applied /= 2;
-            failure = None;
-            self.reapply(&events[..applied], &store)?;
-            changes = self.applier.take_changes().map_err(|e| self.event_failed(topic, partition, offsets[0], e))?;
-        }
-        drop(snapshot);
-        let mut next = if applied == events.len() { chunk.next_offset } else { offsets[applied] };
-        let mut stop = None;
-        if let Some((index, error)) = failure {
-            let offset = offsets[index];
-            match self.view.on_error.clone() {
-                ErrorPolicy::Stop => stop = Some(self.event_failed(topic, partition, offset, error)),
-                ErrorPolicy::DeadLetter(dlq) => {
-                    self.dead_letter(&dlq, topic, partition, offset, &error)?;
-                    next = offset + 1;
-                }
-            }
-        }
-        let timestamp = events[..applied].iter().filter_map(|e| e.as_ref().ok().map(|e| e.timestamp)).max();
-        self.progress.positions.insert(key, next.max(position));
-        self.progress.events_applied += applied as i64;
-        self.commit_step(changes, timestamp.unwrap_or_else(now_ms))?;
-        self.applier.trim(CACHE_ENTRIES_MAX);
-        match stop {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
-    }
-
-    fn reapply(&mut self, events: &[Result<Event, EventError>], store: &dyn StoreRead) -> Result<()> {
-        self.applier.discard();
-        if let Some((index, error)) = apply_events(self.applier.as_mut(), events, store) {
-            // Applying is deterministic, so this means the view's logic is not.
-            let event = events[index].as_ref().ok();
-            return Err(self.changelog_error(format!(
-                "re-applying a step failed where it had succeeded ({error}) at offset {:?}: the view's logic is not deterministic",
-                event.map(|e| e.offset)
-            )));
-        }
-        Ok(())
-    }
-
     fn event_failed(&self, topic: &str, partition: i32, offset: i64, error: EventError) -> ViewError {
         ViewError::EventFailed {
             view: self.shared.view.clone(),
@@ -452,7 +508,12 @@ impl Runner {
         let chunk = self.backend.read_committed(topic, partition, offset, 1)?;
         let record = chunk.records.into_iter().find(|r| r.offset == offset);
         let (timestamp, key, value, mut headers) = match record {
-            Some(r) => (r.timestamp, r.key.unwrap_or_default(), r.value, r.headers),
+            Some(r) => (
+                r.timestamp,
+                r.key.map(|k| k.to_vec()).unwrap_or_default(),
+                r.value.map(|v| v.to_vec()),
+                r.headers.into_iter().map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v.map(|v| v.to_vec()))).collect(),
+            ),
             None => (now_ms(), Vec::new(), None, Vec::new()),
         };
         let source = format!("{topic}/{partition}/{offset}");
@@ -518,24 +579,6 @@ impl Runner {
             }
         });
     }
-}
-
-/// Applies events in order; on the first failure returns its index and reason.
-fn apply_events(
-    applier: &mut dyn Applier,
-    events: &[Result<Event, EventError>],
-    store: &dyn StoreRead,
-) -> Option<(usize, EventError)> {
-    for (index, event) in events.iter().enumerate() {
-        let result = match event {
-            Ok(event) => applier.apply(event, store),
-            Err(error) => Err(error.clone()),
-        };
-        if let Err(error) = result {
-            return Some((index, error));
-        }
-    }
-    None
 }
 
 fn changes_bytes(changes: &[Change]) -> usize {

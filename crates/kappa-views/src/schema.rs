@@ -60,41 +60,32 @@ impl Schemas {
     /// Lifts `event` to its type's current version, one step at a time. Tombstones carry no
     /// payload and are passed through.
     pub fn upcast(&self, mut event: Event) -> Result<Event, EventError> {
-        let Some(schema) = event.event_type.as_deref().and_then(|t| self.types.get(t)) else {
+        let Some(schema) = event.event_type().and_then(|t| self.types.get(t)) else {
             return Ok(event);
         };
-        if event.version > schema.current {
+        let name = event.event_type().unwrap_or_default().to_owned();
+        if event.version() > schema.current {
             return Err(EventError(format!(
-                "{} version {} is newer than this build knows (current version {}); deploy code that knows it, or skip the event with a dead-letter policy",
-                event.event_type.as_deref().unwrap_or_default(),
-                event.version,
+                "{name} version {} is newer than this build knows (current version {}); deploy code that knows it, or skip the event with a dead-letter policy",
+                event.version(),
                 schema.current
             )));
         }
-        while event.version < schema.current {
-            let Some(payload) = event.payload.take() else {
-                event.version = schema.current;
-                break;
-            };
-            let upcaster = schema.upcasters.get(&event.version).ok_or_else(|| {
-                EventError(format!(
-                    "no upcaster from {} version {} to {}",
-                    event.event_type.as_deref().unwrap_or_default(),
-                    event.version,
-                    event.version + 1
-                ))
-            })?;
-            let upcast = upcaster(payload).map_err(|e| {
-                EventError(format!(
-                    "upcasting {} from version {} failed: {}",
-                    event.event_type.as_deref().unwrap_or_default(),
-                    event.version,
-                    e.0
-                ))
-            })?;
-            event.payload = Some(upcast);
-            event.version += 1;
+        if event.version() == schema.current || event.is_tombstone() {
+            return Ok(event);
         }
+        let mut version = event.version();
+        let mut payload = event.take_value()?.expect("not a tombstone");
+        while version < schema.current {
+            let upcaster = schema
+                .upcasters
+                .get(&version)
+                .ok_or_else(|| EventError(format!("no upcaster from {name} version {version} to {}", version + 1)))?;
+            payload = upcaster(payload)
+                .map_err(|e| EventError(format!("upcasting {name} from version {version} failed: {}", e.0)))?;
+            version += 1;
+        }
+        event.set_value(payload, version);
         Ok(event)
     }
 }

@@ -1,12 +1,12 @@
 //! How an application defines a view: a reducer (one key per event, a pure fold) or a
 //! general processor (read and write any key), with a name, a version and input topics.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 use crate::changelog::Change;
 use crate::error::{EventError, Result, ViewError};
@@ -29,23 +29,32 @@ pub trait Reducer: Send + Sync + 'static {
 }
 
 /// A view as a general processor: one event may read and write any number of keys (fan-out,
-/// secondary indexes). Internal keys hold the processor's own bookkeeping: committed and
-/// restored with the view, but not readable by clients. Must be deterministic.
+/// secondary indexes). Internal keys (of type `Internal`) hold the processor's own
+/// bookkeeping: committed and restored with the view, but not readable by clients. Must be
+/// deterministic.
 pub trait Processor: Send + Sync + 'static {
     type State: Serialize + DeserializeOwned + Clone + Send + 'static;
+    /// Use `()` when the processor keeps nothing private.
+    type Internal: Serialize + DeserializeOwned + Clone + Send + 'static;
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Self::State>) -> Result<(), EventError>;
+    fn process(&self, event: &Event, state: &mut dyn StateAccess<Self::State, Self::Internal>) -> Result<(), EventError>;
 }
 
 /// A processor's access to the view's state while it handles one event.
-pub trait StateAccess<S> {
+pub trait StateAccess<S, I> {
+    /// A copy of the key's value.
     fn get(&mut self, key: &str) -> Result<Option<S>, EventError>;
+    /// The key's value, borrowed (no copy).
+    fn peek(&mut self, key: &str) -> Result<Option<&S>, EventError>;
     /// Moves the value out (no copy); put or delete the key afterwards.
     fn take(&mut self, key: &str) -> Result<Option<S>, EventError>;
     fn put(&mut self, key: &str, value: S);
     fn delete(&mut self, key: &str);
-    fn get_internal(&mut self, key: &str) -> Result<Option<Value>, EventError>;
-    fn put_internal(&mut self, key: &str, value: Value);
+    fn get_internal(&mut self, key: &str) -> Result<Option<I>, EventError>;
+    fn peek_internal(&mut self, key: &str) -> Result<Option<&I>, EventError>;
+    /// Moves an internal value out; put or delete it afterwards.
+    fn take_internal(&mut self, key: &str) -> Result<Option<I>, EventError>;
+    fn put_internal(&mut self, key: &str, value: I);
     fn delete_internal(&mut self, key: &str);
 }
 
@@ -160,6 +169,8 @@ pub(crate) trait Applier: Send {
     /// Keeps the cache under `entries_max` entries by dropping clean ones.
     fn trim(&mut self, entries_max: usize);
     fn cached_entries(&self) -> usize;
+    /// Keys changed since the last `take_changes`.
+    fn dirty_entries(&self) -> usize;
     /// Every view key's current value, serialized (as-of replays read their result here).
     fn view_values(&self) -> Result<Vec<(String, Vec<u8>)>, EventError>;
 }
@@ -168,8 +179,9 @@ struct ReducerProcessor<R>(R);
 
 impl<R: Reducer> Processor for ReducerProcessor<R> {
     type State = R::State;
+    type Internal = ();
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Self::State>) -> Result<(), EventError> {
+    fn process(&self, event: &Event, state: &mut dyn StateAccess<Self::State, ()>) -> Result<(), EventError> {
         let Some(key) = self.0.key(event) else { return Ok(()) };
         let current = state.take(&key)?;
         match self.0.apply(current, event)? {
@@ -184,7 +196,7 @@ struct ProcessorLogic<P>(Arc<P>);
 
 impl<P: Processor> Logic for ProcessorLogic<P> {
     fn applier(&self) -> Box<dyn Applier> {
-        Box::new(TypedApplier { processor: self.0.clone(), view: HashMap::new(), internal: HashMap::new() })
+        Box::new(TypedApplier { processor: self.0.clone(), view: HashMap::new(), internal: HashMap::new(), dirty: 0 })
     }
 }
 
@@ -196,13 +208,16 @@ struct Slot<T> {
 struct TypedApplier<P: Processor> {
     processor: Arc<P>,
     view: HashMap<String, Slot<P::State>>,
-    internal: HashMap<String, Slot<Value>>,
+    internal: HashMap<String, Slot<P::Internal>>,
+    /// Upper bound of the slots marked dirty since the last `take_changes`.
+    dirty: usize,
 }
 
-struct Access<'a, S> {
+struct Access<'a, S, I> {
     view: &'a mut HashMap<String, Slot<S>>,
-    internal: &'a mut HashMap<String, Slot<Value>>,
+    internal: &'a mut HashMap<String, Slot<I>>,
     store: &'a dyn StoreRead,
+    dirty: &'a mut usize,
 }
 
 fn load<'m, T: DeserializeOwned>(
@@ -211,60 +226,90 @@ fn load<'m, T: DeserializeOwned>(
     scope: Scope,
     key: &str,
 ) -> Result<&'m mut Slot<T>, EventError> {
-    if !map.contains_key(key) {
-        let value = match store.get(scope, key)? {
-            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
-                EventError(format!("the stored value of key '{key}' does not fit the view's state type ({e}); bump the view's version when its state shape changes"))
-            })?),
-            None => None,
-        };
-        map.insert(key.to_owned(), Slot { value, dirty: false });
+    match map.entry_ref(key) {
+        EntryRef::Occupied(slot) => Ok(slot.into_mut()),
+        EntryRef::Vacant(vacant) => {
+            let value = match store.get(scope, key)? {
+                Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                    EventError(format!("the stored value of key '{key}' does not fit the view's state type ({e}); bump the view's version when its state shape changes"))
+                })?),
+                None => None,
+            };
+            Ok(vacant.insert(Slot { value, dirty: false }))
+        }
     }
-    Ok(map.get_mut(key).expect("inserted above"))
 }
 
-fn store_in<T>(map: &mut HashMap<String, Slot<T>>, key: &str, value: Option<T>) {
-    match map.get_mut(key) {
-        Some(slot) => {
+fn store_in<T>(map: &mut HashMap<String, Slot<T>>, dirty: &mut usize, key: &str, value: Option<T>) {
+    match map.entry_ref(key) {
+        EntryRef::Occupied(mut slot) => {
+            let slot = slot.get_mut();
             slot.value = value;
+            *dirty += usize::from(!slot.dirty);
             slot.dirty = true;
         }
-        None => {
-            map.insert(key.to_owned(), Slot { value, dirty: true });
+        EntryRef::Vacant(vacant) => {
+            vacant.insert(Slot { value, dirty: true });
+            *dirty += 1;
         }
     }
 }
 
-impl<S: Clone + DeserializeOwned> StateAccess<S> for Access<'_, S> {
+fn take_from<T: DeserializeOwned>(
+    map: &mut HashMap<String, Slot<T>>,
+    dirty: &mut usize,
+    store: &dyn StoreRead,
+    scope: Scope,
+    key: &str,
+) -> Result<Option<T>, EventError> {
+    let slot = load(map, store, scope, key)?;
+    if slot.value.is_some() {
+        // Taking a value marks the slot changed: the caller puts or deletes right after.
+        *dirty += usize::from(!slot.dirty);
+        slot.dirty = true;
+    }
+    Ok(slot.value.take())
+}
+
+impl<S: Clone + DeserializeOwned, I: Clone + DeserializeOwned> StateAccess<S, I> for Access<'_, S, I> {
     fn get(&mut self, key: &str) -> Result<Option<S>, EventError> {
         Ok(load(self.view, self.store, Scope::View, key)?.value.clone())
     }
 
+    fn peek(&mut self, key: &str) -> Result<Option<&S>, EventError> {
+        Ok(load(self.view, self.store, Scope::View, key)?.value.as_ref())
+    }
+
     fn take(&mut self, key: &str) -> Result<Option<S>, EventError> {
-        let slot = load(self.view, self.store, Scope::View, key)?;
-        // Taking marks the slot changed: the caller puts or deletes right after.
-        slot.dirty = true;
-        Ok(slot.value.take())
+        take_from(self.view, self.dirty, self.store, Scope::View, key)
     }
 
     fn put(&mut self, key: &str, value: S) {
-        store_in(self.view, key, Some(value));
+        store_in(self.view, self.dirty, key, Some(value));
     }
 
     fn delete(&mut self, key: &str) {
-        store_in(self.view, key, None);
+        store_in(self.view, self.dirty, key, None);
     }
 
-    fn get_internal(&mut self, key: &str) -> Result<Option<Value>, EventError> {
+    fn get_internal(&mut self, key: &str) -> Result<Option<I>, EventError> {
         Ok(load(self.internal, self.store, Scope::Internal, key)?.value.clone())
     }
 
-    fn put_internal(&mut self, key: &str, value: Value) {
-        store_in(self.internal, key, Some(value));
+    fn peek_internal(&mut self, key: &str) -> Result<Option<&I>, EventError> {
+        Ok(load(self.internal, self.store, Scope::Internal, key)?.value.as_ref())
+    }
+
+    fn take_internal(&mut self, key: &str) -> Result<Option<I>, EventError> {
+        take_from(self.internal, self.dirty, self.store, Scope::Internal, key)
+    }
+
+    fn put_internal(&mut self, key: &str, value: I) {
+        store_in(self.internal, self.dirty, key, Some(value));
     }
 
     fn delete_internal(&mut self, key: &str) {
-        store_in(self.internal, key, None);
+        store_in(self.internal, self.dirty, key, None);
     }
 }
 
@@ -279,7 +324,7 @@ fn drain_dirty<T: Serialize>(map: &mut HashMap<String, Slot<T>>, scope: Scope, o
 
 impl<P: Processor> Applier for TypedApplier<P> {
     fn apply(&mut self, event: &Event, store: &dyn StoreRead) -> Result<(), EventError> {
-        let mut access = Access { view: &mut self.view, internal: &mut self.internal, store };
+        let mut access = Access { view: &mut self.view, internal: &mut self.internal, store, dirty: &mut self.dirty };
         self.processor.process(event, &mut access)
     }
 
@@ -287,6 +332,7 @@ impl<P: Processor> Applier for TypedApplier<P> {
         let mut changes = Vec::new();
         drain_dirty(&mut self.view, Scope::View, &mut changes)?;
         drain_dirty(&mut self.internal, Scope::Internal, &mut changes)?;
+        self.dirty = 0;
         // A deterministic changelog order (HashMap order is not).
         changes.sort_unstable_by(|a, b| (a.scope, &a.key).cmp(&(b.scope, &b.key)));
         Ok(changes)
@@ -295,17 +341,30 @@ impl<P: Processor> Applier for TypedApplier<P> {
     fn discard(&mut self) {
         self.view.clear();
         self.internal.clear();
+        self.dirty = 0;
     }
 
     fn trim(&mut self, entries_max: usize) {
         if self.cached_entries() > entries_max {
-            self.view.retain(|_, slot| slot.dirty);
-            self.internal.retain(|_, slot| slot.dirty);
+            // Drop about half of the clean entries (an arbitrary half: HashMap order).
+            let mut keep = false;
+            self.view.retain(|_, slot| {
+                keep = !keep;
+                slot.dirty || keep
+            });
+            self.internal.retain(|_, slot| {
+                keep = !keep;
+                slot.dirty || keep
+            });
         }
     }
 
     fn cached_entries(&self) -> usize {
         self.view.len() + self.internal.len()
+    }
+
+    fn dirty_entries(&self) -> usize {
+        self.dirty
     }
 
     fn view_values(&self) -> Result<Vec<(String, Vec<u8>)>, EventError> {

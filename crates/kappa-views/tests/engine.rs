@@ -33,7 +33,7 @@ impl Reducer for Sum {
     }
 
     fn apply(&self, state: Option<Totals>, event: &Event) -> Result<Option<Totals>, EventError> {
-        let Some(payload) = &event.payload else { return Ok(None) };
+        let Some(payload) = event.payload()? else { return Ok(None) };
         let n = payload.get("n").and_then(Value::as_i64).ok_or_else(|| EventError::new("payload needs an integer n"))?;
         let mut totals = state.unwrap_or(Totals { count: 0, total: 0 });
         totals.count += 1;
@@ -149,8 +149,8 @@ impl Reducer for Amounts {
     }
 
     fn apply(&self, state: Option<i64>, event: &Event) -> Result<Option<i64>, EventError> {
-        assert_eq!(event.version, 3, "views see only the current version");
-        let amount = event.payload.as_ref().and_then(|p| p.get("amount")).and_then(Value::as_i64);
+        assert_eq!(event.version(), 3, "views see only the current version");
+        let amount = event.payload()?.and_then(|p| p.get("amount")).and_then(Value::as_i64);
         let amount = amount.ok_or_else(|| EventError::new("no amount"))?;
         Ok(Some(state.unwrap_or(0) + amount))
     }
@@ -395,23 +395,29 @@ struct Tags;
 
 impl Processor for Tags {
     type State = Vec<String>;
+    type Internal = Vec<String>;
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Vec<String>>) -> Result<(), EventError> {
+    fn process(&self, event: &Event, state: &mut dyn StateAccess<Vec<String>, Vec<String>>) -> Result<(), EventError> {
         let key = event.key_str().unwrap_or_default().to_owned();
-        let old: Vec<String> = state.get_internal(&key)?.map(|v| serde_json::from_value(v).unwrap()).unwrap_or_default();
+        let old: Vec<String> = state.get_internal(&key)?.unwrap_or_default();
         for tag in &old {
             let mut members = state.take(tag)?.unwrap_or_default();
             members.retain(|m| m != &key);
             if members.is_empty() { state.delete(tag) } else { state.put(tag, members) }
         }
-        let tags: Vec<String> = event.payload.as_ref().and_then(|p| p.get("tags")).and_then(|t| serde_json::from_value(t.clone()).ok()).unwrap_or_default();
+        #[derive(Deserialize)]
+        struct Tagged {
+            #[serde(default)]
+            tags: Vec<String>,
+        }
+        let tags = event.decode::<Tagged>()?.map(|t| t.tags).unwrap_or_default();
         for tag in &tags {
             let mut members = state.take(tag)?.unwrap_or_default();
             members.push(key.clone());
             members.sort();
             state.put(tag, members);
         }
-        state.put_internal(&key, json!(tags));
+        state.put_internal(&key, tags);
         Ok(())
     }
 }

@@ -11,11 +11,13 @@
 //!
 //! Views: `channel_page`, `channel_stats`, `owner_channels` (see each type).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kappa_views::{Event, EventError, Processor, Reducer, Schemas, StateAccess, View};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
 
 pub const TOPIC: &str = "channels";
 pub const PARTITIONS: i32 = 4;
@@ -68,13 +70,14 @@ pub fn views() -> Vec<View> {
     ]
 }
 
-/// What one event means for a channel.
+/// What one event means for a channel (borrowing from the event).
 #[derive(Debug, Clone, PartialEq)]
-pub enum ChannelEvent {
+pub enum ChannelEvent<'a> {
     /// Created or updated: the channel's full state.
-    Upserted { name: Option<String>, owner_id: Option<String> },
-    ContentUpserted { content_id: String, content: Content },
-    ContentRemoved { content_id: String },
+    Upserted { name: Option<Cow<'a, str>>, owner_id: Option<Cow<'a, str>> },
+    /// The item's content is read separately ([`content`]): only `channel_page` needs it.
+    ContentUpserted { content_id: Cow<'a, str> },
+    ContentRemoved { content_id: Cow<'a, str> },
     Deleted,
     /// An event type these views do not use.
     Other,
@@ -86,40 +89,50 @@ pub struct Content {
     pub body: Option<String>,
 }
 
-/// The channel an event is about: the record key, else the payload's channelId.
-pub fn channel_id(event: &Event) -> Option<String> {
-    event.key_str().map(str::to_owned).or_else(|| event.field_str("channelId").map(str::to_owned))
+/// The payload fields the views use, borrowed from the record where possible.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "ownerId")]
+    owner_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "contentId")]
+    content_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    action: Option<Cow<'a, str>>,
 }
 
-fn content_id(event: &Event) -> Option<String> {
-    event.header_str(CONTENT_ID).or_else(|| event.field_str(CONTENT_ID)).map(str::to_owned)
+#[derive(Deserialize)]
+struct ContentField {
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// The channel an event is about: the record key, else the payload's channelId.
+pub fn channel_id(event: &Event) -> Option<&str> {
+    event.key_str().or_else(|| event.field_str("channelId"))
 }
 
 /// Interprets an (upcast) event.
-pub fn interpret(event: &Event) -> Result<ChannelEvent, EventError> {
-    let Some(payload) = &event.payload else {
-        return Ok(match content_id(event) {
-            Some(content_id) => ChannelEvent::ContentRemoved { content_id },
+pub fn interpret(event: &Event) -> Result<ChannelEvent<'_>, EventError> {
+    let header_content_id = event.header_str(CONTENT_ID);
+    let Some(fields) = event.decode::<Fields>()? else {
+        return Ok(match header_content_id {
+            Some(content_id) => ChannelEvent::ContentRemoved { content_id: Cow::Borrowed(content_id) },
             None => ChannelEvent::Deleted,
         });
     };
-    let text = |name: &str| payload.get(name).and_then(Value::as_str).map(str::to_owned);
-    match event.event_type.as_deref() {
+    match event.event_type() {
         Some(CHANNEL_CREATED) | Some(CHANNEL_UPDATED) => {
-            Ok(ChannelEvent::Upserted { name: text("name"), owner_id: text("ownerId") })
+            Ok(ChannelEvent::Upserted { name: fields.name, owner_id: fields.owner_id })
         }
         Some(CHANNEL_CONTENT_MUTATED) => {
-            let content_id = content_id(event)
+            let content_id = header_content_id
+                .map(Cow::Borrowed)
+                .or(fields.content_id)
                 .ok_or_else(|| EventError::new("ChannelContentMutated needs a contentId (header or payload field)"))?;
-            match payload.get("action").and_then(Value::as_str) {
-                Some("upsert") => {
-                    let content = match payload.get("content") {
-                        Some(content) => serde_json::from_value(content.clone())
-                            .map_err(|e| EventError::new(format!("content must be {{\"title\",\"body\"}}: {e}")))?,
-                        None => Content::default(),
-                    };
-                    Ok(ChannelEvent::ContentUpserted { content_id, content })
-                }
+            match fields.action.as_deref() {
+                Some("upsert") => Ok(ChannelEvent::ContentUpserted { content_id }),
                 Some("remove") => Ok(ChannelEvent::ContentRemoved { content_id }),
                 other => Err(EventError::new(format!("unknown ChannelContentMutated action {other:?} (expected upsert or remove)"))),
             }
@@ -127,6 +140,11 @@ pub fn interpret(event: &Event) -> Result<ChannelEvent, EventError> {
         Some(CHANNEL_DELETED) => Ok(ChannelEvent::Deleted),
         _ => Ok(ChannelEvent::Other),
     }
+}
+
+/// The content of a `ChannelContentMutated` upsert (empty when it has none).
+pub fn content(event: &Event) -> Result<Content, EventError> {
+    Ok(event.decode::<ContentField>()?.and_then(|f| f.content).unwrap_or_default())
 }
 
 /// `channel_page`: channelId → `{"channelId","name","ownerId","content":{"<contentId>":{"title","body"}}}`.
@@ -147,22 +165,27 @@ impl Reducer for ChannelPage {
     type State = Page;
 
     fn key(&self, event: &Event) -> Option<String> {
-        channel_id(event)
+        channel_id(event).map(str::to_owned)
     }
 
     fn apply(&self, state: Option<Page>, event: &Event) -> Result<Option<Page>, EventError> {
-        let channel_id = channel_id(event).unwrap_or_default();
-        let mut page = state.unwrap_or_else(|| Page { channel_id, name: None, owner_id: None, content: BTreeMap::new() });
+        let mut page = match state {
+            Some(page) => page,
+            None => {
+                let channel_id = channel_id(event).unwrap_or_default().to_owned();
+                Page { channel_id, name: None, owner_id: None, content: BTreeMap::new() }
+            }
+        };
         match interpret(event)? {
             ChannelEvent::Upserted { name, owner_id } => {
-                page.name = name;
-                page.owner_id = owner_id;
+                page.name = name.map(Cow::into_owned);
+                page.owner_id = owner_id.map(Cow::into_owned);
             }
-            ChannelEvent::ContentUpserted { content_id, content } => {
-                page.content.insert(content_id, content);
+            ChannelEvent::ContentUpserted { content_id } => {
+                page.content.insert(content_id.into_owned(), content(event)?);
             }
             ChannelEvent::ContentRemoved { content_id } => {
-                page.content.remove(&content_id);
+                page.content.remove(&*content_id);
             }
             ChannelEvent::Deleted => return Ok(None),
             ChannelEvent::Other => {}
@@ -173,7 +196,8 @@ impl Reducer for ChannelPage {
 }
 
 /// `channel_stats`: channelId → `{"contentCount":N}`. Which content ids exist is kept in
-/// an internal key per channel, so an update of an existing item does not count twice.
+/// the internal key of the same name, so an update of an existing item does not count
+/// twice.
 pub struct ChannelStats;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,46 +206,37 @@ pub struct Stats {
     pub content_count: u64,
 }
 
-fn content_ids_key(channel_id: &str) -> String {
-    format!("content-ids/{channel_id}")
-}
-
 impl Processor for ChannelStats {
     type State = Stats;
+    type Internal = BTreeSet<String>;
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Stats>) -> Result<(), EventError> {
+    fn process(&self, event: &Event, state: &mut dyn StateAccess<Stats, BTreeSet<String>>) -> Result<(), EventError> {
         let Some(channel) = channel_id(event) else { return Ok(()) };
-        let ids_key = content_ids_key(&channel);
-        let load_ids = |state: &mut dyn StateAccess<Stats>| -> Result<BTreeSet<String>, EventError> {
-            Ok(match state.get_internal(&ids_key)? {
-                Some(ids) => serde_json::from_value(ids)?,
-                None => BTreeSet::new(),
-            })
-        };
         match interpret(event)? {
             ChannelEvent::Upserted { .. } => {
-                let ids = load_ids(state)?;
-                state.put(&channel, Stats { content_count: ids.len() as u64 });
+                let count = state.peek_internal(channel)?.map_or(0, BTreeSet::len);
+                state.put(channel, Stats { content_count: count as u64 });
             }
-            ChannelEvent::ContentUpserted { content_id, .. } => {
-                let mut ids = load_ids(state)?;
-                if ids.insert(content_id) {
-                    state.put(&channel, Stats { content_count: ids.len() as u64 });
-                    state.put_internal(&ids_key, serde_json::to_value(ids)?);
-                } else if state.get(&channel)?.is_none() {
-                    state.put(&channel, Stats { content_count: ids.len() as u64 });
+            ChannelEvent::ContentUpserted { content_id } => {
+                let mut ids = state.take_internal(channel)?.unwrap_or_default();
+                let added = !ids.contains(&*content_id) && ids.insert(content_id.into_owned());
+                let count = ids.len() as u64;
+                state.put_internal(channel, ids);
+                if added || state.peek(channel)?.is_none() {
+                    state.put(channel, Stats { content_count: count });
                 }
             }
             ChannelEvent::ContentRemoved { content_id } => {
-                let mut ids = load_ids(state)?;
-                if ids.remove(&content_id) {
-                    state.put(&channel, Stats { content_count: ids.len() as u64 });
-                    state.put_internal(&ids_key, serde_json::to_value(ids)?);
+                if let Some(mut ids) = state.take_internal(channel)? {
+                    if ids.remove(&*content_id) {
+                        state.put(channel, Stats { content_count: ids.len() as u64 });
+                    }
+                    state.put_internal(channel, ids);
                 }
             }
             ChannelEvent::Deleted => {
-                state.delete(&channel);
-                state.delete_internal(&ids_key);
+                state.delete(channel);
+                state.delete_internal(channel);
             }
             ChannelEvent::Other => {}
         }
@@ -232,8 +247,8 @@ impl Processor for ChannelStats {
 /// `owner_channels`: ownerId → `{"channels":[sorted channelIds]}`, following ownership
 /// changes and deletions. Keyed by something other than the partition key: every
 /// partition's events reach the one processor of this view version, each partition in
-/// order, so moving a channel from one owner to another never loses ordering. The
-/// channel's current owner is an internal key.
+/// order, so moving a channel from one owner to another never loses ordering. A channel's
+/// current owner is the internal key named after the channel.
 pub struct OwnerChannels;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,41 +256,41 @@ pub struct Owned {
     pub channels: BTreeSet<String>,
 }
 
-fn owner_key(channel_id: &str) -> String {
-    format!("owner/{channel_id}")
-}
-
 impl Processor for OwnerChannels {
     type State = Owned;
+    type Internal = String;
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Owned>) -> Result<(), EventError> {
+    fn process(&self, event: &Event, state: &mut dyn StateAccess<Owned, String>) -> Result<(), EventError> {
         let Some(channel) = channel_id(event) else { return Ok(()) };
         let new_owner = match interpret(event)? {
-            ChannelEvent::Upserted { owner_id, .. } => owner_id,
+            ChannelEvent::Upserted { owner_id, .. } => owner_id.map(Cow::into_owned),
             ChannelEvent::Deleted => None,
             _ => return Ok(()),
         };
-        let old_owner = state.get_internal(&owner_key(&channel))?.and_then(|v| v.as_str().map(str::to_owned));
+        if state.peek_internal(channel)? == new_owner.as_ref() {
+            return Ok(());
+        }
+        let old_owner = state.get_internal(channel)?;
         if old_owner == new_owner {
             return Ok(());
         }
         if let Some(old) = &old_owner {
             let mut owned = state.take(old)?.unwrap_or_default();
-            owned.channels.remove(&channel);
+            owned.channels.remove(channel);
             if owned.channels.is_empty() {
                 state.delete(old);
             } else {
                 state.put(old, owned);
             }
         }
-        match &new_owner {
+        match new_owner {
             Some(new) => {
-                let mut owned = state.take(new)?.unwrap_or_default();
-                owned.channels.insert(channel.clone());
-                state.put(new, owned);
-                state.put_internal(&owner_key(&channel), json!(new));
+                let mut owned = state.take(&new)?.unwrap_or_default();
+                owned.channels.insert(channel.to_owned());
+                state.put(&new, owned);
+                state.put_internal(channel, new);
             }
-            None => state.delete_internal(&owner_key(&channel)),
+            None => state.delete_internal(channel),
         }
         Ok(())
     }
