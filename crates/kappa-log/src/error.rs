@@ -58,6 +58,8 @@ pub enum LogError {
     InvalidRecords(String),
     #[error("the log is closed")]
     Closed,
+    #[error("the partition ended at offset {actual}, not {expected}: another append came first; check again and retry")]
+    EndMoved { expected: i64, actual: i64 },
 }
 
 impl LogError {

@@ -322,7 +322,20 @@ impl Partition {
     /// [`Self::wait_until_durable`] returns for `outcome.last_offset + 1`: callers that
     /// pipeline appends (one connection's produce requests) write in order, then wait for
     /// all of them together so they share fsyncs.
-    pub fn append_unsynced(&self, mut bytes: Vec<u8>) -> Result<AppendOutcome> {
+    pub fn append_unsynced(&self, bytes: Vec<u8>) -> Result<AppendOutcome> {
+        self.append_checked(bytes, None)
+    }
+
+    /// [`Self::append`], but only if the log still ends at `expected_end` when the batch
+    /// would be written (checked under the partition lock): a conditional append for
+    /// optimistic concurrency. Fails with [`LogError::EndMoved`] otherwise, writing nothing.
+    pub fn append_if_end(&self, bytes: Vec<u8>, expected_end: i64) -> Result<AppendOutcome> {
+        let outcome = self.append_checked(bytes, Some(expected_end))?;
+        self.wait_durable(outcome.last_offset + 1)?;
+        Ok(outcome)
+    }
+
+    fn append_checked(&self, mut bytes: Vec<u8>, expected_end: Option<i64>) -> Result<AppendOutcome> {
         self.ctx.health.check()?;
         let config = self.config();
         if bytes.len() > config.max_message_bytes {
@@ -333,7 +346,7 @@ impl Partition {
         if config.cleanup_policy.compact && !header.is_control() {
             require_keys(&bytes)?;
         }
-        self.write(&mut bytes, header, marker, &config)
+        self.write(&mut bytes, header, marker, &config, expected_end)
     }
 
     /// Blocks until everything below `offset` is durable under the sync policy (or fails
@@ -349,10 +362,14 @@ impl Partition {
         mut header: BatchHeader,
         marker: Option<Marker>,
         config: &TopicConfig,
+        expected_end: Option<i64>,
     ) -> Result<AppendOutcome> {
         let now = self.ctx.clock.now_ms();
         let mut inner = self.lock_inner();
         self.ctx.health.check()?;
+        if let Some(expected) = expected_end.filter(|e| *e != inner.log_end_offset()) {
+            return Err(LogError::EndMoved { expected, actual: inner.log_end_offset() });
+        }
         if let Admission::Duplicate { base_offset, last_offset } = inner.producers.admit(&header)? {
             return Ok(AppendOutcome {
                 base_offset,

@@ -177,8 +177,19 @@ impl App {
             let data_dir = settings.data_dir.clone();
             tokio::task::spawn_blocking(move || self.start_views(&log, &data_dir, true)).await??
         };
+        let http_listener = tokio::net::TcpListener::bind(settings.http_listen).await.with_context(|| {
+            format!("binding the HTTP listener on {} (is another server running there? pick another with --http-listen)", settings.http_listen)
+        })?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let http_state = kappa_http::AppState::new(log.clone(), engine.clone(), settings.http.clone());
+        let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
         tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
-        kappa_broker::run(listener, broker, Limits::default(), shutdown_signal()).await;
+        kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
+        http.abort();
         tracing::info!("shutting down: stopping views, flushing and writing checkpoints");
         tokio::task::spawn_blocking(move || engine.shutdown()).await?;
         maintenance.abort();
@@ -356,6 +367,11 @@ async fn maintain(log: Arc<Log>, interval: Duration) {
             Err(e) => tracing::error!(error = %e, "background maintenance panicked"),
         }
     }
+}
+
+/// Resolves once the shutdown flag is set.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 async fn shutdown_signal() {

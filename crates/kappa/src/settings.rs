@@ -13,7 +13,8 @@ use serde::Deserialize;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
-    /// maintenance_interval_ms, auto_create_topics, num_partitions.
+    /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
+    /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -42,6 +43,20 @@ pub struct ServeArgs {
     /// Partitions of an auto-created topic (Kafka: num.partitions) [default: 1]
     #[arg(long, env = "KAPPA_NUM_PARTITIONS")]
     pub num_partitions: Option<i32>,
+    /// Browser origins (comma-separated, or *) allowed to use the HTTP API besides the
+    /// server's own [default: none]
+    #[arg(long, env = "KAPPA_HTTP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub http_allowed_origins: Option<Vec<String>>,
+    /// Open HTTP connections, WebSockets included [default: 10000]
+    #[arg(long, env = "KAPPA_HTTP_CONNECTIONS_MAX")]
+    pub http_connections_max: Option<usize>,
+    /// Messages queued per WebSocket/SSE connection before it is cut off as a slow
+    /// consumer [default: 1024]
+    #[arg(long, env = "KAPPA_HTTP_SUBSCRIBER_QUEUE_MAX")]
+    pub http_subscriber_queue_max: Option<usize>,
+    /// Subscriptions per WebSocket connection [default: 100]
+    #[arg(long, env = "KAPPA_HTTP_SUBSCRIPTIONS_PER_CONNECTION_MAX")]
+    pub http_subscriptions_per_connection_max: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +70,10 @@ struct FileSettings {
     maintenance_interval_ms: Option<u64>,
     auto_create_topics: Option<bool>,
     num_partitions: Option<i32>,
+    http_allowed_origins: Option<Vec<String>>,
+    http_connections_max: Option<usize>,
+    http_subscriber_queue_max: Option<usize>,
+    http_subscriptions_per_connection_max: Option<usize>,
 }
 
 /// The resolved settings `serve` runs with.
@@ -68,6 +87,7 @@ pub struct Settings {
     pub maintenance_interval: Duration,
     pub auto_create_topics: bool,
     pub num_partitions: i32,
+    pub http: kappa_http::HttpConfig,
 }
 
 impl Settings {
@@ -76,6 +96,7 @@ impl Settings {
             Some(path) => read_file_settings(path)?,
             None => FileSettings::default(),
         };
+        let http = http_config(&args, &file)?;
         let kafka_listen =
             args.kafka_listen.or(file.kafka_listen).unwrap_or_else(|| "127.0.0.1:9092".parse().expect("valid default"));
         let sync = args.sync.or(file.sync).unwrap_or_else(|| "fsync".to_owned());
@@ -102,13 +123,40 @@ impl Settings {
             maintenance_interval: Duration::from_millis(maintenance_interval_ms),
             auto_create_topics: args.auto_create_topics.or(file.auto_create_topics).unwrap_or(true),
             num_partitions,
+            http,
         })
     }
 }
 
+fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_http::HttpConfig> {
+    let defaults = kappa_http::HttpConfig::default();
+    let positive = |name: &str, value: Option<usize>, default: usize| -> anyhow::Result<usize> {
+        match value {
+            Some(0) => bail!("{name} must be at least 1"),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        }
+    };
+    Ok(kappa_http::HttpConfig {
+        allowed_origins: args.http_allowed_origins.clone().or_else(|| file.http_allowed_origins.clone()).unwrap_or_default(),
+        connections_max: positive("http_connections_max", args.http_connections_max.or(file.http_connections_max), defaults.connections_max)?,
+        subscriber_queue_max: positive(
+            "http_subscriber_queue_max",
+            args.http_subscriber_queue_max.or(file.http_subscriber_queue_max),
+            defaults.subscriber_queue_max,
+        )?,
+        subscriptions_per_connection_max: positive(
+            "http_subscriptions_per_connection_max",
+            args.http_subscriptions_per_connection_max.or(file.http_subscriptions_per_connection_max),
+            defaults.subscriptions_per_connection_max,
+        )?,
+        ..defaults
+    })
+}
+
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {

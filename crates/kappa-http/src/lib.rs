@@ -1,0 +1,218 @@
+//! kappa's HTTP API (axum): health and metrics, view reads, WebSocket and Server-Sent
+//! Events subscriptions that resume without gaps, topics, and HTTP produce with optimistic
+//! concurrency.
+//!
+//! Code map: `views.rs` (view reads and admin), `topics.rs` (topics and produce, with the
+//! key → latest offset index), `live.rs` (the per-view changelog hub and the subscription
+//! protocol both transports share), `ws.rs`, `sse.rs`, `metrics.rs`, `error.rs`.
+//!
+//! Invariant: this is the only crate that knows the API's JSON shapes. It reads views
+//! through `kappa_views::ViewEngine` and their changelogs through the engine's backend.
+
+pub mod error;
+pub mod live;
+pub mod metrics;
+pub mod sse;
+pub mod topics;
+pub mod views;
+pub mod ws;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use kappa_log::Log;
+use kappa_views::ViewEngine;
+use tokio::net::TcpListener;
+
+pub use crate::error::ApiError;
+
+/// The HTTP API's limits and policies.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Open connections (HTTP, WebSocket and SSE together).
+    pub connections_max: usize,
+    /// Subscriptions one WebSocket connection may hold.
+    pub subscriptions_per_connection_max: usize,
+    /// The largest WebSocket message a client may send.
+    pub ws_message_bytes_max: usize,
+    /// Messages queued for one connection; a client that falls this far behind is sent an
+    /// error and disconnected.
+    pub subscriber_queue_max: usize,
+    /// Items in one snapshot (a prefix matching more is refused).
+    pub snapshot_items_max: usize,
+    /// Largest request body (HTTP produce, topic creation).
+    pub request_body_bytes_max: usize,
+    /// Items per page of `GET /v1/views/{view}/keys`.
+    pub page_items_max: usize,
+    /// Browser origins allowed to open WebSockets and read with CORS; `*` allows any. A
+    /// request without `Origin` (not a browser) or from this server's own origin is always
+    /// allowed.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            connections_max: 10_000,
+            subscriptions_per_connection_max: 100,
+            ws_message_bytes_max: 64 * 1024,
+            subscriber_queue_max: 1024,
+            snapshot_items_max: 10_000,
+            request_body_bytes_max: 8 * 1024 * 1024,
+            page_items_max: 1000,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub log: Arc<Log>,
+    pub engine: ViewEngine,
+    pub config: HttpConfig,
+    pub hubs: live::Hubs,
+    pub produce: topics::ProduceState,
+    pub metrics: metrics::Metrics,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    pub fn new(log: Arc<Log>, engine: ViewEngine, config: HttpConfig) -> Arc<Self> {
+        Arc::new(Self {
+            connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
+            hubs: live::Hubs::default(),
+            produce: topics::ProduceState::default(),
+            metrics: metrics::Metrics::default(),
+            log,
+            engine,
+            config,
+        })
+    }
+
+    /// Whether a browser request from `headers` may use the API.
+    pub fn origin_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
+        if self.config.allowed_origins.iter().any(|o| o == "*" || o == origin) {
+            return true;
+        }
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host)
+    }
+}
+
+/// Every route of the API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_max = state.config.request_body_bytes_max;
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics::render))
+        .route("/v1/views", get(views::list))
+        .route("/v1/views/{view}", get(views::describe))
+        .route("/v1/views/{view}/keys", get(views::scan))
+        .route("/v1/views/{view}/keys/{key}", get(views::get_key))
+        .route("/v1/views/{view}/switch", post(views::switch))
+        .route("/v1/views/{view}/versions/{version}", delete(views::retire))
+        .route("/v1/views/{view}/watch", get(sse::watch))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/topics", get(topics::list).post(topics::create))
+        .route("/v1/topics/{topic}", get(topics::describe))
+        .route("/v1/topics/{topic}/records", post(topics::produce))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let limiter = state.connections.clone();
+    let app = router(state);
+    let listener = LimitedListener { inner: listener, limiter };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Accepts at most `connections_max` connections at once; further ones wait in the
+/// kernel's backlog until one closes.
+struct LimitedListener {
+    inner: TcpListener,
+    limiter: Arc<tokio::sync::Semaphore>,
+}
+
+/// A connection holding one slot of the limit until it closes.
+pub struct LimitedStream {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = self.limiter.clone().acquire_owned().await.expect("the connection semaphore is never closed");
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (LimitedStream { stream, _permit: permit }, addr);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    match state.log.health().check() {
+        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "failed", "reason": e.to_string()}))),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no_route", "no such endpoint; the API is under /v1 (see README.md: HTTP API)")
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("page.html"))
+}

@@ -1,0 +1,422 @@
+//! `/v1/topics`: list, create, describe, and HTTP produce with optimistic concurrency.
+//!
+//! Records without a partition go where Kafka's default partitioner puts them
+//! (`toPositive(murmur2(key)) % partitions`), so HTTP and Kafka producers agree.
+//!
+//! `expected_offset` is checked against a key → latest offset index per partition. The
+//! index is derived from the log (built by reading the partition on first use, then kept
+//! up to date by reading what was appended since), so it is as durable as the log itself,
+//! and it is bounded (`KEY_INDEX_BYTES_MAX`). A request's check and its append are atomic
+//! against every other writer, Kafka producers included: the batch is appended only if the
+//! partition still ends where the index ends (`Partition::append_if_end`), else the index
+//! catches up and the check runs again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use kappa_log::records::{BatchBuilder, NewRecord};
+use kappa_log::LogError;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Records in one produce request.
+pub const PRODUCE_RECORDS_MAX: usize = 10_000;
+/// Memory one partition's key index may use (keys plus 8-byte offsets).
+pub const KEY_INDEX_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How often a conditional append retries when other writers keep getting in first.
+const CONDITIONAL_APPEND_ATTEMPTS: usize = 20;
+const INDEX_READ_BYTES: usize = 1024 * 1024;
+
+/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`): seed 0x9747b28c,
+/// little-endian 4-byte blocks. Hand-written because it is 20 lines and must match Java
+/// bit for bit (tests check Kafka's own vectors).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut blocks = data.chunks_exact(4);
+    for block in &mut blocks {
+        let mut k = u32::from_le_bytes(block.try_into().expect("4 bytes"));
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = blocks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Kafka's default partitioner picks for a keyed record.
+pub fn default_partition(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1)) as i32
+}
+
+/// Produce-side state: per-partition key indexes and the round-robin counter for keyless
+/// records.
+#[derive(Default)]
+pub struct ProduceState {
+    indexes: Mutex<HashMap<(String, i32), Arc<tokio::sync::Mutex<KeyIndex>>>>,
+    round_robin: AtomicU32,
+}
+
+/// Latest offset per key of one partition, for every record below `next`.
+#[derive(Default)]
+struct KeyIndex {
+    next: i64,
+    latest: HashMap<Vec<u8>, i64>,
+    bytes: usize,
+}
+
+impl ProduceState {
+    fn index(&self, topic: &str, partition: i32) -> Arc<tokio::sync::Mutex<KeyIndex>> {
+        let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        indexes.entry((topic.to_owned(), partition)).or_default().clone()
+    }
+
+    /// Forgets a deleted topic's indexes.
+    pub fn forget(&self, topic: &str) {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).retain(|(t, _), _| t != topic);
+    }
+}
+
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let topics: Vec<Value> = state
+        .log
+        .topics()
+        .iter()
+        .map(|t| json!({"name": t.name(), "partitions": t.partition_count(), "internal": t.name().starts_with("__")}))
+        .collect();
+    Json(json!({"topics": topics}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTopic {
+    name: String,
+    #[serde(default = "one")]
+    partitions: i32,
+    #[serde(default)]
+    configs: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|e| match e {
+        JsonRejection::BytesRejection(e) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("{e} (request_body_bytes_max)")),
+        e => ApiError::bad_request("invalid_body", format!("expected {shape}: {e}")),
+    })
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    request: Result<Json<CreateTopic>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request = body(request, "{\"name\", \"partitions\"?, \"configs\"?: {\"key\": \"value\"}}")?;
+    if request.name.starts_with("__") {
+        return Err(ApiError::bad_request("invalid_topic_name", "names starting with '__' are reserved for kappa's internal topics"));
+    }
+    let log = state.log.clone();
+    let topic = tokio::task::spawn_blocking(move || log.create_topic(&request.name, request.partitions, &request.configs))
+        .await
+        .map_err(internal)??;
+    Ok((StatusCode::CREATED, Json(topic_json(&topic))))
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+fn topic_json(topic: &kappa_log::Topic) -> Value {
+    let partitions: Vec<Value> = topic
+        .partitions()
+        .iter()
+        .map(|p| {
+            json!({
+                "partition": p.index(),
+                "start_offset": p.log_start_offset(),
+                "end_offset": p.log_end_offset(),
+                "high_watermark": p.high_watermark(),
+                "last_stable_offset": p.last_stable_offset(),
+                "size_bytes": p.size_bytes(),
+                "segments": p.segment_count(),
+            })
+        })
+        .collect();
+    let configs: BTreeMap<&str, String> = topic.config().entries().into_iter().map(|(k, v, _)| (k, v)).collect();
+    json!({"name": topic.name(), "partitions": partitions, "configs": configs})
+}
+
+pub async fn describe(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProduceRequest {
+    records: Vec<ProduceRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProduceRecord {
+    key: Option<String>,
+    /// Any JSON; stored as its JSON text. Absent or null: a tombstone.
+    #[serde(default)]
+    value: Option<Box<RawValue>>,
+    #[serde(default)]
+    headers: BTreeMap<String, Option<String>>,
+    partition: Option<i32>,
+    expected_offset: Option<i64>,
+}
+
+/// One partition's part of a request.
+struct PartitionWrite {
+    partition: i32,
+    /// (index in the request, record)
+    records: Vec<(usize, ProduceRecord)>,
+}
+
+pub async fn produce(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    request: Result<Json<ProduceRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request, "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}]}")?;
+    if topic.starts_with("__") {
+        return Err(ApiError::bad_request("internal_topic", "kappa's internal topics cannot be written over HTTP"));
+    }
+    let n = request.records.len();
+    if n == 0 || n > PRODUCE_RECORDS_MAX {
+        return Err(ApiError::bad_request("invalid_records", format!("send 1 to {PRODUCE_RECORDS_MAX} records per request")));
+    }
+    let partition_count = state.log.topic(&topic)?.partition_count();
+    let mut by_partition: BTreeMap<i32, PartitionWrite> = BTreeMap::new();
+    let mut guarded_keys = std::collections::HashSet::new();
+    for (index, record) in request.records.into_iter().enumerate() {
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) if (0..partition_count).contains(&p) => p,
+            (Some(p), _) => {
+                return Err(ApiError::bad_request("invalid_partition", format!("record {index}: topic {topic} has partitions 0..{partition_count}, not {p}")));
+            }
+            (None, Some(key)) => default_partition(key.as_bytes(), partition_count),
+            (None, None) => (state.produce.round_robin.fetch_add(1, Ordering::Relaxed) % partition_count as u32) as i32,
+        };
+        if let Some(expected) = record.expected_offset {
+            let Some(key) = &record.key else {
+                return Err(ApiError::bad_request("invalid_records", format!("record {index}: expected_offset needs a key")));
+            };
+            if expected < -1 {
+                return Err(ApiError::bad_request("invalid_records", format!("record {index}: expected_offset is an offset or -1 (no record with this key yet)")));
+            }
+            if !guarded_keys.insert((partition, key.clone())) {
+                return Err(ApiError::bad_request("invalid_records", format!("record {index}: a request may give expected_offset for key '{key}' only once")));
+            }
+        }
+        by_partition.entry(partition).or_insert_with(|| PartitionWrite { partition, records: Vec::new() }).records.push((index, record));
+    }
+    // Check every condition before appending anything; lock the partitions in order.
+    let mut guards = Vec::new();
+    for write in by_partition.values() {
+        let index = state.produce.index(&topic, write.partition);
+        guards.push(index.lock_owned().await);
+    }
+    let mut batches = Vec::new();
+    let now = now_ms();
+    for (write, guard) in by_partition.values().zip(guards.iter_mut()) {
+        let needs_index = write.records.iter().any(|(_, r)| r.expected_offset.is_some());
+        let batch = build_batch(&write.records, now);
+        batches.push((write.partition, batch, needs_index));
+        if needs_index {
+            catch_up(&state, &topic, write.partition, guard).await?;
+            check(&topic, write, guard)?;
+        }
+    }
+    let mut offsets = vec![json!(null); n];
+    for ((partition, batch, needs_index), (write, guard)) in batches.into_iter().zip(by_partition.values().zip(guards.iter_mut())) {
+        let base = append(&state, &topic, partition, batch, needs_index, write, guard).await?;
+        // The index covers everything below `next`: extend it when this batch follows on
+        // directly (always so for a guarded append); otherwise a later catch-up reads it.
+        let extend = guard.next == base;
+        for (i, (index, record)) in write.records.iter().enumerate() {
+            let offset = base + i as i64;
+            offsets[*index] = json!({"partition": partition, "offset": offset});
+            if let (true, Some(key)) = (extend, &record.key) {
+                remember(guard, key.as_bytes(), offset);
+            }
+        }
+        if extend {
+            guard.next = base + write.records.len() as i64;
+        }
+    }
+    state.metrics.records_produced.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(Json(json!({"offsets": offsets})))
+}
+
+fn build_batch(records: &[(usize, ProduceRecord)], now: i64) -> Vec<u8> {
+    let mut builder = BatchBuilder::new();
+    for (_, record) in records {
+        let value = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
+        let mut new = NewRecord::new(record.key.as_deref().map(str::as_bytes), value.map(str::as_bytes), now);
+        for (name, value) in &record.headers {
+            new = new.header(name, value.as_deref().map(str::as_bytes));
+        }
+        builder.push(new);
+    }
+    builder.build()
+}
+
+/// The current offset of each guarded key must be what the request expects.
+fn check(topic: &str, write: &PartitionWrite, index: &KeyIndex) -> Result<(), ApiError> {
+    for (i, record) in &write.records {
+        let (Some(expected), Some(key)) = (record.expected_offset, &record.key) else { continue };
+        let current = index.latest.get(key.as_bytes()).copied().unwrap_or(-1);
+        if current != expected {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "offset_mismatch",
+                format!(
+                    "record {i}: the latest record with key '{key}' in {topic}/{} is at offset {current}, not {expected}; nothing was written. Read the current state and retry with expected_offset {current}",
+                    write.partition
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn remember(index: &mut KeyIndex, key: &[u8], offset: i64) {
+    match index.latest.get_mut(key) {
+        Some(latest) => *latest = offset,
+        None => {
+            index.latest.insert(key.to_vec(), offset);
+            index.bytes += key.len() + 8 + 16;
+        }
+    }
+}
+
+/// Brings the index up to the partition's end (waiting for appends in flight to become
+/// durable, so everything in the log is indexed).
+async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mut KeyIndex) -> Result<(), ApiError> {
+    let log_partition = state.log.partition(topic, partition)?;
+    loop {
+        let start = log_partition.log_start_offset();
+        if index.next < start {
+            index.next = start;
+        }
+        let end = log_partition.log_end_offset();
+        if index.next >= end {
+            return Ok(());
+        }
+        if log_partition.high_watermark() < end {
+            let p = log_partition.clone();
+            tokio::task::spawn_blocking(move || p.wait_until_durable(end)).await.map_err(internal)??;
+        }
+        let backend = state.engine.backend().clone();
+        let (name, from) = (topic.to_owned(), index.next);
+        let chunk = tokio::task::spawn_blocking(move || backend.read_committed(&name, partition, from, INDEX_READ_BYTES))
+            .await
+            .map_err(internal)??;
+        if chunk.next_offset <= from {
+            // Only an open transaction's records are left (read_committed stops there):
+            // wait for it to end.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            continue;
+        }
+        for record in &chunk.records {
+            if let Some(key) = &record.key {
+                remember(index, key, record.offset);
+            }
+        }
+        index.next = chunk.next_offset;
+        if index.bytes > KEY_INDEX_BYTES_MAX {
+            index.latest.clear();
+            index.bytes = 0;
+            index.next = 0;
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "key_index_full",
+                format!("the key index of {topic}/{partition} would exceed {KEY_INDEX_BYTES_MAX} bytes (key_index_bytes_max); expected_offset is unavailable on this partition"),
+            ));
+        }
+    }
+}
+
+/// Appends; a guarded batch only if nothing else was appended since the index caught up.
+async fn append(
+    state: &Arc<AppState>,
+    topic: &str,
+    partition: i32,
+    batch: Vec<u8>,
+    guarded: bool,
+    write: &PartitionWrite,
+    index: &mut KeyIndex,
+) -> Result<i64, ApiError> {
+    let log_partition = state.log.partition(topic, partition)?;
+    if !guarded {
+        let p = log_partition.clone();
+        let outcome = tokio::task::spawn_blocking(move || p.append(batch)).await.map_err(internal)??;
+        return Ok(outcome.base_offset);
+    }
+    for _ in 0..CONDITIONAL_APPEND_ATTEMPTS {
+        let (p, bytes, expected_end) = (log_partition.clone(), batch.clone(), index.next);
+        match tokio::task::spawn_blocking(move || p.append_if_end(bytes, expected_end)).await.map_err(internal)? {
+            Ok(outcome) => return Ok(outcome.base_offset),
+            Err(LogError::EndMoved { .. }) => {
+                catch_up(state, topic, partition, index).await?;
+                check(topic, write, index)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "partition_busy",
+        format!("{topic}/{partition} kept changing while this request waited to append; nothing was written, retry"),
+    ))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafkas_own_test_vectors() {
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+        assert_eq!(murmur2(b"abc"), 479_470_107);
+        assert_eq!(default_partition(b"21", 7), ((-973_932_308_i32 & 0x7fff_ffff) % 7) as i32);
+    }
+}

@@ -1,0 +1,155 @@
+//! `/v1/views`: list, describe, read keys (now or as of a past point), switch and retire
+//! versions.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use kappa_views::{AsOf, Phase, VersionInfo, ViewInfo};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::live::Token;
+use crate::AppState;
+
+/// A stored value as raw JSON (stored values are always valid JSON).
+pub(crate) fn raw(json: Vec<u8>) -> Box<RawValue> {
+    RawValue::from_string(String::from_utf8(json).expect("view values are JSON text")).expect("view values are JSON")
+}
+
+/// How a version is doing, in the API's words.
+fn version_status(version: &VersionInfo) -> &'static str {
+    match &version.status.phase {
+        _ if version.serving => "serving",
+        Phase::Restoring | Phase::Building => "building",
+        Phase::Live => "ready",
+        Phase::Failed(_) => "failed",
+        Phase::Stopped => "stopped",
+    }
+}
+
+pub(crate) fn view_json(view: &ViewInfo) -> Value {
+    let versions: Vec<Value> = view
+        .versions
+        .iter()
+        .map(|v| {
+            let status = &v.status;
+            let lag = status.lag();
+            let applied = status.events_applied;
+            let total = applied + lag;
+            json!({
+                "version": v.version,
+                "status": version_status(v),
+                "phase": status.phase.name(),
+                "serving": v.serving,
+                "running": v.running,
+                "events_applied": applied,
+                "lag": lag,
+                "progress": if total == 0 { 1.0 } else { applied as f64 / total as f64 },
+                "rate_per_second": status.rate_per_second,
+                "eta_seconds": status.eta_seconds(),
+                "positions": status.positions,
+                "changelog_topic": v.changelog_topic,
+                "changelog_position": status.changelog_next,
+                "error": match &status.phase { Phase::Failed(reason) => Some(reason.clone()), _ => None },
+            })
+        })
+        .collect();
+    json!({"name": view.name, "active": view.active, "inputs": view.inputs, "versions": versions})
+}
+
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let views: Vec<Value> = state.engine.list().iter().map(view_json).collect();
+    Json(json!({"views": views}))
+}
+
+pub async fn describe(State(state): State<Arc<AppState>>, Path(view): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(view_json(&state.engine.describe(&view)?)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct KeyQuery {
+    as_of: Option<String>,
+}
+
+pub async fn get_key(
+    State(state): State<Arc<AppState>>,
+    Path((view, key)): Path<(String, String)>,
+    Query(query): Query<KeyQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(at) = query.as_of {
+        let at = AsOf::parse(&at).map_err(|e| ApiError::bad_request("invalid_as_of", e))?;
+        let engine = state.engine.clone();
+        let wanted = key.clone();
+        let view_name = view.clone();
+        let result = tokio::task::spawn_blocking(move || engine.as_of(&view_name, None, &at, Some(&wanted)))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        return match result.values.into_iter().next() {
+            Some((key, value)) => Ok(Json(json!({"key": key, "value": raw(value), "position": result.positions}))),
+            None => Err(ApiError::not_found("unknown_key", format!("view {view} had no key '{key}' as of {:?}", result.positions))),
+        };
+    }
+    let read = state.engine.get(&view, &key)?;
+    let token = Token { version: read.version, offset: read.position };
+    match read.value {
+        Some(item) => Ok(Json(json!({"key": item.key, "value": raw(item.json), "position": token.to_string(), "version": read.version}))),
+        None => Err(ApiError::not_found("unknown_key", format!("view {view} has no key '{key}'"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ScanQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn scan(
+    State(state): State<Arc<AppState>>,
+    Path(view): Path<String>,
+    Query(query): Query<ScanQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let max = state.config.page_items_max;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::bad_request("invalid_limit", format!("limit must be between 1 and {max} (page_items_max)")));
+    }
+    let read = state.engine.scan(&view, &query.prefix, query.after.as_deref(), limit)?;
+    let cursor = if read.value.len() == limit { read.value.last().map(|i| i.key.clone()) } else { None };
+    let items: Vec<Value> = read.value.into_iter().map(|i| json!({"key": i.key, "value": raw(i.json)})).collect();
+    let token = Token { version: read.version, offset: read.position };
+    Ok(Json(json!({"items": items, "cursor": cursor, "position": token.to_string(), "version": read.version})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    version: u32,
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn switch(
+    State(state): State<Arc<AppState>>,
+    Path(view): Path<String>,
+    body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request("invalid_body", format!("expected {{\"version\": N}}: {e}")))?;
+    state.engine.switch(&view, body.version, body.force)?;
+    Ok(Json(json!({"view": view, "active": body.version})))
+}
+
+pub async fn retire(State(state): State<Arc<AppState>>, Path((view, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let version: u32 = version.parse().map_err(|_| ApiError::bad_request("invalid_version", format!("'{version}' is not a version number")))?;
+    let engine = state.engine.clone();
+    let name = view.clone();
+    tokio::task::spawn_blocking(move || engine.retire(&name, version))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(json!({"view": view, "retired": version})))
+}

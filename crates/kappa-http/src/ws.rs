@@ -1,0 +1,179 @@
+//! `GET /v1/ws`: many subscriptions over one WebSocket.
+//!
+//! Client → server: `{"op":"subscribe","id":"s1","view":"channel_page","key":"c1"}` (or
+//! `"prefix"`), optionally `"resume":"<token>"`; `{"op":"unsubscribe","id":"s1"}`.
+//! Server → client: `snapshot`, `change`, `reset`, `error` (see `frame`). A client whose
+//! queue (`subscriber_queue_max` messages) fills up gets an error and is disconnected.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::live::{LiveMessage, Target, Token, run_subscription};
+
+/// Messages above this are refused by the WebSocket layer itself (the configured limit,
+/// checked by us, answers with an error and keeps the connection).
+const WS_FRAME_BYTES_HARD_MAX: usize = 16 * 1024 * 1024;
+
+/// WebSocket close code for a client that cannot keep up (RFC 6455 1008: policy violation).
+const CLOSE_SLOW_CONSUMER: u16 = 1008;
+
+pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    if !state.origin_allowed(&headers) {
+        return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin may not open WebSockets here; add it to --http-allowed-origins").into_response();
+    }
+    let hard_max = WS_FRAME_BYTES_HARD_MAX.max(state.config.ws_message_bytes_max);
+    ws.max_message_size(hard_max).max_frame_size(hard_max).on_upgrade(move |socket| connection(state, socket))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe { id: String, view: String, key: Option<String>, prefix: Option<String>, resume: Option<String> },
+    Unsubscribe { id: String },
+}
+
+#[derive(Serialize)]
+struct Item<'a> {
+    key: &'a str,
+    value: &'a RawValue,
+}
+
+/// One server → client message as JSON text.
+pub(crate) fn frame(id: Option<&str>, message: &LiveMessage) -> String {
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "lowercase")]
+    enum Frame<'a> {
+        Snapshot { id: Option<&'a str>, version: u32, items: Vec<Item<'a>>, token: String },
+        Change { id: Option<&'a str>, key: &'a str, value: Option<&'a RawValue>, token: String },
+        Reset { id: Option<&'a str>, reason: &'a str },
+        Error { id: Option<&'a str>, code: &'a str, message: &'a str },
+    }
+    let frame = match message {
+        LiveMessage::Snapshot { version, items, token } => Frame::Snapshot {
+            id,
+            version: *version,
+            items: items.iter().map(|(key, value)| Item { key, value }).collect(),
+            token: token.to_string(),
+        },
+        LiveMessage::Change { key, value, token } => Frame::Change { id, key, value: value.as_deref(), token: token.to_string() },
+        LiveMessage::Reset { reason } => Frame::Reset { id, reason },
+        LiveMessage::Error { code, message } => Frame::Error { id, code, message },
+    };
+    serde_json::to_string(&frame).expect("frames serialize")
+}
+
+fn error_frame(id: Option<&str>, e: &ApiError) -> String {
+    frame(id, &LiveMessage::Error { code: e.code, message: e.message.clone() })
+}
+
+async fn connection(state: Arc<AppState>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<String>(state.config.subscriber_queue_max);
+    let (slow_tx, mut slow_rx) = mpsc::channel::<()>(1);
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = slow_rx.recv() => {
+                    let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "slow_consumer", "this connection fell too far behind (subscriber_queue_max messages queued); reconnect and resume from your last token");
+                    let _ = sink.send(Message::Text(error_frame(None, &e).into())).await;
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() }))).await;
+                    return;
+                }
+                text = rx.recv() => match text {
+                    Some(text) => if sink.send(Message::Text(text.into())).await.is_err() { return },
+                    None => return,
+                },
+            }
+        }
+    });
+    let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    while let Some(Ok(message)) = stream.next().await {
+        let text = match message {
+            Message::Text(text) => text.to_string(),
+            Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        subscriptions.retain(|_, task| !task.is_finished());
+        if let Err(e) = handle(&state, &text, &mut subscriptions, &tx, &slow_tx) {
+            if tx.try_send(error_frame(e.0.as_deref(), &e.1)).is_err() {
+                let _ = slow_tx.try_send(());
+            }
+        }
+    }
+    for (_, task) in subscriptions {
+        task.abort();
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+type HandleError = (Option<String>, ApiError);
+
+fn handle(
+    state: &Arc<AppState>,
+    text: &str,
+    subscriptions: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    tx: &mpsc::Sender<String>,
+    slow: &mpsc::Sender<()>,
+) -> Result<(), HandleError> {
+    let max = state.config.ws_message_bytes_max;
+    if text.len() > max {
+        return Err((None, ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", format!("a message may have at most {max} bytes (ws_message_bytes_max); this one has {}", text.len()))));
+    }
+    let message: ClientMessage = serde_json::from_str(text).map_err(|e| {
+        (None, ApiError::bad_request("invalid_message", format!("expected {{\"op\":\"subscribe\",\"id\",\"view\",\"key\"|\"prefix\",\"resume\"?}} or {{\"op\":\"unsubscribe\",\"id\"}}: {e}")))
+    })?;
+    match message {
+        ClientMessage::Unsubscribe { id } => match subscriptions.remove(&id) {
+            Some(task) => {
+                task.abort();
+                Ok(())
+            }
+            None => Err((Some(id.clone()), ApiError::not_found("unknown_subscription", format!("no subscription '{id}' on this connection")))),
+        },
+        ClientMessage::Subscribe { id, view, key, prefix, resume } => {
+            let fail = |e: ApiError| (Some(id.clone()), e);
+            if subscriptions.contains_key(&id) {
+                return Err(fail(ApiError::bad_request("duplicate_subscription", format!("subscription '{id}' exists on this connection; unsubscribe first or pick another id"))));
+            }
+            let limit = state.config.subscriptions_per_connection_max;
+            if subscriptions.len() >= limit {
+                return Err(fail(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_subscriptions", format!("at most {limit} subscriptions per connection (subscriptions_per_connection_max)"))));
+            }
+            let target = match (key, prefix) {
+                (Some(key), None) => Target::Key(key),
+                (None, Some(prefix)) => Target::Prefix(prefix),
+                _ => return Err(fail(ApiError::bad_request("invalid_message", "a subscription names exactly one of \"key\" or \"prefix\""))),
+            };
+            let resume = resume.map(|t| t.parse::<Token>()).transpose().map_err(fail)?;
+            state.engine.describe(&view).map_err(|e| fail(e.into()))?;
+            let (state, tx, slow, sub_id) = (state.clone(), tx.clone(), slow.clone(), id.clone());
+            let task = tokio::spawn(async move {
+                let mut emit = |message: LiveMessage| match tx.try_send(frame(Some(&sub_id), &message)) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let _ = slow.try_send(());
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                };
+                run_subscription(state, view, target, resume, &mut emit).await;
+            });
+            subscriptions.insert(id, task);
+            Ok(())
+        }
+    }
+}

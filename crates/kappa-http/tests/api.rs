@@ -1,0 +1,518 @@
+//! The HTTP API against a real log, view engine and loopback socket: every endpoint and
+//! its errors, optimistic concurrency, WebSocket and SSE subscriptions, resume under churn,
+//! cutover, slow consumers.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kappa_http::HttpConfig;
+use serde_json::{Value, json};
+
+fn started() -> Kappa {
+    let kappa = Kappa::start(vec![latest(1)], HttpConfig::default());
+    kappa.wait_caught_up("latest");
+    kappa
+}
+
+#[test]
+fn health_metrics_and_errors_are_json_with_stable_codes() {
+    let kappa = started();
+    assert_eq!(kappa.get("/health"), (200, json!({"status": "ok"})));
+    let (status, body) = kappa.get("/nope");
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("no_route")));
+    let (status, body) = kappa.get("/v1/views/nope/keys/k");
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_view")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("nope"));
+    let (status, text) = request_text(kappa.addr, "GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    assert!(text.contains("kappa_view_lag_records{view=\"latest\",version=\"1\"} 0"), "{text}");
+    assert!(text.contains("kappa_partition_end_offset{topic=\"items\",partition=\"0\"}"), "{text}");
+    assert!(text.contains("# TYPE kappa_subscriptions gauge"));
+}
+
+#[test]
+fn topics_are_listed_created_and_described_and_bad_requests_say_why() {
+    let kappa = started();
+    let (status, body) = kappa.post("/v1/topics", &json!({"name": "orders", "partitions": 2, "configs": {"cleanup.policy": "compact"}}));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["partitions"].as_array().unwrap().len(), 2);
+    assert_eq!(body["configs"]["cleanup.policy"], "compact");
+    let (_, list) = kappa.get("/v1/topics");
+    let names: Vec<&str> = list["topics"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"orders") && names.contains(&"items"), "{names:?}");
+    let cases = [
+        (json!({"name": "orders"}), 409, "topic_exists"),
+        (json!({"name": "bad name"}), 400, "invalid_topic_name"),
+        (json!({"name": "x", "partitions": 0}), 400, "invalid_partitions"),
+        (json!({"name": "y", "configs": {"cleanup.policy": "sometimes"}}), 400, "invalid_config"),
+        (json!({"name": "z", "configs": {"no.such": "1"}}), 400, "unknown_config"),
+        (json!({"name": "__kappa.x"}), 400, "invalid_topic_name"),
+        (json!({"nam": "typo"}), 400, "invalid_body"),
+    ];
+    for (request, status, code) in cases {
+        let (got, body) = kappa.post("/v1/topics", &request);
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{request} → {body}");
+    }
+    let (status, body) = kappa.post_raw("/v1/topics", b"{not json");
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_body")));
+    assert!(kappa.log.topic("y").is_err() && kappa.log.topic("z").is_err(), "nothing created by bad requests");
+    let (status, body) = kappa.get("/v1/topics/orders");
+    assert_eq!(status, 200);
+    assert_eq!(body["partitions"][1]["end_offset"], 0);
+    assert_eq!(kappa.get("/v1/topics/missing").0, 404);
+}
+
+#[test]
+fn produced_records_land_where_kafkas_partitioner_puts_them_and_reach_the_view() {
+    let kappa = started();
+    let body = kappa.produce(json!([
+        {"key": "a", "value": {"n": 1}, "headers": {"kappa.type": "Thing"}},
+        {"key": "b", "value": {"n": 2}},
+        {"key": "c", "value": [1, 2], "partition": 2},
+    ]));
+    let offsets = body["offsets"].as_array().unwrap();
+    assert_eq!(offsets[0]["partition"], kappa_http::topics::default_partition(b"a", 3));
+    assert_eq!(offsets[1]["partition"], kappa_http::topics::default_partition(b"b", 3));
+    assert_eq!(offsets[2]["partition"], 2);
+    kappa.wait_caught_up("latest");
+    let (status, a) = kappa.get("/v1/views/latest/keys/a");
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["value"], json!({"n": 1}));
+    assert!(a["position"].as_str().unwrap().starts_with("1."), "a resume token: {a}");
+    let (_, page) = kappa.get("/v1/views/latest/keys?limit=2");
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["cursor"], "b");
+    let (_, rest) = kappa.get("/v1/views/latest/keys?limit=2&after=b");
+    assert_eq!(rest["items"], json!([{"key": "c", "value": [1, 2]}]));
+    assert_eq!(rest["cursor"], Value::Null);
+    let (_, prefixed) = kappa.get("/v1/views/latest/keys?prefix=b");
+    assert_eq!(prefixed["items"], json!([{"key": "b", "value": {"n": 2}}]));
+    // A tombstone deletes; the key then answers 404 with a JSON error.
+    kappa.produce(json!([{"key": "a", "value": null}]));
+    kappa.wait_caught_up("latest");
+    let (status, body) = kappa.get("/v1/views/latest/keys/a");
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_key")));
+    let bad = [
+        (json!({"records": []}), "invalid_records"),
+        (json!({"records": [{"key": "k", "value": 1, "partition": 9}]}), "invalid_partition"),
+        (json!({"records": [{"value": 1, "expected_offset": 3}]}), "invalid_records"),
+        (json!({"records": [{"key": "k", "colour": 1}]}), "invalid_body"),
+    ];
+    for (request, code) in bad {
+        let (status, body) = kappa.post("/v1/topics/items/records", &request);
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some(code)), "{request}");
+    }
+    assert_eq!(kappa.post("/v1/topics/nope/records", &json!({"records": [{"key": "k"}]})).0, 404);
+    let (_, list) = kappa.get("/v1/views");
+    assert_eq!(list["views"][0]["versions"][0]["status"], "serving");
+}
+
+#[test]
+fn expected_offsets_guard_writes_and_exactly_one_of_two_racing_writers_wins() {
+    let kappa = started();
+    let first = kappa.produce(json!([{"key": "acct", "value": {"balance": 1}, "expected_offset": -1}]));
+    let offset = first["offsets"][0]["offset"].as_i64().unwrap();
+    let partition = first["offsets"][0]["partition"].as_i64().unwrap();
+    // Wrong expectation: 409 with the current offset, and nothing written (the whole request).
+    let end_before = kappa.log.partition(TOPIC, partition as i32).unwrap().log_end_offset();
+    let (status, body) = kappa.post(
+        "/v1/topics/items/records",
+        &json!({"records": [{"key": "other", "value": 1}, {"key": "acct", "value": {"balance": 9}, "expected_offset": -1}]}),
+    );
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("offset_mismatch")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(&format!("offset {offset}")));
+    assert_eq!(kappa.log.partition(TOPIC, partition as i32).unwrap().log_end_offset(), end_before, "nothing written");
+    // Records written by anyone else count too (here: straight into the log, like a Kafka producer).
+    let direct = kappa_log::records::BatchBuilder::new()
+        .record(kappa_log::records::NewRecord::new(Some(b"acct"), Some(b"{\"balance\":5}"), 1))
+        .build();
+    let latest = kappa.log.partition(TOPIC, partition as i32).unwrap().append(direct).unwrap().base_offset;
+    let (status, _) = kappa.post("/v1/topics/items/records", &json!({"records": [{"key": "acct", "value": 2, "expected_offset": offset}]}));
+    assert_eq!(status, 409, "a Kafka producer's newer record is seen");
+    kappa.produce(json!([{"key": "acct", "value": {"balance": 6}, "expected_offset": latest}]));
+    // Races: two writers with the same expectation, many rounds: exactly one wins each.
+    for round in 0..20 {
+        let key = format!("race-{round}");
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = (0..2)
+            .map(|writer| {
+                let (addr, barrier, key) = (kappa.addr, barrier.clone(), key.clone());
+                std::thread::spawn(move || {
+                    let body = json!({"records": [{"key": key, "value": {"writer": writer}, "expected_offset": -1}]}).to_string();
+                    barrier.wait();
+                    request(addr, "POST", "/v1/topics/items/records", Some(body.as_bytes()), &[]).0
+                })
+            })
+            .collect();
+        let mut statuses: Vec<u16> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+        statuses.sort();
+        assert_eq!(statuses, vec![200, 409], "round {round}");
+    }
+}
+
+#[test]
+fn switching_versions_and_retiring_follow_the_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let kappa = Kappa::start_in(dir, vec![latest(1)], HttpConfig::default());
+    kappa.produce(json!([{"key": "k", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let dir = kappa.stop();
+    let kappa = Kappa::start_in(dir, vec![latest(1), latest(2)], HttpConfig::default());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kappa.get("/v1/views/latest").1["active"] != 2 {
+        assert!(Instant::now() < deadline, "version 2 never took over");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(kappa.get("/v1/views/latest/keys/k").1["value"], json!({"v2": 1}));
+    let (status, body) = kappa.delete("/v1/views/latest/versions/2");
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("version_serving")));
+    assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 1})).0, 200);
+    assert_eq!(kappa.get("/v1/views/latest/keys/k").1["value"], json!(1));
+    let (status, body) = kappa.post("/v1/views/latest/switch", &json!({"version": 7}));
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_version")));
+    let (status, body) = kappa.post("/v1/views/latest/switch", &json!({"versoin": 2}));
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_body")));
+    assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 2})).0, 200);
+    assert_eq!(kappa.delete("/v1/views/latest/versions/1").0, 200);
+    let (_, view) = kappa.get("/v1/views/latest");
+    assert_eq!(view["versions"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn as_of_reads_answer_from_the_past() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "k", "value": "old", "partition": 0}]));
+    std::thread::sleep(Duration::from_millis(20));
+    let between = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    std::thread::sleep(Duration::from_millis(20));
+    kappa.produce(json!([{"key": "k", "value": "new", "partition": 0}]));
+    kappa.wait_caught_up("latest");
+    assert_eq!(kappa.get("/v1/views/latest/keys/k").1["value"], "new");
+    let (status, body) = kappa.get(&format!("/v1/views/latest/keys/k?as_of={between}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["value"], "old");
+    assert_eq!(body["position"]["items/0"], 1);
+    let (status, body) = kappa.get("/v1/views/latest/keys/k?as_of=items/0=0,items/1=0,items/2=0");
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_key")));
+    let (status, body) = kappa.get("/v1/views/latest/keys/k?as_of=yesterday");
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_as_of")));
+}
+
+#[test]
+fn websocket_subscriptions_get_a_snapshot_then_every_change_and_bad_input_gets_errors() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "p1", "value": 1}, {"key": "p2", "value": 2}, {"key": "q", "value": 3}]));
+    kappa.wait_caught_up("latest");
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s1", "view": "latest", "prefix": "p"}));
+    let snapshot = ws.next();
+    assert_eq!(snapshot["type"], "snapshot");
+    assert_eq!(snapshot["id"], "s1");
+    assert_eq!(snapshot["items"], json!([{"key": "p1", "value": 1}, {"key": "p2", "value": 2}]));
+    ws.send(&json!({"op": "subscribe", "id": "s2", "view": "latest", "key": "q"}));
+    let q = ws.next();
+    assert_eq!((q["type"].as_str(), q["items"][0]["value"].as_i64()), (Some("snapshot"), Some(3)));
+    kappa.produce(json!([{"key": "p1", "value": 10}]));
+    let change = ws.next();
+    assert_eq!((change["type"].as_str(), change["id"].as_str(), change["key"].as_str()), (Some("change"), Some("s1"), Some("p1")));
+    assert_eq!(change["value"], 10);
+    kappa.produce(json!([{"key": "q", "value": null}]));
+    let deleted = ws.next();
+    assert_eq!((deleted["id"].as_str(), deleted["value"].clone()), (Some("s2"), Value::Null));
+    // Bad input: an error each, and the connection keeps working.
+    let bad: [(&str, &str); 6] = [
+        ("{nope", "invalid_message"),
+        (r#"{"op":"dance","id":"x"}"#, "invalid_message"),
+        (r#"{"op":"subscribe","id":"x","view":"missing","key":"k"}"#, "unknown_view"),
+        (r#"{"op":"subscribe","id":"x","view":"latest"}"#, "invalid_message"),
+        (r#"{"op":"subscribe","id":"s1","view":"latest","key":"k"}"#, "duplicate_subscription"),
+        (r#"{"op":"unsubscribe","id":"zz"}"#, "unknown_subscription"),
+    ];
+    for (text, code) in bad {
+        ws.send_text(text);
+        let error = ws.next();
+        assert_eq!((error["type"].as_str(), error["code"].as_str()), (Some("error"), Some(code)), "{text} → {error}");
+    }
+    ws.send_text(&format!(r#"{{"op":"subscribe","id":"big","view":"latest","key":"{}"}}"#, "k".repeat(70_000)));
+    assert_eq!(ws.next()["code"], "message_too_large");
+    ws.send(&json!({"op": "unsubscribe", "id": "s1"}));
+    kappa.produce(json!([{"key": "p2", "value": 20}, {"key": "q", "value": 30}]));
+    let next = ws.next();
+    assert_eq!((next["id"].as_str(), next["value"].as_i64()), (Some("s2"), Some(30)), "s1 is gone, s2 still works");
+    // A foreign Origin is refused; the server's own origin and non-browsers are allowed.
+    assert!(Ws::connect_with_origin(kappa.addr, Some("http://evil.example")).is_err());
+    assert!(Ws::connect_with_origin(kappa.addr, Some(&format!("http://{}", kappa.addr))).is_ok());
+}
+
+/// 10,000+ changes while the client disconnects at least 50 times and resumes from its last
+/// token: it sees every change of its prefix exactly once, in changelog order.
+#[test]
+fn websocket_resume_under_churn_has_no_gap_and_no_duplicate() {
+    let kappa = started();
+    let producer = {
+        let (addr, engine) = (kappa.addr, kappa.engine.clone());
+        std::thread::spawn(move || {
+            // 50 keys per request, one view step per request: 50 changes a step.
+            for round in 0..250 {
+                let records: Vec<Value> = (0..50).map(|k| json!({"key": format!("r{k}"), "value": round})).collect();
+                let body = json!({"records": records}).to_string();
+                let (status, _) = request(addr, "POST", "/v1/topics/items/records", Some(body.as_bytes()), &[]);
+                assert_eq!(status, 200);
+                assert!(engine.wait_caught_up("latest", Duration::from_secs(30)).unwrap());
+            }
+        })
+    };
+    let mut received: Vec<i64> = Vec::new();
+    let mut token: Option<String> = None;
+    let mut disconnects = 0;
+    let mut first_position = None;
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "r", "view": "latest", "prefix": "r"}));
+    let mut idle_since = Instant::now();
+    loop {
+        if producer.is_finished() {
+            let end = kappa.log.partition("__kappa.view.latest.v1", 0).unwrap().high_watermark();
+            if token.as_deref().is_some_and(|t| parse_token(t) >= end - 1) {
+                break;
+            }
+        }
+        ws.socket.get_ref().set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let Some(message) = ws.try_next() else {
+            let end = kappa.log.partition("__kappa.view.latest.v1", 0).unwrap().high_watermark();
+            assert!(
+                idle_since.elapsed() < Duration::from_secs(30),
+                "no message for 30 s: {} changes received, last token {token:?}, changelog end {end}, {disconnects} disconnects",
+                received.len()
+            );
+            continue;
+        };
+        idle_since = Instant::now();
+        match message["type"].as_str() {
+            Some("snapshot") => {
+                assert!(first_position.is_none(), "only the first connection gets a snapshot: {message}");
+                first_position = Some(parse_token(message["token"].as_str().unwrap()));
+                token = Some(message["token"].as_str().unwrap().to_owned());
+            }
+            Some("change") => {
+                let t = message["token"].as_str().unwrap().to_owned();
+                received.push(parse_token(&t) - 1);
+                token = Some(t);
+            }
+            other => panic!("unexpected {other:?}: {message}"),
+        }
+        if received.len() % 200 == 199 {
+            // Drop the connection abruptly and resume from the last token.
+            drop(ws);
+            disconnects += 1;
+            ws = Ws::connect(kappa.addr);
+            ws.send(&json!({"op": "subscribe", "id": "r", "view": "latest", "prefix": "r", "resume": token}));
+        }
+    }
+    producer.join().unwrap();
+    assert!(disconnects >= 50, "{disconnects} disconnects");
+    // The truth: every view change of keys r* in the changelog after the snapshot.
+    let expected = changelog_offsets(&kappa, "__kappa.view.latest.v1", first_position.unwrap(), "r");
+    assert!(expected.len() >= 10_000, "{} changes", expected.len());
+    let duplicates = received.len() - received.iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert_eq!(duplicates, 0, "duplicates");
+    assert!(received.windows(2).all(|w| w[0] < w[1]), "changelog order");
+    let missing: Vec<_> = expected.iter().filter(|o| !received.contains(o)).take(5).collect();
+    assert!(missing.is_empty(), "gaps at {missing:?}");
+    assert_eq!(received, expected);
+}
+
+fn parse_token(token: &str) -> i64 {
+    token.split_once('.').unwrap().1.parse().unwrap()
+}
+
+/// Offsets of view changes to keys starting with `prefix`, from `from` to the end.
+fn changelog_offsets(kappa: &Kappa, topic: &str, from: i64, prefix: &str) -> Vec<i64> {
+    let partition = kappa.log.partition(topic, 0).unwrap();
+    let mut offsets = Vec::new();
+    let mut offset = from;
+    while offset < partition.high_watermark() {
+        let read = partition.read(offset, 1 << 20, kappa_log::Isolation::ReadUncommitted).unwrap();
+        let mut rest = read.records.as_slice();
+        while !rest.is_empty() {
+            let len = kappa_log::batch::batch_total_len(rest, rest.len()).unwrap();
+            let records = kappa_log::records::decode_records(&rest[..len], 1 << 26).unwrap();
+            for r in records.iter() {
+                if r.offset() >= from && r.key.is_some_and(|k| k.starts_with(prefix.as_bytes())) {
+                    offsets.push(r.offset());
+                }
+                offset = r.offset() + 1;
+            }
+            rest = &rest[len..];
+        }
+    }
+    offsets
+}
+
+#[test]
+fn a_cutover_during_a_subscription_sends_reset_and_a_fresh_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let kappa = Kappa::start_in(dir, vec![latest(1)], HttpConfig::default());
+    kappa.produce(json!([{"key": "k", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let dir = kappa.stop();
+    let kappa = Kappa::start_in(dir, vec![latest(1), latest(2)], HttpConfig::default());
+    // Hold version 1 while version 2 builds, then subscribe and switch.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kappa.get("/v1/views/latest").1["active"] != 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 1})).0, 200);
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k"}));
+    let first = ws.next();
+    assert_eq!((first["type"].as_str(), first["version"].as_u64()), (Some("snapshot"), Some(1)));
+    assert_eq!(first["items"][0]["value"], 1);
+    assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 2})).0, 200);
+    let reset = ws.next();
+    assert_eq!(reset["type"], "reset", "{reset}");
+    let snapshot = ws.next();
+    assert_eq!((snapshot["type"].as_str(), snapshot["version"].as_u64()), (Some("snapshot"), Some(2)));
+    assert_eq!(snapshot["items"][0]["value"], json!({"v2": 1}));
+    // A token from version 1 resumes into a reset on version 2.
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k", "resume": first["token"]}));
+    assert_eq!(ws.next()["type"], "reset");
+    assert_eq!(ws.next()["version"], 2);
+}
+
+#[test]
+fn a_slow_consumer_gets_an_error_and_is_disconnected_while_others_continue() {
+    let config = HttpConfig { subscriber_queue_max: 8, ..HttpConfig::default() };
+    let kappa = Kappa::start(vec![latest(1)], config);
+    kappa.wait_caught_up("latest");
+    let mut slow = Ws::connect(kappa.addr);
+    slow.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "prefix": ""}));
+    assert_eq!(slow.next()["type"], "snapshot");
+    let mut fast = Ws::connect(kappa.addr);
+    fast.send(&json!({"op": "subscribe", "id": "f", "view": "latest", "key": "last"}));
+    assert_eq!(fast.next()["type"], "snapshot");
+    // The slow client stops reading while thousands of changes arrive.
+    for round in 0..200 {
+        let records: Vec<Value> = (0..50).map(|k| json!({"key": format!("k{k}"), "value": "x".repeat(2000) + &round.to_string()})).collect();
+        kappa.produce(Value::Array(records));
+    }
+    kappa.produce(json!([{"key": "last", "value": true}]));
+    assert_eq!(fast.next()["value"], true, "the other client is unaffected");
+    let mut saw_error = false;
+    loop {
+        match slow.socket.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                let message: Value = serde_json::from_str(&text).unwrap();
+                if message["type"] == "error" {
+                    assert_eq!(message["code"], "slow_consumer");
+                    saw_error = true;
+                }
+            }
+            Ok(tungstenite::Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    assert!(saw_error, "the slow client was told why before being disconnected");
+}
+
+#[test]
+fn sse_streams_a_snapshot_then_changes_and_resumes_from_last_event_id() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "s1", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let mut events = Sse::open(&kappa, "/v1/views/latest/watch?key=s1", None);
+    let (name, id, data) = events.next();
+    assert_eq!(name, "snapshot");
+    assert_eq!(data["items"][0]["value"], 1);
+    kappa.produce(json!([{"key": "s1", "value": 2}]));
+    let (name, change_id, data) = events.next();
+    assert_eq!((name.as_str(), data["value"].as_i64()), ("change", Some(2)));
+    drop(events);
+    // One view step each (a step that saw both would publish only the latest value).
+    kappa.produce(json!([{"key": "s1", "value": 3}]));
+    kappa.wait_caught_up("latest");
+    kappa.produce(json!([{"key": "s1", "value": 4}]));
+    let mut resumed = Sse::open(&kappa, "/v1/views/latest/watch?key=s1", Some(&change_id));
+    let values: Vec<i64> = (0..2).map(|_| resumed.next().2["value"].as_i64().unwrap()).collect();
+    assert_eq!(values, vec![3, 4], "exactly the changes after Last-Event-ID");
+    assert!(!id.is_empty());
+    let (status, body) = request(kappa.addr, "GET", "/v1/views/latest/watch", None, &[]);
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")));
+    let (status, body) = request(kappa.addr, "GET", "/v1/views/latest/watch?key=a", None, &[("Last-Event-ID", "garbage")]);
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_token")));
+}
+
+/// A minimal Server-Sent Events reader.
+struct Sse {
+    reader: BufReader<TcpStream>,
+}
+
+impl Sse {
+    fn open(kappa: &Kappa, path: &str, last_event_id: Option<&str>) -> Self {
+        let mut stream = TcpStream::connect(kappa.addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n", kappa.addr);
+        if let Some(id) = last_event_id {
+            head.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("200"), "{line}");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.trim().is_empty() {
+                break;
+            }
+        }
+        Self { reader }
+    }
+
+    /// The next event: (name, id, data as JSON). Chunk-size lines and keep-alives skipped.
+    fn next(&mut self) -> (String, String, Value) {
+        let (mut name, mut id, mut data) = (String::new(), String::new(), String::new());
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("an SSE line within 30 s");
+            assert!(n > 0, "the SSE stream ended (event so far: {name} {id} {data})");
+            let line = line.trim_end_matches(['\r', '\n']);
+            if std::env::var("SSE_DEBUG").is_ok() {
+                eprintln!("sse line: {line:?}");
+            }
+            if let Some(v) = line.strip_prefix("event: ").or_else(|| line.strip_prefix("event:")) {
+                name = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("id: ").or_else(|| line.strip_prefix("id:")) {
+                id = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+                data.push_str(v);
+            } else if line.is_empty() && !data.is_empty() {
+                return (name, id, serde_json::from_str(&data).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn limits_are_enforced_per_connection() {
+    let config = HttpConfig { subscriptions_per_connection_max: 2, ..HttpConfig::default() };
+    let kappa = Kappa::start(vec![latest(1)], config);
+    kappa.wait_caught_up("latest");
+    let mut ws = Ws::connect(kappa.addr);
+    for id in ["a", "b"] {
+        ws.send(&json!({"op": "subscribe", "id": id, "view": "latest", "key": id}));
+        assert_eq!(ws.next()["type"], "snapshot");
+    }
+    ws.send(&json!({"op": "subscribe", "id": "c", "view": "latest", "key": "c"}));
+    assert_eq!(ws.next()["code"], "too_many_subscriptions");
+    let _ = BTreeMap::<u8, u8>::new();
+}

@@ -1,0 +1,230 @@
+//! An in-process kappa: a real log in a temp directory, the view engine with test views,
+//! and the HTTP API on a loopback port; plus a small blocking HTTP client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kappa_http::{AppState, HttpConfig};
+use kappa_log::{Log, LogOptions};
+use kappa_views::{EmbeddedLog, EngineConfig, Event, EventError, Reducer, Schemas, View, ViewEngine};
+use serde_json::Value;
+
+pub const TOPIC: &str = "items";
+
+/// key → the latest JSON value of that key (v1), or `{"v2": value}` (v2); a tombstone
+/// deletes the key.
+pub struct Latest {
+    pub wrap: bool,
+}
+
+impl Reducer for Latest {
+    type State = Value;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<Value>, event: &Event) -> Result<Option<Value>, EventError> {
+        let Some(value) = event.payload()? else { return Ok(None) };
+        Ok(Some(if self.wrap { serde_json::json!({"v2": value}) } else { value.clone() }))
+    }
+}
+
+pub fn latest(version: u32) -> View {
+    View::reducer("latest", version, &[TOPIC], Latest { wrap: version > 1 })
+}
+
+pub struct Kappa {
+    pub dir: tempfile::TempDir,
+    pub log: Arc<Log>,
+    pub engine: ViewEngine,
+    pub addr: SocketAddr,
+    pub runtime: tokio::runtime::Runtime,
+}
+
+impl Kappa {
+    pub fn start(views: Vec<View>, config: HttpConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, views, config)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, views: Vec<View>, config: HttpConfig) -> Self {
+        let log = Arc::new(Log::open(&dir.path().join("log"), LogOptions::default()).unwrap().0);
+        if log.topic(TOPIC).is_err() {
+            log.create_topic(TOPIC, 3, &BTreeMap::new()).unwrap();
+        }
+        let engine_config = EngineConfig { schemas: Schemas::new(), ..EngineConfig::new(dir.path().join("views")) };
+        let engine = ViewEngine::start(Arc::new(EmbeddedLog::new(log.clone())), engine_config, views).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(log.clone(), engine.clone(), config);
+        runtime.spawn(kappa_http::run(listener, state, std::future::pending()));
+        Self { dir, log, engine, addr, runtime }
+    }
+
+    /// Stops everything, keeping the directory.
+    pub fn stop(self) -> tempfile::TempDir {
+        self.runtime.shutdown_background();
+        self.engine.shutdown();
+        self.log.close().unwrap();
+        self.dir
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        request(self.addr, "GET", path, None, &[])
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        request(self.addr, "POST", path, Some(body.to_string().as_bytes()), &[])
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> (u16, Value) {
+        request(self.addr, "POST", path, Some(body), &[])
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        request(self.addr, "DELETE", path, None, &[])
+    }
+
+    /// Produces records over HTTP; panics unless 200.
+    pub fn produce(&self, records: Value) -> Value {
+        let (status, body) = self.post(&format!("/v1/topics/{TOPIC}/records"), &serde_json::json!({"records": records}));
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub fn wait_caught_up(&self, view: &str) {
+        assert!(self.engine.wait_caught_up(view, Duration::from_secs(30)).unwrap(), "{view} did not catch up");
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (Null when
+/// the body is not JSON).
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> (u16, Value) {
+    let (status, text) = request_text(addr, method, path, body, headers);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+pub fn request_text(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    if let Some(body) = body {
+        stream.write_all(body).unwrap();
+    }
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut chunked = false;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if lower == "transfer-encoding: chunked" {
+            chunked = true;
+        }
+        if let Some(v) = lower.strip_prefix("content-length: ") {
+            length = v.parse::<usize>().ok();
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).unwrap();
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).unwrap();
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(length) = length {
+        body.resize(length, 0);
+        reader.read_exact(&mut body).unwrap();
+    } else {
+        reader.read_to_end(&mut body).unwrap();
+    }
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A WebSocket client (blocking).
+pub struct Ws {
+    pub socket: tungstenite::WebSocket<TcpStream>,
+}
+
+impl Ws {
+    pub fn connect(addr: SocketAddr) -> Self {
+        Self::connect_with_origin(addr, None).expect("websocket handshake")
+    }
+
+    pub fn connect_with_origin(addr: SocketAddr, origin: Option<&str>) -> Result<Self, tungstenite::Error> {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/v1/ws")).unwrap();
+        if let Some(origin) = origin {
+            request.headers_mut().insert("Origin", origin.parse().unwrap());
+        }
+        let (socket, _) = tungstenite::client::client(request, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => panic!("blocking handshake interrupted"),
+        })?;
+        Ok(Self { socket })
+    }
+
+    pub fn send(&mut self, message: &Value) {
+        self.socket.send(tungstenite::Message::Text(message.to_string().into())).unwrap();
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.socket.send(tungstenite::Message::Text(text.to_owned().into())).unwrap();
+    }
+
+    /// The next JSON message, or None on timeout.
+    pub fn try_next(&mut self) -> Option<Value> {
+        loop {
+            match self.socket.read() {
+                Ok(tungstenite::Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+                Ok(tungstenite::Message::Close(frame)) => panic!("closed: {frame:?}"),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) => panic!("websocket: {e}"),
+            }
+        }
+    }
+
+    /// The next JSON message (panics on close or timeout).
+    pub fn next(&mut self) -> Value {
+        loop {
+            match self.socket.read().expect("websocket message") {
+                tungstenite::Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                tungstenite::Message::Close(frame) => panic!("closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+}
