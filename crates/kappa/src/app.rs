@@ -163,6 +163,11 @@ impl App {
         let listener = tokio::net::TcpListener::bind(settings.kafka_listen).await.with_context(|| {
             format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen)
         })?;
+        // Bind both listeners before anything slow, so a client that sees one port open
+        // finds the other open too.
+        let http_listener = tokio::net::TcpListener::bind(settings.http_listen).await.with_context(|| {
+            format!("binding the HTTP listener on {} (is another server running there? pick another with --http-listen)", settings.http_listen)
+        })?;
         let kafka_port = listener.local_addr()?.port();
         let config = BrokerConfig {
             advertised_host: settings.advertised_host.clone(),
@@ -177,9 +182,6 @@ impl App {
             let data_dir = settings.data_dir.clone();
             tokio::task::spawn_blocking(move || self.start_views(&log, &data_dir, true)).await??
         };
-        let http_listener = tokio::net::TcpListener::bind(settings.http_listen).await.with_context(|| {
-            format!("binding the HTTP listener on {} (is another server running there? pick another with --http-listen)", settings.http_listen)
-        })?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown_signal().await;

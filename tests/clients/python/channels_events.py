@@ -5,6 +5,8 @@ the three example views written independently of the Rust code.
   channels_events.py produce --bootstrap HOST:PORT --seed S --start I --count N
       produces events I..I+N with confluent-kafka (idempotent, acks=all); exits 1 unless
       every one was acknowledged.
+  channels_events.py aborted --bootstrap HOST:PORT
+      an aborted transaction (channel `aborted`), then a committed one (`after-abort`).
   channels_events.py expect --seed S --count N
       prints {"channel_page": {...}, "channel_stats": {...}, "owner_channels": {...}} after
       events 0..N.
@@ -138,6 +140,26 @@ def produce(bootstrap, seed, start, count):
         sys.exit(1)
 
 
+def aborted(bootstrap):
+    """An aborted transaction writing channel `aborted`, then a committed one writing
+    `after-abort`: read_committed readers (and views) must see only the second."""
+    from confluent_kafka import Producer
+    producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": "channels-abort-test",
+                         "message.timeout.ms": 30000})
+    producer.init_transactions(30)
+    def created(channel, name):
+        value = {"channelId": channel, "name": name, "ownerId": "u9"}
+        producer.produce(TOPIC, key=channel.encode(), value=json.dumps(value).encode(),
+                         headers=[("kappa.type", b"ChannelCreated"), ("kappa.version", b"1")])
+    producer.begin_transaction()
+    created("aborted", "never")
+    producer.flush(30)
+    producer.abort_transaction(30)
+    producer.begin_transaction()
+    created("after-abort", "committed")
+    producer.commit_transaction(30)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,12 +168,16 @@ def main():
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--count", type=int, required=True)
+    a = sub.add_parser("aborted")
+    a.add_argument("--bootstrap", required=True)
     e = sub.add_parser("expect")
     e.add_argument("--seed", type=int, required=True)
     e.add_argument("--count", type=int, required=True)
     args = parser.parse_args()
     if args.command == "produce":
         produce(args.bootstrap, args.seed, args.start, args.count)
+    elif args.command == "aborted":
+        aborted(args.bootstrap)
     else:
         json.dump(expect(args.seed, args.count), sys.stdout, sort_keys=True)
 

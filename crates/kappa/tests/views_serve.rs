@@ -1,0 +1,95 @@
+//! The README's tour against the real channels application: events produced with kcat
+//! (headers), KafkaJS (headers), kafka-node (type in the payload) and HTTP reach the three
+//! views, which answer over HTTP; a transaction aborted by a real client never shows up.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Server, example_binary, repo_root, run};
+use serde_json::{Value, json};
+
+#[path = "../../kappa-http/tests/common/http.rs"]
+mod http;
+
+fn kcat_produce(server: &Server, key: &str, value: &str, headers: &[&str]) {
+    let mut command = Command::new("sh");
+    let headers: String = headers.iter().map(|h| format!(" -H '{h}'")).collect();
+    command.arg("-c").arg(format!("printf '%s\\n' '{value}' | kcat -b {} -t channels -P -k {key}{headers}", server.bootstrap()));
+    run(&mut command, Duration::from_secs(30), server);
+}
+
+/// Polls a view key until it equals `want` (views apply events asynchronously).
+fn wait_for_key(server: &Server, view: &str, key: &str, want: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http::request(server.http, "GET", &format!("/v1/views/{view}/keys/{key}"), None, &[]);
+        if status == 200 && &body["value"] == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{view}/{key}: last answer {status} {body}, want {want}\nserver log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_binary_in(&example_binary("channels"), temp.path(), &[]);
+    kcat_produce(&server, "c1", r#"{"channelId":"c1","name":"News","ownerId":"u1"}"#, &["kappa.type=ChannelCreated", "kappa.version=1"]);
+    kcat_produce(
+        &server,
+        "c1",
+        r#"{"channelId":"c1","contentId":"x1","action":"upsert","content":{"title":"Hi","body":"first"}}"#,
+        &["kappa.type=ChannelContentMutated", "kappa.version=2", "contentId=x1"],
+    );
+    kcat_produce(&server, "c1", r#"{"type":"ChannelContentMutated","version":1,"channelId":"c1","contentId":"x2","op":"added","text":"old shape"}"#, &[]);
+    let body = json!({"records": [{"key": "c2", "value": {"channelId": "c2", "name": "Sport", "ownerId": "u1"}, "headers": {"kappa.type": "ChannelCreated"}}]});
+    let (status, answer) = http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]);
+    assert_eq!(status, 200, "{answer}");
+    let mut node = Command::new("node");
+    node.current_dir(repo_root().join("tests/clients/node")).arg("channels-produce.js").arg(server.bootstrap());
+    run(&mut node, Duration::from_secs(90), &server);
+
+    wait_for_key(&server, "channel_page", "c1", &json!({
+        "channelId": "c1", "name": "News", "ownerId": "u1",
+        "content": {"x1": {"title": "Hi", "body": "first"}, "x2": {"title": null, "body": "old shape"}}
+    }));
+    wait_for_key(&server, "channel_stats", "c1", &json!({"contentCount": 2}));
+    wait_for_key(&server, "owner_channels", "u1", &json!({"channels": ["c1", "c2"]}));
+    wait_for_key(&server, "channel_page", "js1", &json!({
+        "channelId": "js1", "name": "From KafkaJS", "ownerId": "u-js", "content": {"a": {"title": "T", "body": "B"}}
+    }));
+    wait_for_key(&server, "channel_page", "kn1", &json!({
+        "channelId": "kn1", "name": "From kafka-node", "ownerId": "u-kn", "content": {"a": {"title": null, "body": "v1 text"}}
+    }));
+
+    // Removing an item (tombstone with contentId) and deleting a channel (tombstone without).
+    let body = json!({"records": [
+        {"key": "c1", "value": null, "headers": {"kappa.type": "ChannelContentMutated", "contentId": "x1"}},
+        {"key": "c2", "value": null, "headers": {"kappa.type": "ChannelDeleted"}},
+    ]});
+    assert_eq!(http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]).0, 200);
+    wait_for_key(&server, "channel_stats", "c1", &json!({"contentCount": 1}));
+    wait_for_key(&server, "owner_channels", "u1", &json!({"channels": ["c1"]}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http::request(server.http, "GET", "/v1/views/channel_page/keys/c2", None, &[]).0 != 404 {
+        assert!(Instant::now() < deadline, "c2 was not deleted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A transaction aborted by a real client (confluent-kafka) never reaches a view.
+    let script = repo_root().join("tests/clients/python/channels_events.py");
+    let mut python = Command::new("python3");
+    python.arg(script).args(["aborted", "--bootstrap", &server.bootstrap()]);
+    run(&mut python, Duration::from_secs(60), &server);
+    wait_for_key(&server, "channel_page", "after-abort", &json!({
+        "channelId": "after-abort", "name": "committed", "ownerId": "u9", "content": {}
+    }));
+    let (status, _) = http::request(server.http, "GET", "/v1/views/channel_page/keys/aborted", None, &[]);
+    assert_eq!(status, 404, "the aborted transaction's channel is not in the view");
+    let (_, views) = http::request(server.http, "GET", "/v1/views", None, &[]);
+    let statuses: Vec<&str> = views["views"].as_array().unwrap().iter().map(|v| v["versions"][0]["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, vec!["serving", "serving", "serving"], "{views}");
+}
