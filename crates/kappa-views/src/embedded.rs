@@ -139,10 +139,11 @@ impl LogBackend for EmbeddedLog {
         }
         WAITER.with(|runtime| {
             runtime.block_on(async {
+                // The futures must live across polls: dropping one unregisters its waker.
+                let mut changes: Vec<_> = watches.iter_mut().map(|watch| Box::pin(watch.changed())).collect();
                 let any_changed = std::future::poll_fn(|cx| {
-                    for watch in watches.iter_mut() {
-                        let changed = std::pin::pin!(watch.changed());
-                        if changed.poll(cx).is_ready() {
+                    for changed in changes.iter_mut() {
+                        if changed.as_mut().poll(cx).is_ready() {
                             return std::task::Poll::Ready(());
                         }
                     }

@@ -48,8 +48,10 @@ pub const VIEW_VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Decoded state kept in memory between steps (about half the clean entries are dropped
 /// when there are more).
 pub const CACHE_ENTRIES_MAX: usize = 500_000;
-/// How often the store is made durable (bounds recovery replay, not correctness).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the store is made durable. It bounds how much changelog a restart replays,
+/// not correctness; each checkpoint fsyncs the store and stalls the view for that long
+/// (tens of ms on a large store), so it is rare.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long an idle runner waits for input before checking for shutdown.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -544,7 +546,7 @@ impl Runner {
             assert_eq!(last - base, changes.len() as i64, "a step's changelog batch is its changes plus one marker");
             if self.progress.caught_up {
                 // Live: subscribers see a change once it is durable, so wait now (later
-                // steps grow while this waits). Building: the checkpoint waits, once a second.
+                // steps grow while this waits). Building: the checkpoint waits (CHECKPOINT_INTERVAL).
                 self.backend.wait_durable(&self.shared.changelog_topic, 0, last + 1)?;
             }
             writes.extend(changes.into_iter().enumerate().map(|(i, change)| store_write(change, base + i as i64)));

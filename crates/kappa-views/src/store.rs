@@ -125,7 +125,9 @@ impl Store {
     pub fn commit(&self, writes: &[StoreWrite], progress: &Progress, durability: Durability) -> Result<()> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(durability).map_err(|e| self.err(e))?;
-        txn.set_quick_repair(true);
+        // Saving the allocator state costs time proportional to the database's size; only
+        // durable commits need it (a crash falls back to the last durable commit).
+        txn.set_quick_repair(matches!(durability, Durability::Immediate));
         {
             let mut view = txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
             let mut internal = txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
