@@ -70,10 +70,9 @@ function parseToken(token) {
   return Number.isInteger(version) && Number.isInteger(offset) ? [version, offset] : null;
 }
 
+/** `http(s)://host[/base]` → `ws(s)://host[/base]/v1/ws`. */
 function httpToWs(base) {
-  const url = new URL('/v1/ws', base);
-  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-  return url.href;
+  return base.replace(/^http/, 'ws') + '/v1/ws';
 }
 
 /** A client for one kappa server. */
@@ -88,6 +87,7 @@ export class Kappa extends Emitter {
     const base = url ?? globalThis.location?.origin;
     if (!base) throw new KappaError('invalid_url', 'give the server address, e.g. new Kappa("http://127.0.0.1:8080")');
     this.url = new URL(base).href.replace(/\/$/, '');
+    if (!/^https?:/.test(this.url)) throw new KappaError('invalid_url', `the server address must be http(s)://..., not ${base}`);
     this.wsUrl = options.wsUrl ?? httpToWs(this.url);
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);

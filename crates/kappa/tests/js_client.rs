@@ -69,7 +69,9 @@ fn node_test(files: &[&str]) {
     let what = format!("node --test {} (in {})", files.join(" "), dir.display());
     match status {
         None => panic!("{what} timed out after {TIMEOUT:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"),
-        Some(status) if !status.success() => panic!("{what} failed with {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"),
+        Some(status) if !status.success() => {
+            panic!("{what} failed with {status}\nstdout:\n{stdout}\nstderr:\n{stderr}")
+        }
         Some(_) => eprintln!("{what} passed in {:.1} s\n{stdout}", started.elapsed().as_secs_f64()),
     }
 }
@@ -81,7 +83,12 @@ fn js_client_reads_follows_keys_and_prefixes_and_resumes_across_kill9() {
 
 #[test]
 fn page_watches_a_view_live_in_headless_chromium() {
-    let chromium = std::env::var_os("KAPPA_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    assert!(Path::new(&chromium).exists(), "no Chromium at {}: `apt-get install chromium` (scripts/test-all does)", chromium.display());
+    let chromium =
+        std::env::var_os("KAPPA_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        Path::new(&chromium).exists(),
+        "no Chromium at {}: `apt-get install chromium` (scripts/test-all does)",
+        chromium.display()
+    );
     node_test(&["test/page.test.js"]);
 }
