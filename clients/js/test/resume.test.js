@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import { WebSocket } from 'ws';
 
 import { Kappa } from '../kappa.js';
-import { ChannelsServer, eventually, events, sleep } from './helpers.js';
+import { ChannelsServer, eventually, events, freePort, sleep } from './helpers.js';
 
 const RESTARTS = 4;
 const BACKOFF = { initialMs: 40, maxMs: 320, factor: 2, jitter: 0 };
@@ -141,4 +141,26 @@ test('subscriptions resume across kill -9 and restart without gap, duplicate or 
   const order = seen.page.map((c) => Number(c.value.name.slice(1)));
   assert.deepEqual(order, [...order].sort((a, b) => a - b), 'names arrive in the order they were produced');
   t.diagnostic(`produced ${produced} steps across ${RESTARTS} kill -9 restarts; the client saw ${seen.page.length} page and ${seen.stats.length} stats changes`);
+});
+
+test('a client started before its server keeps retrying and subscribes once the server is up', async (t) => {
+  const server = new ChannelsServer();
+  server.kafkaPort = await freePort();
+  server.httpPort = await freePort();
+  const kappa = new Kappa(server.url, { WebSocket, backoff: BACKOFF });
+  t.after(async () => {
+    kappa.close();
+    await server.stop();
+  });
+  const closed = [];
+  kappa.on('status', (status, detail) => status === 'closed' && closed.push(detail.retryInMs));
+  const sub = kappa.subscribe('channel_page', 'early', () => {});
+  await eventually('failed connection attempts', () => closed.length >= 4, { timeoutMs: 10_000 });
+  assert.equal(sub.status, 'connecting');
+  await server.spawn();
+  await sub.ready;
+  assert.equal(sub.value, undefined);
+  await server.produce([events.created('early', 'finally')]);
+  await eventually('the change', () => sub.value?.name === 'finally', { server });
+  assert.deepEqual(closed.slice(0, 4), [40, 80, 160, 320]);
 });
