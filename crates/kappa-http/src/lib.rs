@@ -5,6 +5,8 @@
 //! Code map: `views.rs` (view reads and admin), `topics.rs` (topics and produce, with the
 //! key → latest offset index), `live.rs` (the per-view changelog hub and the subscription
 //! protocol both transports share), `ws.rs`, `sse.rs`, `metrics.rs`, `error.rs`.
+//! `page.html` is the page served at `/`; it imports the JavaScript client
+//! (`clients/js/kappa.js`), served at `/kappa.js`.
 //!
 //! Invariant: this is the only crate that knows the API's JSON shapes. It reads views
 //! through `kappa_views::ViewEngine` and their changelogs through the engine's backend.
@@ -110,6 +112,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let body_max = state.config.request_body_bytes_max;
     Router::new()
         .route("/", get(page))
+        .route("/kappa.js", get(client_js))
         .route("/health", get(health))
         .route("/metrics", get(metrics::render))
         .route("/v1/views", get(views::list))
@@ -215,4 +218,10 @@ async fn not_found() -> ApiError {
 
 async fn page() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("page.html"))
+}
+
+/// The JavaScript client (`clients/js/kappa.js`), which the page imports; an app on the
+/// same origin can `import { Kappa } from '/kappa.js'` too.
+async fn client_js() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../../../clients/js/kappa.js"))
 }
