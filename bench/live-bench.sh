@@ -10,7 +10,7 @@ CONNECTIONS="${CONNECTIONS:-10000}"
 cargo build --release -p kappa --examples >/dev/null
 DIR="$(mktemp -d /var/tmp/kappa-live-bench.XXXXXX)"
 trap 'kill $SERVER 2>/dev/null; rm -rf "$DIR"' EXIT
-./target/release/examples/channels serve --data-dir "$DIR" --kafka-listen 127.0.0.1:19092 --http-listen 127.0.0.1:18080 2>"$DIR.log" &
+./target/release/examples/channels serve --data-dir "$DIR" --kafka-listen 127.0.0.1:19092 --http-listen 127.0.0.1:18080 --http-connections-max $((CONNECTIONS + 100)) 2>"$DIR.log" &
 SERVER=$!
 for _ in $(seq 100); do curl -sf 127.0.0.1:18080/health >/dev/null 2>&1 && break; sleep 0.1; done
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -25,6 +25,11 @@ use crate::live::{LiveMessage, Target, Token, run_subscription};
 /// checked by us, answers with an error and keeps the connection).
 const WS_FRAME_BYTES_HARD_MAX: usize = 16 * 1024 * 1024;
 
+/// Bytes read from a WebSocket at a time.
+const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes a WebSocket may hold unsent beyond our queue before writes fail.
+const WS_WRITE_BUFFER_BYTES_MAX: usize = 1024 * 1024;
+
 /// WebSocket close code for a client that cannot keep up (RFC 6455 1008: policy violation).
 const CLOSE_SLOW_CONSUMER: u16 = 1008;
 
@@ -33,7 +38,14 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
         return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin may not open WebSockets here; add it to --http-allowed-origins").into_response();
     }
     let hard_max = WS_FRAME_BYTES_HARD_MAX.max(state.config.ws_message_bytes_max);
-    ws.max_message_size(hard_max).max_frame_size(hard_max).on_upgrade(move |socket| connection(state, socket))
+    // Small socket buffers: tungstenite's defaults (128 KiB each way) would cost ~130 KiB
+    // per idle subscriber; our own bounded queue does the buffering.
+    ws.max_message_size(hard_max)
+        .max_frame_size(hard_max)
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_write_buffer_size(WS_WRITE_BUFFER_BYTES_MAX.max(hard_max))
+        .on_upgrade(move |socket| connection(state, socket))
 }
 
 #[derive(Debug, Deserialize)]
