@@ -44,10 +44,22 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ViewCommand {
-    /// List views and their versions.
+    /// List views and their versions (status, lag, progress).
     ///
-    /// Example: kappa view list --data-dir ./kappa-data
-    List(DataDirArgs),
+    /// Example: kappa view list            (a running server; or --data-dir for a stopped one)
+    List(Target),
+    /// Show a view's versions; while one rebuilds, a live progress bar (rate, ETA) until it
+    /// has caught up.
+    ///
+    /// Example: kappa view status channel_page
+    Status {
+        view: String,
+        /// Print once and exit instead of following a rebuild.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Print one key of a view as JSON, now or as of a past point.
     ///
     /// Example: kappa view get channel_page c1 --as-of 2026-11-26T10:00:00Z
@@ -58,11 +70,47 @@ enum ViewCommand {
         #[arg(long)]
         as_of: Option<String>,
         #[command(flatten)]
-        data: DataDirArgs,
+        target: Target,
     },
-    /// Print every key of a view as JSON lines `{"key":..,"value":..}`, in key order.
+    /// Follow a key or a key prefix: the snapshot, then every change, as JSON lines.
     ///
-    /// Example: kappa view dump channel_page --catch-up
+    /// Example: kappa view watch channel_page --prefix c
+    Watch {
+        view: String,
+        /// One key to follow.
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        key: Option<String>,
+        /// Follow every key starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Make a version serve reads (cutover or rollback).
+    ///
+    /// Example: kappa view switch channel_page 2
+    Switch {
+        view: String,
+        version: u32,
+        /// Switch even to a version that has not caught up.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Delete a version that does not serve reads (its state and changelog).
+    ///
+    /// Example: kappa view retire channel_page 1
+    Retire {
+        view: String,
+        version: u32,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Print every key of a view as JSON lines `{"key":..,"value":..}`, in key order, from a
+    /// stopped server's data directory.
+    ///
+    /// Example: kappa view dump channel_page --catch-up --data-dir ./kappa-data
     Dump {
         view: String,
         /// First apply every input record not yet applied (runs the view until caught up).
@@ -75,6 +123,23 @@ enum ViewCommand {
         #[command(flatten)]
         data: DataDirArgs,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+struct ServerArgs {
+    /// A running server's HTTP address
+    #[arg(long, env = "KAPPA_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+}
+
+/// A running server (the default), or a stopped server's data directory.
+#[derive(Debug, Clone, Args)]
+struct Target {
+    /// Read a stopped server's data directory instead of asking a running server.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -222,21 +287,18 @@ impl App {
     }
 
     fn view_command(self, command: ViewCommand) -> anyhow::Result<()> {
-        let data_dir = match &command {
-            ViewCommand::List(data) | ViewCommand::Get { data, .. } | ViewCommand::Dump { data, .. } => {
-                data.data_dir.clone()
-            }
-        };
-        let run = matches!(command, ViewCommand::Dump { catch_up: true, .. });
-        let _lock = lock_data_dir(&data_dir)?;
-        let log = Arc::new(
-            Log::open(&data_dir, LogOptions::default())
-                .with_context(|| format!("opening data directory {}", data_dir.display()))?
-                .0,
-        );
-        let engine = self.start_views(&log, &data_dir, run)?;
         match command {
-            ViewCommand::List(_) => {
+            ViewCommand::List(Target { data_dir: None, server }) => crate::view_cli::list(&server.server),
+            ViewCommand::Status { view, once, server } => crate::view_cli::status(&server.server, &view, once),
+            ViewCommand::Get { view, key, as_of, target: Target { data_dir: None, server } } => {
+                crate::view_cli::get(&server.server, &view, &key, as_of.as_deref())
+            }
+            ViewCommand::Watch { view, key, prefix, server } => {
+                crate::view_cli::watch(&server.server, &view, key.as_deref(), prefix.as_deref())
+            }
+            ViewCommand::Switch { view, version, force, server } => crate::view_cli::switch(&server.server, &view, version, force),
+            ViewCommand::Retire { view, version, server } => crate::view_cli::retire(&server.server, &view, version),
+            ViewCommand::List(Target { data_dir: Some(dir), .. }) => self.offline(&dir, false, |engine| {
                 for view in engine.list() {
                     for version in &view.versions {
                         println!(
@@ -250,31 +312,46 @@ impl App {
                         );
                     }
                 }
-            }
-            ViewCommand::Get { view, key, as_of, .. } => match as_of {
-                Some(at) => {
-                    let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
-                    let result = engine.as_of(&view, None, &at, Some(&key))?;
-                    match result.values.first() {
-                        Some((_, json)) => println!("{}", String::from_utf8_lossy(json)),
-                        None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
+                Ok(())
+            }),
+            ViewCommand::Get { view, key, as_of, target: Target { data_dir: Some(dir), .. } } => {
+                self.offline(&dir, false, |engine| match as_of {
+                    Some(at) => {
+                        let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
+                        let result = engine.as_of(&view, None, &at, Some(&key))?;
+                        match result.values.first() {
+                            Some((_, json)) => Ok(println!("{}", String::from_utf8_lossy(json))),
+                            None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
+                        }
                     }
-                }
-                None => match engine.get(&view, &key)?.value {
-                    Some(item) => println!("{}", String::from_utf8_lossy(&item.json)),
-                    None => bail!("view {view} has no key '{key}'"),
-                },
-            },
-            ViewCommand::Dump { view, catch_up, source, .. } => {
+                    None => match engine.get(&view, &key)?.value {
+                        Some(item) => Ok(println!("{}", String::from_utf8_lossy(&item.json))),
+                        None => bail!("view {view} has no key '{key}'"),
+                    },
+                })
+            }
+            ViewCommand::Dump { view, catch_up, source, data } => self.offline(&data.data_dir, catch_up, |engine| {
                 if catch_up && !engine.wait_caught_up(&view, CATCH_UP_TIMEOUT)? {
                     bail!("view {view} did not catch up with its inputs within {CATCH_UP_TIMEOUT:?}");
                 }
-                dump_view(&engine, &view, source)?;
-            }
+                dump_view(engine, &view, source)
+            }),
         }
+    }
+
+    /// Opens a stopped server's data directory, runs `f` on its views, closes it.
+    fn offline(self, data_dir: &Path, run: bool, f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let _lock = lock_data_dir(data_dir)?;
+        let log = Arc::new(
+            Log::open(data_dir, LogOptions::default())
+                .with_context(|| format!("opening data directory {}", data_dir.display()))?
+                .0,
+        );
+        let engine = self.start_views(&log, data_dir, run)?;
+        let result = f(&engine);
         engine.shutdown();
         log.close().context("closing the data directory")?;
-        Ok(())
+        result
     }
 }
 

@@ -18,7 +18,9 @@
 
 pub mod app;
 pub mod channels;
+pub mod http_client;
 pub mod settings;
+mod view_cli;
 
 pub use crate::app::App;
 pub use kappa_views::{

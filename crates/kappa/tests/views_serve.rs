@@ -93,3 +93,57 @@ fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
     let statuses: Vec<&str> = views["views"].as_array().unwrap().iter().map(|v| v["versions"][0]["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, vec!["serving", "serving", "serving"], "{views}");
 }
+
+fn cli(server: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(example_binary("channels"))
+        .arg("view")
+        .args(args)
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .output()
+        .expect("run the CLI")
+}
+
+#[test]
+fn the_view_command_line_talks_to_a_running_server() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_binary_in(&example_binary("channels"), temp.path(), &[]);
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() - 1;
+    std::thread::sleep(Duration::from_millis(20));
+    let body = json!({"records": [{"key": "c1", "value": {"channelId": "c1", "name": "News", "ownerId": "u1"}, "headers": {"kappa.type": "ChannelCreated"}}]});
+    assert_eq!(http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]).0, 200);
+    wait_for_key(&server, "channel_stats", "c1", &json!({"contentCount": 0}));
+    wait_for_key(&server, "channel_page", "c1", &json!({"channelId": "c1", "name": "News", "ownerId": "u1", "content": {}}));
+
+    let list = cli(&server, &["list"]);
+    assert!(list.status.success(), "{list:?}");
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("channel_page\tv1\tserving") && text.contains("owner_channels\tv1\tserving"), "{text}");
+    let get = cli(&server, &["get", "channel_stats", "c1"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), r#"{"contentCount":0}"#, "{get:?}");
+    let as_of = cli(&server, &["get", "channel_page", "c1", "--as-of", &before.to_string()]);
+    assert!(!as_of.status.success(), "c1 did not exist before the produce");
+    assert!(String::from_utf8_lossy(&as_of.stderr).contains("unknown_key"), "{as_of:?}");
+    let status = cli(&server, &["status", "channel_page", "--once"]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("v1\tserving"), "{status:?}");
+    // Bad requests: a nonzero exit and a message that says what is wrong.
+    let switch = cli(&server, &["switch", "channel_page", "7"]);
+    assert!(!switch.status.success() && String::from_utf8_lossy(&switch.stderr).contains("has no version 7"), "{switch:?}");
+    let retire = cli(&server, &["retire", "channel_page", "1"]);
+    assert!(!retire.status.success() && String::from_utf8_lossy(&retire.stderr).contains("serves reads"), "{retire:?}");
+    let unknown = cli(&server, &["get", "nope", "k"]);
+    assert!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("no view named 'nope'"), "{unknown:?}");
+    let unreachable = Command::new(example_binary("channels")).args(["view", "list", "--server", "http://127.0.0.1:1"]).output().unwrap();
+    assert!(!unreachable.status.success() && String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach"), "{unreachable:?}");
+    // watch: the snapshot first, as a JSON line.
+    let mut watch = Command::new(example_binary("channels"))
+        .args(["view", "watch", "channel_page", "c1"])
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(watch.stdout.take().unwrap()), &mut line).unwrap();
+    let _ = watch.kill();
+    let snapshot: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((snapshot["type"].as_str(), snapshot["items"][0]["key"].as_str()), (Some("snapshot"), Some("c1")));
+}

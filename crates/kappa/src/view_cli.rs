@@ -1,0 +1,159 @@
+//! `kappa view ...` against a running server, over its HTTP API.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::http_client::{self, Response};
+
+/// How often `view status` polls while following a rebuild.
+const STATUS_POLL: Duration = Duration::from_millis(500);
+
+fn expect_ok(response: Response, what: &str) -> anyhow::Result<Value> {
+    if response.status == 200 || response.status == 201 {
+        return Ok(response.json());
+    }
+    bail!("{what}: {}", response.error_message())
+}
+
+fn encode(segment: &str) -> String {
+    let mut out = String::new();
+    for byte in segment.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+fn version_line(name: &str, version: &Value) -> String {
+    let mut line = format!(
+        "{name}\tv{}\t{}\tevents={}\tlag={}",
+        version["version"],
+        version["status"].as_str().unwrap_or("?"),
+        version["events_applied"],
+        version["lag"]
+    );
+    if let Some(error) = version["error"].as_str() {
+        line.push_str(&format!("\terror: {error}"));
+    }
+    line
+}
+
+pub fn list(server: &str) -> anyhow::Result<()> {
+    let views = expect_ok(http_client::request(server, "GET", "/v1/views", None)?, "listing views")?;
+    for view in views["views"].as_array().into_iter().flatten() {
+        for version in view["versions"].as_array().into_iter().flatten() {
+            println!("{}", version_line(view["name"].as_str().unwrap_or("?"), version));
+        }
+    }
+    Ok(())
+}
+
+pub fn get(server: &str, view: &str, key: &str, as_of: Option<&str>) -> anyhow::Result<()> {
+    let mut path = format!("/v1/views/{}/keys/{}", encode(view), encode(key));
+    if let Some(at) = as_of {
+        path.push_str(&format!("?as_of={}", encode(at)));
+    }
+    let answer = expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading {view}/{key}"))?;
+    println!("{}", answer["value"]);
+    Ok(())
+}
+
+pub fn switch(server: &str, view: &str, version: u32, force: bool) -> anyhow::Result<()> {
+    let body = serde_json::json!({"version": version, "force": force}).to_string();
+    let path = format!("/v1/views/{}/switch", encode(view));
+    expect_ok(http_client::request(server, "POST", &path, Some(&body))?, &format!("switching {view} to v{version}"))?;
+    println!("{view}: version {version} serves reads");
+    Ok(())
+}
+
+pub fn retire(server: &str, view: &str, version: u32) -> anyhow::Result<()> {
+    let path = format!("/v1/views/{}/versions/{version}", encode(view));
+    expect_ok(http_client::request(server, "DELETE", &path, None)?, &format!("retiring {view} v{version}"))?;
+    println!("{view}: version {version} retired");
+    Ok(())
+}
+
+pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) -> anyhow::Result<()> {
+    let query = match (key, prefix) {
+        (Some(key), _) => format!("key={}", encode(key)),
+        (None, Some(prefix)) => format!("prefix={}", encode(prefix)),
+        (None, None) => bail!("give a key or --prefix"),
+    };
+    let path = format!("/v1/views/{}/watch?{query}", encode(view));
+    let mut failed = None;
+    let refused = http_client::stream_events(server, &path, |name, data| {
+        println!("{data}");
+        if name == "error" {
+            failed = Some(data.to_owned());
+            return false;
+        }
+        true
+    })?;
+    if let Some(response) = refused {
+        bail!("watching {view}: {}", response.error_message());
+    }
+    if let Some(error) = failed {
+        bail!("the server ended the subscription: {error}");
+    }
+    bail!("the server closed the stream (stopped?); resume with the last token")
+}
+
+/// Prints a view's versions; while one builds, follows it with a progress bar (a terminal)
+/// or a line per poll (anything else) until no version is building.
+pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/views/{}", encode(view));
+    let fetch = || -> anyhow::Result<Value> { expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading view {view}")) };
+    let info = fetch()?;
+    for version in info["versions"].as_array().into_iter().flatten() {
+        println!("{}", version_line(view, version));
+    }
+    let building = |info: &Value| -> Option<Value> {
+        info["versions"].as_array().into_iter().flatten().find(|v| v["status"] == "building").cloned()
+    };
+    let Some(first) = building(&info) else { return Ok(()) };
+    if once {
+        return Ok(());
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(total(&first));
+    if terminal {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} events {msg}")
+                .context("progress bar template")?
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{view} v{}", first["version"]));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    loop {
+        let info = fetch()?;
+        let Some(version) = building(&info) else {
+            bar.finish_with_message("caught up");
+            if !terminal {
+                println!("{view}: caught up");
+            }
+            return Ok(());
+        };
+        let applied = version["events_applied"].as_u64().unwrap_or(0);
+        let rate = version["rate_per_second"].as_f64().unwrap_or(0.0);
+        let eta = version["eta_seconds"].as_f64().map_or("?".to_owned(), |s| format!("{s:.0} s"));
+        let message = format!("{rate:.0}/s, ETA {eta}");
+        bar.set_length(total(&version));
+        bar.set_position(applied);
+        bar.set_message(message.clone());
+        if !terminal {
+            println!("{view} v{}: {applied}/{} events, {message}", version["version"], total(&version));
+        }
+        std::thread::sleep(STATUS_POLL);
+    }
+}
+
+fn total(version: &Value) -> u64 {
+    version["events_applied"].as_u64().unwrap_or(0) + version["lag"].as_u64().unwrap_or(0)
+}
