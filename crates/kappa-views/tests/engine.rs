@@ -464,3 +464,27 @@ fn bad_definitions_are_rejected_with_the_reason() {
     assert!(matches!(engine.get("unknown", "k"), Err(ViewError::UnknownView(_))));
     engine.shutdown();
 }
+
+#[test]
+fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from_what_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(kappa_log::Log::open(&dir.path().join("log"), kappa_log::LogOptions::default()).unwrap().0);
+    let configs = BTreeMap::from([("segment.bytes".to_owned(), "1024".to_owned()), ("retention.bytes".to_owned(), "2048".to_owned())]);
+    log.create_topic(TOPIC, 1, &configs).unwrap();
+    let partition = log.partition(TOPIC, 0).unwrap();
+    for i in 0..100 {
+        let record = event(&format!("k{}", i % 3), Some(json!({"n": 1})), None, None, 1_000 + i);
+        partition.append(kappa_log::records::BatchBuilder::new().record(record).build()).unwrap();
+    }
+    log.enforce_retention().unwrap();
+    let start = partition.log_start_offset();
+    assert!(start > 0, "retention removed the oldest segments");
+    let config = kappa_views::EngineConfig::new(dir.path().join("views"));
+    let engine = kappa_views::ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(log.clone())), config, vec![sum_view(1, 1)]).unwrap();
+    wait_caught_up(&engine, "sums");
+    let applied = engine.describe("sums").unwrap().versions[0].status.events_applied;
+    assert_eq!(applied, 100 - start, "the view applied what retention left");
+    let result = engine.as_of("sums", None, &AsOf::Timestamp(1_050), None);
+    assert!(matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains("deleted by retention")), "{result:?}");
+    engine.shutdown();
+}
