@@ -127,8 +127,37 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/topics/{topic}", get(topics::describe))
         .route("/v1/topics/{topic}/records", post(topics::produce))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(state)
+}
+
+/// CORS for the allowed browser origins: preflights are answered here, and responses to an
+/// allowed cross-origin request carry `Access-Control-Allow-Origin`. Other origins get no
+/// CORS headers, so browsers keep their pages from reading the API.
+async fn cors(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allowed = origin.is_some() && state.origin_allowed(request.headers());
+    if request.method() == axum::http::Method::OPTIONS && origin.is_some() {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        if allowed {
+            add_cors_headers(response.headers_mut(), origin.expect("checked above"));
+            response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST, DELETE"));
+            response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_HEADERS, header::HeaderValue::from_static("content-type, last-event-id"));
+            response.headers_mut().insert(header::ACCESS_CONTROL_MAX_AGE, header::HeaderValue::from_static("600"));
+        }
+        return response;
+    }
+    let mut response = next.run(request).await;
+    if let (true, Some(origin)) = (allowed, origin) {
+        add_cors_headers(response.headers_mut(), origin);
+    }
+    response
+}
+
+fn add_cors_headers(headers: &mut HeaderMap, origin: header::HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
 }
 
 /// Serves the API on `listener` until `shutdown` completes.

@@ -503,6 +503,27 @@ impl Sse {
 }
 
 #[test]
+fn cross_origin_browsers_get_cors_headers_only_when_allowed() {
+    let config = HttpConfig { allowed_origins: vec!["http://app.example".into()], ..HttpConfig::default() };
+    let kappa = Kappa::start(vec![latest(1)], config);
+    kappa.wait_caught_up("latest");
+    let head = |origin: &str, method: &str| {
+        let mut stream = TcpStream::connect(kappa.addr).unwrap();
+        write!(stream, "{method} /v1/views HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n", kappa.addr).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text.to_ascii_lowercase()
+    };
+    let allowed = head("http://app.example", "GET");
+    assert!(allowed.starts_with("http/1.1 200") && allowed.contains("access-control-allow-origin: http://app.example"), "{allowed}");
+    let preflight = head("http://app.example", "OPTIONS");
+    assert!(preflight.starts_with("http/1.1 204") && preflight.contains("access-control-allow-methods"), "{preflight}");
+    let other = head("http://evil.example", "GET");
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+    assert!(Ws::connect_with_origin(kappa.addr, Some("http://app.example")).is_ok());
+}
+
+#[test]
 fn limits_are_enforced_per_connection() {
     let config = HttpConfig { subscriptions_per_connection_max: 2, ..HttpConfig::default() };
     let kappa = Kappa::start(vec![latest(1)], config);
