@@ -83,13 +83,21 @@ pub struct AppState {
     connections: Arc<tokio::sync::Semaphore>,
 }
 
+/// Writes more Prometheus text into `/metrics` (the application's other parts, such as the
+/// Kafka broker, which this crate does not know).
+pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
+
 impl AppState {
     pub fn new(log: Arc<Log>, engine: ViewEngine, config: HttpConfig) -> Arc<Self> {
+        Self::with_metrics(log, engine, config, None)
+    }
+
+    pub fn with_metrics(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, extra: Option<ExtraMetrics>) -> Arc<Self> {
         Arc::new(Self {
             connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
             hubs: live::Hubs::default(),
             produce: topics::ProduceState::default(),
-            metrics: metrics::Metrics::default(),
+            metrics: metrics::Metrics { extra, ..metrics::Metrics::default() },
             log,
             engine,
             config,

@@ -12,10 +12,11 @@ use axum::response::IntoResponse;
 
 use crate::AppState;
 
-/// Counters the HTTP layer keeps.
+/// Counters the HTTP layer keeps, and the application's extra metrics.
 #[derive(Default)]
 pub struct Metrics {
     pub records_produced: AtomicU64,
+    pub extra: Option<crate::ExtraMetrics>,
 }
 
 fn escape(label: &str) -> String {
@@ -73,5 +74,8 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     gauge("kappa_subscriptions", "Open WebSocket and SSE subscriptions.", vec![(String::new(), subscriptions)]);
     let produced = state.metrics.records_produced.load(Ordering::Relaxed) as f64;
     let _ = writeln!(out, "# HELP kappa_http_records_produced_total Records appended over HTTP.\n# TYPE kappa_http_records_produced_total counter\nkappa_http_records_produced_total {produced}");
+    if let Some(extra) = &state.metrics.extra {
+        extra(&mut out);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

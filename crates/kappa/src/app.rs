@@ -252,7 +252,8 @@ impl App {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let http_state = kappa_http::AppState::new(log.clone(), engine.clone(), settings.http.clone());
+        let http_state =
+            kappa_http::AppState::with_metrics(log.clone(), engine.clone(), settings.http.clone(), Some(broker_metrics(&broker)));
         let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
         tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
         kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
@@ -446,6 +447,34 @@ async fn maintain(log: Arc<Log>, interval: Duration) {
             Err(e) => tracing::error!(error = %e, "background maintenance panicked"),
         }
     }
+}
+
+/// The broker's counters and consumer-group lag in Prometheus text, for `/metrics`.
+fn broker_metrics(broker: &Arc<Broker>) -> kappa_http::ExtraMetrics {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let broker = broker.clone();
+    Box::new(move |out: &mut String| {
+        let stats = broker.stats();
+        let counters = [
+            ("kappa_kafka_produce_requests_total", "Kafka produce requests.", &stats.produce_requests),
+            ("kappa_kafka_produce_bytes_total", "Record-batch bytes received by Kafka produce.", &stats.produce_bytes),
+            ("kappa_kafka_produce_errors_total", "Partitions answered with an error by produce.", &stats.produce_errors),
+            ("kappa_kafka_fetch_requests_total", "Kafka fetch requests.", &stats.fetch_requests),
+            ("kappa_kafka_fetch_bytes_total", "Record bytes returned by Kafka fetch.", &stats.fetch_bytes),
+            ("kappa_kafka_fetch_errors_total", "Partitions answered with an error by fetch.", &stats.fetch_errors),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+        }
+        let _ = writeln!(out, "# HELP kappa_consumer_group_lag_records End offset minus committed offset.\n# TYPE kappa_consumer_group_lag_records gauge");
+        for (group, topic, partition, committed) in broker.committed_offsets() {
+            let Ok(p) = broker.log().partition(&topic, partition) else { continue };
+            let lag = (p.high_watermark() - committed).max(0);
+            let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(out, "kappa_consumer_group_lag_records{{group=\"{}\",topic=\"{}\",partition=\"{partition}\"}} {lag}", escape(&group), escape(&topic));
+        }
+    })
 }
 
 /// Resolves once the shutdown flag is set.

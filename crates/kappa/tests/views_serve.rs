@@ -89,6 +89,20 @@ fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
     }));
     let (status, _) = http::request(server.http, "GET", "/v1/views/channel_page/keys/aborted", None, &[]);
     assert_eq!(status, 404, "the aborted transaction's channel is not in the view");
+    // /metrics: the broker's counters and a consumer group's lag.
+    let mut python = Command::new("python3");
+    python.arg(repo_root().join("tests/clients/python/channels_events.py")).args(["commit-one", "--bootstrap", &server.bootstrap(), "--group", "metrics-group"]);
+    run(&mut python, Duration::from_secs(60), &server);
+    let (status, metrics) = http::request_text(server.http, "GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    let value = |prefix: &str| -> f64 {
+        metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+    };
+    assert!(value("kappa_kafka_produce_requests_total ") >= 4.0, "{metrics}");
+    assert!(value("kappa_kafka_produce_bytes_total ") > 0.0);
+    assert!(value("kappa_kafka_fetch_requests_total ") >= 1.0);
+    assert!(value("kappa_consumer_group_lag_records{group=\"metrics-group\"") >= 0.0);
+    assert!(metrics.contains("kappa_view_lag_records{view=\"channel_page\",version=\"1\"} 0"), "{metrics}");
     let (_, views) = http::request(server.http, "GET", "/v1/views", None, &[]);
     let statuses: Vec<&str> = views["views"].as_array().unwrap().iter().map(|v| v["versions"][0]["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, vec!["serving", "serving", "serving"], "{views}");

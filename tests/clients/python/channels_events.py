@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import sys
+import time
 
 TOPIC = "channels"
 
@@ -160,6 +161,22 @@ def aborted(bootstrap):
     producer.commit_transaction(30)
 
 
+def commit_one(bootstrap, group):
+    """Consumes one record of `channels` in `group` and commits its offset synchronously."""
+    from confluent_kafka import Consumer
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False})
+    consumer.subscribe([TOPIC])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        message = consumer.poll(1.0)
+        if message is not None and message.error() is None:
+            consumer.commit(message=message, asynchronous=False)
+            consumer.close()
+            return
+    sys.exit("no record consumed within 30 s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +185,9 @@ def main():
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--count", type=int, required=True)
+    c = sub.add_parser("commit-one")
+    c.add_argument("--bootstrap", required=True)
+    c.add_argument("--group", required=True)
     a = sub.add_parser("aborted")
     a.add_argument("--bootstrap", required=True)
     e = sub.add_parser("expect")
@@ -176,6 +196,8 @@ def main():
     args = parser.parse_args()
     if args.command == "produce":
         produce(args.bootstrap, args.seed, args.start, args.count)
+    elif args.command == "commit-one":
+        commit_one(args.bootstrap, args.group)
     elif args.command == "aborted":
         aborted(args.bootstrap)
     else:

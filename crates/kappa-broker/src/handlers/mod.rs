@@ -61,7 +61,23 @@ impl Default for BrokerConfig {
 }
 
 /// The request handler behind `kappa serve`'s Kafka listener.
+/// Counters the broker keeps for `/metrics` (monotonic since start).
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    pub produce_requests: std::sync::atomic::AtomicU64,
+    /// Record-batch bytes received in produce requests.
+    pub produce_bytes: std::sync::atomic::AtomicU64,
+    /// Partitions answered with an error in produce responses.
+    pub produce_errors: std::sync::atomic::AtomicU64,
+    pub fetch_requests: std::sync::atomic::AtomicU64,
+    /// Record bytes returned by fetches.
+    pub fetch_bytes: std::sync::atomic::AtomicU64,
+    /// Partitions answered with an error in fetch responses.
+    pub fetch_errors: std::sync::atomic::AtomicU64,
+}
+
 pub struct Broker {
+    stats: Arc<BrokerStats>,
     log: Arc<Log>,
     config: BrokerConfig,
     groups: GroupCoordinator,
@@ -86,7 +102,8 @@ impl Broker {
         let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
         let groups = GroupCoordinator::new(config.group.clone());
         groups.spawn_session_reaper(Duration::from_millis(500));
-        let broker = Arc::new(Self { log, config, groups, offsets, txns, txn_connections: Default::default() });
+        let broker =
+            Arc::new(Self { stats: Arc::default(), log, config, groups, offsets, txns, txn_connections: Default::default() });
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -103,6 +120,51 @@ impl Broker {
         &self.log
     }
 
+    pub fn stats(&self) -> Arc<BrokerStats> {
+        self.stats.clone()
+    }
+
+    /// Every committed offset: (group, topic, partition, offset).
+    pub fn committed_offsets(&self) -> Vec<(String, String, i32, i64)> {
+        let mut out = Vec::new();
+        for group in self.offsets.groups() {
+            for (tp, committed) in self.offsets.fetch(&group, None) {
+                if let Some(committed) = committed {
+                    out.push((group.clone(), tp.0, tp.1, committed.offset));
+                }
+            }
+        }
+        out
+    }
+
+    fn count_produce(&self, request: &kafka_protocol::messages::ProduceRequest) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.produce_requests.fetch_add(1, Relaxed);
+        let bytes: usize = request
+            .topic_data
+            .iter()
+            .flat_map(|t| t.partition_data.iter())
+            .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+            .sum();
+        self.stats.produce_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    fn count_produce_response(&self, response: &kafka_protocol::messages::ProduceResponse) {
+        let errors = response.responses.iter().flat_map(|t| t.partition_responses.iter()).filter(|p| p.error_code != 0).count();
+        self.stats.produce_errors.fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count_fetch(&self, response: &kafka_protocol::messages::FetchResponse) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.fetch_requests.fetch_add(1, Relaxed);
+        let partitions = response.responses.iter().flat_map(|t| t.partitions.iter());
+        let (bytes, errors) = partitions.fold((0usize, 0u64), |(bytes, errors), p| {
+            (bytes + p.records.as_ref().map_or(0, |r| r.len()), errors + u64::from(p.error_code != 0))
+        });
+        self.stats.fetch_bytes.fetch_add(bytes as u64, Relaxed);
+        self.stats.fetch_errors.fetch_add(errors, Relaxed);
+    }
+
     async fn dispatch(&self, request: RequestKind, header: &RequestHeader, peer: &Peer) -> ResponseKind {
         let version = header.request_api_version;
         let client_id = header.client_id.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
@@ -110,8 +172,17 @@ impl Broker {
         use ResponseKind as R;
         match request {
             Q::Metadata(r) => R::Metadata(self.metadata(r, version).await),
-            Q::Produce(r) => R::Produce(self.produce(r).await),
-            Q::Fetch(r) => R::Fetch(self.fetch(r, version).await),
+            Q::Produce(r) => {
+                self.count_produce(&r);
+                let response = self.produce(r).await;
+                self.count_produce_response(&response);
+                R::Produce(response)
+            }
+            Q::Fetch(r) => {
+                let response = self.fetch(r, version).await;
+                self.count_fetch(&response);
+                R::Fetch(response)
+            }
             Q::ListOffsets(r) => R::ListOffsets(self.list_offsets(r, version).await),
             Q::CreateTopics(r) => R::CreateTopics(self.create_topics(r, version).await),
             Q::DeleteTopics(r) => R::DeleteTopics(self.delete_topics(r).await),
@@ -163,8 +234,15 @@ impl Handler for Broker {
         Box::pin(async move {
             match request {
                 RequestKind::Produce(produce) => {
+                    self.count_produce(&produce);
                     let durable = self.produce_in_order(produce).await;
-                    Reply::Pending(Box::pin(async move { ResponseKind::Produce(durable.await) }))
+                    let stats = self.stats.clone();
+                    Reply::Pending(Box::pin(async move {
+                        let response = durable.await;
+                        let errors = response.responses.iter().flat_map(|t| t.partition_responses.iter()).filter(|p| p.error_code != 0).count();
+                        stats.produce_errors.fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
+                        ResponseKind::Produce(response)
+                    }))
                 }
                 other => Reply::Ready(self.dispatch(other, header, peer).await),
             }
