@@ -92,7 +92,12 @@ impl AppState {
         Self::with_metrics(log, engine, config, None)
     }
 
-    pub fn with_metrics(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, extra: Option<ExtraMetrics>) -> Arc<Self> {
+    pub fn with_metrics(
+        log: Arc<Log>,
+        engine: ViewEngine,
+        config: HttpConfig,
+        extra: Option<ExtraMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
             hubs: live::Hubs::default(),
@@ -143,15 +148,24 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// CORS for the allowed browser origins: preflights are answered here, and responses to an
 /// allowed cross-origin request carry `Access-Control-Allow-Origin`. Other origins get no
 /// CORS headers, so browsers keep their pages from reading the API.
-async fn cors(State(state): State<Arc<AppState>>, request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+async fn cors(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let allowed = origin.is_some() && state.origin_allowed(request.headers());
     if request.method() == axum::http::Method::OPTIONS && origin.is_some() {
         let mut response = StatusCode::NO_CONTENT.into_response();
         if allowed {
             add_cors_headers(response.headers_mut(), origin.expect("checked above"));
-            response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST, DELETE"));
-            response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_HEADERS, header::HeaderValue::from_static("content-type, last-event-id"));
+            response
+                .headers_mut()
+                .insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST, DELETE"));
+            response.headers_mut().insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                header::HeaderValue::from_static("content-type, last-event-id"),
+            );
             response.headers_mut().insert(header::ACCESS_CONTROL_MAX_AGE, header::HeaderValue::from_static("600"));
         }
         return response;
@@ -169,7 +183,11 @@ fn add_cors_headers(headers: &mut HeaderMap, origin: header::HeaderValue) {
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
-pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let limiter = state.connections.clone();
     let app = router(state);
     let listener = LimitedListener { inner: listener, limiter };
@@ -233,11 +251,17 @@ impl tokio::io::AsyncWrite for LimitedStream {
         std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
@@ -245,7 +269,10 @@ impl tokio::io::AsyncWrite for LimitedStream {
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     match state.log.health().check() {
         Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "failed", "reason": e.to_string()}))),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "failed", "reason": e.to_string()})),
+        ),
     }
 }
 

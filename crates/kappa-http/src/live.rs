@@ -50,7 +50,12 @@ impl FromStr for Token {
     type Err = ApiError;
 
     fn from_str(text: &str) -> Result<Self, ApiError> {
-        let bad = || ApiError::bad_request("invalid_token", format!("'{text}' is not a resume token (\"<version>.<offset>\" from a snapshot or change)"));
+        let bad = || {
+            ApiError::bad_request(
+                "invalid_token",
+                format!("'{text}' is not a resume token (\"<version>.<offset>\" from a snapshot or change)"),
+            )
+        };
         let (version, offset) = text.split_once('.').ok_or_else(bad)?;
         Ok(Self { version: version.parse().map_err(|_| bad())?, offset: offset.parse().map_err(|_| bad())? })
     }
@@ -294,7 +299,11 @@ async fn follow(
                         }
                         for change in changes.iter().filter(|c| c.offset >= cursor && target.matches(&c.key)) {
                             let token = Token { version, offset: change.offset + 1 };
-                            if !emit(LiveMessage::Change { key: change.key.clone(), value: change.value.clone(), token }) {
+                            if !emit(LiveMessage::Change {
+                                key: change.key.clone(),
+                                value: change.value.clone(),
+                                token,
+                            }) {
                                 return Ended::Gone;
                             }
                         }
@@ -346,7 +355,9 @@ fn snapshot(state: &Arc<AppState>, view: &str, target: &Target, version: u32) ->
             if read.value.len() > max {
                 return Err(ApiError::bad_request(
                     "snapshot_too_large",
-                    format!("prefix '{prefix}' matches more than {max} keys (snapshot_items_max); subscribe to a longer prefix"),
+                    format!(
+                        "prefix '{prefix}' matches more than {max} keys (snapshot_items_max); subscribe to a longer prefix"
+                    ),
                 ));
             }
             let items = read.value.into_iter().map(|i| (i.key, Arc::from(crate::views::raw(i.json)))).collect();

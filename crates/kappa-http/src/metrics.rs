@@ -73,7 +73,10 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let subscriptions = state.hubs.subscriptions.load(Ordering::Relaxed) as f64;
     gauge("kappa_subscriptions", "Open WebSocket and SSE subscriptions.", vec![(String::new(), subscriptions)]);
     let produced = state.metrics.records_produced.load(Ordering::Relaxed) as f64;
-    let _ = writeln!(out, "# HELP kappa_http_records_produced_total Records appended over HTTP.\n# TYPE kappa_http_records_produced_total counter\nkappa_http_records_produced_total {produced}");
+    let _ = writeln!(
+        out,
+        "# HELP kappa_http_records_produced_total Records appended over HTTP.\n# TYPE kappa_http_records_produced_total counter\nkappa_http_records_produced_total {produced}"
+    );
     if let Some(extra) = &state.metrics.extra {
         extra(&mut out);
     }

@@ -44,7 +44,11 @@ fn start(
     headers: &HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
     if !state.origin_allowed(headers) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin may not subscribe here; add it to --http-allowed-origins"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin may not subscribe here; add it to --http-allowed-origins",
+        ));
     }
     let target = match (query.key, query.prefix) {
         (Some(key), None) => Target::Key(key),
@@ -67,7 +71,9 @@ fn start(
             // The queue is full: say so once there is room, then end the stream.
             let message = LiveMessage::Error {
                 code: "slow_consumer",
-                message: "this stream fell too far behind (subscriber_queue_max events queued); reconnect with Last-Event-ID".into(),
+                message:
+                    "this stream fell too far behind (subscriber_queue_max events queued); reconnect with Last-Event-ID"
+                        .into(),
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), slow.send(event(&message))).await;
         }

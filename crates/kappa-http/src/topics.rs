@@ -19,8 +19,8 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use kappa_log::records::{BatchBuilder, NewRecord};
 use kappa_log::LogError;
+use kappa_log::records::{BatchBuilder, NewRecord};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -128,7 +128,9 @@ fn one() -> i32 {
 
 fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|e| match e {
-        JsonRejection::BytesRejection(e) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("{e} (request_body_bytes_max)")),
+        JsonRejection::BytesRejection(e) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("{e} (request_body_bytes_max)"))
+        }
         e => ApiError::bad_request("invalid_body", format!("expected {shape}: {e}")),
     })
 }
@@ -139,12 +141,16 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let request = body(request, "{\"name\", \"partitions\"?, \"configs\"?: {\"key\": \"value\"}}")?;
     if request.name.starts_with("__") {
-        return Err(ApiError::bad_request("invalid_topic_name", "names starting with '__' are reserved for kappa's internal topics"));
+        return Err(ApiError::bad_request(
+            "invalid_topic_name",
+            "names starting with '__' are reserved for kappa's internal topics",
+        ));
     }
     let log = state.log.clone();
-    let topic = tokio::task::spawn_blocking(move || log.create_topic(&request.name, request.partitions, &request.configs))
-        .await
-        .map_err(internal)??;
+    let topic =
+        tokio::task::spawn_blocking(move || log.create_topic(&request.name, request.partitions, &request.configs))
+            .await
+            .map_err(internal)??;
     Ok((StatusCode::CREATED, Json(topic_json(&topic))))
 }
 
@@ -207,13 +213,17 @@ pub async fn produce(
     Path(topic): Path<String>,
     request: Result<Json<ProduceRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request = body(request, "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}]}")?;
+    let request =
+        body(request, "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}]}")?;
     if topic.starts_with("__") {
         return Err(ApiError::bad_request("internal_topic", "kappa's internal topics cannot be written over HTTP"));
     }
     let n = request.records.len();
     if n == 0 || n > PRODUCE_RECORDS_MAX {
-        return Err(ApiError::bad_request("invalid_records", format!("send 1 to {PRODUCE_RECORDS_MAX} records per request")));
+        return Err(ApiError::bad_request(
+            "invalid_records",
+            format!("send 1 to {PRODUCE_RECORDS_MAX} records per request"),
+        ));
     }
     let partition_count = state.log.topic(&topic)?.partition_count();
     let mut by_partition: BTreeMap<i32, PartitionWrite> = BTreeMap::new();
@@ -222,23 +232,39 @@ pub async fn produce(
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if (0..partition_count).contains(&p) => p,
             (Some(p), _) => {
-                return Err(ApiError::bad_request("invalid_partition", format!("record {index}: topic {topic} has partitions 0..{partition_count}, not {p}")));
+                return Err(ApiError::bad_request(
+                    "invalid_partition",
+                    format!("record {index}: topic {topic} has partitions 0..{partition_count}, not {p}"),
+                ));
             }
             (None, Some(key)) => default_partition(key.as_bytes(), partition_count),
             (None, None) => (state.produce.round_robin.fetch_add(1, Ordering::Relaxed) % partition_count as u32) as i32,
         };
         if let Some(expected) = record.expected_offset {
             let Some(key) = &record.key else {
-                return Err(ApiError::bad_request("invalid_records", format!("record {index}: expected_offset needs a key")));
+                return Err(ApiError::bad_request(
+                    "invalid_records",
+                    format!("record {index}: expected_offset needs a key"),
+                ));
             };
             if expected < -1 {
-                return Err(ApiError::bad_request("invalid_records", format!("record {index}: expected_offset is an offset or -1 (no record with this key yet)")));
+                return Err(ApiError::bad_request(
+                    "invalid_records",
+                    format!("record {index}: expected_offset is an offset or -1 (no record with this key yet)"),
+                ));
             }
             if !guarded_keys.insert((partition, key.clone())) {
-                return Err(ApiError::bad_request("invalid_records", format!("record {index}: a request may give expected_offset for key '{key}' only once")));
+                return Err(ApiError::bad_request(
+                    "invalid_records",
+                    format!("record {index}: a request may give expected_offset for key '{key}' only once"),
+                ));
             }
         }
-        by_partition.entry(partition).or_insert_with(|| PartitionWrite { partition, records: Vec::new() }).records.push((index, record));
+        by_partition
+            .entry(partition)
+            .or_insert_with(|| PartitionWrite { partition, records: Vec::new() })
+            .records
+            .push((index, record));
     }
     // Check every condition before appending anything; lock the partitions in order.
     let mut guards = Vec::new();
@@ -258,7 +284,9 @@ pub async fn produce(
         }
     }
     let mut offsets = vec![json!(null); n];
-    for ((partition, batch, needs_index), (write, guard)) in batches.into_iter().zip(by_partition.values().zip(guards.iter_mut())) {
+    for ((partition, batch, needs_index), (write, guard)) in
+        batches.into_iter().zip(by_partition.values().zip(guards.iter_mut()))
+    {
         let base = append(&state, &topic, partition, batch, needs_index, write, guard).await?;
         // The index covers everything below `next`: extend it when this batch follows on
         // directly (always so for a guarded append); otherwise a later catch-up reads it.
@@ -339,9 +367,10 @@ async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mu
         }
         let backend = state.engine.backend().clone();
         let (name, from) = (topic.to_owned(), index.next);
-        let chunk = tokio::task::spawn_blocking(move || backend.read_committed(&name, partition, from, INDEX_READ_BYTES))
-            .await
-            .map_err(internal)??;
+        let chunk =
+            tokio::task::spawn_blocking(move || backend.read_committed(&name, partition, from, INDEX_READ_BYTES))
+                .await
+                .map_err(internal)??;
         if chunk.next_offset <= from {
             // Only an open transaction's records are left (read_committed stops there):
             // wait for it to end.
@@ -361,7 +390,9 @@ async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mu
             return Err(ApiError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "key_index_full",
-                format!("the key index of {topic}/{partition} would exceed {KEY_INDEX_BYTES_MAX} bytes (key_index_bytes_max); expected_offset is unavailable on this partition"),
+                format!(
+                    "the key index of {topic}/{partition} would exceed {KEY_INDEX_BYTES_MAX} bytes (key_index_bytes_max); expected_offset is unavailable on this partition"
+                ),
             ));
         }
     }

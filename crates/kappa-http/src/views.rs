@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::AppState;
 use crate::error::ApiError;
 use crate::live::Token;
-use crate::AppState;
 
 /// A stored value as raw JSON (stored values are always valid JSON).
 pub(crate) fn raw(json: Vec<u8>) -> Box<RawValue> {
@@ -90,13 +90,18 @@ pub async fn get_key(
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
         return match result.values.into_iter().next() {
             Some((key, value)) => Ok(Json(json!({"key": key, "value": raw(value), "position": result.positions}))),
-            None => Err(ApiError::not_found("unknown_key", format!("view {view} had no key '{key}' as of {:?}", result.positions))),
+            None => Err(ApiError::not_found(
+                "unknown_key",
+                format!("view {view} had no key '{key}' as of {:?}", result.positions),
+            )),
         };
     }
     let read = state.engine.get(&view, &key)?;
     let token = Token { version: read.version, offset: read.position };
     match read.value {
-        Some(item) => Ok(Json(json!({"key": item.key, "value": raw(item.json), "position": token.to_string(), "version": read.version}))),
+        Some(item) => Ok(Json(
+            json!({"key": item.key, "value": raw(item.json), "position": token.to_string(), "version": read.version}),
+        )),
         None => Err(ApiError::not_found("unknown_key", format!("view {view} has no key '{key}'"))),
     }
 }
@@ -117,7 +122,10 @@ pub async fn scan(
     let max = state.config.page_items_max;
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > max {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit must be between 1 and {max} (page_items_max)")));
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {max} (page_items_max)"),
+        ));
     }
     let read = state.engine.scan(&view, &query.prefix, query.after.as_deref(), limit)?;
     let cursor = if read.value.len() == limit { read.value.last().map(|i| i.key.clone()) } else { None };
@@ -139,13 +147,19 @@ pub async fn switch(
     Path(view): Path<String>,
     body: Result<Json<SwitchBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::bad_request("invalid_body", format!("expected {{\"version\": N}}: {e}")))?;
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request("invalid_body", format!("expected {{\"version\": N}}: {e}")))?;
     state.engine.switch(&view, body.version, body.force)?;
     Ok(Json(json!({"view": view, "active": body.version})))
 }
 
-pub async fn retire(State(state): State<Arc<AppState>>, Path((view, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
-    let version: u32 = version.parse().map_err(|_| ApiError::bad_request("invalid_version", format!("'{version}' is not a version number")))?;
+pub async fn retire(
+    State(state): State<Arc<AppState>>,
+    Path((view, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let version: u32 = version
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_version", format!("'{version}' is not a version number")))?;
     let engine = state.engine.clone();
     let name = view.clone();
     tokio::task::spawn_blocking(move || engine.retire(&name, version))

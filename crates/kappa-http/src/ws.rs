@@ -35,7 +35,12 @@ const CLOSE_SLOW_CONSUMER: u16 = 1008;
 
 pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
     if !state.origin_allowed(&headers) {
-        return ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin may not open WebSockets here; add it to --http-allowed-origins").into_response();
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin may not open WebSockets here; add it to --http-allowed-origins",
+        )
+        .into_response();
     }
     let hard_max = WS_FRAME_BYTES_HARD_MAX.max(state.config.ws_message_bytes_max);
     // Small socket buffers: tungstenite's defaults (128 KiB each way) would cost ~130 KiB
@@ -78,7 +83,9 @@ pub(crate) fn frame(id: Option<&str>, message: &LiveMessage) -> String {
             items: items.iter().map(|(key, value)| Item { key, value }).collect(),
             token: token.to_string(),
         },
-        LiveMessage::Change { key, value, token } => Frame::Change { id, key, value: value.as_deref(), token: token.to_string() },
+        LiveMessage::Change { key, value, token } => {
+            Frame::Change { id, key, value: value.as_deref(), token: token.to_string() }
+        }
         LiveMessage::Reset { reason } => Frame::Reset { id, reason },
         LiveMessage::Error { code, message } => Frame::Error { id, code, message },
     };
@@ -143,7 +150,14 @@ fn handle(
 ) -> Result<(), HandleError> {
     let max = state.config.ws_message_bytes_max;
     if text.len() > max {
-        return Err((None, ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "message_too_large", format!("a message may have at most {max} bytes (ws_message_bytes_max); this one has {}", text.len()))));
+        return Err((
+            None,
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                format!("a message may have at most {max} bytes (ws_message_bytes_max); this one has {}", text.len()),
+            ),
+        ));
     }
     let message: ClientMessage = serde_json::from_str(text).map_err(|e| {
         (None, ApiError::bad_request("invalid_message", format!("expected {{\"op\":\"subscribe\",\"id\",\"view\",\"key\"|\"prefix\",\"resume\"?}} or {{\"op\":\"unsubscribe\",\"id\"}}: {e}")))
@@ -154,21 +168,36 @@ fn handle(
                 task.abort();
                 Ok(())
             }
-            None => Err((Some(id.clone()), ApiError::not_found("unknown_subscription", format!("no subscription '{id}' on this connection")))),
+            None => Err((
+                Some(id.clone()),
+                ApiError::not_found("unknown_subscription", format!("no subscription '{id}' on this connection")),
+            )),
         },
         ClientMessage::Subscribe { id, view, key, prefix, resume } => {
             let fail = |e: ApiError| (Some(id.clone()), e);
             if subscriptions.contains_key(&id) {
-                return Err(fail(ApiError::bad_request("duplicate_subscription", format!("subscription '{id}' exists on this connection; unsubscribe first or pick another id"))));
+                return Err(fail(ApiError::bad_request(
+                    "duplicate_subscription",
+                    format!("subscription '{id}' exists on this connection; unsubscribe first or pick another id"),
+                )));
             }
             let limit = state.config.subscriptions_per_connection_max;
             if subscriptions.len() >= limit {
-                return Err(fail(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_subscriptions", format!("at most {limit} subscriptions per connection (subscriptions_per_connection_max)"))));
+                return Err(fail(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_subscriptions",
+                    format!("at most {limit} subscriptions per connection (subscriptions_per_connection_max)"),
+                )));
             }
             let target = match (key, prefix) {
                 (Some(key), None) => Target::Key(key),
                 (None, Some(prefix)) => Target::Prefix(prefix),
-                _ => return Err(fail(ApiError::bad_request("invalid_message", "a subscription names exactly one of \"key\" or \"prefix\""))),
+                _ => {
+                    return Err(fail(ApiError::bad_request(
+                        "invalid_message",
+                        "a subscription names exactly one of \"key\" or \"prefix\"",
+                    )));
+                }
             };
             let resume = resume.map(|t| t.parse::<Token>()).transpose().map_err(fail)?;
             state.engine.describe(&view).map_err(|e| fail(e.into()))?;

@@ -39,7 +39,8 @@ fn health_metrics_and_errors_are_json_with_stable_codes() {
 #[test]
 fn topics_are_listed_created_and_described_and_bad_requests_say_why() {
     let kappa = started();
-    let (status, body) = kappa.post("/v1/topics", &json!({"name": "orders", "partitions": 2, "configs": {"cleanup.policy": "compact"}}));
+    let (status, body) =
+        kappa.post("/v1/topics", &json!({"name": "orders", "partitions": 2, "configs": {"cleanup.policy": "compact"}}));
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["partitions"].as_array().unwrap().len(), 2);
     assert_eq!(body["configs"]["cleanup.policy"], "compact");
@@ -133,7 +134,10 @@ fn expected_offsets_guard_writes_and_exactly_one_of_two_racing_writers_wins() {
         .record(kappa_log::records::NewRecord::new(Some(b"acct"), Some(b"{\"balance\":5}"), 1))
         .build();
     let latest = kappa.log.partition(TOPIC, partition as i32).unwrap().append(direct).unwrap().base_offset;
-    let (status, _) = kappa.post("/v1/topics/items/records", &json!({"records": [{"key": "acct", "value": 2, "expected_offset": offset}]}));
+    let (status, _) = kappa.post(
+        "/v1/topics/items/records",
+        &json!({"records": [{"key": "acct", "value": 2, "expected_offset": offset}]}),
+    );
     assert_eq!(status, 409, "a Kafka producer's newer record is seen");
     kappa.produce(json!([{"key": "acct", "value": {"balance": 6}, "expected_offset": latest}]));
     // Races: two writers with the same expectation, many rounds: exactly one wins each.
@@ -144,7 +148,8 @@ fn expected_offsets_guard_writes_and_exactly_one_of_two_racing_writers_wins() {
             .map(|writer| {
                 let (addr, barrier, key) = (kappa.addr, barrier.clone(), key.clone());
                 std::thread::spawn(move || {
-                    let body = json!({"records": [{"key": key, "value": {"writer": writer}, "expected_offset": -1}]}).to_string();
+                    let body = json!({"records": [{"key": key, "value": {"writer": writer}, "expected_offset": -1}]})
+                        .to_string();
                     barrier.wait();
                     request(addr, "POST", "/v1/topics/items/records", Some(body.as_bytes()), &[]).0
                 })
@@ -156,8 +161,9 @@ fn expected_offsets_guard_writes_and_exactly_one_of_two_racing_writers_wins() {
     }
 }
 
-#[test]
-fn switching_versions_and_retiring_follow_the_rules() {
+/// Key `k` = 1 written under version 1, then both versions deployed and version 2 (built
+/// beside version 1) serving.
+fn two_versions_with_v2_serving() -> Kappa {
     let dir = tempfile::tempdir().unwrap();
     let kappa = Kappa::start_in(dir, vec![latest(1)], HttpConfig::default());
     kappa.produce(json!([{"key": "k", "value": 1}]));
@@ -169,6 +175,12 @@ fn switching_versions_and_retiring_follow_the_rules() {
         assert!(Instant::now() < deadline, "version 2 never took over");
         std::thread::sleep(Duration::from_millis(10));
     }
+    kappa
+}
+
+#[test]
+fn switching_versions_and_retiring_follow_the_rules() {
+    let kappa = two_versions_with_v2_serving();
     assert_eq!(kappa.get("/v1/views/latest/keys/k").1["value"], json!({"v2": 1}));
     let (status, body) = kappa.delete("/v1/views/latest/versions/2");
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("version_serving")));
@@ -220,7 +232,10 @@ fn websocket_subscriptions_get_a_snapshot_then_every_change_and_bad_input_gets_e
     assert_eq!((q["type"].as_str(), q["items"][0]["value"].as_i64()), (Some("snapshot"), Some(3)));
     kappa.produce(json!([{"key": "p1", "value": 10}]));
     let change = ws.next();
-    assert_eq!((change["type"].as_str(), change["id"].as_str(), change["key"].as_str()), (Some("change"), Some("s1"), Some("p1")));
+    assert_eq!(
+        (change["type"].as_str(), change["id"].as_str(), change["key"].as_str()),
+        (Some("change"), Some("s1"), Some("p1"))
+    );
     assert_eq!(change["value"], 10);
     kappa.produce(json!([{"key": "q", "value": null}]));
     let deleted = ws.next();
@@ -356,18 +371,8 @@ fn changelog_offsets(kappa: &Kappa, topic: &str, from: i64, prefix: &str) -> Vec
 
 #[test]
 fn a_cutover_during_a_subscription_sends_reset_and_a_fresh_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let kappa = Kappa::start_in(dir, vec![latest(1)], HttpConfig::default());
-    kappa.produce(json!([{"key": "k", "value": 1}]));
-    kappa.wait_caught_up("latest");
-    let dir = kappa.stop();
-    let kappa = Kappa::start_in(dir, vec![latest(1), latest(2)], HttpConfig::default());
-    // Hold version 1 while version 2 builds, then subscribe and switch.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kappa.get("/v1/views/latest").1["active"] != 2 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Serve version 1 again, subscribe, then cut over to version 2.
+    let kappa = two_versions_with_v2_serving();
     assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 1})).0, 200);
     let mut ws = Ws::connect(kappa.addr);
     ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k"}));
@@ -400,7 +405,8 @@ fn a_slow_consumer_gets_an_error_and_is_disconnected_while_others_continue() {
     assert_eq!(fast.next()["type"], "snapshot");
     // The slow client stops reading while thousands of changes arrive.
     for round in 0..200 {
-        let records: Vec<Value> = (0..50).map(|k| json!({"key": format!("k{k}"), "value": "x".repeat(2000) + &round.to_string()})).collect();
+        let records: Vec<Value> =
+            (0..50).map(|k| json!({"key": format!("k{k}"), "value": "x".repeat(2000) + &round.to_string()})).collect();
         kappa.produce(Value::Array(records));
     }
     kappa.produce(json!([{"key": "last", "value": true}]));
@@ -445,7 +451,8 @@ fn sse_streams_a_snapshot_then_changes_and_resumes_from_last_event_id() {
     assert!(!id.is_empty());
     let (status, body) = request(kappa.addr, "GET", "/v1/views/latest/watch", None, &[]);
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")));
-    let (status, body) = request(kappa.addr, "GET", "/v1/views/latest/watch?key=a", None, &[("Last-Event-ID", "garbage")]);
+    let (status, body) =
+        request(kappa.addr, "GET", "/v1/views/latest/watch?key=a", None, &[("Last-Event-ID", "garbage")]);
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_token")));
 }
 
@@ -515,7 +522,10 @@ fn cross_origin_browsers_get_cors_headers_only_when_allowed() {
         text.to_ascii_lowercase()
     };
     let allowed = head("http://app.example", "GET");
-    assert!(allowed.starts_with("http/1.1 200") && allowed.contains("access-control-allow-origin: http://app.example"), "{allowed}");
+    assert!(
+        allowed.starts_with("http/1.1 200") && allowed.contains("access-control-allow-origin: http://app.example"),
+        "{allowed}"
+    );
     let preflight = head("http://app.example", "OPTIONS");
     assert!(preflight.starts_with("http/1.1 204") && preflight.contains("access-control-allow-methods"), "{preflight}");
     let other = head("http://evil.example", "GET");

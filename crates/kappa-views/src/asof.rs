@@ -31,10 +31,12 @@ impl AsOf {
         if text.contains('=') {
             let mut offsets = BTreeMap::new();
             for part in text.split(',') {
-                let (key, offset) = part.split_once('=').ok_or_else(|| format!("'{part}' is not topic/partition=offset"))?;
+                let (key, offset) =
+                    part.split_once('=').ok_or_else(|| format!("'{part}' is not topic/partition=offset"))?;
                 let (topic, partition) =
                     key.trim().rsplit_once('/').ok_or_else(|| format!("'{key}' is not topic/partition"))?;
-                let partition: i32 = partition.parse().map_err(|_| format!("'{partition}' is not a partition number"))?;
+                let partition: i32 =
+                    partition.parse().map_err(|_| format!("'{partition}' is not a partition number"))?;
                 let offset: i64 = offset.trim().parse().map_err(|_| format!("'{offset}' is not an offset"))?;
                 offsets.insert(position_key(topic, partition), offset);
             }
@@ -72,12 +74,18 @@ pub(crate) fn replay(
             let end = backend.end_offset(topic, partition)?;
             let target = match at {
                 AsOf::Offsets(offsets) => *offsets.get(&key).ok_or_else(|| {
-                    fail(format!("no offset given for input partition {key}; give one for each of the view's input partitions"))
+                    fail(format!(
+                        "no offset given for input partition {key}; give one for each of the view's input partitions"
+                    ))
                 })?,
-                AsOf::Timestamp(ms) => backend.offset_for_timestamp(topic, partition, ms.saturating_add(1))?.unwrap_or(end),
+                AsOf::Timestamp(ms) => {
+                    backend.offset_for_timestamp(topic, partition, ms.saturating_add(1))?.unwrap_or(end)
+                }
             };
             if target < 0 || target > end {
-                return Err(fail(format!("offset {target} of {key} is outside the partition's committed offsets 0..{end}")));
+                return Err(fail(format!(
+                    "offset {target} of {key} is outside the partition's committed offsets 0..{end}"
+                )));
             }
             let start = backend.start_offset(topic, partition)?;
             if start > 0 && target > 0 {
@@ -112,7 +120,9 @@ pub(crate) fn replay(
                     }
                 }
                 if applier.cached_entries() > AS_OF_KEYS_MAX {
-                    return Err(fail(format!("the replay holds more than {AS_OF_KEYS_MAX} keys in memory (as_of_keys_max)")));
+                    return Err(fail(format!(
+                        "the replay holds more than {AS_OF_KEYS_MAX} keys in memory (as_of_keys_max)"
+                    )));
                 }
             }
             position = chunk.next_offset;
@@ -131,7 +141,14 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
     let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if bytes[13] != b':' || bytes[16] != b':' || !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    if bytes[13] != b':'
+        || bytes[16] != b':'
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let mut rest = &text[19..];

@@ -34,9 +34,16 @@ pub struct Change {
 /// What one changelog record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    Change { offset: i64, timestamp: i64, change: Change },
+    Change {
+        offset: i64,
+        timestamp: i64,
+        change: Change,
+    },
     /// The input positions after the step that ends here.
-    Step { offset: i64, marker: StepMarker },
+    Step {
+        offset: i64,
+        marker: StepMarker,
+    },
 }
 
 /// The value of a step marker.

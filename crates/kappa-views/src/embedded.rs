@@ -59,7 +59,8 @@ impl LogBackend for EmbeddedLog {
             if last_offset < from {
                 continue;
             }
-            if header.base_offset > expected || (header.records_count as i64) < i64::from(header.last_offset_delta) + 1 {
+            if header.base_offset > expected || (header.records_count as i64) < i64::from(header.last_offset_delta) + 1
+            {
                 chunk.history_gap = true;
             }
             expected = last_offset + 1;
@@ -70,7 +71,9 @@ impl LogBackend for EmbeddedLog {
             }
             if header.is_transactional() {
                 let aborted = outcome.aborted.iter().any(|a| {
-                    a.producer_id == header.producer_id && a.first_offset <= header.base_offset && header.base_offset <= a.last_offset
+                    a.producer_id == header.producer_id
+                        && a.first_offset <= header.base_offset
+                        && header.base_offset <= a.last_offset
                 });
                 if aborted {
                     continue;
@@ -160,7 +163,8 @@ impl LogBackend for EmbeddedLog {
             Ok(existing) => {
                 let count = existing.partition_count();
                 let config = existing.config();
-                let wants_compact = configs.get(kappa_log::config::CLEANUP_POLICY).is_some_and(|p| p.contains("compact"));
+                let wants_compact =
+                    configs.get(kappa_log::config::CLEANUP_POLICY).is_some_and(|p| p.contains("compact"));
                 if count != partitions || (wants_compact && !config.cleanup_policy.compact) {
                     return Err(ViewError::Definition {
                         view: topic.to_owned(),
@@ -190,7 +194,12 @@ impl LogBackend for EmbeddedLog {
     fn append(&self, topic: &str, partition: i32, records: Vec<OutputRecord>) -> Result<(i64, i64)> {
         let mut builder = BatchBuilder::new();
         for record in records {
-            builder.push(NewRecord { timestamp: record.timestamp, key: Some(record.key), value: record.value, headers: record.headers });
+            builder.push(NewRecord {
+                timestamp: record.timestamp,
+                key: Some(record.key),
+                value: record.value,
+                headers: record.headers,
+            });
         }
         let outcome = self.log.partition(topic, partition)?.append_unsynced(builder.build())?;
         Ok((outcome.base_offset, outcome.last_offset))

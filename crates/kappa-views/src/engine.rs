@@ -309,7 +309,11 @@ impl ViewEngine {
         let _admin = lock(&entry.admin);
         let phase = shared.status().phase;
         if !force && phase != Phase::Live {
-            return Err(ViewError::VersionNotCaughtUp { view: name.to_owned(), version, status: phase.name().to_owned() });
+            return Err(ViewError::VersionNotCaughtUp {
+                view: name.to_owned(),
+                version,
+                status: phase.name().to_owned(),
+            });
         }
         write_active(&entry.dir, version)?;
         let previous = write_lock(&entry.active).replace(version);
@@ -333,7 +337,11 @@ impl ViewEngine {
         let dir = version_dir(&entry.dir, version);
         std::fs::remove_dir_all(&dir).map_err(|e| ViewError::io(&dir, e))?;
         if entry.definitions.contains_key(&version) {
-            tracing::warn!(view = name, version, "retired a version this build still defines; it is rebuilt on the next start");
+            tracing::warn!(
+                view = name,
+                version,
+                "retired a version this build still defines; it is rebuilt on the next start"
+            );
         }
         tracing::info!(view = name, version, "retired view version");
         Ok(())
@@ -345,9 +353,9 @@ impl ViewEngine {
         let entry = self.entry(name)?;
         let version = match version {
             Some(v) => v,
-            None => (*read_lock(&entry.active)).or_else(|| entry.definitions.keys().next_back().copied()).ok_or_else(|| {
-                ViewError::UnknownView(name.to_owned())
-            })?,
+            None => (*read_lock(&entry.active))
+                .or_else(|| entry.definitions.keys().next_back().copied())
+                .ok_or_else(|| ViewError::UnknownView(name.to_owned()))?,
         };
         let view = entry.definitions.get(&version).ok_or_else(|| ViewError::AsOf {
             view: name.to_owned(),
@@ -428,7 +436,10 @@ impl ViewEngine {
         let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
         for topic in inputs {
             for partition in 0..self.inner.backend.partition_count(&topic)? {
-                ends.insert(crate::runner::position_key(&topic, partition), self.inner.backend.end_offset(&topic, partition)?);
+                ends.insert(
+                    crate::runner::position_key(&topic, partition),
+                    self.inner.backend.end_offset(&topic, partition)?,
+                );
             }
         }
         Ok(ends)
@@ -451,7 +462,10 @@ fn read_active(dir: &Path) -> Result<Option<u32>> {
     let path = dir.join(ACTIVE_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map(Some).map_err(|_| {
-            ViewError::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, "not a version number; fix or delete the file"))
+            ViewError::io(
+                &path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a version number; fix or delete the file"),
+            )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ViewError::io(&path, e)),
@@ -534,7 +548,8 @@ impl ViewEngine {
                     }
                     crate::changelog::Entry::Step { offset, marker } => {
                         if let Some(previous) = &last_marker {
-                            let went_back = previous.positions.iter().any(|(k, p)| marker.positions.get(k).is_none_or(|m| m < p));
+                            let went_back =
+                                previous.positions.iter().any(|(k, p)| marker.positions.get(k).is_none_or(|m| m < p));
                             if went_back || marker.events_applied <= previous.events_applied {
                                 return Err(fail(format!(
                                     "the step marker at offset {offset} does not move forward from the previous one ({:?} → {:?}): a step was applied twice",

@@ -31,7 +31,9 @@ pub enum ViewError {
     UnknownVersion { view: String, version: u32, known: Vec<u32> },
     #[error("view '{view}' has no serving version yet: version {version} is still building ({progress})")]
     NotReady { view: String, version: u32, progress: String },
-    #[error("view '{view}' v{version} is {status}: only a version that has caught up with its inputs can serve reads; wait, or pass force")]
+    #[error(
+        "view '{view}' v{version} is {status}: only a version that has caught up with its inputs can serve reads; wait, or pass force"
+    )]
     VersionNotCaughtUp { view: String, version: u32, status: String },
     #[error("view '{view}' v{version} serves reads: switch to another version before retiring it")]
     RetireActive { view: String, version: u32 },

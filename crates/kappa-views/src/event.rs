@@ -50,7 +50,15 @@ enum Payload {
 
 impl Event {
     /// An event built by hand (tests, tools); `payload` None is a tombstone.
-    pub fn new(topic: &str, partition: i32, offset: i64, key: Option<&str>, event_type: Option<&str>, version: u32, payload: Option<Value>) -> Self {
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&str>,
+        event_type: Option<&str>,
+        version: u32,
+        payload: Option<Value>,
+    ) -> Self {
         Self {
             topic: Arc::from(topic),
             partition,
@@ -193,7 +201,12 @@ impl PayloadCodec for JsonCodec {
 }
 
 /// Decodes one record into an event, before upcasting.
-pub fn decode_event(topic: &Arc<str>, partition: i32, record: InputRecord, codec: &dyn PayloadCodec) -> Result<Event, EventError> {
+pub fn decode_event(
+    topic: &Arc<str>,
+    partition: i32,
+    record: InputRecord,
+    codec: &dyn PayloadCodec,
+) -> Result<Event, EventError> {
     let payload = match record.value {
         None => Payload::Tombstone,
         Some(bytes) if codec.is_lazy_json() => Payload::Json(bytes, OnceLock::new()),
@@ -210,7 +223,8 @@ pub fn decode_event(topic: &Arc<str>, partition: i32, record: InputRecord, codec
         version: 1,
         payload,
     };
-    let type_header = event.headers.iter().rev().find(|(k, _)| k == TYPE_HEADER.as_bytes()).and_then(|(_, v)| v.clone());
+    let type_header =
+        event.headers.iter().rev().find(|(k, _)| k == TYPE_HEADER.as_bytes()).and_then(|(_, v)| v.clone());
     match type_header {
         Some(bytes) => {
             std::str::from_utf8(&bytes).map_err(|_| EventError::new(format!("header {TYPE_HEADER} is not UTF-8")))?;
@@ -234,14 +248,15 @@ fn version_field(event: &Event) -> Result<u32, EventError> {
     let Ok(Some(payload)) = event.payload() else { return Ok(1) };
     match payload.get(VERSION_FIELD) {
         None | Some(Value::Null) => Ok(1),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {n}"))),
-        Some(Value::String(s)) => parse_version(s)
-            .ok_or_else(|| EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {s:?}"))),
-        Some(other) => Err(EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {other}"))),
+        Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0).ok_or_else(|| {
+            EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {n}"))
+        }),
+        Some(Value::String(s)) => parse_version(s).ok_or_else(|| {
+            EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {s:?}"))
+        }),
+        Some(other) => {
+            Err(EventError::new(format!("payload field '{VERSION_FIELD}' must be a positive integer, not {other}")))
+        }
     }
 }
 

@@ -299,7 +299,9 @@ impl Runner {
             }
             let mut writes = Vec::with_capacity(chunk.records.len());
             for record in &chunk.records {
-                match changelog::decode(record).map_err(|e| self.changelog_error(format!("offset {}: {e}", record.offset)))? {
+                match changelog::decode(record)
+                    .map_err(|e| self.changelog_error(format!("offset {}: {e}", record.offset)))?
+                {
                     Entry::Change { offset, change, .. } => writes.push(store_write(change, offset)),
                     Entry::Step { marker, .. } => {
                         self.progress.positions = marker.positions;
@@ -426,7 +428,13 @@ impl Runner {
         }
     }
 
-    fn apply_record(&mut self, topic: &Arc<str>, partition: i32, record: InputRecord, store: &dyn StoreRead) -> Result<(), EventError> {
+    fn apply_record(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        record: InputRecord,
+        store: &dyn StoreRead,
+    ) -> Result<(), EventError> {
         let event = decode_event(topic, partition, record, self.codec.as_ref()).and_then(|e| self.schemas.upcast(e))?;
         self.step_timestamp = Some(self.step_timestamp.map_or(event.timestamp, |t| t.max(event.timestamp)));
         self.applier.apply(&event, store)
@@ -514,13 +522,19 @@ impl Runner {
                 r.timestamp,
                 r.key.map(|k| k.to_vec()).unwrap_or_default(),
                 r.value.map(|v| v.to_vec()),
-                r.headers.into_iter().map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v.map(|v| v.to_vec()))).collect(),
+                r.headers
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v.map(|v| v.to_vec())))
+                    .collect(),
             ),
             None => (now_ms(), Vec::new(), None, Vec::new()),
         };
         let source = format!("{topic}/{partition}/{offset}");
         headers.push(("kappa.dlq.source".to_owned(), Some(source.into_bytes())));
-        headers.push(("kappa.dlq.view".to_owned(), Some(format!("{}.v{}", self.shared.view, self.shared.version).into_bytes())));
+        headers.push((
+            "kappa.dlq.view".to_owned(),
+            Some(format!("{}.v{}", self.shared.view, self.shared.version).into_bytes()),
+        ));
         headers.push(("kappa.dlq.reason".to_owned(), Some(error.0.clone().into_bytes())));
         tracing::warn!(view = %self.shared.view, version = self.shared.version, %topic, partition, offset, reason = %error, dlq, "skipped an event into the dead-letter topic");
         let (_, last) = self.backend.append(dlq, 0, vec![OutputRecord { timestamp, key, value, headers }])?;
@@ -537,10 +551,8 @@ impl Runner {
                     return Err(ViewError::ValueTooLarge { key: change.key.clone(), bytes, max: VIEW_VALUE_BYTES_MAX });
                 }
             }
-            let marker = StepMarker {
-                positions: self.progress.positions.clone(),
-                events_applied: self.progress.events_applied,
-            };
+            let marker =
+                StepMarker { positions: self.progress.positions.clone(), events_applied: self.progress.events_applied };
             let records = changelog::encode_step(&changes, &marker, timestamp);
             let (base, last) = self.backend.append(&self.shared.changelog_topic, 0, records)?;
             assert_eq!(last - base, changes.len() as i64, "a step's changelog batch is its changes plus one marker");

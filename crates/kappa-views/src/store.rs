@@ -103,9 +103,8 @@ impl Store {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let positions = txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
-        let meta_get = |key: &str| -> Result<i64> {
-            Ok(meta.get(key).map_err(|e| self.err(e))?.map(|v| v.value()).unwrap_or(0))
-        };
+        let meta_get =
+            |key: &str| -> Result<i64> { Ok(meta.get(key).map_err(|e| self.err(e))?.map(|v| v.value()).unwrap_or(0)) };
         let mut progress = Progress {
             positions: BTreeMap::new(),
             changelog_next: meta_get(META_CHANGELOG_NEXT)?,

@@ -37,7 +37,11 @@ pub trait Processor: Send + Sync + 'static {
     /// Use `()` when the processor keeps nothing private.
     type Internal: Serialize + DeserializeOwned + Clone + Send + 'static;
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Self::State, Self::Internal>) -> Result<(), EventError>;
+    fn process(
+        &self,
+        event: &Event,
+        state: &mut dyn StateAccess<Self::State, Self::Internal>,
+    ) -> Result<(), EventError>;
 }
 
 /// A processor's access to the view's state while it handles one event.
@@ -81,7 +85,11 @@ pub struct View {
 
 impl std::fmt::Debug for View {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("View").field("name", &self.name).field("version", &self.version).field("inputs", &self.inputs).finish()
+        f.debug_struct("View")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("inputs", &self.inputs)
+            .finish()
     }
 }
 
@@ -133,8 +141,10 @@ impl View {
             return fail("a view needs at least one input topic".to_owned());
         }
         if let ErrorPolicy::DeadLetter(topic) = &self.on_error {
-            kappa_log::log::validate_topic_name(topic)
-                .map_err(|e| ViewError::Definition { view: self.name.clone(), reason: format!("dead-letter topic: {e}") })?;
+            kappa_log::log::validate_topic_name(topic).map_err(|e| ViewError::Definition {
+                view: self.name.clone(),
+                reason: format!("dead-letter topic: {e}"),
+            })?;
         }
         Ok(())
     }
@@ -313,7 +323,11 @@ impl<S: Clone + DeserializeOwned, I: Clone + DeserializeOwned> StateAccess<S, I>
     }
 }
 
-fn drain_dirty<T: Serialize>(map: &mut HashMap<String, Slot<T>>, scope: Scope, out: &mut Vec<Change>) -> Result<(), EventError> {
+fn drain_dirty<T: Serialize>(
+    map: &mut HashMap<String, Slot<T>>,
+    scope: Scope,
+    out: &mut Vec<Change>,
+) -> Result<(), EventError> {
     for (key, slot) in map.iter_mut().filter(|(_, slot)| slot.dirty) {
         slot.dirty = false;
         let value = slot.value.as_ref().map(serde_json::to_vec).transpose()?;

@@ -34,7 +34,8 @@ impl Reducer for Sum {
 
     fn apply(&self, state: Option<Totals>, event: &Event) -> Result<Option<Totals>, EventError> {
         let Some(payload) = event.payload()? else { return Ok(None) };
-        let n = payload.get("n").and_then(Value::as_i64).ok_or_else(|| EventError::new("payload needs an integer n"))?;
+        let n =
+            payload.get("n").and_then(Value::as_i64).ok_or_else(|| EventError::new("payload needs an integer n"))?;
         let mut totals = state.unwrap_or(Totals { count: 0, total: 0 });
         totals.count += 1;
         totals.total += n * self.factor;
@@ -70,7 +71,13 @@ fn write_events(fixture: &Fixture, partitions: i32, events: &[(String, Option<i6
     for (i, (key, n)) in events.iter().enumerate() {
         let index: i32 = key.trim_start_matches('k').parse().unwrap();
         let partition = index % partitions;
-        pending.entry(partition).or_default().push(event(key, n.map(|n| json!({"n": n})), None, None, 1_000 + i as i64));
+        pending.entry(partition).or_default().push(event(
+            key,
+            n.map(|n| json!({"n": n})),
+            None,
+            None,
+            1_000 + i as i64,
+        ));
         if pending[&partition].len() >= batch {
             fixture.append(partition, pending.remove(&partition).unwrap());
         }
@@ -134,7 +141,10 @@ fn aborted_transactions_never_reach_a_view_and_open_ones_wait_for_their_commit()
     );
     let k0 = engine.get("sums", "k0").unwrap().value.unwrap();
     let k2 = engine.get("sums", "k2").unwrap().value.unwrap();
-    assert!(k0.changelog_offset >= changelog_before && k2.changelog_offset == k0.changelog_offset + 1, "both changes in one step");
+    assert!(
+        k0.changelog_offset >= changelog_before && k2.changelog_offset == k0.changelog_offset + 1,
+        "both changes in one step"
+    );
     engine.shutdown();
 }
 
@@ -160,10 +170,13 @@ fn paid_schemas() -> Schemas {
     Schemas::new()
         // v1 {"cents"} → v2 {"value"}; v2 {"value"} → v3 {"amount"}
         .upcaster("Paid", 1, |mut v| {
-            let cents = v.as_object_mut().and_then(|o| o.remove("cents")).ok_or_else(|| EventError::new("v1 needs cents"))?;
+            let cents =
+                v.as_object_mut().and_then(|o| o.remove("cents")).ok_or_else(|| EventError::new("v1 needs cents"))?;
             Ok(json!({"value": cents}))
         })
-        .upcaster("Paid", 2, |v| Ok(json!({"amount": v["value"].as_i64().ok_or_else(|| EventError::new("v2 needs value"))?})))
+        .upcaster("Paid", 2, |v| {
+            Ok(json!({"amount": v["value"].as_i64().ok_or_else(|| EventError::new("v2 needs value"))?}))
+        })
 }
 
 #[test]
@@ -210,7 +223,10 @@ fn a_dead_letter_policy_skips_malformed_events_and_records_them_with_the_reason(
     let fixture = Fixture::new(1);
     let mut bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"{not json"), 2);
     bad = bad.header("trace", Some(b"abc"));
-    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1), bad, event("k1", Some(json!({"n": 2})), None, None, 3)]);
+    fixture.append(
+        0,
+        vec![event("k1", Some(json!({"n": 1})), None, None, 1), bad, event("k1", Some(json!({"n": 2})), None, None, 3)],
+    );
     fixture.append(0, vec![event("k1", Some(json!({"x": 1})), None, None, 4)]);
     let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1).dead_letter("sums-dlq")]);
     wait_caught_up(&engine, "sums");
@@ -224,7 +240,12 @@ fn a_dead_letter_policy_skips_malformed_events_and_records_them_with_the_reason(
         let records = kappa_log::records::decode_records(&rest[..len], 1 << 20).unwrap();
         for r in records.iter() {
             let header = |n: &str| r.header(n).flatten().map(|v| String::from_utf8_lossy(v).into_owned());
-            found.push((r.value.map(<[u8]>::to_vec), header("kappa.dlq.source"), header("kappa.dlq.reason"), header("trace")));
+            found.push((
+                r.value.map(<[u8]>::to_vec),
+                header("kappa.dlq.source"),
+                header("kappa.dlq.reason"),
+                header("trace"),
+            ));
         }
         rest = &rest[len..];
     }
@@ -241,9 +262,14 @@ fn a_dead_letter_policy_skips_malformed_events_and_records_them_with_the_reason(
 fn a_stop_policy_stops_at_the_malformed_event_and_keeps_what_came_before() {
     let fixture = Fixture::new(1);
     let bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"[1,"), 2);
-    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1), event("k2", Some(json!({"n": 5})), None, None, 1), bad]);
+    fixture.append(
+        0,
+        vec![event("k1", Some(json!({"n": 1})), None, None, 1), event("k2", Some(json!({"n": 5})), None, None, 1), bad],
+    );
     let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
-    let Phase::Failed(reason) = wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_))) else { unreachable!() };
+    let Phase::Failed(reason) = wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
     assert!(reason.contains("events/0 offset 2") && reason.contains("not valid JSON"), "{reason}");
     // Never caught up, so no version serves; the stopped version's state is still there.
     assert!(matches!(engine.get("sums", "k1"), Err(ViewError::NotReady { .. })));
@@ -256,7 +282,8 @@ fn a_stop_policy_stops_at_the_malformed_event_and_keeps_what_came_before() {
 #[test]
 fn a_new_version_rebuilds_beside_the_serving_one_and_reads_switch_atomically() {
     let fixture = Fixture::new(2);
-    let events: Vec<(String, Option<i64>)> = (0..20_000).map(|i| (format!("k{}", i % 50), Some((i % 7) as i64))).collect();
+    let events: Vec<(String, Option<i64>)> =
+        (0..20_000).map(|i| (format!("k{}", i % 50), Some((i % 7) as i64))).collect();
     write_events(&fixture, 2, &events, 100);
     let v1 = reference(&events, 1);
     let v2 = reference(&events, 10);
@@ -328,7 +355,10 @@ fn a_restart_mid_rebuild_resumes_where_it_stopped() {
     engine.shutdown();
     let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
     let resumed_at = engine.describe("sums").unwrap().versions[0].status.events_applied;
-    assert!(resumed_at >= applied && resumed_at > 0, "the restarted version starts from its committed progress ({resumed_at}), not from 0");
+    assert!(
+        resumed_at >= applied && resumed_at > 0,
+        "the restarted version starts from its committed progress ({resumed_at}), not from 0"
+    );
     if resumed_at == events.len() as i64 {
         eprintln!("the rebuild finished before the restart; resuming mid-way was not exercised by this run");
     }
@@ -361,7 +391,12 @@ fn as_of_answers_equal_a_replay_truncated_at_that_point() {
     }
     let missing = engine.as_of("sums", None, &AsOf::Offsets(BTreeMap::from([("events/0".into(), 1)])), None);
     assert!(matches!(&missing, Err(ViewError::AsOf { reason, .. }) if reason.contains("events/1")), "{missing:?}");
-    let beyond = engine.as_of("sums", None, &AsOf::Offsets(BTreeMap::from([("events/0".into(), 10_000), ("events/1".into(), 0)])), None);
+    let beyond = engine.as_of(
+        "sums",
+        None,
+        &AsOf::Offsets(BTreeMap::from([("events/0".into(), 10_000), ("events/1".into(), 0)])),
+        None,
+    );
     assert!(matches!(&beyond, Err(ViewError::AsOf { reason, .. }) if reason.contains("outside")), "{beyond:?}");
     engine.shutdown();
 }
@@ -383,7 +418,12 @@ fn as_of_refuses_history_that_compaction_removed() {
     }
     log.compact().unwrap();
     let config = kappa_views::EngineConfig::new(dir.path().join("views"));
-    let engine = kappa_views::ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(log.clone())), config, vec![sum_view(1, 1)]).unwrap();
+    let engine = kappa_views::ViewEngine::start(
+        Arc::new(kappa_views::EmbeddedLog::new(log.clone())),
+        config,
+        vec![sum_view(1, 1)],
+    )
+    .unwrap();
     wait_caught_up(&engine, "sums");
     let result = engine.as_of("sums", None, &AsOf::Timestamp(1_050), None);
     assert!(matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains("compacted")), "{result:?}");
@@ -454,12 +494,23 @@ fn bad_definitions_are_rejected_with_the_reason() {
     let fixture = Fixture::new(1);
     let config = || kappa_views::EngineConfig::new(fixture.views_dir());
     let backend = || Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
-    let bad_name = kappa_views::ViewEngine::start(backend(), config(), vec![View::reducer("Bad Name", 1, &[TOPIC], Sum { factor: 1 })]);
+    let bad_name = kappa_views::ViewEngine::start(
+        backend(),
+        config(),
+        vec![View::reducer("Bad Name", 1, &[TOPIC], Sum { factor: 1 })],
+    );
     assert!(matches!(bad_name, Err(ViewError::Definition { reason, .. }) if reason.contains("a-z")));
     let twice = kappa_views::ViewEngine::start(backend(), config(), vec![sum_view(1, 1), sum_view(1, 2)]);
     assert!(matches!(twice, Err(ViewError::Definition { reason, .. }) if reason.contains("defined twice")));
-    let engine = kappa_views::ViewEngine::start(backend(), config(), vec![View::reducer("nope", 1, &["missing-topic"], Sum { factor: 1 })]).unwrap();
-    let Phase::Failed(reason) = wait_for_phase(&engine, "nope", |p| matches!(p, Phase::Failed(_))) else { unreachable!() };
+    let engine = kappa_views::ViewEngine::start(
+        backend(),
+        config(),
+        vec![View::reducer("nope", 1, &["missing-topic"], Sum { factor: 1 })],
+    )
+    .unwrap();
+    let Phase::Failed(reason) = wait_for_phase(&engine, "nope", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
     assert!(reason.contains("missing-topic") && reason.contains("create the topic"), "{reason}");
     assert!(matches!(engine.get("unknown", "k"), Err(ViewError::UnknownView(_))));
     engine.shutdown();
@@ -469,7 +520,10 @@ fn bad_definitions_are_rejected_with_the_reason() {
 fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from_what_is_left() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(kappa_log::Log::open(&dir.path().join("log"), kappa_log::LogOptions::default()).unwrap().0);
-    let configs = BTreeMap::from([("segment.bytes".to_owned(), "1024".to_owned()), ("retention.bytes".to_owned(), "2048".to_owned())]);
+    let configs = BTreeMap::from([
+        ("segment.bytes".to_owned(), "1024".to_owned()),
+        ("retention.bytes".to_owned(), "2048".to_owned()),
+    ]);
     log.create_topic(TOPIC, 1, &configs).unwrap();
     let partition = log.partition(TOPIC, 0).unwrap();
     for i in 0..100 {
@@ -480,11 +534,19 @@ fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from
     let start = partition.log_start_offset();
     assert!(start > 0, "retention removed the oldest segments");
     let config = kappa_views::EngineConfig::new(dir.path().join("views"));
-    let engine = kappa_views::ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(log.clone())), config, vec![sum_view(1, 1)]).unwrap();
+    let engine = kappa_views::ViewEngine::start(
+        Arc::new(kappa_views::EmbeddedLog::new(log.clone())),
+        config,
+        vec![sum_view(1, 1)],
+    )
+    .unwrap();
     wait_caught_up(&engine, "sums");
     let applied = engine.describe("sums").unwrap().versions[0].status.events_applied;
     assert_eq!(applied, 100 - start, "the view applied what retention left");
     let result = engine.as_of("sums", None, &AsOf::Timestamp(1_050), None);
-    assert!(matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains("deleted by retention")), "{result:?}");
+    assert!(
+        matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains("deleted by retention")),
+        "{result:?}"
+    );
     engine.shutdown();
 }

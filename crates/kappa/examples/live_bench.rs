@@ -51,7 +51,9 @@ fn latency(http: &str, seconds: u64) {
         let received = now_ns();
         let message: Value = serde_json::from_str(&text).unwrap();
         if message["type"] == "change" {
-            if let Some(sent) = message["value"]["name"].as_str().and_then(|n| n.strip_prefix("t-")).and_then(|n| n.parse::<i64>().ok()) {
+            if let Some(sent) =
+                message["value"]["name"].as_str().and_then(|n| n.strip_prefix("t-")).and_then(|n| n.parse::<i64>().ok())
+            {
                 lags.push((received - sent) as f64 / 1e6);
             }
         }
@@ -72,7 +74,11 @@ fn latency(http: &str, seconds: u64) {
 
 fn rss_kib(pid: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("server /proc status");
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn post(http: &str, path: &str, body: &Value) {
@@ -87,7 +93,11 @@ fn post(http: &str, path: &str, body: &Value) {
 
 fn fanout(http: String, connections: usize, server_pid: String) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    post(&http, "/v1/topics/channels/records", &json!({"records": [{"key": "hot", "value": {"channelId": "hot", "name": "before", "ownerId": "u"}, "headers": {"kappa.type": "ChannelCreated"}}]}));
+    post(
+        &http,
+        "/v1/topics/channels/records",
+        &json!({"records": [{"key": "hot", "value": {"channelId": "hot", "name": "before", "ownerId": "u"}, "headers": {"kappa.type": "ChannelCreated"}}]}),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let rss_before = rss_kib(&server_pid);
     let ready = Arc::new(AtomicUsize::new(0));
@@ -99,7 +109,8 @@ fn fanout(http: String, connections: usize, server_pid: String) {
             let (http, ready, done, limit) = (http.clone(), ready.clone(), done_tx.clone(), limit.clone());
             let permit = limit.acquire_owned().await.unwrap();
             tokio::spawn(async move {
-                let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/v1/ws")).await.expect("connect");
+                let (mut ws, _) =
+                    tokio_tungstenite::connect_async(format!("ws://{http}/v1/ws")).await.expect("connect");
                 let subscribe = json!({"op": "subscribe", "id": "h", "view": "channel_page", "key": "hot"});
                 ws.send(tokio_tungstenite::tungstenite::Message::Text(subscribe.to_string().into())).await.unwrap();
                 while let Some(Ok(message)) = ws.next().await {
@@ -130,12 +141,19 @@ fn fanout(http: String, connections: usize, server_pid: String) {
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss_kib(&server_pid);
     let sent = Instant::now();
-    post(&http, "/v1/topics/channels/records", &json!({"records": [{"key": "hot", "value": {"channelId": "hot", "name": "after", "ownerId": "u"}, "headers": {"kappa.type": "ChannelUpdated"}}]}));
+    post(
+        &http,
+        "/v1/topics/channels/records",
+        &json!({"records": [{"key": "hot", "value": {"channelId": "hot", "name": "after", "ownerId": "u"}, "headers": {"kappa.type": "ChannelUpdated"}}]}),
+    );
     let mut last = sent;
     let mut first = None;
     runtime.block_on(async {
         for _ in 0..connections {
-            let at = tokio::time::timeout(Duration::from_secs(120), done_rx.recv()).await.expect("every subscriber gets the change").unwrap();
+            let at = tokio::time::timeout(Duration::from_secs(120), done_rx.recv())
+                .await
+                .expect("every subscriber gets the change")
+                .unwrap();
             first.get_or_insert(at);
             last = last.max(at);
         }
@@ -156,7 +174,9 @@ fn main() {
     let http = arg(&args, "--http", "127.0.0.1:8080");
     match args.get(1).map(String::as_str) {
         Some("latency") => latency(&http, arg(&args, "--seconds", "10").parse().unwrap()),
-        Some("fanout") => fanout(http, arg(&args, "--connections", "10000").parse().unwrap(), arg(&args, "--server-pid", "")),
+        Some("fanout") => {
+            fanout(http, arg(&args, "--connections", "10000").parse().unwrap(), arg(&args, "--server-pid", ""))
+        }
         _ => eprintln!("usage: live_bench latency|fanout --http ADDR ..."),
     }
 }

@@ -72,7 +72,8 @@ fn event(i: u64, channels: u64, timestamp: i64) -> NewRecord {
     let content_id = format!("x{}", (x >> 20) % 20);
     let kind = (x >> 40) % 100;
     let (value, event_type, version) = if kind < 10 {
-        let value = json!({"channelId": channel, "name": format!("name-{i}"), "ownerId": format!("u{}", (x >> 8) % 1000)});
+        let value =
+            json!({"channelId": channel, "name": format!("name-{i}"), "ownerId": format!("u{}", (x >> 8) % 1000)});
         (Some(value), channels::CHANNEL_UPDATED, 1)
     } else if kind < 55 {
         let value = json!({"channelId": channel, "contentId": content_id, "op": "added", "text": format!("text {i}")});
@@ -128,7 +129,12 @@ fn write(args: &Args, log: &Log) {
         log.partition(channels::TOPIC, partition as i32).unwrap().append(batch).unwrap();
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("write: {} events, {:.0} MB in {secs:.1} s ({:.0} events/s)", args.events, bytes as f64 / 1e6, args.events as f64 / secs);
+    println!(
+        "write: {} events, {:.0} MB in {secs:.1} s ({:.0} events/s)",
+        args.events,
+        bytes as f64 / 1e6,
+        args.events as f64 / secs
+    );
 }
 
 fn median(mut values: Vec<f64>) -> (f64, f64, f64) {

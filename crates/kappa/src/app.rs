@@ -231,7 +231,10 @@ impl App {
         // Bind both listeners before anything slow, so a client that sees one port open
         // finds the other open too.
         let http_listener = tokio::net::TcpListener::bind(settings.http_listen).await.with_context(|| {
-            format!("binding the HTTP listener on {} (is another server running there? pick another with --http-listen)", settings.http_listen)
+            format!(
+                "binding the HTTP listener on {} (is another server running there? pick another with --http-listen)",
+                settings.http_listen
+            )
         })?;
         let kafka_port = listener.local_addr()?.port();
         let config = BrokerConfig {
@@ -241,7 +244,8 @@ impl App {
             default_partitions: settings.num_partitions,
             ..BrokerConfig::default()
         };
-        let broker = Broker::open(log.clone(), config).await.context("opening the group and transaction coordinators")?;
+        let broker =
+            Broker::open(log.clone(), config).await.context("opening the group and transaction coordinators")?;
         let engine = {
             let log = log.clone();
             let data_dir = settings.data_dir.clone();
@@ -252,8 +256,12 @@ impl App {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let http_state =
-            kappa_http::AppState::with_metrics(log.clone(), engine.clone(), settings.http.clone(), Some(broker_metrics(&broker)));
+        let http_state = kappa_http::AppState::with_metrics(
+            log.clone(),
+            engine.clone(),
+            settings.http.clone(),
+            Some(broker_metrics(&broker)),
+        );
         let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
         tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
         kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
@@ -271,7 +279,9 @@ impl App {
         if run {
             for topic in &self.topics {
                 match log.create_topic(&topic.name, topic.partitions, &topic.configs) {
-                    Ok(_) => tracing::info!(topic = %topic.name, partitions = topic.partitions, "created the application's topic"),
+                    Ok(_) => {
+                        tracing::info!(topic = %topic.name, partitions = topic.partitions, "created the application's topic")
+                    }
                     Err(LogError::TopicExists(_)) => {}
                     Err(e) => return Err(e).with_context(|| format!("creating topic {}", topic.name)),
                 }
@@ -297,7 +307,9 @@ impl App {
             ViewCommand::Watch { view, key, prefix, server } => {
                 crate::view_cli::watch(&server.server, &view, key.as_deref(), prefix.as_deref())
             }
-            ViewCommand::Switch { view, version, force, server } => crate::view_cli::switch(&server.server, &view, version, force),
+            ViewCommand::Switch { view, version, force, server } => {
+                crate::view_cli::switch(&server.server, &view, version, force)
+            }
             ViewCommand::Retire { view, version, server } => crate::view_cli::retire(&server.server, &view, version),
             ViewCommand::List(Target { data_dir: Some(dir), .. }) => self.offline(&dir, false, |engine| {
                 for view in engine.list() {
@@ -341,7 +353,12 @@ impl App {
     }
 
     /// Opens a stopped server's data directory, runs `f` on its views, closes it.
-    fn offline(self, data_dir: &Path, run: bool, f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    fn offline(
+        self,
+        data_dir: &Path,
+        run: bool,
+        f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let _lock = lock_data_dir(data_dir)?;
         let log = Arc::new(
             Log::open(data_dir, LogOptions::default())
@@ -381,7 +398,13 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
             for (key, json) in &fold.values {
                 line(key, json)?;
             }
-            tracing::info!(view, version = fold.version, steps = fold.steps, changes = fold.changes, "folded the changelog");
+            tracing::info!(
+                view,
+                version = fold.version,
+                steps = fold.steps,
+                changes = fold.changes,
+                "folded the changelog"
+            );
         }
     }
     out.flush()?;
@@ -459,7 +482,11 @@ fn broker_metrics(broker: &Arc<Broker>) -> kappa_http::ExtraMetrics {
         let counters = [
             ("kappa_kafka_produce_requests_total", "Kafka produce requests.", &stats.produce_requests),
             ("kappa_kafka_produce_bytes_total", "Record-batch bytes received by Kafka produce.", &stats.produce_bytes),
-            ("kappa_kafka_produce_errors_total", "Partitions answered with an error by produce.", &stats.produce_errors),
+            (
+                "kappa_kafka_produce_errors_total",
+                "Partitions answered with an error by produce.",
+                &stats.produce_errors,
+            ),
             ("kappa_kafka_fetch_requests_total", "Kafka fetch requests.", &stats.fetch_requests),
             ("kappa_kafka_fetch_bytes_total", "Record bytes returned by Kafka fetch.", &stats.fetch_bytes),
             ("kappa_kafka_fetch_errors_total", "Partitions answered with an error by fetch.", &stats.fetch_errors),
@@ -467,12 +494,20 @@ fn broker_metrics(broker: &Arc<Broker>) -> kappa_http::ExtraMetrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }
-        let _ = writeln!(out, "# HELP kappa_consumer_group_lag_records End offset minus committed offset.\n# TYPE kappa_consumer_group_lag_records gauge");
+        let _ = writeln!(
+            out,
+            "# HELP kappa_consumer_group_lag_records End offset minus committed offset.\n# TYPE kappa_consumer_group_lag_records gauge"
+        );
         for (group, topic, partition, committed) in broker.committed_offsets() {
             let Ok(p) = broker.log().partition(&topic, partition) else { continue };
             let lag = (p.high_watermark() - committed).max(0);
             let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-            let _ = writeln!(out, "kappa_consumer_group_lag_records{{group=\"{}\",topic=\"{}\",partition=\"{partition}\"}} {lag}", escape(&group), escape(&topic));
+            let _ = writeln!(
+                out,
+                "kappa_consumer_group_lag_records{{group=\"{}\",topic=\"{}\",partition=\"{partition}\"}} {lag}",
+                escape(&group),
+                escape(&topic)
+            );
         }
     })
 }

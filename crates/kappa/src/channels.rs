@@ -18,7 +18,6 @@ use kappa_views::{Event, EventError, Processor, Reducer, Schemas, StateAccess, V
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-
 pub const TOPIC: &str = "channels";
 pub const PARTITIONS: i32 = 4;
 pub const CONTENT_ID: &str = "contentId";
@@ -47,12 +46,16 @@ pub fn schemas() -> Schemas {
 
 /// v1 `{"op":"added","text"}` → v2 `{"action":"upsert","content":{"title":null,"body":text}}`.
 pub fn content_v1_to_v2(mut v1: Value) -> Result<Value, EventError> {
-    let object = v1.as_object_mut().ok_or_else(|| EventError::new("a ChannelContentMutated v1 payload must be a JSON object"))?;
+    let object = v1
+        .as_object_mut()
+        .ok_or_else(|| EventError::new("a ChannelContentMutated v1 payload must be a JSON object"))?;
     let op = object.remove("op");
     let action = match op.as_ref().and_then(Value::as_str) {
         Some("added") | Some("updated") | None => "upsert",
         Some("removed") => "remove",
-        Some(other) => return Err(EventError::new(format!("unknown v1 op '{other}' (expected added, updated or removed)"))),
+        Some(other) => {
+            return Err(EventError::new(format!("unknown v1 op '{other}' (expected added, updated or removed)")));
+        }
     };
     let text = object.remove("text").unwrap_or(Value::Null);
     object.insert("action".to_owned(), json!(action));
@@ -74,10 +77,17 @@ pub fn views() -> Vec<View> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChannelEvent<'a> {
     /// Created or updated: the channel's full state.
-    Upserted { name: Option<Cow<'a, str>>, owner_id: Option<Cow<'a, str>> },
+    Upserted {
+        name: Option<Cow<'a, str>>,
+        owner_id: Option<Cow<'a, str>>,
+    },
     /// The item's content is read separately ([`content`]): only `channel_page` needs it.
-    ContentUpserted { content_id: Cow<'a, str> },
-    ContentRemoved { content_id: Cow<'a, str> },
+    ContentUpserted {
+        content_id: Cow<'a, str>,
+    },
+    ContentRemoved {
+        content_id: Cow<'a, str>,
+    },
     Deleted,
     /// An event type these views do not use.
     Other,
@@ -134,7 +144,9 @@ pub fn interpret(event: &Event) -> Result<ChannelEvent<'_>, EventError> {
             match fields.action.as_deref() {
                 Some("upsert") => Ok(ChannelEvent::ContentUpserted { content_id }),
                 Some("remove") => Ok(ChannelEvent::ContentRemoved { content_id }),
-                other => Err(EventError::new(format!("unknown ChannelContentMutated action {other:?} (expected upsert or remove)"))),
+                other => Err(EventError::new(format!(
+                    "unknown ChannelContentMutated action {other:?} (expected upsert or remove)"
+                ))),
             }
         }
         Some(CHANNEL_DELETED) => Ok(ChannelEvent::Deleted),

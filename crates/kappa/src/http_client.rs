@@ -51,12 +51,21 @@ fn address(server: &str) -> Result<String, ClientError> {
     Ok(host.to_owned())
 }
 
-fn open(server: &str, method: &str, path: &str, body: Option<&str>, timeout: Option<Duration>) -> Result<(String, BufReader<TcpStream>), ClientError> {
+fn open(
+    server: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<(String, BufReader<TcpStream>), ClientError> {
     let address = address(server)?;
-    let mut stream = TcpStream::connect(&address).map_err(|source| ClientError::Connect { address: address.clone(), source })?;
+    let mut stream =
+        TcpStream::connect(&address).map_err(|source| ClientError::Connect { address: address.clone(), source })?;
     let io = |source| ClientError::Io { address: address.clone(), source };
     stream.set_read_timeout(timeout).map_err(io)?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\n");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\n"
+    );
     if let Some(body) = body {
         head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
@@ -73,7 +82,11 @@ fn read_head(address: &str, reader: &mut BufReader<TcpStream>) -> Result<(u16, b
     let io = |source| ClientError::Io { address: address.to_owned(), source };
     let mut line = String::new();
     reader.read_line(&mut line).map_err(io)?;
-    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| ClientError::Malformed { address: address.to_owned() })?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::Malformed { address: address.to_owned() })?;
     let (mut chunked, mut length) = (false, None);
     loop {
         line.clear();
@@ -99,7 +112,8 @@ pub fn request(server: &str, method: &str, path: &str, body: Option<&str>) -> Re
         loop {
             let mut size = String::new();
             reader.read_line(&mut size).map_err(io)?;
-            let size = usize::from_str_radix(size.trim(), 16).map_err(|_| ClientError::Malformed { address: address.clone() })?;
+            let size = usize::from_str_radix(size.trim(), 16)
+                .map_err(|_| ClientError::Malformed { address: address.clone() })?;
             if size == 0 {
                 break;
             }
@@ -118,7 +132,11 @@ pub fn request(server: &str, method: &str, path: &str, body: Option<&str>) -> Re
 
 /// Streams a Server-Sent Events response, calling `on_event(name, data)` per event until it
 /// returns false or the stream ends. A non-200 answer is returned as a response.
-pub fn stream_events(server: &str, path: &str, mut on_event: impl FnMut(&str, &str) -> bool) -> Result<Option<Response>, ClientError> {
+pub fn stream_events(
+    server: &str,
+    path: &str,
+    mut on_event: impl FnMut(&str, &str) -> bool,
+) -> Result<Option<Response>, ClientError> {
     let (address, mut reader) = open(server, "GET", path, None, None)?;
     let (status, _, _) = read_head(&address, &mut reader)?;
     if status != 200 {

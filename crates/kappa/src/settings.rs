@@ -138,8 +138,16 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
         }
     };
     Ok(kappa_http::HttpConfig {
-        allowed_origins: args.http_allowed_origins.clone().or_else(|| file.http_allowed_origins.clone()).unwrap_or_default(),
-        connections_max: positive("http_connections_max", args.http_connections_max.or(file.http_connections_max), defaults.connections_max)?,
+        allowed_origins: args
+            .http_allowed_origins
+            .clone()
+            .or_else(|| file.http_allowed_origins.clone())
+            .unwrap_or_default(),
+        connections_max: positive(
+            "http_connections_max",
+            args.http_connections_max.or(file.http_connections_max),
+            defaults.connections_max,
+        )?,
         subscriber_queue_max: positive(
             "http_subscriber_queue_max",
             args.http_subscriber_queue_max.or(file.http_subscriber_queue_max),

@@ -107,7 +107,9 @@ pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) 
 /// or a line per poll (anything else) until no version is building.
 pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
     let path = format!("/v1/views/{}", encode(view));
-    let fetch = || -> anyhow::Result<Value> { expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading view {view}")) };
+    let fetch = || -> anyhow::Result<Value> {
+        expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading view {view}"))
+    };
     let info = fetch()?;
     for version in info["versions"].as_array().into_iter().flatten() {
         println!("{}", version_line(view, version));

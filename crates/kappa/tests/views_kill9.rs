@@ -53,7 +53,9 @@ fn views_apply_every_event_exactly_once_across_kill9() {
     let cycles: u64 = if soak { 500 } else { 50 };
     let per_cycle: u64 = 1_000;
     let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand_seed);
-    eprintln!("views_kill9: seed {seed} ({cycles} cycles); replay with SEED={seed} cargo nextest run -p kappa --test views_kill9");
+    eprintln!(
+        "views_kill9: seed {seed} ({cycles} cycles); replay with SEED={seed} cargo nextest run -p kappa --test views_kill9"
+    );
     let temp = tempfile::tempdir().expect("temp dir");
     let mut server = Server::start_binary_in(&example_binary("channels"), temp.path(), &[]);
     let mut rng = seed;
@@ -70,7 +72,10 @@ fn views_apply_every_event_exactly_once_across_kill9() {
         let store = dump(&server, view, &["--catch-up"]);
         assert_eq!(store, expected[view], "view {view} (seed {seed}): the state store differs from the reference fold");
         let changelog = dump(&server, view, &["--source", "changelog"]);
-        assert_eq!(changelog, expected[view], "view {view} (seed {seed}): the changelog differs from the reference fold");
+        assert_eq!(
+            changelog, expected[view],
+            "view {view} (seed {seed}): the changelog differs from the reference fold"
+        );
     }
 }
 

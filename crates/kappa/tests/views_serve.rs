@@ -16,7 +16,9 @@ mod http;
 fn kcat_produce(server: &Server, key: &str, value: &str, headers: &[&str]) {
     let mut command = Command::new("sh");
     let headers: String = headers.iter().map(|h| format!(" -H '{h}'")).collect();
-    command.arg("-c").arg(format!("printf '%s\\n' '{value}' | kcat -b {} -t channels -P -k {key}{headers}", server.bootstrap()));
+    command
+        .arg("-c")
+        .arg(format!("printf '%s\\n' '{value}' | kcat -b {} -t channels -P -k {key}{headers}", server.bootstrap()));
     run(&mut command, Duration::from_secs(30), server);
 }
 
@@ -28,7 +30,11 @@ fn wait_for_key(server: &Server, view: &str, key: &str, want: &Value) {
         if status == 200 && &body["value"] == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{view}/{key}: last answer {status} {body}, want {want}\nserver log:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "{view}/{key}: last answer {status} {body}, want {want}\nserver log:\n{}",
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -37,40 +43,69 @@ fn wait_for_key(server: &Server, view: &str, key: &str, want: &Value) {
 fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
     let temp = tempfile::tempdir().unwrap();
     let server = Server::start_binary_in(&example_binary("channels"), temp.path(), &[]);
-    kcat_produce(&server, "c1", r#"{"channelId":"c1","name":"News","ownerId":"u1"}"#, &["kappa.type=ChannelCreated", "kappa.version=1"]);
+    kcat_produce(
+        &server,
+        "c1",
+        r#"{"channelId":"c1","name":"News","ownerId":"u1"}"#,
+        &["kappa.type=ChannelCreated", "kappa.version=1"],
+    );
     kcat_produce(
         &server,
         "c1",
         r#"{"channelId":"c1","contentId":"x1","action":"upsert","content":{"title":"Hi","body":"first"}}"#,
         &["kappa.type=ChannelContentMutated", "kappa.version=2", "contentId=x1"],
     );
-    kcat_produce(&server, "c1", r#"{"type":"ChannelContentMutated","version":1,"channelId":"c1","contentId":"x2","op":"added","text":"old shape"}"#, &[]);
+    kcat_produce(
+        &server,
+        "c1",
+        r#"{"type":"ChannelContentMutated","version":1,"channelId":"c1","contentId":"x2","op":"added","text":"old shape"}"#,
+        &[],
+    );
     let body = json!({"records": [{"key": "c2", "value": {"channelId": "c2", "name": "Sport", "ownerId": "u1"}, "headers": {"kappa.type": "ChannelCreated"}}]});
-    let (status, answer) = http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]);
+    let (status, answer) =
+        http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]);
     assert_eq!(status, 200, "{answer}");
     let mut node = Command::new("node");
     node.current_dir(repo_root().join("tests/clients/node")).arg("channels-produce.js").arg(server.bootstrap());
     run(&mut node, Duration::from_secs(90), &server);
 
-    wait_for_key(&server, "channel_page", "c1", &json!({
-        "channelId": "c1", "name": "News", "ownerId": "u1",
-        "content": {"x1": {"title": "Hi", "body": "first"}, "x2": {"title": null, "body": "old shape"}}
-    }));
+    wait_for_key(
+        &server,
+        "channel_page",
+        "c1",
+        &json!({
+            "channelId": "c1", "name": "News", "ownerId": "u1",
+            "content": {"x1": {"title": "Hi", "body": "first"}, "x2": {"title": null, "body": "old shape"}}
+        }),
+    );
     wait_for_key(&server, "channel_stats", "c1", &json!({"contentCount": 2}));
     wait_for_key(&server, "owner_channels", "u1", &json!({"channels": ["c1", "c2"]}));
-    wait_for_key(&server, "channel_page", "js1", &json!({
-        "channelId": "js1", "name": "From KafkaJS", "ownerId": "u-js", "content": {"a": {"title": "T", "body": "B"}}
-    }));
-    wait_for_key(&server, "channel_page", "kn1", &json!({
-        "channelId": "kn1", "name": "From kafka-node", "ownerId": "u-kn", "content": {"a": {"title": null, "body": "v1 text"}}
-    }));
+    wait_for_key(
+        &server,
+        "channel_page",
+        "js1",
+        &json!({
+            "channelId": "js1", "name": "From KafkaJS", "ownerId": "u-js", "content": {"a": {"title": "T", "body": "B"}}
+        }),
+    );
+    wait_for_key(
+        &server,
+        "channel_page",
+        "kn1",
+        &json!({
+            "channelId": "kn1", "name": "From kafka-node", "ownerId": "u-kn", "content": {"a": {"title": null, "body": "v1 text"}}
+        }),
+    );
 
     // Removing an item (tombstone with contentId) and deleting a channel (tombstone without).
     let body = json!({"records": [
         {"key": "c1", "value": null, "headers": {"kappa.type": "ChannelContentMutated", "contentId": "x1"}},
         {"key": "c2", "value": null, "headers": {"kappa.type": "ChannelDeleted"}},
     ]});
-    assert_eq!(http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]).0, 200);
+    assert_eq!(
+        http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]).0,
+        200
+    );
     wait_for_key(&server, "channel_stats", "c1", &json!({"contentCount": 1}));
     wait_for_key(&server, "owner_channels", "u1", &json!({"channels": ["c1"]}));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -84,19 +119,35 @@ fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
     let mut python = Command::new("python3");
     python.arg(script).args(["aborted", "--bootstrap", &server.bootstrap()]);
     run(&mut python, Duration::from_secs(60), &server);
-    wait_for_key(&server, "channel_page", "after-abort", &json!({
-        "channelId": "after-abort", "name": "committed", "ownerId": "u9", "content": {}
-    }));
+    wait_for_key(
+        &server,
+        "channel_page",
+        "after-abort",
+        &json!({
+            "channelId": "after-abort", "name": "committed", "ownerId": "u9", "content": {}
+        }),
+    );
     let (status, _) = http::request(server.http, "GET", "/v1/views/channel_page/keys/aborted", None, &[]);
     assert_eq!(status, 404, "the aborted transaction's channel is not in the view");
     // /metrics: the broker's counters and a consumer group's lag.
     let mut python = Command::new("python3");
-    python.arg(repo_root().join("tests/clients/python/channels_events.py")).args(["commit-one", "--bootstrap", &server.bootstrap(), "--group", "metrics-group"]);
+    python.arg(repo_root().join("tests/clients/python/channels_events.py")).args([
+        "commit-one",
+        "--bootstrap",
+        &server.bootstrap(),
+        "--group",
+        "metrics-group",
+    ]);
     run(&mut python, Duration::from_secs(60), &server);
     let (status, metrics) = http::request_text(server.http, "GET", "/metrics", None, &[]);
     assert_eq!(status, 200);
     let value = |prefix: &str| -> f64 {
-        metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
     };
     assert!(value("kappa_kafka_produce_requests_total ") >= 4.0, "{metrics}");
     assert!(value("kappa_kafka_produce_bytes_total ") > 0.0);
@@ -104,7 +155,8 @@ fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
     assert!(value("kappa_consumer_group_lag_records{group=\"metrics-group\"") >= 0.0);
     assert!(metrics.contains("kappa_view_lag_records{view=\"channel_page\",version=\"1\"} 0"), "{metrics}");
     let (_, views) = http::request(server.http, "GET", "/v1/views", None, &[]);
-    let statuses: Vec<&str> = views["views"].as_array().unwrap().iter().map(|v| v["versions"][0]["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> =
+        views["views"].as_array().unwrap().iter().map(|v| v["versions"][0]["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, vec!["serving", "serving", "serving"], "{views}");
 }
 
@@ -124,9 +176,17 @@ fn the_view_command_line_talks_to_a_running_server() {
     let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() - 1;
     std::thread::sleep(Duration::from_millis(20));
     let body = json!({"records": [{"key": "c1", "value": {"channelId": "c1", "name": "News", "ownerId": "u1"}, "headers": {"kappa.type": "ChannelCreated"}}]});
-    assert_eq!(http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]).0, 200);
+    assert_eq!(
+        http::request(server.http, "POST", "/v1/topics/channels/records", Some(body.to_string().as_bytes()), &[]).0,
+        200
+    );
     wait_for_key(&server, "channel_stats", "c1", &json!({"contentCount": 0}));
-    wait_for_key(&server, "channel_page", "c1", &json!({"channelId": "c1", "name": "News", "ownerId": "u1", "content": {}}));
+    wait_for_key(
+        &server,
+        "channel_page",
+        "c1",
+        &json!({"channelId": "c1", "name": "News", "ownerId": "u1", "content": {}}),
+    );
 
     let list = cli(&server, &["list"]);
     assert!(list.status.success(), "{list:?}");
@@ -141,13 +201,25 @@ fn the_view_command_line_talks_to_a_running_server() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("v1\tserving"), "{status:?}");
     // Bad requests: a nonzero exit and a message that says what is wrong.
     let switch = cli(&server, &["switch", "channel_page", "7"]);
-    assert!(!switch.status.success() && String::from_utf8_lossy(&switch.stderr).contains("has no version 7"), "{switch:?}");
+    assert!(
+        !switch.status.success() && String::from_utf8_lossy(&switch.stderr).contains("has no version 7"),
+        "{switch:?}"
+    );
     let retire = cli(&server, &["retire", "channel_page", "1"]);
     assert!(!retire.status.success() && String::from_utf8_lossy(&retire.stderr).contains("serves reads"), "{retire:?}");
     let unknown = cli(&server, &["get", "nope", "k"]);
-    assert!(!unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("no view named 'nope'"), "{unknown:?}");
-    let unreachable = Command::new(example_binary("channels")).args(["view", "list", "--server", "http://127.0.0.1:1"]).output().unwrap();
-    assert!(!unreachable.status.success() && String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach"), "{unreachable:?}");
+    assert!(
+        !unknown.status.success() && String::from_utf8_lossy(&unknown.stderr).contains("no view named 'nope'"),
+        "{unknown:?}"
+    );
+    let unreachable = Command::new(example_binary("channels"))
+        .args(["view", "list", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(
+        !unreachable.status.success() && String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach"),
+        "{unreachable:?}"
+    );
     // watch: the snapshot first, as a JSON line.
     let mut watch = Command::new(example_binary("channels"))
         .args(["view", "watch", "channel_page", "c1"])

@@ -102,8 +102,15 @@ impl Broker {
         let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
         let groups = GroupCoordinator::new(config.group.clone());
         groups.spawn_session_reaper(Duration::from_millis(500));
-        let broker =
-            Arc::new(Self { stats: Arc::default(), log, config, groups, offsets, txns, txn_connections: Default::default() });
+        let broker = Arc::new(Self {
+            stats: Arc::default(),
+            log,
+            config,
+            groups,
+            offsets,
+            txns,
+            txn_connections: Default::default(),
+        });
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -150,7 +157,8 @@ impl Broker {
     }
 
     fn count_produce_response(&self, response: &kafka_protocol::messages::ProduceResponse) {
-        let errors = response.responses.iter().flat_map(|t| t.partition_responses.iter()).filter(|p| p.error_code != 0).count();
+        let errors =
+            response.responses.iter().flat_map(|t| t.partition_responses.iter()).filter(|p| p.error_code != 0).count();
         self.stats.produce_errors.fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -239,7 +247,12 @@ impl Handler for Broker {
                     let stats = self.stats.clone();
                     Reply::Pending(Box::pin(async move {
                         let response = durable.await;
-                        let errors = response.responses.iter().flat_map(|t| t.partition_responses.iter()).filter(|p| p.error_code != 0).count();
+                        let errors = response
+                            .responses
+                            .iter()
+                            .flat_map(|t| t.partition_responses.iter())
+                            .filter(|p| p.error_code != 0)
+                            .count();
                         stats.produce_errors.fetch_add(errors as u64, std::sync::atomic::Ordering::Relaxed);
                         ResponseKind::Produce(response)
                     }))

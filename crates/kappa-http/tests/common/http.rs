@@ -9,12 +9,24 @@ use serde_json::Value;
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and JSON body (Null when
 /// the body is not JSON).
-pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> (u16, Value) {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let (status, text) = request_text(addr, method, path, body, headers);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
-pub fn request_text(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> (u16, String) {
+pub fn request_text(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -71,4 +83,3 @@ pub fn request_text(addr: SocketAddr, method: &str, path: &str, body: Option<&[u
     }
     (status, String::from_utf8_lossy(&body).into_owned())
 }
-

@@ -100,7 +100,8 @@ impl Kappa {
 
     /// Produces records over HTTP; panics unless 200.
     pub fn produce(&self, records: Value) -> Value {
-        let (status, body) = self.post(&format!("/v1/topics/{TOPIC}/records"), &serde_json::json!({"records": records}));
+        let (status, body) =
+            self.post(&format!("/v1/topics/{TOPIC}/records"), &serde_json::json!({"records": records}));
         assert_eq!(status, 200, "{body}");
         body
     }
@@ -123,7 +124,8 @@ impl Ws {
     pub fn connect_with_origin(addr: SocketAddr, origin: Option<&str>) -> Result<Self, tungstenite::Error> {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/v1/ws")).unwrap();
+        let mut request =
+            tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/v1/ws")).unwrap();
         if let Some(origin) = origin {
             request.headers_mut().insert("Origin", origin.parse().unwrap());
         }

@@ -45,7 +45,13 @@ impl Fixture {
     }
 
     /// Appends a transactional batch for `producer_id` (no marker).
-    pub fn append_transactional(&self, partition: i32, producer_id: i64, sequence: i32, records: Vec<NewRecord>) -> i64 {
+    pub fn append_transactional(
+        &self,
+        partition: i32,
+        producer_id: i64,
+        sequence: i32,
+        records: Vec<NewRecord>,
+    ) -> i64 {
         let mut builder = BatchBuilder::new().producer(producer_id, 0, sequence).transactional(true);
         for record in records {
             builder.push(record);
@@ -65,7 +71,13 @@ pub fn now_ms() -> i64 {
 }
 
 /// A record with a JSON value and optional type/version headers.
-pub fn event(key: &str, value: Option<Value>, event_type: Option<&str>, version: Option<u32>, timestamp: i64) -> NewRecord {
+pub fn event(
+    key: &str,
+    value: Option<Value>,
+    event_type: Option<&str>,
+    version: Option<u32>,
+    timestamp: i64,
+) -> NewRecord {
     let bytes = value.map(|v| serde_json::to_vec(&v).unwrap());
     let mut record = NewRecord::new(Some(key.as_bytes()), bytes.as_deref(), timestamp);
     if let Some(t) = event_type {
@@ -78,7 +90,11 @@ pub fn event(key: &str, value: Option<Value>, event_type: Option<&str>, version:
 }
 
 pub fn wait_caught_up(engine: &ViewEngine, view: &str) {
-    assert!(engine.wait_caught_up(view, Duration::from_secs(60)).expect("view failed"), "view {view} did not catch up within 60 s: {:?}", engine.describe(view));
+    assert!(
+        engine.wait_caught_up(view, Duration::from_secs(60)).expect("view failed"),
+        "view {view} did not catch up within 60 s: {:?}",
+        engine.describe(view)
+    );
 }
 
 /// Every key → JSON value of the serving version.
@@ -116,7 +132,11 @@ pub fn fold_changelog(log: &Log, topic: &str) -> BTreeMap<String, Value> {
             for (i, record) in records.iter().enumerate() {
                 let key = record.key.unwrap();
                 if i + 1 == count {
-                    assert_eq!(key, kappa_views::changelog::MARKER_KEY, "every changelog batch ends with a step marker");
+                    assert_eq!(
+                        key,
+                        kappa_views::changelog::MARKER_KEY,
+                        "every changelog batch ends with a step marker"
+                    );
                     continue;
                 }
                 assert_ne!(key, kappa_views::changelog::MARKER_KEY, "a step marker is the last record of its batch");
@@ -134,4 +154,3 @@ pub fn fold_changelog(log: &Log, topic: &str) -> BTreeMap<String, Value> {
     }
     out
 }
-

@@ -42,8 +42,15 @@ impl Server {
         let kafka: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log_path = data_dir.with_extension(format!("{}.log", kafka.port()));
-        let mut server =
-            Self { child: None, binary: binary.to_owned(), data_dir: data_dir.to_owned(), kafka, http, log_path, _temp: None };
+        let mut server = Self {
+            child: None,
+            binary: binary.to_owned(),
+            data_dir: data_dir.to_owned(),
+            kafka,
+            http,
+            log_path,
+            _temp: None,
+        };
         server.spawn(extra);
         server
     }
