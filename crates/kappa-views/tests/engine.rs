@@ -403,27 +403,15 @@ fn as_of_answers_equal_a_replay_truncated_at_that_point() {
 
 #[test]
 fn as_of_refuses_history_that_compaction_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(kappa_log::Log::open(&dir.path().join("log"), kappa_log::LogOptions::default()).unwrap().0);
-    let configs = BTreeMap::from([
-        ("cleanup.policy".to_owned(), "compact".to_owned()),
-        ("segment.bytes".to_owned(), "1024".to_owned()),
-        ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
-    ]);
-    log.create_topic(TOPIC, 1, &configs).unwrap();
-    let partition = log.partition(TOPIC, 0).unwrap();
+    let fixture = Fixture::with_configs(
+        1,
+        &[("cleanup.policy", "compact"), ("segment.bytes", "1024"), ("min.cleanable.dirty.ratio", "0.01")],
+    );
     for i in 0..200 {
-        let record = event(&format!("k{}", i % 3), Some(json!({"n": i})), None, None, 1_000 + i);
-        partition.append(kappa_log::records::BatchBuilder::new().record(record).build()).unwrap();
+        fixture.append(0, vec![event(&format!("k{}", i % 3), Some(json!({"n": i})), None, None, 1_000 + i)]);
     }
-    log.compact().unwrap();
-    let config = kappa_views::EngineConfig::new(dir.path().join("views"));
-    let engine = kappa_views::ViewEngine::start(
-        Arc::new(kappa_views::EmbeddedLog::new(log.clone())),
-        config,
-        vec![sum_view(1, 1)],
-    )
-    .unwrap();
+    fixture.log.compact().unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
     wait_caught_up(&engine, "sums");
     let result = engine.as_of("sums", None, &AsOf::Timestamp(1_050), None);
     assert!(matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains("compacted")), "{result:?}");
@@ -518,28 +506,14 @@ fn bad_definitions_are_rejected_with_the_reason() {
 
 #[test]
 fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from_what_is_left() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(kappa_log::Log::open(&dir.path().join("log"), kappa_log::LogOptions::default()).unwrap().0);
-    let configs = BTreeMap::from([
-        ("segment.bytes".to_owned(), "1024".to_owned()),
-        ("retention.bytes".to_owned(), "2048".to_owned()),
-    ]);
-    log.create_topic(TOPIC, 1, &configs).unwrap();
-    let partition = log.partition(TOPIC, 0).unwrap();
+    let fixture = Fixture::with_configs(1, &[("segment.bytes", "1024"), ("retention.bytes", "2048")]);
     for i in 0..100 {
-        let record = event(&format!("k{}", i % 3), Some(json!({"n": 1})), None, None, 1_000 + i);
-        partition.append(kappa_log::records::BatchBuilder::new().record(record).build()).unwrap();
+        fixture.append(0, vec![event(&format!("k{}", i % 3), Some(json!({"n": 1})), None, None, 1_000 + i)]);
     }
-    log.enforce_retention().unwrap();
-    let start = partition.log_start_offset();
+    fixture.log.enforce_retention().unwrap();
+    let start = fixture.log.partition(TOPIC, 0).unwrap().log_start_offset();
     assert!(start > 0, "retention removed the oldest segments");
-    let config = kappa_views::EngineConfig::new(dir.path().join("views"));
-    let engine = kappa_views::ViewEngine::start(
-        Arc::new(kappa_views::EmbeddedLog::new(log.clone())),
-        config,
-        vec![sum_view(1, 1)],
-    )
-    .unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
     wait_caught_up(&engine, "sums");
     let applied = engine.describe("sums").unwrap().versions[0].status.events_applied;
     assert_eq!(applied, 100 - start, "the view applied what retention left");

@@ -20,9 +20,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(partitions: i32) -> Self {
+        Self::with_configs(partitions, &[])
+    }
+
+    /// A fixture whose topic has these config overrides.
+    pub fn with_configs(partitions: i32, configs: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = Arc::new(Log::open(&dir.path().join("log"), LogOptions::default()).expect("open log").0);
-        log.create_topic(TOPIC, partitions, &BTreeMap::new()).expect("create topic");
+        let configs: BTreeMap<String, String> =
+            configs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        log.create_topic(TOPIC, partitions, &configs).expect("create topic");
         Self { dir, log }
     }
 
