@@ -36,10 +36,38 @@ fn d1_kill9_during_produce() {
     scenario("d1");
 }
 
+/// D3: fsync fails with EIO (libfiu, 10 cycles): nothing acknowledged after the failure, even
+/// once the fault is gone; reads keep working; a restart recovers and takes writes again.
+#[test]
+fn d3_fsync_eio_stops_acknowledgements_until_restart() {
+    scenario("d3");
+}
+
+/// D4: random short writes (libfiu) over 10,000 produce requests, with EIO bursts that tear
+/// batches before a kill -9: no corrupt batch is ever served.
+#[test]
+fn d4_short_writes_never_serve_a_corrupt_batch() {
+    scenario("d4");
+}
+
+/// D5: disk full on a tmpfs (libfiu ENOSPC where mounting is impossible), 20 cycles: errors,
+/// not acknowledgements; reads work; produce resumes within 5 s of space being freed.
+#[test]
+fn d5_disk_full_errors_then_resumes_when_space_is_freed() {
+    scenario("d5");
+}
+
 /// T1: 1,000 transactions (30% aborted, each with an offset commit) and 20 kill -9s.
 #[test]
 fn t1_transactions_under_kill9() {
     scenario("t1");
+}
+
+/// T2: 200 delayed EndTxn requests delivered while the producer's next transaction is open:
+/// none is applied to the wrong transaction.
+#[test]
+fn t2_delayed_end_txn_never_ends_the_next_transaction() {
+    scenario("t2");
 }
 
 /// T3: a proxy drops 20% of produce responses over 100,000 records: 0 duplicates.

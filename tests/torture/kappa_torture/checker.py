@@ -16,6 +16,8 @@ CLASSES = [
     "pre_committed_read",           # read_committed saw a record before its transaction committed
     "committed_offset_regression",  # a committed offset went backwards
     "corrupt_batch",                # a read failed its CRC or record decoding
+    "ack_after_io_error",           # acknowledged although every fsync/write since it was sent failed
+    "stale_end_txn_applied",        # a delayed EndTxn was accepted while the next transaction was open
 ]
 
 
@@ -56,15 +58,17 @@ class Anomalies:
 class Sent:
     """One record a producer handed to its client."""
 
-    __slots__ = ("producer", "tp", "seq", "status", "offset", "error")
+    __slots__ = ("producer", "tp", "seq", "status", "offset", "error", "sent_at", "done_at")
 
-    def __init__(self, producer, tp, seq):
+    def __init__(self, producer, tp, seq, sent_at=None):
         self.producer = producer
         self.tp = tp
         self.seq = seq          # per-producer send order
         self.status = "pending"  # pending | acked | failed
         self.offset = None
         self.error = None
+        self.sent_at = sent_at  # monotonic time it was handed to the client
+        self.done_at = None     # monotonic time its delivery report was served
 
 
 def check_readback_shape(readback, anomalies):
@@ -112,9 +116,10 @@ def check_produce(sent, readback, anomalies=None, idempotent_order=True):
             a.add("two_values_at_one_offset", f"{value!r} acked at {s.tp}@{s.offset}, log has {read!r}")
 
     for value, places in where.items():
-        if len(places) > 1:
-            a.add("duplicate", f"{value!r} stored {len(places)} times: {places[:4]}")
         s = sent.get(value)
+        if len(places) > 1:
+            told = f"client told: {s.status} {s.offset if s.status == 'acked' else s.error}" if s else "never produced"
+            a.add("duplicate", f"{value!r} stored {len(places)} times: {places[:4]} ({told})")
         if s is None:
             a.add("phantom_record", f"{value!r} at {places[0]} was never produced")
         elif places[0][0] != s.tp:
@@ -135,6 +140,20 @@ def check_produce(sent, readback, anomalies=None, idempotent_order=True):
                     a.add("non_monotonic_offsets", f"producer {producer} {tp}: {value!r} (send #{seq}) stored at {offset} after send #{prev_seq}")
                 prev_seq = max(prev_seq, seq)
     return a
+
+
+def check_no_ack_in(sent, windows, anomalies):
+    """`windows`: [(fault_at, restart_at)] during which every fsync (or write) of the
+    broker failed or the directory was poisoned. A record handed to the client after
+    `fault_at` and acknowledged before `restart_at` was acknowledged without being
+    durable."""
+    for value, s in sent.items():
+        if s.status != "acked" or s.sent_at is None or s.done_at is None:
+            continue
+        for fault_at, restart_at in windows:
+            if fault_at < s.sent_at and s.done_at < restart_at:
+                anomalies.add("ack_after_io_error", f"{value!r} sent {s.sent_at - fault_at:.3f} s after the fault, acknowledged at {s.tp}@{s.offset} before the restart")
+                break
 
 
 class Txn:

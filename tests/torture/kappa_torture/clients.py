@@ -1,6 +1,7 @@
 """Real Kafka clients (confluent-kafka / librdkafka) with their results recorded for the
 checker: every produce with its acknowledgement (offset) or error, read-back of whole
 partitions, committed offsets."""
+import json
 import logging
 import os
 import threading
@@ -88,6 +89,8 @@ class TrackedProducer:
         self.errors = {}
         self.fatal = None
         self.replaced = 0
+        self.produce_requests_by_client = 0  # from librdkafka statistics, per client instance
+        self.produce_requests_done = 0       # of replaced clients
         self.producer = self._new()
 
     def _new(self):
@@ -98,6 +101,8 @@ class TrackedProducer:
             "linger.ms": 2,
             "message.timeout.ms": 60000,
             "error_cb": self._on_error,
+            "stats_cb": self._on_stats,
+            "statistics.interval.ms": 500,
             **FAST_RECONNECT,
             **self.conf,
         }
@@ -108,8 +113,17 @@ class TrackedProducer:
         if err.fatal():
             self.fatal = err
 
+    def _on_stats(self, text):
+        stats = json.loads(text)
+        self.produce_requests_by_client = sum(b.get("req", {}).get("Produce", 0) for b in stats.get("brokers", {}).values())
+
+    def produce_requests(self):
+        """Produce requests sent so far (librdkafka statistics, up to 0.5 s old)."""
+        return self.produce_requests_done + self.produce_requests_by_client
+
     def _delivered(self, s):
         def cb(err, msg):
+            s.done_at = time.monotonic()
             if err is None:
                 s.status = "acked"
                 s.offset = msg.offset()
@@ -123,7 +137,7 @@ class TrackedProducer:
 
     def send(self, topic, partition, value, key=None):
         """Hands one record to the client; returns False if its queue is full."""
-        s = Sent(self.name, (topic, partition), self.seq)
+        s = Sent(self.name, (topic, partition), self.seq, sent_at=time.monotonic())
         try:
             self.producer.produce(topic, value=value, key=key, partition=partition, on_delivery=self._delivered(s))
         except BufferError:
@@ -144,6 +158,8 @@ class TrackedProducer:
         old.purge()
         old.flush(10)
         self.replaced += 1
+        self.produce_requests_done += self.produce_requests_by_client
+        self.produce_requests_by_client = 0
         self.producer = self._new()
 
     def flush(self, timeout):

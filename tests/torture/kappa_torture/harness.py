@@ -2,6 +2,7 @@
 restart, libfiu fault injection (fiu-run / fiu-ctrl) and a tmpfs data directory."""
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -45,7 +46,9 @@ class Broker:
             while not _port_free("127.0.0.1", self.port):
                 self.port = free_port(self.listen_host)
         self.http_port = free_port()
-        self.extra_args = list(extra_args)
+        # TORTURE_KAPPA_ARGS adds flags to every start, e.g. "--sync interval:100" to check
+        # that a scenario catches a broker acknowledging before fsync.
+        self.extra_args = list(extra_args) + shlex.split(os.environ.get("TORTURE_KAPPA_ARGS", ""))
         self.log_path = os.path.join(workdir, "kappa.log")
         self.proc = None
         self.starts = 0

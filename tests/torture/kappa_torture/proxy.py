@@ -32,13 +32,14 @@ MAX_FRAME = 200 * 1024 * 1024
 
 
 class Request:
-    __slots__ = ("api_key", "api_version", "correlation_id", "frame")
+    __slots__ = ("api_key", "api_version", "correlation_id", "frame", "released")
 
     def __init__(self, api_key, api_version, correlation_id, frame):
         self.api_key = api_key
         self.api_version = api_version
         self.correlation_id = correlation_id
         self.frame = frame
+        self.released = False  # a held request sent on later: its response goes to on_released_response
 
 
 def _recv_exact(sock, n):
@@ -110,6 +111,8 @@ class Conn:
         with self.lock:
             held, self.held = self.held, []
         for req in held:
+            req.released = True
+            self.inflight[req.correlation_id] = req
             try:
                 self.send_upstream(req.frame)
             except OSError:
@@ -118,8 +121,9 @@ class Conn:
 
 
 class Proxy:
-    def __init__(self, listen, upstream, on_request=None, on_response=None):
+    def __init__(self, listen, upstream, on_request=None, on_response=None, on_released_response=None):
         self.listen = listen
+        self.on_released_response = on_released_response or (lambda conn, req, frame: None)
         self.upstream = upstream
         self.on_request = on_request or (lambda conn, req: FORWARD)
         self.on_response = on_response or (lambda conn, req: FORWARD)
@@ -204,6 +208,9 @@ class Proxy:
                 req = conn.inflight.pop(corr, None)
                 with self.lock:
                     self.stats["responses"] += 1
+                if req is not None and req.released:
+                    self.on_released_response(conn, req, frame)
+                    continue
                 if req is not None and self.on_response(conn, req) == DROP_AND_CLOSE:
                     with self.lock:
                         self.stats["dropped_responses"] += 1

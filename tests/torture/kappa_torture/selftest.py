@@ -1,6 +1,6 @@
 """The checker checked: hand-made histories with one known anomaly each must be counted
 in exactly that class, and a clean history must count nothing. No broker involved."""
-from .checker import CLASSES, Anomalies, OffsetWatch, Sent, Txn, check_produce, check_txns
+from .checker import CLASSES, Anomalies, OffsetWatch, Sent, Txn, check_no_ack_in, check_produce, check_txns
 
 A = ("t", 0)
 B = ("t", 1)
@@ -113,6 +113,26 @@ def run(r):
     txns, rb = clean_txns()
     a = check_txns(txns, rb, seen_at={b"1-0": 0.5})
     expect("pre-committed read", a, "pre_committed_read")
+    cases += 1
+
+    txns, rb = clean_txns()
+    a = check_txns(txns, rb, seen_at={b"2-0": 2.0})
+    expect("aborted record seen live only", a, "aborted_read")
+    cases += 1
+
+    txns, rb = clean_txns()
+    a = check_txns(txns, rb, seen_at={b"4-0": 2.0})  # txn 4 (unknown) exposed, then gone
+    expect("exposed record lost", a, "lost_committed_write")
+    cases += 1
+
+    s, _ = clean_produce()
+    for v in s.values():
+        v.sent_at, v.done_at = 1.0, 1.5
+    s[b"a1"].sent_at, s[b"a1"].done_at = 2.5, 3.0   # sent after the fault, acked before the restart
+    s[b"a0"].sent_at, s[b"a0"].done_at = 2.5, 4.5   # acked after the restart: fine
+    a = Anomalies()
+    check_no_ack_in(s, [(2.0, 4.0)], a)
+    expect("ack after an I/O error", a, "ack_after_io_error")
     cases += 1
 
     a = Anomalies()

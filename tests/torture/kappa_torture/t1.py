@@ -25,19 +25,20 @@ class LiveReader(threading.Thread):
     """A read_committed consumer over the output partitions for the whole run, recording
     when it first saw each value."""
 
-    def __init__(self, r, bootstrap):
+    def __init__(self, r, bootstrap, topic=None, partitions=PARTITIONS):
         super().__init__(daemon=True, name="live-reader")
+        topic = topic or OUT
         self.seen_at = {}
         self.reread = 0
         self.stopping = threading.Event()
         self.error = None
         conf = {
-            "bootstrap.servers": bootstrap, "group.id": "t1-live-reader", "enable.auto.commit": False,
+            "bootstrap.servers": bootstrap, "group.id": f"{topic}-live-reader", "enable.auto.commit": False,
             "isolation.level": "read_committed", "auto.offset.reset": "earliest", "check.crcs": True,
             **log_conf(r.logger), "fetch.wait.max.ms": 50, **FAST_RECONNECT,
         }
         self.consumer = Consumer(conf)
-        self.consumer.assign([TopicPartition(OUT, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
 
     def run(self):
         try:

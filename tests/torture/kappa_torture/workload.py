@@ -61,6 +61,9 @@ class ProduceWorkload:
     def acked(self):
         return sum(p.acked for p in self.producers)
 
+    def produce_requests(self):
+        return sum(p.produce_requests() for p in self.producers)
+
     def wait_progress(self, since, timeout=30):
         """Waits until more than `since` records are acknowledged (the broker is taking
         writes again); fails after `timeout` seconds without one."""
