@@ -174,10 +174,10 @@ class TrackedProducer:
         return len(self.producer)
 
 
-def read_partitions(bootstrap, tps, isolation="read_uncommitted", timeout=120, logger=None, corrupt=None):
-    """Reads every record of each (topic, partition) from its log start to its end:
-    {tp: [(offset, value)]}. Errors other than end-of-partition are returned in `corrupt`
-    (a list) when given, else raised."""
+def read_partitions(bootstrap, tps, isolation="read_uncommitted", timeout=120, logger=None, corrupt=None, tail=None):
+    """Reads every record of each (topic, partition) from its log start (or, with `tail`,
+    from `tail` offsets before its end) to its end: {tp: [(offset, value)]}. Errors other
+    than end-of-partition are returned in `corrupt` (a list) when given, else raised."""
     conf = {
         "bootstrap.servers": bootstrap,
         "group.id": f"torture-reader-{uuid.uuid4().hex[:8]}",
@@ -191,7 +191,13 @@ def read_partitions(bootstrap, tps, isolation="read_uncommitted", timeout=120, l
     conf.update(log_conf(logger))
     c = Consumer(conf)
     try:
-        c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in tps])
+        starts = {}
+        for t, p in tps:
+            starts[(t, p)] = OFFSET_BEGINNING
+            if tail is not None:
+                lo, hi = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+                starts[(t, p)] = max(lo, hi - tail)
+        c.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in tps])
         out = {tp: [] for tp in tps}
         eof = set()
         deadline = time.monotonic() + timeout

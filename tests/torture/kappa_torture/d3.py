@@ -58,7 +58,7 @@ def run(r):
         broker.fiu_ctrl(*[f"disable name={p}" for p in SYNC_POINTS])
         time.sleep(r.rng.uniform(0.2, 0.6))
         # Reads keep working on the poisoned broker.
-        got = read_partitions(broker.bootstrap(), [(TOPIC, p) for p in range(PARTITIONS)], logger=r.logger, timeout=30)
+        got = read_partitions(broker.bootstrap(), [(TOPIC, p) for p in range(PARTITIONS)], logger=r.logger, timeout=30, tail=2000)
         reads_while_poisoned += sum(len(v) for v in got.values())
         restart_at = time.monotonic()
         windows.append((fault_at, restart_at))

@@ -124,7 +124,7 @@ def _run(r, cycles, tmpfs, mode):
             raise AssertionError(f"cycle {cycle}: a {PROBE_BYTES}-byte record was acknowledged (offset {offset}) on a full disk")
         stats["probe_errors_while_full"][err] = stats["probe_errors_while_full"].get(err, 0) + 1
         # Reads keep working.
-        got = read_partitions(broker.bootstrap(), [(TOPIC, p) for p in range(PARTITIONS)], logger=r.logger, timeout=30)
+        got = read_partitions(broker.bootstrap(), [(TOPIC, p) for p in range(PARTITIONS)], logger=r.logger, timeout=30, tail=2000)
         stats["records_read_while_full"] += sum(len(v) for v in got.values())
         time.sleep(r.rng.uniform(0.1, 0.5))
         if r.rng.random() < 0.25:
