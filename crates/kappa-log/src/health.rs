@@ -1,6 +1,11 @@
-//! Health of one log directory. After any failed write or fsync the directory is
+//! Health of one log directory. After a failed fsync, or a failed write, the directory is
 //! *poisoned*: the kernel may have dropped the dirty pages, so retrying the fsync and then
 //! acknowledging could acknowledge lost data. Every later append fails until restart.
+//!
+//! One exception: a segment write refused for lack of space (ENOSPC, EDQUOT) loses
+//! nothing the kernel had accepted. The partition cuts off the partial write and reports
+//! the error without poisoning, so appends resume once space is freed. (An fsync that
+//! reports ENOSPC still poisons, as does a full disk while rolling a segment.)
 
 use std::path::PathBuf;
 use std::sync::Mutex;

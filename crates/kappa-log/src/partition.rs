@@ -6,6 +6,8 @@
 //! - The high watermark is the offset after the last *fsynced* batch (with the default
 //!   policy): readers never see a record that a crash could take back.
 //! - After a failed write or fsync the directory is poisoned; nothing is acknowledged again.
+//!   Except a segment write refused for lack of space: it is cut off and only that append
+//!   fails (see health.rs).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -392,7 +394,14 @@ impl Partition {
         self.maybe_roll(&mut inner, bytes.len() as u64, config, now).inspect_err(|e| self.ctx.health.poison(e))?;
         let active = inner.active();
         if let Err(e) = active.append(bytes, &header, now) {
+            let out_of_space = is_out_of_space(&e);
             let err = LogError::io(&active.path, e);
+            // A full disk refuses the write itself: no page the kernel accepted is lost, so
+            // once the partial write is cut off the directory stays healthy and appends
+            // resume as soon as there is room (see health.rs). Anything else poisons.
+            if out_of_space && active.discard_failed_append().is_ok() {
+                return Err(err);
+            }
             self.ctx.health.poison(&err);
             return Err(err);
         }
@@ -965,4 +974,9 @@ fn restore_producer_state(fs: &dyn Storage, dir: &Path, names: &[String], inner:
         }
     }
     Ok(())
+}
+
+/// ENOSPC or EDQUOT from a write: the file system had no room for it.
+fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }

@@ -195,6 +195,12 @@ impl Segment {
         Ok(())
     }
 
+    /// Cuts off whatever part of a failed [`Self::append`] reached the file, so the segment
+    /// ends where it did before (the failed append changed nothing in memory).
+    pub fn discard_failed_append(&self) -> std::io::Result<()> {
+        self.file.set_len(self.size)
+    }
+
     /// Truncates the file to `valid_bytes` (recovery of a torn tail) and makes it durable.
     pub fn truncate(&mut self, valid_bytes: u64) -> Result<()> {
         self.file.set_len(valid_bytes).map_err(|e| LogError::io(&self.path, e))?;
