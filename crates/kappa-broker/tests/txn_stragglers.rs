@@ -112,3 +112,32 @@ async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transacti
     assert_eq!(ended.error_code, 0);
     assert_eq!(partition.log_end_offset(), markers_before + 1, "transaction 2's abort marker");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kappas_reserved_transactional_ids_are_refused_to_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
+    log.create_topic("out", 1, &Default::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker =
+        Broker::open(log.clone(), BrokerConfig { advertised_port: i32::from(addr.port()), ..BrokerConfig::default() })
+            .await
+            .unwrap();
+    // kappa's own HTTP producer holds the id (as kappa-http does at start).
+    let (pid, epoch) = broker.transactions().init_producer_id(Some("__kappa.http.0"), 60_000, None).await.unwrap();
+    tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut init = InitProducerIdRequest::default();
+    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("__kappa.http.0")));
+    init.transaction_timeout_ms = 60_000;
+    let init: InitProducerIdResponse = call(&mut client, ApiKey::InitProducerId, 1, &init).await;
+    const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    assert_eq!(init.error_code, TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "a client may not take over kappa's id");
+    // Nor may it guess the producer id and epoch and end kappa's transactions.
+    let mut end = end_txn(pid, epoch, true);
+    end.transactional_id = TransactionalId(StrBytes::from_static_str("__kappa.http.0"));
+    let ended: EndTxnResponse = call(&mut client, ApiKey::EndTxn, 1, &end).await;
+    assert_eq!(ended.error_code, INVALID_TXN_STATE);
+}

@@ -25,6 +25,9 @@ use crate::internal;
 use crate::offsets::{CONSUMER_OFFSETS_TOPIC, OffsetStore};
 
 pub const TRANSACTION_STATE_TOPIC: &str = "__transaction_state";
+/// Transactional ids starting with this are kappa's own (HTTP produce); the broker refuses
+/// them to Kafka clients.
+pub const RESERVED_TRANSACTIONAL_ID_PREFIX: &str = "__kappa.";
 /// Producer ids are reserved durably in blocks of this many.
 const PRODUCER_ID_BLOCK: i64 = 1000;
 const KEY_TXN: u8 = 1;

@@ -3,7 +3,8 @@
 //! concurrency.
 //!
 //! Code map: `views.rs` (view reads and admin), `topics.rs` (topics and produce, with the
-//! key → latest offset index), `live.rs` (the per-view changelog hub and the subscription
+//! key → latest offset index), `txn_produce.rs` (multi-partition produce as a Kafka
+//! transaction), `live.rs` (the per-view changelog hub and the subscription
 //! protocol both transports share), `ws.rs`, `sse.rs`, `metrics.rs`, `error.rs`.
 //! `page.html` is the page served at `/`; it imports the JavaScript client
 //! (`clients/js/kappa.js`), served at `/kappa.js`.
@@ -16,6 +17,7 @@ pub mod live;
 pub mod metrics;
 pub mod sse;
 pub mod topics;
+pub mod txn_produce;
 pub mod views;
 pub mod ws;
 
@@ -80,7 +82,18 @@ pub struct AppState {
     pub hubs: live::Hubs,
     pub produce: topics::ProduceState,
     pub metrics: metrics::Metrics,
+    /// Writes multi-partition produce requests as transactions; without it such requests
+    /// are refused.
+    pub transactions: Option<txn_produce::TxnProducers>,
     connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// What the application attaches from parts this crate does not know (the Kafka broker).
+#[derive(Default)]
+pub struct Attachments {
+    pub extra_metrics: Option<ExtraMetrics>,
+    /// The transaction coordinator multi-partition HTTP produce requests go through.
+    pub transactions: Option<Arc<kappa_coordinator::TxnCoordinator>>,
 }
 
 /// Writes more Prometheus text into `/metrics` (the application's other parts, such as the
@@ -89,20 +102,16 @@ pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl AppState {
     pub fn new(log: Arc<Log>, engine: ViewEngine, config: HttpConfig) -> Arc<Self> {
-        Self::with_metrics(log, engine, config, None)
+        Self::attached(log, engine, config, Attachments::default())
     }
 
-    pub fn with_metrics(
-        log: Arc<Log>,
-        engine: ViewEngine,
-        config: HttpConfig,
-        extra: Option<ExtraMetrics>,
-    ) -> Arc<Self> {
+    pub fn attached(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, attachments: Attachments) -> Arc<Self> {
         Arc::new(Self {
             connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
             hubs: live::Hubs::default(),
             produce: topics::ProduceState::default(),
-            metrics: metrics::Metrics { extra, ..metrics::Metrics::default() },
+            metrics: metrics::Metrics { extra: attachments.extra_metrics, ..metrics::Metrics::default() },
+            transactions: attachments.transactions.map(txn_produce::TxnProducers::new),
             log,
             engine,
             config,
@@ -182,12 +191,16 @@ fn add_cors_headers(headers: &mut HeaderMap, origin: header::HeaderValue) {
     headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes — first aborting any
+/// multi-partition produce transaction a crash left open.
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if let Some(transactions) = &state.transactions {
+        transactions.recover().await.map_err(std::io::Error::other)?;
+    }
     let limiter = state.connections.clone();
     let app = router(state);
     let listener = LimitedListener { inner: listener, limiter };

@@ -10,6 +10,10 @@
 //! against every other writer, Kafka producers included: the batch is appended only if the
 //! partition still ends where the index ends (`Partition::append_if_end`), else the index
 //! catches up and the check runs again.
+//!
+//! A request whose records go to several partitions is written as one Kafka transaction
+//! (txn_produce.rs): read_committed readers see all of it or none of it, even if the
+//! server dies between two partitions' appends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -208,6 +212,13 @@ struct PartitionWrite {
     records: Vec<(usize, ProduceRecord)>,
 }
 
+impl PartitionWrite {
+    /// Whether any record carries an `expected_offset` to check.
+    fn guarded(&self) -> bool {
+        self.records.iter().any(|(_, r)| r.expected_offset.is_some())
+    }
+}
+
 pub async fn produce(
     State(state): State<Arc<AppState>>,
     Path(topic): Path<String>,
@@ -266,34 +277,73 @@ pub async fn produce(
             .records
             .push((index, record));
     }
-    // Check every condition before appending anything; lock the partitions in order.
+    // Finish the write even if the client goes away: a request abandoned between two
+    // partitions' appends would otherwise leave its transaction to the timeout.
+    let task = tokio::spawn(write(state.clone(), topic, by_partition, n));
+    let offsets = task.await.map_err(internal)??;
+    state.metrics.records_produced.fetch_add(n as u64, Ordering::Relaxed);
+    Ok(Json(json!({"offsets": offsets})))
+}
+
+/// Checks every condition, then appends: one partition's batch directly, several
+/// partitions' batches as one transaction (see txn_produce.rs). Returns each record's
+/// partition and offset, in request order.
+async fn write(
+    state: Arc<AppState>,
+    topic: String,
+    by_partition: BTreeMap<i32, PartitionWrite>,
+    n: usize,
+) -> Result<Vec<Value>, ApiError> {
+    // Lock the partitions' key indexes in order, so requests never deadlock.
     let mut guards = Vec::new();
     for write in by_partition.values() {
         let index = state.produce.index(&topic, write.partition);
         guards.push(index.lock_owned().await);
     }
-    let mut batches = Vec::new();
-    let now = now_ms();
-    for (write, guard) in by_partition.values().zip(guards.iter_mut()) {
-        let needs_index = write.records.iter().any(|(_, r)| r.expected_offset.is_some());
-        let batch = build_batch(&write.records, now);
-        batches.push((write.partition, batch, needs_index));
-        if needs_index {
+    let writes: Vec<&PartitionWrite> = by_partition.values().collect();
+    for (write, guard) in writes.iter().zip(guards.iter_mut()) {
+        if write.guarded() {
             catch_up(&state, &topic, write.partition, guard).await?;
             check(&topic, write, guard)?;
         }
     }
+    let now = now_ms();
+    let mut bases = Vec::with_capacity(writes.len());
+    if let [write] = writes[..] {
+        let batch = build_batch(&write.records, now).build();
+        bases.push(append(&state, &topic, batch, write, &mut guards[0]).await?);
+    } else {
+        let producers = state.transactions.as_ref().ok_or_else(|| {
+            ApiError::bad_request(
+                "multi_partition_unavailable",
+                "this server cannot write one request to several partitions atomically; send one request per partition",
+            )
+        })?;
+        let partitions: Vec<i32> = by_partition.keys().copied().collect();
+        let mut txn = producers.begin(&topic, &partitions).await.map_err(transaction_failed)?;
+        for (write, guard) in writes.iter().zip(guards.iter_mut()) {
+            let batch = txn.stamp(&topic, write.partition, build_batch(&write.records, now)).build();
+            match append(&state, &topic, batch, write, guard).await {
+                Ok(base) => {
+                    txn.appended(&topic, write.partition, write.records.len());
+                    bases.push(base);
+                }
+                Err(e) => {
+                    txn.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+        txn.commit().await.map_err(transaction_failed)?;
+    }
     let mut offsets = vec![json!(null); n];
-    for ((partition, batch, needs_index), (write, guard)) in
-        batches.into_iter().zip(by_partition.values().zip(guards.iter_mut()))
-    {
-        let base = append(&state, &topic, partition, batch, needs_index, write, guard).await?;
+    for ((write, guard), base) in writes.iter().zip(guards.iter_mut()).zip(bases) {
         // The index covers everything below `next`: extend it when this batch follows on
         // directly (always so for a guarded append); otherwise a later catch-up reads it.
         let extend = guard.next == base;
         for (i, (index, record)) in write.records.iter().enumerate() {
             let offset = base + i as i64;
-            offsets[*index] = json!({"partition": partition, "offset": offset});
+            offsets[*index] = json!({"partition": write.partition, "offset": offset});
             if let (true, Some(key)) = (extend, &record.key) {
                 remember(guard, key.as_bytes(), offset);
             }
@@ -302,11 +352,18 @@ pub async fn produce(
             guard.next = base + write.records.len() as i64;
         }
     }
-    state.metrics.records_produced.fetch_add(n as u64, Ordering::Relaxed);
-    Ok(Json(json!({"offsets": offsets})))
+    Ok(offsets)
 }
 
-fn build_batch(records: &[(usize, ProduceRecord)], now: i64) -> Vec<u8> {
+fn transaction_failed(e: kappa_coordinator::TxnError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "transaction_failed",
+        format!("the records could not be written atomically ({e}); nothing was committed, retry"),
+    )
+}
+
+fn build_batch(records: &[(usize, ProduceRecord)], now: i64) -> BatchBuilder {
     let mut builder = BatchBuilder::new();
     for (_, record) in records {
         let value = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
@@ -316,7 +373,7 @@ fn build_batch(records: &[(usize, ProduceRecord)], now: i64) -> Vec<u8> {
         }
         builder.push(new);
     }
-    builder.build()
+    builder
 }
 
 /// The current offset of each guarded key must be what the request expects.
@@ -402,14 +459,13 @@ async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mu
 async fn append(
     state: &Arc<AppState>,
     topic: &str,
-    partition: i32,
     batch: Vec<u8>,
-    guarded: bool,
     write: &PartitionWrite,
     index: &mut KeyIndex,
 ) -> Result<i64, ApiError> {
+    let partition = write.partition;
     let log_partition = state.log.partition(topic, partition)?;
-    if !guarded {
+    if !write.guarded() {
         let p = log_partition.clone();
         let outcome = tokio::task::spawn_blocking(move || p.append(batch)).await.map_err(internal)??;
         return Ok(outcome.base_offset);

@@ -161,6 +161,52 @@ fn expected_offsets_guard_writes_and_exactly_one_of_two_racing_writers_wins() {
     }
 }
 
+#[test]
+fn a_request_spanning_partitions_is_one_transaction_and_a_failure_aborts_all_of_it() {
+    let kappa = started();
+    let configs = BTreeMap::from([("max.message.bytes".to_owned(), "1024".to_owned())]);
+    kappa.log.create_topic("pair", 2, &configs).unwrap();
+    let committed_keys = |partition: i32| -> Vec<String> {
+        let chunk = kappa.engine.backend().read_committed("pair", partition, 0, 1 << 20).unwrap();
+        chunk.records.iter().map(|r| String::from_utf8(r.key.clone().unwrap().to_vec()).unwrap()).collect()
+    };
+    // Partition 0's batch is appended, partition 1's is too large: the whole request fails
+    // and partition 0's records are aborted (present in the log, never visible committed).
+    let big = "x".repeat(2000);
+    let (status, body) = kappa.post(
+        "/v1/topics/pair/records",
+        &json!({"records": [{"key": "a", "value": 1, "partition": 0}, {"key": "b", "value": big, "partition": 1}]}),
+    );
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("records_too_large")), "{body}");
+    let p0 = kappa.log.partition("pair", 0).unwrap();
+    assert_eq!(p0.log_end_offset(), 2, "partition 0 holds the aborted record and its abort marker");
+    assert_eq!(committed_keys(0), Vec::<String>::new());
+    assert_eq!(committed_keys(1), Vec::<String>::new());
+    // The next request spanning both partitions commits as one.
+    let body = kappa.produce_to(
+        "pair",
+        json!([{"key": "c", "value": 1, "partition": 0}, {"key": "d", "value": 2, "partition": 1}, {"key": "e", "value": 3, "partition": 0}]),
+    );
+    let offsets: Vec<(i64, i64)> = body["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["partition"].as_i64().unwrap(), o["offset"].as_i64().unwrap()))
+        .collect();
+    // Partition 1 got only the abort marker (offset 0).
+    assert_eq!(offsets, vec![(0, 2), (1, 1), (0, 3)]);
+    assert_eq!(committed_keys(0), vec!["c", "e"]);
+    assert_eq!(committed_keys(1), vec!["d"]);
+    // expected_offset across partitions: the key index skips aborted records and markers.
+    let (status, body) = kappa.post(
+        "/v1/topics/pair/records",
+        &json!({"records": [{"key": "a", "value": 2, "partition": 0, "expected_offset": -1}, {"key": "d", "value": 4, "partition": 1, "expected_offset": 1}]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(committed_keys(0), vec!["c", "e", "a"]);
+    assert_eq!(committed_keys(1), vec!["d", "d"]);
+}
+
 /// Key `k` = 1 written under version 1, then both versions deployed and version 2 (built
 /// beside version 1) serving.
 fn two_versions_with_v2_serving() -> Kappa {

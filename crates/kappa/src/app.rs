@@ -256,12 +256,12 @@ impl App {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let http_state = kappa_http::AppState::with_metrics(
-            log.clone(),
-            engine.clone(),
-            settings.http.clone(),
-            Some(broker_metrics(&broker)),
-        );
+        let attachments = kappa_http::Attachments {
+            extra_metrics: Some(broker_metrics(&broker)),
+            transactions: Some(broker.transactions()),
+        };
+        let http_state =
+            kappa_http::AppState::attached(log.clone(), engine.clone(), settings.http.clone(), attachments);
         let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
         tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
         kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;

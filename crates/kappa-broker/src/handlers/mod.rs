@@ -127,6 +127,11 @@ impl Broker {
         &self.log
     }
 
+    /// The transaction coordinator (HTTP produce writes multi-partition requests through it).
+    pub fn transactions(&self) -> Arc<TxnCoordinator> {
+        self.txns.clone()
+    }
+
     pub fn stats(&self) -> Arc<BrokerStats> {
         self.stats.clone()
     }

@@ -21,7 +21,7 @@ use kafka_protocol::messages::{
     EndTxnRequest, EndTxnResponse, InitProducerIdRequest, InitProducerIdResponse, ProducerId, TxnOffsetCommitRequest,
     TxnOffsetCommitResponse,
 };
-use kappa_coordinator::CommittedOffset;
+use kappa_coordinator::{CommittedOffset, RESERVED_TRANSACTIONAL_ID_PREFIX};
 
 use super::Broker;
 use super::errors::{self, group_code, txn_code};
@@ -29,7 +29,12 @@ use crate::server::Peer;
 
 impl Broker {
     /// False for a request on a connection older than the newest one `transactional_id` used.
+    /// Also false for kappa's reserved ids (`__kappa.`), which no client may use.
     fn admit_from(&self, transactional_id: &str, peer: &Peer) -> bool {
+        if transactional_id.starts_with(RESERVED_TRANSACTIONAL_ID_PREFIX) {
+            tracing::warn!(transactional_id, "refusing a client's request for a transactional id reserved for kappa");
+            return false;
+        }
         let mut newest = self.txn_connections.lock().unwrap_or_else(|e| e.into_inner());
         let seen = newest.entry(transactional_id.to_owned()).or_insert(peer.connection_id);
         if peer.connection_id < *seen {
@@ -49,7 +54,10 @@ impl Broker {
         let transactional_id = request.transactional_id.as_ref().map(|t| t.0.as_str().to_owned());
         if transactional_id.as_deref().is_some_and(|id| !id.is_empty() && !self.admit_from(id, peer)) {
             let mut response = InitProducerIdResponse::default();
-            response.error_code = errors::INVALID_TXN_STATE;
+            let reserved =
+                transactional_id.as_deref().is_some_and(|id| id.starts_with(RESERVED_TRANSACTIONAL_ID_PREFIX));
+            response.error_code =
+                if reserved { errors::TRANSACTIONAL_ID_AUTHORIZATION_FAILED } else { errors::INVALID_TXN_STATE };
             response.producer_id = ProducerId(-1);
             response.producer_epoch = -1;
             response.ongoing_txn_producer_id = ProducerId(-1);

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kappa_http::{AppState, HttpConfig};
+use kappa_http::{AppState, Attachments, HttpConfig};
 use kappa_log::{Log, LogOptions};
 use kappa_views::{EmbeddedLog, EngineConfig, Event, EventError, Reducer, Schemas, View, ViewEngine};
 use serde_json::Value;
@@ -65,7 +65,14 @@ impl Kappa {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = AppState::new(log.clone(), engine.clone(), config);
+        // The transaction coordinator multi-partition produce requests go through (the
+        // kappa binary attaches its broker's).
+        let transactions = runtime.block_on(async {
+            let offsets = Arc::new(kappa_coordinator::OffsetStore::open(&log).unwrap());
+            kappa_coordinator::TxnCoordinator::open(log.clone(), offsets, Default::default()).await.unwrap()
+        });
+        let attachments = Attachments { transactions: Some(transactions), ..Attachments::default() };
+        let state = AppState::attached(log.clone(), engine.clone(), config, attachments);
         runtime.spawn(kappa_http::run(listener, state, std::future::pending()));
         Self { dir, log, engine, addr, runtime }
     }
@@ -100,8 +107,12 @@ impl Kappa {
 
     /// Produces records over HTTP; panics unless 200.
     pub fn produce(&self, records: Value) -> Value {
+        self.produce_to(TOPIC, records)
+    }
+
+    pub fn produce_to(&self, topic: &str, records: Value) -> Value {
         let (status, body) =
-            self.post(&format!("/v1/topics/{TOPIC}/records"), &serde_json::json!({"records": records}));
+            self.post(&format!("/v1/topics/{topic}/records"), &serde_json::json!({"records": records}));
         assert_eq!(status, 200, "{body}");
         body
     }
