@@ -30,11 +30,19 @@ pub struct EngineConfig {
     pub dir: PathBuf,
     pub schemas: Schemas,
     pub codec: Arc<dyn PayloadCodec>,
+    /// How often each version's store is made durable (`CHECKPOINT_INTERVAL` by default):
+    /// it bounds how much changelog a restart replays.
+    pub checkpoint_interval: std::time::Duration,
 }
 
 impl EngineConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), schemas: Schemas::new(), codec: Arc::new(JsonCodec) }
+        Self {
+            dir: dir.into(),
+            schemas: Schemas::new(),
+            codec: Arc::new(JsonCodec),
+            checkpoint_interval: crate::runner::CHECKPOINT_INTERVAL,
+        }
     }
 }
 
@@ -91,6 +99,7 @@ struct Inner {
     backend: Arc<dyn LogBackend>,
     schemas: Arc<Schemas>,
     codec: Arc<dyn PayloadCodec>,
+    checkpoint_interval: std::time::Duration,
     views: BTreeMap<String, Arc<ViewEntry>>,
     threads: Mutex<Vec<(String, u32, JoinHandle<()>)>>,
 }
@@ -149,6 +158,7 @@ impl ViewEngine {
                 backend,
                 schemas: Arc::new(config.schemas),
                 codec: config.codec,
+                checkpoint_interval: config.checkpoint_interval,
                 views: entries,
                 threads: Mutex::new(Vec::new()),
             }),
@@ -194,6 +204,7 @@ impl ViewEngine {
             self.inner.codec.clone(),
             view,
             on_caught_up,
+            self.inner.checkpoint_interval,
         );
         let name = format!("view-{}-v{}", shared.view, shared.version);
         let handle = std::thread::Builder::new()

@@ -9,13 +9,15 @@
 //!
 //! The changelog is the source of truth; the store is a cache of it that is made durable
 //! every `CHECKPOINT_INTERVAL`, and only after the changelog is durable up to the store's
-//! position. So after any crash the durable store is a prefix of the durable changelog:
+//! position. A checkpoint runs on its own thread so the view keeps going (subscribers see
+//! no stall): steps still append to the changelog, and their store writes wait in memory
+//! (`InFlight`, read through an overlay) until the checkpoint's transaction is done. So after any crash the durable store is a prefix of the durable changelog:
 //! recovery replays the changelog from the store's position (changes and positions), and
 //! processing resumes from the positions of the last step in the changelog. No step is
 //! applied twice (its marker moved the positions) or lost (it is in the changelog, or it
 //! never happened and is processed again from the inputs, deterministically).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -52,6 +54,8 @@ pub const CACHE_ENTRIES_MAX: usize = 500_000;
 /// not correctness; each checkpoint fsyncs the store and stalls the view for that long
 /// (tens of ms on a large store), so it is rare.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Store writes held back while a checkpoint runs; past this the view waits for it.
+pub const DEFERRED_WRITES_MAX: usize = 500_000;
 /// How long an idle runner waits for input before checking for shutdown.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
@@ -176,7 +180,29 @@ pub(crate) struct Runner {
     /// The largest input timestamp of the step being applied.
     step_timestamp: Option<i64>,
     last_checkpoint: Instant,
+    checkpoint_interval: Duration,
+    /// A checkpoint running on its own thread, and the store writes waiting for it.
+    in_flight: Option<InFlight>,
+    /// What the store holds (behind `progress` while writes are deferred); published.
+    store_progress: Progress,
     rate_window: (Instant, i64),
+}
+
+/// A store checkpoint on its own thread (redb allows one write transaction at a time, so
+/// steps committed meanwhile wait here).
+struct InFlight {
+    thread: std::thread::JoinHandle<Result<()>>,
+    deferred: Vec<StoreWrite>,
+    /// The latest deferred value per key (None: deleted), indexed by scope, so a step reads
+    /// what it would read from the store had the writes been committed.
+    overlay: Arc<[HashMap<String, Option<Vec<u8>>>; 2]>,
+}
+
+fn scope_index(scope: Scope) -> usize {
+    match scope {
+        Scope::View => 0,
+        Scope::Internal => 1,
+    }
 }
 
 /// The "topic/partition" key of an input position.
@@ -192,6 +218,7 @@ impl Runner {
         codec: Arc<dyn PayloadCodec>,
         view: View,
         on_caught_up: CaughtUp,
+        checkpoint_interval: Duration,
     ) -> Self {
         let applier = view.logic.applier();
         Self {
@@ -207,6 +234,9 @@ impl Runner {
             next_input: 0,
             step_timestamp: None,
             last_checkpoint: Instant::now(),
+            checkpoint_interval,
+            in_flight: None,
+            store_progress: Progress::default(),
             rate_window: (Instant::now(), 0),
         }
     }
@@ -229,15 +259,18 @@ impl Runner {
         self.shared.set_phase(if self.progress.caught_up { Phase::Live } else { Phase::Building });
         while !self.shared.stop.load(Ordering::Acquire) {
             let progressed = self.step()?;
-            if self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-                self.checkpoint()?;
+            self.finish_checkpoint(false)?;
+            if self.last_checkpoint.elapsed() >= self.checkpoint_interval {
+                self.start_checkpoint();
             }
             if progressed {
                 continue;
             }
+            // Idle: nothing to stall, so let deferred writes reach the store now.
+            self.finish_checkpoint(true)?;
             if !self.progress.caught_up {
                 self.progress.caught_up = true;
-                self.shared.store.commit(&[], &self.progress, Durability::None)?;
+                self.commit_store(&[])?;
                 self.checkpoint()?;
                 self.shared.set_phase(Phase::Live);
                 tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
@@ -311,8 +344,9 @@ impl Runner {
             }
             from = chunk.next_offset;
             self.progress.changelog_next = from;
-            self.shared.store.commit(&writes, &self.progress, Durability::None)?;
+            self.commit_store(&writes)?;
         }
+        self.store_progress = self.progress.clone();
         self.checkpoint()?;
         self.publish(|_| {});
         Ok(())
@@ -322,13 +356,72 @@ impl Runner {
         ViewError::Changelog { view: self.shared.view.clone(), version: self.shared.version, reason }
     }
 
-    /// Makes the store durable up to what the changelog holds durably.
+    /// Makes the store durable up to what the changelog holds durably, now.
     fn checkpoint(&mut self) -> Result<()> {
+        self.finish_checkpoint(true)?;
         if self.progress.changelog_next > 0 {
             self.backend.wait_durable(&self.shared.changelog_topic, 0, self.progress.changelog_next)?;
         }
         self.shared.store.checkpoint()?;
         self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Starts a checkpoint on its own thread unless one is running. Nothing is deferred when
+    /// it starts, so the store is at `progress` and the changelog must be durable to there.
+    fn start_checkpoint(&mut self) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let (shared, backend) = (self.shared.clone(), self.backend.clone());
+        let changelog_next = self.progress.changelog_next;
+        let thread = std::thread::Builder::new()
+            .name(format!("kappa-checkpoint-{}-v{}", self.shared.view, self.shared.version))
+            .spawn(move || {
+                if changelog_next > 0 {
+                    backend.wait_durable(&shared.changelog_topic, 0, changelog_next)?;
+                }
+                shared.store.checkpoint()
+            });
+        match thread {
+            Ok(thread) => self.in_flight = Some(InFlight { thread, deferred: Vec::new(), overlay: Arc::default() }),
+            Err(e) => {
+                // No thread to spare: checkpoint on this one at the next chance instead.
+                tracing::warn!(view = %self.shared.view, error = %e, "could not start a checkpoint thread");
+                return;
+            }
+        }
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Ends the running checkpoint if it is done (or, with `wait`, once it is), then commits
+    /// the writes that waited for it.
+    fn finish_checkpoint(&mut self, wait: bool) -> Result<()> {
+        let Some(in_flight) = self.in_flight.take_if(|f| wait || f.thread.is_finished()) else { return Ok(()) };
+        let outcome = in_flight.thread.join().unwrap_or_else(|_| {
+            Err(self.changelog_error("the checkpoint thread panicked; restart to recover from the changelog".into()))
+        });
+        outcome?;
+        self.commit_store(&in_flight.deferred)
+    }
+
+    /// Commits `writes` and `progress` to the store (not durably), or defers them while a
+    /// checkpoint runs.
+    fn commit_store(&mut self, writes: &[StoreWrite]) -> Result<()> {
+        let Some(in_flight) = &mut self.in_flight else {
+            self.shared.store.commit(writes, &self.progress, Durability::None)?;
+            self.store_progress.clone_from(&self.progress);
+            return Ok(());
+        };
+        let overlay = Arc::make_mut(&mut in_flight.overlay);
+        for write in writes {
+            let json = write.value.as_ref().map(|v| v.json.clone());
+            overlay[scope_index(write.scope)].insert(write.key.clone(), json);
+        }
+        in_flight.deferred.extend_from_slice(writes);
+        if in_flight.deferred.len() > DEFERRED_WRITES_MAX {
+            self.finish_checkpoint(true)?;
+        }
         Ok(())
     }
 
@@ -366,7 +459,8 @@ impl Runner {
         let records_max = if self.progress.caught_up { STEP_RECORDS_LIVE_MAX } else { STEP_RECORDS_BUILD_MAX };
         let shared = self.shared.clone();
         let snapshot = shared.store.snapshot()?;
-        let store = SnapshotRead(&snapshot);
+        let overlay = self.in_flight.as_ref().map(|f| f.overlay.clone());
+        let store = StepRead { snapshot: &snapshot, overlay: overlay.as_deref() };
         self.step_timestamp = None;
         let mut position = start;
         let mut applied = 0usize;
@@ -407,6 +501,7 @@ impl Runner {
             changes = self.take_changes(topic, partition, start)?;
         }
         drop(snapshot);
+        drop(overlay); // unshared again, so commit_store extends it in place
         let mut stop = None;
         if let Some((offset, error)) = failure {
             match self.view.on_error.clone() {
@@ -564,16 +659,17 @@ impl Runner {
             writes.extend(changes.into_iter().enumerate().map(|(i, change)| store_write(change, base + i as i64)));
             self.progress.changelog_next = last + 1;
         }
-        self.shared.store.commit(&writes, &self.progress, Durability::None)?;
+        self.commit_store(&writes)?;
         self.update_rate(false);
         Ok(())
     }
 
+    /// Publishes what the store holds (so a reader that waited for a position finds it).
     fn publish(&self, extra: impl FnOnce(&mut RunnerStatus)) {
         let mut status = self.shared.lock_status();
-        status.events_applied = self.progress.events_applied;
-        status.positions.clone_from(&self.progress.positions);
-        status.changelog_next = self.progress.changelog_next;
+        status.events_applied = self.store_progress.events_applied;
+        status.positions.clone_from(&self.store_progress.positions);
+        status.changelog_next = self.store_progress.changelog_next;
         extra(&mut status);
     }
 
@@ -611,10 +707,20 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-struct SnapshotRead<'a, 's>(&'a Snapshot<'s>);
+/// A step's reads: the writes deferred behind a running checkpoint, else the store.
+struct StepRead<'a, 's> {
+    snapshot: &'a Snapshot<'s>,
+    overlay: Option<&'a [HashMap<String, Option<Vec<u8>>>; 2]>,
+}
 
-impl StoreRead for SnapshotRead<'_, '_> {
+impl StoreRead for StepRead<'_, '_> {
     fn get(&self, scope: Scope, key: &str) -> Result<Option<Vec<u8>>, EventError> {
-        self.0.get(scope, key).map(|v| v.map(|v| v.json)).map_err(|e| EventError(format!("reading view state: {e}")))
+        if let Some(deferred) = self.overlay.and_then(|o| o[scope_index(scope)].get(key)) {
+            return Ok(deferred.clone());
+        }
+        self.snapshot
+            .get(scope, key)
+            .map(|v| v.map(|v| v.json))
+            .map_err(|e| EventError(format!("reading view state: {e}")))
     }
 }
