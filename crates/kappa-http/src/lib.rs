@@ -2,8 +2,9 @@
 //! Events subscriptions that resume without gaps, topics, and HTTP produce with optimistic
 //! concurrency.
 //!
-//! Code map: `views.rs` (view reads and admin), `topics.rs` (topics and produce, with the
-//! key → latest offset index), `live.rs` (the per-view changelog hub and the subscription
+//! Code map: `views.rs` (view reads and admin), `topics.rs` (topics: create, alter,
+//! delete, and produce with the key → latest offset index), `records.rs` (reading records
+//! and offsets), `groups.rs` (consumer groups through [`groups::GroupAdmin`]), `live.rs` (the per-view changelog hub and the subscription
 //! protocol both transports share), `ws.rs`, `sse.rs`, `metrics.rs`, `error.rs`.
 //! `page.html` is the page served at `/`; it imports the JavaScript client
 //! (`clients/js/kappa.js`), served at `/kappa.js`.
@@ -12,8 +13,10 @@
 //! through `kappa_views::ViewEngine` and their changelogs through the engine's backend.
 
 pub mod error;
+pub mod groups;
 pub mod live;
 pub mod metrics;
+pub mod records;
 pub mod sse;
 pub mod topics;
 pub mod views;
@@ -80,7 +83,16 @@ pub struct AppState {
     pub hubs: live::Hubs,
     pub produce: topics::ProduceState,
     pub metrics: metrics::Metrics,
+    /// The consumer groups, when the application runs a Kafka broker.
+    pub groups: Option<Arc<dyn groups::GroupAdmin>>,
     connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// What the application adds to the API from parts this crate does not know.
+#[derive(Default)]
+pub struct Extensions {
+    pub metrics: Option<ExtraMetrics>,
+    pub groups: Option<Arc<dyn groups::GroupAdmin>>,
 }
 
 /// Writes more Prometheus text into `/metrics` (the application's other parts, such as the
@@ -98,11 +110,16 @@ impl AppState {
         config: HttpConfig,
         extra: Option<ExtraMetrics>,
     ) -> Arc<Self> {
+        Self::with_extensions(log, engine, config, Extensions { metrics: extra, groups: None })
+    }
+
+    pub fn with_extensions(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, extensions: Extensions) -> Arc<Self> {
         Arc::new(Self {
             connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
             hubs: live::Hubs::default(),
             produce: topics::ProduceState::default(),
-            metrics: metrics::Metrics { extra, ..metrics::Metrics::default() },
+            metrics: metrics::Metrics { extra: extensions.metrics, ..metrics::Metrics::default() },
+            groups: extensions.groups,
             log,
             engine,
             config,
@@ -137,8 +154,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/views/{view}/watch", get(sse::watch))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/topics", get(topics::list).post(topics::create))
-        .route("/v1/topics/{topic}", get(topics::describe))
+        .route("/v1/topics/{topic}", get(topics::describe).delete(topics::delete))
+        .route("/v1/topics/{topic}/configs", post(topics::alter_configs))
+        .route("/v1/topics/{topic}/partitions", post(topics::add_partitions))
+        .route("/v1/topics/{topic}/offsets", get(records::offsets))
         .route("/v1/topics/{topic}/records", post(topics::produce))
+        .route("/v1/topics/{topic}/partitions/{partition}/records", get(records::read))
+        .route("/v1/groups", get(groups::list))
+        .route("/v1/groups/{group}", get(groups::describe))
+        .route("/v1/groups/{group}/offsets", post(groups::commit))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .layer(DefaultBodyLimit::max(body_max))

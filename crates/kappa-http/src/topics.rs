@@ -159,11 +159,12 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn topic_json(topic: &kappa_log::Topic) -> Value {
+    let compacted = topic.config().cleanup_policy.compact;
     let partitions: Vec<Value> = topic
         .partitions()
         .iter()
         .map(|p| {
-            json!({
+            let mut partition = json!({
                 "partition": p.index(),
                 "start_offset": p.log_start_offset(),
                 "end_offset": p.log_end_offset(),
@@ -171,21 +172,119 @@ fn topic_json(topic: &kappa_log::Topic) -> Value {
                 "last_stable_offset": p.last_stable_offset(),
                 "size_bytes": p.size_bytes(),
                 "segments": p.segment_count(),
-            })
+            });
+            if compacted {
+                partition["compaction"] = compaction_json(&p.compaction_status());
+            }
+            partition
         })
         .collect();
     let configs: BTreeMap<&str, String> = topic.config().entries().into_iter().map(|(k, v, _)| (k, v)).collect();
     json!({"name": topic.name(), "partitions": partitions, "configs": configs})
 }
 
+/// The cleaner's state of a compacted partition: how dirty it is and what the last pass did.
+fn compaction_json(status: &kappa_log::compaction::CompactionStatus) -> Value {
+    json!({
+        // Null until the cleaner has run on this partition.
+        "cleaned_up_to": (status.cleaned_up_to >= 0).then_some(status.cleaned_up_to),
+        "dirty_bytes": status.dirty_bytes,
+        "cleanable_bytes": status.cleanable_bytes,
+        "dirty_ratio": status.dirty_ratio,
+        "last_pass": status.last.map(|last| json!({
+            "segments_cleaned": last.segments_cleaned,
+            "bytes_before": last.bytes_before,
+            "bytes_after": last.bytes_after,
+            "records_removed": last.records_removed,
+            "tombstones_removed": last.tombstones_removed,
+        })),
+    })
+}
+
 pub async fn describe(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<Json<Value>, ApiError> {
     Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+fn refuse_internal(topic: &str) -> Result<(), ApiError> {
+    if topic.starts_with("__") {
+        return Err(ApiError::bad_request(
+            "internal_topic",
+            format!("{topic} is one of kappa's internal topics; it is managed by kappa, not over the API"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlterConfigs {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    delete: Vec<String>,
+}
+
+/// `POST /v1/topics/{topic}/configs` `{"set": {key: value}, "delete": [key]}`: Kafka's
+/// IncrementalAlterConfigs, validated by the log as a whole (nothing changes on error).
+pub async fn alter_configs(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    request: Result<Json<AlterConfigs>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request, "{\"set\"?: {\"key\": \"value\"}, \"delete\"?: [\"key\"]}")?;
+    refuse_internal(&topic)?;
+    let mut changes: BTreeMap<String, Option<String>> =
+        request.set.into_iter().map(|(key, value)| (key, Some(value))).collect();
+    for key in request.delete {
+        if changes.insert(key.clone(), None).is_some() {
+            return Err(ApiError::bad_request("invalid_body", format!("config '{key}' is both set and deleted")));
+        }
+    }
+    let log = state.log.clone();
+    let name = topic.clone();
+    tokio::task::spawn_blocking(move || log.alter_topic_config(&name, &changes)).await.map_err(internal)??;
+    Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddPartitions {
+    count: i32,
+}
+
+/// `POST /v1/topics/{topic}/partitions` `{"count": N}`: grows the topic to N partitions
+/// (Kafka's CreatePartitions; never shrinks).
+pub async fn add_partitions(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    request: Result<Json<AddPartitions>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request, "{\"count\": <total partitions>}")?;
+    refuse_internal(&topic)?;
+    let log = state.log.clone();
+    let name = topic.clone();
+    tokio::task::spawn_blocking(move || log.add_partitions(&name, request.count)).await.map_err(internal)??;
+    Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+/// `DELETE /v1/topics/{topic}`: deletes the topic and all its records.
+pub async fn delete(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<StatusCode, ApiError> {
+    refuse_internal(&topic)?;
+    let log = state.log.clone();
+    let name = topic.clone();
+    tokio::task::spawn_blocking(move || log.delete_topic(&name)).await.map_err(internal)??;
+    state.produce.forget(&topic);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProduceRequest {
     records: Vec<ProduceRecord>,
+    /// Store a JSON string value as its text (`"hi"` → `hi`) instead of as JSON (`"hi"`);
+    /// other values are stored as their JSON text either way. The CLI sends lines this way.
+    #[serde(default)]
+    text_values: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,11 +312,11 @@ pub async fn produce(
     Path(topic): Path<String>,
     request: Result<Json<ProduceRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request =
-        body(request, "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}]}")?;
-    if topic.starts_with("__") {
-        return Err(ApiError::bad_request("internal_topic", "kappa's internal topics cannot be written over HTTP"));
-    }
+    let request = body(
+        request,
+        "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}], \"text_values\"?}",
+    )?;
+    refuse_internal(&topic)?;
     let n = request.records.len();
     if n == 0 || n > PRODUCE_RECORDS_MAX {
         return Err(ApiError::bad_request(
@@ -276,7 +375,7 @@ pub async fn produce(
     let now = now_ms();
     for (write, guard) in by_partition.values().zip(guards.iter_mut()) {
         let needs_index = write.records.iter().any(|(_, r)| r.expected_offset.is_some());
-        let batch = build_batch(&write.records, now);
+        let batch = build_batch(&write.records, now, request.text_values)?;
         batches.push((write.partition, batch, needs_index));
         if needs_index {
             catch_up(&state, &topic, write.partition, guard).await?;
@@ -306,17 +405,25 @@ pub async fn produce(
     Ok(Json(json!({"offsets": offsets})))
 }
 
-fn build_batch(records: &[(usize, ProduceRecord)], now: i64) -> Vec<u8> {
+fn build_batch(records: &[(usize, ProduceRecord)], now: i64, text_values: bool) -> Result<Vec<u8>, ApiError> {
     let mut builder = BatchBuilder::new();
-    for (_, record) in records {
-        let value = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
-        let mut new = NewRecord::new(record.key.as_deref().map(str::as_bytes), value.map(str::as_bytes), now);
+    for (index, record) in records {
+        let json = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
+        let value = match json {
+            Some(text) if text_values && text.starts_with('"') => Some(
+                serde_json::from_str::<String>(text)
+                    .map_err(|e| ApiError::bad_request("invalid_records", format!("record {index}: value: {e}")))?,
+            ),
+            other => other.map(str::to_owned),
+        };
+        let mut new =
+            NewRecord::new(record.key.as_deref().map(str::as_bytes), value.as_deref().map(str::as_bytes), now);
         for (name, value) in &record.headers {
             new = new.header(name, value.as_deref().map(str::as_bytes));
         }
         builder.push(new);
     }
-    builder.build()
+    Ok(builder.build())
 }
 
 /// The current offset of each guarded key must be what the request expects.
