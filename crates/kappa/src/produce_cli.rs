@@ -12,10 +12,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 
-use crate::cli::{BadInput, Progress, ServerArgs, call, encode};
+use crate::cli::{BadInput, Progress, ServerArgs, encode, expect_ok};
+use crate::http_client;
 
 /// Records per produce request.
 pub const RECORDS_PER_REQUEST: usize = 1_000;
@@ -182,6 +183,12 @@ fn parse_line(args: &ProduceArgs, headers: &BTreeMap<String, Option<String>>, li
     Ok(record)
 }
 
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    records: &'a [Record],
+    text_values: bool,
+}
+
 /// Sends requests and reports progress.
 struct Sender<'a> {
     args: &'a ProduceArgs,
@@ -213,12 +220,15 @@ impl<'a> Sender<'a> {
 
     fn send(&mut self, records: Vec<Record>) -> anyhow::Result<()> {
         let n = records.len() as u64;
-        let body = json!({"records": records, "text_values": true});
+        // Serialized directly: through a serde_json::Value the raw JSON values would be
+        // re-parsed and lose their key order.
+        let body = serde_json::to_string(&RequestBody { records: &records, text_values: true })?;
         let what = match self.written {
             0 => format!("producing to {}", self.args.topic),
             n => format!("producing to {} (the {n} records sent before this request were written)", self.args.topic),
         };
-        let answer = call(&self.args.server, "POST", &self.path, Some(&body), &what)?;
+        let answer =
+            expect_ok(http_client::request(&self.args.server.server, "POST", &self.path, Some(&body))?, &what)?;
         if self.args.print_offsets {
             for o in answer["offsets"].as_array().into_iter().flatten() {
                 println!("{}\t{}", o["partition"], o["offset"]);
