@@ -237,7 +237,7 @@ impl<'a> Sender<'a> {
         self.written += n;
         self.requests += 1;
         self.progress.bar().set_position(self.written);
-        if !self.progress.is_terminal() && self.requests % 10 == 0 {
+        if !self.progress.is_terminal() && self.requests.is_multiple_of(10) {
             eprintln!("{}: {} records produced", self.args.topic, self.written);
         }
         Ok(())
