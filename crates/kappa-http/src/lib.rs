@@ -179,10 +179,10 @@ async fn cors(
 ) -> axum::response::Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let allowed = origin.is_some() && state.origin_allowed(request.headers());
-    if request.method() == axum::http::Method::OPTIONS && origin.is_some() {
+    if let (true, Some(origin)) = (request.method() == axum::http::Method::OPTIONS, &origin) {
         let mut response = StatusCode::NO_CONTENT.into_response();
         if allowed {
-            add_cors_headers(response.headers_mut(), origin.expect("checked above"));
+            add_cors_headers(response.headers_mut(), origin.clone());
             response
                 .headers_mut()
                 .insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST, DELETE"));

@@ -71,16 +71,18 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition Kafka's default partitioner picks for a keyed record.
 pub fn default_partition(key: &[u8], partitions: i32) -> i32 {
-    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1)) as i32
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
 }
 
 /// Produce-side state: per-partition key indexes and the round-robin counter for keyless
 /// records.
 #[derive(Default)]
 pub struct ProduceState {
-    indexes: Mutex<HashMap<(String, i32), Arc<tokio::sync::Mutex<KeyIndex>>>>,
+    indexes: Mutex<HashMap<(String, i32), SharedKeyIndex>>,
     round_robin: AtomicU32,
 }
+
+type SharedKeyIndex = Arc<tokio::sync::Mutex<KeyIndex>>;
 
 /// Latest offset per key of one partition, for every record below `next`.
 #[derive(Default)]
@@ -91,7 +93,7 @@ struct KeyIndex {
 }
 
 impl ProduceState {
-    fn index(&self, topic: &str, partition: i32) -> Arc<tokio::sync::Mutex<KeyIndex>> {
+    fn index(&self, topic: &str, partition: i32) -> SharedKeyIndex {
         let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
         indexes.entry((topic.to_owned(), partition)).or_default().clone()
     }
@@ -555,6 +557,6 @@ mod tests {
         assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
         assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
         assert_eq!(murmur2(b"abc"), 479_470_107);
-        assert_eq!(default_partition(b"21", 7), ((-973_932_308_i32 & 0x7fff_ffff) % 7) as i32);
+        assert_eq!(default_partition(b"21", 7), (-973_932_308_i32 & 0x7fff_ffff) % 7);
     }
 }

@@ -350,12 +350,18 @@ impl App {
                         let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
                         let result = engine.as_of(&view, None, &at, Some(&key))?;
                         match result.values.first() {
-                            Some((_, json)) => Ok(println!("{}", String::from_utf8_lossy(json))),
+                            Some((_, json)) => {
+                                println!("{}", String::from_utf8_lossy(json));
+                                Ok(())
+                            }
                             None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
                         }
                     }
                     None => match engine.get(&view, &key)?.value {
-                        Some(item) => Ok(println!("{}", String::from_utf8_lossy(&item.json))),
+                        Some(item) => {
+                            println!("{}", String::from_utf8_lossy(&item.json));
+                            Ok(())
+                        }
                         None => bail!("view {view} has no key '{key}'"),
                     },
                 })
