@@ -424,3 +424,24 @@ fn group_reset_offsets_moves_a_real_consumer_groups_offsets() {
     fails(&server, &["group", "reset-offsets", "fresh", "--topic", "nope", "--to-earliest"], "", 4, "does not exist");
     fails(&server, &["group", "reset-offsets", "billing"], "", 2, "Usage");
 }
+
+#[test]
+fn consume_is_read_committed_by_default_with_a_real_transactional_producer() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "tx"], "");
+    let script = r#"
+import sys
+from confluent_kafka import Producer
+p = Producer({'bootstrap.servers': sys.argv[1], 'transactional.id': 'cli-test'})
+p.init_transactions()
+p.begin_transaction(); p.produce('tx', key='a', value='aborted'); p.flush(); p.abort_transaction()
+p.begin_transaction(); p.produce('tx', key='b', value='committed'); p.commit_transaction()
+"#;
+    let mut python = Command::new("python3");
+    python.args(["-c", script, &server.bootstrap()]);
+    run(&mut python, TIMEOUT, &server);
+    let committed = ok(&server, &["consume", "tx"], "");
+    assert_eq!(committed, "committed\n", "aborted records and markers are not shown");
+    let everything = ok(&server, &["consume", "tx", "--isolation", "read-uncommitted"], "");
+    assert_eq!(everything, "aborted\ncommitted\n");
+}
