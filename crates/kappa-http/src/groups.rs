@@ -155,12 +155,7 @@ pub async fn commit(
     Path(group): Path<String>,
     request: Result<Json<CommitRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request = request.map(|Json(r)| r).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!("expected {{\"offsets\": [{{\"topic\", \"partition\", \"offset\"}}], \"force\"?}}: {e}"),
-        )
-    })?;
+    let request = crate::topics::body(request, "{\"offsets\": [{\"topic\", \"partition\", \"offset\"}], \"force\"?}")?;
     let admin = admin(&state)?;
     if request.offsets.is_empty() || request.offsets.len() > COMMIT_OFFSETS_MAX {
         return Err(ApiError::bad_request(

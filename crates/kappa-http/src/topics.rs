@@ -128,7 +128,8 @@ fn one() -> i32 {
     1
 }
 
-fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
+/// A JSON body, or the error that says which shape was expected (413 when too large).
+pub(crate) fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|e| match e {
         JsonRejection::BytesRejection(e) => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("{e} (request_body_bytes_max)"))
