@@ -49,6 +49,7 @@ pub enum Acks {
     echo '{\"key\":\"c1\",\"value\":{\"name\":\"news\"},\"headers\":{\"kappa.type\":\"ChannelCreated\"}}' | kappa produce channels --format json\n  \
     echo 'c1:{\"name\":\"renamed\"}' | kappa produce channels --key-separator : --expected-offset 41\n\n\
     JSON values: a string is stored as its text, any other JSON as its JSON text, null is a tombstone.\n\
+    The output of `kappa consume --format json` is valid input (topic, offset and timestamp are ignored).\n\
     Blank lines are skipped.")]
 pub struct ProduceArgs {
     pub topic: String,
@@ -95,6 +96,13 @@ struct Record {
     partition: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expected_offset: Option<i64>,
+    /// Accepted and ignored, so `kappa consume --format json` output can be produced again.
+    #[serde(default, skip_serializing)]
+    topic: Option<String>,
+    #[serde(default, skip_serializing)]
+    offset: Option<i64>,
+    #[serde(default, skip_serializing)]
+    timestamp: Option<i64>,
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
@@ -168,7 +176,16 @@ fn parse_line(args: &ProduceArgs, headers: &BTreeMap<String, Option<String>>, li
                 None => (None, line),
             };
             let value = RawValue::from_string(Value::from(value).to_string()).map_err(|e| e.to_string())?;
-            Record { key, value: Some(value), headers: headers.clone(), partition: None, expected_offset: None }
+            Record {
+                key,
+                value: Some(value),
+                headers: headers.clone(),
+                partition: None,
+                expected_offset: None,
+                topic: None,
+                offset: None,
+                timestamp: None,
+            }
         }
     };
     if record.partition.is_none() {
