@@ -25,7 +25,11 @@ const LOCK_FILE: &str = ".lock";
 #[command(
     name = "kappa",
     version,
-    about = "A durable event log speaking the Kafka protocol, with materialized views and live subscriptions"
+    about = "A durable event log speaking the Kafka protocol, with materialized views and live subscriptions",
+    after_help = "Examples:\n  kappa serve --data-dir ./kappa-data\n  kappa topic create events --partitions 4\n  \
+        echo 'k1:hello' | kappa produce events --key-separator :\n  kappa consume events --format json --follow\n\n\
+        Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 conflict (e.g. expected offset mismatch),\n\
+        4 not found (topic, group, view), 5 server unreachable."
 )]
 struct Cli {
     #[command(subcommand)]

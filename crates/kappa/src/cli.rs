@@ -138,3 +138,33 @@ impl Progress {
         eprintln!("{message}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16) -> anyhow::Error {
+        ApiFailure { status, what: "doing".into(), message: "no".into() }.into()
+    }
+
+    #[test]
+    fn errors_map_to_the_documented_exit_codes() {
+        assert_eq!(exit_code(&api(400)), EXIT_USAGE);
+        assert_eq!(exit_code(&api(404)), EXIT_NOT_FOUND);
+        assert_eq!(exit_code(&api(409)), EXIT_CONFLICT);
+        assert_eq!(exit_code(&api(503)), EXIT_ERROR);
+        assert_eq!(exit_code(&BadInput("x".into()).into()), EXIT_USAGE);
+        let unreachable =
+            ClientError::Connect { address: "x".into(), source: std::io::ErrorKind::ConnectionRefused.into() };
+        assert_eq!(exit_code(&unreachable.into()), EXIT_UNREACHABLE);
+        // Context added on the way up keeps the code.
+        assert_eq!(exit_code(&api(409).context("producing")), EXIT_CONFLICT);
+        assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_ERROR);
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(encode("a b/c%"), "a%20b%2Fc%25");
+        assert_eq!(encode("topic.name_1-x~"), "topic.name_1-x~");
+    }
+}
