@@ -97,12 +97,12 @@ struct Record {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expected_offset: Option<i64>,
     /// Accepted and ignored, so `kappa consume --format json` output can be produced again.
-    #[serde(default, skip_serializing)]
-    topic: Option<String>,
-    #[serde(default, skip_serializing)]
-    offset: Option<i64>,
-    #[serde(default, skip_serializing)]
-    timestamp: Option<i64>,
+    #[serde(default, skip_serializing, rename = "topic")]
+    _topic: Option<String>,
+    #[serde(default, skip_serializing, rename = "offset")]
+    _offset: Option<i64>,
+    #[serde(default, skip_serializing, rename = "timestamp")]
+    _timestamp: Option<i64>,
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
@@ -182,9 +182,9 @@ fn parse_line(args: &ProduceArgs, headers: &BTreeMap<String, Option<String>>, li
                 headers: headers.clone(),
                 partition: None,
                 expected_offset: None,
-                topic: None,
-                offset: None,
-                timestamp: None,
+                _topic: None,
+                _offset: None,
+                _timestamp: None,
             }
         }
     };
