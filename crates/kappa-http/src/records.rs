@@ -31,8 +31,9 @@ pub const READ_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const READ_WAIT_MS_MAX: u64 = 30_000;
 /// Default records per response.
 const READ_RECORDS_DEFAULT: usize = 500;
-/// Largest uncompressed batch a read decodes (a batch is at most `max.message.bytes`).
-const BATCH_UNCOMPRESSED_BYTES_MAX: usize = kappa_log::config::MAX_MESSAGE_BYTES_LIMIT * 4;
+/// Largest uncompressed batch a read decodes (the view engine's bound too): a compressed
+/// batch that inflates beyond it is refused rather than allowed to exhaust memory.
+const BATCH_UNCOMPRESSED_BYTES_MAX: usize = 128 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
