@@ -113,11 +113,10 @@ async fn wait_for_records(p: &Partition, offset: i64, isolation: Isolation, wait
     while upper(p, isolation) <= offset && tokio::time::Instant::now() < deadline {
         // The last stable offset moves with transaction markers, which also move the
         // high watermark; poll briefly in case a marker lands without new data after it.
-        let _ = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
-            watermark.changed(),
-        )
-        .await;
+        let poll = deadline.min(tokio::time::Instant::now() + Duration::from_millis(100));
+        if let Ok(Err(_)) = tokio::time::timeout_at(poll, watermark.changed()).await {
+            return; // The partition is gone (topic deleted): the read will say so.
+        }
     }
 }
 
