@@ -462,3 +462,39 @@ p.begin_transaction(); p.produce('tx', key='b', value='committed'); p.commit_tra
     let everything = ok(&server, &["consume", "tx", "--isolation", "read-uncommitted"], "");
     assert_eq!(everything, "aborted\ncommitted\n");
 }
+
+#[test]
+fn topic_describe_shows_the_cleaners_work_on_a_compacted_topic() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(temp.path(), &["--maintenance-interval-ms", "100"]);
+    let configs = ["cleanup.policy=compact", "segment.bytes=1024", "min.cleanable.dirty.ratio=0.01"];
+    let mut args = vec!["topic", "create", "latest"];
+    for config in &configs {
+        args.extend(["--config", config]);
+    }
+    ok(&server, &args, "");
+    // 200 updates of 5 keys in 1 KiB segments: most records are superseded.
+    let lines: String = (0..200).map(|i| format!("k{}:value number {i}\n", i % 5)).collect();
+    for chunk in lines.lines().collect::<Vec<_>>().chunks(10) {
+        ok(&server, &["produce", "latest", "--key-separator", ":"], &(chunk.join("\n") + "\n"));
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    let compaction = loop {
+        let partition = describe(&server, "latest")["partitions"][0].clone();
+        if partition["compaction"]["last_pass"]["records_removed"].as_u64().unwrap_or(0) > 0 {
+            break partition["compaction"].clone();
+        }
+        assert!(Instant::now() < deadline, "the cleaner never ran: {partition}\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(compaction["cleaned_up_to"].as_i64().unwrap() > 0, "{compaction}");
+    let table = ok(&server, &["topic", "describe", "latest"], "");
+    assert!(!table.contains("cleaned_up_to=never"), "{table}");
+    // Reading the compacted topic still gives every key's latest value.
+    let latest: std::collections::BTreeMap<String, String> = consume_json(&server, "latest", &[])
+        .into_iter()
+        .map(|r| (r["key"].as_str().unwrap().to_owned(), r["value"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(latest["k0"], "value number 195");
+    assert_eq!(latest["k4"], "value number 199");
+}
