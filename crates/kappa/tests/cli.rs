@@ -153,7 +153,16 @@ fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
 fn every_command_has_an_example_in_its_help() {
     let server = Server::start();
     for command in [
-        &["topic", "create"][..],
+        &[][..],
+        &["serve"],
+        &["view", "list"],
+        &["view", "status"],
+        &["view", "get"],
+        &["view", "watch"],
+        &["view", "switch"],
+        &["view", "retire"],
+        &["view", "dump"],
+        &["topic", "create"],
         &["topic", "list"],
         &["topic", "describe"],
         &["topic", "alter"],
