@@ -235,7 +235,6 @@ pub async fn alter_configs(
     request: Result<Json<AlterConfigs>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request, "{\"set\"?: {\"key\": \"value\"}, \"delete\"?: [\"key\"]}")?;
-    refuse_internal(&topic)?;
     let mut changes: BTreeMap<String, Option<String>> =
         request.set.into_iter().map(|(key, value)| (key, Some(value))).collect();
     for key in request.delete {
@@ -243,9 +242,7 @@ pub async fn alter_configs(
             return Err(ApiError::bad_request("invalid_body", format!("config '{key}' is both set and deleted")));
         }
     }
-    let log = state.log.clone();
-    let name = topic.clone();
-    tokio::task::spawn_blocking(move || log.alter_topic_config(&name, &changes)).await.map_err(internal)??;
+    admin_op(&state, &topic, move |log, name| log.alter_topic_config(name, &changes)).await?;
     Ok(Json(topic_json(&*state.log.topic(&topic)?)))
 }
 
@@ -263,21 +260,27 @@ pub async fn add_partitions(
     request: Result<Json<AddPartitions>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request, "{\"count\": <total partitions>}")?;
-    refuse_internal(&topic)?;
-    let log = state.log.clone();
-    let name = topic.clone();
-    tokio::task::spawn_blocking(move || log.add_partitions(&name, request.count)).await.map_err(internal)??;
+    admin_op(&state, &topic, move |log, name| log.add_partitions(name, request.count)).await?;
     Ok(Json(topic_json(&*state.log.topic(&topic)?)))
 }
 
 /// `DELETE /v1/topics/{topic}`: deletes the topic and all its records.
 pub async fn delete(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<StatusCode, ApiError> {
-    refuse_internal(&topic)?;
-    let log = state.log.clone();
-    let name = topic.clone();
-    tokio::task::spawn_blocking(move || log.delete_topic(&name)).await.map_err(internal)??;
+    admin_op(&state, &topic, |log, name| log.delete_topic(name)).await?;
     state.produce.forget(&topic);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs an administrative change of a topic (not an internal one) on the blocking pool.
+async fn admin_op(
+    state: &AppState,
+    topic: &str,
+    op: impl FnOnce(&kappa_log::Log, &str) -> Result<(), LogError> + Send + 'static,
+) -> Result<(), ApiError> {
+    refuse_internal(topic)?;
+    let (log, name) = (state.log.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || op(&log, &name)).await.map_err(internal)??;
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
