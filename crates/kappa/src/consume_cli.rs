@@ -257,10 +257,14 @@ fn print_records(args: &ConsumeArgs, rx: mpsc::Receiver<Message>, mut readers: u
                 position = record["offset"].as_i64().unwrap_or(position);
                 break;
             }
-            write_record(&mut out, args, partition, record)?;
+            if let Err(e) = write_record(&mut out, args, partition, record) {
+                return reader_gone(e);
+            }
             printed += 1;
         }
-        out.flush().context("writing to stdout")?;
+        if let Err(e) = out.flush() {
+            return reader_gone(e);
+        }
         progress.bar().set_position(printed);
         if let Some(group) = &args.group {
             commit(args, group, partition, position)?;
@@ -276,7 +280,16 @@ fn print_records(args: &ConsumeArgs, rx: mpsc::Receiver<Message>, mut readers: u
     Ok(())
 }
 
-fn write_record(out: &mut impl Write, args: &ConsumeArgs, partition: i32, record: &Value) -> anyhow::Result<()> {
+/// A closed pipe (`kappa consume t | head`) ends the run quietly, committing nothing more;
+/// any other write error is an error.
+fn reader_gone(e: std::io::Error) -> anyhow::Result<()> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return Ok(());
+    }
+    Err(e).context("writing to stdout")
+}
+
+fn write_record(out: &mut impl Write, args: &ConsumeArgs, partition: i32, record: &Value) -> std::io::Result<()> {
     match args.format {
         OutputFormat::Json => {
             let mut line = record.clone();

@@ -507,3 +507,20 @@ fn topic_describe_shows_the_cleaners_work_on_a_compacted_topic() {
     assert_eq!(latest["k0"], "value number 195");
     assert_eq!(latest["k4"], "value number 199");
 }
+
+#[test]
+fn consume_into_a_closed_pipe_ends_quietly() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "big"], "");
+    let lines: String = (0..5000).map(|i| format!("record number {i} with some padding to fill the pipe\n")).collect();
+    ok(&server, &["produce", "big"], &lines);
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -o pipefail; '{}' consume big | head -1", env!("CARGO_BIN_EXE_kappa")))
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("error"), "{:?} {stderr}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "record number 0 with some padding to fill the pipe\n");
+}
