@@ -2,9 +2,11 @@
 //! Events subscriptions that resume without gaps, topics, and HTTP produce with optimistic
 //! concurrency.
 //!
-//! Code map: `views.rs` (view reads and admin), `topics.rs` (topics and produce, with the
-//! key → latest offset index), `txn_produce.rs` (multi-partition produce as a Kafka
-//! transaction), `live.rs` (the per-view changelog hub and the subscription
+//! Code map: `views.rs` (view reads and admin), `topics.rs` (topics: create, alter,
+//! delete, and produce with the key → latest offset index), `txn_produce.rs`
+//! (multi-partition produce as a Kafka transaction), `records.rs` (reading records and
+//! offsets), `groups.rs` (consumer groups through [`groups::GroupAdmin`]), `live.rs` (the
+//! per-view changelog hub and the subscription
 //! protocol both transports share), `ws.rs`, `sse.rs`, `metrics.rs`, `error.rs`.
 //! `page.html` is the page served at `/`; it imports the JavaScript client
 //! (`clients/js/kappa.js`), served at `/kappa.js`.
@@ -13,8 +15,10 @@
 //! through `kappa_views::ViewEngine` and their changelogs through the engine's backend.
 
 pub mod error;
+pub mod groups;
 pub mod live;
 pub mod metrics;
+pub mod records;
 pub mod sse;
 pub mod topics;
 pub mod txn_produce;
@@ -82,16 +86,20 @@ pub struct AppState {
     pub hubs: live::Hubs,
     pub produce: topics::ProduceState,
     pub metrics: metrics::Metrics,
+    /// The consumer groups, when the application runs a Kafka broker.
+    pub groups: Option<Arc<dyn groups::GroupAdmin>>,
     /// Writes multi-partition produce requests as transactions; without it such requests
     /// are refused.
     pub transactions: Option<txn_produce::TxnProducers>,
     connections: Arc<tokio::sync::Semaphore>,
 }
 
-/// What the application attaches from parts this crate does not know (the Kafka broker).
+/// What the application adds to the API from parts this crate does not know (the Kafka
+/// broker and its coordinators).
 #[derive(Default)]
-pub struct Attachments {
-    pub extra_metrics: Option<ExtraMetrics>,
+pub struct Extensions {
+    pub metrics: Option<ExtraMetrics>,
+    pub groups: Option<Arc<dyn groups::GroupAdmin>>,
     /// The transaction coordinator multi-partition HTTP produce requests go through.
     pub transactions: Option<Arc<kappa_coordinator::TxnCoordinator>>,
 }
@@ -102,16 +110,26 @@ pub type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl AppState {
     pub fn new(log: Arc<Log>, engine: ViewEngine, config: HttpConfig) -> Arc<Self> {
-        Self::attached(log, engine, config, Attachments::default())
+        Self::with_extensions(log, engine, config, Extensions::default())
     }
 
-    pub fn attached(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, attachments: Attachments) -> Arc<Self> {
+    pub fn with_metrics(
+        log: Arc<Log>,
+        engine: ViewEngine,
+        config: HttpConfig,
+        extra: Option<ExtraMetrics>,
+    ) -> Arc<Self> {
+        Self::with_extensions(log, engine, config, Extensions { metrics: extra, ..Extensions::default() })
+    }
+
+    pub fn with_extensions(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, extensions: Extensions) -> Arc<Self> {
         Arc::new(Self {
             connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
             hubs: live::Hubs::default(),
             produce: topics::ProduceState::default(),
-            metrics: metrics::Metrics { extra: attachments.extra_metrics, ..metrics::Metrics::default() },
-            transactions: attachments.transactions.map(txn_produce::TxnProducers::new),
+            metrics: metrics::Metrics { extra: extensions.metrics, ..metrics::Metrics::default() },
+            groups: extensions.groups,
+            transactions: extensions.transactions.map(txn_produce::TxnProducers::new),
             log,
             engine,
             config,
@@ -146,8 +164,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/views/{view}/watch", get(sse::watch))
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/topics", get(topics::list).post(topics::create))
-        .route("/v1/topics/{topic}", get(topics::describe))
+        .route("/v1/topics/{topic}", get(topics::describe).delete(topics::delete))
+        .route("/v1/topics/{topic}/configs", post(topics::alter_configs))
+        .route("/v1/topics/{topic}/partitions", post(topics::add_partitions))
+        .route("/v1/topics/{topic}/offsets", get(records::offsets))
         .route("/v1/topics/{topic}/records", post(topics::produce))
+        .route("/v1/topics/{topic}/partitions/{partition}/records", get(records::read))
+        .route("/v1/groups", get(groups::list))
+        .route("/v1/groups/{group}", get(groups::describe))
+        .route("/v1/groups/{group}/offsets", post(groups::commit))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .layer(DefaultBodyLimit::max(body_max))
@@ -164,10 +189,10 @@ async fn cors(
 ) -> axum::response::Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let allowed = origin.is_some() && state.origin_allowed(request.headers());
-    if request.method() == axum::http::Method::OPTIONS && origin.is_some() {
+    if let (true, Some(origin)) = (request.method() == axum::http::Method::OPTIONS, &origin) {
         let mut response = StatusCode::NO_CONTENT.into_response();
         if allowed {
-            add_cors_headers(response.headers_mut(), origin.expect("checked above"));
+            add_cors_headers(response.headers_mut(), origin.clone());
             response
                 .headers_mut()
                 .insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST, DELETE"));

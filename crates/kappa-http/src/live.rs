@@ -141,11 +141,11 @@ async fn read_changes(state: &Arc<AppState>, topic: &str, from: i64) -> Result<(
     let chunk = blocking(move || backend.read_committed(&topic, 0, from, CHANGELOG_READ_BYTES)).await?;
     let mut changes = Vec::new();
     for record in &chunk.records {
-        if let Ok(Entry::Change { offset, change, .. }) = changelog::decode(record) {
-            if change.scope == Scope::View {
-                let value = change.value.map(|json| Arc::from(crate::views::raw(json)));
-                changes.push(ChangeItem { offset, key: change.key, value });
-            }
+        if let Ok(Entry::Change { offset, change, .. }) = changelog::decode(record)
+            && change.scope == Scope::View
+        {
+            let value = change.value.map(|json| Arc::from(crate::views::raw(json)));
+            changes.push(ChangeItem { offset, key: change.key, value });
         }
     }
     Ok((changes, chunk.next_offset.max(from), chunk.history_gap))

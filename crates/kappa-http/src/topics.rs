@@ -75,16 +75,18 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition Kafka's default partitioner picks for a keyed record.
 pub fn default_partition(key: &[u8], partitions: i32) -> i32 {
-    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1)) as i32
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
 }
 
 /// Produce-side state: per-partition key indexes and the round-robin counter for keyless
 /// records.
 #[derive(Default)]
 pub struct ProduceState {
-    indexes: Mutex<HashMap<(String, i32), Arc<tokio::sync::Mutex<KeyIndex>>>>,
+    indexes: Mutex<HashMap<(String, i32), SharedKeyIndex>>,
     round_robin: AtomicU32,
 }
+
+type SharedKeyIndex = Arc<tokio::sync::Mutex<KeyIndex>>;
 
 /// Latest offset per key of one partition, for every record below `next`.
 #[derive(Default)]
@@ -95,7 +97,7 @@ struct KeyIndex {
 }
 
 impl ProduceState {
-    fn index(&self, topic: &str, partition: i32) -> Arc<tokio::sync::Mutex<KeyIndex>> {
+    fn index(&self, topic: &str, partition: i32) -> SharedKeyIndex {
         let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
         indexes.entry((topic.to_owned(), partition)).or_default().clone()
     }
@@ -130,7 +132,8 @@ fn one() -> i32 {
     1
 }
 
-fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
+/// A JSON body, or the error that says which shape was expected (413 when too large).
+pub(crate) fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|e| match e {
         JsonRejection::BytesRejection(e) => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("{e} (request_body_bytes_max)"))
@@ -163,11 +166,12 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn topic_json(topic: &kappa_log::Topic) -> Value {
+    let compacted = topic.config().cleanup_policy.compact;
     let partitions: Vec<Value> = topic
         .partitions()
         .iter()
         .map(|p| {
-            json!({
+            let mut partition = json!({
                 "partition": p.index(),
                 "start_offset": p.log_start_offset(),
                 "end_offset": p.log_end_offset(),
@@ -175,21 +179,122 @@ fn topic_json(topic: &kappa_log::Topic) -> Value {
                 "last_stable_offset": p.last_stable_offset(),
                 "size_bytes": p.size_bytes(),
                 "segments": p.segment_count(),
-            })
+            });
+            if compacted {
+                partition["compaction"] = compaction_json(&p.compaction_status());
+            }
+            partition
         })
         .collect();
     let configs: BTreeMap<&str, String> = topic.config().entries().into_iter().map(|(k, v, _)| (k, v)).collect();
     json!({"name": topic.name(), "partitions": partitions, "configs": configs})
 }
 
+/// The cleaner's state of a compacted partition: how dirty it is and what the last pass did.
+fn compaction_json(status: &kappa_log::compaction::CompactionStatus) -> Value {
+    json!({
+        // Null until the cleaner has run on this partition.
+        "cleaned_up_to": (status.cleaned_up_to >= 0).then_some(status.cleaned_up_to),
+        "dirty_bytes": status.dirty_bytes,
+        "cleanable_bytes": status.cleanable_bytes,
+        "dirty_ratio": status.dirty_ratio,
+        "last_pass": status.last.map(|last| json!({
+            "segments_cleaned": last.segments_cleaned,
+            "bytes_before": last.bytes_before,
+            "bytes_after": last.bytes_after,
+            "records_removed": last.records_removed,
+            "tombstones_removed": last.tombstones_removed,
+        })),
+    })
+}
+
 pub async fn describe(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<Json<Value>, ApiError> {
     Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+fn refuse_internal(topic: &str) -> Result<(), ApiError> {
+    if topic.starts_with("__") {
+        return Err(ApiError::bad_request(
+            "internal_topic",
+            format!("{topic} is one of kappa's internal topics; it is managed by kappa, not over the API"),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlterConfigs {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    delete: Vec<String>,
+}
+
+/// `POST /v1/topics/{topic}/configs` `{"set": {key: value}, "delete": [key]}`: Kafka's
+/// IncrementalAlterConfigs, validated by the log as a whole (nothing changes on error).
+pub async fn alter_configs(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    request: Result<Json<AlterConfigs>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request, "{\"set\"?: {\"key\": \"value\"}, \"delete\"?: [\"key\"]}")?;
+    let mut changes: BTreeMap<String, Option<String>> =
+        request.set.into_iter().map(|(key, value)| (key, Some(value))).collect();
+    for key in request.delete {
+        if changes.insert(key.clone(), None).is_some() {
+            return Err(ApiError::bad_request("invalid_body", format!("config '{key}' is both set and deleted")));
+        }
+    }
+    admin_op(&state, &topic, move |log, name| log.alter_topic_config(name, &changes)).await?;
+    Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddPartitions {
+    count: i32,
+}
+
+/// `POST /v1/topics/{topic}/partitions` `{"count": N}`: grows the topic to N partitions
+/// (Kafka's CreatePartitions; never shrinks).
+pub async fn add_partitions(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    request: Result<Json<AddPartitions>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request, "{\"count\": <total partitions>}")?;
+    admin_op(&state, &topic, move |log, name| log.add_partitions(name, request.count)).await?;
+    Ok(Json(topic_json(&*state.log.topic(&topic)?)))
+}
+
+/// `DELETE /v1/topics/{topic}`: deletes the topic and all its records.
+pub async fn delete(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<StatusCode, ApiError> {
+    admin_op(&state, &topic, |log, name| log.delete_topic(name)).await?;
+    state.produce.forget(&topic);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs an administrative change of a topic (not an internal one) on the blocking pool.
+async fn admin_op(
+    state: &AppState,
+    topic: &str,
+    op: impl FnOnce(&kappa_log::Log, &str) -> Result<(), LogError> + Send + 'static,
+) -> Result<(), ApiError> {
+    refuse_internal(topic)?;
+    let (log, name) = (state.log.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || op(&log, &name)).await.map_err(internal)??;
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProduceRequest {
     records: Vec<ProduceRecord>,
+    /// Store a JSON string value as its text (`"hi"` → `hi`) instead of as JSON (`"hi"`);
+    /// other values are stored as their JSON text either way. The CLI sends lines this way.
+    #[serde(default)]
+    text_values: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +315,8 @@ struct PartitionWrite {
     partition: i32,
     /// (index in the request, record)
     records: Vec<(usize, ProduceRecord)>,
+    /// The records as a batch (producer fields unset).
+    batch: BatchBuilder,
 }
 
 impl PartitionWrite {
@@ -224,11 +331,11 @@ pub async fn produce(
     Path(topic): Path<String>,
     request: Result<Json<ProduceRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let request =
-        body(request, "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}]}")?;
-    if topic.starts_with("__") {
-        return Err(ApiError::bad_request("internal_topic", "kappa's internal topics cannot be written over HTTP"));
-    }
+    let request = body(
+        request,
+        "{\"records\": [{\"key\", \"value\", \"headers\"?, \"partition\"?, \"expected_offset\"?}], \"text_values\"?}",
+    )?;
+    refuse_internal(&topic)?;
     let n = request.records.len();
     if n == 0 || n > PRODUCE_RECORDS_MAX {
         return Err(ApiError::bad_request(
@@ -273,9 +380,13 @@ pub async fn produce(
         }
         by_partition
             .entry(partition)
-            .or_insert_with(|| PartitionWrite { partition, records: Vec::new() })
+            .or_insert_with(|| PartitionWrite { partition, records: Vec::new(), batch: BatchBuilder::new() })
             .records
             .push((index, record));
+    }
+    let now = now_ms();
+    for write in by_partition.values_mut() {
+        write.batch = build_batch(&write.records, now, request.text_values)?;
     }
     // Finish the write even if the client goes away: a request abandoned between two
     // partitions' appends would otherwise leave its transaction to the timeout.
@@ -307,10 +418,9 @@ async fn write(
             check(&topic, write, guard)?;
         }
     }
-    let now = now_ms();
     let mut bases = Vec::with_capacity(writes.len());
     if let [write] = writes[..] {
-        let batch = build_batch(&write.records, now).build();
+        let batch = write.batch.build();
         bases.push(append(&state, &topic, batch, write, &mut guards[0]).await?);
     } else {
         let producers = state.transactions.as_ref().ok_or_else(|| {
@@ -322,7 +432,7 @@ async fn write(
         let partitions: Vec<i32> = by_partition.keys().copied().collect();
         let mut txn = producers.begin(&topic, &partitions).await.map_err(transaction_failed)?;
         for (write, guard) in writes.iter().zip(guards.iter_mut()) {
-            let batch = txn.stamp(&topic, write.partition, build_batch(&write.records, now)).build();
+            let batch = txn.stamp(&topic, write.partition, write.batch.clone()).build();
             match append(&state, &topic, batch, write, guard).await {
                 Ok(base) => {
                     txn.appended(&topic, write.partition, write.records.len());
@@ -363,17 +473,25 @@ fn transaction_failed(e: kappa_coordinator::TxnError) -> ApiError {
     )
 }
 
-fn build_batch(records: &[(usize, ProduceRecord)], now: i64) -> BatchBuilder {
+fn build_batch(records: &[(usize, ProduceRecord)], now: i64, text_values: bool) -> Result<BatchBuilder, ApiError> {
     let mut builder = BatchBuilder::new();
-    for (_, record) in records {
-        let value = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
-        let mut new = NewRecord::new(record.key.as_deref().map(str::as_bytes), value.map(str::as_bytes), now);
+    for (index, record) in records {
+        let json = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
+        let value = match json {
+            Some(text) if text_values && text.starts_with('"') => Some(
+                serde_json::from_str::<String>(text)
+                    .map_err(|e| ApiError::bad_request("invalid_records", format!("record {index}: value: {e}")))?,
+            ),
+            other => other.map(str::to_owned),
+        };
+        let mut new =
+            NewRecord::new(record.key.as_deref().map(str::as_bytes), value.as_deref().map(str::as_bytes), now);
         for (name, value) in &record.headers {
             new = new.header(name, value.as_deref().map(str::as_bytes));
         }
         builder.push(new);
     }
-    builder
+    Ok(builder)
 }
 
 /// The current offset of each guarded key must be what the request expects.
@@ -504,6 +622,6 @@ mod tests {
         assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
         assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
         assert_eq!(murmur2(b"abc"), 479_470_107);
-        assert_eq!(default_partition(b"21", 7), ((-973_932_308_i32 & 0x7fff_ffff) % 7) as i32);
+        assert_eq!(default_partition(b"21", 7), (-973_932_308_i32 & 0x7fff_ffff) % 7);
     }
 }

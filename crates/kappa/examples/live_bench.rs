@@ -50,12 +50,11 @@ fn latency(http: &str, seconds: u64) {
         };
         let received = now_ns();
         let message: Value = serde_json::from_str(&text).unwrap();
-        if message["type"] == "change" {
-            if let Some(sent) =
+        if message["type"] == "change"
+            && let Some(sent) =
                 message["value"]["name"].as_str().and_then(|n| n.strip_prefix("t-")).and_then(|n| n.parse::<i64>().ok())
-            {
-                lags.push((received - sent) as f64 / 1e6);
-            }
+        {
+            lags.push((received - sent) as f64 / 1e6);
         }
     }
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -253,10 +253,10 @@ fn live(args: &Args, log: &Arc<Log>) {
                 for record in &chunk.records {
                     let Some(value) = &record.value else { continue };
                     let Ok(page) = serde_json::from_slice::<serde_json::Value>(value) else { continue };
-                    if let Some(name) = page["name"].as_str() {
-                        if let Some(at) = sent.lock().unwrap().remove(name) {
-                            lags.push(now.duration_since(at).as_secs_f64() * 1e3);
-                        }
+                    if let Some(name) = page["name"].as_str()
+                        && let Some(at) = sent.lock().unwrap().remove(name)
+                    {
+                        lags.push(now.duration_since(at).as_secs_f64() * 1e3);
                     }
                 }
                 offset = chunk.next_offset;

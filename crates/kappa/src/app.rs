@@ -13,6 +13,7 @@ use kappa_broker::{Broker, BrokerConfig};
 use kappa_log::{Log, LogError, LogOptions};
 use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
 
+use crate::cli::ServerArgs;
 use crate::settings::{ServeArgs, Settings};
 
 /// Where view state lives inside the data directory.
@@ -24,7 +25,11 @@ const LOCK_FILE: &str = ".lock";
 #[command(
     name = "kappa",
     version,
-    about = "A durable event log speaking the Kafka protocol, with materialized views and live subscriptions"
+    about = "A durable event log speaking the Kafka protocol, with materialized views and live subscriptions",
+    after_help = "Examples:\n  kappa serve --data-dir ./kappa-data\n  kappa topic create events --partitions 4\n  \
+        echo 'k1:hello' | kappa produce events --key-separator :\n  kappa consume events --format json --follow\n\n\
+        Exit codes: 0 ok, 1 error, 2 bad usage or input, 3 conflict (e.g. expected offset mismatch),\n\
+        4 not found (topic, group, view), 5 server unreachable."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,9 +42,21 @@ enum Command {
     ///
     /// Example: kappa serve --data-dir ./kappa-data --kafka-listen 127.0.0.1:9092
     Serve(ServeArgs),
-    /// Inspect views in a data directory (the server must be stopped).
+    /// Views: list, status, get, watch, switch, retire (a running server); dump (a
+    /// stopped server's data directory).
     #[command(subcommand)]
     View(ViewCommand),
+    /// Topics: create, list, describe, alter, delete.
+    #[command(subcommand)]
+    Topic(crate::topic_cli::TopicCommand),
+    /// Write records from stdin or a file (lines or JSON records).
+    Produce(crate::produce_cli::ProduceArgs),
+    /// Read records: from beginning, end, an offset or a time; in a group or not; text or
+    /// JSON lines; optionally following new records.
+    Consume(crate::consume_cli::ConsumeArgs),
+    /// Consumer groups: list, describe, reset-offsets.
+    #[command(subcommand)]
+    Group(crate::group_cli::GroupCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,13 +142,6 @@ enum ViewCommand {
     },
 }
 
-#[derive(Debug, Clone, Args)]
-struct ServerArgs {
-    /// A running server's HTTP address
-    #[arg(long, env = "KAPPA_SERVER", default_value = "http://127.0.0.1:8080")]
-    server: String,
-}
-
 /// A running server (the default), or a stopped server's data directory.
 #[derive(Debug, Clone, Args)]
 struct Target {
@@ -200,7 +210,9 @@ impl App {
         self
     }
 
-    /// Parses the command line and runs it.
+    /// Parses the command line and runs it. On error, prints it and exits with a code
+    /// scripts can test (see `cli.rs`: 1 error, 2 usage or bad input, 3 conflict, 4 not
+    /// found, 5 server unreachable).
     pub fn main(self) -> anyhow::Result<()> {
         use std::io::IsTerminal;
         tracing_subscriber::fmt()
@@ -208,10 +220,19 @@ impl App {
             .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .init();
-        match Cli::parse().command {
-            Command::Serve(args) => self.serve(Settings::resolve(args)?),
+        let result = match Cli::parse().command {
+            Command::Serve(args) => Settings::resolve(args).and_then(|settings| self.serve(settings)),
             Command::View(command) => self.view_command(command),
+            Command::Topic(command) => crate::topic_cli::run(command),
+            Command::Produce(args) => crate::produce_cli::run(args),
+            Command::Consume(args) => crate::consume_cli::run(args),
+            Command::Group(command) => crate::group_cli::run(command),
+        };
+        if let Err(error) = result {
+            eprintln!("error: {error:#}");
+            std::process::exit(crate::cli::exit_code(&error));
         }
+        Ok(())
     }
 
     /// Runs the log, the broker and the views until SIGTERM or Ctrl-C.
@@ -256,12 +277,13 @@ impl App {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let attachments = kappa_http::Attachments {
-            extra_metrics: Some(broker_metrics(&broker)),
+        let extensions = kappa_http::Extensions {
+            metrics: Some(broker_metrics(&broker)),
+            groups: Some(Arc::new(crate::group_admin::BrokerGroups(broker.clone()))),
             transactions: Some(broker.transactions()),
         };
         let http_state =
-            kappa_http::AppState::attached(log.clone(), engine.clone(), settings.http.clone(), attachments);
+            kappa_http::AppState::with_extensions(log.clone(), engine.clone(), settings.http.clone(), extensions);
         let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
         tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
         kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
@@ -333,12 +355,18 @@ impl App {
                         let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
                         let result = engine.as_of(&view, None, &at, Some(&key))?;
                         match result.values.first() {
-                            Some((_, json)) => Ok(println!("{}", String::from_utf8_lossy(json))),
+                            Some((_, json)) => {
+                                println!("{}", String::from_utf8_lossy(json));
+                                Ok(())
+                            }
                             None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
                         }
                     }
                     None => match engine.get(&view, &key)?.value {
-                        Some(item) => Ok(println!("{}", String::from_utf8_lossy(&item.json))),
+                        Some(item) => {
+                            println!("{}", String::from_utf8_lossy(&item.json));
+                            Ok(())
+                        }
                         None => bail!("view {view} has no key '{key}'"),
                     },
                 })

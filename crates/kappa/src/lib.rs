@@ -14,12 +14,19 @@
 //! }
 //! ```
 //!
-//! `App::main` parses the same command line as the `kappa` binary (`serve`, `view ...`).
+//! `App::main` parses the same command line as the `kappa` binary (`serve`, `view`, `topic`,
+//! `produce`, `consume`, `group`).
 
 pub mod app;
 pub mod channels;
+pub mod cli;
+mod consume_cli;
+mod group_admin;
+mod group_cli;
 pub mod http_client;
+mod produce_cli;
 pub mod settings;
+mod topic_cli;
 mod view_cli;
 
 pub use crate::app::App;

@@ -6,28 +6,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::http_client::{self, Response};
+use crate::cli::{encode, expect_ok};
+use crate::http_client;
 
 /// How often `view status` polls while following a rebuild.
 const STATUS_POLL: Duration = Duration::from_millis(500);
-
-fn expect_ok(response: Response, what: &str) -> anyhow::Result<Value> {
-    if response.status == 200 || response.status == 201 {
-        return Ok(response.json());
-    }
-    bail!("{what}: {}", response.error_message())
-}
-
-fn encode(segment: &str) -> String {
-    let mut out = String::new();
-    for byte in segment.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
-}
 
 fn version_line(name: &str, version: &Value) -> String {
     let mut line = format!(
@@ -95,7 +78,8 @@ pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) 
         true
     })?;
     if let Some(response) = refused {
-        bail!("watching {view}: {}", response.error_message());
+        expect_ok(response, &format!("watching {view}"))?;
+        bail!("watching {view}: the server did not start a stream");
     }
     if let Some(error) = failed {
         bail!("the server ended the subscription: {error}");

@@ -230,6 +230,7 @@ fn the_view_command_line_talks_to_a_running_server() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(watch.stdout.take().unwrap()), &mut line).unwrap();
     let _ = watch.kill();
+    let _ = watch.wait();
     let snapshot: Value = serde_json::from_str(&line).unwrap();
     assert_eq!((snapshot["type"].as_str(), snapshot["items"][0]["key"].as_str()), (Some("snapshot"), Some("c1")));
 }

@@ -136,6 +136,16 @@ impl Broker {
         self.stats.clone()
     }
 
+    /// Group membership, for administration outside the wire protocol (the HTTP API).
+    pub fn groups(&self) -> &GroupCoordinator {
+        &self.groups
+    }
+
+    /// Committed offsets, for administration outside the wire protocol (the HTTP API).
+    pub fn offsets(&self) -> &Arc<OffsetStore> {
+        &self.offsets
+    }
+
     /// Every committed offset: (group, topic, partition, offset).
     pub fn committed_offsets(&self) -> Vec<(String, String, i32, i64)> {
         let mut out = Vec::new();

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kappa_http::{AppState, Attachments, HttpConfig};
+use kappa_http::{AppState, Extensions, HttpConfig};
 use kappa_log::{Log, LogOptions};
 use kappa_views::{EmbeddedLog, EngineConfig, Event, EventError, Reducer, Schemas, View, ViewEngine};
 use serde_json::Value;
@@ -71,8 +71,8 @@ impl Kappa {
             let offsets = Arc::new(kappa_coordinator::OffsetStore::open(&log).unwrap());
             kappa_coordinator::TxnCoordinator::open(log.clone(), offsets, Default::default()).await.unwrap()
         });
-        let attachments = Attachments { transactions: Some(transactions), ..Attachments::default() };
-        let state = AppState::attached(log.clone(), engine.clone(), config, attachments);
+        let extensions = Extensions { transactions: Some(transactions), ..Extensions::default() };
+        let state = AppState::with_extensions(log.clone(), engine.clone(), config, extensions);
         runtime.spawn(kappa_http::run(listener, state, std::future::pending()));
         Self { dir, log, engine, addr, runtime }
     }

@@ -1,0 +1,170 @@
+//! What every client command shares: the server address, the API's answers as errors with
+//! exit codes, path encoding and progress output.
+//!
+//! Exit codes (documented in README.md, "Command line"): 0 ok, 1 any other error, 2 bad
+//! usage or input (clap's usage errors, HTTP 400), 3 conflict (HTTP 409: an expected
+//! offset that does not match, a topic that exists, a group with active members), 4 not
+//! found (HTTP 404: unknown topic, partition, group or view), 5 the server is unreachable.
+
+use std::io::IsTerminal;
+
+use clap::Args;
+use serde_json::Value;
+
+use crate::http_client::{self, ClientError, Response};
+
+pub const EXIT_ERROR: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_CONFLICT: i32 = 3;
+pub const EXIT_NOT_FOUND: i32 = 4;
+pub const EXIT_UNREACHABLE: i32 = 5;
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// A running server's HTTP address
+    #[arg(long, env = "KAPPA_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+/// The server refused a request: what we were doing and the API's message.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct ApiFailure {
+    pub status: u16,
+    pub what: String,
+    pub message: String,
+}
+
+/// Bad input found before anything was sent (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// The exit code for an error from any command.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    if let Some(failure) = error.downcast_ref::<ApiFailure>() {
+        return match failure.status {
+            400 | 413 | 416 | 422 => EXIT_USAGE,
+            404 => EXIT_NOT_FOUND,
+            409 => EXIT_CONFLICT,
+            _ => EXIT_ERROR,
+        };
+    }
+    if error.downcast_ref::<BadInput>().is_some() {
+        return EXIT_USAGE;
+    }
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. } | ClientError::BadAddress(_)) => EXIT_UNREACHABLE,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// The JSON of a 2xx answer; anything else becomes an [`ApiFailure`].
+pub fn expect_ok(response: Response, what: &str) -> anyhow::Result<Value> {
+    if (200..300).contains(&response.status) {
+        return Ok(response.json());
+    }
+    Err(ApiFailure { status: response.status, what: what.to_owned(), message: response.error_message() }.into())
+}
+
+/// One request whose answer must be a success.
+pub fn call(server: &ServerArgs, method: &str, path: &str, body: Option<&Value>, what: &str) -> anyhow::Result<Value> {
+    let body = body.map(Value::to_string);
+    expect_ok(http_client::request(&server.server, method, path, body.as_deref())?, what)
+}
+
+/// Per-partition offsets of `topic` for `at` (earliest, latest or milliseconds since the
+/// epoch) under `isolation` (read_committed or read_uncommitted).
+pub fn topic_offsets(
+    server: &ServerArgs,
+    topic: &str,
+    at: &str,
+    isolation: &str,
+) -> anyhow::Result<std::collections::BTreeMap<i32, i64>> {
+    let path = format!("/v1/topics/{}/offsets?at={at}&isolation={isolation}", encode(topic));
+    let answer = call(server, "GET", &path, None, &format!("finding offsets of {topic}"))?;
+    Ok(answer["offsets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| Some((o["partition"].as_i64()? as i32, o["offset"].as_i64()?)))
+        .collect())
+}
+
+/// Percent-encodes one path segment or query value.
+pub fn encode(segment: &str) -> String {
+    let mut out = String::new();
+    for byte in segment.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Progress of a long operation: a bar on a terminal (stderr), nothing otherwise — callers
+/// print plain lines themselves when [`Progress::is_terminal`] is false.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    terminal: bool,
+}
+
+impl Progress {
+    /// `template` is an indicatif template, e.g. "{spinner} {pos} records {msg}".
+    pub fn new(length: Option<u64>, template: &str) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = match length {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::no_length(),
+        };
+        match indicatif::ProgressStyle::with_template(template) {
+            Ok(style) if terminal => bar.set_style(style.progress_chars("=> ")),
+            _ => bar.set_draw_target(indicatif::ProgressDrawTarget::hidden()),
+        }
+        Self { bar, terminal }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.terminal
+    }
+
+    pub fn bar(&self) -> &indicatif::ProgressBar {
+        &self.bar
+    }
+
+    pub fn finish(&self, message: String) {
+        self.bar.finish_and_clear();
+        eprintln!("{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16) -> anyhow::Error {
+        ApiFailure { status, what: "doing".into(), message: "no".into() }.into()
+    }
+
+    #[test]
+    fn errors_map_to_the_documented_exit_codes() {
+        assert_eq!(exit_code(&api(400)), EXIT_USAGE);
+        assert_eq!(exit_code(&api(404)), EXIT_NOT_FOUND);
+        assert_eq!(exit_code(&api(409)), EXIT_CONFLICT);
+        assert_eq!(exit_code(&api(503)), EXIT_ERROR);
+        assert_eq!(exit_code(&BadInput("x".into()).into()), EXIT_USAGE);
+        let unreachable =
+            ClientError::Connect { address: "x".into(), source: std::io::ErrorKind::ConnectionRefused.into() };
+        assert_eq!(exit_code(&unreachable.into()), EXIT_UNREACHABLE);
+        // Context added on the way up keeps the code.
+        assert_eq!(exit_code(&api(409).context("producing")), EXIT_CONFLICT);
+        assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_ERROR);
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(encode("a b/c%"), "a%20b%2Fc%25");
+        assert_eq!(encode("topic.name_1-x~"), "topic.name_1-x~");
+    }
+}

@@ -1,0 +1,530 @@
+//! The command line against a real `kappa serve`: topics, produce, consume and groups, bad
+//! input (a clear message, the documented exit code, nothing written — checked by reading
+//! back), and interoperability with real Kafka clients (kcat / librdkafka).
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, run};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `kappa <args>` against `server` with `stdin`, returning its output (any exit code).
+fn kappa(server: &Server, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(args)
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kappa");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("kappa {args:?} did not finish within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `kappa <args>` must succeed; returns stdout.
+fn ok(server: &Server, args: &[&str], stdin: &str) -> String {
+    let out = kappa(server, args, stdin);
+    assert!(
+        out.status.success(),
+        "kappa {args:?} failed with {}\nstdout: {}\nstderr: {}\nserver log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kappa <args>` must fail with `code` and a message containing `message`.
+fn fails(server: &Server, args: &[&str], stdin: &str, code: i32, message: &str) {
+    let out = kappa(server, args, stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "kappa {args:?}: stderr {stderr}");
+    assert!(stderr.contains(message), "kappa {args:?}: stderr {stderr:?} lacks {message:?}");
+}
+
+fn consume_json(server: &Server, topic: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["consume", topic, "--format", "json"];
+    args.extend_from_slice(extra);
+    ok(server, &args, "").lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn describe(server: &Server, topic: &str) -> Value {
+    serde_json::from_str(&ok(server, &["topic", "describe", topic, "--json"], "")).unwrap()
+}
+
+fn end_offsets(server: &Server, topic: &str) -> Vec<i64> {
+    describe(server, topic)["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["end_offset"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
+    let server = Server::start();
+    ok(
+        &server,
+        &[
+            "topic",
+            "create",
+            "channels",
+            "--partitions",
+            "2",
+            "--config",
+            "cleanup.policy=compact",
+            "--config",
+            "kappa.compaction.subkey.header=contentId",
+        ],
+        "",
+    );
+    assert!(ok(&server, &["topic", "list"], "").contains("channels\t2 partition(s)"));
+    let topic = describe(&server, "channels");
+    assert_eq!(topic["configs"]["cleanup.policy"], "compact");
+    assert_eq!(topic["configs"]["kappa.compaction.subkey.header"], "contentId");
+    assert!(topic["partitions"][0]["compaction"]["dirty_ratio"].is_number(), "{topic}");
+    let table = ok(&server, &["topic", "describe", "channels"], "");
+    assert!(
+        table.contains("kappa.compaction.subkey.header=contentId") && table.contains("cleaned_up_to=never"),
+        "{table}"
+    );
+
+    ok(&server, &["topic", "alter", "channels", "--set", "retention.ms=3600000", "--partitions", "3"], "");
+    let topic = describe(&server, "channels");
+    assert_eq!(topic["configs"]["retention.ms"], "3600000");
+    assert_eq!(topic["partitions"].as_array().unwrap().len(), 3);
+    ok(&server, &["topic", "alter", "channels", "--delete", "retention.ms"], "");
+    assert_eq!(describe(&server, "channels")["configs"]["retention.ms"], "604800000");
+
+    // Bad input: a clear message, the documented exit code, nothing changed.
+    fails(&server, &["topic", "create", "bad", "--config", "cleanup.policy=sometimes"], "", 2, "cleanup.policy");
+    fails(&server, &["topic", "describe", "bad"], "", 4, "does not exist");
+    fails(&server, &["topic", "create", "bad", "--config", "no.such.config=1"], "", 2, "no.such.config");
+    fails(&server, &["topic", "create", "bad", "--config", "novalue"], "", 2, "key=value");
+    fails(&server, &["topic", "create", "channels"], "", 3, "exists");
+    fails(
+        &server,
+        &["topic", "alter", "channels", "--set", "retention.ms=soon", "--set", "segment.bytes=4096"],
+        "",
+        2,
+        "retention.ms",
+    );
+    assert_eq!(
+        describe(&server, "channels")["configs"]["segment.bytes"],
+        "1073741824",
+        "a refused alter changes nothing"
+    );
+    fails(&server, &["topic", "alter", "channels", "--partitions", "2"], "", 2, "partitions");
+    fails(&server, &["topic", "alter", "nope", "--set", "retention.ms=1"], "", 4, "does not exist");
+    fails(&server, &["topic", "alter", "__consumer_offsets", "--set", "retention.ms=1"], "", 2, "internal");
+    fails(&server, &["topic", "delete", "channels"], "", 2, "--yes");
+    assert_eq!(describe(&server, "channels")["name"], "channels");
+    ok(&server, &["topic", "delete", "channels", "--yes"], "");
+    fails(&server, &["topic", "describe", "channels"], "", 4, "does not exist");
+    fails(&server, &["topic", "delete", "channels", "--yes"], "", 4, "does not exist");
+
+    // Usage errors and an unreachable server.
+    fails(&server, &["topic", "create"], "", 2, "Usage");
+    let out = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(["topic", "list", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `kappa serve` running there?"));
+}
+
+#[test]
+fn every_command_has_an_example_in_its_help() {
+    let server = Server::start();
+    for command in [
+        &[][..],
+        &["serve"],
+        &["view", "list"],
+        &["view", "status"],
+        &["view", "get"],
+        &["view", "watch"],
+        &["view", "switch"],
+        &["view", "retire"],
+        &["view", "dump"],
+        &["topic", "create"],
+        &["topic", "list"],
+        &["topic", "describe"],
+        &["topic", "alter"],
+        &["topic", "delete"],
+        &["produce"],
+        &["consume"],
+        &["group", "list"],
+        &["group", "describe"],
+        &["group", "reset-offsets"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = ok(&server, &args, "");
+        assert!(help.contains("Example"), "kappa {command:?} --help has no example:\n{help}");
+    }
+}
+
+#[test]
+fn produce_and_consume_round_trip_lines_and_json_records_with_headers() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "events", "--partitions", "3"], "");
+    let lines = "c1:{\"name\":\"news\"}\n\nc2:plain text: with a colon\n";
+    let offsets = ok(
+        &server,
+        &["produce", "events", "--key-separator", ":", "-H", "kappa.type=ChannelCreated", "--print-offsets"],
+        lines,
+    );
+    assert_eq!(offsets.lines().count(), 2, "blank lines are skipped: {offsets}");
+    let json_records = concat!(
+        r#"{"key":"c3","value":{"b":1,"a":[true]},"headers":{"h1":"v1","h2":null},"partition":2}"#,
+        "\n",
+        r#"{"key":"c1","value":null}"#,
+        "\n",
+        r#"{"value":"keyless","partition":0}"#,
+        "\n"
+    );
+    ok(&server, &["produce", "events", "--format", "json"], json_records);
+
+    let records = consume_json(&server, "events", &[]);
+    assert_eq!(records.len(), 5, "{records:?}");
+    let find = |key: Option<&str>, value: Option<&str>| {
+        records
+            .iter()
+            .find(|r| r["key"].as_str() == key && r["value"].as_str() == value)
+            .unwrap_or_else(|| panic!("no record {key:?}={value:?} in {records:?}"))
+    };
+    let c1 = find(Some("c1"), Some("{\"name\":\"news\"}"));
+    assert_eq!(c1["headers"]["kappa.type"], "ChannelCreated");
+    assert_eq!(c1["topic"], "events");
+    assert!(c1["timestamp"].as_i64().unwrap() > 1_700_000_000_000 && c1["offset"].is_i64());
+    assert_eq!(find(Some("c2"), Some("plain text: with a colon"))["headers"]["kappa.type"], "ChannelCreated");
+    // JSON values are stored as their JSON text, verbatim; a null header value stays null.
+    let c3 = find(Some("c3"), Some(r#"{"b":1,"a":[true]}"#));
+    assert_eq!(
+        (c3["partition"].as_i64(), &c3["headers"]["h1"], &c3["headers"]["h2"]),
+        (Some(2), &Value::from("v1"), &Value::Null)
+    );
+    let tombstone = records.iter().find(|r| r["key"] == "c1" && r["value"].is_null()).expect("tombstone");
+    assert_eq!(tombstone["partition"], c1["partition"], "same key, same partition");
+    assert_eq!(find(None, Some("keyless"))["partition"], 0);
+
+    // Text output, ready to be produced again.
+    let text = ok(&server, &["consume", "events", "--partition", "2", "--key-separator", "="], "");
+    assert!(text.lines().any(|l| l == r#"c3={"b":1,"a":[true]}"#), "{text}");
+
+    // JSON output is valid JSON input: copy the topic.
+    ok(&server, &["topic", "create", "copy", "--partitions", "3"], "");
+    let exported = ok(&server, &["consume", "events", "--format", "json"], "");
+    ok(&server, &["produce", "copy", "--format", "json"], &exported);
+    let strip = |records: Vec<Value>| -> Vec<Value> {
+        let mut out: Vec<Value> = records
+            .into_iter()
+            .map(|mut r| {
+                // Offsets differ: a request spanning partitions is a transaction, and its
+                // commit markers take offsets too.
+                r.as_object_mut().unwrap().retain(|k, _| k != "topic" && k != "timestamp" && k != "offset");
+                r
+            })
+            .collect();
+        out.sort_by_key(|r| r.to_string());
+        out
+    };
+    assert_eq!(strip(consume_json(&server, "copy", &[])), strip(records.clone()));
+
+    // Where to start, and how many.
+    assert_eq!(consume_json(&server, "events", &["--from", "end"]).len(), 0);
+    assert_eq!(consume_json(&server, "events", &["--from", "2100-01-01T00:00:00Z"]).len(), 0);
+    assert_eq!(consume_json(&server, "events", &["--from", "2000-01-01T00:00:00Z"]).len(), 5);
+    assert_eq!(consume_json(&server, "events", &["--max-records", "2"]).len(), 2);
+    let p = c1["partition"].as_i64().unwrap().to_string();
+    let from_one = consume_json(&server, "events", &["--partition", &p, "--from", "1"]);
+    assert!(
+        from_one.iter().all(|r| r["offset"].as_i64().unwrap() >= 1 && r["partition"] == c1["partition"]),
+        "{from_one:?}"
+    );
+    fails(&server, &["consume", "events", "--from", "yesterday"], "", 2, "RFC 3339");
+    fails(&server, &["consume", "events", "--partition", "7"], "", 2, "partitions 0..3");
+    fails(&server, &["consume", "nope"], "", 4, "does not exist");
+}
+
+#[test]
+fn bad_produce_input_gets_a_clear_message_and_writes_nothing() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "events", "--partitions", "2"], "");
+    // Malformed JSON on the second line: the first is not written either (one request).
+    fails(
+        &server,
+        &["produce", "events", "--format", "json"],
+        "{\"key\":\"a\",\"value\":1}\n{\"key\":\"b\",\n",
+        2,
+        "line 2: not a JSON record",
+    );
+    fails(&server, &["produce", "events", "--format", "json"], "{\"key\":\"a\",\"valu\":1}\n", 2, "unknown field");
+    fails(
+        &server,
+        &["produce", "events", "--key-separator", ":"],
+        "a:1\nno separator\n",
+        2,
+        "line 2: no key separator",
+    );
+    fails(
+        &server,
+        &["produce", "events", "--format", "json"],
+        "{\"key\":\"a\",\"value\":1,\"partition\":9}\n",
+        2,
+        "partitions 0..2",
+    );
+    fails(&server, &["produce", "nope"], "x\n", 4, "does not exist");
+    assert_eq!(end_offsets(&server, "events"), vec![0, 0], "nothing was written");
+
+    // Optimistic concurrency: -1 means "no record with this key yet".
+    ok(&server, &["produce", "events", "--key-separator", ":", "--expected-offset", "-1"], "k:v1\n");
+    let first = consume_json(&server, "events", &[]);
+    let offset = first[0]["offset"].as_i64().unwrap();
+    fails(
+        &server,
+        &["produce", "events", "--key-separator", ":", "--expected-offset", "-1"],
+        "k:v2\n",
+        3,
+        "offset_mismatch",
+    );
+    fails(
+        &server,
+        &["produce", "events", "--key-separator", ":", "--expected-offset", "7"],
+        "k:v2\nother:x\n",
+        3,
+        "nothing was written",
+    );
+    fails(&server, &["produce", "events", "--expected-offset", "0"], "v2\n", 2, "needs a key");
+    assert_eq!(consume_json(&server, "events", &[]).len(), 1, "conflicts write nothing");
+    ok(&server, &["produce", "events", "--key-separator", ":", "--expected-offset", &offset.to_string()], "k:v2\n");
+    let values: Vec<Value> = consume_json(&server, "events", &[]).iter().map(|r| r["value"].clone()).collect();
+    assert_eq!(values, vec![Value::from("v1"), Value::from("v2")]);
+}
+
+#[test]
+fn records_from_the_cli_reach_kcat_and_records_from_kcat_reach_the_cli() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "interop"], "");
+    ok(&server, &["produce", "interop", "--key-separator", ":", "-H", "source=cli"], "k1:from the cli\n");
+    let mut kcat = Command::new("kcat");
+    kcat.args(["-b", &server.bootstrap(), "-t", "interop", "-C", "-e", "-f", "%k|%s|%h\\n"]);
+    let seen = run(&mut kcat, TIMEOUT, &server);
+    assert_eq!(seen.trim(), "k1|from the cli|source=cli");
+
+    let mut produce = Command::new("sh");
+    produce.arg("-c").arg(format!(
+        "printf 'k2:from kcat\\n' | kcat -b {} -t interop -P -K: -H source=kcat -H empty=",
+        server.bootstrap()
+    ));
+    run(&mut produce, TIMEOUT, &server);
+    let records = consume_json(&server, "interop", &[]);
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!((records[1]["key"].as_str(), records[1]["value"].as_str()), (Some("k2"), Some("from kcat")));
+    assert_eq!(records[1]["headers"]["source"], "kcat");
+}
+
+#[test]
+fn consume_follow_waits_for_records_produced_later() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "live", "--partitions", "2"], "");
+    let follower = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(["consume", "live", "--follow", "--max-records", "3", "--key-separator", ":"])
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&server, &["produce", "live", "--key-separator", ":"], "a:1\nb:2\n");
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&server, &["produce", "live", "--key-separator", ":"], "c:3\n");
+    let started = Instant::now();
+    let output = follower.wait_with_output().unwrap();
+    assert!(started.elapsed() < TIMEOUT);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+    lines.sort();
+    assert_eq!(lines, vec!["a:1", "b:2", "c:3"]);
+}
+
+fn group(server: &Server, name: &str) -> Value {
+    serde_json::from_str(&ok(server, &["group", "describe", name, "--json"], "")).unwrap()
+}
+
+fn committed(group: &Value) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = group["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["partition"].as_i64().unwrap(), o["committed"].as_i64().unwrap()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// kcat as a group member: reads to the end, commits, leaves.
+fn kcat_group_read(server: &Server, group: &str, topic: &str) -> Vec<String> {
+    let mut kcat = Command::new("kcat");
+    kcat.args(["-b", &server.bootstrap(), "-G", group, "-o", "beginning", "-e", "-f", "%s\\n", topic]);
+    run(&mut kcat, TIMEOUT, server).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn group_reset_offsets_moves_a_real_consumer_groups_offsets() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "orders", "--partitions", "2"], "");
+    ok(&server, &["produce", "orders", "--key-separator", ":"], "a:1\nb:2\nc:3\nd:4\n");
+    let ends = end_offsets(&server, "orders");
+
+    // A real consumer group reads everything and commits.
+    assert_eq!(kcat_group_read(&server, "billing", "orders").len(), 4);
+    assert!(ok(&server, &["group", "list"], "").contains("billing\tEmpty\t0 member(s)"));
+    let described = group(&server, "billing");
+    assert_eq!(committed(&described), vec![(0, ends[0]), (1, ends[1])]);
+    assert_eq!(described["offsets"][0]["lag"], 0);
+
+    // Dry run: a plan, nothing committed.
+    let plan = ok(&server, &["group", "reset-offsets", "billing", "--to-earliest", "--dry-run"], "");
+    assert!(plan.contains(&format!("orders\t0\t{}\t0", ends[0])), "{plan}");
+    assert_eq!(committed(&group(&server, "billing")), vec![(0, ends[0]), (1, ends[1])]);
+
+    // Reset to the start: the real consumer group reads everything again.
+    ok(&server, &["group", "reset-offsets", "billing", "--topic", "orders", "--to-earliest"], "");
+    assert_eq!(committed(&group(&server, "billing")), vec![(0, 0), (1, 0)]);
+    let mut again = kcat_group_read(&server, "billing", "orders");
+    again.sort();
+    assert_eq!(again, vec!["1", "2", "3", "4"]);
+
+    // --to-offset is moved into each partition's range; --to-timestamp in the future is the end.
+    ok(&server, &["group", "reset-offsets", "billing", "--to-offset", "1"], "");
+    assert_eq!(committed(&group(&server, "billing")), vec![(0, 1.min(ends[0])), (1, 1.min(ends[1]))]);
+    ok(&server, &["group", "reset-offsets", "billing", "--to-timestamp", "2100-01-01T00:00:00Z"], "");
+    assert_eq!(committed(&group(&server, "billing")), vec![(0, ends[0]), (1, ends[1])]);
+
+    // kappa consume --group starts at the committed offsets and commits what it printed.
+    ok(&server, &["group", "reset-offsets", "billing", "--to-earliest"], "");
+    assert_eq!(consume_json(&server, "orders", &["--group", "billing", "--max-records", "1"]).len(), 1);
+    // The records went in as one transaction (the request spanned both partitions), so the
+    // position after a partition's last record may also be past its commit marker.
+    let moved: Vec<(i64, i64)> = committed(&group(&server, "billing")).into_iter().filter(|(_, o)| *o > 0).collect();
+    assert_eq!(moved.len(), 1, "one record printed, one partition's offset committed: {moved:?}");
+    assert_eq!(consume_json(&server, "orders", &["--group", "billing"]).len(), 3, "the rest, once");
+    assert_eq!(consume_json(&server, "orders", &["--group", "billing"]).len(), 0);
+
+    // While a member is active: refused (exit 3) unless forced.
+    let mut member = Command::new("kcat")
+        .args(["-b", &server.bootstrap(), "-G", "billing", "orders"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while group(&server, "billing")["members"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "kcat never joined the group");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let described = group(&server, "billing");
+    assert_eq!(described["members"][0]["assignment"][0]["topic"], "orders", "{described}");
+    fails(&server, &["group", "reset-offsets", "billing", "--to-earliest"], "", 3, "active member");
+    fails(&server, &["consume", "orders", "--group", "billing"], "", 3, "active member");
+    ok(&server, &["group", "reset-offsets", "billing", "--to-earliest", "--dry-run"], "");
+    ok(&server, &["group", "reset-offsets", "billing", "--to-earliest", "--force"], "");
+    let _ = member.kill();
+    let _ = member.wait();
+
+    fails(&server, &["group", "describe", "nobody"], "", 4, "no group nobody");
+    fails(&server, &["group", "reset-offsets", "nobody", "--to-earliest"], "", 2, "--topic");
+    fails(&server, &["group", "reset-offsets", "fresh", "--topic", "nope", "--to-earliest"], "", 4, "does not exist");
+    fails(&server, &["group", "reset-offsets", "billing"], "", 2, "Usage");
+}
+
+#[test]
+fn consume_is_read_committed_by_default_with_a_real_transactional_producer() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "tx"], "");
+    let script = r#"
+import sys
+from confluent_kafka import Producer
+p = Producer({'bootstrap.servers': sys.argv[1], 'transactional.id': 'cli-test'})
+p.init_transactions()
+p.begin_transaction(); p.produce('tx', key='a', value='aborted'); p.flush(); p.abort_transaction()
+p.begin_transaction(); p.produce('tx', key='b', value='committed'); p.commit_transaction()
+"#;
+    let mut python = Command::new("python3");
+    python.args(["-c", script, &server.bootstrap()]);
+    run(&mut python, TIMEOUT, &server);
+    let committed = ok(&server, &["consume", "tx"], "");
+    assert_eq!(committed, "committed\n", "aborted records and markers are not shown");
+    let everything = ok(&server, &["consume", "tx", "--isolation", "read-uncommitted"], "");
+    assert_eq!(everything, "aborted\ncommitted\n");
+}
+
+#[test]
+fn topic_describe_shows_the_cleaners_work_on_a_compacted_topic() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_in(temp.path(), &["--maintenance-interval-ms", "100"]);
+    let configs = ["cleanup.policy=compact", "segment.bytes=1024", "min.cleanable.dirty.ratio=0.01"];
+    let mut args = vec!["topic", "create", "latest"];
+    for config in &configs {
+        args.extend(["--config", config]);
+    }
+    ok(&server, &args, "");
+    // 200 updates of 5 keys in 1 KiB segments: most records are superseded.
+    let lines: String = (0..200).map(|i| format!("k{}:value number {i}\n", i % 5)).collect();
+    for chunk in lines.lines().collect::<Vec<_>>().chunks(10) {
+        ok(&server, &["produce", "latest", "--key-separator", ":"], &(chunk.join("\n") + "\n"));
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    let compaction = loop {
+        let partition = describe(&server, "latest")["partitions"][0].clone();
+        if partition["compaction"]["last_pass"]["records_removed"].as_u64().unwrap_or(0) > 0 {
+            break partition["compaction"].clone();
+        }
+        assert!(Instant::now() < deadline, "the cleaner never ran: {partition}\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(compaction["cleaned_up_to"].as_i64().unwrap() > 0, "{compaction}");
+    let table = ok(&server, &["topic", "describe", "latest"], "");
+    assert!(!table.contains("cleaned_up_to=never"), "{table}");
+    // Reading the compacted topic still gives every key's latest value.
+    let latest: std::collections::BTreeMap<String, String> = consume_json(&server, "latest", &[])
+        .into_iter()
+        .map(|r| (r["key"].as_str().unwrap().to_owned(), r["value"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(latest["k0"], "value number 195");
+    assert_eq!(latest["k4"], "value number 199");
+}
+
+#[test]
+fn consume_into_a_closed_pipe_ends_quietly() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "big"], "");
+    let lines: String = (0..5000).map(|i| format!("record number {i} with some padding to fill the pipe\n")).collect();
+    ok(&server, &["produce", "big"], &lines);
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -o pipefail; '{}' consume big | head -1", env!("CARGO_BIN_EXE_kappa")))
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("error"), "{:?} {stderr}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "record number 0 with some padding to fill the pipe\n");
+}
