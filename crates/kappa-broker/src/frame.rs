@@ -23,15 +23,15 @@ pub const MIN_REQUEST_BYTES: usize = 10;
 /// Largest chunk reserved at once while a frame body arrives.
 const READ_CHUNK: usize = 64 * 1024;
 /// A frame's first bytes are not charged to the [`FrameBudget`], so small requests (nearly
-/// all of them) never wait for memory that big frames hold.
+/// all of them) never wait for memory that big frames hold. No larger than `READ_CHUNK`.
 pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
 /// Budget unit: permits are KiB, so the largest frame fits a semaphore's u32 permits.
 const BUDGET_UNIT_BYTES: usize = 1024;
 
 /// Memory for frames being read or waiting to be handled, shared by all connections
 /// (Kafka: queued.max.request.bytes). A frame takes its share, whole, before its body is
-/// read (taking it piecemeal could deadlock two big frames each holding half), and gives it
-/// back when dropped.
+/// read beyond its first `UNBUDGETED_FRAME_BYTES` (taking it piecemeal could deadlock two
+/// big frames each holding half), and gives it back when dropped.
 #[derive(Debug, Clone)]
 pub struct FrameBudget(Arc<Semaphore>);
 
@@ -89,10 +89,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let size = check_frame_size(i32::from_be_bytes(prefix), max)?;
     let mut buf = BytesMut::new();
     let body = async {
-        let held = budget.take(size).await;
-        buf.reserve(size.min(READ_CHUNK));
+        // The first (unbudgeted) bytes are read before waiting for budget, so a frame that
+        // ends early (EOF) is refused at once even while big frames hold the budget.
+        let (mut held, mut budgeted) = (None, size <= UNBUDGETED_FRAME_BYTES);
         while buf.len() < size {
-            let want = (size - buf.len()).min(READ_CHUNK);
+            if !budgeted && buf.len() >= UNBUDGETED_FRAME_BYTES {
+                held = budget.take(size).await;
+                budgeted = true;
+            }
+            let limit = if budgeted { size } else { UNBUDGETED_FRAME_BYTES };
+            let want = (limit - buf.len()).min(READ_CHUNK);
             buf.reserve(want);
             let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;
             if n == 0 {
@@ -197,6 +203,11 @@ mod tests {
         assert_eq!(budget.available_bytes(), 0);
         let data = frame_of(60 * KIB);
         assert!(super::read_frame(&mut &data[..], usize::MAX, &budget, NO_TIMEOUT).await.unwrap().is_some());
+        // A big frame that ends early is refused at once, without waiting for budget.
+        let mut data = frame_of(90 * KIB);
+        data.truncate(4 + 10 * KIB);
+        let early = super::read_frame(&mut &data[..], usize::MAX, &budget, NO_TIMEOUT).await;
+        assert!(matches!(early, Err(ProtocolError::TruncatedFrame)), "{early:?}");
         drop(all);
         // A stalled partial frame is cut off after the timeout and gives its share back.
         let (mut client, mut server) = tokio::io::duplex(1024 * KIB);
