@@ -45,8 +45,11 @@ FRAME_READ_TIMEOUT_S = 30.0
 FRAMES_PER_S = 1250
 SENDER_PROCESSES = 4
 THREADS_PER_SENDER = 2
-# Seconds the well-behaved client runs alone, in total over the rounds.
-ALONE_S = 10.0
+# Seconds the well-behaved client runs alone, in total over the rounds: half the attack's
+# ~80 s, so a burst of outside load (other builds' disk writes) is about as likely to land
+# in either set of windows.
+ALONE_S = 40.0
+ROUNDS = 10
 
 # (api key, max version) of what the broker advertises (kappa_broker::API_SUPPORT), for
 # well-formed headers; ApiVersions v0-2 and ListGroups v0-2 have empty bodies, so garbage
@@ -267,6 +270,7 @@ def good_client(bootstrap, stop, results):
     """The well-behaved client: acks=all, one message at a time, every latency recorded
     with the time it was sent (CLOCK_MONOTONIC is shared by all processes)."""
     from confluent_kafka import Producer
+    raise_priority(0)  # before the client starts its threads, which inherit it
     done = {}
 
     def on_delivery(err, msg):
@@ -289,6 +293,25 @@ def good_client(bootstrap, stop, results):
         else:
             samples.append((sent_at, done["at"] - sent_at))
     results.put({"samples": samples, "errors": errors})
+
+
+# The broker and the well-behaved client run at this nice value, the senders at 0. In
+# production the attackers' own CPU is on other machines; here it shares 2 cores with
+# everything, and without this the test measures the machine, not the broker. Malformed and
+# well-behaved connections still share the broker's threads alike.
+BOOSTED_NICE = -5
+
+
+def raise_priority(pid):
+    """Every thread of `pid` (0: this process) to BOOSTED_NICE; False without the right
+    (CAP_SYS_NICE)."""
+    tids = [0] if pid == 0 else [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    try:
+        for tid in tids:
+            os.setpriority(os.PRIO_PROCESS, tid, BOOSTED_NICE)
+        return True
+    except PermissionError:
+        return False
 
 
 def p99(values):
@@ -316,9 +339,12 @@ def cpu_seconds(pid):
 
 def run(r):
     frames = r.tier(100_000, 1_000_000)
-    rounds = 5
+    rounds = ROUNDS
     broker = r.broker()
     broker.start()
+    boosted = raise_priority(broker.pid())
+    if not boosted:
+        r.note(f"cannot raise the broker's priority (nice {BOOSTED_NICE}): the senders' CPU weighs on the p99s")
     create_topic(broker.bootstrap(), TOPIC, 1)
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -406,7 +432,7 @@ def run(r):
     p99_alone, p99_attacked = p99(alone), p99(attacked)
     ratio = p99_attacked / p99_alone if alone and attacked else float("nan")
     r.stats.update(
-        malformed_frames=sent, rounds=rounds, by_class=by_class,
+        malformed_frames=sent, rounds=rounds, broker_and_client_nice=BOOSTED_NICE if boosted else 0, by_class=by_class,
         valid_requests_before=sum(s["valid_before"] for s in stats),
         connections_closed=closed, connections_hung=hung, sender_errors=len(errors),
         close_p50_ms=round(close_s[len(close_s) // 2] * 1000, 2) if close_s else None,
@@ -420,7 +446,9 @@ def run(r):
         rss_max_mib=round(rss_max / 2**20, 1), vm_hwm_mib=round(hwm / 2**20, 1),
         good_alone=len(alone), good_attacked=len(attacked), good_errors=len(good_out["errors"]),
         good_p99_alone_ms=round(p99_alone * 1000, 2), good_p99_attacked_ms=round(p99_attacked * 1000, 2),
-        good_p99_ratio=round(ratio, 2))
+        good_p99_ratio=round(ratio, 2),
+        good_p99_ms_by_window={"alone": [round(p99(within([w])) * 1000, 1) for w in alone_windows],
+                               "attack": [round(p99(within([w])) * 1000, 1) for w in attack_windows]})
     r.say(f"{sent} malformed frames in {attack_s:.1f} s ({rounds} rounds); close p99 {p99(close_s) * 1000:.1f} ms, "
           f"max {close_s[-1] * 1000 if close_s else 0:.1f} ms; RSS max {rss_max / 2**20:.1f} MiB, "
           f"VmHWM {hwm / 2**20:.1f} MiB; good client p99 {p99_alone * 1000:.2f} ms alone, "
