@@ -184,10 +184,10 @@ async fn connection(state: Arc<AppState>, socket: WebSocket) {
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         subscriptions.retain(|_, task| !task.is_finished());
-        if let Err(e) = handle(&state, &text, &mut subscriptions, &tx, &slow_tx) {
-            if tx.try_send(error_frame(e.0.as_deref(), &e.1)).is_err() {
-                let _ = slow_tx.try_send(());
-            }
+        if let Err(e) = handle(&state, &text, &mut subscriptions, &tx, &slow_tx)
+            && tx.try_send(error_frame(e.0.as_deref(), &e.1)).is_err()
+        {
+            let _ = slow_tx.try_send(());
         }
     }
     for (_, task) in subscriptions {
