@@ -20,7 +20,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz --version 0.13.2
 fi
 
-targets=(batch_decode recovery_scan request_decode)
+targets=(batch_decode recovery_scan request_decode subscription_parse)
 cargo fuzz build --sanitizer none
 
 if [ "${SOAK:-}" = 1 ]; then

@@ -5,7 +5,7 @@ everything the clients were told and everything that can be read back.
 
     python3 tests/torture/torture.py SCENARIO [--seed N] [--soak] [--kappa PATH]
 
-Scenarios: d1 d3 d4 d5 t1 t2 t3 t4 (see tests/torture/README.md). Exit status 0 when the
+Scenarios: d1 d3 d4 d5 t1 t2 t3 t4 f2 (see tests/torture/README.md). Exit status 0 when the
 run finished with zero anomalies; otherwise 1, with the anomaly report, the replay
 command and the kept work directory (broker and client logs, data directory)."""
 import argparse
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kappa_torture.harness import TortureError  # noqa: E402
 from kappa_torture.run import Run  # noqa: E402
 
-SCENARIOS = ["selftest", "d1", "d3", "d4", "d5", "t1", "t2", "t3", "t4"]
+SCENARIOS = ["selftest", "d1", "d3", "d4", "d5", "t1", "t2", "t3", "t4", "f2"]
 
 
 def default_kappa():

@@ -14,6 +14,8 @@ pub enum ProtocolError {
     FrameTooSmall(i32),
     #[error("connection closed in the middle of a frame")]
     TruncatedFrame,
+    #[error("frame of {size} bytes not complete within {timeout:?} of its size ({received} bytes arrived)")]
+    FrameReadTimeout { size: usize, received: usize, timeout: std::time::Duration },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
     #[error("unknown api key {0}")]

@@ -2,10 +2,17 @@
 //!
 //! The size is checked against `request_bytes_max` before any buffer is sized from it, and
 //! the buffer then grows with the bytes that actually arrive, so a peer that announces
-//! 100 MiB and sends nothing costs nothing.
+//! 100 MiB and sends nothing costs no memory. What all connections may hold in frames is
+//! bounded by a shared [`FrameBudget`], and a frame whose size has arrived must be complete
+//! within a timeout: otherwise peers that send most of a big frame and stall would pin
+//! memory without bound (torture F2 measured 334 MiB for eight of them).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProtocolError;
 
@@ -15,6 +22,45 @@ pub const DEFAULT_REQUEST_BYTES_MAX: usize = 100 * 1024 * 1024;
 pub const MIN_REQUEST_BYTES: usize = 10;
 /// Largest chunk reserved at once while a frame body arrives.
 const READ_CHUNK: usize = 64 * 1024;
+/// A frame's first bytes are not charged to the [`FrameBudget`], so small requests (nearly
+/// all of them) never wait for memory that big frames hold. No larger than `READ_CHUNK`.
+pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
+/// Budget unit: permits are KiB, so the largest frame fits a semaphore's u32 permits.
+const BUDGET_UNIT_BYTES: usize = 1024;
+
+/// Memory for frames being read or waiting to be handled, shared by all connections
+/// (Kafka: queued.max.request.bytes). A frame takes its share, whole, before its body is
+/// read beyond its first `UNBUDGETED_FRAME_BYTES` (taking it piecemeal could deadlock two
+/// big frames each holding half), and gives it back when dropped.
+#[derive(Debug, Clone)]
+pub struct FrameBudget(Arc<Semaphore>);
+
+impl FrameBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes / BUDGET_UNIT_BYTES)))
+    }
+
+    /// Bytes not held by any frame now.
+    pub fn available_bytes(&self) -> usize {
+        self.0.available_permits() * BUDGET_UNIT_BYTES
+    }
+
+    async fn take(&self, frame_bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let units = frame_bytes.saturating_sub(UNBUDGETED_FRAME_BYTES).div_ceil(BUDGET_UNIT_BYTES);
+        if units == 0 {
+            return None;
+        }
+        // The semaphore is never closed.
+        self.0.clone().acquire_many_owned(units as u32).await.ok()
+    }
+}
+
+/// One frame body and its share of the [`FrameBudget`], held until this is dropped.
+#[derive(Debug)]
+pub struct Frame {
+    pub bytes: Bytes,
+    pub budget: Option<OwnedSemaphorePermit>,
+}
 
 /// Checks a size prefix against the limits.
 pub fn check_frame_size(size: i32, max: usize) -> Result<usize, ProtocolError> {
@@ -27,23 +73,45 @@ pub fn check_frame_size(size: i32, max: usize) -> Result<usize, ProtocolError> {
     Ok(size as usize)
 }
 
-/// Reads one frame body. `Ok(None)` means the peer closed cleanly between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Option<Bytes>, ProtocolError> {
+/// Reads one frame body. `Ok(None)` means the peer closed cleanly between frames. Once the
+/// size prefix has arrived, taking the frame's budget and reading its body must finish
+/// within `body_timeout`.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+    budget: &FrameBudget,
+    body_timeout: Duration,
+) -> Result<Option<Frame>, ProtocolError> {
     let mut prefix = [0u8; 4];
     if !read_prefix(reader, &mut prefix).await? {
         return Ok(None);
     }
     let size = check_frame_size(i32::from_be_bytes(prefix), max)?;
-    let mut buf = BytesMut::with_capacity(size.min(READ_CHUNK));
-    while buf.len() < size {
-        let want = (size - buf.len()).min(READ_CHUNK);
-        buf.reserve(want);
-        let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;
-        if n == 0 {
-            return Err(ProtocolError::TruncatedFrame);
+    let mut buf = BytesMut::new();
+    let body = async {
+        // The first (unbudgeted) bytes are read before waiting for budget, so a frame that
+        // ends early (EOF) is refused at once even while big frames hold the budget.
+        let (mut held, mut budgeted) = (None, size <= UNBUDGETED_FRAME_BYTES);
+        while buf.len() < size {
+            if !budgeted && buf.len() >= UNBUDGETED_FRAME_BYTES {
+                held = budget.take(size).await;
+                budgeted = true;
+            }
+            let limit = if budgeted { size } else { UNBUDGETED_FRAME_BYTES };
+            let want = (limit - buf.len()).min(READ_CHUNK);
+            buf.reserve(want);
+            let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;
+            if n == 0 {
+                return Err(ProtocolError::TruncatedFrame);
+            }
         }
+        Ok(held)
+    };
+    let finished = tokio::time::timeout(body_timeout, body).await;
+    match finished {
+        Ok(held) => Ok(Some(Frame { bytes: buf.freeze(), budget: held? })),
+        Err(_) => Err(ProtocolError::FrameReadTimeout { size, received: buf.len(), timeout: body_timeout }),
     }
-    Ok(Some(buf.freeze()))
 }
 
 /// Reads the 4-byte prefix; false on EOF before its first byte.
@@ -71,6 +139,13 @@ pub fn frame(payload: &[u8]) -> Bytes {
 mod tests {
     use super::*;
 
+    const NO_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> Result<Option<Bytes>, ProtocolError> {
+        let budget = FrameBudget::new(1024 * 1024);
+        super::read_frame(reader, max, &budget, NO_TIMEOUT).await.map(|f| f.map(|f| f.bytes))
+    }
+
     #[tokio::test]
     async fn reads_frames_and_clean_eof() {
         let mut data = Vec::new();
@@ -95,5 +170,56 @@ mod tests {
         let data = [0u8, 0];
         let mut r = &data[..];
         assert!(matches!(read_frame(&mut r, 100).await, Err(ProtocolError::TruncatedFrame)));
+    }
+
+    /// Torture F2 found peers that send most of a big frame and stall pinning memory without
+    /// bound (eight such frames of 40 MiB: 334 MiB RSS, held until the idle timeout).
+    #[tokio::test]
+    async fn stalled_partial_frames_pinned_memory_without_bound() {
+        use tokio::io::AsyncWriteExt;
+        const KIB: usize = 1024;
+        let budget = FrameBudget::new(1024 * KIB);
+        let frame_of = |size: usize| {
+            let mut data = (size as i32).to_be_bytes().to_vec();
+            data.extend(std::iter::repeat_n(7u8, size));
+            data
+        };
+        // A big frame holds its share (beyond the unbudgeted first 64 KiB) while it lives.
+        let data = frame_of(576 * KIB);
+        let first = super::read_frame(&mut &data[..], usize::MAX, &budget, NO_TIMEOUT).await.unwrap().unwrap();
+        assert_eq!(budget.available_bytes(), 512 * KIB);
+        // A second one that does not fit waits for it, then proceeds.
+        let data = frame_of(640 * KIB);
+        let mut reader = &data[..];
+        let second = super::read_frame(&mut reader, usize::MAX, &budget, Duration::from_millis(100)).await;
+        assert!(matches!(second, Err(ProtocolError::FrameReadTimeout { .. })), "{second:?}");
+        drop(first);
+        let data = frame_of(640 * KIB);
+        let second = super::read_frame(&mut &data[..], usize::MAX, &budget, NO_TIMEOUT).await.unwrap().unwrap();
+        assert_eq!(second.bytes.len(), 640 * KIB);
+        drop(second);
+        // Small frames never touch the budget, even when it is exhausted.
+        let all = budget.take(1024 * KIB + UNBUDGETED_FRAME_BYTES).await;
+        assert_eq!(budget.available_bytes(), 0);
+        let data = frame_of(60 * KIB);
+        assert!(super::read_frame(&mut &data[..], usize::MAX, &budget, NO_TIMEOUT).await.unwrap().is_some());
+        // A big frame that ends early is refused at once, without waiting for budget.
+        let mut data = frame_of(90 * KIB);
+        data.truncate(4 + 10 * KIB);
+        let early = super::read_frame(&mut &data[..], usize::MAX, &budget, NO_TIMEOUT).await;
+        assert!(matches!(early, Err(ProtocolError::TruncatedFrame)), "{early:?}");
+        drop(all);
+        // A stalled partial frame is cut off after the timeout and gives its share back.
+        let (mut client, mut server) = tokio::io::duplex(1024 * KIB);
+        client.write_all(&(900 * KIB as i32).to_be_bytes()).await.unwrap();
+        client.write_all(&vec![1u8; 300 * KIB]).await.unwrap();
+        let stalled = super::read_frame(&mut server, usize::MAX, &budget, Duration::from_millis(200)).await;
+        match stalled {
+            Err(ProtocolError::FrameReadTimeout { size, received, .. }) => {
+                assert_eq!((size, received), (900 * KIB, 300 * KIB));
+            }
+            other => panic!("expected a frame read timeout, got {other:?}"),
+        }
+        assert_eq!(budget.available_bytes(), 1024 * KIB);
     }
 }

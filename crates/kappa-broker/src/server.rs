@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::api_versions::{self, API_SUPPORT};
 use crate::error::ProtocolError;
-use crate::frame::{DEFAULT_REQUEST_BYTES_MAX, read_frame};
+use crate::frame::{DEFAULT_REQUEST_BYTES_MAX, Frame, FrameBudget, read_frame};
 use crate::request::{Request, Response, decode_request, encode_response, expects_response};
 
 /// A boxed, sendable future, so `Handler` stays object-safe without async-trait.
@@ -79,6 +79,14 @@ pub struct Limits {
     pub connections_max: usize,
     /// Requests read ahead of the one being handled, per connection.
     pub in_flight_per_connection: usize,
+    /// Memory for frames being read or waiting to be handled, all connections together
+    /// (Kafka: queued.max.request.bytes); a frame's first 64 KiB are not counted. Raised to
+    /// `request_bytes_max` if below it, so the largest frame can always be read.
+    pub request_bytes_buffered_max: usize,
+    /// Once a frame's size has arrived, its body must arrive within this, or the
+    /// connection is closed (a stalled partial frame would hold its memory until
+    /// `idle_timeout`). Kafka clients give up on a request after 30 s anyway.
+    pub frame_read_timeout: Duration,
     /// A connection with no complete request for this long is closed
     /// (Kafka: connections.max.idle.ms).
     pub idle_timeout: Duration,
@@ -93,6 +101,8 @@ impl Default for Limits {
             request_bytes_max: DEFAULT_REQUEST_BYTES_MAX,
             connections_max: 1024,
             in_flight_per_connection: 16,
+            request_bytes_buffered_max: 128 * 1024 * 1024,
+            frame_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -105,6 +115,7 @@ pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limit
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let budget = FrameBudget::new(limits.request_bytes_buffered_max.max(limits.request_bytes_max));
     let limits = Arc::new(limits);
     let mut next_connection_id = 0u64;
     tokio::pin!(shutdown);
@@ -129,6 +140,7 @@ pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limit
         let conn = Connection {
             handler: handler.clone(),
             limits: limits.clone(),
+            budget: budget.clone(),
             stop: stop_rx.clone(),
             _done: done_tx.clone(),
             _permit: permit,
@@ -149,6 +161,7 @@ pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limit
 struct Connection {
     handler: Arc<dyn Handler>,
     limits: Arc<Limits>,
+    budget: FrameBudget,
     stop: watch::Receiver<bool>,
     /// Dropped when the connection ends; `run` waits for all of them.
     _done: mpsc::Sender<()>,
@@ -157,8 +170,9 @@ struct Connection {
     id: u64,
 }
 
-/// What the reader hands the connection task.
-type Decoded = (RequestHeader, Request);
+/// What the reader hands the connection task: the request and the frame budget it holds
+/// until handled (its records still point into the frame).
+type Decoded = (RequestHeader, Request, Option<OwnedSemaphorePermit>);
 
 impl Connection {
     async fn serve(self, socket: TcpStream) {
@@ -166,11 +180,12 @@ impl Connection {
         let (read, write) = socket.into_split();
         let in_flight = self.limits.in_flight_per_connection.max(1);
         let (tx, mut rx) = mpsc::channel::<Decoded>(in_flight);
-        let reader = tokio::spawn(read_loop(read, tx, self.limits.clone(), self.stop.clone(), self.peer));
+        let reader =
+            tokio::spawn(read_loop(read, tx, self.limits.clone(), self.budget.clone(), self.stop.clone(), self.peer));
         // Replies waiting to be written are bounded like the requests read ahead.
         let (out_tx, out_rx) = mpsc::channel::<Outgoing>(in_flight);
         let writer = tokio::spawn(write_loop(write, out_rx, self.peer));
-        while let Some((header, request)) = rx.recv().await {
+        while let Some((header, request, _budget)) = rx.recv().await {
             let outgoing = if header.request_api_key == ApiKey::ApiVersions as i16 {
                 Outgoing::Frame(api_versions::answer(&API_SUPPORT, &header))
             } else {
@@ -229,23 +244,28 @@ async fn read_loop(
     mut read: OwnedReadHalf,
     tx: mpsc::Sender<Decoded>,
     limits: Arc<Limits>,
+    budget: FrameBudget,
     mut stop: watch::Receiver<bool>,
     peer: SocketAddr,
 ) {
     loop {
         let next = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            r = tokio::time::timeout(limits.idle_timeout, read_frame(&mut read, limits.request_bytes_max)) => r,
+            r = tokio::time::timeout(
+                limits.idle_timeout,
+                read_frame(&mut read, limits.request_bytes_max, &budget, limits.frame_read_timeout),
+            ) => r,
         };
         let frame = match next {
             Err(_) => return debug!(%peer, "idle timeout"),
             Ok(Ok(None)) => return,
-            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(Some(Frame { bytes, budget }))) => (bytes, budget),
             Ok(Err(e)) => return warn!(%peer, error = %e, "bad frame, closing connection"),
         };
+        let (frame, held) = frame;
         match decode_request(frame) {
-            Ok(decoded) => {
-                if tx.send(decoded).await.is_err() {
+            Ok((header, request)) => {
+                if tx.send((header, request, held)).await.is_err() {
                     return;
                 }
             }

@@ -336,6 +336,26 @@ async fn idle_connections_are_closed() {
     assert!(recv(&mut s).await.is_none());
 }
 
+/// Torture F2: a peer that sent part of a big frame and stalled kept the connection (and
+/// the bytes it sent) until the idle timeout, 10 minutes by default.
+#[tokio::test]
+async fn stalled_partial_frames_pinned_memory_without_bound() {
+    let limits = Limits { frame_read_timeout: Duration::from_millis(200), ..Limits::default() };
+    let server = start(limits).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&(10_000_000i32).to_be_bytes()).await.unwrap();
+    s.write_all(&vec![0u8; 1_000_000]).await.unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 64];
+        // EOF, or a reset: the broker closed with unread bytes.
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the stalled connection was still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(150), "closed before the frame read timeout");
+}
+
 #[tokio::test]
 async fn produce_with_acks_0_gets_no_response() {
     let server = start(Limits::default()).await;

@@ -60,6 +60,64 @@ enum ClientMessage {
     Unsubscribe { id: String },
 }
 
+/// A client → server message, checked (size, shape, exactly one of key/prefix, resume
+/// token) but not yet acted on.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequest {
+    Subscribe { id: String, view: String, target: Target, resume: Option<Token> },
+    Unsubscribe { id: String },
+}
+
+/// Why a message was refused: the subscription id it named, if it got that far, and the
+/// error sent back.
+pub type HandleError = (Option<String>, ApiError);
+
+/// Parses one client message of at most `max_bytes` (`ws_message_bytes_max`). Everything
+/// here is a pure function of the text: public (doc-hidden) for the `subscription_parse`
+/// fuzz target.
+#[doc(hidden)]
+pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientRequest, HandleError> {
+    if text.len() > max_bytes {
+        return Err((
+            None,
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message_too_large",
+                format!(
+                    "a message may have at most {max_bytes} bytes (ws_message_bytes_max); this one has {}",
+                    text.len()
+                ),
+            ),
+        ));
+    }
+    let message: ClientMessage = serde_json::from_str(text).map_err(|e| {
+        (None, ApiError::bad_request("invalid_message", format!("expected {{\"op\":\"subscribe\",\"id\",\"view\",\"key\"|\"prefix\",\"resume\"?}} or {{\"op\":\"unsubscribe\",\"id\"}}: {e}")))
+    })?;
+    match message {
+        ClientMessage::Unsubscribe { id } => Ok(ClientRequest::Unsubscribe { id }),
+        ClientMessage::Subscribe { id, view, key, prefix, resume } => {
+            let target = match (key, prefix) {
+                (Some(key), None) => Target::Key(key),
+                (None, Some(prefix)) => Target::Prefix(prefix),
+                _ => {
+                    return Err((
+                        Some(id),
+                        ApiError::bad_request(
+                            "invalid_message",
+                            "a subscription names exactly one of \"key\" or \"prefix\"",
+                        ),
+                    ));
+                }
+            };
+            match resume.map(|t| t.parse::<Token>()).transpose() {
+                Ok(resume) => Ok(ClientRequest::Subscribe { id, view, target, resume }),
+                Err(e) => Err((Some(id), e)),
+            }
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Item<'a> {
     key: &'a str,
@@ -139,8 +197,6 @@ async fn connection(state: Arc<AppState>, socket: WebSocket) {
     let _ = writer.await;
 }
 
-type HandleError = (Option<String>, ApiError);
-
 fn handle(
     state: &Arc<AppState>,
     text: &str,
@@ -148,22 +204,8 @@ fn handle(
     tx: &mpsc::Sender<String>,
     slow: &mpsc::Sender<()>,
 ) -> Result<(), HandleError> {
-    let max = state.config.ws_message_bytes_max;
-    if text.len() > max {
-        return Err((
-            None,
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "message_too_large",
-                format!("a message may have at most {max} bytes (ws_message_bytes_max); this one has {}", text.len()),
-            ),
-        ));
-    }
-    let message: ClientMessage = serde_json::from_str(text).map_err(|e| {
-        (None, ApiError::bad_request("invalid_message", format!("expected {{\"op\":\"subscribe\",\"id\",\"view\",\"key\"|\"prefix\",\"resume\"?}} or {{\"op\":\"unsubscribe\",\"id\"}}: {e}")))
-    })?;
-    match message {
-        ClientMessage::Unsubscribe { id } => match subscriptions.remove(&id) {
+    match parse_client_message(text, state.config.ws_message_bytes_max)? {
+        ClientRequest::Unsubscribe { id } => match subscriptions.remove(&id) {
             Some(task) => {
                 task.abort();
                 Ok(())
@@ -173,7 +215,7 @@ fn handle(
                 ApiError::not_found("unknown_subscription", format!("no subscription '{id}' on this connection")),
             )),
         },
-        ClientMessage::Subscribe { id, view, key, prefix, resume } => {
+        ClientRequest::Subscribe { id, view, target, resume } => {
             let fail = |e: ApiError| (Some(id.clone()), e);
             if subscriptions.contains_key(&id) {
                 return Err(fail(ApiError::bad_request(
@@ -189,17 +231,6 @@ fn handle(
                     format!("at most {limit} subscriptions per connection (subscriptions_per_connection_max)"),
                 )));
             }
-            let target = match (key, prefix) {
-                (Some(key), None) => Target::Key(key),
-                (None, Some(prefix)) => Target::Prefix(prefix),
-                _ => {
-                    return Err(fail(ApiError::bad_request(
-                        "invalid_message",
-                        "a subscription names exactly one of \"key\" or \"prefix\"",
-                    )));
-                }
-            };
-            let resume = resume.map(|t| t.parse::<Token>()).transpose().map_err(fail)?;
             state.engine.describe(&view).map_err(|e| fail(e.into()))?;
             let (state, tx, slow, sub_id) = (state.clone(), tx.clone(), slow.clone(), id.clone());
             let task = tokio::spawn(async move {
@@ -216,5 +247,60 @@ fn handle(
             subscriptions.insert(id, task);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 64 * 1024;
+
+    fn refused(text: &str) -> (Option<String>, &'static str) {
+        let (id, e) = parse_client_message(text, MAX).expect_err(text);
+        (id, e.code)
+    }
+
+    #[test]
+    fn client_messages_parse_into_requests() {
+        let sub = parse_client_message(r#"{"op":"subscribe","id":"s1","view":"v","prefix":"c","resume":"2.17"}"#, MAX);
+        assert_eq!(
+            sub.unwrap(),
+            ClientRequest::Subscribe {
+                id: "s1".into(),
+                view: "v".into(),
+                target: Target::Prefix("c".into()),
+                resume: Some(Token { version: 2, offset: 17 })
+            }
+        );
+        let unsub = parse_client_message(r#"{"op":"unsubscribe","id":"s1"}"#, MAX).unwrap();
+        assert_eq!(unsub, ClientRequest::Unsubscribe { id: "s1".into() });
+    }
+
+    #[test]
+    fn bad_client_messages_get_a_code_and_the_id_when_known() {
+        let one_of = r#"{"op":"subscribe","id":"s1","view":"v","key":"a","prefix":"b"}"#;
+        assert_eq!(refused(one_of), (Some("s1".into()), "invalid_message"));
+        assert_eq!(refused(r#"{"op":"subscribe","id":"s1","view":"v"}"#), (Some("s1".into()), "invalid_message"));
+        let token = r#"{"op":"subscribe","id":"s1","view":"v","key":"k","resume":"1."}"#;
+        assert_eq!(refused(token), (Some("s1".into()), "invalid_token"));
+        assert_eq!(refused(r#"{"op":"unsubscribe","id":"s1","x":1}"#), (None, "invalid_message"));
+        assert_eq!(refused(r#"{"op":"publish"}"#), (None, "invalid_message"));
+        assert_eq!(refused(&"[".repeat(10_000)), (None, "invalid_message"));
+        let long = format!(r#"{{"op":"unsubscribe","id":"{}"}}"#, "x".repeat(MAX));
+        assert_eq!(refused(&long), (None, "message_too_large"));
+    }
+
+    /// The `subscription_parse` fuzz corpus replays here on stable Rust: nothing panics.
+    #[test]
+    fn the_subscription_parse_fuzz_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/subscription_parse");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let _ = parse_client_message(&String::from_utf8_lossy(data.get(1..).unwrap_or_default()), MAX);
+            replayed += 1;
+        }
+        assert!(replayed > 0, "the corpus is empty");
     }
 }

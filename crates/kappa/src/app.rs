@@ -246,6 +246,14 @@ impl App {
     async fn serve_async(self, settings: Settings) -> anyhow::Result<()> {
         let log = open_log(&settings).await?;
         let maintenance = tokio::spawn(maintain(log.clone(), settings.maintenance_interval));
+        // `--sync interval:<ms>` acknowledges before fsync; this task bounds what a power
+        // loss can take back to <ms>. Its own timer: the maintenance one runs every 30 s.
+        let interval_sync = match settings.sync_policy {
+            kappa_log::SyncPolicy::IntervalMs(ms) => {
+                Some(tokio::spawn(sync_every(log.clone(), Duration::from_millis(ms))))
+            }
+            kappa_log::SyncPolicy::EveryAppend => None,
+        };
         let listener = tokio::net::TcpListener::bind(settings.kafka_listen).await.with_context(|| {
             format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen)
         })?;
@@ -291,6 +299,9 @@ impl App {
         tracing::info!("shutting down: stopping views, flushing and writing checkpoints");
         tokio::task::spawn_blocking(move || engine.shutdown()).await?;
         maintenance.abort();
+        if let Some(task) = interval_sync {
+            task.abort();
+        }
         tokio::task::spawn_blocking(move || log.close()).await?.context("writing the clean-shutdown checkpoint")?;
         tracing::info!("stopped cleanly");
         Ok(())
@@ -480,7 +491,24 @@ async fn open_log(settings: &Settings) -> anyhow::Result<Arc<Log>> {
     Ok(Arc::new(log))
 }
 
-/// Periodic background work: the interval flush policy, retention and compaction.
+/// The `interval:<ms>` sync policy's flush: fdatasync every partition every `period`.
+/// A slow sync delays the next tick rather than queueing a burst of them.
+async fn sync_every(log: Arc<Log>, period: Duration) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let log = log.clone();
+        match tokio::task::spawn_blocking(move || log.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "interval sync failed"),
+            Err(e) => tracing::error!(error = %e, "interval sync panicked"),
+        }
+    }
+}
+
+/// Periodic background work: retention, compaction, and a flush as a safety net (the
+/// interval sync policy has its own timer, `sync_every`).
 async fn maintain(log: Arc<Log>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
