@@ -232,6 +232,32 @@ async fn write_loop(write: OwnedWriteHalf, mut out_rx: mpsc::Receiver<Outgoing>,
     let _ = writer.shutdown().await;
 }
 
+/// Warnings about misbehaving peers logged per second; the rest go to debug. A flood of
+/// malformed frames must not turn into a flood of log writes (they block the async worker
+/// that makes them, stalling every connection on it — torture F2).
+const PEER_WARNINGS_PER_SECOND_MAX: u32 = 10;
+
+fn peer_warning(peer: SocketAddr, error: &dyn std::fmt::Display, what: &'static str) {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    static WINDOW_SECOND: AtomicU64 = AtomicU64::new(0);
+    static IN_WINDOW: AtomicU32 = AtomicU32::new(0);
+    static SUPPRESSED: AtomicU32 = AtomicU32::new(0);
+    let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if WINDOW_SECOND.swap(second, Ordering::Relaxed) != second {
+        IN_WINDOW.store(0, Ordering::Relaxed);
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        if suppressed > 0 {
+            warn!(suppressed, "more peers sent bad frames; those warnings were logged at debug level");
+        }
+    }
+    if IN_WINDOW.fetch_add(1, Ordering::Relaxed) < PEER_WARNINGS_PER_SECOND_MAX {
+        warn!(%peer, error = %error, "{what}");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        debug!(%peer, error = %error, "{what}");
+    }
+}
+
 /// Writes and flushes one frame: a finished reply never waits behind a pending one.
 async fn write_frame(writer: &mut BufWriter<OwnedWriteHalf>, frame: &[u8]) -> std::io::Result<()> {
     writer.write_all(frame).await?;
@@ -260,7 +286,7 @@ async fn read_loop(
             Err(_) => return debug!(%peer, "idle timeout"),
             Ok(Ok(None)) => return,
             Ok(Ok(Some(Frame { bytes, budget }))) => (bytes, budget),
-            Ok(Err(e)) => return warn!(%peer, error = %e, "bad frame, closing connection"),
+            Ok(Err(e)) => return peer_warning(peer, &e, "bad frame, closing connection"),
         };
         let (frame, held) = frame;
         match decode_request(frame) {
@@ -269,7 +295,7 @@ async fn read_loop(
                     return;
                 }
             }
-            Err(e) => return warn!(%peer, error = %e, "undecodable request, closing connection"),
+            Err(e) => return peer_warning(peer, &e, "undecodable request, closing connection"),
         }
     }
 }
