@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 N=${N:-1000000}
-CAP_SECONDS=${CAP_SECONDS:-60}          # a produce workload stops after this long (slow configs)
+CAP_SECONDS=${CAP_SECONDS:-30}          # a produce workload stops after this long (slow configs)
 LAT_SECONDS=${LAT_SECONDS:-5}           # each W4 run
 RATE=${RATE:-5000}                      # W4 fixed rate, msgs/s
 BATCH_BYTES=${BATCH_BYTES:-262144}      # kappa: record-batch bytes per produce request
@@ -44,15 +44,22 @@ install_tools
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cargo build --release -q -p kappa --bin kappa -p peer-client
 TARGET=${CARGO_TARGET_DIR:-target}
-KAPPA="$TARGET/release/kappa"
-CLIENT="$TARGET/release/peer-client"
 mkdir -p "$(dirname "$OUT")"
 rm -rf "$DATA" && mkdir -p "$DATA"
+# Copies, so a rebuild while this runs cannot change the binaries halfway.
+cp "$TARGET/release/kappa" "$TARGET/release/peer-client" "$DATA/"
+KAPPA="$DATA/kappa"
+CLIENT="$DATA/peer-client"
+# KAPPA_BASE=path/to/an/older/kappa adds base-fsync and base-relaxed: before/after in the same rounds.
+if [[ -n ${KAPPA_BASE:-} ]]; then
+    cp "$KAPPA_BASE" "$DATA/kappa-base"
+    SYSTEMS="$SYSTEMS base-fsync base-relaxed"
+fi
 SERVER=
 cleanup() { [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null; wait 2>/dev/null; rm -rf "$DATA"; }
 trap cleanup EXIT
 
-log() { echo "$*" | tee -a "$OUT"; }
+log() { echo "$*" | tee -a "$OUT" >&2; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 wait_port() { # port
@@ -69,10 +76,11 @@ start_server() {
     local system=$1 dir="$DATA/$1"
     rm -rf "$dir" && mkdir -p "$dir"
     case $system in
-    kappa-fsync | kappa-relaxed)
-        local sync=fsync
-        [[ $system == kappa-relaxed ]] && sync=$KAPPA_RELAXED
-        "$KAPPA" serve --data-dir "$dir" --kafka-listen "127.0.0.1:$PORT" --http-listen 127.0.0.1:0 \
+    kappa-fsync | kappa-relaxed | base-fsync | base-relaxed)
+        local sync=fsync bin=$KAPPA
+        [[ $system == *-relaxed ]] && sync=$KAPPA_RELAXED
+        [[ $system == base-* ]] && bin="$DATA/kappa-base"
+        "$bin" serve --data-dir "$dir" --kafka-listen "127.0.0.1:$PORT" --http-listen 127.0.0.1:0 \
             --sync "$sync" 2>"$dir.log" &
         PROTO=kafka
         ;;
