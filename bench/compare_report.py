@@ -17,9 +17,16 @@ def parse(path):
     return rows
 
 
+def number(x):
+    try:
+        return float(x)
+    except ValueError:  # e.g. "failed"
+        return None
+
+
 def stats(values):
-    v = [float(x) for x in values]
-    return statistics.median(v), min(v), max(v)
+    v = [n for n in map(number, values) if n is not None]
+    return (statistics.median(v), min(v), max(v)) if v else None
 
 
 def fmt(s, digits=1):

@@ -55,7 +55,7 @@ fn read_response<T: Decodable>(r: &mut impl Read, key: ApiKey, version: i16) -> 
     r.read_exact(&mut body)?;
     let mut body = Bytes::from(body);
     ResponseHeader::decode(&mut body, key.response_header_version(version))?;
-    Ok(T::decode(&mut body, version)?)
+    T::decode(&mut body, version)
 }
 
 fn topic_name(args: &Args) -> TopicName {
