@@ -2,13 +2,13 @@
 //! requests in flight (or sends at a fixed rate), the calling thread reads the acks in
 //! order and times each one.
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::net::TcpStream;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
 
 /// Bytes buffered by the writer before it writes them out (when not flushing per request).
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
@@ -121,5 +121,19 @@ fn write_loop(
     }
     stream.write_all(&buf).context("writing requests")?;
     let _ = tx.send(None);
+    Ok(())
+}
+
+/// Consumes `n` bytes from `reader` without copying them anywhere (payloads a read
+/// workload only counts).
+pub fn skip(reader: &mut impl BufRead, n: usize) -> Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let available = reader.fill_buf()?.len();
+        ensure!(available > 0, "the server closed the connection");
+        let step = available.min(left);
+        reader.consume(step);
+        left -= step;
+    }
     Ok(())
 }

@@ -88,15 +88,7 @@ impl Conn {
             self.payload.resize(n, 0);
             return Ok(self.reader.read_exact(&mut self.payload)?);
         }
-        let mut left = n;
-        while left > 0 {
-            let available = self.reader.fill_buf()?.len();
-            ensure!(available > 0, "NATS server closed the connection");
-            let step = available.min(left);
-            self.reader.consume(step);
-            left -= step;
-        }
-        Ok(())
+        driver::skip(&mut self.reader, n)
     }
 
     /// A JetStream API request; returns the JSON answer.

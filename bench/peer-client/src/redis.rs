@@ -53,16 +53,7 @@ impl Resp {
                 self.reader.read_exact(out)?;
                 out.truncate(len as usize);
             }
-            None => {
-                let mut left = n;
-                while left > 0 {
-                    let available = self.reader.fill_buf()?.len();
-                    ensure!(available > 0, "Redis closed the connection");
-                    let step = available.min(left);
-                    self.reader.consume(step);
-                    left -= step;
-                }
-            }
+            None => driver::skip(&mut self.reader, n)?,
         }
         Ok(())
     }
