@@ -43,6 +43,20 @@ pub struct Plan {
     pub record_latency: bool,
 }
 
+impl Plan {
+    /// The plan `args` ask for: `requests` requests, the system's default window unless set.
+    pub fn new(args: &crate::args::Args, requests: u64, default_window: usize) -> Self {
+        Plan {
+            requests,
+            window: args.window_or(default_window),
+            rate: args.rate,
+            time_limit: Duration::from_secs_f64(args.seconds),
+            size: args.size,
+            record_latency: args.workload == "latency",
+        }
+    }
+}
+
 /// What the writer hands the reader per request: when it was (to be) sent and its messages.
 type Token = Option<(Instant, u64)>;
 

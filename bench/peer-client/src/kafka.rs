@@ -3,7 +3,7 @@
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::{Bytes, BytesMut};
@@ -146,14 +146,7 @@ pub fn produce(args: &Args) -> Result<Outcome> {
         tail: (left > 0).then(|| (build_batch(left, args.size), left)),
         requests,
     };
-    let plan = Plan {
-        requests,
-        window: args.window_or(5),
-        rate: args.rate,
-        time_limit: Duration::from_secs_f64(args.seconds),
-        size: args.size,
-        record_latency: args.workload == "latency",
-    };
+    let plan = Plan::new(args, requests, 5);
     let mut acks = ProduceAcks(BufReader::with_capacity(1 << 16, stream.try_clone()?));
     driver::publish(&stream, encoder, &mut acks, &plan)
 }

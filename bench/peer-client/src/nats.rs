@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -151,14 +151,7 @@ pub fn produce(args: &Args) -> Result<Outcome> {
         prefix: format!("PUB {} {ACK_INBOX} {}\r\n", args.topic, args.size).into_bytes(),
         payload: vec![b'x'; args.size],
     };
-    let plan = Plan {
-        requests: args.count,
-        window: args.window_or(4000),
-        rate: args.rate,
-        time_limit: Duration::from_secs_f64(args.seconds),
-        size: args.size,
-        record_latency: args.workload == "latency",
-    };
+    let plan = Plan::new(args, args.count, 4000);
     let stream = writer.try_clone()?;
     driver::publish(&stream, encoder, &mut PubAcks(conn), &plan)
 }

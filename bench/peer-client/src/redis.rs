@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -97,14 +97,7 @@ pub fn produce(args: &Args) -> Result<Outcome> {
     let stream = connect(&args.addr)?;
     let payload = vec![b'x'; args.size];
     let encoder = XaddEncoder(command(&[b"XADD", args.topic.as_bytes(), b"*", b"v", &payload]));
-    let plan = Plan {
-        requests: args.count,
-        window: args.window_or(4000),
-        rate: args.rate,
-        time_limit: Duration::from_secs_f64(args.seconds),
-        size: args.size,
-        record_latency: args.workload == "latency",
-    };
+    let plan = Plan::new(args, args.count, 4000);
     let mut acks = XaddAcks(Resp::new(stream.try_clone()?));
     driver::publish(&stream, encoder, &mut acks, &plan)
 }
