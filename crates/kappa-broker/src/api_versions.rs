@@ -3,13 +3,16 @@
 //! The same table answers ApiVersions and rejects unsupported versions of every other
 //! request, so what is advertised is exactly what is accepted.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader};
 use kafka_protocol::protocol::Encodable;
 
 use crate::frame;
 use crate::header::encode_response_header;
+
+/// Room reserved for an encoded ApiVersions answer (it grows if the table ever outgrows it).
+const API_VERSIONS_RESPONSE_BYTES: usize = 1024;
 
 /// UNSUPPORTED_VERSION.
 pub const UNSUPPORTED_VERSION: i16 = 35;
@@ -103,10 +106,10 @@ pub fn answer(support: &ApiSupport, header: &RequestHeader) -> Bytes {
     } else {
         (support.response().with_error_code(UNSUPPORTED_VERSION), 0)
     };
-    let mut out = BytesMut::new();
+    let mut out = frame::start_frame(API_VERSIONS_RESPONSE_BYTES);
     encode_response_header(&mut out, header.correlation_id, 0);
     body.encode(&mut out, body_version).expect("ApiVersions v0..=3 encodes any table");
-    frame::frame(&out)
+    frame::finish_frame(out)
 }
 
 #[cfg(test)]

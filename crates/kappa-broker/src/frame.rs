@@ -127,11 +127,22 @@ async fn read_prefix<R: AsyncRead + Unpin>(reader: &mut R, prefix: &mut [u8; 4])
     Ok(true)
 }
 
-/// Prepends the size prefix to an encoded response (header + body).
-pub fn frame(payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(4 + payload.len());
-    out.extend_from_slice(&(payload.len() as i32).to_be_bytes());
-    out.extend_from_slice(payload);
+/// Bytes of the size prefix in front of every frame.
+pub const SIZE_PREFIX_BYTES: usize = 4;
+
+/// A buffer to encode one response frame into, with room for `payload_bytes` after the
+/// size prefix: the response is written once, in place, and never copied to prepend the
+/// size (a fetch response is mostly its records, up to megabytes).
+pub fn start_frame(payload_bytes: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(SIZE_PREFIX_BYTES + payload_bytes);
+    out.extend_from_slice(&[0; SIZE_PREFIX_BYTES]);
+    out
+}
+
+/// Fills in the size prefix of a buffer from [`start_frame`].
+pub fn finish_frame(mut out: BytesMut) -> Bytes {
+    let size = (out.len() - SIZE_PREFIX_BYTES) as i32;
+    out[..SIZE_PREFIX_BYTES].copy_from_slice(&size.to_be_bytes());
     out.freeze()
 }
 

@@ -10,7 +10,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, RequestKind, ResponseKind};
 
 use crate::api_versions::API_SUPPORT;
@@ -65,7 +65,7 @@ pub fn encode_response(header: &RequestHeader, response: &Response) -> Result<By
     let api_key = ApiKey::try_from(key).map_err(|_| ProtocolError::UnknownApiKey(key))?;
     let mismatch = || ProtocolError::ResponseMismatch { request: key, response: response_key(response).unwrap_or(-1) };
     let encode_error = |reason: String| ProtocolError::Encode { api_key: key, version, reason };
-    let mut out = BytesMut::new();
+    let mut out = frame::start_frame(encoded_bytes_hint(response));
     encode_response_header(&mut out, header.correlation_id, response_header_version(api_key, version));
     if legacy::handles(api_key, version) {
         legacy::encode_response(api_key, version, response, &mut out).map_err(|e| match e {
@@ -78,7 +78,25 @@ pub fn encode_response(header: &RequestHeader, response: &Response) -> Result<By
         }
         response.encode(&mut out, version).map_err(|e| encode_error(e.to_string()))?;
     }
-    Ok(frame::frame(&out))
+    Ok(frame::finish_frame(out))
+}
+
+/// Bytes reserved for a response's fields other than record data.
+const RESPONSE_FIELDS_BYTES: usize = 1024;
+
+/// About how large `response` encodes, so its buffer is sized once: record data dominates
+/// a fetch answer and would otherwise be copied again each time the buffer grows.
+fn encoded_bytes_hint(response: &Response) -> usize {
+    let records = match response {
+        ResponseKind::Fetch(fetch) => fetch
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| p.records.as_ref().map_or(0, |r| r.len()) + RESPONSE_FIELDS_BYTES / 4)
+            .sum(),
+        _ => 0,
+    };
+    records + RESPONSE_FIELDS_BYTES
 }
 
 /// The api key of a response, for the APIs the broker can advertise.
@@ -129,7 +147,7 @@ fn response_key(response: &Response) -> Option<i16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::{Buf, BufMut};
+    use bytes::{Buf, BufMut, BytesMut};
     use kafka_protocol::messages::{MetadataRequest, MetadataResponse, ProduceResponse};
     use kafka_protocol::protocol::{Encodable, StrBytes};
     use proptest::prelude::*;
