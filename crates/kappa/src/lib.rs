@@ -21,6 +21,7 @@ pub mod channels;
 pub mod http_client;
 pub mod settings;
 mod view_cli;
+mod work;
 
 pub use crate::app::App;
 pub use kappa_views::{
