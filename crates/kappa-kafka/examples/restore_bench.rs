@@ -105,6 +105,7 @@ fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &
     }
 }
 
+/// Restore progress (every 2 s) and the final rate go to stderr.
 fn tracing_subscriber_init() {
-    // Restore progress goes to the log; keep the example quiet otherwise.
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
 }

@@ -39,6 +39,14 @@ pub struct Step {
     pub next_offset: i64,
 }
 
+/// What folding a step's records produced.
+struct Folded {
+    dead_letters: Vec<(String, OutputRecord)>,
+    applied: i64,
+    /// The largest input timestamp.
+    timestamp: Option<i64>,
+}
+
 struct Pending {
     changes: Vec<Change>,
     position: i64,
@@ -189,7 +197,7 @@ impl PartitionView {
         if records[0].offset != self.position && self.events_applied > 0 {
             tracing::debug!(view = %self.view, partition = self.partition, position = self.position, first = records[0].offset, "input offsets skip ahead (compaction or retention)");
         }
-        let (dead_letters, applied, timestamp) = self.fold(records)?;
+        let Folded { dead_letters, applied, timestamp } = self.fold(records)?;
         let changes = self.applier.take_changes().map_err(|e| self.failed(records[0].offset, e))?;
         self.check_changes(records, &changes)?;
         let position = last.offset + 1;
@@ -202,8 +210,8 @@ impl PartitionView {
 
     /// Applies records in order; an event that fails is handled by the error policy after
     /// re-applying, on a clean cache, the records before it (it may have changed keys
-    /// before failing). Returns dead letters, events applied and the largest timestamp.
-    fn fold(&mut self, records: &[InputRecord]) -> Result<(Vec<(String, OutputRecord)>, i64, Option<i64>)> {
+    /// before failing).
+    fn fold(&mut self, records: &[InputRecord]) -> Result<Folded> {
         let mut skipped: HashSet<i64> = HashSet::new();
         let mut dead_letters = Vec::new();
         'again: loop {
@@ -231,7 +239,7 @@ impl PartitionView {
                     }
                 }
             }
-            return Ok((dead_letters, applied, timestamp));
+            return Ok(Folded { dead_letters, applied, timestamp });
         }
     }
 
