@@ -21,7 +21,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Server, example_binary, free_port, repo_root, run};
+use common::{
+    Server, example_binary, expected_views as expected, free_port, produce_channel_events as produce, repo_root, run,
+};
 use serde_json::Value;
 
 /// Events produced in CI: enough for many steps and transactions per partition and a kill
@@ -121,31 +123,12 @@ fn subscribe(addr: SocketAddr, path: &str) -> Arc<Mutex<Vec<(String, Value)>>> {
             let Ok(line) = line else { return };
             if let Some(event) = line.strip_prefix("event: ") {
                 name = event.to_owned();
-            } else if let Some(data) = line.strip_prefix("data: ") {
-                if let Ok(value) = serde_json::from_str(data) {
-                    sink.lock().unwrap().push((name.clone(), value));
-                }
+            } else if let Some(Ok(value)) = line.strip_prefix("data: ").map(serde_json::from_str) {
+                sink.lock().unwrap().push((name.clone(), value));
             }
         }
     });
     events
-}
-
-fn events_script() -> PathBuf {
-    repo_root().join("tests/clients/python/channels_events.py")
-}
-
-fn produce(server: &Server, seed: u64, start: u64, count: u64) {
-    let mut command = Command::new("python3");
-    command.arg(events_script()).args(["produce", "--bootstrap", &server.bootstrap()]);
-    command.args(["--seed", &seed.to_string(), "--start", &start.to_string(), "--count", &count.to_string()]);
-    run(&mut command, Duration::from_secs(600), server);
-}
-
-fn expected(server: &Server, seed: u64, count: u64) -> BTreeMap<String, BTreeMap<String, Value>> {
-    let mut command = Command::new("python3");
-    command.arg(events_script()).args(["expect", "--seed", &seed.to_string(), "--count", &count.to_string()]);
-    serde_json::from_str(&run(&mut command, Duration::from_secs(600), server)).expect("expected views as JSON")
 }
 
 fn changelog_check(server: &Server, view: &str) -> Value {
