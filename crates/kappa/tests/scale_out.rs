@@ -9,7 +9,10 @@
 //! - a subscription held on a surviving worker throughout saw its key's changes in order
 //!   and ends at the reference value.
 //!
-//! Size: `EVENTS` (CI) or 1,000,000 with `SOAK=1`; `SEED=n` replays one run.
+//! Size: `EVENTS` (CI) or 1,000,000 with `SOAK=1`; `SEED=n` replays one run. The workers are
+//! the `channels` example, which must be built with the `kafka` feature too (`cargo nextest
+//! run -p kappa --features kafka` builds it; `--test scale_out` alone reuses whatever
+//! example binary is on disk).
 
 mod common;
 
@@ -55,14 +58,15 @@ impl Worker {
             .stderr(std::fs::File::create(&log).expect("worker log"))
             .spawn()
             .expect("start a worker");
-        let worker = Self { child: Some(child), http, log };
+        let mut worker = Self { child: Some(child), http, log };
         worker.wait_http();
         worker
     }
 
-    fn wait_http(&self) {
+    fn wait_http(&mut self) {
         let started = Instant::now();
         while TcpStream::connect(self.http).is_err() {
+            assert!(self.alive(), "the worker exited before serving HTTP; log:\n{}", self.log_text());
             assert!(started.elapsed() < Duration::from_secs(60), "worker HTTP not up; log:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(50));
         }
