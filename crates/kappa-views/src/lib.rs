@@ -5,7 +5,8 @@
 //! define views), `backend` (the narrow log interface) and `embedded` (it over kappa's log),
 //! `store` (redb state per version), `changelog` (the change stream's record format),
 //! `runner` (the processing loop and recovery), `engine` (versions, switching, reads),
-//! `asof` (point-in-time replays).
+//! `asof` (point-in-time replays), `partitioned` (one input partition's fold for an
+//! outside runner: work mode).
 //!
 //! Invariant: this crate reads records through [`backend::LogBackend`]; it knows nothing of
 //! the Kafka wire protocol, HTTP or JSON request shapes.
@@ -17,6 +18,7 @@ pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub mod partitioned;
 pub mod runner;
 pub mod schema;
 pub mod store;
@@ -28,6 +30,7 @@ pub use crate::embedded::EmbeddedLog;
 pub use crate::engine::{ChangelogFold, EngineConfig, Item, Read, VersionInfo, ViewEngine, ViewInfo};
 pub use crate::error::{EventError, Result, ViewError};
 pub use crate::event::{Event, JsonCodec, PayloadCodec};
+pub use crate::partitioned::{PartitionView, Step};
 pub use crate::runner::{Phase, RunnerStatus};
 pub use crate::schema::Schemas;
 pub use crate::view::{ErrorPolicy, Processor, Reducer, StateAccess, View};

@@ -57,6 +57,12 @@ enum Command {
     /// Consumer groups: list, describe, reset-offsets.
     #[command(subcommand)]
     Group(crate::group_cli::GroupCommand),
+    /// Run the views as one worker of many against a Kafka-protocol cluster (Apache Kafka,
+    /// Redpanda, or `kappa serve`): partitions shared through a consumer group, exactly once
+    /// through Kafka transactions. Needs a build with the `kafka` feature.
+    ///
+    /// Example: channels work --bootstrap k1:9092,k2:9092 --group channels-views --http-listen 0.0.0.0:8080
+    Work(crate::work::WorkArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,6 +233,10 @@ impl App {
             Command::Produce(args) => crate::produce_cli::run(args),
             Command::Consume(args) => crate::consume_cli::run(args),
             Command::Group(command) => crate::group_cli::run(command),
+            Command::Work(args) => {
+                let topics = self.topics.into_iter().map(|t| (t.name, t.partitions, t.configs)).collect();
+                crate::work::run(args, topics, self.views, self.schemas)
+            }
         };
         if let Err(error) = result {
             eprintln!("error: {error:#}");
@@ -573,7 +583,7 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {

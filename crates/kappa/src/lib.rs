@@ -28,6 +28,7 @@ mod produce_cli;
 pub mod settings;
 mod topic_cli;
 mod view_cli;
+mod work;
 
 pub use crate::app::App;
 pub use kappa_views::{

@@ -12,27 +12,10 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, example_binary, repo_root, run};
+use common::{Server, example_binary, expected_views as expected, produce_channel_events as produce, run};
 use serde_json::Value;
 
 const VIEWS: [&str; 3] = ["channel_page", "channel_stats", "owner_channels"];
-
-fn events_script() -> std::path::PathBuf {
-    repo_root().join("tests/clients/python/channels_events.py")
-}
-
-fn produce(server: &Server, seed: u64, start: u64, count: u64) {
-    let mut command = Command::new("python3");
-    command.arg(events_script()).args(["produce", "--bootstrap", &server.bootstrap()]);
-    command.args(["--seed", &seed.to_string(), "--start", &start.to_string(), "--count", &count.to_string()]);
-    run(&mut command, Duration::from_secs(120), server);
-}
-
-fn expected(server: &Server, seed: u64, count: u64) -> BTreeMap<String, BTreeMap<String, Value>> {
-    let mut command = Command::new("python3");
-    command.arg(events_script()).args(["expect", "--seed", &seed.to_string(), "--count", &count.to_string()]);
-    serde_json::from_str(&run(&mut command, Duration::from_secs(120), server)).expect("expected views as JSON")
-}
 
 /// `channels view dump <view>` on the stopped server's data directory.
 fn dump(server: &Server, view: &str, args: &[&str]) -> BTreeMap<String, Value> {

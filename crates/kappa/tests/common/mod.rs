@@ -186,3 +186,28 @@ pub fn example_binary(name: &str) -> PathBuf {
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
+
+/// `tests/clients/python/channels_events.py`: deterministic channel events and an
+/// independent reference fold of the channels views.
+pub fn channels_events_script() -> PathBuf {
+    repo_root().join("tests/clients/python/channels_events.py")
+}
+
+/// Produces channel events `start..start + count` of `seed` (idempotent, acks=all).
+pub fn produce_channel_events(server: &Server, seed: u64, start: u64, count: u64) {
+    let mut command = Command::new("python3");
+    command.arg(channels_events_script()).args(["produce", "--bootstrap", &server.bootstrap()]);
+    command.args(["--seed", &seed.to_string(), "--start", &start.to_string(), "--count", &count.to_string()]);
+    run(&mut command, Duration::from_secs(600), server);
+}
+
+/// The reference fold after events `0..count`: view name → key → value.
+pub fn expected_views(
+    server: &Server,
+    seed: u64,
+    count: u64,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>> {
+    let mut command = Command::new("python3");
+    command.arg(channels_events_script()).args(["expect", "--seed", &seed.to_string(), "--count", &count.to_string()]);
+    serde_json::from_str(&run(&mut command, Duration::from_secs(600), server)).expect("expected views as JSON")
+}

@@ -1,0 +1,119 @@
+//! What a worker is told, and the librdkafka configurations built from it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+use crate::error::{Result, WorkError};
+
+/// Input records collected into one step per partition (at most; a step also ends when
+/// `STEP_WAIT` passes).
+pub const STEP_RECORDS_MAX: usize = 50_000;
+/// How long records are collected before the owned partitions' steps run.
+pub const STEP_WAIT: Duration = Duration::from_millis(50);
+/// One transaction (begin → changelog records → offsets → commit) may take this long.
+pub const TRANSACTION_OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `transaction.timeout.ms`: how long a crashed worker's open transaction can hold
+/// back read_committed readers before the broker aborts it (a new owner aborts it sooner).
+pub const TRANSACTION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// Default `session.timeout.ms`: how soon a crashed worker's partitions move.
+pub const SESSION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// `max.message.bytes` of a changelog topic (a step's batch; as the embedded changelogs).
+pub const CHANGELOG_MESSAGE_BYTES_MAX: usize = 33 * 1024 * 1024;
+
+/// A worker's settings (`work` on the command line).
+#[derive(Debug, Clone)]
+pub struct WorkConfig {
+    /// `host:port,...` of the Kafka cluster.
+    pub bootstrap: String,
+    /// The consumer group the workers share; also the prefix of their transactional ids.
+    pub group: String,
+    pub http_listen: SocketAddr,
+    /// Passed to every librdkafka client as is (security settings, timeouts); they win
+    /// over kappa's defaults.
+    pub kafka_config: Vec<(String, String)>,
+    /// Views to run (all of the application's when None).
+    pub views: Option<Vec<String>>,
+}
+
+impl WorkConfig {
+    /// Parses one `--kafka-config key=value`.
+    pub fn parse_kafka_config(text: &str) -> Result<(String, String)> {
+        match text.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+            _ => Err(WorkError::BadConfig(text.to_owned())),
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        config.set("client.id", format!("kappa-work-{}", self.group));
+        config
+    }
+
+    fn finish(&self, mut config: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.kafka_config {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// The group member: cooperative-sticky, read_committed, offsets only through
+    /// transactions.
+    pub fn group_consumer(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", &self.group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", SESSION_TIMEOUT_MS_DEFAULT.to_string());
+        self.finish(config)
+    }
+
+    /// A reader of changelog partitions (restore, read replica): assigned, not a group
+    /// member; read_committed so aborted steps are never seen.
+    pub fn changelog_reader(&self, eof: bool) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", format!("{}.readers", self.group))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", if eof { "true" } else { "false" })
+            .set("fetch.wait.max.ms", "100")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.max.bytes", (64 * 1024 * 1024).to_string())
+            .set("max.partition.fetch.bytes", (16 * 1024 * 1024).to_string())
+            .set("queued.max.messages.kbytes", (256 * 1024).to_string());
+        self.finish(config)
+    }
+
+    /// The transactional producer of one input partition.
+    pub fn producer(&self, transactional_id: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("transactional.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.max.bytes", CHANGELOG_MESSAGE_BYTES_MAX.to_string())
+            .set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS_DEFAULT.to_string());
+        self.finish(config)
+    }
+
+    /// The admin client (topics).
+    pub fn admin(&self) -> ClientConfig {
+        self.finish(self.base())
+    }
+
+    /// The transactional id of an input partition's producer: group + topic + partition, so
+    /// the next owner's `init_transactions` fences the previous one (a zombie) and aborts
+    /// its open transaction.
+    pub fn transactional_id(&self, topic: &str, partition: i32) -> String {
+        format!("kappa-{}-{topic}-{partition}", self.group)
+    }
+}

@@ -1,0 +1,35 @@
+//! Work mode's errors: each says which topic, partition or setting it is about.
+
+use rdkafka::error::KafkaError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    #[error("Kafka client ({context}): {source}")]
+    Kafka { context: String, source: KafkaError },
+    #[error("topic '{topic}' exists with {found} but this worker needs {wanted}; {fix}")]
+    TopicMismatch { topic: String, found: String, wanted: String, fix: String },
+    #[error("input topic '{topic}' does not exist and the application does not declare it; create it first")]
+    MissingInput { topic: String },
+    #[error("restoring {topic}/{partition}: {reason}")]
+    Restore { topic: String, partition: i32, reason: String },
+    #[error(
+        "the transactional producer of {topic}/{partition} was fenced or failed fatally ({source}): another worker owns this partition now; this worker stops so it cannot write as a zombie"
+    )]
+    Fenced { topic: String, partition: i32, source: KafkaError },
+    #[error("view: {0}")]
+    View(#[from] kappa_views::ViewError),
+    #[error("invalid --kafka-config '{0}': expected key=value")]
+    BadConfig(String),
+    #[error("no view named '{0}' in this application (--views)")]
+    UnknownView(String),
+    #[error("HTTP listener {addr}: {source}")]
+    Http { addr: String, source: std::io::Error },
+}
+
+pub type Result<T, E = WorkError> = std::result::Result<T, E>;
+
+/// Wraps a client error with what was being done.
+pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> WorkError {
+    let context = context.into();
+    move |source| WorkError::Kafka { context, source }
+}

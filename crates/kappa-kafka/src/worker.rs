@@ -1,0 +1,400 @@
+//! The consumer-group member: owns the input partitions the group assigns it, restores
+//! their views' state from the changelogs on assignment, and applies each partition's
+//! records in steps, each step one Kafka transaction (changelog records of every view +
+//! the input offset).
+//!
+//! Threading: one thread runs the consumer and every step; librdkafka calls the rebalance
+//! callback inside `poll`, on the same thread, so a rebalance never meets a transaction in
+//! flight (steps commit before the next poll) — revocation has nothing left to commit and
+//! only releases the partition.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kappa_views::backend::{InputRecord, OutputRecord};
+use kappa_views::{PartitionView, PayloadCodec, Schemas, Step, View};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{STEP_RECORDS_MAX, STEP_WAIT, TRANSACTION_OP_TIMEOUT, WorkConfig};
+use crate::error::{Result, WorkError, kafka};
+use crate::metrics::Metrics;
+use crate::restore::{input_record, restore};
+
+/// A view this worker runs, with its changelog topic.
+pub struct ViewSpec {
+    pub view: View,
+    pub changelog: String,
+}
+
+/// One owned input partition.
+struct Task {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    /// (index into `Shared::views`, the fold of this partition).
+    views: Vec<(usize, PartitionView)>,
+    buffer: Vec<InputRecord>,
+    failed: bool,
+}
+
+impl Task {
+    /// Where the consumer starts: the least advanced view's position.
+    fn start(&self) -> i64 {
+        self.views.iter().map(|(_, v)| v.position()).min().unwrap_or(0)
+    }
+}
+
+type PartitionKey = (String, i32);
+
+/// What the group thread and the rebalance callback share.
+pub struct Shared {
+    pub config: WorkConfig,
+    pub views: Vec<ViewSpec>,
+    pub schemas: Arc<Schemas>,
+    pub codec: Arc<dyn PayloadCodec>,
+    pub metrics: Arc<Metrics>,
+    /// "topic/partition" → restoring | live | failed: why (for /health).
+    pub status: Mutex<BTreeMap<String, String>>,
+    tasks: Mutex<BTreeMap<PartitionKey, Task>>,
+    /// An error inside the rebalance callback, returned by the group loop.
+    fatal: Mutex<Option<WorkError>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        config: WorkConfig,
+        views: Vec<ViewSpec>,
+        schemas: Arc<Schemas>,
+        codec: Arc<dyn PayloadCodec>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            config,
+            views,
+            schemas,
+            codec,
+            metrics,
+            status: Mutex::new(BTreeMap::new()),
+            tasks: Mutex::new(BTreeMap::new()),
+            fatal: Mutex::new(None),
+        }
+    }
+
+    fn set_status(&self, topic: &str, partition: i32, status: impl Into<String>) {
+        lock(&self.status).insert(format!("{topic}/{partition}"), status.into());
+    }
+
+    /// Newly assigned partitions: fence, restore, and set each one's start offset in `tpl`.
+    fn assign(&self, tpl: &mut TopicPartitionList) {
+        let parts: Vec<PartitionKey> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        for (topic, partition) in parts {
+            self.set_status(&topic, partition, "restoring");
+            match self.open_task(&topic, partition) {
+                Ok(task) => {
+                    let start = task.start();
+                    if let Err(e) = tpl.set_partition_offset(&topic, partition, Offset::Offset(start)) {
+                        self.fail(kafka("set the start offset")(e));
+                    }
+                    tracing::info!(topic, partition, start, "assigned: state restored, consuming");
+                    self.set_status(&topic, partition, "live");
+                    lock(&self.tasks).insert((topic, partition), task);
+                    self.metrics.owned_partitions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.set_status(&topic, partition, format!("failed: {e}"));
+                    self.fail(e);
+                }
+            }
+        }
+    }
+
+    fn open_task(&self, topic: &str, partition: i32) -> Result<Task> {
+        let transactional_id = self.config.transactional_id(topic, partition);
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            self.config.producer(&transactional_id).create().map_err(kafka("transactional producer"))?;
+        // Fences the partition's previous owner and aborts its open transaction, so the
+        // read_committed end of the changelog is final before the restore reads it.
+        producer
+            .init_transactions(TRANSACTION_OP_TIMEOUT)
+            .map_err(kafka(format!("init_transactions for '{transactional_id}'")))?;
+        let mut views = Vec::new();
+        for (index, spec) in self.views.iter().enumerate() {
+            if spec.view.inputs().first().map(String::as_str) != Some(topic) {
+                continue;
+            }
+            let mut fold = PartitionView::new(&spec.view, self.schemas.clone(), self.codec.clone(), topic, partition)?;
+            restore(&self.config, &spec.changelog, partition, &mut fold, &self.metrics)?;
+            self.metrics.restores.fetch_add(1, Ordering::Relaxed);
+            views.push((index, fold));
+        }
+        Ok(Task { producer, views, buffer: Vec::new(), failed: false })
+    }
+
+    fn revoke(&self, tpl: &TopicPartitionList) {
+        let mut tasks = lock(&self.tasks);
+        for element in tpl.elements() {
+            if let Some(task) = tasks.remove(&(element.topic().to_owned(), element.partition())) {
+                self.metrics.owned_partitions.fetch_sub(1, Ordering::Relaxed);
+                if task.failed {
+                    self.metrics.failed_partitions.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            lock(&self.status).remove(&format!("{}/{}", element.topic(), element.partition()));
+            tracing::info!(topic = element.topic(), partition = element.partition(), "revoked: released");
+        }
+    }
+
+    fn fail(&self, error: WorkError) {
+        tracing::error!(%error, "worker failing");
+        lock(&self.fatal).get_or_insert(error);
+    }
+}
+
+/// Routes librdkafka's rebalance callback to [`Shared`].
+pub struct GroupContext(pub Arc<Shared>);
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.0.assign(tpl);
+                if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.0.revoke(tpl);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.assign(&TopicPartitionList::new())
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            self.0.fail(kafka("apply the assignment")(e));
+        }
+    }
+}
+
+/// Runs the group member until `stop` is set or an error stops the worker.
+pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
+    let consumer: BaseConsumer<GroupContext> = shared
+        .config
+        .group_consumer()
+        .create_with_context(GroupContext(shared.clone()))
+        .map_err(kafka("group consumer"))?;
+    let mut topics: Vec<&str> =
+        shared.views.iter().filter_map(|s| s.view.inputs().first().map(String::as_str)).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    consumer.subscribe(&topics).map_err(kafka("subscribe"))?;
+    tracing::info!(group = %shared.config.group, ?topics, "joined the consumer group");
+    while !stop.load(Ordering::Acquire) {
+        collect(&shared, &consumer);
+        if let Some(error) = lock(&shared.fatal).take() {
+            return Err(error);
+        }
+        let mut tasks = lock(&shared.tasks);
+        for ((topic, partition), task) in tasks.iter_mut() {
+            if !task.buffer.is_empty() && !task.failed {
+                step(&shared, &consumer, topic, *partition, task)?;
+            }
+        }
+    }
+    tracing::info!("leaving the consumer group");
+    consumer.unsubscribe();
+    // Serve the revocation callback before the consumer closes.
+    let _ = consumer.poll(Duration::from_millis(100));
+    Ok(())
+}
+
+/// Polls records for up to `STEP_WAIT` (or `STEP_RECORDS_MAX` records) into the owned
+/// partitions' buffers.
+fn collect(shared: &Shared, consumer: &BaseConsumer<GroupContext>) {
+    let deadline = Instant::now() + STEP_WAIT;
+    let mut count = 0;
+    loop {
+        match consumer.poll(deadline.saturating_duration_since(Instant::now())) {
+            Some(Ok(message)) => {
+                let key = (rdkafka::Message::topic(&message).to_owned(), rdkafka::Message::partition(&message));
+                if let Some(task) = lock(&shared.tasks).get_mut(&key) {
+                    task.buffer.push(input_record(&message));
+                }
+                count += 1;
+                if count >= STEP_RECORDS_MAX {
+                    return;
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+/// One step of one partition: fold every view, then one transaction.
+fn step(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+    partition: i32,
+    task: &mut Task,
+) -> Result<()> {
+    let records = std::mem::take(&mut task.buffer);
+    let next = records.last().map_or(0, |r| r.offset + 1);
+    let mut steps: Vec<(usize, Step)> = Vec::new();
+    let mut error = None;
+    for (slot, (_, fold)) in task.views.iter_mut().enumerate() {
+        match fold.apply(&records) {
+            Ok(Some(step)) => steps.push((slot, step)),
+            Ok(None) => {}
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(error) = error {
+        for (slot, _) in &steps {
+            task.views[*slot].1.abort();
+        }
+        return stop_partition(shared, consumer, topic, partition, task, error);
+    }
+    if steps.is_empty() {
+        return Ok(());
+    }
+    match transact(shared, consumer, topic, partition, task, &steps, next) {
+        Ok(()) => {
+            let mut applied = 0;
+            for (slot, _) in &steps {
+                let fold = &mut task.views[*slot].1;
+                let before = fold.events_applied();
+                fold.commit();
+                applied += fold.events_applied() - before;
+            }
+            shared.metrics.transactions_committed.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.events_applied.fetch_add(applied as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) if !is_fatal(&e) => {
+            tracing::warn!(topic, partition, error = %e, "step transaction failed; aborting it and retrying from the last committed step");
+            task.producer.abort_transaction(TRANSACTION_OP_TIMEOUT).map_err(|source| WorkError::Fenced {
+                topic: topic.to_owned(),
+                partition,
+                source,
+            })?;
+            for (slot, _) in &steps {
+                task.views[*slot].1.abort();
+            }
+            shared.metrics.transactions_aborted.fetch_add(1, Ordering::Relaxed);
+            consumer
+                .seek(topic, partition, Offset::Offset(task.start()), TRANSACTION_OP_TIMEOUT)
+                .map_err(kafka(format!("seek {topic}/{partition} back after an abort")))
+        }
+        Err(source) => Err(WorkError::Fenced { topic: topic.to_owned(), partition, source }),
+    }
+}
+
+/// Fatal: the producer is fenced or broken, so only a new owner may write. Anything else
+/// (a failed send, a timeout, an abortable transaction error) aborts the step.
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(rd) if rd.is_fatal())
+}
+
+/// The transaction of one step: changelog records of every view, dead letters, the input
+/// offset — committed together or not at all.
+fn transact(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+    partition: i32,
+    task: &Task,
+    steps: &[(usize, Step)],
+    next: i64,
+) -> KafkaResult<()> {
+    task.producer.begin_transaction()?;
+    for (slot, step) in steps {
+        let changelog = &shared.views[task.views[*slot].0].changelog;
+        for record in &step.changelog {
+            send(&task.producer, changelog, Some(partition), record)?;
+        }
+        for (dead_letter_topic, record) in &step.dead_letters {
+            send(&task.producer, dead_letter_topic, None, record)?;
+        }
+    }
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    let metadata = consumer
+        .group_metadata()
+        .ok_or_else(|| KafkaError::Subscription("no consumer group metadata (not a group member)".to_owned()))?;
+    task.producer.send_offsets_to_transaction(&offsets, &metadata, TRANSACTION_OP_TIMEOUT)?;
+    task.producer.commit_transaction(TRANSACTION_OP_TIMEOUT)
+}
+
+/// Enqueues one record, waiting while the producer's queue is full.
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partition: Option<i32>,
+    record: &OutputRecord,
+) -> KafkaResult<()> {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header { key, value: value.as_ref() });
+    }
+    let mut base: BaseRecord<'_, [u8], [u8]> =
+        BaseRecord::to(topic).key(&record.key[..]).timestamp(record.timestamp).headers(headers);
+    if let Some(value) = &record.value {
+        base = base.payload(&value[..]);
+    }
+    if let Some(partition) = partition {
+        base = base.partition(partition);
+    }
+    loop {
+        match producer.send(base) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                base = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// A view failed on this partition (its error policy is Stop, or it is not co-partitioned):
+/// the partition stops here, visible in /health and the metrics; others go on.
+fn stop_partition(
+    shared: &Shared,
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+    partition: i32,
+    task: &mut Task,
+    error: kappa_views::ViewError,
+) -> Result<()> {
+    tracing::error!(topic, partition, %error, "a view failed: this partition stops until the worker restarts with a fixed view");
+    task.failed = true;
+    shared.metrics.failed_partitions.fetch_add(1, Ordering::Relaxed);
+    shared.set_status(topic, partition, format!("failed: {error}"));
+    let mut paused = TopicPartitionList::new();
+    paused.add_partition(topic, partition);
+    consumer.pause(&paused).map_err(kafka(format!("pause {topic}/{partition}")))
+}

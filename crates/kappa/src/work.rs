@@ -1,0 +1,69 @@
+//! `work`: the application's views as a worker against a Kafka cluster (crate
+//! `kappa-kafka`, built with the `kafka` feature so the embedded build does not compile
+//! librdkafka).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use clap::Args;
+use kappa_views::{Schemas, View};
+
+#[derive(Debug, Args)]
+pub struct WorkArgs {
+    /// The cluster's bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "KAPPA_BOOTSTRAP")]
+    bootstrap: String,
+    /// The consumer group the workers share (also the prefix of their transactional ids).
+    #[arg(long, env = "KAPPA_GROUP", default_value = "kappa-views")]
+    group: String,
+    /// Where this worker serves the HTTP API (reads and subscriptions for every key).
+    #[arg(long, env = "KAPPA_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    /// A librdkafka setting for every client (security, timeouts), key=value; repeatable.
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE")]
+    kafka_config: Vec<String>,
+    /// Run only these views (comma-separated); default: all of the application's.
+    #[arg(long, value_delimiter = ',')]
+    views: Option<Vec<String>>,
+}
+
+type Topics = Vec<(String, i32, BTreeMap<String, String>)>;
+
+#[cfg(feature = "kafka")]
+pub fn run(args: WorkArgs, topics: Topics, views: Vec<View>, schemas: Schemas) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use kappa_kafka::{WorkApp, WorkConfig};
+
+    let kafka_config =
+        args.kafka_config.iter().map(|kv| WorkConfig::parse_kafka_config(kv)).collect::<Result<_, _>>()?;
+    let config = WorkConfig {
+        bootstrap: args.bootstrap,
+        group: args.group,
+        http_listen: args.http_listen,
+        kafka_config,
+        views: args.views,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+            runtime.block_on(crate::app::shutdown_signal());
+            tracing::info!("stopping: leaving the consumer group");
+            stop.store(true, Ordering::Release);
+        });
+    }
+    let app = WorkApp { topics, views, schemas, codec: Arc::new(kappa_views::JsonCodec) };
+    kappa_kafka::run(config, app, stop)?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+#[cfg(not(feature = "kafka"))]
+pub fn run(_: WorkArgs, _: Topics, _: Vec<View>, _: Schemas) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this binary was built without work mode: rebuild with the `kafka` feature, e.g. `cargo run --release --features kafka --example channels -- work ...`"
+    )
+}
