@@ -67,17 +67,22 @@ fn end_txn(pid: i64, epoch: i16, committed: bool) -> EndTxnRequest {
     request
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transaction() {
+/// A log with the topic "out" and a broker for it on a loopback port, not yet serving.
+async fn open_broker() -> (tempfile::TempDir, Arc<Log>, TcpListener, Arc<Broker>) {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
     log.create_topic("out", 1, &Default::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let port = i32::from(listener.local_addr().unwrap().port());
     let broker =
-        Broker::open(log.clone(), BrokerConfig { advertised_port: i32::from(addr.port()), ..BrokerConfig::default() })
-            .await
-            .unwrap();
+        Broker::open(log.clone(), BrokerConfig { advertised_port: port, ..BrokerConfig::default() }).await.unwrap();
+    (dir, log, listener, broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transaction() {
+    let (_dir, log, listener, broker) = open_broker().await;
+    let addr = listener.local_addr().unwrap();
     tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
 
     // The producer's first connection: init and transaction 1.
@@ -115,15 +120,8 @@ async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transacti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kappas_reserved_transactional_ids_are_refused_to_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
-    log.create_topic("out", 1, &Default::default()).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_dir, log, listener, broker) = open_broker().await;
     let addr = listener.local_addr().unwrap();
-    let broker =
-        Broker::open(log.clone(), BrokerConfig { advertised_port: i32::from(addr.port()), ..BrokerConfig::default() })
-            .await
-            .unwrap();
     // kappa's own HTTP producer holds the id (as kappa-http does at start).
     let (pid, epoch) = broker.transactions().init_producer_id(Some("__kappa.http.0"), 60_000, None).await.unwrap();
     tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));

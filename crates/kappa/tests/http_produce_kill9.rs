@@ -12,7 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Server, repo_root, run};
+use common::{Server, next_random, random_seed, repo_root, run};
 
 #[path = "../../kappa-http/tests/common/http.rs"]
 mod http;
@@ -27,7 +27,7 @@ fn script() -> std::path::PathBuf {
 fn multi_partition_http_produce_is_all_or_nothing_across_kill9() {
     let soak = std::env::var("SOAK").is_ok_and(|v| v == "1");
     let cycles: u64 = if soak { 300 } else { 30 };
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand_seed);
+    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(random_seed);
     eprintln!(
         "http_produce_kill9: seed {seed} ({cycles} cycles); replay with SEED={seed} cargo nextest run -p kappa --test http_produce_kill9"
     );
@@ -48,7 +48,7 @@ fn multi_partition_http_produce_is_all_or_nothing_across_kill9() {
             .expect("start the HTTP producer");
         // Kill mid-stream: once a few more requests were acknowledged, after a random delay.
         wait_for_acks(&acked, acked_lines(&acked) + 3, &server);
-        std::thread::sleep(Duration::from_micros(next(&mut rng) % 50_000));
+        std::thread::sleep(Duration::from_micros(next_random(&mut rng) % 50_000));
         server.kill9();
         let status = producer.wait().expect("wait for the producer");
         assert!(status.success(), "the HTTP producer failed ({status}); see its stderr above");
@@ -81,17 +81,4 @@ fn wait_for_acks(path: &std::path::Path, lines: usize, server: &Server) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn rand_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000
-}
-
-/// splitmix64: a tiny deterministic generator for kill delays.
-fn next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }

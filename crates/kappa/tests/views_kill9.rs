@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, example_binary, expected_views as expected, produce_channel_events as produce, run};
+use common::{
+    Server, example_binary, expected_views as expected, next_random, produce_channel_events as produce, random_seed,
+    run,
+};
 use serde_json::Value;
 
 const VIEWS: [&str; 3] = ["channel_page", "channel_stats", "owner_channels"];
@@ -35,7 +38,7 @@ fn views_apply_every_event_exactly_once_across_kill9() {
     let soak = std::env::var("SOAK").is_ok_and(|v| v == "1");
     let cycles: u64 = if soak { 500 } else { 50 };
     let per_cycle: u64 = 1_000;
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand_seed);
+    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(random_seed);
     eprintln!(
         "views_kill9: seed {seed} ({cycles} cycles); replay with SEED={seed} cargo nextest run -p kappa --test views_kill9"
     );
@@ -45,7 +48,7 @@ fn views_apply_every_event_exactly_once_across_kill9() {
     for cycle in 0..cycles {
         produce(&server, seed, cycle * per_cycle, per_cycle);
         // Kill while the views apply what was just produced (or while they restore).
-        std::thread::sleep(Duration::from_micros(next(&mut rng) % 30_000));
+        std::thread::sleep(Duration::from_micros(next_random(&mut rng) % 30_000));
         server.kill9();
         server.restart(&[]);
     }
@@ -60,17 +63,4 @@ fn views_apply_every_event_exactly_once_across_kill9() {
             "view {view} (seed {seed}): the changelog differs from the reference fold"
         );
     }
-}
-
-fn rand_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000
-}
-
-/// splitmix64: a tiny deterministic generator for kill delays.
-fn next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }

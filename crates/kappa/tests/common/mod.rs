@@ -211,3 +211,17 @@ pub fn expected_views(
     command.arg(channels_events_script()).args(["expect", "--seed", &seed.to_string(), "--count", &count.to_string()]);
     serde_json::from_str(&run(&mut command, Duration::from_secs(600), server)).expect("expected views as JSON")
 }
+
+/// A seed for a randomized test (print it so a failure can be replayed with `SEED=`).
+pub fn random_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000
+}
+
+/// splitmix64: a tiny deterministic generator (e.g. for kill delays).
+pub fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
