@@ -120,7 +120,7 @@ async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transacti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kappas_reserved_transactional_ids_are_refused_to_clients() {
-    let (_dir, log, listener, broker) = open_broker().await;
+    let (_dir, _log, listener, broker) = open_broker().await;
     let addr = listener.local_addr().unwrap();
     // kappa's own HTTP producer holds the id (as kappa-http does at start).
     let (pid, epoch) = broker.transactions().init_producer_id(Some("__kappa.http.0"), 60_000, None).await.unwrap();
