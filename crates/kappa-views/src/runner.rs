@@ -11,7 +11,8 @@
 //! every `CHECKPOINT_INTERVAL`, and only after the changelog is durable up to the store's
 //! position. A checkpoint runs on its own thread so the view keeps going (subscribers see
 //! no stall): steps still append to the changelog, and their store writes wait in memory
-//! (`InFlight`, read through an overlay) until the checkpoint's transaction is done. So after any crash the durable store is a prefix of the durable changelog:
+//! (`InFlight`, which steps also read from) until the checkpoint's transaction is done.
+//! So after any crash the durable store is a prefix of the durable changelog:
 //! recovery replays the changelog from the store's position (changes and positions), and
 //! processing resumes from the positions of the last step in the changelog. No step is
 //! applied twice (its marker moved the positions) or lost (it is in the changelog, or it
@@ -51,10 +52,10 @@ pub const VIEW_VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// when there are more).
 pub const CACHE_ENTRIES_MAX: usize = 500_000;
 /// How often the store is made durable. It bounds how much changelog a restart replays,
-/// not correctness; each checkpoint fsyncs the store and stalls the view for that long
-/// (tens of ms on a large store), so it is rare.
+/// not correctness; each checkpoint fsyncs the store (tens to hundreds of ms on a large
+/// store) on its own thread while the view goes on.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// Store writes held back while a checkpoint runs; past this the view waits for it.
+/// Keys with store writes held back while a checkpoint runs; past this the view waits for it.
 pub const DEFERRED_WRITES_MAX: usize = 500_000;
 /// How long an idle runner waits for input before checking for shutdown.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
@@ -192,11 +193,12 @@ pub(crate) struct Runner {
 /// steps committed meanwhile wait here).
 struct InFlight {
     thread: std::thread::JoinHandle<Result<()>>,
-    deferred: Vec<StoreWrite>,
-    /// The latest deferred value per key (None: deleted), indexed by scope, so a step reads
-    /// what it would read from the store had the writes been committed.
-    overlay: Arc<[HashMap<String, Option<Vec<u8>>>; 2]>,
+    /// The latest held-back write per key (None: deleted), indexed by scope: committed once
+    /// the checkpoint is done, and read by steps meanwhile (what the store would hold).
+    deferred: Arc<Deferred>,
 }
+
+type Deferred = [HashMap<String, Option<StoredValue>>; 2];
 
 fn scope_index(scope: Scope) -> usize {
     match scope {
@@ -270,7 +272,7 @@ impl Runner {
             self.finish_checkpoint(true)?;
             if !self.progress.caught_up {
                 self.progress.caught_up = true;
-                self.commit_store(&[])?;
+                self.commit_store(Vec::new())?;
                 self.checkpoint()?;
                 self.shared.set_phase(Phase::Live);
                 tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
@@ -344,7 +346,7 @@ impl Runner {
             }
             from = chunk.next_offset;
             self.progress.changelog_next = from;
-            self.commit_store(&writes)?;
+            self.commit_store(writes)?;
         }
         self.store_progress = self.progress.clone();
         self.checkpoint()?;
@@ -384,7 +386,7 @@ impl Runner {
                 shared.store.checkpoint()
             });
         match thread {
-            Ok(thread) => self.in_flight = Some(InFlight { thread, deferred: Vec::new(), overlay: Arc::default() }),
+            Ok(thread) => self.in_flight = Some(InFlight { thread, deferred: Arc::default() }),
             Err(e) => {
                 // No thread to spare: checkpoint on this one at the next chance instead.
                 tracing::warn!(view = %self.shared.view, error = %e, "could not start a checkpoint thread");
@@ -402,24 +404,28 @@ impl Runner {
             Err(self.changelog_error("the checkpoint thread panicked; restart to recover from the changelog".into()))
         });
         outcome?;
-        self.commit_store(&in_flight.deferred)
+        let deferred = Arc::unwrap_or_clone(in_flight.deferred);
+        let [view, internal] = deferred.map(HashMap::into_iter);
+        let writes = view
+            .map(|(key, value)| StoreWrite { scope: Scope::View, key, value })
+            .chain(internal.map(|(key, value)| StoreWrite { scope: Scope::Internal, key, value }))
+            .collect();
+        self.commit_store(writes)
     }
 
-    /// Commits `writes` and `progress` to the store (not durably), or defers them while a
-    /// checkpoint runs.
-    fn commit_store(&mut self, writes: &[StoreWrite]) -> Result<()> {
+    /// Commits `writes` and `progress` to the store (not durably), or holds them back while
+    /// a checkpoint runs.
+    fn commit_store(&mut self, writes: Vec<StoreWrite>) -> Result<()> {
         let Some(in_flight) = &mut self.in_flight else {
-            self.shared.store.commit(writes, &self.progress, Durability::None)?;
+            self.shared.store.commit(&writes, &self.progress, Durability::None)?;
             self.store_progress.clone_from(&self.progress);
             return Ok(());
         };
-        let overlay = Arc::make_mut(&mut in_flight.overlay);
+        let deferred = Arc::make_mut(&mut in_flight.deferred);
         for write in writes {
-            let json = write.value.as_ref().map(|v| v.json.clone());
-            overlay[scope_index(write.scope)].insert(write.key.clone(), json);
+            deferred[scope_index(write.scope)].insert(write.key, write.value);
         }
-        in_flight.deferred.extend_from_slice(writes);
-        if in_flight.deferred.len() > DEFERRED_WRITES_MAX {
+        if deferred.iter().map(HashMap::len).sum::<usize>() > DEFERRED_WRITES_MAX {
             self.finish_checkpoint(true)?;
         }
         Ok(())
@@ -459,8 +465,8 @@ impl Runner {
         let records_max = if self.progress.caught_up { STEP_RECORDS_LIVE_MAX } else { STEP_RECORDS_BUILD_MAX };
         let shared = self.shared.clone();
         let snapshot = shared.store.snapshot()?;
-        let overlay = self.in_flight.as_ref().map(|f| f.overlay.clone());
-        let store = StepRead { snapshot: &snapshot, overlay: overlay.as_deref() };
+        let deferred = self.in_flight.as_ref().map(|f| f.deferred.clone());
+        let store = StepRead { snapshot: &snapshot, deferred: deferred.as_deref() };
         self.step_timestamp = None;
         let mut position = start;
         let mut applied = 0usize;
@@ -501,7 +507,7 @@ impl Runner {
             changes = self.take_changes(topic, partition, start)?;
         }
         drop(snapshot);
-        drop(overlay); // unshared again, so commit_store extends it in place
+        drop(deferred); // unshared again, so commit_store extends it in place
         let mut stop = None;
         if let Some((offset, error)) = failure {
             match self.view.on_error.clone() {
@@ -659,7 +665,7 @@ impl Runner {
             writes.extend(changes.into_iter().enumerate().map(|(i, change)| store_write(change, base + i as i64)));
             self.progress.changelog_next = last + 1;
         }
-        self.commit_store(&writes)?;
+        self.commit_store(writes)?;
         self.update_rate(false);
         Ok(())
     }
@@ -707,16 +713,16 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A step's reads: the writes deferred behind a running checkpoint, else the store.
+/// A step's reads: the writes held back behind a running checkpoint, else the store.
 struct StepRead<'a, 's> {
     snapshot: &'a Snapshot<'s>,
-    overlay: Option<&'a [HashMap<String, Option<Vec<u8>>>; 2]>,
+    deferred: Option<&'a Deferred>,
 }
 
 impl StoreRead for StepRead<'_, '_> {
     fn get(&self, scope: Scope, key: &str) -> Result<Option<Vec<u8>>, EventError> {
-        if let Some(deferred) = self.overlay.and_then(|o| o[scope_index(scope)].get(key)) {
-            return Ok(deferred.clone());
+        if let Some(value) = self.deferred.and_then(|d| d[scope_index(scope)].get(key)) {
+            return Ok(value.as_ref().map(|v| v.json.clone()));
         }
         self.snapshot
             .get(scope, key)
