@@ -15,7 +15,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use base64::Engine as _;
 use kappa_log::batch::{self, BatchHeader};
-use kappa_log::records::decode_records;
+use kappa_log::records::{Headers, decode_records};
 use kappa_log::{Isolation, LogError, Partition};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -168,13 +168,7 @@ fn aborted(outcome: &kappa_log::ReadOutcome, header: &BatchHeader) -> bool {
 }
 
 /// One record as JSON: bytes as strings when UTF-8, else as base64 under `<name>_base64`.
-fn record_json(
-    offset: i64,
-    timestamp: i64,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: &[(&[u8], Option<&[u8]>)],
-) -> Value {
+fn record_json(offset: i64, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &Headers<'_>) -> Value {
     let mut out = Map::new();
     out.insert("offset".into(), offset.into());
     out.insert("timestamp".into(), timestamp.into());

@@ -255,8 +255,6 @@ const CONTROL_BATCH_MAX_UNCOMPRESSED: usize = 64 * 1024;
 const ANY_BATCH_BYTES: usize = i32::MAX as usize + LENGTH_PREFIX_BYTES;
 /// The smallest encoded record: seven one-byte varints/fields.
 const MIN_RECORD_BYTES: usize = 7;
-/// The smallest encoded header: empty key and null value.
-const MIN_HEADER_BYTES: usize = 2;
 
 /// The transaction outcome a control batch records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,8 +310,8 @@ pub struct Record<'a> {
     pub offset_delta: i32,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
-    /// In wire order, duplicates kept.
-    pub headers: Vec<(&'a [u8], Option<&'a [u8]>)>,
+    /// In wire order, duplicates kept; parsed on demand (checked when the batch was decoded).
+    pub headers: Headers<'a>,
     /// The whole encoded record including its leading length varint; compaction copies
     /// these bytes verbatim.
     pub raw: &'a [u8],
@@ -346,10 +344,93 @@ impl<'a> Record<'a> {
     /// The value of the last header called `name` (Kafka's `lastHeader`): `None` when
     /// there is no such header, `Some(None)` when its value is null.
     pub fn header(&self, name: impl AsRef<[u8]>) -> Option<Option<&'a [u8]>> {
-        let name = name.as_ref();
-        self.headers.iter().rev().find(|(key, _)| *key == name).map(|(_, value)| *value)
+        self.headers.last(name.as_ref())
     }
 }
+
+/// A record's headers as the bytes they were encoded in (after the count), already checked
+/// by [`decode_records`], so iterating cannot fail and allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Headers<'a> {
+    bytes: &'a [u8],
+    count: usize,
+}
+
+impl<'a> Headers<'a> {
+    /// Headers from the encoded bytes that follow a record's header count. Panics on
+    /// bytes [`decode_records`] did not check: the encoding is trusted here.
+    pub fn from_checked(bytes: &'a [u8], count: usize) -> Self {
+        Self { bytes, count }
+    }
+
+    /// The encoded bytes (after the count) and the count, for a caller that keeps them.
+    pub fn encoded(&self) -> (&'a [u8], usize) {
+        (self.bytes, self.count)
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// In wire order, duplicates kept.
+    pub fn iter(&self) -> HeaderIter<'a> {
+        HeaderIter { cursor: Cursor { buf: self.bytes, pos: 0 }, left: self.count }
+    }
+
+    /// The value of the last header called `name`: `None` when absent, `Some(None)` when null.
+    pub fn last(&self, name: &[u8]) -> Option<Option<&'a [u8]>> {
+        self.iter().filter(|(key, _)| *key == name).last().map(|(_, value)| value)
+    }
+}
+
+impl PartialEq for Headers<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers<'_> {}
+
+impl<'a> IntoIterator for &Headers<'a> {
+    type Item = (&'a [u8], Option<&'a [u8]>);
+    type IntoIter = HeaderIter<'a>;
+
+    fn into_iter(self) -> HeaderIter<'a> {
+        self.iter()
+    }
+}
+
+/// Iterates checked header bytes.
+pub struct HeaderIter<'a> {
+    cursor: Cursor<'a>,
+    left: usize,
+}
+
+impl<'a> Iterator for HeaderIter<'a> {
+    type Item = (&'a [u8], Option<&'a [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let checked = "header bytes were checked when the batch was decoded";
+        let buf = self.cursor.buf;
+        let name = self.cursor.nullable_bytes("header key").expect(checked).expect(checked);
+        let value = self.cursor.nullable_bytes("header value").expect(checked);
+        Some((name.of(buf), value.map(|v| v.of(buf))))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for HeaderIter<'_> {}
 
 /// A byte range inside the records body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,7 +454,9 @@ struct RecordIndex {
     offset_delta: i32,
     key: Option<Span>,
     value: Option<Span>,
-    headers: Vec<(Span, Option<Span>)>,
+    /// The encoded headers after their count.
+    headers: Span,
+    header_count: usize,
 }
 
 /// The records of one batch, fully parsed and checked against the header.
@@ -419,7 +502,7 @@ impl<'a> DecodedRecords<'a> {
             offset_delta: index.offset_delta,
             key: index.key.map(|span| span.of(body)),
             value: index.value.map(|span| span.of(body)),
-            headers: index.headers.iter().map(|(key, value)| (key.of(body), value.map(|v| v.of(body)))).collect(),
+            headers: Headers { bytes: index.headers.of(body), count: index.header_count },
             raw: index.raw.of(body),
             batch: BatchContext {
                 base_offset: self.header.base_offset,
@@ -475,15 +558,25 @@ fn parse_record(cursor: &mut Cursor<'_>) -> Result<RecordIndex, RecordError> {
     let key = fields.nullable_bytes("key")?;
     let value = fields.nullable_bytes("value")?;
     let header_count = fields.length("header count")?;
-    let mut headers = Vec::with_capacity(header_count.min(fields.remaining() / MIN_HEADER_BYTES));
+    let headers_start = fields.pos;
     for _ in 0..header_count {
-        let name = fields.nullable_bytes("header key")?.ok_or(RecordError::NullHeaderKey)?;
-        headers.push((name, fields.nullable_bytes("header value")?));
+        fields.nullable_bytes("header key")?.ok_or(RecordError::NullHeaderKey)?;
+        fields.nullable_bytes("header value")?;
     }
     if fields.pos != end {
         return Err(RecordError::RecordLengthMismatch { declared: length, consumed: fields.pos - fields_start });
     }
-    Ok(RecordIndex { raw: Span { start, end }, attributes, timestamp_delta, offset_delta, key, value, headers })
+    let headers = Span { start: headers_start, end };
+    Ok(RecordIndex {
+        raw: Span { start, end },
+        attributes,
+        timestamp_delta,
+        offset_delta,
+        key,
+        value,
+        headers,
+        header_count,
+    })
 }
 
 /// A bounds-checked reader over a records body.
@@ -497,6 +590,7 @@ impl Cursor<'_> {
         self.buf.len() - self.pos
     }
 
+    #[inline]
     fn byte(&mut self, field: &'static str) -> Result<u8, RecordError> {
         let byte = *self.buf.get(self.pos).ok_or(RecordError::Truncated { field, needed: 1, available: 0 })?;
         self.pos += 1;
@@ -504,6 +598,7 @@ impl Cursor<'_> {
     }
 
     /// Claims the next `len` bytes.
+    #[inline]
     fn take(&mut self, field: &'static str, len: usize) -> Result<Span, RecordError> {
         if len > self.remaining() {
             return Err(RecordError::Truncated { field, needed: len, available: self.remaining() });
@@ -514,7 +609,15 @@ impl Cursor<'_> {
     }
 
     /// An unsigned LEB128 varint of at most `bits` significant bits.
+    #[inline]
     fn unsigned_varint(&mut self, field: &'static str, bits: u32) -> Result<u64, RecordError> {
+        // Most varints in a record (deltas, short lengths) are one byte.
+        if let Some(&byte) = self.buf.get(self.pos)
+            && byte < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(byte));
+        }
         let mut value = 0u64;
         let mut shift = 0u32;
         loop {
@@ -537,24 +640,28 @@ impl Cursor<'_> {
     }
 
     /// Zig-zag varint (i32).
+    #[inline]
     fn varint(&mut self, field: &'static str) -> Result<i32, RecordError> {
         let raw = self.unsigned_varint(field, 32)? as u32;
         Ok((raw >> 1) as i32 ^ -((raw & 1) as i32))
     }
 
     /// Zig-zag varlong (i64).
+    #[inline]
     fn varlong(&mut self, field: &'static str) -> Result<i64, RecordError> {
         let raw = self.unsigned_varint(field, 64)?;
         Ok((raw >> 1) as i64 ^ -((raw & 1) as i64))
     }
 
     /// A varint that must not be negative (lengths and counts).
+    #[inline]
     fn length(&mut self, field: &'static str) -> Result<usize, RecordError> {
         let length = self.varint(field)?;
         usize::try_from(length).map_err(|_| RecordError::NegativeLength { field, length })
     }
 
     /// A varint length followed by that many bytes; -1 means null.
+    #[inline]
     fn nullable_bytes(&mut self, field: &'static str) -> Result<Option<Span>, RecordError> {
         match self.varint(field)? {
             -1 => Ok(None),
@@ -666,7 +773,7 @@ mod tests {
             assert_eq!(record.key, want.key.as_deref());
             assert_eq!(record.value, want.value.as_deref());
             let headers: Vec<_> = want.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_deref())).collect();
-            assert_eq!(record.headers, headers);
+            assert_eq!(record.headers.iter().collect::<Vec<_>>(), headers);
         }
     }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kappa_log::records::Headers;
 
 use crate::error::Result;
 
@@ -19,8 +20,73 @@ pub struct InputRecord {
     pub timestamp: i64,
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
-    pub headers: Vec<(Bytes, Option<Bytes>)>,
+    pub headers: RecordHeaders,
 }
+
+/// A record's headers, in wire order with duplicates kept, sharing the read buffer.
+#[derive(Debug, Clone)]
+pub enum RecordHeaders {
+    /// As encoded in a record batch (after the count), already checked by the reader:
+    /// nothing is allocated per header until one is asked for.
+    Encoded { bytes: Bytes, count: usize },
+    /// Headers a backend received one by one (e.g. from librdkafka).
+    List(Vec<(Bytes, Option<Bytes>)>),
+}
+
+impl Default for RecordHeaders {
+    fn default() -> Self {
+        Self::List(Vec::new())
+    }
+}
+
+impl From<Vec<(Bytes, Option<Bytes>)>> for RecordHeaders {
+    fn from(list: Vec<(Bytes, Option<Bytes>)>) -> Self {
+        Self::List(list)
+    }
+}
+
+impl FromIterator<(Bytes, Option<Bytes>)> for RecordHeaders {
+    fn from_iter<I: IntoIterator<Item = (Bytes, Option<Bytes>)>>(iter: I) -> Self {
+        Self::List(iter.into_iter().collect())
+    }
+}
+
+impl RecordHeaders {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Encoded { count, .. } => *count,
+            Self::List(list) => list.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (name, value) pairs in wire order.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&[u8], Option<&[u8]>)> + '_> {
+        match self {
+            Self::Encoded { bytes, count } => Box::new(Headers::from_checked(bytes, *count).iter()),
+            Self::List(list) => Box::new(list.iter().map(|(k, v)| (&k[..], v.as_deref()))),
+        }
+    }
+
+    /// The last header called `name`: None when absent, Some(None) when its value is null.
+    pub fn last(&self, name: &[u8]) -> Option<Option<&[u8]>> {
+        match self {
+            Self::Encoded { bytes, count } => Headers::from_checked(bytes, *count).last(name),
+            Self::List(list) => list.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_deref()),
+        }
+    }
+}
+
+impl PartialEq for RecordHeaders {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for RecordHeaders {}
 
 /// Records read from one partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

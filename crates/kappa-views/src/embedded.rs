@@ -9,7 +9,7 @@ use kappa_log::batch::{self, BatchHeader};
 use kappa_log::records::{BatchBuilder, NewRecord, decode_records};
 use kappa_log::{Isolation, Log, LogError};
 
-use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord};
+use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, RecordHeaders};
 use crate::error::{Result, ViewError};
 
 /// Caps decompression of one batch while reading inputs.
@@ -104,7 +104,10 @@ impl LogBackend for EmbeddedLog {
                     timestamp: record.timestamp(),
                     key: record.key.map(slice),
                     value: record.value.map(slice),
-                    headers: record.headers.iter().map(|(k, v)| (slice(k), v.map(slice))).collect(),
+                    headers: {
+                        let (bytes, count) = record.headers.encoded();
+                        RecordHeaders::Encoded { bytes: slice(bytes), count }
+                    },
                 });
             }
         }

@@ -11,10 +11,11 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::backend::InputRecord;
+use crate::backend::{InputRecord, RecordHeaders};
 use crate::error::EventError;
 
 pub const TYPE_HEADER: &str = "kappa.type";
@@ -32,8 +33,9 @@ pub struct Event {
     pub offset: i64,
     pub timestamp: i64,
     key: Option<Bytes>,
-    headers: Vec<(Bytes, Option<Bytes>)>,
-    event_type: Option<Bytes>,
+    headers: RecordHeaders,
+    /// Checked to be UTF-8 when decoded; short type names are stored inline.
+    event_type: Option<CompactString>,
     version: u32,
     payload: Payload,
 }
@@ -65,8 +67,8 @@ impl Event {
             offset,
             timestamp: 0,
             key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
-            headers: Vec::new(),
-            event_type: event_type.map(|t| Bytes::copy_from_slice(t.as_bytes())),
+            headers: RecordHeaders::default(),
+            event_type: event_type.map(CompactString::from),
             version,
             payload: payload.map_or(Payload::Tombstone, Payload::Value),
         }
@@ -83,12 +85,12 @@ impl Event {
 
     /// Headers in wire order, duplicates kept.
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
-        self.headers.iter().map(|(k, v)| (&k[..], v.as_deref()))
+        self.headers.iter()
     }
 
     /// The value of the last header called `name` (None when absent or null).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.iter().rev().find(|(key, _)| key == name.as_bytes()).and_then(|(_, value)| value.as_deref())
+        self.headers.last(name.as_bytes()).flatten()
     }
 
     /// [`Self::header`] as UTF-8.
@@ -98,11 +100,11 @@ impl Event {
 
     /// None for a record that names no type (e.g. a bare tombstone).
     pub fn event_type(&self) -> Option<&str> {
-        self.event_type.as_deref().and_then(|t| std::str::from_utf8(t).ok())
+        self.event_type.as_deref()
     }
 
     pub fn is_type(&self, event_type: &str) -> bool {
-        self.event_type.as_deref() == Some(event_type.as_bytes())
+        self.event_type.as_deref() == Some(event_type)
     }
 
     /// The schema version (after upcasting: the type's current version).
@@ -223,15 +225,13 @@ pub fn decode_event(
         version: 1,
         payload,
     };
-    let type_header =
-        event.headers.iter().rev().find(|(k, _)| k == TYPE_HEADER.as_bytes()).and_then(|(_, v)| v.clone());
-    match type_header {
-        Some(bytes) => {
-            std::str::from_utf8(&bytes).map_err(|_| EventError::new(format!("header {TYPE_HEADER} is not UTF-8")))?;
-            event.event_type = Some(bytes);
-        }
-        None => event.event_type = event.field_str(TYPE_FIELD).map(|t| Bytes::copy_from_slice(t.as_bytes())),
-    }
+    event.event_type = match event.headers.last(TYPE_HEADER.as_bytes()).flatten() {
+        Some(bytes) => Some(
+            CompactString::from_utf8(bytes)
+                .map_err(|_| EventError::new(format!("header {TYPE_HEADER} is not UTF-8")))?,
+        ),
+        None => event.field_str(TYPE_FIELD).map(CompactString::from),
+    };
     event.version = match event.header(VERSION_HEADER) {
         Some(bytes) => std::str::from_utf8(bytes)
             .ok()

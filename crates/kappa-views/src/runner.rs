@@ -624,8 +624,8 @@ impl Runner {
                 r.key.map(|k| k.to_vec()).unwrap_or_default(),
                 r.value.map(|v| v.to_vec()),
                 r.headers
-                    .into_iter()
-                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v.map(|v| v.to_vec())))
+                    .iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.map(<[u8]>::to_vec)))
                     .collect(),
             ),
             None => (now_ms(), Vec::new(), None, Vec::new()),

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use compact_str::CompactString;
+use hashbrown::HashMap;
 use serde_json::Value;
 
 use crate::error::EventError;
@@ -15,7 +17,8 @@ type Upcaster = Arc<dyn Fn(Value) -> Result<Value, EventError> + Send + Sync>;
 /// The registered event types. Types that were never registered pass through unchanged.
 #[derive(Clone, Default)]
 pub struct Schemas {
-    types: BTreeMap<String, TypeSchema>,
+    /// Looked up for every event: hashed, not compared along a tree.
+    types: HashMap<String, TypeSchema>,
 }
 
 #[derive(Clone, Default)]
@@ -63,10 +66,11 @@ impl Schemas {
         let Some(schema) = event.event_type().and_then(|t| self.types.get(t)) else {
             return Ok(event);
         };
-        let name = event.event_type().unwrap_or_default().to_owned();
+        let name = CompactString::from(event.event_type().unwrap_or_default());
         if event.version() > schema.current {
             return Err(EventError(format!(
-                "{name} version {} is newer than this build knows (current version {}); deploy code that knows it, or skip the event with a dead-letter policy",
+                "{} version {} is newer than this build knows (current version {}); deploy code that knows it, or skip the event with a dead-letter policy",
+                name,
                 event.version(),
                 schema.current
             )));

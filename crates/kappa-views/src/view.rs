@@ -1,6 +1,7 @@
 //! How an application defines a view: a reducer (one key per event, a pure fold) or a
 //! general processor (read and write any key), with a name, a version and input topics.
 
+use compact_str::CompactString;
 use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
 use std::sync::Arc;
@@ -206,73 +207,131 @@ struct ProcessorLogic<P>(Arc<P>);
 
 impl<P: Processor> Logic for ProcessorLogic<P> {
     fn applier(&self) -> Box<dyn Applier> {
-        Box::new(TypedApplier { processor: self.0.clone(), view: HashMap::new(), internal: HashMap::new(), dirty: 0 })
+        Box::new(TypedApplier { processor: self.0.clone(), entries: HashMap::new(), dirty: 0 })
     }
 }
 
+/// One scope's cached value of a key.
 struct Slot<T> {
     value: Option<T>,
+    /// False until the store was read for this scope (the entry may exist for the other).
+    loaded: bool,
     dirty: bool,
 }
 
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Self { value: None, loaded: false, dirty: false }
+    }
+}
+
+/// A key's cached view value and internal value in one entry: processors often touch
+/// both for the same key (a count and its bookkeeping), and one lookup misses the CPU
+/// cache where two would miss twice.
+struct Entry<S, I> {
+    view: Slot<S>,
+    internal: Slot<I>,
+}
+
+impl<S, I> Default for Entry<S, I> {
+    fn default() -> Self {
+        Self { view: Slot::default(), internal: Slot::default() }
+    }
+}
+
+impl<S, I> Entry<S, I> {
+    fn is_dirty(&self) -> bool {
+        self.view.dirty || self.internal.dirty
+    }
+}
+
+type Entries<S, I> = HashMap<CompactString, Entry<S, I>>;
+
 struct TypedApplier<P: Processor> {
     processor: Arc<P>,
-    view: HashMap<String, Slot<P::State>>,
-    internal: HashMap<String, Slot<P::Internal>>,
+    entries: Entries<P::State, P::Internal>,
     /// Upper bound of the slots marked dirty since the last `take_changes`.
     dirty: usize,
 }
 
 struct Access<'a, S, I> {
-    view: &'a mut HashMap<String, Slot<S>>,
-    internal: &'a mut HashMap<String, Slot<I>>,
+    entries: &'a mut Entries<S, I>,
     store: &'a dyn StoreRead,
     dirty: &'a mut usize,
 }
 
-fn load<'m, T: DeserializeOwned>(
-    map: &'m mut HashMap<String, Slot<T>>,
+/// Which of an entry's two slots a scope means.
+trait ScopeSlot<S, I> {
+    type Value: DeserializeOwned;
+    const SCOPE: Scope;
+    fn slot(entry: &mut Entry<S, I>) -> &mut Slot<Self::Value>;
+}
+
+struct ViewScope;
+struct InternalScope;
+
+impl<S: DeserializeOwned, I> ScopeSlot<S, I> for ViewScope {
+    type Value = S;
+    const SCOPE: Scope = Scope::View;
+    fn slot(entry: &mut Entry<S, I>) -> &mut Slot<S> {
+        &mut entry.view
+    }
+}
+
+impl<S, I: DeserializeOwned> ScopeSlot<S, I> for InternalScope {
+    type Value = I;
+    const SCOPE: Scope = Scope::Internal;
+    fn slot(entry: &mut Entry<S, I>) -> &mut Slot<I> {
+        &mut entry.internal
+    }
+}
+
+fn entry<'m, S, I>(entries: &'m mut Entries<S, I>, key: &str) -> &'m mut Entry<S, I> {
+    match entries.entry_ref(key) {
+        EntryRef::Occupied(entry) => entry.into_mut(),
+        EntryRef::Vacant(vacant) => vacant.insert_with_key(CompactString::from(key), Entry::default()),
+    }
+}
+
+/// The key's slot in scope `W`, read from the store the first time.
+fn load<'m, S, I, W: ScopeSlot<S, I>>(
+    entries: &'m mut Entries<S, I>,
     store: &dyn StoreRead,
-    scope: Scope,
     key: &str,
-) -> Result<&'m mut Slot<T>, EventError> {
-    match map.entry_ref(key) {
-        EntryRef::Occupied(slot) => Ok(slot.into_mut()),
-        EntryRef::Vacant(vacant) => {
-            let value = match store.get(scope, key)? {
-                Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
-                    EventError(format!("the stored value of key '{key}' does not fit the view's state type ({e}); bump the view's version when its state shape changes"))
-                })?),
-                None => None,
-            };
-            Ok(vacant.insert(Slot { value, dirty: false }))
-        }
+) -> Result<&'m mut Slot<W::Value>, EventError> {
+    let slot = W::slot(entry(entries, key));
+    if !slot.loaded {
+        slot.value = match store.get(W::SCOPE, key)? {
+            Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                EventError(format!("the stored value of key '{key}' does not fit the view's state type ({e}); bump the view's version when its state shape changes"))
+            })?),
+            None => None,
+        };
+        slot.loaded = true;
     }
+    Ok(slot)
 }
 
-fn store_in<T>(map: &mut HashMap<String, Slot<T>>, dirty: &mut usize, key: &str, value: Option<T>) {
-    match map.entry_ref(key) {
-        EntryRef::Occupied(mut slot) => {
-            let slot = slot.get_mut();
-            slot.value = value;
-            *dirty += usize::from(!slot.dirty);
-            slot.dirty = true;
-        }
-        EntryRef::Vacant(vacant) => {
-            vacant.insert(Slot { value, dirty: true });
-            *dirty += 1;
-        }
-    }
+fn store_in<S, I, W: ScopeSlot<S, I>>(
+    entries: &mut Entries<S, I>,
+    dirty: &mut usize,
+    key: &str,
+    value: Option<W::Value>,
+) {
+    let slot = W::slot(entry(entries, key));
+    slot.value = value;
+    slot.loaded = true;
+    *dirty += usize::from(!slot.dirty);
+    slot.dirty = true;
 }
 
-fn take_from<T: DeserializeOwned>(
-    map: &mut HashMap<String, Slot<T>>,
+fn take_from<S, I, W: ScopeSlot<S, I>>(
+    entries: &mut Entries<S, I>,
     dirty: &mut usize,
     store: &dyn StoreRead,
-    scope: Scope,
     key: &str,
-) -> Result<Option<T>, EventError> {
-    let slot = load(map, store, scope, key)?;
+) -> Result<Option<W::Value>, EventError> {
+    let slot = load::<S, I, W>(entries, store, key)?;
     if slot.value.is_some() {
         // Taking a value marks the slot changed: the caller puts or deletes right after.
         *dirty += usize::from(!slot.dirty);
@@ -283,69 +342,68 @@ fn take_from<T: DeserializeOwned>(
 
 impl<S: Clone + DeserializeOwned, I: Clone + DeserializeOwned> StateAccess<S, I> for Access<'_, S, I> {
     fn get(&mut self, key: &str) -> Result<Option<S>, EventError> {
-        Ok(load(self.view, self.store, Scope::View, key)?.value.clone())
+        Ok(load::<S, I, ViewScope>(self.entries, self.store, key)?.value.clone())
     }
 
     fn peek(&mut self, key: &str) -> Result<Option<&S>, EventError> {
-        Ok(load(self.view, self.store, Scope::View, key)?.value.as_ref())
+        Ok(load::<S, I, ViewScope>(self.entries, self.store, key)?.value.as_ref())
     }
 
     fn take(&mut self, key: &str) -> Result<Option<S>, EventError> {
-        take_from(self.view, self.dirty, self.store, Scope::View, key)
+        take_from::<S, I, ViewScope>(self.entries, self.dirty, self.store, key)
     }
 
     fn put(&mut self, key: &str, value: S) {
-        store_in(self.view, self.dirty, key, Some(value));
+        store_in::<S, I, ViewScope>(self.entries, self.dirty, key, Some(value));
     }
 
     fn delete(&mut self, key: &str) {
-        store_in(self.view, self.dirty, key, None);
+        store_in::<S, I, ViewScope>(self.entries, self.dirty, key, None);
     }
 
     fn get_internal(&mut self, key: &str) -> Result<Option<I>, EventError> {
-        Ok(load(self.internal, self.store, Scope::Internal, key)?.value.clone())
+        Ok(load::<S, I, InternalScope>(self.entries, self.store, key)?.value.clone())
     }
 
     fn peek_internal(&mut self, key: &str) -> Result<Option<&I>, EventError> {
-        Ok(load(self.internal, self.store, Scope::Internal, key)?.value.as_ref())
+        Ok(load::<S, I, InternalScope>(self.entries, self.store, key)?.value.as_ref())
     }
 
     fn take_internal(&mut self, key: &str) -> Result<Option<I>, EventError> {
-        take_from(self.internal, self.dirty, self.store, Scope::Internal, key)
+        take_from::<S, I, InternalScope>(self.entries, self.dirty, self.store, key)
     }
 
     fn put_internal(&mut self, key: &str, value: I) {
-        store_in(self.internal, self.dirty, key, Some(value));
+        store_in::<S, I, InternalScope>(self.entries, self.dirty, key, Some(value));
     }
 
     fn delete_internal(&mut self, key: &str) {
-        store_in(self.internal, self.dirty, key, None);
+        store_in::<S, I, InternalScope>(self.entries, self.dirty, key, None);
     }
 }
 
-fn drain_dirty<T: Serialize>(
-    map: &mut HashMap<String, Slot<T>>,
-    scope: Scope,
-    out: &mut Vec<Change>,
-) -> Result<(), EventError> {
-    for (key, slot) in map.iter_mut().filter(|(_, slot)| slot.dirty) {
-        slot.dirty = false;
-        let value = slot.value.as_ref().map(serde_json::to_vec).transpose()?;
-        out.push(Change { scope, key: key.clone(), value });
+/// The slot's change, if it is dirty (marking it clean).
+fn drain_slot<T: Serialize>(slot: &mut Slot<T>, scope: Scope, key: &str) -> Result<Option<Change>, EventError> {
+    if !slot.dirty {
+        return Ok(None);
     }
-    Ok(())
+    slot.dirty = false;
+    let value = slot.value.as_ref().map(serde_json::to_vec).transpose()?;
+    Ok(Some(Change { scope, key: key.to_owned(), value }))
 }
 
 impl<P: Processor> Applier for TypedApplier<P> {
     fn apply(&mut self, event: &Event, store: &dyn StoreRead) -> Result<(), EventError> {
-        let mut access = Access { view: &mut self.view, internal: &mut self.internal, store, dirty: &mut self.dirty };
+        let mut access = Access { entries: &mut self.entries, store, dirty: &mut self.dirty };
         self.processor.process(event, &mut access)
     }
 
     fn take_changes(&mut self) -> Result<Vec<Change>, EventError> {
-        let mut changes = Vec::new();
-        drain_dirty(&mut self.view, Scope::View, &mut changes)?;
-        drain_dirty(&mut self.internal, Scope::Internal, &mut changes)?;
+        let mut changes = Vec::with_capacity(self.dirty);
+        for (key, entry) in self.entries.iter_mut().filter(|(_, entry)| entry.is_dirty()) {
+            changes.extend(drain_slot(&mut entry.view, Scope::View, key)?);
+            changes.extend(drain_slot(&mut entry.internal, Scope::Internal, key)?);
+        }
         self.dirty = 0;
         // A deterministic changelog order (HashMap order is not).
         changes.sort_unstable_by(|a, b| (a.scope, &a.key).cmp(&(b.scope, &b.key)));
@@ -353,8 +411,7 @@ impl<P: Processor> Applier for TypedApplier<P> {
     }
 
     fn discard(&mut self) {
-        self.view.clear();
-        self.internal.clear();
+        self.entries.clear();
         self.dirty = 0;
     }
 
@@ -362,19 +419,15 @@ impl<P: Processor> Applier for TypedApplier<P> {
         if self.cached_entries() > entries_max {
             // Drop about half of the clean entries (an arbitrary half: HashMap order).
             let mut keep = false;
-            self.view.retain(|_, slot| {
+            self.entries.retain(|_, entry| {
                 keep = !keep;
-                slot.dirty || keep
-            });
-            self.internal.retain(|_, slot| {
-                keep = !keep;
-                slot.dirty || keep
+                entry.is_dirty() || keep
             });
         }
     }
 
     fn cached_entries(&self) -> usize {
-        self.view.len() + self.internal.len()
+        self.entries.len()
     }
 
     fn dirty_entries(&self) -> usize {
@@ -383,9 +436,9 @@ impl<P: Processor> Applier for TypedApplier<P> {
 
     fn view_values(&self) -> Result<Vec<(String, Vec<u8>)>, EventError> {
         let mut out = Vec::new();
-        for (key, slot) in &self.view {
-            if let Some(value) = &slot.value {
-                out.push((key.clone(), serde_json::to_vec(value)?));
+        for (key, entry) in &self.entries {
+            if let Some(value) = &entry.view.value {
+                out.push((key.to_string(), serde_json::to_vec(value)?));
             }
         }
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -40,7 +40,7 @@ fn record(offset: i64, key: &str, value: Option<&str>) -> InputRecord {
         timestamp: 1_000 + offset,
         key: Some(Bytes::copy_from_slice(key.as_bytes())),
         value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
-        headers: vec![(Bytes::from_static(b"kappa.type"), Some(Bytes::from_static(b"Counted")))],
+        headers: vec![(Bytes::from_static(b"kappa.type"), Some(Bytes::from_static(b"Counted")))].into(),
     }
 }
 
@@ -59,7 +59,7 @@ fn as_read(records: &[OutputRecord], first_offset: i64) -> Vec<InputRecord> {
             timestamp: r.timestamp,
             key: Some(Bytes::from(r.key.clone())),
             value: r.value.clone().map(Bytes::from),
-            headers: Vec::new(),
+            headers: Default::default(),
         })
         .collect()
 }

@@ -7,6 +7,11 @@
 
 use kappa::{App, channels};
 
+/// Many small, short-lived allocations (records, view state): mimalloc beats glibc's malloc
+/// by a wide margin here (BENCHMARKS.md, run 8).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     App::new()
         .topic(channels::TOPIC, channels::PARTITIONS, channels::topic_configs())

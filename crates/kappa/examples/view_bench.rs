@@ -23,6 +23,11 @@ use kappa_log::{Isolation, Log, LogOptions};
 use kappa_views::{EmbeddedLog, EngineConfig, LogBackend, View, ViewEngine};
 use serde_json::json;
 
+/// Many small, short-lived allocations (records, view state): mimalloc beats glibc's malloc
+/// by a wide margin here (BENCHMARKS.md, run 8).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     dir: PathBuf,
     events: u64,

@@ -14,6 +14,8 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
+use compact_str::CompactString;
+
 use kappa_views::{Event, EventError, Processor, Reducer, Schemas, StateAccess, View};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -220,9 +222,14 @@ pub struct Stats {
 
 impl Processor for ChannelStats {
     type State = Stats;
-    type Internal = BTreeSet<String>;
+    /// Content ids are short: kept inline, a lookup compares them without chasing pointers.
+    type Internal = BTreeSet<CompactString>;
 
-    fn process(&self, event: &Event, state: &mut dyn StateAccess<Stats, BTreeSet<String>>) -> Result<(), EventError> {
+    fn process(
+        &self,
+        event: &Event,
+        state: &mut dyn StateAccess<Stats, BTreeSet<CompactString>>,
+    ) -> Result<(), EventError> {
         let Some(channel) = channel_id(event) else { return Ok(()) };
         match interpret(event)? {
             ChannelEvent::Upserted { .. } => {
@@ -231,7 +238,7 @@ impl Processor for ChannelStats {
             }
             ChannelEvent::ContentUpserted { content_id } => {
                 let mut ids = state.take_internal(channel)?.unwrap_or_default();
-                let added = !ids.contains(&*content_id) && ids.insert(content_id.into_owned());
+                let added = !ids.contains(&*content_id) && ids.insert(CompactString::from(content_id));
                 let count = ids.len() as u64;
                 state.put_internal(channel, ids);
                 if added || state.peek(channel)?.is_none() {
