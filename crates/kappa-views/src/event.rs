@@ -167,6 +167,12 @@ impl Event {
         }
     }
 
+    /// New JSON bytes (from a typed upcaster), parsed lazily like a record's.
+    pub(crate) fn set_json(&mut self, json: Bytes, version: u32) {
+        self.payload = Payload::Json(json, OnceLock::new());
+        self.version = version;
+    }
+
     pub(crate) fn set_value(&mut self, value: Value, version: u32) {
         self.payload = Payload::Value(value);
         self.version = version;
@@ -225,19 +231,28 @@ pub fn decode_event(
         version: 1,
         payload,
     };
-    event.event_type = match event.headers.last(TYPE_HEADER.as_bytes()).flatten() {
+    // One pass over the headers for both (the last of each name wins, as in Kafka).
+    let (mut type_header, mut version_header) = (None, None);
+    for (name, value) in event.headers.iter() {
+        if name == TYPE_HEADER.as_bytes() {
+            type_header = Some(value);
+        } else if name == VERSION_HEADER.as_bytes() {
+            version_header = Some(value);
+        }
+    }
+    event.event_type = match type_header.flatten() {
         Some(bytes) => Some(
             CompactString::from_utf8(bytes)
                 .map_err(|_| EventError::new(format!("header {TYPE_HEADER} is not UTF-8")))?,
         ),
         None => event.field_str(TYPE_FIELD).map(CompactString::from),
     };
-    event.version = match event.header(VERSION_HEADER) {
+    event.version = match version_header.flatten() {
         Some(bytes) => std::str::from_utf8(bytes)
             .ok()
             .and_then(parse_version)
             .ok_or_else(|| EventError::new(format!("header {VERSION_HEADER} must be a positive integer")))?,
-        None if event.header(TYPE_HEADER).is_some() => 1,
+        None if type_header.flatten().is_some() => 1,
         None => version_field(&event)?,
     };
     Ok(event)

@@ -207,6 +207,46 @@ fn upcasters_lift_every_old_version_and_an_unknown_newer_version_stops_the_view_
     engine.shutdown();
 }
 
+#[derive(serde::Deserialize)]
+struct PaidV1 {
+    cents: i64,
+}
+
+#[derive(serde::Serialize)]
+struct PaidV2 {
+    value: i64,
+}
+
+#[test]
+fn a_typed_upcaster_chains_with_a_value_upcaster_and_a_payload_it_cannot_decode_stops_the_view() {
+    let fixture = Fixture::new(1);
+    fixture.append(
+        0,
+        vec![
+            event("a", Some(json!({"cents": 1})), Some("Paid"), Some(1), 1),
+            event("a", Some(json!({"value": 10})), Some("Paid"), Some(2), 2),
+            event("a", Some(json!({"type": "Paid", "version": 1, "cents": 1000})), None, None, 3),
+        ],
+    );
+    let schemas = Schemas::new().upcaster_typed("Paid", 1, |v1: PaidV1| Ok(PaidV2 { value: v1.cents })).upcaster(
+        "Paid",
+        2,
+        |v| Ok(json!({"amount": v["value"].as_i64().ok_or_else(|| EventError::new("v2 needs value"))?})),
+    );
+    let engine = fixture.engine(schemas, vec![View::reducer("amounts", 1, &[TOPIC], Amounts)]);
+    wait_caught_up(&engine, "amounts");
+    assert_eq!(dump(&engine, "amounts"), BTreeMap::from([("a".to_owned(), json!(1011))]));
+    let offset = fixture.append(0, vec![event("a", Some(json!({"cents": "many"})), Some("Paid"), Some(1), 4)]);
+    let Phase::Failed(reason) = wait_for_phase(&engine, "amounts", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(reason.contains(&format!("{TOPIC}/0 offset {offset}")), "{reason}");
+    assert!(reason.contains("upcasting Paid from version 1 failed"), "{reason}");
+    assert!(reason.contains("does not have the expected shape"), "{reason}");
+    assert_eq!(engine.get("amounts", "a").unwrap().value.map(|i| i.json), Some(b"1011".to_vec()));
+    engine.shutdown();
+}
+
 fn wait_for_phase(engine: &kappa_views::ViewEngine, view: &str, want: impl Fn(&Phase) -> bool) -> Phase {
     for _ in 0..2000 {
         let phase = engine.describe(view).unwrap().versions.last().unwrap().status.phase.clone();

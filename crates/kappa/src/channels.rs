@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use compact_str::CompactString;
 
 use kappa_views::{Event, EventError, Processor, Reducer, Schemas, StateAccess, View};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 pub const TOPIC: &str = "channels";
 pub const PARTITIONS: i32 = 4;
@@ -43,27 +43,48 @@ pub fn schemas() -> Schemas {
         .event_type(CHANNEL_CREATED, 1)
         .event_type(CHANNEL_UPDATED, 1)
         .event_type(CHANNEL_DELETED, 1)
-        .upcaster(CHANNEL_CONTENT_MUTATED, 1, content_v1_to_v2)
+        .upcaster_typed(CHANNEL_CONTENT_MUTATED, 1, content_v1_to_v2)
+}
+
+/// `ChannelContentMutated` v1 as written.
+#[derive(Debug, Deserialize)]
+pub struct ContentV1 {
+    #[serde(default, rename = "channelId")]
+    pub channel_id: Option<String>,
+    #[serde(default, rename = "contentId")]
+    pub content_id: Option<String>,
+    #[serde(default)]
+    pub op: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// `ChannelContentMutated` v2, the current shape.
+#[derive(Debug, Serialize)]
+pub struct ContentV2 {
+    #[serde(rename = "channelId", skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<String>,
+    #[serde(rename = "contentId", skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<String>,
+    pub action: &'static str,
+    pub content: Content,
 }
 
 /// v1 `{"op":"added","text"}` → v2 `{"action":"upsert","content":{"title":null,"body":text}}`.
-pub fn content_v1_to_v2(mut v1: Value) -> Result<Value, EventError> {
-    let object = v1
-        .as_object_mut()
-        .ok_or_else(|| EventError::new("a ChannelContentMutated v1 payload must be a JSON object"))?;
-    let op = object.remove("op");
-    let action = match op.as_ref().and_then(Value::as_str) {
+pub fn content_v1_to_v2(v1: ContentV1) -> Result<ContentV2, EventError> {
+    let action = match v1.op.as_deref() {
         Some("added") | Some("updated") | None => "upsert",
         Some("removed") => "remove",
         Some(other) => {
             return Err(EventError::new(format!("unknown v1 op '{other}' (expected added, updated or removed)")));
         }
     };
-    let text = object.remove("text").unwrap_or(Value::Null);
-    object.insert("action".to_owned(), json!(action));
-    object.insert("content".to_owned(), json!({"title": null, "body": text}));
-    object.insert("version".to_owned(), json!(2));
-    Ok(v1)
+    Ok(ContentV2 {
+        channel_id: v1.channel_id,
+        content_id: v1.content_id,
+        action,
+        content: Content { title: None, body: v1.text },
+    })
 }
 
 /// The three views, version 1 each.
@@ -101,9 +122,11 @@ pub struct Content {
     pub body: Option<String>,
 }
 
-/// The payload fields the views use, borrowed from the record where possible.
+/// The payload fields the views use, borrowed from the record where possible; `C` is
+/// the item's content for the view that keeps it (`IgnoredAny` skips it for the others),
+/// so each event's payload is parsed once.
 #[derive(Deserialize)]
-struct Fields<'a> {
+struct Fields<'a, C> {
     #[serde(borrow, default)]
     name: Option<Cow<'a, str>>,
     #[serde(borrow, default, rename = "ownerId")]
@@ -112,12 +135,8 @@ struct Fields<'a> {
     content_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     action: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct ContentField {
     #[serde(default)]
-    content: Option<Content>,
+    content: C,
 }
 
 /// The channel an event is about: the record key, else the payload's channelId.
@@ -127,16 +146,22 @@ pub fn channel_id(event: &Event) -> Option<&str> {
 
 /// Interprets an (upcast) event.
 pub fn interpret(event: &Event) -> Result<ChannelEvent<'_>, EventError> {
+    interpret_with::<IgnoredAny>(event).map(|(meaning, _)| meaning)
+}
+
+/// Interprets an (upcast) event and decodes its content as `C` in the same pass.
+fn interpret_with<'e, C: Deserialize<'e> + Default>(event: &'e Event) -> Result<(ChannelEvent<'e>, C), EventError> {
     let header_content_id = event.header_str(CONTENT_ID);
-    let Some(fields) = event.decode::<Fields>()? else {
-        return Ok(match header_content_id {
+    let Some(fields) = event.decode::<Fields<C>>()? else {
+        let meaning = match header_content_id {
             Some(content_id) => ChannelEvent::ContentRemoved { content_id: Cow::Borrowed(content_id) },
             None => ChannelEvent::Deleted,
-        });
+        };
+        return Ok((meaning, C::default()));
     };
-    match event.event_type() {
+    let meaning = match event.event_type() {
         Some(CHANNEL_CREATED) | Some(CHANNEL_UPDATED) => {
-            Ok(ChannelEvent::Upserted { name: fields.name, owner_id: fields.owner_id })
+            ChannelEvent::Upserted { name: fields.name, owner_id: fields.owner_id }
         }
         Some(CHANNEL_CONTENT_MUTATED) => {
             let content_id = header_content_id
@@ -144,21 +169,45 @@ pub fn interpret(event: &Event) -> Result<ChannelEvent<'_>, EventError> {
                 .or(fields.content_id)
                 .ok_or_else(|| EventError::new("ChannelContentMutated needs a contentId (header or payload field)"))?;
             match fields.action.as_deref() {
-                Some("upsert") => Ok(ChannelEvent::ContentUpserted { content_id }),
-                Some("remove") => Ok(ChannelEvent::ContentRemoved { content_id }),
-                other => Err(EventError::new(format!(
-                    "unknown ChannelContentMutated action {other:?} (expected upsert or remove)"
-                ))),
+                Some("upsert") => ChannelEvent::ContentUpserted { content_id },
+                Some("remove") => ChannelEvent::ContentRemoved { content_id },
+                other => {
+                    return Err(EventError::new(format!(
+                        "unknown ChannelContentMutated action {other:?} (expected upsert or remove)"
+                    )));
+                }
             }
         }
-        Some(CHANNEL_DELETED) => Ok(ChannelEvent::Deleted),
-        _ => Ok(ChannelEvent::Other),
-    }
+        Some(CHANNEL_DELETED) => ChannelEvent::Deleted,
+        _ => ChannelEvent::Other,
+    };
+    Ok((meaning, fields.content))
+}
+
+#[derive(Deserialize)]
+struct ContentField {
+    #[serde(default)]
+    content: Option<Content>,
 }
 
 /// The content of a `ChannelContentMutated` upsert (empty when it has none).
 pub fn content(event: &Event) -> Result<Content, EventError> {
     Ok(event.decode::<ContentField>()?.and_then(|f| f.content).unwrap_or_default())
+}
+
+/// What the event means, with the item's content for an upsert, from one parse of the
+/// payload when it can. A `content` field that is not an item's shape only matters on an
+/// upsert, so on any error the fields are read again separately to tell which failed.
+fn interpret_with_content(event: &Event) -> Result<(ChannelEvent<'_>, Content), EventError> {
+    if let Ok((meaning, content)) = interpret_with::<Option<Content>>(event) {
+        return Ok((meaning, content.unwrap_or_default()));
+    }
+    let meaning = interpret(event)?;
+    let content = match meaning {
+        ChannelEvent::ContentUpserted { .. } => content(event)?,
+        _ => Content::default(),
+    };
+    Ok((meaning, content))
 }
 
 /// `channel_page`: channelId → `{"channelId","name","ownerId","content":{"<contentId>":{"title","body"}}}`.
@@ -190,13 +239,14 @@ impl Reducer for ChannelPage {
                 Page { channel_id, name: None, owner_id: None, content: BTreeMap::new() }
             }
         };
-        match interpret(event)? {
+        let (meaning, content) = interpret_with_content(event)?;
+        match meaning {
             ChannelEvent::Upserted { name, owner_id } => {
                 page.name = name.map(Cow::into_owned);
                 page.owner_id = owner_id.map(Cow::into_owned);
             }
             ChannelEvent::ContentUpserted { content_id } => {
-                page.content.insert(content_id.into_owned(), content(event)?);
+                page.content.insert(content_id.into_owned(), content);
             }
             ChannelEvent::ContentRemoved { content_id } => {
                 page.content.remove(&*content_id);
@@ -220,25 +270,59 @@ pub struct Stats {
     pub content_count: u64,
 }
 
+/// A channel's content ids, sorted and distinct. Ids are short, so they sit inline in one
+/// contiguous vector: a lookup touches a few cache lines instead of a tree's nodes (the
+/// rebuild reads 100k such sets in random order). Serialized as a sorted JSON array.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ContentIds(Vec<CompactString>);
+
+impl ContentIds {
+    /// True when `id` was not there yet.
+    pub fn insert(&mut self, id: &str) -> bool {
+        match self.0.binary_search_by(|probe| probe.as_str().cmp(id)) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, CompactString::from(id));
+                true
+            }
+        }
+    }
+
+    /// True when `id` was there.
+    pub fn remove(&mut self, id: &str) -> bool {
+        match self.0.binary_search_by(|probe| probe.as_str().cmp(id)) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl Processor for ChannelStats {
     type State = Stats;
-    /// Content ids are short: kept inline, a lookup compares them without chasing pointers.
-    type Internal = BTreeSet<CompactString>;
+    type Internal = ContentIds;
 
-    fn process(
-        &self,
-        event: &Event,
-        state: &mut dyn StateAccess<Stats, BTreeSet<CompactString>>,
-    ) -> Result<(), EventError> {
+    fn process(&self, event: &Event, state: &mut dyn StateAccess<Stats, ContentIds>) -> Result<(), EventError> {
         let Some(channel) = channel_id(event) else { return Ok(()) };
         match interpret(event)? {
             ChannelEvent::Upserted { .. } => {
-                let count = state.peek_internal(channel)?.map_or(0, BTreeSet::len);
+                let count = state.peek_internal(channel)?.map_or(0, ContentIds::len);
                 state.put(channel, Stats { content_count: count as u64 });
             }
             ChannelEvent::ContentUpserted { content_id } => {
                 let mut ids = state.take_internal(channel)?.unwrap_or_default();
-                let added = !ids.contains(&*content_id) && ids.insert(CompactString::from(content_id));
+                let added = ids.insert(&content_id);
                 let count = ids.len() as u64;
                 state.put_internal(channel, ids);
                 if added || state.peek(channel)?.is_none() {
@@ -247,7 +331,7 @@ impl Processor for ChannelStats {
             }
             ChannelEvent::ContentRemoved { content_id } => {
                 if let Some(mut ids) = state.take_internal(channel)? {
-                    if ids.remove(&*content_id) {
+                    if ids.remove(&content_id) {
                         state.put(channel, Stats { content_count: ids.len() as u64 });
                     }
                     state.put_internal(channel, ids);
