@@ -23,8 +23,8 @@ use kappa_log::{Isolation, Log, LogOptions};
 use kappa_views::{EmbeddedLog, EngineConfig, LogBackend, View, ViewEngine};
 use serde_json::json;
 
-/// Many small, short-lived allocations (records, view state): mimalloc beats glibc's malloc
-/// by a wide margin here (BENCHMARKS.md, run 8).
+/// Many small, short-lived allocations (records, view state): glibc's malloc and free were
+/// ~17 % of a view rebuild's profile (BENCHMARKS.md, run 10).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

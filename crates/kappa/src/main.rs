@@ -2,8 +2,8 @@
 //! one process. Applications with their own views build the same binary with
 //! [`kappa::App`] (see `examples/channels.rs`).
 
-/// Many small, short-lived allocations (records, view state): mimalloc beats glibc's malloc
-/// by a wide margin here (BENCHMARKS.md, run 8).
+/// Many small, short-lived allocations (records, view state): glibc's malloc and free were
+/// ~17 % of a view rebuild's profile (BENCHMARKS.md, run 10).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
