@@ -46,28 +46,36 @@ pub fn schemas() -> Schemas {
         .upcaster_typed(CHANNEL_CONTENT_MUTATED, 1, content_v1_to_v2)
 }
 
-/// `ChannelContentMutated` v1 as written.
+/// `ChannelContentMutated` v1 as written. Short strings stay inline (`CompactString`):
+/// upcasting a replayed v1 event allocates nothing but the v2 encoding.
 #[derive(Debug, Deserialize)]
 pub struct ContentV1 {
     #[serde(default, rename = "channelId")]
-    pub channel_id: Option<String>,
+    pub channel_id: Option<CompactString>,
     #[serde(default, rename = "contentId")]
-    pub content_id: Option<String>,
+    pub content_id: Option<CompactString>,
     #[serde(default)]
-    pub op: Option<String>,
+    pub op: Option<CompactString>,
     #[serde(default)]
-    pub text: Option<String>,
+    pub text: Option<CompactString>,
 }
 
 /// `ChannelContentMutated` v2, the current shape.
 #[derive(Debug, Serialize)]
 pub struct ContentV2 {
     #[serde(rename = "channelId", skip_serializing_if = "Option::is_none")]
-    pub channel_id: Option<String>,
+    pub channel_id: Option<CompactString>,
     #[serde(rename = "contentId", skip_serializing_if = "Option::is_none")]
-    pub content_id: Option<String>,
+    pub content_id: Option<CompactString>,
     pub action: &'static str,
-    pub content: Content,
+    pub content: ContentV2Item,
+}
+
+/// An item's content as `ChannelContentMutated` v2 carries it.
+#[derive(Debug, Serialize)]
+pub struct ContentV2Item {
+    pub title: Option<CompactString>,
+    pub body: Option<CompactString>,
 }
 
 /// v1 `{"op":"added","text"}` → v2 `{"action":"upsert","content":{"title":null,"body":text}}`.
@@ -83,7 +91,7 @@ pub fn content_v1_to_v2(v1: ContentV1) -> Result<ContentV2, EventError> {
         channel_id: v1.channel_id,
         content_id: v1.content_id,
         action,
-        content: Content { title: None, body: v1.text },
+        content: ContentV2Item { title: None, body: v1.text },
     })
 }
 
