@@ -4,6 +4,8 @@
 # then for each of RUNS rounds runs every system in a rotated order, each on a fresh data
 # directory, with the same lean client (bench/peer-client) over loopback:
 #   W1 produce N x 1 KiB (durable ack, pipelined)   W2 produce N x 100 B
+#   W1-deep (Kafka protocol only) W1 with DEEP_WINDOW requests in flight (acks=all producers
+#       that are not idempotent may pipeline more than 5: librdkafka's default is 1000000)
 #   W3 read the W1 messages from the start           W4 ack latency: one at a time, and at RATE/s
 #   W5 server CPU seconds per 1M messages (/proc/<pid>/stat utime+stime around each workload)
 # and, in the same rounds, the physical limits: fio fdatasync at the producers' write sizes,
@@ -23,6 +25,7 @@ BATCH_BYTES=${BATCH_BYTES:-262144}      # kappa: record-batch bytes per produce 
 FETCH_BYTES=${FETCH_BYTES:-1048576}     # kappa fetch max; NATS pull / Redis XRANGE page = this / size
 FIO_SECONDS=${FIO_SECONDS:-5}
 KAPPA_RELAXED=${KAPPA_RELAXED:-interval:1000}
+DEEP_WINDOW=${DEEP_WINDOW:-256}        # W1-deep: Kafka produce requests in flight (64 MiB of 256 KiB batches)
 SYSTEMS=${SYSTEMS:-"kappa-fsync kappa-relaxed nats-default redis-always redis-everysec"}
 DATA=${DATA_DIR:-/var/tmp/kappa-compare}
 OUT=${OUT:-bench/results/compare-$(date -u +%Y-%m-%d-%H%M).txt}
@@ -129,6 +132,11 @@ run_system() { # round system
     client "W4-one r$r" "$s" latency --topic w4 --size 1024 --count 100000000 --seconds "$LAT_SECONDS" >/dev/null
     client "W4-rate r$r" "$s" latency --topic w4 --size 1024 --count 100000000 --rate "$RATE" --window 100000 \
         --seconds "$LAT_SECONDS" >/dev/null
+    # Last, so W4 does not run while a relaxed server writes back one more GB.
+    if [[ $PROTO == kafka ]]; then
+        client "W1-deep r$r" "$s" produce --topic w1deep --size 1024 --count "$N" --batch-bytes "$BATCH_BYTES" \
+            --window "$DEEP_WINDOW" --seconds "$CAP_SECONDS" >/dev/null
+    fi
     stop_server "$s"
 }
 
@@ -156,7 +164,7 @@ iperf_run() { # label
 }
 
 : >"$OUT"
-log "# bench/compare.sh $(date -u +%FT%TZ) RUNS=$RUNS N=$N BATCH_BYTES=$BATCH_BYTES FETCH_BYTES=$FETCH_BYTES RATE=$RATE LAT_SECONDS=$LAT_SECONDS CAP_SECONDS=$CAP_SECONDS KAPPA_RELAXED=$KAPPA_RELAXED"
+log "# bench/compare.sh $(date -u +%FT%TZ) RUNS=$RUNS N=$N BATCH_BYTES=$BATCH_BYTES FETCH_BYTES=$FETCH_BYTES RATE=$RATE LAT_SECONDS=$LAT_SECONDS CAP_SECONDS=$CAP_SECONDS KAPPA_RELAXED=$KAPPA_RELAXED DEEP_WINDOW=$DEEP_WINDOW"
 log "# machine: $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)"
 log "# disk: $(df -hT "$DATA" | tail -1 | tr -s ' ')"
 log "# versions: $(nats-server --version), $(redis-server --version | cut -d' ' -f1-3), $(fio --version), $(iperf3 --version | head -1 | cut -d' ' -f1-2), kappa $(git rev-parse --short HEAD)"
@@ -170,6 +178,7 @@ for r in $(seq 1 "$RUNS"); do
     done
     fio_run "fio-fdatasync-batch r$r" "$BATCH_BYTES" 1
     fio_run "fio-fdatasync-1k r$r" 1k 1
+    fio_run "fio-fdatasync-16m r$r" 16m 1
     fio_run "fio-buffered-1m r$r" 1m 0
     iperf_run "iperf3 r$r"
 done

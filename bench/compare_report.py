@@ -55,7 +55,7 @@ def main(path):
     print("| system | workload | msgs/s | MB/s | server CPU s per 1M msgs | client CPU s | runs |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for s in systems:
-        for w in ("W1", "W2", "W3"):
+        for w in ("W1", "W1-deep", "W2", "W3"):
             if (s, w) not in groups:
                 continue
             print(f"| {s} | {w} | {fmt(get(s, w, 'msgs_per_s'), 0)} | {fmt(get(s, w, 'mb_per_s'))} | "
@@ -83,11 +83,16 @@ def main(path):
 
     fio_batch = med("fio", "fio-fdatasync-batch", "mb_per_s")
     fio_buf = med("fio", "fio-buffered-1m", "mb_per_s")
+    fio_16m = med("fio", "fio-fdatasync-16m", "mb_per_s")
     print("\n## Ratios against issue 7's targets (medians)\n")
     print(f"- W1 kappa-fsync / redis-always (msgs/s): {ratio(med('kappa-fsync', 'W1', 'msgs_per_s'), med('redis-always', 'W1', 'msgs_per_s'), 10)}")
     print(f"- W1 kappa-fsync / fio fdatasync at the batch size (MB/s): {ratio(med('kappa-fsync', 'W1', 'mb_per_s'), fio_batch, 0.8)}")
     print(f"- W1 kappa-fsync / fio buffered (MB/s): {ratio(med('kappa-fsync', 'W1', 'mb_per_s'), fio_buf, 0.5)}")
     print(f"- W1 kappa-relaxed / fio buffered (MB/s): {ratio(med('kappa-relaxed', 'W1', 'mb_per_s'), fio_buf, 0.5)}")
+    for s in ("kappa-fsync", "base-fsync"):
+        deep = med(s, "W1-deep", "mb_per_s")
+        print(f"- W1-deep {s} / fio buffered (MB/s): {ratio(deep, fio_buf, 0.5)}")
+        print(f"- W1-deep {s} / fio fdatasync at 16 MiB (MB/s, the disk's durable rate): {ratio(deep, fio_16m, 0.8)}")
     for w in ("W1", "W2"):
         print(f"- {w} kappa-relaxed / nats-default (msgs/s): {ratio(med('kappa-relaxed', w, 'msgs_per_s'), med('nats-default', w, 'msgs_per_s'), 1.5)}")
         print(f"- {w} kappa-fsync / nats-default (msgs/s, for reference): {ratio(med('kappa-fsync', w, 'msgs_per_s'), med('nats-default', w, 'msgs_per_s'), 1.5)}")

@@ -61,6 +61,9 @@ impl Plan {
 type Token = Option<(Instant, u64)>;
 
 pub fn publish(stream: &TcpStream, encoder: impl Encoder, acks: &mut impl AckReader, plan: &Plan) -> Result<Outcome> {
+    if plan.window == 1 && plan.rate == 0 {
+        return lockstep(stream, encoder, acks, plan);
+    }
     let (tx, rx) = sync_channel::<Token>(plan.window.max(1) - 1);
     let writer_stream = stream.try_clone()?;
     let start = Instant::now();
@@ -71,6 +74,30 @@ pub fn publish(stream: &TcpStream, encoder: impl Encoder, acks: &mut impl AckRea
     let elapsed = start.elapsed();
     writer.join().map_err(|_| anyhow!("writer thread panicked"))??;
     Ok(Outcome { messages, bytes: messages * plan.size as u64, elapsed, latencies_us })
+}
+
+/// One request at a time on one thread: send, read the ack, repeat. A writer thread would
+/// add a thread hand-off per request to the client's own latency and CPU.
+fn lockstep(stream: &TcpStream, mut encoder: impl Encoder, acks: &mut impl AckReader, plan: &Plan) -> Result<Outcome> {
+    let mut stream = stream;
+    let mut buf = Vec::new();
+    let (mut messages, mut latencies) = (0, Vec::new());
+    let start = Instant::now();
+    for i in 0..plan.requests {
+        if start.elapsed() > plan.time_limit {
+            break;
+        }
+        buf.clear();
+        let count = encoder.encode(i, &mut buf);
+        let sent = Instant::now();
+        stream.write_all(&buf).context("writing a request")?;
+        acks.read_ack()?;
+        if plan.record_latency {
+            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+        }
+        messages += count;
+    }
+    Ok(Outcome { messages, bytes: messages * plan.size as u64, elapsed: start.elapsed(), latencies_us: latencies })
 }
 
 fn read_loop(rx: &Receiver<Token>, acks: &mut impl AckReader, record: bool) -> Result<(u64, Vec<f64>)> {

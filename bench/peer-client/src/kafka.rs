@@ -51,8 +51,10 @@ fn read_response<T: Decodable>(r: &mut impl Read, key: ApiKey, version: i16) -> 
     r.read_exact(&mut size).context("reading a response size")?;
     let size = i32::from_be_bytes(size) as usize;
     ensure!(size <= RESPONSE_BYTES_MAX, "response of {size} bytes");
-    let mut body = vec![0u8; size];
-    r.read_exact(&mut body)?;
+    // read_to_end fills spare capacity: no zeroing of a 1 MiB fetch answer first.
+    let mut body = Vec::with_capacity(size);
+    r.take(size as u64).read_to_end(&mut body)?;
+    ensure!(body.len() == size, "the server closed the connection inside a response");
     let mut body = Bytes::from(body);
     ResponseHeader::decode(&mut body, key.response_header_version(version))?;
     T::decode(&mut body, version)

@@ -1,7 +1,8 @@
 //! One lean client for `bench/compare.sh`: the same workloads against kappa (Kafka wire
 //! protocol), NATS JetStream (raw text protocol) and Redis Streams (raw RESP), with no
 //! client library in the way. Blocking sockets and two threads per connection (a writer
-//! that keeps a window of requests in flight, a reader that takes the acks), so the client
+//! that keeps a window of requests in flight, a reader that takes the acks; one request at
+//! a time runs on one thread, so no thread hand-off adds to its latency), so the client
 //! costs little CPU; it reports its own CPU and, given `--server-pid`, the server's.
 //!
 //! ```text

@@ -20,10 +20,8 @@ use crate::error::ProtocolError;
 pub const DEFAULT_REQUEST_BYTES_MAX: usize = 100 * 1024 * 1024;
 /// api_key (2) + api_version (2) + correlation_id (4) + client_id length (2).
 pub const MIN_REQUEST_BYTES: usize = 10;
-/// Largest chunk reserved at once while a frame body arrives.
-const READ_CHUNK: usize = 64 * 1024;
 /// A frame's first bytes are not charged to the [`FrameBudget`], so small requests (nearly
-/// all of them) never wait for memory that big frames hold. No larger than `READ_CHUNK`.
+/// all of them) never wait for memory that big frames hold.
 pub const UNBUDGETED_FRAME_BYTES: usize = 64 * 1024;
 /// Budget unit: permits are KiB, so the largest frame fits a semaphore's u32 permits.
 const BUDGET_UNIT_BYTES: usize = 1024;
@@ -97,8 +95,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
                 held = budget.take(size).await;
                 budgeted = true;
             }
+            // Up to `limit` bytes may be held now: reserved whole, since growing the buffer
+            // step by step would copy the body again at every doubling.
             let limit = if budgeted { size } else { UNBUDGETED_FRAME_BYTES };
-            let want = (limit - buf.len()).min(READ_CHUNK);
+            let want = limit - buf.len();
             buf.reserve(want);
             let n = (&mut *reader).take(want as u64).read_buf(&mut buf).await?;
             if n == 0 {
@@ -144,6 +144,148 @@ pub fn finish_frame(mut out: BytesMut) -> Bytes {
     let size = (out.len() - SIZE_PREFIX_BYTES) as i32;
     out[..SIZE_PREFIX_BYTES].copy_from_slice(&size.to_be_bytes());
     out.freeze()
+}
+
+/// A response frame as the pieces written to the socket one after another: the encoded
+/// fields, with large record sets spliced in as the buffers the log read them into rather
+/// than copied into the encode buffer (a fetch answer is mostly records).
+#[derive(Debug, Clone, Default)]
+pub struct ResponseFrame {
+    pub parts: Vec<Bytes>,
+}
+
+impl ResponseFrame {
+    /// Bytes in the frame, size prefix included.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.iter().all(Bytes::is_empty)
+    }
+
+    /// The frame as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.parts.as_slice() {
+            [one] => one.clone(),
+            parts => Bytes::from(parts.concat()),
+        }
+    }
+}
+
+impl From<Bytes> for ResponseFrame {
+    fn from(frame: Bytes) -> Self {
+        Self { parts: vec![frame] }
+    }
+}
+
+/// Record sets at least this large are spliced into a [`ResponseFrame`]; smaller ones cost
+/// less to copy than to write as a piece of their own.
+pub const SPLICE_BYTES_MIN: usize = 16 * 1024;
+
+/// An encode buffer that splices. A `put_slice` of exactly one of the `splice` buffers (same
+/// address and length: how kafka-protocol writes a `Bytes` field) ends the current piece and
+/// adds that buffer as a piece of its own, uncopied; everything else is encoded into the
+/// current piece, as into a `BytesMut`.
+pub struct SpliceBuf {
+    pieces: Vec<Bytes>,
+    /// Bytes in `pieces`: where `head` starts in the frame.
+    pieces_len: usize,
+    /// The first piece, kept writable until [`Self::finish`] fills in the size prefix.
+    first: Option<BytesMut>,
+    head: BytesMut,
+    splice: Vec<Bytes>,
+}
+
+impl SpliceBuf {
+    /// A frame buffer (size prefix reserved, as with [`start_frame`]) with room for
+    /// `fields_bytes` of encoded fields, splicing the buffers of `splice` that are at least
+    /// [`SPLICE_BYTES_MIN`] long.
+    pub fn new(fields_bytes: usize, splice: Vec<Bytes>) -> Self {
+        let splice = splice.into_iter().filter(|b| b.len() >= SPLICE_BYTES_MIN).collect();
+        Self { pieces: Vec::new(), pieces_len: 0, first: None, head: start_frame(fields_bytes), splice }
+    }
+
+    /// The current piece, for encoders that write into a `BytesMut` (the response header).
+    pub fn head_mut(&mut self) -> &mut BytesMut {
+        &mut self.head
+    }
+
+    /// The frame, its size prefix filled in.
+    pub fn finish(mut self) -> ResponseFrame {
+        let size = (self.pieces_len + self.head.len() - SIZE_PREFIX_BYTES) as i32;
+        let first = self.first.as_mut().unwrap_or(&mut self.head);
+        first[..SIZE_PREFIX_BYTES].copy_from_slice(&size.to_be_bytes());
+        let mut parts = Vec::with_capacity(self.pieces.len() + 2);
+        if let Some(first) = self.first {
+            parts.push(first.freeze());
+        }
+        parts.extend(self.pieces);
+        if !self.head.is_empty() {
+            parts.push(self.head.freeze());
+        }
+        ResponseFrame { parts }
+    }
+
+    /// Ends the current piece of encoded fields.
+    fn end_head(&mut self) {
+        let head = self.head.split();
+        if self.first.is_none() {
+            self.pieces_len += head.len();
+            self.first = Some(head);
+        } else if !head.is_empty() {
+            self.pieces_len += head.len();
+            self.pieces.push(head.freeze());
+        }
+    }
+}
+
+// SAFETY: every method delegates to `head`, a `BytesMut`, whose implementation upholds the
+// trait's contract; `put_slice` only adds whole, initialised buffers besides.
+unsafe impl bytes::BufMut for SpliceBuf {
+    fn remaining_mut(&self) -> usize {
+        self.head.remaining_mut()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller's promise about `cnt` is about `head`'s chunk, passed on as is.
+        unsafe { self.head.advance_mut(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        self.head.chunk_mut()
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        let whole = |b: &Bytes| b.as_ptr() == src.as_ptr() && b.len() == src.len();
+        match self.splice.iter().position(whole) {
+            Some(i) => {
+                let spliced = self.splice.swap_remove(i);
+                self.end_head();
+                self.pieces_len += spliced.len();
+                self.pieces.push(spliced);
+            }
+            None => self.head.extend_from_slice(src),
+        }
+    }
+}
+
+// Offsets count the whole frame; seeking and gaps (which response encoders do not use) work
+// within the current piece only.
+impl kafka_protocol::protocol::buf::ByteBufMut for SpliceBuf {
+    fn offset(&self) -> usize {
+        self.pieces_len + self.head.len()
+    }
+
+    fn seek(&mut self, offset: usize) {
+        let within = offset.checked_sub(self.pieces_len).expect("seek before the current piece");
+        self.head.resize(within, 0);
+    }
+
+    fn range(&mut self, r: std::ops::Range<usize>) -> &mut [u8] {
+        let base = self.pieces_len;
+        &mut self.head[r.start - base..r.end - base]
+    }
 }
 
 #[cfg(test)]

@@ -12,10 +12,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::protocol::Encodable;
 
 use crate::api_versions::API_SUPPORT;
 use crate::error::ProtocolError;
-use crate::frame;
+use crate::frame::{self, ResponseFrame};
 use crate::header::{decode_request_header, encode_response_header, response_header_version};
 use crate::legacy;
 
@@ -60,25 +61,43 @@ pub fn expects_response(request: &Request) -> bool {
 
 /// Encodes a response to `header` as a complete frame (size prefix, header, body).
 pub fn encode_response(header: &RequestHeader, response: &Response) -> Result<Bytes, ProtocolError> {
+    encode_response_frame(header, response).map(|frame| frame.to_bytes())
+}
+
+/// [`encode_response`] as the pieces to write: a fetch answer's large record sets are not
+/// copied into the encoded fields but written from the buffers the log read them into.
+pub fn encode_response_frame(header: &RequestHeader, response: &Response) -> Result<ResponseFrame, ProtocolError> {
     let key = header.request_api_key;
     let version = header.request_api_version;
     let api_key = ApiKey::try_from(key).map_err(|_| ProtocolError::UnknownApiKey(key))?;
     let mismatch = || ProtocolError::ResponseMismatch { request: key, response: response_key(response).unwrap_or(-1) };
     let encode_error = |reason: String| ProtocolError::Encode { api_key: key, version, reason };
-    let mut out = frame::start_frame(encoded_bytes_hint(response));
-    encode_response_header(&mut out, header.correlation_id, response_header_version(api_key, version));
+    let header_version = response_header_version(api_key, version);
     if legacy::handles(api_key, version) {
+        let mut out = frame::start_frame(encoded_bytes_hint(response));
+        encode_response_header(&mut out, header.correlation_id, header_version);
         legacy::encode_response(api_key, version, response, &mut out).map_err(|e| match e {
             legacy::LegacyError::Mismatch => mismatch(),
             other => encode_error(other.to_string()),
         })?;
-    } else {
-        if response_key(response) != Some(key) {
-            return Err(mismatch());
-        }
-        response.encode(&mut out, version).map_err(|e| encode_error(e.to_string()))?;
+        return Ok(frame::finish_frame(out).into());
     }
-    Ok(frame::finish_frame(out))
+    if response_key(response) != Some(key) {
+        return Err(mismatch());
+    }
+    if let ResponseKind::Fetch(fetch) = response {
+        let records: Vec<Bytes> =
+            fetch.responses.iter().flat_map(|t| &t.partitions).filter_map(|p| p.records.clone()).collect();
+        let spliced: usize = records.iter().filter(|r| r.len() >= frame::SPLICE_BYTES_MIN).map(Bytes::len).sum();
+        let mut out = frame::SpliceBuf::new(encoded_bytes_hint(response) - spliced, records);
+        encode_response_header(out.head_mut(), header.correlation_id, header_version);
+        fetch.encode(&mut out, version).map_err(|e| encode_error(e.to_string()))?;
+        return Ok(out.finish());
+    }
+    let mut out = frame::start_frame(encoded_bytes_hint(response));
+    encode_response_header(&mut out, header.correlation_id, header_version);
+    response.encode(&mut out, version).map_err(|e| encode_error(e.to_string()))?;
+    Ok(frame::finish_frame(out).into())
 }
 
 /// Bytes reserved for a response's fields other than record data.
@@ -189,6 +208,44 @@ mod tests {
         assert_eq!(v1.get_i32(), 9);
         assert_eq!(v12.get_i32(), 9);
         assert_eq!(v12.get_u8(), 0, "flexible response header: empty tag buffer");
+    }
+
+    #[test]
+    fn fetch_answers_splice_large_record_sets_and_encode_the_same_bytes() {
+        use kafka_protocol::messages::FetchResponse;
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        let partition = |index, records: Bytes| {
+            let mut p = PartitionData::default();
+            p.partition_index = index;
+            p.records = Some(records);
+            p
+        };
+        let big = Bytes::from(vec![7u8; frame::SPLICE_BYTES_MIN * 2]);
+        let small = Bytes::from(vec![9u8; 100]);
+        for version in [4, 11, 12, 16] {
+            let mut topic = FetchableTopicResponse::default();
+            topic.topic = kafka_protocol::messages::TopicName(StrBytes::from_static_str("t"));
+            topic.topic_id = uuid::Uuid::from_u128(1);
+            topic.partitions =
+                vec![partition(0, big.clone()), partition(1, small.clone()), partition(2, big.slice(1..))];
+            let mut fetch = FetchResponse::default();
+            fetch.responses = vec![topic];
+            let header = RequestHeader::default().with_request_api_key(1).with_request_api_version(version);
+            let resp = ResponseKind::Fetch(fetch);
+            let frame = encode_response_frame(&header, &resp).unwrap();
+            // The large record sets are written from their own buffers, uncopied.
+            let spliced = frame.parts.iter().filter(|p| p.as_ptr() == big.as_ptr() || p.as_ptr() == big[1..].as_ptr());
+            assert_eq!(spliced.count(), 2, "v{version}");
+            // Byte for byte what an encode into one buffer gives.
+            let mut whole = BytesMut::new();
+            whole.put_i32(0);
+            encode_response_header(&mut whole, 0, response_header_version(ApiKey::Fetch, version));
+            resp.encode(&mut whole, version).unwrap();
+            let size = (whole.len() - 4) as i32;
+            whole[..4].copy_from_slice(&size.to_be_bytes());
+            assert_eq!(frame.to_bytes(), whole.freeze(), "v{version}");
+            assert_eq!(frame.len(), frame.to_bytes().len());
+        }
     }
 
     #[test]

@@ -5,19 +5,22 @@
 //! so `run` knows when the last one has finished.
 //!
 //! Per connection, a reader task reads and decodes frames ahead into a bounded queue (Kafka
-//! clients pipeline) while the connection task handles them **one at a time, in order** and
-//! writes each response before taking the next. Sequential handling mirrors Kafka's channel
-//! muting: pipelined produces to one partition must append in the order they were sent.
+//! clients pipeline) while the connection task handles them **one at a time, in order**.
+//! Sequential handling mirrors Kafka's channel muting: pipelined produces to one partition
+//! must append in the order they were sent. A reply may still be pending (a produce waiting
+//! for its fsync) while the next request is handled; the connection task writes replies
+//! itself, in request order, as they complete.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, RequestHeader};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -25,8 +28,8 @@ use tracing::{debug, info, warn};
 
 use crate::api_versions::{self, API_SUPPORT};
 use crate::error::ProtocolError;
-use crate::frame::{DEFAULT_REQUEST_BYTES_MAX, Frame, FrameBudget, read_frame};
-use crate::request::{Request, Response, decode_request, encode_response, expects_response};
+use crate::frame::{DEFAULT_REQUEST_BYTES_MAX, Frame, FrameBudget, ResponseFrame, read_frame};
+use crate::request::{Request, Response, decode_request, encode_response_frame, expects_response};
 
 /// A boxed, sendable future, so `Handler` stays object-safe without async-trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -64,12 +67,6 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// What the connection task hands its writer, in request order.
-enum Outgoing {
-    Frame(Bytes),
-    Reply { header: RequestHeader, wants_answer: bool, reply: Reply },
-}
-
 /// Named limits of the listener.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -79,6 +76,12 @@ pub struct Limits {
     pub connections_max: usize,
     /// Requests read ahead of the one being handled, per connection.
     pub in_flight_per_connection: usize,
+    /// Replies still completing (produces waiting for their fsync) per connection before it
+    /// takes no more requests. They are one group commit: the more requests one fsync covers,
+    /// the closer a pipelining producer gets to the disk's sequential bandwidth. A waiting
+    /// reply holds no request bytes (answers that are complete still count against
+    /// `in_flight_per_connection`, as they may be large).
+    pub pending_replies_per_connection: usize,
     /// Memory for frames being read or waiting to be handled, all connections together
     /// (Kafka: queued.max.request.bytes); a frame's first 64 KiB are not counted. Raised to
     /// `request_bytes_max` if below it, so the largest frame can always be read.
@@ -101,6 +104,7 @@ impl Default for Limits {
             request_bytes_max: DEFAULT_REQUEST_BYTES_MAX,
             connections_max: 1024,
             in_flight_per_connection: 16,
+            pending_replies_per_connection: 256,
             request_bytes_buffered_max: 128 * 1024 * 1024,
             frame_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
@@ -182,54 +186,170 @@ impl Connection {
         let (tx, mut rx) = mpsc::channel::<Decoded>(in_flight);
         let reader =
             tokio::spawn(read_loop(read, tx, self.limits.clone(), self.budget.clone(), self.stop.clone(), self.peer));
-        // Replies waiting to be written are bounded like the requests read ahead.
-        let (out_tx, out_rx) = mpsc::channel::<Outgoing>(in_flight);
-        let writer = tokio::spawn(write_loop(write, out_rx, self.peer));
-        while let Some((header, request, _budget)) = rx.recv().await {
-            let outgoing = if header.request_api_key == ApiKey::ApiVersions as i16 {
-                Outgoing::Frame(api_versions::answer(&API_SUPPORT, &header))
+        let mut replies = Replies::new(write, self.limits.pending_replies_per_connection.max(in_flight), in_flight);
+        let peer = Peer { connection_id: self.id, addr: self.peer };
+        'requests: loop {
+            // Waiting for the next request, write replies as they complete.
+            let next = tokio::select! {
+                biased;
+                () = replies.oldest_complete(), if replies.waiting() => {
+                    if let Err(e) = replies.write_ready().await {
+                        break 'requests replies.close(self.peer, &e);
+                    }
+                    continue;
+                }
+                next = rx.recv() => next,
+            };
+            let Some((header, request, _budget)) = next else { break };
+            let reply = if header.request_api_key == ApiKey::ApiVersions as i16 {
+                Queued::Frame(api_versions::answer(&API_SUPPORT, &header).into())
             } else {
                 let wants_answer = expects_response(&request);
-                let peer = Peer { connection_id: self.id, addr: self.peer };
-                let reply = self.handler.handle_ordered(request, &header, &peer).await;
-                Outgoing::Reply { header, wants_answer, reply }
+                let reply = {
+                    let mut ordered = std::pin::pin!(self.handler.handle_ordered(request, &header, &peer));
+                    // A long first phase (a fetch waiting for data) must not hold back the
+                    // replies of earlier requests that complete meanwhile.
+                    loop {
+                        tokio::select! {
+                            biased;
+                            reply = &mut ordered => break reply,
+                            () = replies.oldest_complete(), if replies.waiting() => {
+                                if let Err(e) = replies.write_ready().await {
+                                    break 'requests replies.close(self.peer, &e);
+                                }
+                            }
+                        }
+                    }
+                };
+                Queued::Reply { header, wants_answer, reply }
             };
-            if out_tx.send(outgoing).await.is_err() {
-                break; // the writer stopped: the connection is closing
+            if let Err(e) = replies.push(reply).await {
+                replies.close(self.peer, &e);
+                break;
             }
         }
-        drop(out_tx);
         reader.abort();
-        let _ = writer.await;
+        // Requests already handled still get their replies (a produce's fsync included).
+        replies.finish(self.peer).await;
         debug!(peer = %self.peer, "connection closed");
     }
 }
 
-/// Completes replies in request order and writes them; stops at the first failure.
-async fn write_loop(write: OwnedWriteHalf, mut out_rx: mpsc::Receiver<Outgoing>, peer: SocketAddr) {
-    let mut writer = BufWriter::new(write);
-    while let Some(outgoing) = out_rx.recv().await {
-        let frame = match outgoing {
-            Outgoing::Frame(frame) => Ok(Some(frame)),
-            Outgoing::Reply { header, wants_answer, reply } => {
-                let response = match reply {
-                    Reply::Ready(response) => response,
-                    Reply::Pending(pending) => pending.await,
-                };
-                wants_answer.then(|| encode_response(&header, &response)).transpose()
-            }
-        };
-        let written = match frame {
-            Ok(Some(frame)) => write_frame(&mut writer, &frame).await.map_err(ProtocolError::from),
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
-            warn!(%peer, error = %e, "closing connection");
-            break;
+/// What a connection owes its peer, in request order.
+enum Queued {
+    Frame(ResponseFrame),
+    Reply { header: RequestHeader, wants_answer: bool, reply: Reply },
+}
+
+/// Replies not yet written, oldest first, and the socket they go to. The connection task
+/// writes them itself: a separate writer task would cost a task wake-up (often a thread
+/// hand-off) per request, most of a small request's latency.
+struct Replies {
+    writer: BufWriter<OwnedWriteHalf>,
+    queue: VecDeque<Queued>,
+    /// Replies waiting at most; the next request waits for the oldest to be written.
+    queued_max: usize,
+    /// Complete (possibly large) answers waiting behind an incomplete one, at most.
+    ready_max: usize,
+}
+
+impl Replies {
+    fn new(write: OwnedWriteHalf, queued_max: usize, ready_max: usize) -> Self {
+        Self { writer: BufWriter::new(write), queue: VecDeque::new(), queued_max, ready_max }
+    }
+
+    fn full(&self) -> bool {
+        let ready =
+            || self.queue.iter().filter(|q| !matches!(q, Queued::Reply { reply: Reply::Pending(_), .. })).count();
+        self.queue.len() >= self.queued_max || ready() >= self.ready_max
+    }
+
+    fn waiting(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// Queues a reply and writes whatever is complete at the head of the queue; waits for
+    /// the oldest while the queue is full.
+    async fn push(&mut self, queued: Queued) -> Result<(), ProtocolError> {
+        self.queue.push_back(queued);
+        self.write_ready().await?;
+        while self.full() {
+            self.oldest_complete().await;
+            self.write_ready().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the oldest reply is complete. Cancel-safe (it only waits), so it can race
+    /// the next request; the writing happens in [`Self::write_ready`], which is never raced:
+    /// a write cut off half-way would corrupt the stream.
+    async fn oldest_complete(&mut self) {
+        if let Some(Queued::Reply { reply, .. }) = self.queue.front_mut()
+            && let Reply::Pending(pending) = reply
+        {
+            *reply = Reply::Ready(pending.as_mut().await);
         }
     }
-    let _ = writer.shutdown().await;
+
+    /// Writes every complete reply at the head of the queue, then flushes them together.
+    async fn write_ready(&mut self) -> Result<(), ProtocolError> {
+        let mut wrote = false;
+        while let Some(front) = self.queue.front_mut() {
+            if let Queued::Reply { reply, .. } = front
+                && let Reply::Pending(pending) = reply
+            {
+                match poll_once(pending).await {
+                    Some(response) => *reply = Reply::Ready(response),
+                    None => break,
+                }
+            }
+            let frame = match self.queue.pop_front().expect("front exists") {
+                Queued::Frame(frame) => Some(frame),
+                Queued::Reply { header, wants_answer, reply: Reply::Ready(response) } => {
+                    wants_answer.then(|| encode_response_frame(&header, &response)).transpose()?
+                }
+                Queued::Reply { reply: Reply::Pending(_), .. } => unreachable!("completed above"),
+            };
+            if let Some(frame) = frame {
+                for part in &frame.parts {
+                    self.writer.write_all(part).await?;
+                }
+                wrote = true;
+            }
+        }
+        if wrote {
+            self.writer.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for and writes every queued reply (the connection is closing).
+    async fn finish(&mut self, peer: SocketAddr) {
+        while self.waiting() {
+            self.oldest_complete().await;
+            if let Err(e) = self.write_ready().await {
+                return self.close(peer, &e);
+            }
+        }
+        let _ = self.writer.shutdown().await;
+    }
+
+    /// Logs why the connection closes early; the queued replies are dropped.
+    fn close(&mut self, peer: SocketAddr, error: &ProtocolError) {
+        warn!(%peer, error = %error, "closing connection");
+        self.queue.clear();
+    }
+}
+
+/// Polls a future once: its output if it is ready now.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match Pin::new(&mut *future).poll(cx) {
+            Poll::Ready(output) => Some(output),
+            Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Warnings about misbehaving peers logged per second; the rest go to debug. A flood of
@@ -258,22 +378,22 @@ fn peer_warning(peer: SocketAddr, error: &dyn std::fmt::Display, what: &'static 
     }
 }
 
-/// Writes and flushes one frame: a finished reply never waits behind a pending one.
-async fn write_frame(writer: &mut BufWriter<OwnedWriteHalf>, frame: &[u8]) -> std::io::Result<()> {
-    writer.write_all(frame).await?;
-    writer.flush().await
-}
+/// Read buffer per connection (larger frame bodies are read around it, straight into the
+/// frame).
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Reads and decodes frames until EOF, a bad frame, idle timeout or shutdown; dropping
 /// `tx` then lets the connection task finish what was already queued and close.
 async fn read_loop(
-    mut read: OwnedReadHalf,
+    read: OwnedReadHalf,
     tx: mpsc::Sender<Decoded>,
     limits: Arc<Limits>,
     budget: FrameBudget,
     mut stop: watch::Receiver<bool>,
     peer: SocketAddr,
 ) {
+    // A small request's size prefix and body then arrive in one read system call, not two.
+    let mut read = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     loop {
         let next = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,

@@ -87,6 +87,16 @@ impl StorageFile for CountingFile {
         self.counters.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.inner.write_all_at(buf, offset)
     }
+    // Forwarded so the benchmark measures the real file's vectored write and uninitialised
+    // read, not the trait's copying defaults.
+    fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+        let bytes: usize = parts.iter().map(|p| p.len()).sum();
+        self.counters.bytes_written.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.inner.write_all_vectored_at(parts, offset)
+    }
+    fn read_exact_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_append(out, len, offset)
+    }
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
     }

@@ -128,6 +128,8 @@ struct SyncState {
     file: Arc<dyn StorageFile>,
 }
 
+/// A batch starts with its base offset (`batch::set_base_offset`'s field).
+const BASE_OFFSET_BYTES: usize = 8;
 /// Snapshots of producer state older than the newest this many are deleted.
 const SNAPSHOTS_KEPT: usize = 2;
 const CHECKPOINT_FILE: &str = "clean.checkpoint";
@@ -323,32 +325,33 @@ impl Partition {
     /// waiting for durability. The batch is *not* acknowledged until
     /// [`Self::wait_until_durable`] returns for `outcome.last_offset + 1`: callers that
     /// pipeline appends (one connection's produce requests) write in order, then wait for
-    /// all of them together so they share fsyncs.
-    pub fn append_unsynced(&self, bytes: Vec<u8>) -> Result<AppendOutcome> {
-        self.append_checked(bytes, None)
+    /// all of them together so they share fsyncs. The batch may be borrowed (a slice of a
+    /// request): it is written from where it lies, never copied whole.
+    pub fn append_unsynced(&self, bytes: impl AsRef<[u8]>) -> Result<AppendOutcome> {
+        self.append_checked(bytes.as_ref(), None)
     }
 
     /// [`Self::append`], but only if the log still ends at `expected_end` when the batch
     /// would be written (checked under the partition lock): a conditional append for
     /// optimistic concurrency. Fails with [`LogError::EndMoved`] otherwise, writing nothing.
     pub fn append_if_end(&self, bytes: Vec<u8>, expected_end: i64) -> Result<AppendOutcome> {
-        let outcome = self.append_checked(bytes, Some(expected_end))?;
+        let outcome = self.append_checked(&bytes, Some(expected_end))?;
         self.wait_durable(outcome.last_offset + 1)?;
         Ok(outcome)
     }
 
-    fn append_checked(&self, mut bytes: Vec<u8>, expected_end: Option<i64>) -> Result<AppendOutcome> {
+    fn append_checked(&self, bytes: &[u8], expected_end: Option<i64>) -> Result<AppendOutcome> {
         self.ctx.health.check()?;
         let config = self.config();
         if bytes.len() > config.max_message_bytes {
             return Err(LogError::MessageTooLarge { size: bytes.len(), max: config.max_message_bytes });
         }
-        let header = batch::validate_produced(&bytes, MAX_MESSAGE_BYTES_LIMIT)?;
-        let marker = if header.is_control() { Some(control_marker(&bytes)?) } else { None };
+        let header = batch::validate_produced(bytes, MAX_MESSAGE_BYTES_LIMIT)?;
+        let marker = if header.is_control() { Some(control_marker(bytes)?) } else { None };
         if config.cleanup_policy.compact && !header.is_control() {
-            require_keys(&bytes)?;
+            require_keys(bytes)?;
         }
-        self.write(&mut bytes, header, marker, &config, expected_end)
+        self.write(bytes, header, marker, &config, expected_end)
     }
 
     /// Blocks until everything below `offset` is durable under the sync policy (or fails
@@ -360,7 +363,7 @@ impl Partition {
     /// Assigns offsets and writes under the partition lock (no fsync here).
     fn write(
         &self,
-        bytes: &mut [u8],
+        bytes: &[u8],
         mut header: BatchHeader,
         marker: Option<Marker>,
         config: &TopicConfig,
@@ -382,18 +385,29 @@ impl Partition {
             });
         }
         let base_offset = inner.log_end_offset();
-        batch::set_base_offset(bytes, base_offset);
         header.base_offset = base_offset;
-        let log_append_time = (config.message_timestamp_type == TimestampType::LogAppendTime).then(|| {
-            batch::set_log_append_time(bytes, now);
-            now
-        });
-        if log_append_time.is_some() {
-            header = BatchHeader::parse(bytes)?;
-        }
+        // The base offset (outside the CRC) is written from a patched copy of its 8 bytes and
+        // the rest of the batch from where it lies. LogAppendTime also rewrites covered fields
+        // and the CRC: that (rare) case patches a copy of the whole batch.
+        let base_offset_bytes = base_offset.to_be_bytes();
+        let log_append_time = (config.message_timestamp_type == TimestampType::LogAppendTime).then_some(now);
+        let rewritten = match log_append_time {
+            Some(now) => {
+                let mut copy = bytes.to_vec();
+                batch::set_base_offset(&mut copy, base_offset);
+                batch::set_log_append_time(&mut copy, now);
+                header = BatchHeader::parse(&copy)?;
+                Some(copy)
+            }
+            None => None,
+        };
+        let parts: [&[u8]; 2] = match &rewritten {
+            Some(copy) => [copy, &[]],
+            None => [&base_offset_bytes, &bytes[BASE_OFFSET_BYTES..]],
+        };
         self.maybe_roll(&mut inner, bytes.len() as u64, config, now).inspect_err(|e| self.ctx.health.poison(e))?;
         let active = inner.active();
-        if let Err(e) = active.append(bytes, &header, now) {
+        if let Err(e) = active.append_parts(&parts, &header, now) {
             let out_of_space = is_out_of_space(&e);
             let err = LogError::io(&active.path, e);
             // A full disk refuses the write itself: no page the kernel accepted is lost, so
@@ -745,11 +759,7 @@ impl ReadPlan {
         // Read straight into the caller's buffer and cut back to the whole batches accepted:
         // one copy from the file, no second buffer.
         let base = out.len();
-        out.resize(base + want, 0);
-        if let Err(e) = self.file.read_exact_at(&mut out[base..], start) {
-            out.truncate(base);
-            return Err(LogError::io(&self.path, e));
-        }
+        self.file.read_exact_append(out, want, start).map_err(|e| LogError::io(&self.path, e))?;
         let accepted = self.accept_batches(&mut out[base..], start, upper, base == 0);
         let (position, last) = match accepted {
             Ok(done) => done,

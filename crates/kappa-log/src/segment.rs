@@ -187,9 +187,15 @@ impl Segment {
 
     /// Writes a validated batch (offsets already assigned) at the end of the segment.
     pub fn append(&mut self, bytes: &[u8], header: &BatchHeader, now_ms: i64) -> std::io::Result<()> {
-        debug_assert_eq!(header.total_bytes(), bytes.len());
+        self.append_parts(&[bytes], header, now_ms)
+    }
+
+    /// [`Self::append`] of a batch given as consecutive pieces (e.g. a patched copy of its
+    /// first bytes, then the rest where it lies).
+    pub fn append_parts(&mut self, parts: &[&[u8]], header: &BatchHeader, now_ms: i64) -> std::io::Result<()> {
+        debug_assert_eq!(header.total_bytes(), parts.iter().map(|p| p.len()).sum::<usize>());
         debug_assert!(header.base_offset >= self.next_offset, "offsets must grow within a segment");
-        self.file.write_all_at(bytes, self.size)?;
+        self.file.write_all_vectored_at(parts, self.size)?;
         self.first_append_ms.get_or_insert(now_ms);
         self.record_batch(self.size, header);
         Ok(())

@@ -320,3 +320,47 @@ fn a_read_that_fills_its_budget_inside_a_segment_does_not_skip_to_the_next() {
         }
     }
 }
+
+#[test]
+fn a_borrowed_batch_is_written_with_its_offset_and_the_callers_bytes_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    // Two batches in one request-like buffer, both encoded with base offset 0.
+    let (a, b) = (batch("a", 3, T0), batch("b", 2, T0));
+    let mut request = a.clone();
+    request.extend_from_slice(&b);
+    let before = request.clone();
+    let first = p.append_unsynced(&request[..a.len()]).unwrap();
+    let second = p.append_unsynced(&request[a.len()..]).unwrap();
+    assert_eq!((first.base_offset, second.base_offset, second.last_offset), (0, 3, 4));
+    assert_eq!(request, before, "the caller's buffer is not patched");
+    p.wait_until_durable(5).unwrap();
+    let read = p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(headers(&read.records).iter().map(|h| h.base_offset).collect::<Vec<_>>(), [0, 3]);
+    // Everything but the base offset is the producer's bytes.
+    assert_eq!(&read.records[8..a.len()], &a[8..]);
+    assert_eq!(&read.records[a.len() + 8..], &b[8..]);
+}
+
+#[test]
+fn log_append_time_batches_are_rewritten_and_still_pass_their_crc() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0 + 5_000);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("message.timestamp.type", "LogAppendTime")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    p.append(batch("a", 2, T0)).unwrap();
+    let outcome = p.append(batch("b", 3, T0)).unwrap();
+    assert_eq!((outcome.base_offset, outcome.log_append_time), (2, Some(T0 + 5_000)));
+    let read = p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    // `headers` validates each batch, CRC included.
+    let got = headers(&read.records);
+    assert_eq!(
+        got.iter().map(|h| (h.base_offset, h.max_timestamp)).collect::<Vec<_>>(),
+        [(0, T0 + 5_000), (2, T0 + 5_000)]
+    );
+    assert!(got.iter().all(|h| h.has_log_append_time()));
+}

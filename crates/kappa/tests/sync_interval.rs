@@ -26,7 +26,7 @@ struct Strace {
 impl Strace {
     fn attach(pid: u32, out: &Path) -> Self {
         let child = Command::new("strace")
-            .args(["-f", "-qq", "-ttt", "-y", "-e", "trace=pwrite64,fdatasync,fsync", "-o"])
+            .args(["-f", "-qq", "-ttt", "-y", "-e", "trace=pwrite64,pwritev,fdatasync,fsync", "-o"])
             .arg(out)
             .arg("-p")
             .arg(pid.to_string())
@@ -96,7 +96,11 @@ fn sync_interval_ms_is_honoured_not_the_30s_maintenance_timer() {
     let (written_at, synced_at) = loop {
         let trace = std::fs::read_to_string(&trace_path).unwrap_or_default();
         let calls = segment_calls(&trace, "durable");
-        let written = calls.iter().find(|(_, call)| call.starts_with("pwrite64(")).map(|(at, _)| *at);
+        // Batches are written with pwritev (the base offset from a patched copy, the rest in place).
+        let written = calls
+            .iter()
+            .find(|(_, call)| call.starts_with("pwrite64(") || call.starts_with("pwritev("))
+            .map(|(at, _)| *at);
         if let Some(written) = written {
             let synced = calls
                 .iter()

@@ -161,7 +161,7 @@ fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendO
         }
         let (one, tail) = rest.split_at(len);
         BatchHeader::parse(one)?;
-        let outcome = partition.append_unsynced(one.to_vec())?;
+        let outcome = partition.append_unsynced(one)?;
         end = end.max(outcome.last_offset + 1);
         first.get_or_insert(outcome);
         rest = tail;

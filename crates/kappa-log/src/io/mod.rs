@@ -80,6 +80,22 @@ pub trait StorageFile: Send + Sync {
         }
         Ok(())
     }
+
+    /// Writes `parts` one after another at `offset`, like [`Self::write_all_at`] of their
+    /// concatenation. Implementations may write them with one vectored call, so a caller can
+    /// patch a few bytes of a large buffer it does not own without copying all of it.
+    fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_all_at(&parts.concat(), offset)
+    }
+
+    /// Appends exactly `len` bytes read at `offset` to `out` (on failure `out` is left as it
+    /// was). Implementations that can read into `out`'s spare capacity skip zeroing it first:
+    /// a fetch reads up to megabytes, and the zeroing cost as much as a sixth of its CPU.
+    fn read_exact_append(&self, out: &mut Vec<u8>, len: usize, offset: u64) -> io::Result<()> {
+        let base = out.len();
+        out.resize(base + len, 0);
+        self.read_exact_at(&mut out[base..], offset).inspect_err(|_| out.truncate(base))
+    }
 }
 
 /// Joins a directory and a file name: a small helper so callers read as intent.

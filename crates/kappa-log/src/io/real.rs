@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -59,6 +60,9 @@ impl Storage for RealFs {
     }
 }
 
+/// Slices one `pwritev` takes at most (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
 struct RealFile(File);
 
 impl StorageFile for RealFile {
@@ -80,5 +84,64 @@ impl StorageFile for RealFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
+    }
+
+    fn write_all_vectored_at(&self, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+        let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        io::IoSlice::advance_slices(&mut rest, 0); // drops leading empty slices
+        while !rest.is_empty() {
+            let position = libc::off_t::try_from(offset).map_err(|_| io::Error::other("file offset out of range"))?;
+            let count = rest.len().min(IOV_MAX);
+            // SAFETY: `IoSlice` is ABI-compatible with `iovec` (documented by std), and the
+            // `count` slices it points to are live, initialised buffers pwritev only reads.
+            let n = unsafe { libc::pwritev(self.0.as_raw_fd(), rest.as_ptr().cast(), count as libc::c_int, position) };
+            match n {
+                0 => return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write whole buffer")),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                n => {
+                    offset += n as u64;
+                    io::IoSlice::advance_slices(&mut rest, n as usize);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_exact_append(&self, out: &mut Vec<u8>, len: usize, mut offset: u64) -> io::Result<()> {
+        out.reserve(len);
+        let base = out.len();
+        let mut filled = 0;
+        while filled < len {
+            let spare = &mut out.spare_capacity_mut()[filled..len];
+            let position = libc::off_t::try_from(offset).map_err(|_| io::Error::other("file offset out of range"))?;
+            // SAFETY: pread writes at most `spare.len()` bytes into memory `out` owns (its spare
+            // capacity, which std's `&mut [u8]` readers cannot take without zeroing it first)
+            // and never reads it.
+            let n = unsafe { libc::pread(self.0.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), position) };
+            match n {
+                0 => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the requested range"));
+                }
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+                n => {
+                    filled += n as usize;
+                    offset += n as u64;
+                }
+            }
+        }
+        // SAFETY: pread initialised the first `len` bytes of the spare capacity above.
+        unsafe { out.set_len(base + len) };
+        Ok(())
     }
 }
