@@ -35,6 +35,8 @@ pub struct WorkConfig {
     pub kafka_config: Vec<(String, String)>,
     /// Views to run (all of the application's when None).
     pub views: Option<Vec<String>>,
+    /// Views keyed differently from their input: run through a repartition topic.
+    pub repartition: Vec<String>,
 }
 
 impl WorkConfig {
