@@ -224,11 +224,28 @@ pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
             return Err(error);
         }
         let mut tasks = lock(&shared.tasks);
-        for ((topic, partition), task) in tasks.iter_mut() {
-            if !task.buffer.is_empty() && !task.failed {
-                step(&shared, &consumer, topic, *partition, task)?;
-            }
-        }
+        // The partitions' steps run side by side: each is its own transaction with its own
+        // producer, and a transaction mostly waits for the cluster (appends, markers), so a
+        // worker owning n partitions no longer waits n transactions in a row.
+        let ready: Vec<_> = tasks.iter_mut().filter(|(_, task)| !task.buffer.is_empty() && !task.failed).collect();
+        let (shared, consumer) = (&*shared, &consumer);
+        let results: Vec<Result<()>> = match ready.len() {
+            0 => Vec::new(),
+            1 => ready
+                .into_iter()
+                .map(|((topic, partition), task)| step(shared, consumer, topic, *partition, task))
+                .collect(),
+            _ => std::thread::scope(|scope| {
+                let running: Vec<_> = ready
+                    .into_iter()
+                    .map(|((topic, partition), task)| {
+                        scope.spawn(move || step(shared, consumer, topic, *partition, task))
+                    })
+                    .collect();
+                running.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+            }),
+        };
+        results.into_iter().collect::<Result<()>>()?;
     }
     tracing::info!("leaving the consumer group");
     consumer.unsubscribe();
