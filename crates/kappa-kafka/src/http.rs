@@ -233,16 +233,13 @@ async fn follow(
     }
 }
 
-fn target(key: Option<String>, prefix: Option<String>) -> Result<Target, Response> {
+/// Exactly one of key or prefix.
+fn target(key: Option<String>, prefix: Option<String>) -> Option<Target> {
     match (key, prefix) {
-        (Some(key), None) => Ok(Target::Key(key)),
-        (None, Some(prefix)) => Ok(Target::Prefix(prefix)),
-        _ => Err(error(StatusCode::BAD_REQUEST, "invalid_query", "give exactly one of ?key= or ?prefix=".to_owned())),
+        (Some(key), None) => Some(Target::Key(key)),
+        (None, Some(prefix)) => Some(Target::Prefix(prefix)),
+        _ => None,
     }
-}
-
-fn parse_token(text: Option<String>) -> Result<Option<Cursor>, Response> {
-    text.map(|t| t.parse::<Cursor>()).transpose().map_err(|m| error(StatusCode::BAD_REQUEST, "invalid_token", m))
 }
 
 /// SSE: `snapshot`, then a `change` per change, each with its resume token as the event id
@@ -256,14 +253,13 @@ async fn watch(
     if !state.replica.has_view(&view) {
         return unknown_view(&view);
     }
-    let target = match target(query.key, query.prefix) {
-        Ok(target) => target,
-        Err(response) => return response,
+    let Some(target) = target(query.key, query.prefix) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_query", "give exactly one of ?key= or ?prefix=".to_owned());
     };
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let resume = match parse_token(query.resume.or(last_event_id)) {
+    let resume = match query.resume.or(last_event_id).map(|t| t.parse::<Cursor>()).transpose() {
         Ok(resume) => resume,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_token", message),
     };
     let (tx, rx) = mpsc::channel::<Event>(SUBSCRIBER_QUEUE_MAX);
     let replica = state.replica.clone();
@@ -390,13 +386,13 @@ async fn ws_connection(state: Arc<HttpState>, socket: WebSocket) {
                     refuse(Some(&id), "unknown_view", format!("this worker serves no view named '{view}'"))
                 } else {
                     match (target(key, prefix), resume) {
-                        (Err(_), _) => refuse(
+                        (None, _) => refuse(
                             Some(&id),
                             "invalid_message",
                             "a subscription names exactly one of \"key\" or \"prefix\"".to_owned(),
                         ),
                         (_, Err(message)) => refuse(Some(&id), "invalid_token", message),
-                        (Ok(target), Ok(resume)) => {
+                        (Some(target), Ok(resume)) => {
                             let (replica, tx, slow, sub) =
                                 (state.replica.clone(), tx.clone(), slow_tx.clone(), id.clone());
                             let task = tokio::spawn(async move {

@@ -112,7 +112,7 @@ pub fn restore(
                 }
             }
         }
-        if records % 4096 == 0 && last_progress.elapsed() >= PROGRESS_INTERVAL {
+        if records.is_multiple_of(4096) && last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
             tracing::info!(
                 changelog,
