@@ -256,11 +256,16 @@ pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
 
 /// Polls records for up to `STEP_WAIT` (or `STEP_RECORDS_MAX` records) into the owned
 /// partitions' buffers.
+///
+/// Once records have arrived it stops as soon as the consumer's queue is empty: a live event
+/// does not wait out `STEP_WAIT` for company (while a rebuild's backlog keeps the queue full,
+/// so its steps stay large).
 fn collect(shared: &Shared, consumer: &BaseConsumer<GroupContext>) {
     let deadline = Instant::now() + STEP_WAIT;
     let mut count = 0;
     loop {
-        match consumer.poll(deadline.saturating_duration_since(Instant::now())) {
+        let wait = if count > 0 { Duration::ZERO } else { deadline.saturating_duration_since(Instant::now()) };
+        match consumer.poll(wait) {
             Some(Ok(message)) => {
                 let key = (rdkafka::Message::topic(&message).to_owned(), rdkafka::Message::partition(&message));
                 if let Some(task) = lock(&shared.tasks).get_mut(&key) {
@@ -272,6 +277,7 @@ fn collect(shared: &Shared, consumer: &BaseConsumer<GroupContext>) {
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
+            None if count > 0 => return,
             None => {}
         }
         if Instant::now() >= deadline {
