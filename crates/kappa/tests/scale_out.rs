@@ -14,10 +14,10 @@
 //!   in offset order, with no gap or duplicate, ending at the reference values.
 //!
 //! Size: the 1,000,000 events (`SCALE_OUT_EVENTS=n` for another count). Measured
-//! here in a debug build on the shared 2-core machine (load average 5.5–10), three runs:
-//! 137 s, 145 s and 157 s in all — 79–119 s producing, the workers caught up 0.01–20 s after
-//! the last event, 5–11 s of changelog checks — inside the ~4 min this test may take of CI's
-//! budget.
+//! here in a debug build on the shared 2-core machine (load average 5.5–10), four runs:
+//! 120 s, 137 s, 145 s and 157 s in all — 79–119 s producing, the workers caught up
+//! 0.01–20 s after the last event, 5–11 s of changelog checks — inside the ~4 min this test
+//! may take of CI's budget.
 //! `SEED=n` replays one run. The workers are
 //! the `channels` example, which must be built with the `kafka` feature too (`cargo nextest
 //! run -p kappa --features kafka` builds it; `--test scale_out` alone reuses whatever
