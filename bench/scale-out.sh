@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Work mode rebuild throughput with 1, 2 and 3 workers: for each count, a fresh `kappa serve`,
 # EVENTS channel events produced first, then the workers started; the time until they have
-# applied every event (kappa_work_events_applied_total summed = EVENTS x views).
+# applied every event (kappa_work_events_applied_total summed = EVENTS x views). Then the
+# live lag (bench/lag_probe.py: LAG_RATE events/s for LAG_SECONDS, produce -> change on an
+# SSE subscription held on the first worker).
 #
 #   cargo build --release --features kafka -p kappa --example channels --bin kappa
 #   EVENTS=300000 bench/scale-out.sh
@@ -52,6 +54,8 @@ PY
     t1=$(date +%s.%N)
     secs=$(echo "$t1 - $t0" | bc)
     echo "workers $workers: $EVENTS events x $NVIEWS views in ${secs} s = $(echo "$EVENTS / $secs" | bc) events/s; load $(cut -d' ' -f1-3 /proc/loadavg)"
+    lag=$(python3 bench/lag_probe.py --bootstrap 127.0.0.1:$kport --http 127.0.0.1:${ports[0]} --rate "${LAG_RATE:-1000}" --seconds "${LAG_SECONDS:-10}")
+    echo "workers $workers: live lag $lag; load $(cut -d' ' -f1-3 /proc/loadavg)"
     kill "${pids[@]}" 2>/dev/null || true
     kill $serve; wait 2>/dev/null || true
 done

@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         http_listen: "127.0.0.1:0".parse()?,
         kafka_config: Vec::new(),
         views: None,
+        repartition: Vec::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let topics = Topics::new(&config, runtime.handle().clone())?;

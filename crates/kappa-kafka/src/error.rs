@@ -20,7 +20,7 @@ pub enum WorkError {
     View(#[from] kappa_views::ViewError),
     #[error("invalid --kafka-config '{0}': expected key=value")]
     BadConfig(String),
-    #[error("no view named '{0}' in this application (--views)")]
+    #[error("no view named '{0}' among the views this worker runs (--views, --repartition)")]
     UnknownView(String),
     #[error("HTTP listener {addr}: {source}")]
     Http { addr: String, source: std::io::Error },

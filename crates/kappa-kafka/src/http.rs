@@ -1,9 +1,15 @@
 //! A worker's HTTP API: the same view paths as `serve` (`/v1/views/{view}/keys/{key}`,
-//! `/v1/views/{view}/keys?prefix=`, `/v1/views/{view}/watch?key=` as Server-Sent Events),
-//! answered from the read replica; `/health` (per owned partition) and `/metrics`.
+//! `/v1/views/{view}/keys?prefix=`), and the same subscriptions — `/v1/views/{view}/watch`
+//! (Server-Sent Events) and `/v1/ws` (WebSocket, `{"op":"subscribe","id","view","key"|"prefix",
+//! "resume"?}`), each a snapshot then every change in order, resumable — answered from the
+//! read replica; `/health` (per owned partition) and `/metrics`.
 //!
 //! Positions are `<changelog partition>.<offset>`: a key lives in one changelog partition,
-//! so its changes are totally ordered by offset.
+//! so its changes are totally ordered by offset. A prefix spans partitions: its changes come
+//! in each partition's order (interleaved as the replica reads them), and its resume token
+//! holds one offset per partition (`<version>.<o0>_<o1>_...`, see [`Cursor`]). Frames are
+//! those of `serve` (`type`: snapshot, change, reset, error); a change frame also carries its
+//! `position`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -11,21 +17,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::Stream;
+use futures_util::{SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::replica::{KeyEntry, Replica};
+use crate::replica::{Cursor, KeyEntry, Replica, ReplicaChange, Start, Target};
 
 /// Keys one prefix read returns at most.
 pub const SCAN_LIMIT_MAX: usize = 10_000;
+/// Keys a prefix subscription's snapshot may hold.
+pub const SNAPSHOT_ITEMS_MAX: usize = 10_000;
+/// Messages queued per SSE stream or WebSocket before the client is cut off as too slow.
+pub const SUBSCRIBER_QUEUE_MAX: usize = 10_000;
+/// Subscriptions one WebSocket may hold.
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 100;
+/// Largest client message on a WebSocket.
+pub const WS_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 
 pub struct HttpState {
     pub replica: Arc<Replica>,
@@ -40,6 +57,7 @@ pub fn router(state: Arc<HttpState>) -> axum::Router {
         .route("/v1/views/{view}/keys", get(scan))
         .route("/v1/views/{view}/keys/{key}", get(get_key))
         .route("/v1/views/{view}/watch", get(watch))
+        .route("/v1/ws", get(ws_upgrade))
         .with_state(state)
 }
 
@@ -111,64 +129,298 @@ async fn scan(
 
 #[derive(Debug, Deserialize)]
 struct WatchQuery {
-    key: String,
+    key: Option<String>,
+    prefix: Option<String>,
+    resume: Option<String>,
 }
 
-/// SSE: `snapshot` (the key's value now, or null), then a `change` per change of the key,
-/// in changelog order; `reset` and the end of the stream if this subscriber fell more than
-/// `REPLICA_BROADCAST_MAX` changes behind (reconnect for a fresh snapshot).
+/// What a subscription sends, before a transport frames it.
+enum Live {
+    Snapshot { version: u32, items: Vec<(String, KeyEntry)>, token: Cursor },
+    Change { change: Arc<ReplicaChange>, token: Cursor },
+    Reset { reason: String },
+    Error { code: &'static str, message: String },
+}
+
+/// One message as JSON text, in `serve`'s frame shapes (plus `position` on a change).
+fn frame(id: Option<&str>, message: &Live) -> String {
+    let value = match message {
+        Live::Snapshot { version, items, token } => json!({
+            "type": "snapshot",
+            "id": id,
+            "version": version,
+            "items": items.iter().map(|(key, entry)| json!({"key": key, "value": value_json(entry), "position": position(entry)})).collect::<Vec<_>>(),
+            "token": token.to_string(),
+        }),
+        Live::Change { change, token } => json!({
+            "type": "change",
+            "id": id,
+            "key": change.key,
+            "value": change.value.as_ref().map(|v| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null)),
+            "position": format!("{}.{}", change.partition, change.offset),
+            "token": token.to_string(),
+        }),
+        Live::Reset { reason } => json!({"type": "reset", "id": id, "reason": reason}),
+        Live::Error { code, message } => json!({"type": "error", "id": id, "code": code, "message": message}),
+    };
+    value.to_string()
+}
+
+/// Sends a subscription's messages through `emit` (false: stop) until the client goes away
+/// or the replica stops: a snapshot (or the changes after the resume token), then every
+/// change; after falling behind the broadcast it resumes from the replica's history, or
+/// sends `reset` and a fresh snapshot — never a silent gap.
+async fn follow(
+    replica: Arc<Replica>,
+    view: String,
+    target: Target,
+    mut resume: Option<Cursor>,
+    emit: &mut (dyn FnMut(Live) -> bool + Send),
+) {
+    loop {
+        let (start, mut receiver) = match replica.start(&view, &target, resume.as_ref(), SNAPSHOT_ITEMS_MAX) {
+            Ok(started) => started,
+            Err(message) => {
+                emit(Live::Error { code: "snapshot_too_large", message });
+                return;
+            }
+        };
+        let mut cursor = match start {
+            Start::Snapshot { items, cursor } => {
+                if !emit(Live::Snapshot { version: cursor.version, items, token: cursor.clone() }) {
+                    return;
+                }
+                cursor
+            }
+            Start::Resume { replay, cursor: end } => {
+                let mut cursor = resume.take().expect("resumed from a token");
+                for change in replay {
+                    cursor.offsets[change.partition as usize] = change.offset + 1;
+                    if !emit(Live::Change { change, token: cursor.clone() }) {
+                        return;
+                    }
+                }
+                end
+            }
+            Start::Reset { reason } => {
+                if !emit(Live::Reset { reason }) {
+                    return;
+                }
+                resume = None;
+                continue;
+            }
+        };
+        loop {
+            match receiver.recv().await {
+                Ok(change) if *change.view == *view => {
+                    let p = change.partition as usize;
+                    if p >= cursor.offsets.len() || change.offset < cursor.offsets[p] {
+                        continue;
+                    }
+                    cursor.offsets[p] = change.offset + 1;
+                    if target.matches(&change.key) && !emit(Live::Change { change, token: cursor.clone() }) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    resume = Some(cursor);
+                    break;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Exactly one of key or prefix.
+fn target(key: Option<String>, prefix: Option<String>) -> Option<Target> {
+    match (key, prefix) {
+        (Some(key), None) => Some(Target::Key(key)),
+        (None, Some(prefix)) => Some(Target::Prefix(prefix)),
+        _ => None,
+    }
+}
+
+/// SSE: `snapshot`, then a `change` per change, each with its resume token as the event id
+/// (a reconnecting `EventSource` sends it back as `Last-Event-ID`; or pass `?resume=`).
 async fn watch(
     State(state): State<Arc<HttpState>>,
     Path(view): Path<String>,
     Query(query): Query<WatchQuery>,
+    headers: HeaderMap,
 ) -> Response {
     if !state.replica.has_view(&view) {
         return unknown_view(&view);
     }
-    let (entry, receiver) = state.replica.subscribe(&view, &query.key);
-    let snapshot = match &entry {
-        Some(e) => json!({"key": query.key, "value": value_json(e), "position": position(e)}),
-        None => json!({"key": query.key, "value": null, "position": null}),
+    let Some(target) = target(query.key, query.prefix) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_query", "give exactly one of ?key= or ?prefix=".to_owned());
     };
-    let first = Event::default().event("snapshot").data(snapshot.to_string());
-    let stream = changes(first, receiver, view, query.key);
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let resume = match query.resume.or(last_event_id).map(|t| t.parse::<Cursor>()).transpose() {
+        Ok(resume) => resume,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_token", message),
+    };
+    let (tx, rx) = mpsc::channel::<Event>(SUBSCRIBER_QUEUE_MAX);
+    let replica = state.replica.clone();
+    tokio::spawn(async move {
+        let slow = tx.clone();
+        let mut full = false;
+        let mut emit = |message: Live| match tx.try_send(sse_event(&message)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                full = true;
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        follow(replica, view, target, resume, &mut emit).await;
+        if full {
+            let message = Live::Error {
+                code: "slow_consumer",
+                message: format!(
+                    "this stream fell too far behind ({SUBSCRIBER_QUEUE_MAX} events queued); reconnect with Last-Event-ID"
+                ),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), slow.send(sse_event(&message))).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    sse(stream)
+}
+
+fn sse(stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
-fn changes(
-    first: Event,
-    receiver: tokio::sync::broadcast::Receiver<Arc<crate::replica::ReplicaChange>>,
-    view: String,
-    key: String,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let state = (Some(first), Some(receiver));
-    futures_util::stream::unfold(state, move |(first, receiver)| {
-        let (view, key) = (view.clone(), key.clone());
-        async move {
-            if let Some(first) = first {
-                return Some((Ok(first), (None, receiver)));
-            }
-            let mut receiver = receiver?;
-            loop {
-                match receiver.recv().await {
-                    Ok(change) if *change.view == *view && change.key == key => {
-                        let value =
-                            change.value.as_ref().map(|v| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null));
-                        let data = json!({"key": key, "value": value, "position": format!("{}.{}", change.partition, change.offset)});
-                        return Some((
-                            Ok(Event::default().event("change").data(data.to_string())),
-                            (None, Some(receiver)),
-                        ));
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
-                        let data =
-                            json!({"reason": "this subscription fell too far behind; reconnect for a fresh snapshot"});
-                        return Some((Ok(Event::default().event("reset").data(data.to_string())), (None, None)));
-                    }
-                    Err(RecvError::Closed) => return None,
+fn sse_event(message: &Live) -> Event {
+    let (name, id) = match message {
+        Live::Snapshot { token, .. } => ("snapshot", Some(token.to_string())),
+        Live::Change { token, .. } => ("change", Some(token.to_string())),
+        Live::Reset { .. } => ("reset", None),
+        Live::Error { .. } => ("error", None),
+    };
+    let event = Event::default().event(name).data(frame(None, message));
+    match id {
+        Some(id) => event.id(id),
+        None => event,
+    }
+}
+
+async fn ws_upgrade(State(state): State<Arc<HttpState>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(WS_MESSAGE_BYTES_MAX).on_upgrade(move |socket| ws_connection(state, socket))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum ClientMessage {
+    Subscribe { id: String, view: String, key: Option<String>, prefix: Option<String>, resume: Option<String> },
+    Unsubscribe { id: String },
+}
+
+/// Many subscriptions over one WebSocket, as `serve`'s `/v1/ws`.
+async fn ws_connection(state: Arc<HttpState>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<String>(SUBSCRIBER_QUEUE_MAX);
+    let (slow_tx, mut slow_rx) = mpsc::channel::<()>(1);
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = slow_rx.recv() => {
+                    let message = format!("this connection fell too far behind ({SUBSCRIBER_QUEUE_MAX} messages queued); reconnect and resume from your last token");
+                    let text = frame(None, &Live::Error { code: "slow_consumer", message });
+                    let _ = sink.send(Message::Text(text.into())).await;
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
                 }
+                text = rx.recv() => match text {
+                    Some(text) => if sink.send(Message::Text(text.into())).await.is_err() { return },
+                    None => return,
+                },
             }
         }
-    })
+    });
+    let mut subscriptions: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    while let Some(Ok(message)) = stream.next().await {
+        let text = match message {
+            Message::Text(text) => text.to_string(),
+            Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        subscriptions.retain(|_, task| !task.is_finished());
+        let refuse = |id: Option<&str>, code: &'static str, message: String| {
+            tx.try_send(frame(id, &Live::Error { code, message })).is_ok()
+        };
+        let ok = match serde_json::from_str::<ClientMessage>(&text) {
+            Err(e) => refuse(
+                None,
+                "invalid_message",
+                format!(
+                    "expected {{\"op\":\"subscribe\",\"id\",\"view\",\"key\"|\"prefix\",\"resume\"?}} or {{\"op\":\"unsubscribe\",\"id\"}}: {e}"
+                ),
+            ),
+            Ok(ClientMessage::Unsubscribe { id }) => match subscriptions.remove(&id) {
+                Some(task) => {
+                    task.abort();
+                    true
+                }
+                None => refuse(Some(&id), "unknown_subscription", format!("no subscription '{id}' on this connection")),
+            },
+            Ok(ClientMessage::Subscribe { id, view, key, prefix, resume }) => {
+                let resume = resume.map(|t| t.parse::<Cursor>()).transpose();
+                if subscriptions.contains_key(&id) {
+                    refuse(
+                        Some(&id),
+                        "duplicate_subscription",
+                        format!("subscription '{id}' exists on this connection; unsubscribe first or pick another id"),
+                    )
+                } else if subscriptions.len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
+                    refuse(
+                        Some(&id),
+                        "too_many_subscriptions",
+                        format!("at most {SUBSCRIPTIONS_PER_CONNECTION_MAX} subscriptions per connection"),
+                    )
+                } else if !state.replica.has_view(&view) {
+                    refuse(Some(&id), "unknown_view", format!("this worker serves no view named '{view}'"))
+                } else {
+                    match (target(key, prefix), resume) {
+                        (None, _) => refuse(
+                            Some(&id),
+                            "invalid_message",
+                            "a subscription names exactly one of \"key\" or \"prefix\"".to_owned(),
+                        ),
+                        (_, Err(message)) => refuse(Some(&id), "invalid_token", message),
+                        (Some(target), Ok(resume)) => {
+                            let (replica, tx, slow, sub) =
+                                (state.replica.clone(), tx.clone(), slow_tx.clone(), id.clone());
+                            let task = tokio::spawn(async move {
+                                let mut emit = |message: Live| match tx.try_send(frame(Some(&sub), &message)) {
+                                    Ok(()) => true,
+                                    Err(mpsc::error::TrySendError::Full(_)) => {
+                                        let _ = slow.try_send(());
+                                        false
+                                    }
+                                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                                };
+                                follow(replica, view, target, resume, &mut emit).await;
+                            });
+                            subscriptions.insert(id, task);
+                            true
+                        }
+                    }
+                }
+            }
+        };
+        if !ok {
+            let _ = slow_tx.try_send(());
+            break;
+        }
+    }
+    for (_, task) in subscriptions {
+        task.abort();
+    }
+    drop(tx);
+    let _ = writer.await;
 }

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use kappa_views::partitioned::{self, Placement};
 use kappa_views::{PayloadCodec, Schemas, View, ViewError};
 
 pub use crate::config::WorkConfig;
@@ -60,16 +61,47 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
     let topics = Topics::new(&config, runtime.handle().clone())?;
     let mut specs = Vec::new();
     let mut changelogs = Vec::new();
+    let mut served = Vec::new();
     for view in views {
         let partitions = input_partitions(&topics, &app.topics, &view)?;
+        let input = view.inputs()[0].clone();
         let changelog = kappa_views::changelog::topic_name(view.name(), view.version());
         topics.ensure(&TopicSpec::changelog(changelog.clone(), partitions))?;
-        tracing::info!(view = view.name(), version = view.version(), %changelog, partitions, "view ready for work mode");
         changelogs.push((changelog.clone(), view.name().to_owned(), partitions));
-        specs.push(ViewSpec { view, changelog });
+        served.push((view.name().to_owned(), view.version(), partitions));
+        if config.repartition.iter().any(|name| name == view.name()) {
+            // Stage 1 on the input partitions, stage 2 on the repartition topic's.
+            let repartition = partitioned::repartition_topic(view.name(), view.version());
+            let state = partitioned::repartition_state_topic(view.name(), view.version());
+            topics.ensure(&TopicSpec::repartition(repartition.clone(), partitions))?;
+            topics.ensure(&TopicSpec::changelog(state.clone(), partitions))?;
+            tracing::info!(view = view.name(), version = view.version(), %repartition, %state, %changelog, partitions, "view ready for work mode through a repartition topic");
+            specs.push(ViewSpec {
+                view: view.clone(),
+                input,
+                changelog: state,
+                placement: Placement::RepartitionSource { partitions },
+                repartition: Some(repartition.clone()),
+            });
+            specs.push(ViewSpec {
+                view,
+                input: repartition,
+                changelog,
+                placement: Placement::RepartitionSink { partitions },
+                repartition: None,
+            });
+        } else {
+            tracing::info!(view = view.name(), version = view.version(), %changelog, partitions, "view ready for work mode");
+            specs.push(ViewSpec { view, input, changelog, placement: Placement::CoPartitioned, repartition: None });
+        }
+    }
+    for name in &config.repartition {
+        if !changelogs.iter().any(|(_, view, _)| view == name) {
+            return Err(WorkError::UnknownView(name.clone()));
+        }
     }
     let metrics = Arc::new(Metrics::default());
-    let replica = Replica::new(specs.iter().map(|s| s.view.name().to_owned()));
+    let replica = Replica::new(served);
     let shared = Arc::new(Shared::new(config.clone(), specs, Arc::new(app.schemas), app.codec, metrics.clone()));
     serve_http(&runtime, &config, &shared, replica.clone())?;
     let replica_thread = {

@@ -3,14 +3,14 @@
 //! key without knowing who owns it. Reads lag the owner by the replica's tail latency and
 //! never show an aborted step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kappa_views::changelog::{self, Entry};
-use kappa_views::store::Scope;
+use kappa_views::changelog;
+use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::broadcast;
@@ -18,10 +18,12 @@ use tokio::sync::broadcast;
 use crate::config::WorkConfig;
 use crate::error::{Result, kafka};
 use crate::metrics::Metrics;
-use crate::restore::input_record;
 
-/// Changes queued for subscribers; a subscriber further behind is told to reset.
+/// Changes queued for subscribers before a slow one must resume from the history.
 pub const REPLICA_BROADCAST_MAX: usize = 65_536;
+/// Recent changes (all views) kept so a subscription can resume after a disconnect or after
+/// falling behind; one older than this gets `reset` and a fresh snapshot.
+pub const REPLICA_HISTORY_MAX: usize = 200_000;
 
 /// A view key's latest value and where it came from.
 #[derive(Debug, Clone)]
@@ -42,63 +44,251 @@ pub struct ReplicaChange {
     pub value: Option<Bytes>,
 }
 
+/// A subscription's position: per changelog partition, the offset before which every
+/// change has been sent (or was in the snapshot). As a token: `<version>.<o0>_<o1>_...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub version: u32,
+    pub offsets: Vec<i64>,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.", self.version)?;
+        for (i, offset) in self.offsets.iter().enumerate() {
+            if i > 0 {
+                f.write_str("_")?;
+            }
+            write!(f, "{offset}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "'{text}' is not a work-mode resume token (\"<version>.<offset>_<offset>...\", one offset per changelog partition, from a snapshot or change)"
+            )
+        };
+        let (version, offsets) = text.split_once('.').ok_or_else(bad)?;
+        let version = version.parse().map_err(|_| bad())?;
+        let offsets = offsets.split('_').map(|o| o.parse::<i64>().map_err(|_| bad())).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { version, offsets })
+    }
+}
+
+/// What a subscription follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Key(String),
+    Prefix(String),
+}
+
+impl Target {
+    pub fn matches(&self, key: &str) -> bool {
+        match self {
+            Target::Key(k) => k == key,
+            Target::Prefix(p) => key.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// How a subscription starts.
+pub enum Start {
+    /// The target's keys now, consistent with `cursor`.
+    Snapshot { items: Vec<(String, KeyEntry)>, cursor: Cursor },
+    /// The target's changes after the resume token, from the history, in replica order.
+    Resume { replay: Vec<Arc<ReplicaChange>>, cursor: Cursor },
+    /// The token cannot be resumed: send `reset`, then start with a snapshot.
+    Reset { reason: String },
+}
+
+struct ViewState {
+    version: u32,
+    keys: BTreeMap<String, KeyEntry>,
+    /// Per changelog partition: the next offset to read (everything before is applied).
+    positions: Vec<i64>,
+    /// Per partition: every change at or after this offset is in the history.
+    floors: Vec<i64>,
+}
+
+struct Inner {
+    views: BTreeMap<String, ViewState>,
+    history: VecDeque<Arc<ReplicaChange>>,
+}
+
 pub struct Replica {
-    views: RwLock<BTreeMap<String, BTreeMap<String, KeyEntry>>>,
+    inner: RwLock<Inner>,
     changes: broadcast::Sender<Arc<ReplicaChange>>,
 }
 
 impl Replica {
-    pub fn new(views: impl IntoIterator<Item = String>) -> Arc<Self> {
+    /// (view, version, changelog partitions) of every served view.
+    pub fn new(views: impl IntoIterator<Item = (String, u32, i32)>) -> Arc<Self> {
         let (changes, _) = broadcast::channel(REPLICA_BROADCAST_MAX);
-        Arc::new(Self { views: RwLock::new(views.into_iter().map(|v| (v, BTreeMap::new())).collect()), changes })
+        let views = views
+            .into_iter()
+            .map(|(view, version, partitions)| {
+                let n = partitions.max(0) as usize;
+                (view, ViewState { version, keys: BTreeMap::new(), positions: vec![0; n], floors: vec![0; n] })
+            })
+            .collect();
+        Arc::new(Self { inner: RwLock::new(Inner { views, history: VecDeque::new() }), changes })
     }
 
     pub fn has_view(&self, view: &str) -> bool {
-        self.read().contains_key(view)
+        self.read().views.contains_key(view)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<String, KeyEntry>>> {
-        self.views.read().unwrap_or_else(|e| e.into_inner())
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn get(&self, view: &str, key: &str) -> Option<KeyEntry> {
-        self.read().get(view).and_then(|keys| keys.get(key).cloned())
+        self.read().views.get(view).and_then(|v| v.keys.get(key).cloned())
     }
 
     /// Up to `limit` keys starting with `prefix`, after `after`.
     pub fn scan(&self, view: &str, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, KeyEntry)> {
-        let views = self.read();
-        let Some(keys) = views.get(view) else { return Vec::new() };
-        let start = after.filter(|a| *a >= prefix).unwrap_or(prefix).to_owned();
-        keys.range(start..)
-            .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, e)| (k.clone(), e.clone()))
-            .collect()
+        let inner = self.read();
+        let Some(state) = inner.views.get(view) else { return Vec::new() };
+        scan_keys(&state.keys, prefix, after, limit)
     }
 
-    /// The key's current entry and a receiver of every later change, with no gap between
+    /// How a subscription starts, and a receiver of every later change with no gap between
     /// them (both taken under the lock the writer holds while it applies and sends).
-    pub fn subscribe(&self, view: &str, key: &str) -> (Option<KeyEntry>, broadcast::Receiver<Arc<ReplicaChange>>) {
-        let views = self.read();
-        let entry = views.get(view).and_then(|keys| keys.get(key).cloned());
-        (entry, self.changes.subscribe())
+    /// Err: the snapshot would hold more than `snapshot_max` keys.
+    pub fn start(
+        &self,
+        view: &str,
+        target: &Target,
+        resume: Option<&Cursor>,
+        snapshot_max: usize,
+    ) -> Result<(Start, broadcast::Receiver<Arc<ReplicaChange>>), String> {
+        let inner = self.read();
+        let state = inner.views.get(view).ok_or_else(|| format!("this worker serves no view named '{view}'"))?;
+        let receiver = self.changes.subscribe();
+        let current = Cursor { version: state.version, offsets: state.positions.clone() };
+        if let Some(token) = resume {
+            let start = if token.version != state.version {
+                Start::Reset {
+                    reason: format!(
+                        "version {} serves now (the token is from version {})",
+                        state.version, token.version
+                    ),
+                }
+            } else if token.offsets.len() != state.positions.len() {
+                Start::Reset {
+                    reason: format!(
+                        "the token has {} partitions; the changelog has {}",
+                        token.offsets.len(),
+                        state.positions.len()
+                    ),
+                }
+            } else if token.offsets.iter().zip(&state.floors).any(|(t, floor)| t < floor) {
+                Start::Reset {
+                    reason: format!(
+                        "the token is older than this worker's history of changes ({REPLICA_HISTORY_MAX} changes)"
+                    ),
+                }
+            } else if token.offsets.iter().zip(&state.positions).any(|(t, end)| t > end) {
+                Start::Reset {
+                    reason: "the token is ahead of this worker's replica (from another worker, further along)"
+                        .to_owned(),
+                }
+            } else {
+                let replay = inner
+                    .history
+                    .iter()
+                    .filter(|c| {
+                        *c.view == *view && c.offset >= token.offsets[c.partition as usize] && target.matches(&c.key)
+                    })
+                    .cloned()
+                    .collect();
+                let mut cursor = token.clone();
+                for (p, end) in state.positions.iter().enumerate() {
+                    cursor.offsets[p] = cursor.offsets[p].max(*end);
+                }
+                // The replayed changes carry their own cursors; `cursor` is where they end.
+                Start::Resume { replay, cursor }
+            };
+            return Ok((start, receiver));
+        }
+        let items = match target {
+            Target::Key(key) => state.keys.get(key).map(|e| vec![(key.clone(), e.clone())]).unwrap_or_default(),
+            Target::Prefix(prefix) => {
+                let items = scan_keys(&state.keys, prefix, None, snapshot_max + 1);
+                if items.len() > snapshot_max {
+                    return Err(format!(
+                        "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
+                    ));
+                }
+                items
+            }
+        };
+        Ok((Start::Snapshot { items, cursor: current }, receiver))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn apply(&self, view: &Arc<str>, partition: i32, offset: i64, key: String, value: Option<Bytes>) {
-        let mut views = self.views.write().unwrap_or_else(|e| e.into_inner());
-        let Some(keys) = views.get_mut(&**view) else { return };
+        let mut inner = self.write();
+        let Inner { views, history } = &mut *inner;
+        let Some(state) = views.get_mut(&**view) else { return };
+        let p = partition as usize;
+        if p >= state.positions.len() || offset < state.positions[p] {
+            return;
+        }
+        state.positions[p] = offset + 1;
         match &value {
             Some(value) => {
-                keys.insert(key.clone(), KeyEntry { partition, offset, value: value.clone() });
+                state.keys.insert(key.clone(), KeyEntry { partition, offset, value: value.clone() });
             }
             None => {
-                keys.remove(&key);
+                state.keys.remove(&key);
             }
         }
-        let _ = self.changes.send(Arc::new(ReplicaChange { view: view.clone(), key, partition, offset, value }));
+        let change = Arc::new(ReplicaChange { view: view.clone(), key, partition, offset, value });
+        history.push_back(change.clone());
+        if history.len() > REPLICA_HISTORY_MAX
+            && let Some(old) = history.pop_front()
+            && let Some(state) = views.get_mut(&*old.view)
+        {
+            state.floors[old.partition as usize] = old.offset + 1;
+        }
+        let _ = self.changes.send(change);
     }
+
+    /// A record that is not a view change (a step marker, an internal key) was read.
+    fn advance(&self, view: &str, partition: i32, offset: i64) {
+        let mut inner = self.write();
+        if let Some(state) = inner.views.get_mut(view)
+            && let Some(position) = state.positions.get_mut(partition as usize)
+        {
+            *position = (*position).max(offset + 1);
+        }
+    }
+}
+
+fn scan_keys(
+    keys: &BTreeMap<String, KeyEntry>,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Vec<(String, KeyEntry)> {
+    let start = after.filter(|a| *a >= prefix).unwrap_or(prefix).to_owned();
+    keys.range(start..)
+        .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .take(limit)
+        .map(|(k, e)| (k.clone(), e.clone()))
+        .collect()
 }
 
 /// Tails every partition of the changelogs (changelog topic → view name) until `stop`.
@@ -125,17 +315,26 @@ pub fn run_replica(
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => {
                 metrics.replica_records.fetch_add(1, Ordering::Relaxed);
-                let Some(view) = names.get(rdkafka::Message::topic(&message)) else { continue };
-                let record = input_record(&message);
-                match changelog::decode(&record) {
-                    Ok(Entry::Change { change, offset, .. }) if change.scope == Scope::View => {
-                        let partition = rdkafka::Message::partition(&message);
-                        replica.apply(view, partition, offset, change.key, change.value.map(Bytes::from));
+                let Some(view) = names.get(message.topic()) else { continue };
+                let (partition, offset) = (message.partition(), message.offset());
+                // Straight from the borrowed message: a view key is UTF-8 bytes; markers
+                // (0xFF) and internal keys (0xFE) only advance the position.
+                match message.key() {
+                    Some(key)
+                        if !key.starts_with(&[changelog::INTERNAL_KEY_PREFIX]) && key != changelog::MARKER_KEY =>
+                    {
+                        match std::str::from_utf8(key) {
+                            Ok(key) => {
+                                let value = message.payload().map(Bytes::copy_from_slice);
+                                replica.apply(view, partition, offset, key.to_owned(), value);
+                            }
+                            Err(_) => {
+                                tracing::warn!(view = %view, partition, offset, "changelog key is not UTF-8: skipped by the read replica");
+                                replica.advance(view, partition, offset);
+                            }
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(view = %view, offset = record.offset, error = %e, "undecodable changelog record skipped by the read replica")
-                    }
+                    _ => replica.advance(view, partition, offset),
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "replica consumer"),

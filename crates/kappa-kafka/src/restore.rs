@@ -20,6 +20,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// A restore that receives nothing for this long while not at the end fails (the broker
 /// is unreachable or a transaction stays open).
 const RESTORE_STALL_MAX: Duration = Duration::from_secs(120);
+/// Keys a restore reserves room for up front, at most.
+const RESTORE_RESERVE_KEYS_MAX: usize = 4_000_000;
 
 /// A consumed message as the view engine's record type.
 pub fn input_record(message: &BorrowedMessage<'_>) -> InputRecord {
@@ -70,31 +72,47 @@ pub fn restore(
         return Ok(Restored { records: 0, elapsed: started.elapsed() });
     }
     consumer.assign(&assignment).map_err(kafka(format!("assign {changelog}/{partition}")))?;
+    // An upper bound of the keys (compaction only lowers it), capped: no huge reservation
+    // from a long uncompacted history.
+    view.reserve(((high - low) as usize).min(RESTORE_RESERVE_KEYS_MAX));
     let mut last_progress = started;
     let mut last_record = started;
     let mut records = 0u64;
+    let mut counted = 0u64;
     loop {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
-                view.restore(&input_record(&message))?;
+                view.restore_parts(message.offset(), message.key(), message.payload())?;
                 records += 1;
-                last_record = Instant::now();
-                metrics.restored_records.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The clock and the shared counter every 4096 records: per record they cost
+                // ~6% of a restore's CPU (perf).
+                if records - counted >= 4096 {
+                    last_record = Instant::now();
+                    metrics.restored_records.fetch_add(records - counted, std::sync::atomic::Ordering::Relaxed);
+                    counted = records;
+                }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
             Some(Err(e)) => {
                 return Err(WorkError::Restore { topic: changelog.to_owned(), partition, reason: e.to_string() });
             }
-            None if last_record.elapsed() > RESTORE_STALL_MAX => {
+            None if records == counted && last_record.elapsed() > RESTORE_STALL_MAX => {
                 return Err(WorkError::Restore {
                     topic: changelog.to_owned(),
                     partition,
                     reason: format!("nothing read for {RESTORE_STALL_MAX:?} before the end of the partition"),
                 });
             }
-            None => {}
+            None => {
+                // Records since the last count were received: not stalled.
+                if records != counted {
+                    metrics.restored_records.fetch_add(records - counted, std::sync::atomic::Ordering::Relaxed);
+                    counted = records;
+                    last_record = Instant::now();
+                }
+            }
         }
-        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+        if records.is_multiple_of(4096) && last_progress.elapsed() >= PROGRESS_INTERVAL {
             last_progress = Instant::now();
             tracing::info!(
                 changelog,
@@ -105,6 +123,7 @@ pub fn restore(
             );
         }
     }
+    metrics.restored_records.fetch_add(records - counted, std::sync::atomic::Ordering::Relaxed);
     let elapsed = started.elapsed();
     tracing::info!(
         changelog,

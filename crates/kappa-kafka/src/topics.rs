@@ -37,6 +37,20 @@ impl TopicSpec {
     }
 }
 
+impl TopicSpec {
+    /// A repartition topic: one partition per input partition, never compacted (two events
+    /// for one view key are both needed), kept until deleted (`retention.ms=-1`) so a stage 2
+    /// that is down loses nothing.
+    pub fn repartition(name: String, partitions: i32) -> Self {
+        let configs = BTreeMap::from([
+            ("cleanup.policy".to_owned(), "delete".to_owned()),
+            ("retention.ms".to_owned(), "-1".to_owned()),
+            ("max.message.bytes".to_owned(), CHANGELOG_MESSAGE_BYTES_MAX.to_string()),
+        ]);
+        Self { name, partitions, configs, must_match: vec!["cleanup.policy", "retention.ms"] }
+    }
+}
+
 pub struct Topics {
     admin: AdminClient<DefaultClientContext>,
     metadata: BaseConsumer,

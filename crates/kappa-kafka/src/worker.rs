@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kappa_views::backend::{InputRecord, OutputRecord};
+use kappa_views::partitioned::Placement;
 use kappa_views::{PartitionView, PayloadCodec, Schemas, Step, View};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
@@ -28,10 +29,16 @@ use crate::error::{Result, WorkError, kafka};
 use crate::metrics::Metrics;
 use crate::restore::{input_record, restore};
 
-/// A view this worker runs, with its changelog topic.
+/// One stage of a view this worker runs: what it consumes, where its changelog goes.
 pub struct ViewSpec {
     pub view: View,
+    /// The topic this stage consumes (the view's input, or its repartition topic).
+    pub input: String,
+    /// Where this stage's changelog records go (partition = the consumed partition).
     pub changelog: String,
+    pub placement: Placement,
+    /// The repartition topic a stage 1 forwards to.
+    pub repartition: Option<String>,
 }
 
 /// One owned input partition.
@@ -129,10 +136,17 @@ impl Shared {
             .map_err(kafka(format!("init_transactions for '{transactional_id}'")))?;
         let mut views = Vec::new();
         for (index, spec) in self.views.iter().enumerate() {
-            if spec.view.inputs().first().map(String::as_str) != Some(topic) {
+            if spec.input != topic {
                 continue;
             }
-            let mut fold = PartitionView::new(&spec.view, self.schemas.clone(), self.codec.clone(), topic, partition)?;
+            let mut fold = PartitionView::with_placement(
+                &spec.view,
+                self.schemas.clone(),
+                self.codec.clone(),
+                topic,
+                partition,
+                spec.placement,
+            )?;
             restore(&self.config, &spec.changelog, partition, &mut fold, &self.metrics)?;
             self.metrics.restores.fetch_add(1, Ordering::Relaxed);
             views.push((index, fold));
@@ -199,8 +213,7 @@ pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
         .group_consumer()
         .create_with_context(GroupContext(shared.clone()))
         .map_err(kafka("group consumer"))?;
-    let mut topics: Vec<&str> =
-        shared.views.iter().filter_map(|s| s.view.inputs().first().map(String::as_str)).collect();
+    let mut topics: Vec<&str> = shared.views.iter().map(|s| s.input.as_str()).collect();
     topics.sort_unstable();
     topics.dedup();
     consumer.subscribe(&topics).map_err(kafka("subscribe"))?;
@@ -211,11 +224,28 @@ pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
             return Err(error);
         }
         let mut tasks = lock(&shared.tasks);
-        for ((topic, partition), task) in tasks.iter_mut() {
-            if !task.buffer.is_empty() && !task.failed {
-                step(&shared, &consumer, topic, *partition, task)?;
-            }
-        }
+        // The partitions' steps run side by side: each is its own transaction with its own
+        // producer, and a transaction mostly waits for the cluster (appends, markers), so a
+        // worker owning n partitions no longer waits n transactions in a row.
+        let ready: Vec<_> = tasks.iter_mut().filter(|(_, task)| !task.buffer.is_empty() && !task.failed).collect();
+        let (shared, consumer) = (&*shared, &consumer);
+        let results: Vec<Result<()>> = match ready.len() {
+            0 => Vec::new(),
+            1 => ready
+                .into_iter()
+                .map(|((topic, partition), task)| step(shared, consumer, topic, *partition, task))
+                .collect(),
+            _ => std::thread::scope(|scope| {
+                let running: Vec<_> = ready
+                    .into_iter()
+                    .map(|((topic, partition), task)| {
+                        scope.spawn(move || step(shared, consumer, topic, *partition, task))
+                    })
+                    .collect();
+                running.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+            }),
+        };
+        results.into_iter().collect::<Result<()>>()?;
     }
     tracing::info!("leaving the consumer group");
     consumer.unsubscribe();
@@ -226,11 +256,16 @@ pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
 
 /// Polls records for up to `STEP_WAIT` (or `STEP_RECORDS_MAX` records) into the owned
 /// partitions' buffers.
+///
+/// Once records have arrived it stops as soon as the consumer's queue is empty: a live event
+/// does not wait out `STEP_WAIT` for company (while a rebuild's backlog keeps the queue full,
+/// so its steps stay large).
 fn collect(shared: &Shared, consumer: &BaseConsumer<GroupContext>) {
     let deadline = Instant::now() + STEP_WAIT;
     let mut count = 0;
     loop {
-        match consumer.poll(deadline.saturating_duration_since(Instant::now())) {
+        let wait = if count > 0 { Duration::ZERO } else { deadline.saturating_duration_since(Instant::now()) };
+        match consumer.poll(wait) {
             Some(Ok(message)) => {
                 let key = (rdkafka::Message::topic(&message).to_owned(), rdkafka::Message::partition(&message));
                 if let Some(task) = lock(&shared.tasks).get_mut(&key) {
@@ -242,6 +277,7 @@ fn collect(shared: &Shared, consumer: &BaseConsumer<GroupContext>) {
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
+            None if count > 0 => return,
             None => {}
         }
         if Instant::now() >= deadline {
@@ -332,9 +368,14 @@ fn transact(
 ) -> KafkaResult<()> {
     task.producer.begin_transaction()?;
     for (slot, step) in steps {
-        let changelog = &shared.views[task.views[*slot].0].changelog;
+        let spec = &shared.views[task.views[*slot].0];
         for record in &step.changelog {
-            send(&task.producer, changelog, Some(partition), record)?;
+            send(&task.producer, &spec.changelog, Some(partition), record)?;
+        }
+        if let Some(repartition) = &spec.repartition {
+            for (target, record) in &step.repartition {
+                send(&task.producer, repartition, Some(*target), record)?;
+            }
         }
         for (dead_letter_topic, record) in &step.dead_letters {
             send(&task.producer, dead_letter_topic, None, record)?;

@@ -48,9 +48,13 @@ pub enum ViewError {
     #[error("view value for key '{key}' is {bytes} bytes; the limit is {max} bytes (view_value_bytes_max)")]
     ValueTooLarge { key: String, bytes: usize, max: usize },
     #[error(
-        "view '{view}' changed key '{key}' while applying {position}, which is not the key of a record it applied: in work mode a view must be keyed by its input's record key (each key's history in one partition); a view keyed otherwise (a repartition topic) is not supported in work mode yet — run it with `serve`, or leave it out with `work --views`"
+        "view '{view}' changed key '{key}' while applying {position}, which is not the key of a record it applied: in work mode a view must be keyed by its input's record key (each key's history in one partition); a view keyed otherwise goes through a repartition topic: run the worker with `work --repartition {view}`"
     )]
     NotCoPartitioned { view: String, key: String, position: InputPosition },
+    #[error(
+        "view '{view}' cannot run through a repartition topic (at {position}): {reason}; run it with `serve`, or leave it out with `work --views`"
+    )]
+    NotRepartitionable { view: String, position: InputPosition, reason: String },
     #[error("the view engine is shutting down")]
     ShuttingDown,
 }

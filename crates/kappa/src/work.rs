@@ -25,6 +25,10 @@ pub struct WorkArgs {
     /// Run only these views (comma-separated); default: all of the application's.
     #[arg(long, value_delimiter = ',')]
     views: Option<Vec<String>>,
+    /// Views keyed differently from their input (e.g. `owner_channels`, keyed by owner): run
+    /// them through a repartition topic (comma-separated).
+    #[arg(long, env = "KAPPA_REPARTITION", value_delimiter = ',')]
+    repartition: Vec<String>,
 }
 
 type Topics = Vec<(String, i32, BTreeMap<String, String>)>;
@@ -44,6 +48,7 @@ pub fn run(args: WorkArgs, topics: Topics, views: Vec<View>, schemas: Schemas) -
         http_listen: args.http_listen,
         kafka_config,
         views: args.views,
+        repartition: args.repartition,
     };
     let stop = Arc::new(AtomicBool::new(false));
     {
