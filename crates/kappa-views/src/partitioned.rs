@@ -40,6 +40,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use hashbrown::HashMap;
 
 use crate::backend::{InputRecord, OutputRecord};
@@ -563,8 +564,8 @@ impl PartitionView {
                 forwarded.offset
             ))
         };
-        let header = |name: &str| forwarded.headers.iter().rev().find(|(k, _)| k == name.as_bytes());
-        let source = header(SOURCE_HEADER).and_then(|(_, v)| v.as_deref()).ok_or_else(|| bad("no source header"))?;
+        let header = |name: &str| forwarded.headers.last(name.as_bytes());
+        let source = header(SOURCE_HEADER).flatten().ok_or_else(|| bad("no source header"))?;
         let source = std::str::from_utf8(source).map_err(|_| bad("source header not UTF-8"))?;
         let mut parts = source.rsplitn(3, '/');
         let (Some(offset), Some(partition), Some(topic)) = (parts.next(), parts.next(), parts.next()) else {
@@ -572,13 +573,13 @@ impl PartitionView {
         };
         let offset: i64 = offset.parse().map_err(|_| bad("source offset"))?;
         let partition: i32 = partition.parse().map_err(|_| bad("source partition"))?;
-        let key = header(KEY_HEADER).ok_or_else(|| bad("no key header"))?.1.clone();
-        let keys = decode_entries(header(KEYS_HEADER).and_then(|(_, v)| v.as_deref()).unwrap_or_default())
+        let key = header(KEY_HEADER).ok_or_else(|| bad("no key header"))?.map(Bytes::copy_from_slice);
+        let keys = decode_entries(header(KEYS_HEADER).flatten().unwrap_or_default())
             .ok_or_else(|| bad("keys header"))?
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        let internal = decode_entries(header(INTERNAL_HEADER).and_then(|(_, v)| v.as_deref()).unwrap_or_default())
+        let internal = decode_entries(header(INTERNAL_HEADER).flatten().unwrap_or_default())
             .ok_or_else(|| bad("internal header"))?
             .into_iter()
             .collect();
@@ -586,7 +587,7 @@ impl PartitionView {
             .headers
             .iter()
             .filter(|(k, _)| !k.starts_with(REPARTITION_HEADER_PREFIX.as_bytes()))
-            .cloned()
+            .map(|(k, v)| (Bytes::copy_from_slice(k), v.map(Bytes::copy_from_slice)))
             .collect();
         let record =
             InputRecord { offset, timestamp: forwarded.timestamp, key, value: forwarded.value.clone(), headers };
