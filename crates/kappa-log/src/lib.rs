@@ -17,6 +17,7 @@ pub mod index;
 pub mod io;
 pub mod log;
 pub mod partition;
+pub mod partitioner;
 pub mod producer;
 pub mod records;
 pub mod segment;

@@ -62,41 +62,9 @@ pub fn repartition_state_topic(view: &str, version: u32) -> String {
     format!("__kappa.repartition-state.{view}.v{version}")
 }
 
-/// Kafka's murmur2 (`org.apache.kafka.common.utils.Utils.murmur2`), as the Java client's
-/// default partitioner uses it.
-pub fn murmur2(data: &[u8]) -> i32 {
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let mut blocks = data.chunks_exact(4);
-    for block in &mut blocks {
-        let mut k = u32::from_le_bytes(block.try_into().expect("4 bytes"));
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let tail = blocks.remainder();
-    if tail.len() >= 3 {
-        h ^= u32::from(tail[2]) << 16;
-    }
-    if tail.len() >= 2 {
-        h ^= u32::from(tail[1]) << 8;
-    }
-    if !tail.is_empty() {
-        h ^= u32::from(tail[0]);
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
 /// The repartition partition of a view key: Kafka's default partitioner.
 pub fn key_partition(key: &[u8], partitions: i32) -> i32 {
-    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+    kappa_log::partitioner::default_partition(key, partitions)
 }
 
 /// Headers stage 1 adds to a forwarded event (removed again before stage 2 decodes it).
@@ -845,15 +813,6 @@ fn decode_entries(mut bytes: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn murmur2_matches_kafkas_own_test_vectors() {
-        assert_eq!(murmur2(b"21"), -973_932_308);
-        assert_eq!(murmur2(b"foobar"), -790_332_482);
-        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
-        assert_eq!(murmur2(b"abc"), 479_470_107);
-        assert_eq!(key_partition(b"21", 7), (-973_932_308_i32 & 0x7fff_ffff) % 7);
-    }
 
     #[test]
     fn entries_round_trip() {
