@@ -68,14 +68,7 @@ pub struct ContentV2 {
     #[serde(rename = "contentId", skip_serializing_if = "Option::is_none")]
     pub content_id: Option<CompactString>,
     pub action: &'static str,
-    pub content: ContentV2Item,
-}
-
-/// An item's content as `ChannelContentMutated` v2 carries it.
-#[derive(Debug, Serialize)]
-pub struct ContentV2Item {
-    pub title: Option<CompactString>,
-    pub body: Option<CompactString>,
+    pub content: Content,
 }
 
 /// v1 `{"op":"added","text"}` → v2 `{"action":"upsert","content":{"title":null,"body":text}}`.
@@ -91,7 +84,7 @@ pub fn content_v1_to_v2(v1: ContentV1) -> Result<ContentV2, EventError> {
         channel_id: v1.channel_id,
         content_id: v1.content_id,
         action,
-        content: ContentV2Item { title: None, body: v1.text },
+        content: Content { title: None, body: v1.text },
     })
 }
 
@@ -126,8 +119,8 @@ pub enum ChannelEvent<'a> {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Content {
-    pub title: Option<String>,
-    pub body: Option<String>,
+    pub title: Option<CompactString>,
+    pub body: Option<CompactString>,
 }
 
 /// The payload fields the views use, borrowed from the record where possible; `C` is
@@ -226,10 +219,11 @@ pub struct ChannelPage;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Page {
-    pub channel_id: String,
-    pub name: Option<String>,
-    pub owner_id: Option<String>,
-    pub content: BTreeMap<String, Content>,
+    pub channel_id: CompactString,
+    pub name: Option<CompactString>,
+    pub owner_id: Option<CompactString>,
+    /// Short ids and texts stay inline: 100k pages' items are not 6M separate allocations.
+    pub content: BTreeMap<CompactString, Content>,
 }
 
 impl Reducer for ChannelPage {
@@ -243,18 +237,18 @@ impl Reducer for ChannelPage {
         let mut page = match state {
             Some(page) => page,
             None => {
-                let channel_id = channel_id(event).unwrap_or_default().to_owned();
+                let channel_id = CompactString::from(channel_id(event).unwrap_or_default());
                 Page { channel_id, name: None, owner_id: None, content: BTreeMap::new() }
             }
         };
         let (meaning, content) = interpret_with_content(event)?;
         match meaning {
             ChannelEvent::Upserted { name, owner_id } => {
-                page.name = name.map(Cow::into_owned);
-                page.owner_id = owner_id.map(Cow::into_owned);
+                page.name = name.map(CompactString::from);
+                page.owner_id = owner_id.map(CompactString::from);
             }
             ChannelEvent::ContentUpserted { content_id } => {
-                page.content.insert(content_id.into_owned(), content);
+                page.content.insert(CompactString::from(content_id), content);
             }
             ChannelEvent::ContentRemoved { content_id } => {
                 page.content.remove(&*content_id);

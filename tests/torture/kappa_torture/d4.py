@@ -1,6 +1,6 @@
-"""D4 short writes: the broker runs under libfiu with `pwrite` reduced at random
+"""D4 short writes: the broker runs under libfiu with `pwrite`/`pwritev` reduced at random
 (a write call stores only part of what it was given, as a full disk or a signal can
-cause), over at least 10,000 produce requests. Now and then a burst of EIO on `pwrite`
+cause), over at least 10,000 produce requests. Now and then a burst of EIO on them
 lands between the pieces of a batch, leaving a torn batch on disk and the directory
 poisoned; the broker is then killed (-9) and restarted, and recovery must cut the torn
 tail. No corrupt batch may ever be served (librdkafka checks every batch's CRC), every
@@ -16,10 +16,12 @@ from .workload import ProduceWorkload
 TOPIC = "d4"
 PARTITIONS = 3
 EIO = 5
-# Only pwrite: every file write of kappa's RealFs is a pwrite (write_all_at). Reducing
-# plain write() would also hit tokio's eventfd wake-ups, where a short write is EINVAL
-# and tokio panics: an artefact of the injection, not a disk fault.
-REDUCE = ["posix/io/rw/pwrite/reduce"]
+# Only pwrite and pwritev: every file write of kappa's RealFs is one of them (write_all_at,
+# and a segment append written from the request's own buffers). Reducing plain write()
+# would also hit tokio's eventfd wake-ups, where a short write is EINVAL and tokio panics:
+# an artefact of the injection, not a disk fault.
+WRITES = ["posix/io/rw/pwrite", "posix/io/rw/pwritev"]
+REDUCE = [f"{w}/reduce" for w in WRITES]
 
 
 def run(r):
@@ -50,16 +52,18 @@ def run(r):
         next_burst += bursts_every
         # An EIO burst: some pwrite calls fail outright, mid-batch after a reduced one.
         poisoned_before = broker.log_count("log directory poisoned")
-        broker.fiu_ctrl(f"enable_random name=posix/io/rw/pwrite,failinfo={EIO},probability=0.3")
+        for write in WRITES:
+            broker.fiu_ctrl(f"enable_random name={write},failinfo={EIO},probability=0.3")
         deadline = time.monotonic() + 30
         while broker.log_count("log directory poisoned") == poisoned_before:
             if time.monotonic() > deadline:
-                raise TortureError("no write failed within 30 s of enabling EIO on pwrite")
+                raise TortureError("no write failed within 30 s of enabling EIO on pwrite and pwritev")
             time.sleep(0.005)
         # Only some pwrite calls fail, so records written before the first failure are
         # rightly acknowledged: the window starts once the poisoning is seen.
         fault_at = time.monotonic()
-        broker.fiu_ctrl("disable name=posix/io/rw/pwrite")
+        for write in WRITES:
+            broker.fiu_ctrl(f"disable name={write}")
         time.sleep(r.rng.uniform(0.05, 0.3))
         windows.append((fault_at, time.monotonic()))
         broker.kill9()

@@ -6,7 +6,7 @@ within 5 s. Some cycles restart the broker (kill -9) while the disk is full. At 
 every record was acknowledged and the log holds exactly the acknowledged records, each
 once, at their acknowledged offsets.
 
-Where mounting is impossible, ENOSPC is injected into pwrite with libfiu instead (the
+Where mounting is impossible, ENOSPC is injected into pwrite/pwritev with libfiu instead (the
 same error from the same call, without a real file system); the run says which mode it
 used."""
 import errno
@@ -21,6 +21,9 @@ from .harness import Tmpfs, TortureError
 from .workload import ProduceWorkload
 
 TOPIC = "d5"
+# Every file write of kappa's RealFs is a pwrite or a pwritev.
+WRITES = ["posix/io/rw/pwrite", "posix/io/rw/pwritev"]
+FULL = [f"enable name={w},failinfo={errno.ENOSPC}" for w in WRITES]
 PARTITIONS = 3
 RESUME_WITHIN_S = 5.0
 TMPFS_SIZE = "24m"
@@ -90,7 +93,7 @@ def run(r):
     why_not = "TORTURE_D5_MODE=fiu" if os.environ.get("TORTURE_D5_MODE") == "fiu" else tmpfs.mount()
     mode = "tmpfs" if why_not is None else "fiu-enospc"
     if why_not is not None:
-        r.note(f"cannot mount a tmpfs ({why_not}): injecting ENOSPC into pwrite with libfiu instead")
+        r.note(f"cannot mount a tmpfs ({why_not}): injecting ENOSPC into pwrite/pwritev with libfiu instead")
     try:
         _run(r, cycles, tmpfs, mode)
     finally:
@@ -118,7 +121,7 @@ def _run(r, cycles, tmpfs, mode):
         if mode == "tmpfs":
             stats["filled_bytes_max"] = max(stats["filled_bytes_max"], fill(filler))
         else:
-            broker.fiu_ctrl(f"enable name=posix/io/rw/pwrite,failinfo={errno.ENOSPC}")
+            broker.fiu_ctrl(*FULL)
         err, offset = probe.send(PROBE_BYTES)
         if err is None:
             raise AssertionError(f"cycle {cycle}: a {PROBE_BYTES}-byte record was acknowledged (offset {offset}) on a full disk")
@@ -130,7 +133,7 @@ def _run(r, cycles, tmpfs, mode):
         if r.rng.random() < 0.25:
             # A crash while the disk is full: recovery must cope without room.
             broker.kill9()
-            still_full = None if fiu is None else [f"enable name=posix/io/rw/pwrite,failinfo={errno.ENOSPC}"]
+            still_full = None if fiu is None else FULL
             broker.start(fiu_commands=still_full)
             stats["restarts_while_full"] += 1
         # Space freed: produce must resume within 5 s.
@@ -138,7 +141,7 @@ def _run(r, cycles, tmpfs, mode):
         if mode == "tmpfs":
             os.unlink(filler)
         else:
-            broker.fiu_ctrl("disable name=posix/io/rw/pwrite")
+            broker.fiu_ctrl(*(f"disable name={w}" for w in WRITES))
         freed_at = time.monotonic()
         deadline = freed_at + 60
         while w.acked() <= before:
