@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kappa_log::records::Headers;
+use kappa_log::records::{HeaderIter, Headers};
 
 use crate::error::Result;
 
@@ -64,10 +64,10 @@ impl RecordHeaders {
     }
 
     /// (name, value) pairs in wire order.
-    pub fn iter(&self) -> Box<dyn Iterator<Item = (&[u8], Option<&[u8]>)> + '_> {
+    pub fn iter(&self) -> RecordHeaderIter<'_> {
         match self {
-            Self::Encoded { bytes, count } => Box::new(Headers::from_checked(bytes, *count).iter()),
-            Self::List(list) => Box::new(list.iter().map(|(k, v)| (&k[..], v.as_deref()))),
+            Self::Encoded { bytes, count } => RecordHeaderIter::Encoded(Headers::from_checked(bytes, *count).iter()),
+            Self::List(list) => RecordHeaderIter::List(list.iter()),
         }
     }
 
@@ -76,6 +76,23 @@ impl RecordHeaders {
         match self {
             Self::Encoded { bytes, count } => Headers::from_checked(bytes, *count).last(name),
             Self::List(list) => list.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_deref()),
+        }
+    }
+}
+
+/// Iterates [`RecordHeaders`] without allocating.
+pub enum RecordHeaderIter<'a> {
+    Encoded(HeaderIter<'a>),
+    List(std::slice::Iter<'a, (Bytes, Option<Bytes>)>),
+}
+
+impl<'a> Iterator for RecordHeaderIter<'a> {
+    type Item = (&'a [u8], Option<&'a [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Self::Encoded(iter) => iter.next(),
+            Self::List(iter) => iter.next().map(|(k, v)| (&k[..], v.as_deref())),
         }
     }
 }
