@@ -75,17 +75,6 @@ fn segment_calls(trace: &str, topic: &str) -> Vec<(f64, String)> {
         .collect()
 }
 
-/// Produces one record with acks=1 (kcat); panics with the server log when that fails.
-fn produce(server: &Server, line: &str) {
-    let mut kcat = Command::new("kcat")
-        .args(["-b", &server.bootstrap(), "-P", "-t", "durable", "-X", "request.required.acks=1"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("kcat");
-    kcat.stdin.take().unwrap().write_all(format!("{line}\n").as_bytes()).unwrap();
-    assert!(kcat.wait().unwrap().success(), "kcat produce failed; server log:\n{}", server.log());
-}
-
 #[test]
 fn sync_interval_ms_is_honoured_not_the_30s_maintenance_timer() {
     let temp = tempfile::tempdir().expect("temp dir");
@@ -95,9 +84,15 @@ fn sync_interval_ms_is_honoured_not_the_30s_maintenance_timer() {
     let _strace = Strace::attach(server.pid(), &trace_path);
 
     // acks=1: under the interval policy the acknowledgement comes before any fsync.
-    produce(&server, "acknowledged before fsync");
+    let mut kcat = Command::new("kcat")
+        .args(["-b", &server.bootstrap(), "-P", "-t", "durable", "-X", "request.required.acks=1"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat");
+    kcat.stdin.take().unwrap().write_all(b"acknowledged before fsync\n").unwrap();
+    assert!(kcat.wait().unwrap().success(), "kcat produce failed; server log:\n{}", server.log());
+
     let started = Instant::now();
-    let mut produced_at = Instant::now();
     let (written_at, synced_at) = loop {
         let trace = std::fs::read_to_string(&trace_path).unwrap_or_default();
         let calls = segment_calls(&trace, "durable");
@@ -114,17 +109,11 @@ fn sync_interval_ms_is_honoured_not_the_30s_maintenance_timer() {
             if let Some(synced) = synced {
                 break (written, synced);
             }
-        } else if produced_at.elapsed() > Duration::from_secs(1) && started.elapsed() < Duration::from_secs(4) {
-            // The trace shows no segment write yet (once, under CI load, none ever showed
-            // up for the first record): write another; the check applies to the first
-            // write the trace shows.
-            produce(&server, "acknowledged before fsync, again");
-            produced_at = Instant::now();
         }
         assert!(
-            started.elapsed() < SYNC_DEADLINE + Duration::from_secs(6),
-            "no fdatasync of the segment after the acknowledged write within {SYNC_DEADLINE:?} (+6 s of slack for \
-             strace and re-produces) under --sync {interval}; write seen: {written:?}\nsegment calls:\n{calls:#?}"
+            started.elapsed() < SYNC_DEADLINE + Duration::from_secs(3),
+            "no fdatasync of the segment after the acknowledged write within {SYNC_DEADLINE:?} (+3 s of slack for \
+             strace) under --sync {interval}; write seen: {written:?}\nsegment calls:\n{calls:#?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
