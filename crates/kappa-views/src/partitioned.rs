@@ -358,13 +358,14 @@ impl PartitionView {
                 internal_reads: RefCell::new(BTreeMap::new()),
                 view_keys: RefCell::new(BTreeSet::new()),
             };
-            let outcome = decode_event(&self.topic, self.partition, record.clone(), self.codec.as_ref())
-                .and_then(|e| self.schemas.upcast(e))
-                .and_then(|event| {
-                    self.applier.apply(&event, &read)?;
-                    Ok((event.timestamp, self.applier.take_changes()?))
-                });
-            self.applier.discard();
+            let outcome = apply_alone(
+                &mut *self.applier,
+                &self.schemas,
+                self.codec.as_ref(),
+                (&self.topic, self.partition),
+                record,
+                &read,
+            );
             let (timestamp, changes) = match outcome {
                 Ok(done) => done,
                 Err(error) => {
@@ -462,13 +463,14 @@ impl PartitionView {
                 view_keys: RefCell::new(BTreeSet::new()),
                 missing_internal: RefCell::new(None),
             };
-            let outcome = decode_event(&source.0, source.1, record.clone(), self.codec.as_ref())
-                .and_then(|e| self.schemas.upcast(e))
-                .and_then(|event| {
-                    self.applier.apply(&event, &read)?;
-                    Ok((event.timestamp, self.applier.take_changes()?))
-                });
-            self.applier.discard();
+            let outcome = apply_alone(
+                &mut *self.applier,
+                &self.schemas,
+                self.codec.as_ref(),
+                (&source.0, source.1),
+                &record,
+                &read,
+            );
             let (timestamp, changes) = match outcome {
                 Ok(done) => done,
                 Err(error) => {
@@ -808,6 +810,25 @@ fn decode_entries(mut bytes: &[u8]) -> Option<Vec<(String, Option<Vec<u8>>)>> {
         out.push((key, value));
     }
     Some(out)
+}
+
+/// Decodes, upcasts and applies one record on an empty cache: its timestamp and the
+/// changes it made (the cache is left empty again either way).
+fn apply_alone(
+    applier: &mut dyn Applier,
+    schemas: &Schemas,
+    codec: &dyn PayloadCodec,
+    (topic, partition): (&Arc<str>, i32),
+    record: &InputRecord,
+    read: &dyn StoreRead,
+) -> std::result::Result<(i64, Vec<Change>), EventError> {
+    let outcome =
+        decode_event(topic, partition, record.clone(), codec).and_then(|e| schemas.upcast(e)).and_then(|event| {
+            applier.apply(&event, read)?;
+            Ok((event.timestamp, applier.take_changes()?))
+        });
+    applier.discard();
+    outcome
 }
 
 #[cfg(test)]
