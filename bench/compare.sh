@@ -45,7 +45,7 @@ install_tools() {
 
 install_tools
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
-cargo build --release -q -p kappa --bin kappa -p peer-client
+cargo build --release -q -p kappa --bin kappa -p peer-client --bin peer-client
 TARGET=${CARGO_TARGET_DIR:-target}
 mkdir -p "$(dirname "$OUT")"
 rm -rf "$DATA" && mkdir -p "$DATA"
