@@ -12,7 +12,7 @@
 //! Views: `channel_page`, `channel_stats`, `owner_channels` (see each type).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use compact_str::CompactString;
 
@@ -272,42 +272,156 @@ pub struct Stats {
     pub content_count: u64,
 }
 
-/// A channel's content ids, sorted and distinct. Ids are short, so they sit inline in one
-/// contiguous vector: a lookup touches a few cache lines instead of a tree's nodes (the
-/// rebuild reads 100k such sets in random order). Serialized as a sorted JSON array.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ContentIds(Vec<CompactString>);
+/// Sets of up to this many ids, each shorter than 256 bytes, are packed into one buffer;
+/// larger ones (or one with a longer id) move to a hash set.
+pub const PACKED_CONTENT_IDS_MAX: usize = 64;
+
+/// A channel's content ids, distinct. A rebuild visits 100k channels in random order, so
+/// what matters is how many cache lines a lookup touches: a small set is one buffer of
+/// length-prefixed ids (20 short ids are ~70 bytes, scanned front to back, lengths compared
+/// first), not a vector of strings searched by halving. Serialized as a sorted JSON array
+/// (the shape of the `BTreeSet<String>` it replaced, so existing stores read back).
+#[derive(Debug, Clone, Default)]
+pub struct ContentIds(IdSet);
+
+#[derive(Debug, Clone)]
+enum IdSet {
+    /// Each id as its length (one byte) and its bytes, in insertion order.
+    Packed { bytes: Vec<u8>, count: usize },
+    /// Boxed: the packed case stays small in the view cache's table.
+    Hashed(Box<HashSet<CompactString>>),
+}
+
+impl Default for IdSet {
+    fn default() -> Self {
+        IdSet::Packed { bytes: Vec::new(), count: 0 }
+    }
+}
+
+/// Where the packed id equal to `id` starts (its length byte).
+fn packed_position(bytes: &[u8], id: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(&len) = bytes.get(at) {
+        let start = at + 1;
+        let len = usize::from(len);
+        if len == id.len() && bytes[start..start + len] == *id {
+            return Some(at);
+        }
+        at = start + len;
+    }
+    None
+}
+
+fn packed_ids(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let len = usize::from(*bytes.get(at)?);
+        let id = &bytes[at + 1..at + 1 + len];
+        at += 1 + len;
+        Some(id)
+    })
+}
 
 impl ContentIds {
     /// True when `id` was not there yet.
     pub fn insert(&mut self, id: &str) -> bool {
-        match self.0.binary_search_by(|probe| probe.as_str().cmp(id)) {
-            Ok(_) => false,
-            Err(at) => {
-                self.0.insert(at, CompactString::from(id));
+        match &mut self.0 {
+            IdSet::Packed { bytes, count } => {
+                if packed_position(bytes, id.as_bytes()).is_some() {
+                    return false;
+                }
+                match u8::try_from(id.len()) {
+                    Ok(len) if *count < PACKED_CONTENT_IDS_MAX => {
+                        bytes.push(len);
+                        bytes.extend_from_slice(id.as_bytes());
+                        *count += 1;
+                    }
+                    _ => {
+                        let mut set: HashSet<CompactString> = self.ids().map(CompactString::from).collect();
+                        set.insert(CompactString::from(id));
+                        self.0 = IdSet::Hashed(Box::new(set));
+                    }
+                }
                 true
             }
+            IdSet::Hashed(set) => set.insert(CompactString::from(id)),
         }
     }
 
     /// True when `id` was there.
     pub fn remove(&mut self, id: &str) -> bool {
-        match self.0.binary_search_by(|probe| probe.as_str().cmp(id)) {
-            Ok(at) => {
-                self.0.remove(at);
-                true
-            }
-            Err(_) => false,
+        match &mut self.0 {
+            IdSet::Packed { bytes, count } => match packed_position(bytes, id.as_bytes()) {
+                Some(at) => {
+                    bytes.drain(at..at + 1 + id.len());
+                    *count -= 1;
+                    true
+                }
+                None => false,
+            },
+            IdSet::Hashed(set) => set.remove(id),
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        match &self.0 {
+            IdSet::Packed { bytes, .. } => packed_position(bytes, id.as_bytes()).is_some(),
+            IdSet::Hashed(set) => set.contains(id),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        match &self.0 {
+            IdSet::Packed { count, .. } => *count,
+            IdSet::Hashed(set) => set.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
+    }
+
+    /// The ids in no particular order.
+    pub fn ids(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.0 {
+            // Packed ids were copied from `&str`s whole, so they are UTF-8.
+            IdSet::Packed { bytes, .. } => {
+                Box::new(packed_ids(bytes).map(|id| std::str::from_utf8(id).expect("packed ids are UTF-8")))
+            }
+            IdSet::Hashed(set) => Box::new(set.iter().map(CompactString::as_str)),
+        }
+    }
+
+    /// The ids in order.
+    pub fn sorted(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.ids().collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+impl PartialEq for ContentIds {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.ids().all(|id| other.contains(id))
+    }
+}
+
+impl Eq for ContentIds {}
+
+impl Serialize for ContentIds {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.sorted())
+    }
+}
+
+impl<'de> Deserialize<'de> for ContentIds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let listed = Vec::<CompactString>::deserialize(deserializer)?;
+        let mut ids = ContentIds::default();
+        for id in &listed {
+            ids.insert(id);
+        }
+        Ok(ids)
     }
 }
 
@@ -398,5 +512,62 @@ impl Processor for OwnerChannels {
             None => state.delete_internal(channel),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids_of(set: &ContentIds) -> Vec<String> {
+        set.sorted().into_iter().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn packed_content_ids_insert_remove_and_serialize_sorted() {
+        let mut ids = ContentIds::default();
+        assert!(ids.insert("x10"));
+        assert!(ids.insert("x2"));
+        assert!(ids.insert(""));
+        assert!(!ids.insert("x2"), "a second insert of the same id adds nothing");
+        assert_eq!(ids.len(), 3);
+        assert!(ids.contains("x10") && ids.contains("") && !ids.contains("x1"));
+        assert!(ids.remove("x10"));
+        assert!(!ids.remove("x10"));
+        assert!(ids.insert("x1"));
+        assert_eq!(serde_json::to_string(&ids).unwrap(), r#"["","x1","x2"]"#);
+        let back: ContentIds = serde_json::from_str(r#"["","x1","x2"]"#).unwrap();
+        assert_eq!(back, ids);
+        assert!(matches!(ids.0, IdSet::Packed { .. }));
+    }
+
+    #[test]
+    fn content_ids_past_the_packed_limit_or_too_long_move_to_a_hash_set_and_keep_every_id() {
+        let mut many = ContentIds::default();
+        let names: Vec<String> = (0..PACKED_CONTENT_IDS_MAX + 10).map(|i| format!("item-{i:03}")).collect();
+        for name in &names {
+            assert!(many.insert(name));
+        }
+        assert!(matches!(many.0, IdSet::Hashed(_)));
+        assert_eq!(many.len(), names.len());
+        assert_eq!(ids_of(&many), names);
+        assert!(!many.insert("item-000") && many.remove("item-000") && !many.contains("item-000"));
+
+        let long = "l".repeat(300);
+        let mut ids = ContentIds::default();
+        ids.insert("short");
+        assert!(ids.insert(&long));
+        assert!(matches!(ids.0, IdSet::Hashed(_)));
+        assert!(ids.contains(&long) && ids.contains("short"));
+        let json = serde_json::to_string(&ids).unwrap();
+        let back: ContentIds = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ids);
+    }
+
+    #[test]
+    fn content_ids_read_back_the_old_sorted_array_and_drop_duplicates() {
+        let ids: ContentIds = serde_json::from_str(r#"["a","b","b","c"]"#).unwrap();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids_of(&ids), ["a", "b", "c"]);
     }
 }
