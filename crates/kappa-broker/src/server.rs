@@ -43,6 +43,8 @@ pub struct Peer {
 }
 
 /// A handler's answer: ready now, or still completing (e.g. waiting for an fsync).
+// Not boxed: `Ready` is the common case, and boxing it would allocate once per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
     Ready(Response),
     Pending(BoxFuture<'static, Response>),
@@ -236,6 +238,8 @@ impl Connection {
 }
 
 /// What a connection owes its peer, in request order.
+// Not boxed: one of these per request in flight; boxing the reply would allocate per request.
+#[allow(clippy::large_enum_variant)]
 enum Queued {
     Frame(ResponseFrame),
     Reply { header: RequestHeader, wants_answer: bool, reply: Reply },

@@ -194,10 +194,10 @@ impl Group {
 
     /// The member a request names, checking static-membership fencing.
     fn member_seq(&self, member_id: &str, instance_id: Option<&str>) -> Result<u64, GroupError> {
-        if let Some(instance) = instance_id {
-            if let Some(seq) = self.seq_of_instance(instance) {
-                return if self.members[&seq].id == member_id { Ok(seq) } else { Err(GroupError::FencedInstanceId) };
-            }
+        if let Some(instance) = instance_id
+            && let Some(seq) = self.seq_of_instance(instance)
+        {
+            return if self.members[&seq].id == member_id { Ok(seq) } else { Err(GroupError::FencedInstanceId) };
         }
         self.seq_of(member_id).ok_or(GroupError::UnknownMemberId)
     }
@@ -436,10 +436,11 @@ impl GroupCoordinator {
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let mut groups = coordinator.lock();
-            if let Some(group) = groups.get_mut(&group_id) {
-                if group.rebalance_epoch == epoch && group.state == GroupState::PreparingRebalance {
-                    complete_join(group);
-                }
+            if let Some(group) = groups.get_mut(&group_id)
+                && group.rebalance_epoch == epoch
+                && group.state == GroupState::PreparingRebalance
+            {
+                complete_join(group);
             }
         });
     }

@@ -201,15 +201,16 @@ impl Partition {
                 }
                 None => {}
             }
-            if is_last && outcome.scanned {
-                if let Some((position, reason)) = first_offset_gap(&seg)? {
-                    let cut = seg.size - position;
-                    tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
-                    seg.truncate(position)?;
-                    seg.rebuild_from_scan(position)?;
-                    report.truncated_bytes += cut;
-                    report.truncation_reasons.push(format!("segment {base}: {reason}"));
-                }
+            if is_last
+                && outcome.scanned
+                && let Some((position, reason)) = first_offset_gap(&seg)?
+            {
+                let cut = seg.size - position;
+                tracing::warn!(topic = %ctx.topic, partition = ctx.partition, segment = base, cut_bytes = cut, %reason, "truncating invalid tail of segment");
+                seg.truncate(position)?;
+                seg.rebuild_from_scan(position)?;
+                report.truncated_bytes += cut;
+                report.truncation_reasons.push(format!("segment {base}: {reason}"));
             }
             if is_last && trust == Trust::Nothing {
                 // What a crashed process left in the page cache is durable only after this.
@@ -598,10 +599,10 @@ impl Partition {
                 break;
             }
         }
-        if isolation == Isolation::ReadCommitted {
-            if let Some(last) = last_read {
-                outcome.aborted = self.lock_inner().producers.aborted_in_range(offset, last + 1);
-            }
+        if isolation == Isolation::ReadCommitted
+            && let Some(last) = last_read
+        {
+            outcome.aborted = self.lock_inner().producers.aborted_in_range(offset, last + 1);
         }
         Ok(outcome)
     }

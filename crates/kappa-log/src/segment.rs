@@ -119,10 +119,10 @@ impl Segment {
             Trust::IndexesIfValid => Some(file_bytes),
             Trust::Size(size) => Some(size).filter(|&s| s == file_bytes),
         };
-        if let Some(size) = trusted_size {
-            if segment.load_indexes(fs, dir, size) {
-                return Ok((segment, ScanOutcome { valid_bytes: size, file_bytes, scanned: false, stop_reason: None }));
-            }
+        if let Some(size) = trusted_size
+            && segment.load_indexes(fs, dir, size)
+        {
+            return Ok((segment, ScanOutcome { valid_bytes: size, file_bytes, scanned: false, stop_reason: None }));
         }
         let outcome = segment.rebuild_from_scan(file_bytes)?;
         Ok((segment, outcome))

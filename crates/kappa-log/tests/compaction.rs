@@ -485,11 +485,11 @@ fn a_crash_at_any_point_of_compaction_leaves_the_old_or_the_cleaned_segment() {
         let p = log.partition("t", 0).unwrap();
         let after = all_records(&p);
         assert_eq!(p.log_end_offset(), before.last().unwrap().offset + 1, "op {n}");
-        for i in 0..bases.len() {
+        for (i, base) in bases.iter().enumerate() {
             let got = in_segment(&after, i);
             let old = in_segment(&before, i);
             let new = in_segment(&cleaned, i);
-            assert!(got == old || got == new, "op {n}, segment {}: neither old nor cleaned: {got:?}", bases[i]);
+            assert!(got == old || got == new, "op {n}, segment {base}: neither old nor cleaned: {got:?}");
             saw_old |= got == old && old != new;
             saw_new |= got == new && old != new;
         }

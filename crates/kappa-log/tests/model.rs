@@ -96,7 +96,7 @@ fn check_read(h: &Harness, m: &Model, pick: u32, max_bytes: usize) {
     let p = h.p();
     let span = (m.log_end - m.log_start + 1) as u32;
     // Now and then ask just outside the log.
-    if pick % 16 == 0 {
+    if pick.is_multiple_of(16) {
         let err = p.read(m.log_end + 1, max_bytes, Isolation::ReadUncommitted).unwrap_err();
         assert!(matches!(err, LogError::OffsetOutOfRange { .. }), "{err}");
         return;

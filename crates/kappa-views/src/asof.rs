@@ -114,10 +114,10 @@ pub(crate) fn replay(
                 let result = decode_event(topic, *partition, record, codec)
                     .and_then(|event| schemas.upcast(event))
                     .and_then(|event| applier.apply(&event, &EmptyStore));
-                if let Err(EventError(reason)) = result {
-                    if view.on_error == ErrorPolicy::Stop {
-                        return Err(fail(format!("replay stopped at {key} offset {offset}: {reason}")));
-                    }
+                if let Err(EventError(reason)) = result
+                    && view.on_error == ErrorPolicy::Stop
+                {
+                    return Err(fail(format!("replay stopped at {key} offset {offset}: {reason}")));
                 }
                 if applier.cached_entries() > AS_OF_KEYS_MAX {
                     return Err(fail(format!(

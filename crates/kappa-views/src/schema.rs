@@ -22,8 +22,11 @@ enum Upcaster {
     /// Between two typed shapes: decodes the event's payload into the old type and returns
     /// the new one encoded (parsed lazily again by the view). Builds no `Value`: a few
     /// allocations per event instead of one per field (BENCHMARKS.md, run 10).
-    Typed(Arc<dyn Fn(&Event) -> Result<Vec<u8>, EventError> + Send + Sync>),
+    Typed(Arc<TypedUpcast>),
 }
+
+/// Decodes an event's payload as the old type and returns the new one encoded.
+type TypedUpcast = dyn Fn(&Event) -> Result<Vec<u8>, EventError> + Send + Sync;
 
 /// The registered event types. Types that were never registered pass through unchanged.
 #[derive(Clone, Default)]

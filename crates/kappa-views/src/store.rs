@@ -237,4 +237,8 @@ impl Snapshot<'_> {
     pub fn len(&self) -> Result<u64> {
         self.view.len().map_err(|e| self.store.err(e))
     }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
 }

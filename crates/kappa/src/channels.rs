@@ -298,7 +298,7 @@ impl Reducer for ChannelPage {
                 page.content.insert(&content_id, content);
             }
             ChannelEvent::ContentRemoved { content_id } => {
-                page.content.remove(&*content_id);
+                page.content.remove(&content_id);
             }
             ChannelEvent::Deleted => return Ok(None),
             ChannelEvent::Other => {}
@@ -336,6 +336,7 @@ enum IdSet {
     /// Each id as its length (one byte) and its bytes, in insertion order.
     Packed { bytes: Vec<u8>, count: usize },
     /// Boxed: the packed case stays small in the view cache's table.
+    #[allow(clippy::box_collection)]
     Hashed(Box<HashSet<CompactString>>),
 }
 

@@ -265,15 +265,14 @@ impl Broker {
                     )),
                 })
                 .collect();
-            let outcome =
-                self.check_topic_resource(resource.resource_type, &name).and_then(|()| changes).and_then(|changes| {
-                    if request.validate_only {
-                        let topic = self.log.topic(&name).map_err(failure)?;
-                        topic.config().with_changes(&changes).map(|_| ()).map_err(failure)
-                    } else {
-                        self.log.alter_topic_config(&name, &changes).map_err(failure)
-                    }
-                });
+            let outcome = self.check_topic_resource(resource.resource_type, &name).and(changes).and_then(|changes| {
+                if request.validate_only {
+                    let topic = self.log.topic(&name).map_err(failure)?;
+                    topic.config().with_changes(&changes).map(|_| ()).map_err(failure)
+                } else {
+                    self.log.alter_topic_config(&name, &changes).map_err(failure)
+                }
+            });
             let mut result = IncrementalResult::default();
             result.resource_type = resource.resource_type;
             result.resource_name = resource.resource_name;

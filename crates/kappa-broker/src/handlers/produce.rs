@@ -19,6 +19,9 @@ use super::{Broker, blocking, str_bytes};
 /// on a blocking thread.
 const INLINE_APPEND_BYTES_MAX: usize = 64 * 1024;
 
+/// One partition's part of a produce request: topic, partition, where it goes, its records.
+type PartitionWork = (String, i32, Result<Arc<Partition>, LogError>, Bytes);
+
 impl Broker {
     /// Produce, both phases: write in order, then wait for durability.
     pub(super) async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
@@ -31,7 +34,7 @@ impl Broker {
     /// builds the response, so a connection's next request need not wait for this fsync.
     pub(super) async fn produce_in_order(&self, request: ProduceRequest) -> BoxFuture<'static, ProduceResponse> {
         let acks_valid = matches!(request.acks, -1..=1);
-        let work: Vec<(String, i32, Result<Arc<Partition>, LogError>, Bytes)> = request
+        let work: Vec<PartitionWork> = request
             .topic_data
             .into_iter()
             .flat_map(|topic| {
