@@ -200,7 +200,6 @@ fn encoded_record_bytes(record: &NewRecord, base_timestamp: i64, offset_delta: i
 }
 
 fn encode_record(out: &mut Vec<u8>, record: &NewRecord, base_timestamp: i64, offset_delta: i32) {
-    let start = out.len();
     let body = record_body_bytes(record, base_timestamp, offset_delta);
     put_varint(out, body as i32);
     let body_start = out.len();
@@ -215,17 +214,16 @@ fn encode_record(out: &mut Vec<u8>, record: &NewRecord, base_timestamp: i64, off
         put_bytes(out, value.as_deref());
     }
     assert_eq!(out.len() - body_start, body, "a record's encoded length matches its computed length");
-    debug_assert_eq!(out.len() - start, encoded_record_bytes(record, base_timestamp, offset_delta));
 }
 
 /// Bytes of a zig-zag varint.
 fn varint_bytes(value: i32) -> usize {
-    unsigned_varint_bytes(((value << 1) ^ (value >> 31)) as u32 as u64)
+    unsigned_varint_bytes(zigzag32(value))
 }
 
 /// Bytes of a zig-zag varlong.
 fn varlong_bytes(value: i64) -> usize {
-    unsigned_varint_bytes(((value << 1) ^ (value >> 63)) as u64)
+    unsigned_varint_bytes(zigzag64(value))
 }
 
 fn unsigned_varint_bytes(v: u64) -> usize {
@@ -245,12 +243,20 @@ fn put_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
 
 /// Zig-zag varint (i32), as Kafka's records use.
 pub fn put_varint(out: &mut Vec<u8>, value: i32) {
-    put_unsigned_varint(out, ((value << 1) ^ (value >> 31)) as u32 as u64);
+    put_unsigned_varint(out, zigzag32(value));
 }
 
 /// Zig-zag varlong (i64).
 pub fn put_varlong(out: &mut Vec<u8>, value: i64) {
-    put_unsigned_varint(out, ((value << 1) ^ (value >> 63)) as u64);
+    put_unsigned_varint(out, zigzag64(value));
+}
+
+fn zigzag32(value: i32) -> u64 {
+    ((value << 1) ^ (value >> 31)) as u32 as u64
+}
+
+fn zigzag64(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)) as u64
 }
 
 fn put_unsigned_varint(out: &mut Vec<u8>, mut v: u64) {

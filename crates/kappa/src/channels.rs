@@ -349,13 +349,12 @@ impl Default for IdSet {
 /// Where the packed id equal to `id` starts (its length byte).
 fn packed_position(bytes: &[u8], id: &[u8]) -> Option<usize> {
     let mut at = 0;
-    while let Some(&len) = bytes.get(at) {
-        let start = at + 1;
-        let len = usize::from(len);
-        if len == id.len() && bytes[start..start + len] == *id {
+    for stored in packed_ids(bytes) {
+        // Slices compare their lengths first: ids of another length cost no byte compare.
+        if stored == id {
             return Some(at);
         }
-        at = start + len;
+        at += 1 + stored.len();
     }
     None
 }
