@@ -91,23 +91,15 @@ impl StorageFile for RealFile {
         let mut rest = &mut slices[..];
         io::IoSlice::advance_slices(&mut rest, 0); // drops leading empty slices
         while !rest.is_empty() {
-            let position = libc::off_t::try_from(offset).map_err(|_| io::Error::other("file offset out of range"))?;
+            let position = file_position(offset)?;
             let count = rest.len().min(IOV_MAX);
             // SAFETY: `IoSlice` is ABI-compatible with `iovec` (documented by std), and the
             // `count` slices it points to are live, initialised buffers pwritev only reads.
             let n = unsafe { libc::pwritev(self.0.as_raw_fd(), rest.as_ptr().cast(), count as libc::c_int, position) };
-            match n {
-                0 => return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write whole buffer")),
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                n => {
-                    offset += n as u64;
-                    io::IoSlice::advance_slices(&mut rest, n as usize);
-                }
+            let zero = || io::Error::new(io::ErrorKind::WriteZero, "failed to write whole buffer");
+            if let Some(n) = transferred(n, zero)? {
+                offset += n as u64;
+                io::IoSlice::advance_slices(&mut rest, n);
             }
         }
         Ok(())
@@ -119,29 +111,36 @@ impl StorageFile for RealFile {
         let mut filled = 0;
         while filled < len {
             let spare = &mut out.spare_capacity_mut()[filled..len];
-            let position = libc::off_t::try_from(offset).map_err(|_| io::Error::other("file offset out of range"))?;
+            let position = file_position(offset)?;
             // SAFETY: pread writes at most `spare.len()` bytes into memory `out` owns (its spare
             // capacity, which std's `&mut [u8]` readers cannot take without zeroing it first)
             // and never reads it.
             let n = unsafe { libc::pread(self.0.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), position) };
-            match n {
-                0 => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the requested range"));
-                }
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                n => {
-                    filled += n as usize;
-                    offset += n as u64;
-                }
+            let zero = || io::Error::new(io::ErrorKind::UnexpectedEof, "file ended before the requested range");
+            if let Some(n) = transferred(n, zero)? {
+                filled += n;
+                offset += n as u64;
             }
         }
         // SAFETY: pread initialised the first `len` bytes of the spare capacity above.
         unsafe { out.set_len(base + len) };
         Ok(())
+    }
+}
+
+fn file_position(offset: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(offset).map_err(|_| io::Error::other("file offset out of range"))
+}
+
+/// What a positional read or write system call returned: the bytes it moved, None when a
+/// signal interrupted it (call again), or the error (`zero` when it moved nothing).
+fn transferred(n: isize, zero: impl FnOnce() -> io::Error) -> io::Result<Option<usize>> {
+    match n {
+        0 => Err(zero()),
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) }
+        }
+        n => Ok(Some(n as usize)),
     }
 }
