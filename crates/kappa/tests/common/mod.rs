@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 pub struct Server {
     child: Option<Child>,
     binary: PathBuf,
+    /// A command the server runs under (e.g. `strace -D ...`), which must exec it in the
+    /// same process so the child's pid is kappa's; empty for none.
+    launcher: Vec<String>,
     pub data_dir: PathBuf,
     pub kafka: SocketAddr,
     pub http: SocketAddr,
@@ -39,12 +42,20 @@ impl Server {
 
     /// Starts `binary serve` (the kappa binary or an application built on kappa::App).
     pub fn start_binary_in(binary: &Path, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_launched_in(&[], binary, data_dir, extra)
+    }
+
+    /// Starts `launcher... binary serve`: kappa under a tool that runs it in the spawned
+    /// process itself (`strace -D` does: the tracer becomes a grandchild), so signals and
+    /// `pid()` still reach kappa.
+    pub fn start_launched_in(launcher: &[&str], binary: &Path, data_dir: &Path, extra: &[&str]) -> Self {
         let kafka: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log_path = data_dir.with_extension(format!("{}.log", kafka.port()));
         let mut server = Self {
             child: None,
             binary: binary.to_owned(),
+            launcher: launcher.iter().map(|s| s.to_string()).collect(),
             data_dir: data_dir.to_owned(),
             kafka,
             http,
@@ -57,7 +68,15 @@ impl Server {
 
     fn spawn(&mut self, extra: &[&str]) {
         let log = std::fs::File::create(&self.log_path).expect("server log file");
-        let child = Command::new(&self.binary)
+        let mut command = match self.launcher.split_first() {
+            Some((tool, args)) => {
+                let mut command = Command::new(tool);
+                command.args(args).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -70,7 +89,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start kappa serve");
+            .unwrap_or_else(|e| panic!("starting kappa serve (launcher {:?}): {e}", self.launcher));
         self.child = Some(child);
         self.wait_ready();
     }
