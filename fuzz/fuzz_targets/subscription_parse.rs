@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else { return };
     let max_bytes = if pick & 1 == 0 { kappa_http::HttpConfig::default().ws_message_bytes_max } else { 64 };
     let text = String::from_utf8_lossy(rest);
-    match parse_client_message(&text, max_bytes) {
+    match parse_client_message::<Token>(&text, max_bytes) {
         Ok(request) => {
             assert!(text.len() <= max_bytes, "accepted {} bytes over a {max_bytes}-byte limit", text.len());
             if let ClientRequest::Subscribe { resume: Some(token), .. } = request {

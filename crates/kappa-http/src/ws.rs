@@ -4,8 +4,14 @@
 //! `"prefix"`), optionally `"resume":"<token>"`; `{"op":"unsubscribe","id":"s1"}`.
 //! Server → client: `snapshot`, `change`, `reset`, `error` (see `frame`). A client whose
 //! queue (`subscriber_queue_max` messages) fills up gets an error and is disconnected.
+//!
+//! The connection loop ([`multiplex`]: parsing, limits, the subscription table, the bounded
+//! queue and the slow-consumer cut-off) serves any [`Subscriptions`]: `serve`'s views here,
+//! and a work-mode worker's read replica (kappa-kafka), whose frames have the same shapes.
 
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -42,15 +48,26 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
         )
         .into_response();
     }
-    let hard_max = WS_FRAME_BYTES_HARD_MAX.max(state.config.ws_message_bytes_max);
-    // Small socket buffers: tungstenite's defaults (128 KiB each way) would cost ~130 KiB
-    // per idle subscriber; our own bounded queue does the buffering.
+    let limits = WsLimits {
+        queue_max: state.config.subscriber_queue_max,
+        subscriptions_max: state.config.subscriptions_per_connection_max,
+        message_bytes_max: state.config.ws_message_bytes_max,
+    };
+    configure(ws, limits.message_bytes_max).on_upgrade(move |socket| multiplex(state, socket, limits))
+}
+
+/// Applies kappa's WebSocket sizes to an upgrade. Small socket buffers: tungstenite's
+/// defaults (128 KiB each way) would cost ~130 KiB per idle subscriber; [`multiplex`]'s
+/// bounded queue does the buffering. Messages above the hard maximum are refused by the
+/// WebSocket layer itself; `message_bytes_max` is checked by [`parse_client_message`],
+/// which answers with an error and keeps the connection.
+pub fn configure(ws: WebSocketUpgrade, message_bytes_max: usize) -> WebSocketUpgrade {
+    let hard_max = WS_FRAME_BYTES_HARD_MAX.max(message_bytes_max);
     ws.max_message_size(hard_max)
         .max_frame_size(hard_max)
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(WS_WRITE_BUFFER_BYTES_MAX.max(hard_max))
-        .on_upgrade(move |socket| connection(state, socket))
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,8 +81,8 @@ enum ClientMessage {
 /// token) but not yet acted on.
 #[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientRequest {
-    Subscribe { id: String, view: String, target: Target, resume: Option<Token> },
+pub enum ClientRequest<T = Token> {
+    Subscribe { id: String, view: String, target: Target, resume: Option<T> },
     Unsubscribe { id: String },
 }
 
@@ -73,11 +90,14 @@ pub enum ClientRequest {
 /// error sent back.
 pub type HandleError = (Option<String>, ApiError);
 
-/// Parses one client message of at most `max_bytes` (`ws_message_bytes_max`). Everything
-/// here is a pure function of the text: public (doc-hidden) for the `subscription_parse`
-/// fuzz target.
+/// Parses one client message of at most `max_bytes` (`ws_message_bytes_max`), with resume
+/// tokens of type `T`. Everything here is a pure function of the text: public (doc-hidden)
+/// for the `subscription_parse` fuzz target.
 #[doc(hidden)]
-pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientRequest, HandleError> {
+pub fn parse_client_message<T: FromStr<Err: Display>>(
+    text: &str,
+    max_bytes: usize,
+) -> Result<ClientRequest<T>, HandleError> {
     if text.len() > max_bytes {
         return Err((
             None,
@@ -110,9 +130,9 @@ pub fn parse_client_message(text: &str, max_bytes: usize) -> Result<ClientReques
                     ));
                 }
             };
-            match resume.map(|t| t.parse::<Token>()).transpose() {
+            match resume.map(|t| t.parse::<T>()).transpose() {
                 Ok(resume) => Ok(ClientRequest::Subscribe { id, view, target, resume }),
-                Err(e) => Err((Some(id), e)),
+                Err(e) => Err((Some(id), ApiError::bad_request("invalid_token", e.to_string()))),
             }
         }
     }
@@ -154,16 +174,72 @@ fn error_frame(id: Option<&str>, e: &ApiError) -> String {
     frame(id, &LiveMessage::Error { code: e.code, message: e.message.clone() })
 }
 
-async fn connection(state: Arc<AppState>, socket: WebSocket) {
+/// The limits of one WebSocket connection.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    /// Frames queued for the client before it is cut off as a slow consumer.
+    pub queue_max: usize,
+    /// Subscriptions one connection may hold.
+    pub subscriptions_max: usize,
+    /// Largest client message (answered with an error, the connection stays).
+    pub message_bytes_max: usize,
+}
+
+/// Where a connection's subscriptions come from: `serve`'s views, or a worker's replica.
+pub trait Subscriptions: Send + Sync + 'static {
+    /// What a client sends back in `resume` (printed into every snapshot and change).
+    type Token: FromStr<Err: Display> + Send + 'static;
+
+    /// Starts subscription `id`: a task sending its frames (JSON text in [`frame`]'s shapes)
+    /// through `out` until `out` refuses one. Refusing (an unknown view, say) sends the error
+    /// to the client for that id.
+    fn subscribe(
+        source: &Arc<Self>,
+        id: &str,
+        view: String,
+        target: Target,
+        resume: Option<Self::Token>,
+        out: FrameSender,
+    ) -> Result<tokio::task::JoinHandle<()>, ApiError>;
+}
+
+/// A connection's bounded outgoing queue, shared by its subscriptions.
+#[derive(Clone)]
+pub struct FrameSender {
+    tx: mpsc::Sender<String>,
+    slow: mpsc::Sender<()>,
+}
+
+impl FrameSender {
+    /// Queues one frame; false once the connection is gone, or its queue is full (the
+    /// client is then sent `slow_consumer` and disconnected).
+    pub fn send(&self, text: String) -> bool {
+        match self.tx.try_send(text) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let _ = self.slow.try_send(());
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Serves one WebSocket: subscribe and unsubscribe requests from `source`, every
+/// subscription's frames through one bounded queue, until the client closes or falls too
+/// far behind.
+pub async fn multiplex<S: Subscriptions>(source: Arc<S>, socket: WebSocket, limits: WsLimits) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<String>(state.config.subscriber_queue_max);
+    let (tx, mut rx) = mpsc::channel::<String>(limits.queue_max);
     let (slow_tx, mut slow_rx) = mpsc::channel::<()>(1);
+    let out = FrameSender { tx, slow: slow_tx };
     let writer = tokio::spawn(async move {
         loop {
             tokio::select! {
                 biased;
                 _ = slow_rx.recv() => {
-                    let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "slow_consumer", "this connection fell too far behind (subscriber_queue_max messages queued); reconnect and resume from your last token");
+                    let message = format!("this connection fell too far behind ({} messages queued); reconnect and resume from your last token", limits.queue_max);
+                    let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "slow_consumer", message);
                     let _ = sink.send(Message::Text(error_frame(None, &e).into())).await;
                     let _ = sink.send(Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() }))).await;
                     return;
@@ -184,27 +260,25 @@ async fn connection(state: Arc<AppState>, socket: WebSocket) {
             Message::Ping(_) | Message::Pong(_) => continue,
         };
         subscriptions.retain(|_, task| !task.is_finished());
-        if let Err(e) = handle(&state, &text, &mut subscriptions, &tx, &slow_tx)
-            && tx.try_send(error_frame(e.0.as_deref(), &e.1)).is_err()
-        {
-            let _ = slow_tx.try_send(());
+        if let Err((id, e)) = handle(&source, &text, &limits, &mut subscriptions, &out) {
+            out.send(error_frame(id.as_deref(), &e));
         }
     }
     for (_, task) in subscriptions {
         task.abort();
     }
-    drop(tx);
+    drop(out);
     let _ = writer.await;
 }
 
-fn handle(
-    state: &Arc<AppState>,
+fn handle<S: Subscriptions>(
+    source: &Arc<S>,
     text: &str,
+    limits: &WsLimits,
     subscriptions: &mut HashMap<String, tokio::task::JoinHandle<()>>,
-    tx: &mpsc::Sender<String>,
-    slow: &mpsc::Sender<()>,
+    out: &FrameSender,
 ) -> Result<(), HandleError> {
-    match parse_client_message(text, state.config.ws_message_bytes_max)? {
+    match parse_client_message::<S::Token>(text, limits.message_bytes_max)? {
         ClientRequest::Unsubscribe { id } => match subscriptions.remove(&id) {
             Some(task) => {
                 task.abort();
@@ -223,7 +297,7 @@ fn handle(
                     format!("subscription '{id}' exists on this connection; unsubscribe first or pick another id"),
                 )));
             }
-            let limit = state.config.subscriptions_per_connection_max;
+            let limit = limits.subscriptions_max;
             if subscriptions.len() >= limit {
                 return Err(fail(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -231,22 +305,31 @@ fn handle(
                     format!("at most {limit} subscriptions per connection (subscriptions_per_connection_max)"),
                 )));
             }
-            state.engine.describe(&view).map_err(|e| fail(e.into()))?;
-            let (state, tx, slow, sub_id) = (state.clone(), tx.clone(), slow.clone(), id.clone());
-            let task = tokio::spawn(async move {
-                let mut emit = |message: LiveMessage| match tx.try_send(frame(Some(&sub_id), &message)) {
-                    Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        let _ = slow.try_send(());
-                        false
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
-                };
-                run_subscription(state, view, target, resume, &mut emit).await;
-            });
+            let task = S::subscribe(source, &id, view, target, resume, out.clone()).map_err(fail)?;
             subscriptions.insert(id, task);
             Ok(())
         }
+    }
+}
+
+/// `serve`'s subscriptions: the view engine's views, followed through their changelogs.
+impl Subscriptions for AppState {
+    type Token = Token;
+
+    fn subscribe(
+        state: &Arc<Self>,
+        id: &str,
+        view: String,
+        target: Target,
+        resume: Option<Token>,
+        out: FrameSender,
+    ) -> Result<tokio::task::JoinHandle<()>, ApiError> {
+        state.engine.describe(&view)?;
+        let (state, id) = (state.clone(), id.to_owned());
+        Ok(tokio::spawn(async move {
+            let mut emit = |message: LiveMessage| out.send(frame(Some(&id), &message));
+            run_subscription(state, view, target, resume, &mut emit).await;
+        }))
     }
 }
 
@@ -257,13 +340,16 @@ mod tests {
     const MAX: usize = 64 * 1024;
 
     fn refused(text: &str) -> (Option<String>, &'static str) {
-        let (id, e) = parse_client_message(text, MAX).expect_err(text);
+        let (id, e) = parse_client_message::<Token>(text, MAX).expect_err(text);
         (id, e.code)
     }
 
     #[test]
     fn client_messages_parse_into_requests() {
-        let sub = parse_client_message(r#"{"op":"subscribe","id":"s1","view":"v","prefix":"c","resume":"2.17"}"#, MAX);
+        let sub = parse_client_message::<Token>(
+            r#"{"op":"subscribe","id":"s1","view":"v","prefix":"c","resume":"2.17"}"#,
+            MAX,
+        );
         assert_eq!(
             sub.unwrap(),
             ClientRequest::Subscribe {
@@ -273,7 +359,7 @@ mod tests {
                 resume: Some(Token { version: 2, offset: 17 })
             }
         );
-        let unsub = parse_client_message(r#"{"op":"unsubscribe","id":"s1"}"#, MAX).unwrap();
+        let unsub = parse_client_message::<Token>(r#"{"op":"unsubscribe","id":"s1"}"#, MAX).unwrap();
         assert_eq!(unsub, ClientRequest::Unsubscribe { id: "s1".into() });
     }
 
@@ -298,7 +384,7 @@ mod tests {
         let mut replayed = 0;
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
-            let _ = parse_client_message(&String::from_utf8_lossy(data.get(1..).unwrap_or_default()), MAX);
+            let _ = parse_client_message::<Token>(&String::from_utf8_lossy(data.get(1..).unwrap_or_default()), MAX);
             replayed += 1;
         }
         assert!(replayed > 0, "the corpus is empty");

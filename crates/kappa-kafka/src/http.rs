@@ -17,14 +17,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::Stream;
+use kappa_http::ApiError;
+use kappa_http::live::Target as LiveTarget;
+use kappa_http::ws::{self, FrameSender, Subscriptions, WsLimits};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -308,119 +311,37 @@ fn sse_event(message: &Live) -> Event {
 }
 
 async fn ws_upgrade(State(state): State<Arc<HttpState>>, ws: WebSocketUpgrade) -> Response {
-    ws.max_message_size(WS_MESSAGE_BYTES_MAX).on_upgrade(move |socket| ws_connection(state, socket))
+    let limits = WsLimits {
+        queue_max: SUBSCRIBER_QUEUE_MAX,
+        subscriptions_max: SUBSCRIPTIONS_PER_CONNECTION_MAX,
+        message_bytes_max: WS_MESSAGE_BYTES_MAX,
+    };
+    ws::configure(ws, limits.message_bytes_max).on_upgrade(move |socket| ws::multiplex(state, socket, limits))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum ClientMessage {
-    Subscribe { id: String, view: String, key: Option<String>, prefix: Option<String>, resume: Option<String> },
-    Unsubscribe { id: String },
-}
+/// Many subscriptions over one WebSocket, as `serve`'s `/v1/ws` (the same connection loop).
+impl Subscriptions for HttpState {
+    type Token = Cursor;
 
-/// Many subscriptions over one WebSocket, as `serve`'s `/v1/ws`.
-async fn ws_connection(state: Arc<HttpState>, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<String>(SUBSCRIBER_QUEUE_MAX);
-    let (slow_tx, mut slow_rx) = mpsc::channel::<()>(1);
-    let writer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                _ = slow_rx.recv() => {
-                    let message = format!("this connection fell too far behind ({SUBSCRIBER_QUEUE_MAX} messages queued); reconnect and resume from your last token");
-                    let text = frame(None, &Live::Error { code: "slow_consumer", message });
-                    let _ = sink.send(Message::Text(text.into())).await;
-                    let _ = sink.send(Message::Close(None)).await;
-                    return;
-                }
-                text = rx.recv() => match text {
-                    Some(text) => if sink.send(Message::Text(text.into())).await.is_err() { return },
-                    None => return,
-                },
-            }
+    fn subscribe(
+        state: &Arc<Self>,
+        id: &str,
+        view: String,
+        target: LiveTarget,
+        resume: Option<Cursor>,
+        out: FrameSender,
+    ) -> Result<tokio::task::JoinHandle<()>, ApiError> {
+        if !state.replica.has_view(&view) {
+            return Err(ApiError::not_found("unknown_view", format!("this worker serves no view named '{view}'")));
         }
-    });
-    let mut subscriptions: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
-    while let Some(Ok(message)) = stream.next().await {
-        let text = match message {
-            Message::Text(text) => text.to_string(),
-            Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => continue,
+        let target = match target {
+            LiveTarget::Key(key) => Target::Key(key),
+            LiveTarget::Prefix(prefix) => Target::Prefix(prefix),
         };
-        subscriptions.retain(|_, task| !task.is_finished());
-        let refuse = |id: Option<&str>, code: &'static str, message: String| {
-            tx.try_send(frame(id, &Live::Error { code, message })).is_ok()
-        };
-        let ok = match serde_json::from_str::<ClientMessage>(&text) {
-            Err(e) => refuse(
-                None,
-                "invalid_message",
-                format!(
-                    "expected {{\"op\":\"subscribe\",\"id\",\"view\",\"key\"|\"prefix\",\"resume\"?}} or {{\"op\":\"unsubscribe\",\"id\"}}: {e}"
-                ),
-            ),
-            Ok(ClientMessage::Unsubscribe { id }) => match subscriptions.remove(&id) {
-                Some(task) => {
-                    task.abort();
-                    true
-                }
-                None => refuse(Some(&id), "unknown_subscription", format!("no subscription '{id}' on this connection")),
-            },
-            Ok(ClientMessage::Subscribe { id, view, key, prefix, resume }) => {
-                let resume = resume.map(|t| t.parse::<Cursor>()).transpose();
-                if subscriptions.contains_key(&id) {
-                    refuse(
-                        Some(&id),
-                        "duplicate_subscription",
-                        format!("subscription '{id}' exists on this connection; unsubscribe first or pick another id"),
-                    )
-                } else if subscriptions.len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX {
-                    refuse(
-                        Some(&id),
-                        "too_many_subscriptions",
-                        format!("at most {SUBSCRIPTIONS_PER_CONNECTION_MAX} subscriptions per connection"),
-                    )
-                } else if !state.replica.has_view(&view) {
-                    refuse(Some(&id), "unknown_view", format!("this worker serves no view named '{view}'"))
-                } else {
-                    match (target(key, prefix), resume) {
-                        (None, _) => refuse(
-                            Some(&id),
-                            "invalid_message",
-                            "a subscription names exactly one of \"key\" or \"prefix\"".to_owned(),
-                        ),
-                        (_, Err(message)) => refuse(Some(&id), "invalid_token", message),
-                        (Some(target), Ok(resume)) => {
-                            let (replica, tx, slow, sub) =
-                                (state.replica.clone(), tx.clone(), slow_tx.clone(), id.clone());
-                            let task = tokio::spawn(async move {
-                                let mut emit = |message: Live| match tx.try_send(frame(Some(&sub), &message)) {
-                                    Ok(()) => true,
-                                    Err(mpsc::error::TrySendError::Full(_)) => {
-                                        let _ = slow.try_send(());
-                                        false
-                                    }
-                                    Err(mpsc::error::TrySendError::Closed(_)) => false,
-                                };
-                                follow(replica, view, target, resume, &mut emit).await;
-                            });
-                            subscriptions.insert(id, task);
-                            true
-                        }
-                    }
-                }
-            }
-        };
-        if !ok {
-            let _ = slow_tx.try_send(());
-            break;
-        }
+        let (replica, id) = (state.replica.clone(), id.to_owned());
+        Ok(tokio::spawn(async move {
+            let mut emit = |message: Live| out.send(frame(Some(&id), &message));
+            follow(replica, view, target, resume, &mut emit).await;
+        }))
     }
-    for (_, task) in subscriptions {
-        task.abort();
-    }
-    drop(tx);
-    let _ = writer.await;
 }

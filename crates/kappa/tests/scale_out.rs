@@ -422,6 +422,21 @@ fn check_resume_elsewhere(addr: SocketAddr, first: &Arc<Mutex<Vec<Value>>>) {
     let stale = stale.lock().unwrap().clone();
     assert_eq!(stale.first().map(|f| f["type"].clone()), Some(Value::from("reset")), "stale token: {stale:?}");
     assert_eq!(stale.get(1).map(|f| f["type"].clone()), Some(Value::from("snapshot")), "stale token: {stale:?}");
+    // Refusals come back as error frames for the subscription's id, as on `serve`.
+    for (view, resume, code) in [("no_such_view", None, "unknown_view"), ("channel_page", Some("x"), "invalid_token")] {
+        let refused = subscribe_ws_with(addr, view, WATCHED_PREFIX, resume);
+        let started = Instant::now();
+        while refused.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let frame = refused.lock().unwrap().first().cloned();
+        let frame = frame.unwrap_or_else(|| panic!("no answer to a subscription to {view} resuming {resume:?}"));
+        assert_eq!(
+            (frame["type"].as_str(), frame["id"].as_str(), frame["code"].as_str()),
+            (Some("error"), Some("p"), Some(code)),
+            "{frame}"
+        );
+    }
     eprintln!("scale_out: resumed on another worker from {token}: {count} changes, exactly; a stale token got reset");
 }
 
