@@ -6,8 +6,12 @@
 //!
 //! JSON payloads are parsed lazily: a view that decodes the payload into its own type
 //! ([`Event::decode`]) never builds a `serde_json::Value`, and one that reads no payload
-//! never parses it.
+//! never parses it. A typed upcaster's result stays a Rust value: a view that knows its
+//! type reads it as it is ([`Event::payload_as`]), and it is encoded as JSON only when
+//! something asks for JSON.
 
+use std::any::Any;
+use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -48,6 +52,50 @@ enum Payload {
     Json(Bytes, OnceLock<Result<Value, EventError>>),
     /// Already a value: upcast, or from a codec that is not lazy.
     Value(Value),
+    /// A typed upcaster's result.
+    Typed(Typed),
+}
+
+/// A payload produced as a Rust value (by [`crate::Schemas::upcaster_typed`]).
+pub trait TypedPayload: Any + Send + Sync {
+    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error>;
+}
+
+impl<T: serde::Serialize + Any + Send + Sync> TypedPayload for T {
+    fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+}
+
+/// A typed payload and, once asked for, its JSON encoding and parse.
+#[derive(Clone)]
+struct Typed {
+    value: Arc<dyn TypedPayload>,
+    json: OnceLock<Result<Bytes, EventError>>,
+    parsed: OnceLock<Result<Value, EventError>>,
+}
+
+impl Typed {
+    fn json(&self) -> Result<&Bytes, EventError> {
+        let encode = || {
+            self.value
+                .to_json()
+                .map(Bytes::from)
+                .map_err(|e| EventError(format!("encoding an upcast payload as JSON failed: {e}")))
+        };
+        self.json.get_or_init(encode).as_ref().map_err(Clone::clone)
+    }
+
+    fn parsed(&self) -> Result<&Value, EventError> {
+        let bytes = self.json()?;
+        self.parsed.get_or_init(|| parse_json(bytes)).as_ref().map_err(Clone::clone)
+    }
+}
+
+impl fmt::Debug for Typed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Typed").field("json", &self.json.get()).finish_non_exhaustive()
+    }
 }
 
 impl Event {
@@ -126,6 +174,16 @@ impl Event {
                 Ok(value) => Ok(Some(value)),
                 Err(e) => Err(e.clone()),
             },
+            Payload::Typed(typed) => typed.parsed().map(Some),
+        }
+    }
+
+    /// The payload as the Rust value a typed upcaster produced, when it is a `T`: no JSON
+    /// is encoded or parsed. None for any other payload (read it with [`Self::decode`]).
+    pub fn payload_as<T: Any>(&self) -> Option<&T> {
+        match &self.payload {
+            Payload::Typed(typed) => (&*typed.value as &dyn Any).downcast_ref::<T>(),
+            _ => None,
         }
     }
 
@@ -137,6 +195,10 @@ impl Event {
             Payload::Json(bytes, parsed) => match parsed.get() {
                 Some(Ok(value)) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
                 _ => serde_json::from_slice(bytes).map(Some).map_err(|e| self.decode_error(e)),
+            },
+            Payload::Typed(typed) => match typed.parsed.get() {
+                Some(Ok(value)) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
+                _ => serde_json::from_slice(typed.json()?).map(Some).map_err(|e| self.decode_error(e)),
             },
         }
     }
@@ -164,12 +226,13 @@ impl Event {
                 Some(result) => result.map(Some),
                 None => parse_json(&bytes).map(Some),
             },
+            Payload::Typed(typed) => typed.parsed().cloned().map(Some),
         }
     }
 
-    /// New JSON bytes (from a typed upcaster), parsed lazily like a record's.
-    pub(crate) fn set_json(&mut self, json: Bytes, version: u32) {
-        self.payload = Payload::Json(json, OnceLock::new());
+    /// A typed upcaster's result, kept as it is.
+    pub(crate) fn set_typed(&mut self, value: Arc<dyn TypedPayload>, version: u32) {
+        self.payload = Payload::Typed(Typed { value, json: OnceLock::new(), parsed: OnceLock::new() });
         self.version = version;
     }
 

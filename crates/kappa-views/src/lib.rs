@@ -29,7 +29,7 @@ pub use crate::backend::LogBackend;
 pub use crate::embedded::EmbeddedLog;
 pub use crate::engine::{ChangelogFold, EngineConfig, Item, Read, VersionInfo, ViewEngine, ViewInfo};
 pub use crate::error::{EventError, Result, ViewError};
-pub use crate::event::{Event, JsonCodec, PayloadCodec};
+pub use crate::event::{Event, JsonCodec, PayloadCodec, TypedPayload};
 pub use crate::partitioned::{PartitionView, Step};
 pub use crate::runner::{Phase, RunnerStatus};
 pub use crate::schema::Schemas;

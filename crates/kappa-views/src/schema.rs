@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::EventError;
-use crate::event::Event;
+use crate::event::{Event, TypedPayload};
 
 /// Lifts a payload from one version to the next.
 #[derive(Clone)]
@@ -20,13 +20,14 @@ enum Upcaster {
     /// On a JSON value: any shape in, any shape out.
     Value(Arc<dyn Fn(Value) -> Result<Value, EventError> + Send + Sync>),
     /// Between two typed shapes: decodes the event's payload into the old type and returns
-    /// the new one encoded (parsed lazily again by the view). Builds no `Value`: a few
-    /// allocations per event instead of one per field (BENCHMARKS.md, run 10).
+    /// the new one as a Rust value, which a view knowing its type reads without JSON
+    /// ([`Event::payload_as`]) and any other reads as JSON encoded on demand. Builds no
+    /// `Value`: a few allocations per event instead of one per field (BENCHMARKS.md, run 10).
     Typed(Arc<TypedUpcast>),
 }
 
-/// Decodes an event's payload as the old type and returns the new one encoded.
-type TypedUpcast = dyn Fn(&Event) -> Result<Vec<u8>, EventError> + Send + Sync;
+/// Decodes an event's payload as the old type and returns the new one.
+type TypedUpcast = dyn Fn(&Event) -> Result<Arc<dyn TypedPayload>, EventError> + Send + Sync;
 
 /// The registered event types. Types that were never registered pass through unchanged.
 #[derive(Clone, Default)]
@@ -79,13 +80,13 @@ impl Schemas {
     ) -> Self
     where
         Old: DeserializeOwned,
-        New: Serialize,
+        New: Serialize + Send + Sync + 'static,
     {
         let entry = self.types.entry(event_type.to_owned()).or_default();
         entry.current = entry.current.max(from_version + 1);
-        let typed = move |event: &Event| -> Result<Vec<u8>, EventError> {
+        let typed = move |event: &Event| -> Result<Arc<dyn TypedPayload>, EventError> {
             let old = event.decode::<Old>()?.ok_or_else(|| EventError::new("a tombstone has no payload to upcast"))?;
-            Ok(serde_json::to_vec(&upcast(old)?)?)
+            Ok(Arc::new(upcast(old)?))
         };
         entry.upcasters.insert(from_version, Upcaster::Typed(Arc::new(typed)));
         self
@@ -127,11 +128,58 @@ impl Schemas {
                     event.set_value(upcast(payload).map_err(failed)?, version + 1);
                 }
                 Upcaster::Typed(upcast) => {
-                    let json = upcast(&event).map_err(failed)?;
-                    event.set_json(json.into(), version + 1);
+                    let value = upcast(&event).map_err(failed)?;
+                    event.set_typed(value, version + 1);
                 }
             }
         }
         Ok(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+    use serde_json::json;
+
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct V1 {
+        cents: i64,
+    }
+
+    #[derive(Debug, PartialEq, Serialize)]
+    struct V2 {
+        value: i64,
+        note: &'static str,
+    }
+
+    fn schemas() -> Schemas {
+        Schemas::new().upcaster_typed("Paid", 1, |v1: V1| Ok(V2 { value: v1.cents, note: "from v1" }))
+    }
+
+    #[test]
+    fn a_typed_upcast_is_read_as_its_type_or_as_the_same_json() {
+        let v1 = Event::new("t", 0, 7, Some("k"), Some("Paid"), 1, Some(json!({"cents": 250})));
+        let upcast = schemas().upcast(v1).unwrap();
+        assert_eq!(upcast.version(), 2);
+        assert_eq!(upcast.payload_as::<V2>(), Some(&V2 { value: 250, note: "from v1" }));
+        assert_eq!(upcast.payload_as::<V1>().map(|v| v.cents), None, "only the upcaster's own type");
+        let expected = json!({"value": 250, "note": "from v1"});
+        assert_eq!(upcast.decode::<Value>().unwrap(), Some(expected.clone()));
+        assert_eq!(upcast.payload().unwrap(), Some(&expected));
+        assert_eq!(upcast.decode::<Value>().unwrap(), Some(expected.clone()), "decoding again after the parse");
+        let copy = upcast.clone();
+        assert_eq!(copy.payload_as::<V2>().map(|v| v.value), Some(250));
+        assert_eq!(copy.payload().unwrap(), Some(&expected));
+    }
+
+    #[test]
+    fn current_versions_and_other_types_pass_through_as_json() {
+        let v2 = Event::new("t", 0, 8, Some("k"), Some("Paid"), 2, Some(json!({"value": 3, "note": "v2"})));
+        let same = schemas().upcast(v2).unwrap();
+        assert_eq!(same.payload_as::<V2>().map(|v| v.value), None, "written as v2: JSON, not a typed value");
+        assert_eq!(same.decode::<Value>().unwrap(), Some(json!({"value": 3, "note": "v2"})));
     }
 }

@@ -147,7 +147,35 @@ pub fn channel_id(event: &Event) -> Option<&str> {
 
 /// Interprets an (upcast) event.
 pub fn interpret(event: &Event) -> Result<ChannelEvent<'_>, EventError> {
+    if let Some(v2) = event.payload_as::<ContentV2>() {
+        return interpret_upcast(event, v2);
+    }
     interpret_with::<IgnoredAny>(event).map(|(meaning, _)| meaning)
+}
+
+/// A v1 `ChannelContentMutated` upcast to v2, read as the upcaster left it (no JSON).
+fn interpret_upcast<'e>(event: &'e Event, v2: &'e ContentV2) -> Result<ChannelEvent<'e>, EventError> {
+    content_mutation(event, v2.content_id.as_deref().map(Cow::Borrowed), Some(v2.action))
+}
+
+/// A `ChannelContentMutated`'s meaning: the `contentId` header wins over the payload's.
+fn content_mutation<'e>(
+    event: &'e Event,
+    payload_content_id: Option<Cow<'e, str>>,
+    action: Option<&str>,
+) -> Result<ChannelEvent<'e>, EventError> {
+    let content_id = event
+        .header_str(CONTENT_ID)
+        .map(Cow::Borrowed)
+        .or(payload_content_id)
+        .ok_or_else(|| EventError::new("ChannelContentMutated needs a contentId (header or payload field)"))?;
+    match action {
+        Some("upsert") => Ok(ChannelEvent::ContentUpserted { content_id }),
+        Some("remove") => Ok(ChannelEvent::ContentRemoved { content_id }),
+        other => {
+            Err(EventError::new(format!("unknown ChannelContentMutated action {other:?} (expected upsert or remove)")))
+        }
+    }
 }
 
 /// Interprets an (upcast) event and decodes its content as `C` in the same pass.
@@ -164,21 +192,7 @@ fn interpret_with<'e, C: Deserialize<'e> + Default>(event: &'e Event) -> Result<
         Some(CHANNEL_CREATED) | Some(CHANNEL_UPDATED) => {
             ChannelEvent::Upserted { name: fields.name, owner_id: fields.owner_id }
         }
-        Some(CHANNEL_CONTENT_MUTATED) => {
-            let content_id = header_content_id
-                .map(Cow::Borrowed)
-                .or(fields.content_id)
-                .ok_or_else(|| EventError::new("ChannelContentMutated needs a contentId (header or payload field)"))?;
-            match fields.action.as_deref() {
-                Some("upsert") => ChannelEvent::ContentUpserted { content_id },
-                Some("remove") => ChannelEvent::ContentRemoved { content_id },
-                other => {
-                    return Err(EventError::new(format!(
-                        "unknown ChannelContentMutated action {other:?} (expected upsert or remove)"
-                    )));
-                }
-            }
-        }
+        Some(CHANNEL_CONTENT_MUTATED) => content_mutation(event, fields.content_id, fields.action.as_deref())?,
         Some(CHANNEL_DELETED) => ChannelEvent::Deleted,
         _ => ChannelEvent::Other,
     };
@@ -200,6 +214,14 @@ pub fn content(event: &Event) -> Result<Content, EventError> {
 /// payload when it can. A `content` field that is not an item's shape only matters on an
 /// upsert, so on any error the fields are read again separately to tell which failed.
 fn interpret_with_content(event: &Event) -> Result<(ChannelEvent<'_>, Content), EventError> {
+    if let Some(v2) = event.payload_as::<ContentV2>() {
+        let meaning = interpret_upcast(event, v2)?;
+        let content = match meaning {
+            ChannelEvent::ContentUpserted { .. } => v2.content.clone(),
+            _ => Content::default(),
+        };
+        return Ok((meaning, content));
+    }
     if let Ok((meaning, content)) = interpret_with::<Option<Content>>(event) {
         return Ok((meaning, content.unwrap_or_default()));
     }
@@ -565,6 +587,31 @@ impl Processor for OwnerChannels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upcast v1 event is read from the upcaster's typed value; the same event written
+    /// as v2 JSON is parsed. Both must mean the same.
+    #[test]
+    fn upcast_v1_content_means_what_its_v2_json_means() {
+        let payloads = [
+            serde_json::json!({"channelId": "c1", "contentId": "x1", "op": "added", "text": "hello"}),
+            serde_json::json!({"channelId": "c1", "contentId": "x1", "op": "removed"}),
+            serde_json::json!({"channelId": "c1", "contentId": "x2"}),
+            serde_json::json!({"channelId": "c1", "op": "added", "text": "no content id"}),
+        ];
+        for v1 in payloads {
+            let event = |version, payload| {
+                Event::new(TOPIC, 0, 1, Some("c1"), Some(CHANNEL_CONTENT_MUTATED), version, Some(payload))
+            };
+            let typed = schemas().upcast(event(1, v1.clone())).unwrap();
+            assert!(typed.payload_as::<ContentV2>().is_some(), "{v1}");
+            let v2 =
+                serde_json::to_value(content_v1_to_v2(serde_json::from_value(v1.clone()).unwrap()).unwrap()).unwrap();
+            let json = event(2, v2);
+            assert!(json.payload_as::<ContentV2>().is_none());
+            assert_eq!(interpret(&typed), interpret(&json), "{v1}");
+            assert_eq!(interpret_with_content(&typed), interpret_with_content(&json), "{v1}");
+        }
+    }
 
     fn ids_of(set: &ContentIds) -> Vec<String> {
         set.sorted().into_iter().map(str::to_owned).collect()
