@@ -56,6 +56,7 @@ pub const API_SUPPORT: ApiSupport = ApiSupport(&[
     range(ApiKey::ApiVersions, 0, 3),
     range(ApiKey::CreateTopics, 0, 7),
     range(ApiKey::DeleteTopics, 0, 5),
+    range(ApiKey::DeleteRecords, 0, 2),
     range(ApiKey::InitProducerId, 0, 4),
     range(ApiKey::AddPartitionsToTxn, 0, 3),
     range(ApiKey::AddOffsetsToTxn, 0, 3),

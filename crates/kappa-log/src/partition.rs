@@ -119,6 +119,9 @@ pub(crate) struct Inner {
     /// Sorted by base offset; the last is the active segment. Never empty.
     pub(crate) segments: Vec<Segment>,
     pub(crate) producers: ProducerState,
+    /// The start a DeleteRecords moved past the first segment's base (persisted in
+    /// `LOG_START_FILE`); i64::MIN when none did.
+    deleted_before: i64,
 }
 
 struct SyncState {
@@ -133,6 +136,8 @@ const BASE_OFFSET_BYTES: usize = 8;
 /// Snapshots of producer state older than the newest this many are deleted.
 const SNAPSHOTS_KEPT: usize = 2;
 const CHECKPOINT_FILE: &str = "clean.checkpoint";
+/// The log start offset set by DeleteRecords (docs/format.md).
+const LOG_START_FILE: &str = "log-start.offset";
 const SNAPSHOT_SUFFIX: &str = ".snapshot";
 /// Segments a single read looks at (bounds work per fetch on logs of tiny segments).
 const READ_SEGMENTS_MAX: usize = 64;
@@ -144,8 +149,10 @@ impl Inner {
     fn log_end_offset(&self) -> i64 {
         self.segments.last().expect("a partition always has an active segment").next_offset
     }
+    /// The first segment's base, or past it when records were deleted inside it (never
+    /// past the log end).
     fn log_start_offset(&self) -> i64 {
-        self.segments[0].base_offset
+        self.segments[0].base_offset.max(self.deleted_before.min(self.log_end_offset()))
     }
     /// Index of the segment that holds (or would hold) `offset`.
     fn segment_index_for(&self, offset: i64) -> usize {
@@ -221,7 +228,8 @@ impl Partition {
         if segments.is_empty() {
             segments.push(Segment::create(fs.as_ref(), &dir, 0)?);
         }
-        let mut inner = Inner { segments, producers: ProducerState::default() };
+        let deleted_before = read_log_start(fs.as_ref(), &dir)?.unwrap_or(i64::MIN);
+        let mut inner = Inner { segments, producers: ProducerState::default(), deleted_before };
         restore_producer_state(fs.as_ref(), &dir, &names, &mut inner)?;
 
         let log_end_offset = inner.log_end_offset();
@@ -627,7 +635,7 @@ impl Partition {
     /// records visible under `isolation`; None when there is none (Kafka ListOffsets).
     pub fn offset_for_timestamp(&self, timestamp: i64, isolation: Isolation) -> Result<Option<(i64, i64)>> {
         let high_watermark = self.high_watermark();
-        let (candidates, upper) = {
+        let (candidates, upper, log_start_offset) = {
             let inner = self.lock_inner();
             let upper = match isolation {
                 Isolation::ReadUncommitted => high_watermark,
@@ -639,7 +647,7 @@ impl Partition {
                 .filter(|s| s.max_timestamp >= timestamp)
                 .filter_map(|s| s.position_for_timestamp(timestamp).map(|p| (s.file.clone(), p, s.size)))
                 .collect();
-            (candidates, upper)
+            (candidates, upper, inner.log_start_offset())
         };
         for (file, start, end) in candidates {
             let mut found = None;
@@ -661,10 +669,51 @@ impl Partition {
             if let Some((position, header)) = found {
                 let mut bytes = vec![0; header.total_bytes()];
                 file.read_exact_at(&mut bytes, position).map_err(|e| LogError::io(&self.ctx.dir, e))?;
-                return Ok(first_record_at_or_after(&bytes, &header, timestamp));
+                // Records below a DeleteRecords start are gone, even inside this batch.
+                return Ok(first_record_at_or_after(&bytes, &header, timestamp)
+                    .map(|(offset, at)| (offset.max(log_start_offset), at)));
             }
         }
         Ok(None)
+    }
+
+    /// Kafka's DeleteRecords: moves the log start offset to `before` (-1: the high
+    /// watermark), so reads below it fail with [`LogError::OffsetOutOfRange`] and
+    /// ListOffsets' earliest is `before`; closed segments wholly below it are deleted. The
+    /// new start is persisted before this returns. Returns the log start offset after it
+    /// (unchanged when `before` is not past it). Fails when `before` is past the high
+    /// watermark.
+    pub fn delete_records(&self, before: i64) -> Result<i64> {
+        self.ctx.health.check()?;
+        let high_watermark = self.high_watermark();
+        let before = if before == -1 { high_watermark } else { before };
+        let mut inner = self.lock_inner();
+        if before < 0 || before > high_watermark {
+            return Err(LogError::OffsetOutOfRange {
+                offset: before,
+                log_start_offset: inner.log_start_offset(),
+                log_end_offset: high_watermark,
+            });
+        }
+        if before <= inner.log_start_offset() {
+            return Ok(inner.log_start_offset());
+        }
+        let path = self.ctx.dir.join(LOG_START_FILE);
+        io::write_file_atomic(self.ctx.fs.as_ref(), &path, &encode_log_start(before)).map_err(|e| {
+            let err = LogError::io(&path, e);
+            self.ctx.health.poison(&err);
+            err
+        })?;
+        inner.deleted_before = before;
+        let active = inner.segments.len() - 1;
+        let doomed = inner.segments[..active].iter().take_while(|s| s.next_offset <= before).count();
+        let removed: Vec<Segment> = inner.segments.drain(..doomed).collect();
+        let log_start_offset = inner.log_start_offset();
+        inner.producers.forget_before(log_start_offset);
+        drop(inner);
+        self.delete_segment_files(&removed)?;
+        tracing::info!(topic = %self.ctx.topic, partition = self.ctx.partition, log_start_offset, segments_deleted = removed.len(), "deleted records");
+        Ok(log_start_offset)
     }
 
     /// Deletes closed segments past `retention.ms` (by their largest timestamp) or beyond
@@ -884,6 +933,35 @@ fn control_marker(bytes: &[u8]) -> Result<Marker> {
         Ok(crate::records::ControlType::Abort) => Ok(Marker::Abort),
         Err(e) => Err(LogError::InvalidTxnMarker { producer_id: batch::be_i64(bytes, 43), reason: e.to_string() }),
     }
+}
+
+fn encode_log_start(offset: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(b"KLSO");
+    out.extend_from_slice(&offset.to_be_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// The persisted log start offset, if DeleteRecords ever set one. A damaged file stops the
+/// open: serving from the first segment instead would bring deleted records back.
+fn read_log_start(fs: &dyn Storage, dir: &Path) -> Result<Option<i64>> {
+    let path = dir.join(LOG_START_FILE);
+    if !fs.exists(&path) {
+        return Ok(None);
+    }
+    let bytes = io::read_file(fs, &path).map_err(|e| LogError::io(&path, e))?;
+    let valid =
+        bytes.len() == 16 && &bytes[0..4] == b"KLSO" && crc32c::crc32c(&bytes[..12]) == batch::be_u32(&bytes, 12);
+    if !valid {
+        return Err(LogError::Corrupt {
+            path,
+            position: 0,
+            reason: "the log start offset file fails its magic or CRC check; delete it to serve the partition from its first segment again (records deleted with DeleteRecords reappear)".to_owned(),
+        });
+    }
+    Ok(Some(batch::be_i64(&bytes, 4)))
 }
 
 fn encode_checkpoint(active_base: i64, active_size: u64) -> Vec<u8> {

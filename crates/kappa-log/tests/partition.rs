@@ -405,3 +405,66 @@ fn interval_flush_syncs_only_partitions_with_unsynced_writes() {
     let read = p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap();
     assert_eq!(batch_records(&read.records), batch_records(&written));
 }
+
+/// DeleteRecords: the log start moves to the requested offset (even inside a segment and a
+/// batch), reads below it are out of range, segments wholly below it go, and the start
+/// survives clean and unclean restarts. A damaged start file stops the open with its path.
+#[test]
+fn delete_records_moves_the_log_start_durably_and_drops_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for i in 0..20 {
+        p.append(batch(&i.to_string(), 4, T0)).unwrap();
+    }
+    let (segments, end) = (p.segment_count(), p.high_watermark());
+    assert!(segments >= 3 && end == 80, "{segments} segments, end {end}");
+    assert!(
+        matches!(p.delete_records(81), Err(LogError::OffsetOutOfRange { offset: 81, .. })),
+        "past the high watermark"
+    );
+
+    // Offset 42 is inside a batch (40..43) of a later segment.
+    assert_eq!(p.delete_records(42).unwrap(), 42);
+    assert_eq!(p.log_start_offset(), 42);
+    assert!(p.segment_count() < segments, "segments wholly below 42 are deleted");
+    assert!(matches!(
+        p.read(41, 1 << 20, Isolation::ReadUncommitted),
+        Err(LogError::OffsetOutOfRange { offset: 41, log_start_offset: 42, .. })
+    ));
+    let read = p.read(42, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(read.log_start_offset, 42);
+    assert_eq!(headers(&read.records)[0].base_offset, 40, "whole batches, as Kafka returns them");
+    assert_eq!(p.delete_records(10).unwrap(), 42, "an earlier offset changes nothing");
+    let found = p.offset_for_timestamp(T0, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(found.map(|(offset, _)| offset), Some(42), "a timestamp lookup starts at the log start");
+    drop(p);
+    log.close().unwrap();
+    drop(log);
+
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.log_start_offset(), 42, "after a clean restart");
+    assert_eq!(p.delete_records(-1).unwrap(), 80, "-1 is the high watermark");
+    p.append(batch("after", 2, T0)).unwrap();
+    drop(p);
+    drop(log); // no close: a crash
+
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!((p.log_start_offset(), p.high_watermark()), (80, 82), "after an unclean restart");
+    drop(p);
+    drop(log);
+
+    let file = dir.path().join("topics/t/0/log-start.offset");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[6] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let clock2 = clock.clone();
+    let err = kappa_log::Log::open(dir.path(), options(Arc::new(kappa_log::io::RealFs), &clock2))
+        .err()
+        .expect("damaged start file");
+    assert!(err.to_string().contains("log-start.offset"), "{err}");
+}

@@ -91,6 +91,7 @@ mod confluent_kafka {
         admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
         admin_partitions_and_consumer_groups => "admin_groups", 60;
         static_member_restart_keeps_its_partitions => "static_membership", 60;
+        delete_records_moves_the_low_watermark => "delete_records", 60;
     }
 
     #[test]

@@ -676,6 +676,44 @@ def case_admin():
     print(json.dumps({"ok": True}))
 
 
+def case_delete_records():
+    """DeleteRecords moves the log start (low watermark); reads start there; an offset past
+    the end and the coordinators' internal topics are refused."""
+    a = admin()
+    topic = f"delrec-{uuid.uuid4().hex[:6]}"
+    create_topic(topic, partitions=2)
+    recs = [{"key": b"k", "value": str(i).encode(), "partition": 0} for i in range(10)]
+    recs += [{"key": b"k", "value": str(i).encode(), "partition": 1} for i in range(5)]
+    produce_all(producer(), topic, recs)
+    asked = [TopicPartition(topic, 0, 4), TopicPartition(topic, 1, -1)]
+    done = a.delete_records(asked)
+    lows = {tp.partition: f.result(15).low_watermark for tp, f in done.items()}
+    check(lows == {0: 4, 1: 5}, f"low watermarks after delete_records: {lows}")
+    c = consumer()
+    for partition, want in ((0, (4, 10)), (1, (5, 5))):
+        marks = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        check(tuple(marks) == want, f"partition {partition} watermarks {marks}, want {want}")
+    c.close()
+    c = consumer()
+    c.assign([TopicPartition(topic, 0, -2)])  # OFFSET_BEGINNING: the new log start
+    got = []
+    deadline = time.time() + 20
+    while len(got) < 6 and time.time() < deadline:
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            got.append((m.offset(), m.value()))
+    c.close()
+    check(got == [(i, str(i).encode()) for i in range(4, 10)], f"read from the beginning after delete: {got}")
+    for tp, code in ((TopicPartition(topic, 0, 11), KafkaError.OFFSET_OUT_OF_RANGE),
+                     (TopicPartition("__consumer_offsets", 0, 0), KafkaError.POLICY_VIOLATION)):
+        try:
+            a.delete_records([tp])[tp].result(15)
+            fail(f"delete_records {tp} succeeded")
+        except KafkaException as e:
+            check(e.args[0].code() == code, f"delete_records {tp}: {e}, want {code}")
+    print(json.dumps({"ok": True}))
+
+
 def case_static_membership():
     """A static member (group.instance.id) that restarts within the session timeout gets its
     own partitions back and the group keeps both instances."""

@@ -1,18 +1,21 @@
-//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
-//! AlterConfigs and IncrementalAlterConfigs, over every topic config the log supports.
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DeleteRecords,
+//! DescribeConfigs, AlterConfigs and IncrementalAlterConfigs, over every topic config the
+//! log supports.
 
 use std::collections::BTreeMap;
 
 use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
 use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use kafka_protocol::messages::delete_records_response::{DeleteRecordsPartitionResult, DeleteRecordsTopicResult};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
 use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse as IncrementalResult;
 use kafka_protocol::messages::{
     AlterConfigsRequest, AlterConfigsResponse, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
-    CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
-    IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse, TopicName,
+    CreateTopicsResponse, DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    DescribeConfigsRequest, DescribeConfigsResponse, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+    TopicName,
 };
 use kappa_log::{LogError, TopicConfig};
 
@@ -129,6 +132,41 @@ impl Broker {
                 result.error_message = Some(str_bytes(message));
             }
             response.responses.push(result);
+        }
+        response
+    }
+
+    /// Moves each partition's log start offset forward (Kafka's `kafka-delete-records`,
+    /// `AdminClient.deleteRecords`; Kafka Streams purges repartition topics with it). The
+    /// response carries codes only, so a refusal is also logged with its reason. The
+    /// coordinators' internal topics are refused: their history is their state.
+    pub(super) async fn delete_records(&self, request: DeleteRecordsRequest) -> DeleteRecordsResponse {
+        let mut response = DeleteRecordsResponse::default();
+        for topic in request.topics {
+            let name = topic.name.0.as_str().to_owned();
+            let mut result = DeleteRecordsTopicResult::default();
+            result.name = topic.name.clone();
+            for partition in topic.partitions {
+                let mut answer = DeleteRecordsPartitionResult::default();
+                answer.partition_index = partition.partition_index;
+                answer.low_watermark = -1;
+                let outcome = if is_internal(&name) {
+                    Err((errors::POLICY_VIOLATION, format!("{name} is an internal topic: its records are its state")))
+                } else {
+                    let log = self.log.clone();
+                    let (name, index, before) = (name.clone(), partition.partition_index, partition.offset);
+                    blocking(move || log.partition(&name, index)?.delete_records(before)).await.map_err(failure)
+                };
+                match outcome {
+                    Ok(low_watermark) => answer.low_watermark = low_watermark,
+                    Err((code, message)) => {
+                        tracing::warn!(topic = %name, partition = partition.partition_index, offset = partition.offset, error_code = code, %message, "DeleteRecords refused");
+                        answer.error_code = code;
+                    }
+                }
+                result.partitions.push(answer);
+            }
+            response.topics.push(result);
         }
         response
     }

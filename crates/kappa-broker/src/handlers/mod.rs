@@ -210,6 +210,7 @@ impl Broker {
             Q::CreateTopics(r) => R::CreateTopics(self.create_topics(r, version).await),
             Q::DeleteTopics(r) => R::DeleteTopics(self.delete_topics(r).await),
             Q::CreatePartitions(r) => R::CreatePartitions(self.create_partitions(r).await),
+            Q::DeleteRecords(r) => R::DeleteRecords(self.delete_records(r).await),
             Q::DescribeConfigs(r) => R::DescribeConfigs(self.describe_configs(r)),
             Q::AlterConfigs(r) => R::AlterConfigs(self.alter_configs(r)),
             Q::IncrementalAlterConfigs(r) => R::IncrementalAlterConfigs(self.incremental_alter_configs(r)),
