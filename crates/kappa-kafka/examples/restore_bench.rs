@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         kafka_config: Vec::new(),
         views: None,
         repartition: Vec::new(),
+        repartition_purge_interval: kappa_kafka::config::REPARTITION_PURGE_INTERVAL_DEFAULT,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let topics = Topics::new(&config, runtime.handle().clone())?;

@@ -19,6 +19,8 @@ pub const TRANSACTION_OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const TRANSACTION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 /// Default `session.timeout.ms`: how soon a crashed worker's partitions move.
 pub const SESSION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// Default `WorkConfig::repartition_purge_interval` (Kafka Streams' default too).
+pub const REPARTITION_PURGE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// `max.message.bytes` of a changelog topic (a step's batch; as the embedded changelogs).
 pub const CHANGELOG_MESSAGE_BYTES_MAX: usize = 33 * 1024 * 1024;
 
@@ -37,6 +39,9 @@ pub struct WorkConfig {
     pub views: Option<Vec<String>>,
     /// Views keyed differently from their input: run through a repartition topic.
     pub repartition: Vec<String>,
+    /// How often what stage 2 has consumed is deleted from the repartition topics
+    /// (`REPARTITION_PURGE_INTERVAL_DEFAULT`, as Kafka Streams' `repartition.purge.interval.ms`).
+    pub repartition_purge_interval: Duration,
 }
 
 impl WorkConfig {

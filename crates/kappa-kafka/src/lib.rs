@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod purge;
 pub mod replica;
 pub mod restore;
 pub mod topics;
@@ -37,6 +38,7 @@ pub use crate::config::WorkConfig;
 pub use crate::error::{Result, WorkError};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
+use crate::purge::Purger;
 use crate::replica::{Replica, run_replica};
 use crate::topics::{TopicSpec, Topics};
 use crate::worker::{Shared, ViewSpec, run_group};
@@ -102,7 +104,9 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
     }
     let metrics = Arc::new(Metrics::default());
     let replica = Replica::new(served);
-    let shared = Arc::new(Shared::new(config.clone(), specs, Arc::new(app.schemas), app.codec, metrics.clone()));
+    let purger = Purger::new(&config, runtime.handle().clone())?;
+    let shared =
+        Arc::new(Shared::new(config.clone(), specs, Arc::new(app.schemas), app.codec, metrics.clone(), purger));
     serve_http(&runtime, &config, &shared, replica.clone())?;
     let replica_thread = {
         let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());

@@ -20,12 +20,14 @@ pub struct Metrics {
     pub events_applied: AtomicU64,
     /// Changelog records read by the read replica.
     pub replica_records: AtomicU64,
+    /// Repartition partitions purged (one per partition per DeleteRecords).
+    pub repartition_purges: AtomicU64,
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 7] = [
             (
                 "kappa_work_restored_records_total",
                 "changelog records replayed by restores",
@@ -55,6 +57,11 @@ impl Metrics {
                 "kappa_work_replica_records_total",
                 "changelog records read by the read replica",
                 self.replica_records.load(Ordering::Relaxed),
+            ),
+            (
+                "kappa_work_repartition_purges_total",
+                "repartition partitions purged of what stage 2 committed",
+                self.repartition_purges.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {

@@ -27,6 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::{STEP_RECORDS_MAX, STEP_WAIT, TRANSACTION_OP_TIMEOUT, WorkConfig};
 use crate::error::{Result, WorkError, kafka};
 use crate::metrics::Metrics;
+use crate::purge::Purger;
 use crate::restore::{input_record, restore};
 
 /// One stage of a view this worker runs: what it consumes, where its changelog goes.
@@ -71,6 +72,7 @@ pub struct Shared {
     tasks: Mutex<BTreeMap<PartitionKey, Task>>,
     /// An error inside the rebalance callback, returned by the group loop.
     fatal: Mutex<Option<WorkError>>,
+    purger: Purger,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,6 +86,7 @@ impl Shared {
         schemas: Arc<Schemas>,
         codec: Arc<dyn PayloadCodec>,
         metrics: Arc<Metrics>,
+        purger: Purger,
     ) -> Self {
         Self {
             config,
@@ -94,7 +97,13 @@ impl Shared {
             status: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(BTreeMap::new()),
             fatal: Mutex::new(None),
+            purger,
         }
+    }
+
+    /// True when `topic` is a repartition topic this worker's stage 2 consumes.
+    fn is_repartition_input(&self, topic: &str) -> bool {
+        self.views.iter().any(|s| s.input == topic && matches!(s.placement, Placement::RepartitionSink { .. }))
     }
 
     fn set_status(&self, topic: &str, partition: i32, status: impl Into<String>) {
@@ -246,6 +255,7 @@ pub fn run_group(shared: Arc<Shared>, stop: &AtomicBool) -> Result<()> {
             }),
         };
         results.into_iter().collect::<Result<()>>()?;
+        shared.purger.maybe_purge(&shared.metrics);
     }
     tracing::info!("leaving the consumer group");
     consumer.unsubscribe();
@@ -328,6 +338,9 @@ fn step(
             }
             shared.metrics.transactions_committed.fetch_add(1, Ordering::Relaxed);
             shared.metrics.events_applied.fetch_add(applied as u64, Ordering::Relaxed);
+            if shared.is_repartition_input(topic) {
+                shared.purger.committed(topic, partition, next);
+            }
             Ok(())
         }
         Err(e) if !is_fatal(&e) => {

@@ -29,6 +29,10 @@ pub struct WorkArgs {
     /// them through a repartition topic (comma-separated).
     #[arg(long, env = "KAPPA_REPARTITION", value_delimiter = ',')]
     repartition: Vec<String>,
+    /// How often records stage 2 has committed are deleted from repartition topics
+    /// (DeleteRecords; Kafka Streams' repartition.purge.interval.ms).
+    #[arg(long, env = "KAPPA_REPARTITION_PURGE_INTERVAL_MS", default_value_t = 30_000)]
+    repartition_purge_interval_ms: u64,
 }
 
 type Topics = Vec<(String, i32, BTreeMap<String, String>)>;
@@ -49,6 +53,7 @@ pub fn run(args: WorkArgs, topics: Topics, views: Vec<View>, schemas: Schemas) -
         kafka_config,
         views: args.views,
         repartition: args.repartition,
+        repartition_purge_interval: std::time::Duration::from_millis(args.repartition_purge_interval_ms),
     };
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -59,9 +59,14 @@ struct Worker {
 }
 
 impl Worker {
-    /// A worker running `views`, `owner_channels` (if among them) through its repartition topic.
+    /// A worker running `views`, `owner_channels` (if among them) through its repartition topic,
+    /// which it does not purge within the test (the changelog check reads it whole).
     fn start(server: &Server, dir: &Path, name: &str, views: &[&str]) -> Self {
-        let repartition: &[&str] = if views.contains(&REPARTITIONED) { &["--repartition", REPARTITIONED] } else { &[] };
+        let repartition: &[&str] = if views.contains(&REPARTITIONED) {
+            &["--repartition", REPARTITIONED, "--repartition-purge-interval-ms", "3600000"]
+        } else {
+            &[]
+        };
         Self::start_with(server, dir, name, views, repartition)
     }
 
@@ -438,6 +443,78 @@ fn check_resume_elsewhere(addr: SocketAddr, first: &Arc<Mutex<Vec<Value>>>) {
         );
     }
     eprintln!("scale_out: resumed on another worker from {token}: {count} changes, exactly; a stale token got reset");
+}
+
+/// The partitions of a topic as kappa describes them: (start offset, end offset) each.
+fn topic_offsets(server: &Server, topic: &str) -> Vec<(i64, i64)> {
+    let (status, body) = http_get(server.http, &format!("/v1/topics/{topic}"));
+    assert_eq!(status, 200, "describe {topic}: {body}");
+    let body: Value = serde_json::from_str(&body).expect("topic JSON");
+    body["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| (p["start_offset"].as_i64().unwrap(), p["end_offset"].as_i64().unwrap()))
+        .collect()
+}
+
+/// The group's committed offset per partition of `topic`, from kappa's group API.
+fn committed_offsets(server: &Server, topic: &str) -> BTreeMap<i64, i64> {
+    let (status, body) = http_get(server.http, &format!("/v1/groups/{GROUP}"));
+    assert_eq!(status, 200, "describe group: {body}");
+    let body: Value = serde_json::from_str(&body).expect("group JSON");
+    body["offsets"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .filter(|o| o["topic"] == topic)
+        .map(|o| (o["partition"].as_i64().unwrap(), o["committed"].as_i64().unwrap()))
+        .collect()
+}
+
+/// What stage 2 has committed is deleted from the repartition topic (DeleteRecords every
+/// `--repartition-purge-interval-ms`), and the view stays exact across a kill -9 and a
+/// restart that resumes from the purged topic.
+#[test]
+fn repartition_topics_are_purged_up_to_what_stage_2_committed() {
+    const EVENTS_PER_ROUND: u64 = 3_000;
+    let temp = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_in(&temp.path().join("data"), &[]);
+    let purging = ["--repartition", REPARTITIONED, "--repartition-purge-interval-ms", "200"];
+    let mut worker = Worker::start_with(&server, temp.path(), "w", &[REPARTITIONED], &purging);
+    wait_owned(&mut [&mut worker], PARTITIONS_OWNED);
+    let topic = format!("__kappa.repartition.{REPARTITIONED}.v1");
+    for round in 1..=2 {
+        produce(&server, 3, (round - 1) * EVENTS_PER_ROUND, EVENTS_PER_ROUND);
+        let expected = expected(&server, 3, round * EVENTS_PER_ROUND);
+        let started = Instant::now();
+        // Purged: each repartition partition starts exactly where the group committed on it
+        // (stage 2's position), and every partition that holds records was purged.
+        loop {
+            let offsets = topic_offsets(&server, &topic);
+            let committed = committed_offsets(&server, &topic);
+            let purged = offsets.iter().enumerate().all(|(partition, &(start, end))| {
+                end == 0 || (start > 0 && Some(&start) == committed.get(&(partition as i64)))
+            });
+            if served(&worker, REPARTITIONED) == expected[REPARTITIONED] && purged {
+                break;
+            }
+            assert!(worker.alive(), "the worker exited; log:\n{}", worker.log_text());
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "round {round}: view caught up: {}, {topic} offsets (start, end): {offsets:?}, committed: {committed:?}; log:\n{}",
+                served(&worker, REPARTITIONED) == expected[REPARTITIONED],
+                worker.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(worker.metric("kappa_work_repartition_purges_total") > 0);
+        eprintln!("scale_out: round {round}: {topic} purged to {:?}", topic_offsets(&server, &topic));
+        // The next round's worker starts from the purged topic after a crash.
+        worker.kill9();
+        worker = Worker::start_with(&server, temp.path(), "w", &[REPARTITIONED], &purging);
+        wait_owned(&mut [&mut worker], PARTITIONS_OWNED);
+    }
 }
 
 /// A view keyed by something other than its input's record key (`owner_channels`, keyed by
