@@ -149,10 +149,9 @@ impl Inner {
     fn log_end_offset(&self) -> i64 {
         self.segments.last().expect("a partition always has an active segment").next_offset
     }
-    /// The first segment's base, or past it when records were deleted inside it (never
-    /// past the log end).
+    /// The first segment's base, or past it when records were deleted inside it.
     fn log_start_offset(&self) -> i64 {
-        self.segments[0].base_offset.max(self.deleted_before.min(self.log_end_offset()))
+        self.segments[0].base_offset.max(self.deleted_before)
     }
     /// Index of the segment that holds (or would hold) `offset`.
     fn segment_index_for(&self, offset: i64) -> usize {
@@ -228,7 +227,16 @@ impl Partition {
         if segments.is_empty() {
             segments.push(Segment::create(fs.as_ref(), &dir, 0)?);
         }
-        let deleted_before = read_log_start(fs.as_ref(), &dir)?.unwrap_or(i64::MIN);
+        let mut deleted_before = read_log_start(fs.as_ref(), &dir)?.unwrap_or(i64::MIN);
+        let end = segments.last().expect("non-empty").next_offset;
+        if deleted_before > end {
+            // The records up to it were lost (a power loss under the interval sync policy):
+            // records appended from here on must not be hidden behind the old start.
+            tracing::warn!(topic = %ctx.topic, partition = ctx.partition, log_start_offset = deleted_before, log_end_offset = end, "the log ends before its recorded start; moving the start back to the end");
+            let path = dir.join(LOG_START_FILE);
+            io::write_file_atomic(fs.as_ref(), &path, &encode_log_start(end)).map_err(|e| LogError::io(&path, e))?;
+            deleted_before = end;
+        }
         let mut inner = Inner { segments, producers: ProducerState::default(), deleted_before };
         restore_producer_state(fs.as_ref(), &dir, &names, &mut inner)?;
 

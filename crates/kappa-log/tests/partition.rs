@@ -458,7 +458,31 @@ fn delete_records_moves_the_log_start_durably_and_drops_whole_segments() {
     drop(p);
     drop(log);
 
+    // A start past the end (the records before it lost in a power loss under the interval
+    // policy) moves back to the end, so later appends are not hidden behind it.
     let file = dir.path().join("topics/t/0/log-start.offset");
+    let past_end = std::fs::read(&file).unwrap();
+    let mut forged = b"KLSO".to_vec();
+    forged.extend_from_slice(&500i64.to_be_bytes());
+    forged.extend_from_slice(&crc32c::crc32c(&forged).to_be_bytes());
+    std::fs::write(&file, &forged).unwrap();
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!((p.log_start_offset(), p.high_watermark()), (82, 82), "a start past the end moves to the end");
+    p.append(batch("visible", 1, T0)).unwrap();
+    drop(p);
+    drop(log);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(
+        p.read(82, 1 << 20, Isolation::ReadUncommitted).unwrap().log_start_offset,
+        82,
+        "the record appended after it stays readable"
+    );
+    drop(p);
+    drop(log);
+    std::fs::write(&file, past_end).unwrap();
+
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[6] ^= 1;
     std::fs::write(&file, bytes).unwrap();
