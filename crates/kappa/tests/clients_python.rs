@@ -146,6 +146,7 @@ mod kafka_python {
         admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
         admin_partitions_and_consumer_groups => "admin_groups", 60;
         offset_delete_refused_while_subscribed_then_drops_one_partition => "offset_delete", 60;
+        delete_records_moves_the_low_watermark => "delete_records", 60;
     }
 
     #[test]

@@ -577,6 +577,30 @@ def case_admin_groups():
     print(json.dumps({"ok": True}))
 
 
+def case_delete_records():
+    """DeleteRecords: the low watermark moves to the requested offset; past the end is
+    OffsetOutOfRange."""
+    topic = f"delrec-{uuid.uuid4().hex[:6]}"
+    create_topic(topic)
+    produce_all(producer(), topic, [{"value": str(i).encode(), "partition": 0} for i in range(10)])
+    tp = TopicPartition(topic, 0)
+    a = admin()
+    result = a.delete_records({tp: 6})
+    check(result[tp]["low_watermark"] == 6 and result[tp]["error_code"] == 0, f"delete_records: {result}")
+    c = KafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False)
+    marks = (c.beginning_offsets([tp])[tp], c.end_offsets([tp])[tp])
+    c.close()
+    check(marks == (6, 10), f"beginning and end offsets after delete_records: {marks}")
+    check([m.value for m in read_topic(topic)] == [str(i).encode() for i in range(6, 10)], "records before 6 are still read")
+    try:
+        a.delete_records({tp: 11})
+        fail("delete_records past the end succeeded")
+    except kafka.errors.OffsetOutOfRangeError:
+        pass
+    a.close()
+    print(json.dumps({"ok": True}))
+
+
 def case_offset_delete():
     """OffsetDelete: refused while a member is subscribed; afterwards it drops exactly the
     named partition's committed offset and keeps the others."""
