@@ -442,7 +442,7 @@ impl Runner {
             let mut position = self.position(&topic, partition);
             let start = self.backend.start_offset(&topic, partition)?;
             if position < start {
-                tracing::warn!(view = %self.shared.view, version = self.shared.version, %key, position, start, "input records before {start} were deleted by retention before this view applied them; continuing from {start}");
+                tracing::warn!(view = %self.shared.view, version = self.shared.version, %key, position, start, "input records before {start} were deleted (retention or DeleteRecords) before this view applied them; continuing from {start}");
                 position = start;
             }
             let end = self.backend.end_offset(&topic, partition)?;
