@@ -90,7 +90,7 @@ pub(crate) fn replay(
             let start = backend.start_offset(topic, partition)?;
             if start > 0 && target > 0 {
                 return Err(fail(format!(
-                    "the history of {key} before offset {start} was deleted by retention, so the view cannot be recomputed as of that point"
+                    "the history of {key} before offset {start} was deleted by retention or DeleteRecords, so the view cannot be recomputed as of that point"
                 )));
             }
             targets.insert(key, (Arc::<str>::from(topic.as_str()), partition, target));
