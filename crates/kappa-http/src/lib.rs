@@ -167,6 +167,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/topics/{topic}", get(topics::describe).delete(topics::delete))
         .route("/v1/topics/{topic}/configs", post(topics::alter_configs))
         .route("/v1/topics/{topic}/partitions", post(topics::add_partitions))
+        .route("/v1/topics/{topic}/delete-records", post(topics::delete_records))
         .route("/v1/topics/{topic}/offsets", get(records::offsets))
         .route("/v1/topics/{topic}/records", post(topics::produce))
         .route("/v1/topics/{topic}/partitions/{partition}/records", get(records::read))

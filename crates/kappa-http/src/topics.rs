@@ -232,6 +232,64 @@ pub async fn add_partitions(
     Ok(Json(topic_json(&*state.log.topic(&topic)?)))
 }
 
+/// Partitions one `delete-records` request may name (a topic has at most
+/// `kappa_log::log::PARTITIONS_MAX`).
+const DELETE_RECORDS_PARTITIONS_MAX: usize = 10_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRecords {
+    partitions: Vec<DeleteBefore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteBefore {
+    partition: i32,
+    /// Records before this offset go; -1: every record (up to the high watermark).
+    before: i64,
+}
+
+/// `POST /v1/topics/{topic}/delete-records` `{"partitions":[{"partition":0,"before":100}]}`:
+/// Kafka's DeleteRecords. Each partition's start offset moves to `before` (-1: its high
+/// watermark) durably; reads below it then fail. Every partition and offset is checked
+/// before any is changed; answers with the topic as `GET` describes it.
+pub async fn delete_records(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    request: Result<Json<DeleteRecords>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let request = body(request, "{\"partitions\": [{\"partition\": <n>, \"before\": <offset, or -1 for all>}]}")?;
+    if request.partitions.is_empty() || request.partitions.len() > DELETE_RECORDS_PARTITIONS_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("name between 1 and {DELETE_RECORDS_PARTITIONS_MAX} partitions"),
+        ));
+    }
+    refuse_internal(&topic)?;
+    let log_topic = state.log.topic(&topic)?;
+    let mut targets = Vec::with_capacity(request.partitions.len());
+    for DeleteBefore { partition, before } in request.partitions {
+        let p = state.log.partition(&topic, partition)?;
+        if before < -1 || before > p.high_watermark() {
+            return Err(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "offset_out_of_range",
+                format!(
+                    "partition {partition} holds offsets {}..{}: give an offset up to its high watermark, or -1 for all",
+                    p.log_start_offset(),
+                    p.high_watermark()
+                ),
+            ));
+        }
+        targets.push((p, before));
+    }
+    tokio::task::spawn_blocking(move || targets.iter().try_for_each(|(p, before)| p.delete_records(*before).map(drop)))
+        .await
+        .map_err(internal)??;
+    Ok(Json(topic_json(&log_topic)))
+}
+
 /// `DELETE /v1/topics/{topic}`: deletes the topic and all its records.
 pub async fn delete(State(state): State<Arc<AppState>>, Path(topic): Path<String>) -> Result<StatusCode, ApiError> {
     admin_op(&state, &topic, |log, name| log.delete_topic(name)).await?;

@@ -62,6 +62,21 @@ pub enum TopicCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Delete the records before an offset in partitions of a topic (Kafka's DeleteRecords):
+    /// each partition's start offset moves there for good.
+    #[command(after_help = "Example:\n  kappa topic delete-records channels --before 0=1200 --before 1=-1 --yes")]
+    DeleteRecords {
+        topic: String,
+        /// partition=offset: delete that partition's records before the offset (-1: all of
+        /// them); repeatable.
+        #[arg(long = "before", value_name = "PARTITION=OFFSET", required = true)]
+        before: Vec<String>,
+        /// Confirm: the records are gone for good.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Delete a topic and all its records.
     #[command(after_help = "Example:\n  kappa topic delete scratch --yes")]
     Delete {
@@ -100,6 +115,21 @@ pub fn run(command: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::Alter { topic, set, delete, partitions, server } => {
             alter(&server, &topic, &set, delete, partitions)?
+        }
+        TopicCommand::DeleteRecords { topic, before, yes, server } => {
+            let partitions = before.iter().map(|pair| partition_offset(pair)).collect::<anyhow::Result<Vec<_>>>()?;
+            if !yes {
+                return Err(BadInput(format!(
+                    "deleting records of {topic} removes them for good; add --yes to confirm"
+                ))
+                .into());
+            }
+            let body = json!({"partitions": partitions});
+            let path = format!("/v1/topics/{}/delete-records", encode(&topic));
+            let answer = call(&server, "POST", &path, Some(&body), &format!("deleting records of {topic}"))?;
+            for p in answer["partitions"].as_array().into_iter().flatten() {
+                println!("{topic}/{}: records start at {}", p["partition"], p["start_offset"]);
+            }
         }
         TopicCommand::Delete { topic, yes, server } => {
             if !yes {
@@ -141,6 +171,16 @@ fn alter(
 }
 
 /// `key=value` arguments as a map; a malformed one is a usage error.
+/// `--before partition=offset` as the HTTP API's `{"partition","before"}`.
+fn partition_offset(pair: &str) -> anyhow::Result<Value> {
+    let parsed =
+        pair.split_once('=').and_then(|(p, o)| Some((p.trim().parse::<i32>().ok()?, o.trim().parse::<i64>().ok()?)));
+    match parsed {
+        Some((partition, before)) => Ok(json!({"partition": partition, "before": before})),
+        None => Err(BadInput(format!("'{pair}' is not partition=offset (e.g. 0=1200, or 0=-1 for all)")).into()),
+    }
+}
+
 fn key_values(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     pairs
         .iter()

@@ -133,6 +133,16 @@ fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
     fails(&server, &["topic", "alter", "channels", "--partitions", "2"], "", 2, "partitions");
     fails(&server, &["topic", "alter", "nope", "--set", "retention.ms=1"], "", 4, "does not exist");
     fails(&server, &["topic", "alter", "__consumer_offsets", "--set", "retention.ms=1"], "", 2, "internal");
+    // DeleteRecords: 5 records in partition 0, the first 3 deleted; bad input changes nothing.
+    ok(&server, &["produce", "channels", "--partition", "0", "--key-separator", ":"], "k:a\nk:b\nk:c\nk:d\nk:e\n");
+    fails(&server, &["topic", "delete-records", "channels", "--before", "0=3"], "", 2, "--yes");
+    fails(&server, &["topic", "delete-records", "channels", "--before", "zero=3", "--yes"], "", 2, "partition=offset");
+    fails(&server, &["topic", "delete-records", "channels", "--before", "0=99", "--yes"], "", 2, "high watermark");
+    fails(&server, &["topic", "delete-records", "channels", "--before", "7=1", "--yes"], "", 4, "partition");
+    assert_eq!(describe(&server, "channels")["partitions"][0]["start_offset"], 0, "refusals change nothing");
+    let said = ok(&server, &["topic", "delete-records", "channels", "--before", "0=3", "--yes"], "");
+    assert!(said.contains("channels/0: records start at 3"), "{said}");
+    assert_eq!(describe(&server, "channels")["partitions"][0]["start_offset"], 3);
     fails(&server, &["topic", "delete", "channels"], "", 2, "--yes");
     assert_eq!(describe(&server, "channels")["name"], "channels");
     ok(&server, &["topic", "delete", "channels", "--yes"], "");
