@@ -34,11 +34,12 @@ pub struct Purger {
     in_flight: Arc<AtomicBool>,
 }
 
-#[derive(Default)]
 struct State {
     /// (repartition topic, partition) → the offset stage 2 committed last, not purged yet.
     committed: BTreeMap<(String, i32), i64>,
-    last_purge: Option<Instant>,
+    /// When the last purge started (the worker's start before the first): purges are at
+    /// least one interval apart, the first one interval after start.
+    last_purge: Instant,
 }
 
 impl State {
@@ -60,7 +61,7 @@ impl Purger {
             admin: Arc::new(admin),
             runtime,
             interval: config.repartition_purge_interval,
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(State { committed: BTreeMap::new(), last_purge: Instant::now() })),
             in_flight: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -75,11 +76,11 @@ impl Purger {
     pub fn maybe_purge(&self, metrics: &Arc<Metrics>) {
         let due = {
             let mut state = lock(&self.state);
-            let waited = state.last_purge.is_none_or(|at| at.elapsed() >= self.interval);
+            let waited = state.last_purge.elapsed() >= self.interval;
             if state.committed.is_empty() || !waited || self.in_flight.swap(true, Ordering::AcqRel) {
                 return;
             }
-            state.last_purge = Some(Instant::now());
+            state.last_purge = Instant::now();
             std::mem::take(&mut state.committed)
         };
         let (admin, state, in_flight, metrics) =
