@@ -812,9 +812,12 @@ impl ReadPlan {
     fn read_into(&self, offset: i64, upper: i64, budget: usize, out: &mut Vec<u8>) -> Result<(Option<i64>, bool)> {
         let corrupt = |position: u64, reason: String| LogError::Corrupt { path: self.path.clone(), position, reason };
         // Find the first batch that ends at or after `offset` (a few headers past the index entry).
+        // A negative last-offset delta can only be damage (the field is under the CRC, which
+        // the walk does not check): stop there, so the batch is validated below instead of
+        // being skipped as "before `offset`" with everything after it served.
         let mut first = None;
         walk_headers(self.file.as_ref(), self.start, self.end, |position, header| {
-            if header.last_offset() >= offset {
+            if header.last_offset() >= offset || header.last_offset_delta < 0 {
                 first = Some(position);
                 return false;
             }
