@@ -715,11 +715,7 @@ impl Partition {
         inner.deleted_before = before;
         let active = inner.segments.len() - 1;
         let doomed = inner.segments[..active].iter().take_while(|s| s.next_offset <= before).count();
-        let removed: Vec<Segment> = inner.segments.drain(..doomed).collect();
-        let log_start_offset = inner.log_start_offset();
-        inner.producers.forget_before(log_start_offset);
-        drop(inner);
-        self.delete_segment_files(&removed)?;
+        let (log_start_offset, removed) = self.drop_leading_segments(inner, doomed)?;
         tracing::info!(topic = %self.ctx.topic, partition = self.ctx.partition, log_start_offset, segments_deleted = removed.len(), "deleted records");
         Ok(log_start_offset)
     }
@@ -732,7 +728,7 @@ impl Partition {
             return Ok(RetentionOutcome::default());
         }
         let now = self.ctx.clock.now_ms();
-        let mut inner = self.lock_inner();
+        let inner = self.lock_inner();
         let mut total: u64 = inner.segments.iter().map(|s| s.size).sum();
         let mut doomed = 0;
         for segment in &inner.segments[..inner.segments.len() - 1] {
@@ -747,15 +743,24 @@ impl Partition {
         if doomed == 0 {
             return Ok(RetentionOutcome::default());
         }
-        let removed: Vec<Segment> = inner.segments.drain(..doomed).collect();
+        let (log_start_offset, removed) = self.drop_leading_segments(inner, doomed)?;
+        let outcome =
+            RetentionOutcome { segments_deleted: removed.len(), bytes_deleted: removed.iter().map(|s| s.size).sum() };
+        tracing::info!(topic = %self.ctx.topic, partition = self.ctx.partition, segments = outcome.segments_deleted, bytes = outcome.bytes_deleted, log_start_offset, "retention deleted segments");
+        Ok(outcome)
+    }
+
+    /// Removes the first `count` (closed) segments, forgets producer state below the new
+    /// log start, and deletes the files once the lock is released. Returns the new log
+    /// start offset and the removed segments.
+    fn drop_leading_segments(&self, mut inner: MutexGuard<'_, Inner>, count: usize) -> Result<(i64, Vec<Segment>)> {
+        debug_assert!(count < inner.segments.len(), "the active segment stays");
+        let removed: Vec<Segment> = inner.segments.drain(..count).collect();
         let log_start_offset = inner.log_start_offset();
         inner.producers.forget_before(log_start_offset);
         drop(inner);
-        let outcome =
-            RetentionOutcome { segments_deleted: removed.len(), bytes_deleted: removed.iter().map(|s| s.size).sum() };
         self.delete_segment_files(&removed)?;
-        tracing::info!(topic = %self.ctx.topic, partition = self.ctx.partition, segments = outcome.segments_deleted, bytes = outcome.bytes_deleted, log_start_offset, "retention deleted segments");
-        Ok(outcome)
+        Ok((log_start_offset, removed))
     }
 
     fn delete_segment_files(&self, segments: &[Segment]) -> Result<()> {
@@ -816,15 +821,27 @@ impl ReadPlan {
         // the walk does not check): stop there, so the batch is validated below instead of
         // being skipped as "before `offset`" with everything after it served.
         let mut first = None;
+        let mut skipped = None;
         walk_headers(self.file.as_ref(), self.start, self.end, |position, header| {
             if header.last_offset() >= offset || header.last_offset_delta < 0 {
-                first = Some(position);
+                first = Some((position, header.base_offset));
                 return false;
             }
+            skipped = Some((position, header.total_bytes()));
             true
         })
         .map_err(|e| corrupt(self.start, e.to_string()))?;
-        let Some(start) = first else { return Ok((None, true)) };
+        // `offset` in a gap after the last skipped batch: compaction makes gaps, but so does
+        // damage that lowered that batch's last offset, hiding the records asked for. Check
+        // its CRC, and start there when it fails, so the read stops instead of skipping.
+        let in_gap = first.is_none_or(|(_, base_offset)| base_offset > offset);
+        if in_gap
+            && let Some((position, total)) = skipped
+            && !self.batch_is_intact(position, total)?
+        {
+            first = Some((position, offset));
+        }
+        let Some((start, _)) = first else { return Ok((None, true)) };
         let available = (self.end - start) as usize;
         let first_len = {
             let mut prefix = [0u8; batch::LENGTH_PREFIX_BYTES];
@@ -847,6 +864,13 @@ impl ReadPlan {
         };
         out.truncate(base + position);
         Ok((last, start + position as u64 == self.end))
+    }
+
+    /// Whether the `total` bytes of the batch at `position` pass its CRC check.
+    fn batch_is_intact(&self, position: u64, total: usize) -> Result<bool> {
+        let mut bytes = Vec::new();
+        self.file.read_exact_append(&mut bytes, total, position).map_err(|e| LogError::io(&self.path, e))?;
+        Ok(batch::validate(&bytes, segment::RECOVERY_BATCH_BYTES_MAX).is_ok())
     }
 
     /// How many leading bytes of `buffer` (read from `start`) are whole valid batches below
@@ -946,13 +970,34 @@ fn control_marker(bytes: &[u8]) -> Result<Marker> {
     }
 }
 
-fn encode_log_start(offset: i64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16);
-    out.extend_from_slice(b"KLSO");
-    out.extend_from_slice(&offset.to_be_bytes());
+/// A small metadata file (docs/format.md): a 4-byte magic, `fields` as big-endian i64s,
+/// then the crc32c of everything before it, big-endian.
+fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 8 * fields.len() + 4);
+    out.extend_from_slice(magic);
+    for field in fields {
+        out.extend_from_slice(&field.to_be_bytes());
+    }
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_be_bytes());
     out
+}
+
+/// The fields of a file written by [`encode_framed`]; None when its length, magic or CRC is
+/// wrong.
+fn decode_framed<const N: usize>(magic: &[u8; 4], bytes: &[u8]) -> Option<[i64; N]> {
+    let crc_at = 4 + 8 * N;
+    if bytes.len() != crc_at + 4
+        || &bytes[..4] != magic
+        || crc32c::crc32c(&bytes[..crc_at]) != batch::be_u32(bytes, crc_at)
+    {
+        return None;
+    }
+    Some(std::array::from_fn(|i| batch::be_i64(bytes, 4 + 8 * i)))
+}
+
+fn encode_log_start(offset: i64) -> Vec<u8> {
+    encode_framed(b"KLSO", &[offset])
 }
 
 /// The persisted log start offset, if DeleteRecords ever set one. A damaged file stops the
@@ -963,33 +1008,22 @@ fn read_log_start(fs: &dyn Storage, dir: &Path) -> Result<Option<i64>> {
         return Ok(None);
     }
     let bytes = io::read_file(fs, &path).map_err(|e| LogError::io(&path, e))?;
-    let valid =
-        bytes.len() == 16 && &bytes[0..4] == b"KLSO" && crc32c::crc32c(&bytes[..12]) == batch::be_u32(&bytes, 12);
-    if !valid {
+    let Some([offset]) = decode_framed::<1>(b"KLSO", &bytes) else {
         return Err(LogError::Corrupt {
             path,
             position: 0,
             reason: "the log start offset file fails its magic or CRC check; delete it to serve the partition from its first segment again (records deleted with DeleteRecords reappear)".to_owned(),
         });
-    }
-    Ok(Some(batch::be_i64(&bytes, 4)))
+    };
+    Ok(Some(offset))
 }
 
 fn encode_checkpoint(active_base: i64, active_size: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24);
-    out.extend_from_slice(b"KCKP");
-    out.extend_from_slice(&active_base.to_be_bytes());
-    out.extend_from_slice(&active_size.to_be_bytes());
-    let crc = crc32c::crc32c(&out);
-    out.extend_from_slice(&crc.to_be_bytes());
-    out
+    encode_framed(b"KCKP", &[active_base, active_size as i64])
 }
 
 fn decode_checkpoint(bytes: &[u8]) -> Option<(i64, u64)> {
-    if bytes.len() != 24 || &bytes[0..4] != b"KCKP" || crc32c::crc32c(&bytes[..20]) != batch::be_u32(bytes, 20) {
-        return None;
-    }
-    Some((batch::be_i64(bytes, 4), batch::be_i64(bytes, 12) as u64))
+    decode_framed::<2>(b"KCKP", bytes).map(|[base, size]| (base, size as u64))
 }
 
 /// Reads and removes the clean-shutdown checkpoint: it vouches for the files only until

@@ -13,7 +13,7 @@ use common::*;
 use kappa_log::batch::BatchHeader;
 use kappa_log::clock::ManualClock;
 use kappa_log::records::{BatchBuilder, NewRecord};
-use kappa_log::{Isolation, Log};
+use kappa_log::{Isolation, Log, LogError};
 use proptest::prelude::*;
 
 /// Tracks the largest single allocation made by the current thread.
@@ -208,11 +208,15 @@ proptest! {
             Ok(read) => prop_assert!(read.records.starts_with(&batches[..victim].concat())),
             Err(e) => prop_assert!(victim == 0, "only a damaged first batch makes the read fail: {}", e),
         }
-        // No read anywhere returns the damaged batch or anything that is not original.
-        for b in &batches {
-            let offset = header(b).base_offset;
+        // No read at any offset returns the damaged batch or anything that is not original,
+        // and none skips past the offset asked for (unless recovery cut the segment).
+        for offset in 0..p.log_end_offset() {
             if let Ok(read) = p.read(offset, 1 << 20, Isolation::ReadUncommitted) {
-                for got in split(&read.records) {
+                let got = split(&read.records);
+                if report.truncated_bytes() == 0 && let Some(first) = got.first() {
+                    prop_assert!(header(first).base_offset <= offset, "a read at {} skipped to {}", offset, header(first).base_offset);
+                }
+                for got in got {
                     prop_assert!(header(&got).base_offset != bad_base, "served the damaged batch");
                     prop_assert!(batches.contains(&got), "served bytes that were never written");
                 }
@@ -392,4 +396,45 @@ fn a_damaged_header_in_a_closed_segment_does_not_leave_a_silent_gap() {
         read.as_ref().map_or(true, |r| r.records == batches[..2].concat()),
         "a read through the damage must stop there (or fail), not skip to the next segment"
     );
+}
+
+/// Damage that lowers a batch's last offset (a field under the CRC, which the walk to the
+/// first batch of a read does not check) must not make a read at one of its hidden offsets
+/// skip to the next batch: the read fails at the damaged batch instead.
+#[test]
+fn a_lowered_last_offset_does_not_make_a_read_skip_the_records_it_hides() {
+    let (dir, clock, batches) = setup(1024, 30, true);
+    let at = layout(dir.path(), &batches);
+    let active = at.last().unwrap().0;
+    // A closed batch of four records with a batch after it in the same segment.
+    let victim = (1..batches.len() - 1)
+        .find(|&i| header(&batches[i]).records_count == 4 && at[i].0 != active && at[i + 1].0 == at[i].0)
+        .expect("a four-record batch inside a closed segment");
+    let (seg, start) = at[victim];
+    let path = log_path(dir.path(), seg);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // last_offset_delta is the big-endian i32 at bytes 23..27: 3 becomes 1.
+    bytes[start as usize + 26] ^= 0b10;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let (log, report) = reopen(dir.path(), &clock);
+    assert_eq!(report.truncated_bytes(), 0, "closed segments with intact indexes are not rescanned");
+    let p = log.partition("t", 0).unwrap();
+    let base = header(&batches[victim]).base_offset;
+    for offset in base..base + 4 {
+        match p.read(offset, 1 << 20, Isolation::ReadUncommitted) {
+            Err(LogError::Corrupt { .. }) => {}
+            other => {
+                let first_served = other.map(|read| split(&read.records).first().map(|b| header(b).base_offset));
+                panic!(
+                    "a read at {offset} (inside the damaged batch) must fail as corrupt; it served from {first_served:?}"
+                )
+            }
+        }
+    }
+    let before = header(&batches[victim - 1]).base_offset;
+    let read = p.read(before, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(read.records, batches[victim - 1], "the batch before the damage is served, and nothing after it");
+    let after = header(&batches[victim + 1]).base_offset;
+    assert_eq!(split(&p.read(after, 1, Isolation::ReadUncommitted).unwrap().records)[0], batches[victim + 1]);
 }

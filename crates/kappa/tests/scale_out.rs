@@ -138,6 +138,13 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// GET `path` and parse its JSON body; anything but 200 fails the test.
+fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = http_get(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e} in {body}"))
+}
+
 /// Holds an SSE subscription, collecting its events (event name, data JSON).
 fn subscribe(addr: SocketAddr, path: &str) -> Arc<Mutex<Vec<(String, Value)>>> {
     let events = Arc::new(Mutex::new(Vec::new()));
@@ -225,10 +232,7 @@ fn check_changelog(server: &Server, topic: &str, input: &str, extra: &[&str], ev
 
 /// Every key of a view as a worker serves it.
 fn served(worker: &Worker, view: &str) -> BTreeMap<String, Value> {
-    let (status, body) = http_get(worker.http, &format!("/v1/views/{view}/keys?limit=10000"));
-    assert_eq!(status, 200, "scan {view}: {body}");
-    let body: Value = serde_json::from_str(&body).expect("scan JSON");
-    body["items"]
+    get_json(worker.http, &format!("/v1/views/{view}/keys?limit=10000"))["items"]
         .as_array()
         .expect("items")
         .iter()
@@ -447,10 +451,7 @@ fn check_resume_elsewhere(addr: SocketAddr, first: &Arc<Mutex<Vec<Value>>>) {
 
 /// The partitions of a topic as kappa describes them: (start offset, end offset) each.
 fn topic_offsets(server: &Server, topic: &str) -> Vec<(i64, i64)> {
-    let (status, body) = http_get(server.http, &format!("/v1/topics/{topic}"));
-    assert_eq!(status, 200, "describe {topic}: {body}");
-    let body: Value = serde_json::from_str(&body).expect("topic JSON");
-    body["partitions"]
+    get_json(server.http, &format!("/v1/topics/{topic}"))["partitions"]
         .as_array()
         .expect("partitions")
         .iter()
@@ -460,10 +461,7 @@ fn topic_offsets(server: &Server, topic: &str) -> Vec<(i64, i64)> {
 
 /// The group's committed offset per partition of `topic`, from kappa's group API.
 fn committed_offsets(server: &Server, topic: &str) -> BTreeMap<i64, i64> {
-    let (status, body) = http_get(server.http, &format!("/v1/groups/{GROUP}"));
-    assert_eq!(status, 200, "describe group: {body}");
-    let body: Value = serde_json::from_str(&body).expect("group JSON");
-    body["offsets"]
+    get_json(server.http, &format!("/v1/groups/{GROUP}"))["offsets"]
         .as_array()
         .expect("offsets")
         .iter()
