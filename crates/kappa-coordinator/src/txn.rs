@@ -10,7 +10,15 @@
 //!
 //! Record key:   kind u8 (1 = transactional id, 2 = producer id block) | id_len u16 | id
 //! Record value (kind 1): version u8 (1) | producer_id i64 | epoch i16 | timeout_ms i32 |
-//!   status u8 | started_ms i64 | partition_count u32 | (topic_len u16, topic, partition i32)...
+//!   status u8 | status_since_ms i64 | partition_count u32 | (topic_len u16, topic, partition i32)...
+//!   (`status_since_ms`: when an Ongoing transaction started, or when the id last became
+//!   idle; records written before it meant that were stored with the transaction's start.)
+//! A null value (tombstone) forgets an expired transactional id.
+//!
+//! Expiration (Kafka's `transactional.id.expiration.ms`): an id idle (Empty or Complete*)
+//! for longer than `TxnConfig::id_expiration_ms` is tombstoned and forgotten, so ids a
+//! deployment stops using do not accumulate; a later InitProducerId for it starts afresh
+//! with a new producer id.
 //! Record value (kind 2): version u8 (1) | next_unallocated_producer_id i64
 
 use std::collections::{BTreeSet, HashMap};
@@ -42,11 +50,13 @@ pub struct TxnConfig {
     pub partitions_max: usize,
     /// Longest transactional id accepted.
     pub id_bytes_max: usize,
+    /// Kafka: transactional.id.expiration.ms — how long an idle transactional id is kept.
+    pub id_expiration_ms: i64,
 }
 
 impl Default for TxnConfig {
     fn default() -> Self {
-        Self { max_timeout_ms: 900_000, partitions_max: 10_000, id_bytes_max: 1024 }
+        Self { max_timeout_ms: 900_000, partitions_max: 10_000, id_bytes_max: 1024, id_expiration_ms: 604_800_000 }
     }
 }
 
@@ -87,8 +97,13 @@ struct TxnMetadata {
     epoch: i16,
     timeout_ms: i32,
     status: TxnStatus,
-    started_ms: i64,
+    /// When an Ongoing transaction started (for its timeout), or when the id last became
+    /// idle (for its expiration).
+    status_since_ms: i64,
     partitions: BTreeSet<(String, i32)>,
+    /// Set (never persisted) when the id expired and left the map: whoever locked the entry
+    /// before that must look the id up again.
+    expired: bool,
 }
 
 pub struct TxnCoordinator {
@@ -158,27 +173,12 @@ impl TxnCoordinator {
                 max_ms: self.config.max_timeout_ms,
             });
         }
-        let entry = match self.entry(id) {
-            Some(entry) => entry,
-            None => {
-                let producer_id = self.allocate_producer_id().await?;
-                let fresh = TxnMetadata {
-                    producer_id,
-                    epoch: -1,
-                    timeout_ms,
-                    status: TxnStatus::Empty,
-                    started_ms: 0,
-                    partitions: BTreeSet::new(),
-                };
-                self.txns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(id.to_owned())
-                    .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(fresh)))
-                    .clone()
+        let mut meta = loop {
+            let meta = self.entry_or_fresh(id, timeout_ms).await?.lock_owned().await;
+            if !meta.expired {
+                break meta;
             }
         };
-        let mut meta = entry.lock().await;
         if let Some((pid, epoch)) = expected.filter(|(pid, _)| *pid >= 0) {
             if pid != meta.producer_id || epoch > meta.epoch {
                 return Err(TxnError::InvalidProducerIdMapping);
@@ -200,6 +200,7 @@ impl TxnCoordinator {
             TxnStatus::PrepareCommit => self.complete(id, &mut meta, true).await?,
             _ => {
                 meta.status = TxnStatus::Empty;
+                meta.status_since_ms = self.now();
                 self.persist(id, &meta).await?;
             }
         }
@@ -210,6 +211,45 @@ impl TxnCoordinator {
             "initialised transactional producer"
         );
         Ok((meta.producer_id, meta.epoch))
+    }
+
+    /// The id's entry, created (Empty, with a new producer id) when it has none.
+    async fn entry_or_fresh(
+        &self,
+        id: &str,
+        timeout_ms: i32,
+    ) -> Result<Arc<tokio::sync::Mutex<TxnMetadata>>, TxnError> {
+        if let Some(entry) = self.entry(id) {
+            return Ok(entry);
+        }
+        let producer_id = self.allocate_producer_id().await?;
+        let fresh = TxnMetadata {
+            producer_id,
+            epoch: -1,
+            timeout_ms,
+            status: TxnStatus::Empty,
+            status_since_ms: self.now(),
+            partitions: BTreeSet::new(),
+            expired: false,
+        };
+        Ok(self
+            .txns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(fresh)))
+            .clone())
+    }
+
+    /// The id's metadata, locked. An id that expired while this waited is looked up again
+    /// (and is then unknown, unless InitProducerId created it anew).
+    async fn lock_known(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<TxnMetadata>, TxnError> {
+        loop {
+            let meta = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?.lock_owned().await;
+            if !meta.expired {
+                return Ok(meta);
+            }
+        }
     }
 
     async fn allocate_producer_id(&self) -> Result<i64, TxnError> {
@@ -251,15 +291,14 @@ impl TxnCoordinator {
         epoch: i16,
         partitions: &[(String, i32)],
     ) -> Result<(), TxnError> {
-        let entry = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?;
-        let mut meta = entry.lock().await;
+        let mut meta = self.lock_known(id).await?;
         Self::check(&meta, producer_id, epoch)?;
         match meta.status {
             TxnStatus::PrepareCommit | TxnStatus::PrepareAbort => return Err(TxnError::ConcurrentTransactions),
             TxnStatus::Ongoing => {}
             _ => {
                 meta.status = TxnStatus::Ongoing;
-                meta.started_ms = self.now();
+                meta.status_since_ms = self.now();
                 meta.partitions.clear();
             }
         }
@@ -282,8 +321,7 @@ impl TxnCoordinator {
     /// TxnOffsetCommit: checks the producer belongs to an open transaction that includes
     /// the offsets partition.
     pub async fn check_offset_commit(&self, id: &str, producer_id: i64, epoch: i16) -> Result<(), TxnError> {
-        let entry = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?;
-        let meta = entry.lock().await;
+        let meta = self.lock_known(id).await?;
         Self::check(&meta, producer_id, epoch)?;
         if meta.status != TxnStatus::Ongoing || !meta.partitions.contains(&(CONSUMER_OFFSETS_TOPIC.to_owned(), 0)) {
             return Err(TxnError::InvalidTxnState(meta.status.name()));
@@ -293,8 +331,7 @@ impl TxnCoordinator {
 
     /// EndTxn: commits or aborts. A retry of an EndTxn that already completed succeeds.
     pub async fn end(&self, id: &str, producer_id: i64, epoch: i16, commit: bool) -> Result<(), TxnError> {
-        let entry = self.entry(id).ok_or(TxnError::InvalidProducerIdMapping)?;
-        let mut meta = entry.lock().await;
+        let mut meta = self.lock_known(id).await?;
         Self::check(&meta, producer_id, epoch)?;
         match (meta.status, commit) {
             (TxnStatus::Ongoing, _) => self.complete(id, &mut meta, commit).await,
@@ -330,6 +367,7 @@ impl TxnCoordinator {
             self.offsets.complete_transaction(meta.producer_id, commit);
         }
         meta.status = if commit { TxnStatus::CompleteCommit } else { TxnStatus::CompleteAbort };
+        meta.status_since_ms = self.now();
         meta.partitions.clear();
         self.persist(id, meta).await?;
         tracing::debug!(transactional_id = id, commit, "transaction completed");
@@ -343,7 +381,7 @@ impl TxnCoordinator {
         let mut aborted = 0;
         for (id, entry) in self.entries() {
             let mut meta = entry.lock().await;
-            if meta.status != TxnStatus::Ongoing || now - meta.started_ms < i64::from(meta.timeout_ms) {
+            if meta.status != TxnStatus::Ongoing || now - meta.status_since_ms < i64::from(meta.timeout_ms) {
                 continue;
             }
             tracing::info!(transactional_id = %id, producer_id = meta.producer_id, "aborting a transaction that exceeded transaction.timeout.ms");
@@ -354,6 +392,38 @@ impl TxnCoordinator {
             }
         }
         aborted
+    }
+
+    /// Forgets transactional ids idle (Empty or Complete*) for at least
+    /// `id_expiration_ms`, except kappa's reserved ones: a tombstone in `__transaction_state`, then out of memory. Returns
+    /// the ids forgotten. An id whose tombstone cannot be written is kept and tried again.
+    pub async fn expire_transactional_ids(&self) -> Vec<String> {
+        let now = self.now();
+        let mut forgotten = Vec::new();
+        for (id, entry) in self.entries() {
+            let mut meta = entry.lock().await;
+            let idle = matches!(meta.status, TxnStatus::Empty | TxnStatus::CompleteCommit | TxnStatus::CompleteAbort);
+            // kappa's own ids (a fixed pool, held by a running server) never expire.
+            let reserved = id.starts_with(RESERVED_TRANSACTIONAL_ID_PREFIX);
+            if meta.expired || reserved || !idle || now - meta.status_since_ms < self.config.id_expiration_ms {
+                continue;
+            }
+            let tombstone = NewRecord::new(Some(&key(KEY_TXN, &id)), None, now);
+            if let Err(e) = self.append(&self.state, BatchBuilder::new().record(tombstone).build()).await {
+                tracing::error!(transactional_id = %id, error = %e, "could not expire a transactional id; will try again");
+                continue;
+            }
+            meta.expired = true;
+            self.txns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            tracing::info!(transactional_id = %id, producer_id = meta.producer_id, idle_ms = now - meta.status_since_ms, "expired an idle transactional id");
+            forgotten.push(id);
+        }
+        forgotten
+    }
+
+    /// Whether `id` is a transactional id this coordinator knows (not expired).
+    pub fn knows(&self, id: &str) -> bool {
+        self.entry(id).is_some()
     }
 
     /// (transactional id, producer id, epoch, status name) of every known transactional id.
@@ -400,7 +470,7 @@ fn encode_txn(meta: &TxnMetadata) -> Vec<u8> {
     out.extend_from_slice(&meta.epoch.to_be_bytes());
     out.extend_from_slice(&meta.timeout_ms.to_be_bytes());
     out.push(meta.status.code());
-    out.extend_from_slice(&meta.started_ms.to_be_bytes());
+    out.extend_from_slice(&meta.status_since_ms.to_be_bytes());
     out.extend_from_slice(&(meta.partitions.len() as u32).to_be_bytes());
     for (topic, partition) in &meta.partitions {
         put_str(&mut out, topic);
@@ -414,13 +484,13 @@ fn decode_txn(bytes: &[u8]) -> Option<TxnMetadata> {
     (c.u8()? == 1).then_some(())?;
     let (producer_id, epoch, timeout_ms) = (c.i64()?, c.i16()?, c.i32()?);
     let status = TxnStatus::from_code(c.u8()?)?;
-    let started_ms = c.i64()?;
+    let status_since_ms = c.i64()?;
     let count = c.i32()? as u32 as usize;
     let mut partitions = BTreeSet::new();
     for _ in 0..count.min(bytes.len()) {
         partitions.insert((c.string()?, c.i32()?));
     }
-    Some(TxnMetadata { producer_id, epoch, timeout_ms, status, started_ms, partitions })
+    Some(TxnMetadata { producer_id, epoch, timeout_ms, status, status_since_ms, partitions, expired: false })
 }
 
 /// Rebuilds the transactional ids and the reserved producer-id block from the topic.
@@ -505,8 +575,9 @@ mod tests {
             epoch: 3,
             timeout_ms: 60_000,
             status: TxnStatus::PrepareCommit,
-            started_ms: 12,
+            status_since_ms: 12,
             partitions: [("a".to_owned(), 0), ("b".to_owned(), 2)].into_iter().collect(),
+            expired: false,
         };
         assert_eq!(decode_txn(&encode_txn(&meta)), Some(meta.clone()));
         let bytes = encode_txn(&meta);

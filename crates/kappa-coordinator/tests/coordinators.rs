@@ -241,3 +241,54 @@ async fn producer_ids_stay_unique_across_restarts() {
         }
     }
 }
+
+/// Kafka's transactional.id.expiration.ms: an id with no transaction for that long is
+/// tombstoned and forgotten (also after a restart); one in a transaction, one used since,
+/// and kappa's reserved ids stay. A forgotten id starts afresh with a new producer id.
+#[tokio::test]
+async fn idle_transactional_ids_expire_and_start_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let config = TxnConfig { id_expiration_ms: 10_000, ..TxnConfig::default() };
+    let log = open_log(dir.path(), &clock);
+    log.create_topic("out", 1, &Default::default()).unwrap();
+    let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+    let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.clone()).await.unwrap();
+
+    let (idle_pid, idle_epoch) = txns.init_producer_id(Some("idle"), 60_000, None).await.unwrap();
+    txns.add_partitions("idle", idle_pid, idle_epoch, &[("out".into(), 0)]).await.unwrap();
+    txns.end("idle", idle_pid, idle_epoch, true).await.unwrap();
+    let (busy_pid, busy_epoch) = txns.init_producer_id(Some("busy"), 60_000, None).await.unwrap();
+    let (kappa_pid, _) = txns.init_producer_id(Some("__kappa.http.0"), 60_000, None).await.unwrap();
+    let (recent_pid, recent_epoch) = txns.init_producer_id(Some("recent"), 60_000, None).await.unwrap();
+
+    clock.advance(9_000);
+    assert_eq!(txns.expire_transactional_ids().await, Vec::<String>::new(), "nothing idle for 10 s yet");
+    // "busy" opens a transaction (it is aborted by its timeout, not expired); "recent"
+    // completes one, which restarts its idle time.
+    txns.add_partitions("busy", busy_pid, busy_epoch, &[("out".into(), 0)]).await.unwrap();
+    txns.add_partitions("recent", recent_pid, recent_epoch, &[("out".into(), 0)]).await.unwrap();
+    txns.end("recent", recent_pid, recent_epoch, false).await.unwrap();
+    clock.advance(1_000);
+    assert_eq!(txns.expire_transactional_ids().await, vec!["idle".to_owned()]);
+    assert!(!txns.knows("idle") && txns.knows("busy") && txns.knows("recent") && txns.knows("__kappa.http.0"));
+    assert_eq!(
+        txns.end("idle", idle_pid, idle_epoch, true).await,
+        Err(TxnError::InvalidProducerIdMapping),
+        "a forgotten id's old producer is unknown"
+    );
+    clock.advance(20_000);
+    let mut expired = txns.expire_transactional_ids().await;
+    expired.sort();
+    assert_eq!(expired, vec!["recent".to_owned()], "an open transaction and kappa's own ids never expire");
+    drop(txns);
+
+    // After a restart the tombstones still hold; a forgotten id is initialised afresh.
+    let txns = TxnCoordinator::open(log.clone(), offsets, config).await.unwrap();
+    assert!(!txns.knows("idle") && !txns.knows("recent") && txns.knows("busy") && txns.knows("__kappa.http.0"));
+    let (pid, epoch) = txns.init_producer_id(Some("idle"), 60_000, None).await.unwrap();
+    assert_eq!(epoch, 0);
+    assert!(pid != idle_pid && pid != busy_pid && pid != kappa_pid && pid != recent_pid, "a new producer id");
+    txns.add_partitions("idle", pid, epoch, &[("out".into(), 0)]).await.unwrap();
+    txns.end("idle", pid, epoch, true).await.unwrap();
+}

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use kappa_broker::server::Limits;
 use kappa_broker::{Broker, BrokerConfig};
+use kappa_coordinator::TxnConfig;
 use kappa_log::{Log, LogError, LogOptions};
 use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
 
@@ -281,6 +282,7 @@ impl App {
             advertised_port: i32::from(kafka_port),
             auto_create_topics: settings.auto_create_topics,
             default_partitions: settings.num_partitions,
+            txn: TxnConfig { id_expiration_ms: settings.transactional_id_expiration_ms, ..TxnConfig::default() },
             ..BrokerConfig::default()
         };
         let broker =

@@ -14,7 +14,8 @@ use serde::Deserialize;
 pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
     /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
-    /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max.
+    /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max,
+    /// transactional_id_expiration_ms.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -57,6 +58,10 @@ pub struct ServeArgs {
     /// Subscriptions per WebSocket connection [default: 100]
     #[arg(long, env = "KAPPA_HTTP_SUBSCRIPTIONS_PER_CONNECTION_MAX")]
     pub http_subscriptions_per_connection_max: Option<usize>,
+    /// How long a transactional id with no transaction is remembered (Kafka:
+    /// transactional.id.expiration.ms) [default: 604800000, 7 days]
+    #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
+    pub transactional_id_expiration_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +79,7 @@ struct FileSettings {
     http_connections_max: Option<usize>,
     http_subscriber_queue_max: Option<usize>,
     http_subscriptions_per_connection_max: Option<usize>,
+    transactional_id_expiration_ms: Option<u64>,
 }
 
 /// The resolved settings `serve` runs with.
@@ -88,6 +94,7 @@ pub struct Settings {
     pub auto_create_topics: bool,
     pub num_partitions: i32,
     pub http: kappa_http::HttpConfig,
+    pub transactional_id_expiration_ms: i64,
 }
 
 impl Settings {
@@ -105,6 +112,14 @@ impl Settings {
             bail!("maintenance_interval_ms must be at least 1");
         }
         let num_partitions = args.num_partitions.or(file.num_partitions).unwrap_or(1);
+        let transactional_id_expiration_ms =
+            args.transactional_id_expiration_ms.or(file.transactional_id_expiration_ms).unwrap_or(604_800_000);
+        if !(1..=i64::MAX as u64).contains(&transactional_id_expiration_ms) {
+            bail!(
+                "transactional_id_expiration_ms must be between 1 and {}, got {transactional_id_expiration_ms}",
+                i64::MAX
+            );
+        }
         if !(1..=kappa_log::log::PARTITIONS_MAX).contains(&num_partitions) {
             bail!("num_partitions must be between 1 and {}, got {num_partitions}", kappa_log::log::PARTITIONS_MAX);
         }
@@ -124,6 +139,7 @@ impl Settings {
             auto_create_topics: args.auto_create_topics.or(file.auto_create_topics).unwrap_or(true),
             num_partitions,
             http,
+            transactional_id_expiration_ms: transactional_id_expiration_ms as i64,
         })
     }
 }
@@ -164,7 +180,7 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {

@@ -24,6 +24,8 @@ use crate::server::{BoxFuture, Handler, Peer, Reply};
 
 /// The node id kappa reports for itself.
 pub const NODE_ID: i32 = 0;
+/// Idle transactional ids are looked for once a minute (the housekeeping tick is 1 s).
+const TXN_ID_EXPIRY_TICKS: u64 = 60;
 
 /// Broker-level settings (topic-level ones live in the log's topic configs).
 #[derive(Debug, Clone)]
@@ -114,13 +116,24 @@ impl Broker {
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            loop {
+            for tick in 0u64.. {
                 ticker.tick().await;
                 let Some(broker) = weak.upgrade() else { return };
                 broker.txns.abort_expired().await;
+                if tick % TXN_ID_EXPIRY_TICKS == 0 {
+                    broker.expire_transactional_ids().await;
+                }
             }
         });
         Ok(broker)
+    }
+
+    /// Forgets idle transactional ids (Kafka's `transactional.id.expiration.ms`) and the
+    /// newest-connection record of every id the coordinator no longer knows, so neither
+    /// grows with every id a client ever used.
+    async fn expire_transactional_ids(&self) {
+        self.txns.expire_transactional_ids().await;
+        self.txn_connections.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| self.txns.knows(id));
     }
 
     pub fn log(&self) -> &Arc<Log> {
