@@ -253,8 +253,11 @@ fn run_append(args: &Args, cfg: AppendConfig, run: usize) -> AppendRun {
     let _ = std::fs::remove_dir_all(&dir);
     let counters = Arc::new(Counters::default());
     let fs = Arc::new(CountingFs { inner: RealFs, counters: counters.clone() });
-    let (log, _) =
-        Log::open(&dir, LogOptions { sync_policy: cfg.policy, fs, clock: Arc::new(SystemClock) }).expect("open log");
+    let (log, _) = Log::open(
+        &dir,
+        LogOptions { sync_policy: cfg.policy, fs, clock: Arc::new(SystemClock), ..LogOptions::default() },
+    )
+    .expect("open log");
     let log = Arc::new(log);
     log.create_topic("bench", 1, &overrides(&[("max.message.bytes", "16777216"), ("segment.bytes", "2147483647")]))
         .expect("create topic");
@@ -410,7 +413,12 @@ fn write_big_partition(args: &Args, dir: &Path) -> (u64, i64) {
     let _ = std::fs::remove_dir_all(dir);
     let (log, _) = Log::open(
         dir,
-        LogOptions { sync_policy: SyncPolicy::IntervalMs(1000), fs: Arc::new(RealFs), clock: Arc::new(SystemClock) },
+        LogOptions {
+            sync_policy: SyncPolicy::IntervalMs(1000),
+            fs: Arc::new(RealFs),
+            clock: Arc::new(SystemClock),
+            ..LogOptions::default()
+        },
     )
     .expect("open");
     // One segment holds everything, so an unclean open scans all of it.

@@ -56,7 +56,12 @@ pub fn recovery_scan(data: &[u8]) {
     drop(segment);
 
     let clock = ManualClock::new(1_700_000_000_000);
-    let options = LogOptions { sync_policy: SyncPolicy::EveryAppend, fs: Arc::new(fs), clock: Arc::new(clock) };
+    let options = LogOptions {
+        sync_policy: SyncPolicy::EveryAppend,
+        fs: Arc::new(fs),
+        clock: Arc::new(clock),
+        ..LogOptions::default()
+    };
     let Ok((log, _report)) = Log::open(Path::new("/data"), options) else { return };
     let Ok(partition) = log.partition("t", 0) else { return };
     let mut offset = partition.log_start_offset();

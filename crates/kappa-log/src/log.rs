@@ -30,11 +30,24 @@ pub struct LogOptions {
     pub sync_policy: SyncPolicy,
     pub fs: Arc<dyn Storage>,
     pub clock: Arc<dyn Clock>,
+    /// Kafka's `producer.id.expiration.ms`: a producer with no open transaction that has not
+    /// appended to a partition for this long is forgotten there (at the next retention
+    /// pass), so its duplicate detection ends; without it, every idempotent producer
+    /// instance ever seen would be kept forever.
+    pub producer_id_expiration_ms: i64,
 }
+
+/// Kafka's default `producer.id.expiration.ms`: one day.
+pub const PRODUCER_ID_EXPIRATION_MS_DEFAULT: i64 = 86_400_000;
 
 impl Default for LogOptions {
     fn default() -> Self {
-        Self { sync_policy: SyncPolicy::EveryAppend, fs: Arc::new(RealFs), clock: Arc::new(SystemClock) }
+        Self {
+            sync_policy: SyncPolicy::EveryAppend,
+            fs: Arc::new(RealFs),
+            clock: Arc::new(SystemClock),
+            producer_id_expiration_ms: PRODUCER_ID_EXPIRATION_MS_DEFAULT,
+        }
     }
 }
 
@@ -178,6 +191,7 @@ impl Log {
             clock: self.options.clock.clone(),
             config: topic.config.clone(),
             sync_policy: self.options.sync_policy,
+            producer_id_expiration_ms: self.options.producer_id_expiration_ms,
         })
     }
 

@@ -100,6 +100,8 @@ pub struct PartitionContext {
     pub clock: Arc<dyn Clock>,
     pub config: Arc<RwLock<Arc<TopicConfig>>>,
     pub sync_policy: SyncPolicy,
+    /// See [`crate::LogOptions::producer_id_expiration_ms`].
+    pub producer_id_expiration_ms: i64,
 }
 
 pub struct Partition {
@@ -436,7 +438,7 @@ impl Partition {
             self.ctx.health.poison(&err);
             return Err(err);
         }
-        inner.producers.apply(&header, marker);
+        inner.producers.apply(&header, marker, now);
         let next = header.next_offset();
         let mut sync = self.lock_sync();
         sync.written_offset = next;
@@ -722,7 +724,13 @@ impl Partition {
 
     /// Deletes closed segments past `retention.ms` (by their largest timestamp) or beyond
     /// `retention.bytes`, moving the log start offset forward. The active segment stays.
+    /// Also forgets producers idle for `producer_id_expiration_ms` (any cleanup policy).
     pub fn enforce_retention(&self) -> Result<RetentionOutcome> {
+        let now = self.ctx.clock.now_ms();
+        let expired = self.lock_inner().producers.expire(now, self.ctx.producer_id_expiration_ms);
+        if expired > 0 {
+            tracing::debug!(topic = %self.ctx.topic, partition = self.ctx.partition, expired, "forgot idle producers");
+        }
         let config = self.config();
         if !config.cleanup_policy.delete {
             return Ok(RetentionOutcome::default());
@@ -1120,7 +1128,8 @@ fn restore_producer_state(fs: &dyn Storage, dir: &Path, names: &[String], inner:
             } else {
                 None
             };
-            inner.producers.apply(&header, marker);
+            // Replayed state is as old as its batches: the append times are not stored.
+            inner.producers.apply(&header, marker, header.max_timestamp);
         }
     }
     Ok(())

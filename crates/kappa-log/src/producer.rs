@@ -7,6 +7,8 @@
 //! ```text
 //! magic "KPST" | version u8 (1) | 3 reserved | offset i64 | producer_count u32
 //! per producer: id i64 | epoch i16 | txn_first_offset i64 (-1 none) | last_timestamp i64 | n u8 | n x (first_seq i32, last_seq i32, base_offset i64, last_offset i64)
+//! (`last_timestamp`: when the producer last appended, by the log's clock; for state
+//! rebuilt by replaying batches, their largest record timestamp.)
 //! aborted_count u32 | per aborted transaction: producer_id i64 | first_offset i64 | last_offset i64
 //! crc32c u32 of everything before it
 //! ```
@@ -43,6 +45,7 @@ struct ProducerEntry {
     epoch: i16,
     batches: VecDeque<BatchMeta>,
     txn_first_offset: Option<i64>,
+    /// When it last appended (ms): what expiration goes by.
     last_timestamp: i64,
 }
 
@@ -121,9 +124,9 @@ impl ProducerState {
         Ok(Admission::Append)
     }
 
-    /// Records a batch that was written with its final offsets (also used to replay the
-    /// log on recovery). `marker` is set for control batches.
-    pub fn apply(&mut self, header: &BatchHeader, marker: Option<Marker>) {
+    /// Records a batch that was written with its final offsets at `at_ms` (also used to
+    /// replay the log on recovery). `marker` is set for control batches.
+    pub fn apply(&mut self, header: &BatchHeader, marker: Option<Marker>, at_ms: i64) {
         if !header.has_producer_id() {
             return;
         }
@@ -137,7 +140,7 @@ impl ProducerState {
             entry.batches.clear();
         }
         entry.epoch = entry.epoch.max(header.producer_epoch);
-        entry.last_timestamp = entry.last_timestamp.max(header.max_timestamp);
+        entry.last_timestamp = entry.last_timestamp.max(at_ms);
         if let Some(marker) = marker {
             if let Some(first_offset) = entry.txn_first_offset.take() {
                 self.ongoing.remove(&first_offset);
@@ -188,6 +191,15 @@ impl ProducerState {
         // Entries are sorted by last_offset; those ending before `from` cannot overlap.
         let start = self.aborted.partition_point(|a| a.last_offset < from);
         self.aborted[start..].iter().filter(|a| a.first_offset < to).copied().collect()
+    }
+
+    /// Forgets producers without an open transaction whose last append is at least
+    /// `expiration_ms` before `now_ms` (Kafka's producer.id.expiration.ms). Returns how many.
+    pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
+        let before = self.producers.len();
+        self.producers
+            .retain(|_, e| e.txn_first_offset.is_some() || now_ms.saturating_sub(e.last_timestamp) < expiration_ms);
+        before - self.producers.len()
     }
 
     /// Forgets aborted transactions that ended before the log start (retention removed them).
@@ -304,7 +316,7 @@ mod tests {
         let mut state = ProducerState::default();
         let first = header(7, 0, 0, 0, 3, false);
         assert_eq!(state.admit(&first).unwrap(), Admission::Append);
-        state.apply(&first, None);
+        state.apply(&first, None, 0);
         assert_eq!(
             state.admit(&header(7, 0, 0, 99, 3, false)).unwrap(),
             Admission::Duplicate { base_offset: 0, last_offset: 2 }
@@ -314,7 +326,7 @@ mod tests {
             Err(LogError::OutOfOrderSequence { expected: 3, .. })
         ));
         assert_eq!(state.admit(&header(7, 0, 3, 3, 1, false)).unwrap(), Admission::Append);
-        state.apply(&header(7, 1, 0, 3, 1, false), None);
+        state.apply(&header(7, 1, 0, 3, 1, false), None, 0);
         assert!(matches!(
             state.admit(&header(7, 0, 4, 4, 1, false)),
             Err(LogError::ProducerFenced { current_epoch: 1, .. })
@@ -324,12 +336,12 @@ mod tests {
     #[test]
     fn transactions_set_lso_and_abort_index_and_snapshot_round_trips() {
         let mut state = ProducerState::default();
-        state.apply(&header(1, 0, 0, 10, 2, true), None);
-        state.apply(&header(2, 0, 0, 12, 1, true), None);
+        state.apply(&header(1, 0, 0, 10, 2, true), None, 0);
+        state.apply(&header(2, 0, 0, 12, 1, true), None, 0);
         assert_eq!(state.last_stable_offset(100), 10);
         let mut abort = header(1, 0, -1, 13, 1, true);
         abort.attributes |= 0x20;
-        state.apply(&abort, Some(Marker::Abort));
+        state.apply(&abort, Some(Marker::Abort), 0);
         assert_eq!(state.last_stable_offset(100), 12);
         assert_eq!(
             state.aborted_in_range(0, 100),
@@ -342,5 +354,25 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(ProducerState::decode(&bytes[..cut]), None, "truncated at {cut}");
         }
+    }
+
+    #[test]
+    fn idle_producers_expire_but_not_during_a_transaction() {
+        let mut state = ProducerState::default();
+        state.apply(&header(1, 0, 0, 0, 2, false), None, 1_000);
+        state.apply(&header(2, 0, 0, 2, 1, true), None, 1_000);
+        state.apply(&header(3, 0, 0, 3, 1, false), None, 5_000);
+        assert_eq!(state.expire(10_999, 10_000), 0, "nothing idle for 10 s yet");
+        assert_eq!(state.expire(11_000, 10_000), 1, "producer 1 is forgotten; 2 has an open transaction");
+        assert_eq!(state.producer_epoch(1), None);
+        assert_eq!(state.producer_epoch(2), Some(0));
+        assert_eq!(state.last_stable_offset(100), 2, "the open transaction still holds the LSO");
+        assert_eq!(state.admit(&header(1, 0, 0, 99, 2, false)).unwrap(), Admission::Append, "no longer a duplicate");
+        let mut commit = header(2, 0, -1, 4, 1, true);
+        commit.attributes |= 0x20;
+        state.apply(&commit, Some(Marker::Commit), 12_000);
+        assert_eq!(state.expire(20_000, 10_000), 1, "producer 3 (idle since 5 s) goes; 2 appended at 12 s");
+        assert_eq!(state.expire(22_000, 10_000), 1, "then producer 2");
+        assert_eq!(state.encode(5), ProducerState::default().encode(5));
     }
 }

@@ -147,6 +147,43 @@ fn idempotent_retries_are_deduplicated_across_restarts() {
     assert_eq!(p.log_end_offset(), 3);
 }
 
+/// Kafka's producer.id.expiration.ms: a producer idle that long (by the log's clock, not its
+/// records' timestamps) is forgotten at the next retention pass, on a compacted topic too,
+/// unless it has an open transaction; the forgotten state stays forgotten after a clean
+/// restart.
+#[test]
+fn idle_producers_are_forgotten_after_producer_id_expiration_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let produce = |pid: i64, seq: i32| {
+        // Old record timestamps: expiration must go by when the producer appended.
+        BatchBuilder::new().producer(pid, 0, seq).record(NewRecord::new(Some(b"k"), Some(b"v"), 1_000)).build()
+    };
+    let day = kappa_log::log::PRODUCER_ID_EXPIRATION_MS_DEFAULT;
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[("cleanup.policy", "compact")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    p.append(produce(7, 0)).unwrap();
+    p.append(txn_batch(8, 0, "open")).unwrap();
+    p.enforce_retention().unwrap();
+    assert!(p.append(produce(7, 0)).unwrap().duplicate, "known right after its append, old timestamps or not");
+    clock.advance(day - 1);
+    p.enforce_retention().unwrap();
+    assert_eq!(p.producer_epoch(7), Some(0), "not idle for a day yet");
+    clock.advance(1);
+    p.enforce_retention().unwrap();
+    assert_eq!(p.producer_epoch(7), None, "idle for a day: forgotten");
+    assert_eq!(p.producer_epoch(8), Some(0), "an open transaction keeps its producer");
+    log.close().unwrap();
+    drop(log);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.producer_epoch(7), None, "the snapshot written at close no longer has it");
+    assert_eq!(p.last_stable_offset(), 1, "the open transaction still holds the LSO");
+    let again = p.append(produce(7, 0)).unwrap();
+    assert!(!again.duplicate && again.base_offset == 2, "a forgotten producer's batch is new again: {again:?}");
+}
+
 fn txn_batch(pid: i64, seq: i32, value: &str) -> Vec<u8> {
     BatchBuilder::new()
         .producer(pid, 0, seq)
@@ -379,6 +416,7 @@ fn interval_flush_syncs_only_partitions_with_unsynced_writes() {
         sync_policy: SyncPolicy::IntervalMs(100),
         fs: Arc::new(fs.clone()),
         clock: Arc::new(clock.clone()),
+        ..LogOptions::default()
     };
     let log = Log::open(dir, interval()).expect("open log").0;
     log.create_topic("t", 8, &overrides(&[])).unwrap();

@@ -479,7 +479,11 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
 }
 
 async fn open_log(settings: &Settings) -> anyhow::Result<Arc<Log>> {
-    let options = LogOptions { sync_policy: settings.sync_policy, ..LogOptions::default() };
+    let options = LogOptions {
+        sync_policy: settings.sync_policy,
+        producer_id_expiration_ms: settings.producer_id_expiration_ms,
+        ..LogOptions::default()
+    };
     let dir = settings.data_dir.clone();
     let (log, report) = tokio::task::spawn_blocking(move || Log::open(&dir, options))
         .await?

@@ -15,7 +15,7 @@ pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
     /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
     /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max,
-    /// transactional_id_expiration_ms.
+    /// transactional_id_expiration_ms, producer_id_expiration_ms.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
     pub transactional_id_expiration_ms: Option<u64>,
+    /// How long a partition remembers an idle producer's sequence numbers (duplicate
+    /// detection) when it has no open transaction (Kafka: producer.id.expiration.ms)
+    /// [default: 86400000, 1 day]
+    #[arg(long, env = "KAPPA_PRODUCER_ID_EXPIRATION_MS")]
+    pub producer_id_expiration_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,6 +85,7 @@ struct FileSettings {
     http_subscriber_queue_max: Option<usize>,
     http_subscriptions_per_connection_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
+    producer_id_expiration_ms: Option<u64>,
 }
 
 /// The resolved settings `serve` runs with.
@@ -95,6 +101,7 @@ pub struct Settings {
     pub num_partitions: i32,
     pub http: kappa_http::HttpConfig,
     pub transactional_id_expiration_ms: i64,
+    pub producer_id_expiration_ms: i64,
 }
 
 impl Settings {
@@ -112,14 +119,16 @@ impl Settings {
             bail!("maintenance_interval_ms must be at least 1");
         }
         let num_partitions = args.num_partitions.or(file.num_partitions).unwrap_or(1);
-        let transactional_id_expiration_ms =
-            args.transactional_id_expiration_ms.or(file.transactional_id_expiration_ms).unwrap_or(604_800_000);
-        if !(1..=i64::MAX as u64).contains(&transactional_id_expiration_ms) {
-            bail!(
-                "transactional_id_expiration_ms must be between 1 and {}, got {transactional_id_expiration_ms}",
-                i64::MAX
-            );
-        }
+        let transactional_id_expiration_ms = positive_ms(
+            "transactional_id_expiration_ms",
+            args.transactional_id_expiration_ms.or(file.transactional_id_expiration_ms),
+            604_800_000,
+        )?;
+        let producer_id_expiration_ms = positive_ms(
+            "producer_id_expiration_ms",
+            args.producer_id_expiration_ms.or(file.producer_id_expiration_ms),
+            kappa_log::log::PRODUCER_ID_EXPIRATION_MS_DEFAULT as u64,
+        )?;
         if !(1..=kappa_log::log::PARTITIONS_MAX).contains(&num_partitions) {
             bail!("num_partitions must be between 1 and {}, got {num_partitions}", kappa_log::log::PARTITIONS_MAX);
         }
@@ -139,8 +148,17 @@ impl Settings {
             auto_create_topics: args.auto_create_topics.or(file.auto_create_topics).unwrap_or(true),
             num_partitions,
             http,
-            transactional_id_expiration_ms: transactional_id_expiration_ms as i64,
+            transactional_id_expiration_ms,
+            producer_id_expiration_ms,
         })
+    }
+}
+
+/// A duration in ms that must be at least 1 and fit an i64.
+fn positive_ms(name: &str, value: Option<u64>, default: u64) -> anyhow::Result<i64> {
+    match value.unwrap_or(default) {
+        0 => bail!("{name} must be at least 1 ms"),
+        ms => i64::try_from(ms).map_err(|_| anyhow::anyhow!("{name} must be at most {} ms, got {ms}", i64::MAX)),
     }
 }
 
@@ -180,7 +198,7 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, producer_id_expiration_ms)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -206,5 +224,16 @@ mod tests {
         assert_eq!(parse_sync_policy("interval:50").unwrap(), SyncPolicy::IntervalMs(50));
         assert!(parse_sync_policy("interval:0").is_err());
         assert!(parse_sync_policy("sometimes").unwrap_err().to_string().contains("interval:<ms>"));
+    }
+
+    #[test]
+    fn expiration_times_default_to_kafkas_and_refuse_zero_and_overflow() {
+        assert_eq!(positive_ms("x_ms", None, 7).unwrap(), 7);
+        assert_eq!(positive_ms("x_ms", Some(1), 7).unwrap(), 1);
+        assert!(positive_ms("x_ms", Some(0), 7).unwrap_err().to_string().contains("x_ms must be at least 1 ms"));
+        assert!(positive_ms("x_ms", Some(u64::MAX), 7).unwrap_err().to_string().contains("at most"));
+        let file: FileSettings =
+            toml::from_str("producer_id_expiration_ms = 5\ntransactional_id_expiration_ms = 6").unwrap();
+        assert_eq!((file.producer_id_expiration_ms, file.transactional_id_expiration_ms), (Some(5), Some(6)));
     }
 }

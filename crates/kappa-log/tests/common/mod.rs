@@ -14,7 +14,7 @@ use kappa_log::{Isolation, Log, LogOptions, Partition, SyncPolicy};
 pub const T0: i64 = 1_700_000_000_000;
 
 pub fn options(fs: Arc<dyn Storage>, clock: &ManualClock) -> LogOptions {
-    LogOptions { sync_policy: SyncPolicy::EveryAppend, fs, clock: Arc::new(clock.clone()) }
+    LogOptions { sync_policy: SyncPolicy::EveryAppend, fs, clock: Arc::new(clock.clone()), ..LogOptions::default() }
 }
 
 pub fn open(dir: &Path, clock: &ManualClock) -> Log {
