@@ -41,6 +41,10 @@ const PRODUCER_ID_BLOCK: i64 = 1000;
 const KEY_TXN: u8 = 1;
 const KEY_PID_BLOCK: u8 = 2;
 const PID_BLOCK_KEY: &str = "producer-ids";
+/// Tombstones of expired transactional ids written per batch, and the ids' bytes per batch
+/// (internal topics take batches up to 1 MiB).
+pub const EXPIRED_IDS_PER_BATCH: usize = 500;
+const EXPIRED_ID_BYTES_PER_BATCH: usize = 512 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct TxnConfig {
@@ -394,31 +398,57 @@ impl TxnCoordinator {
         aborted
     }
 
-    /// Forgets transactional ids idle (Empty or Complete*) for at least
-    /// `id_expiration_ms`, except kappa's reserved ones: a tombstone in `__transaction_state`, then out of memory. Returns
-    /// the ids forgotten. An id whose tombstone cannot be written is kept and tried again.
+    /// Forgets transactional ids idle (Empty or Complete*) for at least `id_expiration_ms`,
+    /// except kappa's reserved ones: tombstones in `__transaction_state` (batches of at most
+    /// [`EXPIRED_IDS_PER_BATCH`] ids), then out of memory. Returns the ids forgotten. Ids
+    /// whose tombstones cannot be written are kept and tried again at the next pass.
     pub async fn expire_transactional_ids(&self) -> Vec<String> {
         let now = self.now();
         let mut forgotten = Vec::new();
+        let mut doomed = Vec::new();
+        let mut doomed_bytes = 0;
         for (id, entry) in self.entries() {
-            let mut meta = entry.lock().await;
+            let meta = entry.lock_owned().await;
             let idle = matches!(meta.status, TxnStatus::Empty | TxnStatus::CompleteCommit | TxnStatus::CompleteAbort);
             // kappa's own ids (a fixed pool, held by a running server) never expire.
             let reserved = id.starts_with(RESERVED_TRANSACTIONAL_ID_PREFIX);
             if meta.expired || reserved || !idle || now - meta.status_since_ms < self.config.id_expiration_ms {
                 continue;
             }
-            let tombstone = NewRecord::new(Some(&key(KEY_TXN, &id)), None, now);
-            if let Err(e) = self.append(&self.state, BatchBuilder::new().record(tombstone).build()).await {
-                tracing::error!(transactional_id = %id, error = %e, "could not expire a transactional id; will try again");
-                continue;
+            doomed_bytes += id.len();
+            doomed.push((id, meta));
+            if doomed.len() == EXPIRED_IDS_PER_BATCH || doomed_bytes >= EXPIRED_ID_BYTES_PER_BATCH {
+                forgotten.extend(self.forget(std::mem::take(&mut doomed), now).await);
+                doomed_bytes = 0;
             }
-            meta.expired = true;
-            self.txns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            tracing::info!(transactional_id = %id, producer_id = meta.producer_id, idle_ms = now - meta.status_since_ms, "expired an idle transactional id");
-            forgotten.push(id);
         }
+        forgotten.extend(self.forget(doomed, now).await);
         forgotten
+    }
+
+    /// Writes the tombstones of `doomed` (locked, idle ids) in one batch, then drops them.
+    async fn forget(&self, doomed: Vec<(String, tokio::sync::OwnedMutexGuard<TxnMetadata>)>, now: i64) -> Vec<String> {
+        if doomed.is_empty() {
+            return Vec::new();
+        }
+        let mut batch = BatchBuilder::new();
+        for (id, _) in &doomed {
+            batch.push(NewRecord::new(Some(&key(KEY_TXN, id)), None, now));
+        }
+        if let Err(e) = self.append(&self.state, batch.build()).await {
+            tracing::error!(ids = doomed.len(), error = %e, "could not expire idle transactional ids; will try again");
+            return Vec::new();
+        }
+        let mut txns = self.txns.lock().unwrap_or_else(|e| e.into_inner());
+        doomed
+            .into_iter()
+            .map(|(id, mut meta)| {
+                meta.expired = true;
+                txns.remove(&id);
+                tracing::info!(transactional_id = %id, producer_id = meta.producer_id, idle_ms = now - meta.status_since_ms, "expired an idle transactional id");
+                id
+            })
+            .collect()
     }
 
     /// Whether `id` is a transactional id this coordinator knows (not expired).

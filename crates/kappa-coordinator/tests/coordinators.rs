@@ -281,11 +281,25 @@ async fn idle_transactional_ids_expire_and_start_afresh() {
     let mut expired = txns.expire_transactional_ids().await;
     expired.sort();
     assert_eq!(expired, vec!["recent".to_owned()], "an open transaction and kappa's own ids never expire");
+
+    // More idle ids than one batch of tombstones holds.
+    let many: Vec<String> =
+        (0..kappa_coordinator::txn::EXPIRED_IDS_PER_BATCH + 20).map(|i| format!("many-{i}")).collect();
+    for id in &many {
+        txns.init_producer_id(Some(id), 60_000, None).await.unwrap();
+    }
+    clock.advance(10_000);
+    let mut expired = txns.expire_transactional_ids().await;
+    expired.sort();
+    let mut expected = many.clone();
+    expected.sort();
+    assert_eq!(expired, expected);
     drop(txns);
 
     // After a restart the tombstones still hold; a forgotten id is initialised afresh.
     let txns = TxnCoordinator::open(log.clone(), offsets, config).await.unwrap();
     assert!(!txns.knows("idle") && !txns.knows("recent") && txns.knows("busy") && txns.knows("__kappa.http.0"));
+    assert!(many.iter().all(|id| !txns.knows(id)));
     let (pid, epoch) = txns.init_producer_id(Some("idle"), 60_000, None).await.unwrap();
     assert_eq!(epoch, 0);
     assert!(pid != idle_pid && pid != busy_pid && pid != kappa_pid && pid != recent_pid, "a new producer id");
