@@ -5,8 +5,11 @@
 //! ```text
 //! cargo run --release -p kappa --example view_bench -- [--dir DIR] [--events N]
 //!     [--channels C] [--runs R] [--live-rate PER_S] [--live-seconds S] [--only write,read,rebuild,live]
-//!     [--views channel_stats,channel_page,owner_channels]
+//!     [--views channel_stats,channel_page,owner_channels,noop]
 //! ```
+//!
+//! `noop` is a processor that reads nothing and writes nothing: the engine's own cost per
+//! event (read, decode, upcast, step commits), the floor under every view's rebuild rate.
 //!
 //! The log is written once (`--events`, default 10M, over 4 partitions, the generator's
 //! mix of event types and versions) and reused by later runs with the same `--dir`.
@@ -20,7 +23,9 @@ use std::time::{Duration, Instant};
 use kappa::channels;
 use kappa_log::records::{BatchBuilder, NewRecord};
 use kappa_log::{Isolation, Log, LogOptions};
-use kappa_views::{EmbeddedLog, EngineConfig, LogBackend, View, ViewEngine};
+use kappa_views::{
+    EmbeddedLog, EngineConfig, Event, EventError, LogBackend, Processor, StateAccess, View, ViewEngine,
+};
 use serde_json::json;
 
 /// Many small, short-lived allocations (records, view state): glibc's malloc and free were
@@ -199,6 +204,25 @@ fn engine(log: &Arc<Log>, dir: &Path, views: Vec<View>) -> ViewEngine {
     ViewEngine::start(Arc::new(EmbeddedLog::new(log.clone())), config, views).expect("start views")
 }
 
+/// Applies nothing: what a rebuild costs before any view logic runs.
+struct Noop;
+
+impl Processor for Noop {
+    type State = ();
+    type Internal = ();
+
+    fn process(&self, _: &Event, _: &mut dyn StateAccess<(), ()>) -> Result<(), EventError> {
+        Ok(())
+    }
+}
+
+fn bench_view(name: &str) -> View {
+    if name == "noop" {
+        return View::processor("noop", 1, &[channels::TOPIC], Noop);
+    }
+    channels::views().into_iter().find(|v| v.name() == name).unwrap_or_else(|| panic!("unknown view {name}"))
+}
+
 fn rebuild(args: &Args, log: &Arc<Log>) {
     for name in args.views.iter().map(String::as_str) {
         let mut rates = Vec::new();
@@ -210,7 +234,7 @@ fn rebuild(args: &Args, log: &Arc<Log>) {
                     log.delete_topic(topic.name()).unwrap();
                 }
             }
-            let view = channels::views().into_iter().find(|v| v.name() == name).unwrap();
+            let view = bench_view(name);
             let started = Instant::now();
             let engine = engine(log, &dir, vec![view]);
             assert!(engine.wait_caught_up(name, Duration::from_secs(3600)).unwrap());
