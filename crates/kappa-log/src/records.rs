@@ -666,15 +666,22 @@ impl Cursor<'_> {
     }
 
     /// An unsigned LEB128 varint of at most `bits` significant bits.
-    #[inline]
+    #[inline(always)]
     fn unsigned_varint(&mut self, field: &'static str, bits: u32) -> Result<u64, RecordError> {
-        // Most varints in a record (deltas, short lengths) are one byte.
+        // Most varints in a record (deltas, short lengths) are one byte: that case is inlined
+        // into every caller (a record has a dozen varints, its headers are walked again on
+        // every lookup), the rest is a call.
         if let Some(&byte) = self.buf.get(self.pos)
             && byte < 0x80
         {
             self.pos += 1;
             return Ok(u64::from(byte));
         }
+        self.multi_byte_varint(field, bits)
+    }
+
+    #[inline(never)]
+    fn multi_byte_varint(&mut self, field: &'static str, bits: u32) -> Result<u64, RecordError> {
         let mut value = 0u64;
         let mut shift = 0u32;
         loop {
