@@ -240,7 +240,7 @@ impl Partition {
             deleted_before = end;
         }
         let mut inner = Inner { segments, producers: ProducerState::default(), deleted_before };
-        restore_producer_state(fs.as_ref(), &dir, &names, &mut inner)?;
+        restore_producer_state(fs.as_ref(), &dir, &names, &mut inner, ctx.clock.now_ms())?;
 
         let log_end_offset = inner.log_end_offset();
         report.segments = inner.segments.len();
@@ -1089,8 +1089,16 @@ fn prune_snapshots(fs: &dyn Storage, dir: &Path) -> Result<()> {
     fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))
 }
 
-/// Loads the newest usable snapshot and replays every batch after it.
-fn restore_producer_state(fs: &dyn Storage, dir: &Path, names: &[String], inner: &mut Inner) -> Result<()> {
+/// Loads the newest usable snapshot and replays every batch after it. Producers seen in the
+/// replay, and those whose last append time the snapshot does not know, count as active at
+/// `now_ms` (the batches carry only client-set timestamps).
+fn restore_producer_state(
+    fs: &dyn Storage,
+    dir: &Path,
+    names: &[String],
+    inner: &mut Inner,
+    now_ms: i64,
+) -> Result<()> {
     let log_end_offset = inner.log_end_offset();
     let mut offsets: Vec<i64> =
         names.iter().filter_map(|n| parse_snapshot_file_name(n)).filter(|&o| o <= log_end_offset).collect();
@@ -1128,10 +1136,10 @@ fn restore_producer_state(fs: &dyn Storage, dir: &Path, names: &[String], inner:
             } else {
                 None
             };
-            // Replayed state is as old as its batches: the append times are not stored.
-            inner.producers.apply(&header, marker, header.max_timestamp);
+            inner.producers.apply(&header, marker, now_ms);
         }
     }
+    inner.producers.settle_unknown_append_times(now_ms);
     Ok(())
 }
 

@@ -5,10 +5,11 @@
 //!
 //! Snapshot file `{offset:020}.snapshot` (big-endian), the state as of `offset`:
 //! ```text
-//! magic "KPST" | version u8 (1) | 3 reserved | offset i64 | producer_count u32
+//! magic "KPST" | version u8 (2; 1 is read too) | 3 reserved | offset i64 | producer_count u32
 //! per producer: id i64 | epoch i16 | txn_first_offset i64 (-1 none) | last_timestamp i64 | n u8 | n x (first_seq i32, last_seq i32, base_offset i64, last_offset i64)
-//! (`last_timestamp`: when the producer last appended, by the log's clock; for state
-//! rebuilt by replaying batches, their largest record timestamp.)
+//! (`last_timestamp`: when the producer last appended, by the log's clock. Version 1 stored
+//! the largest record timestamp there, which a client sets: it is read as unknown, and
+//! unknown times — and producers rebuilt by replaying batches — count from the open.)
 //! aborted_count u32 | per aborted transaction: producer_id i64 | first_offset i64 | last_offset i64
 //! crc32c u32 of everything before it
 //! ```
@@ -22,6 +23,11 @@ use crate::error::{LogError, Result};
 /// How many recent batches per producer are remembered for duplicate detection (Kafka: 5,
 /// matching max.in.flight.requests.per.connection for idempotent producers).
 pub const PRODUCER_BATCHES_CACHED: usize = 5;
+/// A last append time not known (read from a version-1 snapshot) until
+/// [`ProducerState::settle_unknown_append_times`].
+const LAST_APPEND_UNKNOWN: i64 = i64::MIN;
+const SNAPSHOT_VERSION: u8 = 2;
+
 /// Upper bound on producers one snapshot may describe; larger counts mean damage.
 const SNAPSHOT_PRODUCERS_MAX: usize = 10_000_000;
 
@@ -197,9 +203,20 @@ impl ProducerState {
     /// `expiration_ms` before `now_ms` (Kafka's producer.id.expiration.ms). Returns how many.
     pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
         let before = self.producers.len();
-        self.producers
-            .retain(|_, e| e.txn_first_offset.is_some() || now_ms.saturating_sub(e.last_timestamp) < expiration_ms);
+        self.producers.retain(|_, e| {
+            e.txn_first_offset.is_some()
+                || e.last_timestamp == LAST_APPEND_UNKNOWN
+                || now_ms.saturating_sub(e.last_timestamp) < expiration_ms
+        });
         before - self.producers.len()
+    }
+
+    /// Gives producers whose last append time is unknown (a version-1 snapshot) `now_ms`,
+    /// so expiration counts from the open instead of from a client's record timestamps.
+    pub fn settle_unknown_append_times(&mut self, now_ms: i64) {
+        for entry in self.producers.values_mut().filter(|e| e.last_timestamp == LAST_APPEND_UNKNOWN) {
+            entry.last_timestamp = now_ms;
+        }
     }
 
     /// Forgets aborted transactions that ended before the log start (retention removed them).
@@ -210,7 +227,7 @@ impl ProducerState {
     pub fn encode(&self, offset: i64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(b"KPST");
-        out.extend_from_slice(&[1, 0, 0, 0]);
+        out.extend_from_slice(&[SNAPSHOT_VERSION, 0, 0, 0]);
         out.extend_from_slice(&offset.to_be_bytes());
         let mut ids: Vec<_> = self.producers.keys().copied().collect();
         ids.sort_unstable();
@@ -248,7 +265,11 @@ impl ProducerState {
             return None;
         }
         let mut r = Reader(body);
-        if r.take(4)? != b"KPST" || r.take(4)?[0] != 1 {
+        if r.take(4)? != b"KPST" {
+            return None;
+        }
+        let version = r.take(4)?[0];
+        if version != 1 && version != SNAPSHOT_VERSION {
             return None;
         }
         let offset = r.i64()?;
@@ -261,7 +282,10 @@ impl ProducerState {
             let id = r.i64()?;
             let epoch = r.i16()?;
             let txn_first_offset = Some(r.i64()?).filter(|&o| o >= 0);
-            let last_timestamp = r.i64()?;
+            let last_timestamp = match r.i64()? {
+                _ if version == 1 => LAST_APPEND_UNKNOWN,
+                stored => stored,
+            };
             let n = r.u8()? as usize;
             let mut batches = VecDeque::with_capacity(n.min(PRODUCER_BATCHES_CACHED));
             for _ in 0..n {
@@ -374,5 +398,28 @@ mod tests {
         assert_eq!(state.expire(20_000, 10_000), 1, "producer 3 (idle since 5 s) goes; 2 appended at 12 s");
         assert_eq!(state.expire(22_000, 10_000), 1, "then producer 2");
         assert_eq!(state.encode(5), ProducerState::default().encode(5));
+    }
+
+    /// A version-1 snapshot stored record timestamps: its producers' append times are read
+    /// as unknown and settled to the open time, so none expires at the first pass.
+    #[test]
+    fn version_1_snapshots_count_idle_time_from_the_open() {
+        let mut state = ProducerState::default();
+        state.apply(&header(1, 0, 0, 0, 2, false), None, 5);
+        let mut v1 = state.encode(2);
+        v1[4] = 1;
+        let body = v1.len() - 4;
+        let crc = crc32c::crc32c(&v1[..body]);
+        v1[body..].copy_from_slice(&crc.to_be_bytes());
+        let (_, mut read) = ProducerState::decode(&v1).unwrap();
+        assert_eq!(read.expire(1_000_000, 10), 0, "unknown append times never expire before they are settled");
+        read.settle_unknown_append_times(1_000_000);
+        assert_eq!(read.expire(1_000_009, 10), 0);
+        assert_eq!(read.expire(1_000_010, 10), 1);
+        let mut v3 = state.encode(2);
+        v3[4] = 3;
+        let crc = crc32c::crc32c(&v3[..body]);
+        v3[body..].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(ProducerState::decode(&v3), None, "an unknown version is not guessed at");
     }
 }

@@ -182,6 +182,18 @@ fn idle_producers_are_forgotten_after_producer_id_expiration_ms() {
     assert_eq!(p.last_stable_offset(), 1, "the open transaction still holds the LSO");
     let again = p.append(produce(7, 0)).unwrap();
     assert!(!again.duplicate && again.base_offset == 2, "a forgotten producer's batch is new again: {again:?}");
+    drop(log); // no close: the next open replays the batches after the last snapshot
+
+    // Replayed producers count as active from the open, whatever their records' timestamps:
+    // a retry arriving right after a crash is still recognised.
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    p.enforce_retention().unwrap();
+    let retry = p.append(produce(7, 0)).unwrap();
+    assert!(retry.duplicate && retry.base_offset == 2, "replayed state survives the first pass: {retry:?}");
+    clock.advance(day);
+    p.enforce_retention().unwrap();
+    assert_eq!(p.producer_epoch(7), None, "and expires a day after the open");
 }
 
 fn txn_batch(pid: i64, seq: i32, value: &str) -> Vec<u8> {
