@@ -9,10 +9,12 @@
 //! writes and this coordinator rejects its requests.
 //!
 //! Record key:   kind u8 (1 = transactional id, 2 = producer id block) | id_len u16 | id
-//! Record value (kind 1): version u8 (1) | producer_id i64 | epoch i16 | timeout_ms i32 |
-//!   status u8 | status_since_ms i64 | partition_count u32 | (topic_len u16, topic, partition i32)...
+//! Record value (kind 1): version u8 (2; 1 is read too) | producer_id i64 | epoch i16 |
+//!   timeout_ms i32 | status u8 | status_since_ms i64 | partition_count u32 |
+//!   (topic_len u16, topic, partition i32)...
 //!   (`status_since_ms`: when an Ongoing transaction started, or when the id last became
-//!   idle; records written before it meant that were stored with the transaction's start.)
+//!   idle. Version 1 stored only the start of the last transaction — 0 for an id that never
+//!   had one — so an idle id read from version 1 counts as idle from the open.)
 //! A null value (tombstone) forgets an expired transactional id.
 //!
 //! Expiration (Kafka's `transactional.id.expiration.ms`): an id idle (Empty or Complete*)
@@ -126,7 +128,11 @@ impl TxnCoordinator {
     /// transaction a crash left between its two phases.
     pub async fn open(log: Arc<Log>, offsets: Arc<OffsetStore>, config: TxnConfig) -> Result<Arc<Self>, LogError> {
         let state = internal::open_topic(&log, TRANSACTION_STATE_TOPIC)?;
-        let (txns, reserved) = replay(&state)?;
+        let (mut txns, reserved) = replay(&state)?;
+        let opened_ms = log.clock().now_ms();
+        for meta in txns.values_mut().filter(|m| m.status_since_ms == SINCE_UNKNOWN) {
+            meta.status_since_ms = opened_ms;
+        }
         let coordinator = Arc::new(Self {
             log,
             state,
@@ -183,7 +189,9 @@ impl TxnCoordinator {
                 break meta;
             }
         };
-        if let Some((pid, epoch)) = expected.filter(|(pid, _)| *pid >= 0) {
+        // A fresh entry (epoch -1: the id was unknown or had expired) accepts whatever the
+        // client held, as Kafka does; it gets the new producer id.
+        if let Some((pid, epoch)) = expected.filter(|(pid, _)| *pid >= 0 && meta.epoch >= 0) {
             if pid != meta.producer_id || epoch > meta.epoch {
                 return Err(TxnError::InvalidProducerIdMapping);
             }
@@ -408,7 +416,9 @@ impl TxnCoordinator {
         let mut doomed = Vec::new();
         let mut doomed_bytes = 0;
         for (id, entry) in self.entries() {
-            let meta = entry.lock_owned().await;
+            // A busy id is not idle: skip it rather than wait (and never hold a lock while
+            // waiting for another).
+            let Ok(meta) = entry.try_lock_owned() else { continue };
             let idle = matches!(meta.status, TxnStatus::Empty | TxnStatus::CompleteCommit | TxnStatus::CompleteAbort);
             // kappa's own ids (a fixed pool, held by a running server) never expire.
             let reserved = id.starts_with(RESERVED_TRANSACTIONAL_ID_PREFIX);
@@ -494,8 +504,14 @@ fn encode_pid_block(reserved: i64) -> Vec<u8> {
     out
 }
 
+/// An idle time read from a version-1 record (not stored there), settled at open.
+const SINCE_UNKNOWN: i64 = i64::MIN;
+
+/// The version of a transactional id's record that [`encode_txn`] writes.
+const TXN_RECORD_VERSION: u8 = 2;
+
 fn encode_txn(meta: &TxnMetadata) -> Vec<u8> {
-    let mut out = vec![1];
+    let mut out = vec![TXN_RECORD_VERSION];
     out.extend_from_slice(&meta.producer_id.to_be_bytes());
     out.extend_from_slice(&meta.epoch.to_be_bytes());
     out.extend_from_slice(&meta.timeout_ms.to_be_bytes());
@@ -511,10 +527,14 @@ fn encode_txn(meta: &TxnMetadata) -> Vec<u8> {
 
 fn decode_txn(bytes: &[u8]) -> Option<TxnMetadata> {
     let mut c = Reader(bytes);
-    (c.u8()? == 1).then_some(())?;
+    let version = c.u8()?;
+    (version == 1 || version == TXN_RECORD_VERSION).then_some(())?;
     let (producer_id, epoch, timeout_ms) = (c.i64()?, c.i16()?, c.i32()?);
     let status = TxnStatus::from_code(c.u8()?)?;
-    let status_since_ms = c.i64()?;
+    let status_since_ms = match c.i64()? {
+        _ if version == 1 && status != TxnStatus::Ongoing => SINCE_UNKNOWN,
+        stored => stored,
+    };
     let count = c.i32()? as u32 as usize;
     let mut partitions = BTreeSet::new();
     for _ in 0..count.min(bytes.len()) {
@@ -614,5 +634,30 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(decode_txn(&bytes[..cut]), None, "cut at {cut}");
         }
+    }
+
+    /// Version 1 stored the last transaction's start (0 for an id that never had one): an
+    /// idle id's time is unknown (settled to the open time), an ongoing one's is its start.
+    #[test]
+    fn version_1_records_read_idle_times_as_unknown() {
+        let mut meta = TxnMetadata {
+            producer_id: 9,
+            epoch: 0,
+            timeout_ms: 60_000,
+            status: TxnStatus::Empty,
+            status_since_ms: 0,
+            partitions: BTreeSet::new(),
+            expired: false,
+        };
+        let mut v1 = encode_txn(&meta);
+        v1[0] = 1;
+        assert_eq!(decode_txn(&v1).map(|m| m.status_since_ms), Some(SINCE_UNKNOWN));
+        meta.status = TxnStatus::Ongoing;
+        meta.status_since_ms = 77;
+        let mut v1 = encode_txn(&meta);
+        v1[0] = 1;
+        assert_eq!(decode_txn(&v1).map(|m| m.status_since_ms), Some(77));
+        v1[0] = 3;
+        assert_eq!(decode_txn(&v1), None, "an unknown version is not guessed at");
     }
 }

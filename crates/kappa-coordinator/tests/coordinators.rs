@@ -300,7 +300,9 @@ async fn idle_transactional_ids_expire_and_start_afresh() {
     let txns = TxnCoordinator::open(log.clone(), offsets, config).await.unwrap();
     assert!(!txns.knows("idle") && !txns.knows("recent") && txns.knows("busy") && txns.knows("__kappa.http.0"));
     assert!(many.iter().all(|id| !txns.knows(id)));
-    let (pid, epoch) = txns.init_producer_id(Some("idle"), 60_000, None).await.unwrap();
+    // The client still holds its old producer id and epoch (KIP-360 clients send them): a
+    // forgotten id accepts that and hands out a new producer id.
+    let (pid, epoch) = txns.init_producer_id(Some("idle"), 60_000, Some((idle_pid, idle_epoch))).await.unwrap();
     assert_eq!(epoch, 0);
     assert!(pid != idle_pid && pid != busy_pid && pid != kappa_pid && pid != recent_pid, "a new producer id");
     txns.add_partitions("idle", pid, epoch, &[("out".into(), 0)]).await.unwrap();

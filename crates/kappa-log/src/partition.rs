@@ -905,7 +905,12 @@ impl ReadPlan {
             let header = match batch::validate(bytes, segment::RECOVERY_BATCH_BYTES_MAX) {
                 Ok(header) => header,
                 Err(e) if nothing_yet && last.is_none() => {
-                    return Err(corrupt(start + position as u64, e.to_string()));
+                    return Err(corrupt(
+                        start + position as u64,
+                        format!(
+                            "{e}; the records of this batch cannot be served: restore the segment file from a backup, or move the log start past them with DeleteRecords (`kappa topic delete-records`)"
+                        ),
+                    ));
                 }
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), position = start + position as u64, error = %e, "corrupt batch; returning the data before it");

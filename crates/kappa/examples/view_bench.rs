@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 use kappa::channels;
 use kappa_log::records::{BatchBuilder, NewRecord};
 use kappa_log::{Isolation, Log, LogOptions};
-use kappa_views::{
-    EmbeddedLog, EngineConfig, Event, EventError, LogBackend, Processor, StateAccess, View, ViewEngine,
-};
+use kappa_views::{EmbeddedLog, EngineConfig, Event, EventError, LogBackend, Processor, StateAccess, View, ViewEngine};
 use serde_json::json;
 
 /// Many small, short-lived allocations (records, view state): glibc's malloc and free were

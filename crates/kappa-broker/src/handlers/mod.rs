@@ -12,6 +12,7 @@ mod metadata;
 mod produce;
 mod txn;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +88,8 @@ pub struct Broker {
     txns: Arc<TxnCoordinator>,
     /// Transactional id -> the newest connection that sent a request for it (see txn.rs).
     txn_connections: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Ids in `txn_connections` the coordinator did not know at the last expiry pass.
+    txn_ids_unknown: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Broker {
@@ -112,6 +115,7 @@ impl Broker {
             offsets,
             txns,
             txn_connections: Default::default(),
+            txn_ids_unknown: Default::default(),
         });
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {
@@ -128,12 +132,20 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Forgets idle transactional ids (Kafka's `transactional.id.expiration.ms`) and the
-    /// newest-connection record of every id the coordinator no longer knows, so neither
-    /// grows with every id a client ever used.
+    /// Forgets idle transactional ids (Kafka's `transactional.id.expiration.ms`) with their
+    /// newest-connection records, and the records of ids the coordinator did not know at
+    /// two passes in a row (InitProducerId refused, or not finished, at the first) — so
+    /// neither map grows with every id a client ever used.
     async fn expire_transactional_ids(&self) {
-        self.txns.expire_transactional_ids().await;
-        self.txn_connections.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| self.txns.knows(id));
+        let expired = self.txns.expire_transactional_ids().await;
+        let mut connections = self.txn_connections.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &expired {
+            connections.remove(id);
+        }
+        let unknown: HashSet<String> = connections.keys().filter(|id| !self.txns.knows(id)).cloned().collect();
+        let mut unknown_before = self.txn_ids_unknown.lock().unwrap_or_else(|e| e.into_inner());
+        connections.retain(|id, _| !(unknown.contains(id) && unknown_before.contains(id)));
+        *unknown_before = unknown.into_iter().filter(|id| connections.contains_key(id)).collect();
     }
 
     pub fn log(&self) -> &Arc<Log> {
