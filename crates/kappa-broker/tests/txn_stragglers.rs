@@ -1,16 +1,18 @@
 //! A delayed EndTxn must not end the producer's next transaction: requests for a
 //! transactional id that arrive on a connection older than the newest one it used are
-//! refused. Real broker, real log, raw protocol over two sockets.
+//! refused; transactional batches outside their ongoing transaction are refused. Real
+//! broker, real log, raw protocol over sockets.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, ApiKey, EndTxnRequest, EndTxnResponse,
-    InitProducerIdRequest, InitProducerIdResponse, ProducerId, RequestHeader, ResponseHeader, TopicName,
-    TransactionalId,
+    InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId, RequestHeader,
+    ResponseHeader, TopicName, TransactionalId,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kappa_broker::{Broker, BrokerConfig, Limits};
@@ -138,4 +140,75 @@ async fn kappas_reserved_transactional_ids_are_refused_to_clients() {
     end.transactional_id = TransactionalId(StrBytes::from_static_str("__kappa.http.0"));
     let ended: EndTxnResponse = call(&mut client, ApiKey::EndTxn, 1, &end).await;
     assert_eq!(ended.error_code, INVALID_TXN_STATE);
+}
+
+fn produce_txn(pid: i64, epoch: i16, sequence: i32, transactional_id: Option<&'static str>) -> ProduceRequest {
+    let records = kappa_log::records::BatchBuilder::new()
+        .producer(pid, epoch, sequence)
+        .transactional(true)
+        .record(kappa_log::records::NewRecord::new(Some(b"k"), Some(b"v"), 1))
+        .build();
+    let mut partition = PartitionProduceData::default();
+    partition.index = 0;
+    partition.records = Some(Bytes::from(records));
+    let mut topic = TopicProduceData::default();
+    topic.name = TopicName(StrBytes::from_static_str("out"));
+    topic.partition_data = vec![partition];
+    let mut request = ProduceRequest::default();
+    request.transactional_id = transactional_id.map(|id| TransactionalId(StrBytes::from_static_str(id)));
+    request.acks = -1;
+    request.timeout_ms = 5_000;
+    request.topic_data = vec![topic];
+    request
+}
+
+fn produce_code(response: &ProduceResponse) -> i16 {
+    response.responses[0].partition_responses[0].error_code
+}
+
+/// A transactional batch is written only into an ongoing transaction of its producer that
+/// includes the partition: a batch for a partition never added, or arriving after its
+/// transaction ended, would open a transaction no marker closes and hold the partition's
+/// last stable offset (and every read_committed reader and view) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_batches_outside_their_ongoing_transaction_are_refused() {
+    let (_dir, log, listener, broker) = open_broker().await;
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
+    let partition = log.partition("out", 0).unwrap();
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let mut init = InitProducerIdRequest::default();
+    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("tx")));
+    init.transaction_timeout_ms = 60_000;
+    let init: InitProducerIdResponse = call(&mut client, ApiKey::InitProducerId, 1, &init).await;
+    let (pid, epoch) = (init.producer_id.0, init.producer_epoch);
+
+    // Not added with AddPartitionsToTxn yet: refused, nothing written.
+    let refused: ProduceResponse = call(&mut client, ApiKey::Produce, 3, &produce_txn(pid, epoch, 0, Some("tx"))).await;
+    assert_eq!(produce_code(&refused), INVALID_TXN_STATE);
+    // No transactional id on the request: refused too.
+    let refused: ProduceResponse = call(&mut client, ApiKey::Produce, 3, &produce_txn(pid, epoch, 0, None)).await;
+    assert_eq!(produce_code(&refused), INVALID_TXN_STATE);
+    assert_eq!(partition.log_end_offset(), 0);
+
+    // Added: written, and the open transaction holds the last stable offset.
+    let added: AddPartitionsToTxnResponse =
+        call(&mut client, ApiKey::AddPartitionsToTxn, 1, &add_partitions(pid, epoch)).await;
+    assert_eq!(added.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code, 0);
+    let written: ProduceResponse = call(&mut client, ApiKey::Produce, 3, &produce_txn(pid, epoch, 0, Some("tx"))).await;
+    assert_eq!(produce_code(&written), 0);
+    assert_eq!(partition.last_stable_offset(), 0);
+    // A stale epoch is fenced by the coordinator as well as by the log.
+    let fenced: ProduceResponse =
+        call(&mut client, ApiKey::Produce, 3, &produce_txn(pid, epoch - 1, 1, Some("tx"))).await;
+    assert_ne!(produce_code(&fenced), 0);
+
+    // Committed: a late batch of the same producer (no new AddPartitionsToTxn) is refused,
+    // so the partition's last stable offset reaches its end and stays there.
+    let ended: EndTxnResponse = call(&mut client, ApiKey::EndTxn, 1, &end_txn(pid, epoch, true)).await;
+    assert_eq!(ended.error_code, 0);
+    let end = partition.log_end_offset();
+    let late: ProduceResponse = call(&mut client, ApiKey::Produce, 3, &produce_txn(pid, epoch, 1, Some("tx"))).await;
+    assert_eq!(produce_code(&late), INVALID_TXN_STATE);
+    assert_eq!((partition.log_end_offset(), partition.last_stable_offset()), (end, end));
 }

@@ -112,6 +112,17 @@ struct TxnMetadata {
     expired: bool,
 }
 
+/// An ongoing transaction held locked while its batches are appended (see
+/// [`TxnCoordinator::lock_ongoing`]).
+pub struct OngoingTxn(tokio::sync::OwnedMutexGuard<TxnMetadata>);
+
+impl OngoingTxn {
+    /// Whether AddPartitionsToTxn added this partition to the transaction.
+    pub fn includes(&self, topic: &str, partition: i32) -> bool {
+        self.0.partitions.contains(&(topic.to_owned(), partition))
+    }
+}
+
 pub struct TxnCoordinator {
     log: Arc<Log>,
     state: Arc<Partition>,
@@ -323,6 +334,20 @@ impl TxnCoordinator {
             self.persist(id, &meta).await?;
         }
         Ok(())
+    }
+
+    /// Produce verification (KIP-890's idea): the id's transaction, locked, when `producer_id`
+    /// and `epoch` own it and it is ongoing. The produce path appends its transactional
+    /// batches while holding it, so no marker can be written between the check and the
+    /// append — a batch that lands after its transaction ended would open a transaction no
+    /// marker ever closes, holding the partition's last stable offset forever.
+    pub async fn lock_ongoing(&self, id: &str, producer_id: i64, epoch: i16) -> Result<OngoingTxn, TxnError> {
+        let meta = self.lock_known(id).await?;
+        Self::check(&meta, producer_id, epoch)?;
+        if meta.status != TxnStatus::Ongoing {
+            return Err(TxnError::InvalidTxnState(meta.status.name()));
+        }
+        Ok(OngoingTxn(meta))
     }
 
     /// AddOffsetsToTxn: the group's offsets will be committed with the transaction.

@@ -8,11 +8,12 @@ use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kappa_log::batch::{self, BatchHeader};
 use std::sync::Arc;
 
+use kappa_coordinator::OngoingTxn;
 use kappa_log::{AppendOutcome, LogError, Partition};
 
 use crate::server::BoxFuture;
 
-use super::errors::{self, log_code};
+use super::errors::{self, log_code, txn_code};
 use super::{Broker, blocking, str_bytes};
 
 /// Largest produce request (record bytes) appended on the connection's own task rather than
@@ -34,6 +35,7 @@ impl Broker {
     /// builds the response, so a connection's next request need not wait for this fsync.
     pub(super) async fn produce_in_order(&self, request: ProduceRequest) -> BoxFuture<'static, ProduceResponse> {
         let acks_valid = matches!(request.acks, -1..=1);
+        let transactional_id = request.transactional_id.as_ref().map(|t| t.0.as_str().to_owned());
         let work: Vec<PartitionWork> = request
             .topic_data
             .into_iter()
@@ -49,6 +51,8 @@ impl Broker {
                     .collect::<Vec<_>>()
             })
             .collect();
+        // Held until the batches are written: the transaction cannot end in between.
+        let (work, refused, _ongoing) = self.verify_transactional(transactional_id.as_deref(), work).await;
         let bytes: usize = work.iter().map(|(_, _, _, records)| records.len()).sum();
         let append = move || {
             work.into_iter()
@@ -67,7 +71,8 @@ impl Broker {
         // A small append is a short write into the page cache (the fsync, if any, happens in
         // phase two): done on this task it saves two thread hand-offs per request, most of a
         // small produce's latency. Larger ones go to a blocking thread.
-        let written = if bytes <= INLINE_APPEND_BYTES_MAX { append() } else { blocking(append).await };
+        let mut written = if bytes <= INLINE_APPEND_BYTES_MAX { append() } else { blocking(append).await };
+        written.extend(refused);
         Box::pin(async move {
             let mut durable = Vec::with_capacity(written.len());
             for (name, index, result) in written {
@@ -89,6 +94,66 @@ impl Broker {
 }
 
 type Written = Result<(Arc<Partition>, AppendOutcome, i64), (i16, String)>;
+
+impl Broker {
+    /// Splits off the transactional batches the coordinator does not vouch for: their
+    /// transaction must be ongoing, owned by the batch's producer id and epoch, and include
+    /// the partition (AddPartitionsToTxn first, as every stock client does). Returns the
+    /// work to append, the refusals, and the transaction to hold while appending.
+    async fn verify_transactional(
+        &self,
+        transactional_id: Option<&str>,
+        work: Vec<PartitionWork>,
+    ) -> (Vec<PartitionWork>, Vec<(String, i32, Written)>, Option<OngoingTxn>) {
+        let producer_of = |records: &Bytes| {
+            BatchHeader::parse(records)
+                .ok()
+                .filter(BatchHeader::is_transactional)
+                .map(|h| (h.producer_id, h.producer_epoch))
+        };
+        let Some((producer_id, epoch)) = work.iter().find_map(|(_, _, _, records)| producer_of(records)) else {
+            return (work, Vec::new(), None);
+        };
+        let ongoing = match transactional_id {
+            Some(id) => self.txns.lock_ongoing(id, producer_id, epoch).await.map_err(|e| (txn_code(&e), e.to_string())),
+            None => Err((
+                errors::INVALID_TXN_STATE,
+                "a transactional batch needs the request's transactional id".to_owned(),
+            )),
+        };
+        let mut accepted = Vec::with_capacity(work.len());
+        let mut refused = Vec::new();
+        for item in work {
+            let Some(producer) = producer_of(&item.3) else {
+                accepted.push(item);
+                continue;
+            };
+            let refusal = match &ongoing {
+                Err(e) => Some(e.clone()),
+                Ok(_) if producer != (producer_id, epoch) => Some((
+                    errors::INVALID_TXN_STATE,
+                    "one request's transactional batches must come from one producer".to_owned(),
+                )),
+                Ok(txn) if !txn.includes(&item.0, item.1) => Some((
+                    errors::INVALID_TXN_STATE,
+                    format!(
+                        "{}/{} is not part of the transaction: add it with AddPartitionsToTxn first",
+                        item.0, item.1
+                    ),
+                )),
+                Ok(_) => None,
+            };
+            match refusal {
+                Some((code, message)) => {
+                    tracing::warn!(topic = %item.0, partition = item.1, producer_id, epoch, code, %message, "refused a transactional produce");
+                    refused.push((item.0, item.1, Err((code, message))));
+                }
+                None => accepted.push(item),
+            }
+        }
+        (accepted, refused, ongoing.ok())
+    }
+}
 
 /// A partition's answer: known now, or waiting for an fsync on a blocking thread.
 enum Durability {
