@@ -358,10 +358,9 @@ impl TxnCoordinator {
     /// TxnOffsetCommit: checks the producer belongs to an open transaction that includes
     /// the offsets partition.
     pub async fn check_offset_commit(&self, id: &str, producer_id: i64, epoch: i16) -> Result<(), TxnError> {
-        let meta = self.lock_known(id).await?;
-        Self::check(&meta, producer_id, epoch)?;
-        if meta.status != TxnStatus::Ongoing || !meta.partitions.contains(&(CONSUMER_OFFSETS_TOPIC.to_owned(), 0)) {
-            return Err(TxnError::InvalidTxnState(meta.status.name()));
+        let txn = self.lock_ongoing(id, producer_id, epoch).await?;
+        if !txn.includes(CONSUMER_OFFSETS_TOPIC, 0) {
+            return Err(TxnError::InvalidTxnState(TxnStatus::Ongoing.name()));
         }
         Ok(())
     }
