@@ -19,6 +19,22 @@ const ready = (emitter, what) =>
 
 const call = (fn) => new Promise((resolve, reject) => fn((err, res) => (err ? reject(err) : resolve(res))));
 
+// createTopics goes to the controller, which kafka-node finds from its cached metadata; a
+// client that has just emitted 'ready' may not have it yet and fails with
+// BrokerNotAvailableError('Controller broker not available') without asking the broker.
+// Retry that error only (for up to `timeoutMs`), as kafka-node applications do.
+async function createTopics(c, topics, { timeoutMs = 10000 } = {}) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await call((cb) => c.createTopics(topics, cb));
+    } catch (err) {
+      if (!err || err.name !== 'BrokerNotAvailableError' || Date.now() > deadline) throw err;
+      await sleep(200);
+    }
+  }
+}
+
 // Starts a plain Consumer at explicit offsets and collects `count` messages.
 async function consumeFrom(kafkaHost, payloads, count, { settleMs = 500, timeoutMs = 30000 } = {}) {
   const c = client(kafkaHost);
@@ -42,4 +58,4 @@ async function consumeFrom(kafkaHost, payloads, count, { settleMs = 500, timeout
   return messages;
 }
 
-module.exports = { kafka, client, ready, call, consumeFrom };
+module.exports = { kafka, client, ready, call, createTopics, consumeFrom };

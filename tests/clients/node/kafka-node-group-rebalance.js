@@ -3,7 +3,7 @@
 // roundrobin), partitions are split, and every record is consumed exactly once.
 
 const { assert, bootstrap, runMain, unique, waitFor, sleep, step } = require('./lib');
-const { kafka, client, ready, call } = require('./kafka-node-common');
+const { kafka, client, ready, call, createTopics } = require('./kafka-node-common');
 
 async function main() {
   const host = bootstrap();
@@ -12,7 +12,7 @@ async function main() {
   const groupId = `kn-rebalance-${id}`;
   const c = client(host);
   await ready(c, 'client');
-  assert.deepEqual(await call((cb) => c.createTopics([{ topic, partitions: 4, replicationFactor: 1 }], cb)), []);
+  assert.deepEqual(await createTopics(c, [{ topic, partitions: 4, replicationFactor: 1 }]), []);
   await call((cb) => c.refreshMetadata([topic], cb));
   const producer = new kafka.Producer(c, { requireAcks: 1 });
   await ready(producer, 'producer');

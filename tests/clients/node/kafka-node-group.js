@@ -5,7 +5,7 @@
 //   node kafka-node-group.js HOST:PORT resume TOPIC GROUP  -> produces 10 more, gets exactly those
 
 const { assert, bootstrap, runMain, waitFor, sleep, step } = require('./lib');
-const { kafka, client, ready, call } = require('./kafka-node-common');
+const { kafka, client, ready, call, createTopics } = require('./kafka-node-common');
 
 async function produce(host, topic, from, count) {
   const c = client(host);
@@ -57,7 +57,7 @@ async function main() {
   if (phase === 'first') {
     const c = client(host);
     await ready(c, 'admin client');
-    assert.deepEqual(await call((cb) => c.createTopics([{ topic, partitions: 2, replicationFactor: 1 }], cb)), []);
+    assert.deepEqual(await createTopics(c, [{ topic, partitions: 2, replicationFactor: 1 }]), []);
     await call((cb) => c.close(cb));
   }
   step(`produce ${count}`);
