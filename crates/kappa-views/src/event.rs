@@ -194,11 +194,11 @@ impl Event {
             Payload::Value(value) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
             Payload::Json(bytes, parsed) => match parsed.get() {
                 Some(Ok(value)) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
-                _ => serde_json::from_slice(bytes).map(Some).map_err(|e| self.decode_error(e)),
+                _ => serde_json::from_str(json_text(bytes)?).map(Some).map_err(|e| self.decode_error(e)),
             },
             Payload::Typed(typed) => match typed.parsed.get() {
                 Some(Ok(value)) => T::deserialize(value).map(Some).map_err(|e| self.decode_error(e)),
-                _ => serde_json::from_slice(typed.json()?).map(Some).map_err(|e| self.decode_error(e)),
+                _ => serde_json::from_str(json_text(typed.json()?)?).map(Some).map_err(|e| self.decode_error(e)),
             },
         }
     }
@@ -243,7 +243,14 @@ impl Event {
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, EventError> {
-    serde_json::from_slice(bytes).map_err(|e| EventError(format!("the value is not valid JSON: {e}")))
+    serde_json::from_str(json_text(bytes)?).map_err(|e| EventError(format!("the value is not valid JSON: {e}")))
+}
+
+/// The payload as text, checked to be UTF-8 once (JSON is UTF-8, RFC 8259): parsed from a
+/// `&str`, serde_json does not check each string again, as it does parsing bytes (about ten
+/// strings, keys included, in a small event).
+fn json_text(bytes: &[u8]) -> Result<&str, EventError> {
+    std::str::from_utf8(bytes).map_err(|e| EventError(format!("the value is not valid JSON: it is not UTF-8 ({e})")))
 }
 
 /// Turns record values into JSON values. JSON is the default (parsed lazily); Avro or
@@ -340,4 +347,39 @@ fn version_field(event: &Event) -> Result<u32, EventError> {
 
 fn parse_version(text: &str) -> Option<u32> {
     text.trim().parse::<u32>().ok().filter(|v| *v > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_with_value(value: &[u8]) -> Event {
+        let record = InputRecord {
+            offset: 3,
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::copy_from_slice(value)),
+            headers: vec![(Bytes::from_static(TYPE_HEADER.as_bytes()), Some(Bytes::from_static(b"T")))].into(),
+        };
+        decode_event(&Arc::from("t"), 0, record, &JsonCodec).unwrap()
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+    }
+
+    #[test]
+    fn payloads_are_utf8_json_even_where_a_view_skips_the_field() {
+        let good = event_with_value("{\"name\":\"caf\u{e9}\",\"skipped\":\"\\u00e9\"}".as_bytes());
+        assert_eq!(good.decode::<Named>().unwrap().unwrap().name, "caf\u{e9}");
+        assert_eq!(good.payload().unwrap().unwrap()["skipped"], "\u{e9}");
+
+        let bad = event_with_value(b"{\"name\":\"ok\",\"skipped\":\"\xff\"}");
+        let error = bad.decode::<Named>().expect_err("invalid UTF-8 is not JSON");
+        assert!(error.0.contains("not valid JSON") && error.0.contains("not UTF-8"), "{error}");
+        let error = bad.payload().expect_err("invalid UTF-8 is not JSON");
+        assert!(error.0.contains("not UTF-8"), "{error}");
+    }
 }

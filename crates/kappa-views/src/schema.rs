@@ -103,6 +103,9 @@ impl Schemas {
         let Some(schema) = event.event_type().and_then(|t| self.types.get(t)) else {
             return Ok(event);
         };
+        if event.version() == schema.current || (event.is_tombstone() && event.version() < schema.current) {
+            return Ok(event);
+        }
         let name = CompactString::from(event.event_type().unwrap_or_default());
         if event.version() > schema.current {
             return Err(EventError(format!(
@@ -111,9 +114,6 @@ impl Schemas {
                 event.version(),
                 schema.current
             )));
-        }
-        if event.version() == schema.current || event.is_tombstone() {
-            return Ok(event);
         }
         while event.version() < schema.current {
             let version = event.version();

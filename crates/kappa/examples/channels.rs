@@ -7,10 +7,9 @@
 
 use kappa::{App, channels};
 
-/// Many small, short-lived allocations (records, view state): glibc's malloc and free were
-/// ~17 % of a view rebuild's profile (BENCHMARKS.md, run 10).
+/// mimalloc, configured by `App::main` (`kappa::allocator`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kappa::allocator::MiMalloc = kappa::allocator::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     App::new()

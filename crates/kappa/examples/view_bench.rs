@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p kappa --example view_bench -- [--dir DIR] [--events N]
 //!     [--channels C] [--runs R] [--live-rate PER_S] [--live-seconds S] [--only write,read,rebuild,live]
-//!     [--views channel_stats,channel_page,owner_channels,noop]
+//!     [--views channel_stats,channel_page,owner_channels,noop] [--allocator-defaults]
 //! ```
 //!
 //! `noop` is a processor that reads nothing and writes nothing: the engine's own cost per
@@ -26,10 +26,9 @@ use kappa_log::{Isolation, Log, LogOptions};
 use kappa_views::{EmbeddedLog, EngineConfig, Event, EventError, LogBackend, Processor, StateAccess, View, ViewEngine};
 use serde_json::json;
 
-/// Many small, short-lived allocations (records, view state): glibc's malloc and free were
-/// ~17 % of a view rebuild's profile (BENCHMARKS.md, run 10).
+/// mimalloc, configured as `App::main` does unless `--allocator-defaults`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kappa::allocator::MiMalloc = kappa::allocator::MiMalloc;
 
 struct Args {
     dir: PathBuf,
@@ -40,6 +39,7 @@ struct Args {
     live_seconds: u64,
     only: Vec<String>,
     views: Vec<String>,
+    allocator_defaults: bool,
 }
 
 fn parse_args() -> Args {
@@ -52,6 +52,7 @@ fn parse_args() -> Args {
         live_seconds: 10,
         only: vec!["write".into(), "read".into(), "rebuild".into(), "live".into()],
         views: vec!["channel_stats".into(), "channel_page".into(), "owner_channels".into()],
+        allocator_defaults: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +66,7 @@ fn parse_args() -> Args {
             "--live-seconds" => args.live_seconds = value().parse().expect("--live-seconds N"),
             "--only" => args.only = value().split(',').map(str::to_owned).collect(),
             "--views" => args.views = value().split(',').map(str::to_owned).collect(),
+            "--allocator-defaults" => args.allocator_defaults = true,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -329,6 +331,9 @@ fn live(args: &Args, log: &Arc<Log>) {
 
 fn main() {
     let args = parse_args();
+    if !args.allocator_defaults {
+        kappa::allocator::configure();
+    }
     std::fs::create_dir_all(&args.dir).unwrap();
     let log = open_log(&args.dir);
     println!("view_bench: {} events over {} channels in {}", args.events, args.channels, args.dir.display());

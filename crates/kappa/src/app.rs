@@ -222,6 +222,7 @@ impl App {
     /// found, 5 server unreachable).
     pub fn main(self) -> anyhow::Result<()> {
         use std::io::IsTerminal;
+        crate::allocator::configure();
         tracing_subscriber::fmt()
             .with_target(false)
             .with_ansi(std::io::stderr().is_terminal())

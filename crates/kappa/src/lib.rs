@@ -17,6 +17,7 @@
 //! `App::main` parses the same command line as the `kappa` binary (`serve`, `view`, `topic`,
 //! `produce`, `consume`, `group`).
 
+pub mod allocator;
 pub mod app;
 pub mod channels;
 pub mod cli;

@@ -2,10 +2,9 @@
 //! one process. Applications with their own views build the same binary with
 //! [`kappa::App`] (see `examples/channels.rs`).
 
-/// Many small, short-lived allocations (records, view state): glibc's malloc and free were
-/// ~17 % of a view rebuild's profile (BENCHMARKS.md, run 10).
+/// mimalloc, configured by `App::main` (`kappa::allocator`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: kappa::allocator::MiMalloc = kappa::allocator::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     kappa::App::new().main()
