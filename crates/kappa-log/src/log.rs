@@ -35,10 +35,17 @@ pub struct LogOptions {
     /// pass), so its duplicate detection ends; without it, every idempotent producer
     /// instance ever seen would be kept forever.
     pub producer_id_expiration_ms: i64,
+    /// Producers one partition remembers at most: past it, the idle ones that appended least
+    /// recently are forgotten early, as if expired (a client starting producers in a loop
+    /// cannot fill memory within `producer_id_expiration_ms`). Kafka has no such limit.
+    pub producers_per_partition_max: usize,
 }
 
 /// Kafka's default `producer.id.expiration.ms`: one day.
 pub const PRODUCER_ID_EXPIRATION_MS_DEFAULT: i64 = 86_400_000;
+/// Default [`LogOptions::producers_per_partition_max`]: ~20 MB of producer state per
+/// partition (about 200 bytes each, with five batches remembered).
+pub const PRODUCERS_PER_PARTITION_MAX_DEFAULT: usize = 100_000;
 
 impl Default for LogOptions {
     fn default() -> Self {
@@ -47,6 +54,7 @@ impl Default for LogOptions {
             fs: Arc::new(RealFs),
             clock: Arc::new(SystemClock),
             producer_id_expiration_ms: PRODUCER_ID_EXPIRATION_MS_DEFAULT,
+            producers_per_partition_max: PRODUCERS_PER_PARTITION_MAX_DEFAULT,
         }
     }
 }
@@ -192,6 +200,7 @@ impl Log {
             config: topic.config.clone(),
             sync_policy: self.options.sync_policy,
             producer_id_expiration_ms: self.options.producer_id_expiration_ms,
+            producers_max: self.options.producers_per_partition_max,
         })
     }
 

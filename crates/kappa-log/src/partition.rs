@@ -102,6 +102,8 @@ pub struct PartitionContext {
     pub sync_policy: SyncPolicy,
     /// See [`crate::LogOptions::producer_id_expiration_ms`].
     pub producer_id_expiration_ms: i64,
+    /// See [`crate::LogOptions::producers_per_partition_max`].
+    pub producers_max: usize,
 }
 
 pub struct Partition {
@@ -241,6 +243,8 @@ impl Partition {
         }
         let mut inner = Inner { segments, producers: ProducerState::default(), deleted_before };
         restore_producer_state(fs.as_ref(), &dir, &names, &mut inner, ctx.clock.now_ms())?;
+        // A limit lowered since the last run applies from the open.
+        inner.producers.limit(ctx.producers_max);
 
         let log_end_offset = inner.log_end_offset();
         report.segments = inner.segments.len();
@@ -439,6 +443,9 @@ impl Partition {
             return Err(err);
         }
         inner.producers.apply(&header, marker, now);
+        if inner.producers.len() > self.ctx.producers_max {
+            self.forget_least_recent_producers(&mut inner);
+        }
         let next = header.next_offset();
         let mut sync = self.lock_sync();
         sync.written_offset = next;
@@ -720,6 +727,14 @@ impl Partition {
         let (log_start_offset, removed) = self.drop_leading_segments(inner, doomed)?;
         tracing::info!(topic = %self.ctx.topic, partition = self.ctx.partition, log_start_offset, segments_deleted = removed.len(), "deleted records");
         Ok(log_start_offset)
+    }
+
+    /// Keeps the producer state within `producers_max` (see [`ProducerState::limit`]).
+    fn forget_least_recent_producers(&self, inner: &mut Inner) {
+        let forgotten = inner.producers.limit(self.ctx.producers_max);
+        if forgotten > 0 {
+            tracing::warn!(topic = %self.ctx.topic, partition = self.ctx.partition, forgotten, producers_max = self.ctx.producers_max, "more producers than producers_per_partition_max: forgot the least recently appending idle ones early (their retries are no longer detected as duplicates)");
+        }
     }
 
     /// Deletes closed segments past `retention.ms` (by their largest timestamp) or beyond

@@ -211,6 +211,43 @@ impl ProducerState {
         before - self.producers.len()
     }
 
+    /// Keeps at most `producers_max` producers: past it, forgets the idle ones (no open
+    /// transaction) that appended least recently, down to nine tenths of `producers_max`
+    /// so the next forgetting is many appends away. What a forgotten producer loses is what
+    /// expiration takes (duplicate detection of its retries). Producers with open
+    /// transactions are kept, even past the limit. Returns how many were forgotten.
+    pub fn limit(&mut self, producers_max: usize) -> usize {
+        if self.producers.len() <= producers_max {
+            return 0;
+        }
+        let keep = producers_max - producers_max / 10;
+        let mut idle: Vec<(i64, i64)> = self
+            .producers
+            .iter()
+            .filter(|(_, e)| e.txn_first_offset.is_none())
+            .map(|(id, e)| (e.last_timestamp, *id))
+            .collect();
+        let excess = (self.producers.len() - keep).min(idle.len());
+        if excess == 0 {
+            return 0;
+        }
+        // Least recently appended first; the id breaks ties, so a replay forgets the same ones.
+        idle.select_nth_unstable(excess - 1);
+        for (_, id) in &idle[..excess] {
+            self.producers.remove(id);
+        }
+        excess
+    }
+
+    /// How many producers this partition remembers.
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
     /// Gives producers whose last append time is unknown (a version-1 snapshot) `now_ms`,
     /// so expiration counts from the open instead of from a client's record timestamps.
     pub fn settle_unknown_append_times(&mut self, now_ms: i64) {
@@ -378,6 +415,42 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(ProducerState::decode(&bytes[..cut]), None, "truncated at {cut}");
         }
+    }
+
+    #[test]
+    fn past_the_limit_the_least_recently_appended_idle_producers_are_forgotten() {
+        let mut state = ProducerState::default();
+        // Producer 1 opens a transaction first: the oldest, but never forgotten for that.
+        state.apply(&header(1, 0, 0, 0, 1, true), None, 0);
+        for pid in 2..=20 {
+            state.apply(&header(pid, 0, 0, pid, 1, false), None, pid * 10);
+            assert_eq!(state.limit(20), 0, "at or under the limit nothing is forgotten");
+        }
+        // Producer 2 appends again: now the most recent.
+        state.apply(&header(2, 0, 1, 21, 1, false), None, 500);
+        state.apply(&header(21, 0, 0, 22, 1, false), None, 600);
+        assert_eq!(state.len(), 21);
+        assert_eq!(state.limit(20), 3, "down to nine tenths of the limit");
+        assert_eq!(state.len(), 18);
+        for gone in [3, 4, 5] {
+            assert_eq!(state.producer_epoch(gone), None, "producer {gone} appended least recently");
+            assert_eq!(state.admit(&header(gone, 0, 0, 30, 1, false)).unwrap(), Admission::Append);
+        }
+        assert_eq!(state.open_transaction(1), Some(0), "the open transaction keeps its producer");
+        assert_eq!(state.last_stable_offset(100), 0);
+        assert_eq!(
+            state.admit(&header(2, 0, 1, 99, 1, false)).unwrap(),
+            Admission::Duplicate { base_offset: 21, last_offset: 21 },
+            "a recent producer still has its duplicate detection"
+        );
+
+        // Only producers in transactions: nothing can be forgotten, nothing is lost.
+        let mut busy = ProducerState::default();
+        for pid in 0..5 {
+            busy.apply(&header(pid, 0, 0, pid, 1, true), None, 0);
+        }
+        assert_eq!(busy.limit(2), 0);
+        assert_eq!(busy.len(), 5);
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use common::*;
 use kappa_log::clock::ManualClock;
+use kappa_log::io::RealFs;
 use kappa_log::records::{BatchBuilder, ControlType, NewRecord};
-use kappa_log::{Isolation, LogError};
+use kappa_log::{Isolation, Log, LogError, LogOptions};
 
 #[test]
 fn appends_get_consecutive_offsets_and_read_back_whole_batches() {
@@ -194,6 +195,46 @@ fn idle_producers_are_forgotten_after_producer_id_expiration_ms() {
     clock.advance(day);
     p.enforce_retention().unwrap();
     assert_eq!(p.producer_epoch(7), None, "and expires a day after the open");
+}
+
+/// `producers_per_partition_max`: past it, the idle producers that appended least recently
+/// are forgotten at once (not at the next retention pass), open transactions are kept, and a
+/// limit lowered between runs applies from the open.
+#[test]
+fn past_producers_per_partition_max_the_least_recent_idle_producers_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let open_with_max = |max: usize| {
+        let options = LogOptions { producers_per_partition_max: max, ..options(Arc::new(RealFs), &clock) };
+        Log::open(dir.path(), options).expect("open log").0
+    };
+    let produce = |pid: i64, seq: i32| {
+        BatchBuilder::new().producer(pid, 0, seq).record(NewRecord::new(Some(b"k"), Some(b"v"), T0)).build()
+    };
+    let log = open_with_max(10);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    p.append(txn_batch(100, 0, "open")).unwrap();
+    for pid in 1..=10 {
+        clock.advance(1);
+        p.append(produce(pid, 0)).unwrap();
+    }
+    assert_eq!(p.producer_epoch(1), None, "the 11th producer made producer 1, the least recent, go");
+    assert!((1..=10).filter(|pid| p.producer_epoch(*pid).is_some()).count() == 8, "nine tenths of 10 kept");
+    assert_eq!(p.producer_epoch(100), Some(0), "an open transaction keeps its producer");
+    assert_eq!(p.last_stable_offset(), 0);
+    let retry = p.append(produce(10, 0)).unwrap();
+    assert!(retry.duplicate, "a recent producer's retry is still a duplicate: {retry:?}");
+    let again = p.append(produce(1, 0)).unwrap();
+    assert!(!again.duplicate, "a forgotten producer's batch is appended again: {again:?}");
+    log.close().unwrap();
+    drop(log);
+
+    let log = open_with_max(4);
+    let p = log.partition("t", 0).unwrap();
+    let known: Vec<i64> = (1..=10).filter(|pid| p.producer_epoch(*pid).is_some()).collect();
+    assert_eq!(known, [1, 9, 10], "a lower limit applies at the open: the most recent idle producers stay");
+    assert_eq!(p.producer_epoch(100), Some(0));
 }
 
 fn txn_batch(pid: i64, seq: i32, value: &str) -> Vec<u8> {

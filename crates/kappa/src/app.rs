@@ -483,6 +483,7 @@ async fn open_log(settings: &Settings) -> anyhow::Result<Arc<Log>> {
     let options = LogOptions {
         sync_policy: settings.sync_policy,
         producer_id_expiration_ms: settings.producer_id_expiration_ms,
+        producers_per_partition_max: settings.producers_per_partition_max,
         ..LogOptions::default()
     };
     let dir = settings.data_dir.clone();

@@ -15,7 +15,7 @@ pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
     /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
     /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max,
-    /// transactional_id_expiration_ms, producer_id_expiration_ms.
+    /// transactional_id_expiration_ms, producer_id_expiration_ms, producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// [default: 86400000, 1 day]
     #[arg(long, env = "KAPPA_PRODUCER_ID_EXPIRATION_MS")]
     pub producer_id_expiration_ms: Option<u64>,
+    /// Producers a partition remembers at most; past it the least recently appending idle
+    /// ones are forgotten early, as if expired [default: 100000]
+    #[arg(long, env = "KAPPA_PRODUCERS_PER_PARTITION_MAX")]
+    pub producers_per_partition_max: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +90,7 @@ struct FileSettings {
     http_subscriptions_per_connection_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
     producer_id_expiration_ms: Option<u64>,
+    producers_per_partition_max: Option<usize>,
 }
 
 /// The resolved settings `serve` runs with.
@@ -102,6 +107,7 @@ pub struct Settings {
     pub http: kappa_http::HttpConfig,
     pub transactional_id_expiration_ms: i64,
     pub producer_id_expiration_ms: i64,
+    pub producers_per_partition_max: usize,
 }
 
 impl Settings {
@@ -129,6 +135,11 @@ impl Settings {
             args.producer_id_expiration_ms.or(file.producer_id_expiration_ms),
             kappa_log::log::PRODUCER_ID_EXPIRATION_MS_DEFAULT as u64,
         )?;
+        let producers_per_partition_max = positive(
+            "producers_per_partition_max",
+            args.producers_per_partition_max.or(file.producers_per_partition_max),
+            kappa_log::log::PRODUCERS_PER_PARTITION_MAX_DEFAULT,
+        )?;
         if !(1..=kappa_log::log::PARTITIONS_MAX).contains(&num_partitions) {
             bail!("num_partitions must be between 1 and {}, got {num_partitions}", kappa_log::log::PARTITIONS_MAX);
         }
@@ -150,6 +161,7 @@ impl Settings {
             http,
             transactional_id_expiration_ms,
             producer_id_expiration_ms,
+            producers_per_partition_max,
         })
     }
 }
@@ -162,15 +174,17 @@ fn positive_ms(name: &str, value: Option<u64>, default: u64) -> anyhow::Result<i
     }
 }
 
+/// A count that must be at least 1.
+fn positive(name: &str, value: Option<usize>, default: usize) -> anyhow::Result<usize> {
+    match value {
+        Some(0) => bail!("{name} must be at least 1"),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
 fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_http::HttpConfig> {
     let defaults = kappa_http::HttpConfig::default();
-    let positive = |name: &str, value: Option<usize>, default: usize| -> anyhow::Result<usize> {
-        match value {
-            Some(0) => bail!("{name} must be at least 1"),
-            Some(v) => Ok(v),
-            None => Ok(default),
-        }
-    };
     Ok(kappa_http::HttpConfig {
         allowed_origins: args
             .http_allowed_origins
@@ -198,7 +212,7 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, producer_id_expiration_ms)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -232,8 +246,12 @@ mod tests {
         assert_eq!(positive_ms("x_ms", Some(1), 7).unwrap(), 1);
         assert!(positive_ms("x_ms", Some(0), 7).unwrap_err().to_string().contains("x_ms must be at least 1 ms"));
         assert!(positive_ms("x_ms", Some(u64::MAX), 7).unwrap_err().to_string().contains("at most"));
-        let file: FileSettings =
-            toml::from_str("producer_id_expiration_ms = 5\ntransactional_id_expiration_ms = 6").unwrap();
+        let file: FileSettings = toml::from_str(
+            "producer_id_expiration_ms = 5\ntransactional_id_expiration_ms = 6\nproducers_per_partition_max = 7",
+        )
+        .unwrap();
         assert_eq!((file.producer_id_expiration_ms, file.transactional_id_expiration_ms), (Some(5), Some(6)));
+        assert_eq!(file.producers_per_partition_max, Some(7));
+        assert!(positive("n_max", Some(0), 3).unwrap_err().to_string().contains("n_max must be at least 1"));
     }
 }
