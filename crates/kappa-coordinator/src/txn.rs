@@ -20,7 +20,8 @@
 //! Expiration (Kafka's `transactional.id.expiration.ms`): an id idle (Empty or Complete*)
 //! for longer than `TxnConfig::id_expiration_ms` is tombstoned and forgotten, so ids a
 //! deployment stops using do not accumulate; a later InitProducerId for it starts afresh
-//! with a new producer id.
+//! with a new producer id. Past `TxnConfig::ids_max` ids, the ids idle longest go the same
+//! way early (the broker runs the pass every second while over it).
 //! Record value (kind 2): version u8 (1) | next_unallocated_producer_id i64
 
 use std::collections::{BTreeSet, HashMap};
@@ -58,13 +59,26 @@ pub struct TxnConfig {
     pub id_bytes_max: usize,
     /// Kafka: transactional.id.expiration.ms — how long an idle transactional id is kept.
     pub id_expiration_ms: i64,
+    /// Transactional ids kept at most: past it, the expiry pass forgets the idle ones
+    /// idle longest early, down to nine tenths of it (Kafka has no such limit; without it a
+    /// client minting ids grows the map for `id_expiration_ms`).
+    pub ids_max: usize,
 }
 
 impl Default for TxnConfig {
     fn default() -> Self {
-        Self { max_timeout_ms: 900_000, partitions_max: 10_000, id_bytes_max: 1024, id_expiration_ms: 604_800_000 }
+        Self {
+            max_timeout_ms: 900_000,
+            partitions_max: 10_000,
+            id_bytes_max: 1024,
+            id_expiration_ms: 604_800_000,
+            ids_max: TRANSACTIONAL_IDS_MAX_DEFAULT,
+        }
     }
 }
+
+/// Default [`TxnConfig::ids_max`].
+pub const TRANSACTIONAL_IDS_MAX_DEFAULT: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxnStatus {
@@ -430,25 +444,46 @@ impl TxnCoordinator {
         aborted
     }
 
-    /// Forgets transactional ids idle (Empty or Complete*) for at least `id_expiration_ms`,
-    /// except kappa's reserved ones: tombstones in `__transaction_state` (batches of at most
-    /// [`EXPIRED_IDS_PER_BATCH`] ids), then out of memory. Returns the ids forgotten. Ids
-    /// whose tombstones cannot be written are kept and tried again at the next pass.
+    /// Forgets transactional ids idle (Empty or Complete*) for at least `id_expiration_ms`
+    /// and, while more than `ids_max` are known, the ids idle longest down to nine tenths of
+    /// it — never kappa's reserved ones: tombstones in `__transaction_state` (batches of at
+    /// most [`EXPIRED_IDS_PER_BATCH`] ids), then out of memory. Returns the ids forgotten.
+    /// Ids whose tombstones cannot be written are kept and tried again at the next pass.
     pub async fn expire_transactional_ids(&self) -> Vec<String> {
         let now = self.now();
-        let mut forgotten = Vec::new();
-        let mut doomed = Vec::new();
-        let mut doomed_bytes = 0;
-        for (id, entry) in self.entries() {
+        let entries = self.entries();
+        let known = entries.len();
+        let mut idle = Vec::new();
+        for (id, entry) in entries {
             // A busy id is not idle: skip it rather than wait (and never hold a lock while
             // waiting for another).
             let Ok(meta) = entry.try_lock_owned() else { continue };
-            let idle = matches!(meta.status, TxnStatus::Empty | TxnStatus::CompleteCommit | TxnStatus::CompleteAbort);
+            let is_idle =
+                matches!(meta.status, TxnStatus::Empty | TxnStatus::CompleteCommit | TxnStatus::CompleteAbort);
             // kappa's own ids (a fixed pool, held by a running server) never expire.
             let reserved = id.starts_with(RESERVED_TRANSACTIONAL_ID_PREFIX);
-            if meta.expired || reserved || !idle || now - meta.status_since_ms < self.config.id_expiration_ms {
-                continue;
+            if !meta.expired && !reserved && is_idle {
+                idle.push((id, meta));
             }
+        }
+        // Idle longest first; the id breaks ties.
+        idle.sort_unstable_by(|(a, ma), (b, mb)| (ma.status_since_ms, a).cmp(&(mb.status_since_ms, b)));
+        let timed_out = idle.partition_point(|(_, m)| now - m.status_since_ms >= self.config.id_expiration_ms);
+        let over = known.saturating_sub(self.config.ids_max - self.config.ids_max / 10);
+        let doomed_count = if known > self.config.ids_max { timed_out.max(over) } else { timed_out };
+        idle.truncate(doomed_count.min(idle.len())); // the others are unlocked here
+        if idle.len() > timed_out {
+            tracing::warn!(
+                known,
+                ids_max = self.config.ids_max,
+                forgetting = idle.len() - timed_out,
+                "more transactional ids than transactional_ids_max: forgetting the ones idle longest early"
+            );
+        }
+        let mut forgotten = Vec::new();
+        let mut doomed = Vec::new();
+        let mut doomed_bytes = 0;
+        for (id, meta) in idle {
             doomed_bytes += id.len();
             doomed.push((id, meta));
             if doomed.len() == EXPIRED_IDS_PER_BATCH || doomed_bytes >= EXPIRED_ID_BYTES_PER_BATCH {
@@ -458,6 +493,12 @@ impl TxnCoordinator {
         }
         forgotten.extend(self.forget(doomed, now).await);
         forgotten
+    }
+
+    /// True when more transactional ids are known than `ids_max` (the next expiry pass
+    /// forgets some).
+    pub fn over_ids_max(&self) -> bool {
+        self.txns.lock().unwrap_or_else(|e| e.into_inner()).len() > self.config.ids_max
     }
 
     /// Writes the tombstones of `doomed` (locked, idle ids) in one batch, then drops them.

@@ -308,3 +308,47 @@ async fn idle_transactional_ids_expire_and_start_afresh() {
     txns.add_partitions("idle", pid, epoch, &[("out".into(), 0)]).await.unwrap();
     txns.end("idle", pid, epoch, true).await.unwrap();
 }
+
+/// `ids_max`: past it, the expiry pass forgets the ids idle longest, down to nine tenths of
+/// it, before their expiration time — never one in a transaction or one of kappa's own — and
+/// the forgetting holds after a restart.
+#[tokio::test]
+async fn past_ids_max_the_ids_idle_longest_are_forgotten_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let config = TxnConfig { ids_max: 10, ..TxnConfig::default() };
+    let log = open_log(dir.path(), &clock);
+    log.create_topic("out", 1, &Default::default()).unwrap();
+    let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+    let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.clone()).await.unwrap();
+
+    // The oldest two: one in a transaction, one of kappa's own.
+    let (busy_pid, busy_epoch) = txns.init_producer_id(Some("busy"), 60_000, None).await.unwrap();
+    txns.add_partitions("busy", busy_pid, busy_epoch, &[("out".into(), 0)]).await.unwrap();
+    txns.init_producer_id(Some("__kappa.http.0"), 60_000, None).await.unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("id-{i:02}")).collect();
+    for id in &ids {
+        clock.advance(10);
+        txns.init_producer_id(Some(id), 60_000, None).await.unwrap();
+    }
+    // id-00 completes a transaction last: no longer the one idle longest.
+    let (pid0, epoch0) = txns.init_producer_id(Some("id-00"), 60_000, None).await.unwrap();
+    txns.add_partitions("id-00", pid0, epoch0, &[("out".into(), 0)]).await.unwrap();
+    txns.end("id-00", pid0, epoch0, true).await.unwrap();
+
+    assert!(txns.over_ids_max(), "14 ids known, 10 allowed");
+    let mut forgotten = txns.expire_transactional_ids().await;
+    forgotten.sort();
+    assert_eq!(forgotten, ["id-01", "id-02", "id-03", "id-04", "id-05"], "down to 9 = nine tenths of 10");
+    assert!(!txns.over_ids_max());
+    assert!(txns.knows("busy") && txns.knows("__kappa.http.0") && txns.knows("id-00") && txns.knows("id-06"));
+    assert_eq!(txns.expire_transactional_ids().await, Vec::<String>::new(), "at or under the limit: nothing");
+    drop(txns);
+
+    let txns = TxnCoordinator::open(log.clone(), offsets, config).await.unwrap();
+    assert!(!txns.knows("id-01") && txns.knows("id-11") && txns.knows("busy"));
+    let (pid, epoch) = txns.init_producer_id(Some("id-01"), 60_000, None).await.unwrap();
+    assert_eq!(epoch, 0, "a forgotten id starts afresh");
+    txns.add_partitions("id-01", pid, epoch, &[("out".into(), 0)]).await.unwrap();
+    txns.end("id-01", busy_pid, busy_epoch, true).await.expect_err("another id's producer is not this id's");
+}

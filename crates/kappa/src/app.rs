@@ -283,7 +283,11 @@ impl App {
             advertised_port: i32::from(kafka_port),
             auto_create_topics: settings.auto_create_topics,
             default_partitions: settings.num_partitions,
-            txn: TxnConfig { id_expiration_ms: settings.transactional_id_expiration_ms, ..TxnConfig::default() },
+            txn: TxnConfig {
+                id_expiration_ms: settings.transactional_id_expiration_ms,
+                ids_max: settings.transactional_ids_max,
+                ..TxnConfig::default()
+            },
             ..BrokerConfig::default()
         };
         let broker =

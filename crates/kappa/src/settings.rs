@@ -15,7 +15,8 @@ pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
     /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
     /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max,
-    /// transactional_id_expiration_ms, producer_id_expiration_ms, producers_per_partition_max.
+    /// transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
+    /// producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -62,6 +63,10 @@ pub struct ServeArgs {
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
     pub transactional_id_expiration_ms: Option<u64>,
+    /// Transactional ids kept at most; past it the ones idle longest are forgotten early,
+    /// as if expired [default: 100000]
+    #[arg(long, env = "KAPPA_TRANSACTIONAL_IDS_MAX")]
+    pub transactional_ids_max: Option<usize>,
     /// How long a partition remembers an idle producer's sequence numbers (duplicate
     /// detection) when it has no open transaction (Kafka: producer.id.expiration.ms)
     /// [default: 86400000, 1 day]
@@ -89,6 +94,7 @@ struct FileSettings {
     http_subscriber_queue_max: Option<usize>,
     http_subscriptions_per_connection_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
+    transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
     producers_per_partition_max: Option<usize>,
 }
@@ -106,6 +112,7 @@ pub struct Settings {
     pub num_partitions: i32,
     pub http: kappa_http::HttpConfig,
     pub transactional_id_expiration_ms: i64,
+    pub transactional_ids_max: usize,
     pub producer_id_expiration_ms: i64,
     pub producers_per_partition_max: usize,
 }
@@ -135,6 +142,11 @@ impl Settings {
             args.producer_id_expiration_ms.or(file.producer_id_expiration_ms),
             kappa_log::log::PRODUCER_ID_EXPIRATION_MS_DEFAULT as u64,
         )?;
+        let transactional_ids_max = positive(
+            "transactional_ids_max",
+            args.transactional_ids_max.or(file.transactional_ids_max),
+            kappa_coordinator::txn::TRANSACTIONAL_IDS_MAX_DEFAULT,
+        )?;
         let producers_per_partition_max = positive(
             "producers_per_partition_max",
             args.producers_per_partition_max.or(file.producers_per_partition_max),
@@ -160,6 +172,7 @@ impl Settings {
             num_partitions,
             http,
             transactional_id_expiration_ms,
+            transactional_ids_max,
             producer_id_expiration_ms,
             producers_per_partition_max,
         })
@@ -212,7 +225,7 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -247,9 +260,10 @@ mod tests {
         assert!(positive_ms("x_ms", Some(0), 7).unwrap_err().to_string().contains("x_ms must be at least 1 ms"));
         assert!(positive_ms("x_ms", Some(u64::MAX), 7).unwrap_err().to_string().contains("at most"));
         let file: FileSettings = toml::from_str(
-            "producer_id_expiration_ms = 5\ntransactional_id_expiration_ms = 6\nproducers_per_partition_max = 7",
+            "producer_id_expiration_ms = 5\ntransactional_id_expiration_ms = 6\nproducers_per_partition_max = 7\ntransactional_ids_max = 8",
         )
         .unwrap();
+        assert_eq!(file.transactional_ids_max, Some(8));
         assert_eq!((file.producer_id_expiration_ms, file.transactional_id_expiration_ms), (Some(5), Some(6)));
         assert_eq!(file.producers_per_partition_max, Some(7));
         assert!(positive("n_max", Some(0), 3).unwrap_err().to_string().contains("n_max must be at least 1"));

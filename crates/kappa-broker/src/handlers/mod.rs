@@ -124,7 +124,7 @@ impl Broker {
                 ticker.tick().await;
                 let Some(broker) = weak.upgrade() else { return };
                 broker.txns.abort_expired().await;
-                if tick % TXN_ID_EXPIRY_TICKS == 0 {
+                if tick % TXN_ID_EXPIRY_TICKS == 0 || broker.txns.over_ids_max() {
                     broker.expire_transactional_ids().await;
                 }
             }
