@@ -130,6 +130,27 @@ fn open_log(dir: &std::path::Path, clock: &ManualClock) -> Arc<Log> {
     Arc::new(Log::open(dir, options).unwrap().0)
 }
 
+/// A log at ms 1 000 with a topic `out`, its offset store and a transaction coordinator.
+struct TxnFixture {
+    _dir: tempfile::TempDir,
+    clock: ManualClock,
+    log: Arc<Log>,
+    offsets: Arc<OffsetStore>,
+    txns: Arc<TxnCoordinator>,
+}
+
+impl TxnFixture {
+    async fn open(config: TxnConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(1_000);
+        let log = open_log(dir.path(), &clock);
+        log.create_topic("out", 1, &Default::default()).unwrap();
+        let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+        let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config).await.unwrap();
+        Self { _dir: dir, clock, log, offsets, txns }
+    }
+}
+
 fn offset(value: i64) -> CommittedOffset {
     CommittedOffset { offset: value, leader_epoch: -1, metadata: String::new(), commit_timestamp: 1 }
 }
@@ -247,13 +268,8 @@ async fn producer_ids_stay_unique_across_restarts() {
 /// and kappa's reserved ids stay. A forgotten id starts afresh with a new producer id.
 #[tokio::test]
 async fn idle_transactional_ids_expire_and_start_afresh() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(1_000);
     let config = TxnConfig { id_expiration_ms: 10_000, ..TxnConfig::default() };
-    let log = open_log(dir.path(), &clock);
-    log.create_topic("out", 1, &Default::default()).unwrap();
-    let offsets = Arc::new(OffsetStore::open(&log).unwrap());
-    let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.clone()).await.unwrap();
+    let TxnFixture { _dir, clock, log, offsets, txns } = TxnFixture::open(config.clone()).await;
 
     let (idle_pid, idle_epoch) = txns.init_producer_id(Some("idle"), 60_000, None).await.unwrap();
     txns.add_partitions("idle", idle_pid, idle_epoch, &[("out".into(), 0)]).await.unwrap();
@@ -314,13 +330,8 @@ async fn idle_transactional_ids_expire_and_start_afresh() {
 /// the forgetting holds after a restart.
 #[tokio::test]
 async fn past_ids_max_the_ids_idle_longest_are_forgotten_early() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(1_000);
     let config = TxnConfig { ids_max: 10, ..TxnConfig::default() };
-    let log = open_log(dir.path(), &clock);
-    log.create_topic("out", 1, &Default::default()).unwrap();
-    let offsets = Arc::new(OffsetStore::open(&log).unwrap());
-    let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.clone()).await.unwrap();
+    let TxnFixture { _dir, clock, log, offsets, txns } = TxnFixture::open(config.clone()).await;
 
     // The oldest two: one in a transaction, one of kappa's own.
     let (busy_pid, busy_epoch) = txns.init_producer_id(Some("busy"), 60_000, None).await.unwrap();
