@@ -25,6 +25,7 @@
 //! Record value (kind 2): version u8 (1) | next_unallocated_producer_id i64
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kappa_log::codec::{Reader, put_str};
@@ -146,7 +147,14 @@ pub struct TxnCoordinator {
     txns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<TxnMetadata>>>>,
     /// (next id to hand out, end of the durably reserved block).
     producer_ids: tokio::sync::Mutex<(i64, i64)>,
+    /// While over `ids_max`, no early expiry pass before this time (ms): set when a pass
+    /// could not get under the limit (all the rest busy or reserved, or a failed write),
+    /// so the broker's every-second check does not redo a pass that cannot help.
+    early_pass_not_before_ms: AtomicI64,
 }
+
+/// How long after an expiry pass that could not get under `ids_max` the next early one waits.
+const EARLY_PASS_BACKOFF_MS: i64 = 60_000;
 
 impl TxnCoordinator {
     /// Opens the coordinator: creates or replays `__transaction_state`, then completes any
@@ -165,6 +173,7 @@ impl TxnCoordinator {
             config,
             txns: Mutex::new(txns.into_iter().map(|(id, m)| (id, Arc::new(tokio::sync::Mutex::new(m)))).collect()),
             producer_ids: tokio::sync::Mutex::new((reserved, reserved)),
+            early_pass_not_before_ms: AtomicI64::new(i64::MIN),
         });
         for (id, entry) in coordinator.entries() {
             let mut meta = entry.lock().await;
@@ -472,33 +481,44 @@ impl TxnCoordinator {
         let over = known.saturating_sub(self.config.ids_max - self.config.ids_max / 10);
         let doomed_count = if known > self.config.ids_max { timed_out.max(over) } else { timed_out };
         idle.truncate(doomed_count.min(idle.len())); // the others are unlocked here
-        if idle.len() > timed_out {
-            tracing::warn!(
-                known,
-                ids_max = self.config.ids_max,
-                forgetting = idle.len() - timed_out,
-                "more transactional ids than transactional_ids_max: forgetting the ones idle longest early"
-            );
-        }
+        let early = idle.len().saturating_sub(timed_out);
         let mut forgotten = Vec::new();
         let mut doomed = Vec::new();
         let mut doomed_bytes = 0;
-        for (id, meta) in idle {
+        let mut idle = idle.into_iter().peekable();
+        while let Some((id, meta)) = idle.next() {
             doomed_bytes += id.len();
             doomed.push((id, meta));
-            if doomed.len() == EXPIRED_IDS_PER_BATCH || doomed_bytes >= EXPIRED_ID_BYTES_PER_BATCH {
-                forgotten.extend(self.forget(std::mem::take(&mut doomed), now).await);
+            let full = doomed.len() == EXPIRED_IDS_PER_BATCH || doomed_bytes >= EXPIRED_ID_BYTES_PER_BATCH;
+            if full || idle.peek().is_none() {
+                let batch = self.forget(std::mem::take(&mut doomed), now).await;
                 doomed_bytes = 0;
+                if batch.is_empty() {
+                    break; // the write failed (logged): the rest waits for the next pass
+                }
+                forgotten.extend(batch);
             }
         }
-        forgotten.extend(self.forget(doomed, now).await);
+        if !forgotten.is_empty() {
+            tracing::info!(
+                forgotten = forgotten.len(),
+                early,
+                known,
+                ids_max = self.config.ids_max,
+                "forgot idle transactional ids (expired, or idle longest while more than transactional_ids_max are known)"
+            );
+        }
+        if known.saturating_sub(forgotten.len()) > self.config.ids_max {
+            self.early_pass_not_before_ms.store(now.saturating_add(EARLY_PASS_BACKOFF_MS), Ordering::Relaxed);
+        }
         forgotten
     }
 
-    /// True when more transactional ids are known than `ids_max` (the next expiry pass
-    /// forgets some).
+    /// True when more transactional ids are known than `ids_max` and an expiry pass may help
+    /// now (not within a minute of one that could not get under it).
     pub fn over_ids_max(&self) -> bool {
-        self.txns.lock().unwrap_or_else(|e| e.into_inner()).len() > self.config.ids_max
+        let over = self.txns.lock().unwrap_or_else(|e| e.into_inner()).len() > self.config.ids_max;
+        over && self.now() >= self.early_pass_not_before_ms.load(Ordering::Relaxed)
     }
 
     /// Writes the tombstones of `doomed` (locked, idle ids) in one batch, then drops them.
@@ -520,7 +540,7 @@ impl TxnCoordinator {
             .map(|(id, mut meta)| {
                 meta.expired = true;
                 txns.remove(&id);
-                tracing::info!(transactional_id = %id, producer_id = meta.producer_id, idle_ms = now - meta.status_since_ms, "expired an idle transactional id");
+                tracing::debug!(transactional_id = %id, producer_id = meta.producer_id, idle_ms = now - meta.status_since_ms, "forgot an idle transactional id");
                 id
             })
             .collect()

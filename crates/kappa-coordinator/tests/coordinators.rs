@@ -362,4 +362,17 @@ async fn past_ids_max_the_ids_idle_longest_are_forgotten_early() {
     assert_eq!(epoch, 0, "a forgotten id starts afresh");
     txns.add_partitions("id-01", pid, epoch, &[("out".into(), 0)]).await.unwrap();
     txns.end("id-01", busy_pid, busy_epoch, true).await.expect_err("another id's producer is not this id's");
+
+    // Over the limit with nothing to forget (ids in transactions): the broker's every-second
+    // check backs off for a minute instead of redoing the pass.
+    let TxnFixture { _dir, clock, txns, .. } = TxnFixture::open(TxnConfig { ids_max: 1, ..TxnConfig::default() }).await;
+    for id in ["a", "b"] {
+        let (pid, epoch) = txns.init_producer_id(Some(id), 60_000, None).await.unwrap();
+        txns.add_partitions(id, pid, epoch, &[("out".into(), 0)]).await.unwrap();
+    }
+    assert!(txns.over_ids_max());
+    assert_eq!(txns.expire_transactional_ids().await, Vec::<String>::new());
+    assert!(!txns.over_ids_max(), "the pass could not help: no early pass for a minute");
+    clock.advance(60_000);
+    assert!(txns.over_ids_max());
 }

@@ -242,9 +242,9 @@ impl Partition {
             deleted_before = end;
         }
         let mut inner = Inner { segments, producers: ProducerState::default(), deleted_before };
+        // Not limited here: a tool opening the directory with other options (the offline
+        // commands) must not forget producers; a lowered limit applies at the next append.
         restore_producer_state(fs.as_ref(), &dir, &names, &mut inner, ctx.clock.now_ms())?;
-        // A limit lowered since the last run applies from the open.
-        inner.producers.limit(ctx.producers_max);
 
         let log_end_offset = inner.log_end_offset();
         report.segments = inner.segments.len();

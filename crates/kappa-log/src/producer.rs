@@ -221,19 +221,21 @@ impl ProducerState {
             return 0;
         }
         let keep = producers_max - producers_max / 10;
-        let mut idle: Vec<(i64, i64)> = self
+        // Least recently appended first: by append time, then by the offset of the last
+        // batch (after a crash every replayed producer has the open as its time, and the
+        // offsets keep the order they appended in), then by id.
+        let mut idle: Vec<(i64, i64, i64)> = self
             .producers
             .iter()
             .filter(|(_, e)| e.txn_first_offset.is_none())
-            .map(|(id, e)| (e.last_timestamp, *id))
+            .map(|(id, e)| (e.last_timestamp, e.batches.back().map_or(-1, |b| b.last_offset), *id))
             .collect();
         let excess = (self.producers.len() - keep).min(idle.len());
         if excess == 0 {
             return 0;
         }
-        // Least recently appended first; the id breaks ties, so a replay forgets the same ones.
         idle.select_nth_unstable(excess - 1);
-        for (_, id) in &idle[..excess] {
+        for (_, _, id) in &idle[..excess] {
             self.producers.remove(id);
         }
         excess
@@ -443,6 +445,16 @@ mod tests {
             Admission::Duplicate { base_offset: 21, last_offset: 21 },
             "a recent producer still has its duplicate detection"
         );
+
+        // After a crash every replayed producer has the open as its append time: the offsets
+        // of their batches keep the order they appended in (not their ids).
+        let mut replayed = ProducerState::default();
+        for (offset, pid) in [9, 1, 5].into_iter().enumerate() {
+            replayed.apply(&header(pid, 0, 0, offset as i64, 1, false), None, 777);
+        }
+        assert_eq!(replayed.limit(2), 1);
+        assert_eq!(replayed.producer_epoch(9), None, "producer 9 appended first");
+        assert!(replayed.producer_epoch(1).is_some() && replayed.producer_epoch(5).is_some());
 
         // Only producers in transactions: nothing can be forgotten, nothing is lost.
         let mut busy = ProducerState::default();

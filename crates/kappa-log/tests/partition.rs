@@ -199,7 +199,7 @@ fn idle_producers_are_forgotten_after_producer_id_expiration_ms() {
 
 /// `producers_per_partition_max`: past it, the idle producers that appended least recently
 /// are forgotten at once (not at the next retention pass), open transactions are kept, and a
-/// limit lowered between runs applies from the open.
+/// limit lowered between runs applies at the next append, not at the open.
 #[test]
 fn past_producers_per_partition_max_the_least_recent_idle_producers_are_forgotten() {
     let dir = tempfile::tempdir().unwrap();
@@ -232,8 +232,11 @@ fn past_producers_per_partition_max_the_least_recent_idle_producers_are_forgotte
 
     let log = open_with_max(4);
     let p = log.partition("t", 0).unwrap();
-    let known: Vec<i64> = (1..=10).filter(|pid| p.producer_epoch(*pid).is_some()).collect();
-    assert_eq!(known, [1, 9, 10], "a lower limit applies at the open: the most recent idle producers stay");
+    let known =
+        |p: &kappa_log::Partition| (1..=11).filter(|pid| p.producer_epoch(*pid).is_some()).collect::<Vec<i64>>();
+    assert_eq!(known(&p), [1, 3, 4, 5, 6, 7, 8, 9, 10], "an open forgets nothing (offline tools open with defaults)");
+    p.append(produce(11, 0)).unwrap();
+    assert_eq!(known(&p), [1, 10, 11], "a lower limit applies at the next append: the most recent idle producers stay");
     assert_eq!(p.producer_epoch(100), Some(0));
 }
 

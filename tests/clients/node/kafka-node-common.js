@@ -22,14 +22,16 @@ const call = (fn) => new Promise((resolve, reject) => fn((err, res) => (err ? re
 // createTopics goes to the controller, which kafka-node finds from its cached metadata; a
 // client that has just emitted 'ready' may not have it yet and fails with
 // BrokerNotAvailableError('Controller broker not available') without asking the broker.
-// Retry that error only (for up to `timeoutMs`), as kafka-node applications do.
+// Retry that error only (for up to `timeoutMs`; not other BrokerNotAvailableErrors, which
+// may come after the request was sent), as kafka-node applications do.
 async function createTopics(c, topics, { timeoutMs = 10000 } = {}) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
       return await call((cb) => c.createTopics(topics, cb));
     } catch (err) {
-      if (!err || err.name !== 'BrokerNotAvailableError' || Date.now() > deadline) throw err;
+      const noController = err && err.name === 'BrokerNotAvailableError' && /Controller broker not available/.test(err.message);
+      if (!noController || Date.now() > deadline) throw err;
       await sleep(200);
     }
   }

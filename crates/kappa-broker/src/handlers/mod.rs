@@ -124,23 +124,29 @@ impl Broker {
                 ticker.tick().await;
                 let Some(broker) = weak.upgrade() else { return };
                 broker.txns.abort_expired().await;
-                if tick % TXN_ID_EXPIRY_TICKS == 0 || broker.txns.over_ids_max() {
-                    broker.expire_transactional_ids().await;
+                if tick % TXN_ID_EXPIRY_TICKS == 0 {
+                    broker.expire_transactional_ids(true).await;
+                } else if broker.txns.over_ids_max() {
+                    broker.expire_transactional_ids(false).await;
                 }
             }
         });
         Ok(broker)
     }
 
-    /// Forgets idle transactional ids (Kafka's `transactional.id.expiration.ms`) with their
-    /// newest-connection records, and the records of ids the coordinator did not know at
-    /// two passes in a row (InitProducerId refused, or not finished, at the first) — so
-    /// neither map grows with every id a client ever used.
-    async fn expire_transactional_ids(&self) {
+    /// Forgets idle transactional ids (Kafka's `transactional.id.expiration.ms`, and
+    /// `transactional_ids_max`) with their newest-connection records and, with
+    /// `prune_unknown` (the regular passes, a minute apart), the records of ids the
+    /// coordinator did not know at two passes in a row (InitProducerId refused, or not
+    /// finished, at the first) — so neither map grows with every id a client ever used.
+    async fn expire_transactional_ids(&self, prune_unknown: bool) {
         let expired = self.txns.expire_transactional_ids().await;
         let mut connections = self.txn_connections.lock().unwrap_or_else(|e| e.into_inner());
         for id in &expired {
             connections.remove(id);
+        }
+        if !prune_unknown {
+            return;
         }
         let unknown: HashSet<String> = connections.keys().filter(|id| !self.txns.knows(id)).cloned().collect();
         let mut unknown_before = self.txn_ids_unknown.lock().unwrap_or_else(|e| e.into_inner());
