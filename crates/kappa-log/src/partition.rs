@@ -126,6 +126,10 @@ pub(crate) struct Inner {
     /// The start a DeleteRecords moved past the first segment's base (persisted in
     /// `LOG_START_FILE`); i64::MIN when none did.
     deleted_before: i64,
+    /// No producer limit pass before the producers number this many: set when a pass could
+    /// not get far enough under the limit (the rest in open transactions), so appends do not
+    /// scan every producer each time.
+    producers_recheck_len: usize,
 }
 
 struct SyncState {
@@ -241,7 +245,8 @@ impl Partition {
             io::write_file_atomic(fs.as_ref(), &path, &encode_log_start(end)).map_err(|e| LogError::io(&path, e))?;
             deleted_before = end;
         }
-        let mut inner = Inner { segments, producers: ProducerState::default(), deleted_before };
+        let mut inner =
+            Inner { segments, producers: ProducerState::default(), deleted_before, producers_recheck_len: 0 };
         // Not limited here: a tool opening the directory with other options (the offline
         // commands) must not forget producers; a lowered limit applies at the next append.
         restore_producer_state(fs.as_ref(), &dir, &names, &mut inner, ctx.clock.now_ms())?;
@@ -443,7 +448,7 @@ impl Partition {
             return Err(err);
         }
         inner.producers.apply(&header, marker, now);
-        if inner.producers.len() > self.ctx.producers_max {
+        if inner.producers.len() > self.ctx.producers_max.max(inner.producers_recheck_len) {
             self.forget_least_recent_producers(&mut inner);
         }
         let next = header.next_offset();
@@ -731,7 +736,10 @@ impl Partition {
 
     /// Keeps the producer state within `producers_max` (see [`ProducerState::limit`]).
     fn forget_least_recent_producers(&self, inner: &mut Inner) {
-        let forgotten = inner.producers.limit(self.ctx.producers_max);
+        let max = self.ctx.producers_max;
+        let forgotten = inner.producers.limit(max);
+        let left = inner.producers.len();
+        inner.producers_recheck_len = if left > max - max / 10 { left + (max / 10).max(1) } else { 0 };
         if forgotten > 0 {
             tracing::warn!(topic = %self.ctx.topic, partition = self.ctx.partition, forgotten, producers_max = self.ctx.producers_max, "more producers than producers_per_partition_max: forgot the least recently appending idle ones early (their retries are no longer detected as duplicates)");
         }

@@ -238,6 +238,23 @@ fn past_producers_per_partition_max_the_least_recent_idle_producers_are_forgotte
     p.append(produce(11, 0)).unwrap();
     assert_eq!(known(&p), [1, 10, 11], "a lower limit applies at the next append: the most recent idle producers stay");
     assert_eq!(p.producer_epoch(100), Some(0));
+    drop(log);
+
+    // Open transactions past the limit: kept; the next pass waits for a tenth of the limit
+    // (at least one) more producers instead of scanning them all at every append.
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions { producers_per_partition_max: 2, ..options(Arc::new(RealFs), &clock) };
+    let log = Log::open(dir.path(), options).expect("open log").0;
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for pid in [100, 101, 102] {
+        p.append(txn_batch(pid, 0, "open")).unwrap();
+    }
+    p.append(produce(1, 0)).unwrap();
+    assert!(p.producer_epoch(1).is_some(), "4 producers: not past the recheck point (3 + 1)");
+    p.append(produce(2, 0)).unwrap();
+    assert_eq!((p.producer_epoch(1), p.producer_epoch(2)), (None, None), "5: the idle ones go");
+    assert!([100, 101, 102].iter().all(|pid| p.producer_epoch(*pid).is_some()));
 }
 
 fn txn_batch(pid: i64, seq: i32, value: &str) -> Vec<u8> {
