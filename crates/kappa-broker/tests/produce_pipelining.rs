@@ -2,17 +2,15 @@
 //! request order, each answered only once durable — while the durability waits overlap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName};
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::messages::{ApiKey, ProduceResponse};
 use kappa_broker::{Broker, BrokerConfig, Limits};
 use kappa_log::records::{BatchBuilder, NewRecord};
 use kappa_log::{Isolation, Log, LogOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+
+mod common;
 
 const VERSION: i16 = 7;
 const REQUESTS: i32 = 100;
@@ -20,42 +18,11 @@ const REQUESTS: i32 = 100;
 fn produce_frame(correlation_id: i32) -> Vec<u8> {
     let batch =
         BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(correlation_id.to_string().as_bytes()), 1)).build();
-    let mut partition = PartitionProduceData::default();
-    partition.index = 0;
-    partition.records = Some(Bytes::from(batch));
-    let mut topic = TopicProduceData::default();
-    topic.name = TopicName(StrBytes::from_static_str("p"));
-    topic.partition_data = vec![partition];
-    let mut request = ProduceRequest::default();
-    request.acks = -1;
-    request.timeout_ms = 5_000;
-    request.topic_data = vec![topic];
-    let header = RequestHeader::default()
-        .with_request_api_key(ApiKey::Produce as i16)
-        .with_request_api_version(VERSION)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str("pipeline")));
-    let mut payload = BytesMut::new();
-    header.encode(&mut payload, ApiKey::Produce.request_header_version(VERSION)).unwrap();
-    request.encode(&mut payload, VERSION).unwrap();
-    let mut frame = (payload.len() as i32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&payload);
-    frame
+    common::frame(ApiKey::Produce, VERSION, correlation_id, &common::produce_request("p", batch, None))
 }
 
 async fn read_response(stream: &mut TcpStream) -> (i32, ProduceResponse) {
-    let mut size = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut size))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-    stream.read_exact(&mut body).await.unwrap();
-    let mut body = Bytes::from(body);
-    let header = ResponseHeader::decode(&mut body, ApiKey::Produce.response_header_version(VERSION)).unwrap();
-    let response = ProduceResponse::decode(&mut body, VERSION).unwrap();
-    assert_eq!(body.remaining(), 0);
-    (header.correlation_id, response)
+    common::read_response(stream, ApiKey::Produce, VERSION).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,49 +4,23 @@
 //! broker, real log, raw protocol over sockets.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
-use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, ApiKey, EndTxnRequest, EndTxnResponse,
-    InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId, RequestHeader,
-    ResponseHeader, TopicName, TransactionalId,
+    InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse, ProducerId, TopicName,
+    TransactionalId,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 use kappa_broker::{Broker, BrokerConfig, Limits};
 use kappa_log::{Log, LogOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const INVALID_TXN_STATE: i16 = 48;
+mod common;
 
-async fn call<Req: Encodable, Resp: Decodable>(stream: &mut TcpStream, key: ApiKey, version: i16, body: &Req) -> Resp {
-    let header = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(1)
-        .with_client_id(Some(StrBytes::from_static_str("t")));
-    let mut payload = BytesMut::new();
-    header.encode(&mut payload, key.request_header_version(version)).unwrap();
-    body.encode(&mut payload, version).unwrap();
-    let mut frame = (payload.len() as i32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&payload);
-    stream.write_all(&frame).await.unwrap();
-    let mut size = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut size))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
-    stream.read_exact(&mut body).await.unwrap();
-    let mut body = Bytes::from(body);
-    ResponseHeader::decode(&mut body, key.response_header_version(version)).unwrap();
-    let response = Resp::decode(&mut body, version).unwrap();
-    assert_eq!(body.remaining(), 0);
-    response
-}
+use common::call;
+
+const INVALID_TXN_STATE: i16 = 48;
 
 fn add_partitions(pid: i64, epoch: i16) -> AddPartitionsToTxnRequest {
     let mut topic = AddPartitionsToTxnTopic::default();
@@ -148,18 +122,7 @@ fn produce_txn(pid: i64, epoch: i16, sequence: i32, transactional_id: Option<&'s
         .transactional(true)
         .record(kappa_log::records::NewRecord::new(Some(b"k"), Some(b"v"), 1))
         .build();
-    let mut partition = PartitionProduceData::default();
-    partition.index = 0;
-    partition.records = Some(Bytes::from(records));
-    let mut topic = TopicProduceData::default();
-    topic.name = TopicName(StrBytes::from_static_str("out"));
-    topic.partition_data = vec![partition];
-    let mut request = ProduceRequest::default();
-    request.transactional_id = transactional_id.map(|id| TransactionalId(StrBytes::from_static_str(id)));
-    request.acks = -1;
-    request.timeout_ms = 5_000;
-    request.topic_data = vec![topic];
-    request
+    common::produce_request("out", records, transactional_id)
 }
 
 fn produce_code(response: &ProduceResponse) -> i16 {
