@@ -43,6 +43,13 @@ fn end_txn(pid: i64, epoch: i16, committed: bool) -> EndTxnRequest {
     request
 }
 
+fn init_producer_id(transactional_id: &'static str) -> InitProducerIdRequest {
+    let mut request = InitProducerIdRequest::default();
+    request.transactional_id = Some(TransactionalId(StrBytes::from_static_str(transactional_id)));
+    request.transaction_timeout_ms = 60_000;
+    request
+}
+
 /// A log with the topic "out" and a broker for it on a loopback port, not yet serving.
 async fn open_broker() -> (tempfile::TempDir, Arc<Log>, TcpListener, Arc<Broker>) {
     let dir = tempfile::tempdir().unwrap();
@@ -63,9 +70,7 @@ async fn an_end_txn_from_a_superseded_connection_does_not_end_the_next_transacti
 
     // The producer's first connection: init and transaction 1.
     let mut old = TcpStream::connect(addr).await.unwrap();
-    let mut init = InitProducerIdRequest::default();
-    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("tx")));
-    init.transaction_timeout_ms = 60_000;
+    let init = init_producer_id("tx");
     let init: InitProducerIdResponse = call(&mut old, ApiKey::InitProducerId, 1, &init).await;
     let (pid, epoch) = (init.producer_id.0, init.producer_epoch);
     let added: AddPartitionsToTxnResponse =
@@ -103,9 +108,7 @@ async fn kappas_reserved_transactional_ids_are_refused_to_clients() {
     tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
 
     let mut client = TcpStream::connect(addr).await.unwrap();
-    let mut init = InitProducerIdRequest::default();
-    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("__kappa.http.0")));
-    init.transaction_timeout_ms = 60_000;
+    let init = init_producer_id("__kappa.http.0");
     let init: InitProducerIdResponse = call(&mut client, ApiKey::InitProducerId, 1, &init).await;
     const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
     assert_eq!(init.error_code, TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "a client may not take over kappa's id");
@@ -140,9 +143,7 @@ async fn transactional_batches_outside_their_ongoing_transaction_are_refused() {
     tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
     let partition = log.partition("out", 0).unwrap();
     let mut client = TcpStream::connect(addr).await.unwrap();
-    let mut init = InitProducerIdRequest::default();
-    init.transactional_id = Some(TransactionalId(StrBytes::from_static_str("tx")));
-    init.transaction_timeout_ms = 60_000;
+    let init = init_producer_id("tx");
     let init: InitProducerIdResponse = call(&mut client, ApiKey::InitProducerId, 1, &init).await;
     let (pid, epoch) = (init.producer_id.0, init.producer_epoch);
 
