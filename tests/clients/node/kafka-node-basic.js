@@ -4,7 +4,7 @@
 // fetchEarliestOffsets, topic creation and metadata.
 
 const { assert, bootstrap, runMain, unique, step, waitFor, sleep } = require('./lib');
-const { kafka, client, ready, call, createTopics, consumeFrom } = require('./kafka-node-common');
+const { kafka, client, ready, call, consumeFrom } = require('./kafka-node-common');
 
 async function main() {
   const host = bootstrap();
@@ -17,11 +17,11 @@ async function main() {
   const codecs = [['none', 0], ['gzip', 1], ['snappy', 2]];
   const plainTopics = codecs.map(([name]) => `kn-${name}-${id}`);
   const hlTopic = `kn-hl-${id}`;
-  const created = await createTopics(c, [
+  const created = await call((cb) => c.createTopics([
     { topic: keyed, partitions: 3, replicationFactor: 1 },
     ...plainTopics.map((topic) => ({ topic, partitions: 1, replicationFactor: 1 })),
     { topic: hlTopic, partitions: 2, replicationFactor: 1 },
-  ]);
+  ], cb));
   assert.deepEqual(created, [], `createTopics errors: ${JSON.stringify(created)}`);
 
   step('metadata');

@@ -5,8 +5,16 @@
 const kafka = require('kafka-node');
 const { waitFor, sleep } = require('./lib');
 
+// kafka-node asks a new broker connection for ApiVersions and, if no answer comes within
+// `versions.requestTimeout` (default 500 ms), takes the broker for a pre-0.10 one and speaks
+// the oldest protocol versions on that connection for good — Metadata v0 names no
+// controller, so every createTopics then fails with BrokerNotAvailableError('Controller
+// broker not available'). On a loaded 2-core CI machine a first answer can take longer: wait
+// as long as for any other request. Pass it to every KafkaClient and ConsumerGroup.
+const versions = { requestTimeout: 15000 };
+
 function client(kafkaHost) {
-  return new kafka.KafkaClient({ kafkaHost, connectTimeout: 5000, requestTimeout: 15000, autoConnect: true });
+  return new kafka.KafkaClient({ kafkaHost, connectTimeout: 5000, requestTimeout: 15000, autoConnect: true, versions });
 }
 
 const ready = (emitter, what) =>
@@ -18,24 +26,6 @@ const ready = (emitter, what) =>
   });
 
 const call = (fn) => new Promise((resolve, reject) => fn((err, res) => (err ? reject(err) : resolve(res))));
-
-// createTopics goes to the controller, which kafka-node finds from its cached metadata; a
-// client that has just emitted 'ready' may not have it yet and fails with
-// BrokerNotAvailableError('Controller broker not available') without asking the broker.
-// Retry that error only (for up to `timeoutMs`; not other BrokerNotAvailableErrors, which
-// may come after the request was sent), as kafka-node applications do.
-async function createTopics(c, topics, { timeoutMs = 10000 } = {}) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await call((cb) => c.createTopics(topics, cb));
-    } catch (err) {
-      const noController = err && err.name === 'BrokerNotAvailableError' && /Controller broker not available/.test(err.message);
-      if (!noController || Date.now() > deadline) throw err;
-      await sleep(200);
-    }
-  }
-}
 
 // Starts a plain Consumer at explicit offsets and collects `count` messages.
 async function consumeFrom(kafkaHost, payloads, count, { settleMs = 500, timeoutMs = 30000 } = {}) {
@@ -60,4 +50,4 @@ async function consumeFrom(kafkaHost, payloads, count, { settleMs = 500, timeout
   return messages;
 }
 
-module.exports = { kafka, client, ready, call, createTopics, consumeFrom };
+module.exports = { kafka, client, ready, call, consumeFrom, versions };

@@ -3,7 +3,7 @@
 // roundrobin), partitions are split, and every record is consumed exactly once.
 
 const { assert, bootstrap, runMain, unique, waitFor, sleep, step } = require('./lib');
-const { kafka, client, ready, call, createTopics } = require('./kafka-node-common');
+const { kafka, client, ready, call, versions } = require('./kafka-node-common');
 
 async function main() {
   const host = bootstrap();
@@ -12,7 +12,7 @@ async function main() {
   const groupId = `kn-rebalance-${id}`;
   const c = client(host);
   await ready(c, 'client');
-  assert.deepEqual(await createTopics(c, [{ topic, partitions: 4, replicationFactor: 1 }]), []);
+  assert.deepEqual(await call((cb) => c.createTopics([{ topic, partitions: 4, replicationFactor: 1 }], cb)), []);
   await call((cb) => c.refreshMetadata([topic], cb));
   const producer = new kafka.Producer(c, { requireAcks: 1 });
   await ready(producer, 'producer');
@@ -30,7 +30,7 @@ async function main() {
   const members = {};
   const start = (name) => {
     const group = new kafka.ConsumerGroup(
-      { kafkaHost: host, groupId, fromOffset: 'earliest', autoCommit: true, autoCommitIntervalMs: 200, sessionTimeout: 10000, heartbeatInterval: 300, fetchMaxWaitMs: 100, protocol: ['roundrobin'], encoding: 'utf8' },
+      { kafkaHost: host, versions, groupId, fromOffset: 'earliest', autoCommit: true, autoCommitIntervalMs: 200, sessionTimeout: 10000, heartbeatInterval: 300, fetchMaxWaitMs: 100, protocol: ['roundrobin'], encoding: 'utf8' },
       [topic],
     );
     members[name] = { group, received: 0, rebalances: 0 };

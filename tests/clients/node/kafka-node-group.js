@@ -5,7 +5,7 @@
 //   node kafka-node-group.js HOST:PORT resume TOPIC GROUP  -> produces 10 more, gets exactly those
 
 const { assert, bootstrap, runMain, waitFor, sleep, step } = require('./lib');
-const { kafka, client, ready, call, createTopics } = require('./kafka-node-common');
+const { kafka, client, ready, call, versions } = require('./kafka-node-common');
 
 async function produce(host, topic, from, count) {
   const c = client(host);
@@ -22,7 +22,7 @@ async function produce(host, topic, from, count) {
 
 async function consume(host, topic, groupId, count) {
   const group = new kafka.ConsumerGroup(
-    { kafkaHost: host, groupId, fromOffset: 'earliest', autoCommit: false, sessionTimeout: 10000, heartbeatInterval: 500, fetchMaxWaitMs: 100, protocol: ['roundrobin'], encoding: 'utf8', keyEncoding: 'utf8' },
+    { kafkaHost: host, versions, groupId, fromOffset: 'earliest', autoCommit: false, sessionTimeout: 10000, heartbeatInterval: 500, fetchMaxWaitMs: 100, protocol: ['roundrobin'], encoding: 'utf8', keyEncoding: 'utf8' },
     [topic],
   );
   const messages = [];
@@ -57,7 +57,7 @@ async function main() {
   if (phase === 'first') {
     const c = client(host);
     await ready(c, 'admin client');
-    assert.deepEqual(await createTopics(c, [{ topic, partitions: 2, replicationFactor: 1 }]), []);
+    assert.deepEqual(await call((cb) => c.createTopics([{ topic, partitions: 2, replicationFactor: 1 }], cb)), []);
     await call((cb) => c.close(cb));
   }
   step(`produce ${count}`);

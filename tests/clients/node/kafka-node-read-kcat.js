@@ -5,7 +5,7 @@
 // EXPECTED_JSON is [[key, value], ...] in partition-0 offset order.
 
 const { assert, bootstrap, runMain } = require('./lib');
-const { kafka, client, ready, call, consumeFrom } = require('./kafka-node-common');
+const { kafka, client, ready, call, consumeFrom, versions } = require('./kafka-node-common');
 
 async function main() {
   const host = bootstrap();
@@ -22,7 +22,7 @@ async function main() {
   assert.deepEqual(tail.map((m) => [m.key, m.value]), expected.slice(mid), `from offset ${mid}`);
   // ConsumerGroup (Fetch v2 -> magic 1).
   const group = new kafka.ConsumerGroup(
-    { kafkaHost: host, groupId: `kcat-reader-${Date.now()}`, fromOffset: 'earliest', autoCommit: false, fetchMaxWaitMs: 100, encoding: 'utf8', keyEncoding: 'utf8' },
+    { kafkaHost: host, versions, groupId: `kcat-reader-${Date.now()}`, fromOffset: 'earliest', autoCommit: false, fetchMaxWaitMs: 100, encoding: 'utf8', keyEncoding: 'utf8' },
     [topic],
   );
   const viaGroup = [];
