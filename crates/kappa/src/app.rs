@@ -266,18 +266,18 @@ impl App {
             }
             kappa_log::SyncPolicy::EveryAppend => None,
         };
-        let listener = tokio::net::TcpListener::bind(settings.kafka_listen).await.with_context(|| {
+        // Claim both ports before anything slow (a second kappa on them fails at once, and a
+        // client that finds one open finds the other open too), but listen only when ready.
+        let kafka_socket = claim_port(settings.kafka_listen).with_context(|| {
             format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen)
         })?;
-        // Bind both listeners before anything slow, so a client that sees one port open
-        // finds the other open too.
-        let http_listener = tokio::net::TcpListener::bind(settings.http_listen).await.with_context(|| {
+        let http_socket = claim_port(settings.http_listen).with_context(|| {
             format!(
                 "binding the HTTP listener on {} (is another server running there? pick another with --http-listen)",
                 settings.http_listen
             )
         })?;
-        let kafka_port = listener.local_addr()?.port();
+        let kafka_port = kafka_socket.local_addr()?.port();
         let config = BrokerConfig {
             advertised_host: settings.advertised_host.clone(),
             advertised_port: i32::from(kafka_port),
@@ -309,8 +309,10 @@ impl App {
         };
         let http_state =
             kappa_http::AppState::with_extensions(log.clone(), engine.clone(), settings.http.clone(), extensions);
+        tracing::info!(kafka_listen = %kafka_socket.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %http_socket.local_addr()?, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
+        let http_listener = start_listening(http_socket, settings.http_listen)?;
+        let listener = start_listening(kafka_socket, settings.kafka_listen)?;
         let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
-        tracing::info!(kafka_listen = %listener.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %settings.http_listen, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
         kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
         http.abort();
         tracing::info!("shutting down: stopping views, flushing and writing checkpoints");
@@ -481,6 +483,32 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
+}
+
+/// Connections the kernel queues for kappa to accept (tokio's own default).
+const LISTEN_BACKLOG_CONNECTIONS: u32 = 1024;
+
+/// Binds `addr` without listening: until [`start_listening`] a connection attempt is
+/// refused, which clients retry, instead of being accepted into a queue nobody reads while
+/// the log recovers and the views start. (kafka-node gives a connection's first ApiVersions
+/// 500 ms; past that it speaks Kafka 0.9 on that connection for good, where Metadata names
+/// no controller and creating topics fails.)
+fn claim_port(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restart is not refused for the last run's closed
+    // connections; a socket listening on `addr` still is.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+fn start_listening(
+    socket: tokio::net::TcpSocket,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    socket
+        .listen(LISTEN_BACKLOG_CONNECTIONS)
+        .with_context(|| format!("listening on {addr} (did another server start listening there meanwhile?)"))
 }
 
 async fn open_log(settings: &Settings) -> anyhow::Result<Arc<Log>> {

@@ -59,6 +59,34 @@ fn auto_creation_follows_its_settings() {
     assert!(metadata.contains("Unknown topic") || metadata.contains("Broker: Unknown topic"), "{metadata}");
 }
 
+/// A client that connects the moment the port opens gets answers at once: the ports are
+/// bound early (a second kappa fails fast) but listen only after recovery, the coordinators
+/// and the views, and kappa logs that it runs just before. (kafka-node waits 500 ms for a
+/// connection's first answer, then speaks Kafka 0.9 on it for good.)
+#[test]
+fn the_ports_open_only_once_kappa_is_ready() {
+    let fresh = Server::start();
+    assert_ready_when_open(&fresh, "a fresh data directory");
+    drop(fresh);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut first = Server::start_in(dir.path(), &[]);
+    produce(&first, "warm", "k1:v1\nk2:v2\n");
+    first.stop();
+    let restarted = Server::start_in(dir.path(), &[]);
+    assert_ready_when_open(&restarted, "a restart with data");
+}
+
+fn assert_ready_when_open(server: &Server, case: &str) {
+    // `Server::start*` returns at the first connection the Kafka port accepts.
+    let log = server.log();
+    assert!(
+        log.contains("kappa is running"),
+        "{case}: the Kafka port accepted a connection before kappa was ready; log:\n{log}"
+    );
+    let http = std::net::TcpStream::connect(server.http);
+    assert!(http.is_ok(), "{case}: the HTTP port is not open once the Kafka port is: {http:?}");
+}
+
 #[test]
 fn bad_flags_fail_with_a_clear_message() {
     let output = Command::new(env!("CARGO_BIN_EXE_kappa")).args(["serve", "--sync", "sometimes"]).output().unwrap();

@@ -103,7 +103,9 @@ impl Server {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("kappa serve exited with {status} before listening; log:\n{}", self.log());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Short: `the_ports_open_only_once_kappa_is_ready` relies on seeing the port
+            // open within a millisecond or so of it opening.
+            std::thread::sleep(Duration::from_millis(1));
         }
         panic!("kappa serve did not listen on {} within 30 s; log:\n{}", self.kafka, self.log());
     }
