@@ -235,13 +235,17 @@ export class Kappa extends Emitter {
     }
     this._ws = ws;
     ws.onopen = () => {
-      this._attempt = 0;
       this._setStatus('open', { url: this.wsUrl });
       for (const subscription of this._subscriptions) {
         if (!subscription._retryTimer) this._send(subscription);
       }
     };
-    ws.onmessage = (event) => this._receive(event.data);
+    ws.onmessage = (event) => {
+      // The backoff starts over once the server answers, not at open: a server that
+      // accepts and then cuts the connection (slow_consumer) is not retried at full speed.
+      this._attempt = 0;
+      this._receive(event.data);
+    };
     ws.onerror = () => {}; // a close event follows with what we can know
     ws.onclose = (event) => {
       if (this._ws !== ws) return;

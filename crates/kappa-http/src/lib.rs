@@ -39,6 +39,9 @@ use tokio::net::TcpListener;
 
 pub use crate::error::ApiError;
 
+/// [`HttpConfig::subscriber_stall_ms_max`]'s default.
+pub const SUBSCRIBER_STALL_MS_MAX_DEFAULT: u64 = 10_000;
+
 /// The HTTP API's limits and policies.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -51,6 +54,9 @@ pub struct HttpConfig {
     /// Messages queued for one connection; a client that falls this far behind is sent an
     /// error and disconnected.
     pub subscriber_queue_max: usize,
+    /// How long a connection's full queue waits for the client to read before the client
+    /// is cut off as too slow (a burst bigger than the queue just waits for its reading).
+    pub subscriber_stall_ms_max: u64,
     /// Items in one snapshot (a prefix matching more is refused).
     pub snapshot_items_max: usize,
     /// Largest request body (HTTP produce, topic creation).
@@ -70,6 +76,7 @@ impl Default for HttpConfig {
             subscriptions_per_connection_max: 100,
             ws_message_bytes_max: 64 * 1024,
             subscriber_queue_max: 1024,
+            subscriber_stall_ms_max: SUBSCRIBER_STALL_MS_MAX_DEFAULT,
             snapshot_items_max: 10_000,
             request_body_bytes_max: 8 * 1024 * 1024,
             page_items_max: 1000,

@@ -213,18 +213,48 @@ pub enum Ended {
     Failed,
 }
 
-/// Sends a subscription's messages through `emit` (false: stop) until it ends.
+/// Where a subscription's messages go: a WebSocket's queue ([`crate::ws::FramedEmit`]), an
+/// SSE stream ([`crate::sse::SseEmit`]).
+pub trait Emit<M>: Send {
+    /// Queues `message`, waiting while the client's queue is full; false: stop (the client
+    /// went away, or read nothing for too long).
+    fn emit(&mut self, message: M) -> impl Future<Output = bool> + Send;
+}
+
+/// Sends a subscription's messages through `emit` until it ends. `emit` waits while the
+/// client's queue is full (so a catch-up burst is paced by the client's reading) and
+/// answers false to stop: the client went away, or read nothing for too long.
 pub async fn run_subscription(
     state: Arc<AppState>,
     view: String,
     target: Target,
     mut resume: Option<Token>,
-    emit: &mut (dyn FnMut(LiveMessage) -> bool + Send),
+    emit: &mut impl Emit<LiveMessage>,
 ) -> Ended {
-    state.hubs.subscriptions.fetch_add(1, Ordering::Relaxed);
-    let ended = follow(&state, &view, &target, &mut resume, emit).await;
-    state.hubs.subscriptions.fetch_sub(1, Ordering::Relaxed);
-    ended
+    // Counted down however the subscription ends: WebSocket tasks are aborted mid-await.
+    let _open = OpenSubscription::count(&state.hubs.subscriptions);
+    follow(&state, &view, &target, &mut resume, emit).await
+}
+
+/// One open subscription in the `kappa_subscriptions` gauge, for as long as it lives.
+struct OpenSubscription<'a>(&'a AtomicUsize);
+
+impl<'a> OpenSubscription<'a> {
+    fn count(open: &'a AtomicUsize) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for OpenSubscription<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn fail(emit: &mut impl Emit<LiveMessage>, e: ApiError) -> Ended {
+    emit.emit(LiveMessage::Error { code: e.code, message: e.message }).await;
+    Ended::Failed
 }
 
 async fn follow(
@@ -232,18 +262,14 @@ async fn follow(
     view: &str,
     target: &Target,
     resume: &mut Option<Token>,
-    emit: &mut (dyn FnMut(LiveMessage) -> bool + Send),
+    emit: &mut impl Emit<LiveMessage>,
 ) -> Ended {
-    let fail = |emit: &mut (dyn FnMut(LiveMessage) -> bool + Send), e: ApiError| {
-        emit(LiveMessage::Error { code: e.code, message: e.message });
-        Ended::Failed
-    };
     let hub = state.hubs.get_or_start(state, view);
     'restart: loop {
         let mut events = hub.events.subscribe();
         let (version, topic) = match state.engine.serving_changelog(view) {
             Ok(serving) => serving,
-            Err(e) => return fail(emit, e.into()),
+            Err(e) => return fail(emit, e.into()).await,
         };
         let mut cursor = match resume.take() {
             Some(token) => match resumable(state, &topic, version, token) {
@@ -254,80 +280,112 @@ async fn follow(
                     } else {
                         format!("version {version} serves now (the token is from version {})", token.version)
                     };
-                    if !emit(LiveMessage::Reset { reason }) {
+                    if !emit.emit(LiveMessage::Reset { reason }).await {
                         return Ended::Gone;
                     }
                     continue 'restart;
                 }
-                Err(e) => return fail(emit, e),
+                Err(e) => return fail(emit, e).await,
             },
             None => match snapshot(state, view, target, version) {
                 Ok(Some(message)) => {
                     let LiveMessage::Snapshot { token, .. } = &message else { unreachable!() };
                     let offset = token.offset;
-                    if !emit(message) {
+                    if !emit.emit(message).await {
                         return Ended::Gone;
                     }
                     offset
                 }
                 Ok(None) => continue 'restart,
-                Err(e) => return fail(emit, e),
+                Err(e) => return fail(emit, e).await,
             },
         };
-        match catch_up(state, &topic, version, target, cursor, emit).await {
-            Ok(Some(next)) => cursor = next,
-            Ok(None) => return Ended::Gone,
-            Err(CatchUp::Gap) => {
-                if !emit(LiveMessage::Reset { reason: "the changelog was compacted after the resume point".into() }) {
-                    return Ended::Gone;
-                }
-                continue 'restart;
-            }
-            Err(CatchUp::Failed(e)) => return fail(emit, e),
+        match catch_up_or_reset(state, &topic, version, target, cursor, emit).await {
+            Next::Cursor(next) => cursor = next,
+            Next::Restart => continue 'restart,
+            Next::End(ended) => return ended,
         }
         loop {
             match events.recv().await {
                 Ok(event) => match &*event {
                     HubEvent::Changes { version: v, from, next, changes } if *v == version => {
                         if *from > cursor {
-                            match catch_up(state, &topic, version, target, cursor, emit).await {
-                                Ok(Some(next)) => cursor = next,
-                                Ok(None) => return Ended::Gone,
-                                Err(CatchUp::Gap) => continue 'restart,
-                                Err(CatchUp::Failed(e)) => return fail(emit, e),
+                            match catch_up_or_reset(state, &topic, version, target, cursor, emit).await {
+                                Next::Cursor(next) => cursor = next,
+                                Next::Restart => continue 'restart,
+                                Next::End(ended) => return ended,
                             }
                         }
                         for change in changes.iter().filter(|c| c.offset >= cursor && target.matches(&c.key)) {
                             let token = Token { version, offset: change.offset + 1 };
-                            if !emit(LiveMessage::Change {
-                                key: change.key.clone(),
-                                value: change.value.clone(),
-                                token,
-                            }) {
+                            if !emit
+                                .emit(LiveMessage::Change {
+                                    key: change.key.clone(),
+                                    value: change.value.clone(),
+                                    token,
+                                })
+                                .await
+                            {
                                 return Ended::Gone;
                             }
                         }
                         cursor = cursor.max(*next);
                     }
+                    // The switch to this subscription's own version, or a chunk of the old
+                    // version still in flight when it started: nothing changed for it.
+                    HubEvent::Switched { version: v } if *v == version => {}
+                    HubEvent::Changes { .. } if still_serving(state, view, version) => {}
                     HubEvent::Changes { version: v, .. } | HubEvent::Switched { version: v } => {
-                        if !emit(LiveMessage::Reset { reason: format!("the view switched to version {v}") }) {
+                        if !emit.emit(LiveMessage::Reset { reason: format!("the view switched to version {v}") }).await
+                        {
                             return Ended::Gone;
                         }
                         continue 'restart;
                     }
                 },
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    match catch_up(state, &topic, version, target, cursor, emit).await {
-                        Ok(Some(next)) => cursor = next,
-                        Ok(None) => return Ended::Gone,
-                        Err(CatchUp::Gap) => continue 'restart,
-                        Err(CatchUp::Failed(e)) => return fail(emit, e),
+                    match catch_up_or_reset(state, &topic, version, target, cursor, emit).await {
+                        Next::Cursor(next) => cursor = next,
+                        Next::Restart => continue 'restart,
+                        Next::End(ended) => return ended,
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ended::Gone,
             }
         }
     }
+}
+
+/// Where a subscription goes after catching up.
+enum Next {
+    Cursor(i64),
+    /// The changes after the cursor are gone (compacted): `reset` was sent, start over.
+    Restart,
+    End(Ended),
+}
+
+/// [`catch_up`], with a compacted gap turned into a `reset` for the client.
+async fn catch_up_or_reset(
+    state: &Arc<AppState>,
+    topic: &str,
+    version: u32,
+    target: &Target,
+    cursor: i64,
+    emit: &mut impl Emit<LiveMessage>,
+) -> Next {
+    match catch_up(state, topic, version, target, cursor, emit).await {
+        Ok(Some(next)) => Next::Cursor(next),
+        Ok(None) => Next::End(Ended::Gone),
+        Err(CatchUp::Gap) => {
+            let reason = "the changelog was compacted after the resume point".to_owned();
+            if emit.emit(LiveMessage::Reset { reason }).await { Next::Restart } else { Next::End(Ended::Gone) }
+        }
+        Err(CatchUp::Failed(e)) => Next::End(fail(emit, e).await),
+    }
+}
+
+fn still_serving(state: &Arc<AppState>, view: &str, version: u32) -> bool {
+    state.engine.serving_changelog(view).is_ok_and(|(serving, _)| serving == version)
 }
 
 /// Whether changes after `token` can be replayed from the serving changelog.
@@ -383,7 +441,7 @@ async fn catch_up(
     version: u32,
     target: &Target,
     mut cursor: i64,
-    emit: &mut (dyn FnMut(LiveMessage) -> bool + Send),
+    emit: &mut impl Emit<LiveMessage>,
 ) -> Result<Option<i64>, CatchUp> {
     let end = state.engine.backend().durable_end_offset(topic, 0).map_err(|e| CatchUp::Failed(e.into()))?;
     while cursor < end {
@@ -393,7 +451,7 @@ async fn catch_up(
         }
         for change in changes.into_iter().filter(|c| target.matches(&c.key)) {
             let token = Token { version, offset: change.offset + 1 };
-            if !emit(LiveMessage::Change { key: change.key, value: change.value, token }) {
+            if !emit.emit(LiveMessage::Change { key: change.key, value: change.value, token }).await {
                 return Ok(None);
             }
         }

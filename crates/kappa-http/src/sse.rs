@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::live::{LiveMessage, Target, Token, run_subscription};
+use crate::live::{Emit, LiveMessage, Target, Token, run_subscription};
+use crate::ws::{Queued, queue_within};
 
 #[derive(Debug, Deserialize)]
 pub struct WatchQuery {
@@ -56,26 +57,28 @@ fn start(
         _ => return Err(ApiError::bad_request("invalid_query", "give exactly one of ?key= or ?prefix=")),
     };
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let resume = query.resume.or(last_event_id).map(|t| t.parse::<Token>()).transpose()?;
+    // A reconnecting EventSource sends the URL it was opened with, `?resume=` included, and
+    // the newer Last-Event-ID: that one says how far the client got.
+    let resume = last_event_id.or(query.resume).map(|t| t.parse::<Token>()).transpose()?;
     state.engine.describe(&view)?;
     let (tx, rx) = mpsc::channel::<Event>(state.config.subscriber_queue_max);
+    let stall = Duration::from_millis(state.config.subscriber_stall_ms_max);
     tokio::spawn(async move {
-        let slow = tx.clone();
-        let mut emit = |message: LiveMessage| match tx.try_send(event(&message)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => false,
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        };
-        let ended = run_subscription(state, view, target, resume, &mut emit).await;
-        if ended == crate::live::Ended::Gone && !slow.is_closed() {
-            // The queue is full: say so once there is room, then end the stream.
+        let mut emit = SseEmit::new(tx.clone(), stall, |message: &LiveMessage| event(message));
+        // A quiet subscription would notice a client that went away only at its next change.
+        tokio::select! {
+            _ = run_subscription(state, view, target, resume, &mut emit) => {}
+            _ = tx.closed() => return,
+        }
+        if emit.stalled {
             let message = LiveMessage::Error {
                 code: "slow_consumer",
-                message:
-                    "this stream fell too far behind (subscriber_queue_max events queued); reconnect with Last-Event-ID"
-                        .into(),
+                message: format!(
+                    "this stream's queue stayed full for {} ms; reconnect with Last-Event-ID",
+                    stall.as_millis()
+                ),
             };
-            let _ = tokio::time::timeout(Duration::from_secs(5), slow.send(event(&message))).await;
+            let _ = tokio::time::timeout(stall, tx.send(event(&message))).await;
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (Ok(event), rx)) });
@@ -94,5 +97,36 @@ fn event(message: &LiveMessage) -> Event {
     match id {
         Some(id) => event.id(id),
         None => event,
+    }
+}
+
+/// A subscription's messages as SSE events on the stream's bounded queue.
+pub struct SseEmit<F> {
+    queue: mpsc::Sender<Event>,
+    stall: Duration,
+    render: F,
+    /// The queue stayed full for `stall`: the client is too slow.
+    pub stalled: bool,
+}
+
+impl<F> SseEmit<F> {
+    pub fn new(queue: mpsc::Sender<Event>, stall: Duration, render: F) -> Self {
+        Self { queue, stall, render, stalled: false }
+    }
+}
+
+impl<M, F: FnMut(&M) -> Event + Send> Emit<M> for SseEmit<F> {
+    fn emit(&mut self, message: M) -> impl Future<Output = bool> + Send {
+        let event = (self.render)(&message);
+        async move {
+            match queue_within(&self.queue, event, self.stall).await {
+                Queued::Yes => true,
+                Queued::Closed => false,
+                Queued::Stalled => {
+                    self.stalled = true;
+                    false
+                }
+            }
+        }
     }
 }

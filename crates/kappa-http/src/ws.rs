@@ -3,7 +3,9 @@
 //! Client → server: `{"op":"subscribe","id":"s1","view":"channel_page","key":"c1"}` (or
 //! `"prefix"`), optionally `"resume":"<token>"`; `{"op":"unsubscribe","id":"s1"}`.
 //! Server → client: `snapshot`, `change`, `reset`, `error` (see `frame`). A client whose
-//! queue (`subscriber_queue_max` messages) fills up gets an error and is disconnected.
+//! queue (`subscriber_queue_max` messages) stays full for `subscriber_stall_ms_max` — it
+//! reads nothing meanwhile — gets an error and is disconnected; a burst larger than the
+//! queue (a catch-up after a resume) only waits for the client's reading.
 //!
 //! The connection loop ([`multiplex`]: parsing, limits, the subscription table, the bounded
 //! queue and the slow-consumer cut-off) serves any [`Subscriptions`]: `serve`'s views here,
@@ -13,6 +15,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -21,11 +24,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::live::{LiveMessage, Target, Token, run_subscription};
+use crate::live::{Emit, LiveMessage, Target, Token, run_subscription};
 
 /// Messages above this are refused by the WebSocket layer itself (the configured limit,
 /// checked by us, answers with an error and keeps the connection).
@@ -52,6 +55,7 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
         queue_max: state.config.subscriber_queue_max,
         subscriptions_max: state.config.subscriptions_per_connection_max,
         message_bytes_max: state.config.ws_message_bytes_max,
+        stall_ms_max: state.config.subscriber_stall_ms_max,
     };
     configure(ws, limits.message_bytes_max).on_upgrade(move |socket| multiplex(state, socket, limits))
 }
@@ -183,6 +187,9 @@ pub struct WsLimits {
     pub subscriptions_max: usize,
     /// Largest client message (answered with an error, the connection stays).
     pub message_bytes_max: usize,
+    /// How long a full queue may wait for the client to read before it is cut off as slow
+    /// (and how long one frame may take to reach the socket).
+    pub stall_ms_max: u64,
 }
 
 /// Where a connection's subscriptions come from: `serve`'s views, or a worker's replica.
@@ -207,21 +214,56 @@ pub trait Subscriptions: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct FrameSender {
     tx: mpsc::Sender<String>,
-    slow: mpsc::Sender<()>,
+    /// Tells the writer the client is too slow (a permit is kept if it is busy writing).
+    slow: Arc<Notify>,
+    stall: Duration,
 }
 
 impl FrameSender {
-    /// Queues one frame; false once the connection is gone, or its queue is full (the
-    /// client is then sent `slow_consumer` and disconnected).
-    pub fn send(&self, text: String) -> bool {
-        match self.tx.try_send(text) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let _ = self.slow.try_send(());
+    /// Queues one frame, waiting while the queue is full; false once the connection is
+    /// gone, or the queue stayed full for the stall limit (the client is then sent
+    /// `slow_consumer` and disconnected).
+    pub async fn send(&self, text: String) -> bool {
+        match queue_within(&self.tx, text, self.stall).await {
+            Queued::Yes => true,
+            Queued::Closed => false,
+            Queued::Stalled => {
+                self.slow.notify_one();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+}
+
+/// A subscription's messages, rendered by `render` onto its connection's queue.
+pub struct FramedEmit<F> {
+    pub out: FrameSender,
+    pub render: F,
+}
+
+impl<M, F: FnMut(&M) -> String + Send> Emit<M> for FramedEmit<F> {
+    fn emit(&mut self, message: M) -> impl Future<Output = bool> + Send {
+        let text = (self.render)(&message);
+        self.out.send(text)
+    }
+}
+
+/// How [`queue_within`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// The receiving side is gone.
+    Closed,
+    /// The queue stayed full for the whole wait: the client reads too slowly or not at all.
+    Stalled,
+}
+
+/// Queues `item`, waiting at most `stall` for room.
+pub async fn queue_within<T>(tx: &mpsc::Sender<T>, item: T, stall: Duration) -> Queued {
+    match tokio::time::timeout(stall, tx.send(item)).await {
+        Ok(Ok(())) => Queued::Yes,
+        Ok(Err(_)) => Queued::Closed,
+        Err(_) => Queued::Stalled,
     }
 }
 
@@ -229,30 +271,25 @@ impl FrameSender {
 /// subscription's frames through one bounded queue, until the client closes or falls too
 /// far behind.
 pub async fn multiplex<S: Subscriptions>(source: Arc<S>, socket: WebSocket, limits: WsLimits) {
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<String>(limits.queue_max);
-    let (slow_tx, mut slow_rx) = mpsc::channel::<()>(1);
-    let out = FrameSender { tx, slow: slow_tx };
-    let writer = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                _ = slow_rx.recv() => {
-                    let message = format!("this connection fell too far behind ({} messages queued); reconnect and resume from your last token", limits.queue_max);
-                    let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "slow_consumer", message);
-                    let _ = sink.send(Message::Text(error_frame(None, &e).into())).await;
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() }))).await;
-                    return;
-                }
-                text = rx.recv() => match text {
-                    Some(text) => if sink.send(Message::Text(text.into())).await.is_err() { return },
-                    None => return,
-                },
-            }
-        }
-    });
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel::<String>(limits.queue_max);
+    let slow = Arc::new(Notify::new());
+    let stall = Duration::from_millis(limits.stall_ms_max);
+    let out = FrameSender { tx, slow: slow.clone(), stall };
+    let mut writer = tokio::spawn(write_frames(sink, rx, slow, stall, limits.queue_max));
+    let mut writer_done = false;
     let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    while let Some(Ok(message)) = stream.next().await {
+    loop {
+        let message = tokio::select! {
+            message = stream.next() => message,
+            // The writer gave up on the client (slow, or the socket failed): stop reading too,
+            // so the connection closes instead of idling until the client speaks.
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
+        };
+        let Some(Ok(message)) = message else { break };
         let text = match message {
             Message::Text(text) => text.to_string(),
             Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -261,14 +298,57 @@ pub async fn multiplex<S: Subscriptions>(source: Arc<S>, socket: WebSocket, limi
         };
         subscriptions.retain(|_, task| !task.is_finished());
         if let Err((id, e)) = handle(&source, &text, &limits, &mut subscriptions, &out) {
-            out.send(error_frame(id.as_deref(), &e));
+            out.send(error_frame(id.as_deref(), &e)).await;
         }
     }
     for (_, task) in subscriptions {
         task.abort();
     }
     drop(out);
-    let _ = writer.await;
+    if !writer_done {
+        let _ = writer.await;
+    }
+}
+
+/// How long a client cut off as slow has to read the error saying so before the socket is
+/// dropped (it may read again, just too late).
+const SLOW_GOODBYE_WAIT: Duration = Duration::from_secs(30);
+
+/// Writes queued frames to the client until the queue closes or a subscription found the
+/// queue full for the stall limit; then it tells the client why and closes.
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<String>,
+    slow: Arc<Notify>,
+    stall: Duration,
+    queue_max: usize,
+) {
+    loop {
+        let text = tokio::select! {
+            biased;
+            _ = slow.notified() => break,
+            text = rx.recv() => match text {
+                Some(text) => text,
+                None => return,
+            },
+        };
+        // A client that stopped reading blocks this write; the subscriptions then find the
+        // queue full, and the first to wait out the stall limit says so.
+        tokio::select! {
+            sent = sink.send(Message::Text(text.into())) => if sent.is_err() { return },
+            _ = slow.notified() => break,
+        }
+    }
+    let message = format!(
+        "this connection's queue ({queue_max} messages) stayed full for {} ms; reconnect and resume from your last token",
+        stall.as_millis()
+    );
+    let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "slow_consumer", message);
+    let goodbye = async {
+        sink.send(Message::Text(error_frame(None, &e).into())).await?;
+        sink.send(Message::Close(Some(CloseFrame { code: CLOSE_SLOW_CONSUMER, reason: "slow consumer".into() }))).await
+    };
+    let _ = tokio::time::timeout(SLOW_GOODBYE_WAIT, goodbye).await;
 }
 
 fn handle<S: Subscriptions>(
@@ -327,7 +407,7 @@ impl Subscriptions for AppState {
         state.engine.describe(&view)?;
         let (state, id) = (state.clone(), id.to_owned());
         Ok(tokio::spawn(async move {
-            let mut emit = |message: LiveMessage| out.send(frame(Some(&id), &message));
+            let mut emit = FramedEmit { out, render: move |message: &LiveMessage| frame(Some(&id), message) };
             run_subscription(state, view, target, resume, &mut emit).await;
         }))
     }

@@ -440,7 +440,9 @@ fn a_cutover_during_a_subscription_sends_reset_and_a_fresh_snapshot() {
 
 #[test]
 fn a_slow_consumer_gets_an_error_and_is_disconnected_while_others_continue() {
-    let config = HttpConfig { subscriber_queue_max: 8, ..HttpConfig::default() };
+    // Stalled this long with its queue full (it reads nothing while the records below are
+    // produced), a client is cut off.
+    let config = HttpConfig { subscriber_queue_max: 8, subscriber_stall_ms_max: 300, ..HttpConfig::default() };
     let kappa = Kappa::start(vec![latest(1)], config);
     kappa.wait_caught_up("latest");
     let mut slow = Ws::connect(kappa.addr);
@@ -474,6 +476,79 @@ fn a_slow_consumer_gets_an_error_and_is_disconnected_while_others_continue() {
     assert!(saw_error, "the slow client was told why before being disconnected");
 }
 
+/// A burst of changes far bigger than the connection's queue — live, then again as the
+/// catch-up of a resume — reaches a client that keeps reading: only a client whose queue
+/// stays full for the stall limit is cut off.
+#[test]
+fn bursts_bigger_than_the_queue_reach_a_client_that_keeps_reading() {
+    let config = HttpConfig { subscriber_queue_max: 8, ..HttpConfig::default() };
+    let kappa = Kappa::start(vec![latest(1)], config);
+    kappa.wait_caught_up("latest");
+    let keys = 3_000;
+    let burst =
+        |round: i64| Value::Array((0..keys).map(|k| json!({"key": format!("b{k:04}"), "value": round})).collect());
+    let read_burst = |ws: &mut Ws, round: i64| {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut token = Value::Null;
+        while seen.len() < keys {
+            let change = ws.next();
+            assert_eq!((change["type"].as_str(), change["value"].as_i64()), (Some("change"), Some(round)), "{change}");
+            seen.insert(change["key"].as_str().unwrap().to_owned());
+            token = change["token"].clone();
+        }
+        token
+    };
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "prefix": "b"}));
+    assert_eq!(ws.next()["type"], "snapshot");
+    kappa.produce(burst(1));
+    let token = read_burst(&mut ws, 1);
+    drop(ws);
+    kappa.produce(burst(2));
+    kappa.wait_caught_up("latest");
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "prefix": "b", "resume": token}));
+    read_burst(&mut ws, 2);
+}
+
+/// `kappa_subscriptions` counts open subscriptions: it goes back down when WebSocket
+/// clients unsubscribe or leave and when an SSE client on a quiet key goes away.
+#[test]
+fn the_subscription_gauge_counts_down_when_clients_leave() {
+    let kappa = started();
+    let gauge = || {
+        let (_, text) = request_text(kappa.addr, "GET", "/metrics", None, &[]);
+        let line = text.lines().find(|l| l.starts_with("kappa_subscriptions{")).expect("the gauge").to_owned();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    let wait_for = |expected: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while gauge() != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kappa_subscriptions stayed {} (expected {expected})",
+                gauge()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut left = Ws::connect(kappa.addr);
+    let mut unsubscribed = Ws::connect(kappa.addr);
+    for ws in [&mut left, &mut unsubscribed] {
+        ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "quiet"}));
+        assert_eq!(ws.next()["type"], "snapshot");
+    }
+    let mut sse = Sse::open(&kappa, "/v1/views/latest/watch?key=quiet", None);
+    assert_eq!(sse.next().0, "snapshot");
+    wait_for(3);
+    unsubscribed.send(&json!({"op": "unsubscribe", "id": "s"}));
+    wait_for(2);
+    drop(left);
+    wait_for(1);
+    drop(sse);
+    wait_for(0);
+}
+
 #[test]
 fn sse_streams_a_snapshot_then_changes_and_resumes_from_last_event_id() {
     let kappa = started();
@@ -494,6 +569,13 @@ fn sse_streams_a_snapshot_then_changes_and_resumes_from_last_event_id() {
     let mut resumed = Sse::open(&kappa, "/v1/views/latest/watch?key=s1", Some(&change_id));
     let values: Vec<i64> = (0..2).map(|_| resumed.next().2["value"].as_i64().unwrap()).collect();
     assert_eq!(values, vec![3, 4], "exactly the changes after Last-Event-ID");
+    // An EventSource opened with ?resume= reconnects to the same URL with a newer
+    // Last-Event-ID: that one counts.
+    let (_, three_id, _) = Sse::open(&kappa, &format!("/v1/views/latest/watch?key=s1&resume={change_id}"), None).next();
+    kappa.produce(json!([{"key": "s1", "value": 5}]));
+    let path = format!("/v1/views/latest/watch?key=s1&resume={change_id}");
+    let (_, _, data) = Sse::open(&kappa, &path, Some(&three_id)).next();
+    assert_eq!(data["value"], 4, "the change after Last-Event-ID, not after ?resume=");
     assert!(!id.is_empty());
     let (status, body) = request(kappa.addr, "GET", "/v1/views/latest/watch", None, &[]);
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")));

@@ -26,8 +26,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::Stream;
 use kappa_http::ApiError;
+use kappa_http::live::Emit;
 use kappa_http::live::Target as LiveTarget;
-use kappa_http::ws::{self, FrameSender, Subscriptions, WsLimits};
+use kappa_http::sse::SseEmit;
+use kappa_http::ws::{self, FrameSender, FramedEmit, Subscriptions, WsLimits};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -169,7 +171,8 @@ fn frame(id: Option<&str>, message: &Live) -> String {
     value.to_string()
 }
 
-/// Sends a subscription's messages through `emit` (false: stop) until the client goes away
+/// Sends a subscription's messages through `emit` (which waits while the client's queue is
+/// full; false: stop) until the client goes away
 /// or the replica stops: a snapshot (or the changes after the resume token), then every
 /// change; after falling behind the broadcast it resumes from the replica's history, or
 /// sends `reset` and a fresh snapshot — never a silent gap.
@@ -178,19 +181,19 @@ async fn follow(
     view: String,
     target: Target,
     mut resume: Option<Cursor>,
-    emit: &mut (dyn FnMut(Live) -> bool + Send),
+    emit: &mut impl Emit<Live>,
 ) {
     loop {
         let (start, mut receiver) = match replica.start(&view, &target, resume.as_ref(), SNAPSHOT_ITEMS_MAX) {
             Ok(started) => started,
             Err(message) => {
-                emit(Live::Error { code: "snapshot_too_large", message });
+                emit.emit(Live::Error { code: "snapshot_too_large", message }).await;
                 return;
             }
         };
         let mut cursor = match start {
             Start::Snapshot { items, cursor } => {
-                if !emit(Live::Snapshot { version: cursor.version, items, token: cursor.clone() }) {
+                if !emit.emit(Live::Snapshot { version: cursor.version, items, token: cursor.clone() }).await {
                     return;
                 }
                 cursor
@@ -199,14 +202,14 @@ async fn follow(
                 let mut cursor = resume.take().expect("resumed from a token");
                 for change in replay {
                     cursor.offsets[change.partition as usize] = change.offset + 1;
-                    if !emit(Live::Change { change, token: cursor.clone() }) {
+                    if !emit.emit(Live::Change { change, token: cursor.clone() }).await {
                         return;
                     }
                 }
                 end
             }
             Start::Reset { reason } => {
-                if !emit(Live::Reset { reason }) {
+                if !emit.emit(Live::Reset { reason }).await {
                     return;
                 }
                 resume = None;
@@ -221,7 +224,7 @@ async fn follow(
                         continue;
                     }
                     cursor.offsets[p] = change.offset + 1;
-                    if target.matches(&change.key) && !emit(Live::Change { change, token: cursor.clone() }) {
+                    if target.matches(&change.key) && !emit.emit(Live::Change { change, token: cursor.clone() }).await {
                         return;
                     }
                 }
@@ -260,32 +263,30 @@ async fn watch(
         return error(StatusCode::BAD_REQUEST, "invalid_query", "give exactly one of ?key= or ?prefix=".to_owned());
     };
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let resume = match query.resume.or(last_event_id).map(|t| t.parse::<Cursor>()).transpose() {
+    // A reconnecting EventSource sends its original URL and the newer Last-Event-ID.
+    let resume = match last_event_id.or(query.resume).map(|t| t.parse::<Cursor>()).transpose() {
         Ok(resume) => resume,
         Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_token", message),
     };
     let (tx, rx) = mpsc::channel::<Event>(SUBSCRIBER_QUEUE_MAX);
     let replica = state.replica.clone();
+    let stall = Duration::from_millis(kappa_http::SUBSCRIBER_STALL_MS_MAX_DEFAULT);
     tokio::spawn(async move {
-        let slow = tx.clone();
-        let mut full = false;
-        let mut emit = |message: Live| match tx.try_send(sse_event(&message)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                full = true;
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        };
-        follow(replica, view, target, resume, &mut emit).await;
-        if full {
+        let mut emit = SseEmit::new(tx.clone(), stall, |message: &Live| sse_event(message));
+        // A quiet subscription would notice a client that went away only at its next change.
+        tokio::select! {
+            _ = follow(replica, view, target, resume, &mut emit) => {}
+            _ = tx.closed() => return,
+        }
+        if emit.stalled {
             let message = Live::Error {
                 code: "slow_consumer",
                 message: format!(
-                    "this stream fell too far behind ({SUBSCRIBER_QUEUE_MAX} events queued); reconnect with Last-Event-ID"
+                    "this stream's queue ({SUBSCRIBER_QUEUE_MAX} events) stayed full for {} ms; reconnect with Last-Event-ID",
+                    stall.as_millis()
                 ),
             };
-            let _ = tokio::time::timeout(Duration::from_secs(5), slow.send(sse_event(&message))).await;
+            let _ = tokio::time::timeout(stall, tx.send(sse_event(&message))).await;
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
@@ -315,6 +316,7 @@ async fn ws_upgrade(State(state): State<Arc<HttpState>>, ws: WebSocketUpgrade) -
         queue_max: SUBSCRIBER_QUEUE_MAX,
         subscriptions_max: SUBSCRIPTIONS_PER_CONNECTION_MAX,
         message_bytes_max: WS_MESSAGE_BYTES_MAX,
+        stall_ms_max: kappa_http::SUBSCRIBER_STALL_MS_MAX_DEFAULT,
     };
     ws::configure(ws, limits.message_bytes_max).on_upgrade(move |socket| ws::multiplex(state, socket, limits))
 }
@@ -340,7 +342,7 @@ impl Subscriptions for HttpState {
         };
         let (replica, id) = (state.replica.clone(), id.to_owned());
         Ok(tokio::spawn(async move {
-            let mut emit = |message: Live| out.send(frame(Some(&id), &message));
+            let mut emit = FramedEmit { out, render: move |message: &Live| frame(Some(&id), message) };
             follow(replica, view, target, resume, &mut emit).await;
         }))
     }

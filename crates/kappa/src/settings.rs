@@ -14,8 +14,8 @@ use serde::Deserialize;
 pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
     /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
-    /// http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max,
-    /// transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
+    /// http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max,
+    /// http_subscriptions_per_connection_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
     /// producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
@@ -52,10 +52,13 @@ pub struct ServeArgs {
     /// Open HTTP connections, WebSockets included [default: 10000]
     #[arg(long, env = "KAPPA_HTTP_CONNECTIONS_MAX")]
     pub http_connections_max: Option<usize>,
-    /// Messages queued per WebSocket/SSE connection before it is cut off as a slow
-    /// consumer [default: 1024]
+    /// Messages queued per WebSocket/SSE connection [default: 1024]
     #[arg(long, env = "KAPPA_HTTP_SUBSCRIBER_QUEUE_MAX")]
     pub http_subscriber_queue_max: Option<usize>,
+    /// How long a connection's full queue waits for its client to read before the client is
+    /// cut off as too slow [default: 10000]
+    #[arg(long, env = "KAPPA_HTTP_SUBSCRIBER_STALL_MS_MAX")]
+    pub http_subscriber_stall_ms_max: Option<u64>,
     /// Subscriptions per WebSocket connection [default: 100]
     #[arg(long, env = "KAPPA_HTTP_SUBSCRIPTIONS_PER_CONNECTION_MAX")]
     pub http_subscriptions_per_connection_max: Option<usize>,
@@ -92,6 +95,7 @@ struct FileSettings {
     http_allowed_origins: Option<Vec<String>>,
     http_connections_max: Option<usize>,
     http_subscriber_queue_max: Option<usize>,
+    http_subscriber_stall_ms_max: Option<u64>,
     http_subscriptions_per_connection_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
@@ -214,6 +218,11 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
             args.http_subscriber_queue_max.or(file.http_subscriber_queue_max),
             defaults.subscriber_queue_max,
         )?,
+        subscriber_stall_ms_max: positive_ms(
+            "http_subscriber_stall_ms_max",
+            args.http_subscriber_stall_ms_max.or(file.http_subscriber_stall_ms_max),
+            defaults.subscriber_stall_ms_max,
+        )? as u64,
         subscriptions_per_connection_max: positive(
             "http_subscriptions_per_connection_max",
             args.http_subscriptions_per_connection_max.or(file.http_subscriptions_per_connection_max),
@@ -225,7 +234,7 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
