@@ -34,6 +34,8 @@ pub enum GroupError {
     Storage(String),
     #[error("offset commit metadata is {len} bytes, over the limit of {max}")]
     MetadataTooLarge { len: usize, max: usize },
+    #[error("an open transaction holds a newer offset for this partition; retry once it ends")]
+    UnstableOffsetCommit,
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

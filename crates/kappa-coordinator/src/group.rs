@@ -11,7 +11,8 @@
 //! Invariant: this module knows membership, not the wire: no error codes, no request
 //! versions (the broker maps [`GroupError`] to Kafka codes).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,7 +33,8 @@ pub struct GroupConfig {
     pub initial_rebalance_delay_ms: u64,
     /// Kafka: group.max.size.
     pub group_members_max: usize,
-    /// Groups one coordinator keeps.
+    /// Live groups (with members, or member ids handed out) one coordinator keeps; Empty
+    /// ones are forgotten (their committed offsets stay in the offset store).
     pub groups_max: usize,
     /// Longest group id, member id or instance id accepted.
     pub id_bytes_max: usize,
@@ -162,14 +164,18 @@ struct Group {
     /// In join order (the order Kafka reports members in).
     members: BTreeMap<u64, Member>,
     next_member_seq: u64,
-    /// Member ids handed out with MEMBER_ID_REQUIRED that have not joined yet.
-    pending: HashSet<String>,
+    /// Member ids handed out with MEMBER_ID_REQUIRED that have not joined yet, with the
+    /// moment each expires (the session timeout of the join that asked, as in Kafka).
+    pending: HashMap<String, Instant>,
+    /// Tells this group from an earlier one of the same id that was forgotten, whose
+    /// timers may still be running.
+    incarnation: u64,
     /// Bumped at every rebalance so stale timers do nothing.
     rebalance_epoch: u64,
 }
 
 impl Group {
-    fn new(id: &str) -> Self {
+    fn new(id: &str, incarnation: u64) -> Self {
         Self {
             id: id.to_owned(),
             state: GroupState::Empty,
@@ -179,7 +185,8 @@ impl Group {
             leader: None,
             members: BTreeMap::new(),
             next_member_seq: 0,
-            pending: HashSet::new(),
+            pending: HashMap::new(),
+            incarnation,
             rebalance_epoch: 0,
         }
     }
@@ -256,6 +263,12 @@ impl Group {
     fn all_joined(&self) -> bool {
         self.members.values().all(|m| m.join_waiter.is_some())
     }
+
+    /// Nothing left to remember but the id (Kafka removes such groups too): no members,
+    /// no member ids handed out.
+    fn is_idle(&self) -> bool {
+        self.state == GroupState::Empty && self.members.is_empty() && self.pending.is_empty()
+    }
 }
 
 /// The consumer-group coordinator (membership only; offsets live in [`crate::offsets`]).
@@ -267,11 +280,14 @@ pub struct GroupCoordinator {
 struct Inner {
     config: GroupConfig,
     groups: Mutex<HashMap<String, Group>>,
+    groups_created: AtomicU64,
 }
 
 impl GroupCoordinator {
     pub fn new(config: GroupConfig) -> Self {
-        Self { inner: Arc::new(Inner { config, groups: Mutex::new(HashMap::new()) }) }
+        Self {
+            inner: Arc::new(Inner { config, groups: Mutex::new(HashMap::new()), groups_created: AtomicU64::new(0) }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Group>> {
@@ -318,9 +334,15 @@ impl GroupCoordinator {
         }
         let mut groups = self.lock();
         if !groups.contains_key(&request.group_id) && groups.len() >= config.groups_max {
-            return Err(GroupError::CoordinatorFull { groups_max: config.groups_max });
+            // Idle groups left since the last reaper pass do not count.
+            groups.retain(|_, g| !g.is_idle());
+            if groups.len() >= config.groups_max {
+                return Err(GroupError::CoordinatorFull { groups_max: config.groups_max });
+            }
         }
-        let group = groups.entry(request.group_id.clone()).or_insert_with(|| Group::new(&request.group_id));
+        let group = groups.entry(request.group_id.clone()).or_insert_with(|| {
+            Group::new(&request.group_id, self.inner.groups_created.fetch_add(1, Ordering::Relaxed))
+        });
         if !group.members.is_empty() && group.protocol_type != request.protocol_type {
             return Err(GroupError::InconsistentGroupProtocol);
         }
@@ -336,41 +358,67 @@ impl GroupCoordinator {
         let (sender, receiver) = oneshot::channel();
         match existing {
             Some(seq) => {
+                // A static member rejoining with no member id (a restarted instance) takes
+                // over under a new id.
+                let replacing = request.group_instance_id.is_some() && request.member_id.is_empty();
+                let leader_before = group.leader.clone().unwrap_or_default();
                 let member = group.members.get_mut(&seq).expect("member");
-                if request.group_instance_id.is_none() || request.member_id.is_empty() || request.member_id == member.id
-                {
-                    // A static member rejoining with no member id takes over under a new id.
-                    if request.member_id.is_empty() {
-                        member.id = new_member_id(&request);
-                    }
-                } else {
+                if !replacing && request.group_instance_id.is_some() && request.member_id != member.id {
                     return Err(GroupError::FencedInstanceId);
+                }
+                let was_leader = leader_before == member.id;
+                if replacing {
+                    member.id = new_member_id(&request);
+                    // Whoever still waits under the old id is the instance just replaced.
+                    if let Some(old) = member.join_waiter.take() {
+                        let _ = old.send(Err(GroupError::FencedInstanceId));
+                    }
+                    if let Some(old) = member.sync_waiter.take() {
+                        let _ = old.send(Err(GroupError::FencedInstanceId));
+                    }
                 }
                 let unchanged = member.protocols == request.protocols;
                 member.protocols = request.protocols.clone();
                 member.session_timeout = ms(request.session_timeout_ms);
                 member.rebalance_timeout = ms(request.rebalance_timeout_ms.max(request.session_timeout_ms));
                 member.last_heartbeat = now;
-                let is_leader = group.leader.as_deref() == Some(member.id.as_str());
-                if group.state == GroupState::Stable && unchanged && !is_leader {
-                    // Nothing changed: answer from the current generation (Kafka does too).
+                let member_id = member.id.clone();
+                if replacing && was_leader {
+                    group.leader = Some(member_id.clone());
+                }
+                let keep_generation = group.state == GroupState::Stable
+                    && if replacing {
+                        // Kafka rebalances a restarted static member only if the group's
+                        // protocol would change: its metadata (librdkafka puts the owned
+                        // partitions in it) differs at every restart.
+                        group.select_protocol() == group.protocol
+                    } else {
+                        // The leader's rejoin always rebalances, so it can pick up changes.
+                        unchanged && !was_leader
+                    };
+                if keep_generation {
                     let outcome = JoinOutcome {
                         generation_id: group.generation,
                         protocol_type: group.protocol_type.clone(),
                         protocol_name: group.protocol.clone(),
-                        leader: group.leader.clone().unwrap_or_default(),
-                        member_id: member.id.clone(),
+                        // A replaced leader is told the old id, so it does not compute
+                        // assignments a Stable group would not pass on (Kafka does the same).
+                        leader: leader_before,
+                        member_id,
                         members: Vec::new(),
                         skip_assignment: false,
                     };
                     return Ok(Joined::Now(outcome));
                 }
+                let member = group.members.get_mut(&seq).expect("member");
                 if let Some(old) = member.join_waiter.replace(sender) {
                     let _ = old.send(Err(GroupError::RebalanceInProgress));
                 }
             }
             None => {
-                if !request.member_id.is_empty() && !group.pending.remove(&request.member_id) {
+                if !request.member_id.is_empty()
+                    && group.pending.remove(&request.member_id).is_none_or(|expiry| expiry < now)
+                {
                     return Err(GroupError::UnknownMemberId);
                 }
                 let member_id =
@@ -379,7 +427,7 @@ impl GroupCoordinator {
                     && request.require_known_member_id
                     && request.group_instance_id.is_none()
                 {
-                    group.pending.insert(member_id.clone());
+                    group.pending.insert(member_id.clone(), now + ms(request.session_timeout_ms));
                     return Err(GroupError::MemberIdRequired(member_id));
                 }
                 if group.members.len() >= config.group_members_max {
@@ -425,22 +473,30 @@ impl GroupCoordinator {
         group.state = GroupState::PreparingRebalance;
         group.fail_sync_waiters(GroupError::RebalanceInProgress);
         group.rebalance_epoch += 1;
-        let epoch = group.rebalance_epoch;
         let timeout = if self.delaying_initial_rebalance(group) {
             Duration::from_millis(self.inner.config.initial_rebalance_delay_ms)
         } else {
-            group.members.values().map(|m| m.rebalance_timeout).max().unwrap_or(Duration::ZERO)
+            rebalance_timeout(group)
         };
+        self.complete_join_after(group, timeout);
+    }
+
+    /// Ends the join phase of the current rebalance after `timeout`, unless it ended already.
+    fn complete_join_after(&self, group: &Group, timeout: Duration) {
+        let (incarnation, epoch) = (group.incarnation, group.rebalance_epoch);
         let coordinator = self.clone();
         let group_id = group.id.clone();
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let mut groups = coordinator.lock();
             if let Some(group) = groups.get_mut(&group_id)
-                && group.rebalance_epoch == epoch
+                && (group.incarnation, group.rebalance_epoch) == (incarnation, epoch)
                 && group.state == GroupState::PreparingRebalance
+                && !complete_join(group)
             {
-                complete_join(group);
+                // Only static members that did not rejoin are left: wait for them, or for
+                // their sessions to expire (Kafka too).
+                coordinator.complete_join_after(group, rebalance_timeout(group));
             }
         });
     }
@@ -542,12 +598,14 @@ impl GroupCoordinator {
         }
     }
 
-    /// Removes members whose session expired (called periodically). Members waiting in a
-    /// join are governed by the rebalance timeout instead.
+    /// Removes members whose session expired and member ids handed out but never used
+    /// (called periodically), then forgets the groups left with neither. Members waiting in
+    /// a join are governed by the rebalance timeout instead.
     pub fn expire_sessions(&self) {
         let now = Instant::now();
         let mut groups = self.lock();
         for group in groups.values_mut() {
+            group.pending.retain(|_, expiry| *expiry >= now);
             let expired: Vec<u64> = group
                 .members
                 .iter()
@@ -567,6 +625,9 @@ impl GroupCoordinator {
             }
             self.after_removal(group);
         }
+        // Without this every group id ever used (console consumers, generated ids) would
+        // stay until groups_max refuses new groups.
+        groups.retain(|_, g| !g.is_idle());
     }
 
     /// Runs [`Self::expire_sessions`] every `interval` until the returned handle is aborted.
@@ -608,6 +669,35 @@ impl GroupCoordinator {
         }
         if group.state == GroupState::CompletingRebalance {
             return Err(GroupError::RebalanceInProgress);
+        }
+        Ok(())
+    }
+
+    /// Whether a transactional offset commit (TxnOffsetCommit v3+, KIP-447) comes from the
+    /// current generation. As in Kafka, a commit naming no member and no generation (v0-2,
+    /// or a producer outside any group) is accepted whatever the group's state, and so is
+    /// one during CompletingRebalance: the producer's transaction, not the group, orders it.
+    pub fn validate_txn_member(
+        &self,
+        group_id: &str,
+        generation_id: i32,
+        member_id: &str,
+        instance_id: Option<&str>,
+    ) -> Result<(), GroupError> {
+        if generation_id < 0 && member_id.is_empty() && instance_id.is_none() {
+            return Ok(());
+        }
+        let groups = self.lock();
+        // An unknown group is an Empty one with no members: Kafka creates it and checks alike.
+        let Some(group) = groups.get(group_id) else {
+            return if generation_id < 0 { Ok(()) } else { Err(GroupError::UnknownMemberId) };
+        };
+        if generation_id < 0 && group.state == GroupState::Empty {
+            return Ok(());
+        }
+        group.member_seq(member_id, instance_id)?;
+        if generation_id != group.generation {
+            return Err(GroupError::IllegalGeneration);
         }
         Ok(())
     }
@@ -676,25 +766,39 @@ enum Joined {
     Wait(oneshot::Receiver<Result<JoinOutcome, GroupError>>),
 }
 
-/// Ends the join phase: members that did not rejoin are dropped, the generation advances,
-/// a protocol and a leader are chosen, and every waiting member gets its answer.
-fn complete_join(group: &mut Group) {
+fn rebalance_timeout(group: &Group) -> Duration {
+    group.members.values().map(|m| m.rebalance_timeout).max().unwrap_or(Duration::ZERO)
+}
+
+/// Ends the join phase: dynamic members that did not rejoin are dropped (static ones stay
+/// until their session expires, as in Kafka), the generation advances, a protocol and a
+/// leader that rejoined are chosen, and every waiting member gets its answer. Returns false,
+/// changing nothing else, when members are left but none of them rejoined.
+fn complete_join(group: &mut Group) -> bool {
     let before = group.members.len();
-    group.members.retain(|_, m| m.join_waiter.is_some());
+    group.members.retain(|_, m| m.join_waiter.is_some() || m.instance_id.is_some());
     if group.members.len() < before {
         tracing::info!(group = %group.id, dropped = before - group.members.len(), "members did not rejoin in time");
+    }
+    let leader_rejoined = group
+        .leader
+        .as_ref()
+        .and_then(|leader| group.seq_of(leader))
+        .is_some_and(|seq| group.members[&seq].join_waiter.is_some());
+    if !leader_rejoined {
+        group.leader = group.members.values().find(|m| m.join_waiter.is_some()).map(|m| m.id.clone());
+        if group.leader.is_none() && !group.members.is_empty() {
+            return false;
+        }
     }
     group.rebalance_epoch += 1;
     group.generation += 1;
     if group.members.is_empty() {
         group.state = GroupState::Empty;
         group.leader = None;
-        return;
+        return true;
     }
     group.protocol = group.select_protocol();
-    if group.leader.as_ref().is_none_or(|leader| group.seq_of(leader).is_none()) {
-        group.leader = group.members.values().next().map(|m| m.id.clone());
-    }
     group.state = GroupState::CompletingRebalance;
     let leader = group.leader.clone().unwrap_or_default();
     let roster: Vec<(String, Option<String>, Vec<u8>)> =
@@ -716,6 +820,7 @@ fn complete_join(group: &mut Group) {
         }
     }
     tracing::info!(group = %group.id, generation = group.generation, members = group.members.len(), %leader, "rebalance: join phase complete");
+    true
 }
 
 fn new_member_id(request: &JoinRequest) -> String {

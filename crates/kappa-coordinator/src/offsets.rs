@@ -6,7 +6,7 @@
 //! Record key:   kind u8 (1) | group_len u16 | group | topic_len u16 | topic | partition i32
 //! Record value: version u8 (1) | offset i64 | leader_epoch i32 | metadata_len u16 | metadata | commit_timestamp i64
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kappa_log::codec::{Reader, put_str};
@@ -34,20 +34,60 @@ pub struct CommittedOffset {
 /// (topic, partition)
 pub type TopicPartition = (String, i32);
 
+/// A partition's committed offset as [`OffsetStore::fetch_stable`] answers it.
+pub type StableOffset = Result<Option<CommittedOffset>, GroupError>;
+
 type Pending = Vec<(String, TopicPartition, Option<CommittedOffset>)>;
+
+/// Offsets written inside open transactions.
+#[derive(Default)]
+struct PendingOffsets {
+    by_producer: HashMap<i64, Pending>,
+    /// group → partition → producers with an offset pending for it (OffsetFetch's
+    /// require_stable asks per partition).
+    by_partition: HashMap<String, HashMap<TopicPartition, HashSet<i64>>>,
+}
+
+impl PendingOffsets {
+    fn add(&mut self, producer_id: i64, group: String, tp: TopicPartition, value: Option<CommittedOffset>) {
+        self.by_partition.entry(group.clone()).or_default().entry(tp.clone()).or_default().insert(producer_id);
+        self.by_producer.entry(producer_id).or_default().push((group, tp, value));
+    }
+
+    fn take(&mut self, producer_id: i64) -> Pending {
+        let pending = self.by_producer.remove(&producer_id).unwrap_or_default();
+        for (group, tp, _) in &pending {
+            let Some(partitions) = self.by_partition.get_mut(group) else { continue };
+            if let Some(producers) = partitions.get_mut(tp) {
+                producers.remove(&producer_id);
+                if producers.is_empty() {
+                    partitions.remove(tp);
+                }
+            }
+            if partitions.is_empty() {
+                self.by_partition.remove(group);
+            }
+        }
+        pending
+    }
+
+    fn is_pending(&self, group: &str, tp: &TopicPartition) -> bool {
+        self.by_partition.get(group).is_some_and(|partitions| partitions.contains_key(tp))
+    }
+}
 
 pub struct OffsetStore {
     partition: Arc<Partition>,
     committed: Mutex<HashMap<String, BTreeMap<TopicPartition, CommittedOffset>>>,
-    /// Offsets written inside open transactions, by producer id.
-    pending: Mutex<HashMap<i64, Pending>>,
+    /// Lock order: `pending` before `committed`.
+    pending: Mutex<PendingOffsets>,
 }
 
 impl OffsetStore {
     /// Opens the store, creating the internal topic if needed and replaying it.
     pub fn open(log: &Log) -> Result<Self, LogError> {
         let partition = internal::open_topic(log, CONSUMER_OFFSETS_TOPIC)?;
-        let store = Self { partition, committed: Mutex::new(HashMap::new()), pending: Mutex::new(HashMap::new()) };
+        let store = Self { partition, committed: Mutex::new(HashMap::new()), pending: Mutex::default() };
         store.replay()?;
         Ok(store)
     }
@@ -56,7 +96,7 @@ impl OffsetStore {
         self.committed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_pending(&self) -> MutexGuard<'_, HashMap<i64, Pending>> {
+    fn lock_pending(&self) -> MutexGuard<'_, PendingOffsets> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -75,7 +115,7 @@ impl OffsetStore {
                 let value = record.value.and_then(decode_value);
                 count += 1;
                 if header.is_transactional() {
-                    self.lock_pending().entry(header.producer_id).or_default().push((group, tp, value));
+                    self.lock_pending().add(header.producer_id, group, tp, value);
                 } else {
                     self.apply(group, tp, value);
                 }
@@ -126,18 +166,21 @@ impl OffsetStore {
         check_metadata(&offsets)?;
         let entries: Vec<_> = offsets.into_iter().map(|(tp, v)| (tp, Some(v))).collect();
         self.append(group, &entries, Some((producer_id, producer_epoch))).await?;
-        self.lock_pending()
-            .entry(producer_id)
-            .or_default()
-            .extend(entries.into_iter().map(|(tp, v)| (group.to_owned(), tp, v)));
+        let mut pending = self.lock_pending();
+        for (tp, value) in entries {
+            pending.add(producer_id, group.to_owned(), tp, value);
+        }
         Ok(())
     }
 
     /// Applies (commit) or drops (abort) a producer's transactional offsets.
     pub fn complete_transaction(&self, producer_id: i64, commit: bool) {
-        let pending = self.lock_pending().remove(&producer_id).unwrap_or_default();
+        // Held while applying, so a require_stable fetch never sees an offset neither
+        // pending nor committed yet (and answers the old one as stable).
+        let mut pending = self.lock_pending();
+        let offsets = pending.take(producer_id);
         if commit {
-            for (group, tp, value) in pending {
+            for (group, tp, value) in offsets {
                 self.apply(group, tp, value);
             }
         }
@@ -164,6 +207,26 @@ impl OffsetStore {
                 offsets.map(|o| o.iter().map(|(tp, v)| (tp.clone(), Some(v.clone()))).collect()).unwrap_or_default()
             }
         }
+    }
+
+    /// [`Self::fetch`] for OffsetFetch with require_stable (Kafka's read_committed
+    /// consumers): a partition with an offset pending in an open transaction is
+    /// `Err(UnstableOffsetCommit)` until that transaction ends, rather than the committed
+    /// offset the transaction is about to replace.
+    pub fn fetch_stable(
+        &self,
+        group: &str,
+        partitions: Option<&[TopicPartition]>,
+    ) -> Vec<(TopicPartition, StableOffset)> {
+        let pending = self.lock_pending();
+        self.fetch(group, partitions)
+            .into_iter()
+            .map(|(tp, committed)| {
+                let committed =
+                    if pending.is_pending(group, &tp) { Err(GroupError::UnstableOffsetCommit) } else { Ok(committed) };
+                (tp, committed)
+            })
+            .collect()
     }
 
     /// Groups that have committed offsets.

@@ -108,7 +108,7 @@ async fn member_id_required_static_membership_and_session_expiry() {
         Err(GroupError::FencedInstanceId)
     );
 
-    // Without heartbeats the session expires and the group empties.
+    // Without heartbeats the session expires; the emptied group is forgotten.
     let generation = two.generation_id;
     let sync = SyncRequest {
         group_id: "s".into(),
@@ -120,9 +120,39 @@ async fn member_id_required_static_membership_and_session_expiry() {
     groups.sync(sync).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     groups.expire_sessions();
-    assert_eq!(groups.group_state("s").unwrap().0.name(), "Empty");
-    assert!(groups.delete("s").is_ok());
+    assert_eq!(groups.group_state("s"), None);
+    assert_eq!(groups.describe("s").state, "Dead");
+    assert_eq!(groups.delete("s"), Err(GroupError::GroupIdNotFound));
     assert_eq!(groups.delete("g"), Err(GroupError::NonEmptyGroup));
+}
+
+#[tokio::test(start_paused = true)]
+async fn emptied_groups_and_unused_member_ids_do_not_count_against_groups_max() {
+    let groups =
+        GroupCoordinator::new(GroupConfig { initial_rebalance_delay_ms: 0, groups_max: 2, ..GroupConfig::default() });
+    // "a": its only member left. "b": a v4 first join that never came back with its id.
+    let a = groups.join(join_request("a", "")).await.unwrap();
+    groups.leave("a", &a.member_id, None).unwrap();
+    let mut first = join_request("b", "");
+    first.require_known_member_id = true;
+    first.session_timeout_ms = 10_000;
+    let Err(GroupError::MemberIdRequired(unused)) = groups.join(first).await else {
+        panic!("v4 first join must ask for a member id")
+    };
+
+    // "a" is idle, so "c" fits; "b" holds a member id until its session timeout, so "d" does not.
+    let mut c = join_request("c", "");
+    c.session_timeout_ms = 60_000;
+    groups.join(c).await.unwrap();
+    assert_eq!(groups.group_state("a"), None, "the emptied group was forgotten");
+    assert_eq!(groups.join(join_request("d", "")).await, Err(GroupError::CoordinatorFull { groups_max: 2 }));
+
+    tokio::time::advance(Duration::from_millis(10_001)).await;
+    groups.expire_sessions();
+    assert_eq!(groups.group_state("b"), None, "the unused member id expired, and its group with it");
+    assert_eq!(groups.join(join_request("b", &unused)).await, Err(GroupError::UnknownMemberId));
+    groups.join(join_request("d", "")).await.unwrap();
+    assert_eq!(groups.group_state("c").map(|(state, _)| state.name()), Some("CompletingRebalance"));
 }
 
 fn open_log(dir: &std::path::Path, clock: &ManualClock) -> Arc<Log> {
@@ -375,4 +405,92 @@ async fn past_ids_max_the_ids_idle_longest_are_forgotten_early() {
     assert!(!txns.over_ids_max(), "the pass could not help: no early pass for a minute");
     clock.advance(60_000);
     assert!(txns.over_ids_max());
+}
+
+fn static_request(group: &str, member: &str, instance: &str) -> JoinRequest {
+    JoinRequest { group_instance_id: Some(instance.to_owned()), ..join_request(group, member) }
+}
+
+fn sync_request(member: &str, generation: i32, assignments: Vec<(String, Vec<u8>)>) -> SyncRequest {
+    SyncRequest {
+        group_id: "g".to_owned(),
+        generation_id: generation,
+        member_id: member.to_owned(),
+        group_instance_id: None,
+        assignments,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_static_member_keeps_the_generation_and_its_leadership() {
+    let groups = coordinator();
+    let a = groups.join(static_request("g", "", "a")).await.unwrap();
+    let (b, a) = tokio::join!(groups.join(join_request("g", "")), groups.join(static_request("g", &a.member_id, "a")));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.leader, a.member_id);
+    let generation = a.generation_id;
+    let assignments = vec![(a.member_id.clone(), b"A".to_vec()), (b.member_id.clone(), b"B".to_vec())];
+    let (synced_a, synced_b) = tokio::join!(
+        groups.sync(sync_request(&a.member_id, generation, assignments)),
+        groups.sync(sync_request(&b.member_id, generation, vec![]))
+    );
+    assert_eq!((synced_a.unwrap(), synced_b.unwrap()), (b"A".to_vec(), b"B".to_vec()));
+
+    // The instance restarts: no member id, and new metadata (librdkafka's owned partitions).
+    let mut restart = static_request("g", "", "a");
+    restart.protocols = vec![("range".to_owned(), b"owns p0".to_vec()), ("roundrobin".to_owned(), b"rr".to_vec())];
+    let restarted = groups.join(restart.clone()).await.unwrap();
+    assert_ne!(restarted.member_id, a.member_id);
+    assert_eq!(restarted.generation_id, generation, "the protocol is still range: no rebalance");
+    assert_eq!(restarted.leader, a.member_id, "told the old leader id, so it assigns nothing");
+    assert_eq!(groups.heartbeat("g", generation, &b.member_id, None), Ok(()));
+    assert_eq!(groups.heartbeat("g", generation, &a.member_id, Some("a")), Err(GroupError::FencedInstanceId));
+    assert_eq!(groups.sync(sync_request(&restarted.member_id, generation, vec![])).await.unwrap(), b"A".to_vec());
+
+    // It is still the leader, under its new id: its rejoin rebalances and it gets the roster.
+    let rejoin = tokio::spawn({
+        let groups = groups.clone();
+        let request = static_request("g", &restarted.member_id, "a");
+        async move { groups.join(JoinRequest { protocols: restart.protocols, ..request }).await }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(groups.heartbeat("g", generation, &b.member_id, None), Err(GroupError::RebalanceInProgress));
+    groups.join(join_request("g", &b.member_id)).await.unwrap();
+    let rejoined = rejoin.await.unwrap().unwrap();
+    assert_eq!((rejoined.generation_id, rejoined.leader.as_str()), (generation + 1, restarted.member_id.as_str()));
+    assert_eq!(rejoined.members.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn static_members_that_miss_a_rebalance_stay_until_their_session_expires() {
+    let groups = coordinator();
+    let a = groups.join(static_request("g", "", "a")).await.unwrap();
+    groups.sync(sync_request(&a.member_id, a.generation_id, vec![(a.member_id.clone(), b"A".to_vec())])).await.unwrap();
+
+    // b joins; a does not rejoin within the rebalance timeout (the paused clock jumps there).
+    let b = groups.join(join_request("g", "")).await.unwrap();
+    assert_eq!(b.generation_id, a.generation_id + 1);
+    assert_eq!(b.leader, b.member_id, "the leader is a member that rejoined");
+    let mut roster: Vec<_> = b.members.iter().map(|(id, _, _)| id.clone()).collect();
+    roster.sort();
+    let mut expected = vec![a.member_id.clone(), b.member_id.clone()];
+    expected.sort();
+    assert_eq!(roster, expected, "a is still a member");
+    assert_eq!(
+        groups.heartbeat("g", a.generation_id, &a.member_id, Some("a")),
+        Err(GroupError::IllegalGeneration),
+        "a is known, only its generation is old"
+    );
+
+    // b leaves: only a is left and it does not rejoin, so the next generation waits.
+    groups.leave("g", &b.member_id, None).unwrap();
+    tokio::time::advance(Duration::from_millis(10_001)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(
+        groups.group_state("g").map(|(state, generation)| (state.name(), generation)),
+        Some(("PreparingRebalance", b.generation_id))
+    );
+    // Until a's session (10 s since the last rebalance) expires.
+    groups.expire_sessions();
+    assert_eq!(groups.group_state("g"), None, "a's session expired and the emptied group was forgotten");
 }

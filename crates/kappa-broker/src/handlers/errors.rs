@@ -40,6 +40,7 @@ pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
 pub const FENCED_INSTANCE_ID: i16 = 82;
 pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
 pub const INVALID_RECORD: i16 = 87;
+pub const UNSTABLE_OFFSET_COMMIT: i16 = 88;
 
 /// The Kafka code for a log error.
 pub fn log_code(error: &LogError) -> i16 {
@@ -81,6 +82,7 @@ pub fn group_code(error: &GroupError) -> i16 {
         GroupError::NonEmptyGroup => NON_EMPTY_GROUP,
         GroupError::GroupSubscribedToTopic => GROUP_SUBSCRIBED_TO_TOPIC,
         GroupError::MetadataTooLarge { .. } => OFFSET_METADATA_TOO_LARGE,
+        GroupError::UnstableOffsetCommit => UNSTABLE_OFFSET_COMMIT,
     }
 }
 

@@ -15,9 +15,10 @@ use kafka_protocol::messages::offset_fetch_response::{
 use kafka_protocol::messages::{
     DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse, GroupId,
     HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
-    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse,
-    OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
+    ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
+    OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
 };
+use kappa_coordinator::offsets::StableOffset;
 use kappa_coordinator::{CommittedOffset, GroupError, JoinRequest, SyncRequest};
 
 use super::errors::{self, group_code};
@@ -196,8 +197,24 @@ impl Broker {
         response
     }
 
+    /// Committed offsets for OffsetFetch; with require_stable (v7+, set by read_committed
+    /// consumers) a partition a transaction holds an offset for is UNSTABLE_OFFSET_COMMIT.
+    fn fetch_committed(
+        &self,
+        group: &str,
+        wanted: Option<&[(String, i32)]>,
+        require_stable: bool,
+    ) -> Vec<((String, i32), StableOffset)> {
+        if require_stable {
+            return self.offsets.fetch_stable(group, wanted);
+        }
+        self.offsets.fetch(group, wanted).into_iter().map(|(tp, committed)| (tp, Ok(committed))).collect()
+    }
+
     pub(super) fn offset_fetch(&self, request: OffsetFetchRequest, version: i16) -> OffsetFetchResponse {
         let mut response = OffsetFetchResponse::default();
+        // Top-level in v8+ too, covering every group of the request.
+        let require_stable = request.require_stable;
         if version >= 8 {
             for group in request.groups {
                 let wanted = group.topics.map(|ts| {
@@ -208,10 +225,14 @@ impl Broker {
                         .collect::<Vec<_>>()
                 });
                 let mut out = OffsetFetchResponseGroup::default();
-                for ((topic, index), committed) in self.offsets.fetch(group.group_id.0.as_str(), wanted.as_deref()) {
+                let fetched = self.fetch_committed(group.group_id.0.as_str(), wanted.as_deref(), require_stable);
+                for ((topic, index), committed) in fetched {
                     let mut p = OffsetFetchResponsePartitions::default();
                     p.partition_index = index;
-                    fill_committed(&mut p.committed_offset, &mut p.committed_leader_epoch, &mut p.metadata, committed);
+                    fill_committed(
+                        (&mut p.committed_offset, &mut p.committed_leader_epoch, &mut p.metadata, &mut p.error_code),
+                        committed,
+                    );
                     match out.topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
                         Some(t) => t.partitions.push(p),
                         None => {
@@ -234,10 +255,15 @@ impl Broker {
                 })
                 .collect::<Vec<_>>()
         });
-        for ((topic, index), committed) in self.offsets.fetch(request.group_id.0.as_str(), wanted.as_deref()) {
+        for ((topic, index), committed) in
+            self.fetch_committed(request.group_id.0.as_str(), wanted.as_deref(), require_stable)
+        {
             let mut p = OffsetFetchResponsePartition::default();
             p.partition_index = index;
-            fill_committed(&mut p.committed_offset, &mut p.committed_leader_epoch, &mut p.metadata, committed);
+            fill_committed(
+                (&mut p.committed_offset, &mut p.committed_leader_epoch, &mut p.metadata, &mut p.error_code),
+                committed,
+            );
             match response.topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
                 Some(t) => t.partitions.push(p),
                 None => {
@@ -251,7 +277,7 @@ impl Broker {
         response
     }
 
-    pub(super) fn list_groups(&self) -> ListGroupsResponse {
+    pub(super) fn list_groups(&self, request: ListGroupsRequest) -> ListGroupsResponse {
         let mut response = ListGroupsResponse::default();
         let mut listed: Vec<(String, String, &str)> = self.groups.list();
         // Groups known only from committed offsets (e.g. after a restart) are Empty.
@@ -260,8 +286,11 @@ impl Broker {
                 listed.push((group, "consumer".to_owned(), "Empty"));
             }
         }
+        // v4+: only the states asked for (none: all), matched case-insensitively as Kafka does.
+        let states = &request.states_filter;
         response.groups = listed
             .into_iter()
+            .filter(|(_, _, state)| states.is_empty() || states.iter().any(|s| s.eq_ignore_ascii_case(state)))
             .map(|(id, protocol_type, state)| {
                 let mut g = ListedGroup::default();
                 g.group_id = GroupId(str_bytes(id));
@@ -369,19 +398,18 @@ impl Broker {
     }
 }
 
-fn fill_committed(
-    offset: &mut i64,
-    epoch: &mut i32,
-    metadata: &mut Option<kafka_protocol::protocol::StrBytes>,
-    committed: Option<CommittedOffset>,
-) {
+/// An OffsetFetch partition's (offset, leader epoch, metadata, error code).
+type FetchedFields<'a> = (&'a mut i64, &'a mut i32, &'a mut Option<kafka_protocol::protocol::StrBytes>, &'a mut i16);
+
+fn fill_committed((offset, epoch, metadata, error_code): FetchedFields<'_>, committed: StableOffset) {
+    *error_code = committed.as_ref().err().map_or(errors::NONE, group_code);
     match committed {
-        Some(c) => {
+        Ok(Some(c)) => {
             *offset = c.offset;
             *epoch = c.leader_epoch;
             *metadata = Some(str_bytes(c.metadata));
         }
-        None => {
+        Ok(None) | Err(_) => {
             *offset = -1;
             *epoch = -1;
             *metadata = Some(str_bytes(""));

@@ -252,7 +252,7 @@ impl Broker {
             Q::LeaveGroup(r) => R::LeaveGroup(self.leave_group(r, version)),
             Q::OffsetCommit(r) => R::OffsetCommit(self.offset_commit(r).await),
             Q::OffsetFetch(r) => R::OffsetFetch(self.offset_fetch(r, version)),
-            Q::ListGroups(_) => R::ListGroups(self.list_groups()),
+            Q::ListGroups(r) => R::ListGroups(self.list_groups(r)),
             Q::DescribeGroups(r) => R::DescribeGroups(self.describe_groups(r)),
             Q::DeleteGroups(r) => R::DeleteGroups(self.delete_groups(r).await),
             Q::OffsetDelete(r) => R::OffsetDelete(self.offset_delete(r).await),

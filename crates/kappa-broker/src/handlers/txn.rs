@@ -153,12 +153,22 @@ impl Broker {
 
     pub(super) async fn txn_offset_commit(&self, request: TxnOffsetCommitRequest) -> TxnOffsetCommitResponse {
         let group = request.group_id.0.as_str().to_owned();
+        // v3+ name the consumer's generation (KIP-447): a producer whose consumer was
+        // rebalanced out must not commit offsets for partitions now owned by another member.
+        // Checked first, as Kafka does, so a zombie learns it was fenced from the group.
+        let instance = request.group_instance_id.as_ref().map(|i| i.as_str());
+        let member =
+            self.groups.validate_txn_member(&group, request.generation_id, request.member_id.as_str(), instance);
         // TxnOffsetCommit goes to the *group* coordinator, which clients (librdkafka) reach
         // over a different connection than the transaction coordinator: no fence here.
-        let check = self
-            .txns
-            .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
-            .await;
+        let check = match member {
+            Err(e) => Err(group_code(&e)),
+            Ok(()) => self
+                .txns
+                .check_offset_commit(request.transactional_id.0.as_str(), request.producer_id.0, request.producer_epoch)
+                .await
+                .map_err(|e| txn_code(&e)),
+        };
         let now = self.log.clock().now_ms();
         let offsets: Vec<_> = request
             .topics
@@ -179,7 +189,7 @@ impl Broker {
             })
             .collect();
         let code = match check {
-            Err(e) => txn_code(&e),
+            Err(code) => code,
             Ok(()) => match self
                 .offsets
                 .commit_transactional(request.producer_id.0, request.producer_epoch, &group, offsets)
