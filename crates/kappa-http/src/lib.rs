@@ -41,6 +41,8 @@ pub use crate::error::ApiError;
 
 /// [`HttpConfig::subscriber_stall_ms_max`]'s default.
 pub const SUBSCRIBER_STALL_MS_MAX_DEFAULT: u64 = 10_000;
+/// [`HttpConfig::ws_silence_ms_max`]'s default: pings every 30 s.
+pub const WS_SILENCE_MS_MAX_DEFAULT: u64 = 90_000;
 
 /// The HTTP API's limits and policies.
 #[derive(Debug, Clone)]
@@ -57,6 +59,9 @@ pub struct HttpConfig {
     /// How long a connection's full queue waits for the client to read before the client
     /// is cut off as too slow (a burst bigger than the queue just waits for its reading).
     pub subscriber_stall_ms_max: u64,
+    /// How long a WebSocket client may send nothing, not even the pongs a WebSocket sends
+    /// on its own for the server's pings (every third of this), before it is taken for gone.
+    pub ws_silence_ms_max: u64,
     /// Items in one snapshot (a prefix matching more is refused).
     pub snapshot_items_max: usize,
     /// Largest request body (HTTP produce, topic creation).
@@ -77,6 +82,7 @@ impl Default for HttpConfig {
             ws_message_bytes_max: 64 * 1024,
             subscriber_queue_max: 1024,
             subscriber_stall_ms_max: SUBSCRIBER_STALL_MS_MAX_DEFAULT,
+            ws_silence_ms_max: WS_SILENCE_MS_MAX_DEFAULT,
             snapshot_items_max: 10_000,
             request_body_bytes_max: 8 * 1024 * 1024,
             page_items_max: 1000,

@@ -56,6 +56,7 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
         subscriptions_max: state.config.subscriptions_per_connection_max,
         message_bytes_max: state.config.ws_message_bytes_max,
         stall_ms_max: state.config.subscriber_stall_ms_max,
+        silence_ms_max: state.config.ws_silence_ms_max,
     };
     configure(ws, limits.message_bytes_max).on_upgrade(move |socket| multiplex(state, socket, limits))
 }
@@ -190,6 +191,10 @@ pub struct WsLimits {
     /// How long a full queue may wait for the client to read before it is cut off as slow
     /// (and how long one frame may take to reach the socket).
     pub stall_ms_max: u64,
+    /// How long a client may send nothing — not even the pong a WebSocket answers the
+    /// server's pings with (every third of this) on its own — before the connection is
+    /// taken for dead (a vanished network path is otherwise noticed only when TCP gives up).
+    pub silence_ms_max: u64,
 }
 
 /// Where a connection's subscriptions come from: `serve`'s views, or a worker's replica.
@@ -276,9 +281,13 @@ pub async fn multiplex<S: Subscriptions>(source: Arc<S>, socket: WebSocket, limi
     let slow = Arc::new(Notify::new());
     let stall = Duration::from_millis(limits.stall_ms_max);
     let out = FrameSender { tx, slow: slow.clone(), stall };
-    let mut writer = tokio::spawn(write_frames(sink, rx, slow, stall, limits.queue_max));
+    let silence_max = Duration::from_millis(limits.silence_ms_max);
+    let ping_every = silence_max / 3;
+    let mut writer = tokio::spawn(write_frames(sink, rx, slow, stall, ping_every, limits.queue_max));
     let mut writer_done = false;
     let mut subscriptions: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut heard = tokio::time::Instant::now();
+    let mut silence_check = tokio::time::interval_at(heard + ping_every, ping_every);
     loop {
         let message = tokio::select! {
             message = stream.next() => message,
@@ -288,8 +297,16 @@ pub async fn multiplex<S: Subscriptions>(source: Arc<S>, socket: WebSocket, limi
                 writer_done = true;
                 break;
             }
+            _ = silence_check.tick() => {
+                if heard.elapsed() > silence_max {
+                    tracing::debug!(silence_ms = heard.elapsed().as_millis() as u64, "closing a WebSocket whose client went silent");
+                    break;
+                }
+                continue;
+            }
         };
         let Some(Ok(message)) = message else { break };
+        heard = tokio::time::Instant::now();
         let text = match message {
             Message::Text(text) => text.to_string(),
             Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -321,21 +338,24 @@ async fn write_frames(
     mut rx: mpsc::Receiver<String>,
     slow: Arc<Notify>,
     stall: Duration,
+    ping_every: Duration,
     queue_max: usize,
 ) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     loop {
-        let text = tokio::select! {
+        let frame = tokio::select! {
             biased;
             _ = slow.notified() => break,
             text = rx.recv() => match text {
-                Some(text) => text,
+                Some(text) => Message::Text(text.into()),
                 None => return,
             },
+            _ = ping.tick() => Message::Ping(Default::default()),
         };
         // A client that stopped reading blocks this write; the subscriptions then find the
         // queue full, and the first to wait out the stall limit says so.
         tokio::select! {
-            sent = sink.send(Message::Text(text.into())) => if sent.is_err() { return },
+            sent = sink.send(frame) => if sent.is_err() { return },
             _ = slow.notified() => break,
         }
     }

@@ -511,6 +511,51 @@ fn bursts_bigger_than_the_queue_reach_a_client_that_keeps_reading() {
     read_burst(&mut ws, 2);
 }
 
+/// A WebSocket client that sends nothing — not even the pongs a WebSocket answers the
+/// server's pings with — is taken for gone and closed; one that answers stays.
+#[test]
+fn a_silent_websocket_client_is_closed_and_one_that_answers_pings_stays() {
+    use tungstenite::Message;
+    let config = HttpConfig { ws_silence_ms_max: 600, ..HttpConfig::default() };
+    let kappa = Kappa::start(vec![latest(1)], config);
+    kappa.wait_caught_up("latest");
+    let mut silent = Ws::connect(kappa.addr);
+    let mut answering = Ws::connect(kappa.addr);
+    for ws in [&mut silent, &mut answering] {
+        ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k"}));
+        assert_eq!(ws.next()["type"], "snapshot");
+    }
+    let timed_out = |e: &tungstenite::Error| matches!(e, tungstenite::Error::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    // Reading answers pings (tungstenite queues the pong and sends it on the next read).
+    answering.socket.get_mut().set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let until = std::time::Instant::now() + Duration::from_millis(2_000);
+    let mut pings = 0;
+    while std::time::Instant::now() < until {
+        match answering.socket.read() {
+            Ok(Message::Ping(_)) => pings += 1,
+            Ok(Message::Close(frame)) => panic!("the answering client was closed: {frame:?}"),
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => {}
+            Err(e) => panic!("the answering client's connection failed: {e}"),
+        }
+    }
+    assert!(pings >= 2, "{pings} pings in 2 s with a 600 ms silence limit");
+    kappa.produce(json!([{"key": "k", "value": 1}]));
+    answering.socket.get_mut().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(answering.next()["value"], 1, "still subscribed");
+    // The silent client, reading only now, finds its connection closed (not merely quiet).
+    silent.socket.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ended = loop {
+        match silent.socket.read() {
+            Ok(Message::Close(_)) => break "close frame",
+            Ok(_) => {}
+            Err(e) if timed_out(&e) => break "still open",
+            Err(_) => break "connection closed",
+        }
+    };
+    assert_ne!(ended, "still open", "the silent client was not disconnected");
+}
+
 /// `kappa_subscriptions` counts open subscriptions: it goes back down when WebSocket
 /// clients unsubscribe or leave and when an SSE client on a quiet key goes away.
 #[test]

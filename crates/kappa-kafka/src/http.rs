@@ -317,6 +317,7 @@ async fn ws_upgrade(State(state): State<Arc<HttpState>>, ws: WebSocketUpgrade) -
         subscriptions_max: SUBSCRIPTIONS_PER_CONNECTION_MAX,
         message_bytes_max: WS_MESSAGE_BYTES_MAX,
         stall_ms_max: kappa_http::SUBSCRIBER_STALL_MS_MAX_DEFAULT,
+        silence_ms_max: kappa_http::WS_SILENCE_MS_MAX_DEFAULT,
     };
     ws::configure(ws, limits.message_bytes_max).on_upgrade(move |socket| ws::multiplex(state, socket, limits))
 }
