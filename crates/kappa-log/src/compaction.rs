@@ -233,7 +233,8 @@ impl Partition {
         let base = candidate.base_offset;
         let cleaned_path = dir.join(format!("{}.cleaned", segment::log_file_name(base)));
         let file = fs.open(&cleaned_path, OpenMode::Create).map_err(|e| LogError::io(&cleaned_path, e))?;
-        file.write_all_at(cleaned, 0).and_then(|()| file.sync_data()).map_err(|e| LogError::io(&cleaned_path, e))?;
+        file.write_all_at(cleaned, 0).map_err(|e| LogError::io(&cleaned_path, e))?;
+        file.sync_data().map_err(|e| self.poison(LogError::io(&cleaned_path, e)))?;
         drop(file);
 
         let mut inner = self.lock_inner();
@@ -252,9 +253,9 @@ impl Partition {
                 Err(e) => return Err(LogError::io(dir.join(name), e)),
             }
         }
-        fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        fs.sync_dir(dir).map_err(|e| self.poison(LogError::io(dir, e)))?;
         fs.rename(&cleaned_path, &candidate.path).map_err(|e| LogError::io(&candidate.path, e))?;
-        fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        fs.sync_dir(dir).map_err(|e| self.poison(LogError::io(dir, e)))?;
         let (fresh, outcome) = Segment::open(fs, dir, base, Trust::Nothing)?;
         if let Some(reason) = outcome.stop_reason {
             // We just wrote and synced these bytes: failing to read them back is a bug or a
@@ -263,9 +264,12 @@ impl Partition {
             self.ctx.health.poison(&err);
             return Err(err);
         }
-        fresh.write_indexes(fs, dir)?;
+        // Its atomic writes fsync: a failure there is not forgiven either.
+        fresh.write_indexes(fs, dir).map_err(|e| self.poison(e))?;
         let mut fresh = fresh;
         fresh.first_append_ms = inner.segments[position].first_append_ms;
+        // The rewrite is not an append: the cleaned file's time must not make it younger.
+        fresh.last_append_ms = inner.segments[position].last_append_ms.or(fresh.last_append_ms);
         inner.segments[position] = fresh;
         Ok(())
     }

@@ -350,24 +350,42 @@ impl Log {
         self.topics().iter().flat_map(|t| t.partitions()).collect()
     }
 
-    /// Applies retention to every partition.
+    /// Applies retention to every partition. A partition that fails is logged and skipped,
+    /// so it does not hold back the others; the first failure is returned once every
+    /// partition had its turn.
     pub fn enforce_retention(&self) -> Result<RetentionOutcome> {
         let mut total = RetentionOutcome::default();
-        for partition in self.all_partitions() {
+        let first_failure = self.for_each_partition("retention", |partition| {
             let outcome = partition.enforce_retention()?;
             total.segments_deleted += outcome.segments_deleted;
             total.bytes_deleted += outcome.bytes_deleted;
-        }
-        Ok(total)
+            Ok(())
+        });
+        first_failure.map_or(Ok(total), Err)
     }
 
-    /// Runs a cleaning pass on every compacted partition that is dirty enough.
+    /// Runs a cleaning pass on every compacted partition that is dirty enough. A partition
+    /// that fails is logged and skipped, so it does not hold back the others; the first
+    /// failure is returned once every partition had its turn.
     pub fn compact(&self) -> Result<Vec<crate::compaction::CompactionOutcome>> {
         let mut outcomes = Vec::new();
-        for partition in self.all_partitions() {
+        let first_failure = self.for_each_partition("compaction", |partition| {
             outcomes.extend(partition.compact(false)?);
+            Ok(())
+        });
+        first_failure.map_or(Ok(outcomes), Err)
+    }
+
+    /// Runs `task` on every partition, logging each failure; returns the first failure.
+    fn for_each_partition(&self, what: &str, mut task: impl FnMut(&Partition) -> Result<()>) -> Option<LogError> {
+        let mut first_failure = None;
+        for partition in self.all_partitions() {
+            if let Err(error) = task(&partition) {
+                tracing::warn!(topic = %partition.topic(), partition = partition.index(), %error, "{what} failed for this partition; continuing with the others");
+                first_failure.get_or_insert(error);
+            }
         }
-        Ok(outcomes)
+        first_failure
     }
 
     /// Syncs every partition (the interval policy's periodic flush).

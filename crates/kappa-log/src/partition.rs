@@ -230,6 +230,10 @@ impl Partition {
                 // What a crashed process left in the page cache is durable only after this.
                 seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
             }
+            // Without a file time, records lacking timestamps age from now, never from -1.
+            if seg.size > 0 {
+                seg.last_append_ms.get_or_insert(ctx.clock.now_ms());
+            }
             segments.push(seg);
         }
         if segments.is_empty() {
@@ -475,35 +479,59 @@ impl Partition {
         }
         let mut sync = self.lock_sync();
         loop {
+            // Health first: once any fsync in the directory failed, nothing is acknowledged,
+            // not even an offset another fsync reported synced.
+            self.ctx.health.check()?;
             if sync.synced_offset >= offset {
                 return Ok(());
             }
-            self.ctx.health.check()?;
             if sync.in_flight {
                 sync = self.synced.wait(sync).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            sync = self.lead_sync(sync);
+            (sync, _) = self.lead_sync(sync);
         }
     }
 
     /// Runs one fdatasync for everything written so far, outside the lock.
-    fn lead_sync<'a>(&'a self, mut sync: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+    fn lead_sync<'a>(&'a self, mut sync: MutexGuard<'a, SyncState>) -> (MutexGuard<'a, SyncState>, Result<()>) {
         sync.in_flight = true;
         let target = sync.written_offset;
         let file = sync.file.clone();
         drop(sync);
         let result = file.sync_data();
         let mut sync = self.lock_sync();
-        sync.in_flight = false;
-        match result {
-            Ok(()) => {
-                sync.synced_offset = sync.synced_offset.max(target);
-                self.publish_high_watermark(sync.synced_offset);
-            }
-            Err(e) => self.ctx.health.poison(&LogError::io(&self.ctx.dir, e)),
+        let result = self.finish_sync(&mut sync, result, target, &self.ctx.dir);
+        (sync, result)
+    }
+
+    /// Ends the fsync marked in flight, which covered everything below `target`. A failure
+    /// poisons the directory before `in_flight` clears, so no waiter can see the sync done
+    /// without seeing the poison; a success counts only if no fsync failed meanwhile (Linux
+    /// reports a writeback error to just one fsync of an open file).
+    fn finish_sync(&self, sync: &mut SyncState, result: std::io::Result<()>, target: i64, path: &Path) -> Result<()> {
+        let result = result.map_err(|e| {
+            let err = LogError::io(path, e);
+            self.ctx.health.poison(&err);
+            err
+        });
+        if result.is_ok() && !self.ctx.health.is_poisoned() {
+            sync.synced_offset = sync.synced_offset.max(target);
+            self.publish_high_watermark(sync.synced_offset);
         }
+        sync.in_flight = false;
         self.synced.notify_all();
+        result
+    }
+
+    /// Waits until no fsync is in flight and marks one: the caller then owns the active
+    /// file's fsync and must end it with [`Self::finish_sync`].
+    fn begin_exclusive_sync(&self) -> MutexGuard<'_, SyncState> {
+        let mut sync = self.lock_sync();
+        while sync.in_flight {
+            sync = self.synced.wait(sync).unwrap_or_else(|e| e.into_inner());
+        }
+        sync.in_flight = true;
         sync
     }
 
@@ -519,7 +547,14 @@ impl Partition {
     /// few hundred mostly idle partitions would otherwise delay the ones holding data by
     /// as many cache flushes.
     pub fn flush(&self) -> Result<()> {
-        let written = self.lock_sync().written_offset;
+        let written = {
+            let sync = self.lock_sync();
+            if sync.synced_offset >= sync.written_offset {
+                // Nothing to make durable, so nothing to acknowledge: fine even when poisoned.
+                return Ok(());
+            }
+            sync.written_offset
+        };
         match self.ctx.sync_policy {
             SyncPolicy::EveryAppend => self.wait_durable(written),
             SyncPolicy::IntervalMs(_) => self.sync_written(),
@@ -527,23 +562,17 @@ impl Partition {
     }
 
     /// The interval policy's sync: one fdatasync covering everything written so far, if
-    /// anything was written since the last one.
+    /// anything was written since the last one. It takes part in the group-commit protocol
+    /// so it never overlaps a roll's fsync of the same file.
     fn sync_written(&self) -> Result<()> {
-        let (target, file) = {
-            let sync = self.lock_sync();
-            if sync.synced_offset >= sync.written_offset {
-                return Ok(());
-            }
-            (sync.written_offset, sync.file.clone())
-        };
-        file.sync_data().map_err(|e| {
-            let err = LogError::io(&self.ctx.dir, e);
-            self.ctx.health.poison(&err);
-            err
-        })?;
         let mut sync = self.lock_sync();
-        sync.synced_offset = sync.synced_offset.max(target);
-        Ok(())
+        while sync.in_flight {
+            sync = self.synced.wait(sync).unwrap_or_else(|e| e.into_inner());
+        }
+        if sync.synced_offset >= sync.written_offset {
+            return Ok(());
+        }
+        self.lead_sync(sync).1
     }
 
     /// Starts a new segment when the active one is full or old enough. The closed segment
@@ -563,7 +592,7 @@ impl Partition {
         let fs = self.ctx.fs.as_ref();
         let dir = &self.ctx.dir;
         let closing = inner.segments.last().expect("non-empty");
-        closing.file.sync_data().map_err(|e| LogError::io(&closing.path, e))?;
+        self.sync_closing(closing)?;
         closing.write_indexes(fs, dir)?;
         let next = closing.next_offset;
         write_snapshot(fs, dir, &inner.producers, next)?;
@@ -573,6 +602,20 @@ impl Partition {
         prune_snapshots(fs, dir)?;
         tracing::debug!(topic = %self.ctx.topic, partition = self.ctx.partition, base_offset = next, "rolled segment");
         Ok(())
+    }
+
+    /// Fsyncs the segment being closed as a group-commit sync. A leader may be fsyncing the
+    /// same open file outside every lock; two overlapping fsyncs could split a writeback
+    /// error between them (one fails, the other succeeds and acknowledges), so this one
+    /// waits for the leader and holds off the next. The caller holds `inner`, so nothing is
+    /// written meanwhile and this fsync covers everything written.
+    fn sync_closing(&self, closing: &Segment) -> Result<()> {
+        let mut sync = self.begin_exclusive_sync();
+        let target = sync.written_offset;
+        drop(sync);
+        let result = closing.file.sync_data();
+        sync = self.lock_sync();
+        self.finish_sync(&mut sync, result, target, &closing.path)
     }
 
     /// Reads whole batches starting at the batch that holds `offset`, up to `max_bytes`
@@ -672,28 +715,10 @@ impl Partition {
             (candidates, upper, inner.log_start_offset())
         };
         for (file, start, end) in candidates {
-            let mut found = None;
-            walk_headers(file.as_ref(), start, end, |position, header| {
-                if header.base_offset >= upper {
-                    return false;
-                }
-                if header.max_timestamp >= timestamp && !header.is_control() {
-                    found = Some((position, *header));
-                    return false;
-                }
-                true
-            })
-            .map_err(|e| LogError::Corrupt {
-                path: self.ctx.dir.clone(),
-                position: start,
-                reason: e.to_string(),
-            })?;
-            if let Some((position, header)) = found {
-                let mut bytes = vec![0; header.total_bytes()];
-                file.read_exact_at(&mut bytes, position).map_err(|e| LogError::io(&self.ctx.dir, e))?;
+            let search = TimestampSearch { file: file.as_ref(), upper, timestamp, dir: &self.ctx.dir };
+            if let Some((offset, at)) = search.first_at_or_after(start, end)? {
                 // Records below a DeleteRecords start are gone, even inside this batch.
-                return Ok(first_record_at_or_after(&bytes, &header, timestamp)
-                    .map(|(offset, at)| (offset.max(log_start_offset), at)));
+                return Ok(Some((offset.max(log_start_offset), at)));
             }
         }
         Ok(None)
@@ -763,7 +788,8 @@ impl Partition {
         let mut total: u64 = inner.segments.iter().map(|s| s.size).sum();
         let mut doomed = 0;
         for segment in &inner.segments[..inner.segments.len() - 1] {
-            let expired = config.retention_ms >= 0 && segment.max_timestamp < now - config.retention_ms;
+            let expired =
+                config.retention_ms >= 0 && segment.retention_time_ms().is_some_and(|t| t < now - config.retention_ms);
             let oversize = config.retention_bytes >= 0 && total - segment.size >= config.retention_bytes as u64;
             if !(expired || oversize) {
                 break;
@@ -806,7 +832,14 @@ impl Partition {
                 }
             }
         }
-        fs.sync_dir(&self.ctx.dir).map_err(|e| LogError::io(&self.ctx.dir, e))
+        fs.sync_dir(&self.ctx.dir).map_err(|e| self.poison(LogError::io(&self.ctx.dir, e)))
+    }
+
+    /// Poisons the directory with `err` and returns it: for failed fsyncs outside the
+    /// append path (cleaning, retention), which are no more forgivable than an append's.
+    pub(crate) fn poison(&self, err: LogError) -> LogError {
+        self.ctx.health.poison(&err);
+        err
     }
 
     /// Syncs, writes the active segment's indexes, a producer snapshot and the
@@ -947,6 +980,52 @@ impl ReadPlan {
             position += total;
         }
         Ok((position, last))
+    }
+}
+
+/// A timestamp lookup in one segment: records below `upper` with a timestamp >= `timestamp`.
+struct TimestampSearch<'a> {
+    file: &'a dyn StorageFile,
+    upper: i64,
+    timestamp: i64,
+    dir: &'a Path,
+}
+
+impl TimestampSearch<'_> {
+    /// The first matching record in `start..end`: (offset, timestamp). A batch whose header
+    /// promises a match may hold none (compaction removed it from a batch written before
+    /// cleaning recomputed max timestamps): the search then goes on with the next batch.
+    fn first_at_or_after(&self, mut start: u64, end: u64) -> Result<Option<(i64, i64)>> {
+        while let Some((position, header)) = self.next_candidate(start, end)? {
+            let mut bytes = vec![0; header.total_bytes()];
+            self.file.read_exact_at(&mut bytes, position).map_err(|e| LogError::io(self.dir, e))?;
+            if let Some(found) = first_record_at_or_after(&bytes, &header, self.timestamp) {
+                return Ok(Some(found));
+            }
+            start = position + header.total_bytes() as u64;
+        }
+        Ok(None)
+    }
+
+    /// The next data batch from `start` whose header max timestamp is >= the one sought.
+    fn next_candidate(&self, start: u64, end: u64) -> Result<Option<(u64, BatchHeader)>> {
+        let mut found = None;
+        walk_headers(self.file, start, end, |position, header| {
+            if header.base_offset >= self.upper {
+                return false;
+            }
+            if header.max_timestamp >= self.timestamp && !header.is_control() {
+                found = Some((position, *header));
+                return false;
+            }
+            true
+        })
+        .map_err(|e| LogError::Corrupt {
+            path: self.dir.to_owned(),
+            position: start,
+            reason: e.to_string(),
+        })?;
+        Ok(found)
     }
 }
 
@@ -1174,4 +1253,156 @@ fn restore_producer_state(
 /// ENOSPC or EDQUOT from a write: the file system had no room for it.
 fn is_out_of_space(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::thread::JoinHandle;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::io::OpenMode;
+    use crate::io::sim::{SimFs, Trigger};
+    use crate::records::{BatchBuilder, NewRecord};
+
+    const T0: i64 = 1_700_000_000_000;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// A [`SimFs`] that runs a hook once, at the start of the next `sync_data` of a segment
+    /// file: it lets a test act at an exact point inside a roll.
+    #[derive(Clone, Default)]
+    struct HookFs {
+        fs: SimFs,
+        hook: Arc<Mutex<Option<Hook>>>,
+    }
+
+    struct HookFile {
+        file: Arc<dyn StorageFile>,
+        hook: Option<Arc<Mutex<Option<Hook>>>>,
+    }
+
+    impl Storage for HookFs {
+        fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+            self.fs.create_dir_all(path)
+        }
+        fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+            self.fs.list_dir(path)
+        }
+        fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn StorageFile>> {
+            let file = self.fs.open(path, mode)?;
+            let is_segment = path.extension().is_some_and(|e| e == "log");
+            Ok(Arc::new(HookFile { file, hook: is_segment.then(|| self.hook.clone()) }))
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.fs.rename(from, to)
+        }
+        fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+            self.fs.remove_file(path)
+        }
+        fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+            self.fs.remove_dir_all(path)
+        }
+        fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+            self.fs.sync_dir(path)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.fs.exists(path)
+        }
+    }
+
+    impl StorageFile for HookFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.file.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.file.write_all_at(buf, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            let hook = self.hook.as_ref().and_then(|h| h.lock().unwrap().take());
+            if let Some(hook) = hook {
+                hook();
+            }
+            self.file.sync_data()
+        }
+    }
+
+    fn open_partition(fs: &HookFs, segment_bytes: u64) -> Arc<Partition> {
+        let config = TopicConfig { segment_bytes, ..TopicConfig::default() };
+        let ctx = PartitionContext {
+            topic: "t".to_owned(),
+            partition: 0,
+            dir: PathBuf::from("/data/t/0"),
+            fs: Arc::new(fs.clone()),
+            health: Arc::new(DirHealth::new(PathBuf::from("/data"))),
+            clock: Arc::new(ManualClock::new(T0)),
+            config: Arc::new(RwLock::new(Arc::new(config))),
+            sync_policy: SyncPolicy::EveryAppend,
+            producer_id_expiration_ms: i64::MAX,
+            producers_max: 1000,
+        };
+        Arc::new(Partition::open(ctx).expect("open partition").0)
+    }
+
+    fn one_record(key: &str) -> Vec<u8> {
+        BatchBuilder::new().record(NewRecord::new(Some(key.as_bytes()), Some(b"v"), T0)).build()
+    }
+
+    /// The race of the review: a group-commit leader fsyncs the active segment outside every
+    /// lock while an append rolls it and fsyncs the same file. The roll's fsync fails (on
+    /// Linux the writeback error goes to that fsync only), the leader's succeeds. The batch
+    /// the failed fsync covered must not be acknowledged.
+    #[test]
+    fn a_batch_covered_by_a_failed_roll_fsync_is_not_acknowledged() {
+        let fs = HookFs::default();
+        let p = open_partition(&fs, 1);
+        let first = p.append_unsynced(one_record("a")).unwrap();
+        let leader: Arc<Mutex<Option<JoinHandle<Result<()>>>>> = Arc::default();
+        let (hook_p, hook_fs, hook_leader) = (p.clone(), fs.fs.clone(), leader.clone());
+        // Runs inside the roll's fsync of the closing segment, before it reaches the disk.
+        *fs.hook.lock().unwrap() = Some(Box::new(move || {
+            let roll_marked_in_flight = hook_p.lock_sync().in_flight;
+            let waiter = hook_p.clone();
+            let handle = std::thread::spawn(move || waiter.wait_until_durable(first.last_offset + 1));
+            if !roll_marked_in_flight {
+                // Nothing stops the leader's own fsync of this file: let it finish first,
+                // the worst case of the race.
+                let result = handle.join().unwrap();
+                *hook_leader.lock().unwrap() = Some(std::thread::spawn(move || result));
+            } else {
+                *hook_leader.lock().unwrap() = Some(handle);
+            }
+            hook_fs.fail_sync_data(Some(Trigger::Nth(1)));
+        }));
+
+        let err = p.append_unsynced(one_record("b")).expect_err("the roll's fsync fails");
+        assert!(err.to_string().contains("os error 5"), "{err}");
+        let acked = leader.lock().unwrap().take().expect("the hook ran").join().unwrap();
+        assert!(
+            matches!(acked, Err(LogError::Poisoned { .. })),
+            "the first batch was acknowledged after an fsync covering it failed: {acked:?}"
+        );
+        assert!(p.ctx.health.is_poisoned());
+        assert_eq!(p.high_watermark(), 0, "nothing became visible");
+    }
+
+    /// A leader's fsync that succeeds after another fsync of the directory failed (here,
+    /// while it ran) acknowledges nothing and publishes nothing.
+    #[test]
+    fn a_sync_ending_after_the_directory_was_poisoned_acknowledges_nothing() {
+        let fs = HookFs::default();
+        let p = open_partition(&fs, u64::MAX);
+        let hook_p = p.clone();
+        *fs.hook.lock().unwrap() = Some(Box::new(move || hook_p.ctx.health.poison(&"another fsync failed")));
+        let err = p.append(one_record("a")).expect_err("poisoned while its fsync ran");
+        assert!(matches!(err, LogError::Poisoned { .. }), "{err}");
+        assert_eq!(p.high_watermark(), 0, "the batch must not become visible");
+    }
 }

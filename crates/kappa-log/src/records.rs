@@ -744,9 +744,12 @@ pub fn record_timestamps(batch_bytes: &[u8], max_uncompressed_bytes: usize) -> R
 }
 
 /// Compaction: rewrites a batch to hold only the records `keep` accepts, copied
-/// verbatim. Header fields (base offset, last offset delta, timestamps, producer
+/// verbatim. Header fields (base offset, last offset delta, base timestamp, producer
 /// identity, attributes and codec) are kept so offsets and producer state survive; the
-/// body is recompressed with the batch's codec and length, count and CRC recomputed.
+/// body is recompressed with the batch's codec and length, count and CRC recomputed. With
+/// CreateTime the max timestamp becomes the kept records' largest (as Kafka's cleaner
+/// does), so timestamp lookups and time indexes do not point at removed records; a
+/// LogAppendTime batch keeps it, as it is the append time of every record.
 ///
 /// Returns `None` when no record is kept, and the original bytes when all are.
 pub fn rebuild_batch(
@@ -757,10 +760,12 @@ pub fn rebuild_batch(
     let decoded = decode_records(batch_bytes, max_uncompressed_bytes)?;
     let mut kept_body = Vec::with_capacity(decoded.body().len());
     let mut kept = 0usize;
+    let mut kept_max_timestamp = i64::MIN;
     for record in decoded.iter() {
         if keep(&record) {
             kept_body.extend_from_slice(record.raw);
             kept += 1;
+            kept_max_timestamp = kept_max_timestamp.max(record.timestamp());
         }
     }
     if kept == 0 {
@@ -782,6 +787,9 @@ pub fn rebuild_batch(
     out[8..12].copy_from_slice(&batch_length.to_be_bytes());
     // kept < records_count, which is an i32.
     out[57..61].copy_from_slice(&(kept as i32).to_be_bytes());
+    if !decoded.header().has_log_append_time() {
+        out[35..43].copy_from_slice(&kept_max_timestamp.to_be_bytes());
+    }
     batch::rewrite_crc(&mut out);
     Ok(Some(out))
 }
@@ -1098,6 +1106,28 @@ mod tests {
 
             assert_eq!(rebuild_batch(&bytes, |_| true, LIMIT), Ok(Some(bytes.clone())));
             assert_eq!(rebuild_batch(&bytes, |_| false, LIMIT), Ok(None));
+        }
+    }
+
+    #[test]
+    fn rebuild_recomputes_the_max_timestamp_of_create_time_batches() {
+        let records = sample_records(); // timestamps 1_000, 1_005, 999, 1_010
+        for codec in CODECS {
+            let bytes = build(codec, &records);
+            let rebuilt = rebuild_batch(&bytes, |r| r.offset() <= 101, LIMIT).expect("rebuilds").expect("kept");
+            let header = batch::validate(&rebuilt, usize::MAX >> 1).expect("valid: the CRC covers the new value");
+            assert_eq!(header.max_timestamp, 1_005, "{codec:?}: the removed record had the largest timestamp");
+            assert_eq!(header.base_timestamp, 1_000, "{codec:?}: kept records' deltas stay valid");
+
+            let mut log_append_time = bytes.clone();
+            batch::set_log_append_time(&mut log_append_time, 5_000);
+            let rebuilt =
+                rebuild_batch(&log_append_time, |r| r.offset() <= 101, LIMIT).expect("rebuilds").expect("kept");
+            assert_eq!(
+                BatchHeader::parse(&rebuilt).expect("header").max_timestamp,
+                5_000,
+                "{codec:?}: the append time stays"
+            );
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Segment {
     pub max_timestamp: i64,
     /// When the first batch was appended (wall clock ms), for `segment.ms`; None when empty.
     pub first_append_ms: Option<i64>,
+    /// Broker time (ms) of the last append, or of the file's last change when it was opened;
+    /// None when unknown. What retention counts from for records without a timestamp.
+    pub last_append_ms: Option<i64>,
     pub offset_index: OffsetIndex,
     pub time_index: TimeIndex,
     /// Why bytes past `size` could not be read when a closed segment was opened. Such a
@@ -98,6 +101,7 @@ impl Segment {
             next_offset: base_offset,
             max_timestamp: -1,
             first_append_ms: None,
+            last_append_ms: None,
             offset_index: OffsetIndex::default(),
             time_index: TimeIndex::default(),
             damage: None,
@@ -114,6 +118,7 @@ impl Segment {
         let file = fs.open(&path, OpenMode::ReadWrite).map_err(|e| LogError::io(&path, e))?;
         let file_bytes = file.len().map_err(|e| LogError::io(&path, e))?;
         let mut segment = Self::empty(base_offset, file, path);
+        segment.last_append_ms = segment.file.modified_ms();
         let trusted_size = match trust {
             Trust::Nothing => None,
             Trust::IndexesIfValid => Some(file_bytes),
@@ -166,6 +171,7 @@ impl Segment {
         })
         .map_err(|e| LogError::io(&self.path, e))?;
         fresh.first_append_ms = self.first_append_ms;
+        fresh.last_append_ms = self.last_append_ms;
         *self = fresh;
         Ok(outcome)
     }
@@ -197,6 +203,7 @@ impl Segment {
         debug_assert!(header.base_offset >= self.next_offset, "offsets must grow within a segment");
         self.file.write_all_vectored_at(parts, self.size)?;
         self.first_append_ms.get_or_insert(now_ms);
+        self.last_append_ms = Some(now_ms);
         self.record_batch(self.size, header);
         Ok(())
     }
@@ -238,6 +245,13 @@ impl Segment {
     pub fn position_for_timestamp(&self, timestamp: i64) -> Option<u64> {
         let relative = self.time_index.lookup(timestamp)?;
         Some(self.position_for(self.base_offset + i64::from(relative)))
+    }
+
+    /// The time `retention.ms` counts from (as Kafka): the largest record timestamp, or for
+    /// records without one (-1, legacy data) the broker's time of the last append, so they
+    /// are not deleted at the first pass. None when neither is known.
+    pub fn retention_time_ms(&self) -> Option<i64> {
+        if self.max_timestamp >= 0 { Some(self.max_timestamp) } else { self.last_append_ms }
     }
 
     /// Names of this segment's files, for deletion.

@@ -503,3 +503,66 @@ fn a_crash_at_any_point_of_compaction_leaves_the_old_or_the_cleaned_segment() {
     }
     assert!(saw_old && saw_new, "the crash points cover both outcomes");
 }
+
+// ---- failures ----
+
+/// A compacted topic with `partitions` partitions on SimFs, each holding overwritten keys
+/// in closed segments.
+fn sim_dirty_topic(partitions: i32) -> (SimFs, Log) {
+    let fs = SimFs::new();
+    let clock = ManualClock::new(T0);
+    let log = Log::open(Path::new("/data"), options(Arc::new(fs.clone()), &clock)).unwrap().0;
+    let config = [("cleanup.policy", "compact"), ("segment.bytes", "1024"), ("min.compaction.lag.ms", "0")];
+    log.create_topic("t", partitions, &overrides(&config)).unwrap();
+    for index in 0..partitions {
+        let p = log.partition("t", index).unwrap();
+        p.append(keyed("key", Some("1"), T0)).unwrap();
+        p.append(keyed("key", Some("2"), T0)).unwrap();
+        roll(&p, 2, T0);
+    }
+    (fs, log)
+}
+
+#[test]
+fn a_failed_directory_fsync_while_compacting_poisons_the_directory() {
+    let (fs, log) = sim_dirty_topic(1);
+    let p = log.partition("t", 0).unwrap();
+    fs.fail_sync_dir(Some(kappa_log::io::sim::Trigger::Nth(1)));
+    assert!(p.compact(true).is_err(), "the pass reports the failed fsync");
+    fs.fail_sync_dir(None);
+    let err = p.append(keyed("key", Some("3"), T0)).expect_err("an fsync failed: no append is acknowledged");
+    assert!(matches!(err, kappa_log::LogError::Poisoned { .. }), "{err}");
+}
+
+#[test]
+fn a_partition_whose_compaction_fails_does_not_stop_the_next_ones() {
+    let (fs, log) = sim_dirty_topic(2);
+    // The first fsync of the pass is the cleaned copy of partition 0's first segment.
+    fs.fail_sync_data(Some(kappa_log::io::sim::Trigger::Nth(1)));
+    assert!(log.compact().is_err(), "partition 0's failure is reported");
+    assert_eq!(values_of(&log.partition("t", 0).unwrap(), "key").len(), 2, "partition 0 was not cleaned");
+    assert_eq!(
+        values_of(&log.partition("t", 1).unwrap(), "key"),
+        vec![Some(b"2".to_vec())],
+        "partition 1 was cleaned all the same"
+    );
+}
+
+#[test]
+fn offset_for_timestamp_finds_a_later_batch_when_compaction_removed_the_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, false, &[]);
+    let first = BatchBuilder::new()
+        .record(NewRecord::new(Some(b"a"), Some(b"1"), T0))
+        .record(NewRecord::new(Some(b"b"), Some(b"1"), T0 + 100))
+        .build();
+    p.append(first).unwrap();
+    p.append(keyed("b", Some("2"), T0 + 200)).unwrap();
+    roll(&p, 1, T0);
+    clock.advance(1_000); // past min.compaction.lag.ms (0) for the records at T0+200
+    p.compact(true).unwrap().expect("a cleaning pass ran");
+    assert_eq!(values_of(&p, "b"), vec![Some(b"2".to_vec())], "b@T0+100 was cleaned away");
+    assert_eq!(p.offset_for_timestamp(T0 + 50, Isolation::ReadUncommitted).unwrap(), Some((2, T0 + 200)));
+}

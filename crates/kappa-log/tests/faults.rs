@@ -291,3 +291,21 @@ fn disk_full_on_a_real_tmpfs() {
     // About 1 MiB of filler, so deleting it frees room for much more.
     disk_full_scenario(Arc::new(RealFs), &tmpfs.path(), 2_500, || {});
 }
+
+#[test]
+fn a_failed_directory_fsync_while_deleting_old_segments_poisons_the_directory() {
+    let dir = Path::new("/data");
+    let fs = SimFs::new();
+    let clock = ManualClock::new(T0);
+    let log = open_on(Arc::new(fs.clone()), dir, &clock);
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024"), ("retention.ms", "1000")])).unwrap();
+    append_acked(&log, "t", "a", 20);
+    let p = log.partition("t", 0).unwrap();
+    assert!(p.segment_count() > 1);
+    clock.advance(10_000);
+    fs.fail_sync_dir(Some(Trigger::Nth(1)));
+    assert!(log.enforce_retention().is_err(), "retention reports the failed fsync");
+    fs.fail_sync_dir(None);
+    let err = p.append(batch("later", 1, T0 + 10_000)).expect_err("an fsync failed: no append is acknowledged");
+    assert!(is_poisoned(&err), "{err}");
+}

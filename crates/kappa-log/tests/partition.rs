@@ -603,3 +603,46 @@ fn delete_records_moves_the_log_start_durably_and_drops_whole_segments() {
         .expect("damaged start file");
     assert!(err.to_string().contains("log-start.offset"), "{err}");
 }
+
+/// Data cleaned before compaction recomputed max timestamps: a batch whose header promises
+/// a timestamp none of its records has must not end the search.
+#[test]
+fn offset_for_timestamp_looks_past_a_batch_whose_header_overstates_its_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let mut overstated = batch("a", 1, T0);
+    overstated[35..43].copy_from_slice(&(T0 + 100).to_be_bytes()); // the header's max_timestamp
+    kappa_log::batch::rewrite_crc(&mut overstated);
+    p.append(overstated).unwrap();
+    p.append(batch("b", 1, T0 + 200)).unwrap();
+    assert_eq!(p.offset_for_timestamp(T0 + 50, Isolation::ReadUncommitted).unwrap(), Some((1, T0 + 200)));
+}
+
+/// Records without a timestamp (-1, legacy data) age from the broker's time of the last
+/// append, including after a restart, instead of counting as older than any retention.
+#[test]
+fn retention_ages_segments_without_record_timestamps_from_their_last_append() {
+    let fs = kappa_log::io::sim::SimFs::new();
+    let clock = ManualClock::new(T0);
+    let data = std::path::Path::new("/data");
+    let open_sim = || Log::open(data, options(Arc::new(fs.clone()), &clock)).unwrap().0;
+    let log = open_sim();
+    log.create_topic("t", 1, &overrides(&[("segment.bytes", "1024"), ("retention.ms", "1000")])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    while p.segment_count() < 3 {
+        p.append(batch("legacy", 1, -1)).unwrap();
+    }
+    assert_eq!(p.max_timestamp(), None, "the records carry no timestamp");
+    assert_eq!(p.enforce_retention().unwrap().segments_deleted, 0, "just appended: nothing is old");
+    log.close().unwrap();
+    drop((p, log));
+
+    let log = open_sim();
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.enforce_retention().unwrap().segments_deleted, 0, "still nothing is old after a restart");
+    clock.advance(5_000);
+    assert_eq!(p.enforce_retention().unwrap().segments_deleted, 2, "retention.ms after the last append");
+}

@@ -564,14 +564,18 @@ async fn maintain(log: Arc<Log>, interval: Duration) {
     loop {
         ticker.tick().await;
         let log = log.clone();
+        // Each pass goes on past a failing partition (logging it), and a failing retention
+        // pass does not hold back compaction. A failed flush poisoned the directory: then
+        // nothing else is worth trying.
         let result = tokio::task::spawn_blocking(move || {
             log.flush()?;
-            log.enforce_retention()?;
-            log.compact()
+            let retention = log.enforce_retention().map(drop);
+            let compaction = log.compact().map(drop);
+            retention.and(compaction)
         })
         .await;
         match result {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "background maintenance failed"),
             Err(e) => tracing::error!(error = %e, "background maintenance panicked"),
         }

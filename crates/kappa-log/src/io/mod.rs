@@ -69,6 +69,10 @@ pub trait StorageFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes the contents durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
+    /// When the contents last changed (ms since the Unix epoch), if the file system keeps it.
+    fn modified_ms(&self) -> Option<i64> {
+        None
+    }
 
     /// Reads exactly `buf.len()` bytes at `offset`, failing with `UnexpectedEof` when the
     /// file is shorter.

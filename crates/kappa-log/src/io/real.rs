@@ -86,6 +86,11 @@ impl StorageFile for RealFile {
         self.0.sync_data()
     }
 
+    fn modified_ms(&self) -> Option<i64> {
+        let modified = self.0.metadata().ok()?.modified().ok()?;
+        i64::try_from(modified.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()
+    }
+
     fn write_all_vectored_at(&self, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
         let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
         let mut rest = &mut slices[..];
