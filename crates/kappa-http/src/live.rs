@@ -411,12 +411,7 @@ fn snapshot(state: &Arc<AppState>, view: &str, target: &Target, version: u32) ->
         Target::Prefix(prefix) => {
             let read = state.engine.scan(view, prefix, None, max + 1)?;
             if read.value.len() > max {
-                return Err(ApiError::bad_request(
-                    "snapshot_too_large",
-                    format!(
-                        "prefix '{prefix}' matches more than {max} keys (snapshot_items_max); subscribe to a longer prefix"
-                    ),
-                ));
+                return Err(snapshot_too_large(prefix, max));
             }
             let items = read.value.into_iter().map(|i| (i.key, Arc::from(crate::views::raw(i.json)))).collect();
             (read.version, read.position, items)
@@ -426,6 +421,25 @@ fn snapshot(state: &Arc<AppState>, view: &str, target: &Target, version: u32) ->
         return Ok(None);
     }
     Ok(Some(LiveMessage::Snapshot { version, items, token: Token { version, offset: position } }))
+}
+
+fn snapshot_too_large(prefix: &str, max: usize) -> ApiError {
+    ApiError::bad_request(
+        "snapshot_too_large",
+        format!("prefix '{prefix}' matches more than {max} keys (snapshot_items_max); subscribe to a longer prefix"),
+    )
+}
+
+/// Refuses a prefix whose snapshot would be too large before a stream starts: an SSE
+/// stream that has answered 200 can only end, and EventSource retries every stream that
+/// ends, but not a 4xx.
+pub fn check_snapshot_size(state: &AppState, view: &str, target: &Target) -> Result<(), ApiError> {
+    let Target::Prefix(prefix) = target else { return Ok(()) };
+    let max = state.config.snapshot_items_max;
+    if state.engine.scan(view, prefix, None, max + 1)?.value.len() > max {
+        return Err(snapshot_too_large(prefix, max));
+    }
+    Ok(())
 }
 
 enum CatchUp {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::live::{Emit, LiveMessage, Target, Token, run_subscription};
+use crate::live::{Emit, LiveMessage, Target, Token, check_snapshot_size, run_subscription};
 use crate::ws::{Queued, queue_within};
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +61,7 @@ fn start(
     // the newer Last-Event-ID: that one says how far the client got.
     let resume = last_event_id.or(query.resume).map(|t| t.parse::<Token>()).transpose()?;
     state.engine.describe(&view)?;
+    check_snapshot_size(&state, &view, &target)?;
     let (tx, rx) = mpsc::channel::<Event>(state.config.subscriber_queue_max);
     let stall = Duration::from_millis(state.config.subscriber_stall_ms_max);
     tokio::spawn(async move {

@@ -624,6 +624,12 @@ fn sse_streams_a_snapshot_then_changes_and_resumes_from_last_event_id() {
     assert!(!id.is_empty());
     let (status, body) = request(kappa.addr, "GET", "/v1/views/latest/watch", None, &[]);
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_query")));
+    // Refused before the stream starts (EventSource would retry a stream that ends).
+    let big = Kappa::start(vec![latest(1)], HttpConfig { snapshot_items_max: 2, ..HttpConfig::default() });
+    big.produce(json!([{"key": "p1", "value": 1}, {"key": "p2", "value": 2}, {"key": "p3", "value": 3}]));
+    big.wait_caught_up("latest");
+    let (status, body) = request(big.addr, "GET", "/v1/views/latest/watch?prefix=p", None, &[]);
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("snapshot_too_large")), "{body}");
     let (status, body) =
         request(kappa.addr, "GET", "/v1/views/latest/watch?key=a", None, &[("Last-Event-ID", "garbage")]);
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_token")));
