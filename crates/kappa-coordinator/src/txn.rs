@@ -125,6 +125,11 @@ struct TxnMetadata {
     /// Set (never persisted) when the id expired and left the map: whoever locked the entry
     /// before that must look the id up again.
     expired: bool,
+    /// The epoch the last InitProducerId bumped from, until a transaction starts under the
+    /// new one (in memory only): a retry of that InitProducerId whose answer was lost
+    /// carries it, and gets the same answer instead of being fenced (Kafka's
+    /// lastProducerEpoch, KIP-360).
+    bumped_from: Option<i16>,
 }
 
 /// An ongoing transaction held locked while its batches are appended (see
@@ -229,10 +234,15 @@ impl TxnCoordinator {
             if pid != meta.producer_id || epoch > meta.epoch {
                 return Err(TxnError::InvalidProducerIdMapping);
             }
+            if epoch < meta.epoch && meta.bumped_from == Some(epoch) {
+                // The answer to the bump from `epoch` was lost and this is the retry.
+                return Ok((meta.producer_id, meta.epoch));
+            }
             if epoch < meta.epoch && meta.epoch >= 0 {
                 return Err(TxnError::ProducerFenced);
             }
         }
+        meta.bumped_from = (meta.epoch >= 0).then_some(meta.epoch);
         // Bump first: markers written below carry the new epoch, which fences the old producer.
         if meta.epoch >= i16::MAX - 1 {
             meta.producer_id = self.allocate_producer_id().await?;
@@ -277,6 +287,7 @@ impl TxnCoordinator {
             status_since_ms: self.now(),
             partitions: BTreeSet::new(),
             expired: false,
+            bumped_from: None,
         };
         Ok(self
             .txns
@@ -346,6 +357,7 @@ impl TxnCoordinator {
                 meta.status = TxnStatus::Ongoing;
                 meta.status_since_ms = self.now();
                 meta.partitions.clear();
+                meta.bumped_from = None;
             }
         }
         let before = meta.partitions.len();
@@ -625,7 +637,16 @@ fn decode_txn(bytes: &[u8]) -> Option<TxnMetadata> {
     for _ in 0..count.min(bytes.len()) {
         partitions.insert((c.string()?, c.i32()?));
     }
-    Some(TxnMetadata { producer_id, epoch, timeout_ms, status, status_since_ms, partitions, expired: false })
+    Some(TxnMetadata {
+        producer_id,
+        epoch,
+        timeout_ms,
+        status,
+        status_since_ms,
+        partitions,
+        expired: false,
+        bumped_from: None,
+    })
 }
 
 /// Rebuilds the transactional ids and the reserved producer-id block from the topic.
@@ -713,6 +734,7 @@ mod tests {
             status_since_ms: 12,
             partitions: [("a".to_owned(), 0), ("b".to_owned(), 2)].into_iter().collect(),
             expired: false,
+            bumped_from: None,
         };
         assert_eq!(decode_txn(&encode_txn(&meta)), Some(meta.clone()));
         let bytes = encode_txn(&meta);
@@ -733,6 +755,7 @@ mod tests {
             status_since_ms: 0,
             partitions: BTreeSet::new(),
             expired: false,
+            bumped_from: None,
         };
         let mut v1 = encode_txn(&meta);
         v1[0] = 1;

@@ -181,6 +181,22 @@ impl TxnFixture {
     }
 }
 
+/// KIP-360: a client whose InitProducerId answer was lost retries with the epoch it held and
+/// gets the same answer — until a transaction starts under the new epoch, after which that
+/// old epoch is fenced.
+#[tokio::test]
+async fn a_retried_init_producer_id_gets_the_same_epoch_until_a_transaction_starts() {
+    let TxnFixture { _dir, txns, .. } = TxnFixture::open(TxnConfig::default()).await;
+    let (pid, first) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    let bumped = txns.init_producer_id(Some("tx"), 60_000, Some((pid, first))).await.unwrap();
+    assert_eq!(bumped, (pid, first + 1));
+    let retried = txns.init_producer_id(Some("tx"), 60_000, Some((pid, first))).await;
+    assert_eq!(retried.unwrap(), bumped, "the lost answer, again; no second bump");
+    txns.add_partitions("tx", pid, first + 1, &[("out".to_owned(), 0)]).await.unwrap();
+    let stale = txns.init_producer_id(Some("tx"), 60_000, Some((pid, first))).await;
+    assert!(matches!(stale, Err(TxnError::ProducerFenced)), "{stale:?}");
+}
+
 fn offset(value: i64) -> CommittedOffset {
     CommittedOffset { offset: value, leader_epoch: -1, metadata: String::new(), commit_timestamp: 1 }
 }
