@@ -547,10 +547,11 @@ impl GroupCoordinator {
         let mut groups = self.lock();
         let group = groups.get_mut(group_id).ok_or(GroupError::UnknownMemberId)?;
         let seq = group.member_seq(member_id, instance_id)?;
-        group.members.get_mut(&seq).expect("member").last_heartbeat = Instant::now();
+        // Only a heartbeat of the current generation keeps the session alive (Kafka too).
         if generation_id != group.generation {
             return Err(GroupError::IllegalGeneration);
         }
+        group.members.get_mut(&seq).expect("member").last_heartbeat = Instant::now();
         match group.state {
             GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
             _ => Ok(()),

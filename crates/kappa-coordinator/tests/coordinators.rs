@@ -126,6 +126,33 @@ async fn member_id_required_static_membership_and_session_expiry() {
     assert_eq!(groups.delete("g"), Err(GroupError::NonEmptyGroup));
 }
 
+/// A heartbeat from another generation is refused and does not keep the member's session
+/// alive (Kafka refreshes the session only for a heartbeat of the current generation).
+#[tokio::test(start_paused = true)]
+async fn heartbeats_from_another_generation_do_not_keep_a_session_alive() {
+    let groups = coordinator();
+    let mut request = join_request("h", "");
+    request.session_timeout_ms = 1_000;
+    let joined = groups.join(request).await.unwrap();
+    let member = joined.member_id.clone();
+    let assignments = vec![(member.clone(), b"a".to_vec())];
+    let sync = SyncRequest {
+        group_id: "h".into(),
+        generation_id: joined.generation_id,
+        member_id: member.clone(),
+        group_instance_id: None,
+        assignments,
+    };
+    groups.sync(sync).await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let stale = groups.heartbeat("h", joined.generation_id + 1, &member, None);
+        assert_eq!(stale, Err(GroupError::IllegalGeneration));
+    }
+    groups.expire_sessions();
+    assert_eq!(groups.group_state("h"), None, "the session expired: stale heartbeats do not count");
+}
+
 #[tokio::test(start_paused = true)]
 async fn emptied_groups_and_unused_member_ids_do_not_count_against_groups_max() {
     let groups =
