@@ -6,13 +6,17 @@
 //! - removed if a later record in the cleaned range has the same (k, s);
 //! - with a sub-key header: removed if a later *whole-key tombstone* (key `k`, null value,
 //!   no sub-key header) exists in the cleaned range — "delete the channel and its items";
-//! - a tombstone that is the latest for its key is kept until its segment's largest
-//!   timestamp is older than `delete.retention.ms`, then removed;
+//! - a tombstone that is the latest for its key is kept until its segment's last append
+//!   (broker time, see [`Segment::last_append_ms`]) is older than `delete.retention.ms`,
+//!   then removed;
 //! - records of aborted transactions are removed; control batches (markers) are kept;
 //! - records without a key are kept.
 //!
 //! Offsets never change: a cleaned batch keeps its base offset and offset deltas, and a
 //! segment keeps its base offset even when cleaning empties it.
+//!
+//! Memory: the cleaned segment is written as it is produced, through a buffer of at most
+//! [`CLEANED_BUFFER_BYTES_MAX`] (a larger batch is written straight from where it lies).
 //!
 //! Crash safety: the cleaned segment is written to `{base}.log.cleaned` and fsynced; the
 //! old indexes are removed; the cleaned file is renamed over `{base}.log`; the directory is
@@ -24,7 +28,7 @@
 //! `min.compaction.lag.ms`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::batch::BatchHeader;
@@ -40,6 +44,9 @@ use crate::segment::{self, Segment, Trust};
 pub const COMPACTION_MAP_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Per-entry overhead counted against [`COMPACTION_MAP_BYTES_MAX`] besides the key bytes.
 const MAP_ENTRY_OVERHEAD_BYTES: usize = 64;
+/// Most cleaned bytes held in memory before they are written to the `.cleaned` file: a
+/// segment may be up to `segment.bytes` (1 GiB by default), too much to build in memory.
+pub const CLEANED_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// What one cleaning pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,7 +93,8 @@ struct Candidate {
     size: u64,
     /// Offset after the segment's last batch before cleaning.
     next_offset: i64,
-    max_timestamp: i64,
+    /// See [`Segment::last_append_ms`].
+    last_append_ms: Option<i64>,
     path: PathBuf,
 }
 
@@ -139,7 +147,7 @@ impl Partition {
                 file: s.file.clone(),
                 size: s.size,
                 next_offset: s.next_offset,
-                max_timestamp: s.max_timestamp,
+                last_append_ms: s.last_append_ms,
                 path: s.path.clone(),
             })
             .collect()
@@ -176,15 +184,24 @@ impl Partition {
         let aborted = self.lock_inner().producers.aborted_in_range(i64::MIN, cleanable_end);
         let map = self.build_key_map(&mut candidates, subkey_header, &aborted)?;
         let cleaned_end = candidates.last().map_or(0, |c| c.next_offset);
-        let tombstone_horizon = self.ctx.clock.now_ms() - config.delete_retention_ms;
+        let tombstone_horizon = self.ctx.clock.now_ms().saturating_sub(config.delete_retention_ms);
         let mut outcome = CompactionOutcome::default();
         for candidate in &candidates {
-            let expire_tombstones = candidate.max_timestamp < tombstone_horizon;
-            let cleaned = clean_segment(candidate, &map, subkey_header, expire_tombstones, &aborted, &mut outcome)?;
-            self.swap_in(candidate, &cleaned)?;
+            // delete.retention.ms is how long consumers get to see a delete after it became
+            // readable: broker time since the segment's last append, as Kafka measured it
+            // before KIP-534 (file mtime). Record timestamps are the producer's claim: a
+            // replayed tombstone with an old CreateTime (or -1) would go at the first pass,
+            // one dated in the future would never go, so they are not consulted. Unknown
+            // (an empty segment; open() fills it otherwise) counts as young.
+            let expire_tombstones = candidate.last_append_ms.is_some_and(|t| t < tombstone_horizon);
+            let cleaned_path = self.ctx.dir.join(format!("{}.cleaned", segment::log_file_name(candidate.base_offset)));
+            let cleaned_bytes = self.write_cleaned(candidate, &cleaned_path, |out| {
+                clean_segment(candidate, &map, subkey_header, expire_tombstones, &aborted, &mut outcome, out)
+            })?;
+            self.swap_in(candidate, &cleaned_path)?;
             outcome.segments_cleaned += 1;
             outcome.bytes_before += candidate.size;
-            outcome.bytes_after += cleaned.len() as u64;
+            outcome.bytes_after += cleaned_bytes;
         }
         outcome.cleaned_up_to = cleaned_end;
         *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner()) = outcome.cleaned_up_to;
@@ -226,24 +243,35 @@ impl Partition {
         Ok(map)
     }
 
-    /// Replaces a closed segment by its cleaned bytes, crash-safely (see module docs).
-    fn swap_in(&self, candidate: &Candidate, cleaned: &[u8]) -> Result<()> {
+    /// Writes the cleaned copy of a segment to `cleaned_path` as `produce` emits it, and
+    /// makes it durable (the first step of the swap, see module docs). Returns its size.
+    fn write_cleaned(
+        &self,
+        candidate: &Candidate,
+        cleaned_path: &Path,
+        produce: impl FnOnce(&mut CleanedWriter<'_>) -> Result<()>,
+    ) -> Result<u64> {
+        let file = self.ctx.fs.open(cleaned_path, OpenMode::Create).map_err(|e| LogError::io(cleaned_path, e))?;
+        let mut out = CleanedWriter::new(file.as_ref(), cleaned_path, candidate.size);
+        produce(&mut out)?;
+        let size = out.finish()?;
+        file.sync_data().map_err(|e| self.poison(LogError::io(cleaned_path, e)))?;
+        Ok(size)
+    }
+
+    /// Replaces a closed segment by its cleaned copy, written and synced at `cleaned_path`,
+    /// crash-safely (see module docs).
+    fn swap_in(&self, candidate: &Candidate, cleaned_path: &Path) -> Result<()> {
         let fs = self.ctx.fs.as_ref();
         let dir = &self.ctx.dir;
         let base = candidate.base_offset;
-        let cleaned_path = dir.join(format!("{}.cleaned", segment::log_file_name(base)));
-        let file = fs.open(&cleaned_path, OpenMode::Create).map_err(|e| LogError::io(&cleaned_path, e))?;
-        file.write_all_at(cleaned, 0).map_err(|e| LogError::io(&cleaned_path, e))?;
-        file.sync_data().map_err(|e| self.poison(LogError::io(&cleaned_path, e)))?;
-        drop(file);
-
         let mut inner = self.lock_inner();
         let Some(position) =
             inner.segments.iter().position(|s| s.base_offset == base && Arc::ptr_eq(&s.file, &candidate.file))
         else {
             // Retention deleted the segment meanwhile: drop the cleaned copy.
             drop(inner);
-            fs.remove_file(&cleaned_path).map_err(|e| LogError::io(&cleaned_path, e))?;
+            fs.remove_file(cleaned_path).map_err(|e| LogError::io(cleaned_path, e))?;
             return Ok(());
         };
         for name in [segment::offset_index_file_name(base), segment::time_index_file_name(base)] {
@@ -254,7 +282,7 @@ impl Partition {
             }
         }
         fs.sync_dir(dir).map_err(|e| self.poison(LogError::io(dir, e)))?;
-        fs.rename(&cleaned_path, &candidate.path).map_err(|e| LogError::io(&candidate.path, e))?;
+        fs.rename(cleaned_path, &candidate.path).map_err(|e| LogError::io(&candidate.path, e))?;
         fs.sync_dir(dir).map_err(|e| self.poison(LogError::io(dir, e)))?;
         let (fresh, outcome) = Segment::open(fs, dir, base, Trust::Nothing)?;
         if let Some(reason) = outcome.stop_reason {
@@ -275,7 +303,7 @@ impl Partition {
     }
 }
 
-/// Produces the cleaned bytes of one segment.
+/// Writes the cleaned batches of one segment to `out`.
 fn clean_segment(
     candidate: &Candidate,
     map: &KeyMap,
@@ -283,12 +311,11 @@ fn clean_segment(
     expire_tombstones: bool,
     aborted: &[crate::producer::AbortedTxn],
     outcome: &mut CompactionOutcome,
-) -> Result<Vec<u8>> {
-    let mut cleaned = Vec::with_capacity(candidate.size as usize);
+    out: &mut CleanedWriter<'_>,
+) -> Result<()> {
     for_each_batch(candidate, |header, bytes| {
         if header.is_control() {
-            cleaned.extend_from_slice(bytes);
-            return Ok(());
+            return out.push(bytes);
         }
         let aborted_batch = is_aborted(header, aborted);
         let rebuilt = records::rebuild_batch(
@@ -304,12 +331,80 @@ fn clean_segment(
             MAX_MESSAGE_BYTES_LIMIT,
         )
         .map_err(|e| corrupt(candidate, e.to_string()))?;
-        if let Some(batch) = rebuilt {
-            cleaned.extend_from_slice(&batch);
+        match rebuilt {
+            Some(batch) => out.push(&batch),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Appends to a `.cleaned` file through a buffer of at most [`CLEANED_BUFFER_BYTES_MAX`].
+struct CleanedWriter<'a> {
+    file: &'a dyn StorageFile,
+    path: &'a Path,
+    buffer: Vec<u8>,
+    /// Bytes already in the file.
+    written: u64,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Over the [`CleanedWriter`]s of this thread: the largest buffer capacity, and how
+    /// many writes reached a file. What the memory-bound test checks.
+    static CLEANED_BUFFER_PEAK_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static CLEANED_WRITES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl<'a> CleanedWriter<'a> {
+    fn new(file: &'a dyn StorageFile, path: &'a Path, segment_bytes: u64) -> Self {
+        // Cleaned output rarely outgrows its segment: a small one gets a small buffer.
+        let capacity =
+            usize::try_from(segment_bytes).map_or(CLEANED_BUFFER_BYTES_MAX, |s| s.min(CLEANED_BUFFER_BYTES_MAX));
+        Self { file, path, buffer: Vec::with_capacity(capacity), written: 0 }
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.buffer.len() + bytes.len() > CLEANED_BUFFER_BYTES_MAX {
+            self.flush()?;
+        }
+        if bytes.len() > CLEANED_BUFFER_BYTES_MAX {
+            // Already whole in memory (a rebuilt batch, or the scanner's chunk): no copy.
+            return self.write_at_end(bytes);
+        }
+        // Exact, so doubling never takes the buffer past the bound.
+        if self.buffer.capacity() < self.buffer.len() + bytes.len() {
+            self.buffer.reserve_exact(bytes.len());
+        }
+        self.buffer.extend_from_slice(bytes);
+        #[cfg(test)]
+        CLEANED_BUFFER_PEAK_BYTES.with(|peak| peak.set(peak.get().max(self.buffer.capacity())));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.buffer.is_empty() {
+            let buffer = std::mem::take(&mut self.buffer);
+            let written = self.write_at_end(&buffer);
+            self.buffer = buffer;
+            self.buffer.clear();
+            written?;
         }
         Ok(())
-    })?;
-    Ok(cleaned)
+    }
+
+    fn write_at_end(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, self.written).map_err(|e| LogError::io(self.path, e))?;
+        self.written += bytes.len() as u64;
+        #[cfg(test)]
+        CLEANED_WRITES.with(|writes| writes.set(writes.get() + 1));
+        Ok(())
+    }
+
+    /// Writes what is still buffered; returns the file's size.
+    fn finish(mut self) -> Result<u64> {
+        self.flush()?;
+        Ok(self.written)
+    }
 }
 
 /// Calls `visit` for every batch of a closed segment (validated while scanning).
@@ -343,4 +438,111 @@ fn is_aborted(header: &BatchHeader, aborted: &[crate::producer::AbortedTxn]) -> 
 
 fn corrupt(candidate: &Candidate, reason: String) -> LogError {
     LogError::Corrupt { path: candidate.path.clone(), position: 0, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::{Arc, RwLock};
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::{CleanupPolicy, TopicConfig};
+    use crate::health::DirHealth;
+    use crate::io::sim::SimFs;
+    use crate::partition::{Isolation, PartitionContext, SyncPolicy};
+    use crate::records::{BatchBuilder, NewRecord};
+
+    const T0: i64 = 1_700_000_000_000;
+    const MIB: usize = 1024 * 1024;
+
+    fn compacted_partition(fs: &SimFs, clock: &ManualClock) -> Partition {
+        let config = TopicConfig {
+            cleanup_policy: CleanupPolicy { delete: false, compact: true },
+            segment_bytes: 64 * MIB as u64,
+            segment_ms: 1_000,
+            min_compaction_lag_ms: 0,
+            max_message_bytes: 8 * MIB,
+            ..TopicConfig::default()
+        };
+        let ctx = PartitionContext {
+            topic: "t".to_owned(),
+            partition: 0,
+            dir: PathBuf::from("/data/t/0"),
+            fs: Arc::new(fs.clone()),
+            health: Arc::new(DirHealth::new(PathBuf::from("/data"))),
+            clock: Arc::new(clock.clone()),
+            config: Arc::new(RwLock::new(Arc::new(config))),
+            // Appends then cost no fsync, which on SimFs copies the whole file.
+            sync_policy: SyncPolicy::IntervalMs(u64::MAX),
+            producer_id_expiration_ms: i64::MAX,
+            producers_max: 1000,
+        };
+        Partition::open(ctx).expect("open partition").0
+    }
+
+    /// Every (key, value) a consumer reading from the start gets.
+    fn key_values(p: &Partition) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut offset = p.log_start_offset();
+        while offset < p.high_watermark() {
+            let read = p.read(offset, 64 * MIB, Isolation::ReadUncommitted).unwrap();
+            let mut rest = &read.records[..];
+            while !rest.is_empty() {
+                let header = BatchHeader::parse(rest).unwrap();
+                let decoded = records::decode_records(&rest[..header.total_bytes()], usize::MAX).unwrap();
+                out.extend(decoded.iter().map(|r| (r.key.unwrap().to_vec(), r.value.unwrap().to_vec())));
+                offset = header.next_offset();
+                rest = &rest[header.total_bytes()..];
+            }
+        }
+        out
+    }
+
+    /// A segment whose cleaned copy is larger than the buffer is written in several writes
+    /// of at most the buffer (or one batch larger than it), and cleans to the same records.
+    #[test]
+    fn a_cleaned_segment_larger_than_the_buffer_is_written_in_bounded_chunks() {
+        let fs = SimFs::new();
+        let clock = ManualClock::new(T0);
+        let p = compacted_partition(&fs, &clock);
+        let value = |round: u8, key: usize| vec![round.wrapping_add(key as u8); 32 * 1024];
+        // Two rounds over the same keys, 8 records of 32 KiB a batch: the second survives,
+        // 5 MiB of it. Then one 6 MiB batch, larger than the buffer on its own.
+        for round in 0..2u8 {
+            for batch in 0..20 {
+                let mut b = BatchBuilder::new();
+                for key in batch * 8..batch * 8 + 8 {
+                    b.push(NewRecord::new(Some(format!("k{key}").as_bytes()), Some(&value(round, key)), T0));
+                }
+                p.append(b.build()).unwrap();
+            }
+        }
+        let big = vec![7u8; 6 * MIB];
+        p.append(BatchBuilder::new().record(NewRecord::new(Some(b"big"), Some(&big), T0)).build()).unwrap();
+        clock.advance(1_000); // segment.ms: the next append rolls
+        p.append(BatchBuilder::new().record(NewRecord::new(Some(b"next"), Some(b"x"), T0)).build()).unwrap();
+        p.flush().unwrap();
+        assert_eq!(p.segment_count(), 2);
+        let mut expected: Vec<(Vec<u8>, Vec<u8>)> =
+            (0..160).map(|key| (format!("k{key}").into_bytes(), value(1, key))).collect();
+        expected.push((b"big".to_vec(), big));
+        expected.push((b"next".to_vec(), b"x".to_vec()));
+
+        CLEANED_BUFFER_PEAK_BYTES.with(|peak| peak.set(0));
+        CLEANED_WRITES.with(|writes| writes.set(0));
+        let writes_before = fs.stats().writes;
+        let outcome = p.compact(true).unwrap().expect("a pass ran");
+
+        assert_eq!(outcome.segments_cleaned, 1);
+        assert_eq!(outcome.records_removed, 160);
+        assert!(outcome.bytes_after > 2 * CLEANED_BUFFER_BYTES_MAX as u64, "{outcome:?}");
+        assert_eq!(key_values(&p), expected);
+        let peak = CLEANED_BUFFER_PEAK_BYTES.with(|peak| peak.get());
+        assert!(peak > 0 && peak <= CLEANED_BUFFER_BYTES_MAX, "buffer peaked at {peak} bytes");
+        // A full buffer, the rest of the 5 MiB, the big batch; plus the two index files.
+        let cleaned_writes = CLEANED_WRITES.with(|writes| writes.get());
+        assert_eq!(cleaned_writes, 3);
+        assert_eq!(fs.stats().writes - writes_before, cleaned_writes as u64 + 2, "all of them reached the file");
+    }
 }
