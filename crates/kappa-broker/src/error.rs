@@ -30,4 +30,10 @@ pub enum ProtocolError {
     Encode { api_key: i16, version: i16, reason: String },
     #[error("handler answered api key {request} with a response for api key {response}")]
     ResponseMismatch { request: i16, response: i16 },
+    /// As Kafka does: an acks=0 producer gets no answer, so a closed connection is how it
+    /// learns to refresh its metadata (a deleted topic, a missing partition).
+    #[error(
+        "an acks=0 produce failed with error {code} on {topic}-{partition}; closing the connection so the producer notices"
+    )]
+    UnansweredProduceFailed { code: i16, topic: String, partition: i32 },
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use kafka_protocol::messages::{ApiKey, RequestHeader};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseKind};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -310,6 +310,9 @@ impl Replies {
             let frame = match self.queue.pop_front().expect("front exists") {
                 Queued::Frame(frame) => Some(frame),
                 Queued::Reply { header, wants_answer, reply: Reply::Ready(response) } => {
+                    if !wants_answer {
+                        refuse_failed_unanswered(&response)?;
+                    }
                     wants_answer.then(|| encode_response_frame(&header, &response)).transpose()?
                 }
                 Queued::Reply { reply: Reply::Pending(_), .. } => unreachable!("completed above"),
@@ -422,4 +425,20 @@ async fn read_loop(
             Err(e) => return peer_warning(peer, &e, "undecodable request, closing connection"),
         }
     }
+}
+
+/// An unanswered (acks=0) produce that failed ends the connection, after the replies
+/// before it were written.
+fn refuse_failed_unanswered(response: &ResponseKind) -> Result<(), ProtocolError> {
+    let ResponseKind::Produce(produce) = response else { return Ok(()) };
+    for topic in &produce.responses {
+        if let Some(p) = topic.partition_responses.iter().find(|p| p.error_code != 0) {
+            return Err(ProtocolError::UnansweredProduceFailed {
+                code: p.error_code,
+                topic: topic.name.0.to_string(),
+                partition: p.index,
+            });
+        }
+    }
+    Ok(())
 }

@@ -69,7 +69,8 @@ impl Broker {
             };
             let bytes: usize = reads.iter().map(|r| r.records.len()).sum();
             let errored = reads.iter().any(|r| r.error_code != errors::NONE);
-            if bytes >= min_bytes.max(1) || errored || Instant::now() >= deadline || watches.is_empty() {
+            // min_bytes 0 asks for an answer now, data or not (Kafka too).
+            if bytes >= min_bytes || errored || Instant::now() >= deadline || watches.is_empty() {
                 let mut reads = reads;
                 if version <= LAST_LEGACY_FETCH_VERSION {
                     for (w, read) in wanted.iter().zip(reads.iter_mut()) {

@@ -14,6 +14,7 @@ use kappa_log::{AppendOutcome, LogError, Partition};
 use crate::server::BoxFuture;
 
 use super::errors::{self, log_code, txn_code};
+use super::metadata::is_internal;
 use super::{Broker, blocking, str_bytes};
 
 /// Largest produce request (record bytes) appended on the connection's own task rather than
@@ -45,7 +46,16 @@ impl Broker {
                     .partition_data
                     .into_iter()
                     .map(|data| {
-                        let partition = self.log.partition(&name, data.index);
+                        let partition = if is_internal(&name) {
+                            // Only the coordinators write there (through the log): a client's
+                            // record would be replayed into group offsets or transactions.
+                            Err(LogError::InvalidTopicName {
+                                name: name.clone(),
+                                reason: "internal topics are written by kappa's coordinators only",
+                            })
+                        } else {
+                            self.log.partition(&name, data.index)
+                        };
                         (name.clone(), data.index, partition, data.records.unwrap_or_default())
                     })
                     .collect::<Vec<_>>()
@@ -59,8 +69,8 @@ impl Broker {
                 .map(|(name, index, partition, records)| {
                     let result = if acks_valid {
                         partition
-                            .and_then(|p| append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end)))
                             .map_err(failure)
+                            .and_then(|p| append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end)))
                     } else {
                         Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()))
                     };
@@ -215,24 +225,58 @@ fn add_partition_response(
 /// Writes every batch in `records` in order, without waiting for durability. Returns the
 /// first batch's outcome (Kafka's produce response carries one base offset per partition)
 /// and the offset everything written ends before.
-fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), LogError> {
-    let mut rest = records.as_ref();
+fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), (i16, String)> {
+    // Every batch's framing and header first: a request refused for its third batch has
+    // not written the first two.
+    let batches = client_batches(records.as_ref())?;
     let mut first: Option<AppendOutcome> = None;
     let mut end = 0;
-    if rest.is_empty() {
-        return Err(LogError::InvalidBatch(batch::BatchError::Truncated { needed: batch::HEADER_BYTES, available: 0 }));
-    }
-    while !rest.is_empty() {
-        let len = batch::batch_total_len(rest, kappa_log::config::MAX_MESSAGE_BYTES_LIMIT)?;
-        if len > rest.len() {
-            return Err(LogError::InvalidBatch(batch::BatchError::Truncated { needed: len, available: rest.len() }));
-        }
-        let (one, tail) = rest.split_at(len);
-        BatchHeader::parse(one)?;
-        let outcome = partition.append_unsynced(one)?;
+    for one in batches {
+        let outcome = partition.append_unsynced(one).map_err(failure)?;
         end = end.max(outcome.last_offset + 1);
         first.get_or_insert(outcome);
-        rest = tail;
     }
     Ok((first.expect("at least one batch"), end))
+}
+
+/// Splits a partition's records into batches and refuses what only the broker may write
+/// (Kafka's LogValidator): control batches — transaction markers, which end a producer's
+/// transaction in the partition — and producer batches without a sequence.
+fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, (i16, String)> {
+    let mut rest = records;
+    if rest.is_empty() {
+        return Err(failure(LogError::InvalidBatch(batch::BatchError::Truncated {
+            needed: batch::HEADER_BYTES,
+            available: 0,
+        })));
+    }
+    let mut batches = Vec::new();
+    while !rest.is_empty() {
+        let len =
+            batch::batch_total_len(rest, kappa_log::config::MAX_MESSAGE_BYTES_LIMIT).map_err(|e| failure(e.into()))?;
+        if len > rest.len() {
+            let truncated = batch::BatchError::Truncated { needed: len, available: rest.len() };
+            return Err(failure(LogError::InvalidBatch(truncated)));
+        }
+        let (one, tail) = rest.split_at(len);
+        let header = BatchHeader::parse(one).map_err(|e| failure(e.into()))?;
+        if header.is_control() {
+            return Err((
+                errors::INVALID_RECORD,
+                "clients may not write control records (transaction markers): end a transaction with EndTxn".into(),
+            ));
+        }
+        if header.producer_id >= 0 && header.base_sequence < 0 {
+            return Err((
+                errors::INVALID_RECORD,
+                format!(
+                    "a batch of producer id {} needs a base sequence (it has {})",
+                    header.producer_id, header.base_sequence
+                ),
+            ));
+        }
+        batches.push(one);
+        rest = tail;
+    }
+    Ok(batches)
 }

@@ -1,0 +1,135 @@
+//! What a client may not produce, and how produce and fetch answer at their edges, over a
+//! real socket: the cases stock clients do not send but Kafka still refuses or handles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, MetadataRequest, ProduceResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use kappa_broker::{Broker, BrokerConfig, Limits};
+use kappa_log::records::{BatchBuilder, ControlType, NewRecord};
+use kappa_log::{Log, LogOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+mod common;
+
+const PRODUCE_VERSION: i16 = 9;
+const INVALID_TOPIC_EXCEPTION: i16 = 17;
+const INVALID_RECORD: i16 = 87;
+
+struct Running {
+    _dir: tempfile::TempDir,
+    log: Arc<Log>,
+    addr: std::net::SocketAddr,
+}
+
+async fn start(config: BrokerConfig) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
+    log.create_topic("t", 1, &Default::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker = Broker::open(log.clone(), config).await.unwrap();
+    tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
+    Running { _dir: dir, log, addr }
+}
+
+async fn produce(addr: std::net::SocketAddr, topic: &'static str, batch: Vec<u8>) -> i16 {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = common::produce_request(topic, batch, None);
+    let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, PRODUCE_VERSION, &request).await;
+    response.responses[0].partition_responses[0].error_code
+}
+
+fn record() -> NewRecord {
+    NewRecord::new(Some(b"k"), Some(b"v"), 1)
+}
+
+/// Transaction markers and sequence-less producer batches come from the broker only
+/// (Kafka's LogValidator): a forged ABORT marker would end another producer's transaction
+/// and hide its committed records from read_committed consumers.
+#[tokio::test]
+async fn clients_may_not_write_control_batches_or_producer_batches_without_a_sequence() {
+    let kappa = start(BrokerConfig::default()).await;
+    let marker = BatchBuilder::control_marker(7, 0, ControlType::Abort, 0, 1).transactional(false).build();
+    assert_eq!(produce(kappa.addr, "t", marker).await, INVALID_RECORD, "a control batch");
+    let transactional_marker = BatchBuilder::control_marker(7, 0, ControlType::Commit, 0, 1).build();
+    // (Refused before its records are looked at: no transaction vouches for it.)
+    assert_ne!(produce(kappa.addr, "t", transactional_marker).await, 0, "a transactional control batch");
+    let no_sequence = BatchBuilder::new().producer(7, 0, -1).record(record()).build();
+    assert_eq!(produce(kappa.addr, "t", no_sequence).await, INVALID_RECORD, "a producer batch with sequence -1");
+    // A request whose second batch is refused writes nothing, not its first batch.
+    let mut two = BatchBuilder::new().record(record()).build();
+    two.extend(BatchBuilder::control_marker(7, 0, ControlType::Abort, 0, 1).build());
+    assert_eq!(produce(kappa.addr, "t", two).await, INVALID_RECORD, "a good batch then a marker");
+    assert_eq!(kappa.log.partition("t", 0).unwrap().log_end_offset(), 0, "nothing was written");
+    let fine = BatchBuilder::new().record(record()).build();
+    assert_eq!(produce(kappa.addr, "t", fine).await, 0);
+}
+
+/// `__consumer_offsets` and `__transaction_state` are replayed into group offsets and
+/// transactions at start: a client's record there would rewrite them.
+#[tokio::test]
+async fn clients_may_not_produce_to_internal_topics() {
+    let kappa = start(BrokerConfig::default()).await;
+    for topic in ["__consumer_offsets", "__transaction_state"] {
+        let batch = BatchBuilder::new().record(record()).build();
+        assert_eq!(produce(kappa.addr, topic, batch).await, INVALID_TOPIC_EXCEPTION, "{topic}");
+    }
+}
+
+/// A fetch with min_bytes 0 asks for an answer now, data or not: an idle poll must not wait
+/// out max_wait_ms (KafkaJS `minBytes: 0`, Java `fetch.min.bytes=0`).
+#[tokio::test]
+async fn a_fetch_with_min_bytes_zero_answers_at_once() {
+    let wait_ms_max = 120_000;
+    let kappa = start(BrokerConfig { fetch_wait_ms_max: wait_ms_max, ..BrokerConfig::default() }).await;
+    let mut partition = FetchPartition::default();
+    partition.partition = 0;
+    partition.fetch_offset = 0;
+    partition.partition_max_bytes = 1 << 20;
+    let mut topic = FetchTopic::default();
+    topic.topic = TopicName(StrBytes::from_static_str("t"));
+    topic.partitions = vec![partition];
+    let mut request = FetchRequest::default();
+    request.replica_id = kafka_protocol::messages::BrokerId(-1);
+    request.max_wait_ms = wait_ms_max as i32;
+    request.min_bytes = 0;
+    request.max_bytes = 1 << 20;
+    request.topics = vec![topic];
+    let mut stream = TcpStream::connect(kappa.addr).await.unwrap();
+    // A quarter of the wait the broker would otherwise take: no timing is measured, only
+    // that the answer did not wait out max_wait_ms.
+    let answer = tokio::time::timeout(
+        Duration::from_millis(wait_ms_max / 4),
+        common::call::<_, FetchResponse>(&mut stream, ApiKey::Fetch, 11, &request),
+    )
+    .await
+    .expect("min_bytes 0 answers without waiting out max_wait_ms");
+    assert_eq!(answer.responses[0].partitions[0].error_code, 0);
+}
+
+/// An acks=0 producer gets no answers, so when its produce fails the connection is closed
+/// (Kafka too): the client notices and refreshes its metadata instead of writing into a
+/// topic that is gone.
+#[tokio::test]
+async fn a_failed_acks_zero_produce_closes_the_connection() {
+    let kappa = start(BrokerConfig { auto_create_topics: false, ..BrokerConfig::default() }).await;
+    let mut stream = TcpStream::connect(kappa.addr).await.unwrap();
+    let mut ok = common::produce_request("t", BatchBuilder::new().record(record()).build(), None);
+    ok.acks = 0;
+    let mut missing = common::produce_request("missing", BatchBuilder::new().record(record()).build(), None);
+    missing.acks = 0;
+    stream.write_all(&common::frame(ApiKey::Produce, PRODUCE_VERSION, 1, &ok)).await.unwrap();
+    // A successful acks=0 produce keeps the connection: the Metadata request is answered.
+    let metadata: kafka_protocol::messages::MetadataResponse =
+        common::call(&mut stream, ApiKey::Metadata, 9, &MetadataRequest::default()).await;
+    assert!(!metadata.brokers.is_empty());
+    stream.write_all(&common::frame(ApiKey::Produce, PRODUCE_VERSION, 3, &missing)).await.unwrap();
+    stream.write_all(&common::frame(ApiKey::Metadata, 9, 4, &MetadataRequest::default())).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await.expect("no answer, no close");
+    assert!(matches!(read, Ok(0) | Err(_)), "the connection stayed open after a failed acks=0 produce: {read:?}");
+}
