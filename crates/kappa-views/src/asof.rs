@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::backend::LogBackend;
+use crate::backend::{InputRecord, LogBackend};
 use crate::error::{EventError, Result, ViewError};
 use crate::event::{PayloadCodec, decode_event};
-use crate::runner::{STEP_READ_BYTES, position_key};
+use crate::partitioned::MemoryState;
+use crate::runner::{CACHE_ENTRIES_MAX, STEP_READ_BYTES, position_key};
 use crate::schema::Schemas;
-use crate::view::{EmptyStore, ErrorPolicy, View};
+use crate::view::{Applier, ErrorPolicy, View};
 
 /// Keys (view and internal) an as-of replay may hold in memory.
 pub const AS_OF_KEYS_MAX: usize = 2_000_000;
@@ -71,6 +72,11 @@ pub(crate) fn replay(
     for topic in &view.inputs {
         for partition in 0..backend.partition_count(topic)? {
             let key = position_key(topic, partition);
+            let found = match at {
+                AsOf::Timestamp(ms) => backend.offset_for_timestamp(topic, partition, ms.saturating_add(1))?,
+                AsOf::Offsets(_) => None,
+            };
+            // Read after the lookup: the end only grows, so a found offset is within it.
             let end = backend.end_offset(topic, partition)?;
             let target = match at {
                 AsOf::Offsets(offsets) => *offsets.get(&key).ok_or_else(|| {
@@ -78,9 +84,7 @@ pub(crate) fn replay(
                         "no offset given for input partition {key}; give one for each of the view's input partitions"
                     ))
                 })?,
-                AsOf::Timestamp(ms) => {
-                    backend.offset_for_timestamp(topic, partition, ms.saturating_add(1))?.unwrap_or(end)
-                }
+                AsOf::Timestamp(_) => found.unwrap_or(end),
             };
             if target < 0 || target > end {
                 return Err(fail(format!(
@@ -96,39 +100,68 @@ pub(crate) fn replay(
             targets.insert(key, (Arc::<str>::from(topic.as_str()), partition, target));
         }
     }
+    let compacted = |key: &str, offset: i64| {
+        fail(format!(
+            "the history of {key} at offset {offset} was compacted (records were removed), so the view cannot be recomputed exactly as of that point"
+        ))
+    };
     let mut applier = view.logic.applier();
+    // What the events before the last failed one (or chunk) made: a failed event may have
+    // changed keys before failing, so the applier's cache is discarded and rebuilt over this.
+    let mut state = MemoryState::default();
+    let commit = |applier: &mut Box<dyn Applier>, state: &mut MemoryState| -> Result<()> {
+        for change in applier.take_changes().map_err(|e| fail(e.0))? {
+            state.write(change);
+        }
+        applier.trim(CACHE_ENTRIES_MAX);
+        Ok(())
+    };
     for (key, (topic, partition, target)) in &targets {
         let mut position = 0;
         while position < *target {
             let chunk = backend.read_committed(topic, *partition, position, STEP_READ_BYTES)?;
-            if chunk.history_gap {
-                return Err(fail(format!(
-                    "the history of {key} near offset {position} was compacted (records were removed), so the view cannot be recomputed exactly as of that point"
-                )));
+            if let Some(missing) = chunk.first_missing.filter(|missing| missing < target) {
+                return Err(compacted(key, missing));
             }
             if chunk.next_offset <= position {
-                break;
+                // Nothing readable below the target: compaction removed the records that
+                // ended the partition's history (e.g. an expired tombstone and what it deleted).
+                return Err(compacted(key, position));
             }
-            for record in chunk.records.into_iter().take_while(|r| r.offset < *target) {
-                let offset = record.offset;
-                let result = decode_event(topic, *partition, record, codec)
+            let records: Vec<_> = chunk.records.into_iter().take_while(|r| r.offset < *target).collect();
+            // Records before `clean` are in `state`; those from it on only in the cache.
+            let mut clean = 0;
+            let apply = |record: &InputRecord, applier: &mut Box<dyn Applier>, state: &MemoryState| {
+                decode_event(topic, *partition, record.clone(), codec)
                     .and_then(|event| schemas.upcast(event))
-                    .and_then(|event| applier.apply(&event, &EmptyStore));
-                if let Err(EventError(reason)) = result
-                    && view.on_error == ErrorPolicy::Stop
-                {
-                    return Err(fail(format!("replay stopped at {key} offset {offset}: {reason}")));
+                    .and_then(|event| applier.apply(&event, state))
+            };
+            for (index, record) in records.iter().enumerate() {
+                if let Err(EventError(reason)) = apply(record, &mut applier, &state) {
+                    if view.on_error == ErrorPolicy::Stop {
+                        return Err(fail(format!("replay stopped at {key} offset {}: {reason}", record.offset)));
+                    }
+                    applier.discard();
+                    for again in &records[clean..index] {
+                        apply(again, &mut applier, &state).map_err(|e| {
+                            fail(format!("re-applying {key} offset {} failed ({e}) where it had succeeded: the view's logic is not deterministic", again.offset))
+                        })?;
+                    }
+                    commit(&mut applier, &mut state)?;
+                    clean = index + 1;
                 }
-                if applier.cached_entries() > AS_OF_KEYS_MAX {
+                if applier.cached_entries() + state.view.len() + state.internal.len() > AS_OF_KEYS_MAX {
                     return Err(fail(format!(
                         "the replay holds more than {AS_OF_KEYS_MAX} keys in memory (as_of_keys_max)"
                     )));
                 }
             }
+            commit(&mut applier, &mut state)?;
             position = chunk.next_offset;
         }
     }
-    let values = applier.view_values().map_err(|e| fail(e.0))?;
+    let mut values: Vec<(String, Vec<u8>)> = state.view.into_iter().collect();
+    values.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(AsOfView { positions: targets.into_iter().map(|(key, (_, _, target))| (key, target)).collect(), values })
 }
 

@@ -118,9 +118,20 @@ pub struct InputChunk {
     /// A transaction whose records this chunk holds has its marker further on: a reader
     /// that wants a transaction's records together reads on from `next_offset`.
     pub open_transaction: bool,
+    /// (producer id, offset of its first record here) of each transaction whose records
+    /// this chunk holds but whose marker it does not. When the chunk reaches `end_offset`,
+    /// such a transaction's marker is past the last stable offset (another transaction
+    /// interleaved with it is still open), so its other records are not readable yet.
+    pub pending_transactions: Vec<(i64, i64)>,
+    /// Producer ids whose transaction marker this chunk holds.
+    pub ended_transactions: Vec<i64>,
     /// Offsets in the read range are missing (compaction removed records), so a replay of
-    /// this range does not see everything that was written.
+    /// this range does not see everything that was written (`first_missing.is_some()`).
     pub history_gap: bool,
+    /// The first offset in the read range whose committed record compaction removed. Gaps
+    /// left by removing an aborted transaction's records lost nothing and are not counted;
+    /// records removed after the last batch read are not seen.
+    pub first_missing: Option<i64>,
 }
 
 /// One record to append (to a changelog or dead-letter topic).
@@ -154,7 +165,8 @@ pub trait LogBackend: Send + Sync + 'static {
     /// or `timeout` passes.
     fn wait_for_input(&self, inputs: &[(&str, i32, i64)], timeout: Duration) -> Result<()>;
 
-    /// Creates the topic when missing; checks partitions and cleanup policy when present.
+    /// Creates the topic when missing; checks partitions and cleanup policy when present,
+    /// and raises its `max.message.bytes` to the one given.
     fn ensure_topic(&self, topic: &str, partitions: i32, configs: &BTreeMap<String, String>) -> Result<()>;
 
     /// Deletes a topic (a retired view's changelog); no error when it is already gone.

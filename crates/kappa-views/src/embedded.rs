@@ -1,6 +1,6 @@
 //! [`LogBackend`] over kappa's own embedded log.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,9 +43,23 @@ impl LogBackend for EmbeddedLog {
             next_offset: from,
             end_offset: outcome.last_stable_offset,
             open_transaction: false,
+            pending_transactions: Vec::new(),
+            ended_transactions: Vec::new(),
             history_gap: false,
+            first_missing: None,
         };
-        let mut open: HashSet<i64> = HashSet::new();
+        // Producer id → the offset of its transaction's first record in the chunk.
+        let mut open: HashMap<i64, i64> = HashMap::new();
+        // Offsets [missing_from, missing_to) are not in the read: the first of them no aborted
+        // transaction explains was a committed record compaction removed.
+        let note_missing = |chunk: &mut InputChunk, mut missing_from: i64, missing_to: i64| {
+            while chunk.first_missing.is_none() && missing_from < missing_to {
+                match outcome.aborted.iter().find(|a| a.first_offset <= missing_from && missing_from < a.last_offset) {
+                    Some(aborted) => missing_from = aborted.last_offset,
+                    None => chunk.first_missing = Some(missing_from),
+                }
+            }
+        };
         let mut expected = from;
         let buffer = Bytes::from(outcome.records);
         let mut position = 0;
@@ -59,14 +73,15 @@ impl LogBackend for EmbeddedLog {
             if last_offset < from {
                 continue;
             }
-            if header.base_offset > expected || (header.records_count as i64) < i64::from(header.last_offset_delta) + 1
-            {
-                chunk.history_gap = true;
-            }
+            note_missing(&mut chunk, expected, header.base_offset);
+            // Compaction keeps a batch's offsets but may remove records inside it.
+            let cleaned = i64::from(header.records_count) < i64::from(header.last_offset_delta) + 1;
+            let mut expected_in_batch = expected.max(header.base_offset);
             expected = last_offset + 1;
             chunk.next_offset = last_offset + 1;
             if header.is_control() {
                 open.remove(&header.producer_id);
+                chunk.ended_transactions.push(header.producer_id);
                 continue;
             }
             if header.is_transactional() {
@@ -78,7 +93,7 @@ impl LogBackend for EmbeddedLog {
                 if aborted {
                     continue;
                 }
-                open.insert(header.producer_id);
+                open.entry(header.producer_id).or_insert(header.base_offset.max(from));
             }
             let records = decode_records(batch_bytes, BATCH_UNCOMPRESSED_BYTES_MAX)
                 .map_err(|e| LogError::InvalidRecords(e.to_string()))?;
@@ -99,6 +114,10 @@ impl LogBackend for EmbeddedLog {
                 if record.offset() < from {
                     continue;
                 }
+                if cleaned {
+                    note_missing(&mut chunk, expected_in_batch, record.offset());
+                    expected_in_batch = record.offset() + 1;
+                }
                 chunk.records.push(InputRecord {
                     offset: record.offset(),
                     timestamp: record.timestamp(),
@@ -110,8 +129,14 @@ impl LogBackend for EmbeddedLog {
                     },
                 });
             }
+            if cleaned {
+                note_missing(&mut chunk, expected_in_batch, last_offset + 1);
+            }
         }
+        chunk.history_gap = chunk.first_missing.is_some();
         chunk.open_transaction = !open.is_empty() && chunk.next_offset < chunk.end_offset;
+        chunk.pending_transactions = open.into_iter().collect();
+        chunk.pending_transactions.sort_unstable();
         Ok(chunk)
     }
 
@@ -176,6 +201,14 @@ impl LogBackend for EmbeddedLog {
                             config.cleanup_policy.compact
                         ),
                     });
+                }
+                // A changelog created by an older build may take smaller batches than a step writes.
+                let wanted = configs.get(kappa_log::config::MAX_MESSAGE_BYTES);
+                if let Some(wanted) = wanted.filter(|w| w.parse::<usize>().is_ok_and(|w| w > config.max_message_bytes))
+                {
+                    let change =
+                        BTreeMap::from([(kappa_log::config::MAX_MESSAGE_BYTES.to_owned(), Some(wanted.clone()))]);
+                    self.log.alter_topic_config(topic, &change)?;
                 }
                 Ok(())
             }

@@ -220,6 +220,10 @@ impl ViewEngine {
     fn auto_switch(&self, name: &str, version: u32) {
         let Some(entry) = self.inner.views.get(name) else { return };
         let _admin = lock(&entry.admin);
+        // A version being retired (no longer listed) does not take over.
+        if !read_lock(&entry.versions).contains_key(&version) {
+            return;
+        }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
@@ -316,8 +320,9 @@ impl ViewEngine {
     /// must have caught up with its inputs and be running.
     pub fn switch(&self, name: &str, version: u32, force: bool) -> Result<()> {
         let entry = self.entry(name)?;
-        let shared = self.version(entry, version)?;
         let _admin = lock(&entry.admin);
+        // Looked up under `admin`: a version being retired is no longer listed.
+        let shared = self.version(entry, version)?;
         let phase = shared.status().phase;
         if !force && phase != Phase::Live {
             return Err(ViewError::VersionNotCaughtUp {
@@ -336,14 +341,19 @@ impl ViewEngine {
     /// version this build still defines is rebuilt on the next start.
     pub fn retire(&self, name: &str, version: u32) -> Result<()> {
         let entry = self.entry(name)?;
-        let shared = self.version(entry, version)?;
-        let _admin = lock(&entry.admin);
-        if *read_lock(&entry.active) == Some(version) {
-            return Err(ViewError::RetireActive { view: name.to_owned(), version });
-        }
-        shared.stop.store(true, Ordering::Release);
+        let shared = {
+            let _admin = lock(&entry.admin);
+            if *read_lock(&entry.active) == Some(version) {
+                return Err(ViewError::RetireActive { view: name.to_owned(), version });
+            }
+            let shared = self.version(entry, version)?;
+            // Unlisted first: neither switch nor auto_switch can pick it from here on.
+            write_lock(&entry.versions).remove(&version);
+            shared.stop.store(true, Ordering::Release);
+            shared
+        };
+        // Joined without `admin`: the runner may be waiting for it in auto_switch.
         self.join(name, Some(version));
-        write_lock(&entry.versions).remove(&version);
         self.inner.backend.delete_topic(&shared.changelog_topic)?;
         let dir = version_dir(&entry.dir, version);
         std::fs::remove_dir_all(&dir).map_err(|e| ViewError::io(&dir, e))?;

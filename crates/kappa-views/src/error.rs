@@ -45,8 +45,10 @@ pub enum ViewError {
     AsOf { view: String, reason: String },
     #[error("view '{view}' v{version}: {reason}")]
     Changelog { view: String, version: u32, reason: String },
-    #[error("view value for key '{key}' is {bytes} bytes; the limit is {max} bytes (view_value_bytes_max)")]
-    ValueTooLarge { key: String, bytes: usize, max: usize },
+    #[error(
+        "view '{view}' v{version}: the value of key '{key}' after the step from {position} is {bytes} bytes; the limit is {max} bytes (view_value_bytes_max)"
+    )]
+    ValueTooLarge { view: String, version: u32, key: String, position: InputPosition, bytes: usize, max: usize },
     #[error(
         "view '{view}' changed key '{key}' while applying {position}, which is not the key of a record it applied: in work mode a view must be keyed by its input's record key (each key's history in one partition); a view keyed otherwise goes through a repartition topic: run the worker with `work --repartition {view}`"
     )]

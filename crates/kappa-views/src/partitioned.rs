@@ -117,9 +117,9 @@ struct Pending {
 
 /// The committed state of one partition's keys, as JSON.
 #[derive(Default)]
-struct MemoryState {
-    view: HashMap<String, Vec<u8>>,
-    internal: HashMap<String, Vec<u8>>,
+pub(crate) struct MemoryState {
+    pub(crate) view: HashMap<String, Vec<u8>>,
+    pub(crate) internal: HashMap<String, Vec<u8>>,
 }
 
 impl MemoryState {
@@ -130,7 +130,7 @@ impl MemoryState {
         }
     }
 
-    fn write(&mut self, change: Change) {
+    pub(crate) fn write(&mut self, change: Change) {
         match change.value {
             Some(json) => {
                 self.map(change.scope).insert(change.key, json);
@@ -511,7 +511,14 @@ impl PartitionView {
             for change in own {
                 let bytes = change.value.as_ref().map_or(0, Vec::len);
                 if bytes > VIEW_VALUE_BYTES_MAX {
-                    return Err(ViewError::ValueTooLarge { key: change.key, bytes, max: VIEW_VALUE_BYTES_MAX });
+                    return Err(ViewError::ValueTooLarge {
+                        view: self.view.clone(),
+                        version: self.version,
+                        key: change.key,
+                        position: position(),
+                        bytes,
+                        max: VIEW_VALUE_BYTES_MAX,
+                    });
                 }
                 overlay.insert(change.key, change.value);
             }
@@ -644,7 +651,14 @@ impl PartitionView {
             let bytes = change.value.as_ref().map_or(0, Vec::len);
             if bytes > VIEW_VALUE_BYTES_MAX {
                 self.applier.discard();
-                return Err(ViewError::ValueTooLarge { key: change.key.clone(), bytes, max: VIEW_VALUE_BYTES_MAX });
+                return Err(ViewError::ValueTooLarge {
+                    view: self.view.clone(),
+                    version: self.version,
+                    key: change.key.clone(),
+                    position: self.input_position(records[0].offset),
+                    bytes,
+                    max: VIEW_VALUE_BYTES_MAX,
+                });
             }
         }
         Ok(())

@@ -176,6 +176,9 @@ pub(crate) struct Runner {
     pub on_caught_up: CaughtUp,
     applier: Box<dyn Applier>,
     inputs: Vec<(Arc<str>, i32)>,
+    /// Per input: the last stable offset at which its next records were found to belong to
+    /// a transaction that ends past it; read again once that offset moves.
+    held: Vec<i64>,
     progress: Progress,
     next_input: usize,
     /// The largest input timestamp of the step being applied.
@@ -232,6 +235,7 @@ impl Runner {
             on_caught_up,
             applier,
             inputs: Vec::new(),
+            held: Vec::new(),
             progress: Progress::default(),
             next_input: 0,
             step_timestamp: None,
@@ -282,7 +286,8 @@ impl Runner {
             let waiting: Vec<(&str, i32, i64)> = self
                 .inputs
                 .iter()
-                .map(|(topic, partition)| (&**topic, *partition, self.position(topic, *partition)))
+                .zip(&self.held)
+                .map(|((topic, partition), held)| (&**topic, *partition, self.position(topic, *partition).max(*held)))
                 .collect();
             self.backend.wait_for_input(&waiting, IDLE_WAIT)?;
         }
@@ -298,6 +303,7 @@ impl Runner {
             let topic: Arc<str> = Arc::from(topic.as_str());
             self.inputs.extend((0..count).map(|p| (topic.clone(), p)));
         }
+        self.held = vec![-1; self.inputs.len()];
         Ok(())
     }
 
@@ -449,10 +455,10 @@ impl Runner {
             self.publish(|status| {
                 status.ends.insert(key.clone(), end);
             });
-            if position >= end {
+            if position >= end || self.held[index] >= end {
                 continue;
             }
-            if self.run_step(&topic, partition, position, end)? {
+            if self.run_step(index, &topic, partition, position, end)? {
                 return Ok(true);
             }
         }
@@ -461,7 +467,7 @@ impl Runner {
 
     /// Applies records of one partition from `start` until the step's budget is used or the
     /// partition's end, then commits them as one step. False when there was nothing to read.
-    fn run_step(&mut self, topic: &Arc<str>, partition: i32, start: i64, end: i64) -> Result<bool> {
+    fn run_step(&mut self, index: usize, topic: &Arc<str>, partition: i32, start: i64, end: i64) -> Result<bool> {
         let records_max = if self.progress.caught_up { STEP_RECORDS_LIVE_MAX } else { STEP_RECORDS_BUILD_MAX };
         let shared = self.shared.clone();
         let snapshot = shared.store.snapshot()?;
@@ -472,7 +478,10 @@ impl Runner {
         let mut applied = 0usize;
         let mut failure = None;
         'read: while position < end && applied < records_max && self.applier.dirty_entries() < STEP_DIRTY_KEYS_MAX {
-            let chunk = self.read_whole_transactions(topic, partition, position)?;
+            let (chunk, held) = self.read_whole_transactions(topic, partition, position)?;
+            if held {
+                self.held[index] = chunk.end_offset;
+            }
             if chunk.next_offset <= position {
                 break;
             }
@@ -485,6 +494,9 @@ impl Runner {
                 applied += 1;
             }
             position = chunk.next_offset;
+            if held {
+                break;
+            }
         }
         if position == start && failure.is_none() {
             return Ok(false);
@@ -518,10 +530,15 @@ impl Runner {
                 }
             }
         }
-        self.progress.positions.insert(position_key(topic, partition), position);
-        self.progress.events_applied += applied as i64;
+        // The step's progress reaches `self.progress` only once the changelog holds the
+        // step: a checkpoint finishing after a failed commit must not store positions past
+        // events that are in neither the changelog nor the store.
+        let mut next = self.progress.clone();
+        next.positions.insert(position_key(topic, partition), position);
+        next.events_applied += applied as i64;
         let timestamp = self.step_timestamp.take().unwrap_or_else(now_ms);
-        self.commit_step(changes, timestamp)?;
+        let step = InputPosition { topic: topic.to_string(), partition, offset: start };
+        self.commit_step(changes, next, &step, timestamp)?;
         self.applier.trim(CACHE_ENTRIES_MAX);
         match stop {
             Some(error) => Err(error),
@@ -562,7 +579,7 @@ impl Runner {
         let mut position = start;
         let mut applied = 0;
         while position < until && applied < records_max {
-            let chunk = self.read_whole_transactions(topic, partition, position)?;
+            let (chunk, _) = self.read_whole_transactions(topic, partition, position)?;
             if chunk.next_offset <= position {
                 break;
             }
@@ -584,22 +601,38 @@ impl Runner {
         Ok((position.min(until), applied))
     }
 
-    /// Reads a chunk, extended until no transaction in it is still open (so a committed
-    /// transaction's records on this partition are applied in one step).
-    fn read_whole_transactions(&self, topic: &str, partition: i32, position: i64) -> Result<InputChunk> {
+    /// Reads a chunk, extended until every transaction in it has its marker in it (so a
+    /// committed transaction's records on this partition are applied in one step). True
+    /// when the chunk stops before a transaction whose marker is past the last stable
+    /// offset: its records are read once they all are.
+    fn read_whole_transactions(&self, topic: &str, partition: i32, position: i64) -> Result<(InputChunk, bool)> {
         let mut chunk = self.backend.read_committed(topic, partition, position, STEP_READ_BYTES)?;
+        let mut pending: HashMap<i64, i64> = chunk.pending_transactions.iter().copied().collect();
         let mut bytes = STEP_READ_BYTES;
-        while chunk.open_transaction && bytes < STEP_TRANSACTION_BYTES_MAX {
+        while !pending.is_empty() && chunk.next_offset < chunk.end_offset && bytes < STEP_TRANSACTION_BYTES_MAX {
             let more = self.backend.read_committed(topic, partition, chunk.next_offset, STEP_READ_BYTES)?;
             if more.next_offset <= chunk.next_offset {
                 break;
             }
+            // A marker ends the producer's earlier transaction; one it starts later is new.
+            for producer in &more.ended_transactions {
+                pending.remove(producer);
+            }
+            for (producer, first) in &more.pending_transactions {
+                pending.entry(*producer).or_insert(*first);
+            }
             chunk.records.extend(more.records);
             chunk.next_offset = more.next_offset;
+            chunk.end_offset = more.end_offset;
             chunk.open_transaction = more.open_transaction;
             bytes += STEP_READ_BYTES;
         }
-        Ok(chunk)
+        let unfinished = pending.values().min().copied().filter(|_| chunk.next_offset >= chunk.end_offset);
+        if let Some(first) = unfinished {
+            chunk.records.truncate(chunk.records.partition_point(|r| r.offset < first));
+            chunk.next_offset = first;
+        }
+        Ok((chunk, unfinished.is_some()))
     }
 
     fn event_failed(&self, topic: &str, partition: i32, offset: i64, error: EventError) -> ViewError {
@@ -642,28 +675,46 @@ impl Runner {
         self.backend.wait_durable(dlq, 0, last + 1)
     }
 
-    /// Appends the step to the changelog, then commits it to the store.
-    fn commit_step(&mut self, changes: Vec<Change>, timestamp: i64) -> Result<()> {
+    /// Appends the step to the changelog, then commits it to the store; `next` (the progress
+    /// after the step) becomes the runner's progress once the changelog holds the step.
+    /// `step` is where the step's records start (for errors).
+    fn commit_step(
+        &mut self,
+        changes: Vec<Change>,
+        mut next: Progress,
+        step: &InputPosition,
+        timestamp: i64,
+    ) -> Result<()> {
         let mut writes = Vec::with_capacity(changes.len());
         if !changes.is_empty() {
             for change in &changes {
                 let bytes = change.value.as_ref().map_or(0, Vec::len);
                 if bytes > VIEW_VALUE_BYTES_MAX {
-                    return Err(ViewError::ValueTooLarge { key: change.key.clone(), bytes, max: VIEW_VALUE_BYTES_MAX });
+                    return Err(ViewError::ValueTooLarge {
+                        view: self.shared.view.clone(),
+                        version: self.shared.version,
+                        key: change.key.clone(),
+                        position: step.clone(),
+                        bytes,
+                        max: VIEW_VALUE_BYTES_MAX,
+                    });
                 }
             }
-            let marker =
-                StepMarker { positions: self.progress.positions.clone(), events_applied: self.progress.events_applied };
+            let marker = StepMarker { positions: next.positions.clone(), events_applied: next.events_applied };
             let records = changelog::encode_step(&changes, &marker, timestamp);
             let (base, last) = self.backend.append(&self.shared.changelog_topic, 0, records)?;
             assert_eq!(last - base, changes.len() as i64, "a step's changelog batch is its changes plus one marker");
+            // In the changelog now: recovery replays it even if what follows fails.
+            next.changelog_next = last + 1;
+            self.progress = next;
             if self.progress.caught_up {
                 // Live: subscribers see a change once it is durable, so wait now (later
                 // steps grow while this waits). Building: the checkpoint waits (CHECKPOINT_INTERVAL).
                 self.backend.wait_durable(&self.shared.changelog_topic, 0, last + 1)?;
             }
             writes.extend(changes.into_iter().enumerate().map(|(i, change)| store_write(change, base + i as i64)));
-            self.progress.changelog_next = last + 1;
+        } else {
+            self.progress = next;
         }
         self.commit_store(writes)?;
         self.update_rate(false);

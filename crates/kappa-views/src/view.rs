@@ -156,15 +156,6 @@ pub(crate) trait StoreRead {
     fn get(&self, scope: Scope, key: &str) -> Result<Option<Vec<u8>>, EventError>;
 }
 
-/// A store with nothing in it (as-of replays start from empty state).
-pub(crate) struct EmptyStore;
-
-impl StoreRead for EmptyStore {
-    fn get(&self, _: Scope, _: &str) -> Result<Option<Vec<u8>>, EventError> {
-        Ok(None)
-    }
-}
-
 /// A view's logic with its state type erased, so the engine can hold many kinds.
 pub(crate) trait Logic: Send + Sync {
     fn applier(&self) -> Box<dyn Applier>;
@@ -182,8 +173,6 @@ pub(crate) trait Applier: Send {
     fn cached_entries(&self) -> usize;
     /// Keys changed since the last `take_changes`.
     fn dirty_entries(&self) -> usize;
-    /// Every view key's current value, serialized (as-of replays read their result here).
-    fn view_values(&self) -> Result<Vec<(String, Vec<u8>)>, EventError>;
 }
 
 struct ReducerProcessor<R>(R);
@@ -432,16 +421,5 @@ impl<P: Processor> Applier for TypedApplier<P> {
 
     fn dirty_entries(&self) -> usize {
         self.dirty
-    }
-
-    fn view_values(&self) -> Result<Vec<(String, Vec<u8>)>, EventError> {
-        let mut out = Vec::new();
-        for (key, entry) in &self.entries {
-            if let Some(value) = &entry.view.value {
-                out.push((key.to_string(), serde_json::to_vec(value)?));
-            }
-        }
-        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
     }
 }

@@ -148,6 +148,38 @@ fn aborted_transactions_never_reach_a_view_and_open_ones_wait_for_their_commit()
     engine.shutdown();
 }
 
+/// T1 writes at 0, T2 at 1 (and stays open), T1 again at 2 and commits at 3: the stable
+/// offset is 1, so only T1's first record is readable; T1 must wait until it is whole.
+#[test]
+fn a_committed_transaction_interleaved_with_an_open_one_is_applied_whole() {
+    let fixture = Fixture::new(1);
+    fixture.append_transactional(0, 1, 0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
+    fixture.append_transactional(0, 2, 0, vec![event("k9", Some(json!({"n": 9})), None, None, 2)]);
+    fixture.append_transactional(0, 1, 1, vec![event("k2", Some(json!({"n": 2})), None, None, 3)]);
+    fixture.end_transaction(0, 1, true);
+    assert_eq!(fixture.log.partition(TOPIC, 0).unwrap().last_stable_offset(), 1);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while engine.describe("sums").unwrap().active.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the caught-up version never served reads");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(dump(&engine, "sums"), BTreeMap::new(), "no half of T1");
+    assert_eq!(engine.describe("sums").unwrap().versions[0].status.positions.get("events/0"), None);
+    fixture.end_transaction(0, 2, true);
+    wait_caught_up(&engine, "sums");
+    let expected: BTreeMap<String, Value> = [("k1", 1), ("k2", 2), ("k9", 9)]
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), json!({"count": 1, "total": n})))
+        .collect();
+    assert_eq!(dump(&engine, "sums"), expected);
+    let k1 = engine.get("sums", "k1").unwrap().value.unwrap();
+    let k2 = engine.get("sums", "k2").unwrap().value.unwrap();
+    assert_eq!(k2.changelog_offset, k1.changelog_offset + 1, "T1's changes in one step");
+    engine.shutdown();
+}
+
 /// Reads `amount`, which only version 2 of `Paid` has.
 struct Amounts;
 
@@ -247,6 +279,11 @@ fn a_typed_upcaster_chains_with_a_value_upcaster_and_a_payload_it_cannot_decode_
     engine.shutdown();
 }
 
+/// An as-of answer's key → JSON value.
+fn values(result: &kappa_views::AsOfView) -> BTreeMap<String, Value> {
+    result.values.iter().map(|(k, v)| (k.clone(), serde_json::from_slice(v).unwrap())).collect()
+}
+
 fn wait_for_phase(engine: &kappa_views::ViewEngine, view: &str, want: impl Fn(&Phase) -> bool) -> Phase {
     for _ in 0..2000 {
         let phase = engine.describe(view).unwrap().versions.last().unwrap().status.phase.clone();
@@ -271,6 +308,9 @@ fn a_dead_letter_policy_skips_malformed_events_and_records_them_with_the_reason(
     let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1).dead_letter("sums-dlq")]);
     wait_caught_up(&engine, "sums");
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 2, "total": 3}))]));
+    // An as-of replay skips them too, keeping nothing the failed apply did (it took k1).
+    let result = engine.as_of("sums", None, &AsOf::Offsets(BTreeMap::from([("events/0".into(), 4)])), None).unwrap();
+    assert_eq!(values(&result), dump(&engine, "sums"));
     let dlq = fixture.log.partition("sums-dlq", 0).unwrap();
     let read = dlq.read(0, 1 << 20, kappa_log::Isolation::ReadUncommitted).unwrap();
     let mut found = Vec::new();
@@ -499,6 +539,86 @@ fn as_of_refuses_history_that_compaction_removed() {
     engine.shutdown();
 }
 
+/// Compaction removed an aborted transaction (which lost nothing) and, after it, records
+/// superseded later: history before the first removed committed record is intact.
+#[test]
+fn as_of_answers_before_the_first_compacted_record_and_across_removed_aborted_transactions() {
+    let fixture = Fixture::with_configs(
+        1,
+        &[("cleanup.policy", "compact"), ("segment.bytes", "1024"), ("min.cleanable.dirty.ratio", "0.01")],
+    );
+    let mut events = Vec::new();
+    for i in 0..100 {
+        events.push((format!("k{i}"), Some(i)));
+        fixture.append(0, vec![event(&format!("k{i}"), Some(json!({"n": i})), None, None, 1_000 + i)]);
+    }
+    for sequence in 0..3 {
+        fixture.append_transactional(0, 7, sequence, vec![event("k0", Some(json!({"n": 1000})), None, None, 1_100)]);
+    }
+    fixture.end_transaction(0, 7, false);
+    let first_superseded = fixture.append(0, vec![event("k500", Some(json!({"n": 1})), None, None, 1_104)]);
+    for i in 0..40 {
+        fixture.append(0, vec![event(&format!("k{}", 500 + i % 2), Some(json!({"n": i})), None, None, 1_105 + i)]);
+    }
+    fixture.log.compact().unwrap();
+    let read =
+        fixture.log.partition(TOPIC, 0).unwrap().read(100, 1 << 20, kappa_log::Isolation::ReadUncommitted).unwrap();
+    let first = kappa_log::batch::BatchHeader::parse(&read.records).unwrap();
+    assert_eq!(first.base_offset, 103, "compaction removed the aborted records; the abort marker is next");
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    let at =
+        |offset: i64| engine.as_of("sums", None, &AsOf::Offsets(BTreeMap::from([("events/0".into(), offset)])), None);
+    assert_eq!(values(&at(first_superseded).unwrap()), reference(&events, 1));
+    let result = at(first_superseded + 1);
+    assert!(
+        matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains(&format!("offset {first_superseded} was compacted"))),
+        "{result:?}"
+    );
+    engine.shutdown();
+}
+
+/// Compaction removed the records that end the readable history: a value and the expired
+/// tombstone that deleted it, just before an open transaction that pins the stable offset.
+#[test]
+fn as_of_refuses_a_point_whose_history_ends_in_removed_records() {
+    let fixture = Fixture::with_configs(
+        1,
+        &[
+            ("cleanup.policy", "compact"),
+            ("segment.bytes", "1024"),
+            ("min.cleanable.dirty.ratio", "0.01"),
+            ("delete.retention.ms", "0"),
+        ],
+    );
+    // Each record fills a segment of its own.
+    let pad = "p".repeat(1024);
+    for i in 0..5 {
+        fixture.append(0, vec![event(&format!("k{i}"), Some(json!({"n": i, "pad": pad})), None, None, 1_000 + i)]);
+    }
+    let value = fixture.append(0, vec![event("kz", Some(json!({"n": 9, "pad": pad})), None, None, 1_005)]);
+    fixture.append(0, vec![event("kz", None, None, None, 1_006)]);
+    let open =
+        fixture.append_transactional(0, 7, 0, vec![event("k0", Some(json!({"n": 1, "pad": pad})), None, None, 1_007)]);
+    assert_eq!(fixture.log.partition(TOPIC, 0).unwrap().last_stable_offset(), open);
+    fixture.log.compact().unwrap();
+    let read =
+        fixture.log.partition(TOPIC, 0).unwrap().read(value, 1 << 20, kappa_log::Isolation::ReadCommitted).unwrap();
+    assert!(read.records.is_empty(), "compaction removed the value and its tombstone");
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::open_offline(backend, config, vec![sum_view(1, 1)]).unwrap();
+    let at =
+        |offset: i64| engine.as_of("sums", None, &AsOf::Offsets(BTreeMap::from([("events/0".into(), offset)])), None);
+    assert_eq!(at(value).unwrap().values.len(), 5);
+    let result = at(value + 1);
+    assert!(
+        matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains(&format!("offset {value} was compacted"))),
+        "{result:?}"
+    );
+    engine.shutdown();
+}
+
 /// Fans one event out to a key per tag, and keeps the tags of each record key internally.
 struct Tags;
 
@@ -603,5 +723,185 @@ fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from
         matches!(&result, Err(ViewError::AsOf { reason, .. }) if reason.contains("deleted by retention")),
         "{result:?}"
     );
+    engine.shutdown();
+}
+
+/// Each key's value is "v"; with `inflate`, key k2's value is past the value limit.
+struct Inflating {
+    inflate: bool,
+}
+
+impl Reducer for Inflating {
+    type State = String;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<String>, event: &Event) -> Result<Option<String>, EventError> {
+        Ok(Some(if self.inflate && event.key_str() == Some("k2") {
+            "x".repeat(kappa_views::runner::VIEW_VALUE_BYTES_MAX)
+        } else {
+            "v".to_owned()
+        }))
+    }
+}
+
+/// A checkpoint starts after every step, so the step on partition 1 fails while the one
+/// started after partition 0's step runs; finishing it must not store partition 1's
+/// position past the events whose step never reached the changelog.
+#[test]
+fn a_step_whose_commit_fails_is_applied_again_after_a_restart() {
+    let fixture = Fixture::new(2);
+    fixture.append(0, vec![event("k0", Some(json!({})), None, None, 1)]);
+    fixture.append(1, vec![event("k1", Some(json!({})), None, None, 2), event("k2", Some(json!({})), None, None, 3)]);
+    let start = |inflate| {
+        let backend = Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
+        let config = kappa_views::EngineConfig {
+            checkpoint_interval: Duration::ZERO,
+            ..kappa_views::EngineConfig::new(fixture.views_dir())
+        };
+        let view = View::reducer("inflating", 1, &[TOPIC], Inflating { inflate });
+        kappa_views::ViewEngine::start(backend, config, vec![view]).unwrap()
+    };
+    let engine = start(true);
+    let Phase::Failed(reason) = wait_for_phase(&engine, "inflating", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("'inflating' v1") && reason.contains("key 'k2'") && reason.contains("events/1 offset 0"),
+        "{reason}"
+    );
+    engine.shutdown();
+    let engine = start(false);
+    wait_caught_up(&engine, "inflating");
+    assert_eq!(
+        dump(&engine, "inflating"),
+        BTreeMap::from([("k0".to_owned(), json!("v")), ("k1".to_owned(), json!("v")), ("k2".to_owned(), json!("v"))])
+    );
+    engine.shutdown();
+}
+
+/// A changelog created with a smaller `max.message.bytes` would refuse a large step.
+#[test]
+fn an_existing_changelog_takes_batches_as_large_as_a_step() {
+    let fixture = Fixture::new(1);
+    let configs = BTreeMap::from([
+        ("cleanup.policy".to_owned(), "compact".to_owned()),
+        ("max.message.bytes".to_owned(), (17 * 1024 * 1024).to_string()),
+    ]);
+    fixture.log.create_topic("__kappa.view.sums.v1", 1, &configs).unwrap();
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    let changelog = fixture.log.topic("__kappa.view.sums.v1").unwrap();
+    assert_eq!(changelog.config().max_message_bytes, kappa_views::runner::CHANGELOG_STEP_BYTES_MAX + 1024 * 1024);
+    engine.shutdown();
+}
+
+/// The embedded log, except that waiting for one topic to be durable blocks until released.
+struct Gated {
+    log: kappa_views::EmbeddedLog,
+    topic: String,
+    entered: AtomicBool,
+    released: AtomicBool,
+}
+
+impl kappa_views::LogBackend for Gated {
+    fn partition_count(&self, topic: &str) -> kappa_views::Result<i32> {
+        self.log.partition_count(topic)
+    }
+    fn read_committed(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        max_bytes: usize,
+    ) -> kappa_views::Result<kappa_views::backend::InputChunk> {
+        self.log.read_committed(topic, partition, from, max_bytes)
+    }
+    fn start_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.start_offset(topic, partition)
+    }
+    fn end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.end_offset(topic, partition)
+    }
+    fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp: i64) -> kappa_views::Result<Option<i64>> {
+        self.log.offset_for_timestamp(topic, partition, timestamp)
+    }
+    fn wait_for_input(&self, inputs: &[(&str, i32, i64)], timeout: Duration) -> kappa_views::Result<()> {
+        self.log.wait_for_input(inputs, timeout)
+    }
+    fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &BTreeMap<String, String>,
+    ) -> kappa_views::Result<()> {
+        self.log.ensure_topic(topic, partitions, configs)
+    }
+    fn delete_topic(&self, topic: &str) -> kappa_views::Result<()> {
+        self.log.delete_topic(topic)
+    }
+    fn append(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<kappa_views::backend::OutputRecord>,
+    ) -> kappa_views::Result<(i64, i64)> {
+        self.log.append(topic, partition, records)
+    }
+    fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        if topic == self.topic {
+            self.entered.store(true, Ordering::Release);
+            while !self.released.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.log.wait_durable(topic, partition, offset)
+    }
+    fn durable_end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.durable_end_offset(topic, partition)
+    }
+}
+
+/// Retiring a version while its runner is about to report catching up (which takes the
+/// view's admin lock) must not wait for that runner while holding the lock.
+#[test]
+fn retiring_a_version_as_it_catches_up_does_not_deadlock() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(2, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    // Version 1 builds beside the serving version 2; its checkpoint before catching up waits.
+    let gated = Arc::new(Gated {
+        log: kappa_views::EmbeddedLog::new(fixture.log.clone()),
+        topic: "__kappa.view.sums.v1".to_owned(),
+        entered: AtomicBool::new(false),
+        released: AtomicBool::new(false),
+    });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::start(gated.clone(), config, vec![sum_view(1, 1), sum_view(2, 1)]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !gated.entered.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "version 1 never reached its checkpoint");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let retire = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.retire("sums", 1))
+    };
+    // Let retire stop the runner first (if it is slower, the runner simply finishes first).
+    std::thread::sleep(Duration::from_millis(200));
+    gated.released.store(true, Ordering::Release);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !retire.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "retire deadlocked with the runner's catch-up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    retire.join().unwrap().unwrap();
+    assert!(fixture.log.topic("__kappa.view.sums.v1").is_err(), "the retired version's changelog is deleted");
+    assert_eq!(engine.describe("sums").unwrap().active, Some(2));
     engine.shutdown();
 }
