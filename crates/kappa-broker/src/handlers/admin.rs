@@ -250,7 +250,7 @@ impl Broker {
         response
     }
 
-    pub(super) fn alter_configs(&self, request: AlterConfigsRequest) -> AlterConfigsResponse {
+    pub(super) async fn alter_configs(&self, request: AlterConfigsRequest) -> AlterConfigsResponse {
         let mut response = AlterConfigsResponse::default();
         for resource in request.resources {
             let overrides: BTreeMap<String, String> = resource
@@ -259,13 +259,15 @@ impl Broker {
                 .filter_map(|c| c.value.as_ref().map(|v| (c.name.as_str().to_owned(), v.as_str().to_owned())))
                 .collect();
             let name = resource.resource_name.as_str().to_owned();
-            let outcome = self.check_topic_resource(resource.resource_type, &name).and_then(|()| {
-                if request.validate_only {
-                    TopicConfig::from_overrides(&overrides).map(|_| ()).map_err(failure)
-                } else {
-                    self.log.set_topic_config(&name, &overrides).map_err(failure)
+            let outcome = match self.check_topic_resource(resource.resource_type, &name) {
+                Err(e) => Err(e),
+                Ok(()) if request.validate_only => TopicConfig::from_overrides(&overrides).map(|_| ()).map_err(failure),
+                // Written durably (fsyncs): off the connection's task, as other log writes.
+                Ok(()) => {
+                    let log = self.log.clone();
+                    blocking(move || log.set_topic_config(&name, &overrides)).await.map_err(failure)
                 }
-            });
+            };
             let mut result = AlterConfigsResourceResponse::default();
             result.resource_type = resource.resource_type;
             result.resource_name = resource.resource_name;
@@ -278,7 +280,7 @@ impl Broker {
         response
     }
 
-    pub(super) fn incremental_alter_configs(
+    pub(super) async fn incremental_alter_configs(
         &self,
         request: IncrementalAlterConfigsRequest,
     ) -> IncrementalAlterConfigsResponse {
@@ -303,14 +305,18 @@ impl Broker {
                     )),
                 })
                 .collect();
-            let outcome = self.check_topic_resource(resource.resource_type, &name).and(changes).and_then(|changes| {
-                if request.validate_only {
-                    let topic = self.log.topic(&name).map_err(failure)?;
-                    topic.config().with_changes(&changes).map(|_| ()).map_err(failure)
-                } else {
-                    self.log.alter_topic_config(&name, &changes).map_err(failure)
+            let outcome = match self.check_topic_resource(resource.resource_type, &name).and(changes) {
+                Err(e) => Err(e),
+                Ok(changes) if request.validate_only => self
+                    .log
+                    .topic(&name)
+                    .map_err(failure)
+                    .and_then(|topic| topic.config().with_changes(&changes).map(|_| ()).map_err(failure)),
+                Ok(changes) => {
+                    let log = self.log.clone();
+                    blocking(move || log.alter_topic_config(&name, &changes)).await.map_err(failure)
                 }
-            });
+            };
             let mut result = IncrementalResult::default();
             result.resource_type = resource.resource_type;
             result.resource_name = resource.resource_name;
