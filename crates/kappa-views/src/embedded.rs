@@ -133,6 +133,14 @@ impl LogBackend for EmbeddedLog {
                 note_missing(&mut chunk, expected_in_batch, last_offset + 1);
             }
         }
+        if chunk.next_offset == from && from < chunk.end_offset {
+            // No batch at all below the last stable offset (the log returns at least one
+            // when there is one): compaction removed everything up to it. Step over the gap
+            // (a reader would otherwise never reach the end) and report it.
+            let end = chunk.end_offset;
+            note_missing(&mut chunk, from, end);
+            chunk.next_offset = end;
+        }
         chunk.history_gap = chunk.first_missing.is_some();
         chunk.open_transaction = !open.is_empty() && chunk.next_offset < chunk.end_offset;
         chunk.pending_transactions = open.into_iter().collect();
