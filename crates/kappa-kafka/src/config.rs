@@ -12,13 +12,24 @@ use crate::error::{Result, WorkError};
 pub const STEP_RECORDS_MAX: usize = 50_000;
 /// How long records are collected before the owned partitions' steps run.
 pub const STEP_WAIT: Duration = Duration::from_millis(50);
-/// One transaction (begin → changelog records → offsets → commit) may take this long.
+/// One call of `init_transactions` or `send_offsets_to_transaction` may block this long
+/// before it is called again (`TRANSACTION_CALL_ATTEMPTS_MAX`). Commits and aborts use -1
+/// instead: the transaction's remaining time, as librdkafka recommends.
 pub const TRANSACTION_OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times a transactional call that librdkafka reports retriable (a timeout: the
+/// operation goes on in the background) is made before the worker stops.
+pub const TRANSACTION_CALL_ATTEMPTS_MAX: u32 = 5;
 /// Default `transaction.timeout.ms`: how long a crashed worker's open transaction can hold
 /// back read_committed readers before the broker aborts it (a new owner aborts it sooner).
 pub const TRANSACTION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 /// Default `session.timeout.ms`: how soon a crashed worker's partitions move.
 pub const SESSION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+/// Default `max.poll.interval.ms` of the group consumer (librdkafka's is 300,000). A
+/// partition's restore runs inside the rebalance callback, i.e. between two polls, so a
+/// restore longer than this would get the worker thrown out of the group, rejoin and restore
+/// again for ever. The price: a worker whose group thread hangs keeps its partitions this
+/// long, and a rebalance may wait this long for a member that is restoring.
+pub const MAX_POLL_INTERVAL_MS_DEFAULT: u32 = 3_600_000;
 /// Default `WorkConfig::repartition_purge_interval` (Kafka Streams' default too).
 pub const REPARTITION_PURGE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// `max.message.bytes` of a changelog topic (a step's batch; as the embedded changelogs).
@@ -30,6 +41,7 @@ pub struct WorkConfig {
     /// `host:port,...` of the Kafka cluster.
     pub bootstrap: String,
     /// The consumer group the workers share; also the prefix of their transactional ids.
+    /// One group per view set and version: [`crate::default_group`] derives one from them.
     pub group: String,
     pub http_listen: SocketAddr,
     /// Passed to every librdkafka client as is (security settings, timeouts); they win
@@ -79,6 +91,7 @@ impl WorkConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", SESSION_TIMEOUT_MS_DEFAULT.to_string())
+            .set("max.poll.interval.ms", MAX_POLL_INTERVAL_MS_DEFAULT.to_string())
             // As for changelog readers: no 1 s pause between fetches of a partition with a
             // backlog (a rebuild); memory stays bounded by `queued.max.messages.kbytes`.
             .set("queued.min.messages", "10000000")

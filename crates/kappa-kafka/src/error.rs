@@ -13,9 +13,15 @@ pub enum WorkError {
     #[error("restoring {topic}/{partition}: {reason}")]
     Restore { topic: String, partition: i32, reason: String },
     #[error(
-        "the transactional producer of {topic}/{partition} was fenced or failed fatally ({source}): another worker owns this partition now; this worker stops so it cannot write as a zombie"
+        "the transactional producer of {topic}/{partition} was fenced ({source}): another worker owns this partition now; this worker stops so it cannot write as a zombie"
     )]
     Fenced { topic: String, partition: i32, source: KafkaError },
+    #[error(
+        "the transaction of a step of {topic}/{partition} failed in {op} ({source}) and can neither complete nor be aborted (retriable failures were retried {attempts_max} times): this worker stops; its partitions' next owner fences this producer and restores them from the changelogs",
+        attempts_max = crate::config::TRANSACTION_CALL_ATTEMPTS_MAX
+    )]
+    // Boxed: keeps `WorkError` (and every `Result` of this crate) small.
+    Transaction { topic: String, partition: i32, op: &'static str, source: Box<KafkaError> },
     #[error("view: {0}")]
     View(#[from] kappa_views::ViewError),
     #[error("invalid --kafka-config '{0}': expected key=value")]

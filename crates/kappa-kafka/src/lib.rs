@@ -59,7 +59,8 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
         .enable_all()
         .build()
         .map_err(|source| WorkError::Http { addr: config.http_listen.to_string(), source })?;
-    let views = select_views(&config, app.views)?;
+    let views = select_views(config.views.as_deref(), app.views)?;
+    tracing::info!(group = %config.group, "work mode: consumer group (and transactional-id prefix)");
     let topics = Topics::new(&config, runtime.handle().clone())?;
     let mut specs = Vec::new();
     let mut changelogs = Vec::new();
@@ -68,15 +69,25 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
         let partitions = input_partitions(&topics, &app.topics, &view)?;
         let input = view.inputs()[0].clone();
         let changelog = kappa_views::changelog::topic_name(view.name(), view.version());
-        topics.ensure(&TopicSpec::changelog(changelog.clone(), partitions))?;
+        let mut changelog_spec = TopicSpec::changelog(changelog.clone(), partitions);
+        if config.repartition.iter().any(|name| name == view.name()) {
+            changelog_spec = changelog_spec.derived_with(&[
+                partitioned::repartition_topic(view.name(), view.version()),
+                partitioned::repartition_state_topic(view.name(), view.version()),
+                changelog.clone(),
+            ]);
+        }
+        topics.ensure(&changelog_spec)?;
         changelogs.push((changelog.clone(), view.name().to_owned(), partitions));
         served.push((view.name().to_owned(), view.version(), partitions));
         if config.repartition.iter().any(|name| name == view.name()) {
             // Stage 1 on the input partitions, stage 2 on the repartition topic's.
             let repartition = partitioned::repartition_topic(view.name(), view.version());
             let state = partitioned::repartition_state_topic(view.name(), view.version());
-            topics.ensure(&TopicSpec::repartition(repartition.clone(), partitions))?;
-            topics.ensure(&TopicSpec::changelog(state.clone(), partitions))?;
+            // Derived from one another: a mismatch is fixed by deleting all three together.
+            let together = [repartition.clone(), state.clone(), changelog.clone()];
+            topics.ensure(&TopicSpec::repartition(repartition.clone(), partitions).derived_with(&together))?;
+            topics.ensure(&TopicSpec::changelog(state.clone(), partitions).derived_with(&together))?;
             tracing::info!(view = view.name(), version = view.version(), %repartition, %state, %changelog, partitions, "view ready for work mode through a repartition topic");
             specs.push(ViewSpec {
                 view: view.clone(),
@@ -121,16 +132,22 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
     result.and(replica_result)
 }
 
+/// Whether `--views` leaves out some of the application's views: such a pool must have a
+/// group of its own, since the members of one group split its input partitions.
+pub fn runs_a_subset(views: &[View], only: Option<&[String]>) -> bool {
+    only.is_some_and(|only| views.iter().any(|view| !only.iter().any(|name| name == view.name())))
+}
+
 /// The application's views, or those named by `--views`; the highest version of each (work
 /// mode deploys one version at a time).
-fn select_views(config: &WorkConfig, views: Vec<View>) -> Result<Vec<View>> {
+fn select_views(only: Option<&[String]>, views: Vec<View>) -> Result<Vec<View>> {
     let mut latest: BTreeMap<String, View> = BTreeMap::new();
     for view in views {
         if latest.get(view.name()).is_none_or(|v| v.version() < view.version()) {
             latest.insert(view.name().to_owned(), view);
         }
     }
-    match &config.views {
+    match only {
         None => Ok(latest.into_values().collect()),
         Some(names) => {
             names.iter().map(|name| latest.remove(name).ok_or_else(|| WorkError::UnknownView(name.clone()))).collect()
@@ -159,6 +176,7 @@ fn input_partitions(topics: &Topics, declared: &[(String, i32, BTreeMap<String, 
         partitions: *partitions,
         configs: configs.clone(),
         must_match: Vec::new(),
+        derived_with: Vec::new(),
     })?;
     Ok(*partitions)
 }

@@ -24,6 +24,8 @@ pub const REPLICA_BROADCAST_MAX: usize = 65_536;
 /// Recent changes (all views) kept so a subscription can resume after a disconnect or after
 /// falling behind; one older than this gets `reset` and a fresh snapshot.
 pub const REPLICA_HISTORY_MAX: usize = 200_000;
+/// How long the replica waits for a changelog partition's end offset at start.
+const REPLICA_WATERMARKS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A view key's latest value and where it came from.
 #[derive(Debug, Clone)]
@@ -112,7 +114,9 @@ struct ViewState {
     keys: BTreeMap<String, KeyEntry>,
     /// Per changelog partition: the next offset to read (everything before is applied).
     positions: Vec<i64>,
-    /// Per partition: every change at or after this offset is in the history.
+    /// Per partition: every change at or after this offset is in the history. At least the
+    /// partition's end when the replica started: before it, compaction may have removed
+    /// superseded changes and tombstones, so a replay from there would not be exact.
     floors: Vec<i64>,
 }
 
@@ -192,7 +196,7 @@ impl Replica {
             } else if token.offsets.iter().zip(&state.floors).any(|(t, floor)| t < floor) {
                 Start::Reset {
                     reason: format!(
-                        "the token is older than this worker's history of changes ({REPLICA_HISTORY_MAX} changes)"
+                        "the token is older than this worker's history of changes (since the worker started, at most {REPLICA_HISTORY_MAX} changes)"
                     ),
                 }
             } else if token.offsets.iter().zip(&state.positions).any(|(t, end)| t > end) {
@@ -260,9 +264,21 @@ impl Replica {
             && let Some(old) = history.pop_front()
             && let Some(state) = views.get_mut(&*old.view)
         {
-            state.floors[old.partition as usize] = old.offset + 1;
+            let floor = &mut state.floors[old.partition as usize];
+            *floor = (*floor).max(old.offset + 1);
         }
         let _ = self.changes.send(change);
+    }
+
+    /// Changes of `view`'s changelog `partition` before `offset` may be incomplete (read
+    /// from its compacted part): tokens before it get `reset` and a snapshot.
+    pub fn history_starts_at(&self, view: &str, partition: i32, offset: i64) {
+        let mut inner = self.write();
+        if let Some(state) = inner.views.get_mut(view)
+            && let Some(floor) = state.floors.get_mut(partition as usize)
+        {
+            *floor = (*floor).max(offset);
+        }
     }
 
     /// A record that is not a view change (a step marker, an internal key) was read.
@@ -305,6 +321,12 @@ pub fn run_replica(
     for (topic, view, partitions) in changelogs {
         names.insert(topic.clone(), Arc::from(view.as_str()));
         for partition in 0..*partitions {
+            // The high watermark, not the read_committed end: at least as far, so at worst a
+            // few more tokens get a snapshot.
+            let (_, end) = consumer
+                .fetch_watermarks(topic, partition, REPLICA_WATERMARKS_TIMEOUT)
+                .map_err(kafka(format!("end offset of {topic}/{partition}")))?;
+            replica.history_starts_at(view, partition, end);
             assignment
                 .add_partition_offset(topic, partition, Offset::Beginning)
                 .map_err(kafka("replica assignment"))?;
@@ -342,4 +364,28 @@ pub fn run_replica(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cursor, Replica, Start, Target};
+
+    fn resume(replica: &Replica, offsets: Vec<i64>) -> Start {
+        let token = Cursor { version: 1, offsets };
+        replica.start("v", &Target::Prefix(String::new()), Some(&token), 100).expect("start").0
+    }
+
+    #[test]
+    fn tokens_from_before_the_replica_started_get_a_snapshot() {
+        let replica = Replica::new([("v".to_owned(), 1, 1)]);
+        // The changelog ended at 10 when the replica started; 0..10 is its compacted part.
+        replica.history_starts_at("v", 0, 10);
+        let view: std::sync::Arc<str> = "v".into();
+        for offset in [3, 7, 12] {
+            replica.apply(&view, 0, offset, format!("k{offset}"), Some("1".into()));
+        }
+        assert!(matches!(resume(&replica, vec![4]), Start::Reset { .. }), "a token inside the compacted part");
+        let Start::Resume { replay, .. } = resume(&replica, vec![10]) else { panic!("a token at the start end") };
+        assert_eq!(replay.iter().map(|c| c.offset).collect::<Vec<_>>(), [12]);
+    }
 }

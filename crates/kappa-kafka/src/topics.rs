@@ -24,6 +24,10 @@ pub struct TopicSpec {
     /// Configs set at creation; the ones in `must_match` are validated when it exists.
     pub configs: BTreeMap<String, String>,
     pub must_match: Vec<&'static str>,
+    /// The topics (this one among them) derived from one another: those of a repartitioned
+    /// view version. Deleting only one of them corrupts the view, so a mismatch says to
+    /// delete them together. Empty: this topic alone.
+    pub derived_with: Vec<String>,
 }
 
 impl TopicSpec {
@@ -33,7 +37,13 @@ impl TopicSpec {
             ("cleanup.policy".to_owned(), "compact".to_owned()),
             ("max.message.bytes".to_owned(), CHANGELOG_MESSAGE_BYTES_MAX.to_string()),
         ]);
-        Self { name, partitions, configs, must_match: vec!["cleanup.policy"] }
+        Self { name, partitions, configs, must_match: vec!["cleanup.policy"], derived_with: Vec::new() }
+    }
+
+    /// Marks the topic as one of `topics`, which are only ever deleted together.
+    pub fn derived_with(mut self, topics: &[String]) -> Self {
+        self.derived_with = topics.to_vec();
+        self
     }
 }
 
@@ -47,7 +57,7 @@ impl TopicSpec {
             ("retention.ms".to_owned(), "-1".to_owned()),
             ("max.message.bytes".to_owned(), CHANGELOG_MESSAGE_BYTES_MAX.to_string()),
         ]);
-        Self { name, partitions, configs, must_match: vec!["cleanup.policy", "retention.ms"] }
+        Self { name, partitions, configs, must_match: vec!["cleanup.policy", "retention.ms"], derived_with: Vec::new() }
     }
 }
 
@@ -116,10 +126,19 @@ impl Topics {
     }
 
     fn validate(&self, spec: &TopicSpec) -> Result<()> {
-        let fix = format!(
-            "delete it (its contents are derived: workers rebuild it) or recreate it with {} partitions and {:?}",
-            spec.partitions, spec.configs
-        );
+        let fix = if spec.derived_with.is_empty() {
+            format!(
+                "delete it (its contents are derived: workers rebuild it) or recreate it with {} partitions and {:?}",
+                spec.partitions, spec.configs
+            )
+        } else {
+            // A stage-1 state, repartition topic and view changelog hold positions in one
+            // another: one rebuilt alone would double-apply or skip forwarded events.
+            format!(
+                "stop every worker of this view version, then delete all of {} together (workers rebuild them from the input; deleting only some corrupts the view)",
+                spec.derived_with.join(", ")
+            )
+        };
         let partitions = self.wait_partitions(&spec.name)?;
         if partitions != spec.partitions {
             return Err(WorkError::TopicMismatch {

@@ -22,9 +22,10 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{STEP_RECORDS_MAX, STEP_WAIT, TRANSACTION_OP_TIMEOUT, WorkConfig};
+use crate::config::{STEP_RECORDS_MAX, STEP_WAIT, TRANSACTION_CALL_ATTEMPTS_MAX, TRANSACTION_OP_TIMEOUT, WorkConfig};
 use crate::error::{Result, WorkError, kafka};
 use crate::metrics::Metrics;
 use crate::purge::Purger;
@@ -140,8 +141,7 @@ impl Shared {
             self.config.producer(&transactional_id).create().map_err(kafka("transactional producer"))?;
         // Fences the partition's previous owner and aborts its open transaction, so the
         // read_committed end of the changelog is final before the restore reads it.
-        producer
-            .init_transactions(TRANSACTION_OP_TIMEOUT)
+        retrying("init_transactions", || producer.init_transactions(TRANSACTION_OP_TIMEOUT))
             .map_err(kafka(format!("init_transactions for '{transactional_id}'")))?;
         let mut views = Vec::new();
         for (index, spec) in self.views.iter().enumerate() {
@@ -343,29 +343,92 @@ fn step(
             }
             Ok(())
         }
-        Err(e) if !is_fatal(&e) => {
-            tracing::warn!(topic, partition, error = %e, "step transaction failed; aborting it and retrying from the last committed step");
-            task.producer.abort_transaction(TRANSACTION_OP_TIMEOUT).map_err(|source| WorkError::Fenced {
-                topic: topic.to_owned(),
-                partition,
-                source,
-            })?;
-            for (slot, _) in &steps {
-                task.views[*slot].1.abort();
+        Err((op, e)) => match classify(&e) {
+            Failure::Abort => {
+                tracing::warn!(topic, partition, op, error = %e, "step transaction failed; aborting it and retrying from the last committed step");
+                // -1: the transaction's remaining time (librdkafka's advice for aborts).
+                retrying("abort_transaction", || task.producer.abort_transaction(Timeout::Never))
+                    .map_err(|source| transaction_error(topic, partition, "abort_transaction", source))?;
+                for (slot, _) in &steps {
+                    task.views[*slot].1.abort();
+                }
+                shared.metrics.transactions_aborted.fetch_add(1, Ordering::Relaxed);
+                consumer
+                    .seek(topic, partition, Offset::Offset(task.start()), TRANSACTION_OP_TIMEOUT)
+                    .map_err(kafka(format!("seek {topic}/{partition} back after an abort")))
             }
-            shared.metrics.transactions_aborted.fetch_add(1, Ordering::Relaxed);
-            consumer
-                .seek(topic, partition, Offset::Offset(task.start()), TRANSACTION_OP_TIMEOUT)
-                .map_err(kafka(format!("seek {topic}/{partition} back after an abort")))
-        }
-        Err(source) => Err(WorkError::Fenced { topic: topic.to_owned(), partition, source }),
+            Failure::Retry | Failure::Fenced | Failure::Fatal => Err(transaction_error(topic, partition, op, e)),
+        },
     }
 }
 
-/// Fatal: the producer is fenced or broken, so only a new owner may write. Anything else
-/// (a failed send, a timeout, an abortable transaction error) aborts the step.
-fn is_fatal(e: &KafkaError) -> bool {
-    matches!(e, KafkaError::Transaction(rd) if rd.is_fatal())
+/// What a failed transactional call leaves to do (librdkafka's transactional API contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The call may be made again (a timeout: the operation goes on in the background).
+    Retry,
+    /// The transaction must be aborted; the producer stays usable.
+    Abort,
+    /// Another producer with this transactional id (the partition's new owner) took over.
+    Fenced,
+    /// The producer is unusable, or in a state nothing here can recover from.
+    Fatal,
+}
+
+/// The librdkafka flags of a transactional error, as [`Failure`]. Errors that are not a
+/// transaction's own (a failed send or flush inside the open transaction) are abortable.
+fn classify(e: &KafkaError) -> Failure {
+    match e {
+        KafkaError::Transaction(rd) => {
+            classify_flags(rd.code(), rd.is_fatal(), rd.is_retriable(), rd.txn_requires_abort())
+        }
+        _ => Failure::Abort,
+    }
+}
+
+fn classify_flags(code: RDKafkaErrorCode, fatal: bool, retriable: bool, requires_abort: bool) -> Failure {
+    let fencing = matches!(
+        code,
+        RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+    );
+    if fencing {
+        Failure::Fenced
+    } else if fatal {
+        Failure::Fatal
+    } else if retriable {
+        Failure::Retry
+    } else if requires_abort {
+        Failure::Abort
+    } else {
+        // E.g. a state error: aborting could be one too (an abort while committing is).
+        Failure::Fatal
+    }
+}
+
+/// Makes `call` again while it fails retriably, at most `TRANSACTION_CALL_ATTEMPTS_MAX` times
+/// in all (librdkafka: "call it again" continues the operation, not a new one).
+fn retrying(op: &str, mut call: impl FnMut() -> KafkaResult<()>) -> KafkaResult<()> {
+    let mut attempt = 1;
+    loop {
+        match call() {
+            Err(e) if classify(&e) == Failure::Retry && attempt < TRANSACTION_CALL_ATTEMPTS_MAX => {
+                tracing::warn!(op, attempt, error = %e, "transactional call did not complete; calling it again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// A step's transaction that could be neither completed nor aborted, as the worker's error.
+fn transaction_error(topic: &str, partition: i32, op: &'static str, source: KafkaError) -> WorkError {
+    let topic = topic.to_owned();
+    match classify(&source) {
+        Failure::Fenced => WorkError::Fenced { topic, partition, source },
+        Failure::Retry | Failure::Abort | Failure::Fatal => {
+            WorkError::Transaction { topic, partition, op, source: Box::new(source) }
+        }
+    }
 }
 
 /// The transaction of one step: changelog records of every view, dead letters, the input
@@ -378,29 +441,38 @@ fn transact(
     task: &Task,
     steps: &[(usize, Step)],
     next: i64,
-) -> KafkaResult<()> {
-    task.producer.begin_transaction()?;
+) -> Result<(), (&'static str, KafkaError)> {
+    let at = |op: &'static str| move |e: KafkaError| (op, e);
+    task.producer.begin_transaction().map_err(at("begin_transaction"))?;
     for (slot, step) in steps {
         let spec = &shared.views[task.views[*slot].0];
         for record in &step.changelog {
-            send(&task.producer, &spec.changelog, Some(partition), record)?;
+            send(&task.producer, &spec.changelog, Some(partition), record).map_err(at("send"))?;
         }
         if let Some(repartition) = &spec.repartition {
             for (target, record) in &step.repartition {
-                send(&task.producer, repartition, Some(*target), record)?;
+                send(&task.producer, repartition, Some(*target), record).map_err(at("send"))?;
             }
         }
         for (dead_letter_topic, record) in &step.dead_letters {
-            send(&task.producer, dead_letter_topic, None, record)?;
+            send(&task.producer, dead_letter_topic, None, record).map_err(at("send"))?;
         }
     }
     let mut offsets = TopicPartitionList::new();
-    offsets.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    offsets.add_partition_offset(topic, partition, Offset::Offset(next)).map_err(at("send_offsets_to_transaction"))?;
     let metadata = consumer
         .group_metadata()
-        .ok_or_else(|| KafkaError::Subscription("no consumer group metadata (not a group member)".to_owned()))?;
-    task.producer.send_offsets_to_transaction(&offsets, &metadata, TRANSACTION_OP_TIMEOUT)?;
-    task.producer.commit_transaction(TRANSACTION_OP_TIMEOUT)
+        .ok_or_else(|| KafkaError::Subscription("no consumer group metadata (not a group member)".to_owned()))
+        .map_err(at("send_offsets_to_transaction"))?;
+    retrying("send_offsets_to_transaction", || {
+        task.producer.send_offsets_to_transaction(&offsets, &metadata, TRANSACTION_OP_TIMEOUT)
+    })
+    .map_err(at("send_offsets_to_transaction"))?;
+    // -1: the transaction's remaining time; a retriable failure means the commit goes on in
+    // the background and the same call must be made again — aborting now would be a state
+    // error.
+    retrying("commit_transaction", || task.producer.commit_transaction(Timeout::Never))
+        .map_err(at("commit_transaction"))
 }
 
 /// Enqueues one record, waiting while the producer's queue is full.
@@ -451,4 +523,31 @@ fn stop_partition(
     let mut paused = TopicPartitionList::new();
     paused.add_partition(topic, partition);
     consumer.pause(&paused).map_err(kafka(format!("pause {topic}/{partition}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::{Failure, classify, classify_flags};
+
+    #[test]
+    fn only_fencing_is_reported_as_fencing_and_timeouts_are_retried() {
+        use RDKafkaErrorCode::*;
+        // A commit that timed out goes on in the background: call it again, never abort.
+        assert_eq!(classify_flags(OperationTimedOut, false, true, false), Failure::Retry);
+        assert_eq!(classify_flags(OperationTimedOut, false, true, true), Failure::Retry);
+        assert_eq!(classify_flags(InvalidTransactionalState, false, false, true), Failure::Abort);
+        for fenced in [ProducerFenced, InvalidProducerEpoch, Fenced] {
+            assert_eq!(classify_flags(fenced, true, false, false), Failure::Fenced);
+        }
+        // Fatal but not fenced (e.g. authorization), and a state error (an abort while the
+        // commit is in progress): the worker stops, without blaming a new owner.
+        assert_eq!(classify_flags(TransactionalIdAuthorizationFailed, true, false, false), Failure::Fatal);
+        assert_eq!(classify_flags(State, false, false, false), Failure::Fatal);
+        // A send or flush that failed inside the open transaction: abort it and go on.
+        assert_eq!(classify(&KafkaError::MessageProduction(MessageSizeTooLarge)), Failure::Abort);
+        assert_eq!(classify(&KafkaError::Flush(OperationTimedOut)), Failure::Abort);
+    }
 }

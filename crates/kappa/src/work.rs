@@ -14,8 +14,10 @@ pub struct WorkArgs {
     #[arg(long, env = "KAPPA_BOOTSTRAP")]
     bootstrap: String,
     /// The consumer group the workers share (also the prefix of their transactional ids).
-    #[arg(long, env = "KAPPA_GROUP", default_value = "kappa-views")]
-    group: String,
+    /// Its members split the input partitions, so they must run the same views: a pool
+    /// running only some of them (--views) must name its own group. [default: kappa-views]
+    #[arg(long, env = "KAPPA_GROUP")]
+    group: Option<String>,
     /// Where this worker serves the HTTP API (reads and subscriptions for every key).
     #[arg(long, env = "KAPPA_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
@@ -37,6 +39,10 @@ pub struct WorkArgs {
 
 type Topics = Vec<(String, i32, BTreeMap<String, String>)>;
 
+/// The group of workers that run all of the application's views.
+#[cfg(feature = "kafka")]
+const DEFAULT_GROUP: &str = "kappa-views";
+
 #[cfg(feature = "kafka")]
 pub fn run(args: WorkArgs, topics: Topics, views: Vec<View>, schemas: Schemas) -> anyhow::Result<()> {
     use std::sync::Arc;
@@ -46,9 +52,19 @@ pub fn run(args: WorkArgs, topics: Topics, views: Vec<View>, schemas: Schemas) -
 
     let kafka_config =
         args.kafka_config.iter().map(|kv| WorkConfig::parse_kafka_config(kv)).collect::<Result<_, _>>()?;
+    let group = match args.group {
+        Some(group) => group,
+        None if kappa_kafka::runs_a_subset(&views, args.views.as_deref()) => anyhow::bail!(
+            "--views runs only some of the application's views: give this pool its own --group \
+             (the members of one group split its input partitions, so they must all run the same \
+             views; in the default group `{DEFAULT_GROUP}` this pool's views would be built from \
+             only the partitions it was given)"
+        ),
+        None => DEFAULT_GROUP.to_owned(),
+    };
     let config = WorkConfig {
         bootstrap: args.bootstrap,
-        group: args.group,
+        group,
         http_listen: args.http_listen,
         kafka_config,
         views: args.views,

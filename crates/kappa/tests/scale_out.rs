@@ -566,3 +566,23 @@ fn a_mismatched_repartition_topic_is_refused_at_start() {
         "stderr: {stderr}"
     );
 }
+
+/// The members of one group split its input partitions: a pool running only some of the
+/// application's views in the default group would build them from its share of the
+/// partitions only, so it must name its own group.
+#[test]
+fn a_pool_running_some_of_the_views_must_name_its_group() {
+    let run = |extra: &[&str]| {
+        Command::new(example_binary("channels"))
+            .args(["work", "--bootstrap", "127.0.0.1:1", "--http-listen", "127.0.0.1:0", "--views", "channel_page"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run channels work")
+    };
+    let refused = run(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "started without --group: {stderr}");
+    assert!(stderr.contains("give this pool its own --group"), "{stderr}");
+}
