@@ -184,7 +184,7 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
     {
         return None;
     }
-    let mut rest = &text[19..];
+    let mut rest = text.get(19..)?;
     let mut millis = 0;
     if let Some(fraction) = rest.strip_prefix('.') {
         let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
@@ -197,9 +197,10 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
     }
     let offset_minutes = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+        // Bytes, not string slices: the text is a user's and may hold any character here.
+        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') && rest.as_bytes()[3] == b':' => {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 60 + rest[4..6].parse::<i64>().ok()?)
+            sign * (rest.get(1..3)?.parse::<i64>().ok()? * 60 + rest.get(4..6)?.parse::<i64>().ok()?)
         }
         _ => return None,
     };
@@ -230,6 +231,21 @@ mod tests {
         assert_eq!(parse_rfc3339_ms("2000-02-29T00:00:00Z"), Some(951_782_400_000));
         assert_eq!(parse_rfc3339_ms("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339_ms("yesterday"), None);
+    }
+
+    /// Any text is refused or parsed, never a panic (it comes from URLs and the command line).
+    #[test]
+    fn rfc3339_parsing_never_panics_on_non_ascii_text() {
+        for text in [
+            "2026-11-26T10:00:00\u{e9}1234",
+            "2026-11-26T10:00:00+\u{e9}:00",
+            "2026-11-26T10:00:00+01\u{e9}0",
+            "2026-11-26T10:00:0\u{e9}Z1234",
+            "2026-11-26T10:00:00.\u{e9}\u{e9}\u{e9}",
+            "\u{e9}026-11-26T10:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(text), None, "{text}");
+        }
     }
 
     #[test]
