@@ -6,7 +6,7 @@
 //! at all; so is everything from the first JSON record that carries `expected_offset` on.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -117,23 +117,29 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let guarded = args.expected_offset.is_some();
     let mut records = Vec::new();
     let mut body_bytes = 0;
-    for (number, line) in input.lines().enumerate() {
-        let line = line.context("reading the input")?;
-        if line.len() > LINE_BYTES_MAX {
-            return Err(BadInput(format!("line {}: longer than {LINE_BYTES_MAX} bytes", number + 1)).into());
-        }
-        if line.trim().is_empty() {
+    let mut input = input;
+    let mut line = Vec::new();
+    let mut number = 0;
+    while let Some(text) = next_line(&mut input, &mut line, number + 1)? {
+        number += 1;
+        if text.trim().is_empty() {
             continue;
         }
-        let record = parse_line(&args, &headers, &line)
-            .map_err(|e| BadInput(format!("line {}: {e}{}", number + 1, sender.written_so_far())))?;
-        body_bytes += line.len() + 64;
+        let record = parse_line(&args, &headers, text)
+            .map_err(|e| BadInput(format!("line {number}: {e}{}", sender.written_so_far())))?;
+        // As sent: JSON escaping and headers can make a record far larger than its line.
+        let record_bytes = serde_json::to_vec(&record).map_or(text.len(), |json| json.len()) + 1;
         let guarded = guarded || record.expected_offset.is_some();
-        records.push(record);
         if guarded {
             sender.guarded = true;
         }
-        if !sender.guarded && (records.len() == RECORDS_PER_REQUEST || body_bytes >= REQUEST_BYTES_MAX) {
+        if !sender.guarded && !records.is_empty() && body_bytes + record_bytes > REQUEST_BYTES_MAX {
+            sender.send(std::mem::take(&mut records))?;
+            body_bytes = 0;
+        }
+        body_bytes += record_bytes;
+        records.push(record);
+        if !sender.guarded && records.len() == RECORDS_PER_REQUEST {
             sender.send(std::mem::take(&mut records))?;
             body_bytes = 0;
         }
@@ -150,6 +156,26 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     }
     sender.finish();
     Ok(())
+}
+
+/// The next input line (without its `\n` or `\r\n`), read into `buf`: at most
+/// [`LINE_BYTES_MAX`] bytes are held, so an endless line is refused, not swallowed whole.
+fn next_line<'b>(input: &mut dyn BufRead, buf: &'b mut Vec<u8>, number: usize) -> anyhow::Result<Option<&'b str>> {
+    buf.clear();
+    let read = input.take(LINE_BYTES_MAX as u64 + 1).read_until(b'\n', buf).context("reading the input")?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    } else if buf.len() > LINE_BYTES_MAX {
+        return Err(BadInput(format!("line {number}: longer than {LINE_BYTES_MAX} bytes")).into());
+    }
+    let text = std::str::from_utf8(buf).map_err(|e| BadInput(format!("line {number}: not UTF-8 ({e})")))?;
+    Ok(Some(text))
 }
 
 fn header_flags(flags: &[String]) -> anyhow::Result<BTreeMap<String, Option<String>>> {

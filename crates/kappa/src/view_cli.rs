@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use std::io::Write;
+
 use anyhow::{Context, bail};
 use serde_json::Value;
 
@@ -69,22 +71,32 @@ pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) 
     };
     let path = format!("/v1/views/{}/watch?{query}", encode(view));
     let mut failed = None;
+    let mut reader_gone = false;
+    let mut out = std::io::stdout().lock();
     let refused = http_client::stream_events(server, &path, |name, data| {
-        println!("{data}");
+        // Line by line, as changes come; a closed pipe (`| head -1`) ends the watch quietly.
+        if let Err(e) = writeln!(out, "{data}").and_then(|()| out.flush()) {
+            reader_gone = e.kind() == std::io::ErrorKind::BrokenPipe;
+            failed = (!reader_gone).then(|| format!("writing to stdout: {e}"));
+            return false;
+        }
         if name == "error" {
             failed = Some(data.to_owned());
             return false;
         }
         true
     })?;
+    if reader_gone {
+        return Ok(());
+    }
     if let Some(response) = refused {
         expect_ok(response, &format!("watching {view}"))?;
         bail!("watching {view}: the server did not start a stream");
     }
     if let Some(error) = failed {
-        bail!("the server ended the subscription: {error}");
+        bail!("the subscription ended: {error}");
     }
-    bail!("the server closed the stream (stopped?); resume with the last token")
+    bail!("the server closed the stream (stopped?); run the command again for a fresh snapshot")
 }
 
 /// Prints a view's versions; while one builds, follows it with a progress bar (a terminal)

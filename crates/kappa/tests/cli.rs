@@ -540,3 +540,26 @@ fn consume_into_a_closed_pipe_ends_quietly() {
     assert!(out.status.success() && !stderr.contains("error"), "{:?} {stderr}", out.status);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "record number 0 with some padding to fill the pipe\n");
 }
+
+/// Requests are sized as they are sent (JSON escaping can make a record six times its line),
+/// and a line longer than the limit is refused without being read whole.
+#[test]
+fn produce_sizes_requests_as_sent_and_refuses_endless_lines() {
+    let server = Server::start();
+    ok(&server, &["topic", "create", "escaped", "--partitions", "4"], "");
+    // 200 lines of 30,000 control characters: ~180 KB each once escaped as JSON (~6 MB of
+    // lines, 36 MB of requests), which the old estimate packed into requests over 8 MiB.
+    let line = "\u{1}".repeat(30_000);
+    let input: String = (0..200).map(|i| format!("k{i}:{line}\n")).collect();
+    let offsets = ok(&server, &["produce", "escaped", "--key-separator", ":", "--print-offsets"], &input);
+    assert_eq!(offsets.lines().count(), 200, "every record acknowledged");
+    let sizes: i64 = describe(&server, "escaped")["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["size_bytes"].as_i64().unwrap_or(0))
+        .sum();
+    assert!(sizes >= 200 * 30_000, "stored as sent: {sizes} bytes");
+    let endless = "x".repeat(8 * 1024 * 1024 + 10);
+    fails(&server, &["produce", "escaped"], &endless, 2, "line 1: longer than 8388608 bytes");
+}

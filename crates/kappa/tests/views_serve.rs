@@ -228,9 +228,30 @@ fn the_view_command_line_talks_to_a_running_server() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(watch.stdout.take().unwrap()), &mut line).unwrap();
-    let _ = watch.kill();
-    let _ = watch.wait();
+    let mut reader = std::io::BufReader::new(watch.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
     let snapshot: Value = serde_json::from_str(&line).unwrap();
     assert_eq!((snapshot["type"].as_str(), snapshot["items"][0]["key"].as_str()), (Some("snapshot"), Some("c1")));
+    // The reader goes away (`| head -1`): at the next change the watch ends quietly, exit 0.
+    drop(reader);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("view watch did not end after its reader left");
+        }
+        n += 1;
+        kcat_produce(
+            &server,
+            "c1",
+            &format!(r#"{{"channelId":"c1","name":"N{n}","ownerId":"u1"}}"#),
+            &["kappa.type=ChannelUpdated"],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "view watch after a closed pipe: {status}");
 }
