@@ -15,8 +15,10 @@ pub struct ServeArgs {
     /// TOML file with any of: data_dir, kafka_listen, http_listen, advertised_host, sync,
     /// maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins,
     /// http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max,
-    /// http_subscriptions_per_connection_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
-    /// producers_per_partition_max.
+    /// http_subscriptions_per_connection_max, http_ws_message_bytes_max,
+    /// http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max,
+    /// http_request_body_bytes_max, transactional_id_expiration_ms, transactional_ids_max,
+    /// producer_id_expiration_ms, producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -62,6 +64,22 @@ pub struct ServeArgs {
     /// Subscriptions per WebSocket connection [default: 100]
     #[arg(long, env = "KAPPA_HTTP_SUBSCRIPTIONS_PER_CONNECTION_MAX")]
     pub http_subscriptions_per_connection_max: Option<usize>,
+    /// The largest message a WebSocket client may send [default: 65536]
+    #[arg(long, env = "KAPPA_HTTP_WS_MESSAGE_BYTES_MAX")]
+    pub http_ws_message_bytes_max: Option<usize>,
+    /// How long a WebSocket client may send nothing, not even the pongs to the server's pings
+    /// (every third of this), before it is taken for gone [default: 90000]
+    #[arg(long, env = "KAPPA_HTTP_WS_SILENCE_MS_MAX")]
+    pub http_ws_silence_ms_max: Option<u64>,
+    /// Keys in one subscription snapshot; a prefix matching more is refused [default: 10000]
+    #[arg(long, env = "KAPPA_HTTP_SNAPSHOT_ITEMS_MAX")]
+    pub http_snapshot_items_max: Option<usize>,
+    /// Items per page of a view's key listing [default: 1000]
+    #[arg(long, env = "KAPPA_HTTP_PAGE_ITEMS_MAX")]
+    pub http_page_items_max: Option<usize>,
+    /// The largest HTTP request body (produce, topic creation) [default: 8388608]
+    #[arg(long, env = "KAPPA_HTTP_REQUEST_BODY_BYTES_MAX")]
+    pub http_request_body_bytes_max: Option<usize>,
     /// How long a transactional id with no transaction is remembered (Kafka:
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
@@ -97,6 +115,11 @@ struct FileSettings {
     http_subscriber_queue_max: Option<usize>,
     http_subscriber_stall_ms_max: Option<u64>,
     http_subscriptions_per_connection_max: Option<usize>,
+    http_ws_message_bytes_max: Option<usize>,
+    http_ws_silence_ms_max: Option<u64>,
+    http_snapshot_items_max: Option<usize>,
+    http_page_items_max: Option<usize>,
+    http_request_body_bytes_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
@@ -228,13 +251,38 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
             args.http_subscriptions_per_connection_max.or(file.http_subscriptions_per_connection_max),
             defaults.subscriptions_per_connection_max,
         )?,
+        ws_message_bytes_max: positive(
+            "http_ws_message_bytes_max",
+            args.http_ws_message_bytes_max.or(file.http_ws_message_bytes_max),
+            defaults.ws_message_bytes_max,
+        )?,
+        ws_silence_ms_max: positive_ms(
+            "http_ws_silence_ms_max",
+            args.http_ws_silence_ms_max.or(file.http_ws_silence_ms_max),
+            defaults.ws_silence_ms_max,
+        )? as u64,
+        snapshot_items_max: positive(
+            "http_snapshot_items_max",
+            args.http_snapshot_items_max.or(file.http_snapshot_items_max),
+            defaults.snapshot_items_max,
+        )?,
+        page_items_max: positive(
+            "http_page_items_max",
+            args.http_page_items_max.or(file.http_page_items_max),
+            defaults.page_items_max,
+        )?,
+        request_body_bytes_max: positive(
+            "http_request_body_bytes_max",
+            args.http_request_body_bytes_max.or(file.http_request_body_bytes_max),
+            defaults.request_body_bytes_max,
+        )?,
         ..defaults
     })
 }
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -276,5 +324,25 @@ mod tests {
         assert_eq!((file.producer_id_expiration_ms, file.transactional_id_expiration_ms), (Some(5), Some(6)));
         assert_eq!(file.producers_per_partition_max, Some(7));
         assert!(positive("n_max", Some(0), 3).unwrap_err().to_string().contains("n_max must be at least 1"));
+    }
+
+    #[test]
+    fn http_limits_come_from_flags_then_the_file_then_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from(args).unwrap().serve;
+        let flags = parse(&["kappa", "--http-page-items-max", "50", "--http-ws-silence-ms-max", "3000"]);
+        let file: FileSettings = toml::from_str("http_page_items_max = 7\nhttp_snapshot_items_max = 9").unwrap();
+        let config = http_config(&flags, &file).unwrap();
+        assert_eq!((config.page_items_max, config.snapshot_items_max, config.ws_silence_ms_max), (50, 9, 3000));
+        let defaults = kappa_http::HttpConfig::default();
+        assert_eq!(config.request_body_bytes_max, defaults.request_body_bytes_max);
+        assert_eq!(config.ws_message_bytes_max, defaults.ws_message_bytes_max);
+        let zero = parse(&["kappa", "--http-snapshot-items-max", "0"]);
+        let error = http_config(&zero, &file).unwrap_err().to_string();
+        assert!(error.contains("http_snapshot_items_max must be at least 1"), "{error}");
     }
 }
