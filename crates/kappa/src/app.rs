@@ -42,7 +42,7 @@ enum Command {
     /// Run the server on a data directory.
     ///
     /// Example: kappa serve --data-dir ./kappa-data --kafka-listen 127.0.0.1:9092
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Views: list, status, get, watch, switch, retire (a running server); dump (a
     /// stopped server's data directory).
     #[command(subcommand)]
@@ -229,7 +229,7 @@ impl App {
             .with_writer(std::io::stderr)
             .init();
         let result = match Cli::parse().command {
-            Command::Serve(args) => Settings::resolve(args).and_then(|settings| self.serve(settings)),
+            Command::Serve(args) => Settings::resolve(*args).and_then(|settings| self.serve(settings)),
             Command::View(command) => self.view_command(command),
             Command::Topic(command) => crate::topic_cli::run(command),
             Command::Produce(args) => crate::produce_cli::run(args),

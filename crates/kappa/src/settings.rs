@@ -276,7 +276,6 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
             args.http_request_body_bytes_max.or(file.http_request_body_bytes_max),
             defaults.request_body_bytes_max,
         )?,
-        ..defaults
     })
 }
 
