@@ -2,6 +2,7 @@
 //! says what to fix.
 
 use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kappa_log::LogError;
@@ -26,6 +27,17 @@ impl ApiError {
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// A query string that does not parse (or names a parameter the endpoint does not
+    /// take), with what the endpoint accepts.
+    pub fn invalid_query(rejection: QueryRejection, accepted: &str) -> Self {
+        Self::bad_request("invalid_query", format!("{}; expected {accepted}", rejection.body_text()))
+    }
+
+    /// A path whose parameters do not parse, with what the endpoint accepts.
+    pub fn invalid_path(rejection: PathRejection, accepted: &str) -> Self {
+        Self::bad_request("invalid_path", format!("{}; expected {accepted}", rejection.body_text()))
     }
 
     pub fn body(&self) -> serde_json::Value {

@@ -68,6 +68,9 @@ pub struct HttpConfig {
     pub request_body_bytes_max: usize,
     /// Items per page of `GET /v1/views/{view}/keys`.
     pub page_items_max: usize,
+    /// As-of reads (`?as_of=`) running at once; each replays the view's inputs and may
+    /// hold the view's whole past state in memory. More are answered 503 `as_of_busy`.
+    pub as_of_concurrency_max: usize,
     /// Browser origins allowed to open WebSockets and read with CORS; `*` allows any. A
     /// request without `Origin` (not a browser) or from this server's own origin is always
     /// allowed.
@@ -86,6 +89,7 @@ impl Default for HttpConfig {
             snapshot_items_max: 10_000,
             request_body_bytes_max: 8 * 1024 * 1024,
             page_items_max: 1000,
+            as_of_concurrency_max: 2,
             allowed_origins: Vec::new(),
         }
     }
@@ -105,6 +109,8 @@ pub struct AppState {
     /// are refused.
     pub transactions: Option<txn_produce::TxnProducers>,
     connections: Arc<tokio::sync::Semaphore>,
+    /// One permit per as-of read running (`as_of_concurrency_max`).
+    as_of_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the application adds to the API from parts this crate does not know (the Kafka
@@ -138,6 +144,7 @@ impl AppState {
     pub fn with_extensions(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, extensions: Extensions) -> Arc<Self> {
         Arc::new(Self {
             connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
+            as_of_reads: Arc::new(tokio::sync::Semaphore::new(config.as_of_concurrency_max)),
             hubs: live::Hubs::default(),
             produce: topics::ProduceState::default(),
             metrics: metrics::Metrics { extra: extensions.metrics, ..metrics::Metrics::default() },
@@ -146,6 +153,19 @@ impl AppState {
             log,
             engine,
             config,
+        })
+    }
+
+    /// A slot for one as-of read, held until the permit drops; 503 `as_of_busy` when all
+    /// `as_of_concurrency_max` are taken.
+    pub fn try_as_of_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.as_of_reads.clone().try_acquire_owned().map_err(|_| {
+            let max = self.config.as_of_concurrency_max;
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "as_of_busy",
+                format!("{max} as-of reads are running (as_of_concurrency_max); retry when one finishes"),
+            )
         })
     }
 

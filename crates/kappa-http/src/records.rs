@@ -66,9 +66,11 @@ fn upper(p: &Partition, isolation: Isolation) -> i64 {
 /// `GET /v1/topics/{topic}/partitions/{partition}/records`
 pub async fn read(
     State(state): State<Arc<AppState>>,
-    Path((topic, partition)): Path<(String, i32)>,
+    path: Result<Path<(String, i32)>, axum::extract::rejection::PathRejection>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Path((topic, partition)) = path
+        .map_err(|e| ApiError::invalid_path(e, "/v1/topics/<topic>/partitions/<partition number, from 0>/records"))?;
     let Query(query) = query.map_err(|e| {
         ApiError::bad_request(
             "invalid_query",

@@ -11,9 +11,14 @@
 //! partition still ends where the index ends (`Partition::append_if_end`), else the index
 //! catches up and the check runs again.
 //!
-//! A request whose records go to several partitions is written as one Kafka transaction
+//! A request whose records go to several partitions, or to one partition but more than fit
+//! in one batch (the topic's `max.message.bytes`), is written as one Kafka transaction
 //! (txn_produce.rs): read_committed readers see all of it or none of it, even if the
-//! server dies between two partitions' appends.
+//! server dies between two appends.
+//!
+//! A guarded write waits for its partition's key index; an unguarded one only takes it when
+//! it is free (to extend it), so it never queues behind a guarded write that is waiting for
+//! an open transaction to end (at most `OPEN_TRANSACTION_WAIT_MS_MAX`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,6 +29,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use kappa_log::LogError;
+use kappa_log::batch::HEADER_BYTES;
 use kappa_log::records::{BatchBuilder, NewRecord};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -38,6 +44,9 @@ pub const PRODUCE_RECORDS_MAX: usize = 10_000;
 pub const KEY_INDEX_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// How often a conditional append retries when other writers keep getting in first.
 const CONDITIONAL_APPEND_ATTEMPTS: usize = 20;
+/// How long a guarded write waits for a transaction open on its partition to end (the
+/// key index can only be brought up to date past committed records) before answering 503.
+pub const OPEN_TRANSACTION_WAIT_MS_MAX: u64 = 5_000;
 const INDEX_READ_BYTES: usize = 1024 * 1024;
 
 pub use kappa_log::partitioner::{default_partition, murmur2};
@@ -337,8 +346,9 @@ struct PartitionWrite {
     partition: i32,
     /// (index in the request, record)
     records: Vec<(usize, ProduceRecord)>,
-    /// The records as a batch (producer fields unset).
-    batch: BatchBuilder,
+    /// The records, in order, as batches that each fit the topic's `max.message.bytes`
+    /// (producer fields unset).
+    batches: Vec<BatchBuilder>,
 }
 
 impl PartitionWrite {
@@ -365,7 +375,9 @@ pub async fn produce(
             format!("send 1 to {PRODUCE_RECORDS_MAX} records per request"),
         ));
     }
-    let partition_count = state.log.topic(&topic)?.partition_count();
+    let log_topic = state.log.topic(&topic)?;
+    let partition_count = log_topic.partition_count();
+    let max_message_bytes = log_topic.config().max_message_bytes;
     let mut by_partition: BTreeMap<i32, PartitionWrite> = BTreeMap::new();
     let mut guarded_keys = std::collections::HashSet::new();
     for (index, record) in request.records.into_iter().enumerate() {
@@ -402,13 +414,13 @@ pub async fn produce(
         }
         by_partition
             .entry(partition)
-            .or_insert_with(|| PartitionWrite { partition, records: Vec::new(), batch: BatchBuilder::new() })
+            .or_insert_with(|| PartitionWrite { partition, records: Vec::new(), batches: Vec::new() })
             .records
             .push((index, record));
     }
     let now = now_ms();
     for write in by_partition.values_mut() {
-        write.batch = build_batch(&write.records, now, request.text_values)?;
+        write.batches = build_batches(&topic, &write.records, now, request.text_values, max_message_bytes)?;
     }
     // Finish the write even if the client goes away: a request abandoned between two
     // partitions' appends would otherwise leave its transaction to the timeout.
@@ -418,70 +430,85 @@ pub async fn produce(
     Ok(Json(json!({"offsets": offsets})))
 }
 
-/// Checks every condition, then appends: one partition's batch directly, several
-/// partitions' batches as one transaction (see txn_produce.rs). Returns each record's
-/// partition and offset, in request order.
+/// Checks every condition, then appends: one partition's single batch directly, anything
+/// more (several partitions, or several batches) as one transaction (see txn_produce.rs).
+/// Returns each record's partition and offset, in request order.
 async fn write(
     state: Arc<AppState>,
     topic: String,
     by_partition: BTreeMap<i32, PartitionWrite>,
     n: usize,
 ) -> Result<Vec<Value>, ApiError> {
-    // Lock the partitions' key indexes in order, so requests never deadlock.
+    // Lock the guarded partitions' key indexes in order, so requests never deadlock. An
+    // unguarded write takes its index only if it is free (never waiting, so never part of
+    // a deadlock), to extend it afterwards; otherwise the next catch-up reads its records.
     let mut guards = Vec::new();
     for write in by_partition.values() {
         let index = state.produce.index(&topic, write.partition);
-        guards.push(index.lock_owned().await);
+        guards.push(if write.guarded() { Some(index.lock_owned().await) } else { index.try_lock_owned().ok() });
     }
     let writes: Vec<&PartitionWrite> = by_partition.values().collect();
     for (write, guard) in writes.iter().zip(guards.iter_mut()) {
-        if write.guarded() {
+        if let (true, Some(guard)) = (write.guarded(), guard) {
             catch_up(&state, &topic, write.partition, guard).await?;
             check(&topic, write, guard)?;
         }
     }
-    let mut bases = Vec::with_capacity(writes.len());
-    if let [write] = writes[..] {
-        let batch = write.batch.build();
-        bases.push(append(&state, &topic, batch, write, &mut guards[0]).await?);
+    // Per partition, each batch's base offset.
+    let mut bases: Vec<Vec<i64>> = Vec::with_capacity(writes.len());
+    if let [write] = writes[..]
+        && let [batch] = &write.batches[..]
+    {
+        bases.push(vec![append(&state, &topic, batch.build(), write, guards[0].as_deref_mut(), None).await?]);
     } else {
         let producers = state.transactions.as_ref().ok_or_else(|| {
             ApiError::bad_request(
                 "multi_partition_unavailable",
-                "this server cannot write one request to several partitions atomically; send one request per partition",
+                "this server cannot write one request to several partitions, or more records than fit in one batch (the topic's max.message.bytes), atomically; send one request per partition, each within max.message.bytes",
             )
         })?;
         let partitions: Vec<i32> = by_partition.keys().copied().collect();
         let mut txn = producers.begin(&topic, &partitions).await.map_err(transaction_failed)?;
         for (write, guard) in writes.iter().zip(guards.iter_mut()) {
-            let batch = txn.stamp(&topic, write.partition, write.batch.clone()).build();
-            match append(&state, &topic, batch, write, guard).await {
-                Ok(base) => {
-                    txn.appended(&topic, write.partition, write.records.len());
-                    bases.push(base);
-                }
-                Err(e) => {
-                    txn.abort().await;
-                    return Err(e);
+            let mut partition_bases: Vec<i64> = Vec::with_capacity(write.batches.len());
+            for batch in &write.batches {
+                let bytes = txn.stamp(&topic, write.partition, batch.clone()).build();
+                // A guarded partition's later batches must follow the one before directly.
+                let follows =
+                    partition_bases.last().map(|base| base + write.batches[partition_bases.len() - 1].len() as i64);
+                match append(&state, &topic, bytes, write, guard.as_deref_mut(), follows).await {
+                    Ok(base) => {
+                        txn.appended(&topic, write.partition, batch.len());
+                        partition_bases.push(base);
+                    }
+                    Err(e) => {
+                        txn.abort().await;
+                        return Err(e);
+                    }
                 }
             }
+            bases.push(partition_bases);
         }
         txn.commit().await.map_err(transaction_failed)?;
     }
     let mut offsets = vec![json!(null); n];
-    for ((write, guard), base) in writes.iter().zip(guards.iter_mut()).zip(bases) {
-        // The index covers everything below `next`: extend it when this batch follows on
-        // directly (always so for a guarded append); otherwise a later catch-up reads it.
-        let extend = guard.next == base;
-        for (i, (index, record)) in write.records.iter().enumerate() {
-            let offset = base + i as i64;
-            offsets[*index] = json!({"partition": write.partition, "offset": offset});
-            if let (true, Some(key)) = (extend, &record.key) {
-                remember(guard, key.as_bytes(), offset);
+    for ((write, guard), bases) in writes.iter().zip(guards.iter_mut()).zip(bases) {
+        let mut records = write.records.iter();
+        for (batch, base) in write.batches.iter().zip(bases) {
+            // The index covers everything below `next`: extend it when this batch follows
+            // on directly (always so for a guarded append); otherwise a later catch-up
+            // reads it.
+            let mut extend = guard.as_deref_mut().filter(|index| index.next == base);
+            for (i, (index, record)) in records.by_ref().take(batch.len()).enumerate() {
+                let offset = base + i as i64;
+                offsets[*index] = json!({"partition": write.partition, "offset": offset});
+                if let (Some(key_index), Some(key)) = (extend.as_deref_mut(), &record.key) {
+                    remember(key_index, key.as_bytes(), offset);
+                }
             }
-        }
-        if extend {
-            guard.next = base + write.records.len() as i64;
+            if let Some(key_index) = extend {
+                key_index.next = base + batch.len() as i64;
+            }
         }
     }
     Ok(offsets)
@@ -495,8 +522,33 @@ fn transaction_failed(e: kappa_coordinator::TxnError) -> ApiError {
     )
 }
 
-fn build_batch(records: &[(usize, ProduceRecord)], now: i64, text_values: bool) -> Result<BatchBuilder, ApiError> {
+/// Bytes a record can take in a batch at most: its fields plus the largest varints.
+fn record_bytes_max(record: &NewRecord) -> usize {
+    const VARINT_MAX: usize = 5;
+    const VARLONG_MAX: usize = 10;
+    let field = |bytes: Option<&[u8]>| VARINT_MAX + bytes.map_or(0, <[u8]>::len);
+    VARINT_MAX // length
+        + 1 // attributes
+        + VARLONG_MAX // timestamp delta
+        + VARINT_MAX // offset delta
+        + field(record.key.as_deref())
+        + field(record.value.as_deref())
+        + VARINT_MAX // header count
+        + record.headers.iter().map(|(name, value)| field(Some(name.as_bytes())) + field(value.as_deref())).sum::<usize>()
+}
+
+/// One partition's records as batches, in order, each at most `max_message_bytes` (the
+/// topic's `max.message.bytes`); a record too large for a batch of its own is refused.
+fn build_batches(
+    topic: &str,
+    records: &[(usize, ProduceRecord)],
+    now: i64,
+    text_values: bool,
+    max_message_bytes: usize,
+) -> Result<Vec<BatchBuilder>, ApiError> {
+    let mut batches = Vec::new();
     let mut builder = BatchBuilder::new();
+    let mut builder_bytes = HEADER_BYTES;
     for (index, record) in records {
         let json = record.value.as_ref().map(|v| v.get()).filter(|v| *v != "null");
         let value = match json {
@@ -511,9 +563,31 @@ fn build_batch(records: &[(usize, ProduceRecord)], now: i64, text_values: bool) 
         for (name, value) in &record.headers {
             new = new.header(name, value.as_deref().map(str::as_bytes));
         }
+        let bytes = record_bytes_max(&new);
+        if HEADER_BYTES + bytes > max_message_bytes {
+            // The bound is loose by a few bytes: measure the record alone in a batch.
+            let alone = BatchBuilder::new().record(new.clone()).build().len();
+            if alone > max_message_bytes {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "records_too_large",
+                    format!(
+                        "record {index} takes {alone} bytes as a batch of its own, over topic {topic}'s max.message.bytes of {max_message_bytes}; nothing was written. Send a smaller record, or raise the topic's max.message.bytes"
+                    ),
+                ));
+            }
+        }
+        if !builder.is_empty() && builder_bytes + bytes > max_message_bytes {
+            batches.push(std::mem::take(&mut builder));
+            builder_bytes = HEADER_BYTES;
+        }
         builder.push(new);
+        builder_bytes += bytes;
     }
-    Ok(builder)
+    if !builder.is_empty() {
+        batches.push(builder);
+    }
+    Ok(batches)
 }
 
 /// The current offset of each guarded key must be what the request expects.
@@ -549,6 +623,7 @@ fn remember(index: &mut KeyIndex, key: &[u8], offset: i64) {
 /// durable, so everything in the log is indexed).
 async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mut KeyIndex) -> Result<(), ApiError> {
     let log_partition = state.log.partition(topic, partition)?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(OPEN_TRANSACTION_WAIT_MS_MAX);
     loop {
         let start = log_partition.log_start_offset();
         if index.next < start {
@@ -570,7 +645,17 @@ async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mu
                 .map_err(internal)??;
         if chunk.next_offset <= from {
             // Only an open transaction's records are left (read_committed stops there):
-            // wait for it to end.
+            // wait for it to end, for a while.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "open_transaction",
+                    format!(
+                        "partition {partition} of {topic} has a transaction open since offset {}, so expected_offset cannot be checked (waited {OPEN_TRANSACTION_WAIT_MS_MAX} ms); nothing was written. Retry when the transaction ends",
+                        log_partition.last_stable_offset()
+                    ),
+                ));
+            }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             continue;
         }
@@ -595,20 +680,45 @@ async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mu
     }
 }
 
-/// Appends; a guarded batch only if nothing else was appended since the index caught up.
+/// Appends one batch of `write`. Unguarded: anywhere. Guarded: right behind `follows` (the
+/// end of the partition's batch before it in this request) when given, else only if nothing
+/// was appended since the index caught up.
 async fn append(
     state: &Arc<AppState>,
     topic: &str,
     batch: Vec<u8>,
     write: &PartitionWrite,
-    index: &mut KeyIndex,
+    index: Option<&mut KeyIndex>,
+    follows: Option<i64>,
 ) -> Result<i64, ApiError> {
     let partition = write.partition;
     let log_partition = state.log.partition(topic, partition)?;
-    if !write.guarded() {
+    let (true, Some(index)) = (write.guarded(), index) else {
         let p = log_partition.clone();
         let outcome = tokio::task::spawn_blocking(move || p.append(batch)).await.map_err(internal)??;
         return Ok(outcome.base_offset);
+    };
+    let busy = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partition_busy",
+            format!(
+                "{topic}/{partition} kept changing while this request waited to append; nothing was written, retry"
+            ),
+        )
+    };
+    if let Some(expected_end) = follows {
+        // If another writer got in after this request's previous batch, a guarded key may
+        // have changed since it was checked: fail (the caller aborts the transaction).
+        let p = log_partition.clone();
+        return match tokio::task::spawn_blocking(move || p.append_if_end(batch, expected_end))
+            .await
+            .map_err(internal)?
+        {
+            Ok(outcome) => Ok(outcome.base_offset),
+            Err(LogError::EndMoved { .. }) => Err(busy()),
+            Err(e) => Err(e.into()),
+        };
     }
     for _ in 0..CONDITIONAL_APPEND_ATTEMPTS {
         let (p, bytes, expected_end) = (log_partition.clone(), batch.clone(), index.next);
@@ -621,11 +731,7 @@ async fn append(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "partition_busy",
-        format!("{topic}/{partition} kept changing while this request waited to append; nothing was written, retry"),
-    ))
+    Err(busy())
 }
 
 fn now_ms() -> i64 {

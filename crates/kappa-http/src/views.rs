@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use kappa_views::{AsOf, Phase, VersionInfo, ViewInfo};
@@ -70,7 +71,11 @@ pub async fn describe(State(state): State<Arc<AppState>>, Path(view): Path<Strin
     Ok(Json(view_json(&state.engine.describe(&view)?)))
 }
 
+/// What `GET /v1/views/{view}/keys/{key}` accepts.
+const KEY_QUERY: &str = "?as_of=<ms since the epoch, or topic/partition=offset,...> or no query";
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeyQuery {
     as_of: Option<String>,
 }
@@ -78,16 +83,22 @@ pub struct KeyQuery {
 pub async fn get_key(
     State(state): State<Arc<AppState>>,
     Path((view, key)): Path<(String, String)>,
-    Query(query): Query<KeyQuery>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid_query(e, KEY_QUERY))?;
     if let Some(at) = query.as_of {
         let at = AsOf::parse(&at).map_err(|e| ApiError::bad_request("invalid_as_of", e))?;
+        let permit = state.try_as_of_permit()?;
         let engine = state.engine.clone();
         let wanted = key.clone();
         let view_name = view.clone();
-        let result = tokio::task::spawn_blocking(move || engine.as_of(&view_name, None, &at, Some(&wanted)))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        // The permit goes with the replay, which runs on even if the client goes away.
+        let result = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            engine.as_of(&view_name, None, &at, Some(&wanted))
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
         return match result.values.into_iter().next() {
             Some((key, value)) => Ok(Json(json!({"key": key, "value": raw(value), "position": result.positions}))),
             None => Err(ApiError::not_found(
@@ -106,7 +117,12 @@ pub async fn get_key(
     }
 }
 
+/// What `GET /v1/views/{view}/keys` accepts.
+const SCAN_QUERY: &str =
+    "[?prefix=<key prefix>][&after=<the previous page's cursor>][&limit=<items, 1 to page_items_max>]";
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ScanQuery {
     #[serde(default)]
     prefix: String,
@@ -117,8 +133,9 @@ pub struct ScanQuery {
 pub async fn scan(
     State(state): State<Arc<AppState>>,
     Path(view): Path<String>,
-    Query(query): Query<ScanQuery>,
+    query: Result<Query<ScanQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid_query(e, SCAN_QUERY))?;
     let max = state.config.page_items_max;
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > max {

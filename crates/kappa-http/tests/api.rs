@@ -164,20 +164,20 @@ fn expected_offsets_guard_writes_and_exactly_one_of_two_racing_writers_wins() {
 #[test]
 fn a_request_spanning_partitions_is_one_transaction_and_a_failure_aborts_all_of_it() {
     let kappa = started();
-    let configs = BTreeMap::from([("max.message.bytes".to_owned(), "1024".to_owned())]);
+    let configs = BTreeMap::from([("cleanup.policy".to_owned(), "compact".to_owned())]);
     kappa.log.create_topic("pair", 2, &configs).unwrap();
     let committed_keys = |partition: i32| -> Vec<String> {
         let chunk = kappa.engine.backend().read_committed("pair", partition, 0, 1 << 20).unwrap();
         chunk.records.iter().map(|r| String::from_utf8(r.key.clone().unwrap().to_vec()).unwrap()).collect()
     };
-    // Partition 0's batch is appended, partition 1's is too large: the whole request fails
-    // and partition 0's records are aborted (present in the log, never visible committed).
-    let big = "x".repeat(2000);
+    // Partition 0's batch is appended, partition 1's is refused by the log (a compacted
+    // topic needs keys): the whole request fails and partition 0's records are aborted
+    // (present in the log, never visible committed).
     let (status, body) = kappa.post(
         "/v1/topics/pair/records",
-        &json!({"records": [{"key": "a", "value": 1, "partition": 0}, {"key": "b", "value": big, "partition": 1}]}),
+        &json!({"records": [{"key": "a", "value": 1, "partition": 0}, {"value": 2, "partition": 1}]}),
     );
-    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("records_too_large")), "{body}");
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("missing_key")), "{body}");
     let p0 = kappa.log.partition("pair", 0).unwrap();
     assert_eq!(p0.log_end_offset(), 2, "partition 0 holds the aborted record and its abort marker");
     assert_eq!(committed_keys(0), Vec::<String>::new());
@@ -205,6 +205,114 @@ fn a_request_spanning_partitions_is_one_transaction_and_a_failure_aborts_all_of_
     assert_eq!(status, 200, "{body}");
     assert_eq!(committed_keys(0), vec!["c", "e", "a"]);
     assert_eq!(committed_keys(1), vec!["d", "d"]);
+}
+
+/// Every committed record of `topic`/`partition` as (offset, key, value).
+fn committed(kappa: &Kappa, topic: &str, partition: i32) -> Vec<(i64, String, String)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let chunk = kappa.engine.backend().read_committed(topic, partition, from, 1 << 20).unwrap();
+        if chunk.next_offset <= from {
+            return out;
+        }
+        for r in &chunk.records {
+            let text = |b: &Option<_>| b.as_deref().map(|b: &[u8]| String::from_utf8(b.to_vec()).unwrap()).unwrap();
+            out.push((r.offset, text(&r.key), text(&r.value)));
+        }
+        from = chunk.next_offset;
+    }
+}
+
+#[test]
+fn a_request_bigger_than_one_batch_is_split_and_written_atomically() {
+    let kappa = started();
+    kappa.log.create_topic("big", 1, &BTreeMap::new()).unwrap();
+    // 1,000 records of 1,100 bytes: more than the default max.message.bytes (1 MiB + 12)
+    // in one batch, well within the request body limit.
+    let value = |i: usize| format!("{i:04}{}", "x".repeat(1096));
+    let records: Vec<Value> = (0..1000).map(|i| json!({"key": format!("k{i:04}"), "value": value(i)})).collect();
+    let (status, body) = kappa.post("/v1/topics/big/records", &json!({"records": records, "text_values": true}));
+    assert_eq!(status, 200, "{body}");
+    let offsets: Vec<i64> = body["offsets"].as_array().unwrap().iter().map(|o| o["offset"].as_i64().unwrap()).collect();
+    let read = committed(&kappa, "big", 0);
+    assert_eq!(read.len(), 1000);
+    for (i, (offset, key, stored)) in read.iter().enumerate() {
+        assert_eq!(
+            (*offset, key.as_str(), stored.as_str()),
+            (offsets[i], format!("k{i:04}").as_str(), value(i).as_str())
+        );
+    }
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "in request order");
+    let p = kappa.log.partition("big", 0).unwrap();
+    assert_eq!(p.log_end_offset(), 1001, "one transaction: the records and its commit marker");
+    assert_eq!(p.last_stable_offset(), p.high_watermark(), "the transaction is committed");
+
+    // A record that does not fit a batch of its own is refused, naming it and the limit.
+    let configs = BTreeMap::from([("max.message.bytes".to_owned(), "1024".to_owned())]);
+    kappa.log.create_topic("small", 1, &configs).unwrap();
+    let (status, body) = kappa.post(
+        "/v1/topics/small/records",
+        &json!({"records": [{"key": "a", "value": 1}, {"key": "b", "value": "x".repeat(2000)}]}),
+    );
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("records_too_large")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("record 1 ") && message.contains("max.message.bytes of 1024"), "{message}");
+    assert_eq!(kappa.log.partition("small", 0).unwrap().log_end_offset(), 0, "nothing written");
+    // Records that fit one by one but not together are split too.
+    let records: Vec<Value> = (0..5).map(|i| json!({"key": format!("k{i}"), "value": "y".repeat(400)})).collect();
+    kappa.produce_to("small", json!(records));
+    assert_eq!(committed(&kappa, "small", 0).len(), 5);
+}
+
+#[test]
+fn a_guarded_write_behind_an_open_transaction_answers_503_and_unguarded_writes_go_on() {
+    let kappa = started();
+    kappa.log.create_topic("held", 1, &BTreeMap::new()).unwrap();
+    kappa.produce_to("held", json!([{"key": "a", "value": 1}]));
+    // A transaction opened straight in the log (as a Kafka producer would) and never ended.
+    let open = kappa_log::records::BatchBuilder::new()
+        .producer(4242, 0, 0)
+        .transactional(true)
+        .record(kappa_log::records::NewRecord::new(Some(b"a"), Some(b"2"), 1))
+        .build();
+    let opened_at = kappa.log.partition("held", 0).unwrap().append(open).unwrap().base_offset;
+    let addr = kappa.addr;
+    let guarded = std::thread::spawn(move || {
+        let body = json!({"records": [{"key": "a", "value": 3, "expected_offset": 0}]}).to_string();
+        request(addr, "POST", "/v1/topics/held/records", Some(body.as_bytes()), &[])
+    });
+    // Give the guarded write time to start waiting (if it has not, this write simply goes
+    // first and the check below proves nothing, but cannot fail).
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, body) = kappa.post("/v1/topics/held/records", &json!({"records": [{"key": "b", "value": 4}]}));
+    assert_eq!(status, 200, "{body}");
+    assert!(!guarded.is_finished(), "the unguarded write went ahead while the guarded one waited");
+    let (status, body) = guarded.join().unwrap();
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("open_transaction")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("since offset {opened_at}")) && message.contains("Retry"), "{message}");
+}
+
+#[test]
+fn bad_queries_and_paths_are_json_errors_naming_what_is_accepted() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "a", "value": 1}, {"key": "b", "value": 2}]));
+    kappa.wait_caught_up("latest");
+    let cases = [
+        ("/v1/views/latest/keys?limit=abc", "invalid_query", "limit="),
+        // The response's field is `cursor`; the parameter is `after`.
+        ("/v1/views/latest/keys?limit=1&cursor=a", "invalid_query", "after="),
+        // The CLI spells it --as-of; the query parameter is as_of.
+        ("/v1/views/latest/keys/a?as-of=1", "invalid_query", "as_of="),
+        ("/v1/topics/items/partitions/x/records?offset=0", "invalid_path", "<partition number"),
+    ];
+    for (path, code, accepted) in cases {
+        let (status, body) = kappa.get(path);
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some(code)), "{path} → {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(accepted), "{path}: {message}");
+    }
 }
 
 /// Key `k` = 1 written under version 1, then both versions deployed and version 2 (built
@@ -260,6 +368,24 @@ fn as_of_reads_answer_from_the_past() {
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_key")));
     let (status, body) = kappa.get("/v1/views/latest/keys/k?as_of=yesterday");
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_as_of")));
+}
+
+#[test]
+fn as_of_reads_beyond_the_concurrency_limit_answer_503() {
+    let kappa = Kappa::start(vec![latest(1)], HttpConfig { as_of_concurrency_max: 1, ..HttpConfig::default() });
+    kappa.wait_caught_up("latest");
+    kappa.produce(json!([{"key": "k", "value": 1, "partition": 0}]));
+    let path = "/v1/views/latest/keys/k?as_of=items/0=1,items/1=0,items/2=0";
+    // The one slot taken, as by a long replay.
+    let running = kappa.state.try_as_of_permit().unwrap();
+    let (status, body) = kappa.get(path);
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("as_of_busy")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("1 as-of reads are running"), "{body}");
+    drop(running);
+    let (status, body) = kappa.get(path);
+    assert_eq!((status, &body["value"]), (200, &json!(1)), "{body}");
+    // The permit is released after each read.
+    assert_eq!(kappa.get(path).0, 200);
 }
 
 #[test]

@@ -17,8 +17,8 @@ pub struct ServeArgs {
     /// http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max,
     /// http_subscriptions_per_connection_max, http_ws_message_bytes_max,
     /// http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max,
-    /// http_request_body_bytes_max, transactional_id_expiration_ms, transactional_ids_max,
-    /// producer_id_expiration_ms, producers_per_partition_max.
+    /// http_request_body_bytes_max, http_as_of_concurrency_max, transactional_id_expiration_ms,
+    /// transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// The largest HTTP request body (produce, topic creation) [default: 8388608]
     #[arg(long, env = "KAPPA_HTTP_REQUEST_BODY_BYTES_MAX")]
     pub http_request_body_bytes_max: Option<usize>,
+    /// As-of reads (each replays a view) running at once; more are answered 503 [default: 2]
+    #[arg(long, env = "KAPPA_HTTP_AS_OF_CONCURRENCY_MAX")]
+    pub http_as_of_concurrency_max: Option<usize>,
     /// How long a transactional id with no transaction is remembered (Kafka:
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
@@ -120,6 +123,7 @@ struct FileSettings {
     http_snapshot_items_max: Option<usize>,
     http_page_items_max: Option<usize>,
     http_request_body_bytes_max: Option<usize>,
+    http_as_of_concurrency_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
@@ -276,12 +280,17 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
             args.http_request_body_bytes_max.or(file.http_request_body_bytes_max),
             defaults.request_body_bytes_max,
         )?,
+        as_of_concurrency_max: positive(
+            "http_as_of_concurrency_max",
+            args.http_as_of_concurrency_max.or(file.http_as_of_concurrency_max),
+            defaults.as_of_concurrency_max,
+        )?,
     })
 }
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {

@@ -46,6 +46,7 @@ pub struct Kappa {
     pub log: Arc<Log>,
     pub engine: ViewEngine,
     pub addr: SocketAddr,
+    pub state: Arc<AppState>,
     pub runtime: tokio::runtime::Runtime,
 }
 
@@ -73,8 +74,8 @@ impl Kappa {
         });
         let extensions = Extensions { transactions: Some(transactions), ..Extensions::default() };
         let state = AppState::with_extensions(log.clone(), engine.clone(), config, extensions);
-        runtime.spawn(kappa_http::run(listener, state, std::future::pending()));
-        Self { dir, log, engine, addr, runtime }
+        runtime.spawn(kappa_http::run(listener, state.clone(), std::future::pending()));
+        Self { dir, log, engine, addr, state, runtime }
     }
 
     /// Stops everything, keeping the directory.
