@@ -442,13 +442,11 @@ fn corrupt(candidate: &Candidate, reason: String) -> LogError {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::sync::{Arc, RwLock};
+    use std::sync::Arc;
 
     use super::*;
     use crate::clock::ManualClock;
     use crate::config::{CleanupPolicy, TopicConfig};
-    use crate::health::DirHealth;
     use crate::io::sim::SimFs;
     use crate::partition::{Isolation, PartitionContext, SyncPolicy};
     use crate::records::{BatchBuilder, NewRecord};
@@ -465,19 +463,9 @@ mod tests {
             max_message_bytes: 8 * MIB,
             ..TopicConfig::default()
         };
-        let ctx = PartitionContext {
-            topic: "t".to_owned(),
-            partition: 0,
-            dir: PathBuf::from("/data/t/0"),
-            fs: Arc::new(fs.clone()),
-            health: Arc::new(DirHealth::new(PathBuf::from("/data"))),
-            clock: Arc::new(clock.clone()),
-            config: Arc::new(RwLock::new(Arc::new(config))),
-            // Appends then cost no fsync, which on SimFs copies the whole file.
-            sync_policy: SyncPolicy::IntervalMs(u64::MAX),
-            producer_id_expiration_ms: i64::MAX,
-            producers_max: 1000,
-        };
+        // Appends then cost no fsync, which on SimFs copies the whole file.
+        let sync_policy = SyncPolicy::IntervalMs(u64::MAX);
+        let ctx = PartitionContext::for_test(Arc::new(fs.clone()), Arc::new(clock.clone()), config, sync_policy);
         Partition::open(ctx).expect("open partition").0
     }
 

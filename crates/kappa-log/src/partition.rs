@@ -106,6 +106,30 @@ pub struct PartitionContext {
     pub producers_max: usize,
 }
 
+#[cfg(test)]
+impl PartitionContext {
+    /// Partition 0 of topic `t` in `/data` on `fs`, for the crate's unit tests.
+    pub(crate) fn for_test(
+        fs: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        config: TopicConfig,
+        sync_policy: SyncPolicy,
+    ) -> Self {
+        Self {
+            topic: "t".to_owned(),
+            partition: 0,
+            dir: PathBuf::from("/data/t/0"),
+            fs,
+            health: Arc::new(DirHealth::new(PathBuf::from("/data"))),
+            clock,
+            config: Arc::new(RwLock::new(Arc::new(config))),
+            sync_policy,
+            producer_id_expiration_ms: i64::MAX,
+            producers_max: 1000,
+        }
+    }
+}
+
 pub struct Partition {
     pub(crate) ctx: PartitionContext,
     inner: Mutex<Inner>,
@@ -479,12 +503,14 @@ impl Partition {
         }
         let mut sync = self.lock_sync();
         loop {
-            // Health first: once any fsync in the directory failed, nothing is acknowledged,
-            // not even an offset another fsync reported synced.
-            self.ctx.health.check()?;
+            // An offset below `synced_offset` was made durable by an fsync that succeeded
+            // before any failed (finish_sync advances nothing once the directory is
+            // poisoned), so it is acknowledged even now: acknowledged batches stay a prefix of
+            // the log, never an earlier one refused while a later one was accepted.
             if sync.synced_offset >= offset {
                 return Ok(());
             }
+            self.ctx.health.check()?;
             if sync.in_flight {
                 sync = self.synced.wait(sync).unwrap_or_else(|e| e.into_inner());
                 continue;
@@ -1257,7 +1283,7 @@ fn is_out_of_space(e: &std::io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex, RwLock};
+    use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
 
     use super::*;
@@ -1336,18 +1362,8 @@ mod tests {
 
     fn open_partition(fs: &HookFs, segment_bytes: u64) -> Arc<Partition> {
         let config = TopicConfig { segment_bytes, ..TopicConfig::default() };
-        let ctx = PartitionContext {
-            topic: "t".to_owned(),
-            partition: 0,
-            dir: PathBuf::from("/data/t/0"),
-            fs: Arc::new(fs.clone()),
-            health: Arc::new(DirHealth::new(PathBuf::from("/data"))),
-            clock: Arc::new(ManualClock::new(T0)),
-            config: Arc::new(RwLock::new(Arc::new(config))),
-            sync_policy: SyncPolicy::EveryAppend,
-            producer_id_expiration_ms: i64::MAX,
-            producers_max: 1000,
-        };
+        let clock = Arc::new(ManualClock::new(T0));
+        let ctx = PartitionContext::for_test(Arc::new(fs.clone()), clock, config, SyncPolicy::EveryAppend);
         Arc::new(Partition::open(ctx).expect("open partition").0)
     }
 
