@@ -63,6 +63,9 @@ pub struct ReadOutcome {
     pub log_start_offset: i64,
     /// Aborted transactions overlapping the returned range (read_committed only).
     pub aborted: Vec<AbortedTxn>,
+    /// The read looked at every offset below this one (it stops after `READ_SEGMENTS_MAX`
+    /// segments): a read returning no batch found none from its offset up to here.
+    pub scanned_to: i64,
 }
 
 /// What retention removed.
@@ -657,21 +660,25 @@ impl Partition {
                 return Err(LogError::OffsetOutOfRange { offset, log_start_offset, log_end_offset });
             }
             let last_stable_offset = inner.producers.last_stable_offset(high_watermark);
-            let outcome = ReadOutcome {
+            let upper = match isolation {
+                Isolation::ReadUncommitted => high_watermark,
+                Isolation::ReadCommitted => last_stable_offset,
+            };
+            let mut outcome = ReadOutcome {
                 records: Vec::new(),
                 high_watermark,
                 last_stable_offset,
                 log_start_offset,
                 aborted: Vec::new(),
-            };
-            let upper = match isolation {
-                Isolation::ReadUncommitted => high_watermark,
-                Isolation::ReadCommitted => last_stable_offset,
+                scanned_to: upper.max(offset),
             };
             if offset >= upper {
                 return Ok(outcome);
             }
             let first = inner.segment_index_for(offset);
+            if let Some(unread) = inner.segments.get(first + READ_SEGMENTS_MAX) {
+                outcome.scanned_to = unread.base_offset.min(upper);
+            }
             let plan: Vec<ReadPlan> = inner.segments[first..]
                 .iter()
                 .take(READ_SEGMENTS_MAX)

@@ -38,6 +38,7 @@ impl LogBackend for EmbeddedLog {
 
     fn read_committed(&self, topic: &str, partition: i32, from: i64, max_bytes: usize) -> Result<InputChunk> {
         let outcome = self.log.partition(topic, partition)?.read(from, max_bytes, Isolation::ReadCommitted)?;
+        let scanned_to = outcome.scanned_to;
         let mut chunk = InputChunk {
             records: Vec::new(),
             next_offset: from,
@@ -134,10 +135,11 @@ impl LogBackend for EmbeddedLog {
             }
         }
         if chunk.next_offset == from && from < chunk.end_offset {
-            // No batch at all below the last stable offset (the log returns at least one
-            // when there is one): compaction removed everything up to it. Step over the gap
-            // (a reader would otherwise never reach the end) and report it.
-            let end = chunk.end_offset;
+            // No batch where the log looked (it returns at least one when there is one, but
+            // looks at a bounded number of segments): compaction removed everything there.
+            // Step over that gap only (a reader would otherwise never get past it) and
+            // report it.
+            let end = scanned_to.min(chunk.end_offset);
             note_missing(&mut chunk, from, end);
             chunk.next_offset = end;
         }

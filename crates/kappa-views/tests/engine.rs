@@ -626,6 +626,39 @@ fn as_of_refuses_a_point_whose_history_ends_in_removed_records() {
     engine.shutdown();
 }
 
+/// A view reads past more segments that compaction emptied than one log read looks at
+/// (64): it steps over the empty ones it saw, not to the end, and finds what follows.
+#[test]
+fn a_view_reads_past_many_segments_compaction_emptied() {
+    let fixture = Fixture::with_configs(
+        1,
+        &[("cleanup.policy", "compact"), ("segment.bytes", "1024"), ("min.cleanable.dirty.ratio", "0.01")],
+    );
+    let pad = "p".repeat(1024);
+    // Each record fills a segment of its own: 80 versions of "k", then "j".
+    for i in 0..80 {
+        fixture.append(0, vec![event("k", Some(json!({"n": i, "pad": pad})), None, None, 1_000 + i)]);
+    }
+    fixture.append(0, vec![event("j", Some(json!({"n": 7, "pad": pad})), None, None, 2_000)]);
+    fixture.append(0, vec![event("last", Some(json!({"n": 1, "pad": pad})), None, None, 2_001)]);
+    fixture.log.compact().unwrap();
+    let read = fixture.log.partition(TOPIC, 0).unwrap().read(0, 1 << 20, kappa_log::Isolation::ReadCommitted).unwrap();
+    assert!(
+        read.records.is_empty() && read.scanned_to < read.last_stable_offset,
+        "the first read sees only empty segments"
+    );
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::start(backend, config, vec![sum_view(1, 1)]).unwrap();
+    assert!(engine.wait_caught_up("sums", Duration::from_secs(30)).unwrap(), "the view never caught up");
+    for (key, n) in [("k", 79), ("j", 7), ("last", 1)] {
+        let item = engine.get("sums", key).unwrap().value.unwrap_or_else(|| panic!("{key} is missing"));
+        let value: Value = serde_json::from_slice(&item.json).unwrap();
+        assert_eq!(value["total"], n, "{key}: {value}");
+    }
+    engine.shutdown();
+}
+
 /// Fans one event out to a key per tag, and keeps the tags of each record key internally.
 struct Tags;
 
