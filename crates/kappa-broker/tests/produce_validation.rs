@@ -62,9 +62,16 @@ async fn clients_may_not_write_control_batches_or_producer_batches_without_a_seq
     assert_eq!(produce(kappa.addr, "t", no_sequence).await, INVALID_RECORD, "a producer batch with sequence -1");
     // A request whose second batch is refused writes nothing, not its first batch.
     let mut two = BatchBuilder::new().record(record()).build();
-    two.extend(BatchBuilder::control_marker(7, 0, ControlType::Abort, 0, 1).build());
+    two.extend(BatchBuilder::control_marker(7, 0, ControlType::Abort, 0, 1).transactional(false).build());
     assert_eq!(produce(kappa.addr, "t", two).await, INVALID_RECORD, "a good batch then a marker");
     assert_eq!(kappa.log.partition("t", 0).unwrap().log_end_offset(), 0, "nothing was written");
+    // A transactional batch after a plain one is checked like a first one: no transaction
+    // vouches for it here, so it is refused (it would hold back the last stable offset).
+    let mut hidden = BatchBuilder::new().record(record()).build();
+    hidden.extend(BatchBuilder::new().producer(9, 0, 0).transactional(true).record(record()).build());
+    assert_ne!(produce(kappa.addr, "t", hidden).await, 0, "a transactional batch behind a plain one");
+    let partition = kappa.log.partition("t", 0).unwrap();
+    assert_eq!(partition.last_stable_offset(), partition.log_end_offset(), "no transaction was opened");
     let fine = BatchBuilder::new().record(record()).build();
     assert_eq!(produce(kappa.addr, "t", fine).await, 0);
 }

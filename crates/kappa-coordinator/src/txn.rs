@@ -242,7 +242,10 @@ impl TxnCoordinator {
                 return Err(TxnError::ProducerFenced);
             }
         }
-        meta.bumped_from = (meta.epoch >= 0).then_some(meta.epoch);
+        // Only the producer holding the current epoch asking for a bump may retry it: a new
+        // instance's bump (no expected epoch) fences the old one, retries included (Kafka too).
+        meta.bumped_from =
+            expected.filter(|held| meta.epoch >= 0 && *held == (meta.producer_id, meta.epoch)).map(|(_, epoch)| epoch);
         // Bump first: markers written below carry the new epoch, which fences the old producer.
         if meta.epoch >= i16::MAX - 1 {
             meta.producer_id = self.allocate_producer_id().await?;
@@ -392,12 +395,14 @@ impl TxnCoordinator {
 
     /// TxnOffsetCommit: checks the producer belongs to an open transaction that includes
     /// the offsets partition.
-    pub async fn check_offset_commit(&self, id: &str, producer_id: i64, epoch: i16) -> Result<(), TxnError> {
+    /// Held until the offsets are written: the transaction cannot end (by EndTxn or its
+    /// timeout) in between, which would leave them pending after its marker for good.
+    pub async fn check_offset_commit(&self, id: &str, producer_id: i64, epoch: i16) -> Result<OngoingTxn, TxnError> {
         let txn = self.lock_ongoing(id, producer_id, epoch).await?;
         if !txn.includes(CONSUMER_OFFSETS_TOPIC, 0) {
             return Err(TxnError::InvalidTxnState(TxnStatus::Ongoing.name()));
         }
-        Ok(())
+        Ok(txn)
     }
 
     /// EndTxn: commits or aborts. A retry of an EndTxn that already completed succeeds.

@@ -222,6 +222,13 @@ async fn a_retried_init_producer_id_gets_the_same_epoch_until_a_transaction_star
     txns.add_partitions("tx", pid, first + 1, &[("out".to_owned(), 0)]).await.unwrap();
     let stale = txns.init_producer_id(Some("tx"), 60_000, Some((pid, first))).await;
     assert!(matches!(stale, Err(TxnError::ProducerFenced)), "{stale:?}");
+    // A new instance's InitProducerId (no epoch held) fences the old one for good: the old
+    // instance's "retry" is not one.
+    let (_, held) = txns.init_producer_id(Some("tx"), 60_000, Some((pid, first + 1))).await.unwrap();
+    let (_, newer) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    assert_eq!(newer, held + 1);
+    let zombie = txns.init_producer_id(Some("tx"), 60_000, Some((pid, held))).await;
+    assert!(matches!(zombie, Err(TxnError::ProducerFenced)), "{zombie:?}");
 }
 
 fn offset(value: i64) -> CommittedOffset {

@@ -115,13 +115,9 @@ impl Broker {
         transactional_id: Option<&str>,
         work: Vec<PartitionWork>,
     ) -> (Vec<PartitionWork>, Vec<(String, i32, Written)>, Option<OngoingTxn>) {
-        let producer_of = |records: &Bytes| {
-            BatchHeader::parse(records)
-                .ok()
-                .filter(BatchHeader::is_transactional)
-                .map(|h| (h.producer_id, h.producer_epoch))
-        };
-        let Some((producer_id, epoch)) = work.iter().find_map(|(_, _, _, records)| producer_of(records)) else {
+        let Some((producer_id, epoch)) =
+            work.iter().find_map(|(_, _, _, records)| transactional_producer(records).ok().flatten())
+        else {
             return (work, Vec::new(), None);
         };
         let ongoing = match transactional_id {
@@ -134,13 +130,17 @@ impl Broker {
         let mut accepted = Vec::with_capacity(work.len());
         let mut refused = Vec::new();
         for item in work {
-            let Some(producer) = producer_of(&item.3) else {
-                accepted.push(item);
-                continue;
+            let producer = match transactional_producer(&item.3) {
+                Ok(None) => {
+                    accepted.push(item);
+                    continue;
+                }
+                Ok(Some(producer)) => Some(producer),
+                Err(()) => None,
             };
             let refusal = match &ongoing {
                 Err(e) => Some(e.clone()),
-                Ok(_) if producer != (producer_id, epoch) => Some((
+                _ if producer != Some((producer_id, epoch)) => Some((
                     errors::INVALID_TXN_STATE,
                     "one request's transactional batches must come from one producer".to_owned(),
                 )),
@@ -163,6 +163,31 @@ impl Broker {
         }
         (accepted, refused, ongoing.ok())
     }
+}
+
+/// The producer (id, epoch) of a partition's transactional batches, if it has any; `Err`
+/// when they name more than one. Every batch is looked at: a transactional batch after a
+/// plain one needs the coordinator's word as much as a first one (unchecked, it would open
+/// a transaction no coordinator knows, holding back the last stable offset). Framing errors
+/// are left to the append's own checks.
+fn transactional_producer(records: &[u8]) -> Result<Option<(i64, i16)>, ()> {
+    let mut found = None;
+    let mut rest = records;
+    while let Ok(header) = BatchHeader::parse(rest) {
+        if header.is_transactional() {
+            let producer = (header.producer_id, header.producer_epoch);
+            if found.is_some_and(|f| f != producer) {
+                return Err(());
+            }
+            found = Some(producer);
+        }
+        let len = header.total_bytes();
+        if len < batch::HEADER_BYTES {
+            break;
+        }
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    Ok(found)
 }
 
 /// A partition's answer: known now, or waiting for an fsync on a blocking thread.

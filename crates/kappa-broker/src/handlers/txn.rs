@@ -190,7 +190,8 @@ impl Broker {
             .collect();
         let code = match check {
             Err(code) => code,
-            Ok(()) => match self
+            // The transaction stays locked (`_ongoing`) until the offsets are written.
+            Ok(_ongoing) => match self
                 .offsets
                 .commit_transactional(request.producer_id.0, request.producer_epoch, &group, offsets)
                 .await
