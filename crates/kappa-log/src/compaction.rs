@@ -255,6 +255,14 @@ impl Partition {
         let mut out = CleanedWriter::new(file.as_ref(), cleaned_path, candidate.size);
         produce(&mut out)?;
         let size = out.finish()?;
+        // The rewrite is not an append: after a restart the segment's age (retention of
+        // records without timestamps, tombstone expiry) comes from this file's time, so it
+        // keeps the original's. Advisory: if it is lost, the segment only looks younger.
+        if let Some(ms) = candidate.last_append_ms
+            && let Err(e) = file.set_modified_ms(ms)
+        {
+            tracing::warn!(path = %cleaned_path.display(), error = %e, "could not keep a cleaned segment's modification time; it will look younger after a restart");
+        }
         file.sync_data().map_err(|e| self.poison(LogError::io(cleaned_path, e)))?;
         Ok(size)
     }

@@ -350,6 +350,32 @@ fn a_tombstone_with_an_old_timestamp_is_kept_for_delete_retention_after_its_appe
     assert!(values_of(&p, "k").is_empty(), "a day of broker time after its append it goes");
 }
 
+/// On real files a cleaned segment keeps its original's modification time, from which its
+/// age is read after a restart: cleaning passes between restarts must not make its
+/// tombstones look freshly written, for ever.
+#[test]
+fn a_cleaned_segment_keeps_its_append_time_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, false, &[]);
+    p.append(keyed("k", Some("1"), T0)).unwrap();
+    p.append(keyed("k", None, T0)).unwrap();
+    roll(&p, 1, T0);
+    p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(values_of(&p, "k"), vec![None], "young: the delete stays");
+    log.close().unwrap();
+    drop((p, log));
+
+    clock.advance(DELETE_RETENTION_MS + 1);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    roll(&p, 1, now(&clock));
+    let outcome = p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(outcome.tombstones_removed, 1, "appended delete.retention.ms ago (the cleaning does not count)");
+    assert!(values_of(&p, "k").is_empty());
+}
+
 /// After a restart without file times (SimFs keeps none), a segment ages from the open:
 /// the broker's downtime does not count as time consumers had to see a delete.
 #[test]

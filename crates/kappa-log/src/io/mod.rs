@@ -74,6 +74,12 @@ pub trait StorageFile: Send + Sync {
         None
     }
 
+    /// Sets when the contents last changed (ms since the Unix epoch), where the file system
+    /// keeps it; a no-op elsewhere.
+    fn set_modified_ms(&self, _ms: i64) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`, failing with `UnexpectedEof` when the
     /// file is shorter.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {

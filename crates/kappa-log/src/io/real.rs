@@ -91,6 +91,11 @@ impl StorageFile for RealFile {
         i64::try_from(modified.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()
     }
 
+    fn set_modified_ms(&self, ms: i64) -> io::Result<()> {
+        let since_epoch = std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        self.0.set_modified(std::time::UNIX_EPOCH + since_epoch)
+    }
+
     fn write_all_vectored_at(&self, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
         let mut slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
         let mut rest = &mut slices[..];
