@@ -7,6 +7,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// The largest response body the CLI takes in: far above any page, snapshot or dump the
+/// server sends within its own limits, so only a broken or foreign server reaches it.
+pub const RESPONSE_BODY_BYTES_MAX: usize = 1 << 30;
+/// The longest status, header, chunk-size or event-stream line read.
+pub const RESPONSE_LINE_BYTES_MAX: u64 = 64 << 20;
+
 /// What went wrong talking to the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,6 +24,24 @@ pub enum ClientError {
     Io { address: String, source: std::io::Error },
     #[error("{address} sent a malformed HTTP response")]
     Malformed { address: String },
+    #[error(
+        "{address} sent a response over {limit} bytes (a line over {RESPONSE_LINE_BYTES_MAX} bytes or a body over \
+         {RESPONSE_BODY_BYTES_MAX} bytes): is it a kappa server? narrow the request (e.g. --limit) if it is"
+    )]
+    TooLarge { address: String, limit: u64 },
+}
+
+/// Reads one line of at most RESPONSE_LINE_BYTES_MAX bytes into `line` (appending); the
+/// bytes read, 0 at the end of the stream.
+fn read_bounded_line(address: &str, reader: &mut impl BufRead, line: &mut String) -> Result<usize, ClientError> {
+    let read = reader
+        .take(RESPONSE_LINE_BYTES_MAX)
+        .read_line(line)
+        .map_err(|source| ClientError::Io { address: address.to_owned(), source })?;
+    if read as u64 == RESPONSE_LINE_BYTES_MAX && !line.ends_with('\n') {
+        return Err(ClientError::TooLarge { address: address.to_owned(), limit: RESPONSE_LINE_BYTES_MAX });
+    }
+    Ok(read)
 }
 
 /// A whole response.
@@ -79,9 +103,8 @@ fn open(
 
 /// Reads the status line and headers; returns (status, chunked, content length).
 fn read_head(address: &str, reader: &mut BufReader<TcpStream>) -> Result<(u16, bool, Option<usize>), ClientError> {
-    let io = |source| ClientError::Io { address: address.to_owned(), source };
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(io)?;
+    read_bounded_line(address, reader, &mut line)?;
     let status = line
         .split_whitespace()
         .nth(1)
@@ -90,7 +113,9 @@ fn read_head(address: &str, reader: &mut BufReader<TcpStream>) -> Result<(u16, b
     let (mut chunked, mut length) = (false, None);
     loop {
         line.clear();
-        reader.read_line(&mut line).map_err(io)?;
+        if read_bounded_line(address, reader, &mut line)? == 0 {
+            return Err(ClientError::Malformed { address: address.to_owned() });
+        }
         let header = line.trim_end().to_ascii_lowercase();
         if header.is_empty() {
             return Ok((status, chunked, length));
@@ -107,25 +132,37 @@ pub fn request(server: &str, method: &str, path: &str, body: Option<&str>) -> Re
     let (address, mut reader) = open(server, method, path, body, Some(Duration::from_secs(600)))?;
     let (status, chunked, length) = read_head(&address, &mut reader)?;
     let io = |source| ClientError::Io { address: address.clone(), source };
+    let too_large = || ClientError::TooLarge { address: address.clone(), limit: RESPONSE_BODY_BYTES_MAX as u64 };
     let mut bytes = Vec::new();
     if chunked {
         loop {
             let mut size = String::new();
-            reader.read_line(&mut size).map_err(io)?;
+            read_bounded_line(&address, &mut reader, &mut size)?;
             let size = usize::from_str_radix(size.trim(), 16)
                 .map_err(|_| ClientError::Malformed { address: address.clone() })?;
             if size == 0 {
                 break;
             }
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk).map_err(io)?;
-            bytes.extend_from_slice(&chunk[..size]);
+            if size > RESPONSE_BODY_BYTES_MAX - bytes.len() {
+                return Err(too_large());
+            }
+            let start = bytes.len();
+            bytes.resize(start + size, 0);
+            reader.read_exact(&mut bytes[start..]).map_err(io)?;
+            let mut crlf = [0; 2];
+            reader.read_exact(&mut crlf).map_err(io)?;
         }
     } else if let Some(length) = length {
+        if length > RESPONSE_BODY_BYTES_MAX {
+            return Err(too_large());
+        }
         bytes.resize(length, 0);
         reader.read_exact(&mut bytes).map_err(io)?;
     } else {
-        reader.read_to_end(&mut bytes).map_err(io)?;
+        (&mut reader).take(RESPONSE_BODY_BYTES_MAX as u64 + 1).read_to_end(&mut bytes).map_err(io)?;
+        if bytes.len() > RESPONSE_BODY_BYTES_MAX {
+            return Err(too_large());
+        }
     }
     Ok(Response { status, body: String::from_utf8_lossy(&bytes).into_owned() })
 }
@@ -141,7 +178,7 @@ pub fn stream_events(
     let (status, _, _) = read_head(&address, &mut reader)?;
     if status != 200 {
         let mut body = String::new();
-        let _ = reader.read_to_string(&mut body);
+        let _ = (&mut reader).take(RESPONSE_BODY_BYTES_MAX as u64).read_to_string(&mut body);
         let body = body.lines().filter(|l| l.starts_with('{')).collect::<String>();
         return Ok(Some(Response { status, body }));
     }
@@ -149,13 +186,16 @@ pub fn stream_events(
     let mut line = String::new();
     loop {
         line.clear();
-        if reader.read_line(&mut line).map_err(|source| ClientError::Io { address: address.clone(), source })? == 0 {
+        if read_bounded_line(&address, &mut reader, &mut line)? == 0 {
             return Ok(None);
         }
         let text = line.trim_end_matches(['\r', '\n']);
         if let Some(v) = text.strip_prefix("event:") {
             name = v.trim().to_owned();
         } else if let Some(v) = text.strip_prefix("data:") {
+            if data.len() + v.len() > RESPONSE_BODY_BYTES_MAX {
+                return Err(ClientError::TooLarge { address, limit: RESPONSE_BODY_BYTES_MAX as u64 });
+            }
             data.push_str(v.trim_start());
         } else if text.is_empty() && !data.is_empty() {
             if !on_event(&name, &data) {
@@ -164,5 +204,61 @@ pub fn stream_events(
             name.clear();
             data.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server on port 0 that reads the request head, then sends `response` and closes.
+    fn serve_once(response: Vec<u8>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let _ = reader.get_mut().write_all(&response);
+        });
+        format!("http://{address}")
+    }
+
+    #[test]
+    fn a_content_length_over_the_limit_is_refused_before_allocating() {
+        let server = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n{}".to_vec());
+        let error = request(&server, "GET", "/v1/health", None).unwrap_err();
+        assert!(matches!(error, ClientError::TooLarge { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_chunk_size_that_would_overflow_is_refused() {
+        let server = serve_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n".to_vec());
+        let error = request(&server, "GET", "/v1/health", None).unwrap_err();
+        assert!(matches!(error, ClientError::TooLarge { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_header_line_without_end_is_cut_at_the_line_limit() {
+        let mut response = b"HTTP/1.1 200 OK\r\nX-Endless: ".to_vec();
+        response.resize(RESPONSE_LINE_BYTES_MAX as usize + 1024, b'a');
+        let server = serve_once(response);
+        let error = request(&server, "GET", "/v1/health", None).unwrap_err();
+        assert!(matches!(error, ClientError::TooLarge { .. }), "{error}");
+    }
+
+    #[test]
+    fn chunked_and_sized_bodies_are_read_whole() {
+        let server = serve_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n".to_vec(),
+        );
+        assert_eq!(request(&server, "GET", "/", None).unwrap().body, r#"{"a":1}"#);
+        let server = serve_once(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}".to_vec());
+        let response = request(&server, "GET", "/", None).unwrap();
+        assert_eq!((response.status, response.body.as_str()), (404, "{}"));
     }
 }
