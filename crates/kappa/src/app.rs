@@ -334,7 +334,7 @@ impl App {
                     Ok(_) => {
                         tracing::info!(topic = %topic.name, partitions = topic.partitions, "created the application's topic")
                     }
-                    Err(LogError::TopicExists(_)) => {}
+                    Err(LogError::TopicExists(_)) => warn_if_topic_differs(log, topic),
                     Err(e) => return Err(e).with_context(|| format!("creating topic {}", topic.name)),
                 }
             }
@@ -429,6 +429,37 @@ impl App {
         log.close().context("closing the data directory")?;
         result
     }
+}
+
+/// An application's topic that already exists is kept as it is (it may have been altered on
+/// purpose), but a partition count or config that differs from what the application asks
+/// for is named: a topic auto-created by a client's first produce has neither.
+fn warn_if_topic_differs(log: &Log, spec: &TopicSpec) {
+    let differences = topic_differences(log, spec);
+    if !differences.is_empty() {
+        tracing::warn!(
+            topic = %spec.name,
+            differences = %differences.join(", "),
+            "the application's topic already exists with another shape and is kept as it is; to get the \
+             application's shape, alter it (kappa topic alter) or delete it before starting"
+        );
+    }
+}
+
+/// How an existing topic differs from the application's spec, one phrase per difference.
+fn topic_differences(log: &Log, spec: &TopicSpec) -> Vec<String> {
+    let Ok(topic) = log.topic(&spec.name) else { return Vec::new() };
+    let config = topic.config();
+    let mut differences: Vec<String> = spec
+        .configs
+        .iter()
+        .filter(|(key, wanted)| config.get(key).as_deref() != Some(wanted.as_str()))
+        .map(|(key, wanted)| format!("{key}={} (asks for {wanted})", config.get(key).unwrap_or_default()))
+        .collect();
+    if topic.partition_count() != spec.partitions {
+        differences.insert(0, format!("{} partitions (asks for {})", topic.partition_count(), spec.partitions));
+    }
+    differences
 }
 
 fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Result<()> {
@@ -633,5 +664,32 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TopicSpec {
+        TopicSpec {
+            name: "channels".to_owned(),
+            partitions: 4,
+            configs: BTreeMap::from([("cleanup.policy".to_owned(), "compact".to_owned())]),
+        }
+    }
+
+    #[test]
+    fn an_existing_topic_of_another_shape_is_named_and_one_of_the_same_shape_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), LogOptions::default()).unwrap();
+        log.create_topic("channels", 1, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            topic_differences(&log, &spec()),
+            ["1 partitions (asks for 4)", "cleanup.policy=delete (asks for compact)"]
+        );
+        log.delete_topic("channels").unwrap();
+        log.create_topic("channels", 4, &spec().configs).unwrap();
+        assert!(topic_differences(&log, &spec()).is_empty());
     }
 }
