@@ -11,7 +11,7 @@
 //! Invariant: this module knows membership, not the wire: no error codes, no request
 //! versions (the broker maps [`GroupError`] to Kafka codes).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::GroupError;
+use crate::offsets::OFFSET_KEY_NAME_BYTES_MAX;
 
 /// Limits and timing of the group coordinator.
 #[derive(Debug, Clone)]
@@ -36,8 +37,17 @@ pub struct GroupConfig {
     /// Live groups (with members, or member ids handed out) one coordinator keeps; Empty
     /// ones are forgotten (their committed offsets stay in the offset store).
     pub groups_max: usize,
-    /// Longest group id, member id or instance id accepted.
+    /// Longest group id, member id or instance id accepted, in bytes (JoinGroup, offset
+    /// commits, DeleteGroups); at most [`OFFSET_KEY_NAME_BYTES_MAX`], what an offset record
+    /// holds.
     pub id_bytes_max: usize,
+    /// Most bytes of one member's protocols (names plus metadata) in a JoinGroup, and of one
+    /// member's assignment in SyncGroup. Kafka bounds them only through the group's record
+    /// in `__consumer_offsets` (1 MiB); kappa keeps them in memory, so bounds each.
+    pub member_metadata_bytes_max: usize,
+    /// Most protocols (assignors) one member may offer. Kafka has no limit; clients offer
+    /// one to three, so this is generous while bounding the protocol vote's work.
+    pub protocols_per_member_max: usize,
 }
 
 impl Default for GroupConfig {
@@ -49,6 +59,8 @@ impl Default for GroupConfig {
             group_members_max: 1_000,
             groups_max: 100_000,
             id_bytes_max: 1_024,
+            member_metadata_bytes_max: 1024 * 1024,
+            protocols_per_member_max: 64,
         }
     }
 }
@@ -172,6 +184,15 @@ struct Group {
     incarnation: u64,
     /// Bumped at every rebalance so stale timers do nothing.
     rebalance_epoch: u64,
+    /// The one pending rebalance timer: replaced (the old one aborted) by the next, so a
+    /// churning group with long rebalance timeouts never accumulates sleeping tasks.
+    timer: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.stop_timer();
+    }
 }
 
 impl Group {
@@ -188,6 +209,13 @@ impl Group {
             pending: HashMap::new(),
             incarnation,
             rebalance_epoch: 0,
+            timer: None,
+        }
+    }
+
+    fn stop_timer(&mut self) {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
         }
     }
 
@@ -210,41 +238,47 @@ impl Group {
     }
 
     /// Protocols every member except `exclude` (plus `candidate`, if given) supports, in
-    /// the order the first of them prefers.
+    /// the order the first of them prefers. O(protocols × members): it runs under the
+    /// groups lock.
     fn common_protocols(&self, exclude: Option<u64>, candidate: Option<&[(String, Vec<u8>)]>) -> Vec<String> {
-        let mut lists: Vec<&[(String, Vec<u8>)]> = self
+        let mut lists = self
             .members
             .iter()
             .filter(|(seq, _)| Some(**seq) != exclude)
             .map(|(_, m)| m.protocols.as_slice())
-            .collect();
-        lists.extend(candidate);
-        let Some(first) = lists.first() else { return Vec::new() };
-        first
-            .iter()
-            .map(|(name, _)| name.clone())
-            .filter(|name| lists.iter().all(|l| l.iter().any(|(n, _)| n == name)))
-            .collect()
-    }
-
-    /// Kafka's vote: each member votes for its most preferred common protocol.
-    fn select_protocol(&self) -> String {
-        let common = self.common_protocols(None, None);
-        let mut votes: HashMap<&str, usize> = HashMap::new();
-        for member in self.members.values() {
-            if let Some((name, _)) = member.protocols.iter().find(|(n, _)| common.contains(n)) {
-                *votes.entry(name.as_str()).or_default() += 1;
+            .chain(candidate);
+        let Some(first) = lists.next() else { return Vec::new() };
+        let mut common: Vec<&str> = Vec::new();
+        let mut seen = HashSet::new();
+        for (name, _) in first {
+            if seen.insert(name.as_str()) {
+                common.push(name);
             }
         }
-        common
-            .iter()
-            .max_by_key(|name| {
-                (
-                    votes.get(name.as_str()).copied().unwrap_or(0),
-                    std::cmp::Reverse(common.iter().position(|n| n == *name)),
-                )
-            })
-            .cloned()
+        for list in lists {
+            if common.is_empty() {
+                break;
+            }
+            let names: HashSet<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+            common.retain(|name| names.contains(name));
+        }
+        common.into_iter().map(str::to_owned).collect()
+    }
+
+    /// Kafka's vote: each member votes for its most preferred common protocol; a tie goes
+    /// to the protocol the first member prefers.
+    fn select_protocol(&self) -> String {
+        let common = self.common_protocols(None, None);
+        let rank: HashMap<&str, usize> = common.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let mut votes = vec![0usize; common.len()];
+        for member in self.members.values() {
+            if let Some(&i) = member.protocols.iter().find_map(|(n, _)| rank.get(n.as_str())) {
+                votes[i] += 1;
+            }
+        }
+        (0..common.len())
+            .max_by_key(|&i| (votes[i], std::cmp::Reverse(i)))
+            .map(|i| common[i].clone())
             .unwrap_or_default()
     }
 
@@ -295,11 +329,33 @@ impl GroupCoordinator {
     }
 
     fn check_id(&self, id: &str) -> Result<(), GroupError> {
-        if id.len() > self.inner.config.id_bytes_max {
+        if id.len() > self.inner.config.id_bytes_max.min(OFFSET_KEY_NAME_BYTES_MAX) {
             return Err(GroupError::InvalidGroupId(format!(
-                "ids are limited to {} bytes",
-                self.inner.config.id_bytes_max
+                "an id is {} bytes; group, member and instance ids are limited to {} bytes",
+                id.len(),
+                self.inner.config.id_bytes_max.min(OFFSET_KEY_NAME_BYTES_MAX)
             )));
+        }
+        Ok(())
+    }
+
+    /// A member's protocols within `protocols_per_member_max` and `member_metadata_bytes_max`
+    /// (refused as inconsistent: the error Kafka clients know for a join with unusable
+    /// protocols).
+    fn check_protocols(&self, request: &JoinRequest) -> Result<(), GroupError> {
+        let config = &self.inner.config;
+        let bytes: usize = request.protocols.iter().map(|(name, metadata)| name.len() + metadata.len()).sum();
+        if request.protocols.len() > config.protocols_per_member_max || bytes > config.member_metadata_bytes_max {
+            tracing::warn!(
+                group = %request.group_id,
+                client_id = %request.client_id,
+                protocols = request.protocols.len(),
+                protocols_max = config.protocols_per_member_max,
+                bytes,
+                bytes_max = config.member_metadata_bytes_max,
+                "join refused: too many protocols or too much member metadata"
+            );
+            return Err(GroupError::InconsistentGroupProtocol);
         }
         Ok(())
     }
@@ -332,6 +388,7 @@ impl GroupCoordinator {
         if request.protocols.is_empty() || request.protocol_type.is_empty() {
             return Err(GroupError::InconsistentGroupProtocol);
         }
+        self.check_protocols(&request)?;
         let mut groups = self.lock();
         if !groups.contains_key(&request.group_id) && groups.len() >= config.groups_max {
             // Idle groups left since the last reaper pass do not count.
@@ -427,6 +484,17 @@ impl GroupCoordinator {
                     && request.require_known_member_id
                     && request.group_instance_id.is_none()
                 {
+                    // Kafka checks the group's room before handing out a member id too; kappa
+                    // also bounds the ids handed out and not used yet (they live a session
+                    // timeout, up to 30 min, and the reaper scans them under the lock).
+                    if group.pending.len() >= config.group_members_max {
+                        group.pending.retain(|_, expiry| *expiry >= now);
+                    }
+                    if group.members.len() >= config.group_members_max
+                        || group.pending.len() >= config.group_members_max
+                    {
+                        return Err(GroupError::GroupMaxSizeReached { members_max: config.group_members_max });
+                    }
                     group.pending.insert(member_id.clone(), now + ms(request.session_timeout_ms));
                     return Err(GroupError::MemberIdRequired(member_id));
                 }
@@ -482,11 +550,13 @@ impl GroupCoordinator {
     }
 
     /// Ends the join phase of the current rebalance after `timeout`, unless it ended already.
-    fn complete_join_after(&self, group: &Group, timeout: Duration) {
+    /// Replaces the group's previous timer.
+    fn complete_join_after(&self, group: &mut Group, timeout: Duration) {
         let (incarnation, epoch) = (group.incarnation, group.rebalance_epoch);
         let coordinator = self.clone();
         let group_id = group.id.clone();
-        tokio::spawn(async move {
+        group.stop_timer();
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let mut groups = coordinator.lock();
             if let Some(group) = groups.get_mut(&group_id)
@@ -496,9 +566,11 @@ impl GroupCoordinator {
             {
                 // Only static members that did not rejoin are left: wait for them, or for
                 // their sessions to expire (Kafka too).
-                coordinator.complete_join_after(group, rebalance_timeout(group));
+                let timeout = rebalance_timeout(group);
+                coordinator.complete_join_after(group, timeout);
             }
         });
+        group.timer = Some(timer.abort_handle());
     }
 
     /// SyncGroup: the leader's call carries every assignment; each member's call resolves
@@ -518,9 +590,18 @@ impl GroupCoordinator {
                 GroupState::Empty => return Err(GroupError::UnknownMemberId),
                 GroupState::CompletingRebalance => {}
             }
+            let is_leader = group.leader.as_deref() == Some(request.member_id.as_str());
+            let assignment_bytes_max = self.inner.config.member_metadata_bytes_max;
+            if is_leader
+                && let Some((member, assignment)) =
+                    request.assignments.iter().find(|(_, a)| a.len() > assignment_bytes_max)
+            {
+                tracing::warn!(group = %group.id, %member, bytes = assignment.len(), bytes_max = assignment_bytes_max, "sync refused: an assignment is over member_metadata_bytes_max");
+                return Err(GroupError::InconsistentGroupProtocol);
+            }
             let (sender, receiver) = oneshot::channel();
             group.members.get_mut(&seq).expect("member").sync_waiter = Some(sender);
-            if group.leader.as_deref() == Some(request.member_id.as_str()) {
+            if is_leader {
                 let assignments: HashMap<String, Vec<u8>> = request.assignments.into_iter().collect();
                 for member in group.members.values_mut() {
                     member.assignment = assignments.get(&member.id).cloned().unwrap_or_default();
@@ -589,6 +670,7 @@ impl GroupCoordinator {
             group.leader = None;
             group.rebalance_epoch += 1;
             group.generation += 1;
+            group.stop_timer();
             return;
         }
         if group.state != GroupState::PreparingRebalance {
@@ -656,6 +738,7 @@ impl GroupCoordinator {
         member_id: &str,
         instance_id: Option<&str>,
     ) -> Result<(), GroupError> {
+        self.check_id(group_id)?;
         let groups = self.lock();
         let Some(group) = groups.get(group_id) else {
             return if generation_id < 0 { Ok(()) } else { Err(GroupError::IllegalGeneration) };
@@ -685,6 +768,7 @@ impl GroupCoordinator {
         member_id: &str,
         instance_id: Option<&str>,
     ) -> Result<(), GroupError> {
+        self.check_id(group_id)?;
         if generation_id < 0 && member_id.is_empty() && instance_id.is_none() {
             return Ok(());
         }
@@ -711,7 +795,8 @@ impl GroupCoordinator {
         out
     }
 
-    /// DescribeGroups for one group (Dead with no members when unknown, as Kafka answers).
+    /// DescribeGroups for one group (Dead with no members when unknown, as Kafka answers);
+    /// members' metadata and assignments are empty unless the group is Stable.
     pub fn describe(&self, group_id: &str) -> GroupDescription {
         let groups = self.lock();
         let Some(group) = groups.get(group_id) else {
@@ -723,11 +808,14 @@ impl GroupCoordinator {
                 members: Vec::new(),
             };
         };
+        // Kafka (GroupMetadata.summary) reports the protocol, member metadata and
+        // assignments only for a Stable group: during a rebalance they are not settled.
+        let stable = group.state == GroupState::Stable;
         GroupDescription {
             group_id: group.id.clone(),
             state: group.state.name(),
             protocol_type: group.protocol_type.clone(),
-            protocol: if group.state == GroupState::Stable { group.protocol.clone() } else { String::new() },
+            protocol: if stable { group.protocol.clone() } else { String::new() },
             members: group
                 .members
                 .values()
@@ -736,8 +824,8 @@ impl GroupCoordinator {
                     group_instance_id: m.instance_id.clone(),
                     client_id: m.client_id.clone(),
                     client_host: m.client_host.clone(),
-                    metadata: group.metadata_for(m),
-                    assignment: m.assignment.clone(),
+                    metadata: if stable { group.metadata_for(m) } else { Vec::new() },
+                    assignment: if stable { m.assignment.clone() } else { Vec::new() },
                 })
                 .collect(),
         }
@@ -745,6 +833,7 @@ impl GroupCoordinator {
 
     /// Forgets an empty group (DeleteGroups); a group with members is refused.
     pub fn delete(&self, group_id: &str) -> Result<(), GroupError> {
+        self.check_id(group_id)?;
         let mut groups = self.lock();
         match groups.get(group_id) {
             None => Err(GroupError::GroupIdNotFound),
@@ -794,6 +883,7 @@ fn complete_join(group: &mut Group) -> bool {
     }
     group.rebalance_epoch += 1;
     group.generation += 1;
+    group.stop_timer();
     if group.members.is_empty() {
         group.state = GroupState::Empty;
         group.leader = None;

@@ -13,4 +13,7 @@ pub mod txn;
 pub use error::{GroupError, TxnError};
 pub use group::{GroupConfig, GroupCoordinator, JoinOutcome, JoinRequest, SyncRequest};
 pub use offsets::{CONSUMER_OFFSETS_TOPIC, CommittedOffset, OffsetStore};
-pub use txn::{OngoingTxn, RESERVED_TRANSACTIONAL_ID_PREFIX, TRANSACTION_STATE_TOPIC, TxnConfig, TxnCoordinator};
+pub use txn::{
+    OngoingTxn, RESERVED_TRANSACTIONAL_ID_PREFIX, TRANSACTION_STATE_TOPIC, TXN_PARTITIONS_MAX_LIMIT, TxnConfig,
+    TxnCoordinator,
+};

@@ -19,6 +19,10 @@ use crate::internal;
 pub const CONSUMER_OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// Kafka: offset.metadata.max.bytes.
 pub const OFFSET_METADATA_BYTES_MAX: usize = 4096;
+/// The longest group id or topic name an offset record can hold (a u16 length). Longer ones
+/// are refused, never cut: a cut id would come back under another group's name at replay.
+/// The group coordinator's `id_bytes_max` is the tighter limit for group ids.
+pub const OFFSET_KEY_NAME_BYTES_MAX: usize = u16::MAX as usize;
 const KEY_KIND_OFFSET: u8 = 1;
 const VALUE_VERSION: u8 = 1;
 
@@ -145,6 +149,7 @@ impl OffsetStore {
 
     /// Stores offsets durably, then makes them visible. All or nothing.
     pub async fn commit(&self, group: &str, offsets: Vec<(TopicPartition, CommittedOffset)>) -> Result<(), GroupError> {
+        check_names(group, offsets.iter().map(|(tp, _)| tp))?;
         check_metadata(&offsets)?;
         let entries: Vec<_> = offsets.into_iter().map(|(tp, v)| (tp, Some(v))).collect();
         self.append(group, &entries, None).await?;
@@ -163,6 +168,7 @@ impl OffsetStore {
         group: &str,
         offsets: Vec<(TopicPartition, CommittedOffset)>,
     ) -> Result<(), GroupError> {
+        check_names(group, offsets.iter().map(|(tp, _)| tp))?;
         check_metadata(&offsets)?;
         let entries: Vec<_> = offsets.into_iter().map(|(tp, v)| (tp, Some(v))).collect();
         self.append(group, &entries, Some((producer_id, producer_epoch))).await?;
@@ -239,6 +245,7 @@ impl OffsetStore {
     /// Deletes offsets (OffsetDelete), or all of a group's offsets with `None` (DeleteGroups).
     pub async fn delete(&self, group: &str, partitions: Option<Vec<TopicPartition>>) -> Result<(), GroupError> {
         let partitions = partitions.unwrap_or_else(|| self.fetch(group, None).into_iter().map(|(tp, _)| tp).collect());
+        check_names(group, partitions.iter())?;
         if partitions.is_empty() {
             return Ok(());
         }
@@ -275,6 +282,24 @@ impl OffsetStore {
             .map_err(|e| GroupError::Storage(e.to_string()))?
             .map_err(|e| GroupError::Storage(e.to_string()))?;
         Ok(())
+    }
+}
+
+/// Refuses names an offset record cannot hold whole (see [`OFFSET_KEY_NAME_BYTES_MAX`]).
+fn check_names<'a>(group: &str, mut partitions: impl Iterator<Item = &'a TopicPartition>) -> Result<(), GroupError> {
+    if group.len() > OFFSET_KEY_NAME_BYTES_MAX {
+        return Err(GroupError::InvalidGroupId(format!(
+            "the group id is {} bytes; group ids are limited to {OFFSET_KEY_NAME_BYTES_MAX} bytes",
+            group.len()
+        )));
+    }
+    match partitions.find(|(topic, _)| topic.len() > OFFSET_KEY_NAME_BYTES_MAX) {
+        // No such topic can exist (the log limits names to 249 bytes).
+        Some((topic, _)) => Err(GroupError::Storage(format!(
+            "a topic name of {} bytes cannot be stored (at most {OFFSET_KEY_NAME_BYTES_MAX}); commit offsets of existing topics only",
+            topic.len()
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -2,7 +2,9 @@
 //! two-phase end of a transaction (PrepareCommit/PrepareAbort is stored, the markers are
 //! written to every partition, then CompleteCommit/CompleteAbort is stored). State lives
 //! in the internal compacted topic `__transaction_state`, so a transaction caught between
-//! the phases by a crash is completed when the coordinator opens again.
+//! the phases by a crash is completed when the coordinator opens again, and one whose
+//! markers or Complete* record failed to write by the next expiry pass. A write that fails
+//! leaves the in-memory state as stored: never Prepare* unless Prepare* was stored.
 //!
 //! Fencing: InitProducerId bumps the epoch of a transactional id (aborting any open
 //! transaction with markers at the new epoch), so the log rejects the old producer's
@@ -28,7 +30,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use kappa_log::batch::HEADER_BYTES;
 use kappa_log::codec::{Reader, put_str};
+use kappa_log::log::TOPIC_NAME_BYTES_MAX;
 use kappa_log::records::{self, BatchBuilder, ControlType, NewRecord};
 use kappa_log::{Log, LogError, Partition};
 
@@ -46,17 +50,36 @@ const KEY_TXN: u8 = 1;
 const KEY_PID_BLOCK: u8 = 2;
 const PID_BLOCK_KEY: &str = "producer-ids";
 /// Tombstones of expired transactional ids written per batch, and the ids' bytes per batch
-/// (internal topics take batches up to 1 MiB).
+/// (well under the internal topics' `max.message.bytes`).
 pub const EXPIRED_IDS_PER_BATCH: usize = 500;
 const EXPIRED_ID_BYTES_PER_BATCH: usize = 512 * 1024;
+
+/// Bytes one partition takes in a transaction record at most: topic_len u16, a topic name
+/// of at most the log's [`TOPIC_NAME_BYTES_MAX`], partition i32.
+const TXN_PARTITION_BYTES_MAX: usize = 2 + TOPIC_NAME_BYTES_MAX + 4;
+/// A transaction record's batch without its partitions, at most: the batch header, the
+/// record's framing (varints; 64 is generous), the key (kind u8, id_len u16, an id of at
+/// most [`TRANSACTIONAL_ID_BYTES_LIMIT`]) and the value's fixed fields.
+const TXN_RECORD_FIXED_BYTES_MAX: usize = HEADER_BYTES + 64 + 3 + TRANSACTIONAL_ID_BYTES_LIMIT + 28;
+/// The most partitions one transaction may touch, whatever [`TxnConfig::partitions_max`]
+/// says: the most whose record still fits the internal topic's `max.message.bytes`
+/// (16,190). A record that could not be stored would leave its transaction unable to end.
+pub const TXN_PARTITIONS_MAX_LIMIT: usize =
+    (internal::INTERNAL_MESSAGE_BYTES_MAX - TXN_RECORD_FIXED_BYTES_MAX) / TXN_PARTITION_BYTES_MAX;
+/// The longest transactional id storable, whatever [`TxnConfig::id_bytes_max`] says: ids
+/// are stored with a u16 length.
+pub const TRANSACTIONAL_ID_BYTES_LIMIT: usize = u16::MAX as usize;
+const _: () = assert!(TXN_PARTITIONS_MAX_LIMIT >= 10_000, "the default partitions_max must fit");
 
 #[derive(Debug, Clone)]
 pub struct TxnConfig {
     /// Kafka: transaction.max.timeout.ms.
     pub max_timeout_ms: i32,
-    /// Partitions one transaction may touch.
+    /// Partitions one transaction may touch (at most [`TXN_PARTITIONS_MAX_LIMIT`]; a larger
+    /// value is lowered to it at open).
     pub partitions_max: usize,
-    /// Longest transactional id accepted.
+    /// Longest transactional id accepted, in bytes (at most
+    /// [`TRANSACTIONAL_ID_BYTES_LIMIT`]; a larger value is lowered to it at open).
     pub id_bytes_max: usize,
     /// Kafka: transactional.id.expiration.ms — how long an idle transactional id is kept.
     pub id_expiration_ms: i64,
@@ -164,7 +187,16 @@ const EARLY_PASS_BACKOFF_MS: i64 = 60_000;
 impl TxnCoordinator {
     /// Opens the coordinator: creates or replays `__transaction_state`, then completes any
     /// transaction a crash left between its two phases.
-    pub async fn open(log: Arc<Log>, offsets: Arc<OffsetStore>, config: TxnConfig) -> Result<Arc<Self>, LogError> {
+    pub async fn open(log: Arc<Log>, offsets: Arc<OffsetStore>, mut config: TxnConfig) -> Result<Arc<Self>, LogError> {
+        if config.partitions_max > TXN_PARTITIONS_MAX_LIMIT || config.id_bytes_max > TRANSACTIONAL_ID_BYTES_LIMIT {
+            tracing::warn!(
+                partitions_max = config.partitions_max,
+                id_bytes_max = config.id_bytes_max,
+                "transaction limits lowered to what one __transaction_state record can hold"
+            );
+            config.partitions_max = config.partitions_max.min(TXN_PARTITIONS_MAX_LIMIT);
+            config.id_bytes_max = config.id_bytes_max.min(TRANSACTIONAL_ID_BYTES_LIMIT);
+        }
         let state = internal::open_topic(&log, TRANSACTION_STATE_TOPIC)?;
         let (mut txns, reserved) = replay(&state)?;
         let opened_ms = log.clock().now_ms();
@@ -182,13 +214,14 @@ impl TxnCoordinator {
         });
         for (id, entry) in coordinator.entries() {
             let mut meta = entry.lock().await;
-            let commit = match meta.status {
-                TxnStatus::PrepareCommit => true,
-                TxnStatus::PrepareAbort => false,
-                _ => continue,
-            };
-            tracing::info!(transactional_id = %id, commit, "completing a transaction interrupted by a restart");
-            coordinator.complete(&id, &mut meta, commit).await.map_err(|e| LogError::InvalidRecords(e.to_string()))?;
+            if !matches!(meta.status, TxnStatus::PrepareCommit | TxnStatus::PrepareAbort) {
+                continue;
+            }
+            tracing::info!(transactional_id = %id, status = meta.status.name(), "completing a transaction interrupted by a restart");
+            if let Err(e) = coordinator.finish(&id, &mut meta).await {
+                // The expiry pass tries again every second; the rest of the broker can start.
+                tracing::error!(transactional_id = %id, error = %e, "could not complete a prepared transaction; will try again");
+            }
         }
         Ok(coordinator)
     }
@@ -235,33 +268,57 @@ impl TxnCoordinator {
                 return Err(TxnError::InvalidProducerIdMapping);
             }
             if epoch < meta.epoch && meta.bumped_from == Some(epoch) {
-                // The answer to the bump from `epoch` was lost and this is the retry.
+                // The answer to the bump from `epoch` was lost (or it failed after storing
+                // its Prepare*) and this is the retry: finish what it started.
+                if matches!(meta.status, TxnStatus::PrepareCommit | TxnStatus::PrepareAbort) {
+                    self.finish(id, &mut meta).await?;
+                }
                 return Ok((meta.producer_id, meta.epoch));
             }
             if epoch < meta.epoch && meta.epoch >= 0 {
                 return Err(TxnError::ProducerFenced);
             }
         }
+        // Restored if nothing gets stored, so a failed bump leaves the id as it was.
+        let before = meta.clone();
         // Only the producer holding the current epoch asking for a bump may retry it: a new
         // instance's bump (no expected epoch) fences the old one, retries included (Kafka too).
         meta.bumped_from =
             expected.filter(|held| meta.epoch >= 0 && *held == (meta.producer_id, meta.epoch)).map(|(_, epoch)| epoch);
         // Bump first: markers written below carry the new epoch, which fences the old producer.
         if meta.epoch >= i16::MAX - 1 {
-            meta.producer_id = self.allocate_producer_id().await?;
+            match self.allocate_producer_id().await {
+                Ok(producer_id) => meta.producer_id = producer_id,
+                Err(e) => {
+                    *meta = before;
+                    return Err(e);
+                }
+            }
             meta.epoch = 0;
         } else {
             meta.epoch += 1;
         }
         meta.timeout_ms = timeout_ms;
-        match meta.status {
-            TxnStatus::Ongoing | TxnStatus::PrepareAbort => self.complete(id, &mut meta, false).await?,
-            TxnStatus::PrepareCommit => self.complete(id, &mut meta, true).await?,
-            _ => {
+        let decided = match meta.status {
+            TxnStatus::Ongoing | TxnStatus::PrepareAbort => Some(false),
+            TxnStatus::PrepareCommit => Some(true),
+            _ => None,
+        };
+        let stored = match decided {
+            Some(commit) => self.prepare(id, &mut meta, commit).await,
+            None => {
                 meta.status = TxnStatus::Empty;
                 meta.status_since_ms = self.now();
-                self.persist(id, &meta).await?;
+                self.persist(id, &meta).await
             }
+        };
+        if let Err(e) = stored {
+            *meta = before;
+            return Err(e);
+        }
+        if decided.is_some() {
+            // On failure it stays prepared under the new epoch: a retry, or the expiry pass, finishes it.
+            self.finish(id, &mut meta).await?;
         }
         tracing::debug!(
             transactional_id = id,
@@ -343,7 +400,8 @@ impl TxnCoordinator {
         Ok(())
     }
 
-    /// AddPartitionsToTxn (and AddOffsetsToTxn, which adds `__consumer_offsets`).
+    /// AddPartitionsToTxn (and AddOffsetsToTxn, which adds `__consumer_offsets`). Checks
+    /// the limit before changing anything, and changes nothing unless the result is stored.
     pub async fn add_partitions(
         &self,
         id: &str,
@@ -353,23 +411,37 @@ impl TxnCoordinator {
     ) -> Result<(), TxnError> {
         let mut meta = self.lock_known(id).await?;
         Self::check(&meta, producer_id, epoch)?;
-        match meta.status {
+        let starting = match meta.status {
             TxnStatus::PrepareCommit | TxnStatus::PrepareAbort => return Err(TxnError::ConcurrentTransactions),
-            TxnStatus::Ongoing => {}
-            _ => {
-                meta.status = TxnStatus::Ongoing;
-                meta.status_since_ms = self.now();
-                meta.partitions.clear();
-                meta.bumped_from = None;
+            TxnStatus::Ongoing => false,
+            _ => true,
+        };
+        let added: BTreeSet<(String, i32)> =
+            partitions.iter().filter(|p| starting || !meta.partitions.contains(*p)).cloned().collect();
+        let count = if starting { 0 } else { meta.partitions.len() } + added.len();
+        if count > self.config.partitions_max {
+            return Err(TxnError::TooManyPartitions { count, max: self.config.partitions_max });
+        }
+        if !starting && added.is_empty() {
+            return Ok(());
+        }
+        let before = (meta.status, meta.status_since_ms, meta.bumped_from);
+        let before_partitions = if starting { std::mem::take(&mut meta.partitions) } else { BTreeSet::new() };
+        if starting {
+            meta.status = TxnStatus::Ongoing;
+            meta.status_since_ms = self.now();
+            meta.bumped_from = None;
+        }
+        meta.partitions.extend(added.iter().cloned());
+        if let Err(e) = self.persist(id, &meta).await {
+            // Not stored: the transaction stays as it was, so it can still end.
+            if starting {
+                meta.partitions = before_partitions;
+            } else {
+                meta.partitions.retain(|p| !added.contains(p));
             }
-        }
-        let before = meta.partitions.len();
-        meta.partitions.extend(partitions.iter().cloned());
-        if meta.partitions.len() > self.config.partitions_max {
-            return Err(TxnError::TooManyPartitions { count: meta.partitions.len(), max: self.config.partitions_max });
-        }
-        if meta.partitions.len() != before || before == 0 {
-            self.persist(id, &meta).await?;
+            (meta.status, meta.status_since_ms, meta.bumped_from) = before;
+            return Err(e);
         }
         Ok(())
     }
@@ -419,8 +491,33 @@ impl TxnCoordinator {
 
     /// Phase 2: store Prepare*, write a marker to every partition, store Complete*.
     async fn complete(&self, id: &str, meta: &mut TxnMetadata, commit: bool) -> Result<(), TxnError> {
+        self.prepare(id, meta, commit).await?;
+        self.finish(id, meta).await
+    }
+
+    /// Stores PrepareCommit/PrepareAbort: from then on the outcome is decided, and
+    /// [`Self::finish`] (retried by [`Self::abort_expired`] and at open) completes it. When
+    /// it cannot be stored the status stays what it was, so nothing waits on a decision
+    /// that was never recorded.
+    async fn prepare(&self, id: &str, meta: &mut TxnMetadata, commit: bool) -> Result<(), TxnError> {
+        let before = meta.status;
         meta.status = if commit { TxnStatus::PrepareCommit } else { TxnStatus::PrepareAbort };
-        self.persist(id, meta).await?;
+        if let Err(e) = self.persist(id, meta).await {
+            meta.status = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes a prepared transaction's markers, then stores Complete*. On failure it stays
+    /// prepared, with its partitions, for the next try (a partition accepts the same marker
+    /// again: it ends nothing that is not open).
+    async fn finish(&self, id: &str, meta: &mut TxnMetadata) -> Result<(), TxnError> {
+        let commit = match meta.status {
+            TxnStatus::PrepareCommit => true,
+            TxnStatus::PrepareAbort => false,
+            status => return Err(TxnError::InvalidTxnState(status.name())),
+        };
         let control = if commit { ControlType::Commit } else { ControlType::Abort };
         let mut writes = Vec::new();
         for (topic, index) in &meta.partitions {
@@ -436,35 +533,67 @@ impl TxnCoordinator {
             let marker = BatchBuilder::control_marker(meta.producer_id, meta.epoch, control, 0, self.now()).build();
             writes.push(tokio::task::spawn_blocking(move || partition.append(marker)));
         }
+        let mut failed = None;
         for write in writes {
-            write.await.map_err(|e| TxnError::Storage(e.to_string()))?.map_err(|e| TxnError::Storage(e.to_string()))?;
+            // Every write is awaited, so none is still running when the next try starts.
+            let result = write.await.map_err(|e| TxnError::Storage(e.to_string()));
+            if let Err(e) = result.and_then(|r| r.map_err(|e| TxnError::Storage(e.to_string()))) {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         if meta.partitions.contains(&(CONSUMER_OFFSETS_TOPIC.to_owned(), 0)) {
             self.offsets.complete_transaction(meta.producer_id, commit);
         }
+        let prepared = (meta.status, meta.status_since_ms);
+        let partitions = std::mem::take(&mut meta.partitions);
         meta.status = if commit { TxnStatus::CompleteCommit } else { TxnStatus::CompleteAbort };
         meta.status_since_ms = self.now();
-        meta.partitions.clear();
-        self.persist(id, meta).await?;
+        if let Err(e) = self.persist(id, meta).await {
+            (meta.status, meta.status_since_ms) = prepared;
+            meta.partitions = partitions;
+            return Err(e);
+        }
         tracing::debug!(transactional_id = id, commit, "transaction completed");
         Ok(())
     }
 
     /// Aborts open transactions older than their timeout, bumping the epoch so the
-    /// abandoned producer is fenced. Returns how many were aborted.
+    /// abandoned producer is fenced, and completes prepared ones whose markers or Complete*
+    /// record could not be written before (Kafka's coordinator retries markers too): a
+    /// prepared transaction holds its partitions' last stable offset until it completes.
+    /// Returns how many timed-out transactions were aborted.
     pub async fn abort_expired(&self) -> usize {
         let now = self.now();
         let mut aborted = 0;
         for (id, entry) in self.entries() {
             let mut meta = entry.lock().await;
-            if meta.status != TxnStatus::Ongoing || now - meta.status_since_ms < i64::from(meta.timeout_ms) {
-                continue;
+            match meta.status {
+                TxnStatus::PrepareCommit | TxnStatus::PrepareAbort if !meta.expired => {
+                    match self.finish(&id, &mut meta).await {
+                        Ok(()) => tracing::info!(transactional_id = %id, "completed a prepared transaction"),
+                        Err(e) => {
+                            tracing::error!(transactional_id = %id, error = %e, "could not complete a prepared transaction; will try again")
+                        }
+                    }
+                    continue;
+                }
+                TxnStatus::Ongoing if now - meta.status_since_ms >= i64::from(meta.timeout_ms) => {}
+                _ => continue,
             }
             tracing::info!(transactional_id = %id, producer_id = meta.producer_id, "aborting a transaction that exceeded transaction.timeout.ms");
+            let epoch = meta.epoch;
             meta.epoch = meta.epoch.saturating_add(1);
             match self.complete(&id, &mut meta, false).await {
                 Ok(()) => aborted += 1,
-                Err(e) => tracing::error!(transactional_id = %id, error = %e, "could not abort an expired transaction"),
+                Err(e) => {
+                    if meta.status == TxnStatus::Ongoing {
+                        meta.epoch = epoch; // nothing was stored under the new epoch
+                    }
+                    tracing::error!(transactional_id = %id, error = %e, "could not abort an expired transaction")
+                }
             }
         }
         aborted

@@ -544,3 +544,328 @@ async fn static_members_that_miss_a_rebalance_stay_until_their_session_expires()
     groups.expire_sessions();
     assert_eq!(groups.group_state("g"), None, "a's session expired and the emptied group was forgotten");
 }
+
+fn transactional_batch(pid: i64, epoch: i16) -> Vec<u8> {
+    BatchBuilder::new().producer(pid, epoch, 0).transactional(true).record(NewRecord::new(None, Some(b"v"), 1)).build()
+}
+
+fn set_max_message_bytes(log: &Log, topic: &str, value: Option<&str>) {
+    let change = [("max.message.bytes".to_owned(), value.map(str::to_owned))].into_iter().collect();
+    log.alter_topic_config(topic, &change).unwrap();
+}
+
+/// AddPartitionsToTxn over `partitions_max` adds nothing: the transaction still holds only
+/// what it held, and ends normally.
+#[tokio::test]
+async fn add_partitions_over_the_limit_adds_nothing() {
+    let TxnFixture { _dir, log, txns, .. } =
+        TxnFixture::open(TxnConfig { partitions_max: 2, ..TxnConfig::default() }).await;
+    let (pid, epoch) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    txns.add_partitions("tx", pid, epoch, &[("out".into(), 0)]).await.unwrap();
+    let refused = txns.add_partitions("tx", pid, epoch, &[("x".into(), 1), ("x".into(), 2)]).await;
+    assert_eq!(refused, Err(TxnError::TooManyPartitions { count: 3, max: 2 }));
+    let held = txns.lock_ongoing("tx", pid, epoch).await.unwrap();
+    assert!(held.includes("out", 0) && !held.includes("x", 1) && !held.includes("x", 2), "nothing was added");
+    drop(held);
+    txns.add_partitions("tx", pid, epoch, &[("x".into(), 1)]).await.unwrap();
+    log.partition("out", 0).unwrap().append(transactional_batch(pid, epoch)).unwrap();
+    txns.end("tx", pid, epoch, true).await.unwrap();
+    assert_eq!(log.partition("out", 0).unwrap().last_stable_offset(), 2);
+}
+
+/// When Prepare* cannot be stored (here: the internal topic refuses the record), the
+/// transaction stays Ongoing — never Prepare* in memory only, which nothing would complete
+/// and which would hold the partition's last stable offset until a restart.
+#[tokio::test]
+async fn a_transaction_state_write_that_fails_leaves_the_transaction_as_it_was() {
+    let TxnFixture { _dir, log, txns, .. } = TxnFixture::open(TxnConfig::default()).await;
+    let (pid, epoch) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    txns.add_partitions("tx", pid, epoch, &[("out".into(), 0)]).await.unwrap();
+    let out = log.partition("out", 0).unwrap();
+    out.append(transactional_batch(pid, epoch)).unwrap();
+
+    set_max_message_bytes(&log, kappa_coordinator::TRANSACTION_STATE_TOPIC, Some("64"));
+    assert!(matches!(txns.end("tx", pid, epoch, true).await, Err(TxnError::Storage(_))));
+    assert!(matches!(txns.add_partitions("tx", pid, epoch, &[("y".into(), 0)]).await, Err(TxnError::Storage(_))));
+    assert!(matches!(txns.init_producer_id(Some("tx"), 60_000, Some((pid, epoch))).await, Err(TxnError::Storage(_))));
+    assert_eq!(txns.describe().await, vec![("tx".to_owned(), pid, epoch, "Ongoing")]);
+    assert!(!txns.lock_ongoing("tx", pid, epoch).await.unwrap().includes("y", 0), "the unstored add is undone");
+
+    set_max_message_bytes(&log, kappa_coordinator::TRANSACTION_STATE_TOPIC, Some("4194304"));
+    txns.end("tx", pid, epoch, true).await.unwrap();
+    assert_eq!(out.last_stable_offset(), 2, "data and commit marker are stable");
+}
+
+/// A transaction whose markers could not be written stays prepared, and the expiry pass
+/// (every second in the broker) completes it once they can be: Kafka's coordinator retries
+/// markers too.
+#[tokio::test]
+async fn the_expiry_pass_completes_a_prepared_transaction_whose_markers_failed() {
+    let TxnFixture { _dir, log, txns, .. } = TxnFixture::open(TxnConfig::default()).await;
+    let (pid, epoch) = txns.init_producer_id(Some("tx"), 60_000, None).await.unwrap();
+    txns.add_partitions("tx", pid, epoch, &[("out".into(), 0)]).await.unwrap();
+    let out = log.partition("out", 0).unwrap();
+    out.append(transactional_batch(pid, epoch)).unwrap();
+
+    set_max_message_bytes(&log, "out", Some("10")); // the marker is refused
+    assert!(matches!(txns.end("tx", pid, epoch, true).await, Err(TxnError::Storage(_))));
+    assert_eq!(txns.describe().await, vec![("tx".to_owned(), pid, epoch, "PrepareCommit")]);
+    assert_eq!(txns.end("tx", pid, epoch, true).await, Err(TxnError::ConcurrentTransactions));
+    assert_eq!(txns.abort_expired().await, 0);
+    // A new instance fences the old one: the commit is finished under the new epoch.
+    assert!(matches!(txns.init_producer_id(Some("tx"), 60_000, None).await, Err(TxnError::Storage(_))));
+    assert_eq!(txns.describe().await, vec![("tx".to_owned(), pid, epoch + 1, "PrepareCommit")]);
+    assert_eq!(out.last_stable_offset(), 0, "still open while the marker is refused");
+
+    set_max_message_bytes(&log, "out", None);
+    assert_eq!(txns.abort_expired().await, 0, "completed, not aborted");
+    assert_eq!(txns.describe().await, vec![("tx".to_owned(), pid, epoch + 1, "CompleteCommit")]);
+    assert_eq!(out.last_stable_offset(), 2, "data and commit marker are stable");
+    assert!(out.read(0, 1 << 20, Isolation::ReadCommitted).unwrap().aborted.is_empty(), "committed");
+    txns.add_partitions("tx", pid, epoch + 1, &[("out".into(), 0)]).await.unwrap();
+    txns.end("tx", pid, epoch + 1, false).await.unwrap();
+}
+
+/// The largest transaction allowed — `partitions_max` partitions of 249-byte topic names,
+/// about 2.6 MB stored — fits `__transaction_state`, also one an older version created
+/// with the 1 MiB default; and a larger `partitions_max` is lowered to what fits.
+#[tokio::test]
+async fn the_largest_transaction_allowed_can_be_stored_and_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let log = open_log(dir.path(), &clock);
+    log.create_topic(kappa_coordinator::TRANSACTION_STATE_TOPIC, 1, &Default::default()).unwrap();
+    let offsets = Arc::new(OffsetStore::open(&log).unwrap());
+    let txns = TxnCoordinator::open(log.clone(), offsets.clone(), TxnConfig::default()).await.unwrap();
+    let topic = "t".repeat(249);
+    let partitions: Vec<(String, i32)> = (0..10_000).map(|p| (topic.clone(), p)).collect();
+    let (pid, epoch) = txns.init_producer_id(Some("big"), 60_000, None).await.unwrap();
+    txns.add_partitions("big", pid, epoch, &partitions).await.unwrap();
+    txns.end("big", pid, epoch, false).await.unwrap();
+    drop(txns);
+
+    let config = TxnConfig { partitions_max: usize::MAX, ..TxnConfig::default() };
+    let txns = TxnCoordinator::open(log.clone(), offsets, config).await.unwrap();
+    assert_eq!(txns.describe().await, vec![("big".to_owned(), pid, epoch, "CompleteAbort")]);
+    let limit = kappa_coordinator::TXN_PARTITIONS_MAX_LIMIT;
+    let too_many: Vec<(String, i32)> = (0..=limit as i32).map(|p| (topic.clone(), p)).collect();
+    let refused = txns.add_partitions("big", pid, epoch, &too_many).await;
+    assert_eq!(refused, Err(TxnError::TooManyPartitions { count: limit + 1, max: limit }));
+    txns.add_partitions("big", pid, epoch, &too_many[..limit]).await.unwrap();
+    txns.end("big", pid, epoch, false).await.unwrap();
+}
+
+fn pending_join(group: &str) -> JoinRequest {
+    JoinRequest { require_known_member_id: true, ..join_request(group, "") }
+}
+
+/// Member ids handed out with MEMBER_ID_REQUIRED and not used yet are bounded per group by
+/// `group_members_max` (GROUP_MAX_SIZE_REACHED past it); using one makes room.
+#[tokio::test]
+async fn member_ids_handed_out_are_bounded_per_group() {
+    let groups = GroupCoordinator::new(GroupConfig {
+        initial_rebalance_delay_ms: 0,
+        group_members_max: 3,
+        ..GroupConfig::default()
+    });
+    let mut handed_out = Vec::new();
+    for _ in 0..3 {
+        match groups.join(pending_join("g")).await {
+            Err(GroupError::MemberIdRequired(id)) => handed_out.push(id),
+            other => panic!("expected MemberIdRequired, got {other:?}"),
+        }
+    }
+    assert_eq!(groups.join(pending_join("g")).await, Err(GroupError::GroupMaxSizeReached { members_max: 3 }));
+    assert!(matches!(groups.join(pending_join("other")).await, Err(GroupError::MemberIdRequired(_))), "per group");
+    groups.join(join_request("g", &handed_out[0])).await.unwrap();
+    assert!(matches!(groups.join(pending_join("g")).await, Err(GroupError::MemberIdRequired(_))), "room again");
+}
+
+/// A member offering more than `protocols_per_member_max` protocols or more than
+/// `member_metadata_bytes_max` bytes of them is refused, and so is a leader's assignment over
+/// that size; at the limits they are accepted.
+#[tokio::test]
+async fn member_protocols_metadata_and_assignments_are_bounded() {
+    let config = GroupConfig {
+        initial_rebalance_delay_ms: 0,
+        member_metadata_bytes_max: 1000,
+        protocols_per_member_max: 4,
+        ..GroupConfig::default()
+    };
+    let groups = GroupCoordinator::new(config);
+    let with_protocols = |protocols: Vec<(String, Vec<u8>)>| JoinRequest { protocols, ..join_request("g", "") };
+    let many = (0..5).map(|i| (format!("p{i}"), Vec::new())).collect();
+    assert_eq!(groups.join(with_protocols(many)).await, Err(GroupError::InconsistentGroupProtocol));
+    let big = vec![("range".to_owned(), vec![0; 996])];
+    assert_eq!(groups.join(with_protocols(big)).await, Err(GroupError::InconsistentGroupProtocol));
+    let at_limit =
+        vec![("range".to_owned(), vec![0; 992]), ("a".to_owned(), vec![]), ("b".into(), vec![]), ("c".into(), vec![])];
+    assert_eq!(at_limit.iter().map(|(n, m)| n.len() + m.len()).sum::<usize>(), 1000);
+    let joined = groups.join(with_protocols(at_limit)).await.unwrap();
+    let sync = |assignment: Vec<u8>| SyncRequest {
+        group_id: "g".to_owned(),
+        generation_id: joined.generation_id,
+        member_id: joined.member_id.clone(),
+        group_instance_id: None,
+        assignments: vec![(joined.member_id.clone(), assignment)],
+    };
+    assert_eq!(groups.sync(sync(vec![1; 1001])).await, Err(GroupError::InconsistentGroupProtocol));
+    assert_eq!(groups.sync(sync(vec![1; 1000])).await, Ok(vec![1; 1000]));
+}
+
+/// Each rebalance used to spawn a timer sleeping the longest rebalance timeout (up to
+/// i32::MAX ms, 24 days) that stayed alive after the rebalance ended: a churning group
+/// piled them up. Now a group has one timer at most, stopped when its join phase ends.
+#[tokio::test]
+async fn a_churning_group_keeps_no_rebalance_timers_alive() {
+    let groups = coordinator();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    for _ in 0..100 {
+        let request = JoinRequest { rebalance_timeout_ms: i32::MAX, ..join_request("g", "") };
+        let joined = groups.join(request).await.unwrap();
+        groups.leave("g", &joined.member_id, None).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metrics.num_alive_tasks() > baseline {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} timer tasks still alive",
+            metrics.num_alive_tasks() - baseline
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Kafka's protocol vote: every member votes for its most preferred protocol all support;
+/// a tie goes to the first member's preference.
+#[tokio::test]
+async fn the_protocol_most_members_prefer_among_the_common_ones_wins() {
+    let protocols = |names: &[&str]| names.iter().map(|n| (n.to_string(), n.as_bytes().to_vec())).collect();
+    for (lists, expected) in [
+        (vec![vec!["a", "b", "c"], vec!["b", "a"], vec!["b", "c", "a"]], "b"),
+        (vec![vec!["a", "b"], vec!["b", "a"]], "a"),
+        (vec![vec!["x", "a", "x"], vec!["a", "x"]], "x"),
+    ] {
+        let groups = coordinator_with_initial_delay();
+        let joins =
+            lists.iter().map(|names| groups.join(JoinRequest { protocols: protocols(names), ..join_request("g", "") }));
+        for joined in futures_join_all(joins).await {
+            let joined = joined.unwrap();
+            assert_eq!(joined.protocol_name, expected, "{lists:?}");
+            if joined.leader == joined.member_id {
+                assert!(joined.members.iter().all(|(_, _, metadata)| metadata == expected.as_bytes()));
+            }
+        }
+    }
+}
+
+/// Runs the futures concurrently on this task, in order.
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    let mut handles: Vec<Option<_>> = handles.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (handle, output) in handles.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = handle {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => {
+                        *output = Some(value);
+                        *handle = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().map(Option::unwrap).collect()
+}
+
+/// Offset records hold a group id of at most 65,535 bytes: a longer one is refused with a
+/// clear error, never stored cut (it would come back under another group's name after a
+/// restart); the group coordinator's checks for offset commits and DeleteGroups apply its
+/// tighter `id_bytes_max`.
+#[tokio::test]
+async fn a_group_id_too_long_to_store_is_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let long = "g".repeat(70_000);
+    {
+        let log = open_log(dir.path(), &clock);
+        let store = OffsetStore::open(&log).unwrap();
+        let refused = store.commit(&long, vec![(("t".into(), 0), offset(5))]).await;
+        let Err(GroupError::InvalidGroupId(message)) = refused else { panic!("{refused:?}") };
+        assert!(message.contains("70000 bytes") && message.contains("65535"), "{message}");
+        let refused = store.commit_transactional(7, 0, &long, vec![(("t".into(), 0), offset(5))]).await;
+        assert!(matches!(refused, Err(GroupError::InvalidGroupId(_))), "{refused:?}");
+        let refused = store.delete(&long, Some(vec![("t".into(), 0)])).await;
+        assert!(matches!(refused, Err(GroupError::InvalidGroupId(_))), "{refused:?}");
+        assert_eq!(store.partition().high_watermark(), 0, "nothing was written");
+
+        let groups = coordinator();
+        let over_id_bytes_max = "g".repeat(1_025);
+        for id in [&long, &over_id_bytes_max] {
+            assert!(matches!(groups.validate_member(id, -1, "", None), Err(GroupError::InvalidGroupId(_))));
+            assert!(matches!(groups.validate_txn_member(id, -1, "", None), Err(GroupError::InvalidGroupId(_))));
+            assert!(matches!(groups.delete(id), Err(GroupError::InvalidGroupId(_))));
+        }
+    }
+    let log = open_log(dir.path(), &clock);
+    let store = OffsetStore::open(&log).unwrap();
+    assert!(store.groups().is_empty(), "no group came back under a cut name");
+}
+
+/// DescribeGroups reports member metadata and assignments only for a Stable group, as
+/// Kafka's GroupMetadata.summary does: during a rebalance they are not settled.
+#[tokio::test]
+async fn describe_reports_metadata_and_assignments_only_when_stable() {
+    let groups = coordinator();
+    let first = groups.join(join_request("g", "")).await.unwrap();
+    let sync = |member: &str, generation, assignments| SyncRequest {
+        group_id: "g".to_owned(),
+        generation_id: generation,
+        member_id: member.to_owned(),
+        group_instance_id: None,
+        assignments,
+    };
+    let assigned =
+        groups.sync(sync(&first.member_id, first.generation_id, vec![(first.member_id.clone(), b"A".to_vec())]));
+    assert_eq!(assigned.await.unwrap(), b"A".to_vec());
+    let described = groups.describe("g");
+    assert_eq!((described.state, described.protocol.as_str()), ("Stable", "range"));
+    assert_eq!((&described.members[0].metadata[..], &described.members[0].assignment[..]), (&b"meta"[..], &b"A"[..]));
+
+    let second = tokio::spawn({
+        let groups = groups.clone();
+        async move { groups.join(join_request("g", "")).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while groups.describe("g").members.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the second member never joined");
+        tokio::task::yield_now().await;
+    }
+    let unsettled = |state: &str| {
+        let described = groups.describe("g");
+        assert_eq!((described.state, described.protocol.as_str()), (state, ""));
+        assert!(described.members.iter().all(|m| m.metadata.is_empty() && m.assignment.is_empty()), "{described:?}");
+    };
+    unsettled("PreparingRebalance");
+    let rejoined = groups.join(join_request("g", &first.member_id)).await.unwrap();
+    let second = second.await.unwrap().unwrap();
+    unsettled("CompletingRebalance");
+    let assignments = vec![(first.member_id.clone(), b"A2".to_vec()), (second.member_id.clone(), b"B".to_vec())];
+    let (a, b) = tokio::join!(
+        groups.sync(sync(&rejoined.leader, rejoined.generation_id, assignments)),
+        groups.sync(sync(&second.member_id, second.generation_id, vec![]))
+    );
+    a.unwrap();
+    b.unwrap();
+    let described = groups.describe("g");
+    assert_eq!(described.state, "Stable");
+    let assignments: Vec<&[u8]> = described.members.iter().map(|m| &m.assignment[..]).collect();
+    assert_eq!(assignments, [&b"A2"[..], &b"B"[..]]);
+    assert!(described.members.iter().all(|m| m.metadata == b"meta"));
+}
