@@ -39,8 +39,9 @@ use crate::partition::Partition;
 use crate::records::{self, Record};
 use crate::segment::{self, Segment, Trust};
 
-/// Most memory the key map of one cleaning pass may use; a larger cleanable range is
-/// cleaned in part (the prefix whose keys fit) and the rest on the next pass.
+/// Most memory the key map of one cleaning pass may use (the default of
+/// `LogOptions::compaction_map_bytes_max`); a larger cleanable range is cleaned in part (up
+/// to the batch where the map filled) and the rest on a later pass.
 pub const COMPACTION_MAP_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Per-entry overhead counted against [`COMPACTION_MAP_BYTES_MAX`] besides the key bytes.
 const MAP_ENTRY_OVERHEAD_BYTES: usize = 64;
@@ -84,6 +85,11 @@ struct KeyMap {
     /// With a sub-key header: key -> offset of its latest whole-key tombstone.
     whole_key_tombstones: HashMap<Vec<u8>, i64>,
     bytes: usize,
+    /// Set when the map filled up: the offset after the last batch observed. Records from
+    /// there on were not observed, so this pass neither removes them as superseded (no
+    /// later record is in the map) nor expires their tombstones (an older value of the key
+    /// could outlive them).
+    end: Option<i64>,
 }
 
 /// A closed segment in the cleanable range.
@@ -102,14 +108,23 @@ impl KeyMap {
     fn observe(&mut self, record: &Record<'_>, subkey_header: Option<&str>) {
         let Some(key) = record.key else { return };
         let subkey = subkey_header.and_then(|name| record.header(name)).map(|v| v.unwrap_or_default().to_vec());
-        if subkey_header.is_some() && subkey.is_none() && record.value.is_none() {
-            self.whole_key_tombstones.insert(key.to_vec(), record.offset());
+        if subkey_header.is_some()
+            && subkey.is_none()
+            && record.value.is_none()
+            && self.whole_key_tombstones.insert(key.to_vec(), record.offset()).is_none()
+        {
+            self.bytes += key.len() + MAP_ENTRY_OVERHEAD_BYTES;
         }
         let entry = CompactionKey { key: key.to_vec(), subkey };
         let added = entry.key.len() + entry.subkey.as_ref().map_or(0, Vec::len) + MAP_ENTRY_OVERHEAD_BYTES;
         if self.latest.insert(entry, record.offset()).is_none() {
             self.bytes += added;
         }
+    }
+
+    /// Whether the map observed the record's offset (see [`KeyMap::end`]).
+    fn observed(&self, offset: i64) -> bool {
+        self.end.is_none_or(|end| offset < end)
     }
 
     /// Whether a record survives cleaning (before the tombstone-expiry rule).
@@ -183,7 +198,7 @@ impl Partition {
         let cleanable_end = candidates.last().map_or(0, |c| c.next_offset);
         let aborted = self.lock_inner().producers.aborted_in_range(i64::MIN, cleanable_end);
         let map = self.build_key_map(&mut candidates, subkey_header, &aborted)?;
-        let cleaned_end = candidates.last().map_or(0, |c| c.next_offset);
+        let cleaned_end = map.end.unwrap_or_else(|| candidates.last().map_or(0, |c| c.next_offset));
         let tombstone_horizon = self.ctx.clock.now_ms().saturating_sub(config.delete_retention_ms);
         let mut outcome = CompactionOutcome::default();
         for candidate in &candidates {
@@ -195,10 +210,12 @@ impl Partition {
             // (an empty segment; open() fills it otherwise) counts as young.
             let expire_tombstones = candidate.last_append_ms.is_some_and(|t| t < tombstone_horizon);
             let cleaned_path = self.ctx.dir.join(format!("{}.cleaned", segment::log_file_name(candidate.base_offset)));
-            let cleaned_bytes = self.write_cleaned(candidate, &cleaned_path, |out| {
-                clean_segment(candidate, &map, subkey_header, expire_tombstones, &aborted, &mut outcome, out)
-            })?;
-            self.swap_in(candidate, &cleaned_path)?;
+            let cleaned_bytes = self
+                .write_cleaned(candidate, &cleaned_path, |out| {
+                    clean_segment(candidate, &map, subkey_header, expire_tombstones, &aborted, &mut outcome, out)
+                })
+                .and_then(|bytes| self.swap_in(candidate, &cleaned_path).map(|()| bytes))
+                .inspect_err(|_| self.remove_leftover(&cleaned_path))?;
             outcome.segments_cleaned += 1;
             outcome.bytes_before += candidate.size;
             outcome.bytes_after += cleaned_bytes;
@@ -215,27 +232,33 @@ impl Partition {
         Ok(Some(outcome))
     }
 
-    /// Reads every record of the candidates into the key map, stopping (and shortening
-    /// `candidates`) once the map would exceed its memory bound.
+    /// Reads every record of the candidates into the key map, stopping after the batch
+    /// that takes the map past `compaction_map_bytes_max` (and shortening `candidates` to
+    /// end with that batch's segment): one segment of small unique keys can hold more keys
+    /// than fit.
     fn build_key_map(
         &self,
         candidates: &mut Vec<Candidate>,
         subkey_header: Option<&str>,
         aborted: &[crate::producer::AbortedTxn],
     ) -> Result<KeyMap> {
+        let bytes_max = self.ctx.compaction_map_bytes_max;
         let mut map = KeyMap::default();
         for (i, candidate) in candidates.iter().enumerate() {
-            for_each_batch(candidate, |_, bytes| {
+            for_each_batch_while(candidate, |header, bytes| {
                 let decoded = records::decode_records(bytes, MAX_MESSAGE_BYTES_LIMIT)
                     .map_err(|e| corrupt(candidate, e.to_string()))?;
-                if decoded.header().is_control() || is_aborted(decoded.header(), aborted) {
-                    return Ok(());
+                if !decoded.header().is_control() && !is_aborted(decoded.header(), aborted) {
+                    decoded.iter().for_each(|record| map.observe(&record, subkey_header));
                 }
-                decoded.iter().for_each(|record| map.observe(&record, subkey_header));
-                Ok(())
+                if map.bytes > bytes_max {
+                    map.end = Some(header.next_offset());
+                    return Ok(false);
+                }
+                Ok(true)
             })?;
-            if map.bytes > COMPACTION_MAP_BYTES_MAX && i + 1 < candidates.len() {
-                tracing::warn!(topic = %self.ctx.topic, partition = self.ctx.partition, "compaction key map is full; cleaning a prefix of the log this pass");
+            if let Some(end) = map.end {
+                tracing::warn!(topic = %self.ctx.topic, partition = self.ctx.partition, end, "compaction key map is full; cleaning the log up to this offset this pass");
                 candidates.truncate(i + 1);
                 break;
             }
@@ -265,6 +288,19 @@ impl Partition {
         }
         file.sync_data().map_err(|e| self.poison(LogError::io(cleaned_path, e)))?;
         Ok(size)
+    }
+
+    /// Removes a cleaned copy a failed pass left behind (best effort: open() removes any
+    /// leftover too), so a disk the cleaner filled does not stay full until a restart.
+    /// After the rename there is nothing left at `cleaned_path` to remove.
+    fn remove_leftover(&self, cleaned_path: &Path) {
+        match self.ctx.fs.remove_file(cleaned_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %cleaned_path.display(), error = %e, "could not remove the cleaned copy of a failed compaction; it is removed at the next start")
+            }
+        }
     }
 
     /// Replaces a closed segment by its cleaned copy, written and synced at `cleaned_path`,
@@ -330,8 +366,11 @@ fn clean_segment(
             bytes,
             |record| {
                 let superseded = aborted_batch || !map.is_latest(record, subkey_header);
-                let expired_tombstone =
-                    !superseded && expire_tombstones && record.key.is_some() && record.value.is_none();
+                let expired_tombstone = !superseded
+                    && expire_tombstones
+                    && record.key.is_some()
+                    && record.value.is_none()
+                    && map.observed(record.offset());
                 outcome.records_removed += u64::from(superseded || expired_tombstone);
                 outcome.tombstones_removed += u64::from(expired_tombstone);
                 !(superseded || expired_tombstone)
@@ -417,14 +456,28 @@ impl<'a> CleanedWriter<'a> {
 
 /// Calls `visit` for every batch of a closed segment (validated while scanning).
 fn for_each_batch(candidate: &Candidate, mut visit: impl FnMut(&BatchHeader, &[u8]) -> Result<()>) -> Result<()> {
+    for_each_batch_while(candidate, |header, bytes| visit(header, bytes).map(|()| true))
+}
+
+/// [`for_each_batch`] until `visit` returns false.
+fn for_each_batch_while(
+    candidate: &Candidate,
+    mut visit: impl FnMut(&BatchHeader, &[u8]) -> Result<bool>,
+) -> Result<()> {
     let mut failure = None;
-    let outcome =
-        segment::scan_batches(candidate.file.as_ref(), candidate.base_offset, candidate.size, |_, header, bytes| {
-            if failure.is_none() {
-                failure = visit(header, bytes).err();
+    let outcome = segment::scan_batches_while(
+        candidate.file.as_ref(),
+        candidate.base_offset,
+        candidate.size,
+        |_, header, bytes| match visit(header, bytes) {
+            Ok(go_on) => go_on,
+            Err(e) => {
+                failure = Some(e);
+                false
             }
-        })
-        .map_err(|e| LogError::io(&candidate.path, e))?;
+        },
+    )
+    .map_err(|e| LogError::io(&candidate.path, e))?;
     if let Some(err) = failure {
         return Err(err);
     }

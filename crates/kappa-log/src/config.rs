@@ -38,6 +38,8 @@ pub struct TopicConfig {
     pub message_timestamp_type: TimestampType,
     /// Header whose value refines the compaction key (kappa extension).
     pub compaction_subkey_header: Option<String>,
+    /// Values of the [`INERT_KEYS`] that differ from their defaults, as Kafka spells them.
+    pub inert: BTreeMap<&'static str, String>,
 }
 
 pub const CLEANUP_POLICY: &str = "cleanup.policy";
@@ -67,6 +69,246 @@ pub const KEYS: [&str; 11] = [
     COMPACTION_SUBKEY_HEADER,
 ];
 
+/// The type of an [`InertKey`]'s value, checked as Kafka's `LogConfig` checks it.
+#[derive(Debug, Clone, Copy)]
+enum InertType {
+    /// An integer in `min..=max`.
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Bool,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
+    /// `*`, or a comma-separated list of `partition:broker` (replication throttles).
+    ReplicaList,
+    /// A Kafka version such as `3.0-IV1`.
+    Version,
+}
+
+/// A Kafka topic config kappa accepts and lists but does not act on, because on a one-node
+/// broker storing producers' batches verbatim it changes nothing a client could notice
+/// (replication, index, flush and preallocation tuning); or one kappa honours only at
+/// the value `only`, refusing any other with `why`.
+#[derive(Debug, Clone, Copy)]
+pub struct InertKey {
+    pub key: &'static str,
+    /// Kafka's default.
+    pub default: &'static str,
+    /// The only value kappa honours, when others would change behaviour.
+    pub only: Option<&'static str>,
+    /// Why the value changes nothing here, or (with `only`) why other values are refused.
+    pub why: &'static str,
+    kind: InertType,
+}
+
+const LONG_MAX: &str = "9223372036854775807";
+const NO_TIMESTAMP_CHECKS: &str =
+    "kappa does not compare record timestamps with its clock, so it refuses a bound it would not enforce";
+const NO_TIERED_STORAGE: &str = "kappa has no tiered storage: every segment stays on the local disk";
+const ONE_REPLICA: &str = "kappa is one node: each partition has one replica and nothing is replicated";
+const SYNC_POLICY: &str =
+    "durability is the broker's sync policy (by default an append is acknowledged only once fsynced)";
+
+/// Every Kafka topic config kappa accepts without acting on it; the one place that lists
+/// them and why. Kafka refuses names that are not topic configs (`confluent.*` included),
+/// and so does kappa.
+pub const INERT_KEYS: [InertKey; 21] = [
+    InertKey {
+        key: "min.insync.replicas",
+        default: "1",
+        only: Some("1"),
+        why: "kappa is one node: with more than 1, every acks=all produce would fail with NOT_ENOUGH_REPLICAS",
+        kind: InertType::Int { min: 1, max: i32::MAX as i64 },
+    },
+    InertKey {
+        key: "unclean.leader.election.enable",
+        default: "false",
+        only: None,
+        why: ONE_REPLICA,
+        kind: InertType::Bool,
+    },
+    InertKey {
+        key: "leader.replication.throttled.replicas",
+        default: "",
+        only: None,
+        why: ONE_REPLICA,
+        kind: InertType::ReplicaList,
+    },
+    InertKey {
+        key: "follower.replication.throttled.replicas",
+        default: "",
+        only: None,
+        why: ONE_REPLICA,
+        kind: InertType::ReplicaList,
+    },
+    InertKey {
+        key: "compression.type",
+        default: "producer",
+        only: Some("producer"),
+        why: "kappa stores batches as producers compressed them; choose the codec in the producer's compression.type",
+        kind: InertType::OneOf(&["uncompressed", "zstd", "lz4", "snappy", "gzip", "producer"]),
+    },
+    InertKey {
+        key: "message.downconversion.enable",
+        default: "true",
+        only: Some("true"),
+        why: "kappa always converts records for old fetch versions (v0-3), which kafka-node and other old clients need",
+        kind: InertType::Bool,
+    },
+    InertKey {
+        key: "message.format.version",
+        default: "3.0-IV1",
+        only: None,
+        why: "kappa stores RecordBatch v2, as Kafka 3.0 and later do whatever this says",
+        kind: InertType::Version,
+    },
+    InertKey {
+        key: "max.compaction.lag.ms",
+        default: LONG_MAX,
+        only: Some(LONG_MAX),
+        why: "kappa compacts when min.cleanable.dirty.ratio is reached and promises no deadline; lower min.cleanable.dirty.ratio instead",
+        kind: InertType::Int { min: 1, max: i64::MAX },
+    },
+    InertKey {
+        key: "message.timestamp.difference.max.ms",
+        default: LONG_MAX,
+        only: Some(LONG_MAX),
+        why: NO_TIMESTAMP_CHECKS,
+        kind: InertType::Int { min: 0, max: i64::MAX },
+    },
+    InertKey {
+        key: "message.timestamp.before.max.ms",
+        default: LONG_MAX,
+        only: Some(LONG_MAX),
+        why: NO_TIMESTAMP_CHECKS,
+        kind: InertType::Int { min: 0, max: i64::MAX },
+    },
+    InertKey {
+        key: "message.timestamp.after.max.ms",
+        default: LONG_MAX,
+        only: Some(LONG_MAX),
+        why: NO_TIMESTAMP_CHECKS,
+        kind: InertType::Int { min: 0, max: i64::MAX },
+    },
+    InertKey {
+        key: "segment.jitter.ms",
+        default: "0",
+        only: None,
+        why: "segments roll at segment.ms exactly (the jitter only spreads Kafka's rolls over time)",
+        kind: InertType::Int { min: 0, max: i64::MAX },
+    },
+    InertKey {
+        key: "segment.index.bytes",
+        default: "10485760",
+        only: None,
+        why: "kappa keeps its sparse indexes in memory and sizes them itself",
+        kind: InertType::Int { min: 4, max: i32::MAX as i64 },
+    },
+    InertKey {
+        key: "index.interval.bytes",
+        default: "4096",
+        only: None,
+        why: "kappa's index spacing is its own; it only affects lookup speed",
+        kind: InertType::Int { min: 0, max: i32::MAX as i64 },
+    },
+    InertKey {
+        key: "flush.messages",
+        default: LONG_MAX,
+        only: None,
+        why: SYNC_POLICY,
+        kind: InertType::Int { min: 1, max: i64::MAX },
+    },
+    InertKey {
+        key: "flush.ms",
+        default: LONG_MAX,
+        only: None,
+        why: SYNC_POLICY,
+        kind: InertType::Int { min: 0, max: i64::MAX },
+    },
+    InertKey {
+        key: "file.delete.delay.ms",
+        default: "60000",
+        only: None,
+        why: "kappa removes a deleted segment's file at once; readers holding it open keep reading it",
+        kind: InertType::Int { min: 0, max: i64::MAX },
+    },
+    InertKey {
+        key: "preallocate",
+        default: "false",
+        only: None,
+        why: "segment files grow as they are written; preallocation only changes disk layout",
+        kind: InertType::Bool,
+    },
+    InertKey {
+        key: "remote.storage.enable",
+        default: "false",
+        only: Some("false"),
+        why: NO_TIERED_STORAGE,
+        kind: InertType::Bool,
+    },
+    InertKey {
+        key: "local.retention.ms",
+        default: "-2",
+        only: None,
+        why: NO_TIERED_STORAGE,
+        kind: InertType::Int { min: -2, max: i64::MAX },
+    },
+    InertKey {
+        key: "local.retention.bytes",
+        default: "-2",
+        only: None,
+        why: NO_TIERED_STORAGE,
+        kind: InertType::Int { min: -2, max: i64::MAX },
+    },
+];
+
+impl InertKey {
+    fn find(key: &str) -> Option<&'static InertKey> {
+        INERT_KEYS.iter().find(|k| k.key == key)
+    }
+
+    /// The value as kappa stores it, or why it is refused.
+    fn normalize(&self, value: &str) -> std::result::Result<String, String> {
+        let normalized = match self.kind {
+            InertType::Int { min, max } => parse_int(value, min, max)
+                .ok_or_else(|| format!("expected an integer between {min} and {max}"))?
+                .to_string(),
+            InertType::Bool => match value.trim().to_ascii_lowercase().as_str() {
+                b @ ("true" | "false") => b.to_owned(),
+                _ => return Err("expected true or false".to_owned()),
+            },
+            InertType::OneOf(choices) => match choices.iter().find(|c| **c == value.trim()) {
+                Some(choice) => (*choice).to_owned(),
+                None => return Err(format!("expected one of {}", choices.join(", "))),
+            },
+            InertType::ReplicaList => {
+                let value = value.trim();
+                let pair = |p: &str| {
+                    p.trim().split_once(':').is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok())
+                };
+                if !(value.is_empty() || value == "*" || value.split(',').all(pair)) {
+                    return Err("expected '*' or a comma-separated list of partition:broker".to_owned());
+                }
+                value.to_owned()
+            }
+            InertType::Version => {
+                let value = value.trim();
+                if !value.starts_with(|c: char| c.is_ascii_digit())
+                    || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                {
+                    return Err("expected a Kafka version such as 3.0-IV1".to_owned());
+                }
+                value.to_owned()
+            }
+        };
+        match self.only {
+            Some(only) if normalized != only => Err(format!("only {only} is supported: {}", self.why)),
+            _ => Ok(normalized),
+        }
+    }
+}
+
 /// Smallest segment: a segment must hold at least one maximal batch header plus data.
 pub const SEGMENT_BYTES_MIN: u64 = 1024;
 /// Largest segment: offsets inside a segment's index are u32 positions.
@@ -88,6 +330,7 @@ impl Default for TopicConfig {
             max_message_bytes: 1024 * 1024 + 12,
             message_timestamp_type: TimestampType::CreateTime,
             compaction_subkey_header: None,
+            inert: BTreeMap::new(),
         }
     }
 }
@@ -169,7 +412,15 @@ impl TopicConfig {
                     }
                 }
             }
-            other => return Err(LogError::UnknownConfig(other.to_owned())),
+            other => {
+                let inert = InertKey::find(other).ok_or_else(|| LogError::UnknownConfig(other.to_owned()))?;
+                let value = inert.normalize(value).map_err(|reason| bad(&reason))?;
+                if value == inert.default {
+                    self.inert.remove(inert.key);
+                } else {
+                    self.inert.insert(inert.key, value);
+                }
+            }
         }
         Ok(())
     }
@@ -209,14 +460,18 @@ impl TopicConfig {
                 TimestampType::LogAppendTime => "LogAppendTime".to_owned(),
             },
             COMPACTION_SUBKEY_HEADER => self.compaction_subkey_header.clone().unwrap_or_default(),
-            _ => return None,
+            other => {
+                let inert = InertKey::find(other)?;
+                self.inert.get(inert.key).cloned().unwrap_or_else(|| inert.default.to_owned())
+            }
         })
     }
 
     /// Every key with its value and whether it differs from the default.
     pub fn entries(&self) -> Vec<(&'static str, String, bool)> {
         let defaults = Self::default();
-        KEYS.iter().map(|&key| (key, self.get(key).unwrap_or_default(), self.get(key) != defaults.get(key))).collect()
+        let keys = KEYS.iter().copied().chain(INERT_KEYS.iter().map(|k| k.key));
+        keys.map(|key| (key, self.get(key).unwrap_or_default(), self.get(key) != defaults.get(key))).collect()
     }
 
     /// The `key=value` file: only the keys that differ from the defaults.
@@ -285,5 +540,63 @@ mod tests {
         assert!(config.set(MIN_CLEANABLE_DIRTY_RATIO, "1.5").is_err());
         assert!(config.set(MESSAGE_TIMESTAMP_TYPE, "Now").is_err());
         assert_eq!(config, TopicConfig::default(), "a rejected value changes nothing");
+    }
+
+    #[test]
+    fn kafka_configs_without_effect_here_are_accepted_typed_and_listed() {
+        let given = [
+            ("min.insync.replicas", "1"),
+            ("unclean.leader.election.enable", "TRUE"),
+            ("segment.jitter.ms", "1000"),
+            ("flush.messages", "1"),
+            ("preallocate", "true"),
+            ("leader.replication.throttled.replicas", "0:0,1:0"),
+            ("compression.type", "producer"),
+            ("message.format.version", "2.8-IV1"),
+            ("local.retention.ms", "-2"),
+        ];
+        let overrides = given.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let config = TopicConfig::from_overrides(&overrides).unwrap_or_else(|e| panic!("{e}"));
+        let entries = config.entries();
+        let entry =
+            |key: &str| entries.iter().find(|(k, _, _)| *k == key).cloned().unwrap_or_else(|| panic!("{key} listed"));
+        assert_eq!(
+            entry("unclean.leader.election.enable"),
+            ("unclean.leader.election.enable", "true".to_owned(), true)
+        );
+        assert_eq!(entry("segment.jitter.ms").1, "1000");
+        assert_eq!(entry("min.insync.replicas"), ("min.insync.replicas", "1".to_owned(), false), "the default");
+        assert_eq!(entry("remote.storage.enable"), ("remote.storage.enable", "false".to_owned(), false));
+        assert_eq!(entry("file.delete.delay.ms").1, "60000", "unset keys list Kafka's default");
+        let text = config.to_properties();
+        assert!(text.contains("segment.jitter.ms=1000\n") && !text.contains("min.insync.replicas"), "{text}");
+        assert_eq!(TopicConfig::from_properties(&text).unwrap(), config, "they survive a restart");
+        let reset = config.with_changes(&[("segment.jitter.ms".to_owned(), None)].into()).unwrap();
+        assert_eq!(reset.get("segment.jitter.ms").as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn kafka_configs_kappa_cannot_honour_are_refused_saying_why() {
+        let refused = [
+            ("min.insync.replicas", "2", "NOT_ENOUGH_REPLICAS"),
+            ("min.insync.replicas", "0", "between 1"),
+            ("remote.storage.enable", "true", "tiered storage"),
+            ("compression.type", "gzip", "producer"),
+            ("compression.type", "brotli", "one of"),
+            ("message.downconversion.enable", "false", "old fetch versions"),
+            ("max.compaction.lag.ms", "60000", "min.cleanable.dirty.ratio"),
+            ("message.timestamp.difference.max.ms", "3600000", "timestamps"),
+            ("preallocate", "yes", "true or false"),
+            ("segment.index.bytes", "2", "between 4"),
+            ("follower.replication.throttled.replicas", "all", "partition:broker"),
+        ];
+        for (key, value, why) in refused {
+            let mut config = TopicConfig::default();
+            let err = config.set(key, value).expect_err(key).to_string();
+            assert!(err.contains(key) && err.contains(value) && err.contains(why), "{key}={value}: {err}");
+            assert_eq!(config, TopicConfig::default());
+        }
+        let err = TopicConfig::default().set("confluent.placement.constraints", "{}").unwrap_err();
+        assert!(matches!(err, LogError::UnknownConfig(_)), "not a Kafka topic config: {err}");
     }
 }

@@ -56,6 +56,10 @@ pub enum LogError {
     MissingKey { index: usize },
     #[error("the batch's records cannot be read: {0}")]
     InvalidRecords(String),
+    #[error(
+        "records of partition {topic}-{partition} cannot be deleted: the topic's cleanup.policy has no 'delete' (a compacted topic's records go only by compaction); set cleanup.policy=compact,delete to allow it"
+    )]
+    DeleteRecordsPolicy { topic: String, partition: i32 },
     #[error("the log is closed")]
     Closed,
     #[error("the partition ended at offset {actual}, not {expected}: another append came first; check again and retry")]

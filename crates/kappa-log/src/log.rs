@@ -1,8 +1,9 @@
 //! The log of one data directory: its topics and their partitions.
 //!
 //! Layout: `<data>/topics/<topic>/topic.properties` (the topic's config overrides; its
-//! presence is what makes a topic exist) and `<data>/topics/<topic>/<partition>/` (segment
-//! files, see docs/format.md).
+//! presence is what makes a topic exist), `<data>/topics/<topic>/topic.id` (the topic's
+//! 16-byte id, raw bytes) and `<data>/topics/<topic>/<partition>/` (segment files, see
+//! docs/format.md).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,10 @@ pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 pub const PARTITIONS_MAX: i32 = 10_000;
 const TOPICS_DIR: &str = "topics";
 const TOPIC_CONFIG_FILE: &str = "topic.properties";
+/// The topic's id: exactly [`TOPIC_ID_BYTES`] raw bytes, written before `topic.properties`.
+const TOPIC_ID_FILE: &str = "topic.id";
+/// Length of a topic id (a UUID, as Kafka's topic ids of KIP-516).
+pub const TOPIC_ID_BYTES: usize = 16;
 const DELETING_MARKER: &str = "deleting";
 
 /// How a log is opened.
@@ -39,6 +44,10 @@ pub struct LogOptions {
     /// recently are forgotten early, as if expired (a client starting producers in a loop
     /// cannot fill memory within `producer_id_expiration_ms`). Kafka has no such limit.
     pub producers_per_partition_max: usize,
+    /// Most memory one cleaning pass's key map may use (default
+    /// [`crate::compaction::COMPACTION_MAP_BYTES_MAX`]); past it the pass cleans the part of
+    /// the log whose keys fit.
+    pub compaction_map_bytes_max: usize,
 }
 
 /// Kafka's default `producer.id.expiration.ms`: one day.
@@ -55,6 +64,7 @@ impl Default for LogOptions {
             clock: Arc::new(SystemClock),
             producer_id_expiration_ms: PRODUCER_ID_EXPIRATION_MS_DEFAULT,
             producers_per_partition_max: PRODUCERS_PER_PARTITION_MAX_DEFAULT,
+            compaction_map_bytes_max: crate::compaction::COMPACTION_MAP_BYTES_MAX,
         }
     }
 }
@@ -62,6 +72,7 @@ impl Default for LogOptions {
 /// One topic: its shared config and its partitions.
 pub struct Topic {
     name: String,
+    id: [u8; TOPIC_ID_BYTES],
     dir: PathBuf,
     config: Arc<RwLock<Arc<TopicConfig>>>,
     partitions: RwLock<Vec<Arc<Partition>>>,
@@ -70,6 +81,12 @@ pub struct Topic {
 impl Topic {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The id given to the topic at creation (Kafka's topic id, KIP-516): a topic deleted
+    /// and created again under the same name has a different one.
+    pub fn id(&self) -> [u8; TOPIC_ID_BYTES] {
+        self.id
     }
 
     pub fn config(&self) -> Arc<TopicConfig> {
@@ -168,6 +185,7 @@ impl Log {
         let config_path = dir.join(TOPIC_CONFIG_FILE);
         let text = io::read_file(fs, &config_path).map_err(|e| LogError::io(&config_path, e))?;
         let config = TopicConfig::from_properties(&String::from_utf8_lossy(&text))?;
+        let id = self.open_topic_id(name, &dir)?;
         let mut indexes: Vec<i32> =
             fs.list_dir(&dir).map_err(|e| LogError::io(&dir, e))?.iter().filter_map(|n| n.parse().ok()).collect();
         indexes.sort_unstable();
@@ -177,6 +195,7 @@ impl Log {
         }
         let topic = Arc::new(Topic {
             name: name.to_owned(),
+            id,
             dir,
             config: Arc::new(RwLock::new(Arc::new(config))),
             partitions: RwLock::new(Vec::new()),
@@ -187,6 +206,25 @@ impl Log {
             topic.partitions.write().unwrap_or_else(|e| e.into_inner()).push(Arc::new(partition));
         }
         Ok(topic)
+    }
+
+    /// Reads the topic's id; a topic created before ids existed gets one now.
+    fn open_topic_id(&self, name: &str, dir: &Path) -> Result<[u8; TOPIC_ID_BYTES]> {
+        let fs = self.options.fs.as_ref();
+        let path = dir.join(TOPIC_ID_FILE);
+        if !fs.exists(&path) {
+            tracing::info!(topic = %name, "giving a topic created by an older version its id");
+            return write_new_topic_id(fs, dir);
+        }
+        let bytes = io::read_file(fs, &path).map_err(|e| LogError::io(&path, e))?;
+        <[u8; TOPIC_ID_BYTES]>::try_from(bytes.as_slice()).map_err(|_| LogError::Corrupt {
+            path: path.clone(),
+            position: 0,
+            reason: format!(
+                "a topic id is {TOPIC_ID_BYTES} bytes, the file has {}; delete the file to give the topic a new id",
+                bytes.len()
+            ),
+        })
     }
 
     fn open_partition(&self, topic: &Topic, index: i32) -> Result<(Partition, PartitionRecovery)> {
@@ -201,6 +239,7 @@ impl Log {
             sync_policy: self.options.sync_policy,
             producer_id_expiration_ms: self.options.producer_id_expiration_ms,
             producers_max: self.options.producers_per_partition_max,
+            compaction_map_bytes_max: self.options.compaction_map_bytes_max,
         })
     }
 
@@ -238,8 +277,10 @@ impl Log {
         let dir = topics_dir.join(name);
         fs.create_dir_all(&dir).map_err(|e| LogError::io(&dir, e))?;
         fs.sync_dir(&topics_dir).map_err(|e| LogError::io(&topics_dir, e))?;
+        let id = write_new_topic_id(fs, &dir)?;
         let topic = Arc::new(Topic {
             name: name.to_owned(),
+            id,
             dir: dir.clone(),
             config: Arc::new(RwLock::new(Arc::new(config.clone()))),
             partitions: RwLock::new(Vec::new()),
@@ -415,6 +456,27 @@ fn create_dirs_durably(fs: &dyn Storage, dir: &Path) -> Result<()> {
         fs.sync_dir(parent).map_err(|e| LogError::io(parent, e))?;
     }
     Ok(())
+}
+
+/// A new random topic id, like Kafka's `Uuid.randomUuid`: a version 4 UUID, never one whose
+/// base64 text starts with '-' (Kafka's tools would read it as an option).
+fn new_topic_id() -> [u8; TOPIC_ID_BYTES] {
+    loop {
+        let mut id: [u8; TOPIC_ID_BYTES] = rand::random();
+        id[6] = (id[6] & 0x0f) | 0x40;
+        id[8] = (id[8] & 0x3f) | 0x80;
+        if id[0] >> 2 != 62 {
+            return id;
+        }
+    }
+}
+
+/// Gives the topic in `dir` a new id, durably (temporary file, fsync, rename, directory fsync).
+fn write_new_topic_id(fs: &dyn Storage, dir: &Path) -> Result<[u8; TOPIC_ID_BYTES]> {
+    let id = new_topic_id();
+    let path = dir.join(TOPIC_ID_FILE);
+    io::write_file_atomic(fs, &path, &id).map_err(|e| LogError::io(&path, e))?;
+    Ok(id)
 }
 
 /// Kafka's rule: 1..=249 bytes of `[a-zA-Z0-9._-]`, not "." or "..".

@@ -20,6 +20,7 @@ use crate::error::{LogError, Result};
 use crate::health::DirHealth;
 use crate::io::{self, Storage, StorageFile};
 use crate::producer::{AbortedTxn, Admission, Marker, ProducerState};
+use crate::records::BATCH_UNCOMPRESSED_BYTES_MAX;
 use crate::segment::{self, Segment, Trust, walk_headers};
 
 /// When appends become durable.
@@ -107,6 +108,8 @@ pub struct PartitionContext {
     pub producer_id_expiration_ms: i64,
     /// See [`crate::LogOptions::producers_per_partition_max`].
     pub producers_max: usize,
+    /// See [`crate::LogOptions::compaction_map_bytes_max`].
+    pub compaction_map_bytes_max: usize,
 }
 
 #[cfg(test)]
@@ -129,6 +132,7 @@ impl PartitionContext {
             sync_policy,
             producer_id_expiration_ms: i64::MAX,
             producers_max: 1000,
+            compaction_map_bytes_max: crate::compaction::COMPACTION_MAP_BYTES_MAX,
         }
     }
 }
@@ -407,8 +411,8 @@ impl Partition {
         }
         let header = batch::validate_produced(bytes, MAX_MESSAGE_BYTES_LIMIT)?;
         let marker = if header.is_control() { Some(control_marker(bytes)?) } else { None };
-        if config.cleanup_policy.compact && !header.is_control() {
-            require_keys(bytes)?;
+        if !header.is_control() {
+            check_records(&header, bytes, config.cleanup_policy.compact)?;
         }
         self.write(bytes, header, marker, &config, expected_end)
     }
@@ -762,9 +766,13 @@ impl Partition {
     /// ListOffsets' earliest is `before`; closed segments wholly below it are deleted. The
     /// new start is persisted before this returns. Returns the log start offset after it
     /// (unchanged when `before` is not past it). Fails when `before` is past the high
-    /// watermark.
+    /// watermark, and (as Kafka's `deleteRecordsOnLeader` does) when the topic's
+    /// cleanup.policy lacks `delete`.
     pub fn delete_records(&self, before: i64) -> Result<i64> {
         self.ctx.health.check()?;
+        if !self.config().cleanup_policy.delete {
+            return Err(LogError::DeleteRecordsPolicy { topic: self.ctx.topic.clone(), partition: self.ctx.partition });
+        }
         let high_watermark = self.high_watermark();
         let before = if before == -1 { high_watermark } else { before };
         let mut inner = self.lock_inner();
@@ -1098,14 +1106,17 @@ fn first_offset_gap(seg: &Segment) -> Result<Option<(u64, String)>> {
     Ok(gap)
 }
 
-/// Compacted topics keep the latest record per key, so a record without one is rejected
-/// (as Kafka does).
-fn require_keys(bytes: &[u8]) -> Result<()> {
-    let decoded = crate::records::decode_records(bytes, MAX_MESSAGE_BYTES_LIMIT)
+/// Every record of a data batch must decode (as Kafka's `LogValidator` checks on append):
+/// a batch whose CRC matches but whose records do not parse, or which inflates past
+/// [`BATCH_UNCOMPRESSED_BYTES_MAX`], would fail every reader of the partition forever.
+/// Compacted topics keep the latest record per key, so there a record without one is
+/// rejected too (as Kafka does).
+fn check_records(header: &BatchHeader, bytes: &[u8], compacted: bool) -> Result<()> {
+    let check = crate::records::check_records(header, bytes, BATCH_UNCOMPRESSED_BYTES_MAX)
         .map_err(|e| LogError::InvalidRecords(e.to_string()))?;
-    match decoded.iter().position(|r| r.key.is_none()) {
-        Some(index) => Err(LogError::MissingKey { index }),
-        None => Ok(()),
+    match check.first_without_key {
+        Some(index) if compacted => Err(LogError::MissingKey { index }),
+        _ => Ok(()),
     }
 }
 

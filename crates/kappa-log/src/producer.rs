@@ -118,7 +118,10 @@ impl ProducerState {
         {
             return Ok(Admission::Duplicate { base_offset: dup.base_offset, last_offset: dup.last_offset });
         }
-        let expected = entry.batches.back().map_or(header.base_sequence, |b| next_sequence(b.last_seq));
+        // No batch at this epoch yet (an end marker with a newer epoch cleared them): the
+        // epoch's first sequence must be 0 (Kafka's `ProducerAppendInfo.checkSequence`). A
+        // producer this partition does not know at all may start anywhere (returned above).
+        let expected = entry.batches.back().map_or(0, |b| next_sequence(b.last_seq));
         if header.base_sequence != expected {
             return Err(LogError::OutOfOrderSequence {
                 producer_id: header.producer_id,
@@ -394,6 +397,24 @@ mod tests {
             state.admit(&header(7, 0, 4, 4, 1, false)),
             Err(LogError::ProducerFenced { current_epoch: 1, .. })
         ));
+    }
+
+    #[test]
+    fn the_first_sequence_after_an_epoch_bump_by_a_marker_must_be_zero() {
+        let mut state = ProducerState::default();
+        state.apply(&header(7, 0, 0, 0, 5, true), None, 0);
+        let mut abort = header(7, 1, -1, 5, 1, true);
+        abort.attributes |= 0x20;
+        assert_eq!(state.admit(&abort).unwrap(), Admission::Append);
+        state.apply(&abort, Some(Marker::Abort), 0);
+        assert!(matches!(
+            state.admit(&header(7, 1, 7, 6, 1, true)),
+            Err(LogError::OutOfOrderSequence { received: 7, expected: 0, .. })
+        ));
+        assert_eq!(state.admit(&header(7, 1, 0, 6, 1, true)).unwrap(), Admission::Append);
+        // A producer this partition has never seen may start at any sequence (its earlier
+        // batches may have been expired or deleted), as in Kafka.
+        assert_eq!(state.admit(&header(8, 0, 42, 6, 1, false)).unwrap(), Admission::Append);
     }
 
     #[test]

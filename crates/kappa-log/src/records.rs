@@ -302,6 +302,12 @@ pub enum RecordError {
     UnknownControlType(i16),
 }
 
+/// Largest records body a compressed batch may inflate to on append (Kafka decompresses
+/// every batch on append too, `LogValidator`). Every reader decodes at least this much
+/// (compaction 100 MiB, views and HTTP 128 MiB, legacy down-conversion 64 MiB), so what the
+/// log accepts can always be read; 4 KiB of zstd can claim gigabytes. An uncompressed
+/// body is bounded by `max.message.bytes` instead.
+pub const BATCH_UNCOMPRESSED_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Version of the control record key Kafka writes.
 const CONTROL_RECORD_VERSION: i16 = 0;
 /// Version of the end-transaction marker value Kafka writes.
@@ -588,17 +594,58 @@ fn index_records(body: &[u8], declared: i32) -> Result<Vec<RecordIndex>, RecordE
     let expected = usize::try_from(declared).unwrap_or(0);
     // The header's count is untrusted: never reserve more than the body could hold.
     let mut records = Vec::with_capacity(expected.min(body.len() / MIN_RECORD_BYTES));
+    walk_records(body, declared, |record| records.push(record))?;
+    Ok(records)
+}
+
+/// Parses every record of `body` in order, handing each to `each`. The body must hold
+/// exactly `declared` records and nothing after them.
+fn walk_records(body: &[u8], declared: i32, mut each: impl FnMut(RecordIndex)) -> Result<(), RecordError> {
+    let expected = usize::try_from(declared).unwrap_or(0);
     let mut cursor = Cursor { buf: body, pos: 0 };
-    while records.len() < expected {
+    for found in 0..expected {
         if cursor.pos == body.len() {
-            return Err(RecordError::TooFewRecords { declared, found: records.len() });
+            return Err(RecordError::TooFewRecords { declared, found });
         }
-        records.push(parse_record(&mut cursor)?);
+        each(parse_record(&mut cursor)?);
     }
     if cursor.pos != body.len() {
         return Err(RecordError::TrailingBytes { declared, extra: body.len() - cursor.pos });
     }
-    Ok(records)
+    Ok(())
+}
+
+/// What [`check_records`] learnt about a batch whose records all decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordsCheck {
+    /// The index of the first record without a key (compacted topics refuse it).
+    pub first_without_key: Option<usize>,
+}
+
+/// Checks that every record of a batch decodes, as [`decode_records`] would, without
+/// keeping them: one pass over the record framing, no allocation per record (a compressed
+/// body is decompressed once, into at most `max_uncompressed_bytes`). The batch's header,
+/// length and CRC must already be validated (`header` is what `batch::validate` returned):
+/// they are not checked again.
+pub fn check_records(
+    header: &BatchHeader,
+    batch_bytes: &[u8],
+    max_uncompressed_bytes: usize,
+) -> Result<RecordsCheck, RecordError> {
+    let compressed = &batch_bytes[HEADER_BYTES..];
+    let body = match header.compression()? {
+        Compression::None => Cow::Borrowed(compressed),
+        codec => Cow::Owned(decompress(codec, compressed, max_uncompressed_bytes)?),
+    };
+    let mut index = 0;
+    let mut first_without_key = None;
+    walk_records(&body, header.records_count, |record| {
+        if record.key.is_none() && first_without_key.is_none() {
+            first_without_key = Some(index);
+        }
+        index += 1;
+    })?;
+    Ok(RecordsCheck { first_without_key })
 }
 
 /// Parses the record at the cursor. Its fields are read through a cursor that ends at

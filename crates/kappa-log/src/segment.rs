@@ -273,6 +273,20 @@ pub fn scan_batches(
     file_bytes: u64,
     mut visit: impl FnMut(u64, &BatchHeader, &[u8]),
 ) -> std::io::Result<ScanOutcome> {
+    scan_batches_while(file, base_offset, file_bytes, |position, header, bytes| {
+        visit(position, header, bytes);
+        true
+    })
+}
+
+/// [`scan_batches`], also stopping (with no stop reason) after a batch for which `visit`
+/// returns false; `valid_bytes` is then the end of that batch.
+pub fn scan_batches_while(
+    file: &dyn StorageFile,
+    base_offset: i64,
+    file_bytes: u64,
+    mut visit: impl FnMut(u64, &BatchHeader, &[u8]) -> bool,
+) -> std::io::Result<ScanOutcome> {
     let mut chunk = ChunkReader::new(file, file_bytes);
     let mut position = 0u64;
     let mut expected_min_offset = base_offset;
@@ -301,8 +315,11 @@ pub fn scan_batches(
             ));
         }
         expected_min_offset = header.next_offset();
-        visit(position, &header, bytes);
+        let go_on = visit(position, &header, bytes);
         position += total as u64;
+        if !go_on {
+            break None;
+        }
     };
     Ok(ScanOutcome { valid_bytes: position, file_bytes, scanned: true, stop_reason })
 }

@@ -672,3 +672,54 @@ fn offset_for_timestamp_finds_a_later_batch_when_compaction_removed_the_match() 
     assert_eq!(values_of(&p, "b"), vec![Some(b"2".to_vec())], "b@T0+100 was cleaned away");
     assert_eq!(p.offset_for_timestamp(T0 + 50, Isolation::ReadUncommitted).unwrap(), Some((2, T0 + 200)));
 }
+
+#[test]
+fn a_compaction_failing_on_a_full_disk_leaves_no_cleaned_file_behind() {
+    let (fs, log) = sim_dirty_topic(1);
+    let p = log.partition("t", 0).unwrap();
+    let cleaned_files = || fs.files().into_keys().filter(|path| path.to_string_lossy().ends_with(".cleaned")).count();
+    // Room for the cleaned copy to start, not to finish: the write fails with ENOSPC.
+    fs.set_capacity(Some(fs.used_bytes() + 10));
+    let err = p.compact(true).expect_err("the disk is full");
+    assert!(err.to_string().contains("No space left") || err.to_string().contains("28"), "{err}");
+    assert_eq!(cleaned_files(), 0, "the partial cleaned copy is removed, freeing its space");
+    fs.set_capacity(None);
+    p.compact(true).unwrap().expect("with room again, the pass runs");
+    assert_eq!(values_of(&p, "key"), vec![Some(b"2".to_vec())]);
+    assert_eq!(cleaned_files(), 0);
+}
+
+#[test]
+fn a_full_key_map_stops_mid_segment_and_the_pass_cleans_only_what_it_observed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    // Room for three one-byte keys (65 bytes each as counted): the fourth fills the map.
+    let tiny =
+        kappa_log::LogOptions { compaction_map_bytes_max: 200, ..options(Arc::new(kappa_log::io::RealFs), &clock) };
+    let log = Log::open(dir.path(), tiny).unwrap().0;
+    let p = compacted_topic(&log, false, &[]);
+    let writes = [("a", Some("1")), ("b", Some("1")), ("a", Some("2")), ("c", Some("1")), ("d", Some("1"))];
+    for (key, value) in writes.into_iter().chain([("b", Some("2")), ("a", None)]) {
+        p.append(keyed(key, value, T0)).unwrap();
+    }
+    roll(&p, 1, T0);
+    assert_eq!(p.segment_count(), 2, "everything above is in one closed segment");
+    clock.advance(2 * DELETE_RETENTION_MS); // tombstones of observed records may expire
+    let outcome = p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(outcome.cleaned_up_to, 5, "the map filled with d (offset 4), mid-segment");
+    assert_eq!(values_of(&p, "a"), vec![Some(b"2".to_vec()), None], "a=1 was superseded within the map");
+    assert_eq!(
+        values_of(&p, "b"),
+        vec![Some(b"1".to_vec()), Some(b"2".to_vec())],
+        "b=2 lies past the map: b=1 stays this pass"
+    );
+    // The tombstone past the map must not expire while a=2 (which it deletes) is kept.
+    drop(log);
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    p.compact(true).unwrap().expect("a pass ran");
+    // With room for every key the pass cleans the rest: a=2 goes, then its expired tombstone.
+    assert_eq!(values_of(&p, "a"), Vec::<Option<Vec<u8>>>::new());
+    assert_eq!(values_of(&p, "b"), vec![Some(b"2".to_vec())]);
+    assert_eq!(values_of(&p, "d"), vec![Some(b"1".to_vec())]);
+}

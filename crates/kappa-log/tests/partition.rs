@@ -646,3 +646,155 @@ fn retention_ages_segments_without_record_timestamps_from_their_last_append() {
     clock.advance(5_000);
     assert_eq!(p.enforce_retention().unwrap().segments_deleted, 2, "retention.ms after the last append");
 }
+
+#[test]
+fn a_topic_id_survives_reopen_and_a_recreated_topic_gets_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let first = log.create_topic("t", 1, &overrides(&[])).unwrap().id();
+    let other = log.create_topic("u", 1, &overrides(&[])).unwrap().id();
+    assert_ne!(first, other, "every topic gets its own id");
+    assert_ne!(first, [0; 16]);
+    drop(log);
+    let log = open(dir.path(), &clock);
+    assert_eq!(log.topic("t").unwrap().id(), first, "the id is persisted");
+    log.delete_topic("t").unwrap();
+    let recreated = log.create_topic("t", 1, &overrides(&[])).unwrap().id();
+    assert_ne!(recreated, first, "a deleted and recreated topic is a different topic");
+    drop(log);
+    assert_eq!(open(dir.path(), &clock).topic("t").unwrap().id(), recreated);
+}
+
+#[test]
+fn a_topic_from_before_ids_gets_one_at_open_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    log.partition("t", 0).unwrap().append(batch("a", 2, T0)).unwrap();
+    drop(log);
+    let id_file = dir.path().join("topics/t/topic.id");
+    std::fs::remove_file(&id_file).unwrap();
+    let log = open(dir.path(), &clock);
+    let given = log.topic("t").unwrap().id();
+    assert_eq!(std::fs::read(&id_file).unwrap(), given, "the id given at open is persisted");
+    assert_eq!(log.partition("t", 0).unwrap().high_watermark(), 2, "the topic's data is untouched");
+    drop(log);
+    assert_eq!(open(dir.path(), &clock).topic("t").unwrap().id(), given);
+}
+
+/// A batch of `records_count` records whose body is `body` compressed with `codec`, with a
+/// valid header and CRC: what a buggy or hostile producer can send.
+fn batch_with_body(codec: kappa_log::batch::Compression, body: &[u8], records_count: i32) -> Vec<u8> {
+    let mut bytes = BatchBuilder::new().compression(codec).record(NewRecord::new(Some(b"k"), Some(b"v"), T0)).build();
+    bytes.truncate(kappa_log::batch::HEADER_BYTES);
+    bytes.extend_from_slice(&kappa_log::compression::compress(codec, body));
+    let batch_length = (bytes.len() - 12) as i32;
+    bytes[8..12].copy_from_slice(&batch_length.to_be_bytes());
+    bytes[23..27].copy_from_slice(&(records_count - 1).to_be_bytes()); // last offset delta
+    bytes[57..61].copy_from_slice(&records_count.to_be_bytes());
+    kappa_log::batch::rewrite_crc(&mut bytes);
+    bytes
+}
+
+#[test]
+fn batches_whose_records_do_not_decode_are_refused_though_their_crc_matches() {
+    use kappa_log::batch::Compression;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    for codec in [Compression::None, Compression::Zstd] {
+        let garbage = batch_with_body(codec, &[0x7f; 40], 1);
+        kappa_log::batch::validate_produced(&garbage, usize::MAX).expect("header and CRC are valid");
+        match p.append(garbage) {
+            Err(LogError::InvalidRecords(reason)) => assert!(reason.contains("record"), "{reason}"),
+            other => panic!("{codec:?}: garbage records must be refused, got {other:?}"),
+        }
+    }
+    // Records that parse but fewer than the header declares.
+    let mut one = BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(b"v"), T0)).build();
+    let body = one.split_off(kappa_log::batch::HEADER_BYTES);
+    assert!(matches!(p.append(batch_with_body(Compression::None, &body, 2)), Err(LogError::InvalidRecords(_))));
+    assert_eq!((p.log_end_offset(), p.size_bytes()), (0, 0), "nothing was written");
+    p.append(batch_with_body(Compression::None, &body, 1)).expect("the same records, counted right, append");
+}
+
+#[test]
+fn a_compressed_batch_inflating_past_the_limit_is_refused() {
+    use kappa_log::batch::Compression;
+    use kappa_log::records::BATCH_UNCOMPRESSED_BYTES_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let huge = vec![0u8; BATCH_UNCOMPRESSED_BYTES_MAX + 1];
+    let bomb =
+        BatchBuilder::new().compression(Compression::Zstd).record(NewRecord::new(Some(b"k"), Some(&huge), T0)).build();
+    assert!(bomb.len() < 1024 * 1024, "a few KiB on the wire: {} bytes", bomb.len());
+    match p.append(bomb) {
+        Err(LogError::InvalidRecords(reason)) => assert!(reason.contains("limit"), "{reason}"),
+        other => panic!("a decompression bomb must be refused, got {other:?}"),
+    }
+    assert_eq!((p.log_end_offset(), p.size_bytes()), (0, 0), "nothing was written");
+}
+
+#[test]
+fn batches_of_every_codec_append_and_read_back() {
+    use kappa_log::batch::Compression;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    log.create_topic("c", 1, &overrides(&[("cleanup.policy", "compact")])).unwrap();
+    for (i, codec) in [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        let mut builder = BatchBuilder::new().compression(codec);
+        for r in 0..50 {
+            builder.push(
+                NewRecord::new(Some(format!("k{r}").as_bytes()), Some(&[r as u8; 100]), T0 + r).header("h", Some(b"x")),
+            );
+        }
+        let bytes = builder.build();
+        for topic in ["t", "c"] {
+            let p = log.partition(topic, 0).unwrap();
+            let outcome = p.append(bytes.clone()).unwrap_or_else(|e| panic!("{codec:?} into {topic}: {e}"));
+            assert_eq!(outcome.base_offset, 50 * i as i64);
+        }
+    }
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(records_of(&p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap().records).len(), 250);
+    // Keyless records still append where there is no compaction.
+    p.append(BatchBuilder::new().record(NewRecord::new(None, Some(b"v"), T0)).build()).unwrap();
+    let keyless =
+        BatchBuilder::new().compression(Compression::Lz4).record(NewRecord::new(None, Some(b"v"), T0)).build();
+    assert!(matches!(log.partition("c", 0).unwrap().append(keyless), Err(LogError::MissingKey { index: 0 })));
+}
+
+#[test]
+fn delete_records_is_refused_unless_the_cleanup_policy_has_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("c", 1, &overrides(&[("cleanup.policy", "compact")])).unwrap();
+    log.create_topic("cd", 1, &overrides(&[("cleanup.policy", "compact,delete")])).unwrap();
+    for topic in ["c", "cd"] {
+        log.partition(topic, 0).unwrap().append(batch("a", 4, T0)).unwrap();
+    }
+    let compacted = log.partition("c", 0).unwrap();
+    match compacted.delete_records(2) {
+        Err(e @ LogError::DeleteRecordsPolicy { .. }) => {
+            assert!(e.to_string().contains("c-0") && e.to_string().contains("compact,delete"), "{e}")
+        }
+        other => panic!("a compacted topic's records go only by compaction: {other:?}"),
+    }
+    assert_eq!(compacted.log_start_offset(), 0, "nothing was deleted");
+    assert_eq!(log.partition("cd", 0).unwrap().delete_records(2).unwrap(), 2, "compact,delete allows it");
+    log.alter_topic_config("c", &[("cleanup.policy".to_owned(), Some("compact,delete".to_owned()))].into()).unwrap();
+    assert_eq!(compacted.delete_records(2).unwrap(), 2, "the policy is read at the call");
+}

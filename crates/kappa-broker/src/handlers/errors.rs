@@ -58,6 +58,8 @@ pub fn log_code(error: &LogError) -> i16 {
         LogError::InvalidTopicName { .. } => INVALID_TOPIC_EXCEPTION,
         LogError::InvalidPartitions { .. } => INVALID_PARTITIONS,
         LogError::UnknownConfig(_) | LogError::InvalidConfig { .. } => INVALID_CONFIG,
+        // Kafka's ReplicaManager refuses DeleteRecords on a topic without cleanup.policy=delete.
+        LogError::DeleteRecordsPolicy { .. } => POLICY_VIOLATION,
         LogError::Poisoned { .. } | LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Closed => {
             KAFKA_STORAGE_ERROR
         }
