@@ -8,7 +8,7 @@ use crate::backend::{InputRecord, LogBackend};
 use crate::error::{EventError, Result, ViewError};
 use crate::event::{PayloadCodec, decode_event};
 use crate::partitioned::MemoryState;
-use crate::runner::{CACHE_ENTRIES_MAX, STEP_READ_BYTES, position_key};
+use crate::runner::{CACHE_ENTRIES_MAX, STEP_READ_BYTES, oversized_change, position_key, value_too_large};
 use crate::schema::Schemas;
 use crate::view::{Applier, ErrorPolicy, View};
 
@@ -136,27 +136,67 @@ pub(crate) fn replay(
                     .and_then(|event| schemas.upcast(event))
                     .and_then(|event| applier.apply(&event, state))
             };
-            for (index, record) in records.iter().enumerate() {
-                if let Err(EventError(reason)) = apply(record, &mut applier, &state) {
-                    if view.on_error == ErrorPolicy::Stop {
-                        return Err(fail(format!("replay stopped at {key} offset {}: {reason}", record.offset)));
-                    }
-                    applier.discard();
-                    for again in &records[clean..index] {
-                        apply(again, &mut applier, &state).map_err(|e| {
-                            fail(format!("re-applying {key} offset {} failed ({e}) where it had succeeded: the view's logic is not deterministic", again.offset))
-                        })?;
-                    }
-                    commit(&mut applier, &mut state)?;
-                    clean = index + 1;
+            // Applies `records` again over `state`, on an empty cache.
+            let reapply = |records: &[InputRecord], applier: &mut Box<dyn Applier>, state: &MemoryState| {
+                applier.discard();
+                for again in records {
+                    apply(again, applier, state).map_err(|e| {
+                        fail(format!("re-applying {key} offset {} failed ({e}) where it had succeeded: the view's logic is not deterministic", again.offset))
+                    })?;
                 }
-                if applier.cached_entries() + state.view.len() + state.internal.len() > AS_OF_KEYS_MAX {
-                    return Err(fail(format!(
-                        "the replay holds more than {AS_OF_KEYS_MAX} keys in memory (as_of_keys_max)"
-                    )));
+                Ok::<_, ViewError>(())
+            };
+            // Skips (or stops at) the record at `index`, keeping what those before it did.
+            let failed = |index: usize,
+                          reason: &str,
+                          clean: usize,
+                          applier: &mut Box<dyn Applier>,
+                          state: &mut MemoryState| {
+                if view.on_error == ErrorPolicy::Stop {
+                    return Err(fail(format!("replay stopped at {key} offset {}: {reason}", records[index].offset)));
                 }
+                reapply(&records[clean..index], applier, state)?;
+                commit(applier, state)
+            };
+            let mut next = 0;
+            loop {
+                for (index, record) in records.iter().enumerate().skip(next) {
+                    if let Err(EventError(reason)) = apply(record, &mut applier, &state) {
+                        failed(index, &reason, clean, &mut applier, &mut state)?;
+                        clean = index + 1;
+                    }
+                    if applier.cached_entries() + state.view.len() + state.internal.len() > AS_OF_KEYS_MAX {
+                        return Err(fail(format!(
+                            "the replay holds more than {AS_OF_KEYS_MAX} keys in memory, the fixed limit of an as-of replay (AS_OF_KEYS_MAX); a replay folds every key even when one is asked for, so ask for an earlier point (fewer keys existed then) or read the current view instead"
+                        )));
+                    }
+                }
+                let changes = applier.take_changes().map_err(|e| fail(e.0))?;
+                if oversized_change(&changes).is_none() {
+                    changes.into_iter().for_each(|change| state.write(change));
+                    applier.trim(CACHE_ENTRIES_MAX);
+                    break;
+                }
+                // As the runner does: the record after which a value is first too large fails.
+                let (mut fine, mut over) = (0, records.len() - clean);
+                while over - fine > 1 {
+                    let middle = fine + (over - fine) / 2;
+                    reapply(&records[clean..clean + middle], &mut applier, &state)?;
+                    let changes = applier.take_changes().map_err(|e| fail(e.0))?;
+                    if oversized_change(&changes).is_some() {
+                        over = middle;
+                    } else {
+                        fine = middle;
+                    }
+                }
+                reapply(&records[clean..clean + over], &mut applier, &state)?;
+                let changes = applier.take_changes().map_err(|e| fail(e.0))?;
+                let change = oversized_change(&changes).expect("applying is deterministic");
+                let reason = value_too_large(change.scope, &change.key, change.value.as_ref().map_or(0, Vec::len));
+                let index = clean + over - 1;
+                failed(index, &reason.0, clean, &mut applier, &mut state)?;
+                (clean, next) = (index + 1, index + 1);
             }
-            commit(&mut applier, &mut state)?;
             position = chunk.next_offset;
         }
     }

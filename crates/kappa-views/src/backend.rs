@@ -123,8 +123,12 @@ pub struct InputChunk {
     /// such a transaction's marker is past the last stable offset (another transaction
     /// interleaved with it is still open), so its other records are not readable yet.
     pub pending_transactions: Vec<(i64, i64)>,
-    /// Producer ids whose transaction marker this chunk holds.
-    pub ended_transactions: Vec<i64>,
+    /// (producer id, offset of the marker) of each transaction marker this chunk holds.
+    pub ended_transactions: Vec<(i64, i64)>,
+    /// (offset of its first record here, offset of its marker) of each committed
+    /// transaction whose records and marker this chunk both holds: a step cut at an offset
+    /// inside such a span would apply half of the transaction.
+    pub transaction_spans: Vec<(i64, i64)>,
     /// Offsets in the read range are missing (compaction removed records), so a replay of
     /// this range does not see everything that was written (`first_missing.is_some()`).
     pub history_gap: bool,

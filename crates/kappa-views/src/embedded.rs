@@ -46,6 +46,7 @@ impl LogBackend for EmbeddedLog {
             open_transaction: false,
             pending_transactions: Vec::new(),
             ended_transactions: Vec::new(),
+            transaction_spans: Vec::new(),
             history_gap: false,
             first_missing: None,
         };
@@ -81,8 +82,10 @@ impl LogBackend for EmbeddedLog {
             expected = last_offset + 1;
             chunk.next_offset = last_offset + 1;
             if header.is_control() {
-                open.remove(&header.producer_id);
-                chunk.ended_transactions.push(header.producer_id);
+                if let Some(first) = open.remove(&header.producer_id) {
+                    chunk.transaction_spans.push((first, header.base_offset));
+                }
+                chunk.ended_transactions.push((header.producer_id, header.base_offset));
                 continue;
             }
             if header.is_transactional() {

@@ -46,9 +46,13 @@ pub enum ViewError {
     #[error("view '{view}' v{version}: {reason}")]
     Changelog { view: String, version: u32, reason: String },
     #[error(
-        "view '{view}' v{version}: the value of key '{key}' after the step from {position} is {bytes} bytes; the limit is {max} bytes (view_value_bytes_max)"
+        "view '{view}' v{version}: the value of key '{key}' after the step from {position} is {bytes} bytes; a view value may be at most {max} bytes (VIEW_VALUE_BYTES_MAX, a fixed limit): keep less under one key, e.g. split it over several keys"
     )]
     ValueTooLarge { view: String, version: u32, key: String, position: InputPosition, bytes: usize, max: usize },
+    #[error(
+        "view '{view}' v{version}: {unit} from {position} changes {bytes} bytes of view state, more than one step may change ({max} bytes, CHANGELOG_STEP_BYTES_MAX, a fixed limit); a transaction's events are applied in one step, so change less state per event or write smaller transactions"
+    )]
+    StepTooLarge { view: String, version: u32, position: InputPosition, unit: String, bytes: usize, max: usize },
     #[error(
         "view '{view}' changed key '{key}' while applying {position}, which is not the key of a record it applied: in work mode a view must be keyed by its input's record key (each key's history in one partition); a view keyed otherwise goes through a repartition topic: run the worker with `work --repartition {view}`"
     )]

@@ -47,7 +47,7 @@ use crate::backend::{InputRecord, OutputRecord};
 use crate::changelog::{self, Change, Entry, StepMarker};
 use crate::error::{EventError, InputPosition, Result, ViewError};
 use crate::event::{PayloadCodec, decode_event};
-use crate::runner::{CACHE_ENTRIES_MAX, VIEW_VALUE_BYTES_MAX, now_ms, position_key};
+use crate::runner::{CACHE_ENTRIES_MAX, VIEW_VALUE_BYTES_MAX, now_ms, oversized_change, position_key, value_too_large};
 use crate::schema::Schemas;
 use crate::store::Scope;
 use crate::view::{Applier, ErrorPolicy, StoreRead, View};
@@ -329,8 +329,7 @@ impl PartitionView {
         }
         let (Folded { dead_letters, repartition, applied, timestamp }, changes) = match self.placement {
             Placement::CoPartitioned => {
-                let folded = self.fold(records)?;
-                let changes = self.applier.take_changes().map_err(|e| self.failed(records[0].offset, e))?;
+                let (folded, changes) = self.fold(records)?;
                 self.check_changes(records, &changes)?;
                 (folded, changes)
             }
@@ -588,10 +587,11 @@ impl PartitionView {
         InputPosition { topic: self.topic.to_string(), partition: self.partition, offset }
     }
 
-    /// Applies records in order; an event that fails is handled by the error policy after
-    /// re-applying, on a clean cache, the records before it (it may have changed keys
-    /// before failing).
-    fn fold(&mut self, records: &[InputRecord]) -> Result<Folded> {
+    /// Applies records in order, returning what they did and changed; an event that fails,
+    /// or after which a value is first over `VIEW_VALUE_BYTES_MAX`, is handled by the error
+    /// policy after re-applying, on a clean cache, the records before it (it may have
+    /// changed keys before failing).
+    fn fold(&mut self, records: &[InputRecord]) -> Result<(Folded, Vec<Change>)> {
         let mut skipped: HashSet<i64> = HashSet::new();
         let mut dead_letters = Vec::new();
         'again: loop {
@@ -619,8 +619,56 @@ impl PartitionView {
                     }
                 }
             }
-            return Ok(Folded { dead_letters, repartition: Vec::new(), applied, timestamp });
+            let changes = self.applier.take_changes().map_err(|e| self.failed(records[0].offset, e))?;
+            if oversized_change(&changes).is_some() {
+                let kept: Vec<&InputRecord> = records.iter().filter(|r| !skipped.contains(&r.offset)).collect();
+                let (record, error) = self.find_oversized(&kept)?;
+                self.applier.discard();
+                match self.on_error.clone() {
+                    ErrorPolicy::Stop => return Err(self.failed(record.offset, error)),
+                    ErrorPolicy::DeadLetter(topic) => {
+                        dead_letters.push((topic, self.dead_letter(record, &error)));
+                        skipped.insert(record.offset);
+                        continue 'again;
+                    }
+                }
+            }
+            return Ok((Folded { dead_letters, repartition: Vec::new(), applied, timestamp }, changes));
         }
+    }
+
+    /// The record of `kept` after which a value is first too large (applying all of them
+    /// makes one), found by applying halves of them again, and why it fails.
+    fn find_oversized<'r>(&mut self, kept: &[&'r InputRecord]) -> Result<(&'r InputRecord, EventError)> {
+        let (mut fine, mut over) = (0, kept.len());
+        while over - fine > 1 {
+            let middle = fine + (over - fine) / 2;
+            if oversized_change(&self.reapply(&kept[..middle])?).is_some() {
+                over = middle;
+            } else {
+                fine = middle;
+            }
+        }
+        let changes = self.reapply(&kept[..over])?;
+        let change = oversized_change(&changes).expect("applying is deterministic: the same records, the same state");
+        let error = value_too_large(change.scope, &change.key, change.value.as_ref().map_or(0, Vec::len));
+        Ok((kept[over - 1], error))
+    }
+
+    /// The changes of `records` applied again on a clean cache.
+    fn reapply(&mut self, records: &[&InputRecord]) -> Result<Vec<Change>> {
+        self.applier.discard();
+        for record in records {
+            self.apply_record(record).map_err(|e| {
+                self.failed(
+                    record.offset,
+                    EventError(format!(
+                        "re-applying it failed ({e}) where it had succeeded: the view's logic is not deterministic"
+                    )),
+                )
+            })?;
+        }
+        self.applier.take_changes().map_err(|e| self.failed(records.first().map_or(self.position, |r| r.offset), e))
     }
 
     fn apply_record(&mut self, record: &InputRecord) -> Result<i64, EventError> {

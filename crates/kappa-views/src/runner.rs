@@ -46,8 +46,13 @@ pub const STEP_DIRTY_KEYS_MAX: usize = 50_000;
 pub const STEP_TRANSACTION_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// One step's changelog batch; a step that would write more is split.
 pub const CHANGELOG_STEP_BYTES_MAX: usize = 32 * 1024 * 1024;
-/// The largest value one view key may hold.
+/// The largest value one view key may hold; an event that makes a value larger fails (and
+/// is handled by the view's error policy).
 pub const VIEW_VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Keys found over `VIEW_VALUE_BYTES_MAX` whose size is then checked after every event
+/// that changes them, so the event that makes one too large again fails at once; further
+/// ones are found at the end of a step (by applying the step again, halving it).
+pub const OVERSIZED_KEYS_WATCHED_MAX: usize = 16;
 /// Decoded state kept in memory between steps (about half the clean entries are dropped
 /// when there are more).
 pub const CACHE_ENTRIES_MAX: usize = 500_000;
@@ -183,6 +188,8 @@ pub(crate) struct Runner {
     next_input: usize,
     /// The largest input timestamp of the step being applied.
     step_timestamp: Option<i64>,
+    /// Keys once found too large (up to `OVERSIZED_KEYS_WATCHED_MAX`), checked per event.
+    oversized: Vec<(Scope, String)>,
     last_checkpoint: Instant,
     checkpoint_interval: Duration,
     /// A checkpoint running on its own thread, and the store writes waiting for it.
@@ -239,6 +246,7 @@ impl Runner {
             progress: Progress::default(),
             next_input: 0,
             step_timestamp: None,
+            oversized: Vec::new(),
             last_checkpoint: Instant::now(),
             checkpoint_interval,
             in_flight: None,
@@ -477,14 +485,21 @@ impl Runner {
         let mut position = start;
         let mut applied = 0usize;
         let mut failure = None;
+        // Where the reading stopped before a transaction that ends past the last stable
+        // offset, and that offset: the partition waits for it to move only if the step
+        // ends there.
+        let mut held_at = None;
+        // The committed transactions read, which a shortened step must not cut.
+        let mut spans = Vec::new();
         'read: while position < end && applied < records_max && self.applier.dirty_entries() < STEP_DIRTY_KEYS_MAX {
-            let (chunk, held) = self.read_whole_transactions(topic, partition, position)?;
+            let (mut chunk, held) = self.read_whole_transactions(topic, partition, position)?;
             if held {
-                self.held[index] = chunk.end_offset;
+                held_at = Some((chunk.next_offset, chunk.end_offset));
             }
             if chunk.next_offset <= position {
                 break;
             }
+            spans.append(&mut chunk.transaction_spans);
             for record in chunk.records {
                 let offset = record.offset;
                 if let Err(error) = self.apply_record(topic, partition, record, &store) {
@@ -499,24 +514,38 @@ impl Runner {
             }
         }
         if position == start && failure.is_none() {
+            self.held[index] = held_at.map_or(-1, |(_, stable)| stable);
             return Ok(false);
         }
         if let Some((offset, _)) = &failure {
             // The failing event may have changed keys before failing: apply the step again
             // without it.
-            (position, applied) = self.reapply(topic, partition, start, *offset, usize::MAX, &store)?;
+            (position, applied) = self.reapply(topic, partition, start, *offset, usize::MAX, &store)?.done();
         }
         let mut changes = self.take_changes(topic, partition, start)?;
-        while changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
-            if applied <= 1 {
-                return Err(self.changelog_error(format!(
-                    "the event at {topic}/{partition} offset {start} changes {} bytes of view state; one step may change at most {CHANGELOG_STEP_BYTES_MAX} bytes",
-                    changes_bytes(&changes)
-                )));
+        let mut found_oversized = Vec::new();
+        loop {
+            if oversized_change(&changes).is_some() {
+                // An earlier event than any failure found so far: the step ends before it.
+                let (offset, key, error) =
+                    self.find_oversized_event(topic, partition, start, position, applied, &store)?;
+                found_oversized.push(key);
+                failure = Some((offset, error));
+                (position, applied) = self.reapply(topic, partition, start, offset, usize::MAX, &store)?.done();
+            } else if changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
+                failure = None;
+                (position, applied) =
+                    self.shorten_step(topic, partition, start, position, applied, &spans, &changes, &store)?;
+            } else {
+                break;
             }
-            failure = None;
-            (position, applied) = self.reapply(topic, partition, start, end, applied / 2, &store)?;
             changes = self.take_changes(topic, partition, start)?;
+        }
+        // Watched only now: the step's records were applied again unwatched, as first.
+        for key in found_oversized {
+            if self.oversized.len() < OVERSIZED_KEYS_WATCHED_MAX && !self.oversized.contains(&key) {
+                self.oversized.push(key);
+            }
         }
         drop(snapshot);
         drop(deferred); // unshared again, so commit_store extends it in place
@@ -530,6 +559,11 @@ impl Runner {
                 }
             }
         }
+        // A step that ends before where the reading was held goes on at once next time.
+        self.held[index] = match held_at {
+            Some((at, stable)) if position >= at => stable,
+            _ => -1,
+        };
         // The step's progress reaches `self.progress` only once the changelog holds the
         // step: a checkpoint finishing after a failed commit must not store positions past
         // events that are in neither the changelog nor the store.
@@ -555,7 +589,94 @@ impl Runner {
     ) -> Result<(), EventError> {
         let event = decode_event(topic, partition, record, self.codec.as_ref()).and_then(|e| self.schemas.upcast(e))?;
         self.step_timestamp = Some(self.step_timestamp.map_or(event.timestamp, |t| t.max(event.timestamp)));
-        self.applier.apply(&event, store)
+        self.applier.apply(&event, store)?;
+        if self.oversized.is_empty() { Ok(()) } else { self.check_oversized() }
+    }
+
+    /// Applies again, from `start`, about half of the `applied` records before `position`
+    /// whose `changes` are too large for one step, cut where it splits no transaction of
+    /// `spans`; returns the new position and count. Fails when the first event or
+    /// transaction alone is too large.
+    #[allow(clippy::too_many_arguments)]
+    fn shorten_step(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        start: i64,
+        position: i64,
+        applied: usize,
+        spans: &[(i64, i64)],
+        changes: &[Change],
+        store: &dyn StoreRead,
+    ) -> Result<(i64, usize)> {
+        let shared = self.shared.clone();
+        let too_large = |unit: String| ViewError::StepTooLarge {
+            view: shared.view.clone(),
+            version: shared.version,
+            position: InputPosition { topic: topic.to_string(), partition, offset: start },
+            unit,
+            bytes: changes_bytes(changes),
+            max: CHANGELOG_STEP_BYTES_MAX,
+        };
+        if applied <= 1 {
+            return Err(too_large("the event".to_owned()));
+        }
+        let (half, half_applied) = self.reapply(topic, partition, start, position, applied / 2, store)?.done();
+        let mut cut = cut_before(spans, half);
+        if cut <= start {
+            // The first transaction holds the half: the step is that transaction, if it is
+            // not all of the step.
+            cut = cut_after(spans, half);
+            if cut >= position {
+                return Err(too_large(format!("the transaction of {applied} events up to offset {}", position - 1)));
+            }
+        }
+        if cut == half {
+            return Ok((half, half_applied));
+        }
+        Ok(self.reapply(topic, partition, start, cut, usize::MAX, store)?.done())
+    }
+
+    /// The event of the step from `start` (`applied` records up to `position`) after which
+    /// a value is first over `VIEW_VALUE_BYTES_MAX`, found by applying halves of the step
+    /// again, the key and why the event fails. The step as a whole has such a value.
+    fn find_oversized_event(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        start: i64,
+        position: i64,
+        applied: usize,
+        store: &dyn StoreRead,
+    ) -> Result<(i64, (Scope, String), EventError)> {
+        // State after `fine` records has no value too large, after `over` records it has.
+        let (mut fine, mut over) = (0, applied);
+        while over - fine > 1 {
+            let middle = fine + (over - fine) / 2;
+            self.reapply(topic, partition, start, position, middle, store)?;
+            let changes = self.take_changes(topic, partition, start)?;
+            if oversized_change(&changes).is_some() {
+                over = middle;
+            } else {
+                fine = middle;
+            }
+        }
+        let again = self.reapply(topic, partition, start, position, over, store)?;
+        let changes = self.take_changes(topic, partition, start)?;
+        let change = oversized_change(&changes).expect("applying is deterministic: the same records, the same state");
+        let bytes = change.value.as_ref().map_or(0, Vec::len);
+        Ok((again.last, (change.scope, change.key.clone()), value_too_large(change.scope, &change.key, bytes)))
+    }
+
+    /// Fails the event just applied if it made a watched key's value too large.
+    fn check_oversized(&self) -> Result<(), EventError> {
+        for (scope, key) in &self.oversized {
+            match self.applier.touched_value_bytes(*scope, key)? {
+                Some(bytes) if bytes > VIEW_VALUE_BYTES_MAX => return Err(value_too_large(*scope, key, bytes)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn take_changes(&mut self, topic: &str, partition: i32, start: i64) -> Result<Vec<Change>> {
@@ -563,8 +684,7 @@ impl Runner {
     }
 
     /// Applies again, on an empty cache, the records of a partition from `start` up to
-    /// (excluding) offset `until`, at most `records_max` of them; returns the position
-    /// after them and how many were applied.
+    /// (excluding) offset `until`, at most `records_max` of them.
     fn reapply(
         &mut self,
         topic: &Arc<str>,
@@ -573,11 +693,12 @@ impl Runner {
         until: i64,
         records_max: usize,
         store: &dyn StoreRead,
-    ) -> Result<(i64, usize)> {
+    ) -> Result<Reapplied> {
         self.applier.discard();
         self.step_timestamp = None;
         let mut position = start;
         let mut applied = 0;
+        let mut last = start - 1;
         while position < until && applied < records_max {
             let (chunk, _) = self.read_whole_transactions(topic, partition, position)?;
             if chunk.next_offset <= position {
@@ -586,7 +707,7 @@ impl Runner {
             for record in chunk.records {
                 let offset = record.offset;
                 if offset >= until || applied >= records_max {
-                    return Ok((offset, applied));
+                    return Ok(Reapplied { position: offset, applied, last });
                 }
                 if let Err(error) = self.apply_record(topic, partition, record, store) {
                     // Applying is deterministic, so this means the view's logic is not.
@@ -595,10 +716,11 @@ impl Runner {
                     )));
                 }
                 applied += 1;
+                last = offset;
             }
             position = chunk.next_offset;
         }
-        Ok((position.min(until), applied))
+        Ok(Reapplied { position: position.min(until), applied, last })
     }
 
     /// Reads a chunk, extended until every transaction in it has its marker in it (so a
@@ -615,12 +737,16 @@ impl Runner {
                 break;
             }
             // A marker ends the producer's earlier transaction; one it starts later is new.
-            for producer in &more.ended_transactions {
-                pending.remove(producer);
+            for (producer, marker) in &more.ended_transactions {
+                if let Some(first) = pending.remove(producer) {
+                    chunk.transaction_spans.push((first, *marker));
+                }
             }
             for (producer, first) in &more.pending_transactions {
                 pending.entry(*producer).or_insert(*first);
             }
+            chunk.transaction_spans.extend(more.transaction_spans);
+            chunk.ended_transactions.extend(more.ended_transactions);
             chunk.records.extend(more.records);
             chunk.next_offset = more.next_offset;
             chunk.end_offset = more.end_offset;
@@ -631,6 +757,10 @@ impl Runner {
         if let Some(first) = unfinished {
             chunk.records.truncate(chunk.records.partition_point(|r| r.offset < first));
             chunk.next_offset = first;
+        } else {
+            // Past STEP_TRANSACTION_BYTES_MAX a transaction is applied in pieces, one per
+            // chunk: a shortened step may end where this one does, not inside it.
+            chunk.transaction_spans.extend(pending.values().map(|&first| (first, chunk.next_offset - 1)));
         }
         Ok((chunk, unfinished.is_some()))
     }
@@ -687,6 +817,7 @@ impl Runner {
     ) -> Result<()> {
         let mut writes = Vec::with_capacity(changes.len());
         if !changes.is_empty() {
+            // The last guard: `run_step` already failed the event that made a value this large.
             for change in &changes {
                 let bytes = change.value.as_ref().map_or(0, Vec::len);
                 if bytes > VIEW_VALUE_BYTES_MAX {
@@ -746,6 +877,59 @@ impl Runner {
             }
         });
     }
+}
+
+/// A transaction of `spans` ((first record, marker) offsets) that a step ending before
+/// `at` would apply only part of.
+fn split_span(spans: &[(i64, i64)], at: i64) -> Option<(i64, i64)> {
+    spans.iter().copied().find(|&(first, marker)| first < at && at <= marker)
+}
+
+/// The latest step end at or before `at` that splits no transaction.
+fn cut_before(spans: &[(i64, i64)], mut at: i64) -> i64 {
+    while let Some((first, _)) = split_span(spans, at) {
+        at = first;
+    }
+    at
+}
+
+/// The earliest step end at or after `at` that splits no transaction.
+fn cut_after(spans: &[(i64, i64)], mut at: i64) -> i64 {
+    while let Some((_, marker)) = split_span(spans, at) {
+        at = marker + 1;
+    }
+    at
+}
+
+/// What `Runner::reapply` applied.
+struct Reapplied {
+    /// Where the next step starts.
+    position: i64,
+    applied: usize,
+    /// The offset of the last record applied (`start - 1` when none).
+    last: i64,
+}
+
+impl Reapplied {
+    fn done(self) -> (i64, usize) {
+        (self.position, self.applied)
+    }
+}
+
+/// A change whose value is over `VIEW_VALUE_BYTES_MAX`.
+pub(crate) fn oversized_change(changes: &[Change]) -> Option<&Change> {
+    changes.iter().find(|c| c.value.as_ref().is_some_and(|v| v.len() > VIEW_VALUE_BYTES_MAX))
+}
+
+/// Why an event that made a value too large fails.
+pub(crate) fn value_too_large(scope: Scope, key: &str, bytes: usize) -> EventError {
+    let kind = match scope {
+        Scope::View => "key",
+        Scope::Internal => "internal key",
+    };
+    EventError(format!(
+        "it makes the value of {kind} '{key}' {bytes} bytes; a view value may be at most {VIEW_VALUE_BYTES_MAX} bytes (VIEW_VALUE_BYTES_MAX, a fixed limit): keep less under one key, e.g. split it over several keys"
+    ))
 }
 
 fn changes_bytes(changes: &[Change]) -> usize {

@@ -173,6 +173,9 @@ pub(crate) trait Applier: Send {
     fn cached_entries(&self) -> usize;
     /// Keys changed since the last `take_changes`.
     fn dirty_entries(&self) -> usize;
+    /// The serialized size of the key's value when the last event applied put or took it
+    /// (None when it did not, or deleted the key).
+    fn touched_value_bytes(&self, scope: Scope, key: &str) -> Result<Option<usize>, EventError>;
 }
 
 struct ReducerProcessor<R>(R);
@@ -196,7 +199,7 @@ struct ProcessorLogic<P>(Arc<P>);
 
 impl<P: Processor> Logic for ProcessorLogic<P> {
     fn applier(&self) -> Box<dyn Applier> {
-        Box::new(TypedApplier { processor: self.0.clone(), entries: HashMap::new(), dirty: 0 })
+        Box::new(TypedApplier { processor: self.0.clone(), entries: HashMap::new(), dirty: 0, event: 0 })
     }
 }
 
@@ -206,11 +209,13 @@ struct Slot<T> {
     /// False until the store was read for this scope (the entry may exist for the other).
     loaded: bool,
     dirty: bool,
+    /// The applier's `event` when it was last put or taken.
+    touched: u64,
 }
 
 impl<T> Default for Slot<T> {
     fn default() -> Self {
-        Self { value: None, loaded: false, dirty: false }
+        Self { value: None, loaded: false, dirty: false, touched: 0 }
     }
 }
 
@@ -241,12 +246,15 @@ struct TypedApplier<P: Processor> {
     entries: Entries<P::State, P::Internal>,
     /// Upper bound of the slots marked dirty since the last `take_changes`.
     dirty: usize,
+    /// Events applied (numbered from 1), to tell which slots the last one changed.
+    event: u64,
 }
 
 struct Access<'a, S, I> {
     entries: &'a mut Entries<S, I>,
     store: &'a dyn StoreRead,
     dirty: &'a mut usize,
+    event: u64,
 }
 
 /// Which of an entry's two slots a scope means.
@@ -301,30 +309,25 @@ fn load<'m, S, I, W: ScopeSlot<S, I>>(
     Ok(slot)
 }
 
-fn store_in<S, I, W: ScopeSlot<S, I>>(
-    entries: &mut Entries<S, I>,
-    dirty: &mut usize,
-    key: &str,
-    value: Option<W::Value>,
-) {
-    let slot = W::slot(entry(entries, key));
+fn store_in<S, I, W: ScopeSlot<S, I>>(access: &mut Access<'_, S, I>, key: &str, value: Option<W::Value>) {
+    let slot = W::slot(entry(access.entries, key));
     slot.value = value;
     slot.loaded = true;
-    *dirty += usize::from(!slot.dirty);
+    slot.touched = access.event;
+    *access.dirty += usize::from(!slot.dirty);
     slot.dirty = true;
 }
 
 fn take_from<S, I, W: ScopeSlot<S, I>>(
-    entries: &mut Entries<S, I>,
-    dirty: &mut usize,
-    store: &dyn StoreRead,
+    access: &mut Access<'_, S, I>,
     key: &str,
 ) -> Result<Option<W::Value>, EventError> {
-    let slot = load::<S, I, W>(entries, store, key)?;
+    let slot = load::<S, I, W>(access.entries, access.store, key)?;
     if slot.value.is_some() {
         // Taking a value marks the slot changed: the caller puts or deletes right after.
-        *dirty += usize::from(!slot.dirty);
+        *access.dirty += usize::from(!slot.dirty);
         slot.dirty = true;
+        slot.touched = access.event;
     }
     Ok(slot.value.take())
 }
@@ -339,15 +342,15 @@ impl<S: Clone + DeserializeOwned, I: Clone + DeserializeOwned> StateAccess<S, I>
     }
 
     fn take(&mut self, key: &str) -> Result<Option<S>, EventError> {
-        take_from::<S, I, ViewScope>(self.entries, self.dirty, self.store, key)
+        take_from::<S, I, ViewScope>(self, key)
     }
 
     fn put(&mut self, key: &str, value: S) {
-        store_in::<S, I, ViewScope>(self.entries, self.dirty, key, Some(value));
+        store_in::<S, I, ViewScope>(self, key, Some(value));
     }
 
     fn delete(&mut self, key: &str) {
-        store_in::<S, I, ViewScope>(self.entries, self.dirty, key, None);
+        store_in::<S, I, ViewScope>(self, key, None);
     }
 
     fn get_internal(&mut self, key: &str) -> Result<Option<I>, EventError> {
@@ -359,15 +362,15 @@ impl<S: Clone + DeserializeOwned, I: Clone + DeserializeOwned> StateAccess<S, I>
     }
 
     fn take_internal(&mut self, key: &str) -> Result<Option<I>, EventError> {
-        take_from::<S, I, InternalScope>(self.entries, self.dirty, self.store, key)
+        take_from::<S, I, InternalScope>(self, key)
     }
 
     fn put_internal(&mut self, key: &str, value: I) {
-        store_in::<S, I, InternalScope>(self.entries, self.dirty, key, Some(value));
+        store_in::<S, I, InternalScope>(self, key, Some(value));
     }
 
     fn delete_internal(&mut self, key: &str) {
-        store_in::<S, I, InternalScope>(self.entries, self.dirty, key, None);
+        store_in::<S, I, InternalScope>(self, key, None);
     }
 }
 
@@ -383,7 +386,8 @@ fn drain_slot<T: Serialize>(slot: &mut Slot<T>, scope: Scope, key: &str) -> Resu
 
 impl<P: Processor> Applier for TypedApplier<P> {
     fn apply(&mut self, event: &Event, store: &dyn StoreRead) -> Result<(), EventError> {
-        let mut access = Access { entries: &mut self.entries, store, dirty: &mut self.dirty };
+        self.event += 1;
+        let mut access = Access { entries: &mut self.entries, store, dirty: &mut self.dirty, event: self.event };
         self.processor.process(event, &mut access)
     }
 
@@ -421,5 +425,35 @@ impl<P: Processor> Applier for TypedApplier<P> {
 
     fn dirty_entries(&self) -> usize {
         self.dirty
+    }
+
+    fn touched_value_bytes(&self, scope: Scope, key: &str) -> Result<Option<usize>, EventError> {
+        let Some(entry) = self.entries.get(key) else { return Ok(None) };
+        match scope {
+            Scope::View => touched_bytes(&entry.view, self.event),
+            Scope::Internal => touched_bytes(&entry.internal, self.event),
+        }
+    }
+}
+
+/// The serialized size of the slot's value if event `event` changed it.
+fn touched_bytes<T: Serialize>(slot: &Slot<T>, event: u64) -> Result<Option<usize>, EventError> {
+    let Some(value) = slot.value.as_ref().filter(|_| slot.touched == event) else { return Ok(None) };
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, value)?;
+    Ok(Some(counter.0))
+}
+
+/// Counts what is written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

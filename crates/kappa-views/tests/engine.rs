@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use kappa_views::{AsOf, Event, EventError, Phase, Processor, Reducer, Schemas, StateAccess, View, ViewError};
@@ -284,15 +284,22 @@ fn values(result: &kappa_views::AsOfView) -> BTreeMap<String, Value> {
     result.values.iter().map(|(k, v)| (k.clone(), serde_json::from_slice(v).unwrap())).collect()
 }
 
+/// Waits, up to 60 s (a loaded CI machine; as `wait_caught_up`), for the newest version of
+/// `view` to reach a phase `want` accepts.
 fn wait_for_phase(engine: &kappa_views::ViewEngine, view: &str, want: impl Fn(&Phase) -> bool) -> Phase {
-    for _ in 0..2000 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
         let phase = engine.describe(view).unwrap().versions.last().unwrap().status.phase.clone();
         if want(&phase) {
             return phase;
         }
+        assert!(
+            Instant::now() < deadline,
+            "view {view} did not reach the wanted phase within 60 s: {:?}",
+            engine.describe(view)
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    panic!("view {view} never reached the wanted phase: {:?}", engine.describe(view));
 }
 
 #[test]
@@ -417,9 +424,11 @@ fn a_new_version_rebuilds_beside_the_serving_one_and_reads_switch_atomically() {
     // and never from a half-built v2.
     let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
     let stop = Arc::new(AtomicBool::new(false));
+    // Set by the reader once one of its reads came from version 2.
+    let read_v2 = Arc::new(AtomicBool::new(false));
     let reader = {
         let engine = engine.clone();
-        let (stop, v1, v2) = (stop.clone(), v1.clone(), v2.clone());
+        let (stop, read_v2, v1, v2) = (stop.clone(), read_v2.clone(), v1.clone(), v2.clone());
         std::thread::spawn(move || {
             let mut seen = BTreeMap::<u32, usize>::new();
             while !stop.load(Ordering::Acquire) {
@@ -428,13 +437,21 @@ fn a_new_version_rebuilds_beside_the_serving_one_and_reads_switch_atomically() {
                 let expected = if read.version == 1 { &v1["k7"] } else { &v2["k7"] };
                 assert_eq!(&value, expected, "a read from version {} saw a half-built state", read.version);
                 *seen.entry(read.version).or_default() += 1;
+                if read.version == 2 {
+                    read_v2.store(true, Ordering::Release);
+                }
             }
             seen
         })
     };
     wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
     wait_caught_up(&engine, "sums");
-    std::thread::sleep(Duration::from_millis(50));
+    // Keep reading until a read has come from version 2 (or the reader failed).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read_v2.load(Ordering::Acquire) && !reader.is_finished() {
+        assert!(Instant::now() < deadline, "no read came from version 2 within 60 s of it serving");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     stop.store(true, Ordering::Release);
     let seen = reader.join().expect("reads never saw a half-built version");
     assert!(seen.contains_key(&2), "reads switched to version 2: {seen:?}");
@@ -766,57 +783,55 @@ fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from
     engine.shutdown();
 }
 
-/// Each key's value is "v"; with `inflate`, key k2's value is past the value limit.
-struct Inflating {
-    inflate: bool,
-}
+/// Each key's value is "v".
+struct Constant;
 
-impl Reducer for Inflating {
+impl Reducer for Constant {
     type State = String;
 
     fn key(&self, event: &Event) -> Option<String> {
         event.key_str().map(str::to_owned)
     }
 
-    fn apply(&self, _: Option<String>, event: &Event) -> Result<Option<String>, EventError> {
-        Ok(Some(if self.inflate && event.key_str() == Some("k2") {
-            "x".repeat(kappa_views::runner::VIEW_VALUE_BYTES_MAX)
-        } else {
-            "v".to_owned()
-        }))
+    fn apply(&self, _: Option<String>, _: &Event) -> Result<Option<String>, EventError> {
+        Ok(Some("v".to_owned()))
     }
 }
 
-/// A checkpoint starts after every step, so the step on partition 1 fails while the one
-/// started after partition 0's step runs; finishing it must not store partition 1's
-/// position past the events whose step never reached the changelog.
+/// A checkpoint starts after every step, so the step on partition 1 fails (its changelog
+/// append is refused) while the one started after partition 0's step runs; finishing it
+/// must not store partition 1's position past the events whose step never reached the
+/// changelog.
 #[test]
 fn a_step_whose_commit_fails_is_applied_again_after_a_restart() {
     let fixture = Fixture::new(2);
     fixture.append(0, vec![event("k0", Some(json!({})), None, None, 1)]);
     fixture.append(1, vec![event("k1", Some(json!({})), None, None, 2), event("k2", Some(json!({})), None, None, 3)]);
-    let start = |inflate| {
-        let backend = Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
+    let start = |refuse: bool| {
+        let backend = Arc::new(Gated {
+            log: kappa_views::EmbeddedLog::new(fixture.log.clone()),
+            topic: String::new(),
+            entered: AtomicBool::new(false),
+            released: AtomicBool::new(true),
+            refused_key: refuse.then(|| b"k2".to_vec()),
+        });
         let config = kappa_views::EngineConfig {
             checkpoint_interval: Duration::ZERO,
             ..kappa_views::EngineConfig::new(fixture.views_dir())
         };
-        let view = View::reducer("inflating", 1, &[TOPIC], Inflating { inflate });
+        let view = View::reducer("constant", 1, &[TOPIC], Constant);
         kappa_views::ViewEngine::start(backend, config, vec![view]).unwrap()
     };
     let engine = start(true);
-    let Phase::Failed(reason) = wait_for_phase(&engine, "inflating", |p| matches!(p, Phase::Failed(_))) else {
+    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
         unreachable!()
     };
-    assert!(
-        reason.contains("'inflating' v1") && reason.contains("key 'k2'") && reason.contains("events/1 offset 0"),
-        "{reason}"
-    );
+    assert!(reason.contains("refused append"), "{reason}");
     engine.shutdown();
     let engine = start(false);
-    wait_caught_up(&engine, "inflating");
+    wait_caught_up(&engine, "constant");
     assert_eq!(
-        dump(&engine, "inflating"),
+        dump(&engine, "constant"),
         BTreeMap::from([("k0".to_owned(), json!("v")), ("k1".to_owned(), json!("v")), ("k2".to_owned(), json!("v"))])
     );
     engine.shutdown();
@@ -839,12 +854,14 @@ fn an_existing_changelog_takes_batches_as_large_as_a_step() {
     engine.shutdown();
 }
 
-/// The embedded log, except that waiting for one topic to be durable blocks until released.
+/// The embedded log, except that waiting for one topic to be durable blocks until released,
+/// and appends of records with `refused_key` fail.
 struct Gated {
     log: kappa_views::EmbeddedLog,
     topic: String,
     entered: AtomicBool,
     released: AtomicBool,
+    refused_key: Option<Vec<u8>>,
 }
 
 impl kappa_views::LogBackend for Gated {
@@ -889,6 +906,10 @@ impl kappa_views::LogBackend for Gated {
         partition: i32,
         records: Vec<kappa_views::backend::OutputRecord>,
     ) -> kappa_views::Result<(i64, i64)> {
+        if self.refused_key.as_ref().is_some_and(|refused| records.iter().any(|r| &r.key == refused)) {
+            let source = std::io::Error::other("refused append (test)");
+            return Err(ViewError::Io { path: topic.into(), source });
+        }
         self.log.append(topic, partition, records)
     }
     fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
@@ -920,6 +941,7 @@ fn retiring_a_version_as_it_catches_up_does_not_deadlock() {
         topic: "__kappa.view.sums.v1".to_owned(),
         entered: AtomicBool::new(false),
         released: AtomicBool::new(false),
+        refused_key: None,
     });
     let config = kappa_views::EngineConfig::new(fixture.views_dir());
     let engine = kappa_views::ViewEngine::start(gated.clone(), config, vec![sum_view(1, 1), sum_view(2, 1)]).unwrap();
@@ -943,5 +965,232 @@ fn retiring_a_version_as_it_catches_up_does_not_deadlock() {
     retire.join().unwrap().unwrap();
     assert!(fixture.log.topic("__kappa.view.sums.v1").is_err(), "the retired version's changelog is deleted");
     assert_eq!(engine.describe("sums").unwrap().active, Some(2));
+    engine.shutdown();
+}
+
+/// Each key's value is a 1 MiB string, so a few dozen events make a step's changes larger
+/// than one changelog batch may be (`CHANGELOG_STEP_BYTES_MAX`).
+struct Mebibyte;
+
+const MEBIBYTE: usize = 1024 * 1024;
+
+impl Reducer for Mebibyte {
+    type State = String;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<String>, _: &Event) -> Result<Option<String>, EventError> {
+        Ok(Some("x".repeat(MEBIBYTE)))
+    }
+}
+
+/// Appends one transaction of producer `producer` setting `keys` and commits it; returns
+/// the offset of its marker.
+fn commit_transaction(fixture: &Fixture, producer: i64, sequence: i32, keys: &[String]) -> i64 {
+    let records = keys.iter().map(|k| event(k, Some(json!({})), None, None, 1)).collect();
+    let first = fixture.append_transactional(0, producer, sequence, records);
+    fixture.end_transaction(0, producer, true);
+    first + keys.len() as i64
+}
+
+/// The input position "events/0" of every step marker in a changelog, in order.
+fn step_positions(fixture: &Fixture, changelog: &str) -> Vec<i64> {
+    use kappa_views::LogBackend;
+    let backend = kappa_views::EmbeddedLog::new(fixture.log.clone());
+    let end = backend.durable_end_offset(changelog, 0).unwrap();
+    let (mut from, mut positions) = (0, Vec::new());
+    while from < end {
+        let chunk = backend.read_committed(changelog, 0, from, MEBIBYTE).unwrap();
+        for record in &chunk.records {
+            if let kappa_views::changelog::Entry::Step { marker, .. } = kappa_views::changelog::decode(record).unwrap()
+            {
+                positions.push(marker.positions["events/0"]);
+            }
+        }
+        assert!(chunk.next_offset > from, "the changelog read moves on");
+        from = chunk.next_offset;
+    }
+    positions
+}
+
+/// Two committed transactions (25 + 15 MiB of changes) are read in one step, which is too
+/// large for one changelog batch: the shortened step must end between them, not halfway
+/// through the first (20 events) — and must not leave the partition waiting for the open
+/// transaction further on, which the first reading stopped at, with the second
+/// transaction not applied.
+#[test]
+fn a_step_too_large_for_the_changelog_is_shortened_between_transactions() {
+    let fixture = Fixture::new(1);
+    let first: Vec<String> = (0..25).map(|i| format!("a{i:02}")).collect();
+    let second: Vec<String> = (0..15).map(|i| format!("b{i:02}")).collect();
+    let first_marker = commit_transaction(&fixture, 1, 0, &first);
+    let second_marker = commit_transaction(&fixture, 1, 25, &second);
+    assert_eq!((first_marker, second_marker), (25, 41));
+    // Producer 3's transaction is committed but interleaved with producer 2's, left open:
+    // the step stops before it (the last stable offset is producer 2's first record).
+    fixture.append_transactional(0, 3, 0, vec![event("c", Some(json!({})), None, None, 1)]);
+    fixture.append_transactional(0, 2, 0, vec![event("open", Some(json!({})), None, None, 1)]);
+    fixture.append_transactional(0, 3, 1, vec![event("c", Some(json!({})), None, None, 1)]);
+    fixture.end_transaction(0, 3, true);
+    assert_eq!(fixture.log.partition(TOPIC, 0).unwrap().last_stable_offset(), 43);
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("big", 1, &[TOPIC], Mebibyte)]);
+    wait_for_phase(&engine, "big", |p| *p == Phase::Live);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.describe("big").unwrap().active.is_none() {
+        assert!(Instant::now() < deadline, "the caught-up version never served reads");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let keys: Vec<String> = dump(&engine, "big").into_keys().collect();
+    let expected: Vec<String> = first.iter().chain(&second).cloned().collect();
+    assert_eq!(keys, expected, "both transactions applied once the view is live");
+    assert_eq!(
+        step_positions(&fixture, "__kappa.view.big.v1"),
+        vec![first_marker + 1, 42],
+        "steps end between transactions"
+    );
+    engine.shutdown();
+}
+
+/// One transaction whose changes alone are larger than a changelog batch may be cannot be
+/// applied in one step, nor split: the version fails, naming the transaction and the limit.
+#[test]
+fn a_transaction_too_large_for_one_step_fails_the_version_with_the_reason() {
+    let fixture = Fixture::new(1);
+    let keys: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+    commit_transaction(&fixture, 1, 0, &keys);
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("big", 1, &[TOPIC], Mebibyte)]);
+    let Phase::Failed(reason) = wait_for_phase(&engine, "big", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("the transaction of 40 events")
+            && reason.contains("events/0 offset 0")
+            && reason.contains("CHANGELOG_STEP_BYTES_MAX"),
+        "{reason}"
+    );
+    assert_eq!(step_positions(&fixture, "__kappa.view.big.v1"), Vec::<i64>::new(), "no part of it applied");
+    engine.shutdown();
+}
+
+/// The first reading stops before a committed transaction interleaved with an open one;
+/// an event before that fails and is skipped into the dead-letter topic, so the step ends
+/// at it: the events between it and the transaction must still be applied.
+#[test]
+fn events_after_a_dead_lettered_one_are_applied_while_an_open_transaction_waits() {
+    let fixture = Fixture::new(1);
+    let bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"{bad"), 2);
+    fixture.append(
+        0,
+        vec![event("k1", Some(json!({"n": 1})), None, None, 1), bad, event("k1", Some(json!({"n": 2})), None, None, 3)],
+    );
+    fixture.append_transactional(0, 3, 0, vec![event("k3", Some(json!({"n": 3})), None, None, 4)]);
+    fixture.append_transactional(0, 2, 0, vec![event("k2", Some(json!({"n": 4})), None, None, 5)]);
+    fixture.append_transactional(0, 3, 1, vec![event("k3", Some(json!({"n": 5})), None, None, 6)]);
+    fixture.end_transaction(0, 3, true);
+    assert_eq!(fixture.log.partition(TOPIC, 0).unwrap().last_stable_offset(), 4);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1).dead_letter("sums-dlq")]);
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.describe("sums").unwrap().active.is_none() {
+        assert!(Instant::now() < deadline, "the caught-up version never served reads");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 2, "total": 3}))]));
+    assert_eq!(engine.describe("sums").unwrap().versions[0].status.positions["events/0"], 3);
+    engine.shutdown();
+}
+
+/// key → a string of "x": each event appends as many as its payload's `add`.
+struct Growing;
+
+impl Reducer for Growing {
+    type State = String;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, state: Option<String>, event: &Event) -> Result<Option<String>, EventError> {
+        let add = event.payload()?.and_then(|p| p.get("add")).and_then(Value::as_u64).unwrap_or(0);
+        let mut value = state.unwrap_or_default();
+        value.push_str(&"x".repeat(add as usize));
+        Ok(Some(value))
+    }
+}
+
+fn grow(key: &str, add: usize) -> kappa_log::records::NewRecord {
+    event(key, Some(json!({ "add": add })), None, None, 1)
+}
+
+/// k2 grows by 3 MiB, then 2 MiB (offset 2: 5 MiB is past VIEW_VALUE_BYTES_MAX), ...
+fn write_growing(fixture: &Fixture) {
+    fixture.append(
+        0,
+        vec![
+            grow("k1", 10),
+            grow("k2", 3 * MEBIBYTE),
+            grow("k2", 2 * MEBIBYTE),
+            grow("k3", 1),
+            grow("k2", 2 * MEBIBYTE),
+            grow("k2", 5),
+        ],
+    );
+}
+
+#[test]
+fn an_event_making_a_value_too_large_stops_a_stop_policy_view_at_that_event() {
+    let fixture = Fixture::new(1);
+    write_growing(&fixture);
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("growing", 1, &[TOPIC], Growing)]);
+    let Phase::Failed(reason) = wait_for_phase(&engine, "growing", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    let bytes = 5 * MEBIBYTE + 2; // a JSON string: its quotes
+    assert!(
+        reason.contains("events/0 offset 2")
+            && reason.contains("key 'k2'")
+            && reason.contains(&format!("{bytes} bytes"))
+            && reason.contains("VIEW_VALUE_BYTES_MAX"),
+        "{reason}"
+    );
+    let info = engine.describe("growing").unwrap();
+    assert_eq!(info.versions[0].status.positions["events/0"], 2, "the events before it are applied");
+    engine.shutdown();
+}
+
+#[test]
+fn an_event_making_a_value_too_large_is_dead_lettered_and_its_changes_undone() {
+    let fixture = Fixture::new(1);
+    write_growing(&fixture);
+    let view = View::reducer("growing", 1, &[TOPIC], Growing).dead_letter("growing-dlq");
+    let engine = fixture.engine(Schemas::new(), vec![view]);
+    wait_caught_up(&engine, "growing");
+    let lengths: BTreeMap<String, usize> =
+        dump(&engine, "growing").into_iter().map(|(k, v)| (k, v.as_str().unwrap().len())).collect();
+    // Both events that would take k2 past the limit are skipped, the others applied.
+    let expected = BTreeMap::from([("k1".to_owned(), 10), ("k2".to_owned(), 3 * MEBIBYTE + 5), ("k3".to_owned(), 1)]);
+    assert_eq!(lengths, expected);
+    // An as-of replay skips them too.
+    let at = AsOf::Offsets(BTreeMap::from([("events/0".into(), 6)]));
+    let result = engine.as_of("growing", None, &at, None).unwrap();
+    assert_eq!(values(&result), dump(&engine, "growing"));
+    let dlq = fixture.log.partition("growing-dlq", 0).unwrap();
+    let read = dlq.read(0, 1 << 20, kappa_log::Isolation::ReadUncommitted).unwrap();
+    let mut found = Vec::new();
+    let mut rest = read.records.as_slice();
+    while !rest.is_empty() {
+        let len = kappa_log::batch::batch_total_len(rest, rest.len()).unwrap();
+        for r in kappa_log::records::decode_records(&rest[..len], 1 << 20).unwrap().iter() {
+            let header = |n: &str| r.header(n).flatten().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap();
+            found.push((header("kappa.dlq.source"), header("kappa.dlq.reason")));
+        }
+        rest = &rest[len..];
+    }
+    assert_eq!(found.iter().map(|(source, _)| source.as_str()).collect::<Vec<_>>(), ["events/0/2", "events/0/4"]);
+    for (_, reason) in &found {
+        assert!(reason.contains("key 'k2'") && reason.contains("VIEW_VALUE_BYTES_MAX"), "{reason}");
+    }
     engine.shutdown();
 }

@@ -299,3 +299,60 @@ fn a_view_whose_keys_depend_on_view_values_is_refused_in_stage_2() {
         other => panic!("expected NotRepartitionable, got {:?}", other.map(|s| s.map(|s| s.next_offset))),
     }
 }
+
+/// key → a string of "x": each event appends as many as its payload's `add`.
+struct Growing;
+
+impl Reducer for Growing {
+    type State = String;
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+    fn apply(&self, state: Option<String>, event: &Event) -> Result<Option<String>, EventError> {
+        let add = event.payload()?.and_then(|p| p.get("add")).and_then(|a| a.as_u64()).unwrap_or(0);
+        Ok(Some(state.unwrap_or_default() + &"x".repeat(add as usize)))
+    }
+}
+
+const MEBIBYTE: usize = 1024 * 1024;
+
+/// Offset 1 takes key a to 5 MiB, past `VIEW_VALUE_BYTES_MAX`.
+fn growing_records() -> Vec<InputRecord> {
+    [("a", 3 * MEBIBYTE), ("a", 2 * MEBIBYTE), ("b", 1), ("a", 5)]
+        .iter()
+        .enumerate()
+        .map(|(offset, (key, add))| record(offset as i64, key, Some(&format!(r#"{{"add":{add}}}"#))))
+        .collect()
+}
+
+#[test]
+fn an_event_making_a_value_too_large_stops_a_stop_policy_fold_at_that_event() {
+    let mut view = fold(View::reducer("growing", 1, &["events"], Growing));
+    match view.apply(&growing_records()) {
+        Err(ViewError::EventFailed { position, reason, .. }) => {
+            assert_eq!(position.offset, 1);
+            assert!(reason.contains("key 'a'") && reason.contains("VIEW_VALUE_BYTES_MAX"), "{reason}");
+        }
+        other => panic!("expected EventFailed, got {:?}", other.map(|s| s.map(|s| s.next_offset))),
+    }
+}
+
+#[test]
+fn an_event_making_a_value_too_large_is_dead_lettered_by_a_fold() {
+    let mut view = fold(View::reducer("growing", 1, &["events"], Growing).dead_letter("growing-dlq"));
+    let step = view.apply(&growing_records()).unwrap().expect("a step");
+    assert_eq!(step.next_offset, 4);
+    let sources: Vec<_> = step
+        .dead_letters
+        .iter()
+        .map(|(topic, r)| {
+            let source = r.headers.iter().find(|(k, _)| k == "kappa.dlq.source").and_then(|(_, v)| v.clone());
+            (topic.as_str(), String::from_utf8(source.unwrap()).unwrap())
+        })
+        .collect();
+    assert_eq!(sources, [("growing-dlq", "events/2/1".to_owned())]);
+    view.commit();
+    // A JSON string: its quotes.
+    assert_eq!(view.get("a").map(<[u8]>::len), Some(3 * MEBIBYTE + 5 + 2));
+    assert_eq!(view.get("b").map(<[u8]>::len), Some(3));
+}
