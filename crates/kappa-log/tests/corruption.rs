@@ -375,27 +375,48 @@ fn a_damaged_checkpoint_does_not_hide_a_torn_tail() {
     check_reads_and_timestamps(&log, &batches);
 }
 
-/// Known issue, left for a design decision: recovery rescans a closed segment whose
-/// indexes do not match it and truncates it at a damaged batch header, keeping the later
-/// segments. The rest of that segment is gone and a consumer reading through skips from
-/// the damage straight to the next segment, with no error.
+/// A damaged batch header in a closed segment: a read through the damage stops there, a
+/// read at any offset from the damage to the end of that segment fails as corrupt, and the
+/// later segments are still served — never a jump from the damage to the next segment
+/// with no error (the silent gap recovery once left by truncating the segment there).
+/// Checked after the restart that found the damage and after another one.
 #[test]
 fn a_damaged_header_in_a_closed_segment_does_not_leave_a_silent_gap() {
     let (dir, clock, batches) = setup(1024, 30, true);
     let at = layout(dir.path(), &batches);
     let (seg, start) = at[2];
     assert_eq!(seg, 0);
+    let next_segment = at.iter().position(|&(s, _)| s != seg).expect("a segment after the damaged one");
+    let next_base = header(&batches[next_segment]).base_offset;
+    let damaged_from = header(&batches[2]).base_offset;
     let path = log_path(dir.path(), seg);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[start as usize + 11] ^= 0x08; // batch_length of the third batch
     std::fs::write(&path, &bytes).unwrap();
-    let (log, _) = reopen(dir.path(), &clock);
-    let p = log.partition("t", 0).unwrap();
-    let read = p.read(0, 1 << 20, Isolation::ReadUncommitted);
-    assert!(
-        read.as_ref().map_or(true, |r| r.records == batches[..2].concat()),
-        "a read through the damage must stop there (or fail), not skip to the next segment"
-    );
+    for restart in ["first", "second"] {
+        let (log, _) = reopen(dir.path(), &clock);
+        let p = log.partition("t", 0).unwrap();
+        let read = p.read(0, 1 << 20, Isolation::ReadUncommitted).expect("the batches before the damage are served");
+        assert_eq!(read.records, batches[..2].concat(), "{restart} restart: a read through the damage stops there");
+        for offset in damaged_from..next_base {
+            match p.read(offset, 1 << 20, Isolation::ReadUncommitted) {
+                Err(LogError::Corrupt { .. }) => {}
+                other => {
+                    let served = other
+                        .map(|read| split(&read.records).iter().map(|b| header(b).base_offset).collect::<Vec<_>>());
+                    panic!(
+                        "{restart} restart: a read at {offset} (damaged segment, after the damage) must fail as corrupt; got {served:?}"
+                    )
+                }
+            }
+        }
+        let read = p.read(next_base, 1 << 20, Isolation::ReadUncommitted).expect("the next segment is served");
+        assert_eq!(
+            split(&read.records).first(),
+            Some(&batches[next_segment]),
+            "{restart} restart: the segments after the damaged one are kept"
+        );
+    }
 }
 
 /// Damage that lowers a batch's last offset (a field under the CRC, which the walk to the

@@ -11,9 +11,11 @@ fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target)
 }
 
+/// The corpus files of `target`, sorted. A missing or empty corpus directory fails the test:
+/// replaying nothing would pass without checking anything.
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = corpus_dir(target);
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("fuzz corpus {}: {e}", dir.display()));
     let mut files: Vec<(PathBuf, Vec<u8>)> = entries
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file())
@@ -23,6 +25,7 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
         })
         .collect();
     files.sort();
+    assert!(!files.is_empty(), "fuzz corpus {} holds no files: nothing to replay", dir.display());
     files
 }
 

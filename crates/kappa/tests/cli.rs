@@ -139,7 +139,11 @@ fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
     fails(&server, &["topic", "delete-records", "channels", "--before", "zero=3", "--yes"], "", 2, "partition=offset");
     fails(&server, &["topic", "delete-records", "channels", "--before", "0=99", "--yes"], "", 2, "high watermark");
     fails(&server, &["topic", "delete-records", "channels", "--before", "7=1", "--yes"], "", 4, "partition");
+    // A compacted topic's records go only by compaction (Kafka: POLICY_VIOLATION) until its
+    // policy includes delete.
+    fails(&server, &["topic", "delete-records", "channels", "--before", "0=3", "--yes"], "", 3, "cleanup.policy");
     assert_eq!(describe(&server, "channels")["partitions"][0]["start_offset"], 0, "refusals change nothing");
+    ok(&server, &["topic", "alter", "channels", "--set", "cleanup.policy=compact,delete"], "");
     let said = ok(&server, &["topic", "delete-records", "channels", "--before", "0=3", "--yes"], "");
     assert!(said.contains("channels/0: records start at 3"), "{said}");
     assert_eq!(describe(&server, "channels")["partitions"][0]["start_offset"], 3);
@@ -352,26 +356,65 @@ fn records_from_the_cli_reach_kcat_and_records_from_kcat_reach_the_cli() {
 
 #[test]
 fn consume_follow_waits_for_records_produced_later() {
+    use std::io::{BufRead, Read};
     let server = Server::start();
     ok(&server, &["topic", "create", "live", "--partitions", "2"], "");
-    let follower = Command::new(env!("CARGO_BIN_EXE_kappa"))
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_kappa"))
         .args(["consume", "live", "--follow", "--max-records", "3", "--key-separator", ":"])
         .env("KAPPA_SERVER", format!("http://{}", server.http))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The follower's lines as it prints them (it flushes after each answer).
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let mut seen: Vec<String> = Vec::new();
+    let mut stderr = follower.stderr.take().unwrap();
+    let mut fail = |follower: &mut std::process::Child, what: &str, seen: &[String]| -> ! {
+        let _ = follower.kill();
+        let _ = follower.wait();
+        let mut err = String::new();
+        let _ = stderr.read_to_string(&mut err);
+        panic!("{what}; printed {seen:?}; stderr:\n{err}\nserver log:\n{}", server.log())
+    };
     ok(&server, &["produce", "live", "--key-separator", ":"], "a:1\nb:2\n");
-    std::thread::sleep(Duration::from_millis(300));
+    // Both printed: the follower is running and has read everything there is, so the next
+    // record reaches it only by following.
+    while seen.len() < 2 {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push(line),
+            Err(_) => fail(&mut follower, "the follower did not print the first two records within 60 s", &seen),
+        }
+    }
+    assert!(follower.try_wait().unwrap().is_none(), "the follower exited after 2 of its 3 records: {seen:?}");
     ok(&server, &["produce", "live", "--key-separator", ":"], "c:3\n");
-    let started = Instant::now();
-    let output = follower.wait_with_output().unwrap();
-    assert!(started.elapsed() < TIMEOUT);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let mut lines: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
-    lines.sort();
-    assert_eq!(lines, vec!["a:1", "b:2", "c:3"]);
+    let status = loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            fail(&mut follower, "the follower did not exit within 60 s after its third record was produced", &seen);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The rest of what it printed (the reader thread ends at the pipe's end).
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+        seen.push(line);
+    }
+    if !status.success() {
+        fail(&mut follower, &format!("the follower failed with {status}"), &seen);
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["a:1", "b:2", "c:3"]);
 }
 
 fn group(server: &Server, name: &str) -> Value {

@@ -188,6 +188,37 @@ impl Drop for Member {
     }
 }
 
+/// Waits (60 s at most) until `group` is Stable with `members` members that between them
+/// own all `partitions` partitions of `topic`, and, with `committed`, until the offsets the
+/// group committed on `topic` add up to it (every record consumed so far committed).
+fn wait_group(server: &Server, group: &str, topic: &str, partitions: u32, members: usize, committed: Option<usize>) {
+    let code = format!(
+        "import sys, time\n\
+         from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition\n\
+         from confluent_kafka.admin import AdminClient\n\
+         g, t = '{group}', '{topic}'\n\
+         a = AdminClient({{'bootstrap.servers': '{}'}})\n\
+         deadline = time.time() + 60\n\
+         while True:\n\
+         \x20   d = a.describe_consumer_groups([g])[g].result(15)\n\
+         \x20   owned = sum(len(m.assignment.topic_partitions) for m in d.members)\n\
+         \x20   tps = [TopicPartition(t, p) for p in range({partitions})]\n\
+         \x20   offs = a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(g, tps)])[g].result(15)\n\
+         \x20   done = sum(tp.offset for tp in offs.topic_partitions if tp.offset >= 0)\n\
+         \x20   seen = f'state {{d.state}}, {{len(d.members)}} members owning {{owned}} partitions, {{done}} committed'\n\
+         \x20   if str(d.state).endswith('STABLE') and len(d.members) == {members} and owned == {partitions} \\\n\
+         \x20           and {want} in (None, done):\n\
+         \x20       break\n\
+         \x20   if time.time() > deadline:\n\
+         \x20       sys.exit(f'after 60 s group {{g}}: {{seen}}; want Stable, {members} members, {partitions} partitions, {want} committed')\n\
+         \x20   time.sleep(0.1)\n\
+         print(seen)\n",
+        server.bootstrap(),
+        want = committed.map_or("None".to_owned(), |n| n.to_string()),
+    );
+    run(Command::new("python3").arg("-c").arg(code), Duration::from_secs(90), server);
+}
+
 fn wait_for(what: &str, server: &Server, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -206,23 +237,27 @@ fn balanced_consumer_group_rebalances_on_join_and_leave_without_loss_or_duplicat
     let dir = tempfile::tempdir().unwrap();
     // kcat cannot create topics and auto-created ones have one partition.
     let topic = "grp";
+    let group = "kgroup";
     create_topic(&server, topic, 6);
     let batch = |from: usize| -> String { (from..from + 100).map(|i| format!("k{}:{i}\n", i % 13)).collect() };
     produce(&server, topic, &[], &batch(0));
-    let a = Member::start(&server, "kgroup", topic, dir.path(), "a");
+    let a = Member::start(&server, group, topic, dir.path(), "a");
     wait_for("a to consume the first batch", &server, || a.lines().len() >= 100);
-    let b = Member::start(&server, "kgroup", topic, dir.path(), "b");
-    std::thread::sleep(Duration::from_secs(2));
+    // Each step waits for the rebalance it caused to finish (the group Stable, every
+    // partition owned), so every batch is produced to the membership the test means.
+    let b = Member::start(&server, group, topic, dir.path(), "b");
+    wait_group(&server, group, topic, 6, 2, None);
     produce(&server, topic, &[], &batch(100));
-    let c = Member::start(&server, "kgroup", topic, dir.path(), "c");
-    std::thread::sleep(Duration::from_secs(2));
+    let c = Member::start(&server, group, topic, dir.path(), "c");
+    wait_group(&server, group, topic, 6, 3, None);
     produce(&server, topic, &[], &batch(200));
     wait_for("300 consumed", &server, || a.lines().len() + b.lines().len() + c.lines().len() >= 300);
     let a_lines = a.stop();
-    std::thread::sleep(Duration::from_secs(1));
+    wait_group(&server, group, topic, 6, 2, Some(300));
     produce(&server, topic, &[], &batch(300));
     wait_for("400 consumed", &server, || a_lines.len() + b.lines().len() + c.lines().len() >= 400);
-    std::thread::sleep(Duration::from_secs(1));
+    // Everything consumed is committed before b and c leave.
+    wait_group(&server, group, topic, 6, 2, Some(400));
     let b_lines = b.stop();
     let c_lines = c.stop();
     let mut values: Vec<usize> = Vec::new();
@@ -280,15 +315,15 @@ fn read_committed_and_read_uncommitted_see_transactions_correctly() {
     let code = format!(
         "from confluent_kafka import Producer\n\
          p = Producer({{'bootstrap.servers': '{}', 'transactional.id': 'kcat-txn'}})\n\
-         p.init_transactions(15)\n\
+         p.init_transactions(60)\n\
          for name, commit in [('committed', True), ('aborted', False), ('open', None)]:\n\
          \x20   p.begin_transaction()\n\
          \x20   for i in range(3): p.produce('txn', key=b'k', value=f'{{name}}-{{i}}'.encode())\n\
-         \x20   p.flush(15)\n\
-         \x20   if commit is True: p.commit_transaction(15)\n\
-         \x20   elif commit is False: p.abort_transaction(15)\n\
+         \x20   assert p.flush(60) == 0, 'not delivered within 60 s'\n\
+         \x20   if commit is True: p.commit_transaction(60)\n\
+         \x20   elif commit is False: p.abort_transaction(60)\n\
          print('done', flush=True)\n\
-         import time; time.sleep(20)\n",
+         import time; time.sleep(120)\n",
         server.bootstrap()
     );
     let mut txn = Command::new("python3").arg("-c").arg(code).stdout(Stdio::piped()).spawn().expect("python3");

@@ -85,8 +85,9 @@ mod confluent_kafka {
         keyed_produce_consume_in_order_with_headers => "produce_consume", 60;
         idempotent_producer => "idempotent", 60;
         consumer_group_rebalances_on_join_and_leave_without_loss_or_duplicates => "group", 150;
-        transactions_committed_and_aborted_seen_by_isolation_level => "transactions", 90;
-        consume_transform_produce_with_send_offsets_to_transaction => "consume_transform_produce", 90;
+        // The script gives each librdkafka transaction call 60 s (TXN_TIMEOUT_S).
+        transactions_committed_and_aborted_seen_by_isolation_level => "transactions", 180;
+        consume_transform_produce_with_send_offsets_to_transaction => "consume_transform_produce", 180;
         offsets_for_times => "offsets_for_times", 60;
         admin_create_delete_describe_alter_configs_and_bad_values => "admin", 60;
         admin_partitions_and_consumer_groups => "admin_groups", 60;

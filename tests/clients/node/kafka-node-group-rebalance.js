@@ -2,7 +2,7 @@
 // kafka-node ConsumerGroup with two members: the second joins (JoinGroup v0 / SyncGroup v0,
 // roundrobin), partitions are split, and every record is consumed exactly once.
 
-const { assert, bootstrap, runMain, unique, waitFor, sleep, step } = require('./lib');
+const { assert, bootstrap, runMain, unique, waitFor, step } = require('./lib');
 const { kafka, client, ready, call, versions } = require('./kafka-node-common');
 
 async function main() {
@@ -44,20 +44,30 @@ async function main() {
   };
   const check = () => { if (errors.length) throw new Error(`ConsumerGroup errors: ${errors}`); };
   const owned = (name) => Object.values(members[name].group.topicPayloads || []).length;
+  // The group's committed offsets (OffsetFetch v1), added up over the 4 partitions: with
+  // every partition read from 0, the number of records whose consumption is committed.
+  const offsets = new kafka.Offset(c);
+  let committed = null;
+  const waitCommitted = (n) => waitFor(() => `${n} consumed records committed (committed offsets add up to ${committed})`, async () => {
+    check();
+    const fetched = await call((cb) => offsets.fetchCommitsV1(groupId, [0, 1, 2, 3].map((partition) => ({ topic, partition })), cb));
+    committed = Object.values(fetched[topic] || {}).reduce((sum, offset) => sum + Math.max(offset, 0), 0);
+    return committed === n;
+  }, 30000, 100);
 
   step('member a');
   start('a');
   await waitFor('a joined', () => { check(); return members.a.rebalances >= 1; }, 30000);
   await produce(40);
   await waitFor(() => `40 consumed (${seen.size})`, () => { check(); return seen.size >= 40; });
-  await sleep(1000); // let autoCommit store a's offsets
+  await waitCommitted(40); // autoCommit stored a's offsets: b starts where a left off
 
   step('member b joins');
   start('b');
   await waitFor(() => `both members own partitions (a ${owned('a')}, b ${owned('b')})`, () => { check(); return members.b.rebalances >= 1 && owned('a') === 2 && owned('b') === 2; }, 40000);
   await produce(40);
   await waitFor(() => `80 consumed (${seen.size})`, () => { check(); return seen.size >= 80; });
-  await sleep(1500);
+  await waitCommitted(80);
   check();
   for (const name of ['a', 'b']) await call((cb) => members[name].group.close(true, cb));
   await call((cb) => producer.close(cb));

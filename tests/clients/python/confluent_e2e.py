@@ -27,7 +27,14 @@ CASE = sys.argv[2]
 ARGS = sys.argv[3:]
 
 
+class WorkerFailure(Exception):
+    """fail() in a thread other than the main one: sys.exit() there would end only that
+    thread, so the failure is raised for the thread to hand to the main one."""
+
+
 def fail(msg):
+    if threading.current_thread() is not threading.main_thread():
+        raise WorkerFailure(msg)
     print(f"FAIL [{CASE}]: {msg}", file=sys.stderr)
     sys.exit(1)
 
@@ -224,8 +231,23 @@ def case_group():
 
     strategy = ARGS[0] if ARGS else "range,roundrobin"
     owned = {}
+    # What ended a member thread early (a failed check, a consume error, an exception): the
+    # main thread checks this while it waits and at the end.
+    worker_errors = []
+
+    def check_workers():
+        with lock:
+            errors = list(worker_errors)
+        check(not errors, f"member threads failed: {errors}")
 
     def member(name):
+        try:
+            run_member(name)
+        except BaseException as e:
+            with lock:
+                worker_errors.append(f"{name}: {e}" if isinstance(e, WorkerFailure) else f"{name}: {e!r}")
+
+    def run_member(name):
         # Offsets consumed but not yet committed. With the cooperative protocol a member keeps
         # consuming while the group rebalances, so a commit can race a JoinGroup completing and
         # get ILLEGAL_GENERATION / REBALANCE_IN_PROGRESS (as on Apache Kafka); it is retried,
@@ -302,20 +324,30 @@ def case_group():
     def wait_consumed(n, timeout=30):
         deadline = time.time() + timeout
         while time.time() < deadline:
+            check_workers()
             with lock:
                 if len(seen) >= n:
                     return
             time.sleep(0.1)
+        check_workers()
         fail(f"only {len(seen)} of {n} consumed; assignments {assignments}")
 
     def wait_assigned(name, timeout=30):
         deadline = time.time() + timeout
         while time.time() < deadline:
+            check_workers()
             with lock:
                 if assignments.get(name):
                     return
             time.sleep(0.1)
+        check_workers()
         fail(f"{name} never got an assignment: {assignments}")
+
+    def stop(name):
+        stops[name].set()
+        threads[name].join(30)
+        check_workers()
+        check(not threads[name].is_alive(), f"member {name} did not stop within 30 s")
 
     start("a")
     wait_assigned("a")
@@ -328,8 +360,7 @@ def case_group():
     produce_batch(150)
     wait_assigned("c")
     wait_consumed(450)
-    stops["a"].set()
-    threads["a"].join(30)
+    stop("a")
     produce_batch(150)
     wait_consumed(600)
     time.sleep(1)
@@ -337,8 +368,7 @@ def case_group():
     with lock:
         final = {n: a[-1] for n, a in assignments.items()}
     for n in ["b", "c"]:
-        stops[n].set()
-        threads[n].join(30)
+        stop(n)
     values = sorted(int(v) for _, _, _, v in seen)
     dups = len(values) - len(set(values))
     check(dups == 0, f"{dups} records consumed twice")
@@ -394,21 +424,27 @@ def case_commit_after_restart():
     print(json.dumps({"resumed": len(msgs)}))
 
 
+# librdkafka's transaction calls (init, send_offsets, commit, abort) and the flush before a
+# commit: a loaded 2-core CI machine once took longer than 15 s; clients_python.rs allows
+# these cases 180 s in all.
+TXN_TIMEOUT_S = 60
+
+
 def case_transactions():
     topic = f"txn-{uuid.uuid4().hex[:6]}"
     create_topic(topic, partitions=2)
     p = producer(**{"transactional.id": f"tx-{uuid.uuid4().hex[:6]}", "linger.ms": 0})
-    p.init_transactions(15)
+    p.init_transactions(TXN_TIMEOUT_S)
 
     def txn(values, commit):
         p.begin_transaction()
         for i, v in enumerate(values):
             p.produce(topic, key=f"k{i % 4}".encode(), value=v.encode())
-        p.flush(15)
+        check(p.flush(TXN_TIMEOUT_S) == 0, f"records not delivered within {TXN_TIMEOUT_S} s")
         if commit:
-            p.commit_transaction(15)
+            p.commit_transaction(TXN_TIMEOUT_S)
         else:
-            p.abort_transaction(15)
+            p.abort_transaction(TXN_TIMEOUT_S)
 
     txn([f"c1-{i}" for i in range(10)], True)
     txn([f"a1-{i}" for i in range(10)], False)
@@ -419,7 +455,7 @@ def case_transactions():
     p.begin_transaction()
     for i in range(6):
         p.produce(topic, key=f"k{i % 4}".encode(), value=f"open-{i}".encode())
-    p.flush(15)
+    check(p.flush(TXN_TIMEOUT_S) == 0, f"records not delivered within {TXN_TIMEOUT_S} s")
     plain = producer()
     produce_all(plain, topic, [{"key": f"k{i % 4}".encode(), "value": f"plain-{i}".encode()} for i in range(4)])
 
@@ -434,7 +470,7 @@ def case_transactions():
     )
     check(uncommitted_vals == want_all, f"read_uncommitted saw {uncommitted_vals}")
 
-    p.commit_transaction(15)
+    p.commit_transaction(TXN_TIMEOUT_S)
     committed_vals = sorted(m.value().decode() for m in read_topic(topic, 2, **{"isolation.level": "read_committed"}))
     want_committed = sorted(want_committed + [f"open-{i}" for i in range(6)] + [f"plain-{i}" for i in range(4)])
     check(committed_vals == want_committed, f"read_committed after commit saw {committed_vals}")
@@ -451,10 +487,10 @@ def case_consume_transform_produce():
     c = consumer(group, **{"isolation.level": "read_committed", "enable.partition.eof": False})
     c.subscribe([src])
     p = producer(**{"transactional.id": f"ctp-{uuid.uuid4().hex[:6]}", "linger.ms": 0})
-    p.init_transactions(15)
+    p.init_transactions(TXN_TIMEOUT_S)
     done = 0
     aborted_once = False
-    deadline = time.time() + 60
+    deadline = time.time() + 2 * TXN_TIMEOUT_S
     while done < 200:
         check(time.time() < deadline, f"transformed only {done} of 200")
         msgs = c.consume(50, 1.0)
@@ -464,16 +500,16 @@ def case_consume_transform_produce():
         p.begin_transaction()
         for m in msgs:
             p.produce(dst, key=m.key(), value=f"x{int(m.value()) * 2}".encode())
-        p.send_offsets_to_transaction(c.position(c.assignment()), c.consumer_group_metadata(), 15)
+        p.send_offsets_to_transaction(c.position(c.assignment()), c.consumer_group_metadata(), TXN_TIMEOUT_S)
         if not aborted_once:
             # Abort the first batch and rewind: its outputs and offsets must vanish.
-            p.abort_transaction(15)
+            p.abort_transaction(TXN_TIMEOUT_S)
             aborted_once = True
             committed = c.committed(c.assignment(), timeout=10)
             for tp in committed:
                 c.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else 0))
             continue
-        p.commit_transaction(15)
+        p.commit_transaction(TXN_TIMEOUT_S)
         done += len(msgs)
     positions = {tp.partition: tp.offset for tp in c.position(c.assignment())}
     c.close()

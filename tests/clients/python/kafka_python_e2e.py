@@ -307,14 +307,44 @@ def case_transactions():
     want_c = sorted([f"c1-{i}" for i in range(10)] + [f"c2-{i}" for i in range(10)])
     want_all = sorted(want_c + [f"a1-{i}" for i in range(10)])
 
-    def consume(isolation):
-        # end_offsets under read_committed is the LSO; read up to the high watermark instead.
-        c = KafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False, isolation_level=isolation,
-                          auto_offset_reset="earliest", consumer_timeout_ms=3000)
-        c.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])
-        vals = sorted(m.value.decode() for m in c)
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+
+    def high_watermarks():
+        c = KafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False, isolation_level="read_uncommitted")
+        ends = c.end_offsets(tps)
         c.close()
-        return vals
+        return ends
+
+    def consume(isolation, open_txn=False):
+        """Every value `isolation` reads from the start, up to a known end with a 30 s
+        deadline (not until the consumer falls quiet for a while, which a slow answer also
+        does): the high watermark, which read_committed reaches too once no transaction is
+        open (aborted records and markers move its position on); while one is open,
+        read_committed's end is the last stable offset, which must then be below the high
+        watermark."""
+        hwm = high_watermarks()
+        c = KafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False, isolation_level=isolation)
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        ends = hwm
+        if open_txn and isolation == "read_committed":
+            ends = c.end_offsets(tps)  # ListOffsets under read_committed: the LSO
+            check(all(ends[tp] <= hwm[tp] for tp in tps) and sum(ends.values()) < sum(hwm.values()),
+                  f"the open transaction does not hold back the last stable offsets {ends} (high watermarks {hwm})")
+        vals = []
+        deadline = time.time() + 30
+        while any(c.position(tp) < ends[tp] for tp in tps):
+            check(time.time() < deadline, f"{isolation}: timed out reading to {ends}: "
+                  f"at {[c.position(tp) for tp in tps]}, {len(vals)} records")
+            for _, msgs in c.poll(timeout_ms=500).items():
+                vals.extend(m.value.decode() for m in msgs)
+        if open_txn and isolation == "read_committed":
+            # Nothing past the last stable offset is served: one more fetch, which may only
+            # come back empty.
+            for _, msgs in c.poll(timeout_ms=1000).items():
+                vals.extend(m.value.decode() for m in msgs)
+        c.close()
+        return sorted(vals)
 
     got = consume("read_committed")
     check(got == want_c, f"read_committed saw {got}")
@@ -328,10 +358,10 @@ def case_transactions():
     p.flush()
     plain = producer()
     produce_all(plain, topic, [{"key": f"k{i}".encode(), "value": f"plain-{i}".encode()} for i in range(4)])
-    got = consume("read_committed")
+    got = consume("read_committed", open_txn=True)
     check(got == want_c, f"read_committed during an open transaction saw {got}")
     later = sorted([f"open-{i}" for i in range(4)] + [f"plain-{i}" for i in range(4)])
-    got = consume("read_uncommitted")
+    got = consume("read_uncommitted", open_txn=True)
     check(got == sorted(want_all + later), f"read_uncommitted during an open transaction saw {got}")
     p.commit_transaction()
     got = consume("read_committed")
