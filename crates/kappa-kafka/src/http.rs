@@ -38,8 +38,11 @@ use tokio::sync::mpsc;
 use crate::metrics::Metrics;
 use crate::replica::{Cursor, KeyEntry, Replica, ReplicaChange, Start, Target};
 
-/// Keys one prefix read returns at most.
+/// Keys one prefix read returns at most (a larger `limit` is refused, as `serve` refuses one
+/// past `--http-page-items-max`).
 pub const SCAN_LIMIT_MAX: usize = 10_000;
+/// Keys a prefix read returns without `limit` (`serve`'s default too).
+pub const SCAN_LIMIT_DEFAULT: usize = 100;
 /// Keys a prefix subscription's snapshot may hold.
 pub const SNAPSHOT_ITEMS_MAX: usize = 10_000;
 /// Messages queued per SSE stream or WebSocket before the client is cut off as too slow.
@@ -122,14 +125,21 @@ async fn scan(
     if !state.replica.has_view(&view) {
         return unknown_view(&view);
     }
-    let limit = query.limit.unwrap_or(SCAN_LIMIT_MAX).min(SCAN_LIMIT_MAX);
+    let limit = query.limit.unwrap_or(SCAN_LIMIT_DEFAULT);
+    if limit == 0 || limit > SCAN_LIMIT_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit must be between 1 and {SCAN_LIMIT_MAX} (SCAN_LIMIT_MAX)"),
+        );
+    }
     let items = state.replica.scan(&view, &query.prefix, query.after.as_deref(), limit);
     let next = (items.len() == limit).then(|| items.last().map(|(k, _)| k.clone())).flatten();
     let items: Vec<Value> = items
         .iter()
         .map(|(key, entry)| json!({"key": key, "value": value_json(entry), "position": position(entry)}))
         .collect();
-    Json(json!({"items": items, "next_after": next})).into_response()
+    Json(json!({"items": items, "cursor": next})).into_response()
 }
 
 #[derive(Debug, Deserialize)]

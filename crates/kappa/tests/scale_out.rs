@@ -230,14 +230,21 @@ fn check_changelog(server: &Server, topic: &str, input: &str, extra: &[&str], ev
     check
 }
 
-/// Every key of a view as a worker serves it.
+/// Every key of a view as a worker serves it, page by page (pages of 1,000 follow the
+/// `cursor`, as a client of `serve` would).
 fn served(worker: &Worker, view: &str) -> BTreeMap<String, Value> {
-    get_json(worker.http, &format!("/v1/views/{view}/keys?limit=10000"))["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|item| (item["key"].as_str().expect("key").to_owned(), item["value"].clone()))
-        .collect()
+    let mut keys = BTreeMap::new();
+    let mut after = String::new();
+    loop {
+        let page = get_json(worker.http, &format!("/v1/views/{view}/keys?limit=1000{after}"));
+        for item in page["items"].as_array().expect("items") {
+            keys.insert(item["key"].as_str().expect("key").to_owned(), item["value"].clone());
+        }
+        match page["cursor"].as_str() {
+            Some(cursor) => after = format!("&after={cursor}"),
+            None => return keys,
+        }
+    }
 }
 
 fn wait_owned(workers: &mut [&mut Worker], partitions: i64) {
