@@ -16,12 +16,20 @@ pub enum ProtocolError {
     TruncatedFrame,
     #[error("frame of {size} bytes not complete within {timeout:?} of its size ({received} bytes arrived)")]
     FrameReadTimeout { size: usize, received: usize, timeout: std::time::Duration },
+    #[error(
+        "the peer took no bytes of a reply for {timeout:?} (response_write_timeout); closing the connection, which a client that stopped reading holds open"
+    )]
+    ResponseWriteTimeout { timeout: std::time::Duration },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
     #[error("unknown api key {0}")]
     UnknownApiKey(i16),
     #[error("api key {api_key} version {version} is not supported by this broker")]
     UnsupportedVersion { api_key: i16, version: i16 },
+    #[error(
+        "request names {named} topics/partitions/groups, more than request_partitions_max ({max}); split it into smaller requests"
+    )]
+    TooManyPartitions { named: usize, max: usize },
     #[error("malformed request header: {0}")]
     Header(String),
     #[error("malformed request body (api key {api_key} version {version}): {reason}")]

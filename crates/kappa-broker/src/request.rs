@@ -6,7 +6,9 @@
 //! kafka-protocol 0.18 pre-sizes vectors from wire counts before checking them (a tiny
 //! frame announcing ~2^31 elements aborts the process); the workspace uses a patched copy
 //! (vendor/kafka-protocol/KAPPA-PATCH.md) and `huge_array_counts_are_errors_not_aborts`
-//! guards it. The legacy codecs here check every count first.
+//! guards it. The patch also bounds what a decode builds in memory, which requests here
+//! tie to their frame's size (`tests/decode_memory.rs`). The legacy codecs here check
+//! every count first.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -31,6 +33,18 @@ pub type Response = ResponseKind;
 /// because the answer to that is error 35, not a closed connection. Any other unsupported
 /// version is an error. Trailing bytes after a body are ignored, as Kafka does.
 pub fn decode_request(frame: Bytes) -> Result<(RequestHeader, Request), ProtocolError> {
+    let budget = frame.len().saturating_mul(DECODED_BYTES_PER_FRAME_BYTE_MAX).saturating_add(DECODED_BYTES_FLOOR);
+    kafka_protocol::protocol::budget::with_decode_budget(budget, || decode_within_budget(frame))
+}
+
+/// Memory a request's arrays and tagged fields may take, per byte of its frame. Real
+/// clients' requests take under 8 (a Fetch partition: ~90 bytes for its 33 on the wire);
+/// a frame of 2-byte elements would take ~50 per byte — gigabytes from one 100 MiB frame.
+const DECODED_BYTES_PER_FRAME_BYTE_MAX: usize = 16;
+/// What any request may take regardless of its size (many tiny elements in a small request).
+const DECODED_BYTES_FLOOR: usize = 4 * 1024 * 1024;
+
+fn decode_within_budget(frame: Bytes) -> Result<(RequestHeader, Request), ProtocolError> {
     let mut buf = frame;
     let (api_key, header) = decode_request_header(&mut buf)?;
     let version = header.request_api_version;
@@ -52,6 +66,44 @@ pub fn decode_request(frame: Bytes) -> Result<(RequestHeader, Request), Protocol
             .map_err(|e| body_error(e.to_string()))?
     };
     Ok((header, request))
+}
+
+/// How many topics, partitions, groups or resources a request names, counting a topic with
+/// partitions by its partitions: what its handling costs is linear in this, and
+/// [`crate::Limits::request_partitions_max`] bounds it.
+pub fn partitions_named(request: &Request) -> usize {
+    use RequestKind as Q;
+    fn each<T>(items: &[T], parts: impl Fn(&T) -> usize) -> usize {
+        items.iter().map(|item| parts(item).max(1)).sum()
+    }
+    match request {
+        Q::Produce(r) => each(&r.topic_data, |t| t.partition_data.len()),
+        Q::Fetch(r) => each(&r.topics, |t| t.partitions.len()) + each(&r.forgotten_topics_data, |t| t.partitions.len()),
+        Q::ListOffsets(r) => each(&r.topics, |t| t.partitions.len()),
+        Q::Metadata(r) => r.topics.as_ref().map_or(0, Vec::len),
+        Q::OffsetCommit(r) => each(&r.topics, |t| t.partitions.len()),
+        Q::OffsetFetch(r) => {
+            r.topics.as_ref().map_or(0, |ts| each(ts, |t| t.partition_indexes.len()))
+                + each(&r.groups, |g| g.topics.as_ref().map_or(0, |ts| each(ts, |t| t.partition_indexes.len())))
+        }
+        Q::TxnOffsetCommit(r) => each(&r.topics, |t| t.partitions.len()),
+        Q::AddPartitionsToTxn(r) => each(&r.v3_and_below_topics, |t| t.partitions.len()),
+        Q::DeleteRecords(r) => each(&r.topics, |t| t.partitions.len()),
+        Q::OffsetDelete(r) => each(&r.topics, |t| t.partitions.len()),
+        Q::CreateTopics(r) => each(&r.topics, |t| t.assignments.len()),
+        Q::DeleteTopics(r) => r.topic_names.len() + r.topics.len(),
+        Q::CreatePartitions(r) => each(&r.topics, |t| t.assignments.as_ref().map_or(0, Vec::len)),
+        Q::DescribeConfigs(r) => each(&r.resources, |c| c.configuration_keys.as_ref().map_or(0, Vec::len)),
+        Q::AlterConfigs(r) => each(&r.resources, |c| c.configs.len()),
+        Q::IncrementalAlterConfigs(r) => each(&r.resources, |c| c.configs.len()),
+        Q::DescribeGroups(r) => r.groups.len(),
+        Q::DeleteGroups(r) => r.groups_names.len(),
+        Q::ListGroups(r) => r.states_filter.len() + r.types_filter.len(),
+        Q::LeaveGroup(r) => r.members.len(),
+        Q::JoinGroup(r) => r.protocols.len(),
+        Q::SyncGroup(r) => r.assignments.len(),
+        _ => 0,
+    }
 }
 
 /// Whether the client waits for an answer: Produce with acks=0 gets none.

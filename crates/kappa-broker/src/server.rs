@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::api_versions::{self, API_SUPPORT};
 use crate::error::ProtocolError;
 use crate::frame::{DEFAULT_REQUEST_BYTES_MAX, Frame, FrameBudget, ResponseFrame, read_frame};
-use crate::request::{Request, Response, decode_request, encode_response_frame, expects_response};
+use crate::request::{Request, Response, decode_request, encode_response_frame, expects_response, partitions_named};
 
 /// A boxed, sendable future, so `Handler` stays object-safe without async-trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -92,9 +92,19 @@ pub struct Limits {
     /// connection is closed (a stalled partial frame would hold its memory until
     /// `idle_timeout`). Kafka clients give up on a request after 30 s anyway.
     pub frame_read_timeout: Duration,
+    /// A reply the peer takes none of for this long closes the connection: a peer that
+    /// pipelines requests and never reads would otherwise hold its replies (up to
+    /// `in_flight_per_connection` of them, each up to a 55 MiB fetch answer) and a
+    /// connection slot forever. A slow reader that keeps taking bytes is not cut off.
+    pub response_write_timeout: Duration,
     /// A connection with no complete request for this long is closed
     /// (Kafka: connections.max.idle.ms).
     pub idle_timeout: Duration,
+    /// Topics, partitions, groups or config resources one request may name
+    /// ([`partitions_named`]); a request naming more closes its connection, logged. Kafka
+    /// has no such limit, only the frame size, but a client naming 100,000 partitions in one
+    /// request is already far beyond one node; the limit bounds the work one request makes.
+    pub request_partitions_max: usize,
     /// How long shutdown waits for connections to finish their in-flight requests; a peer
     /// that stopped reading could otherwise hold shutdown forever.
     pub shutdown_grace: Duration,
@@ -109,7 +119,9 @@ impl Default for Limits {
             pending_replies_per_connection: 256,
             request_bytes_buffered_max: 128 * 1024 * 1024,
             frame_read_timeout: Duration::from_secs(30),
+            response_write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            request_partitions_max: 100_000,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -188,7 +200,12 @@ impl Connection {
         let (tx, mut rx) = mpsc::channel::<Decoded>(in_flight);
         let reader =
             tokio::spawn(read_loop(read, tx, self.limits.clone(), self.budget.clone(), self.stop.clone(), self.peer));
-        let mut replies = Replies::new(write, self.limits.pending_replies_per_connection.max(in_flight), in_flight);
+        let mut replies = Replies::new(
+            write,
+            self.limits.pending_replies_per_connection.max(in_flight),
+            in_flight,
+            self.limits.response_write_timeout,
+        );
         let peer = Peer { connection_id: self.id, addr: self.peer };
         'requests: loop {
             // Waiting for the next request, write replies as they complete.
@@ -255,11 +272,27 @@ struct Replies {
     queued_max: usize,
     /// Complete (possibly large) answers waiting behind an incomplete one, at most.
     ready_max: usize,
+    /// Longest the peer may take no bytes of a reply.
+    write_timeout: Duration,
 }
 
 impl Replies {
-    fn new(write: OwnedWriteHalf, queued_max: usize, ready_max: usize) -> Self {
-        Self { writer: BufWriter::new(write), queue: VecDeque::new(), queued_max, ready_max }
+    fn new(write: OwnedWriteHalf, queued_max: usize, ready_max: usize, write_timeout: Duration) -> Self {
+        Self { writer: BufWriter::new(write), queue: VecDeque::new(), queued_max, ready_max, write_timeout }
+    }
+
+    /// Writes `bytes`, failing once the peer has taken none of them for `write_timeout`.
+    async fn write_within(&mut self, mut bytes: &[u8]) -> Result<(), ProtocolError> {
+        while !bytes.is_empty() {
+            let written = tokio::time::timeout(self.write_timeout, self.writer.write(bytes))
+                .await
+                .map_err(|_| ProtocolError::ResponseWriteTimeout { timeout: self.write_timeout })??;
+            if written == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            bytes = &bytes[written..];
+        }
+        Ok(())
     }
 
     fn full(&self) -> bool {
@@ -319,13 +352,16 @@ impl Replies {
             };
             if let Some(frame) = frame {
                 for part in &frame.parts {
-                    self.writer.write_all(part).await?;
+                    self.write_within(part).await?;
                 }
                 wrote = true;
             }
         }
         if wrote {
-            self.writer.flush().await?;
+            // What is buffered is at most the BufWriter's capacity (8 KiB).
+            tokio::time::timeout(self.write_timeout, self.writer.flush())
+                .await
+                .map_err(|_| ProtocolError::ResponseWriteTimeout { timeout: self.write_timeout })??;
         }
         Ok(())
     }
@@ -338,7 +374,7 @@ impl Replies {
                 return self.close(peer, &e);
             }
         }
-        let _ = self.writer.shutdown().await;
+        let _ = tokio::time::timeout(self.write_timeout, self.writer.shutdown()).await;
     }
 
     /// Logs why the connection closes early; the queued replies are dropped.
@@ -417,6 +453,13 @@ async fn read_loop(
         };
         let (frame, held) = frame;
         match decode_request(frame) {
+            Ok((_, request)) if partitions_named(&request) > limits.request_partitions_max => {
+                let error = ProtocolError::TooManyPartitions {
+                    named: partitions_named(&request),
+                    max: limits.request_partitions_max,
+                };
+                return peer_warning(peer, &error, "request too large to handle, closing connection");
+            }
             Ok((header, request)) => {
                 if tx.send((header, request, held)).await.is_err() {
                     return;

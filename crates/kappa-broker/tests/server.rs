@@ -26,12 +26,15 @@ use tokio::task::JoinHandle;
 /// A client id of `sleep-N` delays the answer by N ms.
 struct TestHandler {
     port: u16,
+    /// Correlation ids of the requests the handler has begun on (before any `sleep-N`).
+    begun: Mutex<Vec<i32>>,
     seen: Mutex<Vec<(RequestHeader, Request)>>,
 }
 
 impl Handler for TestHandler {
     fn handle<'a>(&'a self, request: Request, header: &'a RequestHeader, _peer: &'a Peer) -> BoxFuture<'a, Response> {
         Box::pin(async move {
+            self.begun.lock().unwrap().push(header.correlation_id);
             if let Some(ms) = header.client_id.as_deref().and_then(|c| c.strip_prefix("sleep-")) {
                 tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
             }
@@ -91,7 +94,8 @@ struct Server {
 async fn start(limits: Limits) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let handler = Arc::new(TestHandler { port: addr.port(), seen: Mutex::new(Vec::new()) });
+    let handler =
+        Arc::new(TestHandler { port: addr.port(), begun: Mutex::new(Vec::new()), seen: Mutex::new(Vec::new()) });
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(kappa_broker::run(listener, handler.clone(), limits, async {
         let _ = stopped.await;
@@ -129,6 +133,24 @@ async fn recv(stream: &mut TcpStream) -> Option<Bytes> {
     let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
     stream.read_exact(&mut body).await.ok()?;
     Some(Bytes::from(body))
+}
+
+/// Polls `done` every 10 ms until it holds; fails after 30 s (a loaded CI machine).
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after 30 s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An ApiVersions v0 round trip on a new connection; None if the server closed it instead.
+async fn try_api_versions(addr: SocketAddr) -> Option<ApiVersionsResponse> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(&request_frame(&header(ApiKey::ApiVersions, 0, 9, "t"), &ApiVersionsRequest::default())).await.ok()?;
+    let mut frame = recv(&mut s).await?;
+    assert_eq!(frame.get_i32(), 9, "correlation id");
+    Some(ApiVersionsResponse::decode(&mut frame, 0).unwrap())
 }
 
 async fn api_versions(addr: SocketAddr, version: i16) -> (i32, ApiVersionsResponse, Bytes) {
@@ -384,10 +406,15 @@ async fn connections_over_the_limit_are_closed() {
         second.write_all(&request_frame(&header(ApiKey::ApiVersions, 0, 2, "t"), &ApiVersionsRequest::default())).await;
     assert!(recv(&mut second).await.is_none());
     drop(first);
-    // The permit comes back when the first connection ends.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (_, resp, _) = api_versions(server.addr, 0).await;
-    assert_eq!(resp.error_code, 0);
+    // The permit comes back when the server has seen the first connection end: until then
+    // a new connection is closed as over the limit, so try until one is answered.
+    let mut answered = None;
+    wait_until("a connection to be answered once the first one ended", async || {
+        answered = try_api_versions(server.addr).await;
+        answered.is_some()
+    })
+    .await;
+    assert_eq!(answered.unwrap().error_code, 0);
 }
 
 #[tokio::test]
@@ -397,7 +424,8 @@ async fn shutdown_finishes_in_flight_requests_then_stops() {
     s.write_all(&request_frame(&header(ApiKey::Metadata, 1, 5, "sleep-200"), &MetadataRequest::default()))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await; // let the request be read
+    // Stop only once the request is in flight: the handler has begun on it (and sleeps 200 ms).
+    wait_until("the handler to begin on the request", async || server.handler.begun.lock().unwrap().contains(&5)).await;
     server.stop.send(()).unwrap();
     let mut frame = recv(&mut s).await.expect("in-flight request answered");
     assert_eq!(frame.get_i32(), 5);

@@ -21,13 +21,20 @@ use kappa_log::{LogError, TopicConfig};
 
 use super::errors::{self, log_code};
 use super::metadata::{is_internal, topic_id};
-use super::{Broker, blocking, str_bytes};
+use super::{Broker, BrokerConfig, NODE_ID, blocking, str_bytes};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 /// DescribeConfigs config_source values.
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_DEFAULT: i8 = 5;
+const SOURCE_STATIC_BROKER: i8 = 4;
+/// DescribeConfigs (v3+) config_type values.
+const TYPE_BOOLEAN: i8 = 1;
+const TYPE_INT: i8 = 3;
+const TYPE_SHORT: i8 = 4;
+const TYPE_LONG: i8 = 5;
+const TYPE_LIST: i8 = 7;
 /// IncrementalAlterConfigs operations.
 const OP_SET: i8 = 0;
 const OP_DELETE: i8 = 1;
@@ -46,18 +53,18 @@ impl Broker {
             let name = topic.name.0.as_str().to_owned();
             let mut result = CreatableTopicResult::default();
             result.name = TopicName(str_bytes(name.clone()));
-            let partitions =
-                if topic.num_partitions == -1 { self.config.default_partitions } else { topic.num_partitions };
+            let partitions = match (topic.assignments.len(), topic.num_partitions) {
+                (0, -1) => self.config.default_partitions,
+                (0, count) => count,
+                (assigned, _) => i32::try_from(assigned).unwrap_or(i32::MAX),
+            };
             let overrides: BTreeMap<String, String> = topic
                 .configs
                 .iter()
                 .filter_map(|c| c.value.as_ref().map(|v| (c.name.as_str().to_owned(), v.as_str().to_owned())))
                 .collect();
-            let outcome = if !topic.assignments.is_empty() {
-                Err((
-                    errors::INVALID_REPLICA_ASSIGNMENT,
-                    "kappa is a single node: manual replica assignments are not supported".to_owned(),
-                ))
+            let outcome = if let Err(refused) = check_assignments(&topic) {
+                Err(refused)
             } else if topic.replication_factor != -1 && topic.replication_factor != 1 {
                 Err((
                     errors::INVALID_REPLICATION_FACTOR,
@@ -69,15 +76,18 @@ impl Broker {
             } else if is_internal(&name) {
                 Err((errors::INVALID_REQUEST, format!("{name} is an internal topic")))
             } else if request.validate_only {
-                self.log.validate_new_topic(&name, partitions, &overrides).map(|_| ()).map_err(failure)
+                // Not created, so no id yet (Kafka answers the zero id too).
+                self.log.validate_new_topic(&name, partitions, &overrides).map(|_| uuid::Uuid::nil()).map_err(failure)
             } else {
                 let log = self.log.clone();
                 let (name, overrides) = (name.clone(), overrides.clone());
-                blocking(move || log.create_topic(&name, partitions, &overrides).map(|_| ())).await.map_err(failure)
+                blocking(move || log.create_topic(&name, partitions, &overrides).map(|t| topic_id(&t)))
+                    .await
+                    .map_err(failure)
             };
             match outcome {
-                Ok(()) => {
-                    result.topic_id = topic_id(&name);
+                Ok(id) => {
+                    result.topic_id = id;
                     result.num_partitions = partitions;
                     result.replication_factor = 1;
                     // Only v5+ carries the resulting configs.
@@ -119,7 +129,7 @@ impl Broker {
         for name in names {
             let mut result = DeletableTopicResult::default();
             result.name = Some(TopicName(str_bytes(name.clone())));
-            result.topic_id = topic_id(&name);
+            result.topic_id = self.log.topic(&name).map(|t| topic_id(&t)).unwrap_or_default();
             let outcome = if is_internal(&name) {
                 Err((errors::INVALID_REQUEST, format!("{name} is an internal topic and cannot be deleted")))
             } else {
@@ -150,8 +160,9 @@ impl Broker {
                 let mut answer = DeleteRecordsPartitionResult::default();
                 answer.partition_index = partition.partition_index;
                 answer.low_watermark = -1;
+                // As Kafka's ReplicaManager answers it.
                 let outcome = if is_internal(&name) {
-                    Err((errors::POLICY_VIOLATION, format!("{name} is an internal topic: its records are its state")))
+                    Err((errors::INVALID_TOPIC_EXCEPTION, format!("Cannot delete records of internal topic {name}")))
                 } else {
                     let log = self.log.clone();
                     let (name, index, before) = (name.clone(), partition.partition_index, partition.offset);
@@ -183,16 +194,7 @@ impl Broker {
                     "kappa is a single node: manual replica assignments are not supported".to_owned(),
                 ))
             } else if request.validate_only {
-                self.log.topic(&name).map_err(failure).and_then(|t| {
-                    if topic.count > t.partition_count() {
-                        Ok(())
-                    } else {
-                        Err((
-                            errors::INVALID_PARTITIONS,
-                            format!("the topic already has {} partitions", t.partition_count()),
-                        ))
-                    }
-                })
+                validate_add_partitions(&self.log, &name, topic.count).map_err(failure)
             } else {
                 let log = self.log.clone();
                 let (name, count) = (name.clone(), topic.count);
@@ -237,8 +239,22 @@ impl Broker {
                         result.error_message = Some(str_bytes(e.to_string()));
                     }
                 },
-                // Broker configs are command-line settings, not altered over the protocol.
-                RESOURCE_BROKER => {}
+                // Kafka: "" is the cluster-wide dynamic defaults (kappa has none), the node's
+                // id its own configs; any other name is refused.
+                RESOURCE_BROKER if resource.resource_name.is_empty() => {}
+                RESOURCE_BROKER if resource.resource_name.as_str() == NODE_ID.to_string() => {
+                    result.configs = broker_configs(&self.config)
+                        .into_iter()
+                        .filter(|c| wanted.as_ref().is_none_or(|w| w.iter().any(|k| k == c.name.as_str())))
+                        .collect();
+                }
+                RESOURCE_BROKER => {
+                    result.error_code = errors::INVALID_REQUEST;
+                    result.error_message = Some(str_bytes(format!(
+                        "Unexpected broker id, expected {NODE_ID} or empty string, but received {}",
+                        resource.resource_name.as_str()
+                    )));
+                }
                 other => {
                     result.error_code = errors::INVALID_REQUEST;
                     result.error_message =
@@ -339,4 +355,98 @@ impl Broker {
         }
         self.log.topic(name).map(|_| ()).map_err(failure)
     }
+}
+
+/// The broker's configs under Kafka's names, as (name, value, type). Topic defaults are
+/// fixed in the log (`TopicConfig::default`); the rest come from `config`.
+fn broker_entries(config: &BrokerConfig) -> Vec<(&'static str, String, i8)> {
+    let topic = TopicConfig::default();
+    let topic_default = |key: &str| topic.get(key).unwrap_or_default();
+    vec![
+        ("broker.id", NODE_ID.to_string(), TYPE_INT),
+        ("node.id", NODE_ID.to_string(), TYPE_INT),
+        ("auto.create.topics.enable", config.auto_create_topics.to_string(), TYPE_BOOLEAN),
+        ("num.partitions", config.default_partitions.to_string(), TYPE_INT),
+        ("default.replication.factor", "1".to_owned(), TYPE_INT),
+        ("offsets.topic.replication.factor", "1".to_owned(), TYPE_SHORT),
+        ("transaction.state.log.replication.factor", "1".to_owned(), TYPE_SHORT),
+        ("min.insync.replicas", "1".to_owned(), TYPE_INT),
+        ("fetch.max.bytes", config.fetch_response_bytes_max.to_string(), TYPE_INT),
+        ("message.max.bytes", topic_default(kappa_log::config::MAX_MESSAGE_BYTES), TYPE_INT),
+        ("log.retention.ms", topic_default(kappa_log::config::RETENTION_MS), TYPE_LONG),
+        ("log.retention.bytes", topic_default(kappa_log::config::RETENTION_BYTES), TYPE_LONG),
+        ("log.segment.bytes", topic_default(kappa_log::config::SEGMENT_BYTES), TYPE_INT),
+        ("log.cleanup.policy", topic_default(kappa_log::config::CLEANUP_POLICY), TYPE_LIST),
+        ("group.min.session.timeout.ms", config.group.session_timeout_ms_min.to_string(), TYPE_INT),
+        ("group.max.session.timeout.ms", config.group.session_timeout_ms_max.to_string(), TYPE_INT),
+        ("group.initial.rebalance.delay.ms", config.group.initial_rebalance_delay_ms.to_string(), TYPE_INT),
+        ("group.max.size", config.group.group_members_max.to_string(), TYPE_INT),
+        ("transaction.max.timeout.ms", config.txn.max_timeout_ms.to_string(), TYPE_INT),
+        ("transactional.id.expiration.ms", config.txn.id_expiration_ms.to_string(), TYPE_INT),
+    ]
+}
+
+/// DescribeConfigs entries for this node: read-only (kappa's settings are command-line
+/// flags), STATIC_BROKER_CONFIG where a setting differs from its default, as Kafka marks
+/// what server.properties sets.
+fn broker_configs(config: &BrokerConfig) -> Vec<DescribeConfigsResourceResult> {
+    let defaults = broker_entries(&BrokerConfig::default());
+    broker_entries(config)
+        .into_iter()
+        .zip(defaults)
+        .map(|((name, value, config_type), (_, default, _))| {
+            let mut c = DescribeConfigsResourceResult::default();
+            c.name = str_bytes(name);
+            c.config_source = if value == default { SOURCE_DEFAULT } else { SOURCE_STATIC_BROKER };
+            c.value = Some(str_bytes(value));
+            c.read_only = true;
+            c.config_type = config_type;
+            c
+        })
+        .collect()
+}
+
+/// What `Log::add_partitions` checks before it changes anything, for a validate_only
+/// CreatePartitions (the log has no separate validation for it).
+fn validate_add_partitions(log: &kappa_log::Log, name: &str, total: i32) -> Result<(), LogError> {
+    let current = log.topic(name)?.partition_count();
+    let reason = if total > kappa_log::log::PARTITIONS_MAX {
+        format!("at most {} partitions per topic", kappa_log::log::PARTITIONS_MAX)
+    } else if total <= current {
+        format!("the topic already has {current} partitions; partitions can only be added")
+    } else {
+        return Ok(());
+    };
+    Err(LogError::InvalidPartitions { count: total, reason })
+}
+
+/// Manual replica assignments as Kafka takes them: instead of a partition count and
+/// replication factor (both -1), partitions 0..n each on this node alone.
+fn check_assignments(topic: &kafka_protocol::messages::create_topics_request::CreatableTopic) -> Result<(), Failure> {
+    if topic.assignments.is_empty() {
+        return Ok(());
+    }
+    if topic.num_partitions != -1 || topic.replication_factor != -1 {
+        return Err((
+            errors::INVALID_REQUEST,
+            "Both numPartitions or replicationFactor and replicasAssignments were set. Both cannot be used at the same time."
+                .to_owned(),
+        ));
+    }
+    let mut indexes: Vec<i32> = topic.assignments.iter().map(|a| a.partition_index).collect();
+    indexes.sort_unstable();
+    if indexes.iter().zip(0..).any(|(&index, expected)| index != expected) {
+        return Err((errors::INVALID_REPLICA_ASSIGNMENT, "partitions should be 0-based and consecutive".to_owned()));
+    }
+    if let Some(a) = topic.assignments.iter().find(|a| a.broker_ids.iter().map(|b| b.0).ne([NODE_ID])) {
+        return Err((
+            errors::INVALID_REPLICA_ASSIGNMENT,
+            format!(
+                "partition {} is assigned to brokers {:?}; kappa is a single node (id {NODE_ID}), so every partition's replicas must be [{NODE_ID}]",
+                a.partition_index,
+                a.broker_ids.iter().map(|b| b.0).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    Ok(())
 }

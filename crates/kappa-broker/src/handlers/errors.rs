@@ -41,6 +41,7 @@ pub const FENCED_INSTANCE_ID: i16 = 82;
 pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
 pub const INVALID_RECORD: i16 = 87;
 pub const UNSTABLE_OFFSET_COMMIT: i16 = 88;
+pub const UNKNOWN_TOPIC_ID: i16 = 100;
 
 /// The Kafka code for a log error.
 pub fn log_code(error: &LogError) -> i16 {

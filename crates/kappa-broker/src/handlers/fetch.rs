@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::errors::{self, log_code};
-use super::{Broker, blocking, str_bytes};
+use super::{Broker, ByTopic, blocking, str_bytes};
 
 /// ListOffsets' special timestamps.
 const LATEST_TIMESTAMP: i64 = -1;
@@ -98,7 +98,7 @@ impl Broker {
                 }
                 let partition = self.log.partition(&name, p.partition_index);
                 let answer = match partition {
-                    Ok(partition) => blocking(move || offset_for(&partition, p.timestamp, isolation)).await,
+                    Ok(partition) => blocking(move || offset_for(&partition, p.timestamp, isolation, version)).await,
                     Err(e) => Err(e),
                 };
                 match answer {
@@ -120,8 +120,16 @@ impl Broker {
     }
 }
 
-/// (offset, timestamp) for a ListOffsets timestamp; (-1, -1) when no record qualifies.
-fn offset_for(partition: &Partition, timestamp: i64, isolation: Isolation) -> Result<(i64, i64), LogError> {
+/// (offset, timestamp) for a ListOffsets timestamp; (-1, -1) when no record qualifies —
+/// except in v0, which asks for the offsets *before* a time (Kafka's
+/// `legacyFetchOffsetsBefore`): there every record is before a time past the newest one, so
+/// the answer is the end of the log (kafka-node's `Offset.fetch` asks with `Date.now()`).
+fn offset_for(
+    partition: &Partition,
+    timestamp: i64,
+    isolation: Isolation,
+    version: i16,
+) -> Result<(i64, i64), LogError> {
     let latest = match isolation {
         Isolation::ReadUncommitted => partition.high_watermark(),
         Isolation::ReadCommitted => partition.last_stable_offset(),
@@ -134,7 +142,10 @@ fn offset_for(partition: &Partition, timestamp: i64, isolation: Isolation) -> Re
             Some(max) => partition.offset_for_timestamp(max, isolation)?.unwrap_or((-1, -1)),
             None => (-1, -1),
         },
-        t => partition.offset_for_timestamp(t, isolation)?.unwrap_or((-1, -1)),
+        t => {
+            let none_qualifies = if version == 0 { (latest, -1) } else { (-1, -1) };
+            partition.offset_for_timestamp(t, isolation)?.unwrap_or(none_qualifies)
+        }
     })
 }
 
@@ -233,7 +244,7 @@ fn read_all(wanted: &[Wanted], isolation: Isolation, response_max: usize) -> Vec
 }
 
 fn build_fetch_response(wanted: &[Wanted], reads: Vec<PartitionRead>, isolation: Isolation) -> FetchResponse {
-    let mut response = FetchResponse::default();
+    let mut topics = ByTopic::new();
     for (w, read) in wanted.iter().zip(reads) {
         let mut p = PartitionData::default();
         p.partition_index = w.index;
@@ -254,16 +265,15 @@ fn build_fetch_response(wanted: &[Wanted], reads: Vec<PartitionRead>, isolation:
                 .collect()
         });
         p.records = Some(read.records);
-        match response.responses.iter_mut().find(|t| t.topic.0.as_str() == w.topic) {
-            Some(topic) => topic.partitions.push(p),
-            None => {
-                let mut topic = FetchableTopicResponse::default();
-                topic.topic = TopicName(str_bytes(w.topic.clone()));
-                topic.partitions.push(p);
-                response.responses.push(topic);
-            }
-        }
+        let topic = topics.entry(&w.topic, || {
+            let mut topic = FetchableTopicResponse::default();
+            topic.topic = TopicName(str_bytes(w.topic.clone()));
+            topic
+        });
+        topic.partitions.push(p);
     }
+    let mut response = FetchResponse::default();
+    response.responses = topics.into_vec();
     response
 }
 

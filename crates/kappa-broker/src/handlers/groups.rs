@@ -1,6 +1,8 @@
 //! Consumer groups: JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit,
 //! OffsetFetch, ListGroups, DescribeGroups, DeleteGroups, OffsetDelete.
 
+use std::collections::HashSet;
+
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
@@ -22,7 +24,7 @@ use kappa_coordinator::offsets::StableOffset;
 use kappa_coordinator::{CommittedOffset, GroupError, JoinRequest, SyncRequest};
 
 use super::errors::{self, group_code};
-use super::{Broker, str_bytes};
+use super::{Broker, ByTopic, str_bytes};
 use crate::server::Peer;
 
 fn opt_str(s: &Option<kafka_protocol::protocol::StrBytes>) -> Option<String> {
@@ -176,7 +178,7 @@ impl Broker {
             }
         }
         let stored = if offsets.is_empty() { Ok(()) } else { self.offsets.commit(&group, offsets).await };
-        let mut response = OffsetCommitResponse::default();
+        let mut topics = ByTopic::new();
         for (name, index, code) in codes {
             let mut p = OffsetCommitResponsePartition::default();
             p.partition_index = index;
@@ -184,16 +186,15 @@ impl Broker {
                 (Err(e), errors::NONE) => group_code(e),
                 (_, code) => code,
             };
-            match response.topics.iter_mut().find(|t| t.name.0.as_str() == name) {
-                Some(topic) => topic.partitions.push(p),
-                None => {
-                    let mut topic = OffsetCommitResponseTopic::default();
-                    topic.name = TopicName(str_bytes(name));
-                    topic.partitions.push(p);
-                    response.topics.push(topic);
-                }
-            }
+            let topic = topics.entry(&name, || {
+                let mut topic = OffsetCommitResponseTopic::default();
+                topic.name = TopicName(str_bytes(name.clone()));
+                topic
+            });
+            topic.partitions.push(p);
         }
+        let mut response = OffsetCommitResponse::default();
+        response.topics = topics.into_vec();
         response
     }
 
@@ -225,6 +226,7 @@ impl Broker {
                         .collect::<Vec<_>>()
                 });
                 let mut out = OffsetFetchResponseGroup::default();
+                let mut topics = ByTopic::new();
                 let fetched = self.fetch_committed(group.group_id.0.as_str(), wanted.as_deref(), require_stable);
                 for ((topic, index), committed) in fetched {
                     let mut p = OffsetFetchResponsePartitions::default();
@@ -233,16 +235,14 @@ impl Broker {
                         (&mut p.committed_offset, &mut p.committed_leader_epoch, &mut p.metadata, &mut p.error_code),
                         committed,
                     );
-                    match out.topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
-                        Some(t) => t.partitions.push(p),
-                        None => {
-                            let mut t = OffsetFetchResponseTopics::default();
-                            t.name = TopicName(str_bytes(topic));
-                            t.partitions.push(p);
-                            out.topics.push(t);
-                        }
-                    }
+                    let entry = topics.entry(&topic, || {
+                        let mut t = OffsetFetchResponseTopics::default();
+                        t.name = TopicName(str_bytes(topic.clone()));
+                        t
+                    });
+                    entry.partitions.push(p);
                 }
+                out.topics = topics.into_vec();
                 out.group_id = group.group_id;
                 response.groups.push(out);
             }
@@ -255,6 +255,7 @@ impl Broker {
                 })
                 .collect::<Vec<_>>()
         });
+        let mut topics = ByTopic::new();
         for ((topic, index), committed) in
             self.fetch_committed(request.group_id.0.as_str(), wanted.as_deref(), require_stable)
         {
@@ -264,26 +265,26 @@ impl Broker {
                 (&mut p.committed_offset, &mut p.committed_leader_epoch, &mut p.metadata, &mut p.error_code),
                 committed,
             );
-            match response.topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
-                Some(t) => t.partitions.push(p),
-                None => {
-                    let mut t = OffsetFetchResponseTopic::default();
-                    t.name = TopicName(str_bytes(topic));
-                    t.partitions.push(p);
-                    response.topics.push(t);
-                }
-            }
+            let entry = topics.entry(&topic, || {
+                let mut t = OffsetFetchResponseTopic::default();
+                t.name = TopicName(str_bytes(topic.clone()));
+                t
+            });
+            entry.partitions.push(p);
         }
+        response.topics = topics.into_vec();
         response
     }
 
     pub(super) fn list_groups(&self, request: ListGroupsRequest) -> ListGroupsResponse {
         let mut response = ListGroupsResponse::default();
         let mut listed: Vec<(String, String, &str)> = self.groups.list();
-        // Groups known only from committed offsets (e.g. after a restart) are Empty.
+        let live: HashSet<String> = listed.iter().map(|(id, _, _)| id.clone()).collect();
+        // Groups known only from committed offsets (e.g. after a restart) are Empty, with no
+        // protocol type (as Kafka lists them, and as DescribeGroups describes them).
         for group in self.offsets.groups() {
-            if !listed.iter().any(|(id, _, _)| *id == group) {
-                listed.push((group, "consumer".to_owned(), "Empty"));
+            if !live.contains(&group) {
+                listed.push((group, String::new(), "Empty"));
             }
         }
         // v4+: only the states asked for (none: all), matched case-insensitively as Kafka does.
@@ -367,6 +368,11 @@ impl Broker {
             // Kafka refuses only subscribed topics; kappa cannot read subscriptions from
             // opaque member metadata, so it refuses while the group has members.
             response.error_code = errors::GROUP_SUBSCRIBED_TO_TOPIC;
+            return response;
+        }
+        // Kafka: a group with neither members nor offsets does not exist.
+        if self.groups.group_state(&group).is_none() && self.offsets.fetch(&group, None).is_empty() {
+            response.error_code = errors::GROUP_ID_NOT_FOUND;
             return response;
         }
         let partitions: Vec<(String, i32)> = request

@@ -1,6 +1,6 @@
 //! Metadata (with topic auto-creation) and FindCoordinator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
@@ -16,12 +16,10 @@ use kappa_log::{LogError, Topic};
 use super::errors::{self, log_code};
 use super::{Broker, NODE_ID, blocking, str_bytes};
 
-/// A topic id derived from the name, stable across restarts (Kafka stores a random one;
-/// kappa advertises names-only API versions, so ids are informational).
-pub(crate) fn topic_id(name: &str) -> uuid::Uuid {
-    let hi = crc32c::crc32c(name.as_bytes()) as u64;
-    let lo = crc32c::crc32c_append(0x9e37_79b9, name.as_bytes()) as u64;
-    uuid::Uuid::from_u64_pair((hi << 32) | lo, (lo << 32) | hi)
+/// A topic's id (KIP-516): random at creation and kept by the log, so a topic deleted and
+/// created again under the same name has a new one.
+pub(crate) fn topic_id(topic: &Topic) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(topic.id())
 }
 
 pub(crate) fn is_internal(name: &str) -> bool {
@@ -30,20 +28,43 @@ pub(crate) fn is_internal(name: &str) -> bool {
 
 impl Broker {
     pub(super) async fn metadata(&self, request: MetadataRequest, version: i16) -> MetadataResponse {
-        // v0: an empty list means every topic; v1+: null means every topic.
-        let requested: Option<Vec<String>> = match request.topics {
+        // v0: an empty list means every topic; v1+: null means every topic. v10+ may name a
+        // topic by its id instead.
+        let requested: Option<Vec<Wanted>> = match request.topics {
             None => None,
             Some(topics) if topics.is_empty() && version == 0 => None,
-            Some(topics) => Some(topics.into_iter().filter_map(|t| t.name.map(|n| n.0.as_str().to_owned())).collect()),
+            Some(topics) => Some(
+                topics
+                    .into_iter()
+                    .filter_map(|t| match t.name {
+                        // A name, unless it is empty beside an id (clients send null there; be lenient).
+                        Some(name) if !name.is_empty() || t.topic_id.is_nil() => {
+                            Some(Wanted::Name(name.0.as_str().to_owned()))
+                        }
+                        _ => (!t.topic_id.is_nil()).then_some(Wanted::Id(t.topic_id)),
+                    })
+                    .collect(),
+            ),
         };
         let auto_create = self.config.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
         let topics = match requested {
             None => self.log.topics().iter().map(|t| describe_topic(t.name(), Ok(t.clone()))).collect(),
-            Some(names) => {
-                let mut out = Vec::with_capacity(names.len());
-                for name in names {
-                    let found = self.topic_or_create(&name, auto_create).await;
-                    out.push(describe_topic(&name, found));
+            Some(wanted) => {
+                // Built once, and only when ids are asked for: a lookup each would be quadratic.
+                let by_id: HashMap<uuid::Uuid, Arc<Topic>> = if wanted.iter().any(|w| matches!(w, Wanted::Id(_))) {
+                    self.log.topics().into_iter().map(|t| (topic_id(&t), t)).collect()
+                } else {
+                    HashMap::new()
+                };
+                let mut out = Vec::with_capacity(wanted.len());
+                for w in wanted {
+                    out.push(match w {
+                        Wanted::Name(name) => describe_topic(&name, self.topic_or_create(&name, auto_create).await),
+                        Wanted::Id(id) => match by_id.get(&id) {
+                            Some(topic) => describe_topic(topic.name(), Ok(topic.clone())),
+                            None => unknown_topic_id(id),
+                        },
+                    });
                 }
                 out
             }
@@ -105,13 +126,29 @@ impl Broker {
     }
 }
 
+/// A topic a Metadata request asks about.
+enum Wanted {
+    Name(String),
+    Id(uuid::Uuid),
+}
+
+/// Kafka's answer for an id it does not know: no name, the id, UNKNOWN_TOPIC_ID.
+fn unknown_topic_id(id: uuid::Uuid) -> MetadataResponseTopic {
+    let mut out = MetadataResponseTopic::default();
+    out.name = None;
+    out.topic_id = id;
+    out.error_code = errors::UNKNOWN_TOPIC_ID;
+    out.topic_authorized_operations = i32::MIN;
+    out
+}
+
 fn describe_topic(name: &str, topic: Result<Arc<Topic>, LogError>) -> MetadataResponseTopic {
     let mut out = MetadataResponseTopic::default();
     out.name = Some(TopicName(str_bytes(name)));
     out.topic_authorized_operations = i32::MIN;
     match topic {
         Ok(topic) => {
-            out.topic_id = topic_id(name);
+            out.topic_id = topic_id(&topic);
             out.is_internal = is_internal(name);
             out.partitions = (0..topic.partition_count()).map(describe_partition).collect();
         }

@@ -318,3 +318,34 @@ pub(crate) fn str_bytes(s: impl Into<String>) -> StrBytes {
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("a blocking log task panicked")
 }
+
+/// A response's per-topic entries, found by name through an index: answers list each topic
+/// once, and a scan per partition would make a request naming many topics quadratic.
+pub(crate) struct ByTopic<T> {
+    index: std::collections::HashMap<String, usize>,
+    topics: Vec<T>,
+}
+
+impl<T> ByTopic<T> {
+    pub(crate) fn new() -> Self {
+        Self { index: std::collections::HashMap::new(), topics: Vec::new() }
+    }
+
+    /// `name`'s entry, made by `new` the first time.
+    pub(crate) fn entry(&mut self, name: &str, new: impl FnOnce() -> T) -> &mut T {
+        let at = match self.index.get(name) {
+            Some(&at) => at,
+            None => {
+                self.topics.push(new());
+                self.index.insert(name.to_owned(), self.topics.len() - 1);
+                self.topics.len() - 1
+            }
+        };
+        &mut self.topics[at]
+    }
+
+    /// The entries in the order their topics first appeared.
+    pub(crate) fn into_vec(self) -> Vec<T> {
+        self.topics
+    }
+}

@@ -3,7 +3,9 @@
 //! request are written concurrently; errors are per partition.
 
 use bytes::Bytes;
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kappa_log::batch::{self, BatchHeader};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use crate::server::BoxFuture;
 
 use super::errors::{self, log_code, txn_code};
 use super::metadata::is_internal;
-use super::{Broker, blocking, str_bytes};
+use super::{Broker, ByTopic, blocking, str_bytes};
 
 /// Largest produce request (record bytes) appended on the connection's own task rather than
 /// on a blocking thread.
@@ -72,7 +74,7 @@ impl Broker {
                             .map_err(failure)
                             .and_then(|p| append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end)))
                     } else {
-                        Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()))
+                        Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()).into())
                     };
                     (name, index, result)
                 })
@@ -88,22 +90,39 @@ impl Broker {
             for (name, index, result) in written {
                 durable.push((name, index, wait_durable(result)));
             }
-            let mut response = ProduceResponse::default();
+            let mut topics = ByTopic::new();
             for (name, index, wait) in durable {
                 let result = match wait {
                     Durability::Done(result) => result,
                     Durability::Waiting(wait) => {
-                        wait.await.unwrap_or_else(|e| Err((errors::KAFKA_STORAGE_ERROR, e.to_string())))
+                        wait.await.unwrap_or_else(|e| Err((errors::KAFKA_STORAGE_ERROR, e.to_string()).into()))
                     }
                 };
-                add_partition_response(&mut response, name, index, result);
+                add_partition_response(&mut topics, name, index, result);
             }
+            let mut response = ProduceResponse::default();
+            response.responses = topics.into_vec();
             response
         })
     }
 }
 
-type Written = Result<(Arc<Partition>, AppendOutcome, i64), (i16, String)>;
+type Written = Result<(Arc<Partition>, AppendOutcome, i64), Refusal>;
+
+/// Why a partition's records were refused: Kafka's code and message and, when one record
+/// is to blame, its index in its batch (Produce v8+ `record_errors`, KIP-467).
+#[derive(Debug, Clone)]
+struct Refusal {
+    code: i16,
+    message: String,
+    record_index: Option<usize>,
+}
+
+impl From<(i16, String)> for Refusal {
+    fn from((code, message): (i16, String)) -> Self {
+        Self { code, message, record_index: None }
+    }
+}
 
 impl Broker {
     /// Splits off the transactional batches the coordinator does not vouch for: their
@@ -156,7 +175,7 @@ impl Broker {
             match refusal {
                 Some((code, message)) => {
                     tracing::warn!(topic = %item.0, partition = item.1, producer_id, epoch, code, %message, "refused a transactional produce");
-                    refused.push((item.0, item.1, Err((code, message))));
+                    refused.push((item.0, item.1, Err((code, message).into())));
                 }
                 None => accepted.push(item),
             }
@@ -192,8 +211,8 @@ fn transactional_producer(records: &[u8]) -> Result<Option<(i64, i16)>, ()> {
 
 /// A partition's answer: known now, or waiting for an fsync on a blocking thread.
 enum Durability {
-    Done(Result<AppendOutcome, (i16, String)>),
-    Waiting(tokio::task::JoinHandle<Result<AppendOutcome, (i16, String)>>),
+    Done(Result<AppendOutcome, Refusal>),
+    Waiting(tokio::task::JoinHandle<Result<AppendOutcome, Refusal>>),
 }
 
 /// Starts waiting until a written partition is durable. Already durable (the interval sync
@@ -210,15 +229,19 @@ fn wait_durable(result: Written) -> Durability {
     }
 }
 
-fn failure(e: LogError) -> (i16, String) {
-    (log_code(&e), e.to_string())
+fn failure(e: LogError) -> Refusal {
+    let record_index = match e {
+        LogError::MissingKey { index } => Some(index),
+        _ => None,
+    };
+    Refusal { code: log_code(&e), message: e.to_string(), record_index }
 }
 
 fn add_partition_response(
-    response: &mut ProduceResponse,
+    topics: &mut ByTopic<TopicProduceResponse>,
     name: String,
     index: i32,
-    result: Result<AppendOutcome, (i16, String)>,
+    result: Result<AppendOutcome, Refusal>,
 ) {
     let mut p = PartitionProduceResponse::default();
     p.index = index;
@@ -229,28 +252,35 @@ fn add_partition_response(
             p.log_append_time_ms = outcome.log_append_time.unwrap_or(-1);
             p.log_start_offset = outcome.log_start_offset;
         }
-        Err((code, message)) => {
+        Err(Refusal { code, message, record_index }) => {
             tracing::debug!(topic = %name, partition = index, code, %message, "produce rejected");
             p.error_code = code;
             p.base_offset = -1;
+            // Encoded from v8 on; older versions have the message only.
+            p.record_errors = record_index
+                .map(|at| {
+                    let mut e = BatchIndexAndErrorMessage::default();
+                    e.batch_index = i32::try_from(at).unwrap_or(i32::MAX);
+                    e.batch_index_error_message = Some(str_bytes(message.clone()));
+                    e
+                })
+                .into_iter()
+                .collect();
             p.error_message = Some(str_bytes(message));
         }
     }
-    match response.responses.iter_mut().find(|t| t.name.0.as_str() == name) {
-        Some(topic) => topic.partition_responses.push(p),
-        None => {
-            let mut topic = TopicProduceResponse::default();
-            topic.name = kafka_protocol::messages::TopicName(str_bytes(name));
-            topic.partition_responses.push(p);
-            response.responses.push(topic);
-        }
-    }
+    let topic = topics.entry(&name, || {
+        let mut topic = TopicProduceResponse::default();
+        topic.name = kafka_protocol::messages::TopicName(str_bytes(name.clone()));
+        topic
+    });
+    topic.partition_responses.push(p);
 }
 
 /// Writes every batch in `records` in order, without waiting for durability. Returns the
 /// first batch's outcome (Kafka's produce response carries one base offset per partition)
 /// and the offset everything written ends before.
-fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), (i16, String)> {
+fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), Refusal> {
     // Every batch's framing and header first: a request refused for its third batch has
     // not written the first two.
     let batches = client_batches(records.as_ref())?;
@@ -267,7 +297,7 @@ fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendO
 /// Splits a partition's records into batches and refuses what only the broker may write
 /// (Kafka's LogValidator): control batches — transaction markers, which end a producer's
 /// transaction in the partition — and producer batches without a sequence.
-fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, (i16, String)> {
+fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, Refusal> {
     let mut rest = records;
     if rest.is_empty() {
         return Err(failure(LogError::InvalidBatch(batch::BatchError::Truncated {
@@ -289,7 +319,8 @@ fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, (i16, String)> {
             return Err((
                 errors::INVALID_RECORD,
                 "clients may not write control records (transaction markers): end a transaction with EndTxn".into(),
-            ));
+            )
+                .into());
         }
         if header.producer_id >= 0 && header.base_sequence < 0 {
             return Err((
@@ -298,7 +329,8 @@ fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, (i16, String)> {
                     "a batch of producer id {} needs a base sequence (it has {})",
                     header.producer_id, header.base_sequence
                 ),
-            ));
+            )
+                .into());
         }
         batches.push(one);
         rest = tail;

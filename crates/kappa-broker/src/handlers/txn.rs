@@ -21,6 +21,7 @@ use kafka_protocol::messages::{
     EndTxnRequest, EndTxnResponse, InitProducerIdRequest, InitProducerIdResponse, ProducerId, TxnOffsetCommitRequest,
     TxnOffsetCommitResponse,
 };
+use kappa_coordinator::txn::TRANSACTIONAL_ID_BYTES_LIMIT;
 use kappa_coordinator::{CommittedOffset, RESERVED_TRANSACTIONAL_ID_PREFIX};
 
 use super::Broker;
@@ -35,7 +36,18 @@ impl Broker {
             tracing::warn!(transactional_id, "refusing a client's request for a transactional id reserved for kappa");
             return false;
         }
+        // An id the coordinator refuses for its length is never remembered: the map must not
+        // hold what the coordinator would not.
+        if transactional_id.len() > self.config.txn.id_bytes_max.min(TRANSACTIONAL_ID_BYTES_LIMIT) {
+            return true;
+        }
         let mut newest = self.txn_connections.lock().unwrap_or_else(|e| e.into_inner());
+        // At most as many ids as the coordinator keeps; past that, new ids go unremembered
+        // (admitted, without the straggler check) until an expiry pass prunes the map.
+        if newest.len() >= self.config.txn.ids_max && !newest.contains_key(transactional_id) {
+            tracing::debug!(transactional_id, "transactional_ids_max connections remembered; not remembering this id");
+            return true;
+        }
         let seen = newest.entry(transactional_id.to_owned()).or_insert(peer.connection_id);
         if peer.connection_id < *seen {
             tracing::warn!(
@@ -92,11 +104,15 @@ impl Broker {
         let admitted = self.admit_from(&id, peer);
         let (producer_id, epoch) = (request.v3_and_below_producer_id.0, request.v3_and_below_producer_epoch);
         let mut wanted = Vec::new();
-        let mut unknown = Vec::new();
+        let mut unknown = std::collections::HashSet::new();
         for topic in &request.v3_and_below_topics {
             for &p in &topic.partitions {
                 let tp = (topic.name.0.as_str().to_owned(), p);
-                if self.log.partition(&tp.0, p).is_ok() { wanted.push(tp) } else { unknown.push(tp) }
+                if self.log.partition(&tp.0, p).is_ok() {
+                    wanted.push(tp)
+                } else {
+                    unknown.insert(tp);
+                }
             }
         }
         // Kafka adds nothing when any partition is unknown: the others get OPERATION_NOT_ATTEMPTED.
@@ -236,3 +252,37 @@ impl Broker {
 
 /// Kafka's code for partitions left out because another one in the request failed.
 const OPERATION_NOT_ATTEMPTED: i16 = 55;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kappa_coordinator::TxnConfig;
+    use kappa_log::{Log, LogOptions};
+
+    use super::*;
+    use crate::BrokerConfig;
+
+    fn peer(connection_id: u64) -> Peer {
+        Peer { connection_id, addr: "127.0.0.1:1".parse().unwrap() }
+    }
+
+    #[tokio::test]
+    async fn newest_connections_are_remembered_for_valid_ids_only_and_at_most_ids_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
+        let txn = TxnConfig { ids_max: 3, id_bytes_max: 16, ..TxnConfig::default() };
+        let broker = Broker::open(log, BrokerConfig { txn, ..BrokerConfig::default() }).await.unwrap();
+        let remembered = || broker.txn_connections.lock().unwrap().len();
+
+        assert!(broker.admit_from(&"x".repeat(17), &peer(1)), "the coordinator answers it");
+        assert_eq!(remembered(), 0, "an id too long for the coordinator is not remembered");
+
+        for id in ["a", "b", "c", "d", "e"] {
+            assert!(broker.admit_from(id, &peer(2)));
+        }
+        assert_eq!(remembered(), 3, "at most ids_max ids");
+        // Remembered ids keep their straggler check.
+        assert!(!broker.admit_from("a", &peer(1)));
+    }
+}

@@ -4,7 +4,10 @@
 //! request:  replica_id i32, [topic string, [partition i32, timestamp i64, max_num_offsets i32]]
 //! response: [topic string, [partition i32, error_code i16, old_style_offsets [i64]]]
 //! ```
-//! `max_num_offsets` is dropped: the broker answers one offset, as later versions do.
+//! `max_num_offsets` is dropped: the broker answers one offset, as later versions do (Kafka
+//! would add older segments' base offsets after it; kafka-node asks for one). A timestamp
+//! past the newest record answers the end of the log, as Kafka's v0 does (see
+//! `handlers::fetch::offset_for`).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};

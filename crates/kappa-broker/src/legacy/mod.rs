@@ -31,6 +31,8 @@ pub enum LegacyError {
     Truncated { needed: usize, available: usize },
     #[error("invalid length {length} for {field}")]
     BadLength { field: &'static str, length: i64 },
+    #[error("{count} elements of {field} would take more memory than the request's decode budget allows")]
+    TooLarge { field: &'static str, count: usize },
     #[error("{0} is not valid UTF-8")]
     BadUtf8(&'static str),
     #[error("{0} must not be null")]

@@ -96,13 +96,20 @@ impl<'a> Reader<'a> {
         mut read: impl FnMut(&mut Self) -> Result<T, LegacyError>,
     ) -> Result<Vec<T>, LegacyError> {
         let count = self.array_len(field, min_element_bytes)?;
-        let mut out = Vec::with_capacity(count);
+        // The request's decode budget (`request::decode_request`): an element in memory is
+        // many times its bytes on the wire, so the count alone could ask for gigabytes.
+        kafka_protocol::protocol::budget::charge(count, std::mem::size_of::<T>())
+            .map_err(|_| LegacyError::TooLarge { field, count })?;
+        let mut out = Vec::with_capacity(count.min(PRESIZED_ELEMENTS_MAX));
         for _ in 0..count {
             out.push(read(self)?);
         }
         Ok(out)
     }
 }
+
+/// Most elements an array is pre-sized for; longer ones grow as elements decode.
+const PRESIZED_ELEMENTS_MAX: usize = 1024;
 
 pub fn put_string(out: &mut BytesMut, s: &str) {
     out.put_i16(s.len() as i16);

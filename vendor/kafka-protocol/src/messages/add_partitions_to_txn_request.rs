@@ -279,6 +279,7 @@ impl Decodable for AddPartitionsToTxnRequest {
         let mut unknown_tagged_fields = BTreeMap::new();
         if version >= 3 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
+            crate::protocol::budget::charge_tagged_fields(num_tagged_fields)?; // kappa patch
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
                 let size: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -441,6 +442,7 @@ impl Decodable for AddPartitionsToTxnTopic {
         let mut unknown_tagged_fields = BTreeMap::new();
         if version >= 3 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
+            crate::protocol::budget::charge_tagged_fields(num_tagged_fields)?; // kappa patch
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
                 let size: u32 = types::UnsignedVarInt.decode(buf)?;
@@ -705,6 +707,7 @@ impl Decodable for AddPartitionsToTxnTransaction {
         let mut unknown_tagged_fields = BTreeMap::new();
         if version >= 3 {
             let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
+            crate::protocol::budget::charge_tagged_fields(num_tagged_fields)?; // kappa patch
             for _ in 0..num_tagged_fields {
                 let tag: u32 = types::UnsignedVarInt.decode(buf)?;
                 let size: u32 = types::UnsignedVarInt.decode(buf)?;

@@ -980,6 +980,12 @@ impl<T, E: for<'a> Encoder<&'a T>> Encoder<&Vec<T>> for Array<E> {
     }
 }
 
+/// kappa patch: most elements a decoded array is pre-sized for. A count passes the check
+/// against the bytes left, but one byte on the wire can be ~100 bytes in memory, so a
+/// 100 MiB frame announcing 100M elements would ask for ~10 GB at once (an allocation
+/// failure aborts the process). Longer arrays grow as their elements actually decode.
+const PRESIZED_ELEMENTS_MAX: usize = 1024;
+
 impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
     fn decode<B: ByteBuf>(&self, buf: &mut B) -> Result<Option<Vec<T>>> {
         match Int32.decode(buf)? {
@@ -990,7 +996,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
                 if n as usize > buf.remaining() {
                     bail!("Array length {n} exceeds the {} bytes left", buf.remaining());
                 }
-                let mut result = Vec::with_capacity(n as usize);
+                super::budget::charge(n as usize, std::mem::size_of::<T>())?;
+                let mut result = Vec::with_capacity((n as usize).min(PRESIZED_ELEMENTS_MAX));
                 for _ in 0..n {
                     result.push(self.0.decode(buf)?);
                 }
@@ -1102,7 +1109,8 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
                 if (n - 1) as usize > buf.remaining() {
                     bail!("CompactArray length {} exceeds the {} bytes left", n - 1, buf.remaining());
                 }
-                let mut result = Vec::with_capacity((n - 1) as usize);
+                super::budget::charge((n - 1) as usize, std::mem::size_of::<T>())?;
+                let mut result = Vec::with_capacity(((n - 1) as usize).min(PRESIZED_ELEMENTS_MAX));
                 for _ in 1..n {
                     result.push(self.0.decode(buf)?);
                 }
