@@ -95,7 +95,9 @@ pub struct Limits {
     /// A reply the peer takes none of for this long closes the connection: a peer that
     /// pipelines requests and never reads would otherwise hold its replies (up to
     /// `in_flight_per_connection` of them, each up to a 55 MiB fetch answer) and a
-    /// connection slot forever. A slow reader that keeps taking bytes is not cut off.
+    /// connection slot forever. A slow reader that keeps taking bytes is not cut off, and
+    /// the default is `idle_timeout`'s 10 min: a consumer that prefetched a large answer may
+    /// leave it unread while its application works (for up to `max.poll.interval.ms`).
     pub response_write_timeout: Duration,
     /// A connection with no complete request for this long is closed
     /// (Kafka: connections.max.idle.ms).
@@ -119,7 +121,7 @@ impl Default for Limits {
             pending_replies_per_connection: 256,
             request_bytes_buffered_max: 128 * 1024 * 1024,
             frame_read_timeout: Duration::from_secs(30),
-            response_write_timeout: Duration::from_secs(30),
+            response_write_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(600),
             request_partitions_max: 100_000,
             shutdown_grace: Duration::from_secs(30),

@@ -37,11 +37,13 @@ impl Broker {
                 topics
                     .into_iter()
                     .filter_map(|t| match t.name {
-                        // A name, unless it is empty beside an id (clients send null there; be lenient).
-                        Some(name) if !name.is_empty() || t.topic_id.is_nil() => {
+                        // A name, unless it is empty beside an id (clients send null there; be
+                        // lenient). Lookups by id are Metadata v12's (a null name in the answer
+                        // is v12's too): before it, an id is ignored.
+                        Some(name) if !name.is_empty() || t.topic_id.is_nil() || version < 12 => {
                             Some(Wanted::Name(name.0.as_str().to_owned()))
                         }
-                        _ => (!t.topic_id.is_nil()).then_some(Wanted::Id(t.topic_id)),
+                        _ => (!t.topic_id.is_nil() && version >= 12).then_some(Wanted::Id(t.topic_id)),
                     })
                     .collect(),
             ),

@@ -66,6 +66,7 @@ impl Broker {
         // Held until the batches are written: the transaction cannot end in between.
         let (work, refused, _ongoing) = self.verify_transactional(transactional_id.as_deref(), work).await;
         let bytes: usize = work.iter().map(|(_, _, _, records)| records.len()).sum();
+        let compressed = work.iter().any(|(_, _, _, records)| has_compressed_batch(records));
         let append = move || {
             work.into_iter()
                 .map(|(name, index, partition, records)| {
@@ -82,8 +83,10 @@ impl Broker {
         };
         // A small append is a short write into the page cache (the fsync, if any, happens in
         // phase two): done on this task it saves two thread hand-offs per request, most of a
-        // small produce's latency. Larger ones go to a blocking thread.
-        let mut written = if bytes <= INLINE_APPEND_BYTES_MAX { append() } else { blocking(append).await };
+        // small produce's latency. Larger ones go to a blocking thread, and so do compressed
+        // ones: the log inflates every record to check it (up to 64 MiB per batch).
+        let inline = bytes <= INLINE_APPEND_BYTES_MAX && !compressed;
+        let mut written = if inline { append() } else { blocking(append).await };
         written.extend(refused);
         Box::pin(async move {
             let mut durable = Vec::with_capacity(written.len());
@@ -182,6 +185,23 @@ impl Broker {
         }
         (accepted, refused, ongoing.ok())
     }
+}
+
+/// Whether any batch of a partition's records is compressed (framing errors are left to the
+/// append's own checks).
+fn has_compressed_batch(records: &[u8]) -> bool {
+    let mut rest = records;
+    while let Ok(header) = BatchHeader::parse(rest) {
+        if !matches!(header.compression(), Ok(batch::Compression::None)) {
+            return true;
+        }
+        let len = header.total_bytes();
+        if len < batch::HEADER_BYTES {
+            break;
+        }
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    false
 }
 
 /// The producer (id, epoch) of a partition's transactional batches, if it has any; `Err`
@@ -336,4 +356,24 @@ fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, Refusal> {
         rest = tail;
     }
     Ok(batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kappa_log::batch::Compression;
+    use kappa_log::records::{BatchBuilder, NewRecord};
+
+    fn batch(compression: Compression) -> Vec<u8> {
+        BatchBuilder::new().compression(compression).record(NewRecord::new(Some(b"k"), Some(b"v"), 1)).build()
+    }
+
+    #[test]
+    fn a_request_with_any_compressed_batch_is_not_appended_inline() {
+        let plain = batch(Compression::None);
+        assert!(!has_compressed_batch(&plain));
+        assert!(!has_compressed_batch(&[plain.clone(), plain.clone()].concat()));
+        assert!(has_compressed_batch(&[plain.clone(), batch(Compression::Zstd)].concat()));
+        assert!(has_compressed_batch(&batch(Compression::Lz4)));
+    }
 }

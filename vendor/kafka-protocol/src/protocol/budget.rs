@@ -12,6 +12,9 @@ use anyhow::{bail, Result};
 
 /// What one unknown tagged field costs in memory: a `(i32, Bytes)` B-tree entry.
 const TAGGED_FIELD_BYTES: usize = 64;
+/// What a tagged-field map's first entry costs: a whole B-tree leaf node (408 bytes measured
+/// for `BTreeMap<i32, Bytes>`, rounded up).
+const TAGGED_FIELD_MAP_NODE_BYTES: usize = 448;
 
 thread_local! {
     static BYTES_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
@@ -44,7 +47,12 @@ pub fn charge(count: usize, element_bytes: usize) -> Result<()> {
     })
 }
 
-/// Charges `count` unknown tagged fields, before they are decoded.
+/// Charges `count` unknown tagged fields, before they are decoded: the map's first B-tree
+/// node (allocated whole for the first entry) and each entry.
 pub(crate) fn charge_tagged_fields(count: u32) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    charge(1, TAGGED_FIELD_MAP_NODE_BYTES)?;
     charge(count as usize, TAGGED_FIELD_BYTES)
 }
