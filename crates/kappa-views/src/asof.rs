@@ -8,7 +8,9 @@ use crate::backend::{InputRecord, LogBackend};
 use crate::error::{EventError, Result, ViewError};
 use crate::event::{PayloadCodec, decode_event};
 use crate::partitioned::MemoryState;
-use crate::runner::{CACHE_ENTRIES_MAX, STEP_READ_BYTES, oversized_change, position_key, value_too_large};
+use crate::runner::{
+    CACHE_ENTRIES_MAX, STEP_READ_BYTES, VIEW_VALUE_BYTES_MAX, oversized_change, position_key, value_too_large,
+};
 use crate::schema::Schemas;
 use crate::view::{Applier, ErrorPolicy, View};
 
@@ -177,7 +179,9 @@ pub(crate) fn replay(
                     applier.trim(CACHE_ENTRIES_MAX);
                     break;
                 }
-                // As the runner does: the record after which a value is first too large fails.
+                // The record after which a value is first too large fails, judged on this
+                // chunk's final values: not necessarily the event the runner blamed (see
+                // `oversized_change`).
                 let (mut fine, mut over) = (0, records.len() - clean);
                 while over - fine > 1 {
                     let middle = fine + (over - fine) / 2;
@@ -191,7 +195,13 @@ pub(crate) fn replay(
                 }
                 reapply(&records[clean..clean + over], &mut applier, &state)?;
                 let changes = applier.take_changes().map_err(|e| fail(e.0))?;
-                let change = oversized_change(&changes).expect("applying is deterministic");
+                let Some(change) = oversized_change(&changes) else {
+                    return Err(fail(format!(
+                        "re-applying {key} offsets {} to {} left no value over {VIEW_VALUE_BYTES_MAX} bytes where applying them had: the view's logic is not deterministic",
+                        records[clean].offset,
+                        records[clean + over - 1].offset
+                    )));
+                };
                 let reason = value_too_large(change.scope, &change.key, change.value.as_ref().map_or(0, Vec::len));
                 let index = clean + over - 1;
                 failed(index, &reason.0, clean, &mut applier, &mut state)?;

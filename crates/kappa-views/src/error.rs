@@ -50,7 +50,7 @@ pub enum ViewError {
     )]
     ValueTooLarge { view: String, version: u32, key: String, position: InputPosition, bytes: usize, max: usize },
     #[error(
-        "view '{view}' v{version}: {unit} from {position} changes {bytes} bytes of view state, more than one step may change ({max} bytes, CHANGELOG_STEP_BYTES_MAX, a fixed limit); a transaction's events are applied in one step, so change less state per event or write smaller transactions"
+        "view '{view}' v{version}: {unit} from {position} changes {bytes} bytes of view state, more than one step may change ({max} bytes, CHANGELOG_STEP_BYTES_MAX, a fixed limit), and one event cannot be split: change less state per event"
     )]
     StepTooLarge { view: String, version: u32, position: InputPosition, unit: String, bytes: usize, max: usize },
     #[error(

@@ -588,9 +588,10 @@ impl PartitionView {
     }
 
     /// Applies records in order, returning what they did and changed; an event that fails,
-    /// or after which a value is first over `VIEW_VALUE_BYTES_MAX`, is handled by the error
-    /// policy after re-applying, on a clean cache, the records before it (it may have
-    /// changed keys before failing).
+    /// or after which a value is first over `VIEW_VALUE_BYTES_MAX` (judged on the final
+    /// values of `records`, see `runner::oversized_change`), is handled by the error policy
+    /// after re-applying, on a clean cache, the records before it (it may have changed keys
+    /// before failing).
     fn fold(&mut self, records: &[InputRecord]) -> Result<(Folded, Vec<Change>)> {
         let mut skipped: HashSet<i64> = HashSet::new();
         let mut dead_letters = Vec::new();
@@ -650,7 +651,15 @@ impl PartitionView {
             }
         }
         let changes = self.reapply(&kept[..over])?;
-        let change = oversized_change(&changes).expect("applying is deterministic: the same records, the same state");
+        let Some(change) = oversized_change(&changes) else {
+            let last = kept[over - 1];
+            return Err(self.failed(
+                last.offset,
+                EventError(format!(
+                    "re-applying the step's events up to it left no value over {VIEW_VALUE_BYTES_MAX} bytes where applying them had: the view's logic is not deterministic"
+                )),
+            ));
+        };
         let error = value_too_large(change.scope, &change.key, change.value.as_ref().map_or(0, Vec::len));
         Ok((kept[over - 1], error))
     }

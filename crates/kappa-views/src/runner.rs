@@ -42,17 +42,28 @@ pub const STEP_RECORDS_BUILD_MAX: usize = 1_000_000;
 pub const STEP_RECORDS_LIVE_MAX: usize = 10_000;
 /// Changed keys per step; a step ends once it has changed this many.
 pub const STEP_DIRTY_KEYS_MAX: usize = 50_000;
-/// A transaction's records are applied in one step up to this many bytes.
+/// A transaction's records are applied in one step up to this many bytes of input; a
+/// larger one is applied in pieces of about this size.
 pub const STEP_TRANSACTION_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// One step's changelog batch; a step that would write more is split.
+/// One step's changelog batch (its changes, counted as key + value + 32 bytes each). A step
+/// whose changes are larger is applied again shortened to about half, repeatedly: cut
+/// between input transactions where it holds more than one, else inside its one
+/// transaction (with a warning; reads then see that transaction in pieces). Only an event
+/// whose changes alone are larger fails the version (`ViewError::StepTooLarge`).
 pub const CHANGELOG_STEP_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// The largest value one view key may hold; an event that makes a value larger fails (and
-/// is handled by the view's error policy).
+/// is handled by the view's error policy). Judged on a step's final values, not after
+/// every event: see `oversized_change`.
 pub const VIEW_VALUE_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Keys found over `VIEW_VALUE_BYTES_MAX` whose size is then checked after every event
-/// that changes them, so the event that makes one too large again fails at once; further
-/// ones are found at the end of a step (by applying the step again, halving it).
+/// Keys found over `VIEW_VALUE_BYTES_MAX` whose size the runner then checks after every
+/// event that changes them (until a step leaves them under
+/// `OVERSIZED_KEY_UNWATCH_BYTES_MAX`), so the event that makes one too large again fails
+/// at once; further ones are found at the end of a step (by applying the step again,
+/// halving it). Only the live runner watches; as-of and work-mode folds do not.
 pub const OVERSIZED_KEYS_WATCHED_MAX: usize = 16;
+/// A watched key whose value ends a step at most this large (or deleted) is watched no
+/// more: checking costs serializing its whole value per event, for the runner's life.
+pub const OVERSIZED_KEY_UNWATCH_BYTES_MAX: usize = VIEW_VALUE_BYTES_MAX / 2;
 /// Decoded state kept in memory between steps (about half the clean entries are dropped
 /// when there are more).
 pub const CACHE_ENTRIES_MAX: usize = 500_000;
@@ -489,7 +500,8 @@ impl Runner {
         // offset, and that offset: the partition waits for it to move only if the step
         // ends there.
         let mut held_at = None;
-        // The committed transactions read, which a shortened step must not cut.
+        // The committed transactions read, which a shortened step cuts only when the step
+        // is one of them.
         let mut spans = Vec::new();
         'read: while position < end && applied < records_max && self.applier.dirty_entries() < STEP_DIRTY_KEYS_MAX {
             let (mut chunk, held) = self.read_whole_transactions(topic, partition, position)?;
@@ -524,6 +536,8 @@ impl Runner {
         }
         let mut changes = self.take_changes(topic, partition, start)?;
         let mut found_oversized = Vec::new();
+        // The changes of the step first read, when it was too large for one step.
+        let mut shortened_from = None;
         loop {
             if oversized_change(&changes).is_some() {
                 // An earlier event than any failure found so far: the step ends before it.
@@ -534,6 +548,7 @@ impl Runner {
                 (position, applied) = self.reapply(topic, partition, start, offset, usize::MAX, &store)?.done();
             } else if changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
                 failure = None;
+                shortened_from.get_or_insert(changes_bytes(&changes));
                 (position, applied) =
                     self.shorten_step(topic, partition, start, position, applied, &spans, &changes, &store)?;
             } else {
@@ -541,6 +556,10 @@ impl Runner {
             }
             changes = self.take_changes(topic, partition, start)?;
         }
+        if let Some(bytes) = shortened_from.filter(|_| failure.is_none()) {
+            self.warn_split_transaction(topic, partition, start, position, &spans, bytes, changes_bytes(&changes));
+        }
+        self.unwatch_shrunk(&changes);
         // Watched only now: the step's records were applied again unwatched, as first.
         for key in found_oversized {
             if self.oversized.len() < OVERSIZED_KEYS_WATCHED_MAX && !self.oversized.contains(&key) {
@@ -595,8 +614,10 @@ impl Runner {
 
     /// Applies again, from `start`, about half of the `applied` records before `position`
     /// whose `changes` are too large for one step, cut where it splits no transaction of
-    /// `spans`; returns the new position and count. Fails when the first event or
-    /// transaction alone is too large.
+    /// `spans` — or, when the step is a single transaction, inside it (as past
+    /// `STEP_TRANSACTION_BYTES_MAX`: the input cannot be rewritten, so failing would stop
+    /// the version for good); returns the new position and count. Fails only when one
+    /// event alone is too large.
     #[allow(clippy::too_many_arguments)]
     fn shorten_step(
         &mut self,
@@ -609,32 +630,61 @@ impl Runner {
         changes: &[Change],
         store: &dyn StoreRead,
     ) -> Result<(i64, usize)> {
-        let shared = self.shared.clone();
-        let too_large = |unit: String| ViewError::StepTooLarge {
-            view: shared.view.clone(),
-            version: shared.version,
-            position: InputPosition { topic: topic.to_string(), partition, offset: start },
-            unit,
-            bytes: changes_bytes(changes),
-            max: CHANGELOG_STEP_BYTES_MAX,
-        };
         if applied <= 1 {
-            return Err(too_large("the event".to_owned()));
+            return Err(ViewError::StepTooLarge {
+                view: self.shared.view.clone(),
+                version: self.shared.version,
+                position: InputPosition { topic: topic.to_string(), partition, offset: start },
+                unit: "the event".to_owned(),
+                bytes: changes_bytes(changes),
+                max: CHANGELOG_STEP_BYTES_MAX,
+            });
         }
         let (half, half_applied) = self.reapply(topic, partition, start, position, applied / 2, store)?.done();
         let mut cut = cut_before(spans, half);
         if cut <= start {
-            // The first transaction holds the half: the step is that transaction, if it is
-            // not all of the step.
+            // The first transaction holds the half: the step is that transaction if it is
+            // not all of the step, else half of it.
             cut = cut_after(spans, half);
             if cut >= position {
-                return Err(too_large(format!("the transaction of {applied} events up to offset {}", position - 1)));
+                return Ok((half, half_applied));
             }
         }
         if cut == half {
             return Ok((half, half_applied));
         }
         Ok(self.reapply(topic, partition, start, cut, usize::MAX, store)?.done())
+    }
+
+    /// Warns when a step shortened from `bytes` of changes to `step_bytes` ends at `end`
+    /// inside a committed transaction of `spans`: readers of the view (and its changelog)
+    /// see that transaction's effects in pieces.
+    #[allow(clippy::too_many_arguments)]
+    fn warn_split_transaction(
+        &self,
+        topic: &str,
+        partition: i32,
+        start: i64,
+        end: i64,
+        spans: &[(i64, i64)],
+        bytes: usize,
+        step_bytes: usize,
+    ) {
+        let Some((first, marker)) = split_span(spans, end) else { return };
+        tracing::warn!(
+            view = %self.shared.view,
+            version = self.shared.version,
+            %topic,
+            partition,
+            transaction_first = first,
+            transaction_marker = marker,
+            step_start = start,
+            step_end = end,
+            read_changes_bytes = bytes,
+            step_changes_bytes = step_bytes,
+            max = CHANGELOG_STEP_BYTES_MAX,
+            "a committed input transaction changes more view state than one step may (CHANGELOG_STEP_BYTES_MAX): it is applied in pieces, so reads may see part of it"
+        );
     }
 
     /// The event of the step from `start` (`applied` records up to `position`) after which
@@ -663,9 +713,27 @@ impl Runner {
         }
         let again = self.reapply(topic, partition, start, position, over, store)?;
         let changes = self.take_changes(topic, partition, start)?;
-        let change = oversized_change(&changes).expect("applying is deterministic: the same records, the same state");
+        let Some(change) = oversized_change(&changes) else {
+            return Err(self.changelog_error(format!(
+                "re-applying {topic}/{partition} offsets {start} to {} left no value over {VIEW_VALUE_BYTES_MAX} bytes where applying them had: the view's logic is not deterministic",
+                again.last
+            )));
+        };
         let bytes = change.value.as_ref().map_or(0, Vec::len);
         Ok((again.last, (change.scope, change.key.clone()), value_too_large(change.scope, &change.key, bytes)))
+    }
+
+    /// Stops watching the keys whose value the step's `changes` leave well under the
+    /// limit (`OVERSIZED_KEY_UNWATCH_BYTES_MAX`) or delete.
+    fn unwatch_shrunk(&mut self, changes: &[Change]) {
+        if self.oversized.is_empty() {
+            return;
+        }
+        for change in changes {
+            if change.value.as_ref().is_none_or(|v| v.len() <= OVERSIZED_KEY_UNWATCH_BYTES_MAX) {
+                self.oversized.retain(|(scope, key)| *scope != change.scope || *key != change.key);
+            }
+        }
     }
 
     /// Fails the event just applied if it made a watched key's value too large.
@@ -724,9 +792,10 @@ impl Runner {
     }
 
     /// Reads a chunk, extended until every transaction in it has its marker in it (so a
-    /// committed transaction's records on this partition are applied in one step). True
-    /// when the chunk stops before a transaction whose marker is past the last stable
-    /// offset: its records are read once they all are.
+    /// committed transaction's records on this partition are applied in one step, unless
+    /// too large: `STEP_TRANSACTION_BYTES_MAX`, `CHANGELOG_STEP_BYTES_MAX`). True when the
+    /// chunk stops before a transaction whose marker is past the last stable offset: its
+    /// records are read once they all are.
     fn read_whole_transactions(&self, topic: &str, partition: i32, position: i64) -> Result<(InputChunk, bool)> {
         let mut chunk = self.backend.read_committed(topic, partition, position, STEP_READ_BYTES)?;
         let mut pending: HashMap<i64, i64> = chunk.pending_transactions.iter().copied().collect();
@@ -917,6 +986,13 @@ impl Reapplied {
 }
 
 /// A change whose value is over `VIEW_VALUE_BYTES_MAX`.
+///
+/// The 4 MiB rule is judged on a step's final values (then the event after which a value
+/// is first over is found by applying parts of the step again): a value that goes over
+/// and back under within one step is not caught (except on a key the runner watches,
+/// `OVERSIZED_KEYS_WATCHED_MAX`), and which event is blamed can depend on where steps are
+/// cut. The live runner, a rebuild (larger steps), an as-of replay (read chunks) and a
+/// work-mode fold (polls) may cut differently, so they may blame different events or none.
 pub(crate) fn oversized_change(changes: &[Change]) -> Option<&Change> {
     changes.iter().find(|c| c.value.as_ref().is_some_and(|v| v.len() > VIEW_VALUE_BYTES_MAX))
 }

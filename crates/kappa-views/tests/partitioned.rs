@@ -337,6 +337,38 @@ fn an_event_making_a_value_too_large_stops_a_stop_policy_fold_at_that_event() {
     }
 }
 
+/// Not deterministic: every other application of an event makes a 5 MiB value (past
+/// VIEW_VALUE_BYTES_MAX), the others a small one.
+#[derive(Default)]
+struct Flaky {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Reducer for Flaky {
+    type State = String;
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+    fn apply(&self, _: Option<String>, _: &Event) -> Result<Option<String>, EventError> {
+        let even = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2);
+        Ok(Some(if even { "x".repeat(5 * MEBIBYTE) } else { "x".to_owned() }))
+    }
+}
+
+/// Looking again for the event that made a value too large finds none: the fold fails
+/// saying the view is not deterministic (it used to panic the worker's thread).
+#[test]
+fn a_view_that_is_not_deterministic_about_a_too_large_value_fails_the_fold() {
+    let mut view = fold(View::reducer("flaky", 1, &["events"], Flaky::default()));
+    match view.apply(&[record(0, "a", Some(r#"{"add":1}"#))]) {
+        Err(ViewError::EventFailed { position, reason, .. }) => {
+            assert_eq!(position.offset, 0);
+            assert!(reason.contains("not deterministic"), "{reason}");
+        }
+        other => panic!("expected EventFailed, got {:?}", other.map(|s| s.map(|s| s.next_offset))),
+    }
+}
+
 #[test]
 fn an_event_making_a_value_too_large_is_dead_lettered_by_a_fold() {
     let mut view = fold(View::reducer("growing", 1, &["events"], Growing).dead_letter("growing-dlq"));
