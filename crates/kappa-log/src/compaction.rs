@@ -39,11 +39,12 @@ use crate::partition::Partition;
 use crate::records::{self, Record};
 use crate::segment::{self, Segment, Trust};
 
-/// Most memory the key map of one cleaning pass may use (the default of
-/// `LogOptions::compaction_map_bytes_max`); a larger cleanable range is cleaned in part (up
-/// to the batch where the map filled) and the rest on a later pass.
+/// Default of `LogOptions::compaction_map_bytes_max`, the size of one cleaning pass's key
+/// map (see there for how it is counted); a larger dirty range is cleaned in part (up to
+/// the record where the map filled) and the rest on later passes.
 pub const COMPACTION_MAP_BYTES_MAX: usize = 256 * 1024 * 1024;
-/// Per-entry overhead counted against [`COMPACTION_MAP_BYTES_MAX`] besides the key bytes.
+/// What one map entry is counted as besides its key and sub-key bytes: about its hash
+/// table slot (56 bytes) and control byte. `LogOptions::compaction_map_bytes_max` says 64.
 const MAP_ENTRY_OVERHEAD_BYTES: usize = 64;
 /// Most cleaned bytes held in memory before they are written to the `.cleaned` file: a
 /// segment may be up to `segment.bytes` (1 GiB by default), too much to build in memory.
@@ -85,7 +86,7 @@ struct KeyMap {
     /// With a sub-key header: key -> offset of its latest whole-key tombstone.
     whole_key_tombstones: HashMap<Vec<u8>, i64>,
     bytes: usize,
-    /// Set when the map filled up: the offset after the last batch observed. Records from
+    /// Set when the map filled up: the offset after the last record observed. Records from
     /// there on were not observed, so this pass neither removes them as superseded (no
     /// later record is in the map) nor expires their tombstones (an older value of the key
     /// could outlive them).
@@ -102,6 +103,10 @@ struct Candidate {
     /// See [`Segment::last_append_ms`].
     last_append_ms: Option<i64>,
     path: PathBuf,
+    /// Bytes not yet cleaned: all of them, none, or — the segment where a pass stopped
+    /// because its key map filled — those from the offset index's entry at or before the
+    /// cleaned end (at most one index interval more than the exact tail).
+    dirty_bytes: u64,
 }
 
 impl KeyMap {
@@ -122,7 +127,8 @@ impl KeyMap {
         }
     }
 
-    /// Whether the map observed the record's offset (see [`KeyMap::end`]).
+    /// Whether the record lies before where the map stopped (see [`KeyMap::end`]): observed,
+    /// or in the prefix a previous pass cleaned, where it is its key's only record.
     fn observed(&self, offset: i64) -> bool {
         self.end.is_none_or(|end| offset < end)
     }
@@ -147,6 +153,7 @@ impl Partition {
         let config = self.config();
         let now = self.ctx.clock.now_ms();
         let last_stable_offset = self.last_stable_offset();
+        let cleaned_up_to = *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner());
         let inner = self.lock_inner();
         let closed = &inner.segments[..inner.segments.len() - 1];
         closed
@@ -164,6 +171,7 @@ impl Partition {
                 next_offset: s.next_offset,
                 last_append_ms: s.last_append_ms,
                 path: s.path.clone(),
+                dirty_bytes: dirty_bytes(s, cleaned_up_to),
             })
             .collect()
     }
@@ -173,7 +181,7 @@ impl Partition {
         let candidates = self.cleanable_segments();
         let cleaned_up_to = *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner());
         let cleanable_bytes: u64 = candidates.iter().map(|c| c.size).sum();
-        let dirty_bytes: u64 = candidates.iter().filter(|c| c.base_offset >= cleaned_up_to).map(|c| c.size).sum();
+        let dirty_bytes: u64 = candidates.iter().map(|c| c.dirty_bytes).sum();
         let dirty_ratio = if cleanable_bytes == 0 { 0.0 } else { dirty_bytes as f64 / cleanable_bytes as f64 };
         let last = *self.last_compaction.lock().unwrap_or_else(|e| e.into_inner());
         CompactionStatus { cleanable_bytes, dirty_bytes, dirty_ratio, cleaned_up_to, last }
@@ -197,7 +205,8 @@ impl Partition {
         // they are left out of the key map (a superset of the range is harmless here).
         let cleanable_end = candidates.last().map_or(0, |c| c.next_offset);
         let aborted = self.lock_inner().producers.aborted_in_range(i64::MIN, cleanable_end);
-        let map = self.build_key_map(&mut candidates, subkey_header, &aborted)?;
+        let observe_from = self.clean_prefix_end(subkey_header);
+        let map = self.build_key_map(&mut candidates, observe_from, subkey_header, &aborted)?;
         let cleaned_end = map.end.unwrap_or_else(|| candidates.last().map_or(0, |c| c.next_offset));
         let tombstone_horizon = self.ctx.clock.now_ms().saturating_sub(config.delete_retention_ms);
         let mut outcome = CompactionOutcome::default();
@@ -222,6 +231,7 @@ impl Partition {
         }
         outcome.cleaned_up_to = cleaned_end;
         *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner()) = outcome.cleaned_up_to;
+        *self.cleaned_subkey_header.lock().unwrap_or_else(|e| e.into_inner()) = subkey_header.map(str::to_owned);
         *self.last_compaction.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
         tracing::info!(
             topic = %self.ctx.topic, partition = self.ctx.partition, segments = outcome.segments_cleaned,
@@ -232,28 +242,55 @@ impl Partition {
         Ok(Some(outcome))
     }
 
-    /// Reads every record of the candidates into the key map, stopping after the batch
-    /// that takes the map past `compaction_map_bytes_max` (and shortening `candidates` to
-    /// end with that batch's segment): one segment of small unique keys can hold more keys
-    /// than fit.
+    /// Where the key map starts: the end of the prefix the last pass cleaned, in which no
+    /// compaction key occurs twice (so a record there whose key the map lacks is its key's
+    /// latest), as Kafka's cleaner starts at its first dirty offset. So a log with more keys
+    /// than one map holds is cleaned a map's worth further each pass instead of stopping at
+    /// the same offset every time. The whole log when the sub-key header changed since (the
+    /// prefix's keys were distinct under the old one).
+    fn clean_prefix_end(&self, subkey_header: Option<&str>) -> i64 {
+        let cleaned_with = self.cleaned_subkey_header.lock().unwrap_or_else(|e| e.into_inner());
+        if cleaned_with.as_deref() == subkey_header {
+            *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner())
+        } else {
+            i64::MIN
+        }
+    }
+
+    /// Reads every record of the candidates from offset `from` on into the key map,
+    /// stopping after the record that takes the map past `compaction_map_bytes_max` (and
+    /// shortening `candidates` to end with that record's segment): one segment of small
+    /// unique keys can hold more keys than fit.
     fn build_key_map(
         &self,
         candidates: &mut Vec<Candidate>,
+        from: i64,
         subkey_header: Option<&str>,
         aborted: &[crate::producer::AbortedTxn],
     ) -> Result<KeyMap> {
         let bytes_max = self.ctx.compaction_map_bytes_max;
         let mut map = KeyMap::default();
         for (i, candidate) in candidates.iter().enumerate() {
+            if candidate.next_offset <= from {
+                continue;
+            }
             for_each_batch_while(candidate, |header, bytes| {
+                if header.next_offset() <= from {
+                    return Ok(true);
+                }
                 let decoded = records::decode_records(bytes, MAX_MESSAGE_BYTES_LIMIT)
                     .map_err(|e| corrupt(candidate, e.to_string()))?;
-                if !decoded.header().is_control() && !is_aborted(decoded.header(), aborted) {
-                    decoded.iter().for_each(|record| map.observe(&record, subkey_header));
+                if decoded.header().is_control() || is_aborted(decoded.header(), aborted) {
+                    return Ok(true);
                 }
-                if map.bytes > bytes_max {
-                    map.end = Some(header.next_offset());
-                    return Ok(false);
+                // Checked per record, not per batch: one batch of tiny distinct keys can
+                // count far more than its own size (64 bytes of overhead per key).
+                for record in decoded.iter().filter(|r| r.offset() >= from) {
+                    map.observe(&record, subkey_header);
+                    if map.bytes > bytes_max {
+                        map.end = Some(record.offset() + 1);
+                        return Ok(false);
+                    }
                 }
                 Ok(true)
             })?;
@@ -344,6 +381,19 @@ impl Partition {
         fresh.last_append_ms = inner.segments[position].last_append_ms.or(fresh.last_append_ms);
         inner.segments[position] = fresh;
         Ok(())
+    }
+}
+
+/// A closed segment's bytes past `cleaned_up_to` (see [`Candidate::dirty_bytes`]). A pass
+/// that stopped at a full key map ends inside a segment: its unread tail is dirty, or the
+/// next pass would never be due for it.
+fn dirty_bytes(segment: &Segment, cleaned_up_to: i64) -> u64 {
+    if segment.base_offset >= cleaned_up_to {
+        segment.size
+    } else if segment.next_offset <= cleaned_up_to {
+        0
+    } else {
+        segment.size.saturating_sub(segment.position_for(cleaned_up_to))
     }
 }
 

@@ -44,9 +44,15 @@ pub struct LogOptions {
     /// recently are forgotten early, as if expired (a client starting producers in a loop
     /// cannot fill memory within `producer_id_expiration_ms`). Kafka has no such limit.
     pub producers_per_partition_max: usize,
-    /// Most memory one cleaning pass's key map may use (default
-    /// [`crate::compaction::COMPACTION_MAP_BYTES_MAX`]); past it the pass cleans the part of
-    /// the log whose keys fit.
+    /// Most bytes one cleaning pass's key map may count (default
+    /// [`crate::compaction::COMPACTION_MAP_BYTES_MAX`]): each entry counts its key and
+    /// sub-key bytes plus 64. The pass stops reading at the first record that takes the
+    /// count past this, so the count ends at most that one record's entries over: 128 bytes
+    /// plus twice its key plus its sub-key (a whole-key tombstone is two entries), each
+    /// within its batch's `max.message.bytes`. Allocator rounding and the hash table's
+    /// spare capacity after it grows (up to about as many empty slots as full ones) are not
+    /// counted and come on top. The pass cleans the part of the log whose keys fit; later
+    /// passes go on from there.
     pub compaction_map_bytes_max: usize,
 }
 

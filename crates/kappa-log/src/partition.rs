@@ -143,6 +143,8 @@ pub struct Partition {
     /// One cleaning pass at a time; what the last one did and how far the log is clean.
     pub(crate) compaction_lock: Mutex<()>,
     pub(crate) cleaned_up_to: Mutex<i64>,
+    /// The sub-key header the pass that set `cleaned_up_to` used.
+    pub(crate) cleaned_subkey_header: Mutex<Option<String>>,
     pub(crate) last_compaction: Mutex<Option<crate::compaction::CompactionOutcome>>,
     sync: Mutex<SyncState>,
     synced: Condvar,
@@ -298,6 +300,7 @@ impl Partition {
             inner: Mutex::new(inner),
             compaction_lock: Mutex::new(()),
             cleaned_up_to: Mutex::new(i64::MIN),
+            cleaned_subkey_header: Mutex::new(None),
             last_compaction: Mutex::new(None),
             sync: Mutex::new(SyncState {
                 in_flight: false,

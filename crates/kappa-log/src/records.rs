@@ -292,6 +292,14 @@ pub enum RecordError {
     TooFewRecords { declared: i32, found: usize },
     #[error("batch body has {extra} bytes left after the {declared} records its header declares")]
     TrailingBytes { declared: i32, extra: usize },
+    #[error(
+        "record {index} has offset delta {offset_delta}, expected {index}: a producer's batch numbers its records 0, 1, 2, ... (a consumer reads a record's offset from its delta, so a gap would skip later records); re-encode the batch with consecutive offset deltas"
+    )]
+    UnexpectedOffsetDelta { index: usize, offset_delta: i32 },
+    #[error(
+        "the batch's last record has offset delta {last}, but its header's last_offset_delta is {last_offset_delta}; they must be equal"
+    )]
+    LastOffsetDeltaMismatch { last: i32, last_offset_delta: i32 },
     #[error("batch is not a control batch (attributes {attributes:#06x})")]
     NotControl { attributes: u16 },
     #[error("control record key is {0}; expected 4 bytes (version i16, type i16)")]
@@ -594,20 +602,27 @@ fn index_records(body: &[u8], declared: i32) -> Result<Vec<RecordIndex>, RecordE
     let expected = usize::try_from(declared).unwrap_or(0);
     // The header's count is untrusted: never reserve more than the body could hold.
     let mut records = Vec::with_capacity(expected.min(body.len() / MIN_RECORD_BYTES));
-    walk_records(body, declared, |record| records.push(record))?;
+    walk_records(body, declared, |_, record| {
+        records.push(record);
+        Ok(())
+    })?;
     Ok(records)
 }
 
-/// Parses every record of `body` in order, handing each to `each`. The body must hold
-/// exactly `declared` records and nothing after them.
-fn walk_records(body: &[u8], declared: i32, mut each: impl FnMut(RecordIndex)) -> Result<(), RecordError> {
+/// Parses every record of `body` in order, handing each with its index to `each`, which
+/// may refuse it. The body must hold exactly `declared` records and nothing after them.
+fn walk_records(
+    body: &[u8],
+    declared: i32,
+    mut each: impl FnMut(usize, RecordIndex) -> Result<(), RecordError>,
+) -> Result<(), RecordError> {
     let expected = usize::try_from(declared).unwrap_or(0);
     let mut cursor = Cursor { buf: body, pos: 0 };
     for found in 0..expected {
         if cursor.pos == body.len() {
             return Err(RecordError::TooFewRecords { declared, found });
         }
-        each(parse_record(&mut cursor)?);
+        each(found, parse_record(&mut cursor)?)?;
     }
     if cursor.pos != body.len() {
         return Err(RecordError::TrailingBytes { declared, extra: body.len() - cursor.pos });
@@ -622,11 +637,20 @@ pub struct RecordsCheck {
     pub first_without_key: Option<usize>,
 }
 
-/// Checks that every record of a batch decodes, as [`decode_records`] would, without
-/// keeping them: one pass over the record framing, no allocation per record (a compressed
-/// body is decompressed once, into at most `max_uncompressed_bytes`). The batch's header,
-/// length and CRC must already be validated (`header` is what `batch::validate` returned):
-/// they are not checked again.
+/// Checks that every record of a producer's batch decodes, as [`decode_records`] would,
+/// without keeping them: one pass over the record framing, no allocation per record (a
+/// compressed body is decompressed once, into at most `max_uncompressed_bytes`). The
+/// batch's header, length and CRC must already be validated (`header` is what
+/// `batch::validate` returned): they are not checked again.
+///
+/// Record `i`'s offset delta must be `i`, and the last one the header's
+/// `last_offset_delta`: the log stores the batch verbatim, and a consumer advances to a
+/// record's offset + 1 and compaction keeps the highest offset per key, so one inflated
+/// delta would make consumers skip everything after it and shadow later writes of its
+/// key. Kafka's `LogValidator` re-encodes a compressed batch with such deltas (for old
+/// clients' v1 message sets; kappa converts those to v2 itself, consecutively) and stores
+/// an uncompressed one as it is; kappa never rewrites a producer's records, so it refuses
+/// both. Batches a cleaner rebuilt have gaps: they never come through here.
 pub fn check_records(
     header: &BatchHeader,
     batch_bytes: &[u8],
@@ -637,15 +661,24 @@ pub fn check_records(
         Compression::None => Cow::Borrowed(compressed),
         codec => Cow::Owned(decompress(codec, compressed, max_uncompressed_bytes)?),
     };
-    let mut index = 0;
     let mut first_without_key = None;
-    walk_records(&body, header.records_count, |record| {
+    let mut last_delta = None;
+    walk_records(&body, header.records_count, |index, record| {
+        if i64::from(record.offset_delta) != index as i64 {
+            return Err(RecordError::UnexpectedOffsetDelta { index, offset_delta: record.offset_delta });
+        }
         if record.key.is_none() && first_without_key.is_none() {
             first_without_key = Some(index);
         }
-        index += 1;
+        last_delta = Some(record.offset_delta);
+        Ok(())
     })?;
-    Ok(RecordsCheck { first_without_key })
+    match last_delta {
+        Some(last) if last != header.last_offset_delta => {
+            Err(RecordError::LastOffsetDeltaMismatch { last, last_offset_delta: header.last_offset_delta })
+        }
+        _ => Ok(RecordsCheck { first_without_key }),
+    }
 }
 
 /// Parses the record at the cursor. Its fields are read through a cursor that ends at

@@ -291,6 +291,12 @@ fn min_cleanable_dirty_ratio_gates_unforced_passes() {
     assert_eq!(values_of(&p, "k").len(), 2);
     assert!(p.compact(true).unwrap().is_some(), "forced runs anyway");
     assert_eq!(values_of(&p, "k"), vec![Some(b"3".to_vec())]);
+    eprintln!(
+        "DBG {:?} {:?} {:?}",
+        p.compaction_status(),
+        bases_real(&p),
+        all_records(&p).iter().map(|r| r.offset).collect::<Vec<_>>()
+    );
     assert_eq!(p.compaction_status().dirty_bytes, 0);
 }
 
@@ -722,4 +728,88 @@ fn a_full_key_map_stops_mid_segment_and_the_pass_cleans_only_what_it_observed() 
     assert_eq!(values_of(&p, "a"), Vec::<Option<Vec<u8>>>::new());
     assert_eq!(values_of(&p, "b"), vec![Some(b"2".to_vec())]);
     assert_eq!(values_of(&p, "d"), vec![Some(b"1".to_vec())]);
+}
+
+#[test]
+fn after_a_pass_stops_at_a_full_key_map_the_rest_is_dirty_and_the_next_pass_cleans_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    // Room for three one-byte keys (65 bytes each as counted): the fourth fills the map.
+    let tiny =
+        kappa_log::LogOptions { compaction_map_bytes_max: 200, ..options(Arc::new(kappa_log::io::RealFs), &clock) };
+    let log = Log::open(dir.path(), tiny).unwrap().0;
+    let p = compacted_topic(&log, false, &[]);
+    let writes = [("a", Some("1")), ("b", Some("1")), ("a", Some("2")), ("c", Some("1")), ("d", Some("1"))];
+    for (key, value) in writes.into_iter().chain([("b", Some("2")), ("a", None)]) {
+        p.append(keyed(key, value, T0)).unwrap();
+    }
+    roll(&p, 1, T0);
+    assert_eq!(p.segment_count(), 2, "everything above is in one closed segment, the last cleanable one");
+    clock.advance(2 * DELETE_RETENTION_MS);
+    let first = p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(first.cleaned_up_to, 5, "the map filled with d (offset 4), mid-segment");
+    let status = p.compaction_status();
+    assert!(status.dirty_bytes > 0, "offsets 5 and 6 were not cleaned: {status:?}");
+    assert!(p.compact(false).unwrap().is_some(), "the unread tail makes the log dirty enough for a pass");
+    // Each pass, with the same small map, observes from where the last one stopped (b, a,
+    // then the fillers that rolled the segment): a map's worth further every time.
+    let mut cleaned_up_to = p.compaction_status().cleaned_up_to;
+    assert!(cleaned_up_to > 5, "the second pass went past the first: {cleaned_up_to}");
+    let mut passes = 2;
+    while let Some(outcome) = p.compact(true).unwrap() {
+        assert!(outcome.cleaned_up_to > cleaned_up_to, "pass {passes} made no progress: {outcome:?}");
+        cleaned_up_to = outcome.cleaned_up_to;
+        passes += 1;
+        assert!(passes < 10, "the passes never finished: {outcome:?}");
+    }
+    assert_eq!(cleaned_up_to, p.log_end_offset() - 1, "clean up to the active segment (one filler in it)");
+    assert_eq!(p.compaction_status().dirty_bytes, 0);
+    assert_eq!(values_of(&p, "a"), Vec::<Option<Vec<u8>>>::new(), "a=2 superseded, then its tombstone expired");
+    assert_eq!(values_of(&p, "b"), vec![Some(b"2".to_vec())]);
+    assert_eq!(values_of(&p, "c"), vec![Some(b"1".to_vec())]);
+    assert_eq!(values_of(&p, "d"), vec![Some(b"1".to_vec())]);
+}
+
+#[test]
+fn dropping_the_subkey_header_makes_the_next_pass_read_the_whole_log_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    let p = compacted_topic(&log, true, &[]);
+    // (k, s0) and (k, s1) are different compaction keys: both survive a pass.
+    p.append(build(&[(0, Some(0), false), (0, Some(1), false)], T0, Compression::None, 0)).unwrap();
+    roll(&p, 1, T0);
+    p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(values_of(&p, "k0").len(), 2);
+    log.alter_topic_config("t", &[(kappa_log::config::COMPACTION_SUBKEY_HEADER.to_owned(), None)].into()).unwrap();
+    roll(&p, 1, T0);
+    p.compact(true).unwrap().expect("a pass ran");
+    // Now both are key k0: the older went, though it lay in the range cleaned before.
+    assert_eq!(values_of(&p, "k0"), vec![Some(b"v0-1".to_vec())]);
+}
+
+#[test]
+fn a_full_key_map_stops_at_the_record_that_filled_it_even_inside_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    // Room for three two-byte keys (66 bytes each as counted): the fourth fills the map.
+    let tiny =
+        kappa_log::LogOptions { compaction_map_bytes_max: 200, ..options(Arc::new(kappa_log::io::RealFs), &clock) };
+    let log = Log::open(dir.path(), tiny).unwrap().0;
+    let p = compacted_topic(&log, false, &[]);
+    // One batch: k0..k4, then each again (offsets 5..9).
+    let specs: Vec<Spec> = (0..10).map(|i| (i % 5, None, false)).collect();
+    p.append(build(&specs, T0, Compression::Lz4, 0)).unwrap();
+    roll(&p, 1, T0);
+    let first = p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(first.cleaned_up_to, 4, "the map filled with k3 (offset 3), inside the batch, not after it");
+    let mut passes = 1;
+    while p.compact(true).unwrap().is_some() {
+        passes += 1;
+        assert!(passes < 20, "the passes never finished");
+    }
+    for key in 0..5 {
+        let latest = format!("v0-{}", key + 5).into_bytes();
+        assert_eq!(values_of(&p, &format!("k{key}")), vec![Some(latest)], "k{key}: only its latest value");
+    }
 }

@@ -798,3 +798,58 @@ fn delete_records_is_refused_unless_the_cleanup_policy_has_delete() {
     log.alter_topic_config("c", &[("cleanup.policy".to_owned(), Some("compact,delete".to_owned()))].into()).unwrap();
     assert_eq!(compacted.delete_records(2).unwrap(), 2, "the policy is read at the call");
 }
+
+/// An uncompressed records body: one keyed record per entry of `offset_deltas`, numbered
+/// with those deltas (a producer numbers them 0, 1, 2, ...).
+fn body_with_offset_deltas(offset_deltas: &[i32]) -> Vec<u8> {
+    use kappa_log::records::{put_varint, put_varlong};
+    let mut body = Vec::new();
+    for (i, &delta) in offset_deltas.iter().enumerate() {
+        let key = format!("k{i}");
+        let mut record = vec![0u8]; // attributes
+        put_varlong(&mut record, 0); // timestamp delta
+        put_varint(&mut record, delta);
+        put_varint(&mut record, key.len() as i32);
+        record.extend_from_slice(key.as_bytes());
+        put_varint(&mut record, 1);
+        record.push(b'v');
+        put_varint(&mut record, 0); // header count
+        put_varint(&mut body, record.len() as i32);
+        body.extend_from_slice(&record);
+    }
+    body
+}
+
+#[test]
+fn batches_whose_records_offset_deltas_are_not_consecutive_are_refused() {
+    use kappa_log::batch::Compression;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let log = open(dir.path(), &clock);
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    log.create_topic("c", 1, &overrides(&[("cleanup.policy", "compact")])).unwrap();
+    let codecs = [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
+    for topic in ["t", "c"] {
+        let p = log.partition(topic, 0).unwrap();
+        for codec in codecs {
+            // Header count 3 and last_offset_delta 2 match, so only the records are wrong.
+            for deltas in [[0, 1_000_000, 2], [0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 0, 2]] {
+                let bad = batch_with_body(codec, &body_with_offset_deltas(&deltas), 3);
+                kappa_log::batch::validate_produced(&bad, usize::MAX).expect("header and CRC are valid");
+                match p.append(bad) {
+                    Err(LogError::InvalidRecords(reason)) => assert!(reason.contains("offset delta"), "{reason}"),
+                    other => panic!("{topic} {codec:?} {deltas:?}: must be refused, got {other:?}"),
+                }
+            }
+            assert_eq!(p.size_bytes(), 0, "{topic} {codec:?}: nothing was written");
+        }
+        for (i, codec) in codecs.into_iter().enumerate() {
+            let good = batch_with_body(codec, &body_with_offset_deltas(&[0, 1, 2]), 3);
+            let outcome = p.append(good).unwrap_or_else(|e| panic!("{topic} {codec:?}: {e}"));
+            assert_eq!((outcome.base_offset, outcome.last_offset), (3 * i as i64, 3 * i as i64 + 2));
+        }
+        let read = p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap();
+        let offsets: Vec<i64> = records_of(&read.records).iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (0..15).collect::<Vec<_>>(), "{topic}: every record at its own offset");
+    }
+}
