@@ -3,7 +3,7 @@
 /** A JSON value as a view stores it. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
-/** A position in a view version's changelog: `"<version>.<offset>"`. */
+/** A position in one incarnation of a view version's changelog: `"<version>.<changelog id>.<offset>"`. */
 export type Token = string;
 
 export declare class KappaError extends Error {

@@ -60,14 +60,28 @@ class Emitter {
   }
 }
 
-/** `"<version>.<offset>"` → `[version, offset]`, or null. */
+/**
+ * `"<version>.<changelog id>.<offset>"` → `{version, history, offset}`, or null. `history` is
+ * everything before the last dot: offsets compare only within one history (a changelog
+ * deleted and created again gets another id and counts offsets from 0 again). Tokens of
+ * older servers (`"<version>.<offset>"`) parse too; work-mode tokens (an offset per
+ * partition) do not, so they are never compared.
+ */
 function parseToken(token) {
   if (typeof token !== 'string') return null;
-  const dot = token.indexOf('.');
+  const dot = token.lastIndexOf('.');
   if (dot < 0) return null;
-  const version = Number(token.slice(0, dot));
+  const history = token.slice(0, dot);
+  const version = Number(history.split('.')[0]);
   const offset = Number(token.slice(dot + 1));
-  return Number.isInteger(version) && Number.isInteger(offset) ? [version, offset] : null;
+  return Number.isInteger(version) && Number.isInteger(offset) ? { version, history, offset } : null;
+}
+
+/** Whether a change at `token` is already in a copy at `have`: only within one history. */
+function alreadyApplied(token, have) {
+  const change = parseToken(token);
+  const copy = parseToken(have);
+  return change !== null && copy !== null && change.history === copy.history && change.offset <= copy.offset;
 }
 
 /** `http(s)://host[/base]` → `ws(s)://host[/base]/v1/ws`. */
@@ -352,10 +366,10 @@ export class Subscription extends Emitter {
     this._target = hasKey ? { key: target.key } : { prefix: target.prefix };
     /** key → value of every key this subscription covers that exists. */
     this.items = new Map(options.initial === undefined ? [] : hasKey ? [[target.key, options.initial]] : options.initial);
-    /** The position of the local copy: `"<version>.<offset>"`, sent as `resume` on reconnect. */
+    /** The position of the local copy: `"<version>.<changelog id>.<offset>"`, sent as `resume` on reconnect. */
     this.token = options.resume ?? null;
     /** The view version the copy comes from. */
-    this.version = parseToken(this.token)?.[0] ?? null;
+    this.version = parseToken(this.token)?.version ?? null;
     /** `connecting`, `live`, `resync` (a reset arrived; a fresh snapshot follows), `failed`, `closed`. */
     this.status = 'connecting';
     /** The error that ended the subscription, when `status` is `failed`. */
@@ -416,12 +430,11 @@ export class Subscription extends Emitter {
   }
 
   _change(message) {
-    const [version, offset] = parseToken(message.token) ?? [];
-    const [haveVersion, haveOffset] = parseToken(this.token) ?? [];
-    if (version === haveVersion && offset <= haveOffset) {
+    if (alreadyApplied(message.token, this.token)) {
       this.stats.duplicatesDropped++;
       return;
     }
+    const version = parseToken(message.token)?.version;
     if (message.value === null) this.items.delete(message.key);
     else this.items.set(message.key, message.value);
     this.token = message.token;
@@ -432,7 +445,8 @@ export class Subscription extends Emitter {
   }
 
   _reset(reason) {
-    // Keep showing the old copy until the fresh snapshot replaces it.
+    // Keep showing the old copy until the fresh snapshot replaces it; drop its position, which
+    // may be in another history than what follows.
     this.token = null;
     this.stats.resets++;
     this._setStatus('resync', { reason });

@@ -40,7 +40,7 @@ describe('HTTP reads', () => {
     await server.produce([events.created('h1', 'one'), events.created('h2', 'two'), events.created('h3', 'three'), events.created('x9', 'other')]);
     const h3 = await eventually('h3 in channel_page', () => kappa.get('channel_page', 'h3'), { server });
     assert.deepEqual(h3.value, page('h3', 'three'));
-    assert.match(h3.position, /^1\.\d+$/);
+    assert.match(h3.position, /^1\.[0-9a-f]{16}\.\d+$/);
     assert.equal(h3.version, 1);
 
     assert.equal(await kappa.get('channel_page', 'no-such-channel'), null, 'an absent key reads as null');
@@ -92,7 +92,7 @@ describe('subscriptions', () => {
     assert.equal(sub.value, undefined, 'the channel does not exist yet');
     assert.equal(calls[0].event.type, 'snapshot');
     assert.equal(calls[0].event.resync, false);
-    assert.match(sub.token, /^1\.\d+$/);
+    assert.match(sub.token, /^1\.[0-9a-f]{16}\.\d+$/);
 
     const steps = [
       [events.created('k1', 'first'), page('k1', 'first')],

@@ -88,6 +88,8 @@ impl From<LogError> for ApiError {
             LogError::MissingKey { .. } => Self::bad_request("missing_key", message),
             LogError::MessageTooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "records_too_large", message),
             LogError::Poisoned { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "storage_failed", message),
+            // The topic's own config forbids it (Kafka: POLICY_VIOLATION); altering it allows it.
+            LogError::DeleteRecordsPolicy { .. } => Self::new(StatusCode::CONFLICT, "policy_violation", message),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "log_error", message),
         }
     }

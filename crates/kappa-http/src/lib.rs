@@ -27,6 +27,7 @@ pub mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -109,7 +110,7 @@ pub struct AppState {
     /// are refused.
     pub transactions: Option<txn_produce::TxnProducers>,
     connections: Arc<tokio::sync::Semaphore>,
-    /// One permit per as-of read running (`as_of_concurrency_max`).
+    /// One permit per as-of read running ([`HttpConfig::as_of_concurrency_max`]).
     as_of_reads: Arc<tokio::sync::Semaphore>,
 }
 
@@ -164,7 +165,9 @@ impl AppState {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "as_of_busy",
-                format!("{max} as-of reads are running (as_of_concurrency_max); retry when one finishes"),
+                format!(
+                    "{max} as-of reads are running (the server's --http-as-of-concurrency-max); retry when one finishes"
+                ),
             )
         })
     }
@@ -250,11 +253,52 @@ fn add_cors_headers(headers: &mut HeaderMap, origin: header::HeaderValue) {
     headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
 }
 
+/// How long an HTTP connection may go without a request: hyper's defaults wait forever,
+/// and every open connection holds one of the `connections_max` slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    /// How long a new connection may take to send its first complete request header; it is
+    /// closed after that (a client that connects and sends nothing, or too slowly).
+    pub header_read_timeout_ms: u64,
+    /// How long a connection may sit without a request in flight — from the end of its last
+    /// response until the next request header is complete — before it is closed. Never while
+    /// a request is in flight (a long-poll read, an SSE stream), nor for a WebSocket, which
+    /// leaves HTTP at its upgrade (`ws_silence_ms_max` applies there).
+    pub idle_connection_timeout_ms: u64,
+}
+
+/// [`ConnectionTimeouts::header_read_timeout_ms`]'s default.
+pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// [`ConnectionTimeouts::idle_connection_timeout_ms`]'s default.
+pub const IDLE_CONNECTION_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+
+impl Default for ConnectionTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS_DEFAULT,
+            idle_connection_timeout_ms: IDLE_CONNECTION_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` completes — first aborting any
-/// multi-partition produce transaction a crash left open.
+/// multi-partition produce transaction a crash left open — with the default
+/// [`ConnectionTimeouts`].
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    run_with(listener, state, ConnectionTimeouts::default(), shutdown).await
+}
+
+/// [`run`] with the given connection timeouts. On `shutdown` it stops accepting, lets each
+/// connection finish its request in flight, and returns once all have closed (upgraded
+/// WebSockets run on by themselves, as with `axum::serve`).
+pub async fn run_with(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    timeouts: ConnectionTimeouts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let Some(transactions) = &state.transactions {
@@ -262,8 +306,80 @@ pub async fn run(
     }
     let limiter = state.connections.clone();
     let app = router(state);
-    let listener = LimitedListener { inner: listener, limiter };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let mut listener = LimitedListener { inner: listener, limiter };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Every connection task holds a receiver; `closed` resolves when the last one ends.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            stream = listener.accept() => stream,
+            () = &mut shutdown => break,
+        };
+        tokio::spawn(serve_connection(stream, app.clone(), timeouts, stop_rx.clone(), open_rx.clone()));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
+    Ok(())
+}
+
+/// Serves one connection (HTTP/1.1, upgradable to a WebSocket) until it closes, times out
+/// (see [`ConnectionTimeouts`]) or finishes its request in flight after `stop`.
+async fn serve_connection(
+    stream: LimitedStream,
+    app: Router,
+    timeouts: ConnectionTimeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    _open: tokio::sync::watch::Receiver<()>,
+) {
+    use hyper::service::Service as _;
+    let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = {
+        let requested = requested.clone();
+        let app = hyper_util::service::TowerToHyperService::new(app);
+        hyper::service::service_fn(move |request: axum::http::Request<hyper::body::Incoming>| {
+            requested.store(true, std::sync::atomic::Ordering::Relaxed);
+            app.call(request)
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper runs its header read timer from the moment a connection waits for a request
+    // head, including between requests: that is the idle timeout. A new connection's first
+    // header gets the (shorter) header read timeout below.
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(timeouts.idle_connection_timeout_ms));
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    // Ends when the first request header is late; never once it came.
+    let first_header = async {
+        tokio::time::sleep(Duration::from_millis(timeouts.header_read_timeout_ms)).await;
+        if requested.load(std::sync::atomic::Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut first_header = std::pin::pin!(first_header);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "an HTTP connection ended with an error");
+                }
+                return;
+            }
+            () = &mut first_header => {
+                tracing::debug!(timeout_ms = timeouts.header_read_timeout_ms, "closing an HTTP connection that sent no complete request header in time");
+                return;
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 /// Accepts at most `connections_max` connections at once; further ones wait in the
@@ -279,28 +395,21 @@ pub struct LimitedStream {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl LimitedListener {
+    async fn accept(&mut self) -> LimitedStream {
         let permit = self.limiter.clone().acquire_owned().await.expect("the connection semaphore is never closed");
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => {
+                Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    return (LimitedStream { stream, _permit: permit }, addr);
+                    return LimitedStream { stream, _permit: permit };
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting an HTTP connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }
 

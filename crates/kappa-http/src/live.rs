@@ -2,10 +2,15 @@
 //!
 //! A subscription follows one key or a key prefix of a view's serving version: a
 //! snapshot consistent with one changelog position, then every change after that position
-//! in changelog order. Positions are tokens `"<version>.<changelog offset>"`; a client that
-//! resumes with a token gets exactly the changes after it — or, when that is impossible
-//! (another version now serves, the token is outside the changelog, compaction removed
-//! records after it), a `reset` and a fresh snapshot. Never a silent gap.
+//! in changelog order. Positions are tokens `"<version>.<changelog id>.<changelog offset>"`;
+//! a client that resumes with a token gets exactly the changes after it — or, when that is
+//! impossible (another version now serves, the changelog was deleted and created again
+//! since — a wiped or restored data directory — so its offsets name other changes, the
+//! token is outside the changelog, compaction removed records after it), a `reset` and a
+//! fresh snapshot. Never a silent gap.
+//!
+//! A changelog record whose value is not JSON was not written by the view engine (a Kafka
+//! client produced it; the engine's state never saw it): it is logged and skipped.
 //!
 //! One hub task per view tails the serving version's durable changelog and broadcasts each
 //! chunk of changes; a subscription catches up from its own position by reading the
@@ -33,16 +38,33 @@ const HUB_BUFFER_CHUNKS: usize = 256;
 /// How often a hub checks which version serves when nothing is appended.
 const HUB_IDLE_CHECK: Duration = Duration::from_millis(200);
 
-/// A position in a view version's changelog.
+/// A position in one incarnation of a view version's changelog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
     pub version: u32,
+    /// Which changelog: [`changelog_id`] of the topic the offset is in. None: a token from
+    /// before tokens named it (`<version>.<offset>`), never resumable.
+    pub changelog: Option<u64>,
     pub offset: i64,
+}
+
+/// Hex digits of a token's changelog id.
+const CHANGELOG_ID_HEX_DIGITS: usize = 16;
+
+/// A changelog topic's incarnation in a token: the first 64 bits of its random topic id,
+/// which a topic deleted and created again under the same name does not keep.
+pub fn changelog_id(topic_id: [u8; kappa_log::log::TOPIC_ID_BYTES]) -> u64 {
+    let mut first = [0; 8];
+    first.copy_from_slice(&topic_id[..8]);
+    u64::from_be_bytes(first)
 }
 
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.version, self.offset)
+        match self.changelog {
+            Some(id) => write!(f, "{}.{id:016x}.{}", self.version, self.offset),
+            None => write!(f, "{}.{}", self.version, self.offset),
+        }
     }
 }
 
@@ -53,12 +75,28 @@ impl FromStr for Token {
         let bad = || {
             ApiError::bad_request(
                 "invalid_token",
-                format!("'{text}' is not a resume token (\"<version>.<offset>\" from a snapshot or change)"),
+                format!(
+                    "'{text}' is not a resume token (\"<version>.<changelog id>.<offset>\" from a snapshot or change)"
+                ),
             )
         };
-        let (version, offset) = text.split_once('.').ok_or_else(bad)?;
-        Ok(Self { version: version.parse().map_err(|_| bad())?, offset: offset.parse().map_err(|_| bad())? })
+        let parts: Vec<&str> = text.splitn(4, '.').collect();
+        let (version, changelog, offset) = match parts[..] {
+            [version, offset] => (version, None, offset),
+            [version, id, offset]
+                if id.len() == CHANGELOG_ID_HEX_DIGITS && id.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                (version, Some(u64::from_str_radix(id, 16).map_err(|_| bad())?), offset)
+            }
+            _ => return Err(bad()),
+        };
+        Ok(Self { version: version.parse().map_err(|_| bad())?, changelog, offset: offset.parse().map_err(|_| bad())? })
     }
+}
+
+/// The [`changelog_id`] of changelog topic `topic`.
+pub(crate) fn changelog_of(state: &AppState, topic: &str) -> Result<u64, ApiError> {
+    Ok(changelog_id(state.log.topic(topic)?.id()))
 }
 
 /// What a subscription follows.
@@ -97,13 +135,15 @@ pub struct ChangeItem {
 /// What a hub broadcasts.
 #[derive(Debug)]
 pub enum HubEvent {
-    /// The view keys changed in changelog offsets `from..next` of `version`.
-    Changes { version: u32, from: i64, next: i64, changes: Vec<ChangeItem> },
-    /// Another version serves now.
-    Switched { version: u32 },
+    /// The view keys changed in changelog offsets `from..next` of `version`, in the changelog
+    /// with id `changelog`.
+    Changes { version: u32, changelog: u64, from: i64, next: i64, changes: Vec<ChangeItem> },
+    /// Another version serves now, or the serving changelog was deleted and created again.
+    Switched { version: u32, changelog: u64 },
 }
 
-/// The hubs, one per view, started on first use.
+/// The hubs, one per view, started on first use. A hub that ends (it should not: it logs
+/// and goes on after any failure) unregisters itself, so the next subscriber starts another.
 #[derive(Default)]
 pub struct Hubs {
     hubs: Mutex<HashMap<String, Arc<Hub>>>,
@@ -111,21 +151,53 @@ pub struct Hubs {
     pub subscriptions: AtomicUsize,
 }
 
+/// One view's hub. Only the map and the hub's task hold it, so when the task ends and
+/// unregisters, the sender drops and subscribers see `Closed`.
 pub struct Hub {
     events: broadcast::Sender<Arc<HubEvent>>,
 }
 
 impl Hubs {
-    fn get_or_start(&self, state: &Arc<AppState>, view: &str) -> Arc<Hub> {
+    /// Follows `view`'s hub, starting one if none runs.
+    fn subscribe(&self, state: &Arc<AppState>, view: &str) -> broadcast::Receiver<Arc<HubEvent>> {
         let mut hubs = self.hubs.lock().unwrap_or_else(|e| e.into_inner());
-        hubs.entry(view.to_owned())
-            .or_insert_with(|| {
-                let (events, _) = broadcast::channel(HUB_BUFFER_CHUNKS);
-                let hub = Arc::new(Hub { events });
-                tokio::spawn(run_hub(state.clone(), view.to_owned(), hub.clone()));
-                hub
-            })
-            .clone()
+        if let Some(hub) = hubs.get(view) {
+            return hub.events.subscribe();
+        }
+        let (events, receiver) = broadcast::channel(HUB_BUFFER_CHUNKS);
+        let hub = Arc::new(Hub { events });
+        hubs.insert(view.to_owned(), hub.clone());
+        let registration = HubRegistration { state: state.clone(), view: view.to_owned(), hub };
+        tokio::spawn(async move {
+            run_hub(&registration.state, &registration.view, &registration.hub).await;
+        });
+        receiver
+    }
+
+    /// Whether a hub runs for `view`.
+    #[doc(hidden)]
+    pub fn running(&self, view: &str) -> bool {
+        self.hubs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(view)
+    }
+}
+
+/// A running hub's entry in [`Hubs`], removed when its task ends however it ends (a panic
+/// unwinds through this drop too).
+struct HubRegistration {
+    state: Arc<AppState>,
+    view: String,
+    hub: Arc<Hub>,
+}
+
+impl Drop for HubRegistration {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(view = self.view, "a view's subscription hub failed; the next subscriber starts another");
+        }
+        let mut hubs = self.state.hubs.hubs.lock().unwrap_or_else(|e| e.into_inner());
+        if hubs.get(&self.view).is_some_and(|hub| Arc::ptr_eq(hub, &self.hub)) {
+            hubs.remove(&self.view);
+        }
     }
 }
 
@@ -137,25 +209,46 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// compaction removed records in the range.
 async fn read_changes(state: &Arc<AppState>, topic: &str, from: i64) -> Result<(Vec<ChangeItem>, i64, bool), ApiError> {
     let backend = state.engine.backend().clone();
-    let topic = topic.to_owned();
-    let chunk = blocking(move || backend.read_committed(&topic, 0, from, CHANGELOG_READ_BYTES)).await?;
+    let name = topic.to_owned();
+    let chunk = blocking(move || backend.read_committed(&name, 0, from, CHANGELOG_READ_BYTES)).await?;
     let mut changes = Vec::new();
     for record in &chunk.records {
         if let Ok(Entry::Change { offset, change, .. }) = changelog::decode(record)
             && change.scope == Scope::View
         {
-            let value = change.value.map(|json| Arc::from(crate::views::raw(json)));
+            let value = match change.value.map(crate::views::raw).transpose() {
+                Ok(value) => value.map(Arc::from),
+                Err(e) => {
+                    // Not the view engine's (it writes JSON only): a Kafka client produced it.
+                    // The engine's state never saw it, so subscribers skip it too.
+                    tracing::error!(topic, offset, key = change.key, error = %e, "skipping a changelog record whose value is not JSON");
+                    continue;
+                }
+            };
             changes.push(ChangeItem { offset, key: change.key, value });
         }
     }
     Ok((changes, chunk.next_offset.max(from), chunk.history_gap))
 }
 
-async fn run_hub(state: Arc<AppState>, view: String, hub: Arc<Hub>) {
-    let mut current: Option<(u32, String, i64)> = None;
+/// The changelog a hub follows: which version's, which incarnation, and how far it got.
+struct Following {
+    version: u32,
+    changelog: u64,
+    cursor: i64,
+}
+
+/// The serving version, its changelog topic and that topic's id, or None for now.
+fn serving(state: &AppState, view: &str) -> Option<(u32, String, u64)> {
+    let (version, topic) = state.engine.serving_changelog(view).ok()?;
+    let changelog = changelog_of(state, &topic).ok()?;
+    Some((version, topic, changelog))
+}
+
+async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
+    let mut current: Option<Following> = None;
     loop {
-        let serving = state.engine.serving_changelog(&view).ok();
-        let Some((version, topic)) = serving else {
+        let Some((version, topic, changelog)) = serving(state, view) else {
             tokio::time::sleep(HUB_IDLE_CHECK).await;
             continue;
         };
@@ -168,20 +261,21 @@ async fn run_hub(state: Arc<AppState>, view: String, hub: Arc<Hub>) {
             }
         };
         let cursor = match &current {
-            Some((v, _, cursor)) if *v == version => *cursor,
+            Some(following) if following.version == version && following.changelog == changelog => following.cursor,
             previous => {
                 if previous.is_some() {
-                    let _ = hub.events.send(Arc::new(HubEvent::Switched { version }));
+                    let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog }));
                 }
-                current = Some((version, topic.clone(), end));
+                current = Some(Following { version, changelog, cursor: end });
                 end
             }
         };
         if cursor < end && hub.events.receiver_count() > 0 {
-            match read_changes(&state, &topic, cursor).await {
+            match read_changes(state, &topic, cursor).await {
                 Ok((changes, next, _)) => {
-                    let _ = hub.events.send(Arc::new(HubEvent::Changes { version, from: cursor, next, changes }));
-                    current = Some((version, topic, next));
+                    let event = HubEvent::Changes { version, changelog, from: cursor, next, changes };
+                    let _ = hub.events.send(Arc::new(event));
+                    current = Some(Following { version, changelog, cursor: next });
                 }
                 Err(e) => {
                     tracing::warn!(view, error = %e.message, "reading a view changelog for subscribers failed");
@@ -191,7 +285,7 @@ async fn run_hub(state: Arc<AppState>, view: String, hub: Arc<Hub>) {
             continue;
         }
         // Nobody listening: skip ahead (subscriptions catch up by themselves).
-        current = Some((version, topic.clone(), end));
+        current = Some(Following { version, changelog, cursor: end });
         let Ok(partition) = state.log.partition(&topic, 0) else {
             tokio::time::sleep(HUB_IDLE_CHECK).await;
             continue;
@@ -264,22 +358,21 @@ async fn follow(
     resume: &mut Option<Token>,
     emit: &mut impl Emit<LiveMessage>,
 ) -> Ended {
-    let hub = state.hubs.get_or_start(state, view);
     'restart: loop {
-        let mut events = hub.events.subscribe();
+        let mut events = state.hubs.subscribe(state, view);
         let (version, topic) = match state.engine.serving_changelog(view) {
             Ok(serving) => serving,
             Err(e) => return fail(emit, e.into()).await,
         };
+        let changelog = match changelog_of(state, &topic) {
+            Ok(changelog) => changelog,
+            Err(e) => return fail(emit, e).await,
+        };
+        let followed = Followed { topic: &topic, version, changelog };
         let mut cursor = match resume.take() {
-            Some(token) => match resumable(state, &topic, version, token) {
-                Ok(true) => token.offset,
-                Ok(false) => {
-                    let reason = if token.version == version {
-                        format!("token {token} is outside the changelog of version {version}")
-                    } else {
-                        format!("version {version} serves now (the token is from version {})", token.version)
-                    };
+            Some(token) => match resumable(state, &followed, token) {
+                Ok(None) => token.offset,
+                Ok(Some(reason)) => {
                     if !emit.emit(LiveMessage::Reset { reason }).await {
                         return Ended::Gone;
                     }
@@ -287,7 +380,7 @@ async fn follow(
                 }
                 Err(e) => return fail(emit, e).await,
             },
-            None => match snapshot(state, view, target, version) {
+            None => match snapshot(state, view, target, &followed) {
                 Ok(Some(message)) => {
                     let LiveMessage::Snapshot { token, .. } = &message else { unreachable!() };
                     let offset = token.offset;
@@ -300,59 +393,86 @@ async fn follow(
                 Err(e) => return fail(emit, e).await,
             },
         };
-        match catch_up_or_reset(state, &topic, version, target, cursor, emit).await {
+        match catch_up_or_reset(state, &followed, target, cursor, emit).await {
             Next::Cursor(next) => cursor = next,
             Next::Restart => continue 'restart,
             Next::End(ended) => return ended,
         }
         loop {
-            match events.recv().await {
-                Ok(event) => match &*event {
-                    HubEvent::Changes { version: v, from, next, changes } if *v == version => {
-                        if *from > cursor {
-                            match catch_up_or_reset(state, &topic, version, target, cursor, emit).await {
-                                Next::Cursor(next) => cursor = next,
-                                Next::Restart => continue 'restart,
-                                Next::End(ended) => return ended,
-                            }
-                        }
-                        for change in changes.iter().filter(|c| c.offset >= cursor && target.matches(&c.key)) {
-                            let token = Token { version, offset: change.offset + 1 };
-                            if !emit
-                                .emit(LiveMessage::Change {
-                                    key: change.key.clone(),
-                                    value: change.value.clone(),
-                                    token,
-                                })
-                                .await
-                            {
-                                return Ended::Gone;
-                            }
-                        }
-                        cursor = cursor.max(*next);
-                    }
-                    // The switch to this subscription's own version, or a chunk of the old
-                    // version still in flight when it started: nothing changed for it.
-                    HubEvent::Switched { version: v } if *v == version => {}
-                    HubEvent::Changes { .. } if still_serving(state, view, version) => {}
-                    HubEvent::Changes { version: v, .. } | HubEvent::Switched { version: v } => {
-                        if !emit.emit(LiveMessage::Reset { reason: format!("the view switched to version {v}") }).await
-                        {
-                            return Ended::Gone;
-                        }
-                        continue 'restart;
-                    }
-                },
+            let event = match events.recv().await {
+                Ok(event) => event,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    match catch_up_or_reset(state, &topic, version, target, cursor, emit).await {
+                    match catch_up_or_reset(state, &followed, target, cursor, emit).await {
                         Next::Cursor(next) => cursor = next,
                         Next::Restart => continue 'restart,
                         Next::End(ended) => return ended,
                     }
+                    continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Ended::Gone,
+                Err(broadcast::error::RecvError::Closed) => {
+                    // The hub ended: follow a new one, catching up on what it skipped.
+                    events = state.hubs.subscribe(state, view);
+                    match catch_up_or_reset(state, &followed, target, cursor, emit).await {
+                        Next::Cursor(next) => cursor = next,
+                        Next::Restart => continue 'restart,
+                        Next::End(ended) => return ended,
+                    }
+                    continue;
+                }
+            };
+            match &*event {
+                HubEvent::Changes { version: v, changelog: c, from, next, changes }
+                    if *v == version && *c == changelog =>
+                {
+                    if *from > cursor {
+                        match catch_up_or_reset(state, &followed, target, cursor, emit).await {
+                            Next::Cursor(next) => cursor = next,
+                            Next::Restart => continue 'restart,
+                            Next::End(ended) => return ended,
+                        }
+                    }
+                    for change in changes.iter().filter(|c| c.offset >= cursor && target.matches(&c.key)) {
+                        let token = followed.token(change.offset + 1);
+                        let message =
+                            LiveMessage::Change { key: change.key.clone(), value: change.value.clone(), token };
+                        if !emit.emit(message).await {
+                            return Ended::Gone;
+                        }
+                    }
+                    cursor = cursor.max(*next);
+                }
+                // The switch to this subscription's own changelog, or a chunk of an old one
+                // still in flight when it started: nothing changed for it.
+                HubEvent::Switched { version: v, changelog: c } if *v == version && *c == changelog => {}
+                HubEvent::Changes { .. } if still_serving(state, view, &followed) => {}
+                HubEvent::Changes { version: v, changelog: c, .. }
+                | HubEvent::Switched { version: v, changelog: c } => {
+                    let reason = if *v == version && *c != changelog {
+                        format!("the changelog of version {v} was deleted and created again")
+                    } else {
+                        format!("the view switched to version {v}")
+                    };
+                    if !emit.emit(LiveMessage::Reset { reason }).await {
+                        return Ended::Gone;
+                    }
+                    continue 'restart;
+                }
             }
         }
+    }
+}
+
+/// The changelog a subscription follows.
+struct Followed<'a> {
+    topic: &'a str,
+    version: u32,
+    /// Its [`changelog_id`].
+    changelog: u64,
+}
+
+impl Followed<'_> {
+    fn token(&self, offset: i64) -> Token {
+        Token { version: self.version, changelog: Some(self.changelog), offset }
     }
 }
 
@@ -367,13 +487,12 @@ enum Next {
 /// [`catch_up`], with a compacted gap turned into a `reset` for the client.
 async fn catch_up_or_reset(
     state: &Arc<AppState>,
-    topic: &str,
-    version: u32,
+    followed: &Followed<'_>,
     target: &Target,
     cursor: i64,
     emit: &mut impl Emit<LiveMessage>,
 ) -> Next {
-    match catch_up(state, topic, version, target, cursor, emit).await {
+    match catch_up(state, followed, target, cursor, emit).await {
         Ok(Some(next)) => Next::Cursor(next),
         Ok(None) => Next::End(Ended::Gone),
         Err(CatchUp::Gap) => {
@@ -384,49 +503,87 @@ async fn catch_up_or_reset(
     }
 }
 
-fn still_serving(state: &Arc<AppState>, view: &str, version: u32) -> bool {
-    state.engine.serving_changelog(view).is_ok_and(|(serving, _)| serving == version)
+fn still_serving(state: &Arc<AppState>, view: &str, followed: &Followed<'_>) -> bool {
+    serving(state, view)
+        .is_some_and(|(version, _, changelog)| version == followed.version && changelog == followed.changelog)
 }
 
-/// Whether changes after `token` can be replayed from the serving changelog.
-fn resumable(state: &Arc<AppState>, topic: &str, version: u32, token: Token) -> Result<bool, ApiError> {
+/// None when the changes after `token` can be replayed from the followed changelog, else
+/// why not (the `reset` reason).
+fn resumable(state: &Arc<AppState>, followed: &Followed<'_>, token: Token) -> Result<Option<String>, ApiError> {
+    let version = followed.version;
     if token.version != version {
-        return Ok(false);
+        return Ok(Some(format!("version {version} serves now (the token is from version {})", token.version)));
+    }
+    match token.changelog {
+        None => return Ok(Some(format!("token {token} does not name its changelog (it is from an older server)"))),
+        Some(id) if id != followed.changelog => {
+            return Ok(Some(format!(
+                "the changelog of version {version} was deleted and created again since token {token}; its offsets name other changes now"
+            )));
+        }
+        Some(_) => {}
     }
     let backend = state.engine.backend();
-    let start = backend.start_offset(topic, 0)?;
-    let end = backend.durable_end_offset(topic, 0)?;
-    Ok(token.offset >= start && token.offset <= end)
+    let start = backend.start_offset(followed.topic, 0)?;
+    let end = backend.durable_end_offset(followed.topic, 0)?;
+    if token.offset < start || token.offset > end {
+        return Ok(Some(format!("token {token} is outside the changelog of version {version}")));
+    }
+    // Recreated while the offsets were read: they may be the new changelog's.
+    if changelog_of(state, followed.topic)? != followed.changelog {
+        return Ok(Some(format!("the changelog of version {version} was deleted and created again")));
+    }
+    Ok(None)
 }
 
 /// The snapshot message, or None when another version started serving meanwhile.
-fn snapshot(state: &Arc<AppState>, view: &str, target: &Target, version: u32) -> Result<Option<LiveMessage>, ApiError> {
+fn snapshot(
+    state: &Arc<AppState>,
+    view: &str,
+    target: &Target,
+    followed: &Followed<'_>,
+) -> Result<Option<LiveMessage>, ApiError> {
+    let version = followed.version;
     let max = state.config.snapshot_items_max;
     let (read_version, position, items) = match target {
         Target::Key(key) => {
             let read = state.engine.get(view, key)?;
-            let items = read.value.into_iter().map(|i| (i.key, Arc::from(crate::views::raw(i.json)))).collect();
-            (read.version, read.position, items)
+            (read.version, read.position, snapshot_items(view, read.value)?)
         }
         Target::Prefix(prefix) => {
             let read = state.engine.scan(view, prefix, None, max + 1)?;
             if read.value.len() > max {
                 return Err(snapshot_too_large(prefix, max));
             }
-            let items = read.value.into_iter().map(|i| (i.key, Arc::from(crate::views::raw(i.json)))).collect();
-            (read.version, read.position, items)
+            (read.version, read.position, snapshot_items(view, read.value)?)
         }
     };
     if read_version != version {
         return Ok(None);
     }
-    Ok(Some(LiveMessage::Snapshot { version, items, token: Token { version, offset: position } }))
+    Ok(Some(LiveMessage::Snapshot { version, items, token: followed.token(position) }))
+}
+
+fn snapshot_items(
+    view: &str,
+    items: impl IntoIterator<Item = kappa_views::Item>,
+) -> Result<Vec<(String, Arc<RawValue>)>, ApiError> {
+    items
+        .into_iter()
+        .map(|i| {
+            let value = Arc::from(crate::views::stored(i.json, view, &i.key)?);
+            Ok((i.key, value))
+        })
+        .collect()
 }
 
 fn snapshot_too_large(prefix: &str, max: usize) -> ApiError {
     ApiError::bad_request(
         "snapshot_too_large",
-        format!("prefix '{prefix}' matches more than {max} keys (snapshot_items_max); subscribe to a longer prefix"),
+        format!(
+            "prefix '{prefix}' matches more than {max} keys (the server's --http-snapshot-items-max); subscribe to a longer prefix"
+        ),
     )
 }
 
@@ -451,12 +608,12 @@ enum CatchUp {
 /// returns the new cursor (None: the emitter said stop).
 async fn catch_up(
     state: &Arc<AppState>,
-    topic: &str,
-    version: u32,
+    followed: &Followed<'_>,
     target: &Target,
     mut cursor: i64,
     emit: &mut impl Emit<LiveMessage>,
 ) -> Result<Option<i64>, CatchUp> {
+    let topic = followed.topic;
     let end = state.engine.backend().durable_end_offset(topic, 0).map_err(|e| CatchUp::Failed(e.into()))?;
     while cursor < end {
         let (changes, next, gap) = read_changes(state, topic, cursor).await.map_err(CatchUp::Failed)?;
@@ -464,7 +621,7 @@ async fn catch_up(
             return Err(CatchUp::Gap);
         }
         for change in changes.into_iter().filter(|c| target.matches(&c.key)) {
-            let token = Token { version, offset: change.offset + 1 };
+            let token = followed.token(change.offset + 1);
             if !emit.emit(LiveMessage::Change { key: change.key, value: change.value, token }).await {
                 return Ok(None);
             }

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -19,7 +20,11 @@ use crate::error::ApiError;
 use crate::live::{Emit, LiveMessage, Target, Token, check_snapshot_size, run_subscription};
 use crate::ws::{Queued, queue_within};
 
+/// What `GET /v1/views/{view}/watch` accepts.
+const WATCH_QUERY: &str = "?key=<key> or ?prefix=<key prefix>, and optionally &resume=<token>";
+
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WatchQuery {
     key: Option<String>,
     prefix: Option<String>,
@@ -29,9 +34,13 @@ pub struct WatchQuery {
 pub async fn watch(
     State(state): State<Arc<AppState>>,
     Path(view): Path<String>,
-    Query(query): Query<WatchQuery>,
+    query: Result<Query<WatchQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return ApiError::invalid_query(e, WATCH_QUERY).into_response(),
+    };
     match start(state, view, query, &headers) {
         Ok(sse) => sse.into_response(),
         Err(e) => e.into_response(),
@@ -54,7 +63,12 @@ fn start(
     let target = match (query.key, query.prefix) {
         (Some(key), None) => Target::Key(key),
         (None, Some(prefix)) => Target::Prefix(prefix),
-        _ => return Err(ApiError::bad_request("invalid_query", "give exactly one of ?key= or ?prefix=")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("give exactly one of ?key= or ?prefix=; expected {WATCH_QUERY}"),
+            ));
+        }
     };
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     // A reconnecting EventSource sends the URL it was opened with, `?resume=` included, and

@@ -21,7 +21,7 @@
 //! an open transaction to end (at most `OPEN_TRANSACTION_WAIT_MS_MAX`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
@@ -53,10 +53,21 @@ pub use kappa_log::partitioner::{default_partition, murmur2};
 
 /// Produce-side state: per-partition key indexes and the round-robin counter for keyless
 /// records.
-#[derive(Default)]
 pub struct ProduceState {
     indexes: Mutex<HashMap<(String, i32), SharedKeyIndex>>,
     round_robin: AtomicU32,
+    /// [`KEY_INDEX_BYTES_MAX`], lowered by tests.
+    key_index_bytes_max: AtomicUsize,
+}
+
+impl Default for ProduceState {
+    fn default() -> Self {
+        Self {
+            indexes: Mutex::default(),
+            round_robin: AtomicU32::default(),
+            key_index_bytes_max: AtomicUsize::new(KEY_INDEX_BYTES_MAX),
+        }
+    }
 }
 
 type SharedKeyIndex = Arc<tokio::sync::Mutex<KeyIndex>>;
@@ -70,6 +81,16 @@ struct KeyIndex {
 }
 
 impl ProduceState {
+    /// Lowers the key index limit, for tests (it is [`KEY_INDEX_BYTES_MAX`], not a setting).
+    #[doc(hidden)]
+    pub fn set_key_index_bytes_max(&self, bytes: usize) {
+        self.key_index_bytes_max.store(bytes, Ordering::Relaxed);
+    }
+
+    fn key_index_bytes_max(&self) -> usize {
+        self.key_index_bytes_max.load(Ordering::Relaxed)
+    }
+
     fn index(&self, topic: &str, partition: i32) -> SharedKeyIndex {
         let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
         indexes.entry((topic.to_owned(), partition)).or_default().clone()
@@ -108,9 +129,11 @@ fn one() -> i32 {
 /// A JSON body, or the error that says which shape was expected (413 when too large).
 pub(crate) fn body<T>(body: Result<Json<T>, JsonRejection>, shape: &str) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|e| match e {
-        JsonRejection::BytesRejection(e) => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("{e} (request_body_bytes_max)"))
-        }
+        JsonRejection::BytesRejection(e) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("{e}; raise --http-request-body-bytes-max (setting http_request_body_bytes_max) or send less"),
+        ),
         e => ApiError::bad_request("invalid_body", format!("expected {shape}: {e}")),
     })
 }
@@ -492,6 +515,7 @@ async fn write(
         txn.commit().await.map_err(transaction_failed)?;
     }
     let mut offsets = vec![json!(null); n];
+    let bytes_max = state.produce.key_index_bytes_max();
     for ((write, guard), bases) in writes.iter().zip(guards.iter_mut()).zip(bases) {
         let mut records = write.records.iter();
         for (batch, base) in write.batches.iter().zip(bases) {
@@ -499,15 +523,20 @@ async fn write(
             // on directly (always so for a guarded append); otherwise a later catch-up
             // reads it.
             let mut extend = guard.as_deref_mut().filter(|index| index.next == base);
+            let mut full = false;
             for (i, (index, record)) in records.by_ref().take(batch.len()).enumerate() {
                 let offset = base + i as i64;
                 offsets[*index] = json!({"partition": write.partition, "offset": offset});
-                if let (Some(key_index), Some(key)) = (extend.as_deref_mut(), &record.key) {
-                    remember(key_index, key.as_bytes(), offset);
+                if let (Some(key_index), Some(key), false) = (extend.as_deref_mut(), &record.key, full) {
+                    full = !remember(key_index, key.as_bytes(), offset, bytes_max);
                 }
             }
-            if let Some(key_index) = extend {
-                key_index.next = base + batch.len() as i64;
+            match extend {
+                // Over the limit: drop the index; the next guarded write rebuilds it and is
+                // refused with key_index_full.
+                Some(key_index) if full => *key_index = KeyIndex::default(),
+                Some(key_index) => key_index.next = base + batch.len() as i64,
+                None => {}
             }
         }
     }
@@ -609,14 +638,22 @@ fn check(topic: &str, write: &PartitionWrite, index: &KeyIndex) -> Result<(), Ap
     Ok(())
 }
 
-fn remember(index: &mut KeyIndex, key: &[u8], offset: i64) {
+/// Records that `key`'s latest record is at `offset`; false (and nothing recorded) when a new
+/// key would take the index past `bytes_max`.
+fn remember(index: &mut KeyIndex, key: &[u8], offset: i64, bytes_max: usize) -> bool {
     match index.latest.get_mut(key) {
         Some(latest) => *latest = offset,
         None => {
+            // The key, its offset and the hash table's share.
+            let bytes = key.len() + 8 + 16;
+            if index.bytes + bytes > bytes_max {
+                return false;
+            }
             index.latest.insert(key.to_vec(), offset);
-            index.bytes += key.len() + 8 + 16;
+            index.bytes += bytes;
         }
     }
+    true
 }
 
 /// Brings the index up to the partition's end (waiting for appends in flight to become
@@ -659,25 +696,27 @@ async fn catch_up(state: &Arc<AppState>, topic: &str, partition: i32, index: &mu
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             continue;
         }
+        let bytes_max = state.produce.key_index_bytes_max();
         for record in &chunk.records {
-            if let Some(key) = &record.key {
-                remember(index, key, record.offset);
+            if let Some(key) = &record.key
+                && !remember(index, key, record.offset, bytes_max)
+            {
+                *index = KeyIndex::default();
+                return Err(key_index_full(topic, partition, bytes_max));
             }
         }
         index.next = chunk.next_offset;
-        if index.bytes > KEY_INDEX_BYTES_MAX {
-            index.latest.clear();
-            index.bytes = 0;
-            index.next = 0;
-            return Err(ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "key_index_full",
-                format!(
-                    "the key index of {topic}/{partition} would exceed {KEY_INDEX_BYTES_MAX} bytes (key_index_bytes_max); expected_offset is unavailable on this partition"
-                ),
-            ));
-        }
     }
+}
+
+fn key_index_full(topic: &str, partition: i32, bytes_max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "key_index_full",
+        format!(
+            "the keys of {topic}/{partition} take more than the key index's fixed limit of {bytes_max} bytes (not a setting), so expected_offset is unavailable on this partition; nothing was written. Write without expected_offset, or spread the keys over more partitions"
+        ),
+    )
 }
 
 /// Appends one batch of `write`. Unguarded: anywhere. Guarded: right behind `follows` (the

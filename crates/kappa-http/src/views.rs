@@ -16,9 +16,32 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::live::Token;
 
-/// A stored value as raw JSON (stored values are always valid JSON).
-pub(crate) fn raw(json: Vec<u8>) -> Box<RawValue> {
-    RawValue::from_string(String::from_utf8(json).expect("view values are JSON text")).expect("view values are JSON")
+/// A stored value as raw JSON. The view engine writes only JSON, but a changelog is a topic
+/// Kafka clients can produce into (work mode writes changelogs that way), and the engine
+/// restores its store from the changelog: a value may not be JSON.
+pub(crate) fn raw(json: Vec<u8>) -> Result<Box<RawValue>, serde_json::Error> {
+    let text = String::from_utf8(json).map_err(|e| serde::de::Error::custom(format!("not UTF-8: {e}")))?;
+    RawValue::from_string(text)
+}
+
+/// [`raw`] for an answer about `key` of `view`: a value that is not JSON is a 500 naming it.
+pub(crate) fn stored(json: Vec<u8>, view: &str, key: &str) -> Result<Box<RawValue>, ApiError> {
+    raw(json).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "invalid_stored_value",
+            format!(
+                "the stored value of key '{key}' in view {view} is not JSON ({e}); something other than the view \
+                 engine wrote it into the changelog: rebuild the view version"
+            ),
+        )
+    })
+}
+
+/// A read's position as a resume token: `offset` in the changelog of `version`.
+fn position(state: &AppState, view: &str, version: u32, offset: i64) -> Result<Token, ApiError> {
+    let topic = kappa_views::changelog::topic_name(view, version);
+    Ok(Token { version, changelog: Some(crate::live::changelog_of(state, &topic)?), offset })
 }
 
 /// How a version is doing, in the API's words.
@@ -100,7 +123,10 @@ pub async fn get_key(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
         return match result.values.into_iter().next() {
-            Some((key, value)) => Ok(Json(json!({"key": key, "value": raw(value), "position": result.positions}))),
+            Some((key, value)) => {
+                let value = stored(value, &view, &key)?;
+                Ok(Json(json!({"key": key, "value": value, "position": result.positions})))
+            }
             None => Err(ApiError::not_found(
                 "unknown_key",
                 format!("view {view} had no key '{key}' as of {:?}", result.positions),
@@ -108,18 +134,19 @@ pub async fn get_key(
         };
     }
     let read = state.engine.get(&view, &key)?;
-    let token = Token { version: read.version, offset: read.position };
+    let token = position(&state, &view, read.version, read.position)?;
     match read.value {
-        Some(item) => Ok(Json(
-            json!({"key": item.key, "value": raw(item.json), "position": token.to_string(), "version": read.version}),
-        )),
+        Some(item) => {
+            let value = stored(item.json, &view, &item.key)?;
+            Ok(Json(json!({"key": item.key, "value": value, "position": token.to_string(), "version": read.version})))
+        }
         None => Err(ApiError::not_found("unknown_key", format!("view {view} has no key '{key}'"))),
     }
 }
 
 /// What `GET /v1/views/{view}/keys` accepts.
 const SCAN_QUERY: &str =
-    "[?prefix=<key prefix>][&after=<the previous page's cursor>][&limit=<items, 1 to page_items_max>]";
+    "[?prefix=<key prefix>][&after=<the previous page's cursor>][&limit=<items, 1 to --http-page-items-max>]";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,13 +168,19 @@ pub async fn scan(
     if limit == 0 || limit > max {
         return Err(ApiError::bad_request(
             "invalid_limit",
-            format!("limit must be between 1 and {max} (page_items_max)"),
+            format!(
+                "limit must be between 1 and {max} (the server's --http-page-items-max); page with ?after=<cursor>"
+            ),
         ));
     }
     let read = state.engine.scan(&view, &query.prefix, query.after.as_deref(), limit)?;
     let cursor = if read.value.len() == limit { read.value.last().map(|i| i.key.clone()) } else { None };
-    let items: Vec<Value> = read.value.into_iter().map(|i| json!({"key": i.key, "value": raw(i.json)})).collect();
-    let token = Token { version: read.version, offset: read.position };
+    let items = read
+        .value
+        .into_iter()
+        .map(|i| Ok(json!({"value": stored(i.json, &view, &i.key)?, "key": i.key})))
+        .collect::<Result<Vec<Value>, ApiError>>()?;
+    let token = position(&state, &view, read.version, read.position)?;
     Ok(Json(json!({"items": items, "cursor": cursor, "position": token.to_string(), "version": read.version})))
 }
 

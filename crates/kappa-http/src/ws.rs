@@ -30,9 +30,14 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::live::{Emit, LiveMessage, Target, Token, run_subscription};
 
-/// Messages above this are refused by the WebSocket layer itself (the configured limit,
-/// checked by us, answers with an error and keeps the connection).
-const WS_FRAME_BYTES_HARD_MAX: usize = 16 * 1024 * 1024;
+/// How far over `ws_message_bytes_max` a client message may go and still be read (and
+/// answered with `message_too_large`, keeping the connection); a larger one makes the
+/// WebSocket layer close the connection (1009), so a connection buffers at most this
+/// multiple of the configured limit.
+const WS_READ_MESSAGE_LIMIT_FACTOR: usize = 2;
+/// Room for one outgoing frame (a snapshot of up to `snapshot_items_max` items) in the
+/// socket's write buffer.
+const WS_WRITE_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Bytes read from a WebSocket at a time.
 const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
@@ -63,16 +68,17 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
 
 /// Applies kappa's WebSocket sizes to an upgrade. Small socket buffers: tungstenite's
 /// defaults (128 KiB each way) would cost ~130 KiB per idle subscriber; [`multiplex`]'s
-/// bounded queue does the buffering. Messages above the hard maximum are refused by the
-/// WebSocket layer itself; `message_bytes_max` is checked by [`parse_client_message`],
-/// which answers with an error and keeps the connection.
+/// bounded queue does the buffering. A client message over `message_bytes_max` is answered
+/// by [`parse_client_message`] with an error, keeping the connection, up to
+/// [`WS_READ_MESSAGE_LIMIT_FACTOR`] times the limit; the WebSocket layer closes the
+/// connection on a larger one.
 pub fn configure(ws: WebSocketUpgrade, message_bytes_max: usize) -> WebSocketUpgrade {
-    let hard_max = WS_FRAME_BYTES_HARD_MAX.max(message_bytes_max);
-    ws.max_message_size(hard_max)
-        .max_frame_size(hard_max)
+    let read_max = message_bytes_max.saturating_mul(WS_READ_MESSAGE_LIMIT_FACTOR);
+    ws.max_message_size(read_max)
+        .max_frame_size(read_max)
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(0)
-        .max_write_buffer_size(WS_WRITE_BUFFER_BYTES_MAX.max(hard_max))
+        .max_write_buffer_size(WS_WRITE_BUFFER_BYTES_MAX.max(WS_WRITE_FRAME_BYTES_MAX))
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,7 +116,7 @@ pub fn parse_client_message<T: FromStr<Err: Display>>(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "message_too_large",
                 format!(
-                    "a message may have at most {max_bytes} bytes (ws_message_bytes_max); this one has {}",
+                    "a message may have at most {max_bytes} bytes (kappa serve: --http-ws-message-bytes-max); this one has {}",
                     text.len()
                 ),
             ),
@@ -402,7 +408,9 @@ fn handle<S: Subscriptions>(
                 return Err(fail(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too_many_subscriptions",
-                    format!("at most {limit} subscriptions per connection (subscriptions_per_connection_max)"),
+                    format!(
+                        "at most {limit} subscriptions per connection (kappa serve: --http-subscriptions-per-connection-max); unsubscribe one or open another connection"
+                    ),
                 )));
             }
             let task = S::subscribe(source, &id, view, target, resume, out.clone()).map_err(fail)?;
@@ -456,7 +464,7 @@ mod tests {
                 id: "s1".into(),
                 view: "v".into(),
                 target: Target::Prefix("c".into()),
-                resume: Some(Token { version: 2, offset: 17 })
+                resume: Some(Token { version: 2, changelog: None, offset: 17 })
             }
         );
         let unsub = parse_client_message::<Token>(r#"{"op":"unsubscribe","id":"s1"}"#, MAX).unwrap();

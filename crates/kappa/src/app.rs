@@ -312,7 +312,12 @@ impl App {
         tracing::info!(kafka_listen = %kafka_socket.local_addr()?, advertised = %format!("{}:{kafka_port}", settings.advertised_host), http_listen = %http_socket.local_addr()?, views = engine.list().len(), "kappa is running; stop with Ctrl-C or SIGTERM");
         let http_listener = start_listening(http_socket, settings.http_listen)?;
         let listener = start_listening(kafka_socket, settings.kafka_listen)?;
-        let http = tokio::spawn(kappa_http::run(http_listener, http_state, stopped(stop_rx.clone())));
+        let http = tokio::spawn(kappa_http::run_with(
+            http_listener,
+            http_state,
+            settings.http_timeouts,
+            stopped(stop_rx.clone()),
+        ));
         kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
         http.abort();
         tracing::info!("shutting down: stopping views, flushing and writing checkpoints");

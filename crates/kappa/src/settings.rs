@@ -17,8 +17,9 @@ pub struct ServeArgs {
     /// http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max,
     /// http_subscriptions_per_connection_max, http_ws_message_bytes_max,
     /// http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max,
-    /// http_request_body_bytes_max, http_as_of_concurrency_max, transactional_id_expiration_ms,
-    /// transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max.
+    /// http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms,
+    /// http_idle_connection_timeout_ms, transactional_id_expiration_ms, transactional_ids_max,
+    /// producer_id_expiration_ms, producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -83,6 +84,14 @@ pub struct ServeArgs {
     /// As-of reads (each replays a view) running at once; more are answered 503 [default: 2]
     #[arg(long, env = "KAPPA_HTTP_AS_OF_CONCURRENCY_MAX")]
     pub http_as_of_concurrency_max: Option<usize>,
+    /// How long a new HTTP connection may take to send its first request header before it is
+    /// closed [default: 10000]
+    #[arg(long, env = "KAPPA_HTTP_HEADER_READ_TIMEOUT_MS")]
+    pub http_header_read_timeout_ms: Option<u64>,
+    /// How long an HTTP connection may wait between requests (none in flight) before it is
+    /// closed; never cuts a long-poll, an SSE stream or a WebSocket [default: 60000]
+    #[arg(long, env = "KAPPA_HTTP_IDLE_CONNECTION_TIMEOUT_MS")]
+    pub http_idle_connection_timeout_ms: Option<u64>,
     /// How long a transactional id with no transaction is remembered (Kafka:
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
@@ -124,6 +133,8 @@ struct FileSettings {
     http_page_items_max: Option<usize>,
     http_request_body_bytes_max: Option<usize>,
     http_as_of_concurrency_max: Option<usize>,
+    http_header_read_timeout_ms: Option<u64>,
+    http_idle_connection_timeout_ms: Option<u64>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
@@ -142,6 +153,7 @@ pub struct Settings {
     pub auto_create_topics: bool,
     pub num_partitions: i32,
     pub http: kappa_http::HttpConfig,
+    pub http_timeouts: kappa_http::ConnectionTimeouts,
     pub transactional_id_expiration_ms: i64,
     pub transactional_ids_max: usize,
     pub producer_id_expiration_ms: i64,
@@ -155,6 +167,7 @@ impl Settings {
             None => FileSettings::default(),
         };
         let http = http_config(&args, &file)?;
+        let http_timeouts = http_timeouts(&args, &file)?;
         let kafka_listen =
             args.kafka_listen.or(file.kafka_listen).unwrap_or_else(|| "127.0.0.1:9092".parse().expect("valid default"));
         let sync = args.sync.or(file.sync).unwrap_or_else(|| "fsync".to_owned());
@@ -202,6 +215,7 @@ impl Settings {
             auto_create_topics: args.auto_create_topics.or(file.auto_create_topics).unwrap_or(true),
             num_partitions,
             http,
+            http_timeouts,
             transactional_id_expiration_ms,
             transactional_ids_max,
             producer_id_expiration_ms,
@@ -288,9 +302,24 @@ fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_ht
     })
 }
 
+fn http_timeouts(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_http::ConnectionTimeouts> {
+    Ok(kappa_http::ConnectionTimeouts {
+        header_read_timeout_ms: positive_ms(
+            "http_header_read_timeout_ms",
+            args.http_header_read_timeout_ms.or(file.http_header_read_timeout_ms),
+            kappa_http::HEADER_READ_TIMEOUT_MS_DEFAULT,
+        )? as u64,
+        idle_connection_timeout_ms: positive_ms(
+            "http_idle_connection_timeout_ms",
+            args.http_idle_connection_timeout_ms.or(file.http_idle_connection_timeout_ms),
+            kappa_http::IDLE_CONNECTION_TIMEOUT_MS_DEFAULT,
+        )? as u64,
+    })
+}
+
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -352,5 +381,9 @@ mod tests {
         let zero = parse(&["kappa", "--http-snapshot-items-max", "0"]);
         let error = http_config(&zero, &file).unwrap_err().to_string();
         assert!(error.contains("http_snapshot_items_max must be at least 1"), "{error}");
+        let file: FileSettings = toml::from_str("http_idle_connection_timeout_ms = 5000").unwrap();
+        let timeouts = http_timeouts(&parse(&["kappa", "--http-header-read-timeout-ms", "2000"]), &file).unwrap();
+        assert_eq!((timeouts.header_read_timeout_ms, timeouts.idle_connection_timeout_ms), (2000, 5000));
+        assert_eq!(http_timeouts(&parse(&["kappa"]), &FileSettings::default()).unwrap(), Default::default());
     }
 }

@@ -78,7 +78,7 @@ fn node_test(files: &[&str]) {
 
 #[test]
 fn js_client_reads_follows_keys_and_prefixes_and_resumes_across_kill9() {
-    node_test(&["test/client.test.js", "test/resume.test.js", "test/types.test.js"]);
+    node_test(&["test/client.test.js", "test/resume.test.js", "test/types.test.js", "test/token.test.js"]);
 }
 
 #[test]
