@@ -269,8 +269,10 @@ pub struct ConnectionTimeouts {
 
 /// [`ConnectionTimeouts::header_read_timeout_ms`]'s default.
 pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 10_000;
-/// [`ConnectionTimeouts::idle_connection_timeout_ms`]'s default.
-pub const IDLE_CONNECTION_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// [`ConnectionTimeouts::idle_connection_timeout_ms`]'s default: longer than common client
+/// pools keep an idle connection (hyper/reqwest 90 s, nginx upstream 75 s), so the client
+/// closes first and never sends a request into a connection the server is closing.
+pub const IDLE_CONNECTION_TIMEOUT_MS_DEFAULT: u64 = 120_000;
 
 impl Default for ConnectionTimeouts {
     fn default() -> Self {

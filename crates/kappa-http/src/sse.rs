@@ -21,7 +21,8 @@ use crate::live::{Emit, LiveMessage, Target, Token, check_snapshot_size, run_sub
 use crate::ws::{Queued, queue_within};
 
 /// What `GET /v1/views/{view}/watch` accepts.
-const WATCH_QUERY: &str = "?key=<key> or ?prefix=<key prefix>, and optionally &resume=<token>";
+const WATCH_QUERY: &str =
+    "?key=<key> or ?prefix=<key prefix>, and optionally &resume=<token> (or &lastEventId=<token>)";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +30,10 @@ pub struct WatchQuery {
     key: Option<String>,
     prefix: Option<String>,
     resume: Option<String>,
+    /// What EventSource polyfills that cannot set headers (e.g. event-source-polyfill) send
+    /// on a reconnect instead of the Last-Event-ID header; it means the same.
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
 }
 
 pub async fn watch(
@@ -70,7 +75,8 @@ fn start(
             ));
         }
     };
-    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let last_event_id =
+        headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or(query.last_event_id);
     // A reconnecting EventSource sends the URL it was opened with, `?resume=` included, and
     // the newer Last-Event-ID: that one says how far the client got.
     let resume = last_event_id.or(query.resume).map(|t| t.parse::<Token>()).transpose()?;

@@ -35,6 +35,10 @@ use crate::live::{Emit, LiveMessage, Target, Token, run_subscription};
 /// WebSocket layer close the connection (1009), so a connection buffers at most this
 /// multiple of the configured limit.
 const WS_READ_MESSAGE_LIMIT_FACTOR: usize = 2;
+/// ... but never less than this: a message this size is always answered with
+/// `message_too_large` rather than a closed connection, which a client (kappa.js) would take
+/// for a network failure and resend its subscriptions into, forever.
+const WS_READ_MESSAGE_BYTES_MIN: usize = 1024 * 1024;
 /// Room for one outgoing frame (a snapshot of up to `snapshot_items_max` items) in the
 /// socket's write buffer.
 const WS_WRITE_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -73,7 +77,7 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
 /// [`WS_READ_MESSAGE_LIMIT_FACTOR`] times the limit; the WebSocket layer closes the
 /// connection on a larger one.
 pub fn configure(ws: WebSocketUpgrade, message_bytes_max: usize) -> WebSocketUpgrade {
-    let read_max = message_bytes_max.saturating_mul(WS_READ_MESSAGE_LIMIT_FACTOR);
+    let read_max = message_bytes_max.saturating_mul(WS_READ_MESSAGE_LIMIT_FACTOR).max(WS_READ_MESSAGE_BYTES_MIN);
     ws.max_message_size(read_max)
         .max_frame_size(read_max)
         .read_buffer_size(WS_READ_BUFFER_BYTES)

@@ -89,7 +89,7 @@ pub struct ServeArgs {
     #[arg(long, env = "KAPPA_HTTP_HEADER_READ_TIMEOUT_MS")]
     pub http_header_read_timeout_ms: Option<u64>,
     /// How long an HTTP connection may wait between requests (none in flight) before it is
-    /// closed; never cuts a long-poll, an SSE stream or a WebSocket [default: 60000]
+    /// closed; never cuts a long-poll, an SSE stream or a WebSocket [default: 120000]
     #[arg(long, env = "KAPPA_HTTP_IDLE_CONNECTION_TIMEOUT_MS")]
     pub http_idle_connection_timeout_ms: Option<u64>,
     /// How long a transactional id with no transaction is remembered (Kafka:
