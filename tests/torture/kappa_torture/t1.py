@@ -131,6 +131,20 @@ def retrying(fn, deadline_s=CALL_TIMEOUT * 3):
             time.sleep(0.05)
 
 
+# How many transactions the killer may fall behind its schedule: after each restart it reads
+# the committed offsets, and on a fast machine the transactions ran on meanwhile until the
+# run ended with kills still due ("only 15 of 20 kills happened" in CI, 2026-11-27).
+KILL_LAG_TXNS_MAX = 25
+
+
+def wait_for_killer(killer, schedule, i):
+    """Holds the transactions while the killer is more than KILL_LAG_TXNS_MAX behind."""
+    due = sum(1 for at in schedule if at < i - KILL_LAG_TXNS_MAX)
+    deadline = time.monotonic() + 120
+    while killer.kills < due and killer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def run(r):
     n_txns = r.tier(1000, 20000)
     n_kills = r.tier(20, 400) if r.scale is None else max(1, n_txns // 50)
@@ -152,7 +166,10 @@ def run(r):
     txns = {}
     watch = OffsetWatch(f"{GROUP}/{IN}/0")
     progress = [0]
-    schedule = sorted(r.rng.sample(range(5, n_txns), n_kills))
+    # Kill points end early enough that the killer, held at most KILL_LAG_TXNS_MAX
+    # transactions behind (wait_for_killer), makes every kill before the run ends.
+    points = range(5, max(6, n_txns - KILL_LAG_TXNS_MAX - 5))
+    schedule = sorted(r.rng.sample(points, min(n_kills, len(points))))
     live = LiveReader(r, bootstrap)
     live.start()
     killer = Killer(r, broker, schedule, progress, watch, r.anomalies)
@@ -166,6 +183,7 @@ def run(r):
     client_errors = {}
     for i in range(n_txns):
         progress[0] = i
+        wait_for_killer(killer, schedule, i)
         intent = "abort" if r.rng.random() < 0.3 else "commit"
         t = Txn(next_id, intent)
         txns[next_id] = t
@@ -258,5 +276,5 @@ def run(r):
     r.stats.update(transactions=n_txns, kill9=killer.kills, **counts, records_visible=sum(len(v) for v in readback.values()),
                    live_reader_seen=len(live.seen_at), live_reader_rereads=live.reread, final_committed_offset=committed,
                    offset_reads=watch.reads, client_errors=client_errors, unclean_recoveries=unclean, recoveries_truncating=truncating)
-    if killer.kills < n_kills:
-        raise AssertionError(f"only {killer.kills} of {n_kills} kills happened")
+    if killer.kills < len(schedule):
+        raise AssertionError(f"only {killer.kills} of {len(schedule)} kills happened")
