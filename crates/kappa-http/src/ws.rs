@@ -33,7 +33,7 @@ use crate::live::{Emit, LiveMessage, Target, Token, run_subscription};
 /// How far over `ws_message_bytes_max` a client message may go and still be read (and
 /// answered with `message_too_large`, keeping the connection); a larger one makes the
 /// WebSocket layer close the connection (1009), so a connection buffers at most this
-/// multiple of the configured limit.
+/// multiple of the configured limit, or [`WS_READ_MESSAGE_BYTES_MIN`] if that is more.
 const WS_READ_MESSAGE_LIMIT_FACTOR: usize = 2;
 /// ... but never less than this: a message this size is always answered with
 /// `message_too_large` rather than a closed connection, which a client (kappa.js) would take
@@ -74,8 +74,8 @@ pub async fn upgrade(State(state): State<Arc<AppState>>, headers: HeaderMap, ws:
 /// defaults (128 KiB each way) would cost ~130 KiB per idle subscriber; [`multiplex`]'s
 /// bounded queue does the buffering. A client message over `message_bytes_max` is answered
 /// by [`parse_client_message`] with an error, keeping the connection, up to
-/// [`WS_READ_MESSAGE_LIMIT_FACTOR`] times the limit; the WebSocket layer closes the
-/// connection on a larger one.
+/// [`WS_READ_MESSAGE_LIMIT_FACTOR`] times the limit and at least [`WS_READ_MESSAGE_BYTES_MIN`];
+/// the WebSocket layer closes the connection on a larger one.
 pub fn configure(ws: WebSocketUpgrade, message_bytes_max: usize) -> WebSocketUpgrade {
     let read_max = message_bytes_max.saturating_mul(WS_READ_MESSAGE_LIMIT_FACTOR).max(WS_READ_MESSAGE_BYTES_MIN);
     ws.max_message_size(read_max)

@@ -291,12 +291,6 @@ fn min_cleanable_dirty_ratio_gates_unforced_passes() {
     assert_eq!(values_of(&p, "k").len(), 2);
     assert!(p.compact(true).unwrap().is_some(), "forced runs anyway");
     assert_eq!(values_of(&p, "k"), vec![Some(b"3".to_vec())]);
-    eprintln!(
-        "DBG {:?} {:?} {:?}",
-        p.compaction_status(),
-        bases_real(&p),
-        all_records(&p).iter().map(|r| r.offset).collect::<Vec<_>>()
-    );
     assert_eq!(p.compaction_status().dirty_bytes, 0);
 }
 

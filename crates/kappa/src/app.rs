@@ -455,11 +455,16 @@ fn warn_if_topic_differs(log: &Log, spec: &TopicSpec) {
 fn topic_differences(log: &Log, spec: &TopicSpec) -> Vec<String> {
     let Ok(topic) = log.topic(&spec.name) else { return Vec::new() };
     let config = topic.config();
+    // Both sides as the config reads them back (`delete,compact` is `compact,delete`).
+    let wanted = kappa_log::TopicConfig::from_overrides(&spec.configs).ok();
     let mut differences: Vec<String> = spec
         .configs
-        .iter()
-        .filter(|(key, wanted)| config.get(key).as_deref() != Some(wanted.as_str()))
-        .map(|(key, wanted)| format!("{key}={} (asks for {wanted})", config.get(key).unwrap_or_default()))
+        .keys()
+        .filter(|key| config.get(key) != wanted.as_ref().and_then(|w| w.get(key)))
+        .map(|key| {
+            let asked = wanted.as_ref().and_then(|w| w.get(key)).unwrap_or_else(|| spec.configs[key].clone());
+            format!("{key}={} (asks for {asked})", config.get(key).unwrap_or_default())
+        })
         .collect();
     if topic.partition_count() != spec.partitions {
         differences.insert(0, format!("{} partitions (asks for {})", topic.partition_count(), spec.partitions));
@@ -696,5 +701,11 @@ mod tests {
         log.delete_topic("channels").unwrap();
         log.create_topic("channels", 4, &spec().configs).unwrap();
         assert!(topic_differences(&log, &spec()).is_empty());
+        // The same shape spelled otherwise is the same shape.
+        let mut spelled = spec();
+        spelled.configs.insert("cleanup.policy".to_owned(), "delete,compact".to_owned());
+        log.delete_topic("channels").unwrap();
+        log.create_topic("channels", 4, &spelled.configs).unwrap();
+        assert!(topic_differences(&log, &spelled).is_empty(), "{:?}", topic_differences(&log, &spelled));
     }
 }
