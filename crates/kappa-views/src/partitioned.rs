@@ -368,7 +368,7 @@ impl PartitionView {
             let (timestamp, changes) = match outcome {
                 Ok(done) => done,
                 Err(error) => {
-                    self.on_event_error(record, error, &mut folded)?;
+                    self.on_event_error(record, error, &mut folded.dead_letters)?;
                     continue;
                 }
             };
@@ -473,7 +473,7 @@ impl PartitionView {
             let (timestamp, changes) = match outcome {
                 Ok(done) => done,
                 Err(error) => {
-                    self.on_event_error(&record, error, &mut folded)?;
+                    self.on_event_error(&record, error, &mut folded.dead_letters)?;
                     continue;
                 }
             };
@@ -573,11 +573,16 @@ impl PartitionView {
 
     /// The error policy for one event of a repartitioned view (applied one at a time, so
     /// nothing of the failed event remains).
-    fn on_event_error(&self, record: &InputRecord, error: EventError, folded: &mut Folded) -> Result<()> {
+    fn on_event_error(
+        &self,
+        record: &InputRecord,
+        error: EventError,
+        dead_letters: &mut Vec<(String, OutputRecord)>,
+    ) -> Result<()> {
         match &self.on_error {
             ErrorPolicy::Stop => Err(self.failed(record.offset, error)),
             ErrorPolicy::DeadLetter(topic) => {
-                folded.dead_letters.push((topic.clone(), self.dead_letter(record, &error)));
+                dead_letters.push((topic.clone(), self.dead_letter(record, &error)));
                 Ok(())
             }
         }
@@ -609,14 +614,9 @@ impl PartitionView {
                     }
                     Err(error) => {
                         self.applier.discard();
-                        match self.on_error.clone() {
-                            ErrorPolicy::Stop => return Err(self.failed(record.offset, error)),
-                            ErrorPolicy::DeadLetter(topic) => {
-                                dead_letters.push((topic, self.dead_letter(record, &error)));
-                                skipped.insert(record.offset);
-                                continue 'again;
-                            }
-                        }
+                        self.on_event_error(record, error, &mut dead_letters)?;
+                        skipped.insert(record.offset);
+                        continue 'again;
                     }
                 }
             }
@@ -625,14 +625,9 @@ impl PartitionView {
                 let kept: Vec<&InputRecord> = records.iter().filter(|r| !skipped.contains(&r.offset)).collect();
                 let (record, error) = self.find_oversized(&kept)?;
                 self.applier.discard();
-                match self.on_error.clone() {
-                    ErrorPolicy::Stop => return Err(self.failed(record.offset, error)),
-                    ErrorPolicy::DeadLetter(topic) => {
-                        dead_letters.push((topic, self.dead_letter(record, &error)));
-                        skipped.insert(record.offset);
-                        continue 'again;
-                    }
-                }
+                self.on_event_error(record, error, &mut dead_letters)?;
+                skipped.insert(record.offset);
+                continue 'again;
             }
             return Ok((Folded { dead_letters, repartition: Vec::new(), applied, timestamp }, changes));
         }
