@@ -689,20 +689,29 @@ fn a_compaction_failing_on_a_full_disk_leaves_no_cleaned_file_behind() {
     assert_eq!(cleaned_files(), 0);
 }
 
-#[test]
-fn a_full_key_map_stops_mid_segment_and_the_pass_cleans_only_what_it_observed() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0);
-    // Room for three one-byte keys (65 bytes each as counted): the fourth fills the map.
+/// A log whose key map has room for three one-byte keys (65 bytes each as counted: the fourth
+/// fills it), and one closed segment of a=1 b=1 a=2 c=1 d=1 b=2 a=(tombstone) at offsets 0-6.
+fn seven_keyed_writes_under_a_map_for_three_keys(
+    dir: &std::path::Path,
+    clock: &ManualClock,
+) -> (Log, Arc<kappa_log::Partition>) {
     let tiny =
-        kappa_log::LogOptions { compaction_map_bytes_max: 200, ..options(Arc::new(kappa_log::io::RealFs), &clock) };
-    let log = Log::open(dir.path(), tiny).unwrap().0;
+        kappa_log::LogOptions { compaction_map_bytes_max: 200, ..options(Arc::new(kappa_log::io::RealFs), clock) };
+    let log = Log::open(dir, tiny).unwrap().0;
     let p = compacted_topic(&log, false, &[]);
     let writes = [("a", Some("1")), ("b", Some("1")), ("a", Some("2")), ("c", Some("1")), ("d", Some("1"))];
     for (key, value) in writes.into_iter().chain([("b", Some("2")), ("a", None)]) {
         p.append(keyed(key, value, T0)).unwrap();
     }
     roll(&p, 1, T0);
+    (log, p)
+}
+
+#[test]
+fn a_full_key_map_stops_mid_segment_and_the_pass_cleans_only_what_it_observed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (log, p) = seven_keyed_writes_under_a_map_for_three_keys(dir.path(), &clock);
     assert_eq!(p.segment_count(), 2, "everything above is in one closed segment");
     clock.advance(2 * DELETE_RETENTION_MS); // tombstones of observed records may expire
     let outcome = p.compact(true).unwrap().expect("a pass ran");
@@ -728,16 +737,7 @@ fn a_full_key_map_stops_mid_segment_and_the_pass_cleans_only_what_it_observed() 
 fn after_a_pass_stops_at_a_full_key_map_the_rest_is_dirty_and_the_next_pass_cleans_it() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0);
-    // Room for three one-byte keys (65 bytes each as counted): the fourth fills the map.
-    let tiny =
-        kappa_log::LogOptions { compaction_map_bytes_max: 200, ..options(Arc::new(kappa_log::io::RealFs), &clock) };
-    let log = Log::open(dir.path(), tiny).unwrap().0;
-    let p = compacted_topic(&log, false, &[]);
-    let writes = [("a", Some("1")), ("b", Some("1")), ("a", Some("2")), ("c", Some("1")), ("d", Some("1"))];
-    for (key, value) in writes.into_iter().chain([("b", Some("2")), ("a", None)]) {
-        p.append(keyed(key, value, T0)).unwrap();
-    }
-    roll(&p, 1, T0);
+    let (_log, p) = seven_keyed_writes_under_a_map_for_three_keys(dir.path(), &clock);
     assert_eq!(p.segment_count(), 2, "everything above is in one closed segment, the last cleanable one");
     clock.advance(2 * DELETE_RETENTION_MS);
     let first = p.compact(true).unwrap().expect("a pass ran");

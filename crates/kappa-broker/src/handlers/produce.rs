@@ -187,44 +187,35 @@ impl Broker {
     }
 }
 
-/// Whether any batch of a partition's records is compressed (framing errors are left to the
-/// append's own checks).
-fn has_compressed_batch(records: &[u8]) -> bool {
-    let mut rest = records;
-    while let Ok(header) = BatchHeader::parse(rest) {
-        if !matches!(header.compression(), Ok(batch::Compression::None)) {
-            return true;
-        }
+/// The headers of a partition's batches in order, as far as they parse (framing errors are
+/// left to the append's own checks).
+fn batch_headers(records: &[u8]) -> impl Iterator<Item = BatchHeader> + '_ {
+    let mut rest = Some(records);
+    std::iter::from_fn(move || {
+        let header = BatchHeader::parse(rest?).ok()?;
         let len = header.total_bytes();
-        if len < batch::HEADER_BYTES {
-            break;
-        }
-        rest = rest.get(len..).unwrap_or_default();
-    }
-    false
+        rest = if len < batch::HEADER_BYTES { None } else { Some(rest?.get(len..).unwrap_or_default()) };
+        Some(header)
+    })
+}
+
+/// Whether any batch of a partition's records is compressed.
+fn has_compressed_batch(records: &[u8]) -> bool {
+    batch_headers(records).any(|header| !matches!(header.compression(), Ok(batch::Compression::None)))
 }
 
 /// The producer (id, epoch) of a partition's transactional batches, if it has any; `Err`
 /// when they name more than one. Every batch is looked at: a transactional batch after a
 /// plain one needs the coordinator's word as much as a first one (unchecked, it would open
-/// a transaction no coordinator knows, holding back the last stable offset). Framing errors
-/// are left to the append's own checks.
+/// a transaction no coordinator knows, holding back the last stable offset).
 fn transactional_producer(records: &[u8]) -> Result<Option<(i64, i16)>, ()> {
     let mut found = None;
-    let mut rest = records;
-    while let Ok(header) = BatchHeader::parse(rest) {
-        if header.is_transactional() {
-            let producer = (header.producer_id, header.producer_epoch);
-            if found.is_some_and(|f| f != producer) {
-                return Err(());
-            }
-            found = Some(producer);
+    for header in batch_headers(records).filter(BatchHeader::is_transactional) {
+        let producer = (header.producer_id, header.producer_epoch);
+        if found.is_some_and(|f| f != producer) {
+            return Err(());
         }
-        let len = header.total_bytes();
-        if len < batch::HEADER_BYTES {
-            break;
-        }
-        rest = rest.get(len..).unwrap_or_default();
+        found = Some(producer);
     }
     Ok(found)
 }
