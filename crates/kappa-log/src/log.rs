@@ -381,6 +381,12 @@ impl Log {
     }
 
     /// Grows a topic to `total` partitions (Kafka's CreatePartitions: never shrinks).
+    /// Checks everything `add_partitions` checks, adding nothing (CreatePartitions with
+    /// validate_only).
+    pub fn validate_add_partitions(&self, name: &str, total: i32) -> Result<()> {
+        validate_partition_count(total, self.topic(name)?.partition_count())
+    }
+
     pub fn add_partitions(&self, name: &str, total: i32) -> Result<()> {
         let topic = self.topic(name)?;
         let current = topic.partition_count();

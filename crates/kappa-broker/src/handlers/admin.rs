@@ -194,7 +194,7 @@ impl Broker {
                     "kappa is a single node: manual replica assignments are not supported".to_owned(),
                 ))
             } else if request.validate_only {
-                validate_add_partitions(&self.log, &name, topic.count).map_err(failure)
+                self.log.validate_add_partitions(&name, topic.count).map_err(failure)
             } else {
                 let log = self.log.clone();
                 let (name, count) = (name.clone(), topic.count);
@@ -404,20 +404,6 @@ fn broker_configs(config: &BrokerConfig) -> Vec<DescribeConfigsResourceResult> {
             c
         })
         .collect()
-}
-
-/// What `Log::add_partitions` checks before it changes anything, for a validate_only
-/// CreatePartitions (the log has no separate validation for it).
-fn validate_add_partitions(log: &kappa_log::Log, name: &str, total: i32) -> Result<(), LogError> {
-    let current = log.topic(name)?.partition_count();
-    let reason = if total > kappa_log::log::PARTITIONS_MAX {
-        format!("at most {} partitions per topic", kappa_log::log::PARTITIONS_MAX)
-    } else if total <= current {
-        format!("the topic already has {current} partitions; partitions can only be added")
-    } else {
-        return Ok(());
-    };
-    Err(LogError::InvalidPartitions { count: total, reason })
 }
 
 /// Manual replica assignments as Kafka takes them: instead of a partition count and
