@@ -70,6 +70,11 @@ impl BatchBuilder {
         Self::default()
     }
 
+    /// A builder with room for `records` records (a large batch grows its list once).
+    pub fn with_capacity(records: usize) -> Self {
+        Self { records: Vec::with_capacity(records), ..Self::default() }
+    }
+
     /// Marks the batch as coming from an idempotent producer.
     pub fn producer(mut self, producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Self {
         self.producer_id = producer_id;
@@ -884,6 +889,16 @@ mod tests {
     const CODECS: [Compression; 5] =
         [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd];
     const LIMIT: usize = 1 << 20;
+
+    #[test]
+    fn a_builder_with_capacity_builds_the_same_batch() {
+        let (mut sized, mut grown) = (BatchBuilder::with_capacity(1), BatchBuilder::new());
+        for record in sample_records() {
+            sized.push(record.clone());
+            grown.push(record);
+        }
+        assert_eq!(sized.build(), grown.build());
+    }
 
     fn sample_records() -> Vec<NewRecord> {
         vec![

@@ -241,7 +241,7 @@ impl LogBackend for EmbeddedLog {
     }
 
     fn append(&self, topic: &str, partition: i32, records: Vec<OutputRecord>) -> Result<(i64, i64)> {
-        let mut builder = BatchBuilder::new();
+        let mut builder = BatchBuilder::with_capacity(records.len());
         for record in records {
             builder.push(NewRecord {
                 timestamp: record.timestamp,
