@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p kappa --example view_bench -- [--dir DIR] [--events N]
-//!     [--channels C] [--runs R] [--live-rate PER_S] [--live-seconds S] [--only write,read,rebuild,live]
+//!     [--channels C] [--runs R] [--live-rate PER_S] [--live-seconds S] [--only write,read,parse,rebuild,live]
 //!     [--views channel_stats,channel_page,owner_channels,noop] [--allocator-defaults]
 //! ```
 //!
@@ -199,6 +199,32 @@ fn read(args: &Args, log: &Arc<Log>) {
     println!("read decoded (engine records): {rate:.0} records/s [{lo:.0}-{hi:.0}]");
 }
 
+/// Parsing JSON alone, the least any view reading the payload must do: each payload of the
+/// first `PARSE_SAMPLE_EVENTS` events of partition 0, already in memory, checked and
+/// skipped (`IgnoredAny`) by serde_json; tombstones count as events parsed for free.
+fn parse(args: &Args, log: &Arc<Log>) {
+    const PARSE_SAMPLE_EVENTS: usize = 1_000_000;
+    let backend = EmbeddedLog::new(log.clone());
+    let mut values = Vec::with_capacity(PARSE_SAMPLE_EVENTS);
+    let end = backend.end_offset(channels::TOPIC, 0).unwrap();
+    let mut offset = 0;
+    while offset < end && values.len() < PARSE_SAMPLE_EVENTS {
+        let chunk = backend.read_committed(channels::TOPIC, 0, offset, 1 << 20).unwrap();
+        values.extend(chunk.records.into_iter().map(|r| r.value).take(PARSE_SAMPLE_EVENTS - values.len()));
+        offset = chunk.next_offset;
+    }
+    let mut rates = Vec::new();
+    for _ in 0..args.runs {
+        let started = Instant::now();
+        for value in values.iter().flatten() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(value).expect("a JSON payload");
+        }
+        rates.push(values.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    let (rate, lo, hi) = median(rates);
+    println!("parse JSON payloads alone (serde_json, in memory): {rate:.0} events/s [{lo:.0}-{hi:.0}]");
+}
+
 fn engine(log: &Arc<Log>, dir: &Path, views: Vec<View>) -> ViewEngine {
     let config = EngineConfig { schemas: channels::schemas(), ..EngineConfig::new(dir) };
     ViewEngine::start(Arc::new(EmbeddedLog::new(log.clone())), config, views).expect("start views")
@@ -338,11 +364,14 @@ fn main() {
     let log = open_log(&args.dir);
     println!("view_bench: {} events over {} channels in {}", args.events, args.channels, args.dir.display());
     let only = |s: &str| args.only.iter().any(|o| o == s);
-    if only("write") || only("read") || only("rebuild") || only("live") {
+    if only("write") || only("read") || only("parse") || only("rebuild") || only("live") {
         write(&args, &log);
     }
     if only("read") {
         read(&args, &log);
+    }
+    if only("parse") {
+        parse(&args, &log);
     }
     if only("rebuild") {
         rebuild(&args, &log);
