@@ -330,7 +330,7 @@ const CONTROL_BATCH_MAX_UNCOMPRESSED: usize = 64 * 1024;
 /// Large enough for any batch whose length fits the i32 `batch_length` field.
 const ANY_BATCH_BYTES: usize = i32::MAX as usize + LENGTH_PREFIX_BYTES;
 /// The smallest encoded record: seven one-byte varints/fields.
-const MIN_RECORD_BYTES: usize = 7;
+pub const MIN_RECORD_BYTES: usize = 7;
 
 /// The transaction outcome a control batch records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kappa_log::batch::{self, BatchHeader};
-use kappa_log::records::{BatchBuilder, NewRecord, decode_records};
+use kappa_log::records::{BatchBuilder, MIN_RECORD_BYTES, NewRecord, decode_records};
 use kappa_log::{Isolation, Log, LogError};
 
 use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, RecordHeaders};
@@ -66,7 +66,7 @@ impl LogBackend for EmbeddedLog {
         let buffer = Bytes::from(outcome.records);
         // Sized once from the batch headers: grown batch by batch, the list (~120 bytes a
         // record, ~800 KB for a 1 MiB read) was copied again at every doubling.
-        chunk.records.reserve_exact(records_hint(&buffer)?);
+        chunk.records.reserve_exact(records_hint(&buffer, from)?);
         let mut position = 0;
         while position < buffer.len() {
             let rest = &buffer[position..];
@@ -265,17 +265,23 @@ impl LogBackend for EmbeddedLog {
     }
 }
 
-/// The records the batches in `buffer` announce (compaction may have removed some), each
-/// batch's count taken as at most its length in bytes, so a corrupt count cannot ask for
-/// more memory than the read's size: only a hint for sizing the list.
-fn records_hint(buffer: &[u8]) -> Result<usize> {
+/// How many records of `buffer` at or after `from` the chunk may hold: each data batch's
+/// count, taken as at most what its bytes can encode (`MIN_RECORD_BYTES` each), so a
+/// corrupt count (checked only when the batch is decoded) reserves no more than one
+/// `InputRecord` per 7 bytes read. Only a hint for sizing the list: compaction and aborted
+/// transactions leave fewer, and a compressed batch may hold more (the list then grows).
+fn records_hint(buffer: &[u8], from: i64) -> Result<usize> {
     let (mut records, mut position) = (0usize, 0);
     while position < buffer.len() {
         let rest = &buffer[position..];
         let length = batch::batch_total_len(rest, rest.len()).map_err(LogError::from)?;
         let header = BatchHeader::parse(&rest[..length]).map_err(LogError::from)?;
-        records += usize::try_from(header.records_count).unwrap_or(0).min(length);
         position += length;
+        if header.is_control() || header.last_offset() < from {
+            continue;
+        }
+        let encodable = length.saturating_sub(batch::HEADER_BYTES) / MIN_RECORD_BYTES;
+        records += usize::try_from(header.records_count).unwrap_or(0).min(encodable);
     }
     Ok(records)
 }
@@ -286,4 +292,33 @@ thread_local! {
         .enable_time()
         .build()
         .expect("a current-thread runtime for waiting on the log");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(base_offset: i64, records: usize) -> Vec<u8> {
+        let mut builder = BatchBuilder::with_capacity(records);
+        builder.base_offset = base_offset;
+        for i in 0..records {
+            builder.push(NewRecord::new(Some(b"k"), Some(format!("v{i}").as_bytes()), 0));
+        }
+        builder.build()
+    }
+
+    #[test]
+    fn the_record_hint_counts_what_a_read_applies_and_a_corrupt_count_stays_bounded() {
+        let mut buffer = batch(0, 3);
+        buffer.extend(batch(3, 2));
+        assert_eq!(records_hint(&buffer, 0).unwrap(), 5);
+        assert_eq!(records_hint(&buffer, 3).unwrap(), 2, "a batch before the read's offset adds nothing");
+
+        // records_count sits at bytes 57..61 of a batch (docs/format.md).
+        let mut corrupt = batch(0, 3);
+        let length = corrupt.len();
+        corrupt[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        let hint = records_hint(&corrupt, 0).unwrap();
+        assert!(hint <= (length - batch::HEADER_BYTES) / MIN_RECORD_BYTES, "{hint} for a {length}-byte batch");
+    }
 }

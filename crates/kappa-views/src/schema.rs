@@ -105,8 +105,9 @@ impl Schemas {
     }
 
     /// [`Self::upcast`] without moving the event (a few hundred bytes) in and out: the
-    /// engine upcasts every event it reads.
-    pub fn upcast_in_place(&self, event: &mut Event) -> Result<(), EventError> {
+    /// engine upcasts every event it reads. On an error the event is spent (a JSON
+    /// upcaster may have taken its payload): drop it, never apply or upcast it again.
+    pub(crate) fn upcast_in_place(&self, event: &mut Event) -> Result<(), EventError> {
         let Some(schema) = event.event_type().and_then(|t| self.types.get(t)) else {
             return Ok(());
         };

@@ -462,7 +462,7 @@ impl<P: Processor> Applier for TypedApplier<P> {
             changes.extend(drain_slot(&mut entry.internal, Scope::Internal, key)?);
         }
         self.dirty = 0;
-        // A deterministic changelog order (HashMap order is not).
+        // A deterministic changelog order (table order is not).
         changes.sort_unstable_by(|a, b| (a.scope, &a.key).cmp(&(b.scope, &b.key)));
         Ok(changes)
     }
@@ -474,7 +474,7 @@ impl<P: Processor> Applier for TypedApplier<P> {
 
     fn trim(&mut self, entries_max: usize) {
         if self.cached_entries() > entries_max {
-            // Drop about half of the clean entries (an arbitrary half: HashMap order).
+            // Drop about half of the clean entries (an arbitrary half: table order).
             let mut keep = false;
             self.entries.table.retain(|(_, entry)| {
                 keep = !keep;
@@ -529,6 +529,53 @@ impl std::io::Write for ByteCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Puts each event's offset under its record key.
+    struct OffsetByKey;
+
+    impl Processor for OffsetByKey {
+        type State = i64;
+        type Internal = ();
+
+        fn process(&self, event: &Event, state: &mut dyn StateAccess<i64, ()>) -> Result<(), EventError> {
+            state.put(event.key_str().unwrap_or_default(), event.offset);
+            Ok(())
+        }
+    }
+
+    struct EmptyStore;
+
+    impl StoreRead for EmptyStore {
+        fn get(&self, _: Scope, _: &str) -> Result<Option<Vec<u8>>, EventError> {
+            Ok(None)
+        }
+    }
+
+    fn event(key: &str, offset: i64) -> Event {
+        Event::new("t", 0, offset, Some(key), Some("T"), 1, None)
+    }
+
+    #[test]
+    fn changes_are_taken_once_in_key_order_and_a_trim_keeps_every_dirty_entry() {
+        let mut applier = ProcessorLogic(Arc::new(OffsetByKey)).applier();
+        for i in 0..10 {
+            applier.apply(&event(&format!("k{i}"), i), &EmptyStore).unwrap();
+        }
+        let changes = applier.take_changes().unwrap();
+        let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, (0..10).map(|i| format!("k{i}")).collect::<Vec<_>>());
+        assert_eq!(changes[3].value.as_deref(), Some(&b"3"[..]));
+        assert!(applier.take_changes().unwrap().is_empty(), "taken changes leave the entries clean");
+
+        applier.apply(&event("k0", 42), &EmptyStore).unwrap();
+        assert_eq!(applier.dirty_entries(), 1);
+        applier.trim(5);
+        let cached = applier.cached_entries();
+        assert!((5..10).contains(&cached), "about half of the clean entries dropped, {cached} left");
+        let changes = applier.take_changes().unwrap();
+        assert_eq!(changes.len(), 1, "the dirty entry survives the trim");
+        assert_eq!((changes[0].key.as_str(), changes[0].value.as_deref()), ("k0", Some(&b"42"[..])));
+    }
 
     #[test]
     fn the_cache_finds_what_it_inserted_and_a_prefetch_changes_nothing() {

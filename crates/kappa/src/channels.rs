@@ -363,9 +363,8 @@ pub struct ContentIds(IdSet);
 enum IdSet {
     /// Each id as its length (one byte) and its bytes, in insertion order.
     Packed { bytes: SmallVec<[u8; PACKED_INLINE_BYTES]>, count: usize },
-    /// Boxed: the packed case stays small in the view cache's table.
-    #[allow(clippy::box_collection)]
-    Hashed(Box<HashSet<CompactString>>),
+    /// Not boxed: smaller than the inline packed case, so it costs the entry nothing.
+    Hashed(HashSet<CompactString>),
 }
 
 impl Default for IdSet {
@@ -415,7 +414,7 @@ impl ContentIds {
                     _ => {
                         let mut set: HashSet<CompactString> = self.ids().map(CompactString::from).collect();
                         set.insert(CompactString::from(id));
-                        self.0 = IdSet::Hashed(Box::new(set));
+                        self.0 = IdSet::Hashed(set);
                     }
                 }
                 true
