@@ -81,7 +81,7 @@ pub struct HttpConfig {
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            connections_max: 10_000,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
             subscriptions_per_connection_max: 100,
             ws_message_bytes_max: 64 * 1024,
             subscriber_queue_max: 1024,
@@ -267,6 +267,9 @@ pub struct ConnectionTimeouts {
     pub idle_connection_timeout_ms: u64,
 }
 
+/// [`HttpConfig::connections_max`]'s default (work mode's too).
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+
 /// [`ConnectionTimeouts::header_read_timeout_ms`]'s default.
 pub const HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// [`ConnectionTimeouts::idle_connection_timeout_ms`]'s default: longer than common client
@@ -307,7 +310,30 @@ pub async fn run_with(
         transactions.recover().await.map_err(std::io::Error::other)?;
     }
     let limiter = state.connections.clone();
-    let app = router(state);
+    serve_limited(listener, router(state), limiter, timeouts, shutdown).await
+}
+
+/// Serves any `app` as [`run_with`] serves the API: at most `connections_max` connections
+/// at once (more wait in the kernel's backlog), each closed after `timeouts`, until
+/// `shutdown` completes (work mode's HTTP API uses it too).
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    connections_max: usize,
+    timeouts: ConnectionTimeouts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limiter = Arc::new(tokio::sync::Semaphore::new(connections_max));
+    serve_limited(listener, app, limiter, timeouts, shutdown).await
+}
+
+async fn serve_limited(
+    listener: TcpListener,
+    app: Router,
+    limiter: Arc<tokio::sync::Semaphore>,
+    timeouts: ConnectionTimeouts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let mut listener = LimitedListener { inner: listener, limiter };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Every connection task holds a receiver; `closed` resolves when the last one ends.

@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
         bootstrap,
         group: "restore-bench".to_owned(),
         http_listen: "127.0.0.1:0".parse()?,
+        http_connections_max: kappa_http::CONNECTIONS_MAX_DEFAULT,
+        http_timeouts: kappa_http::ConnectionTimeouts::default(),
         kafka_config: Vec::new(),
         views: None,
         repartition: Vec::new(),

@@ -44,6 +44,11 @@ pub struct WorkConfig {
     /// One group per view set and version: [`crate::default_group`] derives one from them.
     pub group: String,
     pub http_listen: SocketAddr,
+    /// HTTP connections served at once; more wait in the kernel's backlog
+    /// (`kappa_http::CONNECTIONS_MAX_DEFAULT`).
+    pub http_connections_max: usize,
+    /// When an HTTP connection that sends no request is closed (`kappa_http::ConnectionTimeouts`).
+    pub http_timeouts: kappa_http::ConnectionTimeouts,
     /// Passed to every librdkafka client as is (security settings, timeouts); they win
     /// over kappa's defaults.
     pub kafka_config: Vec<(String, String)>,

@@ -200,8 +200,11 @@ fn serve_http(
         status: Arc::new(move || status_source.status.lock().unwrap_or_else(|e| e.into_inner()).clone()),
     });
     tracing::info!(%addr, "HTTP API listening");
+    let (connections_max, timeouts) = (config.http_connections_max, config.http_timeouts);
     runtime.spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state)).await {
+        let serving =
+            kappa_http::serve_router(listener, router(state), connections_max, timeouts, std::future::pending());
+        if let Err(e) = serving.await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });

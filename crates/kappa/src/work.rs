@@ -21,6 +21,16 @@ pub struct WorkArgs {
     /// Where this worker serves the HTTP API (reads and subscriptions for every key).
     #[arg(long, env = "KAPPA_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
+    /// HTTP connections served at once; more wait in the kernel's backlog until one closes.
+    #[arg(long, env = "KAPPA_HTTP_CONNECTIONS_MAX", default_value_t = kappa_http::CONNECTIONS_MAX_DEFAULT, value_parser = at_least_one)]
+    http_connections_max: usize,
+    /// How long a new HTTP connection may take to send its first request header.
+    #[arg(long, env = "KAPPA_HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = kappa_http::HEADER_READ_TIMEOUT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    http_header_read_timeout_ms: u64,
+    /// How long an HTTP connection may sit between requests (never during a long-poll, an
+    /// SSE stream or a WebSocket) before it is closed.
+    #[arg(long, env = "KAPPA_HTTP_IDLE_CONNECTION_TIMEOUT_MS", default_value_t = kappa_http::IDLE_CONNECTION_TIMEOUT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    http_idle_connection_timeout_ms: u64,
     /// A librdkafka setting for every client (security, timeouts), key=value; repeatable.
     #[arg(long = "kafka-config", value_name = "KEY=VALUE")]
     kafka_config: Vec<String>,
@@ -38,6 +48,14 @@ pub struct WorkArgs {
 }
 
 type Topics = Vec<(String, i32, BTreeMap<String, String>)>;
+
+/// A count that must be at least 1 (no connection could be served at 0).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{text}' is not a whole number of at least 1")),
+    }
+}
 
 /// The group of workers that run all of the application's views.
 #[cfg(feature = "kafka")]
@@ -66,6 +84,11 @@ pub fn run(args: WorkArgs, topics: Topics, views: Vec<View>, schemas: Schemas) -
         bootstrap: args.bootstrap,
         group,
         http_listen: args.http_listen,
+        http_connections_max: args.http_connections_max,
+        http_timeouts: kappa_http::ConnectionTimeouts {
+            header_read_timeout_ms: args.http_header_read_timeout_ms,
+            idle_connection_timeout_ms: args.http_idle_connection_timeout_ms,
+        },
         kafka_config,
         views: args.views,
         repartition: args.repartition,

@@ -593,3 +593,34 @@ fn a_pool_running_some_of_the_views_must_name_its_group() {
     assert!(!refused.status.success(), "started without --group: {stderr}");
     assert!(stderr.contains("give this pool its own --group"), "{stderr}");
 }
+
+/// Work mode's HTTP API closes a connection that sends no request, as `serve`'s does, and
+/// serves at most `--http-connections-max` connections at once: another waits until one
+/// closes (before, a worker kept every silent connection open for good).
+#[test]
+fn the_workers_http_closes_silent_connections_and_caps_how_many_it_serves() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_in(&temp.path().join("data"), &[]);
+    let limits = ["--http-connections-max", "1", "--http-header-read-timeout-ms", "1500"];
+    let worker = Worker::start_with(&server, temp.path(), "limits", &["channel_stats"], &limits);
+    let mut silent = TcpStream::connect(worker.http).expect("connect");
+    let sent = Instant::now();
+    let mut waiting = TcpStream::connect(worker.http).expect("connect");
+    waiting.write_all(b"GET /health HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n").expect("send");
+
+    silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut byte = [0u8; 1];
+    let read = silent.read(&mut byte);
+    let closed =
+        matches!(&read, Ok(0)) || read.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+    assert!(closed, "a connection that sent nothing was not closed: {read:?}");
+    waiting.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).expect("an answer once the slot is free");
+    let served_after = sent.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        served_after >= Duration::from_millis(1000),
+        "served after {served_after:?}: the second connection did not wait for the only slot"
+    );
+}
