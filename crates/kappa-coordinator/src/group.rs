@@ -328,6 +328,12 @@ impl GroupCoordinator {
         self.inner.groups.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Refuses a group id longer than this coordinator takes (`id_bytes_max`): for callers
+    /// that commit offsets outside the group protocol (the admin API).
+    pub fn check_group_id(&self, id: &str) -> Result<(), GroupError> {
+        self.check_id(id)
+    }
+
     fn check_id(&self, id: &str) -> Result<(), GroupError> {
         if id.len() > self.inner.config.id_bytes_max.min(OFFSET_KEY_NAME_BYTES_MAX) {
             return Err(GroupError::InvalidGroupId(format!(

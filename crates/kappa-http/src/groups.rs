@@ -62,6 +62,9 @@ pub enum GroupAdminError {
         "group {group} has {members} active member(s); stop its consumers first (they would overwrite these offsets with their own commits), or force it"
     )]
     Active { group: String, members: usize },
+    /// The group id is not one the coordinator takes (too long).
+    #[error("{0}")]
+    InvalidGroupId(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -176,6 +179,7 @@ pub async fn commit(
         request.offsets.into_iter().map(|o| (o.topic, o.partition, o.offset)).collect();
     admin.commit(&group, offsets.clone(), request.force).await.map_err(|e| match e {
         GroupAdminError::Active { .. } => ApiError::new(StatusCode::CONFLICT, "group_active", e.to_string()),
+        GroupAdminError::InvalidGroupId(message) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_group_id", message),
         GroupAdminError::Failed(message) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "commit_failed", message),
     })?;
     let committed: Vec<Value> =

@@ -75,6 +75,8 @@ impl GroupAdmin for BrokerGroups {
     ) -> BoxFuture<'_, Result<(), GroupAdminError>> {
         let group = group.to_owned();
         Box::pin(async move {
+            // The offset store takes longer ids than the group protocol: refused alike.
+            self.0.groups().check_group_id(&group).map_err(|e| GroupAdminError::InvalidGroupId(e.to_string()))?;
             let members = self.0.groups().describe(&group).members.len();
             if members > 0 && !force {
                 return Err(GroupAdminError::Active { group, members });

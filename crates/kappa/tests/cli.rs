@@ -508,6 +508,11 @@ fn group_reset_offsets_moves_a_real_consumer_groups_offsets() {
     fails(&server, &["group", "reset-offsets", "nobody", "--to-earliest"], "", 2, "--topic");
     fails(&server, &["group", "reset-offsets", "fresh", "--topic", "nope", "--to-earliest"], "", 4, "does not exist");
     fails(&server, &["group", "reset-offsets", "billing"], "", 2, "Usage");
+    // Group ids the group protocol refuses are refused here too (the offset store took ids
+    // up to 65,535 bytes).
+    let long_id = "g".repeat(2_000);
+    let args = ["group", "reset-offsets", long_id.as_str(), "--topic", "orders", "--to-earliest"];
+    fails(&server, &args, "", 2, "limited to 1024 bytes");
 }
 
 #[test]
