@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use kappa_broker::server::Limits;
 use kappa_broker::{Broker, BrokerConfig};
 use kappa_coordinator::TxnConfig;
 use kappa_log::{Log, LogError, LogOptions};
@@ -318,7 +317,7 @@ impl App {
             settings.http_timeouts,
             stopped(stop_rx.clone()),
         ));
-        kappa_broker::run(listener, broker, Limits::default(), stopped(stop_rx)).await;
+        kappa_broker::run(listener, broker, settings.kafka_limits.clone(), stopped(stop_rx)).await;
         http.abort();
         tracing::info!("shutting down: stopping views, flushing and writing checkpoints");
         tokio::task::spawn_blocking(move || engine.shutdown()).await?;

@@ -18,8 +18,10 @@ pub struct ServeArgs {
     /// http_subscriptions_per_connection_max, http_ws_message_bytes_max,
     /// http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max,
     /// http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms,
-    /// http_idle_connection_timeout_ms, transactional_id_expiration_ms, transactional_ids_max,
-    /// producer_id_expiration_ms, producers_per_partition_max.
+    /// http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max,
+    /// kafka_idle_connection_timeout_ms, kafka_request_partitions_max,
+    /// transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
+    /// producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
     /// Where the log lives [default: ./kappa-data]
@@ -92,6 +94,22 @@ pub struct ServeArgs {
     /// closed; never cuts a long-poll, an SSE stream or a WebSocket [default: 120000]
     #[arg(long, env = "KAPPA_HTTP_IDLE_CONNECTION_TIMEOUT_MS")]
     pub http_idle_connection_timeout_ms: Option<u64>,
+    /// Open Kafka-protocol connections; more are accepted and closed at once (Kafka:
+    /// max.connections) [default: 1024]
+    #[arg(long, env = "KAPPA_KAFKA_CONNECTIONS_MAX")]
+    pub kafka_connections_max: Option<usize>,
+    /// The largest Kafka request frame; a larger one closes its connection (Kafka:
+    /// socket.request.max.bytes) [default: 104857600]
+    #[arg(long, env = "KAPPA_KAFKA_REQUEST_BYTES_MAX")]
+    pub kafka_request_bytes_max: Option<usize>,
+    /// How long a Kafka connection may go without a complete request before it is closed
+    /// (Kafka: connections.max.idle.ms) [default: 600000]
+    #[arg(long, env = "KAPPA_KAFKA_IDLE_CONNECTION_TIMEOUT_MS")]
+    pub kafka_idle_connection_timeout_ms: Option<u64>,
+    /// Topics, partitions, groups or config resources one Kafka request may name; a request
+    /// naming more closes its connection [default: 100000]
+    #[arg(long, env = "KAPPA_KAFKA_REQUEST_PARTITIONS_MAX")]
+    pub kafka_request_partitions_max: Option<usize>,
     /// How long a transactional id with no transaction is remembered (Kafka:
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
@@ -135,6 +153,10 @@ struct FileSettings {
     http_as_of_concurrency_max: Option<usize>,
     http_header_read_timeout_ms: Option<u64>,
     http_idle_connection_timeout_ms: Option<u64>,
+    kafka_connections_max: Option<usize>,
+    kafka_request_bytes_max: Option<usize>,
+    kafka_idle_connection_timeout_ms: Option<u64>,
+    kafka_request_partitions_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
@@ -154,6 +176,8 @@ pub struct Settings {
     pub num_partitions: i32,
     pub http: kappa_http::HttpConfig,
     pub http_timeouts: kappa_http::ConnectionTimeouts,
+    /// The Kafka listener's limits (the rest at their defaults).
+    pub kafka_limits: kappa_broker::server::Limits,
     pub transactional_id_expiration_ms: i64,
     pub transactional_ids_max: usize,
     pub producer_id_expiration_ms: i64,
@@ -168,6 +192,7 @@ impl Settings {
         };
         let http = http_config(&args, &file)?;
         let http_timeouts = http_timeouts(&args, &file)?;
+        let kafka_limits = kafka_limits(&args, &file)?;
         let kafka_listen =
             args.kafka_listen.or(file.kafka_listen).unwrap_or_else(|| "127.0.0.1:9092".parse().expect("valid default"));
         let sync = args.sync.or(file.sync).unwrap_or_else(|| "fsync".to_owned());
@@ -216,6 +241,7 @@ impl Settings {
             num_partitions,
             http,
             http_timeouts,
+            kafka_limits,
             transactional_id_expiration_ms,
             transactional_ids_max,
             producer_id_expiration_ms,
@@ -317,9 +343,42 @@ fn http_timeouts(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_
     })
 }
 
+fn kafka_limits(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_broker::server::Limits> {
+    let defaults = kappa_broker::server::Limits::default();
+    let request_bytes_max = positive(
+        "kafka_request_bytes_max",
+        args.kafka_request_bytes_max.or(file.kafka_request_bytes_max),
+        defaults.request_bytes_max,
+    )?;
+    // A frame's size is an i32 on the wire.
+    if request_bytes_max > i32::MAX as usize {
+        bail!("kafka_request_bytes_max must be at most {} (a Kafka frame's size is an i32)", i32::MAX);
+    }
+    let idle_ms = positive_ms(
+        "kafka_idle_connection_timeout_ms",
+        args.kafka_idle_connection_timeout_ms.or(file.kafka_idle_connection_timeout_ms),
+        defaults.idle_timeout.as_millis() as u64,
+    )?;
+    Ok(kappa_broker::server::Limits {
+        connections_max: positive(
+            "kafka_connections_max",
+            args.kafka_connections_max.or(file.kafka_connections_max),
+            defaults.connections_max,
+        )?,
+        request_bytes_max,
+        idle_timeout: Duration::from_millis(idle_ms as u64),
+        request_partitions_max: positive(
+            "kafka_request_partitions_max",
+            args.kafka_request_partitions_max.or(file.kafka_request_partitions_max),
+            defaults.request_partitions_max,
+        )?,
+        ..defaults
+    })
+}
+
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max, kafka_idle_connection_timeout_ms, kafka_request_partitions_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -385,5 +444,27 @@ mod tests {
         let timeouts = http_timeouts(&parse(&["kappa", "--http-header-read-timeout-ms", "2000"]), &file).unwrap();
         assert_eq!((timeouts.header_read_timeout_ms, timeouts.idle_connection_timeout_ms), (2000, 5000));
         assert_eq!(http_timeouts(&parse(&["kappa"]), &FileSettings::default()).unwrap(), Default::default());
+    }
+
+    #[test]
+    fn kafka_limits_come_from_flags_then_the_file_then_defaults_and_refuse_bad_values() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from(args).unwrap().serve;
+        let file: FileSettings = toml::from_str("kafka_connections_max = 9\nkafka_request_partitions_max = 5").unwrap();
+        let flags = parse(&["kappa", "--kafka-connections-max", "3", "--kafka-idle-connection-timeout-ms", "1500"]);
+        let limits = kafka_limits(&flags, &file).unwrap();
+        assert_eq!((limits.connections_max, limits.request_partitions_max), (3, 5));
+        assert_eq!(limits.idle_timeout, Duration::from_millis(1500));
+        let defaults = kappa_broker::server::Limits::default();
+        assert_eq!(limits.request_bytes_max, defaults.request_bytes_max);
+        assert_eq!(limits.in_flight_per_connection, defaults.in_flight_per_connection);
+        let error = kafka_limits(&parse(&["kappa", "--kafka-request-bytes-max", "0"]), &file).unwrap_err();
+        assert!(error.to_string().contains("kafka_request_bytes_max must be at least 1"), "{error}");
+        let huge = parse(&["kappa", "--kafka-request-bytes-max", "4294967296"]);
+        assert!(kafka_limits(&huge, &file).unwrap_err().to_string().contains("i32"));
     }
 }

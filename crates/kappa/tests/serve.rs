@@ -94,3 +94,40 @@ fn bad_flags_fail_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("interval:<ms>"), "{stderr}");
 }
+
+/// The Kafka listener's limits come from `serve`'s flags (they were fixed at their defaults):
+/// a second connection past `--kafka-connections-max 1` is closed at once, and a connection
+/// that sends nothing is closed after `--kafka-idle-connection-timeout-ms`.
+#[test]
+fn the_kafka_listeners_limits_come_from_the_flags() {
+    use std::net::TcpStream;
+
+    let temp = tempfile::tempdir().expect("temp dir");
+    let flags = ["--kafka-connections-max", "1", "--kafka-idle-connection-timeout-ms", "5000"];
+    let server = Server::start_in(temp.path(), &flags);
+    // The readiness probe's connection may still hold the one slot for a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    let first = TcpStream::connect(server.kafka).expect("connect");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let second = TcpStream::connect(server.kafka).expect("connect");
+    assert!(closed_by_server(second), "a connection past --kafka-connections-max was kept");
+    let past_limit_closed_after = started.elapsed();
+    assert!(closed_by_server(first), "an idle connection was not closed");
+    let idle_closed_after = started.elapsed();
+    assert!(
+        past_limit_closed_after < Duration::from_secs(4) && idle_closed_after < Duration::from_secs(20),
+        "closed after {past_limit_closed_after:?} (past the limit: at once) and {idle_closed_after:?} (idle: 5 s, not the default 10 min)"
+    );
+}
+
+/// True when the server closes `stream` (end of stream or reset) within 30 s.
+fn closed_by_server(mut stream: std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    match stream.read(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
