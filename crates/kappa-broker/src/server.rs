@@ -20,7 +20,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseKind};
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -99,8 +99,10 @@ pub struct Limits {
     /// the default is `idle_timeout`'s 10 min: a consumer that prefetched a large answer may
     /// leave it unread while its application works (for up to `max.poll.interval.ms`).
     pub response_write_timeout: Duration,
-    /// A connection with no complete request for this long is closed
-    /// (Kafka: connections.max.idle.ms).
+    /// A connection that starts no request for this long is closed (Kafka:
+    /// connections.max.idle.ms). The time a request waits for its answer counts (a long
+    /// JoinGroup's connection may close once answered); a request's bytes, once begun, are
+    /// under `frame_read_timeout` instead.
     pub idle_timeout: Duration,
     /// Topics, partitions, groups or config resources one request may name
     /// ([`partitions_named`]); a request naming more closes its connection, logged. Kafka
@@ -134,7 +136,8 @@ impl Default for Limits {
 pub async fn run(listener: TcpListener, handler: Arc<dyn Handler>, limits: Limits, shutdown: impl Future) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let permits = Arc::new(Semaphore::new(limits.connections_max));
+    // Past tokio's maximum (~2^61, which would panic) a limit is no limit in practice.
+    let permits = Arc::new(Semaphore::new(limits.connections_max.min(Semaphore::MAX_PERMITS)));
     let budget = FrameBudget::new(limits.request_bytes_buffered_max.max(limits.request_bytes_max));
     let limits = Arc::new(limits);
     let mut next_connection_id = 0u64;
@@ -442,10 +445,7 @@ async fn read_loop(
     loop {
         let next = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            r = tokio::time::timeout(
-                limits.idle_timeout,
-                read_frame(&mut read, limits.request_bytes_max, &budget, limits.frame_read_timeout),
-            ) => r,
+            r = next_frame(&mut read, &limits, &budget) => r,
         };
         let frame = match next {
             Err(_) => return debug!(%peer, "idle timeout"),
@@ -470,6 +470,30 @@ async fn read_loop(
             Err(e) => return peer_warning(peer, &e, "undecodable request, closing connection"),
         }
     }
+}
+
+/// The next request frame: `idle_timeout` bounds only the wait for its first byte (Kafka's
+/// connections.max.idle.ms); once it has begun, the frame gets `frame_read_timeout` for its
+/// size and again for its body, whatever the idle timeout is. Err: idle.
+async fn next_frame(
+    read: &mut BufReader<OwnedReadHalf>,
+    limits: &Limits,
+    budget: &FrameBudget,
+) -> Result<Result<Option<Frame>, ProtocolError>, tokio::time::error::Elapsed> {
+    match tokio::time::timeout(limits.idle_timeout, read.fill_buf()).await? {
+        Ok([]) => return Ok(Ok(None)),
+        Ok(_) => {}
+        Err(e) => return Ok(Err(e.into())),
+    }
+    let timeout = limits.frame_read_timeout;
+    let frame = read_frame(read, limits.request_bytes_max, budget, timeout);
+    // The body has its own clock inside; this one bounds a size prefix that stops short.
+    let body_at_most = timeout.saturating_mul(2);
+    Ok(tokio::time::timeout(body_at_most, frame).await.unwrap_or(Err(ProtocolError::FrameReadTimeout {
+        size: 0,
+        received: 0,
+        timeout,
+    })))
 }
 
 /// An unanswered (acks=0) produce that failed ends the connection, after the replies

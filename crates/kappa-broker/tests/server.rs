@@ -358,6 +358,27 @@ async fn idle_connections_are_closed() {
     assert!(recv(&mut s).await.is_none());
 }
 
+/// The idle timeout bounds only the wait for a request to begin: a request whose bytes come
+/// slowly but within `frame_read_timeout` is answered even past the idle timeout (it used to
+/// close the connection: the idle clock covered the whole frame).
+#[tokio::test]
+async fn a_request_that_has_begun_is_not_cut_by_the_idle_timeout() {
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+        frame_read_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let frame = request_frame(&header(ApiKey::ApiVersions, 0, 7, "t"), &ApiVersionsRequest::default());
+    let (first, rest) = frame.split_at(6);
+    s.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(rest).await.unwrap();
+    let mut answer = recv(&mut s).await.expect("an answer, not a closed connection");
+    assert_eq!(answer.get_i32(), 7, "the ApiVersions answer");
+}
+
 /// Torture F2: a peer that sent part of a big frame and stalled kept the connection (and
 /// the bytes it sent) until the idle timeout, 10 minutes by default.
 #[tokio::test]
