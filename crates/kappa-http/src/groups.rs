@@ -74,6 +74,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// The group coordinator, as the HTTP API needs it.
 pub trait GroupAdmin: Send + Sync {
     fn list(&self) -> Vec<GroupSummary>;
+    /// Refuses a group id the coordinator would not take (too long): describing or
+    /// committing for it answers 400 `invalid_group_id` before anything is read or written.
+    fn check_group_id(&self, group: &str) -> Result<(), GroupAdminError>;
     /// None when the coordinator knows nothing of the group (no members, no offsets).
     fn describe(&self, group: &str) -> Option<GroupDetails>;
     /// Commits (topic, partition, offset)s for the group outside any generation, durably;
@@ -109,7 +112,9 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
 /// `GET /v1/groups/{group}`: members with their assignments; committed offsets with the
 /// partition's end offset and the lag.
 pub async fn describe(State(state): State<Arc<AppState>>, Path(group): Path<String>) -> Result<Json<Value>, ApiError> {
-    let details = admin(&state)?.describe(&group).ok_or_else(|| {
+    let admin = admin(&state)?;
+    admin.check_group_id(&group).map_err(invalid_group_id)?;
+    let details = admin.describe(&group).ok_or_else(|| {
         ApiError::not_found("unknown_group", format!("no group {group}: it has no members and no committed offsets"))
     })?;
     let members: Vec<Value> = details
@@ -151,6 +156,10 @@ pub struct CommitOffset {
     offset: i64,
 }
 
+fn invalid_group_id(e: GroupAdminError) -> ApiError {
+    ApiError::bad_request("invalid_group_id", e.to_string())
+}
+
 /// `POST /v1/groups/{group}/offsets` `{"offsets": [{"topic","partition","offset"}], "force"?}`:
 /// all or nothing; 409 `group_active` while the group has members (unless `force`).
 pub async fn commit(
@@ -160,6 +169,7 @@ pub async fn commit(
 ) -> Result<Json<Value>, ApiError> {
     let request = crate::topics::body(request, "{\"offsets\": [{\"topic\", \"partition\", \"offset\"}], \"force\"?}")?;
     let admin = admin(&state)?;
+    admin.check_group_id(&group).map_err(invalid_group_id)?;
     if request.offsets.is_empty() || request.offsets.len() > COMMIT_OFFSETS_MAX {
         return Err(ApiError::bad_request(
             "invalid_offsets",

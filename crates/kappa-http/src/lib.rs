@@ -144,8 +144,8 @@ impl AppState {
 
     pub fn with_extensions(log: Arc<Log>, engine: ViewEngine, config: HttpConfig, extensions: Extensions) -> Arc<Self> {
         Arc::new(Self {
-            connections: Arc::new(tokio::sync::Semaphore::new(config.connections_max)),
-            as_of_reads: Arc::new(tokio::sync::Semaphore::new(config.as_of_concurrency_max)),
+            connections: Arc::new(permits(config.connections_max)),
+            as_of_reads: Arc::new(permits(config.as_of_concurrency_max)),
             hubs: live::Hubs::default(),
             produce: topics::ProduceState::default(),
             metrics: metrics::Metrics { extra: extensions.metrics, ..metrics::Metrics::default() },
@@ -323,8 +323,14 @@ pub async fn serve_router(
     timeouts: ConnectionTimeouts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let limiter = Arc::new(tokio::sync::Semaphore::new(connections_max));
+    let limiter = Arc::new(permits(connections_max));
     serve_limited(listener, app, limiter, timeouts, shutdown).await
+}
+
+/// A semaphore of `count` permits; a count past tokio's maximum (~2^61, which would panic)
+/// is that maximum: no limit in practice.
+fn permits(count: usize) -> tokio::sync::Semaphore {
+    tokio::sync::Semaphore::new(count.min(tokio::sync::Semaphore::MAX_PERMITS))
 }
 
 async fn serve_limited(
@@ -497,4 +503,13 @@ async fn page() -> impl IntoResponse {
 /// same origin can `import { Kappa } from '/kappa.js'` too.
 async fn client_js() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../../../clients/js/kappa.js"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_limit_past_tokios_maximum_is_that_maximum_not_a_panic() {
+        assert_eq!(super::permits(usize::MAX).available_permits(), tokio::sync::Semaphore::MAX_PERMITS);
+        assert_eq!(super::permits(3).available_permits(), 3);
+    }
 }

@@ -12,6 +12,10 @@ use kappa_http::groups::{BoxFuture, GroupAdmin, GroupAdminError, GroupDetails, G
 pub struct BrokerGroups(pub Arc<Broker>);
 
 impl GroupAdmin for BrokerGroups {
+    fn check_group_id(&self, group: &str) -> Result<(), GroupAdminError> {
+        self.0.groups().check_group_id(group).map_err(|e| GroupAdminError::InvalidGroupId(e.to_string()))
+    }
+
     fn list(&self) -> Vec<GroupSummary> {
         let coordinator = self.0.groups();
         let mut out: Vec<GroupSummary> = coordinator
@@ -76,7 +80,7 @@ impl GroupAdmin for BrokerGroups {
         let group = group.to_owned();
         Box::pin(async move {
             // The offset store takes longer ids than the group protocol: refused alike.
-            self.0.groups().check_group_id(&group).map_err(|e| GroupAdminError::InvalidGroupId(e.to_string()))?;
+            self.check_group_id(&group)?;
             let members = self.0.groups().describe(&group).members.len();
             if members > 0 && !force {
                 return Err(GroupAdminError::Active { group, members });

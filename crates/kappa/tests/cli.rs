@@ -513,6 +513,10 @@ fn group_reset_offsets_moves_a_real_consumer_groups_offsets() {
     let long_id = "g".repeat(2_000);
     let args = ["group", "reset-offsets", long_id.as_str(), "--topic", "orders", "--to-earliest"];
     fails(&server, &args, "", 2, "limited to 1024 bytes");
+    fails(&server, &["group", "describe", long_id.as_str()], "", 2, "limited to 1024 bytes");
+    let consumed = kappa(&server, &["consume", "orders", "--group", long_id.as_str()], "");
+    assert_eq!(consumed.status.code(), Some(2), "{}", String::from_utf8_lossy(&consumed.stderr));
+    assert!(consumed.stdout.is_empty(), "records printed for a group that cannot commit them");
 }
 
 #[test]

@@ -105,10 +105,7 @@ fn the_kafka_listeners_limits_come_from_the_flags() {
     let temp = tempfile::tempdir().expect("temp dir");
     let flags = ["--kafka-connections-max", "1", "--kafka-idle-connection-timeout-ms", "5000"];
     let server = Server::start_in(temp.path(), &flags);
-    // The readiness probe's connection may still hold the one slot for a moment.
-    std::thread::sleep(Duration::from_millis(500));
-    let first = TcpStream::connect(server.kafka).expect("connect");
-    std::thread::sleep(Duration::from_millis(200));
+    let first = holding_the_only_slot(&server);
     let started = std::time::Instant::now();
     let second = TcpStream::connect(server.kafka).expect("connect");
     assert!(closed_by_server(second), "a connection past --kafka-connections-max was kept");
@@ -119,6 +116,27 @@ fn the_kafka_listeners_limits_come_from_the_flags() {
         past_limit_closed_after < Duration::from_secs(4) && idle_closed_after < Duration::from_secs(20),
         "closed after {past_limit_closed_after:?} (past the limit: at once) and {idle_closed_after:?} (idle: 5 s, not the default 10 min)"
     );
+}
+
+/// A connection that got an answer (ApiVersions v0), so holds the listener's one slot: the
+/// readiness probe's connection may hold it for a moment after the server is up.
+fn holding_the_only_slot(server: &Server) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    // size 10, api key 18 (ApiVersions), version 0, correlation id 1, null client id.
+    const API_VERSIONS_V0: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut stream = std::net::TcpStream::connect(server.kafka).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut size = [0u8; 4];
+        if stream.write_all(&API_VERSIONS_V0).is_ok() && stream.read_exact(&mut size).is_ok() {
+            let mut answer = vec![0u8; u32::from_be_bytes(size) as usize];
+            stream.read_exact(&mut answer).expect("the ApiVersions answer");
+            return stream;
+        }
+        assert!(std::time::Instant::now() < deadline, "no connection got the listener's slot");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// True when the server closes `stream` (end of stream or reset) within 30 s.
