@@ -16,6 +16,8 @@ pub enum ProtocolError {
     TruncatedFrame,
     #[error("frame of {size} bytes not complete within {timeout:?} of its size ({received} bytes arrived)")]
     FrameReadTimeout { size: usize, received: usize, timeout: std::time::Duration },
+    #[error("a frame's 4-byte size not complete within {timeout:?} of its first byte ({received} bytes arrived)")]
+    SizeReadTimeout { received: usize, timeout: std::time::Duration },
     #[error(
         "the peer took no bytes of a reply for {timeout:?} (response_write_timeout); closing the connection, which a client that stopped reading holds open"
     )]

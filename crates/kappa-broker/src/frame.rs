@@ -81,7 +81,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     body_timeout: Duration,
 ) -> Result<Option<Frame>, ProtocolError> {
     let mut prefix = [0u8; 4];
-    if !read_prefix(reader, &mut prefix).await? {
+    if !read_prefix(reader, &mut prefix, body_timeout).await? {
         return Ok(None);
     }
     let size = check_frame_size(i32::from_be_bytes(prefix), max)?;
@@ -114,17 +114,32 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Reads the 4-byte prefix; false on EOF before its first byte.
-async fn read_prefix<R: AsyncRead + Unpin>(reader: &mut R, prefix: &mut [u8; 4]) -> Result<bool, ProtocolError> {
-    let mut filled = 0;
-    while filled < 4 {
-        let n = reader.read(&mut prefix[filled..]).await?;
-        if n == 0 {
-            return if filled == 0 { Ok(false) } else { Err(ProtocolError::TruncatedFrame) };
-        }
-        filled += n;
+/// Reads the 4-byte prefix; false on EOF before its first byte. The first byte may take any
+/// time (the caller bounds that wait: the idle timeout); the rest must follow within
+/// `timeout` of it.
+async fn read_prefix<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    prefix: &mut [u8; 4],
+    timeout: Duration,
+) -> Result<bool, ProtocolError> {
+    let mut filled = reader.read(prefix).await?;
+    if filled == 0 {
+        return Ok(false);
     }
-    Ok(true)
+    let rest = async {
+        while filled < 4 {
+            let n = reader.read(&mut prefix[filled..]).await?;
+            if n == 0 {
+                return Err(ProtocolError::TruncatedFrame);
+            }
+            filled += n;
+        }
+        Ok(true)
+    };
+    match tokio::time::timeout(timeout, rest).await {
+        Ok(result) => result,
+        Err(_) => Err(ProtocolError::SizeReadTimeout { received: filled, timeout }),
+    }
 }
 
 /// Bytes of the size prefix in front of every frame.

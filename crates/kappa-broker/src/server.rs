@@ -88,9 +88,10 @@ pub struct Limits {
     /// (Kafka: queued.max.request.bytes); a frame's first 64 KiB are not counted. Raised to
     /// `request_bytes_max` if below it, so the largest frame can always be read.
     pub request_bytes_buffered_max: usize,
-    /// Once a frame's size has arrived, its body must arrive within this, or the
-    /// connection is closed (a stalled partial frame would hold its memory until
-    /// `idle_timeout`). Kafka clients give up on a request after 30 s anyway.
+    /// Once a frame's first byte has arrived, the rest of its 4-byte size must arrive within
+    /// this, and then its body within this again, or the connection is closed (a stalled
+    /// partial frame would hold its memory; `idle_timeout` bounds only the wait for a first
+    /// byte). Kafka clients give up on a request after 30 s anyway.
     pub frame_read_timeout: Duration,
     /// A reply the peer takes none of for this long closes the connection: a peer that
     /// pipelines requests and never reads would otherwise hold its replies (up to
@@ -473,8 +474,8 @@ async fn read_loop(
 }
 
 /// The next request frame: `idle_timeout` bounds only the wait for its first byte (Kafka's
-/// connections.max.idle.ms); once it has begun, the frame gets `frame_read_timeout` for its
-/// size and again for its body, whatever the idle timeout is. Err: idle.
+/// connections.max.idle.ms); once it has begun, `read_frame` gives its size and then its
+/// body `frame_read_timeout` each, whatever the idle timeout is. Err: idle.
 async fn next_frame(
     read: &mut BufReader<OwnedReadHalf>,
     limits: &Limits,
@@ -485,15 +486,7 @@ async fn next_frame(
         Ok(_) => {}
         Err(e) => return Ok(Err(e.into())),
     }
-    let timeout = limits.frame_read_timeout;
-    let frame = read_frame(read, limits.request_bytes_max, budget, timeout);
-    // The body has its own clock inside; this one bounds a size prefix that stops short.
-    let body_at_most = timeout.saturating_mul(2);
-    Ok(tokio::time::timeout(body_at_most, frame).await.unwrap_or(Err(ProtocolError::FrameReadTimeout {
-        size: 0,
-        received: 0,
-        timeout,
-    })))
+    Ok(read_frame(read, limits.request_bytes_max, budget, limits.frame_read_timeout).await)
 }
 
 /// An unanswered (acks=0) produce that failed ends the connection, after the replies

@@ -379,6 +379,28 @@ async fn a_request_that_has_begun_is_not_cut_by_the_idle_timeout() {
     assert_eq!(answer.get_i32(), 7, "the ApiVersions answer");
 }
 
+/// A peer that stalls inside a frame's 4-byte size is closed after `frame_read_timeout`,
+/// not the (here longer) idle timeout.
+#[tokio::test]
+async fn a_stall_inside_the_size_field_is_closed_after_the_frame_read_timeout() {
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(60),
+        frame_read_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let server = start(limits).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&[0, 0]).await.unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 64];
+        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "a connection stalled inside its size field was still open after 10 s");
+    assert!(started.elapsed() >= Duration::from_millis(150), "closed before the frame read timeout");
+}
+
 /// Torture F2: a peer that sent part of a big frame and stalled kept the connection (and
 /// the bytes it sent) until the idle timeout, 10 minutes by default.
 #[tokio::test]

@@ -97,7 +97,8 @@ fn bad_flags_fail_with_a_clear_message() {
 
 /// The Kafka listener's limits come from `serve`'s flags (they were fixed at their defaults):
 /// a second connection past `--kafka-connections-max 1` is closed at once, and a connection
-/// that sends nothing is closed after `--kafka-idle-connection-timeout-ms`.
+/// that sends nothing more after its one request is closed after
+/// `--kafka-idle-connection-timeout-ms`.
 #[test]
 fn the_kafka_listeners_limits_come_from_the_flags() {
     use std::net::TcpStream;
