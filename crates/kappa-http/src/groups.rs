@@ -194,7 +194,7 @@ pub async fn commit(
         request.offsets.into_iter().map(|o| (o.topic, o.partition, o.offset)).collect();
     admin.commit(&group, offsets.clone(), request.force).await.map_err(|e| match e {
         GroupAdminError::Active { .. } => ApiError::new(StatusCode::CONFLICT, "group_active", e.to_string()),
-        GroupAdminError::InvalidGroupId(message) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_group_id", message),
+        GroupAdminError::InvalidGroupId(_) => invalid_group_id(e),
         GroupAdminError::Failed(message) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "commit_failed", message),
     })?;
     let committed: Vec<Value> =

@@ -132,13 +132,8 @@ fn decode(
 ) -> Result<(Vec<Value>, i64), ApiError> {
     let mut records = Vec::new();
     let mut next = from;
-    let mut position = 0;
-    let bytes = &outcome.records;
-    while position < bytes.len() {
-        let length = batch::batch_total_len(&bytes[position..], bytes.len() - position).map_err(LogError::from)?;
-        let batch_bytes = &bytes[position..position + length];
-        position += length;
-        let header = BatchHeader::parse(batch_bytes).map_err(LogError::from)?;
+    for batch in batch::batches(&outcome.records) {
+        let (header, batch_bytes) = batch.map_err(LogError::from)?;
         if header.last_offset() < from {
             continue;
         }

@@ -198,6 +198,32 @@ pub fn batch_total_len(bytes: &[u8], max_batch_bytes: usize) -> Result<usize, Ba
     Ok(total as usize)
 }
 
+/// The batches of `bytes`, whole batches back to back as a partition read returns them, in
+/// order with their headers; a length or header that does not parse ends the walk with its
+/// error.
+pub fn batches(bytes: &[u8]) -> impl Iterator<Item = Result<(BatchHeader, &[u8]), BatchError>> + '_ {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let parsed = batch_total_len(rest, rest.len()).and_then(|length| {
+            let (batch, after) = rest.split_at(length);
+            BatchHeader::parse(batch).map(|header| (header, batch, after))
+        });
+        match parsed {
+            Ok((header, batch, after)) => {
+                rest = after;
+                Some(Ok((header, batch)))
+            }
+            Err(e) => {
+                rest = &[];
+                Some(Err(e))
+            }
+        }
+    })
+}
+
 /// Validates one complete batch (exactly `bytes`): length, magic, codec and CRC. Used on
 /// append and by recovery, so a batch that fails here is never served to a reader.
 pub fn validate(bytes: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, BatchError> {
@@ -263,4 +289,34 @@ pub(crate) fn be_i16(b: &[u8], at: usize) -> i16 {
 }
 pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{BatchBuilder, NewRecord};
+
+    #[test]
+    fn batches_walks_whole_batches_and_ends_at_a_torn_one_with_its_error() {
+        let mut bytes = Vec::new();
+        for (base_offset, count) in [(0, 3), (3, 2)] {
+            let mut builder = BatchBuilder::new();
+            builder.base_offset = base_offset;
+            for _ in 0..count {
+                builder.push(NewRecord::new(Some(b"k"), Some(b"v"), 0));
+            }
+            bytes.extend(builder.build());
+        }
+        let walked: Vec<(i64, i32, usize)> = batches(&bytes)
+            .map(|b| b.map(|(h, batch)| (h.base_offset, h.records_count, batch.len())).unwrap())
+            .collect();
+        assert_eq!(walked.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>(), [(0, 3), (3, 2)]);
+        assert_eq!(walked.iter().map(|w| w.2).sum::<usize>(), bytes.len());
+
+        let torn = &bytes[..bytes.len() - 1];
+        let mut walk = batches(torn);
+        assert!(walk.next().unwrap().is_ok());
+        assert!(matches!(walk.next(), Some(Err(BatchError::BadLength { .. }))));
+        assert!(walk.next().is_none(), "the walk ends after an error");
+    }
 }

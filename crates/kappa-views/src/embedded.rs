@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kappa_log::batch::{self, BatchHeader};
+use kappa_log::batch;
 use kappa_log::records::{BatchBuilder, MIN_RECORD_BYTES, NewRecord, decode_records};
 use kappa_log::{Isolation, Log, LogError};
 
@@ -67,13 +67,8 @@ impl LogBackend for EmbeddedLog {
         // Sized once from the batch headers: grown batch by batch, the list (~120 bytes a
         // record, ~800 KB for a 1 MiB read) was copied again at every doubling.
         chunk.records.reserve_exact(records_hint(&buffer, from)?);
-        let mut position = 0;
-        while position < buffer.len() {
-            let rest = &buffer[position..];
-            let length = batch::batch_total_len(rest, rest.len()).map_err(LogError::from)?;
-            let batch_bytes = &buffer[position..position + length];
-            position += length;
-            let header = BatchHeader::parse(batch_bytes).map_err(LogError::from)?;
+        for batch in batch::batches(&buffer) {
+            let (header, batch_bytes) = batch.map_err(LogError::from)?;
             let last_offset = header.last_offset();
             if last_offset < from {
                 continue;
@@ -271,16 +266,13 @@ impl LogBackend for EmbeddedLog {
 /// `InputRecord` per 7 bytes read. Only a hint for sizing the list: compaction and aborted
 /// transactions leave fewer, and a compressed batch may hold more (the list then grows).
 fn records_hint(buffer: &[u8], from: i64) -> Result<usize> {
-    let (mut records, mut position) = (0usize, 0);
-    while position < buffer.len() {
-        let rest = &buffer[position..];
-        let length = batch::batch_total_len(rest, rest.len()).map_err(LogError::from)?;
-        let header = BatchHeader::parse(&rest[..length]).map_err(LogError::from)?;
-        position += length;
+    let mut records = 0usize;
+    for batch in batch::batches(buffer) {
+        let (header, bytes) = batch.map_err(LogError::from)?;
         if header.is_control() || header.last_offset() < from {
             continue;
         }
-        let encodable = length.saturating_sub(batch::HEADER_BYTES) / MIN_RECORD_BYTES;
+        let encodable = bytes.len().saturating_sub(batch::HEADER_BYTES) / MIN_RECORD_BYTES;
         records += usize::try_from(header.records_count).unwrap_or(0).min(encodable);
     }
     Ok(records)

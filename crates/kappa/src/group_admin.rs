@@ -79,8 +79,6 @@ impl GroupAdmin for BrokerGroups {
     ) -> BoxFuture<'_, Result<(), GroupAdminError>> {
         let group = group.to_owned();
         Box::pin(async move {
-            // The offset store takes longer ids than the group protocol: refused alike.
-            self.check_group_id(&group)?;
             let members = self.0.groups().describe(&group).members.len();
             if members > 0 && !force {
                 return Err(GroupAdminError::Active { group, members });
