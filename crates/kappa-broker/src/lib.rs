@@ -16,7 +16,7 @@ pub mod server;
 
 pub use api_versions::{API_SUPPORT, ApiRange, ApiSupport};
 pub use error::ProtocolError;
-pub use handlers::{Broker, BrokerConfig, BrokerStats};
+pub use handlers::{Broker, BrokerConfig, BrokerStats, COMPRESSED_APPENDS_MAX_DEFAULT};
 pub use kafka_protocol;
 pub use request::{Request, Response, decode_request, encode_response, expects_response};
 pub use server::{BoxFuture, Handler, Limits, Peer, Reply, run};

@@ -282,6 +282,7 @@ impl App {
             advertised_port: i32::from(kafka_port),
             auto_create_topics: settings.auto_create_topics,
             default_partitions: settings.num_partitions,
+            compressed_appends_max: settings.kafka_compressed_appends_max,
             txn: TxnConfig {
                 id_expiration_ms: settings.transactional_id_expiration_ms,
                 ids_max: settings.transactional_ids_max,

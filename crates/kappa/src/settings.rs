@@ -20,7 +20,7 @@ pub struct ServeArgs {
     /// http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms,
     /// http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max,
     /// kafka_idle_connection_timeout_ms, kafka_request_partitions_max,
-    /// transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
+    /// kafka_compressed_appends_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
     /// producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
@@ -110,6 +110,11 @@ pub struct ServeArgs {
     /// naming more closes its connection [default: 100000]
     #[arg(long, env = "KAPPA_KAFKA_REQUEST_PARTITIONS_MAX")]
     pub kafka_request_partitions_max: Option<usize>,
+    /// Produce requests with compressed batches appended at once; more wait their turn.
+    /// Checking a compressed batch inflates it (up to 64 MiB), so this bounds that memory
+    /// [default: 8]
+    #[arg(long, env = "KAPPA_KAFKA_COMPRESSED_APPENDS_MAX")]
+    pub kafka_compressed_appends_max: Option<usize>,
     /// How long a transactional id with no transaction is remembered (Kafka:
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
@@ -157,6 +162,7 @@ struct FileSettings {
     kafka_request_bytes_max: Option<usize>,
     kafka_idle_connection_timeout_ms: Option<u64>,
     kafka_request_partitions_max: Option<usize>,
+    kafka_compressed_appends_max: Option<usize>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
@@ -178,6 +184,7 @@ pub struct Settings {
     pub http_timeouts: kappa_http::ConnectionTimeouts,
     /// The Kafka listener's limits (the rest at their defaults).
     pub kafka_limits: kappa_broker::server::Limits,
+    pub kafka_compressed_appends_max: usize,
     pub transactional_id_expiration_ms: i64,
     pub transactional_ids_max: usize,
     pub producer_id_expiration_ms: i64,
@@ -216,6 +223,11 @@ impl Settings {
             args.transactional_ids_max.or(file.transactional_ids_max),
             kappa_coordinator::txn::TRANSACTIONAL_IDS_MAX_DEFAULT,
         )?;
+        let kafka_compressed_appends_max = positive(
+            "kafka_compressed_appends_max",
+            args.kafka_compressed_appends_max.or(file.kafka_compressed_appends_max),
+            kappa_broker::COMPRESSED_APPENDS_MAX_DEFAULT,
+        )?;
         let producers_per_partition_max = positive(
             "producers_per_partition_max",
             args.producers_per_partition_max.or(file.producers_per_partition_max),
@@ -242,6 +254,7 @@ impl Settings {
             http,
             http_timeouts,
             kafka_limits,
+            kafka_compressed_appends_max,
             transactional_id_expiration_ms,
             transactional_ids_max,
             producer_id_expiration_ms,
@@ -378,7 +391,7 @@ fn kafka_limits(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_b
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max, kafka_idle_connection_timeout_ms, kafka_request_partitions_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max, kafka_idle_connection_timeout_ms, kafka_request_partitions_max, kafka_compressed_appends_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -466,5 +479,13 @@ mod tests {
         assert!(error.to_string().contains("kafka_request_bytes_max must be at least 1"), "{error}");
         let huge = parse(&["kappa", "--kafka-request-bytes-max", "4294967296"]);
         assert!(kafka_limits(&huge, &file).unwrap_err().to_string().contains("i32"));
+
+        let resolve = |args: &[&str]| Settings::resolve(parse(args)).map(|s| s.kafka_compressed_appends_max);
+        assert_eq!(resolve(&["kappa"]).unwrap(), kappa_broker::COMPRESSED_APPENDS_MAX_DEFAULT);
+        assert_eq!(resolve(&["kappa", "--kafka-compressed-appends-max", "2"]).unwrap(), 2);
+        let error = resolve(&["kappa", "--kafka-compressed-appends-max", "0"]).unwrap_err().to_string();
+        assert!(error.contains("kafka_compressed_appends_max must be at least 1"), "{error}");
+        let file: FileSettings = toml::from_str("kafka_compressed_appends_max = 4").unwrap();
+        assert_eq!(file.kafka_compressed_appends_max, Some(4));
     }
 }

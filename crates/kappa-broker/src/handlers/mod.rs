@@ -43,6 +43,11 @@ pub struct BrokerConfig {
     pub fetch_wait_ms_max: u64,
     /// Largest fetch response, whatever the client asks (Kafka: fetch.max.bytes).
     pub fetch_response_bytes_max: usize,
+    /// Produce requests with compressed batches appended at once; more wait their turn. To
+    /// check a compressed batch the log inflates it (up to `BATCH_UNCOMPRESSED_BYTES_MAX`,
+    /// 64 MiB, one batch at a time per request), so this bounds that memory: 8 × 64 MiB.
+    /// Kafka bounds the same work by its request handler threads (num.io.threads, 8).
+    pub compressed_appends_max: usize,
     pub group: GroupConfig,
     pub txn: TxnConfig,
 }
@@ -57,11 +62,15 @@ impl Default for BrokerConfig {
             default_partitions: 1,
             fetch_wait_ms_max: 30_000,
             fetch_response_bytes_max: 55 * 1024 * 1024,
+            compressed_appends_max: COMPRESSED_APPENDS_MAX_DEFAULT,
             group: GroupConfig::default(),
             txn: TxnConfig::default(),
         }
     }
 }
+
+/// [`BrokerConfig::compressed_appends_max`]'s default.
+pub const COMPRESSED_APPENDS_MAX_DEFAULT: usize = 8;
 
 /// The request handler behind `kappa serve`'s Kafka listener.
 /// Counters the broker keeps for `/metrics` (monotonic since start).
@@ -90,6 +99,8 @@ pub struct Broker {
     txn_connections: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Ids in `txn_connections` the coordinator did not know at the last expiry pass.
     txn_ids_unknown: std::sync::Mutex<HashSet<String>>,
+    /// One permit per compressed produce being appended (`compressed_appends_max`).
+    compressed_appends: tokio::sync::Semaphore,
 }
 
 impl Broker {
@@ -107,6 +118,8 @@ impl Broker {
         let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
         let groups = GroupCoordinator::new(config.group.clone());
         groups.spawn_session_reaper(Duration::from_millis(500));
+        let compressed_appends =
+            tokio::sync::Semaphore::new(config.compressed_appends_max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
         let broker = Arc::new(Self {
             stats: Arc::default(),
             log,
@@ -116,6 +129,7 @@ impl Broker {
             txns,
             txn_connections: Default::default(),
             txn_ids_unknown: Default::default(),
+            compressed_appends,
         });
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {

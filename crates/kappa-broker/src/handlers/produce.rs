@@ -85,8 +85,15 @@ impl Broker {
         // phase two): done on this task it saves two thread hand-offs per request, most of a
         // small produce's latency. Larger ones go to a blocking thread, and so do compressed
         // ones: the log inflates every record to check it (up to 64 MiB per batch).
-        let inline = bytes <= INLINE_APPEND_BYTES_MAX && !compressed;
-        let mut written = if inline { append() } else { blocking(append).await };
+        let mut written = if compressed {
+            // Inflating is what costs memory: at most `compressed_appends_max` at once.
+            let _permit = self.compressed_appends.acquire().await.expect("the semaphore is never closed");
+            blocking(append).await
+        } else if bytes <= INLINE_APPEND_BYTES_MAX {
+            append()
+        } else {
+            blocking(append).await
+        };
         written.extend(refused);
         Box::pin(async move {
             let mut durable = Vec::with_capacity(written.len());
@@ -357,6 +364,58 @@ mod tests {
 
     fn batch(compression: Compression) -> Vec<u8> {
         BatchBuilder::new().compression(compression).record(NewRecord::new(Some(b"k"), Some(b"v"), 1)).build()
+    }
+
+    fn produce_request(topic: &str, records: Vec<u8>) -> ProduceRequest {
+        use kafka_protocol::messages::TopicName;
+        use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+        let mut data = PartitionProduceData::default();
+        data.index = 0;
+        data.records = Some(Bytes::from(records));
+        let mut topic_data = TopicProduceData::default();
+        topic_data.name = TopicName(str_bytes(topic));
+        topic_data.partition_data = vec![data];
+        let mut request = ProduceRequest::default();
+        request.acks = -1;
+        request.topic_data = vec![topic_data];
+        request
+    }
+
+    fn error_codes(response: &ProduceResponse) -> Vec<i16> {
+        response.responses.iter().flat_map(|t| &t.partition_responses).map(|p| p.error_code).collect()
+    }
+
+    #[tokio::test]
+    async fn compressed_produces_past_compressed_appends_max_wait_for_a_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(kappa_log::Log::open(dir.path(), kappa_log::LogOptions::default()).unwrap().0);
+        log.create_topic("t", 1, &Default::default()).unwrap();
+        let config = crate::BrokerConfig { compressed_appends_max: 1, ..Default::default() };
+        let broker = Broker::open(log.clone(), config).await.unwrap();
+
+        // Another compressed append holds the only turn.
+        let turn = broker.compressed_appends.acquire().await.unwrap();
+        let waiting = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.produce(produce_request("t", batch(Compression::Zstd))).await }
+        });
+        let plain = broker.produce(produce_request("t", batch(Compression::None))).await;
+        assert_eq!(error_codes(&plain), [0], "an uncompressed produce does not wait");
+        let end = || log.partition("t", 0).unwrap().log_end_offset();
+        assert_eq!(end(), 1);
+        let gave_up = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while !waiting.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(gave_up.is_err(), "the compressed produce waits while the turn is taken");
+        assert_eq!(end(), 1, "and has written nothing");
+
+        drop(turn);
+        let compressed = waiting.await.unwrap();
+        assert_eq!(error_codes(&compressed), [0]);
+        assert_eq!(end(), 2, "once the turn is free it is appended");
     }
 
     #[test]
