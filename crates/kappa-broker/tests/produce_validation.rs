@@ -18,6 +18,7 @@ mod common;
 const PRODUCE_VERSION: i16 = 9;
 const INVALID_TOPIC_EXCEPTION: i16 = 17;
 const INVALID_RECORD: i16 = 87;
+const CORRUPT_MESSAGE: i16 = 2;
 
 struct Running {
     _dir: tempfile::TempDir,
@@ -45,6 +46,33 @@ async fn produce(addr: std::net::SocketAddr, topic: &'static str, batch: Vec<u8>
 
 fn record() -> NewRecord {
     NewRecord::new(Some(b"k"), Some(b"v"), 1)
+}
+
+/// Kafka tells a batch damaged on the way (CORRUPT_MESSAGE, which clients retry) from an
+/// intact one that breaks the format's rules (INVALID_RECORD, which they give up on: the
+/// same bytes would fail again).
+#[tokio::test]
+async fn a_damaged_batch_is_corrupt_and_an_intact_invalid_one_is_an_invalid_record() {
+    let kappa = start(BrokerConfig::default()).await;
+    let good = BatchBuilder::new().record(record()).record(record()).build();
+
+    let mut damaged = good.clone();
+    *damaged.last_mut().unwrap() ^= 1;
+    assert_eq!(produce(kappa.addr, "t", damaged).await, CORRUPT_MESSAGE, "a flipped bit: the CRC fails");
+
+    let mut miscounted = good.clone();
+    miscounted[57..61].copy_from_slice(&3i32.to_be_bytes());
+    kappa_log::batch::rewrite_crc(&mut miscounted);
+    assert_eq!(produce(kappa.addr, "t", miscounted).await, INVALID_RECORD, "3 records, offset deltas 0..=1");
+
+    // The first record claims 63 bytes (zigzag 0x7e) where two records of 9 bytes follow.
+    let mut undecodable = good.clone();
+    undecodable[61] = 0x7e;
+    kappa_log::batch::rewrite_crc(&mut undecodable);
+    assert_eq!(produce(kappa.addr, "t", undecodable).await, INVALID_RECORD, "records that do not decode");
+
+    assert_eq!(kappa.log.partition("t", 0).unwrap().log_end_offset(), 0, "nothing was written");
+    assert_eq!(produce(kappa.addr, "t", good).await, 0);
 }
 
 /// Transaction markers and sequence-less producer batches come from the broker only

@@ -2,6 +2,7 @@
 
 use kappa_coordinator::{GroupError, TxnError};
 use kappa_log::LogError;
+use kappa_log::batch::BatchError;
 
 pub const NONE: i16 = 0;
 pub const OFFSET_OUT_OF_RANGE: i16 = 1;
@@ -43,11 +44,26 @@ pub const INVALID_RECORD: i16 = 87;
 pub const UNSTABLE_OFFSET_COMMIT: i16 = 88;
 pub const UNKNOWN_TOPIC_ID: i16 = 100;
 
+/// The Kafka code for a batch the log refused, as Kafka tells them apart: a batch whose
+/// framing or CRC is broken may have been damaged on the way, and CORRUPT_MESSAGE is one a
+/// client retries; a batch that arrived intact but breaks the format's rules (LogValidator's
+/// InvalidRecordException) would fail again, and INVALID_RECORD is one a client gives up on
+/// at once (KafkaJS: retriable true / false). A magic below 2 stays CORRUPT_MESSAGE: it is a
+/// v0-2 message set kappa could not convert (`legacy/produce.rs`), and clients of those
+/// versions predate INVALID_RECORD.
+fn batch_code(error: &BatchError) -> i16 {
+    match error {
+        BatchError::Truncated { .. } | BatchError::BadLength { .. } | BatchError::BadCrc { .. } => CORRUPT_MESSAGE,
+        BatchError::BadMagic(_) => CORRUPT_MESSAGE,
+        BatchError::CountMismatch { .. } | BatchError::BadCodec(_) | BatchError::Empty(_) => INVALID_RECORD,
+    }
+}
+
 /// The Kafka code for a log error.
 pub fn log_code(error: &LogError) -> i16 {
     match error {
-        LogError::InvalidBatch(_) | LogError::InvalidRecords(_) => CORRUPT_MESSAGE,
-        LogError::MissingKey { .. } => INVALID_RECORD,
+        LogError::InvalidBatch(e) => batch_code(e),
+        LogError::InvalidRecords(_) | LogError::MissingKey { .. } => INVALID_RECORD,
         LogError::MessageTooLarge { .. } => MESSAGE_TOO_LARGE,
         LogError::OffsetOutOfRange { .. } => OFFSET_OUT_OF_RANGE,
         // Produce answers a fenced epoch with INVALID_PRODUCER_EPOCH, which every client knows.
