@@ -50,6 +50,79 @@ const MAP_ENTRY_OVERHEAD_BYTES: usize = 64;
 /// segment may be up to `segment.bytes` (1 GiB by default), too much to build in memory.
 pub const CLEANED_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// The partition file recording how far the log is clean (`docs/format.md`): without it a
+/// restart made the whole log dirty, and the first pass after it rewrote every segment.
+pub(crate) const CLEAN_PREFIX_FILE: &str = "cleaned-up-to.offset";
+const CLEAN_PREFIX_MAGIC: &[u8; 4] = b"KCLN";
+/// The sub-key tag of a topic compacted by key alone (a CRC-32C tag is never negative).
+const NO_SUBKEY_TAG: i64 = -1;
+
+/// How far the log is clean: the prefix a pass cleaned, in which no compaction key occurs
+/// twice, and which sub-key header defined the keys then (as a CRC-32C of its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CleanPrefix {
+    end: i64,
+    subkey_tag: i64,
+}
+
+impl CleanPrefix {
+    /// Nothing cleaned yet: the whole log is dirty.
+    pub(crate) const NONE: Self = Self { end: i64::MIN, subkey_tag: NO_SUBKEY_TAG };
+
+    fn new(end: i64, subkey_header: Option<&str>) -> Self {
+        Self { end, subkey_tag: subkey_tag(subkey_header) }
+    }
+
+    /// Where the clean prefix ends for passes under `subkey_header`: nowhere when the
+    /// header changed since (the prefix's keys were distinct under the old one), so the
+    /// whole log counts as dirty and is read again. Two names with one CRC would only
+    /// leave duplicates under the new name in the prefix until a later record of the same
+    /// key comes: the cleaner never removes more than the rules say, whatever the prefix.
+    fn end_under(&self, subkey_header: Option<&str>) -> i64 {
+        if self.subkey_tag == subkey_tag(subkey_header) { self.end } else { i64::MIN }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        crate::partition::encode_framed(CLEAN_PREFIX_MAGIC, &[self.end, self.subkey_tag])
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        crate::partition::decode_framed::<2>(CLEAN_PREFIX_MAGIC, bytes)
+            .map(|[end, subkey_tag]| Self { end, subkey_tag })
+    }
+}
+
+fn subkey_tag(subkey_header: Option<&str>) -> i64 {
+    subkey_header.map_or(NO_SUBKEY_TAG, |name| i64::from(crc32c::crc32c(name.as_bytes())))
+}
+
+/// The clean prefix a pass recorded in `dir`. Nothing clean when there is no file, when it
+/// is damaged, or when it ends past the log's end (records were lost since, e.g. a power
+/// loss under the interval sync policy): a pass over the whole log is always safe, only
+/// slower, so none of these stops the open.
+pub(crate) fn read_clean_prefix(
+    fs: &dyn crate::io::Storage,
+    dir: &Path,
+    log_end_offset: i64,
+    ctx: &crate::partition::PartitionContext,
+) -> CleanPrefix {
+    let path = dir.join(CLEAN_PREFIX_FILE);
+    if !fs.exists(&path) {
+        return CleanPrefix::NONE;
+    }
+    match crate::io::read_file(fs, &path).ok().as_deref().and_then(CleanPrefix::decode) {
+        Some(prefix) if prefix.end <= log_end_offset => prefix,
+        Some(prefix) => {
+            tracing::warn!(topic = %ctx.topic, partition = ctx.partition, cleaned_up_to = prefix.end, log_end_offset, "the log ends before its recorded clean prefix; the next compaction pass reads it all");
+            CleanPrefix::NONE
+        }
+        None => {
+            tracing::warn!(topic = %ctx.topic, partition = ctx.partition, path = %path.display(), "unreadable clean prefix file; the next compaction pass reads the whole log");
+            CleanPrefix::NONE
+        }
+    }
+}
+
 /// What one cleaning pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactionOutcome {
@@ -153,7 +226,7 @@ impl Partition {
         let config = self.config();
         let now = self.ctx.clock.now_ms();
         let last_stable_offset = self.last_stable_offset();
-        let cleaned_up_to = *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner());
+        let cleaned_up_to = self.clean_prefix_end(config.compaction_subkey_header.as_deref());
         let inner = self.lock_inner();
         let closed = &inner.segments[..inner.segments.len() - 1];
         closed
@@ -179,7 +252,7 @@ impl Partition {
     /// How dirty the log is: bytes written past the last cleaning, over all cleanable bytes.
     pub fn compaction_status(&self) -> CompactionStatus {
         let candidates = self.cleanable_segments();
-        let cleaned_up_to = *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner());
+        let cleaned_up_to = self.clean_prefix_end(self.config().compaction_subkey_header.as_deref());
         let cleanable_bytes: u64 = candidates.iter().map(|c| c.size).sum();
         let dirty_bytes: u64 = candidates.iter().map(|c| c.dirty_bytes).sum();
         let dirty_ratio = if cleanable_bytes == 0 { 0.0 } else { dirty_bytes as f64 / cleanable_bytes as f64 };
@@ -230,8 +303,7 @@ impl Partition {
             outcome.bytes_after += cleaned_bytes;
         }
         outcome.cleaned_up_to = cleaned_end;
-        *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner()) = outcome.cleaned_up_to;
-        *self.cleaned_subkey_header.lock().unwrap_or_else(|e| e.into_inner()) = subkey_header.map(str::to_owned);
+        self.record_clean_prefix(CleanPrefix::new(cleaned_end, subkey_header))?;
         *self.last_compaction.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
         tracing::info!(
             topic = %self.ctx.topic, partition = self.ctx.partition, segments = outcome.segments_cleaned,
@@ -249,12 +321,17 @@ impl Partition {
     /// the same offset every time. The whole log when the sub-key header changed since (the
     /// prefix's keys were distinct under the old one).
     fn clean_prefix_end(&self, subkey_header: Option<&str>) -> i64 {
-        let cleaned_with = self.cleaned_subkey_header.lock().unwrap_or_else(|e| e.into_inner());
-        if cleaned_with.as_deref() == subkey_header {
-            *self.cleaned_up_to.lock().unwrap_or_else(|e| e.into_inner())
-        } else {
-            i64::MIN
-        }
+        self.clean_prefix.lock().unwrap_or_else(|e| e.into_inner()).end_under(subkey_header)
+    }
+
+    /// Persists how far a pass cleaned, then remembers it. The file is written atomically
+    /// (with fsyncs: a failure poisons the directory, as every failed fsync does).
+    fn record_clean_prefix(&self, prefix: CleanPrefix) -> Result<()> {
+        let path = self.ctx.dir.join(CLEAN_PREFIX_FILE);
+        crate::io::write_file_atomic(self.ctx.fs.as_ref(), &path, &prefix.encode())
+            .map_err(|e| self.poison(LogError::io(&path, e)))?;
+        *self.clean_prefix.lock().unwrap_or_else(|e| e.into_inner()) = prefix;
+        Ok(())
     }
 
     /// Reads every record of the candidates from offset `from` on into the key map,
@@ -639,9 +716,10 @@ mod tests {
         assert_eq!(key_values(&p), expected);
         let peak = CLEANED_BUFFER_PEAK_BYTES.with(|peak| peak.get());
         assert!(peak > 0 && peak <= CLEANED_BUFFER_BYTES_MAX, "buffer peaked at {peak} bytes");
-        // A full buffer, the rest of the 5 MiB, the big batch; plus the two index files.
+        // A full buffer, the rest of the 5 MiB, the big batch; plus the two index files and
+        // the clean prefix.
         let cleaned_writes = CLEANED_WRITES.with(|writes| writes.get());
         assert_eq!(cleaned_writes, 3);
-        assert_eq!(fs.stats().writes - writes_before, cleaned_writes as u64 + 2, "all of them reached the file");
+        assert_eq!(fs.stats().writes - writes_before, cleaned_writes as u64 + 3, "all of them reached the file");
     }
 }

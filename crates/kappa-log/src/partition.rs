@@ -142,9 +142,9 @@ pub struct Partition {
     inner: Mutex<Inner>,
     /// One cleaning pass at a time; what the last one did and how far the log is clean.
     pub(crate) compaction_lock: Mutex<()>,
-    pub(crate) cleaned_up_to: Mutex<i64>,
-    /// The sub-key header the pass that set `cleaned_up_to` used.
-    pub(crate) cleaned_subkey_header: Mutex<Option<String>>,
+    /// How far the log is clean, and under which sub-key header (persisted in
+    /// `compaction::CLEAN_PREFIX_FILE`, so a restart does not make the whole log dirty).
+    pub(crate) clean_prefix: Mutex<crate::compaction::CleanPrefix>,
     pub(crate) last_compaction: Mutex<Option<crate::compaction::CompactionOutcome>>,
     sync: Mutex<SyncState>,
     synced: Condvar,
@@ -282,6 +282,7 @@ impl Partition {
             io::write_file_atomic(fs.as_ref(), &path, &encode_log_start(end)).map_err(|e| LogError::io(&path, e))?;
             deleted_before = end;
         }
+        let clean_prefix = crate::compaction::read_clean_prefix(fs.as_ref(), &dir, end, &ctx);
         let mut inner =
             Inner { segments, producers: ProducerState::default(), deleted_before, producers_recheck_len: 0 };
         // Not limited here: a tool opening the directory with other options (the offline
@@ -299,8 +300,7 @@ impl Partition {
             ctx,
             inner: Mutex::new(inner),
             compaction_lock: Mutex::new(()),
-            cleaned_up_to: Mutex::new(i64::MIN),
-            cleaned_subkey_header: Mutex::new(None),
+            clean_prefix: Mutex::new(clean_prefix),
             last_compaction: Mutex::new(None),
             sync: Mutex::new(SyncState {
                 in_flight: false,
@@ -1134,7 +1134,7 @@ fn control_marker(bytes: &[u8]) -> Result<Marker> {
 
 /// A small metadata file (docs/format.md): a 4-byte magic, `fields` as big-endian i64s,
 /// then the crc32c of everything before it, big-endian.
-fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
+pub(crate) fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + 8 * fields.len() + 4);
     out.extend_from_slice(magic);
     for field in fields {
@@ -1147,7 +1147,7 @@ fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
 
 /// The fields of a file written by [`encode_framed`]; None when its length, magic or CRC is
 /// wrong.
-fn decode_framed<const N: usize>(magic: &[u8; 4], bytes: &[u8]) -> Option<[i64; N]> {
+pub(crate) fn decode_framed<const N: usize>(magic: &[u8; 4], bytes: &[u8]) -> Option<[i64; N]> {
     let crc_at = 4 + 8 * N;
     if bytes.len() != crc_at + 4
         || &bytes[..4] != magic

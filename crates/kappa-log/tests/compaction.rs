@@ -782,6 +782,68 @@ fn dropping_the_subkey_header_makes_the_next_pass_read_the_whole_log_again() {
     assert_eq!(values_of(&p, "k0"), vec![Some(b"v0-1".to_vec())]);
 }
 
+/// A compacted log cleaned once: a=1 a=2 in one closed segment, then fillers.
+fn cleaned_once(dir: &Path, clock: &ManualClock, subkey: bool) -> (Log, Arc<Partition>, i64) {
+    let log = open(dir, clock);
+    let p = compacted_topic(&log, subkey, &[]);
+    p.append(keyed("a", Some("1"), T0)).unwrap();
+    p.append(keyed("a", Some("2"), T0)).unwrap();
+    roll(&p, 2, T0);
+    let outcome = p.compact(true).unwrap().expect("a pass ran");
+    assert_eq!(values_of(&p, "a"), vec![Some(b"2".to_vec())]);
+    assert_eq!(p.compaction_status().dirty_bytes, 0);
+    (log, p, outcome.cleaned_up_to)
+}
+
+#[test]
+fn how_far_the_log_is_clean_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (log, p, cleaned_up_to) = cleaned_once(dir.path(), &clock, false);
+    drop(p);
+    log.close().unwrap();
+
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let status = p.compaction_status();
+    assert_eq!(status.cleaned_up_to, cleaned_up_to, "{status:?}");
+    assert_eq!(status.dirty_bytes, 0, "the segments cleaned before the restart are not dirty again");
+    assert!(p.compact(false).unwrap().is_none(), "no pass rewrites them");
+
+    // A damaged record of it is no reason to refuse the partition: it reads as nothing clean.
+    drop(p);
+    log.close().unwrap();
+    std::fs::write(dir.path().join("topics/t/0/cleaned-up-to.offset"), b"garbage").unwrap();
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    let status = p.compaction_status();
+    assert_eq!(status.dirty_bytes, status.cleanable_bytes, "everything is dirty again: {status:?}");
+    assert!(p.compact(false).unwrap().is_some(), "and a pass reads it all");
+    assert_eq!(values_of(&p, "a"), vec![Some(b"2".to_vec())]);
+}
+
+#[test]
+fn changing_the_subkey_header_makes_the_whole_log_dirty_without_new_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (log, p, _) = cleaned_once(dir.path(), &clock, true);
+    let header = kappa_log::config::COMPACTION_SUBKEY_HEADER.to_owned();
+    log.alter_topic_config("t", &[(header.clone(), Some("other".to_owned()))].into()).unwrap();
+    let status = p.compaction_status();
+    assert_eq!(status.dirty_bytes, status.cleanable_bytes, "the prefix was clean under another header: {status:?}");
+    assert!(p.compact(false).unwrap().is_some(), "a pass runs without waiting for new records");
+    assert_eq!(p.compaction_status().dirty_bytes, 0);
+
+    // The header a prefix was cleaned under is remembered across a restart too.
+    drop(p);
+    log.close().unwrap();
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.compaction_status().dirty_bytes, 0, "cleaned under \"other\", which is still the header");
+    log.alter_topic_config("t", &[(header, None)].into()).unwrap();
+    assert!(p.compaction_status().dirty_bytes > 0, "by key alone the prefix is not known to be clean");
+}
+
 #[test]
 fn a_full_key_map_stops_at_the_record_that_filled_it_even_inside_a_batch() {
     let dir = tempfile::tempdir().unwrap();
