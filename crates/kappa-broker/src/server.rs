@@ -202,7 +202,8 @@ impl Connection {
     async fn serve(self, socket: TcpStream) {
         let _ = socket.set_nodelay(true);
         let (read, write) = socket.into_split();
-        let in_flight = self.limits.in_flight_per_connection.max(1);
+        // A bounded channel counts with a semaphore: no more than its maximum.
+        let in_flight = self.limits.in_flight_per_connection.clamp(1, Semaphore::MAX_PERMITS);
         let (tx, mut rx) = mpsc::channel::<Decoded>(in_flight);
         let reader =
             tokio::spawn(read_loop(read, tx, self.limits.clone(), self.budget.clone(), self.stop.clone(), self.peer));

@@ -263,6 +263,26 @@ async fn pipelined_requests_are_answered_in_order() {
     }
 }
 
+/// Limits now come from flags, so any value may arrive: ones past what tokio's channels
+/// and semaphores can count are served as that maximum, not a panic in each connection.
+#[tokio::test]
+async fn limits_past_what_tokio_counts_still_serve() {
+    let huge = Limits {
+        in_flight_per_connection: usize::MAX,
+        pending_replies_per_connection: usize::MAX,
+        request_bytes_buffered_max: usize::MAX,
+        connections_max: usize::MAX,
+        ..Limits::default()
+    };
+    let server = start(huge).await;
+    let (cid, answer, _) = api_versions(server.addr, 3).await;
+    assert_eq!((cid, answer.error_code), (7, 0));
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&request_frame(&header(ApiKey::Metadata, 1, 1, "sleep-0"), &MetadataRequest::default())).await.unwrap();
+    let mut frame = recv(&mut s).await.expect("a Metadata answer");
+    assert_eq!(frame.get_i32(), 1);
+}
+
 fn legacy_produce_v2(acks: i16, set: &[u8]) -> Vec<u8> {
     let mut p = BytesMut::new();
     header(ApiKey::Produce, 2, 11, "kafka-node").encode(&mut p, 1).unwrap();

@@ -20,7 +20,10 @@ pub struct ServeArgs {
     /// http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms,
     /// http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max,
     /// kafka_idle_connection_timeout_ms, kafka_request_partitions_max,
-    /// kafka_compressed_appends_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
+    /// kafka_compressed_appends_max, kafka_requests_in_flight_per_connection_max,
+    /// kafka_pending_replies_per_connection_max, kafka_request_bytes_buffered_max,
+    /// kafka_frame_read_timeout_ms, kafka_response_write_timeout_ms,
+    /// transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms,
     /// producers_per_partition_max.
     #[arg(long, env = "KAPPA_CONFIG")]
     pub config: Option<PathBuf>,
@@ -115,6 +118,27 @@ pub struct ServeArgs {
     /// [default: 8]
     #[arg(long, env = "KAPPA_KAFKA_COMPRESSED_APPENDS_MAX")]
     pub kafka_compressed_appends_max: Option<usize>,
+    /// Requests a Kafka connection may send ahead of the one being handled; past it the
+    /// connection is not read until one is answered [default: 16]
+    #[arg(long, env = "KAPPA_KAFKA_REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX")]
+    pub kafka_requests_in_flight_per_connection_max: Option<usize>,
+    /// Replies a Kafka connection may have waiting for their fsync (pipelined produces:
+    /// one group commit) before it takes no more requests [default: 256]
+    #[arg(long, env = "KAPPA_KAFKA_PENDING_REPLIES_PER_CONNECTION_MAX")]
+    pub kafka_pending_replies_per_connection_max: Option<usize>,
+    /// Memory for Kafka request frames being read or waiting to be handled, all connections
+    /// together; raised to kafka_request_bytes_max if below it (Kafka:
+    /// queued.max.request.bytes) [default: 134217728]
+    #[arg(long, env = "KAPPA_KAFKA_REQUEST_BYTES_BUFFERED_MAX")]
+    pub kafka_request_bytes_buffered_max: Option<usize>,
+    /// Once a Kafka request's first byte has arrived, its size and then its body must each
+    /// arrive within this, or the connection is closed [default: 30000]
+    #[arg(long, env = "KAPPA_KAFKA_FRAME_READ_TIMEOUT_MS")]
+    pub kafka_frame_read_timeout_ms: Option<u64>,
+    /// A Kafka reply the peer takes no byte of for this long closes the connection
+    /// [default: 600000]
+    #[arg(long, env = "KAPPA_KAFKA_RESPONSE_WRITE_TIMEOUT_MS")]
+    pub kafka_response_write_timeout_ms: Option<u64>,
     /// How long a transactional id with no transaction is remembered (Kafka:
     /// transactional.id.expiration.ms) [default: 604800000, 7 days]
     #[arg(long, env = "KAPPA_TRANSACTIONAL_ID_EXPIRATION_MS")]
@@ -163,6 +187,11 @@ struct FileSettings {
     kafka_idle_connection_timeout_ms: Option<u64>,
     kafka_request_partitions_max: Option<usize>,
     kafka_compressed_appends_max: Option<usize>,
+    kafka_requests_in_flight_per_connection_max: Option<usize>,
+    kafka_pending_replies_per_connection_max: Option<usize>,
+    kafka_request_bytes_buffered_max: Option<usize>,
+    kafka_frame_read_timeout_ms: Option<u64>,
+    kafka_response_write_timeout_ms: Option<u64>,
     transactional_id_expiration_ms: Option<u64>,
     transactional_ids_max: Option<usize>,
     producer_id_expiration_ms: Option<u64>,
@@ -367,11 +396,9 @@ fn kafka_limits(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_b
     if request_bytes_max > i32::MAX as usize {
         bail!("kafka_request_bytes_max must be at most {} (a Kafka frame's size is an i32)", i32::MAX);
     }
-    let idle_ms = positive_ms(
-        "kafka_idle_connection_timeout_ms",
-        args.kafka_idle_connection_timeout_ms.or(file.kafka_idle_connection_timeout_ms),
-        defaults.idle_timeout.as_millis() as u64,
-    )?;
+    let timeout = |name: &str, value: Option<u64>, default: Duration| {
+        positive_ms(name, value, default.as_millis() as u64).map(|ms| Duration::from_millis(ms as u64))
+    };
     Ok(kappa_broker::server::Limits {
         connections_max: positive(
             "kafka_connections_max",
@@ -379,11 +406,40 @@ fn kafka_limits(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_b
             defaults.connections_max,
         )?,
         request_bytes_max,
-        idle_timeout: Duration::from_millis(idle_ms as u64),
+        idle_timeout: timeout(
+            "kafka_idle_connection_timeout_ms",
+            args.kafka_idle_connection_timeout_ms.or(file.kafka_idle_connection_timeout_ms),
+            defaults.idle_timeout,
+        )?,
         request_partitions_max: positive(
             "kafka_request_partitions_max",
             args.kafka_request_partitions_max.or(file.kafka_request_partitions_max),
             defaults.request_partitions_max,
+        )?,
+        in_flight_per_connection: positive(
+            "kafka_requests_in_flight_per_connection_max",
+            args.kafka_requests_in_flight_per_connection_max.or(file.kafka_requests_in_flight_per_connection_max),
+            defaults.in_flight_per_connection,
+        )?,
+        pending_replies_per_connection: positive(
+            "kafka_pending_replies_per_connection_max",
+            args.kafka_pending_replies_per_connection_max.or(file.kafka_pending_replies_per_connection_max),
+            defaults.pending_replies_per_connection,
+        )?,
+        request_bytes_buffered_max: positive(
+            "kafka_request_bytes_buffered_max",
+            args.kafka_request_bytes_buffered_max.or(file.kafka_request_bytes_buffered_max),
+            defaults.request_bytes_buffered_max,
+        )?,
+        frame_read_timeout: timeout(
+            "kafka_frame_read_timeout_ms",
+            args.kafka_frame_read_timeout_ms.or(file.kafka_frame_read_timeout_ms),
+            defaults.frame_read_timeout,
+        )?,
+        response_write_timeout: timeout(
+            "kafka_response_write_timeout_ms",
+            args.kafka_response_write_timeout_ms.or(file.kafka_response_write_timeout_ms),
+            defaults.response_write_timeout,
         )?,
         ..defaults
     })
@@ -391,7 +447,7 @@ fn kafka_limits(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_b
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max, kafka_idle_connection_timeout_ms, kafka_request_partitions_max, kafka_compressed_appends_max, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max, kafka_idle_connection_timeout_ms, kafka_request_partitions_max, kafka_compressed_appends_max, kafka_requests_in_flight_per_connection_max, kafka_pending_replies_per_connection_max, kafka_request_bytes_buffered_max, kafka_frame_read_timeout_ms, kafka_response_write_timeout_ms, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -479,6 +535,25 @@ mod tests {
         assert!(error.to_string().contains("kafka_request_bytes_max must be at least 1"), "{error}");
         let huge = parse(&["kappa", "--kafka-request-bytes-max", "4294967296"]);
         assert!(kafka_limits(&huge, &file).unwrap_err().to_string().contains("i32"));
+
+        let file: FileSettings = toml::from_str(
+            "kafka_requests_in_flight_per_connection_max = 4\nkafka_request_bytes_buffered_max = 1000\nkafka_response_write_timeout_ms = 7000",
+        )
+        .unwrap();
+        let flags = parse(&[
+            "kappa",
+            "--kafka-pending-replies-per-connection-max",
+            "9",
+            "--kafka-frame-read-timeout-ms",
+            "250",
+        ]);
+        let limits = kafka_limits(&flags, &file).unwrap();
+        assert_eq!((limits.in_flight_per_connection, limits.pending_replies_per_connection), (4, 9));
+        assert_eq!(limits.request_bytes_buffered_max, 1000, "the server raises it to request_bytes_max itself");
+        assert_eq!(limits.frame_read_timeout, Duration::from_millis(250));
+        assert_eq!(limits.response_write_timeout, Duration::from_millis(7000));
+        let error = kafka_limits(&parse(&["kappa", "--kafka-frame-read-timeout-ms", "0"]), &file).unwrap_err();
+        assert!(error.to_string().contains("kafka_frame_read_timeout_ms must be at least 1 ms"), "{error}");
 
         let resolve = |args: &[&str]| Settings::resolve(parse(args)).map(|s| s.kafka_compressed_appends_max);
         assert_eq!(resolve(&["kappa"]).unwrap(), kappa_broker::COMPRESSED_APPENDS_MAX_DEFAULT);
