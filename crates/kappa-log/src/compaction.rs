@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::batch::BatchHeader;
+use crate::clean_prefix::{self, CleanPrefix};
 use crate::config::MAX_MESSAGE_BYTES_LIMIT;
 use crate::error::{LogError, Result};
 use crate::io::{OpenMode, StorageFile};
@@ -49,79 +50,6 @@ const MAP_ENTRY_OVERHEAD_BYTES: usize = 64;
 /// Most cleaned bytes held in memory before they are written to the `.cleaned` file: a
 /// segment may be up to `segment.bytes` (1 GiB by default), too much to build in memory.
 pub const CLEANED_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024;
-
-/// The partition file recording how far the log is clean (`docs/format.md`): without it a
-/// restart made the whole log dirty, and the first pass after it rewrote every segment.
-pub(crate) const CLEAN_PREFIX_FILE: &str = "cleaned-up-to.offset";
-const CLEAN_PREFIX_MAGIC: &[u8; 4] = b"KCLN";
-/// The sub-key tag of a topic compacted by key alone (a CRC-32C tag is never negative).
-const NO_SUBKEY_TAG: i64 = -1;
-
-/// How far the log is clean: the prefix a pass cleaned, in which no compaction key occurs
-/// twice, and which sub-key header defined the keys then (as a CRC-32C of its name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct CleanPrefix {
-    end: i64,
-    subkey_tag: i64,
-}
-
-impl CleanPrefix {
-    /// Nothing cleaned yet: the whole log is dirty.
-    pub(crate) const NONE: Self = Self { end: i64::MIN, subkey_tag: NO_SUBKEY_TAG };
-
-    fn new(end: i64, subkey_header: Option<&str>) -> Self {
-        Self { end, subkey_tag: subkey_tag(subkey_header) }
-    }
-
-    /// Where the clean prefix ends for passes under `subkey_header`: nowhere when the
-    /// header changed since (the prefix's keys were distinct under the old one), so the
-    /// whole log counts as dirty and is read again. Two names with one CRC would only
-    /// leave duplicates under the new name in the prefix until a later record of the same
-    /// key comes: the cleaner never removes more than the rules say, whatever the prefix.
-    fn end_under(&self, subkey_header: Option<&str>) -> i64 {
-        if self.subkey_tag == subkey_tag(subkey_header) { self.end } else { i64::MIN }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        crate::partition::encode_framed(CLEAN_PREFIX_MAGIC, &[self.end, self.subkey_tag])
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        crate::partition::decode_framed::<2>(CLEAN_PREFIX_MAGIC, bytes)
-            .map(|[end, subkey_tag]| Self { end, subkey_tag })
-    }
-}
-
-fn subkey_tag(subkey_header: Option<&str>) -> i64 {
-    subkey_header.map_or(NO_SUBKEY_TAG, |name| i64::from(crc32c::crc32c(name.as_bytes())))
-}
-
-/// The clean prefix a pass recorded in `dir`. Nothing clean when there is no file, when it
-/// is damaged, or when it ends past the log's end (records were lost since, e.g. a power
-/// loss under the interval sync policy): a pass over the whole log is always safe, only
-/// slower, so none of these stops the open.
-pub(crate) fn read_clean_prefix(
-    fs: &dyn crate::io::Storage,
-    dir: &Path,
-    log_end_offset: i64,
-    ctx: &crate::partition::PartitionContext,
-) -> CleanPrefix {
-    let path = dir.join(CLEAN_PREFIX_FILE);
-    if !fs.exists(&path) {
-        return CleanPrefix::NONE;
-    }
-    match crate::io::read_file(fs, &path).ok().as_deref().and_then(CleanPrefix::decode) {
-        Some(prefix) if prefix.end <= log_end_offset => prefix,
-        Some(prefix) => {
-            tracing::warn!(topic = %ctx.topic, partition = ctx.partition, cleaned_up_to = prefix.end, log_end_offset, "the log ends before its recorded clean prefix; the next compaction pass reads it all");
-            CleanPrefix::NONE
-        }
-        None => {
-            tracing::warn!(topic = %ctx.topic, partition = ctx.partition, path = %path.display(), "unreadable clean prefix file; the next compaction pass reads the whole log");
-            CleanPrefix::NONE
-        }
-    }
-}
 
 /// What one cleaning pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -324,14 +252,17 @@ impl Partition {
         self.clean_prefix.lock().unwrap_or_else(|e| e.into_inner()).end_under(subkey_header)
     }
 
-    /// Persists how far a pass cleaned, then remembers it. The file is written atomically
-    /// (with fsyncs: a failure poisons the directory, as every failed fsync does).
+    /// Remembers how far a pass cleaned and persists it. A failed fsync poisons the
+    /// directory, as every failed fsync does; any other failure (a full disk) fails the
+    /// pass without poisoning: the file keeps the previous, smaller claim, still true, and
+    /// the cleaned segments stand.
     fn record_clean_prefix(&self, prefix: CleanPrefix) -> Result<()> {
-        let path = self.ctx.dir.join(CLEAN_PREFIX_FILE);
-        crate::io::write_file_atomic(self.ctx.fs.as_ref(), &path, &prefix.encode())
-            .map_err(|e| self.poison(LogError::io(&path, e)))?;
+        let written = clean_prefix::write(self.ctx.fs.as_ref(), &self.ctx.dir, &self.ctx.topic_id, &prefix);
         *self.clean_prefix.lock().unwrap_or_else(|e| e.into_inner()) = prefix;
-        Ok(())
+        written.map_err(|e| match e {
+            clean_prefix::WriteError::Sync(e) => self.poison(e),
+            clean_prefix::WriteError::Other(e) => e,
+        })
     }
 
     /// Reads every record of the candidates from offset `from` on into the key map,

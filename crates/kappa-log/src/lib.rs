@@ -5,6 +5,7 @@
 //! connections, consumer groups or views.
 
 pub mod batch;
+mod clean_prefix;
 pub mod clock;
 pub mod codec;
 pub mod compaction;

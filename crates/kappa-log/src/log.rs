@@ -236,6 +236,7 @@ impl Log {
     fn open_partition(&self, topic: &Topic, index: i32) -> Result<(Partition, PartitionRecovery)> {
         Partition::open(PartitionContext {
             topic: topic.name.clone(),
+            topic_id: topic.id,
             partition: index,
             dir: topic.dir.join(index.to_string()),
             fs: self.options.fs.clone(),

@@ -97,6 +97,8 @@ pub struct PartitionRecovery {
 /// Fixed facts about a partition given at open.
 pub struct PartitionContext {
     pub topic: String,
+    /// The topic's id (`topic.id`): which incarnation of a topic name this is.
+    pub topic_id: [u8; crate::log::TOPIC_ID_BYTES],
     pub partition: i32,
     pub dir: PathBuf,
     pub fs: Arc<dyn Storage>,
@@ -123,6 +125,7 @@ impl PartitionContext {
     ) -> Self {
         Self {
             topic: "t".to_owned(),
+            topic_id: [0; crate::log::TOPIC_ID_BYTES],
             partition: 0,
             dir: PathBuf::from("/data/t/0"),
             fs,
@@ -143,8 +146,8 @@ pub struct Partition {
     /// One cleaning pass at a time; what the last one did and how far the log is clean.
     pub(crate) compaction_lock: Mutex<()>,
     /// How far the log is clean, and under which sub-key header (persisted in
-    /// `compaction::CLEAN_PREFIX_FILE`, so a restart does not make the whole log dirty).
-    pub(crate) clean_prefix: Mutex<crate::compaction::CleanPrefix>,
+    /// `clean_prefix.rs`, so a restart does not make the whole log dirty).
+    pub(crate) clean_prefix: Mutex<crate::clean_prefix::CleanPrefix>,
     pub(crate) last_compaction: Mutex<Option<crate::compaction::CompactionOutcome>>,
     sync: Mutex<SyncState>,
     synced: Condvar,
@@ -282,7 +285,7 @@ impl Partition {
             io::write_file_atomic(fs.as_ref(), &path, &encode_log_start(end)).map_err(|e| LogError::io(&path, e))?;
             deleted_before = end;
         }
-        let clean_prefix = crate::compaction::read_clean_prefix(fs.as_ref(), &dir, end, &ctx);
+        let clean_prefix = crate::clean_prefix::read(fs.as_ref(), &dir, &ctx.topic_id, end)?;
         let mut inner =
             Inner { segments, producers: ProducerState::default(), deleted_before, producers_recheck_len: 0 };
         // Not limited here: a tool opening the directory with other options (the offline
@@ -1134,7 +1137,7 @@ fn control_marker(bytes: &[u8]) -> Result<Marker> {
 
 /// A small metadata file (docs/format.md): a 4-byte magic, `fields` as big-endian i64s,
 /// then the crc32c of everything before it, big-endian.
-pub(crate) fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
+fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + 8 * fields.len() + 4);
     out.extend_from_slice(magic);
     for field in fields {
@@ -1147,7 +1150,7 @@ pub(crate) fn encode_framed(magic: &[u8; 4], fields: &[i64]) -> Vec<u8> {
 
 /// The fields of a file written by [`encode_framed`]; None when its length, magic or CRC is
 /// wrong.
-pub(crate) fn decode_framed<const N: usize>(magic: &[u8; 4], bytes: &[u8]) -> Option<[i64; N]> {
+fn decode_framed<const N: usize>(magic: &[u8; 4], bytes: &[u8]) -> Option<[i64; N]> {
     let crc_at = 4 + 8 * N;
     if bytes.len() != crc_at + 4
         || &bytes[..4] != magic

@@ -818,8 +818,55 @@ fn how_far_the_log_is_clean_survives_a_restart() {
     let p = log.partition("t", 0).unwrap();
     let status = p.compaction_status();
     assert_eq!(status.dirty_bytes, status.cleanable_bytes, "everything is dirty again: {status:?}");
+    assert!(!dir.path().join(PREFIX_FILE).exists(), "and the damaged file is gone");
     assert!(p.compact(false).unwrap().is_some(), "and a pass reads it all");
     assert_eq!(values_of(&p, "a"), vec![Some(b"2".to_vec())]);
+}
+
+const PREFIX_FILE: &str = "topics/t/0/cleaned-up-to.offset";
+
+/// The partition's compaction status right after opening the log again.
+fn status_after_reopen(dir: &Path, clock: &ManualClock) -> kappa_log::compaction::CompactionStatus {
+    open(dir, clock).partition("t", 0).unwrap().compaction_status()
+}
+
+/// A clean prefix is a claim the cleaner trusts (records there are their keys' latest), so
+/// a file that may no longer be true is dropped: never a deleted key brought back.
+#[test]
+fn a_clean_prefix_of_another_topic_incarnation_or_past_the_log_end_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let (log, p, _) = cleaned_once(dir.path(), &clock, false);
+    drop(p);
+    log.close().unwrap();
+    let status = status_after_reopen(dir.path(), &clock);
+    assert!(status.cleanable_bytes > 0 && status.dirty_bytes == 0, "the prefix holds as written: {status:?}");
+
+    // Written for an earlier topic of the same name (a pass still running on it while it
+    // was deleted and created again): the topic id differs.
+    std::fs::write(dir.path().join("topics/t/topic.id"), [9u8; 16]).unwrap();
+    let status = status_after_reopen(dir.path(), &clock);
+    assert_eq!(status.dirty_bytes, status.cleanable_bytes, "another incarnation's prefix counts: {status:?}");
+    assert!(!dir.path().join(PREFIX_FILE).exists(), "and stays for a later open");
+
+    // Past the log end: the segments it covered are gone (only the first one is left).
+    let log = open(dir.path(), &clock);
+    let p = log.partition("t", 0).unwrap();
+    p.compact(true).unwrap().expect("a pass ran");
+    drop(p);
+    log.close().unwrap();
+    let segments = segment_files(&dir.path().join("topics/t/0"));
+    assert!(segments.len() >= 3, "{segments:?}");
+    for entry in std::fs::read_dir(dir.path().join("topics/t/0")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.split('.').next().unwrap().parse::<i64>().is_ok_and(|base| base > segments[0].0) {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    let status = status_after_reopen(dir.path(), &clock);
+    assert_eq!(status.cleaned_up_to, i64::MIN, "a prefix past the log end counts: {status:?}");
+    assert!(!dir.path().join(PREFIX_FILE).exists());
 }
 
 #[test]
