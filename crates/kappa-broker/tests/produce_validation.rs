@@ -71,8 +71,71 @@ async fn a_damaged_batch_is_corrupt_and_an_intact_invalid_one_is_an_invalid_reco
     kappa_log::batch::rewrite_crc(&mut undecodable);
     assert_eq!(produce(kappa.addr, "t", undecodable).await, INVALID_RECORD, "records that do not decode");
 
+    let truncated = good[..good.len() - 1].to_vec();
+    assert_eq!(produce(kappa.addr, "t", truncated).await, INVALID_RECORD, "a partial batch: sent that way");
+
     assert_eq!(kappa.log.partition("t", 0).unwrap().log_end_offset(), 0, "nothing was written");
     assert_eq!(produce(kappa.addr, "t", good).await, 0);
+}
+
+/// A produce v2 request (kafka-node's) of one message set to partition 0 of `t`: its
+/// partition's error code. kafka-protocol no longer encodes v0-2, so it is written by hand.
+async fn legacy_produce(addr: std::net::SocketAddr, set: &[u8]) -> i16 {
+    use bytes::{Buf, BufMut, BytesMut};
+    use kafka_protocol::messages::RequestHeader;
+    use kafka_protocol::protocol::Encodable;
+    let mut body = BytesMut::new();
+    let header = RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(2)
+        .with_correlation_id(5)
+        .with_client_id(Some(StrBytes::from_static_str("kafka-node")));
+    header.encode(&mut body, 1).unwrap();
+    body.put_i16(-1); // acks
+    body.put_i32(1000);
+    body.put_i32(1);
+    body.put_i16(1);
+    body.put_slice(b"t");
+    body.put_i32(1);
+    body.put_i32(0);
+    body.put_i32(set.len() as i32);
+    body.put_slice(set);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&(body.len() as i32).to_be_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size).await.unwrap();
+    let mut answer = vec![0u8; i32::from_be_bytes(size) as usize];
+    stream.read_exact(&mut answer).await.unwrap();
+    // correlation id, [topics], name "t", [partitions], index, then the error code.
+    let mut answer = &answer[..];
+    assert_eq!(answer.get_i32(), 5);
+    answer.advance(4 + 2 + 1 + 4 + 4);
+    answer.get_i16()
+}
+
+/// kafka-node sends v0/v1 message sets; the broker converts them to record batches (under
+/// the turn compressed batches take, since converting inflates), and one that fails its
+/// checks is CORRUPT_MESSAGE for its partition.
+#[tokio::test]
+async fn a_message_set_is_converted_and_a_corrupt_one_is_a_corrupt_message() {
+    use kappa_broker::legacy::message_set;
+    let kappa = start(BrokerConfig::default()).await;
+    let mut set = bytes::BytesMut::new();
+    message_set::encode_message(&mut set, 0, 1, 0, 1234, Some(b"key"), Some(b"value"));
+    assert_eq!(legacy_produce(kappa.addr, &set).await, 0);
+    let partition = kappa.log.partition("t", 0).unwrap();
+    assert_eq!(partition.log_end_offset(), 1);
+    let read = partition.read(0, 1 << 20, kappa_log::Isolation::ReadCommitted).unwrap();
+    let decoded = kappa_log::records::decode_records(&read.records, 1 << 20).unwrap();
+    let record = decoded.get(0).unwrap();
+    assert_eq!((record.key, record.value), (Some(&b"key"[..]), Some(&b"value"[..])));
+
+    let mut corrupt = set.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    assert_eq!(legacy_produce(kappa.addr, &corrupt).await, CORRUPT_MESSAGE, "a message CRC that fails");
+    assert_eq!(partition.log_end_offset(), 1);
 }
 
 /// Transaction markers and sequence-less producer batches come from the broker only

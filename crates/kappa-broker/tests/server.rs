@@ -299,7 +299,7 @@ fn legacy_produce_v2(acks: i16, set: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn legacy_produce_v2_is_up_converted_and_answered_in_v2_layout() {
+async fn legacy_produce_v2_reaches_the_handler_as_sent_and_is_answered_in_v2_layout() {
     let server = start(Limits::default()).await;
     let mut set = BytesMut::new();
     message_set::encode_message(&mut set, 0, 1, 0, 1234, Some(b"key"), Some(b"value"));
@@ -321,7 +321,10 @@ async fn legacy_produce_v2_is_up_converted_and_answered_in_v2_layout() {
     assert_eq!(frame, expected.freeze());
     let seen = server.handler.seen.lock().unwrap();
     let RequestKind::Produce(p) = &seen[0].1 else { panic!("not a produce") };
-    let batch = p.topic_data[0].partition_data[0].records.clone().unwrap();
+    // The message set reaches the handler as sent; the broker's produce converts it.
+    let set = p.topic_data[0].partition_data[0].records.clone().unwrap();
+    assert!(kappa_broker::legacy::produce::is_message_set(&set));
+    let batch = kappa_broker::legacy::produce::up_convert(&set).unwrap();
     kappa_log::batch::validate(&batch, 1 << 20).unwrap();
     let records = kappa_log::records::decode_records(&batch, 1 << 20).unwrap();
     let first = records.get(0).unwrap();

@@ -44,18 +44,21 @@ pub const INVALID_RECORD: i16 = 87;
 pub const UNSTABLE_OFFSET_COMMIT: i16 = 88;
 pub const UNKNOWN_TOPIC_ID: i16 = 100;
 
-/// The Kafka code for a batch the log refused, as Kafka tells them apart: a batch whose
-/// framing or CRC is broken may have been damaged on the way, and CORRUPT_MESSAGE is one a
-/// client retries; a batch that arrived intact but breaks the format's rules (LogValidator's
-/// InvalidRecordException) would fail again, and INVALID_RECORD is one a client gives up on
-/// at once (KafkaJS: retriable true / false). A magic below 2 stays CORRUPT_MESSAGE: it is a
-/// v0-2 message set kappa could not convert (`legacy/produce.rs`), and clients of those
-/// versions predate INVALID_RECORD.
+/// The Kafka code for a batch the log refused, as Kafka tells them apart: a CRC or length
+/// that does not hold, or an unknown magic, is CORRUPT_MESSAGE (Kafka's
+/// CorruptRecordException; KafkaJS and the Java client retry it, librdkafka and kafka-python
+/// do not); a batch that breaks the format's rules — a count that disagrees with its offset
+/// deltas, a partial batch (a whole request frame arrived, so it was sent that way), an
+/// unknown codec (Kafka answers that one UNKNOWN_SERVER_ERROR) — is INVALID_RECORD
+/// (LogValidator's InvalidRecordException), which no client retries: the same bytes would
+/// fail again. v0/v1 message sets never reach the log (`produce.rs` converts them).
 fn batch_code(error: &BatchError) -> i16 {
     match error {
-        BatchError::Truncated { .. } | BatchError::BadLength { .. } | BatchError::BadCrc { .. } => CORRUPT_MESSAGE,
-        BatchError::BadMagic(_) => CORRUPT_MESSAGE,
-        BatchError::CountMismatch { .. } | BatchError::BadCodec(_) | BatchError::Empty(_) => INVALID_RECORD,
+        BatchError::BadLength { .. } | BatchError::BadCrc { .. } | BatchError::BadMagic(_) => CORRUPT_MESSAGE,
+        BatchError::Truncated { .. }
+        | BatchError::CountMismatch { .. }
+        | BatchError::BadCodec(_)
+        | BatchError::Empty(_) => INVALID_RECORD,
     }
 }
 

@@ -43,9 +43,10 @@ pub struct BrokerConfig {
     pub fetch_wait_ms_max: u64,
     /// Largest fetch response, whatever the client asks (Kafka: fetch.max.bytes).
     pub fetch_response_bytes_max: usize,
-    /// Produce requests with compressed batches appended at once; more wait their turn. To
-    /// check a compressed batch the log inflates it (up to `BATCH_UNCOMPRESSED_BYTES_MAX`,
-    /// 64 MiB, one batch at a time per request), so this bounds that memory: 8 × 64 MiB.
+    /// Produce requests with compressed batches (or v0/v1 message sets, converted first)
+    /// appended at once; more wait their turn. To check a compressed batch the log inflates
+    /// it (up to `BATCH_UNCOMPRESSED_BYTES_MAX`, 64 MiB, one batch at a time per request), so
+    /// this bounds that memory: 8 × 64 MiB.
     /// Kafka bounds the same work by its request handler threads (num.io.threads, 8).
     pub compressed_appends_max: usize,
     pub group: GroupConfig,
@@ -100,7 +101,7 @@ pub struct Broker {
     /// Ids in `txn_connections` the coordinator did not know at the last expiry pass.
     txn_ids_unknown: std::sync::Mutex<HashSet<String>>,
     /// One permit per compressed produce being appended (`compressed_appends_max`).
-    compressed_appends: tokio::sync::Semaphore,
+    compressed_appends: Arc<tokio::sync::Semaphore>,
 }
 
 impl Broker {
@@ -118,8 +119,9 @@ impl Broker {
         let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
         let groups = GroupCoordinator::new(config.group.clone());
         groups.spawn_session_reaper(Duration::from_millis(500));
-        let compressed_appends =
-            tokio::sync::Semaphore::new(config.compressed_appends_max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
+        let compressed_appends = Arc::new(tokio::sync::Semaphore::new(
+            config.compressed_appends_max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         let broker = Arc::new(Self {
             stats: Arc::default(),
             log,

@@ -18,6 +18,7 @@ use crate::server::BoxFuture;
 use super::errors::{self, log_code, txn_code};
 use super::metadata::is_internal;
 use super::{Broker, ByTopic, blocking, str_bytes};
+use crate::legacy;
 
 /// Largest produce request (record bytes) appended on the connection's own task rather than
 /// on a blocking thread.
@@ -63,17 +64,30 @@ impl Broker {
                     .collect::<Vec<_>>()
             })
             .collect();
+        // Inflating (to check a compressed batch, or to convert a v0/v1 message set) is what
+        // costs memory: at most `compressed_appends_max` such requests at once. The turn is
+        // taken before a transaction is held (the coordinator's expiry pass waits for held
+        // ones) and moves into the append, so it is kept until the inflating is done even if
+        // the connection goes away meanwhile.
+        let inflates = work
+            .iter()
+            .any(|(_, _, _, records)| legacy::produce::is_message_set(records) || has_compressed_batch(records));
+        let turn = match inflates {
+            true => Some(self.compressed_appends.clone().acquire_owned().await.expect("the semaphore is never closed")),
+            false => None,
+        };
         // Held until the batches are written: the transaction cannot end in between.
         let (work, refused, _ongoing) = self.verify_transactional(transactional_id.as_deref(), work).await;
         let bytes: usize = work.iter().map(|(_, _, _, records)| records.len()).sum();
-        let compressed = work.iter().any(|(_, _, _, records)| has_compressed_batch(records));
         let append = move || {
+            let _turn = turn;
             work.into_iter()
                 .map(|(name, index, partition, records)| {
                     let result = if acks_valid {
-                        partition
-                            .map_err(failure)
-                            .and_then(|p| append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end)))
+                        partition.map_err(failure).and_then(|p| {
+                            let records = record_batches(records)?;
+                            append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end))
+                        })
                     } else {
                         Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()).into())
                     };
@@ -83,17 +97,9 @@ impl Broker {
         };
         // A small append is a short write into the page cache (the fsync, if any, happens in
         // phase two): done on this task it saves two thread hand-offs per request, most of a
-        // small produce's latency. Larger ones go to a blocking thread, and so do compressed
-        // ones: the log inflates every record to check it (up to 64 MiB per batch).
-        let mut written = if compressed {
-            // Inflating is what costs memory: at most `compressed_appends_max` at once.
-            let _permit = self.compressed_appends.acquire().await.expect("the semaphore is never closed");
-            blocking(append).await
-        } else if bytes <= INLINE_APPEND_BYTES_MAX {
-            append()
-        } else {
-            blocking(append).await
-        };
+        // small produce's latency. Larger ones go to a blocking thread, and so do the ones
+        // that inflate (up to 64 MiB per batch).
+        let mut written = if !inflates && bytes <= INLINE_APPEND_BYTES_MAX { append() } else { blocking(append).await };
         written.extend(refused);
         Box::pin(async move {
             let mut durable = Vec::with_capacity(written.len());
@@ -298,6 +304,19 @@ fn add_partition_response(
 /// Writes every batch in `records` in order, without waiting for durability. Returns the
 /// first batch's outcome (Kafka's produce response carries one base offset per partition)
 /// and the offset everything written ends before.
+/// A partition's records as record batches: a v0/v1 message set (produce v0-2, e.g.
+/// kafka-node) is converted, and one that cannot be is CORRUPT_MESSAGE, as Kafka answers a
+/// message set that fails its checks.
+fn record_batches(records: Bytes) -> Result<Bytes, Refusal> {
+    if !legacy::produce::is_message_set(&records) {
+        return Ok(records);
+    }
+    legacy::produce::up_convert(&records).map(Bytes::from).map_err(|e| {
+        let message = format!("the v0/v1 message set could not be converted to a record batch: {e}");
+        (errors::CORRUPT_MESSAGE, message).into()
+    })
+}
+
 fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), Refusal> {
     // Every batch's framing and header first: a request refused for its third batch has
     // not written the first two.
@@ -399,23 +418,30 @@ mod tests {
             let broker = broker.clone();
             async move { broker.produce(produce_request("t", batch(Compression::Zstd))).await }
         });
+        // A v0/v1 message set (kafka-node) inflates too, to be converted.
+        let mut set = bytes::BytesMut::new();
+        crate::legacy::message_set::encode_message(&mut set, 0, 1, 0, 5, Some(b"k"), Some(b"v"));
+        let legacy = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.produce(produce_request("t", set.to_vec())).await }
+        });
         let plain = broker.produce(produce_request("t", batch(Compression::None))).await;
         assert_eq!(error_codes(&plain), [0], "an uncompressed produce does not wait");
         let end = || log.partition("t", 0).unwrap().log_end_offset();
         assert_eq!(end(), 1);
         let gave_up = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            while !waiting.is_finished() {
+            while !waiting.is_finished() && !legacy.is_finished() {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         })
         .await;
-        assert!(gave_up.is_err(), "the compressed produce waits while the turn is taken");
-        assert_eq!(end(), 1, "and has written nothing");
+        assert!(gave_up.is_err(), "the compressed and the legacy produce wait while the turn is taken");
+        assert_eq!(end(), 1, "and have written nothing");
 
         drop(turn);
-        let compressed = waiting.await.unwrap();
-        assert_eq!(error_codes(&compressed), [0]);
-        assert_eq!(end(), 2, "once the turn is free it is appended");
+        assert_eq!(error_codes(&waiting.await.unwrap()), [0]);
+        assert_eq!(error_codes(&legacy.await.unwrap()), [0]);
+        assert_eq!(end(), 3, "once the turn is free both are appended, one after the other");
     }
 
     #[test]

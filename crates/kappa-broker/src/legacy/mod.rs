@@ -3,7 +3,9 @@
 //!
 //! Requests decode into the same kafka-protocol structs the modern versions use, so the
 //! handler never sees a version difference; responses are the same structs written in the
-//! old layout. Old Produce payloads are up-converted to RecordBatch v2 at decode time and
+//! old layout. Old Produce payloads (MessageSets) are up-converted to RecordBatch v2 by the
+//! produce handler (`produce::up_convert`, on a blocking thread under the turn compressed
+//! batches take: converting inflates them), the one place the handler sees an old version;
 //! old Fetch payloads are down-converted from RecordBatch v2 at encode time.
 
 pub mod create_topics;

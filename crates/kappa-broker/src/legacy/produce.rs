@@ -16,11 +16,10 @@ use super::message_set;
 use super::wire::{Reader, put_array_len, put_string};
 use super::{DECOMPRESSED_BYTES_MAX, LegacyError};
 
-/// Decodes a v0-2 request; each partition's MessageSet becomes one RecordBatch v2.
-///
-/// A MessageSet that cannot be converted is passed through unchanged: its magic (0/1, at
-/// the same byte position as a batch's) makes the log reject it as CORRUPT_MESSAGE for
-/// that partition alone, rather than failing the whole request.
+/// Decodes a v0-2 request. Each partition's MessageSet is passed on as it came: the produce
+/// handler converts it ([`up_convert`]) on a blocking thread, under the turn compressed
+/// batches take, because converting inflates a compressed set (up to
+/// [`DECOMPRESSED_BYTES_MAX`]) — too much work and memory for the connection's read loop.
 pub fn decode_request(_version: i16, body: &mut Bytes) -> Result<ProduceRequest, LegacyError> {
     let mut r = Reader::new(body);
     let acks = r.i16()?;
@@ -29,7 +28,7 @@ pub fn decode_request(_version: i16, body: &mut Bytes) -> Result<ProduceRequest,
         let name = r.string("topic")?;
         let partition_data = r.array("partitions", 8, |r| {
             let index = r.i32()?;
-            let records = r.nullable_bytes("message_set")?.map(up_convert);
+            let records = r.nullable_bytes("message_set")?;
             Ok(PartitionProduceData::default().with_index(index).with_records(records))
         })?;
         Ok(TopicProduceData::default().with_name(name.into()).with_partition_data(partition_data))
@@ -37,14 +36,21 @@ pub fn decode_request(_version: i16, body: &mut Bytes) -> Result<ProduceRequest,
     Ok(ProduceRequest::default().with_acks(acks).with_timeout_ms(timeout_ms).with_topic_data(topic_data))
 }
 
-fn up_convert(set: Bytes) -> Bytes {
-    match message_set::up_convert(&set, DECOMPRESSED_BYTES_MAX) {
-        Ok(batch) => Bytes::from(batch),
-        Err(e) => {
-            debug!(error = %e, "legacy produce: message set not convertible, passing it through");
-            set
-        }
-    }
+/// Whether a partition's records are a v0/v1 MessageSet (its magic byte, at the same
+/// position as a record batch's, is 0 or 1), which only produce v0-2 carries.
+pub fn is_message_set(records: &[u8]) -> bool {
+    records.get(MAGIC_AT).is_some_and(|magic| *magic < kappa_log::batch::MAGIC_V2)
+}
+
+/// Where the magic byte lies in both formats: after the first entry's offset (8 bytes), its
+/// length (4) and a CRC (4) or, in a record batch, the partition leader epoch (4).
+const MAGIC_AT: usize = 16;
+
+/// One MessageSet as one RecordBatch v2, keeping the producer's compression.
+pub fn up_convert(set: &Bytes) -> Result<Vec<u8>, message_set::MessageSetError> {
+    message_set::up_convert(set, DECOMPRESSED_BYTES_MAX).inspect_err(|e| {
+        debug!(error = %e, "legacy produce: message set not convertible");
+    })
 }
 
 pub fn encode_response(version: i16, resp: &ProduceResponse, out: &mut BytesMut) {
@@ -96,19 +102,24 @@ mod tests {
         let p = &req.topic_data[0].partition_data[0];
         assert_eq!(p.index, 4);
         let records = p.records.as_ref().unwrap();
-        let header = batch::validate(records, 1 << 20).unwrap();
+        assert!(is_message_set(records), "passed on as it came");
+        let converted = up_convert(records).unwrap();
+        assert!(!is_message_set(&converted));
+        let header = batch::validate(&converted, 1 << 20).unwrap();
         assert_eq!(header.records_count, 1);
         assert_eq!(header.base_timestamp, 1_700_000_000_000);
     }
 
     #[test]
-    fn corrupt_message_set_passes_through_for_a_per_partition_error() {
+    fn a_corrupt_message_set_decodes_and_fails_only_its_conversion() {
         let mut set = BytesMut::new();
         message_set::encode_message(&mut set, 0, 1, 0, 5, Some(b"k"), Some(b"v"));
         let last = set.len() - 1;
         set[last] ^= 0xff; // breaks the CRC
         let req = decode_request(2, &mut request_bytes(&set)).unwrap();
-        assert_eq!(req.topic_data[0].partition_data[0].records.as_deref(), Some(&set[..]));
+        let records = req.topic_data[0].partition_data[0].records.clone().unwrap();
+        assert_eq!(&records[..], &set[..]);
+        assert!(up_convert(&records).is_err());
     }
 
     #[test]
