@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kappa_views::changelog::{self, Entry};
@@ -155,6 +155,8 @@ pub struct Hubs {
 /// unregisters, the sender drops and subscribers see `Closed`.
 pub struct Hub {
     events: broadcast::Sender<Arc<HubEvent>>,
+    /// Its task, for [`Hubs::stop`].
+    task: OnceLock<tokio::task::AbortHandle>,
 }
 
 impl Hubs {
@@ -165,16 +167,26 @@ impl Hubs {
             return hub.events.subscribe();
         }
         let (events, receiver) = broadcast::channel(HUB_BUFFER_CHUNKS);
-        let hub = Arc::new(Hub { events });
+        let hub = Arc::new(Hub { events, task: OnceLock::new() });
         hubs.insert(view.to_owned(), hub.clone());
-        let registration = HubRegistration { state: state.clone(), view: view.to_owned(), hub };
+        let registration = HubRegistration { state: state.clone(), view: view.to_owned(), hub: hub.clone() };
         // Spawned after the lock is released: a runtime shutting down drops the task at once,
         // on this thread, and the registration's drop takes the same lock.
         drop(hubs);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             run_hub(&registration.state, &registration.view, &registration.hub).await;
         });
+        let _ = hub.task.set(task.abort_handle());
         receiver
+    }
+
+    /// Ends `view`'s hub at once, as a failure would: its subscriptions follow the next one.
+    #[doc(hidden)]
+    pub fn stop(&self, view: &str) {
+        let hub = self.hubs.lock().unwrap_or_else(|e| e.into_inner()).get(view).cloned();
+        if let Some(task) = hub.as_ref().and_then(|hub| hub.task.get()) {
+            task.abort();
+        }
     }
 
     /// Whether a hub runs for `view`.
@@ -265,10 +277,11 @@ async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
         };
         let cursor = match &current {
             Some(following) if following.version == version && following.changelog == changelog => following.cursor,
-            previous => {
-                if previous.is_some() {
-                    let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog }));
-                }
+            _ => {
+                // Said on the hub's first look too: a subscription that took its snapshot
+                // from another version (before this hub started, or while a failed one was
+                // down) would otherwise hear nothing until the followed changelog changes.
+                let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog }));
                 current = Some(Following { version, changelog, cursor: end });
                 end
             }

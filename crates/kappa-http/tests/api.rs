@@ -593,6 +593,32 @@ fn a_cutover_during_a_subscription_sends_reset_and_a_fresh_snapshot() {
     assert_eq!(ws.next()["version"], 2);
 }
 
+/// A hub that ends (a panic) is replaced by the next; when another version started serving
+/// before the new hub first looked, a subscription of the old version still gets `reset`
+/// and a snapshot of the new one, even while nothing is written.
+#[test]
+fn a_cutover_before_a_new_hub_first_looks_still_resets_subscriptions() {
+    let kappa = two_versions_with_v2_serving();
+    assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 1})).0, 200);
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k"}));
+    let first = ws.next();
+    assert_eq!((first["type"].as_str(), first["version"].as_u64()), (Some("snapshot"), Some(1)));
+    {
+        // The old hub never runs again, so it cannot see the switch; its subscription
+        // starts the next hub only after the switch completed.
+        let _paused = kappa.pause();
+        kappa.engine.switch("latest", 2, false).unwrap();
+        kappa.state.hubs.stop("latest");
+    }
+    ws.socket.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reset = ws.try_next().expect("a reset after the cutover");
+    assert_eq!(reset["type"], "reset", "{reset}");
+    let snapshot = ws.next();
+    assert_eq!((snapshot["type"].as_str(), snapshot["version"].as_u64()), (Some("snapshot"), Some(2)));
+    assert_eq!(snapshot["items"][0]["value"], json!({"v2": 1}));
+}
+
 #[test]
 fn a_slow_consumer_gets_an_error_and_is_disconnected_while_others_continue() {
     // Stalled this long with its queue full (it reads nothing while the records below are
