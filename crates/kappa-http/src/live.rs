@@ -136,8 +136,9 @@ pub struct ChangeItem {
 #[derive(Debug)]
 pub enum HubEvent {
     /// The view keys changed in changelog offsets `from..next` of `version`, in the changelog
-    /// with id `changelog`.
-    Changes { version: u32, changelog: u64, from: i64, next: i64, changes: Vec<ChangeItem> },
+    /// with id `changelog`; `first_missing`: the first offset in that range whose record
+    /// compaction removed before the hub read it (the hub fell behind the cleaner).
+    Changes { version: u32, changelog: u64, from: i64, next: i64, first_missing: Option<i64>, changes: Vec<ChangeItem> },
     /// Another version serves now, or the serving changelog was deleted and created again.
     Switched { version: u32, changelog: u64 },
 }
@@ -220,9 +221,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("a blocking changelog read panicked")
 }
 
-/// Reads changelog view changes from `from`; returns them with the next offset and whether
-/// compaction removed records in the range.
-async fn read_changes(state: &Arc<AppState>, topic: &str, from: i64) -> Result<(Vec<ChangeItem>, i64, bool), ApiError> {
+/// Reads changelog view changes from `from`; returns them with the next offset and the first
+/// offset in the range whose record compaction removed, if any.
+async fn read_changes(
+    state: &Arc<AppState>,
+    topic: &str,
+    from: i64,
+) -> Result<(Vec<ChangeItem>, i64, Option<i64>), ApiError> {
     let backend = state.engine.backend().clone();
     let name = topic.to_owned();
     let chunk = blocking(move || backend.read_committed(&name, 0, from, CHANGELOG_READ_BYTES)).await?;
@@ -243,7 +248,7 @@ async fn read_changes(state: &Arc<AppState>, topic: &str, from: i64) -> Result<(
             changes.push(ChangeItem { offset, key: change.key, value });
         }
     }
-    Ok((changes, chunk.next_offset.max(from), chunk.history_gap))
+    Ok((changes, chunk.next_offset.max(from), chunk.first_missing))
 }
 
 /// The changelog a hub follows: which version's, which incarnation, and how far it got.
@@ -288,8 +293,8 @@ async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
         };
         if cursor < end && hub.events.receiver_count() > 0 {
             match read_changes(state, &topic, cursor).await {
-                Ok((changes, next, _)) => {
-                    let event = HubEvent::Changes { version, changelog, from: cursor, next, changes };
+                Ok((changes, next, first_missing)) => {
+                    let event = HubEvent::Changes { version, changelog, from: cursor, next, first_missing, changes };
                     let _ = hub.events.send(Arc::new(event));
                     current = Some(Following { version, changelog, cursor: next });
                 }
@@ -437,10 +442,12 @@ async fn follow(
                 }
             };
             match &*event {
-                HubEvent::Changes { version: v, changelog: c, from, next, changes }
+                HubEvent::Changes { version: v, changelog: c, from, next, first_missing, changes }
                     if *v == version && *c == changelog =>
                 {
-                    if *from > cursor {
+                    // Behind the chunk, or a change it has not sent was compacted away before
+                    // the hub read it: its own read replays what is there, or says reset.
+                    if *from > cursor || first_missing.is_some_and(|missing| missing >= cursor) {
                         match catch_up_or_reset(state, &followed, target, cursor, emit).await {
                             Next::Cursor(next) => cursor = next,
                             Next::Restart => continue 'restart,
@@ -638,8 +645,8 @@ async fn catch_up(
     let topic = followed.topic;
     let end = state.engine.backend().durable_end_offset(topic, 0).map_err(|e| CatchUp::Failed(e.into()))?;
     while cursor < end {
-        let (changes, next, gap) = read_changes(state, topic, cursor).await.map_err(CatchUp::Failed)?;
-        if gap {
+        let (changes, next, first_missing) = read_changes(state, topic, cursor).await.map_err(CatchUp::Failed)?;
+        if first_missing.is_some() {
             return Err(CatchUp::Gap);
         }
         for change in changes.into_iter().filter(|c| target.matches(&c.key)) {
