@@ -37,6 +37,13 @@ const CHANGELOG_READ_BYTES: usize = 1024 * 1024;
 const HUB_BUFFER_CHUNKS: usize = 256;
 /// How often a hub checks which version serves when nothing is appended.
 const HUB_IDLE_CHECK: Duration = Duration::from_millis(200);
+/// A snapshot's items as JSON (keys and values), at most: a snapshot is one WebSocket frame,
+/// and the socket refuses a frame over [`crate::ws::WS_WRITE_FRAME_BYTES_MAX`] (16 MiB) by
+/// closing the connection with every subscription on it. Two view values of
+/// `VIEW_VALUE_BYTES_MAX` (4 MiB) fit.
+pub const SNAPSHOT_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// A snapshot item's JSON besides its key and value: `{"key":,"value":},`.
+const SNAPSHOT_ITEM_OVERHEAD_BYTES: usize = 18;
 
 /// A position in one incarnation of a view version's changelog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,6 +592,7 @@ fn snapshot(
     if read_version != version {
         return Ok(None);
     }
+    check_snapshot_bytes(target, &items)?;
     Ok(Some(LiveMessage::Snapshot { version, items, token: followed.token(position) }))
 }
 
@@ -616,16 +624,56 @@ fn snapshot_too_large(prefix: &str, max: usize) -> ApiError {
     )
 }
 
-/// Refuses a prefix whose snapshot would be too large before a stream starts: an SSE
+/// Refuses a target whose snapshot would be too large before a stream starts: an SSE
 /// stream that has answered 200 can only end, and EventSource retries every stream that
 /// ends, but not a 4xx.
 pub fn check_snapshot_size(state: &AppState, view: &str, target: &Target) -> Result<(), ApiError> {
+    // One key's value (at most VIEW_VALUE_BYTES_MAX) is always under the byte limit.
     let Target::Prefix(prefix) = target else { return Ok(()) };
     let max = state.config.snapshot_items_max;
-    if state.engine.scan(view, prefix, None, max + 1)?.value.len() > max {
+    let items = state.engine.scan(view, prefix, None, max + 1)?.value;
+    if items.len() > max {
         return Err(snapshot_too_large(prefix, max));
     }
-    Ok(())
+    check_snapshot_bytes(target, &snapshot_items(view, items)?)
+}
+
+/// Refuses a snapshot over [`SNAPSHOT_BYTES_MAX`].
+fn check_snapshot_bytes(target: &Target, items: &[(String, Arc<RawValue>)]) -> Result<(), ApiError> {
+    let bytes: usize = items
+        .iter()
+        .map(|(key, value)| SNAPSHOT_ITEM_OVERHEAD_BYTES + json_string_bytes(key) + value.get().len())
+        .sum();
+    if bytes <= SNAPSHOT_BYTES_MAX {
+        return Ok(());
+    }
+    let what = match target {
+        Target::Key(key) => format!("key '{key}'"),
+        Target::Prefix(prefix) => format!("prefix '{prefix}'"),
+    };
+    Err(ApiError::bad_request(
+        "snapshot_too_large",
+        format!(
+            "the snapshot of {what} would take {bytes} bytes; a snapshot may take at most {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX, a fixed limit: it is sent as one message); subscribe to fewer keys (a longer prefix, or single keys)"
+        ),
+    ))
+}
+
+/// The length of `text` as a JSON string.
+fn json_string_bytes(text: &str) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, text).expect("counting never fails");
+    count.0
 }
 
 enum CatchUp {

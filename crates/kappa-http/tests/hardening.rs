@@ -212,6 +212,49 @@ fn the_websocket_layer_buffers_messages_up_to_twice_the_limit_or_1_mib() {
     assert_eq!(ended, "closed");
 }
 
+/// A prefix whose snapshot would not fit in one WebSocket frame (16 MiB) is refused for that
+/// subscription alone with `snapshot_too_large`, naming the byte limit; the connection and
+/// its other subscriptions go on (the frame used to fail the socket's write, closing the
+/// connection, and kappa.js reconnected and asked again, forever). SSE refuses it before the
+/// stream starts.
+#[test]
+fn a_snapshot_over_the_byte_limit_is_refused_and_the_connection_stays() {
+    let kappa = started(HttpConfig::default());
+    // 24 values of 750 KiB (under the input topic's 1 MiB records): 17.6 MiB under "big",
+    // 7.3 MiB under "big0".
+    let value = "x".repeat(750 * 1024);
+    for i in 0..24 {
+        kappa.produce(json!([{"key": format!("big{i:02}"), "value": value}]));
+    }
+    kappa.produce(json!([{"key": "small", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "small", "view": "latest", "key": "small"}));
+    assert_eq!(ws.next()["type"], "snapshot");
+    ws.send(&json!({"op": "subscribe", "id": "big", "view": "latest", "prefix": "big"}));
+    let refused = ws.next();
+    assert_eq!(
+        (refused["id"].as_str(), refused["type"].as_str(), refused["code"].as_str()),
+        (Some("big"), Some("error"), Some("snapshot_too_large")),
+        "{}",
+        &refused.to_string()[..refused.to_string().len().min(300)]
+    );
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains("at most 8388608 bytes (SNAPSHOT_BYTES_MAX") && message.contains("longer prefix"),
+        "{message}"
+    );
+    kappa.produce(json!([{"key": "small", "value": 2}]));
+    let change = ws.next();
+    assert_eq!((change["id"].as_str(), change["value"].as_i64()), (Some("small"), Some(2)), "{change}");
+    // Under the limit, a snapshot of several large values still goes out.
+    ws.send(&json!({"op": "subscribe", "id": "some", "view": "latest", "prefix": "big0"}));
+    let snapshot = ws.next();
+    assert_eq!((snapshot["id"].as_str(), snapshot["items"].as_array().map(Vec::len)), (Some("some"), Some(10)));
+    let (status, body) = kappa.get("/v1/views/latest/watch?prefix=big");
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("snapshot_too_large")), "{body}");
+}
+
 /// A second server on `kappa`'s state with short connection timeouts.
 fn serve_with_timeouts(kappa: &Kappa, timeouts: kappa_http::ConnectionTimeouts) -> std::net::SocketAddr {
     let listener = kappa.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
