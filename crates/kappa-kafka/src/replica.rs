@@ -163,6 +163,17 @@ impl Replica {
         scan_keys(&state.keys, prefix, after, limit)
     }
 
+    /// Err (why) when a snapshot of `target` would hold more than `snapshot_max` keys: what
+    /// [`Self::start`] refuses, checked before an SSE stream answers 200.
+    pub fn check_snapshot(&self, view: &str, target: &Target, snapshot_max: usize) -> Result<(), String> {
+        match target {
+            Target::Prefix(prefix) if self.scan(view, prefix, None, snapshot_max + 1).len() > snapshot_max => {
+                Err(too_many_keys(prefix, snapshot_max))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// How a subscription starts, and a receiver of every later change with no gap between
     /// them (both taken under the lock the writer holds while it applies and sends).
     /// Err: the snapshot would hold more than `snapshot_max` keys.
@@ -227,9 +238,7 @@ impl Replica {
             Target::Prefix(prefix) => {
                 let items = scan_keys(&state.keys, prefix, None, snapshot_max + 1);
                 if items.len() > snapshot_max {
-                    return Err(format!(
-                        "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
-                    ));
+                    return Err(too_many_keys(prefix, snapshot_max));
                 }
                 items
             }
@@ -241,7 +250,7 @@ impl Replica {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn apply(&self, view: &Arc<str>, partition: i32, offset: i64, key: String, value: Option<Bytes>) {
+    pub(crate) fn apply(&self, view: &Arc<str>, partition: i32, offset: i64, key: String, value: Option<Bytes>) {
         let mut inner = self.write();
         let Inner { views, history } = &mut *inner;
         let Some(state) = views.get_mut(&**view) else { return };
@@ -364,6 +373,12 @@ pub fn run_replica(
         }
     }
     Ok(())
+}
+
+fn too_many_keys(prefix: &str, snapshot_max: usize) -> String {
+    format!(
+        "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
+    )
 }
 
 #[cfg(test)]
