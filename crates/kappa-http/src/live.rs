@@ -300,30 +300,41 @@ async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
         };
         if cursor < end && hub.events.receiver_count() > 0 {
             match read_changes(state, &topic, cursor).await {
-                Ok((changes, next, first_missing)) => {
+                Ok((changes, next, first_missing)) if next > cursor => {
                     let event = HubEvent::Changes { version, changelog, from: cursor, next, first_missing, changes };
                     let _ = hub.events.send(Arc::new(event));
                     current = Some(Following { version, changelog, cursor: next });
+                    continue;
                 }
+                // Nothing readable past the cursor: an open transaction holds the changelog's
+                // stable end there. Reading again at once would spin until it ends.
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(view, error = %e.message, "reading a view changelog for subscribers failed");
                     tokio::time::sleep(HUB_IDLE_CHECK).await;
+                    continue;
                 }
             }
-            continue;
+        } else {
+            // Nobody listening: skip ahead (subscriptions catch up by themselves).
+            current = Some(Following { version, changelog, cursor: end });
         }
-        // Nobody listening: skip ahead (subscriptions catch up by themselves).
-        current = Some(Following { version, changelog, cursor: end });
-        let Ok(partition) = state.log.partition(&topic, 0) else {
-            tokio::time::sleep(HUB_IDLE_CHECK).await;
-            continue;
-        };
-        let mut watch = partition.watch_high_watermark();
-        if partition.high_watermark() > end {
-            continue;
-        }
-        let _ = tokio::time::timeout(HUB_IDLE_CHECK, watch.changed()).await;
+        wait_for_appends(state, &topic, end).await;
     }
+}
+
+/// Waits until `topic` grows past `end` (an append, or a transaction's end marker), or at
+/// most [`HUB_IDLE_CHECK`], when the hub checks again which version serves.
+async fn wait_for_appends(state: &AppState, topic: &str, end: i64) {
+    let Ok(partition) = state.log.partition(topic, 0) else {
+        tokio::time::sleep(HUB_IDLE_CHECK).await;
+        return;
+    };
+    let mut watch = partition.watch_high_watermark();
+    if partition.high_watermark() > end {
+        return;
+    }
+    let _ = tokio::time::timeout(HUB_IDLE_CHECK, watch.changed()).await;
 }
 
 /// Why a subscription ended.
