@@ -380,6 +380,38 @@ mod tests {
         addr
     }
 
+    /// A prefix whose snapshot would not fit in one message is refused by its byte size too,
+    /// before the stream starts (a WebSocket subscription gets the same error from
+    /// `Replica::start`, instead of a frame that closes the connection).
+    #[test]
+    fn sse_refuses_a_snapshot_over_the_byte_limit_before_answering_200() {
+        let replica = Replica::new([("v".to_owned(), 1, 1)]);
+        let view: Arc<str> = "v".into();
+        // 9 values of 1 MiB: 9 MiB, over the 8 MiB limit, far under the key limit.
+        let value = format!("\"{}\"", "x".repeat(1024 * 1024));
+        for offset in 0..9 {
+            replica.apply(&view, 0, offset, format!("k{offset}"), Some(value.clone().into()));
+        }
+        let target = Target::Prefix("k".to_owned());
+        let started = replica.start("v", &target, None, SNAPSHOT_ITEMS_MAX).map(drop);
+        assert!(started.is_err_and(|e| e.contains("SNAPSHOT_BYTES_MAX")), "a WebSocket subscription is refused too");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let addr = serve(replica, &runtime);
+        let answer = get(addr, "/v1/views/v/watch?prefix=k");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..answer.len().min(300)]);
+        assert!(answer.contains("snapshot_too_large") && answer.contains("SNAPSHOT_BYTES_MAX"), "{answer}");
+    }
+
+    /// Sends a GET to `addr` and reads the answer until the server closes.
+    fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    }
+
     /// A prefix over the snapshot limit is answered 400 before the stream starts, as in
     /// `serve`: EventSource retries a stream that ends, forever, but not a 4xx.
     #[test]
@@ -391,11 +423,7 @@ mod tests {
         }
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let addr = serve(replica, &runtime);
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        stream.write_all(b"GET /v1/views/v/watch?prefix=k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
+        let answer = get(addr, "/v1/views/v/watch?prefix=k");
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("snapshot_too_large") && answer.contains("longer prefix"), "{answer}");
     }
