@@ -141,7 +141,8 @@ fn an_open_transaction_in_a_changelog_does_not_make_the_hub_spin() {
 }
 
 /// CPU time this process has used, all threads (Linux: /proc/self/stat, in USER_HZ = 100
-/// ticks a second).
+/// ticks a second). Only this test's own under nextest, which runs each test in a process
+/// of its own (as scripts/test-all does); `cargo test` would count its neighbours too.
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
     // Fields after the command name (which may hold spaces), from field 3 on.
