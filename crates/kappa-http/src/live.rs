@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kappa_views::changelog::{self, Entry};
@@ -37,6 +37,13 @@ const CHANGELOG_READ_BYTES: usize = 1024 * 1024;
 const HUB_BUFFER_CHUNKS: usize = 256;
 /// How often a hub checks which version serves when nothing is appended.
 const HUB_IDLE_CHECK: Duration = Duration::from_millis(200);
+/// A snapshot's items as JSON (keys and values), at most: a snapshot is one WebSocket frame,
+/// and the socket refuses a frame over [`crate::ws::WS_WRITE_FRAME_BYTES_MAX`] (16 MiB) by
+/// closing the connection with every subscription on it. Two view values of
+/// `VIEW_VALUE_BYTES_MAX` (4 MiB) fit.
+pub const SNAPSHOT_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// A snapshot item's JSON besides its key and value: `{"key":,"value":},`.
+const SNAPSHOT_ITEM_OVERHEAD_BYTES: usize = 18;
 
 /// A position in one incarnation of a view version's changelog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,8 +143,9 @@ pub struct ChangeItem {
 #[derive(Debug)]
 pub enum HubEvent {
     /// The view keys changed in changelog offsets `from..next` of `version`, in the changelog
-    /// with id `changelog`.
-    Changes { version: u32, changelog: u64, from: i64, next: i64, changes: Vec<ChangeItem> },
+    /// with id `changelog`; `first_missing`: the first offset in that range whose record
+    /// compaction removed before the hub read it (the hub fell behind the cleaner).
+    Changes { version: u32, changelog: u64, from: i64, next: i64, first_missing: Option<i64>, changes: Vec<ChangeItem> },
     /// Another version serves now, or the serving changelog was deleted and created again.
     Switched { version: u32, changelog: u64 },
 }
@@ -155,6 +163,8 @@ pub struct Hubs {
 /// unregisters, the sender drops and subscribers see `Closed`.
 pub struct Hub {
     events: broadcast::Sender<Arc<HubEvent>>,
+    /// Its task, for [`Hubs::stop`].
+    task: OnceLock<tokio::task::AbortHandle>,
 }
 
 impl Hubs {
@@ -165,16 +175,26 @@ impl Hubs {
             return hub.events.subscribe();
         }
         let (events, receiver) = broadcast::channel(HUB_BUFFER_CHUNKS);
-        let hub = Arc::new(Hub { events });
+        let hub = Arc::new(Hub { events, task: OnceLock::new() });
         hubs.insert(view.to_owned(), hub.clone());
-        let registration = HubRegistration { state: state.clone(), view: view.to_owned(), hub };
+        let registration = HubRegistration { state: state.clone(), view: view.to_owned(), hub: hub.clone() };
         // Spawned after the lock is released: a runtime shutting down drops the task at once,
         // on this thread, and the registration's drop takes the same lock.
         drop(hubs);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             run_hub(&registration.state, &registration.view, &registration.hub).await;
         });
+        let _ = hub.task.set(task.abort_handle());
         receiver
+    }
+
+    /// Ends `view`'s hub at once, as a failure would: its subscriptions follow the next one.
+    #[doc(hidden)]
+    pub fn stop(&self, view: &str) {
+        let hub = self.hubs.lock().unwrap_or_else(|e| e.into_inner()).get(view).cloned();
+        if let Some(task) = hub.as_ref().and_then(|hub| hub.task.get()) {
+            task.abort();
+        }
     }
 
     /// Whether a hub runs for `view`.
@@ -208,9 +228,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("a blocking changelog read panicked")
 }
 
-/// Reads changelog view changes from `from`; returns them with the next offset and whether
-/// compaction removed records in the range.
-async fn read_changes(state: &Arc<AppState>, topic: &str, from: i64) -> Result<(Vec<ChangeItem>, i64, bool), ApiError> {
+/// Reads changelog view changes from `from`; returns them with the next offset and the first
+/// offset in the range whose record compaction removed, if any.
+async fn read_changes(
+    state: &Arc<AppState>,
+    topic: &str,
+    from: i64,
+) -> Result<(Vec<ChangeItem>, i64, Option<i64>), ApiError> {
     let backend = state.engine.backend().clone();
     let name = topic.to_owned();
     let chunk = blocking(move || backend.read_committed(&name, 0, from, CHANGELOG_READ_BYTES)).await?;
@@ -231,7 +255,7 @@ async fn read_changes(state: &Arc<AppState>, topic: &str, from: i64) -> Result<(
             changes.push(ChangeItem { offset, key: change.key, value });
         }
     }
-    Ok((changes, chunk.next_offset.max(from), chunk.history_gap))
+    Ok((changes, chunk.next_offset.max(from), chunk.first_missing))
 }
 
 /// The changelog a hub follows: which version's, which incarnation, and how far it got.
@@ -265,40 +289,52 @@ async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
         };
         let cursor = match &current {
             Some(following) if following.version == version && following.changelog == changelog => following.cursor,
-            previous => {
-                if previous.is_some() {
-                    let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog }));
-                }
+            _ => {
+                // Said on the hub's first look too: a subscription that took its snapshot
+                // from another version (before this hub started, or while a failed one was
+                // down) would otherwise hear nothing until the followed changelog changes.
+                let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog }));
                 current = Some(Following { version, changelog, cursor: end });
                 end
             }
         };
         if cursor < end && hub.events.receiver_count() > 0 {
             match read_changes(state, &topic, cursor).await {
-                Ok((changes, next, _)) => {
-                    let event = HubEvent::Changes { version, changelog, from: cursor, next, changes };
+                Ok((changes, next, first_missing)) if next > cursor => {
+                    let event = HubEvent::Changes { version, changelog, from: cursor, next, first_missing, changes };
                     let _ = hub.events.send(Arc::new(event));
                     current = Some(Following { version, changelog, cursor: next });
+                    continue;
                 }
+                // Nothing readable past the cursor: an open transaction holds the changelog's
+                // stable end there. Reading again at once would spin until it ends.
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(view, error = %e.message, "reading a view changelog for subscribers failed");
                     tokio::time::sleep(HUB_IDLE_CHECK).await;
+                    continue;
                 }
             }
-            continue;
+        } else {
+            // Nobody listening: skip ahead (subscriptions catch up by themselves).
+            current = Some(Following { version, changelog, cursor: end });
         }
-        // Nobody listening: skip ahead (subscriptions catch up by themselves).
-        current = Some(Following { version, changelog, cursor: end });
-        let Ok(partition) = state.log.partition(&topic, 0) else {
-            tokio::time::sleep(HUB_IDLE_CHECK).await;
-            continue;
-        };
-        let mut watch = partition.watch_high_watermark();
-        if partition.high_watermark() > end {
-            continue;
-        }
-        let _ = tokio::time::timeout(HUB_IDLE_CHECK, watch.changed()).await;
+        wait_for_appends(state, &topic, end).await;
     }
+}
+
+/// Waits until `topic` grows past `end` (an append, or a transaction's end marker), or at
+/// most [`HUB_IDLE_CHECK`], when the hub checks again which version serves.
+async fn wait_for_appends(state: &AppState, topic: &str, end: i64) {
+    let Ok(partition) = state.log.partition(topic, 0) else {
+        tokio::time::sleep(HUB_IDLE_CHECK).await;
+        return;
+    };
+    let mut watch = partition.watch_high_watermark();
+    if partition.high_watermark() > end {
+        return;
+    }
+    let _ = tokio::time::timeout(HUB_IDLE_CHECK, watch.changed()).await;
 }
 
 /// Why a subscription ended.
@@ -424,10 +460,12 @@ async fn follow(
                 }
             };
             match &*event {
-                HubEvent::Changes { version: v, changelog: c, from, next, changes }
+                HubEvent::Changes { version: v, changelog: c, from, next, first_missing, changes }
                     if *v == version && *c == changelog =>
                 {
-                    if *from > cursor {
+                    // Behind the chunk, or a change it has not sent was compacted away before
+                    // the hub read it: its own read replays what is there, or says reset.
+                    if *from > cursor || first_missing.is_some_and(|missing| missing >= cursor) {
                         match catch_up_or_reset(state, &followed, target, cursor, emit).await {
                             Next::Cursor(next) => cursor = next,
                             Next::Restart => continue 'restart,
@@ -565,6 +603,7 @@ fn snapshot(
     if read_version != version {
         return Ok(None);
     }
+    check_snapshot_bytes(target, &items)?;
     Ok(Some(LiveMessage::Snapshot { version, items, token: followed.token(position) }))
 }
 
@@ -596,16 +635,56 @@ fn snapshot_too_large(prefix: &str, max: usize) -> ApiError {
     )
 }
 
-/// Refuses a prefix whose snapshot would be too large before a stream starts: an SSE
+/// Refuses a target whose snapshot would be too large before a stream starts: an SSE
 /// stream that has answered 200 can only end, and EventSource retries every stream that
 /// ends, but not a 4xx.
 pub fn check_snapshot_size(state: &AppState, view: &str, target: &Target) -> Result<(), ApiError> {
+    // One key's value (at most VIEW_VALUE_BYTES_MAX) is always under the byte limit.
     let Target::Prefix(prefix) = target else { return Ok(()) };
     let max = state.config.snapshot_items_max;
-    if state.engine.scan(view, prefix, None, max + 1)?.value.len() > max {
+    let items = state.engine.scan(view, prefix, None, max + 1)?.value;
+    if items.len() > max {
         return Err(snapshot_too_large(prefix, max));
     }
-    Ok(())
+    check_snapshot_bytes(target, &snapshot_items(view, items)?)
+}
+
+/// Refuses a snapshot over [`SNAPSHOT_BYTES_MAX`].
+fn check_snapshot_bytes(target: &Target, items: &[(String, Arc<RawValue>)]) -> Result<(), ApiError> {
+    let bytes: usize = items
+        .iter()
+        .map(|(key, value)| SNAPSHOT_ITEM_OVERHEAD_BYTES + json_string_bytes(key) + value.get().len())
+        .sum();
+    if bytes <= SNAPSHOT_BYTES_MAX {
+        return Ok(());
+    }
+    let what = match target {
+        Target::Key(key) => format!("key '{key}'"),
+        Target::Prefix(prefix) => format!("prefix '{prefix}'"),
+    };
+    Err(ApiError::bad_request(
+        "snapshot_too_large",
+        format!(
+            "the snapshot of {what} would take {bytes} bytes; a snapshot may take at most {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX, a fixed limit: it is sent as one message); subscribe to fewer keys (a longer prefix, or single keys)"
+        ),
+    ))
+}
+
+/// The length of `text` as a JSON string.
+fn json_string_bytes(text: &str) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, text).expect("counting never fails");
+    count.0
 }
 
 enum CatchUp {
@@ -625,8 +704,8 @@ async fn catch_up(
     let topic = followed.topic;
     let end = state.engine.backend().durable_end_offset(topic, 0).map_err(|e| CatchUp::Failed(e.into()))?;
     while cursor < end {
-        let (changes, next, gap) = read_changes(state, topic, cursor).await.map_err(CatchUp::Failed)?;
-        if gap {
+        let (changes, next, first_missing) = read_changes(state, topic, cursor).await.map_err(CatchUp::Failed)?;
+        if first_missing.is_some() {
             return Err(CatchUp::Gap);
         }
         for change in changes.into_iter().filter(|c| target.matches(&c.key)) {

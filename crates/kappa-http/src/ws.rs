@@ -39,9 +39,11 @@ const WS_READ_MESSAGE_LIMIT_FACTOR: usize = 2;
 /// `message_too_large` rather than a closed connection, which a client (kappa.js) would take
 /// for a network failure and resend its subscriptions into, forever.
 const WS_READ_MESSAGE_BYTES_MIN: usize = 1024 * 1024;
-/// Room for one outgoing frame (a snapshot of up to `snapshot_items_max` items) in the
-/// socket's write buffer.
-const WS_WRITE_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Room for one outgoing frame in the socket's write buffer; a larger one fails the write
+/// and closes the connection. A snapshot's items are at most
+/// [`crate::live::SNAPSHOT_BYTES_MAX`], leaving room for the frame's own fields.
+pub(crate) const WS_WRITE_FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+const _: () = assert!(crate::live::SNAPSHOT_BYTES_MAX <= WS_WRITE_FRAME_BYTES_MAX / 2);
 
 /// Bytes read from a WebSocket at a time.
 const WS_READ_BUFFER_BYTES: usize = 4 * 1024;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kappa_http::HttpConfig;
+use kappa_log::records::{BatchBuilder, NewRecord};
 use serde_json::{Value, json};
 
 fn started() -> Kappa {
@@ -591,6 +592,75 @@ fn a_cutover_during_a_subscription_sends_reset_and_a_fresh_snapshot() {
     ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k", "resume": first["token"]}));
     assert_eq!(ws.next()["type"], "reset");
     assert_eq!(ws.next()["version"], 2);
+}
+
+/// A hub that ends (a panic) is replaced by the next; when another version started serving
+/// before the new hub first looked, a subscription of the old version still gets `reset`
+/// and a snapshot of the new one, even while nothing is written.
+#[test]
+fn a_cutover_before_a_new_hub_first_looks_still_resets_subscriptions() {
+    let kappa = two_versions_with_v2_serving();
+    assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 1})).0, 200);
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k"}));
+    let first = ws.next();
+    assert_eq!((first["type"].as_str(), first["version"].as_u64()), (Some("snapshot"), Some(1)));
+    {
+        // The old hub never runs again, so it cannot see the switch; its subscription
+        // starts the next hub only after the switch completed.
+        let _paused = kappa.pause();
+        kappa.engine.switch("latest", 2, false).unwrap();
+        kappa.state.hubs.stop("latest");
+    }
+    ws.socket.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reset = ws.try_next().expect("a reset after the cutover");
+    assert_eq!(reset["type"], "reset", "{reset}");
+    let snapshot = ws.next();
+    assert_eq!((snapshot["type"].as_str(), snapshot["version"].as_u64()), (Some("snapshot"), Some(2)));
+    assert_eq!(snapshot["items"][0]["value"], json!({"v2": 1}));
+}
+
+/// The hub fell behind the log cleaner: compaction removed changes it had not read yet. A
+/// subscription following it gets `reset` and a fresh snapshot, not the surviving changes
+/// with the superseded ones silently left out.
+#[test]
+fn changes_compacted_before_the_hub_read_them_reset_subscriptions() {
+    const CHANGELOG: &str = "__kappa.view.latest.v1";
+    let kappa = started();
+    // A segment per change, so compaction can reach all but the last.
+    let small_segments = BTreeMap::from([("segment.bytes".to_owned(), Some("1024".to_owned()))]);
+    kappa.log.alter_topic_config(CHANGELOG, &small_segments).unwrap();
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "prefix": ""}));
+    let snapshot = ws.next();
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    let position = parse_token(snapshot["token"].as_str().unwrap());
+    {
+        // Five changes of key k written and compacted before the hub gets to read them.
+        let _paused = kappa.pause();
+        let input = kappa.log.partition(TOPIC, 0).unwrap();
+        let pad = "p".repeat(1024);
+        for n in 0..5 {
+            let value = json!({"n": n, "pad": pad}).to_string();
+            let record = NewRecord::new(Some(b"k"), Some(value.as_bytes()), now_ms());
+            input.append(BatchBuilder::new().record(record).build()).unwrap();
+            kappa.wait_caught_up("latest");
+        }
+        kappa.log.partition(CHANGELOG, 0).unwrap().compact(true).unwrap().expect("a compaction pass");
+        let read = kappa.engine.backend().read_committed(CHANGELOG, 0, position, 1 << 20).unwrap();
+        assert!(read.first_missing.is_some(), "compaction removed changes after the subscription's position");
+    }
+    ws.socket.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reset = ws.try_next().expect("a reset after the gap");
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert!(reset["reason"].as_str().unwrap().contains("compacted"), "{reset}");
+    let snapshot = ws.next();
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["items"][0]["value"]["n"], 4, "{snapshot}");
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 #[test]

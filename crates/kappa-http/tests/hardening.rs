@@ -1,6 +1,6 @@
 //! Robustness of the API against what is outside its control: resume tokens from a changelog
-//! that was deleted and created again, records in a changelog that the view engine did not
-//! write, key indexes fed by unguarded writes, unknown query parameters, oversized WebSocket
+//! that was deleted and created again, records (and open transactions) in a changelog that
+//! the view engine did not write, snapshots too large for one message, key indexes fed by unguarded writes, unknown query parameters, oversized WebSocket
 //! messages, and clients that open connections and send nothing.
 
 mod common;
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kappa_http::HttpConfig;
-use kappa_log::records::{BatchBuilder, NewRecord};
+use kappa_log::records::{BatchBuilder, ControlType, NewRecord};
 use serde_json::{Value, json};
 
 const CHANGELOG: &str = "__kappa.view.latest.v1";
@@ -117,6 +117,40 @@ fn a_changelog_record_that_is_not_json_is_skipped_and_subscribers_keep_going() {
     assert_eq!((status, body["value"].as_i64()), (200, Some(1)), "{body}");
 }
 
+/// A changelog holding an open transaction (a Kafka client began one there and has not
+/// ended it): the hub, which can read nothing past it, waits for the log to move instead of
+/// reading again at once, and the changes behind it reach subscribers when it ends.
+#[test]
+fn an_open_transaction_in_a_changelog_does_not_make_the_hub_spin() {
+    let kappa = started(HttpConfig::default());
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "all", "view": "latest", "prefix": ""}));
+    assert_eq!(ws.next()["type"], "snapshot");
+    let changelog = kappa.log.partition(CHANGELOG, 0).unwrap();
+    let open = BatchBuilder::new().producer(7, 0, 0).transactional(true);
+    changelog.append(open.record(NewRecord::new(Some(b"forged"), Some(b"not json {"), 0)).build()).unwrap();
+    kappa.produce(json!([{"key": "a", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let before = cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time() - before;
+    assert!(used < Duration::from_millis(300), "{used:?} of CPU in 1 s with nothing readable");
+    changelog.append(BatchBuilder::control_marker(7, 0, ControlType::Commit, 0, 0).build()).unwrap();
+    let change = ws.next();
+    assert_eq!((change["key"].as_str(), change["value"].as_i64()), (Some("a"), Some(1)), "{change}");
+}
+
+/// CPU time this process has used, all threads (Linux: /proc/self/stat, in USER_HZ = 100
+/// ticks a second). Only this test's own under nextest, which runs each test in a process
+/// of its own (as scripts/test-all does); `cargo test` would count its neighbours too.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
 /// The key index behind `expected_offset` stays within its limit when unguarded writes
 /// extend it: past the limit it is dropped, and the next guarded write is refused with
 /// `key_index_full` instead of checking against an index that outgrew it.
@@ -210,6 +244,49 @@ fn the_websocket_layer_buffers_messages_up_to_twice_the_limit_or_1_mib() {
         }
     };
     assert_eq!(ended, "closed");
+}
+
+/// A prefix whose snapshot would not fit in one WebSocket frame (16 MiB) is refused for that
+/// subscription alone with `snapshot_too_large`, naming the byte limit; the connection and
+/// its other subscriptions go on (the frame used to fail the socket's write, closing the
+/// connection, and kappa.js reconnected and asked again, forever). SSE refuses it before the
+/// stream starts.
+#[test]
+fn a_snapshot_over_the_byte_limit_is_refused_and_the_connection_stays() {
+    let kappa = started(HttpConfig::default());
+    // 24 values of 750 KiB (under the input topic's 1 MiB records): 17.6 MiB under "big",
+    // 7.3 MiB under "big0".
+    let value = "x".repeat(750 * 1024);
+    for i in 0..24 {
+        kappa.produce(json!([{"key": format!("big{i:02}"), "value": value}]));
+    }
+    kappa.produce(json!([{"key": "small", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "small", "view": "latest", "key": "small"}));
+    assert_eq!(ws.next()["type"], "snapshot");
+    ws.send(&json!({"op": "subscribe", "id": "big", "view": "latest", "prefix": "big"}));
+    let refused = ws.next();
+    assert_eq!(
+        (refused["id"].as_str(), refused["type"].as_str(), refused["code"].as_str()),
+        (Some("big"), Some("error"), Some("snapshot_too_large")),
+        "{}",
+        &refused.to_string()[..refused.to_string().len().min(300)]
+    );
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains("at most 8388608 bytes (SNAPSHOT_BYTES_MAX") && message.contains("longer prefix"),
+        "{message}"
+    );
+    kappa.produce(json!([{"key": "small", "value": 2}]));
+    let change = ws.next();
+    assert_eq!((change["id"].as_str(), change["value"].as_i64()), (Some("small"), Some(2)), "{change}");
+    // Under the limit, a snapshot of several large values still goes out.
+    ws.send(&json!({"op": "subscribe", "id": "some", "view": "latest", "prefix": "big0"}));
+    let snapshot = ws.next();
+    assert_eq!((snapshot["id"].as_str(), snapshot["items"].as_array().map(Vec::len)), (Some("some"), Some(10)));
+    let (status, body) = kappa.get("/v1/views/latest/watch?prefix=big");
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("snapshot_too_large")), "{body}");
 }
 
 /// A second server on `kappa`'s state with short connection timeouts.

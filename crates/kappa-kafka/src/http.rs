@@ -278,6 +278,11 @@ async fn watch(
         Ok(resume) => resume,
         Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_token", message),
     };
+    // Refused before the 200, as `serve` does: a stream that ends is retried by EventSource
+    // forever, a 4xx is not.
+    if let Err(message) = state.replica.check_snapshot(&view, &target, SNAPSHOT_ITEMS_MAX) {
+        return error(StatusCode::BAD_REQUEST, "snapshot_too_large", message);
+    }
     let (tx, rx) = mpsc::channel::<Event>(SUBSCRIBER_QUEUE_MAX);
     let replica = state.replica.clone();
     let stall = Duration::from_millis(kappa_http::SUBSCRIBER_STALL_MS_MAX_DEFAULT);
@@ -356,5 +361,70 @@ impl Subscriptions for HttpState {
             let mut emit = FramedEmit { out, render: move |message: &Live| frame(Some(&id), message) };
             follow(replica, view, target, resume, &mut emit).await;
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Serves `replica`'s HTTP API on a loopback port.
+    fn serve(replica: Arc<Replica>, runtime: &tokio::runtime::Runtime) -> std::net::SocketAddr {
+        let status = Arc::new(BTreeMap::<String, String>::new);
+        let state = Arc::new(HttpState { replica, metrics: Arc::new(Metrics::default()), status });
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move { axum::serve(listener, router(state)).await });
+        addr
+    }
+
+    /// A prefix whose snapshot would not fit in one message is refused by its byte size too,
+    /// before the stream starts (a WebSocket subscription gets the same error from
+    /// `Replica::start`, instead of a frame that closes the connection).
+    #[test]
+    fn sse_refuses_a_snapshot_over_the_byte_limit_before_answering_200() {
+        let replica = Replica::new([("v".to_owned(), 1, 1)]);
+        let view: Arc<str> = "v".into();
+        // 9 values of 1 MiB: 9 MiB, over the 8 MiB limit, far under the key limit.
+        let value = format!("\"{}\"", "x".repeat(1024 * 1024));
+        for offset in 0..9 {
+            replica.apply(&view, 0, offset, format!("k{offset}"), Some(value.clone().into()));
+        }
+        let target = Target::Prefix("k".to_owned());
+        let started = replica.start("v", &target, None, SNAPSHOT_ITEMS_MAX).map(drop);
+        assert!(started.is_err_and(|e| e.contains("SNAPSHOT_BYTES_MAX")), "a WebSocket subscription is refused too");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let addr = serve(replica, &runtime);
+        let answer = get(addr, "/v1/views/v/watch?prefix=k");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..answer.len().min(300)]);
+        assert!(answer.contains("snapshot_too_large") && answer.contains("SNAPSHOT_BYTES_MAX"), "{answer}");
+    }
+
+    /// Sends a GET to `addr` and reads the answer until the server closes.
+    fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    }
+
+    /// A prefix over the snapshot limit is answered 400 before the stream starts, as in
+    /// `serve`: EventSource retries a stream that ends, forever, but not a 4xx.
+    #[test]
+    fn sse_refuses_a_snapshot_over_the_limit_before_answering_200() {
+        let replica = Replica::new([("v".to_owned(), 1, 1)]);
+        let view: Arc<str> = "v".into();
+        for offset in 0..=SNAPSHOT_ITEMS_MAX as i64 {
+            replica.apply(&view, 0, offset, format!("k{offset}"), Some("1".into()));
+        }
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let addr = serve(replica, &runtime);
+        let answer = get(addr, "/v1/views/v/watch?prefix=k");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("snapshot_too_large") && answer.contains("longer prefix"), "{answer}");
     }
 }

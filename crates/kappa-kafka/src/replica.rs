@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use kappa_http::live::SNAPSHOT_BYTES_MAX;
 use kappa_views::changelog;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -163,9 +164,18 @@ impl Replica {
         scan_keys(&state.keys, prefix, after, limit)
     }
 
+    /// Err (why) when a snapshot of `target` would hold more than `snapshot_max` keys or
+    /// [`SNAPSHOT_BYTES_MAX`]: what [`Self::start`] refuses, checked before an SSE stream
+    /// answers 200.
+    pub fn check_snapshot(&self, view: &str, target: &Target, snapshot_max: usize) -> Result<(), String> {
+        // One key's value (at most VIEW_VALUE_BYTES_MAX) is always under the byte limit.
+        let Target::Prefix(prefix) = target else { return Ok(()) };
+        check_snapshot_items(prefix, &self.scan(view, prefix, None, snapshot_max + 1), snapshot_max)
+    }
+
     /// How a subscription starts, and a receiver of every later change with no gap between
     /// them (both taken under the lock the writer holds while it applies and sends).
-    /// Err: the snapshot would hold more than `snapshot_max` keys.
+    /// Err: the snapshot would hold more than `snapshot_max` keys or [`SNAPSHOT_BYTES_MAX`].
     pub fn start(
         &self,
         view: &str,
@@ -226,11 +236,7 @@ impl Replica {
             Target::Key(key) => state.keys.get(key).map(|e| vec![(key.clone(), e.clone())]).unwrap_or_default(),
             Target::Prefix(prefix) => {
                 let items = scan_keys(&state.keys, prefix, None, snapshot_max + 1);
-                if items.len() > snapshot_max {
-                    return Err(format!(
-                        "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
-                    ));
-                }
+                check_snapshot_items(prefix, &items, snapshot_max)?;
                 items
             }
         };
@@ -241,7 +247,7 @@ impl Replica {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn apply(&self, view: &Arc<str>, partition: i32, offset: i64, key: String, value: Option<Bytes>) {
+    pub(crate) fn apply(&self, view: &Arc<str>, partition: i32, offset: i64, key: String, value: Option<Bytes>) {
         let mut inner = self.write();
         let Inner { views, history } = &mut *inner;
         let Some(state) = views.get_mut(&**view) else { return };
@@ -362,6 +368,29 @@ pub fn run_replica(
             Some(Err(e)) => tracing::warn!(error = %e, "replica consumer"),
             None => {}
         }
+    }
+    Ok(())
+}
+
+/// A snapshot item's frame besides its key and value: its position and JSON punctuation
+/// (`{"key":,"value":,"position":"<partition>.<offset>"},`), rounded up.
+const SNAPSHOT_ITEM_OVERHEAD_BYTES: usize = 64;
+
+/// Err (why) when `items` (scanned up to `snapshot_max` + 1) are too many for one snapshot,
+/// or too large for one message: a WebSocket refuses a frame over 16 MiB by closing the
+/// connection with every subscription on it.
+fn check_snapshot_items(prefix: &str, items: &[(String, KeyEntry)], snapshot_max: usize) -> Result<(), String> {
+    if items.len() > snapshot_max {
+        return Err(format!(
+            "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
+        ));
+    }
+    let bytes: usize =
+        items.iter().map(|(key, entry)| SNAPSHOT_ITEM_OVERHEAD_BYTES + key.len() + entry.value.len()).sum();
+    if bytes > SNAPSHOT_BYTES_MAX {
+        return Err(format!(
+            "the snapshot of prefix '{prefix}' would take {bytes} bytes; a snapshot may take at most {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX, a fixed limit: it is sent as one message); subscribe to a longer prefix"
+        ));
     }
     Ok(())
 }

@@ -63,7 +63,8 @@ impl Kappa {
         }
         let engine_config = EngineConfig { schemas: Schemas::new(), ..EngineConfig::new(dir.path().join("views")) };
         let engine = ViewEngine::start(Arc::new(EmbeddedLog::new(log.clone())), engine_config, views).unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(WORKER_THREADS).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         // The transaction coordinator multi-partition produce requests go through (the
@@ -121,6 +122,35 @@ impl Kappa {
     pub fn wait_caught_up(&self, view: &str) {
         assert!(self.engine.wait_caught_up(view, Duration::from_secs(30)).unwrap(), "{view} did not catch up");
     }
+
+    /// Occupies both of the server runtime's worker threads until the guard drops: no task
+    /// (hub, subscription, HTTP handler) runs meanwhile, so whatever the test does to the
+    /// engine and the log in between happens, as far as they can tell, all at once.
+    pub fn pause(&self) -> Paused {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let mut releases = Vec::new();
+        for _ in 0..WORKER_THREADS {
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            let started_tx = started_tx.clone();
+            self.runtime.spawn(async move {
+                started_tx.send(()).unwrap();
+                let _ = wait.recv();
+            });
+            releases.push(release);
+        }
+        for _ in 0..WORKER_THREADS {
+            started.recv_timeout(Duration::from_secs(30)).expect("a worker thread to block");
+        }
+        Paused { _releases: releases }
+    }
+}
+
+/// The server runtime's worker threads.
+const WORKER_THREADS: usize = 2;
+
+/// Holds the server runtime's workers ([`Kappa::pause`]) until dropped.
+pub struct Paused {
+    _releases: Vec<std::sync::mpsc::Sender<()>>,
 }
 
 /// A WebSocket client (blocking).
