@@ -80,6 +80,9 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFERRED_WRITES_MAX: usize = 500_000;
 /// How long an idle runner waits for input before checking for shutdown.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How often a runner looks for partitions added to its input topics (CreatePartitions):
+/// a new partition's records wait at most this long, busy or idle.
+pub const INPUT_PARTITIONS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where a version is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +199,10 @@ pub(crate) struct Runner {
     pub view: View,
     pub on_caught_up: CaughtUp,
     applier: Box<dyn Applier>,
+    /// Every partition of every input topic, extended when a topic gains partitions.
     inputs: Vec<(Arc<str>, i32)>,
+    /// When `inputs` was last compared with the topics' partition counts.
+    inputs_checked: Instant,
     /// Per input: the last stable offset at which its next records were found to belong to
     /// a transaction that ends past it; read again once that offset moves.
     held: Vec<i64>,
@@ -258,6 +264,7 @@ impl Runner {
             on_caught_up,
             applier,
             inputs: Vec::new(),
+            inputs_checked: Instant::now(),
             held: Vec::new(),
             progress: Progress::default(),
             next_input: 0,
@@ -288,6 +295,9 @@ impl Runner {
         self.recover()?;
         self.shared.set_phase(if self.progress.caught_up { Phase::Live } else { Phase::Building });
         while !self.shared.stop.load(Ordering::Acquire) {
+            if self.inputs_checked.elapsed() >= INPUT_PARTITIONS_CHECK_INTERVAL {
+                self.add_new_partitions()?;
+            }
             let progressed = self.step()?;
             self.finish_checkpoint(false)?;
             if self.last_checkpoint.elapsed() >= self.checkpoint_interval {
@@ -319,16 +329,43 @@ impl Runner {
     }
 
     fn resolve_inputs(&mut self) -> Result<()> {
-        for topic in &self.view.inputs {
-            let count = self.backend.partition_count(topic).map_err(|e| ViewError::Definition {
+        for topic in self.view.inputs.clone() {
+            let count = self.backend.partition_count(&topic).map_err(|e| ViewError::Definition {
                 view: self.view.name.clone(),
                 reason: format!("input topic '{topic}': {e}; create the topic before starting the view"),
             })?;
-            let topic: Arc<str> = Arc::from(topic.as_str());
-            self.inputs.extend((0..count).map(|p| (topic.clone(), p)));
+            self.extend_inputs(&topic, count);
         }
-        self.held = vec![-1; self.inputs.len()];
+        self.inputs_checked = Instant::now();
         Ok(())
+    }
+
+    /// Follows partitions added to an input topic since they were last counted. A new
+    /// partition has no position yet: it is read from its start offset (`position`, then
+    /// `step`), and its position enters the step markers and the store with its first step.
+    fn add_new_partitions(&mut self) -> Result<()> {
+        for topic in self.view.inputs.clone() {
+            let count = self.backend.partition_count(&topic)?;
+            let added = self.extend_inputs(&topic, count);
+            if added > 0 {
+                tracing::info!(view = %self.shared.view, version = self.shared.version, %topic, added, partitions = count, "input topic gained partitions; following them");
+            }
+        }
+        self.inputs_checked = Instant::now();
+        Ok(())
+    }
+
+    /// Adds the partitions of `topic` below `count` not yet among the inputs (a topic
+    /// never shrinks); returns how many.
+    fn extend_inputs(&mut self, topic: &str, count: i32) -> i32 {
+        let known = self.inputs.iter().filter(|(t, _)| &**t == topic).count() as i32;
+        if count <= known {
+            return 0;
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        self.inputs.extend((known..count).map(|p| (topic.clone(), p)));
+        self.held.resize(self.inputs.len(), -1);
+        count - known
     }
 
     fn position(&self, topic: &str, partition: i32) -> i64 {

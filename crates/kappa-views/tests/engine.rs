@@ -1300,3 +1300,40 @@ fn an_event_making_a_value_too_large_is_dead_lettered_and_its_changes_undone() {
     }
     engine.shutdown();
 }
+
+/// Partitions added to an input topic while a view runs (CreatePartitions) are followed
+/// without a restart: their events are applied, and positions, lag and catching up
+/// cover them.
+#[test]
+fn a_partition_added_to_an_input_topic_is_read_without_a_restart() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k0", Some(json!({"n": 1})), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    fixture.log.add_partitions(TOPIC, 3).unwrap();
+    fixture.append(2, vec![event("k2", Some(json!({"n": 5})), None, None, 2)]);
+    fixture.append(0, vec![event("k0", Some(json!({"n": 2})), None, None, 3)]);
+    assert!(
+        engine.wait_caught_up("sums", Duration::from_secs(15)).unwrap(),
+        "the event on the added partition was not applied: {:?}",
+        engine.describe("sums")
+    );
+    let expected = BTreeMap::from([
+        ("k0".to_owned(), json!({"count": 2, "total": 3})),
+        ("k2".to_owned(), json!({"count": 1, "total": 5})),
+    ]);
+    assert_eq!(dump(&engine, "sums"), expected);
+    let status = engine.describe("sums").unwrap().versions[0].status.clone();
+    assert_eq!(status.positions.get("events/2"), Some(&1), "{status:?}");
+    assert_eq!(status.lag(), 0);
+    assert_eq!(fold_changelog(&fixture.log, "__kappa.view.sums.v1"), expected);
+    engine.shutdown();
+    // Reopened: every partition resumes from its stored position, nothing applied twice.
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    fixture.append(1, vec![event("k1", Some(json!({"n": 7})), None, None, 4)]);
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums")["k0"], json!({"count": 2, "total": 3}));
+    assert_eq!(dump(&engine, "sums")["k1"], json!({"count": 1, "total": 7}));
+    assert_eq!(engine.describe("sums").unwrap().versions[0].status.events_applied, 4);
+    engine.shutdown();
+}
