@@ -192,10 +192,9 @@ impl ViewEngine {
 
     fn spawn_runner(&self, shared: Arc<VersionShared>, view: View) -> Result<()> {
         let weak = Arc::downgrade(&self.inner);
-        let on_caught_up: CaughtUp = Arc::new(move |name, version| {
-            if let Some(inner) = weak.upgrade() {
-                ViewEngine { inner }.auto_switch(name, version);
-            }
+        let on_caught_up: CaughtUp = Arc::new(move |name, version| match weak.upgrade() {
+            Some(inner) => ViewEngine { inner }.auto_switch(name, version),
+            None => Ok(()),
         });
         let runner = Runner::new(
             shared.clone(),
@@ -216,25 +215,24 @@ impl ViewEngine {
     }
 
     /// A newly built version takes over reads when it first catches up, if it is the
-    /// newest version this build defines and newer than the one serving.
-    fn auto_switch(&self, name: &str, version: u32) {
-        let Some(entry) = self.inner.views.get(name) else { return };
+    /// newest version this build defines and newer than the one serving. Called before the
+    /// version records that it caught up (so it is called again after a crash or an error
+    /// here): an error means the switch was due but not saved.
+    fn auto_switch(&self, name: &str, version: u32) -> Result<()> {
+        let Some(entry) = self.inner.views.get(name) else { return Ok(()) };
         let _admin = lock(&entry.admin);
         // A version being retired (no longer listed) does not take over.
         if !read_lock(&entry.versions).contains_key(&version) {
-            return;
+            return Ok(());
         }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
-            match write_active(&entry.dir, version) {
-                Ok(()) => {
-                    *write_lock(&entry.active) = Some(version);
-                    tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
-                }
-                Err(e) => tracing::error!(view = name, version, error = %e, "could not switch to the new view version"),
-            }
+            write_active(&entry.dir, version)?;
+            *write_lock(&entry.active) = Some(version);
+            tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
         }
+        Ok(())
     }
 
     fn entry(&self, name: &str) -> Result<&Arc<ViewEntry>> {

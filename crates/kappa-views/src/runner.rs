@@ -80,6 +80,9 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFERRED_WRITES_MAX: usize = 500_000;
 /// How long an idle runner waits for input before checking for shutdown.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How long a version that caught up waits before trying again to record it when its
+/// `CaughtUp` call failed (e.g. the active file could not be written on a full disk).
+pub const CAUGHT_UP_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a runner looks for partitions added to its input topics (CreatePartitions):
 /// a new partition's records wait at most this long, busy or idle.
 pub const INPUT_PARTITIONS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -188,8 +191,10 @@ impl VersionShared {
     }
 }
 
-/// Called once when a version first catches up with its inputs.
-pub(crate) type CaughtUp = Arc<dyn Fn(&str, u32) + Send + Sync>;
+/// Called when a version first catches up with its inputs, before that is recorded: an
+/// error (its auto-switch could not be saved) leaves the version not caught up, and the
+/// call is made again (`CAUGHT_UP_RETRY_INTERVAL`, or after a restart).
+pub(crate) type CaughtUp = Arc<dyn Fn(&str, u32) -> Result<()> + Send + Sync>;
 
 pub(crate) struct Runner {
     pub shared: Arc<VersionShared>,
@@ -214,6 +219,8 @@ pub(crate) struct Runner {
     oversized: Vec<(Scope, String)>,
     last_checkpoint: Instant,
     checkpoint_interval: Duration,
+    /// When a failed `on_caught_up` may be tried again.
+    caught_up_retry_at: Option<Instant>,
     /// A checkpoint running on its own thread, and the store writes waiting for it.
     in_flight: Option<InFlight>,
     /// What the store holds (behind `progress` while writes are deferred); published.
@@ -272,6 +279,7 @@ impl Runner {
             oversized: Vec::new(),
             last_checkpoint: Instant::now(),
             checkpoint_interval,
+            caught_up_retry_at: None,
             in_flight: None,
             store_progress: Progress::default(),
             rate_window: (Instant::now(), 0),
@@ -308,13 +316,8 @@ impl Runner {
             }
             // Idle: nothing to stall, so let deferred writes reach the store now.
             self.finish_checkpoint(true)?;
-            if !self.progress.caught_up {
-                self.progress.caught_up = true;
-                self.commit_store(Vec::new())?;
-                self.checkpoint()?;
-                self.shared.set_phase(Phase::Live);
-                tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
-                (self.on_caught_up)(&self.shared.view, self.shared.version);
+            if !self.progress.caught_up && self.caught_up_retry_at.is_none_or(|at| Instant::now() >= at) {
+                self.catch_up()?;
             }
             self.update_rate(true);
             let waiting: Vec<(&str, i32, i64)> = self
@@ -325,6 +328,27 @@ impl Runner {
                 .collect();
             self.backend.wait_for_input(&waiting, IDLE_WAIT)?;
         }
+        Ok(())
+    }
+
+    /// Records that the version caught up, after `on_caught_up` (its auto-switch) succeeded:
+    /// recorded first, a crash or a failed switch in between would leave it caught up but
+    /// never switched to, since the switch is made only on this first catch-up. In this
+    /// order a crash makes it catch up and switch again (a no-op if the switch was saved).
+    fn catch_up(&mut self) -> Result<()> {
+        // What it serves once switched to must not be lost by a crash.
+        self.checkpoint()?;
+        if let Err(e) = (self.on_caught_up)(&self.shared.view, self.shared.version) {
+            tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, retry_in = ?CAUGHT_UP_RETRY_INTERVAL, "view version caught up but could not take over reads; it stays building and tries again");
+            self.caught_up_retry_at = Some(Instant::now() + CAUGHT_UP_RETRY_INTERVAL);
+            return Ok(());
+        }
+        self.caught_up_retry_at = None;
+        self.progress.caught_up = true;
+        self.commit_store(Vec::new())?;
+        self.checkpoint()?;
+        self.shared.set_phase(Phase::Live);
+        tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
         Ok(())
     }
 

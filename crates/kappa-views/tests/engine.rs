@@ -1337,3 +1337,86 @@ fn a_partition_added_to_an_input_topic_is_read_without_a_restart() {
     assert_eq!(engine.describe("sums").unwrap().versions[0].status.events_applied, 4);
     engine.shutdown();
 }
+
+/// Waits until `version` of `view` has applied `events` events (its catching up is then a
+/// step or two away), then a little longer so its runner has been idle at least once.
+fn wait_applied(engine: &kappa_views::ViewEngine, view: &str, version: u32, events: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = engine.describe(view).unwrap();
+        let status = &info.versions.iter().find(|v| v.version == version).unwrap().status;
+        if status.events_applied >= events {
+            break;
+        }
+        assert!(Instant::now() < deadline, "version {version} did not apply {events} events: {info:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn wait_active(engine: &kappa_views::ViewEngine, view: &str, want: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if engine.describe(view).unwrap().active == Some(want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The switch to a version that caught up must not be lost when the active file cannot be
+/// written (a full disk, or the process dying before it is): the version is marked caught
+/// up only once the switch is made, so it is made again (by a retry, or after a restart).
+/// A manual rollback made after the switch survives restarts.
+#[test]
+fn the_switch_to_a_caught_up_version_survives_a_failed_active_file_write_and_a_restart() {
+    let fixture = Fixture::new(1);
+    let events: Vec<(String, Option<i64>)> = (0..200).map(|i| (format!("k{}", i % 5), Some(i))).collect();
+    write_events(&fixture, 1, &events, 20);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+
+    // A directory where the active file's temporary copy goes: every write of it fails.
+    let blocker = fixture.views_dir().join("sums/active.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    wait_applied(&engine, "sums", 2, events.len() as i64);
+    let info = engine.describe("sums").unwrap();
+    assert_eq!(info.active, Some(1), "{info:?}");
+    assert_eq!(info.versions[1].status.phase, Phase::Building, "not caught up until it serves: {info:?}");
+    engine.shutdown(); // as a crash would, leaving version 2 built but not serving
+
+    // Restarted with the disk writable again: version 2 takes over once caught up.
+    std::fs::remove_dir(&blocker).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(15)), "{:?}", engine.describe("sums"));
+    assert_eq!(dump(&engine, "sums"), reference(&events, 10));
+    // An operator rolls back; a restart keeps the rollback.
+    engine.switch("sums", 1, false).unwrap();
+    engine.shutdown();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(engine.describe("sums").unwrap().active, Some(1));
+    assert_eq!(dump(&engine, "sums"), reference(&events, 1));
+    engine.shutdown();
+}
+
+/// A view's first version serves once caught up even if the first write of the active
+/// file failed: it retries while running.
+#[test]
+fn a_first_version_whose_active_file_write_failed_serves_once_it_can_be_written() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k0", Some(json!({"n": 1})), None, None, 1)]);
+    std::fs::create_dir_all(fixture.views_dir().join("sums/active.tmp")).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_applied(&engine, "sums", 1, 1);
+    assert!(matches!(engine.get("sums", "k0"), Err(ViewError::NotReady { .. })));
+    std::fs::remove_dir(fixture.views_dir().join("sums/active.tmp")).unwrap();
+    assert!(wait_active(&engine, "sums", 1, Duration::from_secs(15)), "{:?}", engine.describe("sums"));
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k0".to_owned(), json!({"count": 1, "total": 1}))]));
+    engine.shutdown();
+}
