@@ -9,7 +9,7 @@
 //!
 //! The changelog is the source of truth; the store is a cache of it that is made durable
 //! every `CHECKPOINT_INTERVAL`, and only after the changelog is durable up to the store's
-//! position. A checkpoint runs on its own thread so the view keeps going (subscribers see
+//! position (synced then if the log's sync policy has not yet: `LogBackend::make_durable`). A checkpoint runs on its own thread so the view keeps going (subscribers see
 //! no stall): steps still append to the changelog, and their store writes wait in memory
 //! (`InFlight`, which steps also read from) until the checkpoint's transaction is done.
 //! So after any crash the durable store is a prefix of the durable changelog:
@@ -449,12 +449,10 @@ impl Runner {
         ViewError::Changelog { view: self.shared.view.clone(), version: self.shared.version, reason }
     }
 
-    /// Makes the store durable up to what the changelog holds durably, now.
+    /// Makes the changelog, then the store, durable up to `progress`, now.
     fn checkpoint(&mut self) -> Result<()> {
         self.finish_checkpoint(true)?;
-        if self.progress.changelog_next > 0 {
-            self.backend.wait_durable(&self.shared.changelog_topic, 0, self.progress.changelog_next)?;
-        }
+        changelog_durable(self.backend.as_ref(), &self.shared.changelog_topic, self.progress.changelog_next)?;
         self.shared.store.checkpoint()?;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -471,9 +469,7 @@ impl Runner {
         let thread = std::thread::Builder::new()
             .name(format!("kappa-checkpoint-{}-v{}", self.shared.view, self.shared.version))
             .spawn(move || {
-                if changelog_next > 0 {
-                    backend.wait_durable(&shared.changelog_topic, 0, changelog_next)?;
-                }
+                changelog_durable(backend.as_ref(), &shared.changelog_topic, changelog_next)?;
                 shared.store.checkpoint()
             });
         match thread {
@@ -949,7 +945,9 @@ impl Runner {
         headers.push(("kappa.dlq.reason".to_owned(), Some(error.0.clone().into_bytes())));
         tracing::warn!(view = %self.shared.view, version = self.shared.version, %topic, partition, offset, reason = %error, dlq, "skipped an event into the dead-letter topic");
         let (_, last) = self.backend.append(dlq, 0, vec![OutputRecord { timestamp, key, value, headers }])?;
-        self.backend.wait_durable(dlq, 0, last + 1)
+        // Durable before the step that skips the event can be (a checkpoint syncs its
+        // changelog even under a relaxed sync policy).
+        self.backend.make_durable(dlq, 0, last + 1)
     }
 
     /// Appends the step to the changelog, then commits it to the store; `next` (the progress
@@ -1024,6 +1022,13 @@ impl Runner {
             }
         });
     }
+}
+
+/// Makes the changelog durable below `changelog_next` before a checkpoint makes the store
+/// durable there, whatever the log's sync policy: a store durable ahead of its changelog
+/// fails recovery ("the changelog lost records") and the version must be rebuilt.
+fn changelog_durable(backend: &dyn LogBackend, changelog: &str, changelog_next: i64) -> Result<()> {
+    if changelog_next > 0 { backend.make_durable(changelog, 0, changelog_next) } else { Ok(()) }
 }
 
 /// A transaction of `spans` ((first record, marker) offsets) that a step ending before

@@ -864,6 +864,18 @@ struct Gated {
     refused_key: Option<Vec<u8>>,
 }
 
+impl Gated {
+    /// Waits on `topic` until released.
+    fn gate(&self, topic: &str) {
+        if topic == self.topic {
+            self.entered.store(true, Ordering::Release);
+            while !self.released.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
 impl kappa_views::LogBackend for Gated {
     fn partition_count(&self, topic: &str) -> kappa_views::Result<i32> {
         self.log.partition_count(topic)
@@ -913,13 +925,12 @@ impl kappa_views::LogBackend for Gated {
         self.log.append(topic, partition, records)
     }
     fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
-        if topic == self.topic {
-            self.entered.store(true, Ordering::Release);
-            while !self.released.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        self.gate(topic);
         self.log.wait_durable(topic, partition, offset)
+    }
+    fn make_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        self.gate(topic);
+        self.log.make_durable(topic, partition, offset)
     }
     fn durable_end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
         self.log.durable_end_offset(topic, partition)
@@ -1419,4 +1430,38 @@ fn a_first_version_whose_active_file_write_failed_serves_once_it_can_be_written(
     wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k0".to_owned(), json!({"count": 1, "total": 1}))]));
     engine.shutdown();
+}
+
+/// Under the interval sync policy an append is durable only at the next interval sync; a
+/// state store checkpoint must still never be durable ahead of its changelog (recovery
+/// would find "the changelog lost records" after a power loss and the version would have
+/// to be rebuilt).
+#[test]
+fn under_the_interval_sync_policy_a_checkpoint_makes_the_changelog_durable_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // No interval sync runs in this test: only what the engine syncs is durable.
+    let options =
+        kappa_log::LogOptions { sync_policy: kappa_log::SyncPolicy::IntervalMs(3_600_000), ..Default::default() };
+    let log = Arc::new(kappa_log::Log::open(&dir.path().join("log"), options).unwrap().0);
+    log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    let mut builder = kappa_log::records::BatchBuilder::new();
+    for i in 0..50 {
+        builder.push(event(&format!("k{}", i % 7), Some(json!({"n": i})), None, None, i));
+    }
+    log.partition(TOPIC, 0).unwrap().append(builder.build()).unwrap();
+    let views = dir.path().join("views");
+    let config =
+        kappa_views::EngineConfig { checkpoint_interval: Duration::ZERO, ..kappa_views::EngineConfig::new(&views) };
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(log.clone()));
+    let engine = kappa_views::ViewEngine::start(backend, config, vec![sum_view(1, 1)]).unwrap();
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    engine.shutdown();
+    let stored = kappa_views::store::Store::open(&views.join("sums/v1")).unwrap().progress().unwrap();
+    assert!(stored.caught_up && stored.changelog_next > 0, "{stored:?}");
+    let durable = log.partition("__kappa.view.sums.v1", 0).unwrap().durable_offset();
+    assert!(
+        durable >= stored.changelog_next,
+        "the store is durable up to changelog offset {} but the changelog only up to {durable}",
+        stored.changelog_next
+    );
 }
