@@ -17,7 +17,7 @@ use crate::asof::{self, AsOf, AsOfView};
 use crate::backend::LogBackend;
 use crate::error::{Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
-use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared};
+use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
 use crate::store::{Scope, Store, StoredValue};
 use crate::view::View;
@@ -196,19 +196,29 @@ impl ViewEngine {
             Some(inner) => ViewEngine { inner }.auto_switch(name, version),
             None => Ok(()),
         });
-        let runner = Runner::new(
-            shared.clone(),
-            self.inner.backend.clone(),
-            self.inner.schemas.clone(),
-            self.inner.codec.clone(),
-            view,
-            on_caught_up,
-            self.inner.checkpoint_interval,
-        );
+        let (backend, schemas, codec) =
+            (self.inner.backend.clone(), self.inner.schemas.clone(), self.inner.codec.clone());
+        let checkpoint_interval = self.inner.checkpoint_interval;
+        let make = {
+            let shared = shared.clone();
+            move || {
+                let (backend, schemas, codec) = (backend.clone(), schemas.clone(), codec.clone());
+                Runner::new(
+                    shared.clone(),
+                    backend,
+                    schemas,
+                    codec,
+                    view.clone(),
+                    on_caught_up.clone(),
+                    checkpoint_interval,
+                )
+            }
+        };
         let name = format!("view-{}-v{}", shared.view, shared.version);
+        let runs = shared.clone();
         let handle = std::thread::Builder::new()
             .name(name.chars().take(15).collect())
-            .spawn(move || runner.run())
+            .spawn(move || run_restarting(&runs, make))
             .map_err(|e| ViewError::io(Path::new(&name), e))?;
         lock(&self.inner.threads).push((shared.view.clone(), shared.version, handle));
         Ok(())

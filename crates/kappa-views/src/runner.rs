@@ -83,6 +83,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// How long a version that caught up waits before trying again to record it when its
 /// `CaughtUp` call failed (e.g. the active file could not be written on a full disk).
 pub const CAUGHT_UP_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The first pause before a version that failed on something transient starts again.
+pub const RESTART_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// The longest such pause (it doubles while failures come quickly).
+pub const RESTART_PAUSE_MAX: Duration = Duration::from_secs(60);
 /// How often a runner looks for partitions added to its input topics (CreatePartitions):
 /// a new partition's records wait at most this long, busy or idle.
 pub const INPUT_PARTITIONS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -286,8 +290,8 @@ impl Runner {
         }
     }
 
-    /// Runs until stopped or failed; a failure is recorded in the status.
-    pub fn run(mut self) {
+    /// Runs until stopped or failed; a failure is recorded in the status and returned.
+    pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
         if let Err(e) = &result {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "view version stopped");
@@ -296,6 +300,7 @@ impl Runner {
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
+        result.err()
     }
 
     fn run_until_stopped(&mut self) -> Result<()> {
@@ -1021,6 +1026,33 @@ impl Runner {
                 status.rate_per_second = rate;
             }
         });
+    }
+}
+
+/// Runs a version's runners (`make` builds one) until stopped: after a transient failure
+/// (`ViewError::is_transient`, e.g. a full disk refusing a step's append) a new runner
+/// recovers from the changelog and goes on, after a pause that doubles while failures
+/// come quickly. Any other failure leaves the version failed until a restart.
+pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
+    let mut pause = RESTART_PAUSE_MIN;
+    loop {
+        let started = Instant::now();
+        let Some(error) = make().run() else { return };
+        if !error.is_transient() {
+            return;
+        }
+        if started.elapsed() > RESTART_PAUSE_MAX {
+            pause = RESTART_PAUSE_MIN;
+        }
+        tracing::warn!(view = %shared.view, version = shared.version, error = %error, ?pause, "view version failed on what may pass; starting it again after a pause");
+        let resume_at = Instant::now() + pause;
+        while Instant::now() < resume_at {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(IDLE_WAIT);
+        }
+        pause = (pause * 2).min(RESTART_PAUSE_MAX);
     }
 }
 

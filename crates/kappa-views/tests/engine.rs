@@ -814,6 +814,7 @@ fn a_step_whose_commit_fails_is_applied_again_after_a_restart() {
             entered: AtomicBool::new(false),
             released: AtomicBool::new(true),
             refused_key: refuse.then(|| b"k2".to_vec()),
+            refusing: AtomicBool::new(true),
         });
         let config = kappa_views::EngineConfig {
             checkpoint_interval: Duration::ZERO,
@@ -862,6 +863,8 @@ struct Gated {
     entered: AtomicBool,
     released: AtomicBool,
     refused_key: Option<Vec<u8>>,
+    /// While false, nothing is refused.
+    refusing: AtomicBool,
 }
 
 impl Gated {
@@ -918,7 +921,8 @@ impl kappa_views::LogBackend for Gated {
         partition: i32,
         records: Vec<kappa_views::backend::OutputRecord>,
     ) -> kappa_views::Result<(i64, i64)> {
-        if self.refused_key.as_ref().is_some_and(|refused| records.iter().any(|r| &r.key == refused)) {
+        let refused = self.refused_key.as_ref().is_some_and(|refused| records.iter().any(|r| &r.key == refused));
+        if refused && self.refusing.load(Ordering::Acquire) {
             let source = std::io::Error::other("refused append (test)");
             return Err(ViewError::Io { path: topic.into(), source });
         }
@@ -953,6 +957,7 @@ fn retiring_a_version_as_it_catches_up_does_not_deadlock() {
         entered: AtomicBool::new(false),
         released: AtomicBool::new(false),
         refused_key: None,
+        refusing: AtomicBool::new(false),
     });
     let config = kappa_views::EngineConfig::new(fixture.views_dir());
     let engine = kappa_views::ViewEngine::start(gated.clone(), config, vec![sum_view(1, 1), sum_view(2, 1)]).unwrap();
@@ -1464,4 +1469,37 @@ fn under_the_interval_sync_policy_a_checkpoint_makes_the_changelog_durable_first
         "the store is durable up to changelog offset {} but the changelog only up to {durable}",
         stored.changelog_next
     );
+}
+
+/// A step whose changelog append fails on something that passes (here refused while a
+/// flag is set, as a full disk refuses until there is room) stops the version only until
+/// it is started again by itself, recovering from its changelog: no restart needed.
+#[test]
+fn a_version_failed_by_a_transient_error_starts_again_by_itself() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({})), None, None, 1), event("k2", Some(json!({})), None, None, 2)]);
+    let backend = Arc::new(Gated {
+        log: kappa_views::EmbeddedLog::new(fixture.log.clone()),
+        topic: String::new(),
+        entered: AtomicBool::new(false),
+        released: AtomicBool::new(true),
+        refused_key: Some(b"k2".to_vec()),
+        refusing: AtomicBool::new(true),
+    });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let view = View::reducer("constant", 1, &[TOPIC], Constant);
+    let engine = kappa_views::ViewEngine::start(backend.clone(), config, vec![view]).unwrap();
+    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(reason.contains("refused append"), "{reason}");
+    backend.refusing.store(false, Ordering::Release);
+    wait_for_phase(&engine, "constant", |p| *p == Phase::Live);
+    wait_caught_up(&engine, "constant");
+    assert_eq!(
+        dump(&engine, "constant"),
+        BTreeMap::from([("k1".to_owned(), json!("v")), ("k2".to_owned(), json!("v"))])
+    );
+    assert_eq!(engine.describe("constant").unwrap().versions[0].status.events_applied, 2);
+    engine.shutdown();
 }
