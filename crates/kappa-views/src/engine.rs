@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use kappa_log::io::{RealFs, write_file_atomic};
+use kappa_log::io::{RealFs, Storage, write_file_atomic};
 
 use crate::asof::{self, AsOf, AsOfView};
 use crate::backend::LogBackend;
@@ -142,7 +142,10 @@ impl ViewEngine {
         let mut entries = BTreeMap::new();
         for (name, defined) in definitions {
             let dir = config.dir.join(&name);
-            let active = read_active(&dir)?;
+            let active = match read_active(&dir)? {
+                Some(version) if !version_dir(&dir, version).is_dir() => forget_active(&name, &dir, version)?,
+                active => active,
+            };
             let entry = ViewEntry {
                 name: name.clone(),
                 dir,
@@ -499,6 +502,23 @@ fn read_active(dir: &Path) -> Result<Option<u32>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ViewError::io(&path, e)),
     }
+}
+
+/// Deletes the active file naming `version` whose state directory is gone (an operator
+/// deleted it to rebuild the version): rebuilt from an empty store, it must not serve reads
+/// before it has caught up, so the view has no serving version until one catches up and is
+/// switched to. Deleted rather than ignored: once the directory is created again, a restart
+/// mid-rebuild would find the file valid.
+fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
+    tracing::warn!(
+        view = name,
+        version,
+        "the serving version's state directory is gone; it is rebuilt and serves reads once caught up"
+    );
+    let path = dir.join(ACTIVE_FILE);
+    std::fs::remove_file(&path).map_err(|e| ViewError::io(&path, e))?;
+    RealFs.sync_dir(dir).map_err(|e| ViewError::io(dir, e))?;
+    Ok(None)
 }
 
 fn write_active(dir: &Path, version: u32) -> Result<()> {

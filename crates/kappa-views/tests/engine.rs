@@ -1503,3 +1503,42 @@ fn a_version_failed_by_a_transient_error_starts_again_by_itself() {
     assert_eq!(engine.describe("constant").unwrap().versions[0].status.events_applied, 2);
     engine.shutdown();
 }
+
+/// An operator deletes the serving version's directory and changelog (as the error for a
+/// changelog that lost records suggests): the version rebuilds from its inputs and serves
+/// no reads before it has caught up, instead of a partial state.
+#[test]
+fn a_serving_version_whose_state_was_deleted_serves_again_only_once_rebuilt() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 2})), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic("__kappa.view.sums.v1").unwrap();
+    // The rebuilt version's catching up waits at its changelog's gate.
+    let gated = Arc::new(Gated {
+        log: kappa_views::EmbeddedLog::new(fixture.log.clone()),
+        topic: "__kappa.view.sums.v1".to_owned(),
+        entered: AtomicBool::new(false),
+        released: AtomicBool::new(false),
+        refused_key: None,
+        refusing: AtomicBool::new(false),
+    });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::start(gated.clone(), config, vec![sum_view(1, 1)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !gated.entered.load(Ordering::Acquire) {
+        assert!(Instant::now() < deadline, "version 1 never reached its catching up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let read = engine.get("sums", "k1");
+    assert!(matches!(read, Err(ViewError::NotReady { .. })), "{read:?}");
+    // Not only ignored: a restart before it catches up finds its directory again.
+    assert!(!fixture.views_dir().join("sums/active").exists());
+    gated.released.store(true, Ordering::Release);
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 1, "total": 2}))]));
+    assert_eq!(engine.describe("sums").unwrap().active, Some(1));
+    engine.shutdown();
+}
