@@ -9,8 +9,9 @@
 //!
 //! The changelog is the source of truth; the store is a cache of it that is made durable
 //! every `CHECKPOINT_INTERVAL`, and only after the changelog is durable up to the store's
-//! position (synced then if the log's sync policy has not yet: `LogBackend::make_durable`). A checkpoint runs on its own thread so the view keeps going (subscribers see
-//! no stall): steps still append to the changelog, and their store writes wait in memory
+//! position (synced then if the log's sync policy has not yet: `LogBackend::make_durable`).
+//! A checkpoint runs on its own thread so the view keeps going (subscribers see no
+//! stall): steps still append to the changelog, and their store writes wait in memory
 //! (`InFlight`, which steps also read from) until the checkpoint's transaction is done.
 //! So after any crash the durable store is a prefix of the durable changelog:
 //! recovery replays the changelog from the store's position (changes and positions), and
