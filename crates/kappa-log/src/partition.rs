@@ -514,6 +514,24 @@ impl Partition {
         if let SyncPolicy::IntervalMs(_) = self.ctx.sync_policy {
             return Ok(());
         }
+        self.sync_through(offset)
+    }
+
+    /// Blocks until everything below `offset` is durable under any sync policy: under the
+    /// interval policy it syncs now instead of returning at once. For a writer whose other
+    /// durable state must never be ahead of this log (a view's state store checkpoint);
+    /// under the default policy it is [`Self::wait_until_durable`], at the same cost.
+    pub fn make_durable(&self, offset: i64) -> Result<()> {
+        self.sync_through(offset)
+    }
+
+    /// The offset below which everything is durable (fsynced), under any sync policy.
+    pub fn durable_offset(&self) -> i64 {
+        self.lock_sync().synced_offset
+    }
+
+    /// Group commit up to `offset`: leads an fdatasync or waits for the one in flight.
+    fn sync_through(&self, offset: i64) -> Result<()> {
         let mut sync = self.lock_sync();
         loop {
             // An offset below `synced_offset` was made durable by an fsync that succeeded

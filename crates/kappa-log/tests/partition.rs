@@ -517,6 +517,46 @@ fn interval_flush_syncs_only_partitions_with_unsynced_writes() {
     assert_eq!(batch_records(&read.records), batch_records(&written));
 }
 
+/// `make_durable` syncs under the interval policy too (where `wait_until_durable` returns
+/// at once), so what it covered survives a power loss; under the default policy an append
+/// is already durable and it syncs nothing more.
+#[test]
+fn make_durable_syncs_under_the_interval_policy_and_costs_nothing_more_by_default() {
+    use kappa_log::io::sim::SimFs;
+    use kappa_log::{Log, LogOptions, SyncPolicy};
+    let dir = std::path::Path::new("/data");
+    let fs = SimFs::new();
+    let clock = ManualClock::new(T0);
+    let options = |sync_policy| LogOptions {
+        sync_policy,
+        fs: Arc::new(fs.clone()),
+        clock: Arc::new(clock.clone()),
+        ..LogOptions::default()
+    };
+    let log = Log::open(dir, options(SyncPolicy::IntervalMs(3_600_000))).expect("open log").0;
+    log.create_topic("t", 1, &overrides(&[])).unwrap();
+    let p = log.partition("t", 0).unwrap();
+    let written = batch("synced", 3, T0);
+    let end = p.append_unsynced(written.clone()).unwrap().last_offset + 1;
+    p.wait_until_durable(end).unwrap();
+    assert_eq!(p.durable_offset(), 0, "the interval policy does not sync on wait_until_durable");
+    p.make_durable(end).unwrap();
+    assert_eq!(p.durable_offset(), end);
+    drop((p, log));
+    fs.crash(3);
+    let log = Log::open(dir, options(SyncPolicy::EveryAppend)).expect("reopen after power loss").0;
+    let p = log.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), end, "what make_durable covered survives the power loss");
+    let read = p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap();
+    assert_eq!(batch_records(&read.records), batch_records(&written));
+
+    let end = p.append(batch("default", 2, T0)).unwrap().last_offset + 1;
+    let before = fs.stats().sync_data;
+    p.make_durable(end).unwrap();
+    assert_eq!(fs.stats().sync_data, before, "an acknowledged append is durable already");
+    assert_eq!(p.durable_offset(), end);
+}
+
 /// DeleteRecords: the log start moves to the requested offset (even inside a segment and a
 /// batch), reads below it are out of range, segments wholly below it go, and the start
 /// survives clean and unclean restarts. A damaged start file stops the open with its path.

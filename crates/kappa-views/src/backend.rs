@@ -180,8 +180,14 @@ pub trait LogBackend: Send + Sync + 'static {
     /// may not be durable yet: [`Self::wait_durable`] says when it is.
     fn append(&self, topic: &str, partition: i32, records: Vec<OutputRecord>) -> Result<(i64, i64)>;
 
-    /// Blocks until everything below `offset` is durable.
+    /// Blocks until everything below `offset` is durable under the log's sync policy (with
+    /// a relaxed one, e.g. kappa's `--sync interval:<ms>`, that may be at once).
     fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> Result<()>;
+
+    /// Blocks until everything below `offset` is durable whatever the sync policy (syncing
+    /// now if the policy would not yet). A state store checkpoint calls it first: a store
+    /// made durable ahead of its changelog cannot be recovered after a power loss.
+    fn make_durable(&self, topic: &str, partition: i32, offset: i64) -> Result<()>;
 
     /// The end of what readers may see (the high watermark): appended and durable.
     fn durable_end_offset(&self, topic: &str, partition: i32) -> Result<i64>;

@@ -255,6 +255,10 @@ impl LogBackend for EmbeddedLog {
         Ok(self.log.partition(topic, partition)?.wait_until_durable(offset)?)
     }
 
+    fn make_durable(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        Ok(self.log.partition(topic, partition)?.make_durable(offset)?)
+    }
+
     fn durable_end_offset(&self, topic: &str, partition: i32) -> Result<i64> {
         Ok(self.log.partition(topic, partition)?.high_watermark())
     }

@@ -11,13 +11,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use kappa_log::io::{RealFs, write_file_atomic};
+use kappa_log::io::{RealFs, Storage, write_file_atomic};
 
 use crate::asof::{self, AsOf, AsOfView};
 use crate::backend::LogBackend;
 use crate::error::{Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
-use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared};
+use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
 use crate::store::{Scope, Store, StoredValue};
 use crate::view::View;
@@ -142,7 +142,10 @@ impl ViewEngine {
         let mut entries = BTreeMap::new();
         for (name, defined) in definitions {
             let dir = config.dir.join(&name);
-            let active = read_active(&dir)?;
+            let active = match read_active(&dir)? {
+                Some(version) if !version_dir(&dir, version).is_dir() => forget_active(&name, &dir, version)?,
+                active => active,
+            };
             let entry = ViewEntry {
                 name: name.clone(),
                 dir,
@@ -192,49 +195,57 @@ impl ViewEngine {
 
     fn spawn_runner(&self, shared: Arc<VersionShared>, view: View) -> Result<()> {
         let weak = Arc::downgrade(&self.inner);
-        let on_caught_up: CaughtUp = Arc::new(move |name, version| {
-            if let Some(inner) = weak.upgrade() {
-                ViewEngine { inner }.auto_switch(name, version);
-            }
+        let on_caught_up: CaughtUp = Arc::new(move |name, version| match weak.upgrade() {
+            Some(inner) => ViewEngine { inner }.auto_switch(name, version),
+            None => Ok(()),
         });
-        let runner = Runner::new(
-            shared.clone(),
-            self.inner.backend.clone(),
-            self.inner.schemas.clone(),
-            self.inner.codec.clone(),
-            view,
-            on_caught_up,
-            self.inner.checkpoint_interval,
-        );
+        let (backend, schemas, codec) =
+            (self.inner.backend.clone(), self.inner.schemas.clone(), self.inner.codec.clone());
+        let checkpoint_interval = self.inner.checkpoint_interval;
+        let make = {
+            let shared = shared.clone();
+            move || {
+                let (backend, schemas, codec) = (backend.clone(), schemas.clone(), codec.clone());
+                Runner::new(
+                    shared.clone(),
+                    backend,
+                    schemas,
+                    codec,
+                    view.clone(),
+                    on_caught_up.clone(),
+                    checkpoint_interval,
+                )
+            }
+        };
         let name = format!("view-{}-v{}", shared.view, shared.version);
+        let runs = shared.clone();
         let handle = std::thread::Builder::new()
             .name(name.chars().take(15).collect())
-            .spawn(move || runner.run())
+            .spawn(move || run_restarting(&runs, make))
             .map_err(|e| ViewError::io(Path::new(&name), e))?;
         lock(&self.inner.threads).push((shared.view.clone(), shared.version, handle));
         Ok(())
     }
 
     /// A newly built version takes over reads when it first catches up, if it is the
-    /// newest version this build defines and newer than the one serving.
-    fn auto_switch(&self, name: &str, version: u32) {
-        let Some(entry) = self.inner.views.get(name) else { return };
+    /// newest version this build defines and newer than the one serving. Called before the
+    /// version records that it caught up (so it is called again after a crash or an error
+    /// here): an error means the switch was due but not saved.
+    fn auto_switch(&self, name: &str, version: u32) -> Result<()> {
+        let Some(entry) = self.inner.views.get(name) else { return Ok(()) };
         let _admin = lock(&entry.admin);
         // A version being retired (no longer listed) does not take over.
         if !read_lock(&entry.versions).contains_key(&version) {
-            return;
+            return Ok(());
         }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
-            match write_active(&entry.dir, version) {
-                Ok(()) => {
-                    *write_lock(&entry.active) = Some(version);
-                    tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
-                }
-                Err(e) => tracing::error!(view = name, version, error = %e, "could not switch to the new view version"),
-            }
+            write_active(&entry.dir, version)?;
+            *write_lock(&entry.active) = Some(version);
+            tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
         }
+        Ok(())
     }
 
     fn entry(&self, name: &str) -> Result<&Arc<ViewEntry>> {
@@ -491,6 +502,23 @@ fn read_active(dir: &Path) -> Result<Option<u32>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ViewError::io(&path, e)),
     }
+}
+
+/// Deletes the active file naming `version` whose state directory is gone (an operator
+/// deleted it to rebuild the version): rebuilt from an empty store, it must not serve reads
+/// before it has caught up, so the view has no serving version until one catches up and is
+/// switched to. Deleted rather than ignored: once the directory is created again, a restart
+/// mid-rebuild would find the file valid.
+fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
+    tracing::warn!(
+        view = name,
+        version,
+        "the serving version's state directory is gone; it is rebuilt and serves reads once caught up"
+    );
+    let path = dir.join(ACTIVE_FILE);
+    std::fs::remove_file(&path).map_err(|e| ViewError::io(&path, e))?;
+    RealFs.sync_dir(dir).map_err(|e| ViewError::io(dir, e))?;
+    Ok(None)
 }
 
 fn write_active(dir: &Path, version: u32) -> Result<()> {

@@ -75,6 +75,14 @@ impl ViewError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_owned(), source }
     }
+
+    /// True for a failure of the machinery a version runs on (the log, the state store,
+    /// files: e.g. a full disk) that may pass, so the version is started again after a
+    /// pause. False for what applying the same inputs again would hit again: an event, the
+    /// changelog's content, a limit, the definition.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Log(_) | Self::Store { .. } | Self::Io { .. })
+    }
 }
 
 /// Why one event could not be applied: a bad payload, an unknown schema version, a failing

@@ -9,8 +9,9 @@
 //!
 //! The changelog is the source of truth; the store is a cache of it that is made durable
 //! every `CHECKPOINT_INTERVAL`, and only after the changelog is durable up to the store's
-//! position. A checkpoint runs on its own thread so the view keeps going (subscribers see
-//! no stall): steps still append to the changelog, and their store writes wait in memory
+//! position (synced then if the log's sync policy has not yet: `LogBackend::make_durable`).
+//! A checkpoint runs on its own thread so the view keeps going (subscribers see no
+//! stall): steps still append to the changelog, and their store writes wait in memory
 //! (`InFlight`, which steps also read from) until the checkpoint's transaction is done.
 //! So after any crash the durable store is a prefix of the durable changelog:
 //! recovery replays the changelog from the store's position (changes and positions), and
@@ -80,6 +81,16 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFERRED_WRITES_MAX: usize = 500_000;
 /// How long an idle runner waits for input before checking for shutdown.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How long a version that caught up waits before trying again to record it when its
+/// `CaughtUp` call failed (e.g. the active file could not be written on a full disk).
+pub const CAUGHT_UP_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The first pause before a version that failed on something transient starts again.
+pub const RESTART_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// The longest such pause (it doubles while failures come quickly).
+pub const RESTART_PAUSE_MAX: Duration = Duration::from_secs(60);
+/// How often a runner looks for partitions added to its input topics (CreatePartitions):
+/// a new partition's records wait at most this long, busy or idle.
+pub const INPUT_PARTITIONS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where a version is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,8 +196,10 @@ impl VersionShared {
     }
 }
 
-/// Called once when a version first catches up with its inputs.
-pub(crate) type CaughtUp = Arc<dyn Fn(&str, u32) + Send + Sync>;
+/// Called when a version first catches up with its inputs, before that is recorded: an
+/// error (its auto-switch could not be saved) leaves the version not caught up, and the
+/// call is made again (`CAUGHT_UP_RETRY_INTERVAL`, or after a restart).
+pub(crate) type CaughtUp = Arc<dyn Fn(&str, u32) -> Result<()> + Send + Sync>;
 
 pub(crate) struct Runner {
     pub shared: Arc<VersionShared>,
@@ -196,7 +209,10 @@ pub(crate) struct Runner {
     pub view: View,
     pub on_caught_up: CaughtUp,
     applier: Box<dyn Applier>,
+    /// Every partition of every input topic, extended when a topic gains partitions.
     inputs: Vec<(Arc<str>, i32)>,
+    /// When `inputs` was last compared with the topics' partition counts.
+    inputs_checked: Instant,
     /// Per input: the last stable offset at which its next records were found to belong to
     /// a transaction that ends past it; read again once that offset moves.
     held: Vec<i64>,
@@ -208,6 +224,8 @@ pub(crate) struct Runner {
     oversized: Vec<(Scope, String)>,
     last_checkpoint: Instant,
     checkpoint_interval: Duration,
+    /// When a failed `on_caught_up` may be tried again.
+    caught_up_retry_at: Option<Instant>,
     /// A checkpoint running on its own thread, and the store writes waiting for it.
     in_flight: Option<InFlight>,
     /// What the store holds (behind `progress` while writes are deferred); published.
@@ -258,6 +276,7 @@ impl Runner {
             on_caught_up,
             applier,
             inputs: Vec::new(),
+            inputs_checked: Instant::now(),
             held: Vec::new(),
             progress: Progress::default(),
             next_input: 0,
@@ -265,14 +284,15 @@ impl Runner {
             oversized: Vec::new(),
             last_checkpoint: Instant::now(),
             checkpoint_interval,
+            caught_up_retry_at: None,
             in_flight: None,
             store_progress: Progress::default(),
             rate_window: (Instant::now(), 0),
         }
     }
 
-    /// Runs until stopped or failed; a failure is recorded in the status.
-    pub fn run(mut self) {
+    /// Runs until stopped or failed; a failure is recorded in the status and returned.
+    pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
         if let Err(e) = &result {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "view version stopped");
@@ -281,6 +301,7 @@ impl Runner {
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
+        result.err()
     }
 
     fn run_until_stopped(&mut self) -> Result<()> {
@@ -288,6 +309,9 @@ impl Runner {
         self.recover()?;
         self.shared.set_phase(if self.progress.caught_up { Phase::Live } else { Phase::Building });
         while !self.shared.stop.load(Ordering::Acquire) {
+            if self.inputs_checked.elapsed() >= INPUT_PARTITIONS_CHECK_INTERVAL {
+                self.add_new_partitions()?;
+            }
             let progressed = self.step()?;
             self.finish_checkpoint(false)?;
             if self.last_checkpoint.elapsed() >= self.checkpoint_interval {
@@ -298,13 +322,8 @@ impl Runner {
             }
             // Idle: nothing to stall, so let deferred writes reach the store now.
             self.finish_checkpoint(true)?;
-            if !self.progress.caught_up {
-                self.progress.caught_up = true;
-                self.commit_store(Vec::new())?;
-                self.checkpoint()?;
-                self.shared.set_phase(Phase::Live);
-                tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
-                (self.on_caught_up)(&self.shared.view, self.shared.version);
+            if !self.progress.caught_up && self.caught_up_retry_at.is_none_or(|at| Instant::now() >= at) {
+                self.catch_up()?;
             }
             self.update_rate(true);
             let waiting: Vec<(&str, i32, i64)> = self
@@ -318,17 +337,65 @@ impl Runner {
         Ok(())
     }
 
+    /// Records that the version caught up, after `on_caught_up` (its auto-switch) succeeded:
+    /// recorded first, a crash or a failed switch in between would leave it caught up but
+    /// never switched to, since the switch is made only on this first catch-up. In this
+    /// order a crash makes it catch up and switch again (a no-op if the switch was saved).
+    fn catch_up(&mut self) -> Result<()> {
+        // What it serves once switched to must not be lost by a crash.
+        self.checkpoint()?;
+        if let Err(e) = (self.on_caught_up)(&self.shared.view, self.shared.version) {
+            tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, retry_in = ?CAUGHT_UP_RETRY_INTERVAL, "view version caught up but could not take over reads; it stays building and tries again");
+            self.caught_up_retry_at = Some(Instant::now() + CAUGHT_UP_RETRY_INTERVAL);
+            return Ok(());
+        }
+        self.caught_up_retry_at = None;
+        self.progress.caught_up = true;
+        self.commit_store(Vec::new())?;
+        self.checkpoint()?;
+        self.shared.set_phase(Phase::Live);
+        tracing::info!(view = %self.shared.view, version = self.shared.version, events = self.progress.events_applied, "view version caught up with its inputs");
+        Ok(())
+    }
+
     fn resolve_inputs(&mut self) -> Result<()> {
-        for topic in &self.view.inputs {
-            let count = self.backend.partition_count(topic).map_err(|e| ViewError::Definition {
+        for topic in self.view.inputs.clone() {
+            let count = self.backend.partition_count(&topic).map_err(|e| ViewError::Definition {
                 view: self.view.name.clone(),
                 reason: format!("input topic '{topic}': {e}; create the topic before starting the view"),
             })?;
-            let topic: Arc<str> = Arc::from(topic.as_str());
-            self.inputs.extend((0..count).map(|p| (topic.clone(), p)));
+            self.extend_inputs(&topic, count);
         }
-        self.held = vec![-1; self.inputs.len()];
+        self.inputs_checked = Instant::now();
         Ok(())
+    }
+
+    /// Follows partitions added to an input topic since they were last counted. A new
+    /// partition has no position yet: it is read from its start offset (`position`, then
+    /// `step`), and its position enters the step markers and the store with its first step.
+    fn add_new_partitions(&mut self) -> Result<()> {
+        for topic in self.view.inputs.clone() {
+            let count = self.backend.partition_count(&topic)?;
+            let added = self.extend_inputs(&topic, count);
+            if added > 0 {
+                tracing::info!(view = %self.shared.view, version = self.shared.version, %topic, added, partitions = count, "input topic gained partitions; following them");
+            }
+        }
+        self.inputs_checked = Instant::now();
+        Ok(())
+    }
+
+    /// Adds the partitions of `topic` below `count` not yet among the inputs (a topic
+    /// never shrinks); returns how many.
+    fn extend_inputs(&mut self, topic: &str, count: i32) -> i32 {
+        let known = self.inputs.iter().filter(|(t, _)| &**t == topic).count() as i32;
+        if count <= known {
+            return 0;
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        self.inputs.extend((known..count).map(|p| (topic.clone(), p)));
+        self.held.resize(self.inputs.len(), -1);
+        count - known
     }
 
     fn position(&self, topic: &str, partition: i32) -> i64 {
@@ -388,12 +455,10 @@ impl Runner {
         ViewError::Changelog { view: self.shared.view.clone(), version: self.shared.version, reason }
     }
 
-    /// Makes the store durable up to what the changelog holds durably, now.
+    /// Makes the changelog, then the store, durable up to `progress`, now.
     fn checkpoint(&mut self) -> Result<()> {
         self.finish_checkpoint(true)?;
-        if self.progress.changelog_next > 0 {
-            self.backend.wait_durable(&self.shared.changelog_topic, 0, self.progress.changelog_next)?;
-        }
+        changelog_durable(self.backend.as_ref(), &self.shared.changelog_topic, self.progress.changelog_next)?;
         self.shared.store.checkpoint()?;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -410,9 +475,7 @@ impl Runner {
         let thread = std::thread::Builder::new()
             .name(format!("kappa-checkpoint-{}-v{}", self.shared.view, self.shared.version))
             .spawn(move || {
-                if changelog_next > 0 {
-                    backend.wait_durable(&shared.changelog_topic, 0, changelog_next)?;
-                }
+                changelog_durable(backend.as_ref(), &shared.changelog_topic, changelog_next)?;
                 shared.store.checkpoint()
             });
         match thread {
@@ -888,7 +951,9 @@ impl Runner {
         headers.push(("kappa.dlq.reason".to_owned(), Some(error.0.clone().into_bytes())));
         tracing::warn!(view = %self.shared.view, version = self.shared.version, %topic, partition, offset, reason = %error, dlq, "skipped an event into the dead-letter topic");
         let (_, last) = self.backend.append(dlq, 0, vec![OutputRecord { timestamp, key, value, headers }])?;
-        self.backend.wait_durable(dlq, 0, last + 1)
+        // Durable before the step that skips the event can be (a checkpoint syncs its
+        // changelog even under a relaxed sync policy).
+        self.backend.make_durable(dlq, 0, last + 1)
     }
 
     /// Appends the step to the changelog, then commits it to the store; `next` (the progress
@@ -963,6 +1028,40 @@ impl Runner {
             }
         });
     }
+}
+
+/// Runs a version's runners (`make` builds one) until stopped: after a transient failure
+/// (`ViewError::is_transient`, e.g. a full disk refusing a step's append) a new runner
+/// recovers from the changelog and goes on, after a pause that doubles while failures
+/// come quickly. Any other failure leaves the version failed until a restart.
+pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
+    let mut pause = RESTART_PAUSE_MIN;
+    loop {
+        let started = Instant::now();
+        let Some(error) = make().run() else { return };
+        if !error.is_transient() {
+            return;
+        }
+        if started.elapsed() > RESTART_PAUSE_MAX {
+            pause = RESTART_PAUSE_MIN;
+        }
+        tracing::warn!(view = %shared.view, version = shared.version, error = %error, ?pause, "view version failed on what may pass; starting it again after a pause");
+        let resume_at = Instant::now() + pause;
+        while Instant::now() < resume_at {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(IDLE_WAIT);
+        }
+        pause = (pause * 2).min(RESTART_PAUSE_MAX);
+    }
+}
+
+/// Makes the changelog durable below `changelog_next` before a checkpoint makes the store
+/// durable there, whatever the log's sync policy: a store durable ahead of its changelog
+/// fails recovery ("the changelog lost records") and the version must be rebuilt.
+fn changelog_durable(backend: &dyn LogBackend, changelog: &str, changelog_next: i64) -> Result<()> {
+    if changelog_next > 0 { backend.make_durable(changelog, 0, changelog_next) } else { Ok(()) }
 }
 
 /// A transaction of `spans` ((first record, marker) offsets) that a step ending before

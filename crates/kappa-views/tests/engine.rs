@@ -814,6 +814,7 @@ fn a_step_whose_commit_fails_is_applied_again_after_a_restart() {
             entered: AtomicBool::new(false),
             released: AtomicBool::new(true),
             refused_key: refuse.then(|| b"k2".to_vec()),
+            refusing: AtomicBool::new(true),
         });
         let config = kappa_views::EngineConfig {
             checkpoint_interval: Duration::ZERO,
@@ -862,6 +863,20 @@ struct Gated {
     entered: AtomicBool,
     released: AtomicBool,
     refused_key: Option<Vec<u8>>,
+    /// While false, nothing is refused.
+    refusing: AtomicBool,
+}
+
+impl Gated {
+    /// Waits on `topic` until released.
+    fn gate(&self, topic: &str) {
+        if topic == self.topic {
+            self.entered.store(true, Ordering::Release);
+            while !self.released.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 impl kappa_views::LogBackend for Gated {
@@ -906,20 +921,20 @@ impl kappa_views::LogBackend for Gated {
         partition: i32,
         records: Vec<kappa_views::backend::OutputRecord>,
     ) -> kappa_views::Result<(i64, i64)> {
-        if self.refused_key.as_ref().is_some_and(|refused| records.iter().any(|r| &r.key == refused)) {
+        let refused = self.refused_key.as_ref().is_some_and(|refused| records.iter().any(|r| &r.key == refused));
+        if refused && self.refusing.load(Ordering::Acquire) {
             let source = std::io::Error::other("refused append (test)");
             return Err(ViewError::Io { path: topic.into(), source });
         }
         self.log.append(topic, partition, records)
     }
     fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
-        if topic == self.topic {
-            self.entered.store(true, Ordering::Release);
-            while !self.released.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        self.gate(topic);
         self.log.wait_durable(topic, partition, offset)
+    }
+    fn make_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        self.gate(topic);
+        self.log.make_durable(topic, partition, offset)
     }
     fn durable_end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
         self.log.durable_end_offset(topic, partition)
@@ -942,6 +957,7 @@ fn retiring_a_version_as_it_catches_up_does_not_deadlock() {
         entered: AtomicBool::new(false),
         released: AtomicBool::new(false),
         refused_key: None,
+        refusing: AtomicBool::new(false),
     });
     let config = kappa_views::EngineConfig::new(fixture.views_dir());
     let engine = kappa_views::ViewEngine::start(gated.clone(), config, vec![sum_view(1, 1), sum_view(2, 1)]).unwrap();
@@ -1298,5 +1314,231 @@ fn an_event_making_a_value_too_large_is_dead_lettered_and_its_changes_undone() {
     for (_, reason) in &found {
         assert!(reason.contains("key 'k2'") && reason.contains("VIEW_VALUE_BYTES_MAX"), "{reason}");
     }
+    engine.shutdown();
+}
+
+/// Partitions added to an input topic while a view runs (CreatePartitions) are followed
+/// without a restart: their events are applied, and positions, lag and catching up
+/// cover them.
+#[test]
+fn a_partition_added_to_an_input_topic_is_read_without_a_restart() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k0", Some(json!({"n": 1})), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    fixture.log.add_partitions(TOPIC, 3).unwrap();
+    fixture.append(2, vec![event("k2", Some(json!({"n": 5})), None, None, 2)]);
+    fixture.append(0, vec![event("k0", Some(json!({"n": 2})), None, None, 3)]);
+    assert!(
+        engine.wait_caught_up("sums", Duration::from_secs(15)).unwrap(),
+        "the event on the added partition was not applied: {:?}",
+        engine.describe("sums")
+    );
+    let expected = BTreeMap::from([
+        ("k0".to_owned(), json!({"count": 2, "total": 3})),
+        ("k2".to_owned(), json!({"count": 1, "total": 5})),
+    ]);
+    assert_eq!(dump(&engine, "sums"), expected);
+    let status = engine.describe("sums").unwrap().versions[0].status.clone();
+    assert_eq!(status.positions.get("events/2"), Some(&1), "{status:?}");
+    assert_eq!(status.lag(), 0);
+    assert_eq!(fold_changelog(&fixture.log, "__kappa.view.sums.v1"), expected);
+    engine.shutdown();
+    // Reopened: every partition resumes from its stored position, nothing applied twice.
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    fixture.append(1, vec![event("k1", Some(json!({"n": 7})), None, None, 4)]);
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums")["k0"], json!({"count": 2, "total": 3}));
+    assert_eq!(dump(&engine, "sums")["k1"], json!({"count": 1, "total": 7}));
+    assert_eq!(engine.describe("sums").unwrap().versions[0].status.events_applied, 4);
+    engine.shutdown();
+}
+
+/// Waits until `version` of `view` has applied `events` events (its catching up is then a
+/// step or two away), then a little longer so its runner has been idle at least once.
+fn wait_applied(engine: &kappa_views::ViewEngine, view: &str, version: u32, events: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = engine.describe(view).unwrap();
+        let status = &info.versions.iter().find(|v| v.version == version).unwrap().status;
+        if status.events_applied >= events {
+            break;
+        }
+        assert!(Instant::now() < deadline, "version {version} did not apply {events} events: {info:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn wait_active(engine: &kappa_views::ViewEngine, view: &str, want: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if engine.describe(view).unwrap().active == Some(want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The switch to a version that caught up must not be lost when the active file cannot be
+/// written (a full disk, or the process dying before it is): the version is marked caught
+/// up only once the switch is made, so it is made again (by a retry, or after a restart).
+/// A manual rollback made after the switch survives restarts.
+#[test]
+fn the_switch_to_a_caught_up_version_survives_a_failed_active_file_write_and_a_restart() {
+    let fixture = Fixture::new(1);
+    let events: Vec<(String, Option<i64>)> = (0..200).map(|i| (format!("k{}", i % 5), Some(i))).collect();
+    write_events(&fixture, 1, &events, 20);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+
+    // A directory where the active file's temporary copy goes: every write of it fails.
+    let blocker = fixture.views_dir().join("sums/active.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    wait_applied(&engine, "sums", 2, events.len() as i64);
+    let info = engine.describe("sums").unwrap();
+    assert_eq!(info.active, Some(1), "{info:?}");
+    assert_eq!(info.versions[1].status.phase, Phase::Building, "not caught up until it serves: {info:?}");
+    engine.shutdown(); // as a crash would, leaving version 2 built but not serving
+
+    // Restarted with the disk writable again: version 2 takes over once caught up.
+    std::fs::remove_dir(&blocker).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(15)), "{:?}", engine.describe("sums"));
+    assert_eq!(dump(&engine, "sums"), reference(&events, 10));
+    // An operator rolls back; a restart keeps the rollback.
+    engine.switch("sums", 1, false).unwrap();
+    engine.shutdown();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(engine.describe("sums").unwrap().active, Some(1));
+    assert_eq!(dump(&engine, "sums"), reference(&events, 1));
+    engine.shutdown();
+}
+
+/// A view's first version serves once caught up even if the first write of the active
+/// file failed: it retries while running.
+#[test]
+fn a_first_version_whose_active_file_write_failed_serves_once_it_can_be_written() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k0", Some(json!({"n": 1})), None, None, 1)]);
+    std::fs::create_dir_all(fixture.views_dir().join("sums/active.tmp")).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_applied(&engine, "sums", 1, 1);
+    assert!(matches!(engine.get("sums", "k0"), Err(ViewError::NotReady { .. })));
+    std::fs::remove_dir(fixture.views_dir().join("sums/active.tmp")).unwrap();
+    assert!(wait_active(&engine, "sums", 1, Duration::from_secs(15)), "{:?}", engine.describe("sums"));
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k0".to_owned(), json!({"count": 1, "total": 1}))]));
+    engine.shutdown();
+}
+
+/// Under the interval sync policy an append is durable only at the next interval sync; a
+/// state store checkpoint must still never be durable ahead of its changelog (recovery
+/// would find "the changelog lost records" after a power loss and the version would have
+/// to be rebuilt).
+#[test]
+fn under_the_interval_sync_policy_a_checkpoint_makes_the_changelog_durable_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // No interval sync runs in this test: only what the engine syncs is durable.
+    let options =
+        kappa_log::LogOptions { sync_policy: kappa_log::SyncPolicy::IntervalMs(3_600_000), ..Default::default() };
+    let log = Arc::new(kappa_log::Log::open(&dir.path().join("log"), options).unwrap().0);
+    log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    let mut builder = kappa_log::records::BatchBuilder::new();
+    for i in 0..50 {
+        builder.push(event(&format!("k{}", i % 7), Some(json!({"n": i})), None, None, i));
+    }
+    log.partition(TOPIC, 0).unwrap().append(builder.build()).unwrap();
+    let views = dir.path().join("views");
+    let config =
+        kappa_views::EngineConfig { checkpoint_interval: Duration::ZERO, ..kappa_views::EngineConfig::new(&views) };
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(log.clone()));
+    let engine = kappa_views::ViewEngine::start(backend, config, vec![sum_view(1, 1)]).unwrap();
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    engine.shutdown();
+    let stored = kappa_views::store::Store::open(&views.join("sums/v1")).unwrap().progress().unwrap();
+    assert!(stored.caught_up && stored.changelog_next > 0, "{stored:?}");
+    let durable = log.partition("__kappa.view.sums.v1", 0).unwrap().durable_offset();
+    assert!(
+        durable >= stored.changelog_next,
+        "the store is durable up to changelog offset {} but the changelog only up to {durable}",
+        stored.changelog_next
+    );
+}
+
+/// A step whose changelog append fails on something that passes (here refused while a
+/// flag is set, as a full disk refuses until there is room) stops the version only until
+/// it is started again by itself, recovering from its changelog: no restart needed.
+#[test]
+fn a_version_failed_by_a_transient_error_starts_again_by_itself() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({})), None, None, 1), event("k2", Some(json!({})), None, None, 2)]);
+    let backend = Arc::new(Gated {
+        log: kappa_views::EmbeddedLog::new(fixture.log.clone()),
+        topic: String::new(),
+        entered: AtomicBool::new(false),
+        released: AtomicBool::new(true),
+        refused_key: Some(b"k2".to_vec()),
+        refusing: AtomicBool::new(true),
+    });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let view = View::reducer("constant", 1, &[TOPIC], Constant);
+    let engine = kappa_views::ViewEngine::start(backend.clone(), config, vec![view]).unwrap();
+    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(reason.contains("refused append"), "{reason}");
+    backend.refusing.store(false, Ordering::Release);
+    wait_for_phase(&engine, "constant", |p| *p == Phase::Live);
+    wait_caught_up(&engine, "constant");
+    assert_eq!(
+        dump(&engine, "constant"),
+        BTreeMap::from([("k1".to_owned(), json!("v")), ("k2".to_owned(), json!("v"))])
+    );
+    assert_eq!(engine.describe("constant").unwrap().versions[0].status.events_applied, 2);
+    engine.shutdown();
+}
+
+/// An operator deletes the serving version's directory and changelog (as the error for a
+/// changelog that lost records suggests): the version rebuilds from its inputs and serves
+/// no reads before it has caught up, instead of a partial state.
+#[test]
+fn a_serving_version_whose_state_was_deleted_serves_again_only_once_rebuilt() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 2})), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic("__kappa.view.sums.v1").unwrap();
+    // The rebuilt version's catching up waits at its changelog's gate.
+    let gated = Arc::new(Gated {
+        log: kappa_views::EmbeddedLog::new(fixture.log.clone()),
+        topic: "__kappa.view.sums.v1".to_owned(),
+        entered: AtomicBool::new(false),
+        released: AtomicBool::new(false),
+        refused_key: None,
+        refusing: AtomicBool::new(false),
+    });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::start(gated.clone(), config, vec![sum_view(1, 1)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !gated.entered.load(Ordering::Acquire) {
+        assert!(Instant::now() < deadline, "version 1 never reached its catching up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let read = engine.get("sums", "k1");
+    assert!(matches!(read, Err(ViewError::NotReady { .. })), "{read:?}");
+    // Not only ignored: a restart before it catches up finds its directory again.
+    assert!(!fixture.views_dir().join("sums/active").exists());
+    gated.released.store(true, Ordering::Release);
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 1, "total": 2}))]));
+    assert_eq!(engine.describe("sums").unwrap().active, Some(1));
     engine.shutdown();
 }
