@@ -463,9 +463,11 @@ async fn follow(
                 HubEvent::Changes { version: v, changelog: c, from, next, first_missing, changes }
                     if *v == version && *c == changelog =>
                 {
-                    // Behind the chunk, or a change it has not sent was compacted away before
-                    // the hub read it: its own read replays what is there, or says reset.
-                    if *from > cursor || first_missing.is_some_and(|missing| missing >= cursor) {
+                    // Behind the chunk, or compaction removed records of a chunk holding
+                    // changes it has not sent (the chunk names only its first gap, which may
+                    // lie before the cursor while a later one does not): its own read from
+                    // the cursor replays what is there, or says reset.
+                    if *from > cursor || (first_missing.is_some() && *next > cursor) {
                         match catch_up_or_reset(state, &followed, target, cursor, emit).await {
                             Next::Cursor(next) => cursor = next,
                             Next::Restart => continue 'restart,
@@ -485,7 +487,8 @@ async fn follow(
                 // The switch to this subscription's own changelog, or a chunk of an old one
                 // still in flight when it started: nothing changed for it.
                 HubEvent::Switched { version: v, changelog: c } if *v == version && *c == changelog => {}
-                HubEvent::Changes { .. } if still_serving(state, view, &followed) => {}
+                // A hub's look from before the switch this subscription already follows.
+                HubEvent::Changes { .. } | HubEvent::Switched { .. } if still_serving(state, view, &followed) => {}
                 HubEvent::Changes { version: v, changelog: c, .. }
                 | HubEvent::Switched { version: v, changelog: c } => {
                     let reason = if *v == version && *c != changelog {

@@ -143,6 +143,8 @@ impl ViewEngine {
         for (name, defined) in definitions {
             let dir = config.dir.join(&name);
             let active = match read_active(&dir)? {
+                // Offline (`view dump`, `view list`) it only reads: nothing serves, nothing changes.
+                Some(version) if !version_dir(&dir, version).is_dir() && !run => None,
                 Some(version) if !version_dir(&dir, version).is_dir() => forget_active(&name, &dir, version)?,
                 active => active,
             };

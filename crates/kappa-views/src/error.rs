@@ -76,13 +76,23 @@ impl ViewError {
         Self::Io { path: path.to_owned(), source }
     }
 
-    /// True for a failure of the machinery a version runs on (the log, the state store,
-    /// files: e.g. a full disk) that may pass, so the version is started again after a
-    /// pause. False for what applying the same inputs again would hit again: an event, the
-    /// changelog's content, a limit, the definition.
+    /// True for a failure that passes by itself, so the version is started again after a
+    /// pause: a full disk (or quota) refusing the log or a file a write — the log does not
+    /// poison itself for that, and once space returns the same step goes through. False for
+    /// everything else, which a new runner would hit again or cannot recover from inside
+    /// this process: an event, the changelog's content, a limit, the definition, a poisoned
+    /// log directory (refuses appends until a restart), and any state-store error (after a
+    /// failed write redb refuses every later call on that handle, which the runner reuses).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Log(_) | Self::Store { .. } | Self::Io { .. })
+        match self {
+            Self::Log(kappa_log::LogError::Io { source, .. }) | Self::Io { source, .. } => is_out_of_space(source),
+            _ => false,
+        }
     }
+}
+
+fn is_out_of_space(error: &std::io::Error) -> bool {
+    matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 /// Why one event could not be applied: a bad payload, an unknown schema version, a failing

@@ -923,7 +923,7 @@ impl kappa_views::LogBackend for Gated {
     ) -> kappa_views::Result<(i64, i64)> {
         let refused = self.refused_key.as_ref().is_some_and(|refused| records.iter().any(|r| &r.key == refused));
         if refused && self.refusing.load(Ordering::Acquire) {
-            let source = std::io::Error::other("refused append (test)");
+            let source = std::io::Error::new(std::io::ErrorKind::StorageFull, "refused append (test)");
             return Err(ViewError::Io { path: topic.into(), source });
         }
         self.log.append(topic, partition, records)
