@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 
 use crate::batch::{self, BatchHeader};
 use crate::clock::Clock;
@@ -173,6 +173,14 @@ struct SyncState {
     synced_offset: i64,
     written_offset: i64,
     file: Arc<dyn StorageFile>,
+}
+
+/// Whether an append may wait for another thread or for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Allowed,
+    /// Leave the append undone rather than wait for the partition lock or roll the segment.
+    Never,
 }
 
 /// A batch starts with its base offset (`batch::set_base_offset`'s field).
@@ -377,6 +385,18 @@ impl Partition {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `inner`, or None when `wait` is [`Wait::Never`] and another thread holds it.
+    fn lock_inner_unless_held(&self, wait: Wait) -> Option<MutexGuard<'_, Inner>> {
+        match wait {
+            Wait::Allowed => Some(self.lock_inner()),
+            Wait::Never => match self.inner.try_lock() {
+                Ok(inner) => Some(inner),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            },
+        }
+    }
+
     fn lock_sync(&self) -> MutexGuard<'_, SyncState> {
         self.sync.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -397,19 +417,30 @@ impl Partition {
     /// all of them together so they share fsyncs. The batch may be borrowed (a slice of a
     /// request): it is written from where it lies, never copied whole.
     pub fn append_unsynced(&self, bytes: impl AsRef<[u8]>) -> Result<AppendOutcome> {
-        self.append_checked(bytes.as_ref(), None)
+        self.append_checked(bytes.as_ref(), None, Wait::Allowed).map(appended)
+    }
+
+    /// [`Self::append_unsynced`] for a caller that must not block (an async runtime's
+    /// worker): `Ok(None)`, with nothing changed, when the append would wait — for the
+    /// partition lock, which another thread may hold through a roll's fsync, or to roll the
+    /// segment itself (a roll fsyncs the closing segment, after any fsync in flight).
+    /// Otherwise the same checks, outcome and errors. The write into the page cache is
+    /// still done here.
+    pub fn try_append_unsynced(&self, bytes: impl AsRef<[u8]>) -> Result<Option<AppendOutcome>> {
+        self.append_checked(bytes.as_ref(), None, Wait::Never)
     }
 
     /// [`Self::append`], but only if the log still ends at `expected_end` when the batch
     /// would be written (checked under the partition lock): a conditional append for
     /// optimistic concurrency. Fails with [`LogError::EndMoved`] otherwise, writing nothing.
     pub fn append_if_end(&self, bytes: Vec<u8>, expected_end: i64) -> Result<AppendOutcome> {
-        let outcome = self.append_checked(&bytes, Some(expected_end))?;
+        let outcome = self.append_checked(&bytes, Some(expected_end), Wait::Allowed).map(appended)?;
         self.wait_durable(outcome.last_offset + 1)?;
         Ok(outcome)
     }
 
-    fn append_checked(&self, bytes: &[u8], expected_end: Option<i64>) -> Result<AppendOutcome> {
+    /// Validates the batch, then writes it (None: left undone, as `wait` asked).
+    fn append_checked(&self, bytes: &[u8], expected_end: Option<i64>, wait: Wait) -> Result<Option<AppendOutcome>> {
         self.ctx.health.check()?;
         let config = self.config();
         if bytes.len() > config.max_message_bytes {
@@ -420,7 +451,7 @@ impl Partition {
         if !header.is_control() {
             check_records(&header, bytes, config.cleanup_policy.compact)?;
         }
-        self.write(bytes, header, marker, &config, expected_end)
+        self.write(bytes, header, marker, &config, expected_end, wait)
     }
 
     /// Blocks until everything below `offset` is durable under the sync policy (or fails
@@ -429,7 +460,10 @@ impl Partition {
         self.wait_durable(offset)
     }
 
-    /// Assigns offsets and writes under the partition lock (no fsync here).
+    /// Assigns offsets and writes under the partition lock (no fsync here, except a roll's).
+    /// With [`Wait::Never`], returns None before changing anything when it would wait: the
+    /// lock is held elsewhere, or the segment must roll. Nothing else here waits: `sync` is
+    /// held only briefly, never across an fsync or a wait.
     fn write(
         &self,
         bytes: &[u8],
@@ -437,21 +471,28 @@ impl Partition {
         marker: Option<Marker>,
         config: &TopicConfig,
         expected_end: Option<i64>,
-    ) -> Result<AppendOutcome> {
+        wait: Wait,
+    ) -> Result<Option<AppendOutcome>> {
         let now = self.ctx.clock.now_ms();
-        let mut inner = self.lock_inner();
+        let Some(mut inner) = self.lock_inner_unless_held(wait) else {
+            return Ok(None);
+        };
         self.ctx.health.check()?;
         if let Some(expected) = expected_end.filter(|e| *e != inner.log_end_offset()) {
             return Err(LogError::EndMoved { expected, actual: inner.log_end_offset() });
         }
         if let Admission::Duplicate { base_offset, last_offset } = inner.producers.admit(&header)? {
-            return Ok(AppendOutcome {
+            return Ok(Some(AppendOutcome {
                 base_offset,
                 last_offset,
                 log_append_time: None,
                 log_start_offset: inner.log_start_offset(),
                 duplicate: true,
-            });
+            }));
+        }
+        let roll = must_roll(inner.segments.last().expect("non-empty"), bytes.len() as u64, config, now);
+        if roll && wait == Wait::Never {
+            return Ok(None);
         }
         let base_offset = inner.log_end_offset();
         header.base_offset = base_offset;
@@ -474,7 +515,9 @@ impl Partition {
             Some(copy) => [copy, &[]],
             None => [&base_offset_bytes, &bytes[BASE_OFFSET_BYTES..]],
         };
-        self.maybe_roll(&mut inner, bytes.len() as u64, config, now).inspect_err(|e| self.ctx.health.poison(e))?;
+        if roll {
+            self.roll(&mut inner).inspect_err(|e| self.ctx.health.poison(e))?;
+        }
         let active = inner.active();
         if let Err(e) = active.append_parts(&parts, &header, now) {
             let out_of_space = is_out_of_space(&e);
@@ -499,13 +542,13 @@ impl Partition {
         if let SyncPolicy::IntervalMs(_) = self.ctx.sync_policy {
             self.publish_high_watermark(next);
         }
-        Ok(AppendOutcome {
+        Ok(Some(AppendOutcome {
             base_offset,
             last_offset: header.last_offset(),
             log_append_time,
             log_start_offset: inner.log_start_offset(),
             duplicate: false,
-        })
+        }))
     }
 
     /// Blocks until `offset` (exclusive) is durable. With group commit, one caller becomes
@@ -632,19 +675,9 @@ impl Partition {
         self.lead_sync(sync).1
     }
 
-    /// Starts a new segment when the active one is full or old enough. The closed segment
-    /// is synced with its indexes and a producer-state snapshot, so recovery after a crash
-    /// only has to scan the new active segment.
-    fn maybe_roll(&self, inner: &mut Inner, incoming_bytes: u64, config: &TopicConfig, now: i64) -> Result<()> {
-        let active = inner.segments.last().expect("non-empty");
-        let full = active.size + incoming_bytes > config.segment_bytes;
-        let old = active.first_append_ms.is_some_and(|first| now - first >= config.segment_ms);
-        if active.size == 0 || !(full || old) {
-            return Ok(());
-        }
-        self.roll(inner)
-    }
-
+    /// Starts a new segment (see [`must_roll`]). The closed segment is synced with its
+    /// indexes and a producer-state snapshot, so recovery after a crash only has to scan the
+    /// new active segment.
     fn roll(&self, inner: &mut Inner) -> Result<()> {
         let fs = self.ctx.fs.as_ref();
         let dir = &self.ctx.dir;
@@ -1106,6 +1139,19 @@ fn first_record_at_or_after(bytes: &[u8], header: &BatchHeader, timestamp: i64) 
     }
 }
 
+/// The outcome of an append allowed to wait, which is never left undone.
+fn appended(outcome: Option<AppendOutcome>) -> AppendOutcome {
+    outcome.expect("an append allowed to wait is never left undone")
+}
+
+/// Whether an append of `incoming_bytes` at `now` starts a new segment first: the active
+/// one is full or old enough (an empty one never rolls).
+fn must_roll(active: &Segment, incoming_bytes: u64, config: &TopicConfig, now: i64) -> bool {
+    let full = active.size + incoming_bytes > config.segment_bytes;
+    let old = active.first_append_ms.is_some_and(|first| now - first >= config.segment_ms);
+    active.size > 0 && (full || old)
+}
+
 /// The active segment is never compacted, so its batches are offset-contiguous from its
 /// base offset. The CRC does not cover a batch's base offset: one damaged to jump forward
 /// passes validation, and is caught here as the first batch out of sequence.
@@ -1325,8 +1371,9 @@ fn is_out_of_space(e: &std::io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Mutex, mpsc};
     use std::thread::JoinHandle;
+    use std::time::Duration;
 
     use super::*;
     use crate::clock::ManualClock;
@@ -1404,13 +1451,135 @@ mod tests {
 
     fn open_partition(fs: &HookFs, segment_bytes: u64) -> Arc<Partition> {
         let config = TopicConfig { segment_bytes, ..TopicConfig::default() };
-        let clock = Arc::new(ManualClock::new(T0));
+        open_with(fs, config, Arc::new(ManualClock::new(T0)))
+    }
+
+    fn open_with(fs: &HookFs, config: TopicConfig, clock: Arc<ManualClock>) -> Arc<Partition> {
         let ctx = PartitionContext::for_test(Arc::new(fs.clone()), clock, config, SyncPolicy::EveryAppend);
         Arc::new(Partition::open(ctx).expect("open partition").0)
     }
 
     fn one_record(key: &str) -> Vec<u8> {
         BatchBuilder::new().record(NewRecord::new(Some(key.as_bytes()), Some(b"v"), T0)).build()
+    }
+
+    /// A batch of producer 7 (epoch 0) with `sequence`.
+    fn idempotent(sequence: i32, key: &str) -> Vec<u8> {
+        BatchBuilder::new()
+            .producer(7, 0, sequence)
+            .record(NewRecord::new(Some(key.as_bytes()), Some(b"v"), T0))
+            .build()
+    }
+
+    /// What an append changes, as seen from outside: log end offset, segments, bytes.
+    fn shape(p: &Partition) -> (i64, usize, u64) {
+        (p.log_end_offset(), p.segment_count(), p.size_bytes())
+    }
+
+    #[test]
+    fn try_append_leaves_a_full_segment_to_a_caller_that_may_wait() {
+        let fs = HookFs::default();
+        let p = open_partition(&fs, 1);
+        let first = p.try_append_unsynced(idempotent(0, "a")).unwrap().expect("an empty segment takes any batch");
+        let before = (shape(&p), fs.fs.stats());
+        assert_eq!(p.try_append_unsynced(idempotent(1, "b")).unwrap(), None, "appending would roll the full segment");
+        assert_eq!((shape(&p), fs.fs.stats()), before, "nothing changed, written or synced");
+        // A retry of a batch in the log writes nothing, so rolls nothing: answered at once.
+        let retry = p.try_append_unsynced(idempotent(0, "a")).unwrap();
+        assert_eq!(retry, Some(AppendOutcome { duplicate: true, ..first }));
+        // The producer's sequence did not move: its next batch is new, at the next offset.
+        let second = p.append_unsynced(idempotent(1, "b")).unwrap();
+        assert_eq!((second.base_offset, second.duplicate, p.segment_count()), (1, false, 2));
+    }
+
+    #[test]
+    fn try_append_leaves_an_old_segment_to_a_caller_that_may_wait() {
+        let fs = HookFs::default();
+        let clock = Arc::new(ManualClock::new(T0));
+        let p = open_with(&fs, TopicConfig { segment_ms: 1_000, ..TopicConfig::default() }, clock.clone());
+        p.append_unsynced(idempotent(0, "a")).unwrap();
+        clock.advance(999);
+        assert!(p.try_append_unsynced(idempotent(1, "b")).unwrap().is_some(), "segment.ms has not passed yet");
+        clock.advance(1);
+        let before = (shape(&p), fs.fs.stats());
+        assert_eq!(p.try_append_unsynced(idempotent(2, "c")).unwrap(), None, "appending would roll the old segment");
+        assert_eq!((shape(&p), fs.fs.stats()), before, "nothing changed, written or synced");
+        let third = p.append_unsynced(idempotent(2, "c")).unwrap();
+        assert_eq!((third.base_offset, third.duplicate, p.segment_count()), (2, false, 2));
+    }
+
+    /// Another thread holds the partition lock through its roll's fsync (a slow disk): a
+    /// caller that must not block gets None at once instead of waiting for that fsync.
+    #[test]
+    fn try_append_does_not_wait_for_another_thread_rolling_the_segment() {
+        let fs = HookFs::default();
+        let clock = Arc::new(ManualClock::new(T0));
+        // Rolled by age, so the new segment takes the tried batch: only the lock is in its way.
+        let p = open_with(&fs, TopicConfig { segment_ms: 1_000, ..TopicConfig::default() }, clock.clone());
+        p.append_unsynced(one_record("a")).unwrap();
+        clock.advance(1_000);
+        let (in_roll_tx, in_roll_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        // Runs inside the roll's fsync of the closing segment, with the partition lock held.
+        *fs.hook.lock().unwrap() = Some(Box::new(move || {
+            in_roll_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        }));
+        let roller = {
+            let p = p.clone();
+            std::thread::spawn(move || p.append_unsynced(one_record("b")))
+        };
+        in_roll_rx.recv_timeout(Duration::from_secs(10)).expect("the roller reaches its fsync");
+        let (tried_tx, tried_rx) = mpsc::channel();
+        let trier = {
+            let p = p.clone();
+            std::thread::spawn(move || tried_tx.send(p.try_append_unsynced(one_record("c"))).unwrap())
+        };
+        let tried = tried_rx.recv_timeout(Duration::from_secs(10));
+        release_tx.send(()).unwrap();
+        let rolled = roller.join().unwrap().unwrap();
+        trier.join().unwrap();
+        assert!(matches!(tried, Ok(Ok(None))), "the try waited for the roll, or appended: {tried:?}");
+        assert_eq!((rolled.base_offset, shape(&p).0, p.segment_count()), (1, 2, 2), "only the roller appended");
+        let third = p.try_append_unsynced(one_record("c")).unwrap().expect("nothing to wait for any more");
+        assert_eq!(third.base_offset, 2);
+    }
+
+    /// When nothing is in its way, the non-blocking append is `append_unsynced`: same
+    /// outcomes, errors, bytes written, duplicate detection and poisoning.
+    #[test]
+    fn try_append_appends_what_append_unsynced_appends() {
+        for message_timestamp_type in [TimestampType::CreateTime, TimestampType::LogAppendTime] {
+            let config = TopicConfig { message_timestamp_type, ..TopicConfig::default() };
+            let clock = Arc::new(ManualClock::new(T0 + 5));
+            let waiting = open_with(&HookFs::default(), config.clone(), clock.clone());
+            let trying = open_with(&HookFs::default(), config, clock);
+            let batches = [
+                one_record("a"),
+                idempotent(0, "b"),
+                idempotent(1, "c"),
+                idempotent(0, "b"),
+                idempotent(5, "d"),
+                idempotent(2, "e"),
+                b"not a batch".to_vec(),
+            ];
+            for batch in &batches {
+                let expected = waiting.append_unsynced(batch).map_err(|e| e.to_string());
+                let got = trying.try_append_unsynced(batch).map_err(|e| e.to_string());
+                let got = got.map(|outcome| outcome.expect("nothing to wait for"));
+                assert_eq!(got, expected, "{message_timestamp_type:?}");
+            }
+            let end = waiting.log_end_offset();
+            assert_eq!((end, shape(&trying)), (4, shape(&waiting)));
+            waiting.wait_until_durable(end).unwrap();
+            trying.wait_until_durable(end).unwrap();
+            let read = |p: &Arc<Partition>| p.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap().records;
+            assert_eq!(read(&trying), read(&waiting), "the same bytes were written");
+
+            trying.ctx.health.poison(&"an fsync failed");
+            let refused = trying.try_append_unsynced(one_record("f"));
+            assert!(matches!(refused, Err(LogError::Poisoned { .. })), "{refused:?}");
+        }
     }
 
     /// The race of the review: a group-commit leader fsyncs the active segment outside every

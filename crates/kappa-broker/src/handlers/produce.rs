@@ -8,6 +8,8 @@ use kafka_protocol::messages::produce_response::{
 };
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kappa_log::batch::{self, BatchHeader};
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 
 use kappa_coordinator::OngoingTxn;
@@ -79,27 +81,34 @@ impl Broker {
         // Held until the batches are written: the transaction cannot end in between.
         let (work, refused, _ongoing) = self.verify_transactional(transactional_id.as_deref(), work).await;
         let bytes: usize = work.iter().map(|(_, _, _, records)| records.len()).sum();
-        let append = move || {
-            let _turn = turn;
-            work.into_iter()
-                .map(|(name, index, partition, records)| {
-                    let result = if acks_valid {
-                        partition.map_err(failure).and_then(|p| {
-                            let records = record_batches(records)?;
-                            append_all_unsynced(&p, records).map(|(outcome, end)| (p, outcome, end))
-                        })
-                    } else {
-                        Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()).into())
-                    };
-                    (name, index, result)
-                })
-                .collect::<Vec<_>>()
+        let to_append = move |(name, index, partition, records): PartitionWork| -> PartitionAppend {
+            let appending = if acks_valid {
+                partition.map_err(failure).and_then(|p| Appending::new(p, record_batches(records)?))
+            } else {
+                Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()).into())
+            };
+            (name, index, appending)
         };
-        // A small append is a short write into the page cache (the fsync, if any, happens in
-        // phase two): done on this task it saves two thread hand-offs per request, most of a
-        // small produce's latency. Larger ones go to a blocking thread, and so do the ones
-        // that inflate (up to 64 MiB per batch).
-        let mut written = if !inflates && bytes <= INLINE_APPEND_BYTES_MAX { append() } else { blocking(append).await };
+        // A small append that need not wait is a write into the page cache (the fsync, if
+        // any, happens in phase two): done on this task it saves two thread hand-offs per
+        // request, most of a small produce's latency. At the first batch that would wait —
+        // for a partition another thread holds (perhaps through a roll's fsync), or to roll
+        // the segment itself — it and the rest of the request go on in order on a blocking
+        // thread: waiting here would stall every connection this runtime worker serves.
+        // Larger requests go there whole, and so do the ones that inflate (a compressed
+        // batch is inflated to check every record, a message set to convert it: up to
+        // 64 MiB per batch), converted there under their turn.
+        let mut written = if !inflates && bytes <= INLINE_APPEND_BYTES_MAX {
+            append_all(work.into_iter().map(to_append).collect()).await
+        } else {
+            blocking(move || {
+                let _turn = turn;
+                let mut appends: Vec<PartitionAppend> = work.into_iter().map(to_append).collect();
+                append_waiting(&mut appends);
+                into_written(appends)
+            })
+            .await
+        };
         written.extend(refused);
         Box::pin(async move {
             let mut durable = Vec::with_capacity(written.len());
@@ -301,9 +310,6 @@ fn add_partition_response(
     topic.partition_responses.push(p);
 }
 
-/// Writes every batch in `records` in order, without waiting for durability. Returns the
-/// first batch's outcome (Kafka's produce response carries one base offset per partition)
-/// and the offset everything written ends before.
 /// A partition's records as record batches: a v0/v1 message set (produce v0-2, e.g.
 /// kafka-node) is converted, and one that cannot be is CORRUPT_MESSAGE, as Kafka answers a
 /// message set that fails its checks.
@@ -317,24 +323,99 @@ fn record_batches(records: Bytes) -> Result<Bytes, Refusal> {
     })
 }
 
-fn append_all_unsynced(partition: &Partition, records: Bytes) -> Result<(AppendOutcome, i64), Refusal> {
-    // Every batch's framing and header first: a request refused for its third batch has
-    // not written the first two.
-    let batches = client_batches(records.as_ref())?;
-    let mut first: Option<AppendOutcome> = None;
-    let mut end = 0;
-    for one in batches {
-        let outcome = partition.append_unsynced(one).map_err(failure)?;
-        end = end.max(outcome.last_offset + 1);
-        first.get_or_insert(outcome);
+/// One partition's part of a produce request, from its batches to what writing them did.
+type PartitionAppend = (String, i32, Result<Appending, Refusal>);
+
+/// Writes every partition's batches in request order: on this task while no append would
+/// wait, the rest on a blocking thread.
+async fn append_all(mut appends: Vec<PartitionAppend>) -> Vec<(String, i32, Written)> {
+    for (_, _, appending) in &mut appends {
+        if !append_left(appending, |p, batch| p.try_append_unsynced(batch)) {
+            break;
+        }
     }
-    Ok((first.expect("at least one batch"), end))
+    if appends.iter().any(|(_, _, appending)| appending.as_ref().is_ok_and(|a| !a.left.is_empty())) {
+        appends = blocking(move || {
+            append_waiting(&mut appends);
+            appends
+        })
+        .await;
+    }
+    into_written(appends)
 }
 
-/// Splits a partition's records into batches and refuses what only the broker may write
-/// (Kafka's LogValidator): control batches — transaction markers, which end a producer's
-/// transaction in the partition — and producer batches without a sequence.
-fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, Refusal> {
+/// Writes what is left of every partition's batches, waiting as appends may (a blocking
+/// thread's work).
+fn append_waiting(appends: &mut [PartitionAppend]) {
+    for (_, _, appending) in appends {
+        append_left(appending, |p, batch| p.append_unsynced(batch).map(Some));
+    }
+}
+
+fn into_written(appends: Vec<PartitionAppend>) -> Vec<(String, i32, Written)> {
+    appends.into_iter().map(|(name, index, appending)| (name, index, appending.map(Appending::written))).collect()
+}
+
+/// A partition's batches being written in order, without waiting for durability: those
+/// left, and what the ones written so far did.
+struct Appending {
+    partition: Arc<Partition>,
+    records: Bytes,
+    /// Where each batch not yet written lies in `records`, in order.
+    left: VecDeque<Range<usize>>,
+    first: Option<AppendOutcome>,
+    end: i64,
+}
+
+/// Appends one batch; None when it was left undone (it would have waited).
+type AppendOne = fn(&Partition, &[u8]) -> kappa_log::Result<Option<AppendOutcome>>;
+
+impl Appending {
+    /// Checks every batch's framing and header first: a request refused for its third batch
+    /// has not written the first two.
+    fn new(partition: Arc<Partition>, records: Bytes) -> Result<Self, Refusal> {
+        let left = client_batches(&records)?.into();
+        Ok(Self { partition, records, left, first: None, end: 0 })
+    }
+
+    /// Appends the batches left in order with `append`, up to the first it leaves undone.
+    fn append_left(&mut self, append: AppendOne) -> Result<(), Refusal> {
+        while let Some(range) = self.left.front() {
+            let Some(outcome) = append(&self.partition, &self.records[range.clone()]).map_err(failure)? else {
+                return Ok(());
+            };
+            self.left.pop_front();
+            self.end = self.end.max(outcome.last_offset + 1);
+            self.first.get_or_insert(outcome);
+        }
+        Ok(())
+    }
+
+    /// The first batch's outcome (Kafka's produce response carries one base offset per
+    /// partition) and the offset everything written ends before.
+    fn written(self) -> (Arc<Partition>, AppendOutcome, i64) {
+        debug_assert!(self.left.is_empty(), "every batch was written");
+        (self.partition, self.first.expect("at least one batch"), self.end)
+    }
+}
+
+/// [`Appending::append_left`] for a partition not refused yet; a refused batch ends its
+/// append with that refusal. Returns whether the partition is done (nothing left undone).
+fn append_left(appending: &mut Result<Appending, Refusal>, append: AppendOne) -> bool {
+    let Ok(a) = appending else { return true };
+    match a.append_left(append) {
+        Ok(()) => a.left.is_empty(),
+        Err(refusal) => {
+            *appending = Err(refusal);
+            true
+        }
+    }
+}
+
+/// Splits a partition's records into batches (where each lies) and refuses what only the
+/// broker may write (Kafka's LogValidator): control batches — transaction markers, which
+/// end a producer's transaction in the partition — and producer batches without a sequence.
+fn client_batches(records: &[u8]) -> Result<Vec<Range<usize>>, Refusal> {
     let mut rest = records;
     if rest.is_empty() {
         return Err(failure(LogError::InvalidBatch(batch::BatchError::Truncated {
@@ -369,7 +450,8 @@ fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, Refusal> {
             )
                 .into());
         }
-        batches.push(one);
+        let start = records.len() - rest.len();
+        batches.push(start..start + one.len());
         rest = tail;
     }
     Ok(batches)
@@ -377,9 +459,16 @@ fn client_batches(records: &[u8]) -> Result<Vec<&[u8]>, Refusal> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::thread::ThreadId;
+
     use super::*;
+    use crate::BrokerConfig;
     use kappa_log::batch::Compression;
+    use kappa_log::io::{OpenMode, RealFs, Storage, StorageFile};
     use kappa_log::records::{BatchBuilder, NewRecord};
+    use kappa_log::{Isolation, Log, LogOptions};
 
     fn batch(compression: Compression) -> Vec<u8> {
         BatchBuilder::new().compression(compression).record(NewRecord::new(Some(b"k"), Some(b"v"), 1)).build()
@@ -451,5 +540,144 @@ mod tests {
         assert!(!has_compressed_batch(&[plain.clone(), plain.clone()].concat()));
         assert!(has_compressed_batch(&[plain.clone(), batch(Compression::Zstd)].concat()));
         assert!(has_compressed_batch(&batch(Compression::Lz4)));
+    }
+
+    /// A write or fsync of a segment file: which, of which file, on which thread.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Op {
+        Write,
+        Sync,
+    }
+
+    type Ops = Arc<Mutex<Vec<(Op, PathBuf, ThreadId)>>>;
+
+    /// The real file system, recording the thread of every write and fsync of a segment.
+    struct ThreadRecordingFs {
+        ops: Ops,
+    }
+
+    struct ThreadRecordingFile {
+        file: Arc<dyn StorageFile>,
+        path: PathBuf,
+        ops: Option<Ops>,
+    }
+
+    impl ThreadRecordingFile {
+        fn record(&self, op: Op) {
+            if let Some(ops) = &self.ops {
+                ops.lock().unwrap().push((op, self.path.clone(), std::thread::current().id()));
+            }
+        }
+    }
+
+    impl Storage for ThreadRecordingFs {
+        fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+            RealFs.create_dir_all(path)
+        }
+        fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+            RealFs.list_dir(path)
+        }
+        fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Arc<dyn StorageFile>> {
+            let file = RealFs.open(path, mode)?;
+            let is_segment = path.extension().is_some_and(|e| e == "log");
+            Ok(Arc::new(ThreadRecordingFile { file, path: path.to_owned(), ops: is_segment.then(|| self.ops.clone()) }))
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            RealFs.rename(from, to)
+        }
+        fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+            RealFs.remove_file(path)
+        }
+        fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+            RealFs.remove_dir_all(path)
+        }
+        fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+            RealFs.sync_dir(path)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            RealFs.exists(path)
+        }
+    }
+
+    impl StorageFile for ThreadRecordingFile {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            self.file.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.record(Op::Write);
+            self.file.write_all_at(buf, offset)
+        }
+        fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> std::io::Result<()> {
+            self.record(Op::Write);
+            self.file.write_all_vectored_at(parts, offset)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.record(Op::Sync);
+            self.file.sync_data()
+        }
+        fn modified_ms(&self) -> Option<i64> {
+            self.file.modified_ms()
+        }
+        fn set_modified_ms(&self, ms: i64) -> std::io::Result<()> {
+            self.file.set_modified_ms(ms)
+        }
+    }
+
+    /// About 370 bytes: two fit in a 1 KiB segment, a third rolls it.
+    fn batch_of(value: u8) -> Vec<u8> {
+        BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(&[value; 300]), 1)).build()
+    }
+
+    /// The current-thread runtime runs on the test's thread: what runs there would stall
+    /// every connection of a runtime worker. An inline-sized produce whose second batch rolls
+    /// the segment writes its first batch here, and the roll (an fsync) and the second batch
+    /// on a blocking thread, in order.
+    #[tokio::test]
+    async fn an_inline_produce_that_rolls_the_segment_fsyncs_off_the_runtime_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let ops = Ops::default();
+        let log_options = LogOptions { fs: Arc::new(ThreadRecordingFs { ops: ops.clone() }), ..LogOptions::default() };
+        let log = Arc::new(Log::open(dir.path(), log_options).unwrap().0);
+        let overrides =
+            std::collections::BTreeMap::from([(kappa_log::config::SEGMENT_BYTES.to_owned(), "1024".to_owned())]);
+        log.create_topic("p", 1, &overrides).unwrap();
+        let partition = log.partition("p", 0).unwrap();
+        let broker = Broker::open(log, BrokerConfig::default()).await.unwrap();
+        let first = broker.produce(produce_request("p", batch_of(0))).await;
+        assert_eq!(first.responses[0].partition_responses[0].error_code, 0);
+        ops.lock().unwrap().clear();
+
+        let second = broker.produce(produce_request("p", [batch_of(1), batch_of(2)].concat())).await;
+        let answer = &second.responses[0].partition_responses[0];
+        assert_eq!((answer.error_code, answer.base_offset), (0, 1));
+        assert_eq!(partition.segment_count(), 2, "the second batch rolled the segment");
+        let runtime = std::thread::current().id();
+        let ops: Vec<(Op, bool)> = ops
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, path, _)| path.starts_with(partition.dir()))
+            .map(|&(op, _, thread)| (op, thread == runtime))
+            .collect();
+        let writes: Vec<bool> = ops.iter().filter(|(op, _)| *op == Op::Write).map(|&(_, here)| here).collect();
+        assert_eq!(writes, [true, false], "first batch on the runtime thread, the rolled one off it: {ops:?}");
+        assert!(ops.contains(&(Op::Sync, false)), "the roll fsynced the closing segment: {ops:?}");
+        assert!(!ops.contains(&(Op::Sync, true)), "an fsync ran on the runtime thread: {ops:?}");
+        let read = partition.read(0, 1 << 20, Isolation::ReadUncommitted).unwrap().records;
+        let mut values = Vec::new();
+        let mut rest = read.as_slice();
+        while !rest.is_empty() {
+            let len = BatchHeader::parse(rest).unwrap().total_bytes();
+            let records = kappa_log::records::decode_records(&rest[..len], 1 << 20).unwrap();
+            values.extend(records.iter().map(|r| r.value.unwrap()[0]));
+            rest = &rest[len..];
+        }
+        assert_eq!(values, [0, 1, 2], "appended in request order");
     }
 }
