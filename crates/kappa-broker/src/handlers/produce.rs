@@ -1,6 +1,6 @@
 //! Produce: each partition's batches are appended to the log (which validates them,
 //! deduplicates idempotent retries, and acknowledges only after fsync). Partitions of one
-//! request are written concurrently; errors are per partition.
+//! request are written in order and wait for durability together; errors are per partition.
 
 use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{
@@ -78,8 +78,10 @@ impl Broker {
             true => Some(self.compressed_appends.clone().acquire_owned().await.expect("the semaphore is never closed")),
             false => None,
         };
-        // Held until the batches are written: the transaction cannot end in between.
-        let (work, refused, _ongoing) = self.verify_transactional(transactional_id.as_deref(), work).await;
+        // Held until the batches are written, and moved to the blocking thread that writes
+        // them: a connection that goes away mid-await must not let the transaction end while
+        // its batches are still being appended.
+        let (work, refused, ongoing) = self.verify_transactional(transactional_id.as_deref(), work).await;
         let bytes: usize = work.iter().map(|(_, _, _, records)| records.len()).sum();
         let to_append = move |(name, index, partition, records): PartitionWork| -> PartitionAppend {
             let appending = if acks_valid {
@@ -99,10 +101,10 @@ impl Broker {
         // batch is inflated to check every record, a message set to convert it: up to
         // 64 MiB per batch), converted there under their turn.
         let mut written = if !inflates && bytes <= INLINE_APPEND_BYTES_MAX {
-            append_all(work.into_iter().map(to_append).collect()).await
+            append_all(work.into_iter().map(to_append).collect(), ongoing).await
         } else {
             blocking(move || {
-                let _turn = turn;
+                let (_turn, _ongoing) = (turn, ongoing);
                 let mut appends: Vec<PartitionAppend> = work.into_iter().map(to_append).collect();
                 append_waiting(&mut appends);
                 into_written(appends)
@@ -328,7 +330,7 @@ type PartitionAppend = (String, i32, Result<Appending, Refusal>);
 
 /// Writes every partition's batches in request order: on this task while no append would
 /// wait, the rest on a blocking thread.
-async fn append_all(mut appends: Vec<PartitionAppend>) -> Vec<(String, i32, Written)> {
+async fn append_all(mut appends: Vec<PartitionAppend>, ongoing: Option<OngoingTxn>) -> Vec<(String, i32, Written)> {
     for (_, _, appending) in &mut appends {
         if !append_left(appending, |p, batch| p.try_append_unsynced(batch)) {
             break;
@@ -336,6 +338,7 @@ async fn append_all(mut appends: Vec<PartitionAppend>) -> Vec<(String, i32, Writ
     }
     if appends.iter().any(|(_, _, appending)| appending.as_ref().is_ok_and(|a| !a.left.is_empty())) {
         appends = blocking(move || {
+            let _ongoing = ongoing;
             append_waiting(&mut appends);
             appends
         })
