@@ -638,6 +638,11 @@ fn broker_metrics(broker: &Arc<Broker>) -> kappa_http::ExtraMetrics {
                 "Partitions answered with an error by produce.",
                 &stats.produce_errors,
             ),
+            (
+                "kappa_kafka_produce_inline_fallbacks_total",
+                "Small produce requests whose append would have waited on the connection's task (partition lock held elsewhere, or a segment roll) and went on a blocking thread.",
+                &stats.produce_inline_fallbacks,
+            ),
             ("kappa_kafka_fetch_requests_total", "Kafka fetch requests.", &stats.fetch_requests),
             ("kappa_kafka_fetch_bytes_total", "Record bytes returned by Kafka fetch.", &stats.fetch_bytes),
             ("kappa_kafka_fetch_errors_total", "Partitions answered with an error by fetch.", &stats.fetch_errors),

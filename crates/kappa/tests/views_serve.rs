@@ -151,6 +151,7 @@ fn events_from_kcat_kafkajs_kafka_node_and_http_reach_the_views() {
     };
     assert!(value("kappa_kafka_produce_requests_total ") >= 4.0, "{metrics}");
     assert!(value("kappa_kafka_produce_bytes_total ") > 0.0);
+    assert!(value("kappa_kafka_produce_inline_fallbacks_total ") >= 0.0, "{metrics}");
     assert!(value("kappa_kafka_fetch_requests_total ") >= 1.0);
     assert!(value("kappa_consumer_group_lag_records{group=\"metrics-group\"") >= 0.0);
     assert!(metrics.contains("kappa_view_lag_records{view=\"channel_page\",version=\"1\"} 0"), "{metrics}");

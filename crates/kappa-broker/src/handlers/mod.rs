@@ -82,6 +82,10 @@ pub struct BrokerStats {
     pub produce_bytes: std::sync::atomic::AtomicU64,
     /// Partitions answered with an error in produce responses.
     pub produce_errors: std::sync::atomic::AtomicU64,
+    /// Small produce requests begun on the connection's task whose next append would have
+    /// waited (the partition lock held elsewhere, or a segment roll), so went on to a
+    /// blocking thread.
+    pub produce_inline_fallbacks: std::sync::atomic::AtomicU64,
     pub fetch_requests: std::sync::atomic::AtomicU64,
     /// Record bytes returned by fetches.
     pub fetch_bytes: std::sync::atomic::AtomicU64,

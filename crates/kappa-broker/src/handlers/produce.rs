@@ -71,9 +71,11 @@ impl Broker {
         // taken before a transaction is held (the coordinator's expiry pass waits for held
         // ones) and moves into the append, so it is kept until the inflating is done even if
         // the connection goes away meanwhile.
-        let inflates = work
-            .iter()
-            .any(|(_, _, _, records)| legacy::produce::is_message_set(records) || has_compressed_batch(records));
+        // (A request with invalid acks appends nothing, so inflates nothing.)
+        let inflates = acks_valid
+            && work
+                .iter()
+                .any(|(_, _, _, records)| legacy::produce::is_message_set(records) || has_compressed_batch(records));
         let turn = match inflates {
             true => Some(self.compressed_appends.clone().acquire_owned().await.expect("the semaphore is never closed")),
             false => None,
@@ -101,7 +103,7 @@ impl Broker {
         // batch is inflated to check every record, a message set to convert it: up to
         // 64 MiB per batch), converted there under their turn.
         let mut written = if !inflates && bytes <= INLINE_APPEND_BYTES_MAX {
-            append_all(work.into_iter().map(to_append).collect(), ongoing).await
+            append_all(work.into_iter().map(to_append).collect(), ongoing, &self.stats).await
         } else {
             blocking(move || {
                 let (_turn, _ongoing) = (turn, ongoing);
@@ -330,13 +332,18 @@ type PartitionAppend = (String, i32, Result<Appending, Refusal>);
 
 /// Writes every partition's batches in request order: on this task while no append would
 /// wait, the rest on a blocking thread.
-async fn append_all(mut appends: Vec<PartitionAppend>, ongoing: Option<OngoingTxn>) -> Vec<(String, i32, Written)> {
+async fn append_all(
+    mut appends: Vec<PartitionAppend>,
+    ongoing: Option<OngoingTxn>,
+    stats: &super::BrokerStats,
+) -> Vec<(String, i32, Written)> {
     for (_, _, appending) in &mut appends {
         if !append_left(appending, |p, batch| p.try_append_unsynced(batch)) {
             break;
         }
     }
     if appends.iter().any(|(_, _, appending)| appending.as_ref().is_ok_and(|a| !a.left.is_empty())) {
+        stats.produce_inline_fallbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         appends = blocking(move || {
             let _ongoing = ongoing;
             append_waiting(&mut appends);
@@ -654,12 +661,15 @@ mod tests {
         let broker = Broker::open(log, BrokerConfig::default()).await.unwrap();
         let first = broker.produce(produce_request("p", batch_of(0))).await;
         assert_eq!(first.responses[0].partition_responses[0].error_code, 0);
+        let fallbacks = || broker.stats().produce_inline_fallbacks.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(fallbacks(), 0, "the first batch was appended inline");
         ops.lock().unwrap().clear();
 
         let second = broker.produce(produce_request("p", [batch_of(1), batch_of(2)].concat())).await;
         let answer = &second.responses[0].partition_responses[0];
         assert_eq!((answer.error_code, answer.base_offset), (0, 1));
         assert_eq!(partition.segment_count(), 2, "the second batch rolled the segment");
+        assert_eq!(fallbacks(), 1, "counted for /metrics");
         let runtime = std::thread::current().id();
         let ops: Vec<(Op, bool)> = ops
             .lock()
