@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use kappa_views::changelog::{self, Entry};
 use kappa_views::store::Scope;
+use kappa_views::view::json_bytes;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
@@ -656,7 +657,9 @@ pub fn check_snapshot_size(state: &AppState, view: &str, target: &Target) -> Res
 fn check_snapshot_bytes(target: &Target, items: &[(String, Arc<RawValue>)]) -> Result<(), ApiError> {
     let bytes: usize = items
         .iter()
-        .map(|(key, value)| SNAPSHOT_ITEM_OVERHEAD_BYTES + json_string_bytes(key) + value.get().len())
+        .map(|(key, value)| {
+            SNAPSHOT_ITEM_OVERHEAD_BYTES + json_bytes(key.as_str()).expect("a string serializes") + value.get().len()
+        })
         .sum();
     if bytes <= SNAPSHOT_BYTES_MAX {
         return Ok(());
@@ -671,23 +674,6 @@ fn check_snapshot_bytes(target: &Target, items: &[(String, Arc<RawValue>)]) -> R
             "the snapshot of {what} would take {bytes} bytes; a snapshot may take at most {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX, a fixed limit: it is sent as one message); subscribe to fewer keys (a longer prefix, or single keys)"
         ),
     ))
-}
-
-/// The length of `text` as a JSON string.
-fn json_string_bytes(text: &str) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    serde_json::to_writer(&mut count, text).expect("counting never fails");
-    count.0
 }
 
 enum CatchUp {

@@ -507,9 +507,15 @@ impl<P: Processor> Applier for TypedApplier<P> {
 /// The serialized size of the slot's value if event `event` changed it.
 fn touched_bytes<T: Serialize>(slot: &Slot<T>, event: u64) -> Result<Option<usize>, EventError> {
     let Some(value) = slot.value.as_ref().filter(|_| slot.touched == event) else { return Ok(None) };
+    Ok(Some(json_bytes(value)?))
+}
+
+/// How many bytes `value` takes as JSON, counted without building the text (view values'
+/// limits are in JSON bytes; so are the live API's snapshot limits).
+pub fn json_bytes<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<usize> {
     let mut counter = ByteCounter(0);
     serde_json::to_writer(&mut counter, value)?;
-    Ok(Some(counter.0))
+    Ok(counter.0)
 }
 
 /// Counts what is written to it.
