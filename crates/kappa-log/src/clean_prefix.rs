@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::batch;
 use crate::error::{LogError, Result};
-use crate::io::{OpenMode, Storage};
+use crate::io::{AtomicWriteError, Storage};
 use crate::log::TOPIC_ID_BYTES;
 
 /// The partition file holding the clean prefix.
@@ -129,11 +129,7 @@ pub(crate) enum WriteError {
     Other(LogError),
 }
 
-fn other(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
-    move |e| WriteError::Other(LogError::io(path, e))
-}
-
-/// Writes `prefix` atomically: a temporary file, fdatasync, rename, directory fsync.
+/// Writes `prefix` atomically ([`crate::io::write_file_atomic`]).
 pub(crate) fn write(
     fs: &dyn Storage,
     dir: &Path,
@@ -148,13 +144,10 @@ pub(crate) fn write(
             true => fs.remove_file(&path).map_err(|e| WriteError::Other(LogError::io(&path, e))),
         };
     };
-    let tmp = dir.join(format!("{CLEAN_PREFIX_FILE}.tmp"));
-    let file = fs.open(&tmp, OpenMode::Create).map_err(other(&tmp))?;
-    file.write_all_at(&bytes, 0).map_err(other(&tmp))?;
-    file.sync_data().map_err(|e| WriteError::Sync(LogError::io(&tmp, e)))?;
-    drop(file);
-    fs.rename(&tmp, &path).map_err(other(&path))?;
-    fs.sync_dir(dir).map_err(|e| WriteError::Sync(LogError::io(dir, e)))
+    crate::io::write_file_atomic_telling(fs, &path, &bytes).map_err(|e| match e {
+        AtomicWriteError::Sync(e) => WriteError::Sync(LogError::io(&path, e)),
+        AtomicWriteError::Other(e) => WriteError::Other(LogError::io(&path, e)),
+    })
 }
 
 #[cfg(test)]

@@ -119,19 +119,43 @@ pub fn child(dir: &Path, name: &str) -> PathBuf {
 /// Writes `bytes` to `path` atomically and durably: a temporary file, fsync, rename, and
 /// an fsync of the directory. After a crash the file holds the old or the new contents.
 pub fn write_file_atomic(fs: &dyn Storage, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir =
-        path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent directory"))?;
+    write_file_atomic_telling(fs, path, bytes).map_err(AtomicWriteError::into_io)
+}
+
+/// Where [`write_file_atomic`] failed, for a caller that treats them apart: an fsync (of the
+/// file or its directory), after which what the file system holds is in doubt, or any other
+/// step (a full disk), after which the file still holds its old contents.
+#[derive(Debug)]
+pub enum AtomicWriteError {
+    Sync(io::Error),
+    Other(io::Error),
+}
+
+impl AtomicWriteError {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Self::Sync(e) | Self::Other(e) => e,
+        }
+    }
+}
+
+/// [`write_file_atomic`], saying which kind of step failed.
+pub fn write_file_atomic_telling(fs: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
+    let other = AtomicWriteError::Other;
+    let dir = path
+        .parent()
+        .ok_or_else(|| other(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent directory")))?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+        .ok_or_else(|| other(io::Error::new(io::ErrorKind::InvalidInput, "path has no file name")))?;
     let tmp = dir.join(format!("{name}.tmp"));
-    let file = fs.open(&tmp, OpenMode::Create)?;
-    file.write_all_at(bytes, 0)?;
-    file.sync_data()?;
+    let file = fs.open(&tmp, OpenMode::Create).map_err(other)?;
+    file.write_all_at(bytes, 0).map_err(other)?;
+    file.sync_data().map_err(AtomicWriteError::Sync)?;
     drop(file);
-    fs.rename(&tmp, path)?;
-    fs.sync_dir(dir)
+    fs.rename(&tmp, path).map_err(other)?;
+    fs.sync_dir(dir).map_err(AtomicWriteError::Sync)
 }
 
 /// Reads a whole file into memory.
