@@ -78,31 +78,12 @@ async fn a_damaged_batch_is_corrupt_and_an_intact_invalid_one_is_an_invalid_reco
     assert_eq!(produce(kappa.addr, "t", good).await, 0);
 }
 
-/// A produce v2 request (kafka-node's) of one message set to partition 0 of `t`: its
-/// partition's error code. kafka-protocol no longer encodes v0-2, so it is written by hand.
+/// Sends a produce v2 request (kafka-node's) of one message set to partition 0 of `t`: its
+/// partition's error code.
 async fn legacy_produce(addr: std::net::SocketAddr, set: &[u8]) -> i16 {
-    use bytes::{Buf, BufMut, BytesMut};
-    use kafka_protocol::messages::RequestHeader;
-    use kafka_protocol::protocol::Encodable;
-    let mut body = BytesMut::new();
-    let header = RequestHeader::default()
-        .with_request_api_key(ApiKey::Produce as i16)
-        .with_request_api_version(2)
-        .with_correlation_id(5)
-        .with_client_id(Some(StrBytes::from_static_str("kafka-node")));
-    header.encode(&mut body, 1).unwrap();
-    body.put_i16(-1); // acks
-    body.put_i32(1000);
-    body.put_i32(1);
-    body.put_i16(1);
-    body.put_slice(b"t");
-    body.put_i32(1);
-    body.put_i32(0);
-    body.put_i32(set.len() as i32);
-    body.put_slice(set);
+    use bytes::Buf;
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(&(body.len() as i32).to_be_bytes()).await.unwrap();
-    stream.write_all(&body).await.unwrap();
+    stream.write_all(&common::legacy_produce_v2_frame("t", -1, 5, set)).await.unwrap();
     let mut size = [0u8; 4];
     stream.read_exact(&mut size).await.unwrap();
     let mut answer = vec![0u8; i32::from_be_bytes(size) as usize];

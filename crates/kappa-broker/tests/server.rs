@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod common;
+
 /// Answers Metadata (one broker: itself) and Produce (offset 0), recording what it saw.
 /// A client id of `sleep-N` delays the answer by N ms.
 struct TestHandler {
@@ -283,28 +285,13 @@ async fn limits_past_what_tokio_counts_still_serve() {
     assert_eq!(frame.get_i32(), 1);
 }
 
-fn legacy_produce_v2(acks: i16, set: &[u8]) -> Vec<u8> {
-    let mut p = BytesMut::new();
-    header(ApiKey::Produce, 2, 11, "kafka-node").encode(&mut p, 1).unwrap();
-    p.put_i16(acks);
-    p.put_i32(1000);
-    p.put_i32(1);
-    p.put_i16(6);
-    p.put_slice(b"events");
-    p.put_i32(1);
-    p.put_i32(0);
-    p.put_i32(set.len() as i32);
-    p.put_slice(set);
-    raw_frame(&p)
-}
-
 #[tokio::test]
 async fn legacy_produce_v2_reaches_the_handler_as_sent_and_is_answered_in_v2_layout() {
     let server = start(Limits::default()).await;
     let mut set = BytesMut::new();
     message_set::encode_message(&mut set, 0, 1, 0, 1234, Some(b"key"), Some(b"value"));
     let mut s = TcpStream::connect(server.addr).await.unwrap();
-    s.write_all(&legacy_produce_v2(1, &set)).await.unwrap();
+    s.write_all(&common::legacy_produce_v2_frame("events", 1, 11, &set)).await.unwrap();
     let mut frame = recv(&mut s).await.unwrap();
     assert_eq!(frame.get_i32(), 11);
     // [topic "events", [partition 0, error 0, base_offset 0, log_append_time -1]], throttle 0
@@ -449,7 +436,7 @@ async fn produce_with_acks_0_gets_no_response() {
     let mut set = BytesMut::new();
     message_set::encode_message(&mut set, 0, 1, 0, 1, None, Some(b"v"));
     let mut s = TcpStream::connect(server.addr).await.unwrap();
-    let mut both = legacy_produce_v2(0, &set);
+    let mut both = common::legacy_produce_v2_frame("events", 0, 11, &set);
     both.extend(request_frame(&header(ApiKey::ApiVersions, 0, 12, "t"), &ApiVersionsRequest::default()));
     s.write_all(&both).await.unwrap();
     let mut frame = recv(&mut s).await.unwrap();

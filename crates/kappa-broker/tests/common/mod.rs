@@ -67,3 +67,28 @@ pub fn produce_request(topic: &'static str, batch: Vec<u8>, transactional_id: Op
     request.topic_data = vec![topic_data];
     request
 }
+
+/// A produce v2 request (kafka-node's) of one message set to partition 0 of `topic`, as a
+/// size-prefixed frame. kafka-protocol no longer encodes v0-2, so it is written by hand.
+pub fn legacy_produce_v2_frame(topic: &str, acks: i16, correlation_id: i32, set: &[u8]) -> Vec<u8> {
+    use bytes::BufMut;
+    let header = RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(2)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("kafka-node")));
+    let mut body = BytesMut::new();
+    header.encode(&mut body, 1).unwrap();
+    body.put_i16(acks);
+    body.put_i32(1000);
+    body.put_i32(1);
+    body.put_i16(topic.len() as i16);
+    body.put_slice(topic.as_bytes());
+    body.put_i32(1);
+    body.put_i32(0);
+    body.put_i32(set.len() as i32);
+    body.put_slice(set);
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
