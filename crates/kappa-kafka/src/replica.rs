@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kappa_http::live::SNAPSHOT_BYTES_MAX;
 use kappa_views::changelog;
+use kappa_views::view::json_bytes;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -385,8 +386,13 @@ fn check_snapshot_items(prefix: &str, items: &[(String, KeyEntry)], snapshot_max
             "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
         ));
     }
-    let bytes: usize =
-        items.iter().map(|(key, entry)| SNAPSHOT_ITEM_OVERHEAD_BYTES + key.len() + entry.value.len()).sum();
+    // Keys as they are sent: JSON strings, where a control character takes six bytes.
+    let bytes: usize = items
+        .iter()
+        .map(|(key, entry)| {
+            SNAPSHOT_ITEM_OVERHEAD_BYTES + json_bytes(key.as_str()).expect("a string serializes") + entry.value.len()
+        })
+        .sum();
     if bytes > SNAPSHOT_BYTES_MAX {
         return Err(format!(
             "the snapshot of prefix '{prefix}' would take {bytes} bytes; a snapshot may take at most {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX, a fixed limit: it is sent as one message); subscribe to a longer prefix"
@@ -397,7 +403,7 @@ fn check_snapshot_items(prefix: &str, items: &[(String, KeyEntry)], snapshot_max
 
 #[cfg(test)]
 mod tests {
-    use super::{Cursor, Replica, Start, Target};
+    use super::{Cursor, KeyEntry, Replica, SNAPSHOT_BYTES_MAX, Start, Target, check_snapshot_items};
 
     fn resume(replica: &Replica, offsets: Vec<i64>) -> Start {
         let token = Cursor { version: 1, offsets };
@@ -416,5 +422,23 @@ mod tests {
         assert!(matches!(resume(&replica, vec![4]), Start::Reset { .. }), "a token inside the compacted part");
         let Start::Resume { replay, .. } = resume(&replica, vec![10]) else { panic!("a token at the start end") };
         assert_eq!(replay.iter().map(|c| c.offset).collect::<Vec<_>>(), [12]);
+    }
+
+    /// A snapshot is limited by the bytes it is sent as: a control character in a key
+    /// takes six bytes as JSON (`\u0001`), so keys that fit by their raw length may not.
+    #[test]
+    fn snapshot_bytes_count_keys_as_json() {
+        // 100 keys of 40,000 bytes: 4 MB raw, 24 MB escaped; the limit is 8 MiB.
+        let items = |filler: char| -> Vec<(String, KeyEntry)> {
+            (0..100)
+                .map(|i| {
+                    let key = format!("{i:03}{}", String::from(filler).repeat(40_000 - 3));
+                    (key, KeyEntry { partition: 0, offset: i, value: "1".into() })
+                })
+                .collect()
+        };
+        check_snapshot_items("", &items('a'), usize::MAX).expect("plain keys under the limit");
+        let refused = check_snapshot_items("", &items('\u{1}'), usize::MAX).expect_err("escaped keys over it");
+        assert!(refused.contains(&format!("at most {SNAPSHOT_BYTES_MAX} bytes")), "{refused}");
     }
 }
