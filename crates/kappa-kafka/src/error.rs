@@ -10,6 +10,10 @@ pub enum WorkError {
     TopicMismatch { topic: String, found: String, wanted: String, fix: String },
     #[error("input topic '{topic}' does not exist and the application does not declare it; create it first")]
     MissingInput { topic: String },
+    #[error(
+        "input topic '{topic}' grew: this worker was assigned its partition {partition}, but it had {partitions} partitions when the worker started and changelog '{changelog}' has one partition per input partition; a view cannot follow a topic whose partitions grew (keys of the old partitions now land in the new ones). Stop every worker, delete the view's topics derived from the input (its changelog, and for a repartitioned view its repartition topics), then start the workers again: they rebuild the view from the input"
+    )]
+    InputGrew { topic: String, partition: i32, partitions: i32, changelog: String },
     #[error("restoring {topic}/{partition}: {reason}")]
     Restore { topic: String, partition: i32, reason: String },
     #[error(

@@ -93,6 +93,7 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
                 view: view.clone(),
                 input,
                 changelog: state,
+                changelog_partitions: partitions,
                 placement: Placement::RepartitionSource { partitions },
                 repartition: Some(repartition.clone()),
             });
@@ -100,12 +101,20 @@ pub fn run(config: WorkConfig, app: WorkApp, stop: Arc<AtomicBool>) -> Result<()
                 view,
                 input: repartition,
                 changelog,
+                changelog_partitions: partitions,
                 placement: Placement::RepartitionSink { partitions },
                 repartition: None,
             });
         } else {
             tracing::info!(view = view.name(), version = view.version(), %changelog, partitions, "view ready for work mode");
-            specs.push(ViewSpec { view, input, changelog, placement: Placement::CoPartitioned, repartition: None });
+            specs.push(ViewSpec {
+                view,
+                input,
+                changelog,
+                changelog_partitions: partitions,
+                placement: Placement::CoPartitioned,
+                repartition: None,
+            });
         }
     }
     for name in &config.repartition {

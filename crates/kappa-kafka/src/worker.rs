@@ -38,6 +38,9 @@ pub struct ViewSpec {
     pub input: String,
     /// Where this stage's changelog records go (partition = the consumed partition).
     pub changelog: String,
+    /// The changelog's partitions: the consumed topic's partition count when the worker
+    /// started (validated then).
+    pub changelog_partitions: i32,
     pub placement: Placement,
     /// The repartition topic a stage 1 forwards to.
     pub repartition: Option<String>,
@@ -136,6 +139,7 @@ impl Shared {
     }
 
     fn open_task(&self, topic: &str, partition: i32) -> Result<Task> {
+        self.check_partition_has_changelog(topic, partition)?;
         let transactional_id = self.config.transactional_id(topic, partition);
         let producer: ThreadedProducer<DefaultProducerContext> =
             self.config.producer(&transactional_id).create().map_err(kafka("transactional producer"))?;
@@ -161,6 +165,22 @@ impl Shared {
             views.push((index, fold));
         }
         Ok(Task { producer, views, buffer: Vec::new(), failed: false })
+    }
+
+    /// A partition added to an input topic after the worker started has no changelog
+    /// partition, and the keys of the old partitions now partly land in it: the view's
+    /// partitioning no longer holds (as in Kafka Streams, the application must be reset).
+    fn check_partition_has_changelog(&self, topic: &str, partition: i32) -> Result<()> {
+        let outgrown = self.views.iter().find(|spec| spec.input == topic && partition >= spec.changelog_partitions);
+        match outgrown {
+            Some(spec) => Err(WorkError::InputGrew {
+                topic: topic.to_owned(),
+                partition,
+                partitions: spec.changelog_partitions,
+                changelog: spec.changelog.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn revoke(&self, tpl: &TopicPartitionList) {

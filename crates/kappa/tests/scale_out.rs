@@ -624,3 +624,49 @@ fn the_workers_http_closes_silent_connections_and_caps_how_many_it_serves() {
         "served after {served_after:?}: the second connection did not wait for the only slot"
     );
 }
+
+/// Partitions added to an input topic while workers run have no changelog partition, and
+/// the old partitions' keys now partly land in them: the worker assigned one stops with an
+/// error that says so and what to do, instead of failing inside its restore; a worker
+/// started afterwards is refused by the changelog's partition count, with the same fix.
+#[test]
+fn an_input_topic_that_grows_stops_the_worker_with_what_to_do() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_in(&temp.path().join("data"), &[]);
+    // Metadata refreshed every 500 ms: the group sees the new partition quickly.
+    let refresh = ["--kafka-config", "topic.metadata.refresh.interval.ms=500"];
+    let mut worker = Worker::start_with(&server, temp.path(), "w", &["channel_stats"], &refresh);
+    wait_owned(&mut [&mut worker], 4);
+    produce(&server, 7, 0, 100);
+    let alter = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(["topic", "alter", "channels", "--partitions", "5", "--server", &format!("http://{}", server.http)])
+        .output()
+        .expect("run kappa topic alter");
+    assert!(alter.status.success(), "{}", String::from_utf8_lossy(&alter.stderr));
+    let started = Instant::now();
+    while worker.alive() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the worker still runs 60 s after its input grew; log:\n{}",
+            worker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = worker.log_text();
+    assert!(log.contains("input topic 'channels' grew") && log.contains("partition 4"), "log:\n{log}");
+    assert!(log.contains("delete the view's topics derived from the input"), "log:\n{log}");
+
+    let restarted = Command::new(example_binary("channels"))
+        .args(["work", "--bootstrap", &server.bootstrap(), "--group", GROUP, "--http-listen", "127.0.0.1:0"])
+        .args(["--views", "channel_stats"])
+        .output()
+        .expect("run a worker");
+    assert!(!restarted.status.success(), "a worker started on a changelog with fewer partitions than its input");
+    let stderr = String::from_utf8_lossy(&restarted.stderr);
+    assert!(
+        stderr.contains("__kappa.view.channel_stats.v1")
+            && stderr.contains("4 partitions")
+            && stderr.contains("5 partitions"),
+        "stderr: {stderr}"
+    );
+}
