@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use kappa_views::ScanLimit;
 use kappa_views::changelog::{self, Entry};
 use kappa_views::store::Scope;
 use kappa_views::view::json_bytes;
@@ -597,11 +598,11 @@ fn snapshot(
             (read.version, read.position, snapshot_items(view, read.value)?)
         }
         Target::Prefix(prefix) => {
-            let read = state.engine.scan(view, prefix, None, max + 1)?;
-            if read.value.len() > max {
+            let read = state.engine.scan(view, prefix, None, snapshot_scan_limit(max))?;
+            if read.value.items.len() > max {
                 return Err(snapshot_too_large(prefix, max));
             }
-            (read.version, read.position, snapshot_items(view, read.value)?)
+            (read.version, read.position, snapshot_items(view, read.value.items)?)
         }
     };
     if read_version != version {
@@ -630,6 +631,13 @@ fn snapshot_items(
         .collect())
 }
 
+/// A snapshot's scan: one key past `snapshot_items_max`, to tell that there are more; and it
+/// stops once keys and values pass [`SNAPSHOT_BYTES_MAX`] (their JSON is no shorter), so a
+/// prefix of large values is refused by bytes without loading `snapshot_items_max` of them.
+fn snapshot_scan_limit(snapshot_items_max: usize) -> ScanLimit {
+    ScanLimit { items: snapshot_items_max + 1, bytes: SNAPSHOT_BYTES_MAX }
+}
+
 fn snapshot_too_large(prefix: &str, max: usize) -> ApiError {
     ApiError::bad_request(
         "snapshot_too_large",
@@ -646,7 +654,7 @@ pub fn check_snapshot_size(state: &AppState, view: &str, target: &Target) -> Res
     // One key's value (at most VIEW_VALUE_BYTES_MAX) is always under the byte limit.
     let Target::Prefix(prefix) = target else { return Ok(()) };
     let max = state.config.snapshot_items_max;
-    let items = state.engine.scan(view, prefix, None, max + 1)?.value;
+    let items = state.engine.scan(view, prefix, None, snapshot_scan_limit(max))?.value.items;
     if items.len() > max {
         return Err(snapshot_too_large(prefix, max));
     }

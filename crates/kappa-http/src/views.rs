@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use kappa_views::{AsOf, Phase, VersionInfo, ViewInfo};
+use kappa_views::{AsOf, Phase, ScanLimit, VersionInfo, ViewInfo};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -145,6 +145,11 @@ pub async fn get_key(
 }
 
 /// What `GET /v1/views/{view}/keys` accepts.
+/// A page of `GET /v1/views/{view}/keys` ends after the key whose value takes its keys and
+/// values past this many bytes, with a cursor, even under `limit` keys: 1,000 values of
+/// up to 4 MiB each would otherwise make one 4 GiB answer. A fixed limit.
+pub const PAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 const SCAN_QUERY: &str =
     "[?prefix=<key prefix>][&after=<the previous page's cursor>][&limit=<items, 1 to --http-page-items-max>]";
 
@@ -173,10 +178,12 @@ pub async fn scan(
             ),
         ));
     }
-    let read = state.engine.scan(&view, &query.prefix, query.after.as_deref(), limit)?;
-    let cursor = if read.value.len() == limit { read.value.last().map(|i| i.key.clone()) } else { None };
+    let page_limit = ScanLimit { items: limit, bytes: PAGE_BYTES_MAX };
+    let read = state.engine.scan(&view, &query.prefix, query.after.as_deref(), page_limit)?;
+    let cursor = if read.value.more { read.value.items.last().map(|i| i.key.clone()) } else { None };
     let items = read
         .value
+        .items
         .into_iter()
         .map(|i| Ok(json!({"value": stored(i.json, &view, &i.key)?, "key": i.key})))
         .collect::<Result<Vec<Value>, ApiError>>()?;

@@ -289,6 +289,37 @@ fn a_snapshot_over_the_byte_limit_is_refused_and_the_connection_stays() {
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("snapshot_too_large")), "{body}");
 }
 
+/// A page of keys is bounded by bytes as well as by `limit`: it ends after the value that
+/// takes it past `PAGE_BYTES_MAX` (8 MiB), with a cursor, and paging on returns every key
+/// once (a page of 1,000 values of up to 4 MiB was one answer of up to 4 GiB).
+#[test]
+fn a_page_of_large_values_ends_at_the_byte_limit_with_a_cursor() {
+    let kappa = started(HttpConfig::default());
+    // 24 values of 750 KiB: 17.6 MiB in all, 11 of them pass 8 MiB.
+    let value = "x".repeat(750 * 1024);
+    for i in 0..24 {
+        kappa.produce(json!([{"key": format!("big{i:02}"), "value": value}]));
+    }
+    kappa.wait_caught_up("latest");
+    let mut pages = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, body) = kappa.get(&format!("/v1/views/latest/keys?prefix=big&limit=1000&after={after}"));
+        assert_eq!(status, 200, "{}", &body.to_string()[..body.to_string().len().min(300)]);
+        let keys: Vec<String> =
+            body["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_owned()).collect();
+        pages.push(keys);
+        match body["cursor"].as_str() {
+            Some(cursor) => after = cursor.to_owned(),
+            None => break,
+        }
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [11, 11, 2], "keys per page");
+    let keys: Vec<String> = pages.concat();
+    assert_eq!(keys, (0..24).map(|i| format!("big{i:02}")).collect::<Vec<_>>());
+}
+
 /// A second server on `kappa`'s state with short connection timeouts.
 fn serve_with_timeouts(kappa: &Kappa, timeouts: kappa_http::ConnectionTimeouts) -> std::net::SocketAddr {
     let listener = kappa.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

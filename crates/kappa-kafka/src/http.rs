@@ -29,7 +29,9 @@ use kappa_http::ApiError;
 use kappa_http::live::Emit;
 use kappa_http::live::Target as LiveTarget;
 use kappa_http::sse::SseEmit;
+use kappa_http::views::PAGE_BYTES_MAX;
 use kappa_http::ws::{self, FrameSender, FramedEmit, Subscriptions, WsLimits};
+use kappa_views::ScanLimit;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -133,8 +135,9 @@ async fn scan(
             format!("limit must be between 1 and {SCAN_LIMIT_MAX} (SCAN_LIMIT_MAX)"),
         );
     }
-    let items = state.replica.scan(&view, &query.prefix, query.after.as_deref(), limit);
-    let next = (items.len() == limit).then(|| items.last().map(|(k, _)| k.clone())).flatten();
+    let page_limit = ScanLimit { items: limit, bytes: PAGE_BYTES_MAX };
+    let (items, more) = state.replica.scan(&view, &query.prefix, query.after.as_deref(), page_limit);
+    let next = if more { items.last().map(|(k, _)| k.clone()) } else { None };
     let items: Vec<Value> = items
         .iter()
         .map(|(key, entry)| json!({"key": key, "value": value_json(entry), "position": position(entry)}))
@@ -426,5 +429,35 @@ mod tests {
         let answer = get(addr, "/v1/views/v/watch?prefix=k");
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("snapshot_too_large") && answer.contains("longer prefix"), "{answer}");
+    }
+
+    /// A page of keys ends after the value that takes it past `PAGE_BYTES_MAX`, with a
+    /// cursor, as on `serve`; paging on returns every key once.
+    #[test]
+    fn a_page_of_large_values_ends_at_the_byte_limit_with_a_cursor() {
+        let replica = Replica::new([("v".to_owned(), 1, 1)]);
+        let view: Arc<str> = "v".into();
+        // 20 values of just over 1 MiB (quotes, key): 8 of them pass the 8 MiB page limit.
+        let value = format!("\"{}\"", "x".repeat(1024 * 1024));
+        for offset in 0..20 {
+            replica.apply(&view, 0, offset, format!("k{offset:02}"), Some(value.clone().into()));
+        }
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let addr = serve(replica, &runtime);
+        let (mut sizes, mut keys, mut after) = (Vec::new(), Vec::new(), String::new());
+        loop {
+            let answer = get(addr, &format!("/v1/views/v/keys?prefix=k&limit=10000&after={after}"));
+            assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(300)]);
+            let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+            let items = body["items"].as_array().unwrap();
+            sizes.push(items.len());
+            keys.extend(items.iter().map(|i| i["key"].as_str().unwrap().to_owned()));
+            match body["cursor"].as_str() {
+                Some(cursor) => after = cursor.to_owned(),
+                None => break,
+            }
+        }
+        assert_eq!(sizes, [8, 8, 4], "keys per page");
+        assert_eq!(keys, (0..20).map(|i| format!("k{i:02}")).collect::<Vec<_>>());
     }
 }

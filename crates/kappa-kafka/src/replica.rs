@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kappa_http::live::SNAPSHOT_BYTES_MAX;
-use kappa_views::changelog;
 use kappa_views::view::json_bytes;
+use kappa_views::{ScanLimit, changelog};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -158,10 +158,17 @@ impl Replica {
         self.read().views.get(view).and_then(|v| v.keys.get(key).cloned())
     }
 
-    /// Up to `limit` keys starting with `prefix`, after `after`.
-    pub fn scan(&self, view: &str, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, KeyEntry)> {
+    /// Keys starting with `prefix`, after `after`, up to `limit`; the bool says the scan
+    /// stopped at the limit (more keys may follow).
+    pub fn scan(
+        &self,
+        view: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: ScanLimit,
+    ) -> (Vec<(String, KeyEntry)>, bool) {
         let inner = self.read();
-        let Some(state) = inner.views.get(view) else { return Vec::new() };
+        let Some(state) = inner.views.get(view) else { return (Vec::new(), false) };
         scan_keys(&state.keys, prefix, after, limit)
     }
 
@@ -171,7 +178,7 @@ impl Replica {
     pub fn check_snapshot(&self, view: &str, target: &Target, snapshot_max: usize) -> Result<(), String> {
         // One key's value (at most VIEW_VALUE_BYTES_MAX) is always under the byte limit.
         let Target::Prefix(prefix) = target else { return Ok(()) };
-        check_snapshot_items(prefix, &self.scan(view, prefix, None, snapshot_max + 1), snapshot_max)
+        check_snapshot_items(prefix, &self.scan(view, prefix, None, snapshot_scan_limit(snapshot_max)).0, snapshot_max)
     }
 
     /// How a subscription starts, and a receiver of every later change with no gap between
@@ -236,7 +243,7 @@ impl Replica {
         let items = match target {
             Target::Key(key) => state.keys.get(key).map(|e| vec![(key.clone(), e.clone())]).unwrap_or_default(),
             Target::Prefix(prefix) => {
-                let items = scan_keys(&state.keys, prefix, None, snapshot_max + 1);
+                let (items, _) = scan_keys(&state.keys, prefix, None, snapshot_scan_limit(snapshot_max));
                 check_snapshot_items(prefix, &items, snapshot_max)?;
                 items
             }
@@ -303,15 +310,29 @@ fn scan_keys(
     keys: &BTreeMap<String, KeyEntry>,
     prefix: &str,
     after: Option<&str>,
-    limit: usize,
-) -> Vec<(String, KeyEntry)> {
+    limit: ScanLimit,
+) -> (Vec<(String, KeyEntry)>, bool) {
     let start = after.filter(|a| *a >= prefix).unwrap_or(prefix).to_owned();
-    keys.range(start..)
+    let matching = keys
+        .range(start..)
         .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
-        .take_while(|(k, _)| k.starts_with(prefix))
-        .take(limit)
-        .map(|(k, e)| (k.clone(), e.clone()))
-        .collect()
+        .take_while(|(k, _)| k.starts_with(prefix));
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for (key, entry) in matching {
+        bytes += key.len() + entry.value.len();
+        out.push((key.clone(), entry.clone()));
+        if out.len() >= limit.items || bytes > limit.bytes {
+            return (out, true);
+        }
+    }
+    (out, false)
+}
+
+/// A snapshot's scan, as `serve`'s: one key past `snapshot_max` to tell there are more, and
+/// it stops once keys and values pass [`SNAPSHOT_BYTES_MAX`].
+fn snapshot_scan_limit(snapshot_max: usize) -> ScanLimit {
+    ScanLimit { items: snapshot_max + 1, bytes: SNAPSHOT_BYTES_MAX }
 }
 
 /// Tails every partition of the changelogs (changelog topic → view name) until `stop`.

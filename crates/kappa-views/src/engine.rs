@@ -19,7 +19,7 @@ use crate::error::{Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
 use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
-use crate::store::{Scope, Store, StoredValue};
+use crate::store::{ScanLimit, Scope, Store, StoredValue};
 use crate::view::View;
 
 const ACTIVE_FILE: &str = "active";
@@ -54,6 +54,14 @@ pub struct Item {
     pub json: Vec<u8>,
     /// The changelog offset of the change that wrote this value.
     pub changelog_offset: i64,
+}
+
+/// One scan's keys.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub items: Vec<Item>,
+    /// The scan stopped at its [`ScanLimit`]: more keys may follow the last one.
+    pub more: bool,
 }
 
 /// A read's answer with the version and changelog position it is consistent with.
@@ -290,12 +298,13 @@ impl ViewEngine {
         Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
     }
 
-    /// Up to `limit` keys of the serving version starting with `prefix`, after `after`.
-    pub fn scan(&self, name: &str, prefix: &str, after: Option<&str>, limit: usize) -> Result<Read<Vec<Item>>> {
+    /// Keys of the serving version starting with `prefix`, after `after`, up to `limit`.
+    pub fn scan(&self, name: &str, prefix: &str, after: Option<&str>, limit: ScanLimit) -> Result<Read<Page>> {
         let shared = self.serving(name)?;
         let snapshot = shared.store.snapshot()?;
-        let value = snapshot.scan(prefix, after, limit)?.into_iter().map(|(k, v)| item(k, v)).collect();
-        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+        let (items, more) = snapshot.scan(prefix, after, limit)?;
+        let items = items.into_iter().map(|(k, v)| item(k, v)).collect();
+        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value: Page { items, more } })
     }
 
     /// The changelog topic of the serving version (subscriptions follow it).

@@ -26,6 +26,15 @@ const META_CAUGHT_UP: &str = "caught_up";
 
 pub const STATE_FILE: &str = "state.redb";
 
+/// How much one scan holds: at most `items` keys, and it stops after the key that brings
+/// the keys' and values' bytes past `bytes` (so it returns at least one key, however
+/// large): a page of large values is bounded by bytes, not by its count of keys alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanLimit {
+    pub items: usize,
+    pub bytes: usize,
+}
+
 /// Which keyspace a key lives in: the view's (read by clients) or the processor's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
@@ -209,9 +218,16 @@ impl Snapshot<'_> {
         Ok(table.get(key).map_err(|e| self.store.err(e))?.map(|v| StoredValue::decode(v.value())))
     }
 
-    /// Up to `limit` view keys starting with `prefix`, after `after` (exclusive), in key order.
-    pub fn scan(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, StoredValue)>> {
+    /// View keys starting with `prefix`, after `after` (exclusive), in key order, up to
+    /// `limit`; the bool says the scan stopped at the limit (more keys may follow).
+    pub fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: ScanLimit,
+    ) -> Result<(Vec<(String, StoredValue)>, bool)> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let start = match after {
             Some(after) if after >= prefix => after,
             _ => prefix,
@@ -226,12 +242,14 @@ impl Snapshot<'_> {
             if after.is_some_and(|after| key <= after) {
                 continue;
             }
-            out.push((key.to_owned(), StoredValue::decode(value.value())));
-            if out.len() >= limit {
-                break;
+            let value = StoredValue::decode(value.value());
+            bytes += key.len() + value.json.len();
+            out.push((key.to_owned(), value));
+            if out.len() >= limit.items || bytes > limit.bytes {
+                return Ok((out, true));
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     pub fn len(&self) -> Result<u64> {

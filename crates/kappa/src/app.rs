@@ -472,6 +472,9 @@ fn topic_differences(log: &Log, spec: &TopicSpec) -> Vec<String> {
     differences
 }
 
+/// How much of a view `kappa view dump` holds in memory at once.
+const DUMP_PAGE: kappa_views::ScanLimit = kappa_views::ScanLimit { items: 1000, bytes: 8 * 1024 * 1024 };
+
 fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -484,11 +487,13 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
         DumpSource::Store => {
             let mut after: Option<String> = None;
             loop {
-                let page = engine.scan(view, "", after.as_deref(), 1000)?.value;
-                let Some(last) = page.last() else { break };
-                after = Some(last.key.clone());
-                for item in &page {
+                let page = engine.scan(view, "", after.as_deref(), DUMP_PAGE)?.value;
+                for item in &page.items {
                     line(&item.key, &item.json)?;
+                }
+                match page.items.last() {
+                    Some(last) if page.more => after = Some(last.key.clone()),
+                    _ => break,
                 }
             }
         }

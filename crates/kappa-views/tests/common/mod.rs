@@ -109,13 +109,14 @@ pub fn dump(engine: &ViewEngine, view: &str) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {
-        let page = engine.scan(view, "", after.as_deref(), 1000).expect("scan").value;
-        if page.is_empty() {
-            return out;
-        }
-        after = page.last().map(|i| i.key.clone());
-        for item in page {
+        let limit = kappa_views::ScanLimit { items: 1000, bytes: 64 * 1024 * 1024 };
+        let page = engine.scan(view, "", after.as_deref(), limit).expect("scan").value;
+        after = page.items.last().map(|i| i.key.clone());
+        for item in page.items {
             out.insert(item.key, serde_json::from_slice(&item.json).unwrap());
+        }
+        if !page.more {
+            return out;
         }
     }
 }
