@@ -537,6 +537,11 @@ impl Runner {
             if position < start {
                 tracing::warn!(view = %self.shared.view, version = self.shared.version, %key, position, start, "input records before {start} were deleted (retention or DeleteRecords) before this view applied them; continuing from {start}");
                 position = start;
+                // Kept, not only used for this step: with nothing left to read (start is the
+                // end) no step would store it, and the idle wait, seeing records past the old
+                // position, would return at once, forever.
+                self.progress.positions.insert(key.clone(), start);
+                self.commit_store(Vec::new())?;
             }
             let end = self.backend.end_offset(&topic, partition)?;
             self.publish(|status| {

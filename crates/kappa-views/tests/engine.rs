@@ -783,6 +783,31 @@ fn as_of_refuses_history_that_retention_deleted_and_the_live_view_continues_from
     engine.shutdown();
 }
 
+/// Every record of a partition deleted before a view read them: the view keeps the
+/// partition's start as its position (nothing to apply), shows no lag and waits for
+/// records. It used to retry its old position in a busy loop (a warning each turn, ~170,000
+/// a second) with a lag that never went to 0, until a record arrived.
+#[test]
+fn a_view_behind_a_partition_whose_records_were_all_deleted_waits_at_its_start() {
+    let fixture = Fixture::new(1);
+    for i in 0..10 {
+        fixture.append(0, vec![event(&format!("k{i}"), Some(json!({"n": 1})), None, None, 1_000 + i)]);
+    }
+    fixture.log.partition(TOPIC, 0).unwrap().delete_records(10).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    let started = Instant::now();
+    while engine.describe("sums").unwrap().versions[0].status.lag() != 0 {
+        let status = &engine.describe("sums").unwrap().versions[0].status;
+        assert!(started.elapsed() < Duration::from_secs(10), "lag never reached 0: {status:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fixture.append(0, vec![event("k0", Some(json!({"n": 5})), None, None, 2_000)]);
+    wait_applied(&engine, "sums", 1, 1);
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k0".to_owned(), json!({"count": 1, "total": 5}))]));
+    engine.shutdown();
+}
+
 /// Each key's value is "v".
 struct Constant;
 
