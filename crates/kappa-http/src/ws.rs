@@ -339,6 +339,9 @@ pub async fn multiplex<S: Subscriptions>(source: Arc<S>, socket: WebSocket, limi
     }
 }
 
+/// How long a closing connection waits to send its close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a client cut off as slow has to read the error saying so before the socket is
 /// dropped (it may read again, just too late).
 const SLOW_GOODBYE_WAIT: Duration = Duration::from_secs(30);
@@ -360,7 +363,13 @@ async fn write_frames(
             _ = slow.notified() => break,
             text = rx.recv() => match text {
                 Some(text) => Message::Text(text.into()),
-                None => return,
+                None => {
+                    // The connection is over: end it with a close frame (after a client's
+                    // close, the reply that completes its handshake), not a dropped socket,
+                    // which clients see as an abnormal close (1006).
+                    let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
+                    return;
+                }
             },
             _ = ping.tick() => Message::Ping(Default::default()),
         };

@@ -320,6 +320,29 @@ fn a_page_of_large_values_ends_at_the_byte_limit_with_a_cursor() {
     assert_eq!(keys, (0..24).map(|i| format!("big{i:02}")).collect::<Vec<_>>());
 }
 
+/// A client's close gets the close frame that completes the handshake, with the client's
+/// code: the server used to drop the socket, which clients report as an abnormal close (1006).
+#[test]
+fn a_websocket_closed_by_the_client_is_closed_cleanly() {
+    let kappa = started(HttpConfig::default());
+    let mut ws = Ws::connect(kappa.addr);
+    ws.send(&json!({"op": "subscribe", "id": "a", "view": "latest", "key": "k"}));
+    assert_eq!(ws.next()["type"], "snapshot");
+    let normal = tungstenite::protocol::CloseFrame {
+        code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "bye".into(),
+    };
+    ws.socket.close(Some(normal)).expect("send close");
+    let reply = loop {
+        match ws.socket.read() {
+            Ok(tungstenite::Message::Close(frame)) => break frame,
+            Ok(_) => continue,
+            Err(e) => panic!("no close frame came back: {e}"),
+        }
+    };
+    assert_eq!(reply.map(|f| f.code), Some(tungstenite::protocol::frame::coding::CloseCode::Normal));
+}
+
 /// A second server on `kappa`'s state with short connection timeouts.
 fn serve_with_timeouts(kappa: &Kappa, timeouts: kappa_http::ConnectionTimeouts) -> std::net::SocketAddr {
     let listener = kappa.runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

@@ -16,9 +16,10 @@ mod http;
 fn kcat_produce(server: &Server, key: &str, value: &str, headers: &[&str]) {
     let mut command = Command::new("sh");
     let headers: String = headers.iter().map(|h| format!(" -H '{h}'")).collect();
-    command
-        .arg("-c")
-        .arg(format!("printf '%s\\n' '{value}' | kcat -b {} -X partitioner=murmur2_random -t channels -P -k {key}{headers}", server.bootstrap()));
+    command.arg("-c").arg(format!(
+        "printf '%s\\n' '{value}' | kcat -b {} -X partitioner=murmur2_random -t channels -P -k {key}{headers}",
+        server.bootstrap()
+    ));
     run(&mut command, Duration::from_secs(30), server);
 }
 
