@@ -38,6 +38,8 @@ const page = (channelId, name, content = {}, ownerId = 'u1') => ({ channelId, na
 describe('HTTP reads', () => {
   test('get, list, listAll and views read what was produced', async () => {
     await server.produce([events.created('h1', 'one'), events.created('h2', 'two'), events.created('h3', 'three'), events.created('x9', 'other')]);
+    // The keys are in different partitions, applied independently: wait for all three.
+    for (const key of ['h1', 'h2']) await eventually(`${key} in channel_page`, () => kappa.get('channel_page', key), { server });
     const h3 = await eventually('h3 in channel_page', () => kappa.get('channel_page', 'h3'), { server });
     assert.deepEqual(h3.value, page('h3', 'three'));
     assert.match(h3.position, /^1\.[0-9a-f]{16}\.\d+$/);
