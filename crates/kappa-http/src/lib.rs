@@ -481,14 +481,31 @@ impl tokio::io::AsyncWrite for LimitedStream {
     }
 }
 
+/// 200 `ok`; 503 `failed` when the log refuses writes, or `degraded` while a view version
+/// has stopped (a stopped version no longer follows its inputs, and a serving one answers
+/// from where it stopped): the views that stopped, with why, as work mode's `/health`
+/// lists its failed partitions.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    match state.log.health().check() {
-        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "failed", "reason": e.to_string()})),
-        ),
+    if let Err(e) = state.log.health().check() {
+        let body = serde_json::json!({"status": "failed", "reason": e.to_string()});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body));
     }
+    let failed: Vec<serde_json::Value> = state
+        .engine
+        .list()
+        .iter()
+        .flat_map(|view| view.versions.iter().map(move |v| (view, v)))
+        .filter_map(|(view, v)| match &v.status.phase {
+            kappa_views::Phase::Failed(reason) => Some(
+                serde_json::json!({"view": view.name, "version": v.version, "serving": v.serving, "error": reason}),
+            ),
+            _ => None,
+        })
+        .collect();
+    if failed.is_empty() {
+        return (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"})));
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "degraded", "views_failed": failed})))
 }
 
 async fn not_found() -> ApiError {

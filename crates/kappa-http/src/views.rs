@@ -47,10 +47,12 @@ fn position(state: &AppState, view: &str, version: u32, offset: i64) -> Result<T
 /// How a version is doing, in the API's words.
 fn version_status(version: &VersionInfo) -> &'static str {
     match &version.status.phase {
+        // A serving version that stopped still answers reads, from where it stopped:
+        // `serving` says so, the status says it no longer follows its inputs.
+        Phase::Failed(_) => "failed",
         _ if version.serving => "serving",
         Phase::Restoring | Phase::Building => "building",
         Phase::Live => "ready",
-        Phase::Failed(_) => "failed",
         Phase::Stopped => "stopped",
     }
 }

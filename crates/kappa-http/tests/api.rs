@@ -21,6 +21,44 @@ fn started() -> Kappa {
     kappa
 }
 
+/// A view version that stopped at an event it cannot apply makes `/health` answer 503
+/// `degraded` naming it and why (it said `ok` while the view answered reads frozen where it
+/// stopped), and its status reads `failed`, not `serving`, though it still serves.
+#[test]
+fn a_stopped_view_makes_health_degraded_and_its_status_failed() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "k", "value": 1}]));
+    kappa.post(
+        "/v1/topics/items/records",
+        &json!({"records": [{"key": "bad", "value": "not json"}], "text_values": true}),
+    );
+    let started = std::time::Instant::now();
+    let body = loop {
+        let (status, body) = kappa.get("/health");
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the view never stopped: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(body["status"], "degraded", "{body}");
+    let failed = &body["views_failed"][0];
+    assert_eq!(
+        (failed["view"].as_str(), failed["version"].as_u64(), failed["serving"].as_bool()),
+        (Some("latest"), Some(1), Some(true)),
+        "{body}"
+    );
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("not valid JSON") && error.contains("dead-letter"), "{error}");
+    let (_, view) = kappa.get("/v1/views/latest");
+    assert_eq!(
+        (view["versions"][0]["status"].as_str(), view["versions"][0]["serving"].as_bool()),
+        (Some("failed"), Some(true)),
+        "{view}"
+    );
+}
+
 #[test]
 fn health_metrics_and_errors_are_json_with_stable_codes() {
     let kappa = started();

@@ -39,7 +39,9 @@ pub enum ViewError {
     RetireActive { view: String, version: u32 },
     #[error("invalid view definition '{view}': {reason}")]
     Definition { view: String, reason: String },
-    #[error("view '{view}' v{version} stopped at {position}: {reason}")]
+    #[error(
+        "view '{view}' v{version} stopped at {position}: {reason}. It stays stopped (a restart stops at the same event) until the view's code or upcasters accept the event, the view skips such events into a dead-letter topic (`View::dead_letter`), or the record is deleted (`kappa topic delete-records`, on a topic whose cleanup.policy includes delete); then restart"
+    )]
     EventFailed { view: String, version: u32, position: InputPosition, reason: String },
     #[error("as-of query on view '{view}': {reason}")]
     AsOf { view: String, reason: String },
