@@ -68,6 +68,7 @@ impl From<ViewError> for ApiError {
             ViewError::VersionNotCaughtUp { .. } => Self::new(StatusCode::CONFLICT, "version_not_caught_up", message),
             ViewError::RetireActive { .. } => Self::new(StatusCode::CONFLICT, "version_serving", message),
             ViewError::AsOf { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "as_of_unavailable", message),
+            ViewError::AsOfInvalid { .. } => Self::bad_request("invalid_as_of", message),
             ViewError::Log(e) => e.into(),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "view_error", message),
         }

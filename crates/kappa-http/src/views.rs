@@ -97,7 +97,7 @@ pub async fn describe(State(state): State<Arc<AppState>>, Path(view): Path<Strin
 }
 
 /// What `GET /v1/views/{view}/keys/{key}` accepts.
-const KEY_QUERY: &str = "?as_of=<ms since the epoch, or topic/partition=offset,...> or no query";
+const KEY_QUERY: &str = "?as_of=<an RFC 3339 time such as 2026-11-26T10:00:00Z, ms since the epoch, or topic/partition=offset,...> or no query";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

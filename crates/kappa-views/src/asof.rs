@@ -62,6 +62,39 @@ pub struct AsOfView {
     pub values: Vec<(String, Vec<u8>)>,
 }
 
+/// Err (why) when `offsets` name a partition that is not one of the view's inputs: a typo
+/// in a topic name, or a partition past the topic's count, would otherwise be ignored.
+fn check_offsets_name_inputs(
+    backend: &Arc<dyn LogBackend>,
+    view: &View,
+    offsets: &BTreeMap<String, i64>,
+) -> std::result::Result<(), String> {
+    let mut inputs = Vec::new();
+    for topic in &view.inputs {
+        let count = backend.partition_count(topic).map_err(|e| e.to_string())?;
+        inputs.push((topic, count));
+    }
+    let is_input = |key: &str| {
+        inputs.iter().any(|(topic, count)| (0..*count).any(|partition| position_key(topic, partition) == key))
+    };
+    let unknown: Vec<&str> = offsets.keys().map(String::as_str).filter(|key| !is_input(key)).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let known: Vec<String> = inputs
+        .iter()
+        .map(|(topic, count)| match count {
+            1 => format!("{topic}/0"),
+            _ => format!("{topic}/0 to {topic}/{}", count - 1),
+        })
+        .collect();
+    Err(format!(
+        "{} not an input partition of this view (its inputs: {}); give topic/partition=offset for each of them",
+        unknown.join(", ") + if unknown.len() == 1 { " is" } else { " are" },
+        known.join(", ")
+    ))
+}
+
 pub(crate) fn replay(
     backend: &Arc<dyn LogBackend>,
     schemas: &Schemas,
@@ -70,6 +103,10 @@ pub(crate) fn replay(
     at: &AsOf,
 ) -> Result<AsOfView> {
     let fail = |reason: String| ViewError::AsOf { view: view.name.clone(), reason };
+    let invalid = |reason: String| ViewError::AsOfInvalid { view: view.name.clone(), reason };
+    if let AsOf::Offsets(offsets) = at {
+        check_offsets_name_inputs(backend, view, offsets).map_err(invalid)?;
+    }
     let mut targets = BTreeMap::new();
     for topic in &view.inputs {
         for partition in 0..backend.partition_count(topic)? {
@@ -82,14 +119,14 @@ pub(crate) fn replay(
             let end = backend.end_offset(topic, partition)?;
             let target = match at {
                 AsOf::Offsets(offsets) => *offsets.get(&key).ok_or_else(|| {
-                    fail(format!(
+                    invalid(format!(
                         "no offset given for input partition {key}; give one for each of the view's input partitions"
                     ))
                 })?,
                 AsOf::Timestamp(_) => found.unwrap_or(end),
             };
             if target < 0 || target > end {
-                return Err(fail(format!(
+                return Err(invalid(format!(
                     "offset {target} of {key} is outside the partition's committed offsets 0..{end}"
                 )));
             }

@@ -45,6 +45,10 @@ pub enum ViewError {
     EventFailed { view: String, version: u32, position: InputPosition, reason: String },
     #[error("as-of query on view '{view}': {reason}")]
     AsOf { view: String, reason: String },
+    /// An as-of point that names no point of the view's inputs (a client's mistake, where
+    /// [`ViewError::AsOf`] is history that is gone).
+    #[error("as-of query on view '{view}': {reason}")]
+    AsOfInvalid { view: String, reason: String },
     #[error("view '{view}' v{version}: {reason}")]
     Changelog { view: String, version: u32, reason: String },
     #[error(

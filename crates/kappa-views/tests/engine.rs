@@ -528,14 +528,30 @@ fn as_of_answers_equal_a_replay_truncated_at_that_point() {
         assert_eq!(result.values.first().map(|(_, v)| serde_json::from_slice::<Value>(v).unwrap()), expected);
     }
     let missing = engine.as_of("sums", None, &AsOf::Offsets(BTreeMap::from([("events/0".into(), 1)])), None);
-    assert!(matches!(&missing, Err(ViewError::AsOf { reason, .. }) if reason.contains("events/1")), "{missing:?}");
+    assert!(
+        matches!(&missing, Err(ViewError::AsOfInvalid { reason, .. }) if reason.contains("events/1")),
+        "{missing:?}"
+    );
     let beyond = engine.as_of(
         "sums",
         None,
         &AsOf::Offsets(BTreeMap::from([("events/0".into(), 10_000), ("events/1".into(), 0)])),
         None,
     );
-    assert!(matches!(&beyond, Err(ViewError::AsOf { reason, .. }) if reason.contains("outside")), "{beyond:?}");
+    assert!(matches!(&beyond, Err(ViewError::AsOfInvalid { reason, .. }) if reason.contains("outside")), "{beyond:?}");
+    // A partition that is not an input (a typo'd topic, one past the count) is named, not
+    // ignored or reported as a missing input partition.
+    let all_given = |extra: &str| -> BTreeMap<String, i64> {
+        let partitions = fixture.log.topic(TOPIC).unwrap().partition_count();
+        (0..partitions).map(|p| (format!("events/{p}"), 0)).chain([(extra.to_owned(), 0)]).collect()
+    };
+    for extra in ["events/99", "evnts/0"] {
+        let unknown = engine.as_of("sums", None, &AsOf::Offsets(all_given(extra)), None);
+        assert!(
+            matches!(&unknown, Err(ViewError::AsOfInvalid { reason, .. }) if reason.contains(&format!("{extra} is not an input partition")) && reason.contains("its inputs: events/0 to events/")),
+            "{unknown:?}"
+        );
+    }
     engine.shutdown();
 }
 
