@@ -248,7 +248,7 @@ impl Broker {
             Q::Metadata(r) => R::Metadata(self.metadata(r, version).await),
             Q::Produce(r) => {
                 self.count_produce(&r);
-                let response = self.produce(r).await;
+                let response = self.produce(r, version).await;
                 self.count_produce_response(&response);
                 R::Produce(response)
             }
@@ -310,7 +310,7 @@ impl Handler for Broker {
             match request {
                 RequestKind::Produce(produce) => {
                     self.count_produce(&produce);
-                    let durable = self.produce_in_order(produce).await;
+                    let durable = self.produce_in_order(produce, header.request_api_version).await;
                     let stats = self.stats.clone();
                     Reply::Pending(Box::pin(async move {
                         let response = durable.await;
