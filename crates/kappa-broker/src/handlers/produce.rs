@@ -79,7 +79,8 @@ impl Broker {
             })
             .collect();
         // Inflating (to check a compressed batch, or to convert a v0/v1 message set) is what
-        // costs memory: at most `compressed_appends_max` such requests at once. The turn is
+        // costs memory: at most `compressed_appends_max` such requests at once (down-converting
+        // legacy fetch answers takes turns from the same budget). The turn is
         // taken before a transaction is held (the coordinator's expiry pass waits for held
         // ones) and moves into the append, so it is kept until the inflating is done even if
         // the connection goes away meanwhile.
@@ -89,7 +90,7 @@ impl Broker {
                 partition.is_ok() && (legacy::produce::is_message_set(records) || has_compressed_batch(records))
             });
         let turn = match inflates {
-            true => Some(self.compressed_appends.clone().acquire_owned().await.expect("the semaphore is never closed")),
+            true => Some(self.inflating_turn().await),
             false => None,
         };
         // Held until the batches are written, and moved to the blocking thread that writes
@@ -238,7 +239,7 @@ fn batch_headers(records: &[u8]) -> impl Iterator<Item = BatchHeader> + '_ {
 }
 
 /// Whether any batch of a partition's records is compressed.
-fn has_compressed_batch(records: &[u8]) -> bool {
+pub(super) fn has_compressed_batch(records: &[u8]) -> bool {
     batch_headers(records).any(|header| !matches!(header.compression(), Ok(batch::Compression::None)))
 }
 
@@ -550,7 +551,7 @@ mod tests {
         let broker = Broker::open(log.clone(), config).await.unwrap();
 
         // Another compressed append holds the only turn.
-        let turn = broker.compressed_appends.acquire().await.unwrap();
+        let turn = broker.inflating.acquire().await.unwrap();
         let waiting = tokio::spawn({
             let broker = broker.clone();
             async move { broker.produce(produce_request("t", batch(Compression::Zstd)), VERSION).await }
