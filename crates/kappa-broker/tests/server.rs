@@ -70,7 +70,7 @@ impl Handler for TestHandler {
                     let records = match kappa_broker::legacy::handles(ApiKey::Fetch, version) {
                         true => {
                             let magic = kappa_broker::legacy::fetch::magic_for(version);
-                            message_set::down_convert(&batch, magic, 1 << 20).unwrap()
+                            message_set::down_convert(&batch, magic, 1 << 20, usize::MAX).unwrap()
                         }
                         false => batch,
                     };

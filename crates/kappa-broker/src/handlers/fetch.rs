@@ -86,11 +86,12 @@ impl Broker {
     }
 
     /// Fetch v0-3 answers as message sets of `magic` (0 or 1), the format those clients
-    /// read, each starting at its fetch offset. Converting re-encodes every record (CRC-32
-    /// included) of up to `fetch_response_bytes_max`, so it runs on a blocking thread, never
-    /// on a runtime worker; an answer holding any compressed batch also waits for a turn
-    /// from the budget compressed produces take: converting inflates each batch, up to
-    /// 64 MiB. Uncompressed answers take no turn: what they convert is what was read.
+    /// read, each starting at its fetch offset, at most about
+    /// [`legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX`] in all. Converting re-encodes every
+    /// record (CRC-32 included), so it runs on a blocking thread, never on a runtime worker;
+    /// an answer holding any compressed batch also waits for a turn from the budget
+    /// compressed produces take: converting inflates each batch, up to 64 MiB. Uncompressed
+    /// answers take no turn: what they convert is what was read.
     async fn down_convert(&self, wanted: Arc<Vec<Wanted>>, reads: Vec<PartitionRead>, magic: i8) -> Vec<PartitionRead> {
         let inflates = reads.iter().any(|read| has_compressed_batch(&read.records));
         let turn = match inflates {
@@ -99,7 +100,7 @@ impl Broker {
         };
         blocking(move || {
             let _turn = turn;
-            wanted.iter().zip(reads).map(|(w, read)| down_convert_read(w, read, magic)).collect()
+            down_convert_reads(&wanted, reads, magic, legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX)
         })
         .await
     }
@@ -199,12 +200,34 @@ fn drop_records_before(records: Bytes, offset: i64) -> Bytes {
     }
 }
 
-/// One partition's read as a message set of `magic` from its fetch offset on; one that
-/// cannot be converted (a stored batch that does not decode) is UNKNOWN_SERVER_ERROR, as
-/// Kafka answers a failed down-conversion, without records.
-fn down_convert_read(w: &Wanted, mut read: PartitionRead, magic: i8) -> PartitionRead {
+/// Every partition's read as a message set of `magic`, at most about `answer_bytes_max` of
+/// them together: the first partition with records gets at least one message; once the
+/// budget is spent the rest get none (their consumers fetch them again).
+fn down_convert_reads(
+    wanted: &[Wanted],
+    reads: Vec<PartitionRead>,
+    magic: i8,
+    answer_bytes_max: usize,
+) -> Vec<PartitionRead> {
+    let mut left = answer_bytes_max;
+    wanted
+        .iter()
+        .zip(reads)
+        .map(|(w, read)| {
+            let read = down_convert_read(w, read, magic, left);
+            left = left.saturating_sub(read.records.len());
+            read
+        })
+        .collect()
+}
+
+/// One partition's read as a message set of `magic` from its fetch offset on, up to the
+/// message that reaches `set_bytes_max`; one that cannot be converted (a stored batch that
+/// does not decode) is UNKNOWN_SERVER_ERROR, as Kafka answers a failed down-conversion,
+/// without records.
+fn down_convert_read(w: &Wanted, mut read: PartitionRead, magic: i8, set_bytes_max: usize) -> PartitionRead {
     let records = drop_records_before(std::mem::take(&mut read.records), w.offset);
-    match message_set::down_convert(&records, magic, legacy::DECOMPRESSED_BYTES_MAX) {
+    match message_set::down_convert(&records, magic, legacy::DECOMPRESSED_BYTES_MAX, set_bytes_max) {
         Ok(set) => read.records = set,
         Err(e) => {
             tracing::warn!(topic = %w.topic, partition = w.index, error = %e, "down-conversion failed");
@@ -338,7 +361,7 @@ mod tests {
     }
 
     fn offsets(records: &Bytes) -> Vec<i64> {
-        let set = message_set::down_convert(records, 1, 1 << 20).unwrap();
+        let set = message_set::down_convert(records, 1, 1 << 20, usize::MAX).unwrap();
         message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect()
     }
 
@@ -405,6 +428,49 @@ mod tests {
 
         drop(turn);
         assert_eq!(messages(&legacy.await.unwrap()), expected(0), "then it is converted, from the fetch offset");
+    }
+
+    /// A down-converted answer is inflated and re-framed, so it is bounded by its own
+    /// budget, not by the bytes read: the first partition's messages up to the one that
+    /// reaches it, the next partition's only while some is left.
+    #[test]
+    fn a_legacy_answer_holds_about_its_down_converted_bytes_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = kappa_log::Log::open(dir.path(), kappa_log::LogOptions::default()).unwrap().0;
+        log.create_topic("t", 2, &Default::default()).unwrap();
+        for index in 0..2 {
+            let partition = log.partition("t", index).unwrap();
+            partition.append(batch(0, 5, Compression::Gzip)).unwrap();
+            partition.append(batch(5, 5, Compression::Gzip)).unwrap();
+        }
+        let wanted: Vec<Wanted> = (0..2)
+            .map(|index| Wanted {
+                topic: "t".to_owned(),
+                index,
+                offset: 1,
+                max_bytes: 1 << 20,
+                partition: log.partition("t", index),
+            })
+            .collect();
+        // (offsets per partition, bytes of the answer) within `answer_bytes_max`.
+        let convert = |answer_bytes_max| {
+            let reads = read_all(&wanted, Isolation::ReadUncommitted, 1 << 20);
+            let converted = down_convert_reads(&wanted, reads, 1, answer_bytes_max);
+            let sets: Vec<Bytes> = converted.into_iter().map(|read| read.records).collect();
+            let offsets: Vec<Vec<i64>> = sets
+                .iter()
+                .map(|set| message_set::decode(set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect())
+                .collect();
+            (offsets, sets.iter().map(Bytes::len).sum::<usize>())
+        };
+        let (all, bytes) = convert(usize::MAX);
+        assert_eq!(all, [(1..10).collect::<Vec<_>>(), (1..10).collect()], "from the fetch offset, both batches");
+        let message_bytes = bytes / 18;
+        assert_eq!(convert(1).0, [vec![1], vec![]], "the first message always goes, then nothing");
+        assert_eq!(convert(6 * message_bytes + 1).0, [(1..8).collect::<Vec<_>>(), vec![]], "across a batch");
+        let (offsets, bytes) = convert(10 * message_bytes + 1);
+        assert_eq!(offsets, [(1..10).collect::<Vec<_>>(), vec![1, 2]]);
+        assert_eq!(bytes, 11 * message_bytes);
     }
 
     #[test]
