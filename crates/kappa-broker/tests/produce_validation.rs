@@ -119,6 +119,52 @@ async fn a_message_set_is_converted_and_a_corrupt_one_is_a_corrupt_message() {
     assert_eq!(partition.log_end_offset(), 1);
 }
 
+/// Produce v3+ carries record batches only: Kafka refuses a v0/v1 message there with
+/// INVALID_RECORD for its partition (`ProduceRequest.validateRecords`), even behind a record
+/// batch, rather than converting it as for produce v0-2. The request's other partitions are
+/// written; from v8 the answer says why.
+#[tokio::test]
+async fn a_message_set_in_produce_v3_or_later_is_an_invalid_record() {
+    use kafka_protocol::messages::produce_request::PartitionProduceData;
+    use kappa_broker::legacy::message_set;
+    let kappa = start(BrokerConfig::default()).await;
+    kappa.log.create_topic("two", 2, &Default::default()).unwrap();
+    let mut v1 = bytes::BytesMut::new();
+    message_set::encode_message(&mut v1, 0, 1, 0, 1234, Some(b"key"), Some(b"value"));
+    let mut v0 = bytes::BytesMut::new();
+    message_set::encode_message(&mut v0, 0, 0, 0, -1, Some(b"key"), Some(b"value"));
+    let batch = BatchBuilder::new().record(record()).build();
+    let behind_a_batch = [&batch[..], &v1[..]].concat();
+    let mut stream = TcpStream::connect(kappa.addr).await.unwrap();
+    for version in [3, PRODUCE_VERSION] {
+        for (what, set) in [("magic 1", v1.to_vec()), ("magic 0", v0.to_vec()), ("magic 1", behind_a_batch.clone())] {
+            let mut request = common::produce_request("two", set, None);
+            let mut good = PartitionProduceData::default();
+            good.index = 1;
+            good.records = Some(batch.clone().into());
+            request.topic_data[0].partition_data.push(good);
+            let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, version, &request).await;
+            let answers = &response.responses[0].partition_responses;
+            let context = format!("v{version}, {what}");
+            assert_eq!((answers[0].index, answers[0].error_code), (0, INVALID_RECORD), "{context}");
+            assert_eq!((answers[1].index, answers[1].error_code), (1, 0), "{context}");
+            let message = answers[0].error_message.as_deref().map(str::to_owned);
+            if version >= 8 {
+                let message = message.unwrap_or_default();
+                assert!(message.contains(&format!("version {version}")), "{message}");
+                assert!(message.contains(what) && message.contains("record batches (magic 2)"), "{message}");
+            } else {
+                assert_eq!(message, None, "v{version} has no error message");
+            }
+        }
+    }
+    assert_eq!(kappa.log.partition("two", 0).unwrap().log_end_offset(), 0, "nothing was written");
+    assert_eq!(kappa.log.partition("two", 1).unwrap().log_end_offset(), 6, "the other partition was");
+    // Produce v2 (kafka-node) still converts the same message sets.
+    assert_eq!(legacy_produce(kappa.addr, &v1).await, 0);
+    assert_eq!(legacy_produce(kappa.addr, &v0).await, 0);
+}
+
 /// Transaction markers and sequence-less producer batches come from the broker only
 /// (Kafka's LogValidator): a forged ABORT marker would end another producer's transaction
 /// and hide its committed records from read_committed consumers.

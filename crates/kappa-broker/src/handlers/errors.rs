@@ -4,6 +4,7 @@ use kappa_coordinator::{GroupError, TxnError};
 use kappa_log::LogError;
 use kappa_log::batch::BatchError;
 
+pub const UNKNOWN_SERVER_ERROR: i16 = -1;
 pub const NONE: i16 = 0;
 pub const OFFSET_OUT_OF_RANGE: i16 = 1;
 pub const CORRUPT_MESSAGE: i16 = 2;

@@ -14,7 +14,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::errors::{self, log_code};
+use super::produce::has_compressed_batch;
 use super::{Broker, ByTopic, blocking, str_bytes};
+use crate::legacy::{self, message_set};
 
 /// ListOffsets' special timestamps.
 const LATEST_TIMESTAMP: i64 = -1;
@@ -71,16 +73,36 @@ impl Broker {
             let errored = reads.iter().any(|r| r.error_code != errors::NONE);
             // min_bytes 0 asks for an answer now, data or not (Kafka too).
             if bytes >= min_bytes || errored || Instant::now() >= deadline || watches.is_empty() {
-                let mut reads = reads;
-                if version <= LAST_LEGACY_FETCH_VERSION {
-                    for (w, read) in wanted.iter().zip(reads.iter_mut()) {
-                        read.records = drop_records_before(std::mem::take(&mut read.records), w.offset);
+                let reads = match version {
+                    0..=LAST_LEGACY_FETCH_VERSION => {
+                        self.down_convert(wanted.clone(), reads, legacy::fetch::magic_for(version)).await
                     }
-                }
+                    _ => reads,
+                };
                 return build_fetch_response(&wanted, reads, isolation);
             }
             wait_for_any(watches, deadline).await;
         }
+    }
+
+    /// Fetch v0-3 answers as message sets of `magic` (0 or 1), the format those clients
+    /// read, each starting at its fetch offset, at most about
+    /// [`legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX`] in all. Converting re-encodes every
+    /// record (CRC-32 included), so it runs on a blocking thread, never on a runtime worker;
+    /// an answer holding any compressed batch also waits for a turn from the budget
+    /// compressed produces take: converting inflates each batch, up to 64 MiB. Uncompressed
+    /// answers take no turn: what they convert is what was read.
+    async fn down_convert(&self, wanted: Arc<Vec<Wanted>>, reads: Vec<PartitionRead>, magic: i8) -> Vec<PartitionRead> {
+        let inflates = reads.iter().any(|read| has_compressed_batch(&read.records));
+        let turn = match inflates {
+            true => Some(self.inflating_turn().await),
+            false => None,
+        };
+        blocking(move || {
+            let _turn = turn;
+            down_convert_reads(&wanted, reads, magic, legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX)
+        })
+        .await
     }
 
     pub(super) async fn list_offsets(&self, request: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
@@ -165,11 +187,8 @@ fn drop_records_before(records: Bytes, offset: i64) -> Bytes {
     if header.base_offset >= offset || total > records.len() || header.is_control() {
         return records;
     }
-    match kappa_log::records::rebuild_batch(
-        &records[..total],
-        |r| r.offset() >= offset,
-        crate::legacy::DECOMPRESSED_BYTES_MAX,
-    ) {
+    match kappa_log::records::rebuild_batch(&records[..total], |r| r.offset() >= offset, legacy::DECOMPRESSED_BYTES_MAX)
+    {
         Ok(Some(first)) => {
             let mut out = first;
             out.extend_from_slice(&records[total..]);
@@ -179,6 +198,43 @@ fn drop_records_before(records: Bytes, offset: i64) -> Bytes {
         // The down-conversion reports a batch it cannot decode.
         Err(_) => records,
     }
+}
+
+/// Every partition's read as a message set of `magic`, at most about `answer_bytes_max` of
+/// them together: the first partition with records gets at least one message; once the
+/// budget is spent the rest get none (their consumers fetch them again).
+fn down_convert_reads(
+    wanted: &[Wanted],
+    reads: Vec<PartitionRead>,
+    magic: i8,
+    answer_bytes_max: usize,
+) -> Vec<PartitionRead> {
+    let mut left = answer_bytes_max;
+    wanted
+        .iter()
+        .zip(reads)
+        .map(|(w, read)| {
+            let read = down_convert_read(w, read, magic, left);
+            left = left.saturating_sub(read.records.len());
+            read
+        })
+        .collect()
+}
+
+/// One partition's read as a message set of `magic` from its fetch offset on, up to the
+/// message that reaches `set_bytes_max`; one that cannot be converted (a stored batch that
+/// does not decode) is UNKNOWN_SERVER_ERROR, as Kafka answers a failed down-conversion,
+/// without records.
+fn down_convert_read(w: &Wanted, mut read: PartitionRead, magic: i8, set_bytes_max: usize) -> PartitionRead {
+    let records = drop_records_before(std::mem::take(&mut read.records), w.offset);
+    match message_set::down_convert(&records, magic, legacy::DECOMPRESSED_BYTES_MAX, set_bytes_max) {
+        Ok(set) => read.records = set,
+        Err(e) => {
+            tracing::warn!(topic = %w.topic, partition = w.index, error = %e, "down-conversion failed");
+            read.error_code = errors::UNKNOWN_SERVER_ERROR;
+        }
+    }
+    read
 }
 
 struct PartitionRead {
@@ -292,7 +348,6 @@ async fn wait_for_any(watches: Vec<tokio::sync::watch::Receiver<i64>>, deadline:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::legacy::message_set;
     use kappa_log::batch::Compression;
     use kappa_log::records::{BatchBuilder, NewRecord};
 
@@ -306,8 +361,116 @@ mod tests {
     }
 
     fn offsets(records: &Bytes) -> Vec<i64> {
-        let set = message_set::down_convert(records, 1, 1 << 20).unwrap();
+        let set = message_set::down_convert(records, 1, 1 << 20, usize::MAX).unwrap();
         message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect()
+    }
+
+    fn fetch_request(topic: &str, offset: i64) -> FetchRequest {
+        use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+        let mut partition = FetchPartition::default();
+        partition.fetch_offset = offset;
+        partition.partition_max_bytes = 1 << 20;
+        let mut wanted = FetchTopic::default();
+        wanted.topic = TopicName(str_bytes(topic));
+        wanted.partitions = vec![partition];
+        let mut request = FetchRequest::default();
+        request.min_bytes = 1;
+        request.max_bytes = 1 << 20;
+        request.topics = vec![wanted];
+        request
+    }
+
+    fn records(response: &FetchResponse) -> Bytes {
+        let partition = &response.responses[0].partitions[0];
+        assert_eq!(partition.error_code, errors::NONE);
+        partition.records.clone().unwrap_or_default()
+    }
+
+    /// (offset, magic, value) of every message of a down-converted answer.
+    fn messages(response: &FetchResponse) -> Vec<(i64, i8, String)> {
+        let set = message_set::decode(&records(response), 1 << 20, false).unwrap();
+        set.iter().map(|m| (m.offset, m.magic, String::from_utf8(m.value.clone().unwrap().to_vec()).unwrap())).collect()
+    }
+
+    /// Down-converting a compressed batch inflates it: a legacy fetch of one takes a turn
+    /// from the budget compressed produces take. A modern fetch of the same batch, and a
+    /// legacy fetch of an uncompressed one, inflate nothing and do not wait.
+    #[tokio::test]
+    async fn a_legacy_fetch_of_a_compressed_batch_waits_for_an_inflating_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(kappa_log::Log::open(dir.path(), kappa_log::LogOptions::default()).unwrap().0);
+        for (topic, compression) in [("zstd", Compression::Zstd), ("plain", Compression::None)] {
+            log.create_topic(topic, 1, &Default::default()).unwrap();
+            log.partition(topic, 0).unwrap().append(batch(0, 3, compression)).unwrap();
+        }
+        let config = crate::BrokerConfig { compressed_appends_max: 1, ..Default::default() };
+        let broker = Broker::open(log, config).await.unwrap();
+        let expected = |magic| vec![(1, magic, "v1".to_owned()), (2, magic, "v2".to_owned())];
+
+        // A compressed produce holds the only turn.
+        let turn = broker.inflating.acquire().await.unwrap();
+        let legacy = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.fetch(fetch_request("zstd", 1), 0).await }
+        });
+        let modern = broker.fetch(fetch_request("zstd", 1), 4).await;
+        let stored = kappa_log::batch::BatchHeader::parse(&records(&modern)).unwrap();
+        assert_eq!(stored.compression().unwrap(), Compression::Zstd, "fetch v4+ answers the stored batch");
+        let plain = broker.fetch(fetch_request("plain", 1), 2).await;
+        assert_eq!(messages(&plain), expected(1), "an uncompressed legacy fetch converts without a turn");
+        let gave_up = tokio::time::timeout(Duration::from_secs(2), async {
+            while !legacy.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(gave_up.is_err(), "the legacy fetch of a compressed batch waits while the turn is taken");
+
+        drop(turn);
+        assert_eq!(messages(&legacy.await.unwrap()), expected(0), "then it is converted, from the fetch offset");
+    }
+
+    /// A down-converted answer is inflated and re-framed, so it is bounded by its own
+    /// budget, not by the bytes read: the first partition's messages up to the one that
+    /// reaches it, the next partition's only while some is left.
+    #[test]
+    fn a_legacy_answer_holds_about_its_down_converted_bytes_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = kappa_log::Log::open(dir.path(), kappa_log::LogOptions::default()).unwrap().0;
+        log.create_topic("t", 2, &Default::default()).unwrap();
+        for index in 0..2 {
+            let partition = log.partition("t", index).unwrap();
+            partition.append(batch(0, 5, Compression::Gzip)).unwrap();
+            partition.append(batch(5, 5, Compression::Gzip)).unwrap();
+        }
+        let wanted: Vec<Wanted> = (0..2)
+            .map(|index| Wanted {
+                topic: "t".to_owned(),
+                index,
+                offset: 1,
+                max_bytes: 1 << 20,
+                partition: log.partition("t", index),
+            })
+            .collect();
+        // (offsets per partition, bytes of the answer) within `answer_bytes_max`.
+        let convert = |answer_bytes_max| {
+            let reads = read_all(&wanted, Isolation::ReadUncommitted, 1 << 20);
+            let converted = down_convert_reads(&wanted, reads, 1, answer_bytes_max);
+            let sets: Vec<Bytes> = converted.into_iter().map(|read| read.records).collect();
+            let offsets: Vec<Vec<i64>> = sets
+                .iter()
+                .map(|set| message_set::decode(set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect())
+                .collect();
+            (offsets, sets.iter().map(Bytes::len).sum::<usize>())
+        };
+        let (all, bytes) = convert(usize::MAX);
+        assert_eq!(all, [(1..10).collect::<Vec<_>>(), (1..10).collect()], "from the fetch offset, both batches");
+        let message_bytes = bytes / 18;
+        assert_eq!(convert(1).0, [vec![1], vec![]], "the first message always goes, then nothing");
+        assert_eq!(convert(6 * message_bytes + 1).0, [(1..8).collect::<Vec<_>>(), vec![]], "across a batch");
+        let (offsets, bytes) = convert(10 * message_bytes + 1);
+        assert_eq!(offsets, [(1..10).collect::<Vec<_>>(), vec![1, 2]]);
+        assert_eq!(bytes, 11 * message_bytes);
     }
 
     #[test]

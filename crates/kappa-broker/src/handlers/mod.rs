@@ -43,10 +43,13 @@ pub struct BrokerConfig {
     pub fetch_wait_ms_max: u64,
     /// Largest fetch response, whatever the client asks (Kafka: fetch.max.bytes).
     pub fetch_response_bytes_max: usize,
-    /// Produce requests with compressed batches (or v0/v1 message sets, converted first)
-    /// appended at once; more wait their turn. To check a compressed batch the log inflates
-    /// it (up to `BATCH_UNCOMPRESSED_BYTES_MAX`, 64 MiB, one batch at a time per request), so
-    /// this bounds that memory: 8 × 64 MiB.
+    /// Requests that inflate compressed records, at once; more wait their turn. Produce
+    /// requests with compressed batches (to check them the log inflates each, up to
+    /// `BATCH_UNCOMPRESSED_BYTES_MAX`, 64 MiB, one batch at a time per request) or v0/v1
+    /// message sets (converted first), and fetch v0-3 answers holding compressed batches
+    /// (inflated to down-convert them, one batch at a time) share this one budget, so it
+    /// bounds the memory being inflated at once: 8 × 64 MiB. (The name is older than the
+    /// fetches; `--kafka-compressed-appends-max` sets it.)
     /// Kafka bounds the same work by its request handler threads (num.io.threads, 8).
     pub compressed_appends_max: usize,
     pub group: GroupConfig,
@@ -104,8 +107,9 @@ pub struct Broker {
     txn_connections: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Ids in `txn_connections` the coordinator did not know at the last expiry pass.
     txn_ids_unknown: std::sync::Mutex<HashSet<String>>,
-    /// One permit per compressed produce being appended (`compressed_appends_max`).
-    compressed_appends: Arc<tokio::sync::Semaphore>,
+    /// One permit per request inflating compressed records: a produce being appended or a
+    /// legacy fetch answer being down-converted (`compressed_appends_max`).
+    inflating: Arc<tokio::sync::Semaphore>,
 }
 
 impl Broker {
@@ -123,7 +127,7 @@ impl Broker {
         let txns = TxnCoordinator::open(log.clone(), offsets.clone(), config.txn.clone()).await?;
         let groups = GroupCoordinator::new(config.group.clone());
         groups.spawn_session_reaper(Duration::from_millis(500));
-        let compressed_appends = Arc::new(tokio::sync::Semaphore::new(
+        let inflating = Arc::new(tokio::sync::Semaphore::new(
             config.compressed_appends_max.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ));
         let broker = Arc::new(Self {
@@ -135,7 +139,7 @@ impl Broker {
             txns,
             txn_connections: Default::default(),
             txn_ids_unknown: Default::default(),
-            compressed_appends,
+            inflating,
         });
         let weak = Arc::downgrade(&broker);
         tokio::spawn(async move {
@@ -172,6 +176,12 @@ impl Broker {
         let mut unknown_before = self.txn_ids_unknown.lock().unwrap_or_else(|e| e.into_inner());
         connections.retain(|id, _| !(unknown.contains(id) && unknown_before.contains(id)));
         *unknown_before = unknown.into_iter().filter(|id| connections.contains_key(id)).collect();
+    }
+
+    /// Waits for a turn to inflate compressed records (`compressed_appends_max`); the turn
+    /// is kept until the returned permit is dropped, on whatever thread does the inflating.
+    async fn inflating_turn(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.inflating.clone().acquire_owned().await.expect("the semaphore is never closed")
     }
 
     pub fn log(&self) -> &Arc<Log> {
@@ -248,7 +258,7 @@ impl Broker {
             Q::Metadata(r) => R::Metadata(self.metadata(r, version).await),
             Q::Produce(r) => {
                 self.count_produce(&r);
-                let response = self.produce(r).await;
+                let response = self.produce(r, version).await;
                 self.count_produce_response(&response);
                 R::Produce(response)
             }
@@ -310,7 +320,7 @@ impl Handler for Broker {
             match request {
                 RequestKind::Produce(produce) => {
                     self.count_produce(&produce);
-                    let durable = self.produce_in_order(produce).await;
+                    let durable = self.produce_in_order(produce, header.request_api_version).await;
                     let stats = self.stats.clone();
                     Reply::Pending(Box::pin(async move {
                         let response = durable.await;

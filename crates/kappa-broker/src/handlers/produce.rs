@@ -26,20 +26,28 @@ use crate::legacy;
 /// on a blocking thread.
 const INLINE_APPEND_BYTES_MAX: usize = 64 * 1024;
 
-/// One partition's part of a produce request: topic, partition, where it goes, its records.
-type PartitionWork = (String, i32, Result<Arc<Partition>, LogError>, Bytes);
+/// One partition's part of a produce request: topic, partition, where it goes (or why it
+/// is refused before any look at its batches), its records.
+type PartitionWork = (String, i32, Result<Arc<Partition>, Refusal>, Bytes);
+
+/// The first produce version that carries record batches (magic 2) only.
+const RECORD_BATCHES_ONLY_VERSION_MIN: i16 = 3;
 
 impl Broker {
     /// Produce, both phases: write in order, then wait for durability.
-    pub(super) async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
-        self.produce_in_order(request).await.await
+    pub(super) async fn produce(&self, request: ProduceRequest, version: i16) -> ProduceResponse {
+        self.produce_in_order(request, version).await.await
     }
 
     /// Phase one runs in request order on a connection: every partition's batches are
     /// validated, given offsets and written. The returned future is phase two: it waits
     /// until all of them are durable (sharing fsyncs with whatever else is in flight) and
     /// builds the response, so a connection's next request need not wait for this fsync.
-    pub(super) async fn produce_in_order(&self, request: ProduceRequest) -> BoxFuture<'static, ProduceResponse> {
+    pub(super) async fn produce_in_order(
+        &self,
+        request: ProduceRequest,
+        version: i16,
+    ) -> BoxFuture<'static, ProduceResponse> {
         let acks_valid = matches!(request.acks, -1..=1);
         let transactional_id = request.transactional_id.as_ref().map(|t| t.0.as_str().to_owned());
         let work: Vec<PartitionWork> = request
@@ -51,33 +59,38 @@ impl Broker {
                     .partition_data
                     .into_iter()
                     .map(|data| {
+                        let records = data.records.unwrap_or_default();
                         let partition = if is_internal(&name) {
                             // Only the coordinators write there (through the log): a client's
                             // record would be replayed into group offsets or transactions.
-                            Err(LogError::InvalidTopicName {
+                            Err(failure(LogError::InvalidTopicName {
                                 name: name.clone(),
                                 reason: "internal topics are written by kappa's coordinators only",
-                            })
+                            }))
                         } else {
-                            self.log.partition(&name, data.index)
+                            self.log.partition(&name, data.index).map_err(failure).and_then(|partition| {
+                                record_batches_only(version, &records)?;
+                                Ok(partition)
+                            })
                         };
-                        (name.clone(), data.index, partition, data.records.unwrap_or_default())
+                        (name.clone(), data.index, partition, records)
                     })
                     .collect::<Vec<_>>()
             })
             .collect();
         // Inflating (to check a compressed batch, or to convert a v0/v1 message set) is what
-        // costs memory: at most `compressed_appends_max` such requests at once. The turn is
+        // costs memory: at most `compressed_appends_max` such requests at once (down-converting
+        // legacy fetch answers takes turns from the same budget). The turn is
         // taken before a transaction is held (the coordinator's expiry pass waits for held
         // ones) and moves into the append, so it is kept until the inflating is done even if
         // the connection goes away meanwhile.
         // (A request with invalid acks appends nothing, so inflates nothing.)
         let inflates = acks_valid
-            && work
-                .iter()
-                .any(|(_, _, _, records)| legacy::produce::is_message_set(records) || has_compressed_batch(records));
+            && work.iter().any(|(_, _, partition, records)| {
+                partition.is_ok() && (legacy::produce::is_message_set(records) || has_compressed_batch(records))
+            });
         let turn = match inflates {
-            true => Some(self.compressed_appends.clone().acquire_owned().await.expect("the semaphore is never closed")),
+            true => Some(self.inflating_turn().await),
             false => None,
         };
         // Held until the batches are written, and moved to the blocking thread that writes
@@ -87,7 +100,7 @@ impl Broker {
         let bytes: usize = work.iter().map(|(_, _, _, records)| records.len()).sum();
         let to_append = move |(name, index, partition, records): PartitionWork| -> PartitionAppend {
             let appending = if acks_valid {
-                partition.map_err(failure).and_then(|p| Appending::new(p, record_batches(records)?))
+                partition.and_then(|p| Appending::new(p, record_batches(records)?))
             } else {
                 Err((errors::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1".to_owned()).into())
             };
@@ -226,7 +239,7 @@ fn batch_headers(records: &[u8]) -> impl Iterator<Item = BatchHeader> + '_ {
 }
 
 /// Whether any batch of a partition's records is compressed.
-fn has_compressed_batch(records: &[u8]) -> bool {
+pub(super) fn has_compressed_batch(records: &[u8]) -> bool {
     batch_headers(records).any(|header| !matches!(header.compression(), Ok(batch::Compression::None)))
 }
 
@@ -312,6 +325,28 @@ fn add_partition_response(
         topic
     });
     topic.partition_responses.push(p);
+}
+
+/// Refuses v0/v1 messages in produce v3+ with INVALID_RECORD, as Kafka does
+/// (`ProduceRequest.validateRecords`): only produce v0-2 carry message sets, which are
+/// converted; a client that sends them with a newer version is broken, not old.
+fn record_batches_only(version: i16, records: &[u8]) -> Result<(), Refusal> {
+    if version < RECORD_BATCHES_ONLY_VERSION_MIN {
+        return Ok(());
+    }
+    match legacy::produce::message_set_magic(records) {
+        None => Ok(()),
+        Some(magic) => Err((
+            errors::INVALID_RECORD,
+            format!(
+                "produce requests of version {version} may carry only record batches (magic 2), \
+                 but this partition's records hold magic {magic} messages: send record batches, \
+                 or send message sets with produce v{} or older",
+                RECORD_BATCHES_ONLY_VERSION_MIN - 1
+            ),
+        )
+            .into()),
+    }
 }
 
 /// A partition's records as record batches: a v0/v1 message set (produce v0-2, e.g.
@@ -480,6 +515,10 @@ mod tests {
     use kappa_log::records::{BatchBuilder, NewRecord};
     use kappa_log::{Isolation, Log, LogOptions};
 
+    /// A produce version librdkafka sends, and kafka-node's (message sets).
+    const VERSION: i16 = 9;
+    const LEGACY_VERSION: i16 = 2;
+
     fn batch(compression: Compression) -> Vec<u8> {
         BatchBuilder::new().compression(compression).record(NewRecord::new(Some(b"k"), Some(b"v"), 1)).build()
     }
@@ -512,19 +551,19 @@ mod tests {
         let broker = Broker::open(log.clone(), config).await.unwrap();
 
         // Another compressed append holds the only turn.
-        let turn = broker.compressed_appends.acquire().await.unwrap();
+        let turn = broker.inflating.acquire().await.unwrap();
         let waiting = tokio::spawn({
             let broker = broker.clone();
-            async move { broker.produce(produce_request("t", batch(Compression::Zstd))).await }
+            async move { broker.produce(produce_request("t", batch(Compression::Zstd)), VERSION).await }
         });
         // A v0/v1 message set (kafka-node) inflates too, to be converted.
         let mut set = bytes::BytesMut::new();
         crate::legacy::message_set::encode_message(&mut set, 0, 1, 0, 5, Some(b"k"), Some(b"v"));
         let legacy = tokio::spawn({
             let broker = broker.clone();
-            async move { broker.produce(produce_request("t", set.to_vec())).await }
+            async move { broker.produce(produce_request("t", set.to_vec()), LEGACY_VERSION).await }
         });
-        let plain = broker.produce(produce_request("t", batch(Compression::None))).await;
+        let plain = broker.produce(produce_request("t", batch(Compression::None)), VERSION).await;
         assert_eq!(error_codes(&plain), [0], "an uncompressed produce does not wait");
         let end = || log.partition("t", 0).unwrap().log_end_offset();
         assert_eq!(end(), 1);
@@ -659,13 +698,13 @@ mod tests {
         log.create_topic("p", 1, &overrides).unwrap();
         let partition = log.partition("p", 0).unwrap();
         let broker = Broker::open(log, BrokerConfig::default()).await.unwrap();
-        let first = broker.produce(produce_request("p", batch_of(0))).await;
+        let first = broker.produce(produce_request("p", batch_of(0)), VERSION).await;
         assert_eq!(first.responses[0].partition_responses[0].error_code, 0);
         let fallbacks = || broker.stats().produce_inline_fallbacks.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(fallbacks(), 0, "the first batch was appended inline");
         ops.lock().unwrap().clear();
 
-        let second = broker.produce(produce_request("p", [batch_of(1), batch_of(2)].concat())).await;
+        let second = broker.produce(produce_request("p", [batch_of(1), batch_of(2)].concat()), VERSION).await;
         let answer = &second.responses[0].partition_responses[0];
         assert_eq!((answer.error_code, answer.base_offset), (0, 1));
         assert_eq!(partition.segment_count(), 2, "the second batch rolled the segment");

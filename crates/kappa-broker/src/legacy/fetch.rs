@@ -6,19 +6,21 @@
 //! response: throttle_time_ms i32 (v1+),
 //!           [topic string, [partition i32, error_code i16, high_watermark i64, message_set bytes]]
 //! ```
-//! The handler answers with RecordBatch v2 bytes; they are down-converted here to magic 0
-//! (v0/v1) or magic 1 (v2/v3), since these clients cannot read magic 2.
+//! These clients cannot read magic 2: the handler answers with message sets already
+//! down-converted to magic 0 (v0/v1) or magic 1 (v2/v3) ([`super::message_set::down_convert`]), on
+//! a blocking thread — converting re-encodes every record and inflates compressed batches,
+//! work for neither a runtime worker nor this encoder, which runs on the connection's task.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
 use tracing::warn;
 
-use super::message_set;
+use super::LegacyError;
+use super::produce::is_message_set;
 use super::wire::{Reader, put_array_len, put_bytes, put_string};
-use super::{DECOMPRESSED_BYTES_MAX, LegacyError};
 
-/// UNKNOWN_SERVER_ERROR, for a partition whose stored batches cannot be down-converted.
+/// UNKNOWN_SERVER_ERROR, for a partition the handler answered with record batches.
 const UNKNOWN_SERVER_ERROR: i16 = -1;
 
 pub fn decode_request(version: i16, body: &mut Bytes) -> Result<FetchRequest, LegacyError> {
@@ -61,18 +63,22 @@ pub fn encode_response(version: i16, resp: &FetchResponse, out: &mut BytesMut) {
         put_array_len(out, topic.partitions.len());
         for p in &topic.partitions {
             let records = p.records.as_deref().unwrap_or_default();
-            let (error_code, set) = match message_set::down_convert(records, magic_for(version), DECOMPRESSED_BYTES_MAX)
-            {
-                Ok(set) => (p.error_code, set),
-                Err(e) => {
-                    warn!(topic = %&*topic.topic, partition = p.partition_index, error = %e, "down-conversion failed");
-                    (UNKNOWN_SERVER_ERROR, Bytes::new())
+            // Magic 2 would fail the client's whole fetch: this partition fails instead.
+            let (error_code, set) = match records.is_empty() || is_message_set(records) {
+                true => (p.error_code, records),
+                false => {
+                    warn!(
+                        topic = %&*topic.topic,
+                        partition = p.partition_index,
+                        "a fetch v{version} answer holds record batches: the handler must down-convert them to message sets"
+                    );
+                    (UNKNOWN_SERVER_ERROR, &[][..])
                 }
             };
             out.put_i32(p.partition_index);
             out.put_i16(error_code);
             out.put_i64(p.high_watermark);
-            put_bytes(out, &set);
+            put_bytes(out, set);
         }
     }
 }
@@ -80,6 +86,7 @@ pub fn encode_response(version: i16, resp: &FetchResponse, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::legacy::message_set;
     use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
     use kafka_protocol::protocol::StrBytes;
     use kappa_log::records::{BatchBuilder, NewRecord};
@@ -112,25 +119,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn encodes_with_down_converted_records() {
-        let mut builder = BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(b"v"), 1000));
-        builder.base_offset = 17;
-        let batch = Bytes::from(builder.build());
-        let resp = FetchResponse::default().with_responses(vec![
+    fn response(records: Bytes) -> FetchResponse {
+        FetchResponse::default().with_responses(vec![
             FetchableTopicResponse::default().with_topic(StrBytes::from_static_str("events").into()).with_partitions(
                 vec![
                     PartitionData::default()
                         .with_partition_index(0)
                         .with_high_watermark(18)
-                        .with_records(Some(batch.clone())),
+                        .with_records(Some(records)),
                 ],
             ),
-        ]);
+        ])
+    }
+
+    fn batch() -> Bytes {
+        let mut builder = BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(b"v"), 1000));
+        builder.base_offset = 17;
+        Bytes::from(builder.build())
+    }
+
+    #[test]
+    fn encodes_the_down_converted_records_as_they_are() {
         for version in 0..=3 {
+            let set = message_set::down_convert(&batch(), magic_for(version), 1 << 20, usize::MAX).unwrap();
             let mut out = BytesMut::new();
-            encode_response(version, &resp, &mut out);
-            let set = message_set::down_convert(&batch, magic_for(version), 1 << 20).unwrap();
+            encode_response(version, &response(set.clone()), &mut out);
             let mut expected = BytesMut::new();
             if version >= 1 {
                 expected.put_i32(0);
@@ -147,5 +160,20 @@ mod tests {
             assert_eq!(msgs[0].offset, 17);
             assert_eq!(msgs[0].magic, magic_for(version));
         }
+    }
+
+    #[test]
+    fn record_batches_left_unconverted_fail_their_partition() {
+        let mut out = BytesMut::new();
+        encode_response(0, &response(batch()), &mut out);
+        let mut expected = BytesMut::new();
+        put_array_len(&mut expected, 1);
+        put_string(&mut expected, "events");
+        put_array_len(&mut expected, 1);
+        expected.put_i32(0);
+        expected.put_i16(UNKNOWN_SERVER_ERROR);
+        expected.put_i64(18);
+        put_bytes(&mut expected, &[]);
+        assert_eq!(out, expected);
     }
 }

@@ -225,13 +225,23 @@ pub fn up_convert(data: &Bytes, max_decompressed: usize) -> Result<Vec<u8>, Mess
 /// Down-converts concatenated RecordBatch v2 bytes (as a fetch returns them) into an
 /// uncompressed message set of `magic` 0 or 1. Control batches are skipped; a trailing
 /// partial batch is dropped, as a fetch may end mid-batch.
-pub fn down_convert(batches: &[u8], magic: i8, max_decompressed: usize) -> Result<Bytes, MessageSetError> {
+///
+/// The set stops after the message that reaches `set_bytes_max` (none if it is 0): inflated
+/// and uncompressed, it can be many times the bytes read. Messages may end anywhere — an old
+/// client fetches on from the last offset it got — and batches past the end are not
+/// inflated.
+pub fn down_convert(
+    batches: &[u8],
+    magic: i8,
+    max_decompressed: usize,
+    set_bytes_max: usize,
+) -> Result<Bytes, MessageSetError> {
     if magic != 0 && magic != 1 {
         return Err(MessageSetError::BadMagic(magic));
     }
-    let mut out = BytesMut::with_capacity(batches.len());
+    let mut out = BytesMut::with_capacity(batches.len().min(set_bytes_max));
     let mut rest = batches;
-    while rest.len() >= LENGTH_PREFIX_BYTES {
+    while rest.len() >= LENGTH_PREFIX_BYTES && out.len() < set_bytes_max {
         let Ok(header) = BatchHeader::parse(rest) else {
             break;
         };
@@ -250,6 +260,9 @@ pub fn down_convert(batches: &[u8], magic: i8, max_decompressed: usize) -> Resul
                 .map_err(|e| MessageSetError::Batch(e.to_string()))?;
             let log_append_time = header.has_log_append_time();
             for r in decoded.iter() {
+                if out.len() >= set_bytes_max {
+                    break;
+                }
                 put_message(&mut out, magic, &r, log_append_time);
             }
         }
@@ -464,7 +477,7 @@ mod tests {
         let mut batches = v2_batch(100, &[(Some(b"a"), Some(b"1"), 10), (None, Some(b"2"), 20)]);
         batches.extend(v2_batch(102, &[(Some(b"c"), None, 30)]));
         for magic in [0i8, 1] {
-            let set = down_convert(&batches, magic, MAX).unwrap();
+            let set = down_convert(&batches, magic, MAX, MAX).unwrap();
             let msgs = decode(&set, MAX, false).unwrap();
             let got: Vec<_> =
                 msgs.iter().map(|m| (m.offset, m.magic, m.timestamp, m.key.clone(), m.value.clone())).collect();
@@ -490,9 +503,34 @@ mod tests {
         batches.extend(control.build());
         let tail = v2_batch(2, &[(Some(b"b"), Some(b"2"), 3)]);
         batches.extend_from_slice(&tail[..tail.len() - 5]);
-        let msgs = decode(&down_convert(&batches, 1, MAX).unwrap(), MAX, false).unwrap();
+        let msgs = decode(&down_convert(&batches, 1, MAX, MAX).unwrap(), MAX, false).unwrap();
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].key.as_deref(), Some(&b"a"[..]));
+    }
+
+    #[test]
+    fn down_convert_stops_after_the_message_that_reaches_set_bytes_max() {
+        let mut batches = v2_batch(0, &[(Some(b"a"), Some(b"1"), 1), (Some(b"b"), Some(b"2"), 2)]);
+        batches.extend(v2_batch(2, &[(Some(b"c"), Some(b"3"), 3)]));
+        let all = down_convert(&batches, 1, MAX, MAX).unwrap();
+        let message_bytes = all.len() / 3;
+        let offsets = |set_bytes_max| -> Vec<i64> {
+            let set = down_convert(&batches, 1, MAX, set_bytes_max).unwrap();
+            decode(&set, MAX, false).unwrap().iter().map(|m| m.offset).collect()
+        };
+        assert_eq!(offsets(0), [0i64; 0], "nothing");
+        assert_eq!(offsets(1), [0], "one message always goes");
+        assert_eq!(offsets(message_bytes), [0]);
+        assert_eq!(offsets(message_bytes + 1), [0, 1]);
+        assert_eq!(offsets(2 * message_bytes + 1), [0, 1, 2], "on into the next batch");
+        // A batch past the end is not inflated: a broken one there fails nothing.
+        let mut broken = v2_batch(3, &[(None, Some(b"4"), 4)]);
+        broken.truncate(broken.len() - 3);
+        let len = (broken.len() - LENGTH_PREFIX_BYTES) as i32;
+        broken[8..12].copy_from_slice(&len.to_be_bytes());
+        let with_broken = [&batches[..], &broken[..]].concat();
+        assert!(down_convert(&with_broken, 1, MAX, MAX).is_err(), "the broken batch fails a whole conversion");
+        assert_eq!(down_convert(&with_broken, 1, MAX, all.len()).unwrap(), all);
     }
 
     proptest! {
@@ -508,7 +546,7 @@ mod tests {
             let refs: Vec<Rec<'_>> =
                 recs.iter().map(|(k, v, t)| (k.as_deref(), v.as_deref(), *t)).collect();
             let original = v2_batch(base, &refs);
-            let set = down_convert(&original, 1, MAX).unwrap();
+            let set = down_convert(&original, 1, MAX, MAX).unwrap();
             let back = up_convert(&set, MAX).unwrap();
             let a: Vec<_> = records_of(&original).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
             let b: Vec<_> = records_of(&back).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
@@ -518,7 +556,7 @@ mod tests {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode(&Bytes::from(data.clone()), MAX, true);
-            let _ = down_convert(&data, 1, MAX);
+            let _ = down_convert(&data, 1, MAX, MAX);
         }
     }
 }

@@ -3,10 +3,11 @@
 //!
 //! Requests decode into the same kafka-protocol structs the modern versions use, so the
 //! handler never sees a version difference; responses are the same structs written in the
-//! old layout. Old Produce payloads (MessageSets) are up-converted to RecordBatch v2 by the
-//! produce handler (`produce::up_convert`, on a blocking thread under the turn compressed
-//! batches take: converting inflates them), the one place the handler sees an old version;
-//! old Fetch payloads are down-converted from RecordBatch v2 at encode time.
+//! old layout. The payloads are where the handlers see an old version, and convert on a
+//! blocking thread, under the turn compressed batches take when converting inflates: old
+//! Produce payloads (MessageSets) are up-converted to RecordBatch v2
+//! (`produce::up_convert`), old Fetch answers down-converted from it
+//! (`message_set::down_convert`); the encoder writes them as they are.
 
 pub mod create_topics;
 pub mod delete_topics;
@@ -22,9 +23,16 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestKind, ResponseKind};
 use thiserror::Error;
 
-/// Cap on decompressed bytes per legacy payload (one produce request or one fetched
-/// partition), far above Kafka's 1 MiB default `max.message.bytes`.
+/// Cap on decompressed bytes per legacy payload (one partition's message set in a produce
+/// request, or one fetched batch being down-converted), far above Kafka's 1 MiB default `max.message.bytes`.
 pub const DECOMPRESSED_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Most message-set bytes one fetch v0-3 answer holds, all its partitions together (the
+/// rest waits for the next fetch; the first message always goes, so a consumer moves on).
+/// Down-converted records are inflated and re-framed: without it an answer could be many
+/// times the bytes read (each small compressed batch up to 64 MiB), so neither an answer's
+/// memory nor what one inflating turn holds would be bounded.
+pub const DOWN_CONVERTED_ANSWER_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Why a legacy request could not be decoded or a response encoded.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -45,6 +45,27 @@ pub fn is_message_set(records: &[u8]) -> bool {
 /// Where the magic byte lies in both formats: after the first entry's offset (8 bytes), its
 /// length (4) and a CRC (4) or, in a record batch, the partition leader epoch (4).
 const MAGIC_AT: usize = 16;
+/// What both formats' entries start with before the bytes their length counts: the offset
+/// (8 bytes) and the length (4).
+const LENGTH_AT: usize = 8;
+const ENTRY_PREFIX_BYTES: usize = 12;
+
+/// The magic (0 or 1) of the first v0/v1 message among a partition's entries, record
+/// batches or messages alike; None if there is none. Entries are walked by the framing both
+/// formats share; a walk that runs off the end stops there (the append's own checks report
+/// a truncated or damaged batch).
+pub fn message_set_magic(records: &[u8]) -> Option<u8> {
+    let mut rest = records;
+    while let Some(&magic) = rest.get(MAGIC_AT) {
+        if magic < kappa_log::batch::MAGIC_V2 {
+            return Some(magic);
+        }
+        let length = i32::from_be_bytes(rest[LENGTH_AT..ENTRY_PREFIX_BYTES].try_into().expect("4 bytes"));
+        let length = usize::try_from(length).ok()?;
+        rest = rest.get(ENTRY_PREFIX_BYTES.checked_add(length)?..)?;
+    }
+    None
+}
 
 /// One MessageSet as one RecordBatch v2, keeping the producer's compression.
 pub fn up_convert(set: &Bytes) -> Result<Vec<u8>, message_set::MessageSetError> {
@@ -108,6 +129,25 @@ mod tests {
         let header = batch::validate(&converted, 1 << 20).unwrap();
         assert_eq!(header.records_count, 1);
         assert_eq!(header.base_timestamp, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn message_set_magic_finds_a_message_among_record_batches() {
+        let batch = kappa_log::records::BatchBuilder::new()
+            .record(kappa_log::records::NewRecord::new(Some(b"k"), Some(b"v"), 1))
+            .build();
+        let mut v1 = BytesMut::new();
+        message_set::encode_message(&mut v1, 0, 1, 0, 5, Some(b"k"), Some(b"v"));
+        let mut v0 = BytesMut::new();
+        message_set::encode_message(&mut v0, 0, 0, 0, -1, None, Some(b"v"));
+        assert_eq!(message_set_magic(&batch), None);
+        assert_eq!(message_set_magic(&[batch.clone(), batch.clone()].concat()), None);
+        assert_eq!(message_set_magic(&v1), Some(1));
+        assert_eq!(message_set_magic(&v0), Some(0));
+        assert_eq!(message_set_magic(&[&batch[..], &v1[..]].concat()), Some(1), "after a batch");
+        assert_eq!(message_set_magic(&[&batch[..], &v0[..], &batch[..]].concat()), Some(0));
+        assert_eq!(message_set_magic(&[&batch[..], &v1[..8]].concat()), None, "cut short: not judged");
+        assert_eq!(message_set_magic(b""), None);
     }
 
     #[test]
