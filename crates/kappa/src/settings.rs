@@ -113,8 +113,9 @@ pub struct ServeArgs {
     /// naming more closes its connection [default: 100000]
     #[arg(long, env = "KAPPA_KAFKA_REQUEST_PARTITIONS_MAX")]
     pub kafka_request_partitions_max: Option<usize>,
-    /// Produce requests with compressed batches appended at once; more wait their turn.
-    /// Checking a compressed batch inflates it (up to 64 MiB), so this bounds that memory
+    /// Kafka requests that inflate at once: produce requests with compressed batches (checking
+    /// one inflates it, up to 64 MiB) or v0/v1 message sets, and fetch v0-3 answers holding
+    /// compressed batches (down-converted for old clients); more wait their turn
     /// [default: 8]
     #[arg(long, env = "KAPPA_KAFKA_COMPRESSED_APPENDS_MAX")]
     pub kafka_compressed_appends_max: Option<usize>,
