@@ -313,11 +313,9 @@ fn positive(name: &str, value: Option<usize>, default: usize) -> anyhow::Result<
 fn http_config(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_http::HttpConfig> {
     let defaults = kappa_http::HttpConfig::default();
     Ok(kappa_http::HttpConfig {
-        allowed_origins: args
-            .http_allowed_origins
-            .clone()
-            .or_else(|| file.http_allowed_origins.clone())
-            .unwrap_or_default(),
+        allowed_origins: checked_origins(
+            args.http_allowed_origins.clone().or_else(|| file.http_allowed_origins.clone()).unwrap_or_default(),
+        )?,
         connections_max: positive(
             "http_connections_max",
             args.http_connections_max.or(file.http_connections_max),
@@ -448,7 +446,23 @@ fn kafka_limits(args: &ServeArgs, file: &FileSettings) -> anyhow::Result<kappa_b
 
 fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config file {} (keys: data_dir, kafka_listen, http_listen, advertised_host, sync, maintenance_interval_ms, auto_create_topics, num_partitions, http_allowed_origins, http_connections_max, http_subscriber_queue_max, http_subscriber_stall_ms_max, http_subscriptions_per_connection_max, http_ws_message_bytes_max, http_ws_silence_ms_max, http_snapshot_items_max, http_page_items_max, http_request_body_bytes_max, http_as_of_concurrency_max, http_header_read_timeout_ms, http_idle_connection_timeout_ms, kafka_connections_max, kafka_request_bytes_max, kafka_idle_connection_timeout_ms, kafka_request_partitions_max, kafka_compressed_appends_max, kafka_requests_in_flight_per_connection_max, kafka_pending_replies_per_connection_max, kafka_request_bytes_buffered_max, kafka_frame_read_timeout_ms, kafka_response_write_timeout_ms, transactional_id_expiration_ms, transactional_ids_max, producer_id_expiration_ms, producers_per_partition_max)", path.display()))
+    // An unknown key's error lists every key the file may hold (`deny_unknown_fields`).
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// Browser origins as browsers send them (`scheme://host[:port]`, no path), or `*`: an
+/// entry in another shape would match no request, silently.
+fn checked_origins(origins: Vec<String>) -> anyhow::Result<Vec<String>> {
+    for origin in &origins {
+        let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        let well_formed =
+            origin == "*" || rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' ', ',']));
+        anyhow::ensure!(
+            well_formed,
+            "http_allowed_origins: '{origin}' is not a browser origin; write scheme://host[:port] with no path, e.g. https://app.example or http://localhost:3000, or * for any"
+        );
+    }
+    Ok(origins)
 }
 
 fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
@@ -467,6 +481,26 @@ fn parse_sync_policy(value: &str) -> anyhow::Result<SyncPolicy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_origins_must_be_origins() {
+        let ok = ["*", "https://app.example", "http://localhost:3000"].map(String::from).to_vec();
+        assert_eq!(checked_origins(ok.clone()).unwrap(), ok);
+        for bad in ["not an origin", "app.example", "https://app.example/", "https://", "ftp://x"] {
+            let error = checked_origins(vec![bad.to_owned()]).unwrap_err().to_string();
+            assert!(error.contains(&format!("'{bad}' is not a browser origin")), "{error}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_config_file_key_is_named_with_the_keys_there_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kappa.toml");
+        std::fs::write(&path, "http_page_item_max = 5\n").unwrap();
+        let error = format!("{:#}", read_file_settings(&path).unwrap_err());
+        assert!(error.contains("http_page_item_max") && error.contains("http_page_items_max"), "{error}");
+        assert_eq!(error.matches("http_page_items_max").count(), 1, "the keys are listed once: {error}");
+    }
 
     #[test]
     fn sync_policies_parse_and_bad_ones_say_what_to_use() {
