@@ -442,21 +442,37 @@ impl ViewEngine {
     }
 
     /// Blocks until `name` has a serving version that has applied its inputs up to their
-    /// current ends, or `timeout` passes; returns whether it did.
+    /// current ends, or `timeout` passes; returns whether it did. Waits through a version's
+    /// pause before it starts again by itself (`Phase::Restarting`, e.g. a full disk); fails
+    /// when the serving version failed for good, or when nothing serves and every version
+    /// this build runs failed for good.
     pub fn wait_caught_up(&self, name: &str, timeout: std::time::Duration) -> Result<bool> {
         let deadline = std::time::Instant::now() + timeout;
+        let entry = self.entry(name)?;
         loop {
-            let entry = self.entry(name)?;
-            if let Ok(shared) = self.serving(name) {
-                let status = shared.status();
-                let ends_now = self.current_ends(entry)?;
-                let done = ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
-                if done {
-                    return Ok(true);
+            match self.serving(name) {
+                Ok(shared) => {
+                    let status = shared.status();
+                    let ends_now = self.current_ends(entry)?;
+                    let done =
+                        ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
+                    if done {
+                        return Ok(true);
+                    }
+                    if let Phase::Failed(reason) = status.phase {
+                        return Err(ViewError::VersionFailed {
+                            view: name.to_owned(),
+                            version: shared.version,
+                            reason,
+                        });
+                    }
                 }
-                if let Phase::Failed(reason) = status.phase {
-                    return Err(ViewError::Changelog { view: name.to_owned(), version: shared.version, reason });
+                Err(ViewError::NotReady { .. }) => {
+                    if let Some(failed) = never_serving(entry) {
+                        return Err(failed);
+                    }
                 }
+                Err(_) => {}
             }
             if std::time::Instant::now() >= deadline {
                 return Ok(false);
@@ -482,6 +498,22 @@ impl ViewEngine {
     pub fn backend(&self) -> &Arc<dyn LogBackend> {
         &self.inner.backend
     }
+}
+
+/// Why a view with no serving version will not get one without a restart: every version
+/// this build runs failed for good (the newest's failure). None while one may still catch up.
+fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
+    let versions = read_lock(&entry.versions);
+    let mut failed = None;
+    for (version, shared) in versions.iter().filter(|(version, _)| entry.definitions.contains_key(version)) {
+        match shared.status().phase {
+            Phase::Failed(reason) => {
+                failed = Some(ViewError::VersionFailed { view: entry.name.clone(), version: *version, reason })
+            }
+            _ => return None,
+        }
+    }
+    failed
 }
 
 fn item(key: String, value: StoredValue) -> Item {

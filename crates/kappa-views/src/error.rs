@@ -35,6 +35,8 @@ pub enum ViewError {
         "view '{view}' v{version} is {status}: only a version that has caught up with its inputs can serve reads; wait, or pass force"
     )]
     VersionNotCaughtUp { view: String, version: u32, status: String },
+    #[error("view '{view}' v{version} failed and stays stopped until kappa restarts (fix the cause first): {reason}")]
+    VersionFailed { view: String, version: u32, reason: String },
     #[error("view '{view}' v{version} serves reads: switch to another version before retiring it")]
     RetireActive { view: String, version: u32 },
     #[error("invalid view definition '{view}': {reason}")]

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use redb::Durability;
 
@@ -101,8 +101,12 @@ pub enum Phase {
     Building,
     /// Caught up with its inputs (and following them).
     Live,
-    /// Stopped at an event it could not apply, or by an error.
+    /// Stopped at an event it could not apply, or by an error; stays stopped until a
+    /// restart.
     Failed(String),
+    /// Stopped by something that may pass (`ViewError::is_transient`, e.g. a full disk):
+    /// started again by itself at `retry_at`, recovering from its changelog.
+    Restarting { reason: String, retry_at: SystemTime },
     /// Its code is not in this build: readable, not following its inputs.
     Stopped,
 }
@@ -114,6 +118,7 @@ impl Phase {
             Phase::Building => "building",
             Phase::Live => "live",
             Phase::Failed(_) => "failed",
+            Phase::Restarting { .. } => "restarting",
             Phase::Stopped => "stopped",
         }
     }
@@ -291,13 +296,10 @@ impl Runner {
         }
     }
 
-    /// Runs until stopped or failed; a failure is recorded in the status and returned.
+    /// Runs until stopped or failed, and returns the failure; the caller records it in the
+    /// status (failed, or restarting).
     pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
-        if let Err(e) = &result {
-            tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "view version stopped");
-            self.shared.set_phase(Phase::Failed(e.to_string()));
-        }
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
@@ -1034,18 +1036,23 @@ impl Runner {
 /// (`ViewError::is_transient`, e.g. a full disk refusing a step's append) a new runner
 /// recovers from the changelog and goes on, after a pause that doubles while failures
 /// come quickly. Any other failure leaves the version failed until a restart.
+/// During a pause its status says `Phase::Restarting`, with why and when it starts again, so
+/// callers waiting for it (`ViewEngine::wait_caught_up`) tell the pause from a failure.
 pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
     let mut pause = RESTART_PAUSE_MIN;
     loop {
         let started = Instant::now();
         let Some(error) = make().run() else { return };
         if !error.is_transient() {
+            tracing::error!(view = %shared.view, version = shared.version, error = %error, "view version stopped");
+            shared.set_phase(Phase::Failed(error.to_string()));
             return;
         }
         if started.elapsed() > RESTART_PAUSE_MAX {
             pause = RESTART_PAUSE_MIN;
         }
         tracing::warn!(view = %shared.view, version = shared.version, error = %error, ?pause, "view version failed on what may pass; starting it again after a pause");
+        shared.set_phase(Phase::Restarting { reason: error.to_string(), retry_at: SystemTime::now() + pause });
         let resume_at = Instant::now() + pause;
         while Instant::now() < resume_at {
             if shared.stop.load(Ordering::Acquire) {

@@ -404,6 +404,12 @@ fn a_stop_policy_stops_at_the_malformed_event_and_keeps_what_came_before() {
     let info = engine.describe("sums").unwrap();
     assert_eq!(info.versions[0].status.positions["events/0"], 2);
     assert_eq!(info.versions[0].status.events_applied, 2);
+    // Nothing serves and nothing else runs: waiting for it fails at once, naming why.
+    let waited = engine.wait_caught_up("sums", Duration::from_secs(60));
+    assert!(
+        matches!(&waited, Err(ViewError::VersionFailed { version: 1, reason, .. }) if reason.contains("not valid JSON")),
+        "{waited:?}"
+    );
     engine.shutdown();
 }
 
@@ -824,7 +830,9 @@ fn a_step_whose_commit_fails_is_applied_again_after_a_restart() {
         kappa_views::ViewEngine::start(backend, config, vec![view]).unwrap()
     };
     let engine = start(true);
-    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
+    let Phase::Restarting { reason, .. } =
+        wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Restarting { .. }))
+    else {
         unreachable!()
     };
     assert!(reason.contains("refused append"), "{reason}");
@@ -1489,7 +1497,9 @@ fn a_version_failed_by_a_transient_error_starts_again_by_itself() {
     let config = kappa_views::EngineConfig::new(fixture.views_dir());
     let view = View::reducer("constant", 1, &[TOPIC], Constant);
     let engine = kappa_views::ViewEngine::start(backend.clone(), config, vec![view]).unwrap();
-    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
+    let Phase::Restarting { reason, .. } =
+        wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Restarting { .. }))
+    else {
         unreachable!()
     };
     assert!(reason.contains("refused append"), "{reason}");
@@ -1540,5 +1550,65 @@ fn a_serving_version_whose_state_was_deleted_serves_again_only_once_rebuilt() {
     wait_caught_up(&engine, "sums");
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 1, "total": 2}))]));
     assert_eq!(engine.describe("sums").unwrap().active, Some(1));
+    engine.shutdown();
+}
+
+/// A log on a simulated file system whose capacity a test sets (a full disk refuses writes
+/// with ENOSPC, as a real one does), holding the topic `TOPIC` with one partition.
+fn full_disk_log(fs: &kappa_log::io::sim::SimFs, sync_policy: kappa_log::SyncPolicy) -> Arc<kappa_log::Log> {
+    use kappa_log::io::Storage;
+    fs.create_dir_all(std::path::Path::new("/data")).unwrap();
+    fs.sync_dir(std::path::Path::new("/")).unwrap();
+    let options = kappa_log::LogOptions { fs: Arc::new(fs.clone()), sync_policy, ..Default::default() };
+    let log = Arc::new(kappa_log::Log::open(std::path::Path::new("/data"), options).unwrap().0);
+    log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    log
+}
+
+fn batch(records: Vec<kappa_log::records::NewRecord>) -> Vec<u8> {
+    let mut builder = kappa_log::records::BatchBuilder::new();
+    for record in records {
+        builder.push(record);
+    }
+    builder.build()
+}
+
+/// The serving version's step is refused by a full disk (its changelog append gets ENOSPC):
+/// while it pauses before starting again by itself, its status says restarting, with the
+/// reason and when it tries again, and waiting for the view to catch up keeps waiting
+/// instead of failing; once there is room it catches up.
+#[test]
+fn waiting_for_a_view_waits_through_its_restart_after_a_full_disk() {
+    let fs = kappa_log::io::sim::SimFs::new();
+    let log = full_disk_log(&fs, kappa_log::SyncPolicy::EveryAppend);
+    let views = tempfile::tempdir().unwrap();
+    log.partition(TOPIC, 0).unwrap().append(batch(vec![event("k1", Some(json!({"n": 1})), None, None, 1)])).unwrap();
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(log.clone()));
+    let config = kappa_views::EngineConfig::new(views.path());
+    let engine = kappa_views::ViewEngine::start(backend, config, vec![sum_view(1, 1)]).unwrap();
+    wait_caught_up(&engine, "sums");
+
+    // Room for the next input batch, and none for the step's changelog batch.
+    let input = batch(vec![event("k1", Some(json!({"n": 2})), None, None, 2)]);
+    fs.set_capacity(Some(fs.used_bytes() + input.len() as u64));
+    let full_since = std::time::SystemTime::now();
+    log.partition(TOPIC, 0).unwrap().append(input).unwrap();
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Live | Phase::Building | Phase::Restoring));
+    let Phase::Restarting { reason, retry_at } = phase else {
+        panic!("a full disk stops the version only until it starts again, but its status says {phase:?}")
+    };
+    assert!(reason.contains("os error 28"), "the reason names the full disk: {reason}");
+    assert!(retry_at > full_since, "it starts again after the failure: {retry_at:?}");
+    // The pause is at least RESTART_PAUSE_MIN (1 s); this looks once, within it or after.
+    let waited = engine.wait_caught_up("sums", Duration::ZERO);
+    assert!(matches!(waited, Ok(false)), "waiting for a restarting version does not fail: {waited:?}");
+
+    let waiter = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.wait_caught_up("sums", Duration::from_secs(60)))
+    };
+    fs.set_capacity(None);
+    assert!(waiter.join().unwrap().unwrap(), "the view did not catch up within 60 s of the disk having room");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 2, "total": 3}))]));
     engine.shutdown();
 }
