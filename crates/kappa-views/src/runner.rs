@@ -166,6 +166,10 @@ pub(crate) struct VersionShared {
     pub changelog_topic: String,
     pub stop: AtomicBool,
     status: Mutex<RunnerStatus>,
+    /// Dead-letter topic → the offset after the last dead letter appended to it: every
+    /// checkpoint makes them durable before the store. Kept across the runners of a
+    /// restarting version, as their store (with its steps not yet durable) is.
+    dead_letters: Mutex<BTreeMap<String, i64>>,
 }
 
 impl VersionShared {
@@ -176,6 +180,7 @@ impl VersionShared {
             version,
             changelog_topic: changelog::topic_name(view, version),
             stop: AtomicBool::new(false),
+            dead_letters: Mutex::new(BTreeMap::new()),
             status: Mutex::new(RunnerStatus {
                 phase,
                 events_applied: progress.events_applied,
@@ -457,17 +462,18 @@ impl Runner {
         ViewError::Changelog { view: self.shared.view.clone(), version: self.shared.version, reason }
     }
 
-    /// Makes the changelog, then the store, durable up to `progress`, now.
+    /// Makes the dead letters and the changelog, then the store, durable up to `progress`, now.
     fn checkpoint(&mut self) -> Result<()> {
         self.finish_checkpoint(true)?;
-        changelog_durable(self.backend.as_ref(), &self.shared.changelog_topic, self.progress.changelog_next)?;
+        outputs_durable(self.backend.as_ref(), &self.shared, self.progress.changelog_next)?;
         self.shared.store.checkpoint()?;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
 
     /// Starts a checkpoint on its own thread unless one is running. Nothing is deferred when
-    /// it starts, so the store is at `progress` and the changelog must be durable to there.
+    /// it starts, so the store is at `progress` and the changelog (and the dead letters of
+    /// its steps) must be durable to there.
     fn start_checkpoint(&mut self) {
         if self.in_flight.is_some() {
             return;
@@ -477,7 +483,7 @@ impl Runner {
         let thread = std::thread::Builder::new()
             .name(format!("kappa-checkpoint-{}-v{}", self.shared.view, self.shared.version))
             .spawn(move || {
-                changelog_durable(backend.as_ref(), &shared.changelog_topic, changelog_next)?;
+                outputs_durable(backend.as_ref(), &shared, changelog_next)?;
                 shared.store.checkpoint()
             });
         match thread {
@@ -928,6 +934,12 @@ impl Runner {
     /// Appends the failed record, with why, to the dead-letter topic. At least once: a
     /// crash before the step commits appends it again; the `kappa.dlq.source` header
     /// identifies duplicates.
+    ///
+    /// Durable as the log's sync policy says before the step is appended to the changelog
+    /// (an fsync under the default policy: a power loss must not keep the step and lose its
+    /// dead letter; at once under `--sync interval:<ms>`), and under any policy before a
+    /// checkpoint makes the step durable in the store (`outputs_durable`). Never later than
+    /// the changelog append, so a crash (kill -9) that keeps the step keeps its dead letter.
     fn dead_letter(&self, dlq: &str, topic: &str, partition: i32, offset: i64, error: &EventError) -> Result<()> {
         self.backend.ensure_topic(dlq, 1, &BTreeMap::new())?;
         let chunk = self.backend.read_committed(topic, partition, offset, 1)?;
@@ -953,9 +965,11 @@ impl Runner {
         headers.push(("kappa.dlq.reason".to_owned(), Some(error.0.clone().into_bytes())));
         tracing::warn!(view = %self.shared.view, version = self.shared.version, %topic, partition, offset, reason = %error, dlq, "skipped an event into the dead-letter topic");
         let (_, last) = self.backend.append(dlq, 0, vec![OutputRecord { timestamp, key, value, headers }])?;
-        // Durable before the step that skips the event can be (a checkpoint syncs its
-        // changelog even under a relaxed sync policy).
-        self.backend.make_durable(dlq, 0, last + 1)
+        let mut appended = self.shared.dead_letters.lock().unwrap_or_else(|e| e.into_inner());
+        let end = appended.entry(dlq.to_owned()).or_default();
+        *end = (*end).max(last + 1);
+        drop(appended);
+        self.backend.wait_durable(dlq, 0, last + 1)
     }
 
     /// Appends the step to the changelog, then commits it to the store; `next` (the progress
@@ -1064,11 +1078,17 @@ pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) 
     }
 }
 
-/// Makes the changelog durable below `changelog_next` before a checkpoint makes the store
-/// durable there, whatever the log's sync policy: a store durable ahead of its changelog
-/// fails recovery ("the changelog lost records") and the version must be rebuilt.
-fn changelog_durable(backend: &dyn LogBackend, changelog: &str, changelog_next: i64) -> Result<()> {
-    if changelog_next > 0 { backend.make_durable(changelog, 0, changelog_next) } else { Ok(()) }
+/// Makes the dead letters appended so far, then the changelog below `changelog_next`,
+/// durable before a checkpoint makes the store durable there, whatever the log's sync
+/// policy: a store durable ahead of its changelog fails recovery ("the changelog lost
+/// records") and the version must be rebuilt, and a step durable in the store is never
+/// applied again, so its dead letters would never be written again.
+fn outputs_durable(backend: &dyn LogBackend, shared: &VersionShared, changelog_next: i64) -> Result<()> {
+    let dead_letters = shared.dead_letters.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (topic, end) in dead_letters {
+        backend.make_durable(&topic, 0, end)?;
+    }
+    if changelog_next > 0 { backend.make_durable(&shared.changelog_topic, 0, changelog_next) } else { Ok(()) }
 }
 
 /// A transaction of `spans` ((first record, marker) offsets) that a step ending before

@@ -1612,3 +1612,39 @@ fn waiting_for_a_view_waits_through_its_restart_after_a_full_disk() {
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 2, "total": 3}))]));
     engine.shutdown();
 }
+
+/// Under `--sync interval:<ms>` dead letters are made durable as the changelog is, by the
+/// checkpoints (before the store), not one fsync each: a rebuild dead-lettering many events
+/// syncs fewer times than it dead-letters, and once the store records that the version
+/// caught up (a durable checkpoint) every dead letter is durable.
+#[test]
+fn under_the_interval_sync_policy_dead_letters_are_synced_by_checkpoints_not_one_by_one() {
+    const BAD: usize = 50;
+    let fs = kappa_log::io::sim::SimFs::new();
+    // No interval sync runs in this test: only what the engine syncs is durable.
+    let log = full_disk_log(&fs, kappa_log::SyncPolicy::IntervalMs(3_600_000));
+    for i in 0..BAD as i64 {
+        let bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"{not json"), i);
+        log.partition(TOPIC, 0)
+            .unwrap()
+            .append(batch(vec![event("k1", Some(json!({"n": 1})), None, None, i), bad]))
+            .unwrap();
+    }
+    let views = tempfile::tempdir().unwrap();
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(log.clone()));
+    let syncs_before = fs.stats().sync_data;
+    let engine = kappa_views::ViewEngine::start(
+        backend,
+        kappa_views::EngineConfig::new(views.path()),
+        vec![sum_view(1, 1).dead_letter("sums-dlq")],
+    )
+    .unwrap();
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    let syncs = fs.stats().sync_data - syncs_before;
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": BAD, "total": BAD}))]));
+    let dlq = log.partition("sums-dlq", 0).unwrap();
+    assert_eq!(dlq.log_end_offset(), BAD as i64, "one dead letter per malformed event");
+    assert!(syncs < BAD as u64, "{syncs} fsyncs for {BAD} dead letters: they are synced one by one");
+    assert_eq!(dlq.durable_offset(), BAD as i64, "the dead letters are durable once the store says caught up");
+    engine.shutdown();
+}
