@@ -23,6 +23,9 @@ use crate::store::{Scope, Store, StoredValue};
 use crate::view::View;
 
 const ACTIVE_FILE: &str = "active";
+/// In a version's directory: an operator switched reads away from this version, so it does
+/// not take them over by itself when it (again) first catches up.
+const NO_AUTO_SWITCH_FILE: &str = "no-auto-switch";
 
 /// How the engine is set up.
 pub struct EngineConfig {
@@ -242,6 +245,10 @@ impl ViewEngine {
         }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
+        if no_auto_switch(&entry.dir, version)? {
+            tracing::info!(view = name, version, serving = ?active, "view version caught up; it does not take over reads, as an operator switched them away from it");
+            return Ok(());
+        }
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
             write_active(&entry.dir, version)?;
             *write_lock(&entry.active) = Some(version);
@@ -330,7 +337,10 @@ impl ViewEngine {
     }
 
     /// Makes `version` serve reads (a cutover, or a rollback). Without `force` the version
-    /// must have caught up with its inputs and be running.
+    /// must have caught up with its inputs and be running. The version switched away from
+    /// is marked first (`NO_AUTO_SWITCH_FILE`): it may have switched to itself on catching
+    /// up without having recorded that yet (a crash or a full disk in between makes it catch
+    /// up and switch again), and the operator's choice must stick.
     pub fn switch(&self, name: &str, version: u32, force: bool) -> Result<()> {
         let entry = self.entry(name)?;
         let _admin = lock(&entry.admin);
@@ -344,8 +354,13 @@ impl ViewEngine {
                 status: phase.name().to_owned(),
             });
         }
+        let previous = *read_lock(&entry.active);
+        if let Some(previous) = previous.filter(|previous| *previous != version) {
+            // Before the active file: a crash in between leaves `previous` serving, marked.
+            write_no_auto_switch(&entry.dir, previous)?;
+        }
         write_active(&entry.dir, version)?;
-        let previous = write_lock(&entry.active).replace(version);
+        *write_lock(&entry.active) = Some(version);
         tracing::info!(view = name, version, ?previous, "switched the version serving reads");
         Ok(())
     }
@@ -553,6 +568,23 @@ fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
     std::fs::remove_file(&path).map_err(|e| ViewError::io(&path, e))?;
     RealFs.sync_dir(dir).map_err(|e| ViewError::io(dir, e))?;
     Ok(None)
+}
+
+/// Whether an operator switched reads away from `version` (see `NO_AUTO_SWITCH_FILE`).
+fn no_auto_switch(view_dir: &Path, version: u32) -> Result<bool> {
+    let path = version_dir(view_dir, version).join(NO_AUTO_SWITCH_FILE);
+    match std::fs::metadata(&path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(ViewError::io(&path, e)),
+    }
+}
+
+fn write_no_auto_switch(view_dir: &Path, version: u32) -> Result<()> {
+    let path = version_dir(view_dir, version).join(NO_AUTO_SWITCH_FILE);
+    let text =
+        "An operator switched reads away from this version: it does not take them over by itself when it catches up.\n";
+    write_file_atomic(&RealFs, &path, text.as_bytes()).map_err(|e| ViewError::io(&path, e))
 }
 
 fn write_active(dir: &Path, version: u32) -> Result<()> {

@@ -1648,3 +1648,39 @@ fn under_the_interval_sync_policy_dead_letters_are_synced_by_checkpoints_not_one
     assert_eq!(dlq.durable_offset(), BAD as i64, "the dead letters are durable once the store says caught up");
     engine.shutdown();
 }
+
+/// A new version switches reads to itself when it first catches up, then records that it
+/// caught up. An operator's rollback made in between must stick even when the record is
+/// lost (a crash before it is durable; a full disk failing the step after it), though the
+/// version then catches up again as if for the first time.
+#[test]
+fn a_rollback_made_before_the_new_version_recorded_catching_up_sticks() {
+    let fixture = Fixture::new(1);
+    let events: Vec<(String, Option<i64>)> = (0..100).map(|i| (format!("k{}", i % 5), Some(i))).collect();
+    write_events(&fixture, 1, &events, 20);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    assert_eq!(engine.describe("sums").unwrap().active, Some(2));
+    engine.switch("sums", 1, false).unwrap();
+    engine.shutdown();
+
+    // What a crash between the switch to version 2 and its durable caught-up record leaves
+    // (a clean shutdown makes the record durable, so it is taken back here).
+    let store = kappa_views::store::Store::open(&fixture.views_dir().join("sums/v2")).unwrap();
+    let progress = kappa_views::store::Progress { caught_up: false, ..store.progress().unwrap() };
+    store.commit(&[], &progress, redb::Durability::Immediate).unwrap();
+    drop(store);
+
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    // Live once it caught up again, after its switch on catching up was decided.
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    assert_eq!(engine.describe("sums").unwrap().active, Some(1), "the rollback to version 1 was undone");
+    assert_eq!(dump(&engine, "sums"), reference(&events, 1));
+    // A later explicit switch forward still works.
+    engine.switch("sums", 2, false).unwrap();
+    assert_eq!(dump(&engine, "sums"), reference(&events, 10));
+    engine.shutdown();
+}
