@@ -63,6 +63,10 @@ pub enum ViewError {
         "view '{view}' cannot run through a repartition topic (at {position}): {reason}; run it with `serve`, or leave it out with `work --views`"
     )]
     NotRepartitionable { view: String, position: InputPosition, reason: String },
+    #[error(
+        "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic; retire this version (or delete its directory and changelog topic) to rebuild it from the new topic"
+    )]
+    InputTopicRecreated { view: String, version: u32, topic: String },
     #[error("the view engine is shutting down")]
     ShuttingDown,
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use redb::Durability;
 
-use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord};
+use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, TopicId};
 use crate::changelog::{self, Change, Entry, StepMarker};
 use crate::error::{EventError, InputPosition, Result, ViewError};
 use crate::event::{PayloadCodec, decode_event};
@@ -223,6 +223,9 @@ pub(crate) struct Runner {
     inputs: Vec<(Arc<str>, i32)>,
     /// When `inputs` was last compared with the topics' partition counts.
     inputs_checked: Instant,
+    /// Each input topic's id as recorded when this version first read it (none from a log
+    /// without topic ids): a topic deleted and created again has another.
+    topic_ids: HashMap<String, TopicId>,
     /// Per input: the last stable offset at which its next records were found to belong to
     /// a transaction that ends past it; read again once that offset moves.
     held: Vec<i64>,
@@ -287,6 +290,7 @@ impl Runner {
             applier,
             inputs: Vec::new(),
             inputs_checked: Instant::now(),
+            topic_ids: HashMap::new(),
             held: Vec::new(),
             progress: Progress::default(),
             next_input: 0,
@@ -372,9 +376,42 @@ impl Runner {
                 reason: format!("input topic '{topic}': {e}; create the topic before starting the view"),
             })?;
             self.extend_inputs(&topic, count);
+            self.resolve_topic_id(&topic)?;
         }
         self.inputs_checked = Instant::now();
         Ok(())
+    }
+
+    /// Compares `topic`'s id with the one recorded when this version first read it, or
+    /// records it (a new version, or a store from before topic ids).
+    fn resolve_topic_id(&mut self, topic: &str) -> Result<()> {
+        let Some(id) = self.backend.topic_id(topic)? else { return Ok(()) };
+        match self.shared.store.input_topic_id(topic)? {
+            Some(recorded) if recorded != id => return Err(self.topic_recreated(topic)),
+            Some(_) => {}
+            None => self.shared.store.record_input_topic_id(topic, &id)?,
+        }
+        self.topic_ids.insert(topic.to_owned(), id);
+        Ok(())
+    }
+
+    /// Fails when input `topic` is no longer the topic this version read (deleted and
+    /// created again): its positions would name records of another topic. Called after
+    /// reading it, so what was read came from the recorded topic if this passes.
+    fn check_topic_id(&self, topic: &str) -> Result<()> {
+        let Some(recorded) = self.topic_ids.get(topic) else { return Ok(()) };
+        match self.backend.topic_id(topic)? {
+            Some(id) if id != *recorded => Err(self.topic_recreated(topic)),
+            _ => Ok(()),
+        }
+    }
+
+    fn topic_recreated(&self, topic: &str) -> ViewError {
+        ViewError::InputTopicRecreated {
+            view: self.shared.view.clone(),
+            version: self.shared.version,
+            topic: topic.to_owned(),
+        }
     }
 
     /// Follows partitions added to an input topic since they were last counted. A new
@@ -541,6 +578,8 @@ impl Runner {
             let (topic, partition) = self.inputs[index].clone();
             let key = position_key(&topic, partition);
             let mut position = self.position(&topic, partition);
+            // Also while it waits for its position: a new topic may never reach it.
+            self.check_topic_id(&topic)?;
             let start = self.backend.start_offset(&topic, partition)?;
             if position < start {
                 tracing::warn!(view = %self.shared.view, version = self.shared.version, %key, position, start, "input records before {start} were deleted (retention or DeleteRecords) before this view applied them; continuing from {start}");
@@ -910,6 +949,7 @@ impl Runner {
             chunk.open_transaction = more.open_transaction;
             bytes += STEP_READ_BYTES;
         }
+        self.check_topic_id(topic)?;
         let unfinished = pending.values().min().copied().filter(|_| chunk.next_offset >= chunk.end_offset);
         if let Some(first) = unfinished {
             chunk.records.truncate(chunk.records.partition_point(|r| r.offset < first));
@@ -943,6 +983,7 @@ impl Runner {
     fn dead_letter(&self, dlq: &str, topic: &str, partition: i32, offset: i64, error: &EventError) -> Result<()> {
         self.backend.ensure_topic(dlq, 1, &BTreeMap::new())?;
         let chunk = self.backend.read_committed(topic, partition, offset, 1)?;
+        self.check_topic_id(topic)?;
         let record = chunk.records.into_iter().find(|r| r.offset == offset);
         let (timestamp, key, value, mut headers) = match record {
             Some(r) => (

@@ -1684,3 +1684,128 @@ fn a_rollback_made_before_the_new_version_recorded_catching_up_sticks() {
     assert_eq!(dump(&engine, "sums"), reference(&events, 10));
     engine.shutdown();
 }
+
+/// An input topic deleted and created again (a new topic id; offsets start at 0 again)
+/// while the server was stopped: the version stops with an error naming the topic instead
+/// of applying the new topic's records from the offsets it reached in the old one.
+#[test]
+fn an_input_topic_created_again_stops_the_view_with_an_error_naming_it() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    let before = BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]);
+
+    fixture.log.delete_topic(TOPIC).unwrap();
+    fixture.log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    fixture.append(0, (0..8).map(|i| event("k1", Some(json!({"n": 100})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Building | Phase::Restoring));
+    let Phase::Failed(reason) = &phase else { panic!("the view went on with the new topic: {phase:?}") };
+    assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
+    assert_eq!(dump(&engine, "sums"), before, "nothing of the new topic is applied");
+    let waited = engine.wait_caught_up("sums", Duration::from_secs(60));
+    assert!(matches!(waited, Err(ViewError::VersionFailed { .. })), "{waited:?}");
+    engine.shutdown();
+}
+
+/// The embedded log, except that once `swapped` is set the input topic's name leads to
+/// another topic (`RECREATED`): an input topic deleted and created again between two looks
+/// of a running view, with no moment without it.
+struct Swapped {
+    log: kappa_views::EmbeddedLog,
+    swapped: AtomicBool,
+}
+
+const RECREATED: &str = "events-recreated";
+
+impl Swapped {
+    fn name<'a>(&self, topic: &'a str) -> &'a str {
+        if topic == TOPIC && self.swapped.load(Ordering::Acquire) { RECREATED } else { topic }
+    }
+}
+
+impl kappa_views::LogBackend for Swapped {
+    fn partition_count(&self, topic: &str) -> kappa_views::Result<i32> {
+        self.log.partition_count(self.name(topic))
+    }
+    fn topic_id(&self, topic: &str) -> kappa_views::Result<Option<kappa_views::backend::TopicId>> {
+        self.log.topic_id(self.name(topic))
+    }
+    fn read_committed(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        max_bytes: usize,
+    ) -> kappa_views::Result<kappa_views::backend::InputChunk> {
+        self.log.read_committed(self.name(topic), partition, from, max_bytes)
+    }
+    fn start_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.start_offset(self.name(topic), partition)
+    }
+    fn end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.end_offset(self.name(topic), partition)
+    }
+    fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp: i64) -> kappa_views::Result<Option<i64>> {
+        self.log.offset_for_timestamp(self.name(topic), partition, timestamp)
+    }
+    fn wait_for_input(&self, inputs: &[(&str, i32, i64)], timeout: Duration) -> kappa_views::Result<()> {
+        let inputs: Vec<_> = inputs.iter().map(|(t, p, o)| (self.name(t), *p, *o)).collect();
+        self.log.wait_for_input(&inputs, timeout)
+    }
+    fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &BTreeMap<String, String>,
+    ) -> kappa_views::Result<()> {
+        self.log.ensure_topic(topic, partitions, configs)
+    }
+    fn delete_topic(&self, topic: &str) -> kappa_views::Result<()> {
+        self.log.delete_topic(topic)
+    }
+    fn append(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<kappa_views::backend::OutputRecord>,
+    ) -> kappa_views::Result<(i64, i64)> {
+        self.log.append(topic, partition, records)
+    }
+    fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        self.log.wait_durable(topic, partition, offset)
+    }
+    fn make_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        self.log.make_durable(topic, partition, offset)
+    }
+    fn durable_end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.durable_end_offset(topic, partition)
+    }
+}
+
+/// A running view whose input topic is created again (more records than the view had
+/// applied, so its old position is inside the new topic) stops with the named error.
+#[test]
+fn a_running_view_stops_when_its_input_topic_is_created_again() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    fixture.log.create_topic(RECREATED, 1, &BTreeMap::new()).unwrap();
+    let mut builder = kappa_log::records::BatchBuilder::new();
+    for i in 0..8 {
+        builder.push(event("k1", Some(json!({"n": 100})), None, None, i));
+    }
+    fixture.log.partition(RECREATED, 0).unwrap().append(builder.build()).unwrap();
+    let backend =
+        Arc::new(Swapped { log: kappa_views::EmbeddedLog::new(fixture.log.clone()), swapped: AtomicBool::new(false) });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::start(backend.clone(), config, vec![sum_view(1, 1)]).unwrap();
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    backend.swapped.store(true, Ordering::Release);
+    let phase = wait_for_phase(&engine, "sums", |p| *p != Phase::Live);
+    let Phase::Failed(reason) = &phase else { panic!("{phase:?}") };
+    assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]));
+    engine.shutdown();
+}
