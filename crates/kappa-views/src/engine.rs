@@ -355,8 +355,10 @@ impl ViewEngine {
             });
         }
         let previous = *read_lock(&entry.active);
-        if let Some(previous) = previous.filter(|previous| *previous != version) {
-            // Before the active file: a crash in between leaves `previous` serving, marked.
+        // Before the active file: a crash in between leaves `previous` serving, marked. A
+        // version whose directory is gone (deleted to rebuild it) has nothing to keep.
+        let previous_kept = previous.filter(|p| *p != version && version_dir(&entry.dir, *p).is_dir());
+        if let Some(previous) = previous_kept {
             write_no_auto_switch(&entry.dir, previous)?;
         }
         write_active(&entry.dir, version)?;

@@ -396,8 +396,9 @@ impl Runner {
     }
 
     /// Fails when input `topic` is no longer the topic this version read (deleted and
-    /// created again): its positions would name records of another topic. Called after
-    /// reading it, so what was read came from the recorded topic if this passes.
+    /// created again): its positions would name records of another topic. Called before
+    /// each step and after each read: a read followed by a check that passes came from
+    /// the recorded topic (a topic's id never comes back).
     fn check_topic_id(&self, topic: &str) -> Result<()> {
         let Some(recorded) = self.topic_ids.get(topic) else { return Ok(()) };
         match self.backend.topic_id(topic)? {
