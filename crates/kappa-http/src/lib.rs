@@ -482,8 +482,8 @@ impl tokio::io::AsyncWrite for LimitedStream {
 }
 
 /// 200 `ok`; 503 `failed` when the log refuses writes, or `degraded` while a view version
-/// has stopped (a stopped version no longer follows its inputs, and a serving one answers
-/// from where it stopped): the views that stopped, with why, as work mode's `/health`
+/// has stopped or waits to restart (it no longer follows its inputs, and a serving one
+/// answers from where it stopped): the views that stopped, with why, as work mode's `/health`
 /// lists its failed partitions.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if let Err(e) = state.log.health().check() {
@@ -496,9 +496,10 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .flat_map(|view| view.versions.iter().map(move |v| (view, v)))
         .filter_map(|(view, v)| match &v.status.phase {
-            kappa_views::Phase::Failed(reason) => Some(
-                serde_json::json!({"view": view.name, "version": v.version, "serving": v.serving, "error": reason}),
-            ),
+            phase @ (kappa_views::Phase::Failed(reason) | kappa_views::Phase::Restarting { reason, .. }) => {
+                let name = phase.name();
+                Some(serde_json::json!({"view": view.name, "version": v.version, "phase": name, "serving": v.serving, "error": reason}))
+            }
             _ => None,
         })
         .collect();

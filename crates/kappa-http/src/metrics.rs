@@ -51,6 +51,7 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let mut progress = Vec::new();
     let mut serving = Vec::new();
     let mut failed = Vec::new();
+    let mut restarting = Vec::new();
     for view in state.engine.list() {
         for v in &view.versions {
             let labels = format!("view=\"{}\",version=\"{}\"", escape(&view.name), v.version);
@@ -61,7 +62,9 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             rate.push((labels.clone(), status.rate_per_second));
             progress.push((labels.clone(), if total == 0 { 1.0 } else { status.events_applied as f64 / total as f64 }));
             serving.push((labels.clone(), f64::from(u8::from(v.serving))));
-            failed.push((labels, f64::from(u8::from(matches!(status.phase, kappa_views::Phase::Failed(_))))));
+            failed.push((labels.clone(), f64::from(u8::from(matches!(status.phase, kappa_views::Phase::Failed(_))))));
+            restarting
+                .push((labels, f64::from(u8::from(matches!(status.phase, kappa_views::Phase::Restarting { .. })))));
         }
     }
     gauge("kappa_view_lag_records", "Input records not yet applied by the view version.", lag);
@@ -70,6 +73,11 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     gauge("kappa_view_rebuild_progress", "Applied / (applied + lag), 1 when caught up.", progress);
     gauge("kappa_view_serving", "1 for the version that serves reads.", serving);
     gauge("kappa_view_failed", "1 when the version stopped on an error.", failed);
+    gauge(
+        "kappa_view_restarting",
+        "1 while the version waits to start again by itself after an error that may pass (a full disk).",
+        restarting,
+    );
     let subscriptions = state.hubs.subscriptions.load(Ordering::Relaxed) as f64;
     gauge("kappa_subscriptions", "Open WebSocket and SSE subscriptions.", vec![(String::new(), subscriptions)]);
     let produced = state.metrics.records_produced.load(Ordering::Relaxed) as f64;

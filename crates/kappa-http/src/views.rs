@@ -50,10 +50,29 @@ fn version_status(version: &VersionInfo) -> &'static str {
         // A serving version that stopped still answers reads, from where it stopped:
         // `serving` says so, the status says it no longer follows its inputs.
         Phase::Failed(_) => "failed",
+        Phase::Restarting { .. } => "restarting",
         _ if version.serving => "serving",
         Phase::Restoring | Phase::Building => "building",
         Phase::Live => "ready",
         Phase::Stopped => "stopped",
+    }
+}
+
+/// The error a version stopped on: for good (failed), or until it starts again by itself.
+fn version_error(phase: &Phase) -> Option<&str> {
+    match phase {
+        Phase::Failed(reason) | Phase::Restarting { reason, .. } => Some(reason),
+        _ => None,
+    }
+}
+
+/// When a restarting version starts again, in milliseconds since the epoch.
+fn retry_at_ms(phase: &Phase) -> Option<u128> {
+    match phase {
+        Phase::Restarting { retry_at, .. } => {
+            retry_at.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis())
+        }
+        _ => None,
     }
 }
 
@@ -80,7 +99,8 @@ pub(crate) fn view_json(view: &ViewInfo) -> Value {
                 "positions": status.positions,
                 "changelog_topic": v.changelog_topic,
                 "changelog_position": status.changelog_next,
-                "error": match &status.phase { Phase::Failed(reason) => Some(reason.clone()), _ => None },
+                "error": version_error(&status.phase),
+                "retry_at_ms": retry_at_ms(&status.phase),
             })
         })
         .collect();
@@ -225,4 +245,45 @@ pub async fn retire(
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     Ok(Json(json!({"view": view, "retired": version})))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use kappa_views::RunnerStatus;
+
+    use super::*;
+
+    fn view_with(phase: Phase) -> Value {
+        let status = RunnerStatus {
+            phase,
+            events_applied: 3,
+            positions: BTreeMap::new(),
+            ends: BTreeMap::new(),
+            changelog_next: 4,
+            rate_per_second: 0.0,
+        };
+        let version =
+            VersionInfo { version: 2, serving: false, running: true, changelog_topic: "c".to_owned(), status };
+        let view = ViewInfo { name: "v".to_owned(), active: Some(1), inputs: Vec::new(), versions: vec![version] };
+        view_json(&view)["versions"][0].clone()
+    }
+
+    #[test]
+    fn a_restarting_version_shows_why_and_when_it_starts_again() {
+        let retry_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let version = view_with(Phase::Restarting { reason: "disk full".to_owned(), retry_at });
+        assert_eq!(version["status"], "restarting", "{version}");
+        assert_eq!(version["phase"], "restarting", "{version}");
+        assert_eq!(version["error"], "disk full", "{version}");
+        assert_eq!(version["retry_at_ms"], 1_700_000_000_123u64, "{version}");
+
+        let failed = view_with(Phase::Failed("bad event".to_owned()));
+        assert_eq!(
+            (&failed["status"], &failed["error"], &failed["retry_at_ms"]),
+            (&json!("failed"), &json!("bad event"), &Value::Null)
+        );
+    }
 }

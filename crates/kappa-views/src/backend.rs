@@ -147,10 +147,21 @@ pub struct OutputRecord {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+/// A topic's id: a topic deleted and created again under the same name gets a new one
+/// (Kafka's topic ids, KIP-516).
+pub type TopicId = [u8; 16];
+
 /// A log the view engine can run against.
 pub trait LogBackend: Send + Sync + 'static {
     /// How many partitions `topic` has (an error when it does not exist).
     fn partition_count(&self, topic: &str) -> Result<i32>;
+
+    /// The id of `topic` (an error when it does not exist), or None from a log without
+    /// topic ids: then an input topic deleted and created again goes unnoticed, and a view
+    /// reads the new topic from the offsets it reached in the old one.
+    fn topic_id(&self, topic: &str) -> Result<Option<TopicId>> {
+        self.partition_count(topic).map(|_| None)
+    }
 
     /// Committed records of a partition from `from`, about `max_bytes` of them (at least
     /// one batch when there is one).

@@ -9,7 +9,7 @@ use kappa_log::batch;
 use kappa_log::records::{BatchBuilder, MIN_RECORD_BYTES, NewRecord, decode_records};
 use kappa_log::{Isolation, Log, LogError};
 
-use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, RecordHeaders};
+use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, RecordHeaders, TopicId};
 use crate::error::{Result, ViewError};
 
 /// Caps decompression of one batch while reading inputs.
@@ -34,6 +34,10 @@ impl EmbeddedLog {
 impl LogBackend for EmbeddedLog {
     fn partition_count(&self, topic: &str) -> Result<i32> {
         Ok(self.log.topic(topic)?.partition_count())
+    }
+
+    fn topic_id(&self, topic: &str) -> Result<Option<TopicId>> {
+        Ok(Some(self.log.topic(topic)?.id()))
     }
 
     fn read_committed(&self, topic: &str, partition: i32, from: i64, max_bytes: usize) -> Result<InputChunk> {

@@ -23,6 +23,9 @@ use crate::store::{ScanLimit, Scope, Store, StoredValue};
 use crate::view::View;
 
 const ACTIVE_FILE: &str = "active";
+/// In a version's directory: an operator switched reads away from this version, so it does
+/// not take them over by itself when it (again) first catches up.
+const NO_AUTO_SWITCH_FILE: &str = "no-auto-switch";
 
 /// How the engine is set up.
 pub struct EngineConfig {
@@ -250,6 +253,10 @@ impl ViewEngine {
         }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
+        if no_auto_switch(&entry.dir, version)? {
+            tracing::info!(view = name, version, serving = ?active, "view version caught up; it does not take over reads, as an operator switched them away from it");
+            return Ok(());
+        }
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
             write_active(&entry.dir, version)?;
             *write_lock(&entry.active) = Some(version);
@@ -339,7 +346,10 @@ impl ViewEngine {
     }
 
     /// Makes `version` serve reads (a cutover, or a rollback). Without `force` the version
-    /// must have caught up with its inputs and be running.
+    /// must have caught up with its inputs and be running. The version switched away from
+    /// is marked first (`NO_AUTO_SWITCH_FILE`): it may have switched to itself on catching
+    /// up without having recorded that yet (a crash or a full disk in between makes it catch
+    /// up and switch again), and the operator's choice must stick.
     pub fn switch(&self, name: &str, version: u32, force: bool) -> Result<()> {
         let entry = self.entry(name)?;
         let _admin = lock(&entry.admin);
@@ -353,8 +363,15 @@ impl ViewEngine {
                 status: phase.name().to_owned(),
             });
         }
+        let previous = *read_lock(&entry.active);
+        // Before the active file: a crash in between leaves `previous` serving, marked. A
+        // version whose directory is gone (deleted to rebuild it) has nothing to keep.
+        let previous_kept = previous.filter(|p| *p != version && version_dir(&entry.dir, *p).is_dir());
+        if let Some(previous) = previous_kept {
+            write_no_auto_switch(&entry.dir, previous)?;
+        }
         write_active(&entry.dir, version)?;
-        let previous = write_lock(&entry.active).replace(version);
+        *write_lock(&entry.active) = Some(version);
         tracing::info!(view = name, version, ?previous, "switched the version serving reads");
         Ok(())
     }
@@ -451,21 +468,37 @@ impl ViewEngine {
     }
 
     /// Blocks until `name` has a serving version that has applied its inputs up to their
-    /// current ends, or `timeout` passes; returns whether it did.
+    /// current ends, or `timeout` passes; returns whether it did. Waits through a version's
+    /// pause before it starts again by itself (`Phase::Restarting`, e.g. a full disk); fails
+    /// when the serving version failed for good, or when nothing serves and every version
+    /// this build runs failed for good.
     pub fn wait_caught_up(&self, name: &str, timeout: std::time::Duration) -> Result<bool> {
         let deadline = std::time::Instant::now() + timeout;
+        let entry = self.entry(name)?;
         loop {
-            let entry = self.entry(name)?;
-            if let Ok(shared) = self.serving(name) {
-                let status = shared.status();
-                let ends_now = self.current_ends(entry)?;
-                let done = ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
-                if done {
-                    return Ok(true);
+            match self.serving(name) {
+                Ok(shared) => {
+                    let status = shared.status();
+                    let ends_now = self.current_ends(entry)?;
+                    let done =
+                        ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
+                    if done {
+                        return Ok(true);
+                    }
+                    if let Phase::Failed(reason) = status.phase {
+                        return Err(ViewError::VersionFailed {
+                            view: name.to_owned(),
+                            version: shared.version,
+                            reason,
+                        });
+                    }
                 }
-                if let Phase::Failed(reason) = status.phase {
-                    return Err(ViewError::Changelog { view: name.to_owned(), version: shared.version, reason });
+                Err(ViewError::NotReady { .. }) => {
+                    if let Some(failed) = never_serving(entry) {
+                        return Err(failed);
+                    }
                 }
+                Err(_) => {}
             }
             if std::time::Instant::now() >= deadline {
                 return Ok(false);
@@ -491,6 +524,22 @@ impl ViewEngine {
     pub fn backend(&self) -> &Arc<dyn LogBackend> {
         &self.inner.backend
     }
+}
+
+/// Why a view with no serving version will not get one without a restart: every version
+/// this build runs failed for good (the newest's failure). None while one may still catch up.
+fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
+    let versions = read_lock(&entry.versions);
+    let mut failed = None;
+    for (version, shared) in versions.iter().filter(|(version, _)| entry.definitions.contains_key(version)) {
+        match shared.status().phase {
+            Phase::Failed(reason) => {
+                failed = Some(ViewError::VersionFailed { view: entry.name.clone(), version: *version, reason })
+            }
+            _ => return None,
+        }
+    }
+    failed
 }
 
 fn item(key: String, value: StoredValue) -> Item {
@@ -530,6 +579,23 @@ fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
     std::fs::remove_file(&path).map_err(|e| ViewError::io(&path, e))?;
     RealFs.sync_dir(dir).map_err(|e| ViewError::io(dir, e))?;
     Ok(None)
+}
+
+/// Whether an operator switched reads away from `version` (see `NO_AUTO_SWITCH_FILE`).
+fn no_auto_switch(view_dir: &Path, version: u32) -> Result<bool> {
+    let path = version_dir(view_dir, version).join(NO_AUTO_SWITCH_FILE);
+    match std::fs::metadata(&path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(ViewError::io(&path, e)),
+    }
+}
+
+fn write_no_auto_switch(view_dir: &Path, version: u32) -> Result<()> {
+    let path = version_dir(view_dir, version).join(NO_AUTO_SWITCH_FILE);
+    let text =
+        "An operator switched reads away from this version: it does not take them over by itself when it catches up.\n";
+    write_file_atomic(&RealFs, &path, text.as_bytes()).map_err(|e| ViewError::io(&path, e))
 }
 
 fn write_active(dir: &Path, version: u32) -> Result<()> {

@@ -35,6 +35,8 @@ pub enum ViewError {
         "view '{view}' v{version} is {status}: only a version that has caught up with its inputs can serve reads; wait, or pass force"
     )]
     VersionNotCaughtUp { view: String, version: u32, status: String },
+    #[error("view '{view}' v{version} failed and stays stopped until kappa restarts (fix the cause first): {reason}")]
+    VersionFailed { view: String, version: u32, reason: String },
     #[error("view '{view}' v{version} serves reads: switch to another version before retiring it")]
     RetireActive { view: String, version: u32 },
     #[error("invalid view definition '{view}': {reason}")]
@@ -67,6 +69,10 @@ pub enum ViewError {
         "view '{view}' cannot run through a repartition topic (at {position}): {reason}; run it with `serve`, or leave it out with `work --views`"
     )]
     NotRepartitionable { view: String, position: InputPosition, reason: String },
+    #[error(
+        "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic; retire this version (or delete its directory and changelog topic) to rebuild it from the new topic"
+    )]
+    InputTopicRecreated { view: String, version: u32, topic: String },
     #[error("the view engine is shutting down")]
     ShuttingDown,
 }

@@ -22,11 +22,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use redb::Durability;
 
-use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord};
+use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, TopicId};
 use crate::changelog::{self, Change, Entry, StepMarker};
 use crate::error::{EventError, InputPosition, Result, ViewError};
 use crate::event::{PayloadCodec, decode_event};
@@ -101,8 +101,12 @@ pub enum Phase {
     Building,
     /// Caught up with its inputs (and following them).
     Live,
-    /// Stopped at an event it could not apply, or by an error.
+    /// Stopped at an event it could not apply, or by an error; stays stopped until a
+    /// restart.
     Failed(String),
+    /// Stopped by something that may pass (`ViewError::is_transient`, e.g. a full disk):
+    /// started again by itself at `retry_at`, recovering from its changelog.
+    Restarting { reason: String, retry_at: SystemTime },
     /// Its code is not in this build: readable, not following its inputs.
     Stopped,
 }
@@ -114,6 +118,7 @@ impl Phase {
             Phase::Building => "building",
             Phase::Live => "live",
             Phase::Failed(_) => "failed",
+            Phase::Restarting { .. } => "restarting",
             Phase::Stopped => "stopped",
         }
     }
@@ -161,6 +166,10 @@ pub(crate) struct VersionShared {
     pub changelog_topic: String,
     pub stop: AtomicBool,
     status: Mutex<RunnerStatus>,
+    /// Dead-letter topic → the offset after the last dead letter appended to it: every
+    /// checkpoint makes them durable before the store. Kept across the runners of a
+    /// restarting version, as their store (with its steps not yet durable) is.
+    dead_letters: Mutex<BTreeMap<String, i64>>,
 }
 
 impl VersionShared {
@@ -171,6 +180,7 @@ impl VersionShared {
             version,
             changelog_topic: changelog::topic_name(view, version),
             stop: AtomicBool::new(false),
+            dead_letters: Mutex::new(BTreeMap::new()),
             status: Mutex::new(RunnerStatus {
                 phase,
                 events_applied: progress.events_applied,
@@ -213,6 +223,9 @@ pub(crate) struct Runner {
     inputs: Vec<(Arc<str>, i32)>,
     /// When `inputs` was last compared with the topics' partition counts.
     inputs_checked: Instant,
+    /// Each input topic's id as recorded when this version first read it (none from a log
+    /// without topic ids): a topic deleted and created again has another.
+    topic_ids: HashMap<String, TopicId>,
     /// Per input: the last stable offset at which its next records were found to belong to
     /// a transaction that ends past it; read again once that offset moves.
     held: Vec<i64>,
@@ -277,6 +290,7 @@ impl Runner {
             applier,
             inputs: Vec::new(),
             inputs_checked: Instant::now(),
+            topic_ids: HashMap::new(),
             held: Vec::new(),
             progress: Progress::default(),
             next_input: 0,
@@ -291,13 +305,10 @@ impl Runner {
         }
     }
 
-    /// Runs until stopped or failed; a failure is recorded in the status and returned.
+    /// Runs until stopped or failed, and returns the failure; the caller records it in the
+    /// status (failed, or restarting).
     pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
-        if let Err(e) = &result {
-            tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "view version stopped");
-            self.shared.set_phase(Phase::Failed(e.to_string()));
-        }
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
@@ -365,9 +376,43 @@ impl Runner {
                 reason: format!("input topic '{topic}': {e}; create the topic before starting the view"),
             })?;
             self.extend_inputs(&topic, count);
+            self.resolve_topic_id(&topic)?;
         }
         self.inputs_checked = Instant::now();
         Ok(())
+    }
+
+    /// Compares `topic`'s id with the one recorded when this version first read it, or
+    /// records it (a new version, or a store from before topic ids).
+    fn resolve_topic_id(&mut self, topic: &str) -> Result<()> {
+        let Some(id) = self.backend.topic_id(topic)? else { return Ok(()) };
+        match self.shared.store.input_topic_id(topic)? {
+            Some(recorded) if recorded != id => return Err(self.topic_recreated(topic)),
+            Some(_) => {}
+            None => self.shared.store.record_input_topic_id(topic, &id)?,
+        }
+        self.topic_ids.insert(topic.to_owned(), id);
+        Ok(())
+    }
+
+    /// Fails when input `topic` is no longer the topic this version read (deleted and
+    /// created again): its positions would name records of another topic. Called before
+    /// each step and after each read: a read followed by a check that passes came from
+    /// the recorded topic (a topic's id never comes back).
+    fn check_topic_id(&self, topic: &str) -> Result<()> {
+        let Some(recorded) = self.topic_ids.get(topic) else { return Ok(()) };
+        match self.backend.topic_id(topic)? {
+            Some(id) if id != *recorded => Err(self.topic_recreated(topic)),
+            _ => Ok(()),
+        }
+    }
+
+    fn topic_recreated(&self, topic: &str) -> ViewError {
+        ViewError::InputTopicRecreated {
+            view: self.shared.view.clone(),
+            version: self.shared.version,
+            topic: topic.to_owned(),
+        }
     }
 
     /// Follows partitions added to an input topic since they were last counted. A new
@@ -455,17 +500,18 @@ impl Runner {
         ViewError::Changelog { view: self.shared.view.clone(), version: self.shared.version, reason }
     }
 
-    /// Makes the changelog, then the store, durable up to `progress`, now.
+    /// Makes the dead letters and the changelog, then the store, durable up to `progress`, now.
     fn checkpoint(&mut self) -> Result<()> {
         self.finish_checkpoint(true)?;
-        changelog_durable(self.backend.as_ref(), &self.shared.changelog_topic, self.progress.changelog_next)?;
+        outputs_durable(self.backend.as_ref(), &self.shared, self.progress.changelog_next)?;
         self.shared.store.checkpoint()?;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
 
     /// Starts a checkpoint on its own thread unless one is running. Nothing is deferred when
-    /// it starts, so the store is at `progress` and the changelog must be durable to there.
+    /// it starts, so the store is at `progress` and the changelog (and the dead letters of
+    /// its steps) must be durable to there.
     fn start_checkpoint(&mut self) {
         if self.in_flight.is_some() {
             return;
@@ -475,7 +521,7 @@ impl Runner {
         let thread = std::thread::Builder::new()
             .name(format!("kappa-checkpoint-{}-v{}", self.shared.view, self.shared.version))
             .spawn(move || {
-                changelog_durable(backend.as_ref(), &shared.changelog_topic, changelog_next)?;
+                outputs_durable(backend.as_ref(), &shared, changelog_next)?;
                 shared.store.checkpoint()
             });
         match thread {
@@ -533,6 +579,8 @@ impl Runner {
             let (topic, partition) = self.inputs[index].clone();
             let key = position_key(&topic, partition);
             let mut position = self.position(&topic, partition);
+            // Also while it waits for its position: a new topic may never reach it.
+            self.check_topic_id(&topic)?;
             let start = self.backend.start_offset(&topic, partition)?;
             if position < start {
                 tracing::warn!(view = %self.shared.view, version = self.shared.version, %key, position, start, "input records before {start} were deleted (retention or DeleteRecords) before this view applied them; continuing from {start}");
@@ -907,6 +955,7 @@ impl Runner {
             chunk.open_transaction = more.open_transaction;
             bytes += STEP_READ_BYTES;
         }
+        self.check_topic_id(topic)?;
         let unfinished = pending.values().min().copied().filter(|_| chunk.next_offset >= chunk.end_offset);
         if let Some(first) = unfinished {
             chunk.records.truncate(chunk.records.partition_point(|r| r.offset < first));
@@ -931,9 +980,16 @@ impl Runner {
     /// Appends the failed record, with why, to the dead-letter topic. At least once: a
     /// crash before the step commits appends it again; the `kappa.dlq.source` header
     /// identifies duplicates.
+    ///
+    /// Durable as the log's sync policy says before the step is appended to the changelog
+    /// (an fsync under the default policy: a power loss must not keep the step and lose its
+    /// dead letter; at once under `--sync interval:<ms>`), and under any policy before a
+    /// checkpoint makes the step durable in the store (`outputs_durable`). Never later than
+    /// the changelog append, so a crash (kill -9) that keeps the step keeps its dead letter.
     fn dead_letter(&self, dlq: &str, topic: &str, partition: i32, offset: i64, error: &EventError) -> Result<()> {
         self.backend.ensure_topic(dlq, 1, &BTreeMap::new())?;
         let chunk = self.backend.read_committed(topic, partition, offset, 1)?;
+        self.check_topic_id(topic)?;
         let record = chunk.records.into_iter().find(|r| r.offset == offset);
         let (timestamp, key, value, mut headers) = match record {
             Some(r) => (
@@ -956,9 +1012,11 @@ impl Runner {
         headers.push(("kappa.dlq.reason".to_owned(), Some(error.0.clone().into_bytes())));
         tracing::warn!(view = %self.shared.view, version = self.shared.version, %topic, partition, offset, reason = %error, dlq, "skipped an event into the dead-letter topic");
         let (_, last) = self.backend.append(dlq, 0, vec![OutputRecord { timestamp, key, value, headers }])?;
-        // Durable before the step that skips the event can be (a checkpoint syncs its
-        // changelog even under a relaxed sync policy).
-        self.backend.make_durable(dlq, 0, last + 1)
+        let mut appended = self.shared.dead_letters.lock().unwrap_or_else(|e| e.into_inner());
+        let end = appended.entry(dlq.to_owned()).or_default();
+        *end = (*end).max(last + 1);
+        drop(appended);
+        self.backend.wait_durable(dlq, 0, last + 1)
     }
 
     /// Appends the step to the changelog, then commits it to the store; `next` (the progress
@@ -1039,18 +1097,23 @@ impl Runner {
 /// (`ViewError::is_transient`, e.g. a full disk refusing a step's append) a new runner
 /// recovers from the changelog and goes on, after a pause that doubles while failures
 /// come quickly. Any other failure leaves the version failed until a restart.
+/// During a pause its status says `Phase::Restarting`, with why and when it starts again, so
+/// callers waiting for it (`ViewEngine::wait_caught_up`) tell the pause from a failure.
 pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
     let mut pause = RESTART_PAUSE_MIN;
     loop {
         let started = Instant::now();
         let Some(error) = make().run() else { return };
         if !error.is_transient() {
+            tracing::error!(view = %shared.view, version = shared.version, error = %error, "view version stopped");
+            shared.set_phase(Phase::Failed(error.to_string()));
             return;
         }
         if started.elapsed() > RESTART_PAUSE_MAX {
             pause = RESTART_PAUSE_MIN;
         }
         tracing::warn!(view = %shared.view, version = shared.version, error = %error, ?pause, "view version failed on what may pass; starting it again after a pause");
+        shared.set_phase(Phase::Restarting { reason: error.to_string(), retry_at: SystemTime::now() + pause });
         let resume_at = Instant::now() + pause;
         while Instant::now() < resume_at {
             if shared.stop.load(Ordering::Acquire) {
@@ -1062,11 +1125,17 @@ pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) 
     }
 }
 
-/// Makes the changelog durable below `changelog_next` before a checkpoint makes the store
-/// durable there, whatever the log's sync policy: a store durable ahead of its changelog
-/// fails recovery ("the changelog lost records") and the version must be rebuilt.
-fn changelog_durable(backend: &dyn LogBackend, changelog: &str, changelog_next: i64) -> Result<()> {
-    if changelog_next > 0 { backend.make_durable(changelog, 0, changelog_next) } else { Ok(()) }
+/// Makes the dead letters appended so far, then the changelog below `changelog_next`,
+/// durable before a checkpoint makes the store durable there, whatever the log's sync
+/// policy: a store durable ahead of its changelog fails recovery ("the changelog lost
+/// records") and the version must be rebuilt, and a step durable in the store is never
+/// applied again, so its dead letters would never be written again.
+fn outputs_durable(backend: &dyn LogBackend, shared: &VersionShared, changelog_next: i64) -> Result<()> {
+    let dead_letters = shared.dead_letters.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (topic, end) in dead_letters {
+        backend.make_durable(&topic, 0, end)?;
+    }
+    if changelog_next > 0 { backend.make_durable(&shared.changelog_topic, 0, changelog_next) } else { Ok(()) }
 }
 
 /// A transaction of `spans` ((first record, marker) offsets) that a step ending before

@@ -17,6 +17,9 @@ const INTERNAL_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("inter
 /// "topic/partition" → the next input offset to apply.
 const POSITIONS: TableDefinition<&str, i64> = TableDefinition::new("input_positions");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+/// Input topic name → its topic id when the version first read it (absent in stores from
+/// before topic ids, until their next start).
+const INPUT_TOPIC_IDS: TableDefinition<&str, &[u8]> = TableDefinition::new("input_topic_ids");
 
 /// The changelog offset up to which (exclusive) the state reflects the changelog.
 const META_CHANGELOG_NEXT: &str = "changelog_next";
@@ -174,6 +177,24 @@ impl Store {
         txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
         txn.open_table(META).map_err(|e| self.err(e))?;
         txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
+        txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The recorded id of input topic `topic`, if any.
+    pub fn input_topic_id(&self, topic: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let ids = txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?;
+        Ok(ids.get(topic).map_err(|e| self.err(e))?.map(|id| id.value().to_vec()))
+    }
+
+    /// Records the id of input topic `topic`, not durably (as a step's commit: a durable
+    /// one would also make earlier steps durable, maybe ahead of the changelog). It is
+    /// durable by the time any position stored after it is.
+    pub fn record_input_topic_id(&self, topic: &str, id: &[u8]) -> Result<()> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
+        txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?.insert(topic, id).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
     }
 
@@ -258,5 +279,35 @@ impl Snapshot<'_> {
 
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written before input topic ids (without their table) opens with its progress,
+    /// records no id until one is recorded, and then keeps it.
+    #[test]
+    fn a_store_from_before_input_topic_ids_opens_and_records_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(STATE_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(VIEW_STATE).unwrap();
+            txn.open_table(INTERNAL_STATE).unwrap();
+            txn.open_table(META).unwrap().insert(META_CHANGELOG_NEXT, 7).unwrap();
+            txn.open_table(POSITIONS).unwrap().insert("events/0", 5).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let progress = store.progress().unwrap();
+        assert_eq!((progress.changelog_next, progress.positions["events/0"]), (7, 5));
+        assert_eq!(store.input_topic_id("events").unwrap(), None);
+        store.record_input_topic_id("events", &[1; 16]).unwrap();
+        store.checkpoint().unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.input_topic_id("events").unwrap(), Some(vec![1; 16]));
     }
 }

@@ -404,6 +404,12 @@ fn a_stop_policy_stops_at_the_malformed_event_and_keeps_what_came_before() {
     let info = engine.describe("sums").unwrap();
     assert_eq!(info.versions[0].status.positions["events/0"], 2);
     assert_eq!(info.versions[0].status.events_applied, 2);
+    // Nothing serves and nothing else runs: waiting for it fails at once, naming why.
+    let waited = engine.wait_caught_up("sums", Duration::from_secs(60));
+    assert!(
+        matches!(&waited, Err(ViewError::VersionFailed { version: 1, reason, .. }) if reason.contains("not valid JSON")),
+        "{waited:?}"
+    );
     engine.shutdown();
 }
 
@@ -865,7 +871,9 @@ fn a_step_whose_commit_fails_is_applied_again_after_a_restart() {
         kappa_views::ViewEngine::start(backend, config, vec![view]).unwrap()
     };
     let engine = start(true);
-    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
+    let Phase::Restarting { reason, .. } =
+        wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Restarting { .. }))
+    else {
         unreachable!()
     };
     assert!(reason.contains("refused append"), "{reason}");
@@ -1530,7 +1538,9 @@ fn a_version_failed_by_a_transient_error_starts_again_by_itself() {
     let config = kappa_views::EngineConfig::new(fixture.views_dir());
     let view = View::reducer("constant", 1, &[TOPIC], Constant);
     let engine = kappa_views::ViewEngine::start(backend.clone(), config, vec![view]).unwrap();
-    let Phase::Failed(reason) = wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Failed(_))) else {
+    let Phase::Restarting { reason, .. } =
+        wait_for_phase(&engine, "constant", |p| matches!(p, Phase::Restarting { .. }))
+    else {
         unreachable!()
     };
     assert!(reason.contains("refused append"), "{reason}");
@@ -1581,5 +1591,262 @@ fn a_serving_version_whose_state_was_deleted_serves_again_only_once_rebuilt() {
     wait_caught_up(&engine, "sums");
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 1, "total": 2}))]));
     assert_eq!(engine.describe("sums").unwrap().active, Some(1));
+    engine.shutdown();
+}
+
+/// A log on a simulated file system whose capacity a test sets (a full disk refuses writes
+/// with ENOSPC, as a real one does), holding the topic `TOPIC` with one partition.
+fn full_disk_log(fs: &kappa_log::io::sim::SimFs, sync_policy: kappa_log::SyncPolicy) -> Arc<kappa_log::Log> {
+    use kappa_log::io::Storage;
+    fs.create_dir_all(std::path::Path::new("/data")).unwrap();
+    fs.sync_dir(std::path::Path::new("/")).unwrap();
+    let options = kappa_log::LogOptions { fs: Arc::new(fs.clone()), sync_policy, ..Default::default() };
+    let log = Arc::new(kappa_log::Log::open(std::path::Path::new("/data"), options).unwrap().0);
+    log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    log
+}
+
+fn batch(records: Vec<kappa_log::records::NewRecord>) -> Vec<u8> {
+    let mut builder = kappa_log::records::BatchBuilder::new();
+    for record in records {
+        builder.push(record);
+    }
+    builder.build()
+}
+
+/// The serving version's step is refused by a full disk (its changelog append gets ENOSPC):
+/// while it pauses before starting again by itself, its status says restarting, with the
+/// reason and when it tries again, and waiting for the view to catch up keeps waiting
+/// instead of failing; once there is room it catches up.
+#[test]
+fn waiting_for_a_view_waits_through_its_restart_after_a_full_disk() {
+    let fs = kappa_log::io::sim::SimFs::new();
+    let log = full_disk_log(&fs, kappa_log::SyncPolicy::EveryAppend);
+    let views = tempfile::tempdir().unwrap();
+    log.partition(TOPIC, 0).unwrap().append(batch(vec![event("k1", Some(json!({"n": 1})), None, None, 1)])).unwrap();
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(log.clone()));
+    let config = kappa_views::EngineConfig::new(views.path());
+    let engine = kappa_views::ViewEngine::start(backend, config, vec![sum_view(1, 1)]).unwrap();
+    wait_caught_up(&engine, "sums");
+
+    // Room for the next input batch, and none for the step's changelog batch.
+    let input = batch(vec![event("k1", Some(json!({"n": 2})), None, None, 2)]);
+    fs.set_capacity(Some(fs.used_bytes() + input.len() as u64));
+    let full_since = std::time::SystemTime::now();
+    log.partition(TOPIC, 0).unwrap().append(input).unwrap();
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Live | Phase::Building | Phase::Restoring));
+    let Phase::Restarting { reason, retry_at } = phase else {
+        panic!("a full disk stops the version only until it starts again, but its status says {phase:?}")
+    };
+    assert!(reason.contains("os error 28"), "the reason names the full disk: {reason}");
+    assert!(retry_at > full_since, "it starts again after the failure: {retry_at:?}");
+    // The pause is at least RESTART_PAUSE_MIN (1 s); this looks once, within it or after.
+    let waited = engine.wait_caught_up("sums", Duration::ZERO);
+    assert!(matches!(waited, Ok(false)), "waiting for a restarting version does not fail: {waited:?}");
+
+    let waiter = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.wait_caught_up("sums", Duration::from_secs(60)))
+    };
+    fs.set_capacity(None);
+    assert!(waiter.join().unwrap().unwrap(), "the view did not catch up within 60 s of the disk having room");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 2, "total": 3}))]));
+    engine.shutdown();
+}
+
+/// Under `--sync interval:<ms>` dead letters are made durable as the changelog is, by the
+/// checkpoints (before the store), not one fsync each: a rebuild dead-lettering many events
+/// syncs fewer times than it dead-letters, and once the store records that the version
+/// caught up (a durable checkpoint) every dead letter is durable.
+#[test]
+fn under_the_interval_sync_policy_dead_letters_are_synced_by_checkpoints_not_one_by_one() {
+    const BAD: usize = 50;
+    let fs = kappa_log::io::sim::SimFs::new();
+    // No interval sync runs in this test: only what the engine syncs is durable.
+    let log = full_disk_log(&fs, kappa_log::SyncPolicy::IntervalMs(3_600_000));
+    for i in 0..BAD as i64 {
+        let bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"{not json"), i);
+        log.partition(TOPIC, 0)
+            .unwrap()
+            .append(batch(vec![event("k1", Some(json!({"n": 1})), None, None, i), bad]))
+            .unwrap();
+    }
+    let views = tempfile::tempdir().unwrap();
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(log.clone()));
+    let syncs_before = fs.stats().sync_data;
+    let engine = kappa_views::ViewEngine::start(
+        backend,
+        kappa_views::EngineConfig::new(views.path()),
+        vec![sum_view(1, 1).dead_letter("sums-dlq")],
+    )
+    .unwrap();
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    let syncs = fs.stats().sync_data - syncs_before;
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": BAD, "total": BAD}))]));
+    let dlq = log.partition("sums-dlq", 0).unwrap();
+    assert_eq!(dlq.log_end_offset(), BAD as i64, "one dead letter per malformed event");
+    assert!(syncs < BAD as u64, "{syncs} fsyncs for {BAD} dead letters: they are synced one by one");
+    assert_eq!(dlq.durable_offset(), BAD as i64, "the dead letters are durable once the store says caught up");
+    engine.shutdown();
+}
+
+/// A new version switches reads to itself when it first catches up, then records that it
+/// caught up. An operator's rollback made in between must stick even when the record is
+/// lost (a crash before it is durable; a full disk failing the step after it), though the
+/// version then catches up again as if for the first time.
+#[test]
+fn a_rollback_made_before_the_new_version_recorded_catching_up_sticks() {
+    let fixture = Fixture::new(1);
+    let events: Vec<(String, Option<i64>)> = (0..100).map(|i| (format!("k{}", i % 5), Some(i))).collect();
+    write_events(&fixture, 1, &events, 20);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    assert_eq!(engine.describe("sums").unwrap().active, Some(2));
+    engine.switch("sums", 1, false).unwrap();
+    engine.shutdown();
+
+    // What a crash between the switch to version 2 and its durable caught-up record leaves
+    // (a clean shutdown makes the record durable, so it is taken back here).
+    let store = kappa_views::store::Store::open(&fixture.views_dir().join("sums/v2")).unwrap();
+    let progress = kappa_views::store::Progress { caught_up: false, ..store.progress().unwrap() };
+    store.commit(&[], &progress, redb::Durability::Immediate).unwrap();
+    drop(store);
+
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    // Live once it caught up again, after its switch on catching up was decided.
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    assert_eq!(engine.describe("sums").unwrap().active, Some(1), "the rollback to version 1 was undone");
+    assert_eq!(dump(&engine, "sums"), reference(&events, 1));
+    // A later explicit switch forward still works.
+    engine.switch("sums", 2, false).unwrap();
+    assert_eq!(dump(&engine, "sums"), reference(&events, 10));
+    engine.shutdown();
+}
+
+/// An input topic deleted and created again (a new topic id; offsets start at 0 again)
+/// while the server was stopped: the version stops with an error naming the topic instead
+/// of applying the new topic's records from the offsets it reached in the old one.
+#[test]
+fn an_input_topic_created_again_stops_the_view_with_an_error_naming_it() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    let before = BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]);
+
+    fixture.log.delete_topic(TOPIC).unwrap();
+    fixture.log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    fixture.append(0, (0..8).map(|i| event("k1", Some(json!({"n": 100})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Building | Phase::Restoring));
+    let Phase::Failed(reason) = &phase else { panic!("the view went on with the new topic: {phase:?}") };
+    assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
+    assert_eq!(dump(&engine, "sums"), before, "nothing of the new topic is applied");
+    let waited = engine.wait_caught_up("sums", Duration::from_secs(60));
+    assert!(matches!(waited, Err(ViewError::VersionFailed { .. })), "{waited:?}");
+    engine.shutdown();
+}
+
+/// The embedded log, except that once `swapped` is set the input topic's name leads to
+/// another topic (`RECREATED`): an input topic deleted and created again between two looks
+/// of a running view, with no moment without it.
+struct Swapped {
+    log: kappa_views::EmbeddedLog,
+    swapped: AtomicBool,
+}
+
+const RECREATED: &str = "events-recreated";
+
+impl Swapped {
+    fn name<'a>(&self, topic: &'a str) -> &'a str {
+        if topic == TOPIC && self.swapped.load(Ordering::Acquire) { RECREATED } else { topic }
+    }
+}
+
+impl kappa_views::LogBackend for Swapped {
+    fn partition_count(&self, topic: &str) -> kappa_views::Result<i32> {
+        self.log.partition_count(self.name(topic))
+    }
+    fn topic_id(&self, topic: &str) -> kappa_views::Result<Option<kappa_views::backend::TopicId>> {
+        self.log.topic_id(self.name(topic))
+    }
+    fn read_committed(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        max_bytes: usize,
+    ) -> kappa_views::Result<kappa_views::backend::InputChunk> {
+        self.log.read_committed(self.name(topic), partition, from, max_bytes)
+    }
+    fn start_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.start_offset(self.name(topic), partition)
+    }
+    fn end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.end_offset(self.name(topic), partition)
+    }
+    fn offset_for_timestamp(&self, topic: &str, partition: i32, timestamp: i64) -> kappa_views::Result<Option<i64>> {
+        self.log.offset_for_timestamp(self.name(topic), partition, timestamp)
+    }
+    fn wait_for_input(&self, inputs: &[(&str, i32, i64)], timeout: Duration) -> kappa_views::Result<()> {
+        let inputs: Vec<_> = inputs.iter().map(|(t, p, o)| (self.name(t), *p, *o)).collect();
+        self.log.wait_for_input(&inputs, timeout)
+    }
+    fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        configs: &BTreeMap<String, String>,
+    ) -> kappa_views::Result<()> {
+        self.log.ensure_topic(topic, partitions, configs)
+    }
+    fn delete_topic(&self, topic: &str) -> kappa_views::Result<()> {
+        self.log.delete_topic(topic)
+    }
+    fn append(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: Vec<kappa_views::backend::OutputRecord>,
+    ) -> kappa_views::Result<(i64, i64)> {
+        self.log.append(topic, partition, records)
+    }
+    fn wait_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        self.log.wait_durable(topic, partition, offset)
+    }
+    fn make_durable(&self, topic: &str, partition: i32, offset: i64) -> kappa_views::Result<()> {
+        self.log.make_durable(topic, partition, offset)
+    }
+    fn durable_end_offset(&self, topic: &str, partition: i32) -> kappa_views::Result<i64> {
+        self.log.durable_end_offset(topic, partition)
+    }
+}
+
+/// A running view whose input topic is created again (more records than the view had
+/// applied, so its old position is inside the new topic) stops with the named error.
+#[test]
+fn a_running_view_stops_when_its_input_topic_is_created_again() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    fixture.log.create_topic(RECREATED, 1, &BTreeMap::new()).unwrap();
+    let mut builder = kappa_log::records::BatchBuilder::new();
+    for i in 0..8 {
+        builder.push(event("k1", Some(json!({"n": 100})), None, None, i));
+    }
+    fixture.log.partition(RECREATED, 0).unwrap().append(builder.build()).unwrap();
+    let backend =
+        Arc::new(Swapped { log: kappa_views::EmbeddedLog::new(fixture.log.clone()), swapped: AtomicBool::new(false) });
+    let config = kappa_views::EngineConfig::new(fixture.views_dir());
+    let engine = kappa_views::ViewEngine::start(backend.clone(), config, vec![sum_view(1, 1)]).unwrap();
+    wait_for_phase(&engine, "sums", |p| *p == Phase::Live);
+    backend.swapped.store(true, Ordering::Release);
+    let phase = wait_for_phase(&engine, "sums", |p| *p != Phase::Live);
+    let Phase::Failed(reason) = &phase else { panic!("{phase:?}") };
+    assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]));
     engine.shutdown();
 }
