@@ -62,6 +62,10 @@ pub enum LogError {
     DeleteRecordsPolicy { topic: String, partition: i32 },
     #[error("the log is closed")]
     Closed,
+    #[error(
+        "cannot make offset {offset} durable: the partition's records end at {written} (was the topic deleted and created again?)"
+    )]
+    NotWritten { offset: i64, written: i64 },
     #[error("the partition ended at offset {actual}, not {expected}: another append came first; check again and retry")]
     EndMoved { expected: i64, actual: i64 },
 }

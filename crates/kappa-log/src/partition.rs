@@ -576,6 +576,10 @@ impl Partition {
     /// Group commit up to `offset`: leads an fdatasync or waits for the one in flight.
     fn sync_through(&self, offset: i64) -> Result<()> {
         let mut sync = self.lock_sync();
+        // No fsync reaches what was never written: waiting for it would loop for good.
+        if offset > sync.written_offset {
+            return Err(LogError::NotWritten { offset, written: sync.written_offset });
+        }
         loop {
             // An offset below `synced_offset` was made durable by an fsync that succeeded
             // before any failed (finish_sync advances nothing once the directory is

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use kappa_log::LogError;
 use redb::Durability;
 
 use crate::backend::{InputChunk, InputRecord, LogBackend, OutputRecord, TopicId};
@@ -1133,7 +1134,20 @@ pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) 
 fn outputs_durable(backend: &dyn LogBackend, shared: &VersionShared, changelog_next: i64) -> Result<()> {
     let dead_letters = shared.dead_letters.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (topic, end) in dead_letters {
-        backend.make_durable(&topic, 0, end)?;
+        match backend.make_durable(&topic, 0, end) {
+            Ok(()) => {}
+            // Deleted since, or deleted and created again (its records end before `end`):
+            // those dead letters are gone with it, and waiting for them would never end.
+            Err(ViewError::Log(e @ (LogError::UnknownTopic(_) | LogError::NotWritten { .. }))) => {
+                tracing::warn!(view = %shared.view, version = shared.version, %topic, error = %e, "the dead-letter topic was deleted; the dead letters written to it before are gone with it");
+            }
+            Err(e) => return Err(e),
+        }
+        // Durable (or gone): forgotten unless more were appended meanwhile.
+        let mut appended = shared.dead_letters.lock().unwrap_or_else(|e| e.into_inner());
+        if appended.get(&topic) == Some(&end) {
+            appended.remove(&topic);
+        }
     }
     if changelog_next > 0 { backend.make_durable(&shared.changelog_topic, 0, changelog_next) } else { Ok(()) }
 }

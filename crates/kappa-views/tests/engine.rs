@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kappa_views::{AsOf, Event, EventError, Phase, Processor, Reducer, Schemas, StateAccess, View, ViewError};
+use kappa_views::{
+    AsOf, EngineConfig, Event, EventError, Phase, Processor, Reducer, Schemas, StateAccess, View, ViewEngine, ViewError,
+};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -1688,6 +1690,41 @@ fn under_the_interval_sync_policy_dead_letters_are_synced_by_checkpoints_not_one
     assert!(syncs < BAD as u64, "{syncs} fsyncs for {BAD} dead letters: they are synced one by one");
     assert_eq!(dlq.durable_offset(), BAD as i64, "the dead letters are durable once the store says caught up");
     engine.shutdown();
+}
+
+/// A dead-letter topic deleted and created again (holding fewer records) before the next
+/// checkpoint: the checkpoint made the old end durable on the new topic, an fsync loop that
+/// never ended (the view froze, shutdown hung). Those dead letters are gone with the old
+/// topic; the checkpoint goes on, and the view with it.
+#[test]
+fn a_dead_letter_topic_deleted_and_created_again_does_not_stop_the_view() {
+    let fixture = Fixture::new(1);
+    let config =
+        EngineConfig { checkpoint_interval: Duration::from_secs(3_600), ..EngineConfig::new(fixture.views_dir()) };
+    let backend = Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
+    let engine = ViewEngine::start(backend, config, vec![sum_view(1, 1).dead_letter("sums-dlq")]).unwrap();
+    wait_caught_up(&engine, "sums");
+    for i in 0..3 {
+        fixture.append(0, vec![kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"{not json"), i)]);
+    }
+    let started = Instant::now();
+    while fixture.log.partition("sums-dlq", 0).map_or(0, |p| p.log_end_offset()) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the dead letters were not written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fixture.log.delete_topic("sums-dlq").unwrap();
+    fixture.log.create_topic("sums-dlq", 1, &BTreeMap::new()).unwrap();
+    let one = kappa_log::records::NewRecord::new(Some(b"x"), Some(b"1"), 0);
+    fixture.log.partition("sums-dlq", 0).unwrap().append(batch(vec![one])).unwrap();
+    fixture.append(0, vec![event("k1", Some(json!({"n": 4})), None, None, 10)]);
+    wait_applied(&engine, "sums", 1, 1);
+    // The final checkpoint makes the dead letters durable: it must end.
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        engine.shutdown();
+        let _ = done_tx.send(());
+    });
+    assert!(done.recv_timeout(Duration::from_secs(30)).is_ok(), "shutdown hung in the checkpoint");
 }
 
 /// A new version switches reads to itself when it first catches up, then records that it

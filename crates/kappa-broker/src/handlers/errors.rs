@@ -84,8 +84,9 @@ pub fn log_code(error: &LogError) -> i16 {
         LogError::Poisoned { .. } | LogError::Io { .. } | LogError::Corrupt { .. } | LogError::Closed => {
             KAFKA_STORAGE_ERROR
         }
-        // Only HTTP produce appends conditionally; a Kafka request never sees this.
-        LogError::EndMoved { .. } => -1, // UNKNOWN_SERVER_ERROR
+        // Only HTTP produce appends conditionally, and only the view engine makes a chosen
+        // offset durable; a Kafka request never sees these.
+        LogError::EndMoved { .. } | LogError::NotWritten { .. } => -1, // UNKNOWN_SERVER_ERROR
     }
 }
 
