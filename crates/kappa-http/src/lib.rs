@@ -481,10 +481,11 @@ impl tokio::io::AsyncWrite for LimitedStream {
     }
 }
 
-/// 200 `ok`; 503 `failed` when the log refuses writes, or `degraded` while a view version
-/// has stopped or waits to restart (it no longer follows its inputs, and a serving one
-/// answers from where it stopped): the views that stopped, with why, as work mode's `/health`
-/// lists its failed partitions.
+/// 200 `ok`; 503 `failed` when the log refuses writes; `degraded` listing every view version
+/// that stopped or waits to restart, with why — 503 when one of them serves reads (it
+/// answers from where it stopped), else 200: a version still building that failed must not
+/// make a liveness probe restart a server whose reads are fine (a restart would only fail
+/// it again). Work mode's `/health` lists its failed partitions the same way.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if let Err(e) = state.log.health().check() {
         let body = serde_json::json!({"status": "failed", "reason": e.to_string()});
@@ -506,7 +507,9 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if failed.is_empty() {
         return (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"})));
     }
-    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "degraded", "views_failed": failed})))
+    let serving_stopped = failed.iter().any(|v| v["serving"] == true);
+    let code = if serving_stopped { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, axum::Json(serde_json::json!({"status": "degraded", "views_failed": failed})))
 }
 
 async fn not_found() -> ApiError {

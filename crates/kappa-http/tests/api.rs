@@ -59,6 +59,48 @@ fn a_stopped_view_makes_health_degraded_and_its_status_failed() {
     );
 }
 
+/// Fails at the record keyed `boom`: a new version that cannot be built.
+struct FailsAtBoom;
+
+impl kappa_views::Reducer for FailsAtBoom {
+    type State = Value;
+
+    fn key(&self, event: &kappa_views::Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<Value>, event: &kappa_views::Event) -> Result<Option<Value>, kappa_views::EventError> {
+        match event.key_str() {
+            Some("boom") => Err(kappa_views::EventError::new("boom")),
+            _ => Ok(Some(json!(1))),
+        }
+    }
+}
+
+/// A version that does not serve (a rebuild) and stopped is listed, but `/health` stays 200:
+/// the reads are fine, and a liveness probe restarting the server would only stop it again.
+#[test]
+fn a_stopped_version_that_does_not_serve_leaves_health_200_and_degraded() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "boom", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let dir = kappa.stop();
+    let rebuild = kappa_views::View::reducer("latest", 2, &[TOPIC], FailsAtBoom);
+    let kappa = Kappa::start_in(dir, vec![latest(1), rebuild], HttpConfig::default());
+    let started = Instant::now();
+    let body = loop {
+        let (status, body) = kappa.get("/health");
+        if body["status"] == "degraded" {
+            assert_eq!(status, 200, "{body}");
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "v2 never stopped: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let failed = &body["views_failed"][0];
+    assert_eq!((failed["version"].as_u64(), failed["serving"].as_bool()), (Some(2), Some(false)), "{body}");
+}
+
 #[test]
 fn health_metrics_and_errors_are_json_with_stable_codes() {
     let kappa = started();

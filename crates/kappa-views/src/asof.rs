@@ -75,7 +75,9 @@ fn check_offsets_name_inputs(
         inputs.push((topic, count));
     }
     let is_input = |key: &str| {
-        inputs.iter().any(|(topic, count)| (0..*count).any(|partition| position_key(topic, partition) == key))
+        let Some((topic, partition)) = key.rsplit_once('/') else { return false };
+        let Ok(partition) = partition.parse::<i32>() else { return false };
+        inputs.iter().any(|(input, count)| *input == topic && (0..*count).contains(&partition))
     };
     let unknown: Vec<&str> = offsets.keys().map(String::as_str).filter(|key| !is_input(key)).collect();
     if unknown.is_empty() {
