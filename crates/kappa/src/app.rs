@@ -13,13 +13,16 @@ use kappa_coordinator::TxnConfig;
 use kappa_log::{Log, LogError, LogOptions};
 use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
 
-use crate::cli::ServerArgs;
+use crate::cli::{BadInput, ServerArgs};
 use crate::settings::{ServeArgs, Settings};
 
 /// Where view state lives inside the data directory.
 pub const VIEWS_DIR: &str = "views";
 /// Held (flock) while a process uses a data directory.
 const LOCK_FILE: &str = ".lock";
+/// The log's topics, which every data directory `kappa serve` opened has (docs/format.md,
+/// "Directory layout"): what tells a data directory from any other directory.
+const TOPICS_DIR: &str = "topics";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -422,6 +425,7 @@ impl App {
         run: bool,
         f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        check_data_dir(data_dir)?;
         let _lock = lock_data_dir(data_dir)?;
         let log = Arc::new(
             Log::open(data_dir, LogOptions::default())
@@ -513,6 +517,26 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
     }
     out.flush()?;
     Ok(())
+}
+
+/// Refuses, creating nothing, a directory an offline command must not open: one that does
+/// not exist (a typo'd --data-dir would otherwise become an empty data directory) or that
+/// holds no kappa data. Only `serve` creates a data directory.
+fn check_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    let shown = data_dir.display();
+    let hint = "give the directory `kappa serve` ran on (--data-dir or KAPPA_DATA_DIR); `kappa serve` creates a \
+                data directory, the offline commands only read one";
+    match std::fs::metadata(data_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(BadInput(format!("data directory {shown} does not exist; {hint}")).into())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading data directory {shown}")),
+        Ok(meta) if !meta.is_dir() => Err(BadInput(format!("{shown} is not a directory; {hint}")).into()),
+        Ok(_) if !data_dir.join(TOPICS_DIR).is_dir() => {
+            Err(BadInput(format!("{shown} holds no kappa data (it has no {TOPICS_DIR}/ directory); {hint}")).into())
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Takes the data directory's lock for the life of the process: two processes on one

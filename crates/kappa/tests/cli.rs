@@ -615,3 +615,48 @@ fn produce_sizes_requests_as_sent_and_refuses_endless_lines() {
     let endless = "x".repeat(8 * 1024 * 1024 + 10);
     fails(&server, &["produce", "escaped"], &endless, 2, "line 1: longer than 8388608 bytes");
 }
+
+/// The offline view commands read a stopped server's data directory. A path that is not one
+/// (a typo'd `--data-dir`) is refused with exit 2, saying what is wrong and that `serve`
+/// creates data directories, and nothing is created there.
+#[test]
+fn offline_commands_refuse_a_directory_that_is_not_a_data_directory_and_create_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let missing = temp.path().join("typo");
+    let empty = temp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let offline = |args: &[&str], dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_kappa"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .env_remove("KAPPA_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let commands: [&[&str]; 3] =
+        [&["view", "list"], &["view", "get", "channel_stats", "c1"], &["view", "dump", "channel_stats"]];
+    for (dir, said) in [(&missing, "does not exist"), (&empty, "holds no kappa data")] {
+        for command in commands {
+            let out = offline(command, dir);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "kappa {command:?} --data-dir {}: {stderr}", dir.display());
+            assert!(
+                stderr.contains(said) && stderr.contains("`kappa serve` creates"),
+                "kappa {command:?} --data-dir {}: {stderr}",
+                dir.display()
+            );
+            assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    assert!(!missing.exists(), "a refused command created {}", missing.display());
+    let created: Vec<_> = std::fs::read_dir(&empty).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(created.is_empty(), "a refused command created {created:?}");
+
+    // A stopped server's data directory is one.
+    let data = temp.path().join("data");
+    let mut server = Server::start_in(&data, &[]);
+    server.stop();
+    let out = offline(&["view", "list"], &data);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
