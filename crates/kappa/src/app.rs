@@ -13,7 +13,7 @@ use kappa_coordinator::TxnConfig;
 use kappa_log::{Log, LogError, LogOptions};
 use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
 
-use crate::cli::{BadInput, ServerArgs};
+use crate::cli::{BadInput, ServerArgs, outln};
 use crate::settings::{ServeArgs, Settings};
 
 /// Where view state lives inside the data directory.
@@ -243,6 +243,10 @@ impl App {
             }
         };
         if let Err(error) = result {
+            // Stdout closed (`| head`): the reader has what it wanted; end quietly.
+            if crate::cli::output_closed(&error) {
+                return Ok(());
+            }
             eprintln!("error: {error:#}");
             std::process::exit(crate::cli::exit_code(&error));
         }
@@ -374,7 +378,7 @@ impl App {
             ViewCommand::List(Target { data_dir: Some(dir), .. }) => self.offline(&dir, false, |engine| {
                 for view in engine.list() {
                     for version in &view.versions {
-                        println!(
+                        outln!(
                             "{}\tv{}\t{}{}\tevents={}\tlag={}",
                             view.name,
                             version.version,
@@ -382,7 +386,7 @@ impl App {
                             if version.serving { " (serving)" } else { "" },
                             version.status.events_applied,
                             version.status.lag()
-                        );
+                        )?;
                     }
                 }
                 Ok(())
@@ -393,18 +397,12 @@ impl App {
                         let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
                         let result = engine.as_of(&view, None, &at, Some(&key))?;
                         match result.values.first() {
-                            Some((_, json)) => {
-                                println!("{}", String::from_utf8_lossy(json));
-                                Ok(())
-                            }
+                            Some((_, json)) => outln!("{}", String::from_utf8_lossy(json)),
                             None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
                         }
                     }
                     None => match engine.get(&view, &key)?.value {
-                        Some(item) => {
-                            println!("{}", String::from_utf8_lossy(&item.json));
-                            Ok(())
-                        }
+                        Some(item) => outln!("{}", String::from_utf8_lossy(&item.json)),
                         None => bail!("view {view} has no key '{key}'"),
                     },
                 })
@@ -484,8 +482,7 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut line = |key: &str, json: &[u8]| -> anyhow::Result<()> {
         let value: serde_json::Value = serde_json::from_slice(json).context("a stored view value is not JSON")?;
-        writeln!(out, "{}", serde_json::json!({"key": key, "value": value}))?;
-        Ok(())
+        writeln!(out, "{}", serde_json::json!({"key": key, "value": value})).map_err(crate::cli::stdout_error)
     };
     match source {
         DumpSource::Store => {
@@ -515,8 +512,7 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
             );
         }
     }
-    out.flush()?;
-    Ok(())
+    out.flush().map_err(crate::cli::stdout_error)
 }
 
 /// Refuses, creating nothing, a directory an offline command must not open: one that does

@@ -5,8 +5,13 @@
 //! usage or input (clap's usage errors, HTTP 400), 3 conflict (HTTP 409: an expected
 //! offset that does not match, a topic that exists, a group with active members), 4 not
 //! found (HTTP 404: unknown topic, partition, group or view), 5 the server is unreachable.
+//!
+//! Output goes through [`outln!`] (or [`reportln!`]): a closed pipe (`kappa topic list |
+//! head -1`) ends a command quietly with exit 0, as `kappa consume` always did, instead of
+//! the panic `println!` gives. The process keeps ignoring SIGPIPE (Rust's default, which
+//! `serve` and `work` rely on for their sockets); the write's EPIPE is what ends the output.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use clap::Args;
 use serde_json::Value;
@@ -40,8 +45,65 @@ pub struct ApiFailure {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
-/// The exit code for an error from any command.
+/// Standard output was closed (its reader left, as `| head -1` does): the command ends
+/// quietly, exit 0 (see [`exit_code`]).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct OutputClosed;
+
+/// A failed write to stdout as an error: a closed pipe is [`OutputClosed`].
+pub fn stdout_error(error: std::io::Error) -> anyhow::Error {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        return OutputClosed.into();
+    }
+    anyhow::Error::new(error).context("writing to stdout")
+}
+
+/// Whether `error` is (or was caused by) stdout closing.
+pub fn output_closed(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<OutputClosed>().is_some()
+}
+
+/// Writes one line of a command's output; [`outln!`] calls it. Each line is flushed as it
+/// is written (stdout is line-buffered), so a closed pipe shows at the next line.
+pub fn print_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(line).and_then(|()| out.write_all(b"\n")).map_err(stdout_error)
+}
+
+/// A line reporting what a command did while it goes on doing more (a produce's offsets, a
+/// reset's plan); [`reportln!`] calls it. A closed pipe drops the line and lets the command
+/// finish its work: the records or offsets the user asked to write are written.
+pub fn report_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    match print_line(line) {
+        Err(e) if output_closed(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// `println!` for command output: `outln!(...)?` ends the command quietly (exit 0) once
+/// stdout is closed.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
+/// `println!` for a line about work that goes on (see [`report_line`]).
+macro_rules! reportln {
+    ($($arg:tt)*) => {
+        $crate::cli::report_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use reportln;
+
+/// The exit code for an error from any command (0 for [`OutputClosed`], which `App::main`
+/// does not print).
 pub fn exit_code(error: &anyhow::Error) -> i32 {
+    if output_closed(error) {
+        return 0;
+    }
     if let Some(failure) = error.downcast_ref::<ApiFailure>() {
         return match failure.status {
             400 | 413 | 416 | 422 => EXIT_USAGE,
@@ -160,6 +222,10 @@ mod tests {
         // Context added on the way up keeps the code.
         assert_eq!(exit_code(&api(409).context("producing")), EXIT_CONFLICT);
         assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_ERROR);
+        // A closed stdout ends a command quietly, with context or without.
+        let closed = stdout_error(std::io::ErrorKind::BrokenPipe.into());
+        assert_eq!(exit_code(&closed.context("listing topics")), 0);
+        assert_eq!(exit_code(&stdout_error(std::io::ErrorKind::StorageFull.into())), EXIT_ERROR);
     }
 
     #[test]

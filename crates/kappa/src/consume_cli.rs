@@ -12,11 +12,10 @@ use std::io::{IsTerminal, Write};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::cli::{ApiFailure, BadInput, Progress, ServerArgs, call, encode, topic_offsets};
+use crate::cli::{ApiFailure, BadInput, Progress, ServerArgs, call, encode, stdout_error, topic_offsets};
 
 /// Partitions one run reads (a thread each); more needs --partition.
 pub const PARTITIONS_MAX: usize = 256;
@@ -280,13 +279,10 @@ fn print_records(args: &ConsumeArgs, rx: mpsc::Receiver<Message>, mut readers: u
     Ok(())
 }
 
-/// A closed pipe (`kappa consume t | head`) ends the run quietly, committing nothing more;
-/// any other write error is an error.
+/// A closed pipe (`kappa consume t | head`) ends the run quietly (`OutputClosed`, exit 0),
+/// committing nothing more; any other write error is an error.
 fn reader_gone(e: std::io::Error) -> anyhow::Result<()> {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        return Ok(());
-    }
-    Err(e).context("writing to stdout")
+    Err(stdout_error(e))
 }
 
 fn write_record(out: &mut impl Write, args: &ConsumeArgs, partition: i32, record: &Value) -> std::io::Result<()> {

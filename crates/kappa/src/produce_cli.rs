@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::cli::{BadInput, Progress, ServerArgs, encode, expect_ok};
+use crate::cli::{BadInput, Progress, ServerArgs, encode, expect_ok, reportln};
 use crate::http_client;
 
 /// Records per produce request.
@@ -274,7 +274,8 @@ impl<'a> Sender<'a> {
             expect_ok(http_client::request(&self.args.server.server, "POST", &self.path, Some(&body))?, &what)?;
         if self.args.print_offsets {
             for o in answer["offsets"].as_array().into_iter().flatten() {
-                println!("{}\t{}", o["partition"], o["offset"]);
+                // A closed stdout drops the offsets, not the records still to send.
+                reportln!("{}\t{}", o["partition"], o["offset"])?;
             }
         }
         self.written += n;

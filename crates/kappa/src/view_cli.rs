@@ -8,7 +8,7 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::{encode, expect_ok};
+use crate::cli::{encode, expect_ok, outln};
 use crate::http_client;
 
 /// How often `view status` polls while following a rebuild.
@@ -32,7 +32,7 @@ pub fn list(server: &str) -> anyhow::Result<()> {
     let views = expect_ok(http_client::request(server, "GET", "/v1/views", None)?, "listing views")?;
     for view in views["views"].as_array().into_iter().flatten() {
         for version in view["versions"].as_array().into_iter().flatten() {
-            println!("{}", version_line(view["name"].as_str().unwrap_or("?"), version));
+            outln!("{}", version_line(view["name"].as_str().unwrap_or("?"), version))?;
         }
     }
     Ok(())
@@ -44,23 +44,20 @@ pub fn get(server: &str, view: &str, key: &str, as_of: Option<&str>) -> anyhow::
         path.push_str(&format!("?as_of={}", encode(at)));
     }
     let answer = expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading {view}/{key}"))?;
-    println!("{}", answer["value"]);
-    Ok(())
+    outln!("{}", answer["value"])
 }
 
 pub fn switch(server: &str, view: &str, version: u32, force: bool) -> anyhow::Result<()> {
     let body = serde_json::json!({"version": version, "force": force}).to_string();
     let path = format!("/v1/views/{}/switch", encode(view));
     expect_ok(http_client::request(server, "POST", &path, Some(&body))?, &format!("switching {view} to v{version}"))?;
-    println!("{view}: version {version} serves reads");
-    Ok(())
+    outln!("{view}: version {version} serves reads")
 }
 
 pub fn retire(server: &str, view: &str, version: u32) -> anyhow::Result<()> {
     let path = format!("/v1/views/{}/versions/{version}", encode(view));
     expect_ok(http_client::request(server, "DELETE", &path, None)?, &format!("retiring {view} v{version}"))?;
-    println!("{view}: version {version} retired");
-    Ok(())
+    outln!("{view}: version {version} retired")
 }
 
 pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) -> anyhow::Result<()> {
@@ -108,7 +105,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
     };
     let info = fetch()?;
     for version in info["versions"].as_array().into_iter().flatten() {
-        println!("{}", version_line(view, version));
+        outln!("{}", version_line(view, version))?;
     }
     let building = |info: &Value| -> Option<Value> {
         info["versions"].as_array().into_iter().flatten().find(|v| v["status"] == "building").cloned()
@@ -134,7 +131,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
         let Some(version) = building(&info) else {
             bar.finish_with_message("caught up");
             if !terminal {
-                println!("{view}: caught up");
+                outln!("{view}: caught up")?;
             }
             return Ok(());
         };
@@ -146,7 +143,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
         bar.set_position(applied);
         bar.set_message(message.clone());
         if !terminal {
-            println!("{view} v{}: {applied}/{} events, {message}", version["version"], total(&version));
+            outln!("{view} v{}: {applied}/{} events, {message}", version["version"], total(&version))?;
         }
         std::thread::sleep(STATUS_POLL);
     }

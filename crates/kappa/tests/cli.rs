@@ -660,3 +660,54 @@ fn offline_commands_refuse_a_directory_that_is_not_a_data_directory_and_create_n
     let out = offline(&["view", "list"], &data);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Runs `kappa <args>` with stdout a pipe whose reader is gone (as after `| head -1` took
+/// its line): every write fails with EPIPE. The command must end quietly with exit 0.
+fn into_closed_pipe(server: &Server, args: &[&str], stdin: &str) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(args)
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .stdin(Stdio::piped())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kappa");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(0) && !stderr.contains("panicked") && !stderr.contains("error"),
+        "kappa {args:?} into a closed pipe: {} {stderr}",
+        out.status
+    );
+}
+
+/// `| head -1` closing stdout ends a command quietly (exit 0, no panic), and a command that
+/// writes something still writes all of it: its output is a report, not a confirmation.
+#[test]
+fn every_command_into_a_closed_pipe_ends_quietly_and_still_does_its_writes() {
+    let server = Server::start();
+    let topic = ["topic", "create", "piped", "--partitions", "2", "--config", "cleanup.policy=compact,delete"];
+    into_closed_pipe(&server, &topic, "");
+    into_closed_pipe(&server, &["topic", "list", "--internal"], "");
+    into_closed_pipe(&server, &["topic", "describe", "piped"], "");
+    into_closed_pipe(&server, &["topic", "describe", "piped", "--json"], "");
+    into_closed_pipe(&server, &["produce", "piped", "--key-separator", ":", "--print-offsets"], "a:1\nb:2\nc:3\n");
+    assert_eq!(end_offsets(&server, "piped").iter().sum::<i64>(), 3, "every record was written");
+    into_closed_pipe(&server, &["topic", "alter", "piped", "--set", "retention.ms=3600000", "--partitions", "3"], "");
+    let described = describe(&server, "piped");
+    assert_eq!(described["configs"]["retention.ms"], "3600000");
+    assert_eq!(described["partitions"].as_array().unwrap().len(), 3, "both changes were made: {described}");
+    let end = described["partitions"][0]["end_offset"].clone();
+    into_closed_pipe(&server, &["topic", "delete-records", "piped", "--before", "0=-1", "--yes"], "");
+    assert_eq!(describe(&server, "piped")["partitions"][0]["start_offset"], end);
+    into_closed_pipe(&server, &["consume", "piped", "--format", "json"], "");
+    into_closed_pipe(&server, &["group", "reset-offsets", "audit", "--topic", "piped", "--to-latest"], "");
+    assert_eq!(committed(&group(&server, "audit")).len(), 3, "the reset was committed");
+    into_closed_pipe(&server, &["group", "list"], "");
+    into_closed_pipe(&server, &["group", "describe", "audit"], "");
+    into_closed_pipe(&server, &["topic", "delete", "piped", "--yes"], "");
+    fails(&server, &["topic", "describe", "piped"], "", 4, "does not exist");
+}
