@@ -290,6 +290,14 @@ fn bad_produce_input_gets_a_clear_message_and_writes_nothing() {
         "line 2: not a JSON record",
     );
     fails(&server, &["produce", "events", "--format", "json"], "{\"key\":\"a\",\"valu\":1}\n", 2, "unknown field");
+    // No "value" is refused, not taken for a tombstone (on a compacted topic it deletes the key).
+    fails(
+        &server,
+        &["produce", "events", "--format", "json"],
+        "{\"key\":\"a\",\"value\":1}\n{\"key\":\"y\"}\n",
+        2,
+        "line 2: no \"value\"; send \"value\": null for a tombstone",
+    );
     fails(
         &server,
         &["produce", "events", "--key-separator", ":"],
