@@ -423,9 +423,14 @@ pub async fn produce(
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if (0..partition_count).contains(&p) => p,
             (Some(p), _) => {
-                return Err(ApiError::bad_request(
-                    "invalid_partition",
-                    format!("record {index}: topic {topic} has partitions 0..{partition_count}, not {p}"),
+                // As any other request naming a partition the topic lacks: 404.
+                let has = match partition_count {
+                    1 => "1 partition (0)".to_owned(),
+                    n => format!("{n} partitions (0 to {})", n - 1),
+                };
+                return Err(ApiError::not_found(
+                    "unknown_partition",
+                    format!("record {index}: topic {topic} has no partition {p}; it has {has}. Nothing was written"),
                 ));
             }
             (None, Some(key)) => default_partition(key.as_bytes(), partition_count),

@@ -45,6 +45,21 @@ pub struct ApiFailure {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// Something named on the command line does not exist, found before anything was sent
+/// (exit code 4, as the server's 404).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// A topic's partitions for people: "1 partition (0)", "4 partitions (0 to 3)".
+pub fn partitions_phrase(count: i32) -> String {
+    match count {
+        1 => "1 partition (0)".to_owned(),
+        n if n > 1 => format!("{n} partitions (0 to {})", n - 1),
+        _ => "no partitions".to_owned(),
+    }
+}
+
 /// Standard output was closed (its reader left, as `| head -1` does): the command ends
 /// quietly, exit 0 (see [`exit_code`]).
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +129,9 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
     }
     if error.downcast_ref::<BadInput>().is_some() {
         return EXIT_USAGE;
+    }
+    if error.downcast_ref::<NotFound>().is_some() {
+        return EXIT_NOT_FOUND;
     }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connect { .. } | ClientError::BadAddress(_)) => EXIT_UNREACHABLE,
@@ -216,6 +234,7 @@ mod tests {
         assert_eq!(exit_code(&api(409)), EXIT_CONFLICT);
         assert_eq!(exit_code(&api(503)), EXIT_ERROR);
         assert_eq!(exit_code(&BadInput("x".into()).into()), EXIT_USAGE);
+        assert_eq!(exit_code(&NotFound("x".into()).into()), EXIT_NOT_FOUND);
         let unreachable =
             ClientError::Connect { address: "x".into(), source: std::io::ErrorKind::ConnectionRefused.into() };
         assert_eq!(exit_code(&unreachable.into()), EXIT_UNREACHABLE);
@@ -226,6 +245,12 @@ mod tests {
         let closed = stdout_error(std::io::ErrorKind::BrokenPipe.into());
         assert_eq!(exit_code(&closed.context("listing topics")), 0);
         assert_eq!(exit_code(&stdout_error(std::io::ErrorKind::StorageFull.into())), EXIT_ERROR);
+    }
+
+    #[test]
+    fn partition_ranges_are_worded_for_people() {
+        assert_eq!(partitions_phrase(1), "1 partition (0)");
+        assert_eq!(partitions_phrase(4), "4 partitions (0 to 3)");
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::cli::{ApiFailure, BadInput, Progress, ServerArgs, call, encode, stdout_error, topic_offsets};
+use crate::cli::{
+    ApiFailure, BadInput, NotFound, Progress, ServerArgs, call, encode, partitions_phrase, stdout_error, topic_offsets,
+};
 
 /// Partitions one run reads (a thread each); more needs --partition.
 pub const PARTITIONS_MAX: usize = 256;
@@ -97,7 +99,14 @@ pub fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     let count = topic["partitions"].as_array().map_or(0, Vec::len) as i32;
     let partitions: Vec<i32> = match args.partition {
         Some(p) if (0..count).contains(&p) => vec![p],
-        Some(p) => return Err(BadInput(format!("topic {} has partitions 0..{count}, not {p}", args.topic)).into()),
+        Some(p) => {
+            return Err(NotFound(format!(
+                "topic {} has no partition {p}; it has {}",
+                args.topic,
+                partitions_phrase(count)
+            ))
+            .into());
+        }
         None => (0..count).collect(),
     };
     if partitions.len() > PARTITIONS_MAX {

@@ -222,7 +222,9 @@ fn targets(args: &ResetArgs, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> 
             let end = latest.get(&p).copied().unwrap_or(start);
             let target = offset.clamp(start, end.max(start));
             if target != offset {
-                eprintln!("{topic}/{p}: offset {offset} is outside {start}..{end}; using {target}");
+                eprintln!(
+                    "{topic}/{p}: offset {offset} is outside the partition's offsets {start} to {end}; using {target}"
+                );
             }
             (p, target)
         })
