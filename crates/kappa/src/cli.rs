@@ -12,6 +12,8 @@
 //! `serve` and `work` rely on for their sockets); the write's EPIPE is what ends the output.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::Value;
@@ -136,6 +138,67 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connect { .. } | ClientError::BadAddress(_)) => EXIT_UNREACHABLE,
         _ => EXIT_ERROR,
+    }
+}
+
+/// How long a command keeps trying to reach a server that went away mid-command (a
+/// restart) before it gives up: `consume` and `view watch` pick up where they were.
+pub const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
+/// The first wait before trying again; it doubles up to [`RECONNECT_BACKOFF_MAX`].
+const RECONNECT_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a note about a lost connection is on stderr and no "reconnected" note yet: the
+/// partitions `consume` reads on threads of their own share one pair of notes.
+static LOSS_NOTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether `error` is a lost connection (refused, closed or reset) rather than an answer.
+pub fn is_connection_lost(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<ClientError>().is_some_and(ClientError::is_connection_lost)
+}
+
+/// Retrying after lost connections, with backoff, for at most [`RECONNECT_WITHIN`] from the
+/// loss; a connection that works again starts over.
+pub struct Reconnect {
+    lost_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self { lost_at: None, backoff: RECONNECT_BACKOFF_FIRST }
+    }
+}
+
+impl Reconnect {
+    /// After `error`: for a lost connection within [`RECONNECT_WITHIN`], notes it on stderr
+    /// (`note()` says what happens next), waits and returns Ok to try again; else the error.
+    pub fn lost(&mut self, error: anyhow::Error, note: impl FnOnce() -> String) -> anyhow::Result<()> {
+        if !is_connection_lost(&error) {
+            return Err(error);
+        }
+        let lost_at = *self.lost_at.get_or_insert_with(|| {
+            if !LOSS_NOTED.swap(true, Ordering::Relaxed) {
+                eprintln!("note: {error:#}; {}", note());
+            }
+            Instant::now()
+        });
+        if lost_at.elapsed() >= RECONNECT_WITHIN {
+            return Err(
+                error.context(format!("gave up after trying to reconnect for {} s", RECONNECT_WITHIN.as_secs()))
+            );
+        }
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        Ok(())
+    }
+
+    /// A request worked (again); `note()` says so on stderr after a loss.
+    pub fn connected(&mut self, note: impl FnOnce() -> String) {
+        if self.lost_at.take().is_some() && LOSS_NOTED.swap(false, Ordering::Relaxed) {
+            eprintln!("note: {}", note());
+        }
+        self.backoff = RECONNECT_BACKOFF_FIRST;
     }
 }
 

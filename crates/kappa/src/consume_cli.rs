@@ -16,7 +16,8 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    ApiFailure, BadInput, NotFound, Progress, ServerArgs, call, encode, partitions_phrase, stdout_error, topic_offsets,
+    ApiFailure, BadInput, NotFound, Progress, RECONNECT_WITHIN, Reconnect, ServerArgs, call, encode, partitions_phrase,
+    stdout_error, topic_offsets,
 };
 
 /// Partitions one run reads (a thread each); more needs --partition.
@@ -207,6 +208,7 @@ fn read_partition(
     isolation: &str,
     max_records: usize,
 ) {
+    let mut reconnect = Reconnect::default();
     loop {
         if end.is_some_and(|end| offset >= end) {
             let _ = tx.send(Message::Done);
@@ -216,6 +218,7 @@ fn read_partition(
         let query = format!("{path}?offset={offset}&isolation={isolation}&max_records={max_records}&wait_ms={wait}");
         match call(server, "GET", &query, None, &format!("reading partition {partition}")) {
             Ok(answer) => {
+                reconnect.connected(|| format!("reconnected to {}; reading on", server.server));
                 let next_offset = answer["next_offset"].as_i64().unwrap_or(offset);
                 let records = answer["records"].as_array().cloned().unwrap_or_default();
                 let stalled = records.is_empty() && next_offset == offset;
@@ -231,9 +234,18 @@ fn read_partition(
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+            // The server went away (a restart): read on from the next offset once it is back.
             Err(e) => {
-                let _ = tx.send(Message::Failed(e));
-                return;
+                let retried = reconnect.lost(e, || {
+                    format!(
+                        "reconnecting for up to {} s, each partition from its next offset",
+                        RECONNECT_WITHIN.as_secs()
+                    )
+                });
+                if let Err(e) = retried {
+                    let _ = tx.send(Message::Failed(e));
+                    return;
+                }
             }
         }
     }
@@ -313,15 +325,22 @@ fn write_record(out: &mut impl Write, args: &ConsumeArgs, partition: i32, record
     Ok(())
 }
 
+/// Commits one partition's position (again after a lost connection: committing the same
+/// offset twice is harmless).
 fn commit(args: &ConsumeArgs, group: &str, partition: i32, offset: i64) -> anyhow::Result<()> {
     let body = json!({"offsets": [{"topic": args.topic, "partition": partition, "offset": offset}]});
     let path = format!("/v1/groups/{}/offsets", encode(group));
-    call(
-        &args.server,
-        "POST",
-        &path,
-        Some(&body),
-        &format!("committing {}/{partition} for group {group}", args.topic),
-    )?;
-    Ok(())
+    let what = format!("committing {}/{partition} for group {group}", args.topic);
+    let mut reconnect = Reconnect::default();
+    loop {
+        match call(&args.server, "POST", &path, Some(&body), &what) {
+            Ok(_) => {
+                reconnect.connected(|| format!("reconnected to {}; committed", args.server.server));
+                return Ok(());
+            }
+            Err(e) => {
+                reconnect.lost(e, || format!("retrying the commit for up to {} s", RECONNECT_WITHIN.as_secs()))?
+            }
+        }
+    }
 }

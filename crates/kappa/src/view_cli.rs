@@ -8,7 +8,7 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::{encode, expect_ok, outln};
+use crate::cli::{RECONNECT_WITHIN, Reconnect, encode, expect_ok, outln, stdout_error};
 use crate::http_client;
 
 /// How often `view status` polls while following a rebuild.
@@ -60,40 +60,78 @@ pub fn retire(server: &str, view: &str, version: u32) -> anyhow::Result<()> {
     outln!("{view}: version {version} retired")
 }
 
+/// Follows a key or prefix over SSE, printing each event's data as a line. When the server
+/// goes away (a restart), reconnects with backoff for up to [`RECONNECT_WITHIN`] and resumes
+/// after the last event's token (the live API's `?resume=`): exactly the changes after it, or
+/// a `reset` and a fresh snapshot, printed as they come.
 pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) -> anyhow::Result<()> {
     let query = match (key, prefix) {
         (Some(key), _) => format!("key={}", encode(key)),
         (None, Some(prefix)) => format!("prefix={}", encode(prefix)),
         (None, None) => bail!("give a key or --prefix"),
     };
-    let path = format!("/v1/views/{}/watch?{query}", encode(view));
-    let mut failed = None;
-    let mut reader_gone = false;
+    let base = format!("/v1/views/{}/watch?{query}", encode(view));
+    let mut token: Option<String> = None;
+    let mut reconnect = Reconnect::default();
     let mut out = std::io::stdout().lock();
-    let refused = http_client::stream_events(server, &path, |name, data| {
-        // Line by line, as changes come; a closed pipe (`| head -1`) ends the watch quietly.
-        if let Err(e) = writeln!(out, "{data}").and_then(|()| out.flush()) {
-            reader_gone = e.kind() == std::io::ErrorKind::BrokenPipe;
-            failed = (!reader_gone).then(|| format!("writing to stdout: {e}"));
-            return false;
+    loop {
+        let path = match &token {
+            Some(token) => format!("{base}&resume={}", encode(token)),
+            None => base.clone(),
+        };
+        let ended = match http_client::open_events(server, &path) {
+            Ok(Ok(mut stream)) => {
+                reconnect.connected(|| match &token {
+                    Some(token) => format!("reconnected; watching {view} on after {token}"),
+                    None => format!("reconnected; watching {view} from a fresh snapshot"),
+                });
+                loop {
+                    let event = match stream.next_event() {
+                        Ok(event) => event,
+                        Err(e) => break Ended::Lost(e.into()),
+                    };
+                    // Line by line, as changes come; a closed pipe (`| head -1`) ends the
+                    // watch quietly.
+                    writeln!(out, "{}", event.data).and_then(|()| out.flush()).map_err(stdout_error)?;
+                    if let Some(id) = event.id {
+                        token = Some(id);
+                    }
+                    if event.name == "error" {
+                        let code = serde_json::from_str::<Value>(&event.data).ok().map(|v| v["code"].clone());
+                        // Cut off for reading too slowly: resume where it was, at once.
+                        if code.as_ref().and_then(Value::as_str) == Some("slow_consumer") {
+                            break Ended::Slow(event.data);
+                        }
+                        bail!("the subscription ended: {}", event.data);
+                    }
+                }
+            }
+            Ok(Err(refused)) => {
+                expect_ok(refused, &format!("watching {view}"))?;
+                bail!("watching {view}: the server did not start a stream");
+            }
+            Err(e) => Ended::Lost(e.into()),
+        };
+        let resume = |what: &str| match &token {
+            Some(token) => format!("{what} to resume after {token}"),
+            None => what.to_owned(),
+        };
+        match ended {
+            Ended::Slow(error) => eprintln!("note: the server ended the stream: {error}; {}", resume("reconnecting")),
+            // Not a lost connection: the error, at once.
+            Ended::Lost(error) => {
+                reconnect.lost(error, || resume(&format!("reconnecting for up to {} s", RECONNECT_WITHIN.as_secs())))?
+            }
         }
-        if name == "error" {
-            failed = Some(data.to_owned());
-            return false;
-        }
-        true
-    })?;
-    if reader_gone {
-        return Ok(());
     }
-    if let Some(response) = refused {
-        expect_ok(response, &format!("watching {view}"))?;
-        bail!("watching {view}: the server did not start a stream");
-    }
-    if let Some(error) = failed {
-        bail!("the subscription ended: {error}");
-    }
-    bail!("the server closed the stream (stopped?); run the command again for a fresh snapshot")
+}
+
+/// How one stream of `view watch` ended.
+enum Ended {
+    /// The connection went (or could not be opened): `Reconnect` decides.
+    Lost(anyhow::Error),
+    /// The server cut this reader off for reading too slowly (its error event).
+    Slow(String),
 }
 
 /// Prints a view's versions; while one builds, follows it with a progress bar (a terminal)

@@ -721,3 +721,127 @@ fn every_command_into_a_closed_pipe_ends_quietly_and_still_does_its_writes() {
     into_closed_pipe(&server, &["topic", "delete", "piped", "--yes"], "");
     fails(&server, &["topic", "describe", "piped"], "", 4, "does not exist");
 }
+
+/// A command that runs until killed, its stdout lines read as they come.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Follower {
+    fn spawn(binary: &std::path::Path, server: &Server, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(binary)
+            .args(args)
+            .env("KAPPA_SERVER", format!("http://{}", server.http))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Reads lines until one satisfies `want`; panics with everything seen (and the
+    /// follower's stderr) if none comes within TIMEOUT or the follower exits first.
+    fn wait_for(&mut self, server: &Server, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Ok(json) = serde_json::from_str::<Value>(&line)
+                        && want(&json)
+                    {
+                        return json;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+                    let stderr = String::from_utf8_lossy(&out.wait_with_output().unwrap().stderr).into_owned();
+                    panic!(
+                        "no {what} within {TIMEOUT:?} (or the command exited first); printed {:?}; stderr:\n{stderr}\nserver log:\n{}",
+                        self.seen,
+                        server.log()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Stops it; returns its stderr.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        String::from_utf8_lossy(&self.child.wait_with_output().unwrap().stderr).into_owned()
+    }
+}
+
+/// A server restart is not the end of `view watch` or `consume --follow`: both reconnect
+/// (with a note on stderr) and go on where they were — the watch resumes after its last
+/// token (the change made while it was away comes once, no second snapshot), the consumer
+/// reads on from its next offset.
+#[test]
+fn view_watch_and_consume_follow_go_on_across_a_server_restart() {
+    let channels = common::example_binary("channels");
+    let temp = tempfile::tempdir().unwrap();
+    let mut server = Server::start_binary_in(&channels, &temp.path().join("data"), &[]);
+    let produce = |server: &Server, name: &str, kind: &str| {
+        let record = format!(
+            r#"{{"key":"c1","value":{{"channelId":"c1","name":"{name}","ownerId":"u1"}},"headers":{{"kappa.type":"{kind}"}}}}"#
+        );
+        let mut command = Command::new(&channels);
+        command
+            .args(["produce", "channels", "--format", "json"])
+            .env("KAPPA_SERVER", format!("http://{}", server.http));
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(format!("{record}\n").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "produce: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    produce(&server, "Before", "ChannelCreated");
+    // The view serves once it has caught up; until then a watch is refused (view_not_ready).
+    let deadline = Instant::now() + TIMEOUT;
+    while !Command::new(&channels)
+        .args(["view", "get", "channel_page", "c1"])
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "channel_page never served c1\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut watch = Follower::spawn(&channels, &server, &["view", "watch", "channel_page", "c1"]);
+    watch.wait_for(&server, "snapshot with the channel", |e| {
+        e["type"] == "snapshot" && e["items"][0]["value"]["name"] == "Before"
+    });
+    let mut consume = Follower::spawn(&channels, &server, &["consume", "channels", "--format", "json", "--follow"]);
+    consume.wait_for(&server, "the first record", |r| r["value"].as_str().is_some_and(|v| v.contains("Before")));
+
+    server.stop();
+    server.restart(&[]);
+    produce(&server, "After", "ChannelUpdated");
+
+    let change = watch.wait_for(&server, "the change made after the restart", |e| e["type"] == "change");
+    assert_eq!(change["value"]["name"], "After", "{change}");
+    assert_eq!(watch.seen.len(), 2, "the snapshot, then exactly the one change: {:?}", watch.seen);
+    consume.wait_for(&server, "the record produced after the restart", |r| {
+        r["value"].as_str().is_some_and(|v| v.contains("After"))
+    });
+    assert_eq!(consume.seen.len(), 2, "each record once: {:?}", consume.seen);
+    for (what, stderr) in [("view watch", watch.stop()), ("consume --follow", consume.stop())] {
+        assert!(stderr.contains("note:") && stderr.contains("reconnected"), "{what}: {stderr}");
+        assert!(!stderr.contains("error:"), "{what}: {stderr}");
+    }
+}
