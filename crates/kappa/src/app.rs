@@ -49,7 +49,7 @@ enum Command {
     /// stopped server's data directory).
     #[command(subcommand)]
     View(ViewCommand),
-    /// Topics: create, list, describe, alter, delete.
+    /// Topics: create, list, describe, alter, delete-records, delete.
     #[command(subcommand)]
     Topic(crate::topic_cli::TopicCommand),
     /// Write records from stdin or a file (lines or JSON records).

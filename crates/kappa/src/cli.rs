@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(exit_code(&BadInput("x".into()).into()), EXIT_USAGE);
         assert_eq!(exit_code(&NotFound("x".into()).into()), EXIT_NOT_FOUND);
         let unreachable =
-            ClientError::Connect { address: "x".into(), source: std::io::ErrorKind::ConnectionRefused.into() };
+            ClientError::Connect { address: "x".into(), error: std::io::ErrorKind::ConnectionRefused.into() };
         assert_eq!(exit_code(&unreachable.into()), EXIT_UNREACHABLE);
         // Context added on the way up keeps the code.
         assert_eq!(exit_code(&api(409).context("producing")), EXIT_CONFLICT);

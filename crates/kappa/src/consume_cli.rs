@@ -182,7 +182,11 @@ fn start_offsets(
         "beginning" => offsets_at(args, "earliest")?,
         "end" => offsets_at(args, "latest")?,
         text => match text.parse::<i64>() {
-            Ok(offset) if offset >= 0 => partitions.iter().map(|&p| (p, offset)).collect(),
+            Ok(offset) if offset >= 0 => {
+                let uncovered: Vec<i32> = partitions.iter().copied().filter(|p| !committed.contains_key(p)).collect();
+                check_from_offset(args, &uncovered, offset)?;
+                partitions.iter().map(|&p| (p, offset)).collect()
+            }
             _ => match kappa_views::asof::parse_rfc3339_ms(text) {
                 Some(ms) => offsets_at(args, &ms.to_string())?,
                 None => {
@@ -195,6 +199,36 @@ fn start_offsets(
         },
     };
     Ok(partitions.iter().map(|p| (*p, committed.get(p).or(from.get(p)).copied().unwrap_or(0))).collect())
+}
+
+/// `--from <offset>` must lie within each partition it applies to: a read past the end (or
+/// before the start) is refused by the server, and without `--follow` would print nothing.
+fn check_from_offset(args: &ConsumeArgs, partitions: &[i32], offset: i64) -> anyhow::Result<()> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let starts = offsets_at(args, "earliest")?;
+    let ends = topic_offsets(&args.server, &args.topic, "latest", "read_uncommitted")?;
+    for p in partitions {
+        let (start, end) = (starts.get(p).copied().unwrap_or(0), ends.get(p).copied().unwrap_or(0));
+        let topic = &args.topic;
+        if offset > end {
+            return Err(BadInput(format!(
+                "--from {offset}: partition {p} of {topic} ends at offset {end} (its next record gets offset {end}); \
+                 give an offset up to {end}, or --from end{}",
+                if partitions.len() > 1 { " (or pick a partition with --partition)" } else { "" }
+            ))
+            .into());
+        }
+        if offset < start {
+            return Err(BadInput(format!(
+                "--from {offset}: partition {p} of {topic} starts at offset {start} (the records before it were \
+                 deleted); give an offset from {start}, or --from beginning"
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -18,10 +18,12 @@ pub const RESPONSE_LINE_BYTES_MAX: u64 = 64 << 20;
 pub enum ClientError {
     #[error("'{0}' is not a server address like http://127.0.0.1:8080")]
     BadAddress(String),
-    #[error("cannot reach {address}: {source} (is `kappa serve` running there? set --server or KAPPA_SERVER)")]
-    Connect { address: String, source: std::io::Error },
-    #[error("talking to {address}: {source}")]
-    Io { address: String, source: std::io::Error },
+    // The io::Error is in the message, so it is not also the error's `source` (which
+    // `{:#}` would print a second time).
+    #[error("cannot reach {address}: {error} (is `kappa serve` running there? set --server or KAPPA_SERVER)")]
+    Connect { address: String, error: std::io::Error },
+    #[error("talking to {address}: {error}")]
+    Io { address: String, error: std::io::Error },
     /// The connection ended before a whole answer came: the server stopped or restarted,
     /// or something between cut it.
     #[error("the connection to {address} was {how} before a whole answer came (did the server stop or restart?)")]
@@ -51,7 +53,7 @@ fn io_error(address: &str, error: std::io::Error) -> ClientError {
         ErrorKind::ConnectionReset => "reset",
         ErrorKind::ConnectionAborted => "aborted",
         ErrorKind::BrokenPipe => "closed",
-        _ => return ClientError::Io { address: address.to_owned(), source: error },
+        _ => return ClientError::Io { address: address.to_owned(), error },
     };
     ClientError::Closed { address: address.to_owned(), how }
 }
@@ -106,7 +108,7 @@ fn open(
 ) -> Result<(String, BufReader<TcpStream>), ClientError> {
     let address = address(server)?;
     let mut stream =
-        TcpStream::connect(&address).map_err(|source| ClientError::Connect { address: address.clone(), source })?;
+        TcpStream::connect(&address).map_err(|error| ClientError::Connect { address: address.clone(), error })?;
     let io = |error| io_error(&address, error);
     stream.set_read_timeout(timeout).map_err(io)?;
     let mut head = format!(

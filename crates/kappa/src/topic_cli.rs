@@ -1,4 +1,4 @@
-//! `kappa topic create|list|describe|alter|delete` against a running server.
+//! `kappa topic create|list|describe|alter|delete-records|delete` against a running server.
 
 use std::collections::BTreeMap;
 

@@ -159,8 +159,10 @@ fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
         .args(["topic", "list", "--server", "http://127.0.0.1:1"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is `kappa serve` running there?"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("is `kappa serve` running there?"), "{stderr}");
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "the cause, once: {stderr}");
 }
 
 #[test]
@@ -180,6 +182,7 @@ fn every_command_has_an_example_in_its_help() {
         &["topic", "list"],
         &["topic", "describe"],
         &["topic", "alter"],
+        &["topic", "delete-records"],
         &["topic", "delete"],
         &["produce"],
         &["consume"],
@@ -192,6 +195,10 @@ fn every_command_has_an_example_in_its_help() {
         let help = ok(&server, &args, "");
         assert!(help.contains("Example"), "kappa {command:?} --help has no example:\n{help}");
     }
+    // The summary of `topic` names every topic command.
+    let help = ok(&server, &["--help"], "");
+    let line = help.lines().find(|l| l.trim_start().starts_with("topic ")).expect("a topic line");
+    assert!(line.contains("delete-records"), "{line}");
 }
 
 #[test]
@@ -273,6 +280,12 @@ fn produce_and_consume_round_trip_lines_and_json_records_with_headers() {
         "{from_one:?}"
     );
     fails(&server, &["consume", "events", "--from", "yesterday"], "", 2, "RFC 3339");
+    // Past the end: say where the partition ends (without --follow it printed nothing).
+    let end = end_offsets(&server, "events")[c1["partition"].as_u64().unwrap() as usize];
+    let past = (end + 5).to_string();
+    let said = format!("partition {p} of events ends at offset {end}");
+    fails(&server, &["consume", "events", "--partition", &p, "--from", &past], "", 2, &said);
+    fails(&server, &["consume", "events", "--partition", &p, "--from", &past, "--follow"], "", 2, &said);
     // A partition the topic lacks is not found (4), as the server says for every request.
     fails(&server, &["consume", "events", "--partition", "7"], "", 4, "no partition 7; it has 3 partitions (0 to 2)");
     fails(&server, &["consume", "nope"], "", 4, "does not exist");
