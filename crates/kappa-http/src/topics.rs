@@ -355,13 +355,21 @@ pub struct ProduceRequest {
 #[serde(deny_unknown_fields)]
 pub struct ProduceRecord {
     key: Option<String>,
-    /// Any JSON; stored as its JSON text. Absent or null: a tombstone.
-    #[serde(default)]
+    /// Any JSON; stored as its JSON text. Required: `null` is a tombstone, and a record
+    /// without `value` is refused (`None` here), not taken for one — on a compacted topic
+    /// a tombstone deletes the key.
+    #[serde(default, deserialize_with = "present")]
     value: Option<Box<RawValue>>,
     #[serde(default)]
     headers: BTreeMap<String, Option<String>>,
     partition: Option<i32>,
     expected_offset: Option<i64>,
+}
+
+/// A field that is present, `null` included (`Some` of the JSON text `null`): serde reads
+/// an `Option` field's `null` as `None`, like a missing field.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// One partition's part of a request.
@@ -404,12 +412,25 @@ pub async fn produce(
     let mut by_partition: BTreeMap<i32, PartitionWrite> = BTreeMap::new();
     let mut guarded_keys = std::collections::HashSet::new();
     for (index, record) in request.records.into_iter().enumerate() {
+        if record.value.is_none() {
+            return Err(ApiError::bad_request(
+                "invalid_records",
+                format!(
+                    "record {index} has no \"value\"; nothing was written. Send \"value\": null for a tombstone (it deletes the key), else the value to write"
+                ),
+            ));
+        }
         let partition = match (record.partition, &record.key) {
             (Some(p), _) if (0..partition_count).contains(&p) => p,
             (Some(p), _) => {
-                return Err(ApiError::bad_request(
-                    "invalid_partition",
-                    format!("record {index}: topic {topic} has partitions 0..{partition_count}, not {p}"),
+                // As any other request naming a partition the topic lacks: 404.
+                let has = match partition_count {
+                    1 => "1 partition (0)".to_owned(),
+                    n => format!("{n} partitions (0 to {})", n - 1),
+                };
+                return Err(ApiError::not_found(
+                    "unknown_partition",
+                    format!("record {index}: topic {topic} has no partition {p}; it has {has}. Nothing was written"),
                 ));
             }
             (None, Some(key)) => default_partition(key.as_bytes(), partition_count),

@@ -13,13 +13,16 @@ use kappa_coordinator::TxnConfig;
 use kappa_log::{Log, LogError, LogOptions};
 use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
 
-use crate::cli::ServerArgs;
+use crate::cli::{BadInput, ServerArgs, outln};
 use crate::settings::{ServeArgs, Settings};
 
 /// Where view state lives inside the data directory.
 pub const VIEWS_DIR: &str = "views";
 /// Held (flock) while a process uses a data directory.
 const LOCK_FILE: &str = ".lock";
+/// The log's topics, which every data directory `kappa serve` opened has (docs/format.md,
+/// "Directory layout"): what tells a data directory from any other directory.
+const TOPICS_DIR: &str = "topics";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,7 +49,7 @@ enum Command {
     /// stopped server's data directory).
     #[command(subcommand)]
     View(ViewCommand),
-    /// Topics: create, list, describe, alter, delete.
+    /// Topics: create, list, describe, alter, delete-records, delete.
     #[command(subcommand)]
     Topic(crate::topic_cli::TopicCommand),
     /// Write records from stdin or a file (lines or JSON records).
@@ -240,6 +243,10 @@ impl App {
             }
         };
         if let Err(error) = result {
+            // Stdout closed (`| head`): the reader has what it wanted; end quietly.
+            if crate::cli::output_closed(&error) {
+                return Ok(());
+            }
             eprintln!("error: {error:#}");
             std::process::exit(crate::cli::exit_code(&error));
         }
@@ -371,7 +378,7 @@ impl App {
             ViewCommand::List(Target { data_dir: Some(dir), .. }) => self.offline(&dir, false, |engine| {
                 for view in engine.list() {
                     for version in &view.versions {
-                        println!(
+                        outln!(
                             "{}\tv{}\t{}{}\tevents={}\tlag={}",
                             view.name,
                             version.version,
@@ -379,7 +386,7 @@ impl App {
                             if version.serving { " (serving)" } else { "" },
                             version.status.events_applied,
                             version.status.lag()
-                        );
+                        )?;
                     }
                 }
                 Ok(())
@@ -390,18 +397,12 @@ impl App {
                         let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
                         let result = engine.as_of(&view, None, &at, Some(&key))?;
                         match result.values.first() {
-                            Some((_, json)) => {
-                                println!("{}", String::from_utf8_lossy(json));
-                                Ok(())
-                            }
+                            Some((_, json)) => outln!("{}", String::from_utf8_lossy(json)),
                             None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
                         }
                     }
                     None => match engine.get(&view, &key)?.value {
-                        Some(item) => {
-                            println!("{}", String::from_utf8_lossy(&item.json));
-                            Ok(())
-                        }
+                        Some(item) => outln!("{}", String::from_utf8_lossy(&item.json)),
                         None => bail!("view {view} has no key '{key}'"),
                     },
                 })
@@ -422,6 +423,7 @@ impl App {
         run: bool,
         f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        check_data_dir(data_dir)?;
         let _lock = lock_data_dir(data_dir)?;
         let log = Arc::new(
             Log::open(data_dir, LogOptions::default())
@@ -480,8 +482,7 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut line = |key: &str, json: &[u8]| -> anyhow::Result<()> {
         let value: serde_json::Value = serde_json::from_slice(json).context("a stored view value is not JSON")?;
-        writeln!(out, "{}", serde_json::json!({"key": key, "value": value}))?;
-        Ok(())
+        writeln!(out, "{}", serde_json::json!({"key": key, "value": value})).map_err(crate::cli::stdout_error)
     };
     match source {
         DumpSource::Store => {
@@ -511,8 +512,27 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
             );
         }
     }
-    out.flush()?;
-    Ok(())
+    out.flush().map_err(crate::cli::stdout_error)
+}
+
+/// Refuses, creating nothing, a directory an offline command must not open: one that does
+/// not exist (a typo'd --data-dir would otherwise become an empty data directory) or that
+/// holds no kappa data. Only `serve` creates a data directory.
+fn check_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    let shown = data_dir.display();
+    let hint = "give the directory `kappa serve` ran on (--data-dir or KAPPA_DATA_DIR); `kappa serve` creates a \
+                data directory, the offline commands only read one";
+    match std::fs::metadata(data_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(BadInput(format!("data directory {shown} does not exist; {hint}")).into())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading data directory {shown}")),
+        Ok(meta) if !meta.is_dir() => Err(BadInput(format!("{shown} is not a directory; {hint}")).into()),
+        Ok(_) if !data_dir.join(TOPICS_DIR).is_dir() => {
+            Err(BadInput(format!("{shown} holds no kappa data (it has no {TOPICS_DIR}/ directory); {hint}")).into())
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Takes the data directory's lock for the life of the process: two processes on one

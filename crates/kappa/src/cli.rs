@@ -5,8 +5,15 @@
 //! usage or input (clap's usage errors, HTTP 400), 3 conflict (HTTP 409: an expected
 //! offset that does not match, a topic that exists, a group with active members), 4 not
 //! found (HTTP 404: unknown topic, partition, group or view), 5 the server is unreachable.
+//!
+//! Output goes through [`outln!`] (or [`reportln!`]): a closed pipe (`kappa topic list |
+//! head -1`) ends a command quietly with exit 0, as `kappa consume` always did, instead of
+//! the panic `println!` gives. The process keeps ignoring SIGPIPE (Rust's default, which
+//! `serve` and `work` rely on for their sockets); the write's EPIPE is what ends the output.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde_json::Value;
@@ -40,8 +47,80 @@ pub struct ApiFailure {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
-/// The exit code for an error from any command.
+/// Something named on the command line does not exist, found before anything was sent
+/// (exit code 4, as the server's 404).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
+/// A topic's partitions for people: "1 partition (0)", "4 partitions (0 to 3)".
+pub fn partitions_phrase(count: i32) -> String {
+    match count {
+        1 => "1 partition (0)".to_owned(),
+        n if n > 1 => format!("{n} partitions (0 to {})", n - 1),
+        _ => "no partitions".to_owned(),
+    }
+}
+
+/// Standard output was closed (its reader left, as `| head -1` does): the command ends
+/// quietly, exit 0 (see [`exit_code`]).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct OutputClosed;
+
+/// A failed write to stdout as an error: a closed pipe is [`OutputClosed`].
+pub fn stdout_error(error: std::io::Error) -> anyhow::Error {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        return OutputClosed.into();
+    }
+    anyhow::Error::new(error).context("writing to stdout")
+}
+
+/// Whether `error` is (or was caused by) stdout closing.
+pub fn output_closed(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<OutputClosed>().is_some()
+}
+
+/// Writes one line of a command's output; [`outln!`] calls it. Each line is flushed as it
+/// is written (stdout is line-buffered), so a closed pipe shows at the next line.
+pub fn print_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(line).and_then(|()| out.write_all(b"\n")).map_err(stdout_error)
+}
+
+/// A line reporting what a command did while it goes on doing more (a produce's offsets, a
+/// reset's plan); [`reportln!`] calls it. A closed pipe drops the line and lets the command
+/// finish its work: the records or offsets the user asked to write are written.
+pub fn report_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    match print_line(line) {
+        Err(e) if output_closed(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// `println!` for command output: `outln!(...)?` ends the command quietly (exit 0) once
+/// stdout is closed.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
+/// `println!` for a line about work that goes on (see [`report_line`]).
+macro_rules! reportln {
+    ($($arg:tt)*) => {
+        $crate::cli::report_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use reportln;
+
+/// The exit code for an error from any command (0 for [`OutputClosed`], which `App::main`
+/// does not print).
 pub fn exit_code(error: &anyhow::Error) -> i32 {
+    if output_closed(error) {
+        return 0;
+    }
     if let Some(failure) = error.downcast_ref::<ApiFailure>() {
         return match failure.status {
             400 | 413 | 416 | 422 => EXIT_USAGE,
@@ -53,9 +132,73 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
     if error.downcast_ref::<BadInput>().is_some() {
         return EXIT_USAGE;
     }
+    if error.downcast_ref::<NotFound>().is_some() {
+        return EXIT_NOT_FOUND;
+    }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connect { .. } | ClientError::BadAddress(_)) => EXIT_UNREACHABLE,
         _ => EXIT_ERROR,
+    }
+}
+
+/// How long a command keeps trying to reach a server that went away mid-command (a
+/// restart) before it gives up: `consume` and `view watch` pick up where they were.
+pub const RECONNECT_WITHIN: Duration = Duration::from_secs(60);
+/// The first wait before trying again; it doubles up to [`RECONNECT_BACKOFF_MAX`].
+const RECONNECT_BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a note about a lost connection is on stderr and no "reconnected" note yet: the
+/// partitions `consume` reads on threads of their own share one pair of notes.
+static LOSS_NOTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether `error` is a lost connection (refused, closed or reset) rather than an answer.
+pub fn is_connection_lost(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<ClientError>().is_some_and(ClientError::is_connection_lost)
+}
+
+/// Retrying after lost connections, with backoff, for at most [`RECONNECT_WITHIN`] from the
+/// loss; a connection that works again starts over.
+pub struct Reconnect {
+    lost_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self { lost_at: None, backoff: RECONNECT_BACKOFF_FIRST }
+    }
+}
+
+impl Reconnect {
+    /// After `error`: for a lost connection within [`RECONNECT_WITHIN`], notes it on stderr
+    /// (`note()` says what happens next), waits and returns Ok to try again; else the error.
+    pub fn lost(&mut self, error: anyhow::Error, note: impl FnOnce() -> String) -> anyhow::Result<()> {
+        if !is_connection_lost(&error) {
+            return Err(error);
+        }
+        let lost_at = *self.lost_at.get_or_insert_with(|| {
+            if !LOSS_NOTED.swap(true, Ordering::Relaxed) {
+                eprintln!("note: {error:#}; {}", note());
+            }
+            Instant::now()
+        });
+        if lost_at.elapsed() >= RECONNECT_WITHIN {
+            return Err(
+                error.context(format!("gave up after trying to reconnect for {} s", RECONNECT_WITHIN.as_secs()))
+            );
+        }
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        Ok(())
+    }
+
+    /// A request worked (again); `note()` says so on stderr after a loss.
+    pub fn connected(&mut self, note: impl FnOnce() -> String) {
+        if self.lost_at.take().is_some() && LOSS_NOTED.swap(false, Ordering::Relaxed) {
+            eprintln!("note: {}", note());
+        }
+        self.backoff = RECONNECT_BACKOFF_FIRST;
     }
 }
 
@@ -154,12 +297,23 @@ mod tests {
         assert_eq!(exit_code(&api(409)), EXIT_CONFLICT);
         assert_eq!(exit_code(&api(503)), EXIT_ERROR);
         assert_eq!(exit_code(&BadInput("x".into()).into()), EXIT_USAGE);
+        assert_eq!(exit_code(&NotFound("x".into()).into()), EXIT_NOT_FOUND);
         let unreachable =
-            ClientError::Connect { address: "x".into(), source: std::io::ErrorKind::ConnectionRefused.into() };
+            ClientError::Connect { address: "x".into(), error: std::io::ErrorKind::ConnectionRefused.into() };
         assert_eq!(exit_code(&unreachable.into()), EXIT_UNREACHABLE);
         // Context added on the way up keeps the code.
         assert_eq!(exit_code(&api(409).context("producing")), EXIT_CONFLICT);
         assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_ERROR);
+        // A closed stdout ends a command quietly, with context or without.
+        let closed = stdout_error(std::io::ErrorKind::BrokenPipe.into());
+        assert_eq!(exit_code(&closed.context("listing topics")), 0);
+        assert_eq!(exit_code(&stdout_error(std::io::ErrorKind::StorageFull.into())), EXIT_ERROR);
+    }
+
+    #[test]
+    fn partition_ranges_are_worded_for_people() {
+        assert_eq!(partitions_phrase(1), "1 partition (0)");
+        assert_eq!(partitions_phrase(4), "4 partitions (0 to 3)");
     }
 
     #[test]

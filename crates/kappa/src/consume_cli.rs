@@ -12,11 +12,13 @@ use std::io::{IsTerminal, Write};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::cli::{ApiFailure, BadInput, Progress, ServerArgs, call, encode, topic_offsets};
+use crate::cli::{
+    ApiFailure, BadInput, NotFound, Progress, RECONNECT_WITHIN, Reconnect, ServerArgs, call, encode, partitions_phrase,
+    stdout_error, topic_offsets,
+};
 
 /// Partitions one run reads (a thread each); more needs --partition.
 pub const PARTITIONS_MAX: usize = 256;
@@ -98,7 +100,14 @@ pub fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     let count = topic["partitions"].as_array().map_or(0, Vec::len) as i32;
     let partitions: Vec<i32> = match args.partition {
         Some(p) if (0..count).contains(&p) => vec![p],
-        Some(p) => return Err(BadInput(format!("topic {} has partitions 0..{count}, not {p}", args.topic)).into()),
+        Some(p) => {
+            return Err(NotFound(format!(
+                "topic {} has no partition {p}; it has {}",
+                args.topic,
+                partitions_phrase(count)
+            ))
+            .into());
+        }
         None => (0..count).collect(),
     };
     if partitions.len() > PARTITIONS_MAX {
@@ -173,7 +182,11 @@ fn start_offsets(
         "beginning" => offsets_at(args, "earliest")?,
         "end" => offsets_at(args, "latest")?,
         text => match text.parse::<i64>() {
-            Ok(offset) if offset >= 0 => partitions.iter().map(|&p| (p, offset)).collect(),
+            Ok(offset) if offset >= 0 => {
+                let uncovered: Vec<i32> = partitions.iter().copied().filter(|p| !committed.contains_key(p)).collect();
+                check_from_offset(args, &uncovered, offset)?;
+                partitions.iter().map(|&p| (p, offset)).collect()
+            }
             _ => match kappa_views::asof::parse_rfc3339_ms(text) {
                 Some(ms) => offsets_at(args, &ms.to_string())?,
                 None => {
@@ -188,6 +201,36 @@ fn start_offsets(
     Ok(partitions.iter().map(|p| (*p, committed.get(p).or(from.get(p)).copied().unwrap_or(0))).collect())
 }
 
+/// `--from <offset>` must lie within each partition it applies to: a read past the end (or
+/// before the start) is refused by the server, and without `--follow` would print nothing.
+fn check_from_offset(args: &ConsumeArgs, partitions: &[i32], offset: i64) -> anyhow::Result<()> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let starts = offsets_at(args, "earliest")?;
+    let ends = topic_offsets(&args.server, &args.topic, "latest", "read_uncommitted")?;
+    for p in partitions {
+        let (start, end) = (starts.get(p).copied().unwrap_or(0), ends.get(p).copied().unwrap_or(0));
+        let topic = &args.topic;
+        if offset > end {
+            return Err(BadInput(format!(
+                "--from {offset}: partition {p} of {topic} ends at offset {end} (its next record gets offset {end}); \
+                 give an offset up to {end}, or --from end{}",
+                if partitions.len() > 1 { " (or pick a partition with --partition)" } else { "" }
+            ))
+            .into());
+        }
+        if offset < start {
+            return Err(BadInput(format!(
+                "--from {offset}: partition {p} of {topic} starts at offset {start} (the records before it were \
+                 deleted); give an offset from {start}, or --from beginning"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn read_partition(
     tx: mpsc::Sender<Message>,
@@ -199,6 +242,7 @@ fn read_partition(
     isolation: &str,
     max_records: usize,
 ) {
+    let mut reconnect = Reconnect::default();
     loop {
         if end.is_some_and(|end| offset >= end) {
             let _ = tx.send(Message::Done);
@@ -208,6 +252,7 @@ fn read_partition(
         let query = format!("{path}?offset={offset}&isolation={isolation}&max_records={max_records}&wait_ms={wait}");
         match call(server, "GET", &query, None, &format!("reading partition {partition}")) {
             Ok(answer) => {
+                reconnect.connected(|| format!("reconnected to {}; reading on", server.server));
                 let next_offset = answer["next_offset"].as_i64().unwrap_or(offset);
                 let records = answer["records"].as_array().cloned().unwrap_or_default();
                 let stalled = records.is_empty() && next_offset == offset;
@@ -223,9 +268,18 @@ fn read_partition(
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+            // The server went away (a restart): read on from the next offset once it is back.
             Err(e) => {
-                let _ = tx.send(Message::Failed(e));
-                return;
+                let retried = reconnect.lost(e, || {
+                    format!(
+                        "reconnecting for up to {} s, each partition from its next offset",
+                        RECONNECT_WITHIN.as_secs()
+                    )
+                });
+                if let Err(e) = retried {
+                    let _ = tx.send(Message::Failed(e));
+                    return;
+                }
             }
         }
     }
@@ -280,13 +334,10 @@ fn print_records(args: &ConsumeArgs, rx: mpsc::Receiver<Message>, mut readers: u
     Ok(())
 }
 
-/// A closed pipe (`kappa consume t | head`) ends the run quietly, committing nothing more;
-/// any other write error is an error.
+/// A closed pipe (`kappa consume t | head`) ends the run quietly (`OutputClosed`, exit 0),
+/// committing nothing more; any other write error is an error.
 fn reader_gone(e: std::io::Error) -> anyhow::Result<()> {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        return Ok(());
-    }
-    Err(e).context("writing to stdout")
+    Err(stdout_error(e))
 }
 
 fn write_record(out: &mut impl Write, args: &ConsumeArgs, partition: i32, record: &Value) -> std::io::Result<()> {
@@ -308,15 +359,22 @@ fn write_record(out: &mut impl Write, args: &ConsumeArgs, partition: i32, record
     Ok(())
 }
 
+/// Commits one partition's position (again after a lost connection: committing the same
+/// offset twice is harmless).
 fn commit(args: &ConsumeArgs, group: &str, partition: i32, offset: i64) -> anyhow::Result<()> {
     let body = json!({"offsets": [{"topic": args.topic, "partition": partition, "offset": offset}]});
     let path = format!("/v1/groups/{}/offsets", encode(group));
-    call(
-        &args.server,
-        "POST",
-        &path,
-        Some(&body),
-        &format!("committing {}/{partition} for group {group}", args.topic),
-    )?;
-    Ok(())
+    let what = format!("committing {}/{partition} for group {group}", args.topic);
+    let mut reconnect = Reconnect::default();
+    loop {
+        match call(&args.server, "POST", &path, Some(&body), &what) {
+            Ok(_) => {
+                reconnect.connected(|| format!("reconnected to {}; committed", args.server.server));
+                return Ok(());
+            }
+            Err(e) => {
+                reconnect.lost(e, || format!("retrying the commit for up to {} s", RECONNECT_WITHIN.as_secs()))?
+            }
+        }
+    }
 }

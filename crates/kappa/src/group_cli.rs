@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::cli::{ApiFailure, BadInput, ServerArgs, call, encode, topic_offsets};
+use crate::cli::{ApiFailure, BadInput, ServerArgs, call, encode, outln, reportln, topic_offsets};
 
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
@@ -69,21 +69,21 @@ pub fn run(command: GroupCommand) -> anyhow::Result<()> {
         GroupCommand::List { server } => {
             let answer = call(&server, "GET", "/v1/groups", None, "listing groups")?;
             for g in answer["groups"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{}\t{}\t{} member(s)",
                     g["group"].as_str().unwrap_or("?"),
                     g["state"].as_str().unwrap_or("?"),
                     g["members"]
-                );
+                )?;
             }
             Ok(())
         }
         GroupCommand::Describe { group, json, server } => {
             let answer = describe(&server, &group)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?)?;
             } else {
-                print_description(&answer);
+                print_description(&answer)?;
             }
             Ok(())
         }
@@ -95,10 +95,10 @@ fn describe(server: &ServerArgs, group: &str) -> anyhow::Result<Value> {
     call(server, "GET", &format!("/v1/groups/{}", encode(group)), None, &format!("describing group {group}"))
 }
 
-fn print_description(group: &Value) {
-    println!("group {} ({})", group["group"].as_str().unwrap_or("?"), group["state"].as_str().unwrap_or("?"));
+fn print_description(group: &Value) -> anyhow::Result<()> {
+    outln!("group {} ({})", group["group"].as_str().unwrap_or("?"), group["state"].as_str().unwrap_or("?"))?;
     let members = group["members"].as_array().cloned().unwrap_or_default();
-    println!("{} member(s)", members.len());
+    outln!("{} member(s)", members.len())?;
     for m in &members {
         let assigned: Vec<String> = m["assignment"]
             .as_array()
@@ -106,25 +106,26 @@ fn print_description(group: &Value) {
             .flatten()
             .map(|a| format!("{}{}", a["topic"].as_str().unwrap_or("?"), a["partitions"]))
             .collect();
-        println!(
+        outln!(
             "  {}\tclient={}\thost={}\t{}",
             m["member_id"].as_str().unwrap_or("?"),
             m["client_id"].as_str().unwrap_or(""),
             m["client_host"].as_str().unwrap_or(""),
             assigned.join(" ")
-        );
+        )?;
     }
-    println!("topic\tpartition\tcommitted\tend\tlag");
+    outln!("topic\tpartition\tcommitted\tend\tlag")?;
     for o in group["offsets"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{}\t{}\t{}\t{}\t{}",
             o["topic"].as_str().unwrap_or("?"),
             o["partition"],
             o["committed"],
             o["end_offset"],
             o["lag"]
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// One partition's move.
@@ -179,10 +180,11 @@ fn reset(args: ResetArgs) -> anyhow::Result<()> {
             });
         }
     }
-    println!("topic\tpartition\tcurrent\tnew");
+    // The plan is a report: without --dry-run the reset goes on if stdout closes.
+    reportln!("topic\tpartition\tcurrent\tnew")?;
     for m in &plan {
         let current = m.current.map_or("-".to_owned(), |c| c.to_string());
-        println!("{}\t{}\t{current}\t{}", m.topic, m.partition, m.target);
+        reportln!("{}\t{}\t{current}\t{}", m.topic, m.partition, m.target)?;
     }
     if args.dry_run {
         eprintln!("dry run: nothing committed");
@@ -220,7 +222,9 @@ fn targets(args: &ResetArgs, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> 
             let end = latest.get(&p).copied().unwrap_or(start);
             let target = offset.clamp(start, end.max(start));
             if target != offset {
-                eprintln!("{topic}/{p}: offset {offset} is outside {start}..{end}; using {target}");
+                eprintln!(
+                    "{topic}/{p}: offset {offset} is outside the partition's offsets {start} to {end}; using {target}"
+                );
             }
             (p, target)
         })

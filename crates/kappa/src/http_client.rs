@@ -18,10 +18,16 @@ pub const RESPONSE_LINE_BYTES_MAX: u64 = 64 << 20;
 pub enum ClientError {
     #[error("'{0}' is not a server address like http://127.0.0.1:8080")]
     BadAddress(String),
-    #[error("cannot reach {address}: {source} (is `kappa serve` running there? set --server or KAPPA_SERVER)")]
-    Connect { address: String, source: std::io::Error },
-    #[error("talking to {address}: {source}")]
-    Io { address: String, source: std::io::Error },
+    // The io::Error is in the message, so it is not also the error's `source` (which
+    // `{:#}` would print a second time).
+    #[error("cannot reach {address}: {error} (is `kappa serve` running there? set --server or KAPPA_SERVER)")]
+    Connect { address: String, error: std::io::Error },
+    #[error("talking to {address}: {error}")]
+    Io { address: String, error: std::io::Error },
+    /// The connection ended before a whole answer came: the server stopped or restarted,
+    /// or something between cut it.
+    #[error("the connection to {address} was {how} before a whole answer came (did the server stop or restart?)")]
+    Closed { address: String, how: &'static str },
     #[error("{address} sent a malformed HTTP response")]
     Malformed { address: String },
     #[error(
@@ -31,13 +37,31 @@ pub enum ClientError {
     TooLarge { address: String, limit: u64 },
 }
 
+impl ClientError {
+    /// Whether the server went away (refused the connection, or closed or reset it before
+    /// answering): worth retrying once it may be back, unlike an answer it gave.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::Closed { .. })
+    }
+}
+
+/// An I/O error on an open connection; a connection closed or reset is [`ClientError::Closed`].
+fn io_error(address: &str, error: std::io::Error) -> ClientError {
+    use std::io::ErrorKind;
+    let how = match error.kind() {
+        ErrorKind::UnexpectedEof => "closed",
+        ErrorKind::ConnectionReset => "reset",
+        ErrorKind::ConnectionAborted => "aborted",
+        ErrorKind::BrokenPipe => "closed",
+        _ => return ClientError::Io { address: address.to_owned(), error },
+    };
+    ClientError::Closed { address: address.to_owned(), how }
+}
+
 /// Reads one line of at most RESPONSE_LINE_BYTES_MAX bytes into `line` (appending); the
 /// bytes read, 0 at the end of the stream.
 fn read_bounded_line(address: &str, reader: &mut impl BufRead, line: &mut String) -> Result<usize, ClientError> {
-    let read = reader
-        .take(RESPONSE_LINE_BYTES_MAX)
-        .read_line(line)
-        .map_err(|source| ClientError::Io { address: address.to_owned(), source })?;
+    let read = reader.take(RESPONSE_LINE_BYTES_MAX).read_line(line).map_err(|e| io_error(address, e))?;
     if read as u64 == RESPONSE_LINE_BYTES_MAX && !line.ends_with('\n') {
         return Err(ClientError::TooLarge { address: address.to_owned(), limit: RESPONSE_LINE_BYTES_MAX });
     }
@@ -84,8 +108,8 @@ fn open(
 ) -> Result<(String, BufReader<TcpStream>), ClientError> {
     let address = address(server)?;
     let mut stream =
-        TcpStream::connect(&address).map_err(|source| ClientError::Connect { address: address.clone(), source })?;
-    let io = |source| ClientError::Io { address: address.clone(), source };
+        TcpStream::connect(&address).map_err(|error| ClientError::Connect { address: address.clone(), error })?;
+    let io = |error| io_error(&address, error);
     stream.set_read_timeout(timeout).map_err(io)?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: application/json, text/event-stream\r\n"
@@ -104,7 +128,9 @@ fn open(
 /// Reads the status line and headers; returns (status, chunked, content length).
 fn read_head(address: &str, reader: &mut BufReader<TcpStream>) -> Result<(u16, bool, Option<usize>), ClientError> {
     let mut line = String::new();
-    read_bounded_line(address, reader, &mut line)?;
+    if read_bounded_line(address, reader, &mut line)? == 0 {
+        return Err(ClientError::Closed { address: address.to_owned(), how: "closed" });
+    }
     let status = line
         .split_whitespace()
         .nth(1)
@@ -114,7 +140,7 @@ fn read_head(address: &str, reader: &mut BufReader<TcpStream>) -> Result<(u16, b
     loop {
         line.clear();
         if read_bounded_line(address, reader, &mut line)? == 0 {
-            return Err(ClientError::Malformed { address: address.to_owned() });
+            return Err(ClientError::Closed { address: address.to_owned(), how: "closed" });
         }
         let header = line.trim_end().to_ascii_lowercase();
         if header.is_empty() {
@@ -131,7 +157,7 @@ fn read_head(address: &str, reader: &mut BufReader<TcpStream>) -> Result<(u16, b
 pub fn request(server: &str, method: &str, path: &str, body: Option<&str>) -> Result<Response, ClientError> {
     let (address, mut reader) = open(server, method, path, body, Some(Duration::from_secs(600)))?;
     let (status, chunked, length) = read_head(&address, &mut reader)?;
-    let io = |source| ClientError::Io { address: address.clone(), source };
+    let io = |error| io_error(&address, error);
     let too_large = || ClientError::TooLarge { address: address.clone(), limit: RESPONSE_BODY_BYTES_MAX as u64 };
     let mut bytes = Vec::new();
     if chunked {
@@ -167,42 +193,61 @@ pub fn request(server: &str, method: &str, path: &str, body: Option<&str>) -> Re
     Ok(Response { status, body: String::from_utf8_lossy(&bytes).into_owned() })
 }
 
-/// Streams a Server-Sent Events response, calling `on_event(name, data)` per event until it
-/// returns false or the stream ends. A non-200 answer is returned as a response.
-pub fn stream_events(
-    server: &str,
-    path: &str,
-    mut on_event: impl FnMut(&str, &str) -> bool,
-) -> Result<Option<Response>, ClientError> {
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `event:` (empty for none).
+    pub name: String,
+    /// `id:`, when the event has one (the live API's resume token).
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// An open Server-Sent Events response, read event by event.
+pub struct EventStream {
+    address: String,
+    reader: BufReader<TcpStream>,
+}
+
+/// Opens a Server-Sent Events stream (`GET path`): the stream once the server answered
+/// 200, or its other answer as a response.
+pub fn open_events(server: &str, path: &str) -> Result<Result<EventStream, Response>, ClientError> {
     let (address, mut reader) = open(server, "GET", path, None, None)?;
     let (status, _, _) = read_head(&address, &mut reader)?;
     if status != 200 {
         let mut body = String::new();
         let _ = (&mut reader).take(RESPONSE_BODY_BYTES_MAX as u64).read_to_string(&mut body);
         let body = body.lines().filter(|l| l.starts_with('{')).collect::<String>();
-        return Ok(Some(Response { status, body }));
+        return Ok(Err(Response { status, body }));
     }
-    let (mut name, mut data) = (String::new(), String::new());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if read_bounded_line(&address, &mut reader, &mut line)? == 0 {
-            return Ok(None);
-        }
-        let text = line.trim_end_matches(['\r', '\n']);
-        if let Some(v) = text.strip_prefix("event:") {
-            name = v.trim().to_owned();
-        } else if let Some(v) = text.strip_prefix("data:") {
-            if data.len() + v.len() > RESPONSE_BODY_BYTES_MAX {
-                return Err(ClientError::TooLarge { address, limit: RESPONSE_BODY_BYTES_MAX as u64 });
+    Ok(Ok(EventStream { address, reader }))
+}
+
+impl EventStream {
+    /// The next event. The live API's streams do not end: the server closing one (it
+    /// stopped) is [`ClientError::Closed`], as is a reset.
+    pub fn next_event(&mut self) -> Result<SseEvent, ClientError> {
+        let (mut name, mut id, mut data) = (String::new(), None, String::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if read_bounded_line(&self.address, &mut self.reader, &mut line)? == 0 {
+                return Err(ClientError::Closed { address: self.address.clone(), how: "closed" });
             }
-            data.push_str(v.trim_start());
-        } else if text.is_empty() && !data.is_empty() {
-            if !on_event(&name, &data) {
-                return Ok(None);
+            let text = line.trim_end_matches(['\r', '\n']);
+            if let Some(v) = text.strip_prefix("event:") {
+                name = v.trim().to_owned();
+            } else if let Some(v) = text.strip_prefix("id:") {
+                id = Some(v.trim().to_owned());
+            } else if let Some(v) = text.strip_prefix("data:") {
+                if data.len() + v.len() > RESPONSE_BODY_BYTES_MAX {
+                    let address = self.address.clone();
+                    return Err(ClientError::TooLarge { address, limit: RESPONSE_BODY_BYTES_MAX as u64 });
+                }
+                data.push_str(v.trim_start());
+            } else if text.is_empty() && !data.is_empty() {
+                return Ok(SseEvent { name, id, data });
             }
-            name.clear();
-            data.clear();
         }
     }
 }
@@ -249,6 +294,35 @@ mod tests {
         let server = serve_once(response);
         let error = request(&server, "GET", "/v1/health", None).unwrap_err();
         assert!(matches!(error, ClientError::TooLarge { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_connection_closed_before_the_answer_is_a_lost_connection_not_a_malformed_answer() {
+        let server = serve_once(Vec::new());
+        let error = request(&server, "GET", "/v1/health", None).unwrap_err();
+        assert!(matches!(error, ClientError::Closed { how: "closed", .. }) && error.is_connection_lost(), "{error}");
+        let server = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}".to_vec());
+        let error = request(&server, "GET", "/v1/health", None).unwrap_err();
+        assert!(error.is_connection_lost(), "a body cut short: {error}");
+        let server = serve_once(b"HTTP/1.1 200 OK\r\n\r\nnot a status line".to_vec());
+        assert!(request(&server, "GET", "/", None).is_ok(), "a body to the end of the stream");
+        let server = serve_once(b"garbage\r\n\r\n".to_vec());
+        let error = request(&server, "GET", "/", None).unwrap_err();
+        assert!(matches!(error, ClientError::Malformed { .. }) && !error.is_connection_lost(), "{error}");
+    }
+
+    #[test]
+    fn server_sent_events_carry_their_name_id_and_data_and_a_closed_stream_is_lost() {
+        let server = serve_once(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: keep-alive\n\n\
+              event: snapshot\nid: 1.ab.2\ndata: {\"a\":1}\n\nevent: reset\ndata: {}\n\n"
+                .to_vec(),
+        );
+        let mut stream = open_events(&server, "/watch").unwrap().unwrap();
+        let first = stream.next_event().unwrap();
+        assert_eq!(first, SseEvent { name: "snapshot".into(), id: Some("1.ab.2".into()), data: r#"{"a":1}"#.into() });
+        assert_eq!(stream.next_event().unwrap(), SseEvent { name: "reset".into(), id: None, data: "{}".into() });
+        assert!(stream.next_event().unwrap_err().is_connection_lost());
     }
 
     #[test]

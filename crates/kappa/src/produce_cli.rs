@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::cli::{BadInput, Progress, ServerArgs, encode, expect_ok};
+use crate::cli::{BadInput, Progress, ServerArgs, encode, expect_ok, reportln};
 use crate::http_client;
 
 /// Records per produce request.
@@ -48,7 +48,8 @@ pub enum Acks {
     printf 'c1:{\"name\":\"news\"}\\n' | kappa produce channels --key-separator :\n  \
     echo '{\"key\":\"c1\",\"value\":{\"name\":\"news\"},\"headers\":{\"kappa.type\":\"ChannelCreated\"}}' | kappa produce channels --format json\n  \
     echo 'c1:{\"name\":\"renamed\"}' | kappa produce channels --key-separator : --expected-offset 41\n\n\
-    JSON values: a string is stored as its text, any other JSON as its JSON text, null is a tombstone.\n\
+    JSON values: a string is stored as its text, any other JSON as its JSON text, null is a tombstone;\n\
+    \"value\" is required (a record without it is refused, not taken for a tombstone).\n\
     The output of `kappa consume --format json` is valid input (topic, offset and timestamp are ignored).\n\
     Blank lines are skipped.")]
 pub struct ProduceArgs {
@@ -88,7 +89,8 @@ pub struct ProduceArgs {
 struct Record {
     #[serde(default)]
     key: Option<String>,
-    #[serde(default)]
+    /// Required in JSON input (`None`: absent, refused); `null` is a tombstone.
+    #[serde(default, deserialize_with = "present")]
     value: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     headers: BTreeMap<String, Option<String>>,
@@ -103,6 +105,12 @@ struct Record {
     _offset: Option<i64>,
     #[serde(default, skip_serializing, rename = "timestamp")]
     _timestamp: Option<i64>,
+}
+
+/// A field that is present, `null` included (`Some` of the JSON text `null`): serde reads
+/// an `Option` field's `null` as `None`, like a missing field.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
@@ -214,6 +222,12 @@ fn parse_line(args: &ProduceArgs, headers: &BTreeMap<String, Option<String>>, li
             }
         }
     };
+    if record.value.is_none() {
+        // Never a tombstone by omission: on a compacted topic it deletes the key.
+        return Err(
+            "no \"value\"; send \"value\": null for a tombstone (it deletes the key), else the value to write".into()
+        );
+    }
     if record.partition.is_none() {
         record.partition = args.partition;
     }
@@ -274,7 +288,8 @@ impl<'a> Sender<'a> {
             expect_ok(http_client::request(&self.args.server.server, "POST", &self.path, Some(&body))?, &what)?;
         if self.args.print_offsets {
             for o in answer["offsets"].as_array().into_iter().flatten() {
-                println!("{}\t{}", o["partition"], o["offset"]);
+                // A closed stdout drops the offsets, not the records still to send.
+                reportln!("{}\t{}", o["partition"], o["offset"])?;
             }
         }
         self.written += n;

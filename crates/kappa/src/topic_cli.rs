@@ -1,11 +1,11 @@
-//! `kappa topic create|list|describe|alter|delete` against a running server.
+//! `kappa topic create|list|describe|alter|delete-records|delete` against a running server.
 
 use std::collections::BTreeMap;
 
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use crate::cli::{BadInput, ServerArgs, call, encode};
+use crate::cli::{BadInput, ServerArgs, call, encode, outln, reportln};
 
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
@@ -94,13 +94,13 @@ pub fn run(command: TopicCommand) -> anyhow::Result<()> {
         TopicCommand::Create { topic, partitions, configs, server } => {
             let body = json!({"name": topic, "partitions": partitions, "configs": key_values(&configs)?});
             call(&server, "POST", "/v1/topics", Some(&body), &format!("creating topic {topic}"))?;
-            println!("created topic {topic} with {partitions} partition(s)");
+            outln!("created topic {topic} with {partitions} partition(s)")?;
         }
         TopicCommand::List { internal, server } => {
             let answer = call(&server, "GET", "/v1/topics", None, "listing topics")?;
             for t in answer["topics"].as_array().into_iter().flatten() {
                 if internal || t["internal"] != true {
-                    println!("{}\t{} partition(s)", t["name"].as_str().unwrap_or("?"), t["partitions"]);
+                    outln!("{}\t{} partition(s)", t["name"].as_str().unwrap_or("?"), t["partitions"])?;
                 }
             }
         }
@@ -108,9 +108,9 @@ pub fn run(command: TopicCommand) -> anyhow::Result<()> {
             let path = format!("/v1/topics/{}", encode(&topic));
             let answer = call(&server, "GET", &path, None, &format!("describing topic {topic}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?)?;
             } else {
-                print_description(&answer);
+                print_description(&answer)?;
             }
         }
         TopicCommand::Alter { topic, set, delete, partitions, server } => {
@@ -128,7 +128,7 @@ pub fn run(command: TopicCommand) -> anyhow::Result<()> {
             let path = format!("/v1/topics/{}/delete-records", encode(&topic));
             let answer = call(&server, "POST", &path, Some(&body), &format!("deleting records of {topic}"))?;
             for p in answer["partitions"].as_array().into_iter().flatten() {
-                println!("{topic}/{}: records start at {}", p["partition"], p["start_offset"]);
+                outln!("{topic}/{}: records start at {}", p["partition"], p["start_offset"])?;
             }
         }
         TopicCommand::Delete { topic, yes, server } => {
@@ -140,7 +140,7 @@ pub fn run(command: TopicCommand) -> anyhow::Result<()> {
             }
             let path = format!("/v1/topics/{}", encode(&topic));
             call(&server, "DELETE", &path, None, &format!("deleting topic {topic}"))?;
-            println!("deleted topic {topic}");
+            outln!("deleted topic {topic}")?;
         }
     }
     Ok(())
@@ -160,12 +160,13 @@ fn alter(
     if !set.is_empty() || !delete.is_empty() {
         let body = json!({"set": key_values(set)?, "delete": delete});
         call(server, "POST", &format!("/v1/topics/{}/configs", encode(topic)), Some(&body), &what)?;
-        println!("{topic}: configs changed");
+        // The partitions may still change: a closed stdout must not stop that.
+        reportln!("{topic}: configs changed")?;
     }
     if let Some(count) = partitions {
         let body = json!({"count": count});
         call(server, "POST", &format!("/v1/topics/{}/partitions", encode(topic)), Some(&body), &what)?;
-        println!("{topic}: now {count} partitions");
+        outln!("{topic}: now {count} partitions")?;
     }
     Ok(())
 }
@@ -191,13 +192,13 @@ fn key_values(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         .collect()
 }
 
-fn print_description(topic: &Value) {
-    println!("topic {}", topic["name"].as_str().unwrap_or("?"));
-    println!("configs:");
+fn print_description(topic: &Value) -> anyhow::Result<()> {
+    outln!("topic {}", topic["name"].as_str().unwrap_or("?"))?;
+    outln!("configs:")?;
     for (key, value) in topic["configs"].as_object().into_iter().flatten() {
-        println!("  {key}={}", value.as_str().unwrap_or_default());
+        outln!("  {key}={}", value.as_str().unwrap_or_default())?;
     }
-    println!("partition\tstart\tend\tsize_bytes\tsegments\tcompaction");
+    outln!("partition\tstart\tend\tsize_bytes\tsegments\tcompaction")?;
     for p in topic["partitions"].as_array().into_iter().flatten() {
         let compaction = match p.get("compaction") {
             Some(c) => format!(
@@ -208,9 +209,14 @@ fn print_description(topic: &Value) {
             ),
             None => "-".to_owned(),
         };
-        println!(
+        outln!(
             "{}\t{}\t{}\t{}\t{}\t{compaction}",
-            p["partition"], p["start_offset"], p["end_offset"], p["size_bytes"], p["segments"]
-        );
+            p["partition"],
+            p["start_offset"],
+            p["end_offset"],
+            p["size_bytes"],
+            p["segments"]
+        )?;
     }
+    Ok(())
 }

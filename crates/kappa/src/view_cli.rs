@@ -8,7 +8,7 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::{encode, expect_ok};
+use crate::cli::{RECONNECT_WITHIN, Reconnect, encode, expect_ok, outln, stdout_error};
 use crate::http_client;
 
 /// How often `view status` polls while following a rebuild.
@@ -32,7 +32,7 @@ pub fn list(server: &str) -> anyhow::Result<()> {
     let views = expect_ok(http_client::request(server, "GET", "/v1/views", None)?, "listing views")?;
     for view in views["views"].as_array().into_iter().flatten() {
         for version in view["versions"].as_array().into_iter().flatten() {
-            println!("{}", version_line(view["name"].as_str().unwrap_or("?"), version));
+            outln!("{}", version_line(view["name"].as_str().unwrap_or("?"), version))?;
         }
     }
     Ok(())
@@ -44,59 +44,94 @@ pub fn get(server: &str, view: &str, key: &str, as_of: Option<&str>) -> anyhow::
         path.push_str(&format!("?as_of={}", encode(at)));
     }
     let answer = expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading {view}/{key}"))?;
-    println!("{}", answer["value"]);
-    Ok(())
+    outln!("{}", answer["value"])
 }
 
 pub fn switch(server: &str, view: &str, version: u32, force: bool) -> anyhow::Result<()> {
     let body = serde_json::json!({"version": version, "force": force}).to_string();
     let path = format!("/v1/views/{}/switch", encode(view));
     expect_ok(http_client::request(server, "POST", &path, Some(&body))?, &format!("switching {view} to v{version}"))?;
-    println!("{view}: version {version} serves reads");
-    Ok(())
+    outln!("{view}: version {version} serves reads")
 }
 
 pub fn retire(server: &str, view: &str, version: u32) -> anyhow::Result<()> {
     let path = format!("/v1/views/{}/versions/{version}", encode(view));
     expect_ok(http_client::request(server, "DELETE", &path, None)?, &format!("retiring {view} v{version}"))?;
-    println!("{view}: version {version} retired");
-    Ok(())
+    outln!("{view}: version {version} retired")
 }
 
+/// Follows a key or prefix over SSE, printing each event's data as a line. When the server
+/// goes away (a restart), reconnects with backoff for up to [`RECONNECT_WITHIN`] and resumes
+/// after the last event's token (the live API's `?resume=`): exactly the changes after it, or
+/// a `reset` and a fresh snapshot, printed as they come.
 pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) -> anyhow::Result<()> {
     let query = match (key, prefix) {
         (Some(key), _) => format!("key={}", encode(key)),
         (None, Some(prefix)) => format!("prefix={}", encode(prefix)),
         (None, None) => bail!("give a key or --prefix"),
     };
-    let path = format!("/v1/views/{}/watch?{query}", encode(view));
-    let mut failed = None;
-    let mut reader_gone = false;
+    let base = format!("/v1/views/{}/watch?{query}", encode(view));
+    let mut token: Option<String> = None;
+    let mut reconnect = Reconnect::default();
     let mut out = std::io::stdout().lock();
-    let refused = http_client::stream_events(server, &path, |name, data| {
-        // Line by line, as changes come; a closed pipe (`| head -1`) ends the watch quietly.
-        if let Err(e) = writeln!(out, "{data}").and_then(|()| out.flush()) {
-            reader_gone = e.kind() == std::io::ErrorKind::BrokenPipe;
-            failed = (!reader_gone).then(|| format!("writing to stdout: {e}"));
-            return false;
+    loop {
+        let path = match &token {
+            Some(token) => format!("{base}&resume={}", encode(token)),
+            None => base.clone(),
+        };
+        let ended = match http_client::open_events(server, &path) {
+            Ok(Ok(mut stream)) => {
+                reconnect.connected(|| match &token {
+                    Some(token) => format!("reconnected; watching {view} on after {token}"),
+                    None => format!("reconnected; watching {view} from a fresh snapshot"),
+                });
+                loop {
+                    let event = match stream.next_event() {
+                        Ok(event) => event,
+                        Err(e) => break Ended::Lost(e.into()),
+                    };
+                    // Line by line, as changes come; a closed pipe (`| head -1`) ends the
+                    // watch quietly.
+                    writeln!(out, "{}", event.data).and_then(|()| out.flush()).map_err(stdout_error)?;
+                    if let Some(id) = event.id {
+                        token = Some(id);
+                    }
+                    if event.name == "error" {
+                        let code = serde_json::from_str::<Value>(&event.data).ok().map(|v| v["code"].clone());
+                        // Cut off for reading too slowly: resume where it was, at once.
+                        if code.as_ref().and_then(Value::as_str) == Some("slow_consumer") {
+                            break Ended::Slow(event.data);
+                        }
+                        bail!("the subscription ended: {}", event.data);
+                    }
+                }
+            }
+            Ok(Err(refused)) => {
+                expect_ok(refused, &format!("watching {view}"))?;
+                bail!("watching {view}: the server did not start a stream");
+            }
+            Err(e) => Ended::Lost(e.into()),
+        };
+        let resume = |what: &str| match &token {
+            Some(token) => format!("{what} to resume after {token}"),
+            None => what.to_owned(),
+        };
+        match ended {
+            Ended::Slow(error) => eprintln!("note: the server ended the stream: {error}; {}", resume("reconnecting")),
+            // Not a lost connection: the error, at once.
+            Ended::Lost(error) => {
+                reconnect.lost(error, || resume(&format!("reconnecting for up to {} s", RECONNECT_WITHIN.as_secs())))?
+            }
         }
-        if name == "error" {
-            failed = Some(data.to_owned());
-            return false;
-        }
-        true
-    })?;
-    if reader_gone {
-        return Ok(());
     }
-    if let Some(response) = refused {
-        expect_ok(response, &format!("watching {view}"))?;
-        bail!("watching {view}: the server did not start a stream");
-    }
-    if let Some(error) = failed {
-        bail!("the subscription ended: {error}");
-    }
-    bail!("the server closed the stream (stopped?); run the command again for a fresh snapshot")
+}
+
+/// How one stream of `view watch` ended.
+enum Ended {
+    /// The connection went (or could not be opened): `Reconnect` decides.
+    Lost(anyhow::Error),
+    /// The server cut this reader off for reading too slowly (its error event).
+    Slow(String),
 }
 
 /// Prints a view's versions; while one builds, follows it with a progress bar (a terminal)
@@ -108,7 +143,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
     };
     let info = fetch()?;
     for version in info["versions"].as_array().into_iter().flatten() {
-        println!("{}", version_line(view, version));
+        outln!("{}", version_line(view, version))?;
     }
     let building = |info: &Value| -> Option<Value> {
         info["versions"].as_array().into_iter().flatten().find(|v| v["status"] == "building").cloned()
@@ -134,7 +169,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
         let Some(version) = building(&info) else {
             bar.finish_with_message("caught up");
             if !terminal {
-                println!("{view}: caught up");
+                outln!("{view}: caught up")?;
             }
             return Ok(());
         };
@@ -146,7 +181,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
         bar.set_position(applied);
         bar.set_message(message.clone());
         if !terminal {
-            println!("{view} v{}: {applied}/{} events, {message}", version["version"], total(&version));
+            outln!("{view} v{}: {applied}/{} events, {message}", version["version"], total(&version))?;
         }
         std::thread::sleep(STATUS_POLL);
     }

@@ -159,8 +159,10 @@ fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
         .args(["topic", "list", "--server", "http://127.0.0.1:1"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is `kappa serve` running there?"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("is `kappa serve` running there?"), "{stderr}");
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "the cause, once: {stderr}");
 }
 
 #[test]
@@ -180,6 +182,7 @@ fn every_command_has_an_example_in_its_help() {
         &["topic", "list"],
         &["topic", "describe"],
         &["topic", "alter"],
+        &["topic", "delete-records"],
         &["topic", "delete"],
         &["produce"],
         &["consume"],
@@ -192,6 +195,10 @@ fn every_command_has_an_example_in_its_help() {
         let help = ok(&server, &args, "");
         assert!(help.contains("Example"), "kappa {command:?} --help has no example:\n{help}");
     }
+    // The summary of `topic` names every topic command.
+    let help = ok(&server, &["--help"], "");
+    let line = help.lines().find(|l| l.trim_start().starts_with("topic ")).expect("a topic line");
+    assert!(line.contains("delete-records"), "{line}");
 }
 
 #[test]
@@ -273,7 +280,14 @@ fn produce_and_consume_round_trip_lines_and_json_records_with_headers() {
         "{from_one:?}"
     );
     fails(&server, &["consume", "events", "--from", "yesterday"], "", 2, "RFC 3339");
-    fails(&server, &["consume", "events", "--partition", "7"], "", 2, "partitions 0..3");
+    // Past the end: say where the partition ends (without --follow it printed nothing).
+    let end = end_offsets(&server, "events")[c1["partition"].as_u64().unwrap() as usize];
+    let past = (end + 5).to_string();
+    let said = format!("partition {p} of events ends at offset {end}");
+    fails(&server, &["consume", "events", "--partition", &p, "--from", &past], "", 2, &said);
+    fails(&server, &["consume", "events", "--partition", &p, "--from", &past, "--follow"], "", 2, &said);
+    // A partition the topic lacks is not found (4), as the server says for every request.
+    fails(&server, &["consume", "events", "--partition", "7"], "", 4, "no partition 7; it has 3 partitions (0 to 2)");
     fails(&server, &["consume", "nope"], "", 4, "does not exist");
 }
 
@@ -290,6 +304,14 @@ fn bad_produce_input_gets_a_clear_message_and_writes_nothing() {
         "line 2: not a JSON record",
     );
     fails(&server, &["produce", "events", "--format", "json"], "{\"key\":\"a\",\"valu\":1}\n", 2, "unknown field");
+    // No "value" is refused, not taken for a tombstone (on a compacted topic it deletes the key).
+    fails(
+        &server,
+        &["produce", "events", "--format", "json"],
+        "{\"key\":\"a\",\"value\":1}\n{\"key\":\"y\"}\n",
+        2,
+        "line 2: no \"value\"; send \"value\": null for a tombstone",
+    );
     fails(
         &server,
         &["produce", "events", "--key-separator", ":"],
@@ -301,9 +323,10 @@ fn bad_produce_input_gets_a_clear_message_and_writes_nothing() {
         &server,
         &["produce", "events", "--format", "json"],
         "{\"key\":\"a\",\"value\":1,\"partition\":9}\n",
-        2,
-        "partitions 0..2",
+        4,
+        "no partition 9; it has 2 partitions (0 to 1)",
     );
+    fails(&server, &["produce", "events", "--partition", "2"], "x\n", 4, "no partition 2");
     fails(&server, &["produce", "nope"], "x\n", 4, "does not exist");
     assert_eq!(end_offsets(&server, "events"), vec![0, 0], "nothing was written");
 
@@ -614,4 +637,224 @@ fn produce_sizes_requests_as_sent_and_refuses_endless_lines() {
     assert!(sizes >= 200 * 30_000, "stored as sent: {sizes} bytes");
     let endless = "x".repeat(8 * 1024 * 1024 + 10);
     fails(&server, &["produce", "escaped"], &endless, 2, "line 1: longer than 8388608 bytes");
+}
+
+/// The offline view commands read a stopped server's data directory. A path that is not one
+/// (a typo'd `--data-dir`) is refused with exit 2, saying what is wrong and that `serve`
+/// creates data directories, and nothing is created there.
+#[test]
+fn offline_commands_refuse_a_directory_that_is_not_a_data_directory_and_create_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let missing = temp.path().join("typo");
+    let empty = temp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let offline = |args: &[&str], dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_kappa"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .env_remove("KAPPA_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    let commands: [&[&str]; 3] =
+        [&["view", "list"], &["view", "get", "channel_stats", "c1"], &["view", "dump", "channel_stats"]];
+    for (dir, said) in [(&missing, "does not exist"), (&empty, "holds no kappa data")] {
+        for command in commands {
+            let out = offline(command, dir);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "kappa {command:?} --data-dir {}: {stderr}", dir.display());
+            assert!(
+                stderr.contains(said) && stderr.contains("`kappa serve` creates"),
+                "kappa {command:?} --data-dir {}: {stderr}",
+                dir.display()
+            );
+            assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    assert!(!missing.exists(), "a refused command created {}", missing.display());
+    let created: Vec<_> = std::fs::read_dir(&empty).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(created.is_empty(), "a refused command created {created:?}");
+
+    // A stopped server's data directory is one.
+    let data = temp.path().join("data");
+    let mut server = Server::start_in(&data, &[]);
+    server.stop();
+    let out = offline(&["view", "list"], &data);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs `kappa <args>` with stdout a pipe whose reader is gone (as after `| head -1` took
+/// its line): every write fails with EPIPE. The command must end quietly with exit 0.
+fn into_closed_pipe(server: &Server, args: &[&str], stdin: &str) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(args)
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .stdin(Stdio::piped())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kappa");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(0) && !stderr.contains("panicked") && !stderr.contains("error"),
+        "kappa {args:?} into a closed pipe: {} {stderr}",
+        out.status
+    );
+}
+
+/// `| head -1` closing stdout ends a command quietly (exit 0, no panic), and a command that
+/// writes something still writes all of it: its output is a report, not a confirmation.
+#[test]
+fn every_command_into_a_closed_pipe_ends_quietly_and_still_does_its_writes() {
+    let server = Server::start();
+    let topic = ["topic", "create", "piped", "--partitions", "2", "--config", "cleanup.policy=compact,delete"];
+    into_closed_pipe(&server, &topic, "");
+    into_closed_pipe(&server, &["topic", "list", "--internal"], "");
+    into_closed_pipe(&server, &["topic", "describe", "piped"], "");
+    into_closed_pipe(&server, &["topic", "describe", "piped", "--json"], "");
+    into_closed_pipe(&server, &["produce", "piped", "--key-separator", ":", "--print-offsets"], "a:1\nb:2\nc:3\n");
+    assert_eq!(end_offsets(&server, "piped").iter().sum::<i64>(), 3, "every record was written");
+    into_closed_pipe(&server, &["topic", "alter", "piped", "--set", "retention.ms=3600000", "--partitions", "3"], "");
+    let described = describe(&server, "piped");
+    assert_eq!(described["configs"]["retention.ms"], "3600000");
+    assert_eq!(described["partitions"].as_array().unwrap().len(), 3, "both changes were made: {described}");
+    let end = described["partitions"][0]["end_offset"].clone();
+    into_closed_pipe(&server, &["topic", "delete-records", "piped", "--before", "0=-1", "--yes"], "");
+    assert_eq!(describe(&server, "piped")["partitions"][0]["start_offset"], end);
+    into_closed_pipe(&server, &["consume", "piped", "--format", "json"], "");
+    into_closed_pipe(&server, &["group", "reset-offsets", "audit", "--topic", "piped", "--to-latest"], "");
+    assert_eq!(committed(&group(&server, "audit")).len(), 3, "the reset was committed");
+    into_closed_pipe(&server, &["group", "list"], "");
+    into_closed_pipe(&server, &["group", "describe", "audit"], "");
+    into_closed_pipe(&server, &["topic", "delete", "piped", "--yes"], "");
+    fails(&server, &["topic", "describe", "piped"], "", 4, "does not exist");
+}
+
+/// A command that runs until killed, its stdout lines read as they come.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Follower {
+    fn spawn(binary: &std::path::Path, server: &Server, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(binary)
+            .args(args)
+            .env("KAPPA_SERVER", format!("http://{}", server.http))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Reads lines until one satisfies `want`; panics with everything seen (and the
+    /// follower's stderr) if none comes within TIMEOUT or the follower exits first.
+    fn wait_for(&mut self, server: &Server, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Ok(json) = serde_json::from_str::<Value>(&line)
+                        && want(&json)
+                    {
+                        return json;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+                    let stderr = String::from_utf8_lossy(&out.wait_with_output().unwrap().stderr).into_owned();
+                    panic!(
+                        "no {what} within {TIMEOUT:?} (or the command exited first); printed {:?}; stderr:\n{stderr}\nserver log:\n{}",
+                        self.seen,
+                        server.log()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Stops it; returns its stderr.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        String::from_utf8_lossy(&self.child.wait_with_output().unwrap().stderr).into_owned()
+    }
+}
+
+/// A server restart is not the end of `view watch` or `consume --follow`: both reconnect
+/// (with a note on stderr) and go on where they were — the watch resumes after its last
+/// token (the change made while it was away comes once, no second snapshot), the consumer
+/// reads on from its next offset.
+#[test]
+fn view_watch_and_consume_follow_go_on_across_a_server_restart() {
+    let channels = common::example_binary("channels");
+    let temp = tempfile::tempdir().unwrap();
+    let mut server = Server::start_binary_in(&channels, &temp.path().join("data"), &[]);
+    let produce = |server: &Server, name: &str, kind: &str| {
+        let record = format!(
+            r#"{{"key":"c1","value":{{"channelId":"c1","name":"{name}","ownerId":"u1"}},"headers":{{"kappa.type":"{kind}"}}}}"#
+        );
+        let mut command = Command::new(&channels);
+        command
+            .args(["produce", "channels", "--format", "json"])
+            .env("KAPPA_SERVER", format!("http://{}", server.http));
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(format!("{record}\n").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "produce: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    produce(&server, "Before", "ChannelCreated");
+    // The view serves once it has caught up; until then a watch is refused (view_not_ready).
+    let deadline = Instant::now() + TIMEOUT;
+    while !Command::new(&channels)
+        .args(["view", "get", "channel_page", "c1"])
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "channel_page never served c1\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut watch = Follower::spawn(&channels, &server, &["view", "watch", "channel_page", "c1"]);
+    watch.wait_for(&server, "snapshot with the channel", |e| {
+        e["type"] == "snapshot" && e["items"][0]["value"]["name"] == "Before"
+    });
+    let mut consume = Follower::spawn(&channels, &server, &["consume", "channels", "--format", "json", "--follow"]);
+    consume.wait_for(&server, "the first record", |r| r["value"].as_str().is_some_and(|v| v.contains("Before")));
+
+    server.stop();
+    server.restart(&[]);
+    produce(&server, "After", "ChannelUpdated");
+
+    let change = watch.wait_for(&server, "the change made after the restart", |e| e["type"] == "change");
+    assert_eq!(change["value"]["name"], "After", "{change}");
+    assert_eq!(watch.seen.len(), 2, "the snapshot, then exactly the one change: {:?}", watch.seen);
+    consume.wait_for(&server, "the record produced after the restart", |r| {
+        r["value"].as_str().is_some_and(|v| v.contains("After"))
+    });
+    assert_eq!(consume.seen.len(), 2, "each record once: {:?}", consume.seen);
+    for (what, stderr) in [("view watch", watch.stop()), ("consume --follow", consume.stop())] {
+        assert!(stderr.contains("note:") && stderr.contains("reconnected"), "{what}: {stderr}");
+        assert!(!stderr.contains("error:"), "{what}: {stderr}");
+    }
 }
