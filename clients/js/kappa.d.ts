@@ -164,8 +164,8 @@ export interface Page<T = Json> {
 
 export interface ProduceRecord {
   key?: string | null;
-  /** Any JSON; null or absent is a tombstone. */
-  value?: Json;
+  /** Any JSON; null is a tombstone. Required: a record without it is refused (400), so a forgotten value never deletes a key. */
+  value: Json;
   headers?: Record<string, string | null>;
   partition?: number;
   /** Offset of the key's latest record in its partition, or -1 for none: else the request fails with `offset_mismatch`. */

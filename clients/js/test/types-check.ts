@@ -50,6 +50,8 @@ export async function use(WebSocketImpl: any): Promise<void> {
   const views: ViewInfo[] = await kappa.views();
   const progress: number = views[0].versions[0].progress;
   const offsets = await kappa.produce('channels', [{ key: 'c1', value: null, headers: { contentId: 'a' } }]);
+  // @ts-expect-error: a record names its value (null for a tombstone); the server refuses one without
+  await kappa.produce('channels', [{ key: 'c1' }]);
   const offset: number = offsets[0].offset;
   try {
     await kappa.get('nope', 'k');
