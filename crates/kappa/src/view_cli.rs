@@ -134,8 +134,9 @@ enum Ended {
     Slow(String),
 }
 
-/// Prints a view's versions; while one builds, follows it with a progress bar (a terminal)
-/// or a line per poll (anything else) until no version is building.
+/// Prints a view's versions; while one builds (or waits to restart), follows it with a
+/// progress bar (a terminal) or a line per poll (anything else) until none does. Ends with
+/// an error (exit 1) when a version is stopped, naming it and why, so a script can tell.
 pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
     let path = format!("/v1/views/{}", encode(view));
     let fetch = || -> anyhow::Result<Value> {
@@ -146,11 +147,12 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
         outln!("{}", version_line(view, version))?;
     }
     let building = |info: &Value| -> Option<Value> {
-        info["versions"].as_array().into_iter().flatten().find(|v| v["status"] == "building").cloned()
+        let mut versions = info["versions"].as_array().into_iter().flatten();
+        versions.find(|v| v["status"] == "building" || v["status"] == "restarting").cloned()
     };
-    let Some(first) = building(&info) else { return Ok(()) };
+    let Some(first) = building(&info) else { return stopped_versions(view, &info) };
     if once {
-        return Ok(());
+        return stopped_versions(view, &info);
     }
     let terminal = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(total(&first));
@@ -167,6 +169,7 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
     loop {
         let info = fetch()?;
         let Some(version) = building(&info) else {
+            stopped_versions(view, &info)?;
             bar.finish_with_message("caught up");
             if !terminal {
                 outln!("{view}: caught up")?;
@@ -185,6 +188,19 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
         }
         std::thread::sleep(STATUS_POLL);
     }
+}
+
+/// Err naming every version of `info` that stopped, with why.
+fn stopped_versions(view: &str, info: &Value) -> anyhow::Result<()> {
+    let stopped: Vec<String> = info["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["status"] == "failed")
+        .map(|v| format!("v{}: {}", v["version"], v["error"].as_str().unwrap_or("no reason given")))
+        .collect();
+    anyhow::ensure!(stopped.is_empty(), "view {view} has stopped versions — {}", stopped.join("; "));
+    Ok(())
 }
 
 fn total(version: &Value) -> u64 {
