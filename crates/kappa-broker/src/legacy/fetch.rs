@@ -141,7 +141,8 @@ mod tests {
     #[test]
     fn encodes_the_down_converted_records_as_they_are() {
         for version in 0..=3 {
-            let set = message_set::down_convert(&batch(), magic_for(version), 1 << 20, usize::MAX).unwrap();
+            let set = message_set::down_convert(&batch(), magic_for(version), 17, 1 << 20, message_set::SetLimit::NONE)
+                .unwrap();
             let mut out = BytesMut::new();
             encode_response(version, &response(set.clone()), &mut out);
             let mut expected = BytesMut::new();
