@@ -400,10 +400,14 @@ mod tests {
             let broker = broker.clone();
             async move { broker.fetch(fetch_request("zstd", 1), 0).await }
         });
-        let modern = broker.fetch(fetch_request("zstd", 1), 4).await;
+        // These take no turn: waiting for one would fail the test, not hang it.
+        let at_once = |fetch| async move {
+            tokio::time::timeout(Duration::from_secs(10), fetch).await.expect("answered without a turn")
+        };
+        let modern = at_once(broker.fetch(fetch_request("zstd", 1), 4)).await;
         let stored = kappa_log::batch::BatchHeader::parse(&records(&modern)).unwrap();
         assert_eq!(stored.compression().unwrap(), Compression::Zstd, "fetch v4+ answers the stored batch");
-        let plain = broker.fetch(fetch_request("plain", 1), 2).await;
+        let plain = at_once(broker.fetch(fetch_request("plain", 1), 2)).await;
         assert_eq!(messages(&plain), expected(1), "an uncompressed legacy fetch converts without a turn");
         let gave_up = tokio::time::timeout(Duration::from_secs(2), async {
             while !legacy.is_finished() {
