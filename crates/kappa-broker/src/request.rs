@@ -125,7 +125,21 @@ pub fn encode_response_frame(header: &RequestHeader, response: &Response) -> Res
     let mismatch = || ProtocolError::ResponseMismatch { request: key, response: response_key(response).unwrap_or(-1) };
     let encode_error = |reason: String| ProtocolError::Encode { api_key: key, version, reason };
     let header_version = response_header_version(api_key, version);
+    let spliced_buf = |fetch: &kafka_protocol::messages::FetchResponse| {
+        let records: Vec<Bytes> =
+            fetch.responses.iter().flat_map(|t| &t.partitions).filter_map(|p| p.records.clone()).collect();
+        let spliced: usize = records.iter().filter(|r| r.len() >= frame::SPLICE_BYTES_MIN).map(Bytes::len).sum();
+        let mut out = frame::SpliceBuf::new(encoded_bytes_hint(response) - spliced, records);
+        encode_response_header(out.head_mut(), header.correlation_id, header_version);
+        out
+    };
     if legacy::handles(api_key, version) {
+        if let (ApiKey::Fetch, ResponseKind::Fetch(fetch)) = (api_key, response) {
+            // Down-converted message sets, spliced as a modern answer's stored batches are.
+            let mut out = spliced_buf(fetch);
+            legacy::fetch::encode_response(version, fetch, &mut out);
+            return Ok(out.finish());
+        }
         let mut out = frame::start_frame(encoded_bytes_hint(response));
         encode_response_header(&mut out, header.correlation_id, header_version);
         legacy::encode_response(api_key, version, response, &mut out).map_err(|e| match e {
@@ -138,11 +152,7 @@ pub fn encode_response_frame(header: &RequestHeader, response: &Response) -> Res
         return Err(mismatch());
     }
     if let ResponseKind::Fetch(fetch) = response {
-        let records: Vec<Bytes> =
-            fetch.responses.iter().flat_map(|t| &t.partitions).filter_map(|p| p.records.clone()).collect();
-        let spliced: usize = records.iter().filter(|r| r.len() >= frame::SPLICE_BYTES_MIN).map(Bytes::len).sum();
-        let mut out = frame::SpliceBuf::new(encoded_bytes_hint(response) - spliced, records);
-        encode_response_header(out.head_mut(), header.correlation_id, header_version);
+        let mut out = spliced_buf(fetch);
         fetch.encode(&mut out, version).map_err(|e| encode_error(e.to_string()))?;
         return Ok(out.finish());
     }
@@ -293,6 +303,54 @@ mod tests {
             whole.put_i32(0);
             encode_response_header(&mut whole, 0, response_header_version(ApiKey::Fetch, version));
             resp.encode(&mut whole, version).unwrap();
+            let size = (whole.len() - 4) as i32;
+            whole[..4].copy_from_slice(&size.to_be_bytes());
+            assert_eq!(frame.to_bytes(), whole.freeze(), "v{version}");
+            assert_eq!(frame.len(), frame.to_bytes().len());
+        }
+    }
+
+    /// A fetch v0-3 answer's down-converted message sets are spliced too, not copied again
+    /// into the frame.
+    #[test]
+    fn legacy_fetch_answers_splice_large_message_sets_and_encode_the_same_bytes() {
+        use kafka_protocol::messages::FetchResponse;
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        let partition = |index, records: Bytes| {
+            let mut p = PartitionData::default();
+            p.partition_index = index;
+            p.records = Some(records);
+            p
+        };
+        let mut set = BytesMut::new();
+        for offset in 0..4 {
+            legacy::message_set::encode_message(
+                &mut set,
+                offset,
+                1,
+                0,
+                1,
+                None,
+                Some(&[7u8; frame::SPLICE_BYTES_MIN / 2]),
+            );
+        }
+        let big = set.freeze();
+        let mut small = BytesMut::new();
+        legacy::message_set::encode_message(&mut small, 0, 1, 0, 1, None, Some(b"v"));
+        for version in 0..=3 {
+            let mut topic = FetchableTopicResponse::default();
+            topic.topic = kafka_protocol::messages::TopicName(StrBytes::from_static_str("t"));
+            topic.partitions = vec![partition(0, big.clone()), partition(1, small.clone().freeze())];
+            let mut fetch = FetchResponse::default();
+            fetch.responses = vec![topic];
+            let header = RequestHeader::default().with_request_api_key(1).with_request_api_version(version);
+            let resp = ResponseKind::Fetch(fetch);
+            let frame = encode_response_frame(&header, &resp).unwrap();
+            assert_eq!(frame.parts.iter().filter(|p| p.as_ptr() == big.as_ptr()).count(), 1, "v{version}");
+            let mut whole = BytesMut::new();
+            whole.put_i32(0);
+            encode_response_header(&mut whole, 0, response_header_version(ApiKey::Fetch, version));
+            legacy::encode_response(ApiKey::Fetch, version, &resp, &mut whole).unwrap();
             let size = (whole.len() - 4) as i32;
             whole[..4].copy_from_slice(&size.to_be_bytes());
             assert_eq!(frame.to_bytes(), whole.freeze(), "v{version}");

@@ -20,6 +20,18 @@ mod common;
 /// A fetch v0-3 request of partition 0 of `topic` from `offset`, as a size-prefixed frame
 /// (kafka-protocol no longer encodes these versions).
 fn legacy_fetch_frame(version: i16, correlation_id: i32, topic: &str, offset: i64) -> Vec<u8> {
+    legacy_fetch_frame_within(version, correlation_id, topic, offset, 1 << 20, 1 << 20)
+}
+
+/// [`legacy_fetch_frame`] with the request's `max_bytes` (v3) and `partition_max_bytes`.
+fn legacy_fetch_frame_within(
+    version: i16,
+    correlation_id: i32,
+    topic: &str,
+    offset: i64,
+    max_bytes: i32,
+    partition_max_bytes: i32,
+) -> Vec<u8> {
     let header = RequestHeader::default()
         .with_request_api_key(ApiKey::Fetch as i16)
         .with_request_api_version(version)
@@ -31,7 +43,7 @@ fn legacy_fetch_frame(version: i16, correlation_id: i32, topic: &str, offset: i6
     body.put_i32(100); // max wait ms
     body.put_i32(1); // min bytes
     if version >= 3 {
-        body.put_i32(1 << 20);
+        body.put_i32(max_bytes);
     }
     body.put_i32(1);
     body.put_i16(topic.len() as i16);
@@ -39,7 +51,7 @@ fn legacy_fetch_frame(version: i16, correlation_id: i32, topic: &str, offset: i6
     body.put_i32(1);
     body.put_i32(0);
     body.put_i64(offset);
-    body.put_i32(1 << 20);
+    body.put_i32(partition_max_bytes);
     let mut frame = (body.len() as i32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     frame
@@ -68,8 +80,8 @@ async fn read_legacy_fetch(stream: &mut TcpStream, version: i16, correlation_id:
     (error_code, answer)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn legacy_fetches_get_compressed_and_plain_batches_as_message_sets_from_the_fetch_offset() {
+/// A broker serving topic "t" (one partition); its address.
+async fn start() -> (tempfile::TempDir, std::net::SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
     log.create_topic("t", 1, &Default::default()).unwrap();
@@ -77,7 +89,12 @@ async fn legacy_fetches_get_compressed_and_plain_batches_as_message_sets_from_th
     let addr = listener.local_addr().unwrap();
     let broker = Broker::open(log, BrokerConfig::default()).await.unwrap();
     tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
+    (dir, addr)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_fetches_get_compressed_and_plain_batches_as_message_sets_from_the_fetch_offset() {
+    let (_dir, addr) = start().await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut offset = 0;
     for (compression, count) in [(Compression::Gzip, 4), (Compression::None, 2), (Compression::Zstd, 3)] {
@@ -109,4 +126,51 @@ async fn legacy_fetches_get_compressed_and_plain_batches_as_message_sets_from_th
             .collect();
         assert_eq!(got, expected, "v{version}");
     }
+}
+
+/// A compressed batch inflates on down-conversion (here 64 KiB of zeros per record, stored
+/// in a few hundred bytes): the answer is bounded by the converted bytes, as Kafka bounds
+/// it by the bytes it read — at most the partition's `partition_max_bytes` and the request's
+/// `max_bytes` (v3), whole messages, the first one whatever its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_fetch_answers_hold_the_requests_limits_of_converted_bytes() {
+    const VALUE_BYTES: usize = 64 * 1024;
+    let (_dir, addr) = start().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut batch = BatchBuilder::new().compression(Compression::Gzip);
+    for i in 0..32 {
+        batch.push(NewRecord::new(Some(b"k"), Some(&vec![0u8; VALUE_BYTES][..]), 1_000 + i));
+    }
+    let batch = batch.build();
+    assert!(batch.len() < 64 * 1024, "{} bytes stored", batch.len());
+    let request = common::produce_request("t", batch, None);
+    let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, 9, &request).await;
+    assert_eq!(response.responses[0].partition_responses[0].error_code, 0);
+
+    let mut correlation_id = 0;
+    let mut fetch = async |version: i16, max_bytes: i32, partition_max_bytes: i32| -> (usize, Vec<i64>) {
+        correlation_id += 1;
+        let frame = legacy_fetch_frame_within(version, correlation_id, "t", 3, max_bytes, partition_max_bytes);
+        stream.write_all(&frame).await.unwrap();
+        let (error_code, set) = read_legacy_fetch(&mut stream, version, correlation_id).await;
+        assert_eq!(error_code, 0, "v{version}");
+        let messages = message_set::decode(&set, 1 << 30, false).unwrap();
+        (set.len(), messages.iter().map(|m| m.offset).collect())
+    };
+    let one_mib = 1 << 20;
+    for version in 0..=3 {
+        let (bytes, offsets) = fetch(version, i32::MAX, 300 * 1024).await;
+        assert!(bytes <= 300 * 1024, "v{version}: {bytes} bytes");
+        assert_eq!(offsets, [3, 4, 5, 6], "v{version}: partition_max_bytes");
+        let (bytes, offsets) = fetch(version, i32::MAX, 1).await;
+        assert!(bytes > VALUE_BYTES, "v{version}");
+        assert_eq!(offsets, [3], "v{version}: the first message whatever its size");
+        let (bytes, offsets) = fetch(version, i32::MAX, one_mib).await;
+        assert!(bytes <= one_mib as usize, "v{version}: {bytes} bytes");
+        assert_eq!(offsets, (3..18).collect::<Vec<_>>(), "v{version}: 15 of 64 KiB and more in 1 MiB");
+    }
+    let (bytes, offsets) = fetch(3, 200 * 1024, one_mib).await;
+    assert!(bytes <= 200 * 1024, "{bytes} bytes");
+    assert_eq!(offsets, [3, 4, 5], "v3: max_bytes");
+    assert_eq!(fetch(3, 1, one_mib).await.1, [3], "v3: the first message whatever its size");
 }

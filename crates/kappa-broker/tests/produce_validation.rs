@@ -135,17 +135,28 @@ async fn a_message_set_in_produce_v3_or_later_is_an_invalid_record() {
     message_set::encode_message(&mut v0, 0, 0, 0, -1, Some(b"key"), Some(b"value"));
     let batch = BatchBuilder::new().record(record()).build();
     let behind_a_batch = [&batch[..], &v1[..]].concat();
+    // Refused before its transaction is looked at: not INVALID_TXN_STATE (for the missing
+    // transactional id, or the unknown one) nor holding the transaction meanwhile.
+    let transactional = BatchBuilder::new().producer(9, 0, 0).transactional(true).record(record()).build();
+    let behind_a_transactional_batch = [&transactional[..], &v1[..]].concat();
     let mut stream = TcpStream::connect(kappa.addr).await.unwrap();
     for version in [3, PRODUCE_VERSION] {
-        for (what, set) in [("magic 1", v1.to_vec()), ("magic 0", v0.to_vec()), ("magic 1", behind_a_batch.clone())] {
-            let mut request = common::produce_request("two", set, None);
+        for (what, set, transactional_id) in [
+            ("magic 1", v1.to_vec(), None),
+            ("magic 0", v0.to_vec(), None),
+            ("magic 1", behind_a_batch.clone(), None),
+            ("magic 1", behind_a_transactional_batch.clone(), None),
+            ("magic 1", behind_a_transactional_batch.clone(), Some("unknown")),
+        ] {
+            let mut request = common::produce_request("two", set, transactional_id);
             let mut good = PartitionProduceData::default();
             good.index = 1;
             good.records = Some(batch.clone().into());
             request.topic_data[0].partition_data.push(good);
             let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, version, &request).await;
-            let answers = &response.responses[0].partition_responses;
-            let context = format!("v{version}, {what}");
+            let mut answers = response.responses[0].partition_responses.clone();
+            answers.sort_by_key(|answer| answer.index);
+            let context = format!("v{version}, {what}, transactional id {transactional_id:?}");
             assert_eq!((answers[0].index, answers[0].error_code), (0, INVALID_RECORD), "{context}");
             assert_eq!((answers[1].index, answers[1].error_code), (1, 0), "{context}");
             let message = answers[0].error_message.as_deref().map(str::to_owned);
@@ -159,7 +170,7 @@ async fn a_message_set_in_produce_v3_or_later_is_an_invalid_record() {
         }
     }
     assert_eq!(kappa.log.partition("two", 0).unwrap().log_end_offset(), 0, "nothing was written");
-    assert_eq!(kappa.log.partition("two", 1).unwrap().log_end_offset(), 6, "the other partition was");
+    assert_eq!(kappa.log.partition("two", 1).unwrap().log_end_offset(), 10, "the other partition was");
     // Produce v2 (kafka-node) still converts the same message sets.
     assert_eq!(legacy_produce(kappa.addr, &v1).await, 0);
     assert_eq!(legacy_produce(kappa.addr, &v0).await, 0);

@@ -70,7 +70,9 @@ impl Handler for TestHandler {
                     let records = match kappa_broker::legacy::handles(ApiKey::Fetch, version) {
                         true => {
                             let magic = kappa_broker::legacy::fetch::magic_for(version);
-                            message_set::down_convert(&batch, magic, 1 << 20, usize::MAX).unwrap()
+                            let offset = f.topics[0].partitions[0].fetch_offset;
+                            message_set::down_convert(&batch, magic, offset, 1 << 20, message_set::SetLimit::NONE)
+                                .unwrap()
                         }
                         false => batch,
                     };

@@ -75,7 +75,9 @@ impl Broker {
             if bytes >= min_bytes || errored || Instant::now() >= deadline || watches.is_empty() {
                 let reads = match version {
                     0..=LAST_LEGACY_FETCH_VERSION => {
-                        self.down_convert(wanted.clone(), reads, legacy::fetch::magic_for(version)).await
+                        let answer_bytes_max = response_max.min(legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX);
+                        let magic = legacy::fetch::magic_for(version);
+                        self.down_convert(wanted.clone(), reads, magic, answer_bytes_max).await
                     }
                     _ => reads,
                 };
@@ -86,13 +88,19 @@ impl Broker {
     }
 
     /// Fetch v0-3 answers as message sets of `magic` (0 or 1), the format those clients
-    /// read, each starting at its fetch offset, at most about
-    /// [`legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX`] in all. Converting re-encodes every
+    /// read, each starting at its fetch offset, within the request's limits and
+    /// `answer_bytes_max` ([`down_convert_reads`]). Converting re-encodes every
     /// record (CRC-32 included), so it runs on a blocking thread, never on a runtime worker;
     /// an answer holding any compressed batch also waits for a turn from the budget
     /// compressed produces take: converting inflates each batch, up to 64 MiB. Uncompressed
     /// answers take no turn: what they convert is what was read.
-    async fn down_convert(&self, wanted: Arc<Vec<Wanted>>, reads: Vec<PartitionRead>, magic: i8) -> Vec<PartitionRead> {
+    async fn down_convert(
+        &self,
+        wanted: Arc<Vec<Wanted>>,
+        reads: Vec<PartitionRead>,
+        magic: i8,
+        answer_bytes_max: usize,
+    ) -> Vec<PartitionRead> {
         let inflates = reads.iter().any(|read| has_compressed_batch(&read.records));
         let turn = match inflates {
             true => Some(self.inflating_turn().await),
@@ -100,7 +108,7 @@ impl Broker {
         };
         blocking(move || {
             let _turn = turn;
-            down_convert_reads(&wanted, reads, magic, legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX)
+            down_convert_reads(&wanted, reads, magic, answer_bytes_max)
         })
         .await
     }
@@ -174,60 +182,44 @@ fn offset_for(
 /// Fetch v0-3 answers are down-converted to message sets (magic 0/1).
 const LAST_LEGACY_FETCH_VERSION: i16 = 3;
 
-/// For down-converted (Fetch v0-3) answers: drops the records before `offset` from the first
-/// batch, which starts at or before the fetch offset. Kafka does the same when it down-converts
-/// (`RecordsUtil.downConvert`), and kafka-node's Consumer relies on it: it hands every message
-/// it gets to the application, so a fetch from offset 13 into a batch 10..19 would redeliver
-/// 10..12.
-fn drop_records_before(records: Bytes, offset: i64) -> Bytes {
-    let Ok(header) = kappa_log::batch::BatchHeader::parse(&records) else {
-        return records;
-    };
-    let total = header.total_bytes();
-    if header.base_offset >= offset || total > records.len() || header.is_control() {
-        return records;
-    }
-    match kappa_log::records::rebuild_batch(&records[..total], |r| r.offset() >= offset, legacy::DECOMPRESSED_BYTES_MAX)
-    {
-        Ok(Some(first)) => {
-            let mut out = first;
-            out.extend_from_slice(&records[total..]);
-            Bytes::from(out)
-        }
-        Ok(None) => records.slice(total..),
-        // The down-conversion reports a batch it cannot decode.
-        Err(_) => records,
-    }
-}
-
-/// Every partition's read as a message set of `magic`, at most about `answer_bytes_max` of
-/// them together: the first partition with records gets at least one message; once the
-/// budget is spent the rest get none (their consumers fetch them again).
+/// Every partition's read as a message set of `magic` from its fetch offset on, bounded by
+/// what it converts to, as Kafka bounds a down-converted answer by the bytes it read
+/// (`LazyDownConversionRecordsSend`): each partition at most its `partition_max_bytes`, all
+/// of them at most `answer_bytes_max` (the request's `max_bytes` where the version has one,
+/// and [`legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX`]), whole messages only. The answer's first
+/// message goes whatever its size, and so does a partition's first one while the answer
+/// has room for it, so a consumer always moves on; once the answer is full the remaining
+/// partitions get none (their consumers fetch them again), and are not inflated.
 fn down_convert_reads(
     wanted: &[Wanted],
     reads: Vec<PartitionRead>,
     magic: i8,
     answer_bytes_max: usize,
 ) -> Vec<PartitionRead> {
-    let mut left = answer_bytes_max;
+    let mut answer_bytes = 0usize;
     wanted
         .iter()
         .zip(reads)
         .map(|(w, read)| {
-            let read = down_convert_read(w, read, magic, left);
-            left = left.saturating_sub(read.records.len());
+            let left = answer_bytes_max.saturating_sub(answer_bytes);
+            let limit = message_set::SetLimit {
+                bytes_max: w.max_bytes.min(left),
+                first_message_max: if answer_bytes == 0 { usize::MAX } else { left },
+            };
+            let read = down_convert_read(w, read, magic, limit);
+            answer_bytes += read.records.len();
             read
         })
         .collect()
 }
 
-/// One partition's read as a message set of `magic` from its fetch offset on, up to the
-/// message that reaches `set_bytes_max`; one that cannot be converted (a stored batch that
-/// does not decode) is UNKNOWN_SERVER_ERROR, as Kafka answers a failed down-conversion,
+/// One partition's read as a message set of `magic` from its fetch offset on, within
+/// `limit`. A stored batch that does not decode ends the set; with no message before it,
+/// the partition is UNKNOWN_SERVER_ERROR, as Kafka answers a failed down-conversion,
 /// without records.
-fn down_convert_read(w: &Wanted, mut read: PartitionRead, magic: i8, set_bytes_max: usize) -> PartitionRead {
-    let records = drop_records_before(std::mem::take(&mut read.records), w.offset);
-    match message_set::down_convert(&records, magic, legacy::DECOMPRESSED_BYTES_MAX, set_bytes_max) {
+fn down_convert_read(w: &Wanted, mut read: PartitionRead, magic: i8, limit: message_set::SetLimit) -> PartitionRead {
+    let records = std::mem::take(&mut read.records);
+    match message_set::down_convert(&records, magic, w.offset, legacy::DECOMPRESSED_BYTES_MAX, limit) {
         Ok(set) => read.records = set,
         Err(e) => {
             tracing::warn!(topic = %w.topic, partition = w.index, error = %e, "down-conversion failed");
@@ -360,11 +352,6 @@ mod tests {
         builder.build()
     }
 
-    fn offsets(records: &Bytes) -> Vec<i64> {
-        let set = message_set::down_convert(records, 1, 1 << 20, usize::MAX).unwrap();
-        message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect()
-    }
-
     fn fetch_request(topic: &str, offset: i64) -> FetchRequest {
         use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
         let mut partition = FetchPartition::default();
@@ -413,10 +400,14 @@ mod tests {
             let broker = broker.clone();
             async move { broker.fetch(fetch_request("zstd", 1), 0).await }
         });
-        let modern = broker.fetch(fetch_request("zstd", 1), 4).await;
+        // These take no turn: waiting for one would fail the test, not hang it.
+        let at_once = |fetch| async move {
+            tokio::time::timeout(Duration::from_secs(10), fetch).await.expect("answered without a turn")
+        };
+        let modern = at_once(broker.fetch(fetch_request("zstd", 1), 4)).await;
         let stored = kappa_log::batch::BatchHeader::parse(&records(&modern)).unwrap();
         assert_eq!(stored.compression().unwrap(), Compression::Zstd, "fetch v4+ answers the stored batch");
-        let plain = broker.fetch(fetch_request("plain", 1), 2).await;
+        let plain = at_once(broker.fetch(fetch_request("plain", 1), 2)).await;
         assert_eq!(messages(&plain), expected(1), "an uncompressed legacy fetch converts without a turn");
         let gave_up = tokio::time::timeout(Duration::from_secs(2), async {
             while !legacy.is_finished() {
@@ -430,58 +421,122 @@ mod tests {
         assert_eq!(messages(&legacy.await.unwrap()), expected(0), "then it is converted, from the fetch offset");
     }
 
-    /// A down-converted answer is inflated and re-framed, so it is bounded by its own
-    /// budget, not by the bytes read: the first partition's messages up to the one that
-    /// reaches it, the next partition's only while some is left.
-    #[test]
-    fn a_legacy_answer_holds_about_its_down_converted_bytes_at_most() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = kappa_log::Log::open(dir.path(), kappa_log::LogOptions::default()).unwrap().0;
+    /// Two partitions of "t", each 0..5 and 5..10 in two gzip batches, wanted from offset 1
+    /// with `partition_max_bytes`.
+    fn two_gzip_partitions(dir: &std::path::Path, partition_max_bytes: usize) -> Vec<Wanted> {
+        let log = kappa_log::Log::open(dir, kappa_log::LogOptions::default()).unwrap().0;
         log.create_topic("t", 2, &Default::default()).unwrap();
-        for index in 0..2 {
-            let partition = log.partition("t", index).unwrap();
-            partition.append(batch(0, 5, Compression::Gzip)).unwrap();
-            partition.append(batch(5, 5, Compression::Gzip)).unwrap();
-        }
-        let wanted: Vec<Wanted> = (0..2)
-            .map(|index| Wanted {
-                topic: "t".to_owned(),
-                index,
-                offset: 1,
-                max_bytes: 1 << 20,
-                partition: log.partition("t", index),
+        (0..2)
+            .map(|index| {
+                let partition = log.partition("t", index).unwrap();
+                partition.append(batch(0, 5, Compression::Gzip)).unwrap();
+                partition.append(batch(5, 5, Compression::Gzip)).unwrap();
+                Wanted {
+                    topic: "t".to_owned(),
+                    index,
+                    offset: 1,
+                    max_bytes: partition_max_bytes,
+                    partition: Ok(partition),
+                }
             })
-            .collect();
-        // (offsets per partition, bytes of the answer) within `answer_bytes_max`.
-        let convert = |answer_bytes_max| {
-            let reads = read_all(&wanted, Isolation::ReadUncommitted, 1 << 20);
-            let converted = down_convert_reads(&wanted, reads, 1, answer_bytes_max);
-            let sets: Vec<Bytes> = converted.into_iter().map(|read| read.records).collect();
-            let offsets: Vec<Vec<i64>> = sets
-                .iter()
-                .map(|set| message_set::decode(set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect())
-                .collect();
-            (offsets, sets.iter().map(Bytes::len).sum::<usize>())
-        };
-        let (all, bytes) = convert(usize::MAX);
-        assert_eq!(all, [(1..10).collect::<Vec<_>>(), (1..10).collect()], "from the fetch offset, both batches");
-        let message_bytes = bytes / 18;
-        assert_eq!(convert(1).0, [vec![1], vec![]], "the first message always goes, then nothing");
-        assert_eq!(convert(6 * message_bytes + 1).0, [(1..8).collect::<Vec<_>>(), vec![]], "across a batch");
-        let (offsets, bytes) = convert(10 * message_bytes + 1);
-        assert_eq!(offsets, [(1..10).collect::<Vec<_>>(), vec![1, 2]]);
-        assert_eq!(bytes, 11 * message_bytes);
+            .collect()
     }
 
+    /// (offsets per partition, bytes per partition) of a down-converted answer.
+    fn convert(wanted: &[Wanted], answer_bytes_max: usize) -> (Vec<Vec<i64>>, Vec<usize>) {
+        let reads = read_all(wanted, Isolation::ReadUncommitted, 1 << 20);
+        let converted = down_convert_reads(wanted, reads, 1, answer_bytes_max);
+        converted
+            .into_iter()
+            .map(|read| {
+                assert_eq!(read.error_code, errors::NONE);
+                let set = message_set::decode(&read.records, 1 << 20, false).unwrap();
+                (set.iter().map(|m| m.offset).collect::<Vec<_>>(), read.records.len())
+            })
+            .unzip()
+    }
+
+    /// A down-converted answer is inflated and re-framed, so it is bounded by its own
+    /// bytes, not by the bytes read: the first partition's messages up to the answer's
+    /// limit (the first message whatever its size), the next partition's only while they
+    /// fit in what is left.
     #[test]
-    fn legacy_fetch_starts_at_the_fetch_offset_inside_a_batch() {
-        for compression in [Compression::None, Compression::Gzip] {
-            let mut both = batch(10, 10, compression);
-            both.extend_from_slice(&batch(20, 2, compression));
-            let records = Bytes::from(both);
-            assert_eq!(offsets(&drop_records_before(records.clone(), 13)), [13, 14, 15, 16, 17, 18, 19, 20, 21]);
-            assert_eq!(offsets(&drop_records_before(records.clone(), 10)), (10..22).collect::<Vec<_>>());
-            assert_eq!(offsets(&drop_records_before(records.clone(), 20)), [20, 21]);
+    fn a_legacy_answer_holds_its_limit_of_down_converted_bytes_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let wanted = two_gzip_partitions(dir.path(), 1 << 20);
+        let (all, bytes) = convert(&wanted, usize::MAX);
+        assert_eq!(all, [(1..10).collect::<Vec<_>>(), (1..10).collect()], "from the fetch offset, both batches");
+        let message_bytes = bytes[0] / 9;
+        assert_eq!(bytes, [9 * message_bytes, 9 * message_bytes]);
+        assert_eq!(convert(&wanted, 0).0, [vec![1], vec![]], "the first message always goes, then nothing");
+        assert_eq!(convert(&wanted, 1).0, [vec![1], vec![]]);
+        assert_eq!(convert(&wanted, 7 * message_bytes - 1).0, [(1..7).collect::<Vec<_>>(), vec![]], "across a batch");
+        assert_eq!(convert(&wanted, 10 * message_bytes - 1).0, [(1..10).collect::<Vec<_>>(), vec![]]);
+        let (offsets, bytes) = convert(&wanted, 11 * message_bytes + 1);
+        assert_eq!(offsets, [(1..10).collect::<Vec<_>>(), vec![1, 2]]);
+        assert_eq!(bytes, [9 * message_bytes, 2 * message_bytes], "never past the limit");
+    }
+
+    /// Each partition holds at most its `partition_max_bytes` of converted messages, or its
+    /// first message if larger and the answer has room for it (a compressed batch would
+    /// otherwise come back as many times the bytes the client asked for).
+    #[test]
+    fn a_legacy_answer_holds_each_partitions_max_bytes_of_down_converted_bytes_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let message_bytes = {
+            let wanted = two_gzip_partitions(dir.path(), 1 << 20);
+            convert(&wanted, usize::MAX).1[0] / 9
+        };
+        for (partition_max_bytes, expected) in [
+            (1, vec![1]),
+            (message_bytes, vec![1]),
+            (3 * message_bytes - 1, vec![1, 2]),
+            (3 * message_bytes, vec![1, 2, 3]),
+            (1 << 20, (1..10).collect()),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let wanted = two_gzip_partitions(dir.path(), partition_max_bytes);
+            let (offsets, bytes) = convert(&wanted, usize::MAX);
+            assert_eq!(offsets, [expected.clone(), expected.clone()], "partition_max_bytes {partition_max_bytes}");
+            assert!(bytes.iter().all(|&b| b <= partition_max_bytes.max(message_bytes)), "{bytes:?}");
+            assert_eq!(bytes, [expected.len() * message_bytes; 2]);
+            // The second partition's first message goes only if the answer has room for it.
+            let answer = expected.len() * message_bytes;
+            assert_eq!(convert(&wanted, answer + message_bytes).0[1], [1], "partition_max_bytes {partition_max_bytes}");
+            assert_eq!(convert(&wanted, answer + message_bytes - 1).0[1], [0i64; 0]);
         }
+    }
+
+    /// A batch that does not convert ends its partition's set: the messages before it are
+    /// answered (kafka-node moves on to it), and the error comes when nothing precedes it.
+    #[test]
+    fn a_broken_batch_fails_its_partition_only_when_no_message_precedes_it() {
+        let mut broken = batch(10, 2, Compression::Gzip);
+        broken.truncate(broken.len() - 3);
+        let len = (broken.len() - kappa_log::batch::LENGTH_PREFIX_BYTES) as i32;
+        broken[8..12].copy_from_slice(&len.to_be_bytes());
+        let good_then_broken =
+            [batch(0, 5, Compression::Gzip), batch(5, 5, Compression::Gzip), broken.clone()].concat();
+        let wanted = |offset| Wanted {
+            topic: "t".to_owned(),
+            index: 0,
+            offset,
+            max_bytes: 1 << 20,
+            partition: Err(LogError::UnknownTopic("t".to_owned())),
+        };
+        let read = |records: &[u8]| PartitionRead {
+            error_code: errors::NONE,
+            records: Bytes::copy_from_slice(records),
+            high_watermark: 12,
+            last_stable_offset: 12,
+            log_start_offset: 0,
+            aborted: Vec::new(),
+        };
+        let converted = down_convert_reads(&[wanted(2)], vec![read(&good_then_broken)], 1, usize::MAX);
+        assert_eq!(converted[0].error_code, errors::NONE);
+        let set = message_set::decode(&converted[0].records, 1 << 20, false).unwrap();
+        assert_eq!(set.iter().map(|m| m.offset).collect::<Vec<_>>(), (2..10).collect::<Vec<_>>());
+        let converted = down_convert_reads(&[wanted(10)], vec![read(&broken)], 1, usize::MAX);
+        assert_eq!((converted[0].error_code, converted[0].records.len()), (errors::UNKNOWN_SERVER_ERROR, 0));
     }
 }

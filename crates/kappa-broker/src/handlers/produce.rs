@@ -170,14 +170,18 @@ impl Broker {
     /// Splits off the transactional batches the coordinator does not vouch for: their
     /// transaction must be ongoing, owned by the batch's producer id and epoch, and include
     /// the partition (AddPartitionsToTxn first, as every stock client does). Returns the
-    /// work to append, the refusals, and the transaction to hold while appending.
+    /// work to append, the refusals, and the transaction to hold while appending. Partitions
+    /// already refused (unknown, or a message set in produce v3+) are passed on as they are:
+    /// they append nothing, so they neither need a transaction nor may change their answer.
     async fn verify_transactional(
         &self,
         transactional_id: Option<&str>,
         work: Vec<PartitionWork>,
     ) -> (Vec<PartitionWork>, Vec<(String, i32, Written)>, Option<OngoingTxn>) {
-        let Some((producer_id, epoch)) =
-            work.iter().find_map(|(_, _, _, records)| transactional_producer(records).ok().flatten())
+        let Some((producer_id, epoch)) = work
+            .iter()
+            .filter(|(_, _, partition, _)| partition.is_ok())
+            .find_map(|(_, _, _, records)| transactional_producer(records).ok().flatten())
         else {
             return (work, Vec::new(), None);
         };
@@ -191,6 +195,10 @@ impl Broker {
         let mut accepted = Vec::with_capacity(work.len());
         let mut refused = Vec::new();
         for item in work {
+            if item.2.is_err() {
+                accepted.push(item);
+                continue;
+            }
             let producer = match transactional_producer(&item.3) {
                 Ok(None) => {
                     accepted.push(item);

@@ -11,7 +11,7 @@
 //! a blocking thread — converting re-encodes every record and inflates compressed batches,
 //! work for neither a runtime worker nor this encoder, which runs on the connection's task.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{BrokerId, FetchRequest, FetchResponse};
 use tracing::warn;
@@ -53,7 +53,9 @@ pub fn magic_for(version: i16) -> i8 {
     if version >= 2 { 1 } else { 0 }
 }
 
-pub fn encode_response(version: i16, resp: &FetchResponse, out: &mut BytesMut) {
+/// Writes the answer into `out`: a `BytesMut`, or a [`crate::frame::SpliceBuf`] that
+/// splices the message sets instead of copying them.
+pub fn encode_response<B: BufMut>(version: i16, resp: &FetchResponse, out: &mut B) {
     if version >= 1 {
         out.put_i32(resp.throttle_time_ms);
     }
@@ -87,6 +89,7 @@ pub fn encode_response(version: i16, resp: &FetchResponse, out: &mut BytesMut) {
 mod tests {
     use super::*;
     use crate::legacy::message_set;
+    use bytes::BytesMut;
     use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
     use kafka_protocol::protocol::StrBytes;
     use kappa_log::records::{BatchBuilder, NewRecord};
@@ -141,7 +144,8 @@ mod tests {
     #[test]
     fn encodes_the_down_converted_records_as_they_are() {
         for version in 0..=3 {
-            let set = message_set::down_convert(&batch(), magic_for(version), 1 << 20, usize::MAX).unwrap();
+            let set = message_set::down_convert(&batch(), magic_for(version), 17, 1 << 20, message_set::SetLimit::NONE)
+                .unwrap();
             let mut out = BytesMut::new();
             encode_response(version, &response(set.clone()), &mut out);
             let mut expected = BytesMut::new();

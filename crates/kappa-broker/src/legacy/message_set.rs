@@ -222,46 +222,83 @@ pub fn up_convert(data: &Bytes, max_decompressed: usize) -> Result<Vec<u8>, Mess
     Ok(builder.build())
 }
 
+/// How many bytes a down-converted message set may hold. Inflated and uncompressed, it can
+/// be many times the bytes read, so it is bounded by what it converts to, not by those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetLimit {
+    /// Bytes the whole set may hold.
+    pub bytes_max: usize,
+    /// Bytes its first message may take even past `bytes_max`: a message larger than the
+    /// limit must still go, or its consumer could never get past it.
+    pub first_message_max: usize,
+}
+
+impl SetLimit {
+    /// No limit.
+    pub const NONE: Self = Self { bytes_max: usize::MAX, first_message_max: usize::MAX };
+
+    /// At most `bytes_max`, or the first message whatever its size.
+    pub fn at_least_one_message(bytes_max: usize) -> Self {
+        Self { bytes_max, first_message_max: usize::MAX }
+    }
+
+    /// Whether a message of `size` fits after `set_len` bytes.
+    fn fits(&self, set_len: usize, size: usize) -> bool {
+        set_len.saturating_add(size) <= self.bytes_max || (set_len == 0 && size <= self.first_message_max)
+    }
+}
+
 /// Down-converts concatenated RecordBatch v2 bytes (as a fetch returns them) into an
-/// uncompressed message set of `magic` 0 or 1. Control batches are skipped; a trailing
-/// partial batch is dropped, as a fetch may end mid-batch.
+/// uncompressed message set of `magic` 0 or 1, from `from_offset` on: records before it
+/// (the first batch read may start before the fetch offset) are left out, as Kafka does
+/// (`RecordsUtil.downConvert`); kafka-node hands every message it gets to the application,
+/// so it would deliver them again. Control batches are skipped; a trailing partial batch is
+/// dropped, as a fetch may end mid-batch.
 ///
-/// The set stops after the message that reaches `set_bytes_max` (none if it is 0): inflated
-/// and uncompressed, it can be many times the bytes read. Messages may end anywhere — an old
-/// client fetches on from the last offset it got — and batches past the end are not
-/// inflated.
+/// The set holds whole messages up to `limit` (an old client fetches on from the last
+/// offset it got); batches past the end, and those wholly before `from_offset`, are not
+/// inflated. A batch that cannot be converted ends the set: its error is returned only
+/// when no message was converted before it, so a consumer gets what precedes a broken
+/// batch and, fetching from it, the error.
 pub fn down_convert(
     batches: &[u8],
     magic: i8,
+    from_offset: i64,
     max_decompressed: usize,
-    set_bytes_max: usize,
+    limit: SetLimit,
 ) -> Result<Bytes, MessageSetError> {
     if magic != 0 && magic != 1 {
         return Err(MessageSetError::BadMagic(magic));
     }
-    let mut out = BytesMut::with_capacity(batches.len().min(set_bytes_max));
+    let mut out = BytesMut::with_capacity(batches.len().min(limit.bytes_max));
+    let ended = |out: BytesMut, error: MessageSetError| match out.is_empty() {
+        true => Err(error),
+        false => Ok(out.freeze()),
+    };
     let mut rest = batches;
-    while rest.len() >= LENGTH_PREFIX_BYTES && out.len() < set_bytes_max {
+    while rest.len() >= LENGTH_PREFIX_BYTES && limit.fits(out.len(), ENTRY_OVERHEAD + MESSAGE_V0_MIN) {
         let Ok(header) = BatchHeader::parse(rest) else {
             break;
         };
         if header.batch_length < 0 {
-            return Err(MessageSetError::BadLength(header.batch_length as i64));
+            return ended(out, MessageSetError::BadLength(header.batch_length as i64));
         }
         let total = header.total_bytes();
         if total > rest.len() {
             break;
         }
         if header.magic != 2 {
-            return Err(MessageSetError::Batch(format!("stored batch has magic {}", header.magic)));
+            return ended(out, MessageSetError::Batch(format!("stored batch has magic {}", header.magic)));
         }
-        if !header.is_control() {
-            let decoded = records::decode_records(&rest[..total], max_decompressed)
-                .map_err(|e| MessageSetError::Batch(e.to_string()))?;
+        if !header.is_control() && header.last_offset() >= from_offset {
+            let decoded = match records::decode_records(&rest[..total], max_decompressed) {
+                Ok(decoded) => decoded,
+                Err(e) => return ended(out, MessageSetError::Batch(e.to_string())),
+            };
             let log_append_time = header.has_log_append_time();
-            for r in decoded.iter() {
-                if out.len() >= set_bytes_max {
-                    break;
+            for r in decoded.iter().filter(|r| r.offset() >= from_offset) {
+                if !limit.fits(out.len(), message_bytes(magic, r.key, r.value)) {
+                    return Ok(out.freeze());
                 }
                 put_message(&mut out, magic, &r, log_append_time);
             }
@@ -269,6 +306,12 @@ pub fn down_convert(
         rest = &rest[total..];
     }
     Ok(out.freeze())
+}
+
+/// Bytes one message entry of `magic` takes in a message set.
+fn message_bytes(magic: i8, key: Option<&[u8]>, value: Option<&[u8]>) -> usize {
+    let timestamp = if magic == 1 { 8 } else { 0 };
+    ENTRY_OVERHEAD + MESSAGE_V0_MIN + timestamp + key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len)
 }
 
 /// Appends one uncompressed message entry with a fresh CRC.
@@ -477,7 +520,7 @@ mod tests {
         let mut batches = v2_batch(100, &[(Some(b"a"), Some(b"1"), 10), (None, Some(b"2"), 20)]);
         batches.extend(v2_batch(102, &[(Some(b"c"), None, 30)]));
         for magic in [0i8, 1] {
-            let set = down_convert(&batches, magic, MAX, MAX).unwrap();
+            let set = down_convert(&batches, magic, 0, MAX, SetLimit::NONE).unwrap();
             let msgs = decode(&set, MAX, false).unwrap();
             let got: Vec<_> =
                 msgs.iter().map(|m| (m.offset, m.magic, m.timestamp, m.key.clone(), m.value.clone())).collect();
@@ -503,34 +546,93 @@ mod tests {
         batches.extend(control.build());
         let tail = v2_batch(2, &[(Some(b"b"), Some(b"2"), 3)]);
         batches.extend_from_slice(&tail[..tail.len() - 5]);
-        let msgs = decode(&down_convert(&batches, 1, MAX, MAX).unwrap(), MAX, false).unwrap();
+        let msgs = decode(&down_convert(&batches, 1, 0, MAX, SetLimit::NONE).unwrap(), MAX, false).unwrap();
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].key.as_deref(), Some(&b"a"[..]));
     }
 
-    #[test]
-    fn down_convert_stops_after_the_message_that_reaches_set_bytes_max() {
+    /// Three one-record messages in two batches (offsets 0, 1 | 2) and a message's bytes.
+    fn three_messages() -> (Vec<u8>, usize) {
         let mut batches = v2_batch(0, &[(Some(b"a"), Some(b"1"), 1), (Some(b"b"), Some(b"2"), 2)]);
         batches.extend(v2_batch(2, &[(Some(b"c"), Some(b"3"), 3)]));
-        let all = down_convert(&batches, 1, MAX, MAX).unwrap();
-        let message_bytes = all.len() / 3;
-        let offsets = |set_bytes_max| -> Vec<i64> {
-            let set = down_convert(&batches, 1, MAX, set_bytes_max).unwrap();
-            decode(&set, MAX, false).unwrap().iter().map(|m| m.offset).collect()
-        };
-        assert_eq!(offsets(0), [0i64; 0], "nothing");
-        assert_eq!(offsets(1), [0], "one message always goes");
-        assert_eq!(offsets(message_bytes), [0]);
-        assert_eq!(offsets(message_bytes + 1), [0, 1]);
-        assert_eq!(offsets(2 * message_bytes + 1), [0, 1, 2], "on into the next batch");
-        // A batch past the end is not inflated: a broken one there fails nothing.
-        let mut broken = v2_batch(3, &[(None, Some(b"4"), 4)]);
+        let all = down_convert(&batches, 1, 0, MAX, SetLimit::NONE).unwrap();
+        assert_eq!(all.len() % 3, 0);
+        assert_eq!(all.len() / 3, message_bytes(1, Some(b"a"), Some(b"1")));
+        (batches, all.len() / 3)
+    }
+
+    fn offsets_of(set: &Bytes) -> Vec<i64> {
+        decode(set, MAX, false).unwrap().iter().map(|m| m.offset).collect()
+    }
+
+    /// Converted bytes, not the bytes read, are what the limit bounds: whole messages up to
+    /// it, the first one whatever its size, if the limit lets it.
+    #[test]
+    fn down_convert_holds_whole_messages_within_the_limit() {
+        let (batches, message_bytes) = three_messages();
+        let offsets = |limit| offsets_of(&down_convert(&batches, 1, 0, MAX, limit).unwrap());
+        let at_most = |bytes_max| SetLimit { bytes_max, first_message_max: 0 };
+        assert_eq!(offsets(at_most(0)), [0i64; 0], "nothing");
+        assert_eq!(offsets(at_most(message_bytes - 1)), [0i64; 0], "not even the first message");
+        assert_eq!(offsets(SetLimit::at_least_one_message(0)), [0], "the first message goes");
+        assert_eq!(offsets(SetLimit::at_least_one_message(1)), [0]);
+        assert_eq!(offsets(SetLimit { bytes_max: 0, first_message_max: message_bytes }), [0]);
+        assert_eq!(offsets(SetLimit { bytes_max: 0, first_message_max: message_bytes - 1 }), [0i64; 0]);
+        assert_eq!(offsets(at_most(message_bytes)), [0]);
+        assert_eq!(offsets(at_most(2 * message_bytes - 1)), [0], "never past the limit");
+        assert_eq!(offsets(at_most(2 * message_bytes)), [0, 1]);
+        assert_eq!(offsets(at_most(3 * message_bytes)), [0, 1, 2], "on into the next batch");
+        let set = down_convert(&batches, 1, 0, MAX, at_most(3 * message_bytes - 1)).unwrap();
+        assert_eq!(set.len(), 2 * message_bytes);
+    }
+
+    /// A batch that breaks: its own truncated copy, its length prefix fixed to match.
+    fn broken_batch(base_offset: i64) -> Vec<u8> {
+        let mut broken = v2_batch(base_offset, &[(None, Some(b"4"), 4)]);
         broken.truncate(broken.len() - 3);
         let len = (broken.len() - LENGTH_PREFIX_BYTES) as i32;
         broken[8..12].copy_from_slice(&len.to_be_bytes());
-        let with_broken = [&batches[..], &broken[..]].concat();
-        assert!(down_convert(&with_broken, 1, MAX, MAX).is_err(), "the broken batch fails a whole conversion");
-        assert_eq!(down_convert(&with_broken, 1, MAX, all.len()).unwrap(), all);
+        broken
+    }
+
+    /// The messages before a batch that cannot be converted go; its error is reported when
+    /// there are none, which is when a consumer fetches from it. A batch past the end is not
+    /// inflated.
+    #[test]
+    fn down_convert_answers_the_messages_before_a_broken_batch() {
+        let (batches, message_bytes) = three_messages();
+        let all = down_convert(&batches, 1, 0, MAX, SetLimit::NONE).unwrap();
+        let with_broken = [&batches[..], &broken_batch(3)[..]].concat();
+        assert_eq!(down_convert(&with_broken, 1, 0, MAX, SetLimit::NONE).unwrap(), all);
+        assert!(down_convert(&with_broken, 1, 3, MAX, SetLimit::NONE).is_err(), "from the broken batch");
+        assert!(down_convert(&broken_batch(0), 1, 0, MAX, SetLimit::NONE).is_err());
+        let limit = SetLimit { bytes_max: 3 * message_bytes, first_message_max: 0 };
+        assert_eq!(down_convert(&with_broken, 1, 0, MAX, limit).unwrap(), all, "full before the broken batch");
+        // Nor is one wholly before the fetch offset.
+        let after_broken = [&broken_batch(0)[..], &v2_batch(1, &[(None, Some(b"5"), 5)])[..]].concat();
+        assert_eq!(offsets_of(&down_convert(&after_broken, 1, 1, MAX, SetLimit::NONE).unwrap()), [1]);
+    }
+
+    /// The set starts at the fetch offset, inside a (compressed) batch or not.
+    #[test]
+    fn down_convert_starts_at_the_fetch_offset() {
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let mut batches = Vec::new();
+            for base in [10, 20] {
+                let mut builder = BatchBuilder::new().compression(compression);
+                builder.base_offset = base;
+                for i in 0..10 {
+                    builder.push(NewRecord::new(None, Some(format!("v{}", base + i).as_bytes()), 1));
+                }
+                batches.extend(builder.build());
+            }
+            let offsets = |from| offsets_of(&down_convert(&batches, 0, from, MAX, SetLimit::NONE).unwrap());
+            assert_eq!(offsets(0), (10..30).collect::<Vec<_>>(), "{compression:?}");
+            assert_eq!(offsets(13), (13..30).collect::<Vec<_>>(), "{compression:?}");
+            assert_eq!(offsets(20), (20..30).collect::<Vec<_>>(), "{compression:?}");
+            assert_eq!(offsets(29), [29], "{compression:?}");
+            assert_eq!(offsets(30), [0i64; 0], "{compression:?}");
+        }
     }
 
     proptest! {
@@ -546,7 +648,7 @@ mod tests {
             let refs: Vec<Rec<'_>> =
                 recs.iter().map(|(k, v, t)| (k.as_deref(), v.as_deref(), *t)).collect();
             let original = v2_batch(base, &refs);
-            let set = down_convert(&original, 1, MAX, MAX).unwrap();
+            let set = down_convert(&original, 1, 0, MAX, SetLimit::NONE).unwrap();
             let back = up_convert(&set, MAX).unwrap();
             let a: Vec<_> = records_of(&original).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
             let b: Vec<_> = records_of(&back).into_iter().map(|r| (r.timestamp, r.key, r.value)).collect();
@@ -556,7 +658,7 @@ mod tests {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode(&Bytes::from(data.clone()), MAX, true);
-            let _ = down_convert(&data, 1, MAX, MAX);
+            let _ = down_convert(&data, 1, 0, MAX, SetLimit::NONE);
         }
     }
 }

@@ -27,11 +27,13 @@ use thiserror::Error;
 /// request, or one fetched batch being down-converted), far above Kafka's 1 MiB default `max.message.bytes`.
 pub const DECOMPRESSED_BYTES_MAX: usize = 64 * 1024 * 1024;
 
-/// Most message-set bytes one fetch v0-3 answer holds, all its partitions together (the
-/// rest waits for the next fetch; the first message always goes, so a consumer moves on).
-/// Down-converted records are inflated and re-framed: without it an answer could be many
-/// times the bytes read (each small compressed batch up to 64 MiB), so neither an answer's
-/// memory nor what one inflating turn holds would be bounded.
+/// Most message-set bytes one fetch v0-3 answer holds, all its partitions together, below
+/// the request's own limits (each partition's `partition_max_bytes`, v3's `max_bytes`), which
+/// bound the converted bytes too (the rest waits for the next fetch; the first message
+/// always goes, so a consumer moves on). Down-converted records are inflated and re-framed:
+/// without it an answer could be many times the bytes read (each small compressed batch up
+/// to 64 MiB), so neither an answer's memory nor what one inflating turn holds would be
+/// bounded.
 pub const DOWN_CONVERTED_ANSWER_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Why a legacy request could not be decoded or a response encoded.

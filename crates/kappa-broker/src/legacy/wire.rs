@@ -111,7 +111,7 @@ impl<'a> Reader<'a> {
 /// Most elements an array is pre-sized for; longer ones grow as elements decode.
 const PRESIZED_ELEMENTS_MAX: usize = 1024;
 
-pub fn put_string(out: &mut BytesMut, s: &str) {
+pub fn put_string<B: BufMut>(out: &mut B, s: &str) {
     out.put_i16(s.len() as i16);
     out.put_slice(s.as_bytes());
 }
@@ -123,12 +123,13 @@ pub fn put_nullable_string(out: &mut BytesMut, s: Option<&str>) {
     }
 }
 
-pub fn put_array_len(out: &mut BytesMut, len: usize) {
+pub fn put_array_len<B: BufMut>(out: &mut B, len: usize) {
     out.put_i32(len as i32);
 }
 
-/// Non-nullable bytes as the old Fetch wrote MessageSets: length then data.
-pub fn put_bytes(out: &mut BytesMut, data: &[u8]) {
+/// Non-nullable bytes as the old Fetch wrote MessageSets: length then data (one
+/// `put_slice` of it, which a [`crate::frame::SpliceBuf`] splices).
+pub fn put_bytes<B: BufMut>(out: &mut B, data: &[u8]) {
     out.put_i32(data.len() as i32);
     out.put_slice(data);
 }
