@@ -190,6 +190,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(page))
         .route("/kappa.js", get(client_js))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics::render))
         .route("/v1/views", get(views::list))
         .route("/v1/views/{view}", get(views::describe))
@@ -481,17 +482,30 @@ impl tokio::io::AsyncWrite for LimitedStream {
     }
 }
 
-/// 200 `ok`; 503 `failed` when the log refuses writes; `degraded` listing every view version
-/// that stopped or waits to restart, with why — 503 when one of them serves reads (it
-/// answers from where it stopped), else 200: a version still building that failed must not
-/// make a liveness probe restart a server whose reads are fine (a restart would only fail
-/// it again). Work mode's `/health` lists its failed partitions the same way.
+/// Liveness: 503 `failed` only when the log refuses writes (after a failed fsync: a restart
+/// is what recovers it); otherwise 200, `ok`, or `degraded` listing every view version that
+/// stopped or waits to restart, with why. A stopped view is not a reason to restart the
+/// server: it would stop at the same event again, and take the broker down meanwhile.
 async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let (_, body) = health_report(&state);
+    let code = if body["status"] == "failed" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, axum::Json(body))
+}
+
+/// Readiness: as `/health`, but 503 also while a serving view version is stopped or waits to
+/// restart (its reads are frozen where it stopped): take the server out of rotation.
+async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let (serving_stopped, body) = health_report(&state);
+    let ready = body["status"] != "failed" && !serving_stopped;
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body))
+}
+
+/// The health body, and whether a serving view version is stopped.
+fn health_report(state: &AppState) -> (bool, serde_json::Value) {
     if let Err(e) = state.log.health().check() {
-        let body = serde_json::json!({"status": "failed", "reason": e.to_string()});
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body));
+        return (false, serde_json::json!({"status": "failed", "reason": e.to_string()}));
     }
-    let failed: Vec<serde_json::Value> = state
+    let stopped: Vec<serde_json::Value> = state
         .engine
         .list()
         .iter()
@@ -504,12 +518,11 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             _ => None,
         })
         .collect();
-    if failed.is_empty() {
-        return (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"})));
+    if stopped.is_empty() {
+        return (false, serde_json::json!({"status": "ok"}));
     }
-    let serving_stopped = failed.iter().any(|v| v["serving"] == true);
-    let code = if serving_stopped { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    (code, axum::Json(serde_json::json!({"status": "degraded", "views_failed": failed})))
+    let serving_stopped = stopped.iter().any(|v| v["serving"] == true);
+    (serving_stopped, serde_json::json!({"status": "degraded", "views_failed": stopped}))
 }
 
 async fn not_found() -> ApiError {

@@ -21,11 +21,12 @@ fn started() -> Kappa {
     kappa
 }
 
-/// A view version that stopped at an event it cannot apply makes `/health` answer 503
-/// `degraded` naming it and why (it said `ok` while the view answered reads frozen where it
-/// stopped), and its status reads `failed`, not `serving`, though it still serves.
+/// A view version that stopped at an event it cannot apply makes `/health` say `degraded`,
+/// naming it and why (it said `ok` while the view answered reads frozen where it stopped) —
+/// still 200, as a liveness probe must not restart the server for it — and `/ready` 503; its
+/// status reads `failed`, not `serving`, though it still serves.
 #[test]
-fn a_stopped_view_makes_health_degraded_and_its_status_failed() {
+fn a_stopped_view_makes_health_degraded_ready_503_and_its_status_failed() {
     let kappa = started();
     kappa.produce(json!([{"key": "k", "value": 1}]));
     kappa.post(
@@ -34,7 +35,7 @@ fn a_stopped_view_makes_health_degraded_and_its_status_failed() {
     );
     let started = std::time::Instant::now();
     let body = loop {
-        let (status, body) = kappa.get("/health");
+        let (status, body) = kappa.get("/ready");
         if status == 503 {
             break body;
         }
@@ -43,6 +44,7 @@ fn a_stopped_view_makes_health_degraded_and_its_status_failed() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(kappa.get("/health"), (200, body.clone()), "liveness: the server itself is fine");
     let failed = &body["views_failed"][0];
     assert_eq!(
         (failed["view"].as_str(), failed["version"].as_u64(), failed["serving"].as_bool()),
@@ -77,10 +79,10 @@ impl kappa_views::Reducer for FailsAtBoom {
     }
 }
 
-/// A version that does not serve (a rebuild) and stopped is listed, but `/health` stays 200:
-/// the reads are fine, and a liveness probe restarting the server would only stop it again.
+/// A version that does not serve (a rebuild) and stopped is listed, but `/ready` (and
+/// `/health`) stay 200: the reads are fine.
 #[test]
-fn a_stopped_version_that_does_not_serve_leaves_health_200_and_degraded() {
+fn a_stopped_version_that_does_not_serve_leaves_ready_200_and_degraded() {
     let kappa = started();
     kappa.produce(json!([{"key": "boom", "value": 1}]));
     kappa.wait_caught_up("latest");
@@ -89,9 +91,10 @@ fn a_stopped_version_that_does_not_serve_leaves_health_200_and_degraded() {
     let kappa = Kappa::start_in(dir, vec![latest(1), rebuild], HttpConfig::default());
     let started = Instant::now();
     let body = loop {
-        let (status, body) = kappa.get("/health");
+        let (status, body) = kappa.get("/ready");
         if body["status"] == "degraded" {
             assert_eq!(status, 200, "{body}");
+            assert_eq!(kappa.get("/health").0, 200);
             break body;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "v2 never stopped: {body}");

@@ -259,23 +259,25 @@ fn the_view_command_line_talks_to_a_running_server() {
 }
 
 /// One record no view can read (not JSON, from a client that sends anything): the views stop
-/// at it; `/health` says so (503, the stopped versions named), and `view status` exits 1
-/// naming them and why, with what to do — it exited 0 and `/health` said ok.
+/// at it; `/ready` says so (503, the stopped versions named; `/health` stays 200 with the
+/// same body), and `view status` exits 1 naming them and why, with what to do — it exited 0
+/// and `/health` said ok.
 #[test]
-fn a_record_the_views_cannot_read_shows_in_health_and_view_status() {
+fn a_record_the_views_cannot_read_shows_in_ready_health_and_view_status() {
     let temp = tempfile::tempdir().unwrap();
     let server = Server::start_binary_in(&example_binary("channels"), temp.path(), &[]);
     kcat_produce(&server, "zz", "hello", &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let health = loop {
-        let (status, body) = http::request(server.http, "GET", "/health", None, &[]);
+        let (status, body) = http::request(server.http, "GET", "/ready", None, &[]);
         if status == 503 {
             break body;
         }
-        assert!(Instant::now() < deadline, "health never degraded: {status} {body}\n{}", server.log());
+        assert!(Instant::now() < deadline, "never unready: {status} {body}\n{}", server.log());
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(http::request(server.http, "GET", "/health", None, &[]).0, 200, "liveness stays 200");
     let status = cli(&server, &["status", "channel_page", "--once"]);
     let stderr = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(1), "{status:?}");
