@@ -122,8 +122,13 @@ export declare class Subscription<T = Json, C = T | undefined> {
 
 export interface ViewVersion {
   version: number;
-  /** `serving`, `building`, `ready` (caught up, not serving), `failed`, `stopped`. */
-  status: 'serving' | 'building' | 'ready' | 'failed' | 'stopped';
+  /**
+   * `serving`, `building`, `ready` (caught up, not serving), `failed` (stopped at an error),
+   * `restarting` (waiting to start again after an error that may pass, a full disk), `stopped`
+   * (not in this build). A serving version that failed or restarts reads `failed` /
+   * `restarting` with `serving: true`: use `serving` to find the version answering reads.
+   */
+  status: 'serving' | 'building' | 'ready' | 'failed' | 'restarting' | 'stopped';
   phase: string;
   serving: boolean;
   running: boolean;
@@ -136,7 +141,10 @@ export interface ViewVersion {
   positions: Record<string, number>;
   changelog_topic: string;
   changelog_position: number;
+  /** Why it stopped (`failed`, `restarting`). */
   error: string | null;
+  /** When a `restarting` version starts again, in ms since the epoch. */
+  retry_at_ms: number | null;
 }
 
 export interface ViewInfo {

@@ -129,7 +129,7 @@ pub(crate) fn replay(
             };
             if target < 0 || target > end {
                 return Err(invalid(format!(
-                    "offset {target} of {key} is outside the partition's committed offsets 0..{end}"
+                    "offset {target} of {key} is outside the partition's committed offsets: give one from 0 to {end} (its end)"
                 )));
             }
             let start = backend.start_offset(topic, partition)?;

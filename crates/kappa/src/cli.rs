@@ -193,6 +193,13 @@ impl Reconnect {
         Ok(())
     }
 
+    /// Waits before trying again after an ending that is not a lost connection (a slow
+    /// reader cut off), with the same backoff, so a repeat is paced.
+    pub fn pause(&mut self) {
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+
     /// A request worked (again); `note()` says so on stderr after a loss.
     pub fn connected(&mut self, note: impl FnOnce() -> String) {
         if self.lost_at.take().is_some() && LOSS_NOTED.swap(false, Ordering::Relaxed) {

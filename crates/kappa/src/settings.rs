@@ -450,16 +450,23 @@ fn read_file_settings(path: &Path) -> anyhow::Result<FileSettings> {
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
-/// Browser origins as browsers send them (`scheme://host[:port]`, no path), or `*`: an
-/// entry in another shape would match no request, silently.
+/// Browser origins as browsers send them (`scheme://host[:port]` with no path — any scheme:
+/// `capacitor://localhost`, `chrome-extension://<id>` — or `null`), or `*`: an entry in
+/// another shape would match no request, silently.
 fn checked_origins(origins: Vec<String>) -> anyhow::Result<Vec<String>> {
     for origin in &origins {
-        let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
-        let well_formed =
-            origin == "*" || rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', ' ', ',']));
+        let scheme_ok = |scheme: &str| {
+            scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        };
+        let well_formed = origin == "*"
+            || origin == "null"
+            || origin.split_once("://").is_some_and(|(scheme, host)| {
+                scheme_ok(scheme) && !host.is_empty() && !host.contains(['/', '?', '#', ' ', ','])
+            });
         anyhow::ensure!(
             well_formed,
-            "http_allowed_origins: '{origin}' is not a browser origin; write scheme://host[:port] with no path, e.g. https://app.example or http://localhost:3000, or * for any"
+            "http_allowed_origins: '{origin}' is not a browser origin; write scheme://host[:port] with no path, e.g. https://app.example or http://localhost:3000 (or null, or * for any)"
         );
     }
     Ok(origins)
@@ -484,9 +491,18 @@ mod tests {
 
     #[test]
     fn allowed_origins_must_be_origins() {
-        let ok = ["*", "https://app.example", "http://localhost:3000"].map(String::from).to_vec();
+        let ok = [
+            "*",
+            "null",
+            "https://app.example",
+            "http://localhost:3000",
+            "capacitor://localhost",
+            "chrome-extension://abcdef",
+        ]
+        .map(String::from)
+        .to_vec();
         assert_eq!(checked_origins(ok.clone()).unwrap(), ok);
-        for bad in ["not an origin", "app.example", "https://app.example/", "https://", "ftp://x"] {
+        for bad in ["not an origin", "app.example", "https://app.example/", "https://", "1http://x", "https://a b"] {
             let error = checked_origins(vec![bad.to_owned()]).unwrap_err().to_string();
             assert!(error.contains(&format!("'{bad}' is not a browser origin")), "{error}");
         }

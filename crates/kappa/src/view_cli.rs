@@ -74,42 +74,48 @@ pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) 
     let mut token: Option<String> = None;
     let mut reconnect = Reconnect::default();
     let mut out = std::io::stdout().lock();
+    // Only a watch that was under way reconnects: a server that cannot be reached at first
+    // (a typo in --server) is an error at once, as for every other command.
+    let mut streamed = false;
     loop {
         let path = match &token {
             Some(token) => format!("{base}&resume={}", encode(token)),
             None => base.clone(),
         };
         let ended = match http_client::open_events(server, &path) {
-            Ok(Ok(mut stream)) => {
+            Ok(Ok(mut stream)) => loop {
+                let event = match stream.next_event() {
+                    Ok(event) => event,
+                    Err(e) => break Ended::Lost(e.into()),
+                };
+                // Connected once an event came, not at the headers: a server that answers
+                // and closes at once is retried with backoff, not every 200 ms for good.
+                streamed = true;
                 reconnect.connected(|| match &token {
                     Some(token) => format!("reconnected; watching {view} on after {token}"),
                     None => format!("reconnected; watching {view} from a fresh snapshot"),
                 });
-                loop {
-                    let event = match stream.next_event() {
-                        Ok(event) => event,
-                        Err(e) => break Ended::Lost(e.into()),
-                    };
-                    // Line by line, as changes come; a closed pipe (`| head -1`) ends the
-                    // watch quietly.
-                    writeln!(out, "{}", event.data).and_then(|()| out.flush()).map_err(stdout_error)?;
-                    if let Some(id) = event.id {
-                        token = Some(id);
+                if event.name == "error" {
+                    let code = serde_json::from_str::<Value>(&event.data).ok().map(|v| v["code"].clone());
+                    // Cut off for reading too slowly: resume where it was (a note, not a
+                    // line of the watch's output).
+                    if code.as_ref().and_then(Value::as_str) == Some("slow_consumer") {
+                        break Ended::Slow(event.data);
                     }
-                    if event.name == "error" {
-                        let code = serde_json::from_str::<Value>(&event.data).ok().map(|v| v["code"].clone());
-                        // Cut off for reading too slowly: resume where it was, at once.
-                        if code.as_ref().and_then(Value::as_str) == Some("slow_consumer") {
-                            break Ended::Slow(event.data);
-                        }
-                        bail!("the subscription ended: {}", event.data);
-                    }
+                    bail!("the subscription ended: {}", event.data);
                 }
-            }
+                // Line by line, as changes come; a closed pipe (`| head -1`) ends the watch
+                // quietly.
+                writeln!(out, "{}", event.data).and_then(|()| out.flush()).map_err(stdout_error)?;
+                if let Some(id) = event.id {
+                    token = Some(id);
+                }
+            },
             Ok(Err(refused)) => {
                 expect_ok(refused, &format!("watching {view}"))?;
                 bail!("watching {view}: the server did not start a stream");
             }
+            Err(e) if !streamed => return Err(e.into()),
             Err(e) => Ended::Lost(e.into()),
         };
         let resume = |what: &str| match &token {
@@ -117,7 +123,10 @@ pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) 
             None => what.to_owned(),
         };
         match ended {
-            Ended::Slow(error) => eprintln!("note: the server ended the stream: {error}; {}", resume("reconnecting")),
+            Ended::Slow(error) => {
+                eprintln!("note: the server ended the stream: {error}; {}", resume("reconnecting"));
+                reconnect.pause();
+            }
             // Not a lost connection: the error, at once.
             Ended::Lost(error) => {
                 reconnect.lost(error, || resume(&format!("reconnecting for up to {} s", RECONNECT_WITHIN.as_secs())))?
@@ -148,7 +157,8 @@ pub fn status(server: &str, view: &str, once: bool) -> anyhow::Result<()> {
     }
     let building = |info: &Value| -> Option<Value> {
         let mut versions = info["versions"].as_array().into_iter().flatten();
-        versions.find(|v| v["status"] == "building" || v["status"] == "restarting").cloned()
+        // A serving version waiting to restart (a full disk) may wait long: not followed.
+        versions.find(|v| v["status"] == "building" || (v["status"] == "restarting" && v["serving"] != true)).cloned()
     };
     let Some(first) = building(&info) else { return stopped_versions(view, &info) };
     if once {

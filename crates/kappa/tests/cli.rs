@@ -163,6 +163,15 @@ fn topic_commands_create_list_describe_alter_delete_and_refuse_bad_input() {
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("is `kappa serve` running there?"), "{stderr}");
     assert_eq!(stderr.matches("Connection refused").count(), 1, "the cause, once: {stderr}");
+    // A watch reconnects only once it was under way: an address nobody serves is exit 5 at
+    // once (it retried for 60 s).
+    let out = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(["view", "watch", "channel_page", "c1", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(!stderr.contains("reconnecting"), "it retried: {stderr}");
 }
 
 #[test]
