@@ -367,9 +367,19 @@ pub struct ProduceRecord {
 }
 
 /// A field that is present, `null` included (`Some` of the JSON text `null`): serde reads
-/// an `Option` field's `null` as `None`, like a missing field.
-fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+/// an `Option` field's `null` as `None`, like a missing field. (`kappa produce` reads its
+/// records' `value` with it too.)
+pub fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// A topic's partitions for people: "1 partition (0)", "4 partitions (0 to 3)".
+pub fn partitions_phrase(count: i32) -> String {
+    match count {
+        1 => "1 partition (0)".to_owned(),
+        n if n > 1 => format!("{n} partitions (0 to {})", n - 1),
+        _ => "no partitions".to_owned(),
+    }
 }
 
 /// One partition's part of a request.
@@ -424,10 +434,7 @@ pub async fn produce(
             (Some(p), _) if (0..partition_count).contains(&p) => p,
             (Some(p), _) => {
                 // As any other request naming a partition the topic lacks: 404.
-                let has = match partition_count {
-                    1 => "1 partition (0)".to_owned(),
-                    n => format!("{n} partitions (0 to {})", n - 1),
-                };
+                let has = partitions_phrase(partition_count);
                 return Err(ApiError::not_found(
                     "unknown_partition",
                     format!("record {index}: topic {topic} has no partition {p}; it has {has}. Nothing was written"),

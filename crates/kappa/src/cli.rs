@@ -53,14 +53,7 @@ pub struct BadInput(pub String);
 #[error("{0}")]
 pub struct NotFound(pub String);
 
-/// A topic's partitions for people: "1 partition (0)", "4 partitions (0 to 3)".
-pub fn partitions_phrase(count: i32) -> String {
-    match count {
-        1 => "1 partition (0)".to_owned(),
-        n if n > 1 => format!("{n} partitions (0 to {})", n - 1),
-        _ => "no partitions".to_owned(),
-    }
-}
+pub use kappa_http::topics::partitions_phrase;
 
 /// Standard output was closed (its reader left, as `| head -1` does): the command ends
 /// quietly, exit 0 (see [`exit_code`]).

@@ -90,7 +90,7 @@ struct Record {
     #[serde(default)]
     key: Option<String>,
     /// Required in JSON input (`None`: absent, refused); `null` is a tombstone.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "kappa_http::topics::present")]
     value: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     headers: BTreeMap<String, Option<String>>,
@@ -105,12 +105,6 @@ struct Record {
     _offset: Option<i64>,
     #[serde(default, skip_serializing, rename = "timestamp")]
     _timestamp: Option<i64>,
-}
-
-/// A field that is present, `null` included (`Some` of the JSON text `null`): serde reads
-/// an `Option` field's `null` as `None`, like a missing field.
-fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
-    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
