@@ -315,6 +315,7 @@ async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
                 // down) would otherwise hear nothing until the followed changelog changes;
                 // and one of this changelog whose snapshot is older than `end` would not
                 // hear of the changes before `end` until the next one.
+                tracing::debug!(view, version, changelog = %format!("{changelog:016x}"), from = end, "a subscription hub follows a changelog");
                 let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog, from: end }));
                 current = Some(Following { version, changelog, cursor: end });
                 end
@@ -514,6 +515,13 @@ async fn follow(
                 // with the next change, which may never come.
                 HubEvent::Switched { version: v, changelog: c, from } if *v == version && *c == changelog => {
                     if *from > cursor {
+                        tracing::debug!(
+                            view,
+                            version,
+                            from,
+                            cursor,
+                            "a subscription behind its hub's start catches up"
+                        );
                         match catch_up_or_reset(state, &followed, target, cursor, emit).await {
                             Next::Cursor(next) => cursor = next,
                             Next::Restart => continue 'restart,
