@@ -14,7 +14,10 @@
 //!
 //! One hub task per view tails the serving version's durable changelog and broadcasts each
 //! chunk of changes; a subscription catches up from its own position by reading the
-//! changelog itself, then follows the broadcast, skipping what it has already sent.
+//! changelog itself, then follows the broadcast, skipping what it has already sent. The
+//! broadcast has no gaps from where the hub started following a changelog (its `Switched`
+//! names that offset) on; a subscription behind that point — it took its snapshot before the
+//! hub's first look at the changelog — reads the changes in between itself.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -148,8 +151,11 @@ pub enum HubEvent {
     /// with id `changelog`; `first_missing`: the first offset in that range whose record
     /// compaction removed before the hub read it (the hub fell behind the cleaner).
     Changes { version: u32, changelog: u64, from: i64, next: i64, first_missing: Option<i64>, changes: Vec<ChangeItem> },
-    /// Another version serves now, or the serving changelog was deleted and created again.
-    Switched { version: u32, changelog: u64 },
+    /// The hub follows `version`'s changelog `changelog` from offset `from` on (the
+    /// changelog's end at its look): it started, another version serves now, or the serving
+    /// changelog was deleted and created again. Its chunks of that changelog start at `from`,
+    /// so a subscription of it whose position is before `from` catches up by itself.
+    Switched { version: u32, changelog: u64, from: i64 },
 }
 
 /// The hubs, one per view, started on first use. A hub that ends (it should not: it logs
@@ -159,6 +165,8 @@ pub struct Hubs {
     hubs: Mutex<HashMap<String, Arc<Hub>>>,
     /// Open subscriptions across all views.
     pub subscriptions: AtomicUsize,
+    /// A hub waits for it before its first look; [`Hubs::hold_first_looks`] holds it.
+    first_looks: tokio::sync::RwLock<()>,
 }
 
 /// One view's hub. Only the map and the hub's task hold it, so when the task ends and
@@ -203,6 +211,15 @@ impl Hubs {
     #[doc(hidden)]
     pub fn running(&self, view: &str) -> bool {
         self.hubs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(view)
+    }
+
+    /// Keeps every hub that has not yet taken its first look from taking it until the
+    /// guard drops, so a test can order what a subscription does against its hub's start
+    /// (as a hub started while its view was not yet serving looks only a moment later).
+    /// Blocks the calling thread, which must not be a runtime's.
+    #[doc(hidden)]
+    pub fn hold_first_looks(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.first_looks.blocking_write()
     }
 }
 
@@ -275,6 +292,7 @@ fn serving(state: &AppState, view: &str) -> Option<(u32, String, u64)> {
 }
 
 async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
+    drop(state.hubs.first_looks.read().await);
     let mut current: Option<Following> = None;
     loop {
         let Some((version, topic, changelog)) = serving(state, view) else {
@@ -294,8 +312,11 @@ async fn run_hub(state: &Arc<AppState>, view: &str, hub: &Hub) {
             _ => {
                 // Said on the hub's first look too: a subscription that took its snapshot
                 // from another version (before this hub started, or while a failed one was
-                // down) would otherwise hear nothing until the followed changelog changes.
-                let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog }));
+                // down) would otherwise hear nothing until the followed changelog changes;
+                // and one of this changelog whose snapshot is older than `end` would not
+                // hear of the changes before `end` until the next one.
+                tracing::debug!(view, version, changelog = %format!("{changelog:016x}"), from = end, "a subscription hub follows a changelog");
+                let _ = hub.events.send(Arc::new(HubEvent::Switched { version, changelog, from: end }));
                 current = Some(Following { version, changelog, cursor: end });
                 end
             }
@@ -486,13 +507,33 @@ async fn follow(
                     }
                     cursor = cursor.max(*next);
                 }
-                // The switch to this subscription's own changelog, or a chunk of an old one
-                // still in flight when it started: nothing changed for it.
-                HubEvent::Switched { version: v, changelog: c } if *v == version && *c == changelog => {}
-                // A hub's look from before the switch this subscription already follows.
+                // The hub follows this subscription's own changelog from `from` on: it
+                // started (a new hub, or one whose view was not serving yet) or noticed the
+                // switch to it after this subscription took its snapshot. Changes before
+                // `from` are in no chunk: a subscription behind it reads them itself, up to
+                // the changelog's end (past `from` by now), or it would hear of them only
+                // with the next change, which may never come.
+                HubEvent::Switched { version: v, changelog: c, from } if *v == version && *c == changelog => {
+                    if *from > cursor {
+                        tracing::debug!(
+                            view,
+                            version,
+                            from,
+                            cursor,
+                            "a subscription behind its hub's start catches up"
+                        );
+                        match catch_up_or_reset(state, &followed, target, cursor, emit).await {
+                            Next::Cursor(next) => cursor = next,
+                            Next::Restart => continue 'restart,
+                            Next::End(ended) => return ended,
+                        }
+                    }
+                }
+                // A hub's look from before the switch this subscription already follows, or
+                // a chunk of an old changelog still in flight when it started.
                 HubEvent::Changes { .. } | HubEvent::Switched { .. } if still_serving(state, view, &followed) => {}
                 HubEvent::Changes { version: v, changelog: c, .. }
-                | HubEvent::Switched { version: v, changelog: c } => {
+                | HubEvent::Switched { version: v, changelog: c, .. } => {
                     let reason = if *v == version && *c != changelog {
                         format!("the changelog of version {v} was deleted and created again")
                     } else {

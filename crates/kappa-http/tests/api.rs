@@ -720,6 +720,45 @@ fn a_cutover_before_a_new_hub_first_looks_still_resets_subscriptions() {
     assert_eq!(snapshot["items"][0]["value"], json!({"v2": 1}));
 }
 
+/// A subscription that took its snapshot before its hub first looked at the changelog (a
+/// hub started by an earlier subscriber while the view was not yet serving looks only at
+/// its next check) gets the changes written in between: the hub broadcasts from the
+/// changelog's end at that look on, and the subscription reads what lies before it itself.
+/// (They reached it only with the next change: a JS client that subscribed while its server
+/// started waited for a change that never came.)
+#[test]
+fn changes_between_a_snapshot_and_the_hubs_first_look_reach_the_subscription() {
+    let kappa = started();
+    let mut ws = Ws::connect(kappa.addr);
+    let snapshot = {
+        let _held = kappa.state.hubs.hold_first_looks();
+        ws.send(&json!({"op": "subscribe", "id": "s", "view": "latest", "key": "k"}));
+        let snapshot = ws.next();
+        assert_eq!((snapshot["type"].as_str(), snapshot["items"].clone()), (Some("snapshot"), json!([])), "{snapshot}");
+        assert!(kappa.state.hubs.running("latest"), "the subscription started the view's hub");
+        kappa.produce(json!([{"key": "k", "value": 1}]));
+        kappa.wait_caught_up("latest");
+        snapshot
+    };
+    // The hub looks now, at a changelog that already holds the change.
+    let change = ws.next_within(Duration::from_secs(30)).expect(
+        "no message within 30 s: the change written after the snapshot and before the hub's first look was lost",
+    );
+    assert_eq!(
+        (change["type"].as_str(), change["key"].as_str(), change["value"].as_i64()),
+        (Some("change"), Some("k"), Some(1)),
+        "{change}"
+    );
+    let (from, first) =
+        (parse_token(snapshot["token"].as_str().unwrap()), parse_token(change["token"].as_str().unwrap()));
+    assert!(first > from, "the change ({first}) is after the snapshot ({from})");
+    // And the broadcast goes on from there: the next change once, in order.
+    kappa.produce(json!([{"key": "k", "value": 2}]));
+    let next = ws.next();
+    assert_eq!((next["type"].as_str(), next["value"].as_i64()), (Some("change"), Some(2)), "{next}");
+    assert!(parse_token(next["token"].as_str().unwrap()) > first, "{next} after {change}");
+}
+
 /// The hub fell behind the log cleaner: compaction removed changes it had not read yet. A
 /// subscription following it gets `reset` and a fresh snapshot, not the surviving changes
 /// with the superseded ones silently left out.

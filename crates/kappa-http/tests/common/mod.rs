@@ -199,6 +199,34 @@ impl Ws {
         }
     }
 
+    /// The next JSON message if one arrives within `wait` (the server's pings, which end a
+    /// read and so would restart a read timeout, do not extend it); None if none does.
+    pub fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = std::time::Instant::now() + wait;
+        let stream = self.socket.get_ref().try_clone().unwrap();
+        let restore = stream.read_timeout().unwrap();
+        let message = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            stream.set_read_timeout(Some(left)).unwrap();
+            match self.socket.read() {
+                Ok(tungstenite::Message::Text(text)) => break Some(serde_json::from_str(&text).unwrap()),
+                Ok(tungstenite::Message::Close(frame)) => panic!("closed: {frame:?}"),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                {
+                    break None;
+                }
+                Err(e) => panic!("websocket: {e}"),
+            }
+        };
+        stream.set_read_timeout(restore).unwrap();
+        message
+    }
+
     /// The next JSON message (panics on close or timeout).
     pub fn next(&mut self) -> Value {
         loop {
