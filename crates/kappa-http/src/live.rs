@@ -702,14 +702,20 @@ pub fn check_snapshot_size(state: &AppState, view: &str, target: &Target) -> Res
     check_snapshot_bytes(target, &snapshot_items(view, items)?)
 }
 
+/// The bytes a snapshot of `items` (key, value's JSON bytes) takes as sent, each item's frame
+/// taking `item_overhead_bytes` besides its key and value: keys count as JSON strings, where a
+/// control character takes six bytes. Work mode's snapshots, framed otherwise, count with it too.
+pub fn snapshot_bytes<'a>(items: impl IntoIterator<Item = (&'a str, usize)>, item_overhead_bytes: usize) -> usize {
+    items
+        .into_iter()
+        .map(|(key, value_bytes)| item_overhead_bytes + json_bytes(key).expect("a string serializes") + value_bytes)
+        .sum()
+}
+
 /// Refuses a snapshot over [`SNAPSHOT_BYTES_MAX`].
 fn check_snapshot_bytes(target: &Target, items: &[(String, Arc<RawValue>)]) -> Result<(), ApiError> {
-    let bytes: usize = items
-        .iter()
-        .map(|(key, value)| {
-            SNAPSHOT_ITEM_OVERHEAD_BYTES + json_bytes(key.as_str()).expect("a string serializes") + value.get().len()
-        })
-        .sum();
+    let sizes = items.iter().map(|(key, value)| (key.as_str(), value.get().len()));
+    let bytes = snapshot_bytes(sizes, SNAPSHOT_ITEM_OVERHEAD_BYTES);
     if bytes <= SNAPSHOT_BYTES_MAX {
         return Ok(());
     }

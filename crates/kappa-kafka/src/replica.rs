@@ -9,8 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use kappa_http::live::SNAPSHOT_BYTES_MAX;
-use kappa_views::view::json_bytes;
+use kappa_http::live::{SNAPSHOT_BYTES_MAX, snapshot_bytes};
 use kappa_views::{ScanLimit, changelog};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -407,13 +406,8 @@ fn check_snapshot_items(prefix: &str, items: &[(String, KeyEntry)], snapshot_max
             "prefix '{prefix}' matches more than {snapshot_max} keys (the snapshot limit); subscribe to a longer prefix"
         ));
     }
-    // Keys as they are sent: JSON strings, where a control character takes six bytes.
-    let bytes: usize = items
-        .iter()
-        .map(|(key, entry)| {
-            SNAPSHOT_ITEM_OVERHEAD_BYTES + json_bytes(key.as_str()).expect("a string serializes") + entry.value.len()
-        })
-        .sum();
+    let sizes = items.iter().map(|(key, entry)| (key.as_str(), entry.value.len()));
+    let bytes = snapshot_bytes(sizes, SNAPSHOT_ITEM_OVERHEAD_BYTES);
     if bytes > SNAPSHOT_BYTES_MAX {
         return Err(format!(
             "the snapshot of prefix '{prefix}' would take {bytes} bytes; a snapshot may take at most {SNAPSHOT_BYTES_MAX} bytes (SNAPSHOT_BYTES_MAX, a fixed limit: it is sent as one message); subscribe to a longer prefix"
