@@ -321,7 +321,7 @@ fn scan_keys(
     for (key, entry) in matching {
         bytes += key.len() + entry.value.len();
         out.push((key.clone(), entry.clone()));
-        if out.len() >= limit.items || bytes > limit.bytes {
+        if limit.reached(out.len(), bytes) {
             return (out, true);
         }
     }

@@ -38,6 +38,13 @@ pub struct ScanLimit {
     pub bytes: usize,
 }
 
+impl ScanLimit {
+    /// Whether a scan holding `items` keys of `bytes` (keys and values) stops here.
+    pub fn reached(&self, items: usize, bytes: usize) -> bool {
+        items >= self.items || bytes > self.bytes
+    }
+}
+
 /// Which keyspace a key lives in: the view's (read by clients) or the processor's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
@@ -266,7 +273,7 @@ impl Snapshot<'_> {
             let value = StoredValue::decode(value.value());
             bytes += key.len() + value.json.len();
             out.push((key.to_owned(), value));
-            if out.len() >= limit.items || bytes > limit.bytes {
+            if limit.reached(out.len(), bytes) {
                 return Ok((out, true));
             }
         }
