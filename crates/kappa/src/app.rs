@@ -225,11 +225,18 @@ impl App {
     pub fn main(self) -> anyhow::Result<()> {
         use std::io::IsTerminal;
         crate::allocator::configure();
-        tracing_subscriber::fmt()
-            .with_target(false)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init();
+        {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .finish()
+                .with(log_filter(std::env::var("RUST_LOG").ok().as_deref()))
+                .init();
+        }
         let result = match Cli::parse().command {
             Command::Serve(args) => Settings::resolve(*args).and_then(|settings| self.serve(settings)),
             Command::View(command) => self.view_command(command),
@@ -255,13 +262,19 @@ impl App {
 
     /// Runs the log, the broker and the views until SIGTERM or Ctrl-C.
     pub fn serve(self, settings: Settings) -> anyhow::Result<()> {
-        let _lock = lock_data_dir(&settings.data_dir)?;
         let runtime =
             tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-        runtime.block_on(self.serve_async(settings))
+        // Ports first: a port in use must fail before the data directory is created or locked.
+        let ports = {
+            let _runtime = runtime.enter();
+            Ports::claim(&settings)?
+        };
+        let _lock = lock_data_dir(&settings.data_dir)?;
+        runtime.block_on(self.serve_async(settings, ports))
     }
 
-    async fn serve_async(self, settings: Settings) -> anyhow::Result<()> {
+    async fn serve_async(self, settings: Settings, ports: Ports) -> anyhow::Result<()> {
+        let Ports { kafka: kafka_socket, http: http_socket } = ports;
         let log = open_log(&settings).await?;
         let maintenance = tokio::spawn(maintain(log.clone(), settings.maintenance_interval));
         // `--sync interval:<ms>` acknowledges before fsync; this task bounds what a power
@@ -272,17 +285,6 @@ impl App {
             }
             kappa_log::SyncPolicy::EveryAppend => None,
         };
-        // Claim both ports before anything slow (a second kappa on them fails at once, and a
-        // client that finds one open finds the other open too), but listen only when ready.
-        let kafka_socket = claim_port(settings.kafka_listen).with_context(|| {
-            format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen)
-        })?;
-        let http_socket = claim_port(settings.http_listen).with_context(|| {
-            format!(
-                "binding the HTTP listener on {} (is another server running there? pick another with --http-listen)",
-                settings.http_listen
-            )
-        })?;
         let kafka_port = kafka_socket.local_addr()?.port();
         let config = BrokerConfig {
             advertised_host: settings.advertised_host.clone(),
@@ -548,6 +550,48 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
             data_dir.display()
         ),
         Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// Which log lines to write: `RUST_LOG`'s directives (`info`, `warn,kappa_views=debug`, …,
+/// without env_logger's regex filters, so no regex engine in the binary), `info` when unset.
+/// A value that does not parse is reported and the default used: a typo must not silence
+/// the log.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::Targets;
+    let default = Targets::new().with_default(tracing::Level::INFO);
+    match rust_log.map(str::trim).filter(|value| !value.is_empty()) {
+        None => default,
+        Some(value) => value.parse().unwrap_or_else(|error| {
+            eprintln!(
+                "warning: RUST_LOG={value:?} is not a list of log directives ({error}); logging at info. \
+                 Expected e.g. RUST_LOG=debug or RUST_LOG=warn,kappa_views=debug"
+            );
+            default
+        }),
+    }
+}
+
+/// Both listeners' sockets, bound but not listening.
+struct Ports {
+    kafka: tokio::net::TcpSocket,
+    http: tokio::net::TcpSocket,
+}
+
+impl Ports {
+    /// Claims both ports before anything slow (a second kappa on them fails at once, and a
+    /// client that finds one open finds the other open too); they listen only when ready.
+    fn claim(settings: &Settings) -> anyhow::Result<Self> {
+        let kafka = claim_port(settings.kafka_listen).with_context(|| {
+            format!("binding the Kafka listener on {} (is another broker running there?)", settings.kafka_listen)
+        })?;
+        let http = claim_port(settings.http_listen).with_context(|| {
+            format!(
+                "binding the HTTP listener on {} (is another server running there? pick another with --http-listen)",
+                settings.http_listen
+            )
+        })?;
+        Ok(Self { kafka, http })
     }
 }
 

@@ -95,6 +95,81 @@ fn bad_flags_fail_with_a_clear_message() {
     assert!(stderr.contains("interval:<ms>"), "{stderr}");
 }
 
+/// A port in use fails the start before anything touches the data directory (it was
+/// created, then the start failed on the port).
+#[test]
+fn a_port_in_use_fails_before_the_data_directory_is_created() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data_dir = temp.path().join("data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let taken_addr = taken.local_addr().expect("local addr").to_string();
+    let free_http = format!("127.0.0.1:{}", common::free_port());
+    for flags in [
+        ["--kafka-listen", &taken_addr, "--http-listen", &free_http],
+        ["--http-listen", &taken_addr, "--kafka-listen", &free_http],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_kappa"))
+            .args(["serve", "--data-dir", data_dir.to_str().unwrap()])
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?}: started on a port in use: {stderr}");
+        assert!(stderr.contains(&taken_addr), "{flags:?}: the error does not name the port: {stderr}");
+        assert!(!data_dir.exists(), "{flags:?}: the data directory was created before the port failed");
+    }
+}
+
+/// `RUST_LOG` chooses what the server logs (it was ignored: always info): `warn` drops the
+/// info lines, `kappa_broker=debug` shows a connection closing and nothing else, a value that
+/// does not parse is reported and logging stays at info.
+#[test]
+fn rust_log_chooses_what_the_server_logs() {
+    let warn = serve_log_with("warn");
+    assert!(!warn.contains("kappa is running"), "RUST_LOG=warn still logged info lines:\n{warn}");
+    let broker_debug = serve_log_with("kappa_broker=debug");
+    assert!(
+        broker_debug.contains("connection closed"),
+        "RUST_LOG=kappa_broker=debug logged no debug line:\n{broker_debug}"
+    );
+    assert!(
+        !broker_debug.contains("kappa is running"),
+        "RUST_LOG=kappa_broker=debug logged other targets' info:\n{broker_debug}"
+    );
+    let typo = serve_log_with("kappa_broker=loud");
+    assert!(typo.contains("RUST_LOG=\"kappa_broker=loud\" is not a list of log directives"), "{typo}");
+    assert!(typo.contains("kappa is running"), "a bad RUST_LOG silenced the info lines:\n{typo}");
+}
+
+/// What `kappa serve` wrote to stderr from start to SIGTERM under `RUST_LOG=rust_log`, with
+/// one connection opened and closed once it listens.
+fn serve_log_with(rust_log: &str) -> String {
+    use std::io::Read;
+    use std::process::Stdio;
+
+    let temp = tempfile::tempdir().expect("temp dir");
+    let kafka = format!("127.0.0.1:{}", common::free_port());
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(["serve", "--data-dir", temp.path().to_str().unwrap(), "--kafka-listen", &kafka, "--http-listen", &http])
+        .env("RUST_LOG", rust_log)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start kappa serve");
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(&kafka).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "kappa serve did not listen within 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The probe above connected and closed; give the broker a moment to notice.
+    std::thread::sleep(Duration::from_millis(200));
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill -TERM");
+    let mut log = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut log).expect("read stderr");
+    assert!(child.wait().expect("wait").success(), "kappa serve failed under RUST_LOG={rust_log}:\n{log}");
+    log
+}
+
 /// The Kafka listener's limits come from `serve`'s flags (they were fixed at their defaults):
 /// a second connection past `--kafka-connections-max 1` is closed at once, and a connection
 /// that sends nothing more after its one request is closed after
