@@ -2,7 +2,7 @@
 //! `/v1/views/{view}/keys?prefix=`), and the same subscriptions — `/v1/views/{view}/watch`
 //! (Server-Sent Events) and `/v1/ws` (WebSocket, `{"op":"subscribe","id","view","key"|"prefix",
 //! "resume"?}`), each a snapshot then every change in order, resumable — answered from the
-//! read replica; `/health` (per owned partition) and `/metrics`.
+//! read replica; `/health` (liveness) and `/ready` (readiness) per owned partition, and `/metrics`.
 //!
 //! Positions are `<changelog partition>.<offset>`: a key lives in one changelog partition,
 //! so its changes are totally ordered by offset. A prefix spans partitions: its changes come
@@ -63,6 +63,7 @@ pub struct HttpState {
 pub fn router(state: Arc<HttpState>) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/v1/views/{view}/keys", get(scan))
         .route("/v1/views/{view}/keys/{key}", get(get_key))
@@ -87,12 +88,28 @@ fn position(entry: &KeyEntry) -> String {
     format!("{}.{}", entry.partition, entry.offset)
 }
 
+/// Liveness, as `serve`'s: 200 while the worker runs, `degraded` when an owned partition
+/// stopped at a view's error. Restarting the worker would not help — the partition's next
+/// owner stops at the same event — so a liveness probe must not see a failure here.
 async fn health(State(state): State<Arc<HttpState>>) -> Response {
+    let (_, body) = health_report(&state);
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+/// Readiness: the same body, 503 while an owned partition is stopped (the view's keys from
+/// it are frozen where it stopped).
+async fn ready(State(state): State<Arc<HttpState>>) -> Response {
+    let (failing, body) = health_report(&state);
+    let code = if failing { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, Json(body)).into_response()
+}
+
+/// The health body, and whether an owned partition has stopped.
+fn health_report(state: &HttpState) -> (bool, Value) {
     let partitions = (state.status)();
     let failing = partitions.values().any(|s| s.starts_with("failed"));
-    let status = if failing { "failing" } else { "ok" };
-    let code = if failing { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
-    (code, Json(json!({"status": status, "mode": "work", "partitions": partitions}))).into_response()
+    let status = if failing { "degraded" } else { "ok" };
+    (failing, json!({"status": status, "mode": "work", "partitions": partitions}))
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> String {

@@ -534,9 +534,12 @@ fn view_not_keyed_by_its_input_is_refused() {
     produce(&server, 5, 0, 200);
     let started = Instant::now();
     loop {
-        let (status, body) = http_get(worker.http, "/health");
+        let (status, body) = http_get(worker.http, "/ready");
         if status == 503 {
-            assert!(body.contains("owner_channels") && body.contains("repartition"), "health: {body}");
+            assert!(body.contains("owner_channels") && body.contains("repartition"), "ready: {body}");
+            // Liveness stays 200: a restart would only stop at the same event again.
+            let (status, body) = http_get(worker.http, "/health");
+            assert!(status == 200 && body.contains("\"degraded\""), "health: {status} {body}");
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "no failure reported; log:\n{}", worker.log_text());
