@@ -97,7 +97,7 @@ async fn legacy_fetches_get_compressed_and_plain_batches_as_message_sets_from_th
     let (_dir, addr) = start().await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut offset = 0;
-    for (compression, count) in [(Compression::Gzip, 4), (Compression::None, 2), (Compression::Zstd, 3)] {
+    for (compression, count) in [(Compression::Gzip, 4), (Compression::None, 2), (Compression::Lz4, 3)] {
         let mut batch = BatchBuilder::new().compression(compression);
         for i in offset..offset + count {
             batch.push(NewRecord::new(Some(b"k"), Some(format!("v{i}").as_bytes()), 1_000 + i));
@@ -173,4 +173,56 @@ async fn legacy_fetch_answers_hold_the_requests_limits_of_converted_bytes() {
     assert!(bytes <= 200 * 1024, "{bytes} bytes");
     assert_eq!(offsets, [3, 4, 5], "v3: max_bytes");
     assert_eq!(fetch(3, 1, one_mib).await.1, [3], "v3: the first message whatever its size");
+}
+
+/// Kafka does not down-convert zstd (KIP-110; `RecordsUtil.downConvert`): a fetch v0-3
+/// gets the messages before a zstd batch, and fetching from it, UNSUPPORTED_COMPRESSION_TYPE.
+/// Fetch v4-9 gets the stored batch as it is, as Kafka answers them for a topic whose
+/// `compression.type` is `producer` (the only one kappa has): only a topic that compresses
+/// with zstd itself makes Kafka refuse those versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_fetches_end_before_a_zstd_batch_and_fail_at_it() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+    const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+    let (_dir, addr) = start().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    for (compression, offsets) in [(Compression::Gzip, 0..3), (Compression::Zstd, 3..5)] {
+        let mut batch = BatchBuilder::new().compression(compression);
+        for i in offsets {
+            batch.push(NewRecord::new(Some(b"k"), Some(format!("v{i}").as_bytes()), 1_000 + i));
+        }
+        let request = common::produce_request("t", batch.build(), None);
+        let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, 9, &request).await;
+        assert_eq!(response.responses[0].partition_responses[0].error_code, 0);
+    }
+    for version in 0..=3 {
+        let correlation_id = 200 + i32::from(version);
+        stream.write_all(&legacy_fetch_frame(version, correlation_id, "t", 1)).await.unwrap();
+        let (error_code, set) = read_legacy_fetch(&mut stream, version, correlation_id).await;
+        assert_eq!(error_code, 0, "v{version}");
+        let offsets: Vec<i64> = message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [1, 2], "v{version}: up to the zstd batch");
+        for from in [3, 4] {
+            stream.write_all(&legacy_fetch_frame(version, correlation_id, "t", from)).await.unwrap();
+            let (error_code, set) = read_legacy_fetch(&mut stream, version, correlation_id).await;
+            assert_eq!((error_code, set.len()), (UNSUPPORTED_COMPRESSION_TYPE, 0), "v{version} from {from}");
+        }
+    }
+    for version in 4..=9 {
+        let mut partition = FetchPartition::default();
+        partition.fetch_offset = 3;
+        partition.partition_max_bytes = 1 << 20;
+        let mut topic = FetchTopic::default();
+        topic.topic = TopicName(StrBytes::from_static_str("t"));
+        topic.partitions = vec![partition];
+        let mut request = FetchRequest::default();
+        request.max_bytes = 1 << 20;
+        request.topics = vec![topic];
+        let response: FetchResponse = common::call(&mut stream, ApiKey::Fetch, version, &request).await;
+        let answer = &response.responses[0].partitions[0];
+        assert_eq!(answer.error_code, 0, "v{version}");
+        let stored = kappa_log::batch::BatchHeader::parse(answer.records.as_ref().unwrap()).unwrap();
+        assert_eq!(stored.compression().unwrap(), Compression::Zstd, "v{version}");
+    }
 }
