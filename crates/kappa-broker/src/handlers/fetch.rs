@@ -71,8 +71,9 @@ impl Broker {
             };
             let bytes: usize = reads.iter().map(|r| r.records.len()).sum();
             let errored = reads.iter().any(|r| r.error_code != errors::NONE);
+            let waited_out = Instant::now() >= deadline || watches.is_empty();
             // min_bytes 0 asks for an answer now, data or not (Kafka too).
-            if bytes >= min_bytes || errored || Instant::now() >= deadline || watches.is_empty() {
+            if bytes >= min_bytes || errored || waited_out {
                 let reads = match version {
                     0..=LAST_LEGACY_FETCH_VERSION => {
                         let answer_bytes_max = response_max.min(legacy::DOWN_CONVERTED_ANSWER_BYTES_MAX);
@@ -81,7 +82,9 @@ impl Broker {
                     }
                     _ => reads,
                 };
-                return build_fetch_response(&wanted, reads, isolation);
+                if waited_out || min_bytes == 0 || !converted_to_nothing(version, &reads) {
+                    return build_fetch_response(&wanted, reads, isolation);
+                }
             }
             wait_for_any(watches, deadline).await;
         }
@@ -181,6 +184,17 @@ fn offset_for(
 
 /// Fetch v0-3 answers are down-converted to message sets (magic 0/1).
 const LAST_LEGACY_FETCH_VERSION: i16 = 3;
+
+/// Whether a fetch v0-3 answer read bytes but converted them to no message and no error:
+/// control batches (transaction markers) only, which magic 0/1 cannot carry. Kafka judges
+/// min_bytes on the bytes read and answers at once; but such a client (kafka-node) cannot
+/// move past a marker it never sees, so at a trailing marker it would fetch again at once,
+/// forever. Waiting (up to max_wait, or until more is written) is what min_bytes asks for.
+/// Fetch v4+ gets the marker itself and moves past it, so it is answered as Kafka does.
+fn converted_to_nothing(version: i16, reads: &[PartitionRead]) -> bool {
+    version <= LAST_LEGACY_FETCH_VERSION
+        && reads.iter().all(|read| read.error_code == errors::NONE && read.records.is_empty())
+}
 
 /// Every partition's read as a message set of `magic` from its fetch offset on, bounded by
 /// what it converts to, as Kafka bounds a down-converted answer by the bytes it read
