@@ -401,3 +401,79 @@ async fn metadata_answers_the_logs_topic_ids() {
         response.topics.iter().map(|t| (t.name.as_ref().map(|n| n.0.as_str()), t.topic_id, t.error_code)).collect();
     assert_eq!(got, [(Some("in"), id, 0), (Some("in"), id, 0), (None, uuid::Uuid::from_u128(7), UNKNOWN_TOPIC_ID)]);
 }
+
+const INVALID_CONFIG: i16 = 40;
+
+/// A CreateTopics v5 (librdkafka's) of one single-partition topic with `configs`: its error
+/// code and message.
+async fn create_topic_with(stream: &mut TcpStream, name: &str, configs: &[(&str, &str)]) -> (i16, Option<String>) {
+    use kafka_protocol::messages::create_topics_request::CreatableTopicConfig;
+    let mut topic = CreatableTopic::default();
+    topic.name = topic_name(name);
+    topic.num_partitions = 1;
+    topic.replication_factor = 1;
+    topic.configs = configs
+        .iter()
+        .map(|(k, v)| {
+            let mut c = CreatableTopicConfig::default();
+            c.name = s(*k);
+            c.value = Some(s(*v));
+            c
+        })
+        .collect();
+    let mut request = CreateTopicsRequest::default();
+    request.timeout_ms = 5000;
+    request.topics = vec![topic];
+    let response: CreateTopicsResponse = call(stream, ApiKey::CreateTopics, 5, &request).await;
+    let t = &response.topics[0];
+    (t.error_code, t.error_message.as_ref().map(|m| m.to_string()))
+}
+
+/// An IncrementalAlterConfigs v1 SET of `key` on topic `name`: its error code and message.
+async fn alter_topic_config(stream: &mut TcpStream, name: &str, key: &str, value: &str) -> (i16, Option<String>) {
+    use kafka_protocol::messages::incremental_alter_configs_request::{AlterConfigsResource, AlterableConfig};
+    use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse};
+    let mut config = AlterableConfig::default();
+    config.name = s(key);
+    config.config_operation = 0;
+    config.value = Some(s(value));
+    let mut resource = AlterConfigsResource::default();
+    resource.resource_type = 2;
+    resource.resource_name = s(name);
+    resource.configs = vec![config];
+    let mut request = IncrementalAlterConfigsRequest::default();
+    request.resources = vec![resource];
+    let response: IncrementalAlterConfigsResponse = call(stream, ApiKey::IncrementalAlterConfigs, 1, &request).await;
+    let r = &response.responses[0];
+    (r.error_code, r.error_message.as_ref().map(|m| m.to_string()))
+}
+
+/// The sub-key header only refines compaction: on a topic that is not compacted it would
+/// silently do nothing, so creating such a topic, setting the header on one, and dropping
+/// compaction while the header is set are each INVALID_CONFIG, saying what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subkey_header_on_a_topic_that_is_not_compacted_is_refused() {
+    let broker = serve(Limits::default()).await;
+    let mut stream = broker.connect().await;
+    let header = ("kappa.compaction.subkey.header", "contentId");
+    let refused = |(code, message): (i16, Option<String>)| {
+        let message = message.unwrap_or_default();
+        assert_eq!(code, INVALID_CONFIG, "{message}");
+        assert!(
+            message.contains("only applies to compacted topics") && message.contains("set cleanup.policy=compact"),
+            "{message}"
+        );
+    };
+    refused(create_topic_with(&mut stream, "plain", &[header]).await);
+    refused(create_topic_with(&mut stream, "deleted", &[header, ("cleanup.policy", "delete")]).await);
+    assert!(broker.log.topic("plain").is_err() && broker.log.topic("deleted").is_err(), "nothing created");
+    refused(alter_topic_config(&mut stream, "in", header.0, header.1).await);
+    assert_eq!(broker.log.topic("in").unwrap().config().compaction_subkey_header, None);
+
+    let created = create_topic_with(&mut stream, "channels", &[header, ("cleanup.policy", "compact")]).await;
+    assert_eq!(created.0, 0, "{:?}", created.1);
+    refused(alter_topic_config(&mut stream, "channels", "cleanup.policy", "delete").await);
+    let config = broker.log.topic("channels").unwrap().config();
+    assert!(config.cleanup_policy.compact && config.compaction_subkey_header.as_deref() == Some("contentId"));
+    assert_eq!(alter_topic_config(&mut stream, "channels", "cleanup.policy", "compact,delete").await.0, 0);
+}

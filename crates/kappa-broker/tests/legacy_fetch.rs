@@ -3,6 +3,7 @@
 //! fetch offset on.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ProduceResponse, RequestHeader};
@@ -32,6 +33,19 @@ fn legacy_fetch_frame_within(
     max_bytes: i32,
     partition_max_bytes: i32,
 ) -> Vec<u8> {
+    legacy_fetch_frame_waiting(version, correlation_id, topic, offset, max_bytes, partition_max_bytes, 100)
+}
+
+/// [`legacy_fetch_frame_within`] with the request's `max_wait_ms` (min_bytes is 1).
+fn legacy_fetch_frame_waiting(
+    version: i16,
+    correlation_id: i32,
+    topic: &str,
+    offset: i64,
+    max_bytes: i32,
+    partition_max_bytes: i32,
+    max_wait_ms: i32,
+) -> Vec<u8> {
     let header = RequestHeader::default()
         .with_request_api_key(ApiKey::Fetch as i16)
         .with_request_api_version(version)
@@ -40,7 +54,7 @@ fn legacy_fetch_frame_within(
     let mut body = BytesMut::new();
     header.encode(&mut body, 1).unwrap();
     body.put_i32(-1); // replica id
-    body.put_i32(100); // max wait ms
+    body.put_i32(max_wait_ms);
     body.put_i32(1); // min bytes
     if version >= 3 {
         body.put_i32(max_bytes);
@@ -82,22 +96,122 @@ async fn read_legacy_fetch(stream: &mut TcpStream, version: i16, correlation_id:
 
 /// A broker serving topic "t" (one partition); its address.
 async fn start() -> (tempfile::TempDir, std::net::SocketAddr) {
+    let (dir, addr, _) = start_with_log().await;
+    (dir, addr)
+}
+
+/// [`start`], also handing out the broker's log.
+async fn start_with_log() -> (tempfile::TempDir, std::net::SocketAddr, Arc<Log>) {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(Log::open(dir.path(), LogOptions::default()).unwrap().0);
     log.create_topic("t", 1, &Default::default()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let broker = Broker::open(log, BrokerConfig::default()).await.unwrap();
+    let broker = Broker::open(log.clone(), BrokerConfig::default()).await.unwrap();
     tokio::spawn(kappa_broker::run(listener, broker, Limits::default(), std::future::pending::<()>()));
-    (dir, addr)
+    (dir, addr, log)
 }
+
+/// Partition 0 of "t": a committed transaction of producer 7 (offsets 0..2), its commit
+/// marker at 2 — the log's end is a control batch.
+fn committed_transaction(log: &Log) {
+    use kappa_log::records::ControlType;
+    let partition = log.partition("t", 0).unwrap();
+    let data = BatchBuilder::new()
+        .producer(7, 0, 0)
+        .transactional(true)
+        .record(NewRecord::new(Some(b"k"), Some(b"v0"), 1_000))
+        .record(NewRecord::new(Some(b"k"), Some(b"v1"), 1_000))
+        .build();
+    partition.append(data).unwrap();
+    partition.append(BatchBuilder::control_marker(7, 0, ControlType::Commit, 0, 1_000).build()).unwrap();
+    assert_eq!((partition.high_watermark(), partition.last_stable_offset()), (3, 3));
+}
+
+/// How long a fetch took to be answered.
+async fn timed<T>(fetch: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let answer = fetch.await;
+    (answer, started.elapsed())
+}
+
+/// A read_committed consumer (fetch v4+) that has the transaction's records fetches from the
+/// marker: it gets the marker at once (min_bytes counts it, as Kafka does) and so moves
+/// past it; from there, the log's end, the fetch waits max_wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_committed_fetch_gets_a_trailing_marker_at_once_then_waits_at_the_end() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+    let (_dir, addr, log) = start_with_log().await;
+    committed_transaction(&log);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut fetch = async |offset: i64| {
+        let mut partition = FetchPartition::default();
+        partition.fetch_offset = offset;
+        partition.partition_max_bytes = 1 << 20;
+        let mut topic = FetchTopic::default();
+        topic.topic = TopicName(StrBytes::from_static_str("t"));
+        topic.partitions = vec![partition];
+        let mut request = FetchRequest::default();
+        request.max_wait_ms = MAX_WAIT.as_millis() as i32;
+        request.min_bytes = 1;
+        request.max_bytes = 1 << 20;
+        request.isolation_level = 1;
+        request.topics = vec![topic];
+        let response: FetchResponse = common::call(&mut stream, ApiKey::Fetch, 11, &request).await;
+        response.responses[0].partitions[0].clone()
+    };
+    let (at_marker, took) = timed(fetch(2)).await;
+    assert!(took < MAX_WAIT / 2, "the marker is answered at once, took {took:?}");
+    assert_eq!(at_marker.error_code, 0);
+    let marker = kappa_log::batch::BatchHeader::parse(at_marker.records.as_ref().unwrap()).unwrap();
+    assert!(marker.is_control() && marker.base_offset == 2, "the client sees the marker, so moves on to 3");
+    let (at_end, took) = timed(fetch(3)).await;
+    assert!(took >= MAX_WAIT - SLACK, "at the end the fetch waits max_wait, took {took:?}");
+    assert_eq!((at_end.error_code, at_end.records.unwrap_or_default().len()), (0, 0));
+}
+
+/// Fetch v0-3 (kafka-node) cannot carry a marker, so a consumer at a trailing one never
+/// moves past it: answering it at once, on the marker's stored bytes, made it poll hot.
+/// It waits max_wait instead — and is answered as soon as a record is written after the
+/// marker, which it then gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_fetch_at_a_trailing_marker_waits_for_max_wait_or_new_records() {
+    let (_dir, addr, log) = start_with_log().await;
+    committed_transaction(&log);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let wait_ms = MAX_WAIT.as_millis() as i32;
+    for version in [0, 2] {
+        let frame = legacy_fetch_frame_waiting(version, 7, "t", 2, 1 << 20, 1 << 20, wait_ms);
+        stream.write_all(&frame).await.unwrap();
+        let ((error_code, set), took) = timed(read_legacy_fetch(&mut stream, version, 7)).await;
+        assert_eq!((error_code, set.len()), (0, 0), "v{version}");
+        assert!(took >= MAX_WAIT - SLACK, "v{version}: waits max_wait at the marker, took {took:?}");
+    }
+
+    let frame = legacy_fetch_frame_waiting(2, 8, "t", 2, 1 << 20, 1 << 20, 30_000);
+    stream.write_all(&frame).await.unwrap();
+    let answer = tokio::spawn(async move { timed(read_legacy_fetch(&mut stream, 2, 8)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let record = BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(b"after"), 2_000)).build();
+    log.partition("t", 0).unwrap().append(record).unwrap();
+    let ((error_code, set), took) = answer.await.unwrap();
+    assert!(took < Duration::from_secs(10), "answered once a record is written, took {took:?}");
+    assert_eq!(error_code, 0);
+    let offsets: Vec<i64> = message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, [3], "past the marker");
+}
+
+const MAX_WAIT: Duration = Duration::from_millis(1_000);
+/// Timer granularity: a wait may end a little before its deadline as measured here.
+const SLACK: Duration = Duration::from_millis(50);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_fetches_get_compressed_and_plain_batches_as_message_sets_from_the_fetch_offset() {
     let (_dir, addr) = start().await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut offset = 0;
-    for (compression, count) in [(Compression::Gzip, 4), (Compression::None, 2), (Compression::Zstd, 3)] {
+    for (compression, count) in [(Compression::Gzip, 4), (Compression::None, 2), (Compression::Lz4, 3)] {
         let mut batch = BatchBuilder::new().compression(compression);
         for i in offset..offset + count {
             batch.push(NewRecord::new(Some(b"k"), Some(format!("v{i}").as_bytes()), 1_000 + i));
@@ -173,4 +287,56 @@ async fn legacy_fetch_answers_hold_the_requests_limits_of_converted_bytes() {
     assert!(bytes <= 200 * 1024, "{bytes} bytes");
     assert_eq!(offsets, [3, 4, 5], "v3: max_bytes");
     assert_eq!(fetch(3, 1, one_mib).await.1, [3], "v3: the first message whatever its size");
+}
+
+/// Kafka does not down-convert zstd (KIP-110; `RecordsUtil.downConvert`): a fetch v0-3
+/// gets the messages before a zstd batch, and fetching from it, UNSUPPORTED_COMPRESSION_TYPE.
+/// Fetch v4-9 gets the stored batch as it is, as Kafka answers them for a topic whose
+/// `compression.type` is `producer` (the only one kappa has): only a topic that compresses
+/// with zstd itself makes Kafka refuse those versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_fetches_end_before_a_zstd_batch_and_fail_at_it() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+    const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+    let (_dir, addr) = start().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    for (compression, offsets) in [(Compression::Gzip, 0..3), (Compression::Zstd, 3..5)] {
+        let mut batch = BatchBuilder::new().compression(compression);
+        for i in offsets {
+            batch.push(NewRecord::new(Some(b"k"), Some(format!("v{i}").as_bytes()), 1_000 + i));
+        }
+        let request = common::produce_request("t", batch.build(), None);
+        let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, 9, &request).await;
+        assert_eq!(response.responses[0].partition_responses[0].error_code, 0);
+    }
+    for version in 0..=3 {
+        let correlation_id = 200 + i32::from(version);
+        stream.write_all(&legacy_fetch_frame(version, correlation_id, "t", 1)).await.unwrap();
+        let (error_code, set) = read_legacy_fetch(&mut stream, version, correlation_id).await;
+        assert_eq!(error_code, 0, "v{version}");
+        let offsets: Vec<i64> = message_set::decode(&set, 1 << 20, false).unwrap().iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [1, 2], "v{version}: up to the zstd batch");
+        for from in [3, 4] {
+            stream.write_all(&legacy_fetch_frame(version, correlation_id, "t", from)).await.unwrap();
+            let (error_code, set) = read_legacy_fetch(&mut stream, version, correlation_id).await;
+            assert_eq!((error_code, set.len()), (UNSUPPORTED_COMPRESSION_TYPE, 0), "v{version} from {from}");
+        }
+    }
+    for version in 4..=9 {
+        let mut partition = FetchPartition::default();
+        partition.fetch_offset = 3;
+        partition.partition_max_bytes = 1 << 20;
+        let mut topic = FetchTopic::default();
+        topic.topic = TopicName(StrBytes::from_static_str("t"));
+        topic.partitions = vec![partition];
+        let mut request = FetchRequest::default();
+        request.max_bytes = 1 << 20;
+        request.topics = vec![topic];
+        let response: FetchResponse = common::call(&mut stream, ApiKey::Fetch, version, &request).await;
+        let answer = &response.responses[0].partitions[0];
+        assert_eq!(answer.error_code, 0, "v{version}");
+        let stored = kappa_log::batch::BatchHeader::parse(answer.records.as_ref().unwrap()).unwrap();
+        assert_eq!(stored.compression().unwrap(), Compression::Zstd, "v{version}");
+    }
 }

@@ -269,3 +269,40 @@ async fn a_failed_acks_zero_produce_closes_the_connection() {
     let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf)).await.expect("no answer, no close");
     assert!(matches!(read, Ok(0) | Err(_)), "the connection stayed open after a failed acks=0 produce: {read:?}");
 }
+
+const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+
+/// zstd needs produce v7 (KIP-110): Kafka refuses a zstd batch in produce v3-6 with
+/// UNSUPPORTED_COMPRESSION_TYPE for its partition (`ProduceRequest.validateRecords`), and a
+/// zstd wrapper in a v0/v1 message set (produce v0-2) too; nothing is written. v7 takes it.
+#[tokio::test]
+async fn zstd_before_produce_v7_is_an_unsupported_compression_type() {
+    use kappa_broker::legacy::message_set;
+    use kappa_log::batch::Compression;
+    let kappa = start(BrokerConfig::default()).await;
+    let zstd = || BatchBuilder::new().compression(Compression::Zstd).record(record()).build();
+    let mut stream = TcpStream::connect(kappa.addr).await.unwrap();
+    let mut produce_as = async |version: i16, batch: Vec<u8>| {
+        let request = common::produce_request("t", batch, None);
+        let response: ProduceResponse = common::call(&mut stream, ApiKey::Produce, version, &request).await;
+        response.responses[0].partition_responses[0].error_code
+    };
+    for version in 3..=6 {
+        assert_eq!(produce_as(version, zstd()).await, UNSUPPORTED_COMPRESSION_TYPE, "v{version}");
+        let gzip = BatchBuilder::new().compression(Compression::Gzip).record(record()).build();
+        assert_eq!(produce_as(version, gzip).await, 0, "v{version}: other codecs are fine");
+    }
+    let partition = kappa.log.partition("t", 0).unwrap();
+    assert_eq!(partition.log_end_offset(), 4, "no zstd batch was written");
+
+    let mut inner = bytes::BytesMut::new();
+    message_set::encode_message(&mut inner, 0, 1, 0, 1234, Some(b"key"), Some(b"value"));
+    let compressed = kappa_log::compression::compress(Compression::Zstd, &inner);
+    let mut wrapper = bytes::BytesMut::new();
+    message_set::encode_message(&mut wrapper, 0, 1, 4, 1234, None, Some(&compressed));
+    assert_eq!(legacy_produce(kappa.addr, &wrapper).await, UNSUPPORTED_COMPRESSION_TYPE, "a zstd message set");
+    assert_eq!(partition.log_end_offset(), 4);
+
+    assert_eq!(produce_as(7, zstd()).await, 0, "v7 carries zstd");
+    assert_eq!(partition.log_end_offset(), 5);
+}

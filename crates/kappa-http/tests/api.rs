@@ -137,6 +137,7 @@ fn topics_are_listed_created_and_described_and_bad_requests_say_why() {
         (json!({"name": "x", "partitions": 0}), 400, "invalid_partitions"),
         (json!({"name": "y", "configs": {"cleanup.policy": "sometimes"}}), 400, "invalid_config"),
         (json!({"name": "z", "configs": {"no.such": "1"}}), 400, "unknown_config"),
+        (json!({"name": "s", "configs": {"kappa.compaction.subkey.header": "contentId"}}), 400, "invalid_config"),
         (json!({"name": "__kappa.x"}), 400, "invalid_topic_name"),
         (json!({"nam": "typo"}), 400, "invalid_body"),
     ];
@@ -146,7 +147,8 @@ fn topics_are_listed_created_and_described_and_bad_requests_say_why() {
     }
     let (status, body) = kappa.post_raw("/v1/topics", b"{not json");
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_body")));
-    assert!(kappa.log.topic("y").is_err() && kappa.log.topic("z").is_err(), "nothing created by bad requests");
+    let names = ["y", "z", "s"];
+    assert!(names.iter().all(|name| kappa.log.topic(name).is_err()), "nothing created by bad requests");
     let (status, body) = kappa.get("/v1/topics/orders");
     assert_eq!(status, 200);
     assert_eq!(body["partitions"][1]["end_offset"], 0);

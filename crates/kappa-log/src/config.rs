@@ -339,11 +339,43 @@ impl TopicConfig {
     /// Builds a config from defaults plus `overrides`; any unknown key or bad value is an
     /// error naming it.
     pub fn from_overrides(overrides: &BTreeMap<String, String>) -> Result<Self> {
+        let config = Self::from_keys(overrides)?;
+        config.check_subkey_header(COMPACTION_SUBKEY_HEADER)?;
+        Ok(config)
+    }
+
+    /// Defaults plus `overrides`, each key valid on its own (no check across keys).
+    fn from_keys(overrides: &BTreeMap<String, String>) -> Result<Self> {
         let mut config = Self::default();
         for (key, value) in overrides {
             config.set(key, value)?;
         }
         Ok(config)
+    }
+
+    /// Checks the rules between keys: a sub-key header needs compaction. Topics written
+    /// before this rule are still opened (`from_properties` does not check); the log warns.
+    pub fn validate(&self) -> Result<()> {
+        self.check_subkey_header(COMPACTION_SUBKEY_HEADER)
+    }
+
+    /// The sub-key header only refines the compaction key: on a topic that is never
+    /// compacted it would silently do nothing. The error names `blame`, the key whose
+    /// value the request set.
+    fn check_subkey_header(&self, blame: &str) -> Result<()> {
+        match &self.compaction_subkey_header {
+            Some(header) if !self.cleanup_policy.compact => Err(LogError::InvalidConfig {
+                key: blame.to_owned(),
+                value: self.get(blame).unwrap_or_default(),
+                reason: format!(
+                    "the sub-key header ({COMPACTION_SUBKEY_HEADER}={header}) only applies to compacted topics, \
+                     and {CLEANUP_POLICY} is {}; set {CLEANUP_POLICY}=compact (or compact,delete), \
+                     or remove {COMPACTION_SUBKEY_HEADER}",
+                    self.get(CLEANUP_POLICY).unwrap_or_default()
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Sets one key, validating the value.
@@ -436,6 +468,16 @@ impl TopicConfig {
                 None => config.set(key, &defaults.get(key).ok_or_else(|| LogError::UnknownConfig(key.clone()))?)?,
             }
         }
+        let touches = |key: &str| changes.contains_key(key);
+        // A topic stored with the conflict (from before the rule) may still change other keys.
+        if !touches(CLEANUP_POLICY) && !touches(COMPACTION_SUBKEY_HEADER) {
+            return Ok(config);
+        }
+        let blame = match touches(COMPACTION_SUBKEY_HEADER) {
+            true => COMPACTION_SUBKEY_HEADER,
+            false => CLEANUP_POLICY,
+        };
+        config.check_subkey_header(blame)?;
         Ok(config)
     }
 
@@ -483,6 +525,8 @@ impl TopicConfig {
             .collect()
     }
 
+    /// Reads a stored `topic.properties`. Each key is checked, not the rules between keys
+    /// ([`TopicConfig::validate`]): a topic stored before a rule existed must still open.
     pub fn from_properties(text: &str) -> Result<Self> {
         let mut overrides = BTreeMap::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -493,7 +537,7 @@ impl TopicConfig {
             })?;
             overrides.insert(key.to_owned(), value.to_owned());
         }
-        Self::from_overrides(&overrides)
+        Self::from_keys(&overrides)
     }
 }
 
@@ -526,6 +570,60 @@ mod tests {
         let text = config.to_properties();
         assert_eq!(text.lines().count(), 3, "only overridden keys are written: {text}");
         assert_eq!(TopicConfig::from_properties(&text).unwrap(), config);
+    }
+
+    fn overrides(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// The sub-key header refines compaction only: refused on a topic that is not compacted,
+    /// and so is dropping compaction while it is set — but a stored topic with both still
+    /// reads back, and may change its other keys.
+    #[test]
+    fn a_subkey_header_needs_a_compacted_topic() {
+        let says_what_to_do = |e: LogError| {
+            let text = e.to_string();
+            assert!(matches!(e, LogError::InvalidConfig { .. }), "{e:?}");
+            assert!(
+                text.contains("only applies to compacted topics") && text.contains("cleanup.policy=compact"),
+                "{text}"
+            );
+            text
+        };
+        for policy in [None, Some("delete")] {
+            let mut pairs = vec![(COMPACTION_SUBKEY_HEADER, "contentId")];
+            pairs.extend(policy.map(|p| (CLEANUP_POLICY, p)));
+            let text = says_what_to_do(TopicConfig::from_overrides(&overrides(&pairs)).unwrap_err());
+            assert!(text.contains("'kappa.compaction.subkey.header'"), "{text}");
+        }
+        for policy in ["compact", "compact,delete"] {
+            let config =
+                TopicConfig::from_overrides(&overrides(&[(COMPACTION_SUBKEY_HEADER, "c"), (CLEANUP_POLICY, policy)]));
+            assert_eq!(config.unwrap().compaction_subkey_header.as_deref(), Some("c"));
+        }
+
+        let compacted =
+            TopicConfig::from_overrides(&overrides(&[(COMPACTION_SUBKEY_HEADER, "c"), (CLEANUP_POLICY, "compact")]))
+                .unwrap();
+        let change = |key: &str, value: Option<&str>| BTreeMap::from([(key.to_owned(), value.map(str::to_owned))]);
+        for value in [Some("delete"), None] {
+            let text = says_what_to_do(compacted.with_changes(&change(CLEANUP_POLICY, value)).unwrap_err());
+            assert!(text.contains("'cleanup.policy'"), "{text}");
+        }
+        let plain = TopicConfig::default();
+        says_what_to_do(plain.with_changes(&change(COMPACTION_SUBKEY_HEADER, Some("c"))).unwrap_err());
+        let both = BTreeMap::from([
+            (CLEANUP_POLICY.to_owned(), Some("delete".to_owned())),
+            (COMPACTION_SUBKEY_HEADER.to_owned(), None),
+        ]);
+        assert_eq!(compacted.with_changes(&both).unwrap(), plain, "both at once is fine");
+
+        let stored = format!("{COMPACTION_SUBKEY_HEADER}=c\n");
+        let old = TopicConfig::from_properties(&stored).expect("a stored topic still opens");
+        says_what_to_do(old.validate().unwrap_err());
+        let altered = old.with_changes(&change(RETENTION_MS, Some("1000"))).expect("other keys still change");
+        assert_eq!(altered.retention_ms, 1000);
+        assert!(old.with_changes(&change(CLEANUP_POLICY, Some("compact"))).unwrap().validate().is_ok());
     }
 
     #[test]

@@ -191,6 +191,10 @@ impl Log {
         let config_path = dir.join(TOPIC_CONFIG_FILE);
         let text = io::read_file(fs, &config_path).map_err(|e| LogError::io(&config_path, e))?;
         let config = TopicConfig::from_properties(&String::from_utf8_lossy(&text))?;
+        if let Err(e) = config.validate() {
+            // Stored before the rule existed: open it as it is, rather than refuse the data dir.
+            tracing::warn!(topic = %name, error = %e, "topic config breaks a rule new configs must follow; fix it with alter-configs");
+        }
         let id = self.open_topic_id(name, &dir)?;
         let mut indexes: Vec<i32> =
             fs.list_dir(&dir).map_err(|e| LogError::io(&dir, e))?.iter().filter_map(|n| n.parse().ok()).collect();

@@ -408,6 +408,28 @@ fn topics_persist_with_their_config_and_bad_names_are_rejected() {
     assert!(topic.config().cleanup_policy.compact);
 }
 
+/// A sub-key header without compaction is refused when set, but a topic stored that way (by
+/// a kappa from before the rule) still opens, as it was: refusing it would refuse the whole
+/// data directory.
+#[test]
+fn a_stored_subkey_header_without_compaction_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let header = ("kappa.compaction.subkey.header", "contentId");
+    {
+        let log = open(dir.path(), &clock);
+        let refused = log.create_topic("plain", 1, &overrides(&[header])).err();
+        assert!(matches!(refused, Some(LogError::InvalidConfig { .. })), "{refused:?}");
+        log.create_topic("plain", 1, &overrides(&[])).unwrap();
+    }
+    let properties = dir.path().join("topics/plain/topic.properties");
+    std::fs::write(&properties, "kappa.compaction.subkey.header=contentId\n").unwrap();
+    let log = open(dir.path(), &clock);
+    let config = log.topic("plain").unwrap().config();
+    assert_eq!(config.compaction_subkey_header.as_deref(), Some("contentId"));
+    assert!(!config.cleanup_policy.compact);
+}
+
 #[test]
 fn a_read_that_fills_its_budget_inside_a_segment_does_not_skip_to_the_next() {
     let dir = tempfile::tempdir().unwrap();

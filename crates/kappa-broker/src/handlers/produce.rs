@@ -32,6 +32,8 @@ type PartitionWork = (String, i32, Result<Arc<Partition>, Refusal>, Bytes);
 
 /// The first produce version that carries record batches (magic 2) only.
 const RECORD_BATCHES_ONLY_VERSION_MIN: i16 = 3;
+/// The first produce version that may carry zstd-compressed batches (KIP-110).
+const ZSTD_PRODUCE_VERSION_MIN: i16 = 7;
 
 impl Broker {
     /// Produce, both phases: write in order, then wait for durability.
@@ -70,6 +72,7 @@ impl Broker {
                         } else {
                             self.log.partition(&name, data.index).map_err(failure).and_then(|partition| {
                                 record_batches_only(version, &records)?;
+                                zstd_allowed(version, &records)?;
                                 Ok(partition)
                             })
                         };
@@ -351,6 +354,31 @@ fn record_batches_only(version: i16, records: &[u8]) -> Result<(), Refusal> {
                  but this partition's records hold magic {magic} messages: send record batches, \
                  or send message sets with produce v{} or older",
                 RECORD_BATCHES_ONLY_VERSION_MIN - 1
+            ),
+        )
+            .into()),
+    }
+}
+
+/// Refuses zstd in produce v0-6 with UNSUPPORTED_COMPRESSION_TYPE, as Kafka does
+/// (`ProduceRequest.validateRecords`; KIP-110: a client that can compress with zstd must send
+/// v7, so older versions are clients that cannot be expected to read zstd back either).
+/// Message sets (v0-2) are looked at too: magic 0/1 cannot carry zstd, whatever the version.
+fn zstd_allowed(version: i16, records: &[u8]) -> Result<(), Refusal> {
+    if version >= ZSTD_PRODUCE_VERSION_MIN {
+        return Ok(());
+    }
+    let zstd = match legacy::produce::is_message_set(records) {
+        true => legacy::produce::has_zstd_wrapper(records),
+        false => batch_headers(records).any(|header| matches!(header.compression(), Ok(batch::Compression::Zstd))),
+    };
+    match zstd {
+        false => Ok(()),
+        true => Err((
+            errors::UNSUPPORTED_COMPRESSION_TYPE,
+            format!(
+                "zstd-compressed batches need produce v{ZSTD_PRODUCE_VERSION_MIN} or newer, and this request is \
+                 v{version}: upgrade the client, or compress with gzip, snappy or lz4"
             ),
         )
             .into()),

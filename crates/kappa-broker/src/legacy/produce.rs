@@ -49,22 +49,38 @@ const MAGIC_AT: usize = 16;
 /// (8 bytes) and the length (4).
 const LENGTH_AT: usize = 8;
 const ENTRY_PREFIX_BYTES: usize = 12;
+/// A v0/v1 message's attributes follow its magic byte; their low 3 bits are the codec.
+const ATTRIBUTES_AT: usize = MAGIC_AT + 1;
+const CODEC_MASK: u8 = 0x07;
+const ZSTD_CODEC: u8 = 4;
 
 /// The magic (0 or 1) of the first v0/v1 message among a partition's entries, record
 /// batches or messages alike; None if there is none. Entries are walked by the framing both
 /// formats share; a walk that runs off the end stops there (the append's own checks report
 /// a truncated or damaged batch).
 pub fn message_set_magic(records: &[u8]) -> Option<u8> {
-    let mut rest = records;
-    while let Some(&magic) = rest.get(MAGIC_AT) {
-        if magic < kappa_log::batch::MAGIC_V2 {
-            return Some(magic);
-        }
-        let length = i32::from_be_bytes(rest[LENGTH_AT..ENTRY_PREFIX_BYTES].try_into().expect("4 bytes"));
-        let length = usize::try_from(length).ok()?;
-        rest = rest.get(ENTRY_PREFIX_BYTES.checked_add(length)?..)?;
-    }
-    None
+    entries(records).map(|entry| entry[MAGIC_AT]).find(|magic| *magic < kappa_log::batch::MAGIC_V2)
+}
+
+/// Whether any top-level v0/v1 message is a zstd wrapper: magic 0/1 cannot carry zstd
+/// (KIP-110; Kafka's legacy record reader refuses it), and the messages inside a wrapper
+/// cannot be compressed again.
+pub fn has_zstd_wrapper(records: &[u8]) -> bool {
+    entries(records)
+        .filter(|entry| entry[MAGIC_AT] < kappa_log::batch::MAGIC_V2)
+        .any(|entry| entry.get(ATTRIBUTES_AT).is_some_and(|attributes| attributes & CODEC_MASK == ZSTD_CODEC))
+}
+
+/// Each entry (record batch or message) from its start on, as long as its magic byte is
+/// there; walked by the framing both formats share, stopping where it runs off the end.
+fn entries(records: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(records);
+    std::iter::from_fn(move || {
+        let entry = rest.filter(|r| r.len() > MAGIC_AT)?;
+        let length = i32::from_be_bytes(entry[LENGTH_AT..ENTRY_PREFIX_BYTES].try_into().expect("4 bytes"));
+        rest = usize::try_from(length).ok().and_then(|l| entry.get(ENTRY_PREFIX_BYTES.checked_add(l)?..));
+        Some(entry)
+    })
 }
 
 /// One MessageSet as one RecordBatch v2, keeping the producer's compression.
