@@ -52,8 +52,11 @@ fn a_read_after_its_produce_sees_the_write_every_time() {
     let kappa = started();
     for i in 0..40 {
         let produced = kappa.produce(json!([{"key": format!("k{i}"), "value": i}]));
+        let started = Instant::now();
         let (status, body) = kappa.get(&format!("/v1/views/latest/keys/k{i}?after_offsets={}", after(&produced)));
         assert_eq!((status, &body["value"]), (200, &json!(i)), "read {i}: {body}");
+        // Woken by the view's step, not at the end of the 5 s default wait.
+        assert!(started.elapsed() < Duration::from_secs(3), "read {i} took {:?}", started.elapsed());
         let (status, page) =
             kappa.get(&format!("/v1/views/latest/keys?prefix=k{i}&after_offsets={}&wait_ms=3000", after(&produced)));
         assert_eq!(status, 200, "{page}");
