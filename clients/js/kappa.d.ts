@@ -11,6 +11,17 @@ export declare class KappaError extends Error {
   readonly code: string;
   /** The HTTP status, for errors from HTTP requests. */
   readonly status?: number;
+  /** The server's whole `error` object, for errors from HTTP requests (`view_behind` adds `view`, `version`, `waited_ms` and `behind`). */
+  readonly details?: { code: string; message: string; behind?: { topic: string; partition: number; offset: number; position: number }[]; [field: string]: Json | undefined };
+}
+
+/** An offset a produce answered: `{topic, partition, offset}` (what `produce` returns) or `'topic:partition:offset'`. */
+export type InputOffset = { topic: string; partition: number; offset: number } | string;
+
+/** Read your own writes: wait up to `waitMs` (server default 5000, at most 30000) until the view has applied these offsets. A view still behind then fails with `view_behind` (status 504). */
+export interface ReadAfter {
+  afterOffsets?: InputOffset[];
+  waitMs?: number;
 }
 
 /** Something that constructs a browser-compatible WebSocket (the `ws` package's `WebSocket` in Node < 22). */
@@ -188,13 +199,13 @@ export declare class Kappa {
   readonly status: ConnectionStatus;
 
   /** The current value of a key, or null when absent. */
-  get<T = Json>(view: string, key: string, options?: { asOf?: string }): Promise<KeyRead<T> | null>;
+  get<T = Json>(view: string, key: string, options?: { asOf?: string } & ReadAfter): Promise<KeyRead<T> | null>;
   /** One page of keys in order. */
-  list<T = Json>(view: string, options?: { prefix?: string; after?: string | null; limit?: number }): Promise<Page<T>>;
+  list<T = Json>(view: string, options?: { prefix?: string; after?: string | null; limit?: number } & ReadAfter): Promise<Page<T>>;
   /** Every item under a prefix, page by page (not one consistent read: subscribe for that). */
   listAll<T = Json>(view: string, options?: { prefix?: string; pageSize?: number }): AsyncGenerator<{ key: string; value: T }>;
   views(): Promise<ViewInfo[]>;
-  produce(topic: string, records: ProduceRecord[]): Promise<{ partition: number; offset: number }[]>;
+  produce(topic: string, records: ProduceRecord[]): Promise<{ topic: string; partition: number; offset: number }[]>;
 
   /** Follows one key of a view: `onChange(value | undefined, event)`. */
   subscribe<T = Json>(

@@ -12,6 +12,15 @@
 // `new Kappa(url, { WebSocket: (await import('ws')).WebSocket })`.
 
 /** An error from the server (its stable `code` and message) or from the client itself. */
+/** Adds a read's `after_offsets` (and `wait_ms`) to `query`: offsets as `{topic, partition, offset}` or `'topic:partition:offset'`. */
+function setAfterOffsets(query, afterOffsets, waitMs) {
+  if (afterOffsets != null) {
+    const list = afterOffsets.map((o) => (typeof o === 'string' ? o : `${o.topic}:${o.partition}:${o.offset}`));
+    query.set('after_offsets', list.join(','));
+  }
+  if (waitMs != null) query.set('wait_ms', String(waitMs));
+}
+
 export class KappaError extends Error {
   constructor(code, message, details = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
@@ -20,6 +29,8 @@ export class KappaError extends Error {
     this.code = code;
     /** The HTTP status, for HTTP requests. */
     this.status = details.status;
+    /** The server's whole `error` object (`view_behind` adds `view`, `version`, `waited_ms`, `behind`). */
+    this.details = details.body;
   }
 }
 
@@ -140,7 +151,7 @@ export class Kappa extends Emitter {
     }
     if (!response.ok) {
       const error = json?.error ?? {};
-      throw new KappaError(error.code ?? 'http_error', error.message ?? `${method} ${path} answered ${response.status}`, { status: response.status });
+      throw new KappaError(error.code ?? 'http_error', error.message ?? `${method} ${path} answered ${response.status}`, { status: response.status, body: json?.error });
     }
     return json;
   }
@@ -148,23 +159,31 @@ export class Kappa extends Emitter {
   /**
    * The current value of one view key: `{key, value, position, version}`, or null when the
    * key does not exist. `asOf` (an RFC 3339 time or `topic/partition=offset,...`) reads the
-   * past (then `position` is the input offsets).
+   * past (then `position` is the input offsets). `afterOffsets` (what `produce` answered:
+   * `[{topic, partition, offset}]`, or `'topic:partition:offset'` strings) waits up to
+   * `waitMs` (server default 5000, at most 30000) until the view has applied them: read
+   * your own writes. A view still behind then fails with code `view_behind` (status 504;
+   * `error.details.behind` says where it is): read again.
    */
-  async get(view, key, { asOf } = {}) {
-    const query = asOf === undefined ? '' : `?as_of=${encodeURIComponent(asOf)}`;
+  async get(view, key, { asOf, afterOffsets, waitMs } = {}) {
+    const query = new URLSearchParams();
+    if (asOf !== undefined) query.set('as_of', asOf);
+    setAfterOffsets(query, afterOffsets, waitMs);
+    const search = query.size === 0 ? '' : `?${query}`;
     try {
-      return await this._request('GET', `/v1/views/${encodeURIComponent(view)}/keys/${encodeURIComponent(key)}${query}`);
+      return await this._request('GET', `/v1/views/${encodeURIComponent(view)}/keys/${encodeURIComponent(key)}${search}`);
     } catch (e) {
       if (e instanceof KappaError && e.code === 'unknown_key') return null;
       throw e;
     }
   }
 
-  /** One page of keys in order: `{items:[{key,value}], cursor, position, version}`; pass `cursor` as `after` for the next page (null: no more). */
-  list(view, { prefix = '', after, limit } = {}) {
+  /** One page of keys in order: `{items:[{key,value}], cursor, position, version}`; pass `cursor` as `after` for the next page (null: no more). `afterOffsets` and `waitMs` as for `get`. */
+  list(view, { prefix = '', after, limit, afterOffsets, waitMs } = {}) {
     const query = new URLSearchParams({ prefix });
     if (after != null) query.set('after', after);
     if (limit != null) query.set('limit', String(limit));
+    setAfterOffsets(query, afterOffsets, waitMs);
     return this._request('GET', `/v1/views/${encodeURIComponent(view)}/keys?${query}`);
   }
 
@@ -184,9 +203,11 @@ export class Kappa extends Emitter {
     return (await this._request('GET', '/v1/views')).views;
   }
 
-  /** Appends records to a topic over HTTP: `[{key, value, headers?, partition?, expected_offset?}]` → `[{partition, offset}]`. */
+  /** Appends records to a topic over HTTP: `[{key, value, headers?, partition?, expected_offset?}]` → `[{topic, partition, offset}]`. */
   async produce(topic, records) {
-    return (await this._request('POST', `/v1/topics/${encodeURIComponent(topic)}/records`, { records })).offsets;
+    const { offsets } = await this._request('POST', `/v1/topics/${encodeURIComponent(topic)}/records`, { records });
+    // With the topic, so the answer can be passed straight to a read's `afterOffsets`.
+    return offsets.map((o) => (o == null ? o : { topic, ...o }));
   }
 
   // ---- subscriptions ----------------------------------------------------------------

@@ -70,6 +70,20 @@ describe('HTTP reads', () => {
     assert.equal(typeof offsets[0].offset, 'number');
   });
 
+  test('afterOffsets reads the write just produced, every time (get and list)', async () => {
+    for (let i = 0; i < 30; i++) {
+      const offsets = await kappa.produce('channels', [events.created(`ryw-${i}`, `name ${i}`)]);
+      assert.equal(offsets[0].topic, 'channels');
+      const read = await kappa.get('channel_page', `ryw-${i}`, { afterOffsets: offsets });
+      assert.deepEqual(read?.value, page(`ryw-${i}`, `name ${i}`), `read ${i} right after its produce`);
+      const { partition, offset } = offsets[0];
+      const listed = await kappa.list('channel_page', { prefix: `ryw-${i}`, afterOffsets: [`channels:${partition}:${offset}`], waitMs: 2000 });
+      assert.deepEqual(listed.items.map((item) => item.key), [`ryw-${i}`]);
+    }
+    await assert.rejects(kappa.get('channel_page', 'k', { afterOffsets: [{ topic: 'other', partition: 0, offset: 0 }] }), { code: 'not_an_input', status: 400 });
+    await assert.rejects(kappa.get('channel_page', 'k', { afterOffsets: ['channels:0'] }), { code: 'invalid_after_offsets', status: 400 });
+  });
+
   test('server errors become KappaErrors with the stable code, status and message', async () => {
     await assert.rejects(kappa.get('no_such_view', 'k'), (e) => {
       assert.ok(e instanceof KappaError);

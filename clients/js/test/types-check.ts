@@ -53,12 +53,18 @@ export async function use(WebSocketImpl: any): Promise<void> {
   // @ts-expect-error: a record names its value (null for a tombstone); the server refuses one without
   await kappa.produce('channels', [{ key: 'c1' }]);
   const offset: number = offsets[0].offset;
+  // Read your own writes: the produce answer goes straight back, or as strings.
+  await kappa.get<ChannelPage>('channel_page', 'c1', { afterOffsets: offsets, waitMs: 1000 });
+  await kappa.list('channel_page', { prefix: 'c', afterOffsets: ['channels:0:41'] });
+  // @ts-expect-error an offset names its topic and partition
+  await kappa.get('channel_page', 'c1', { afterOffsets: [41] });
   try {
     await kappa.get('nope', 'k');
   } catch (e) {
     if (e instanceof KappaError) {
       const code: string = e.code;
-      void code;
+      const behind: number | undefined = e.details?.behind?.[0]?.position;
+      void code, behind;
     }
   }
   void name, cursor, progress, offset;

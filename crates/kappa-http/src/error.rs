@@ -14,11 +14,21 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// More about the error, merged into the `error` object (e.g. `view_behind`'s positions).
+    pub details: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code, message: message.into(), details: None }
+    }
+
+    /// This error with `details`' fields beside its code and message.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        if let serde_json::Value::Object(fields) = details {
+            self.details = Some(fields);
+        }
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -41,7 +51,10 @@ impl ApiError {
     }
 
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"code": self.code, "message": self.message}})
+        let mut error = self.details.clone().unwrap_or_default();
+        error.insert("code".to_owned(), self.code.into());
+        error.insert("message".to_owned(), self.message.clone().into());
+        json!({ "error": error })
     }
 }
 
@@ -58,10 +71,33 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status a view error is answered with; the command line's offline view commands
+/// map it to the same exit code as the answer would give.
+pub fn view_error_status(e: &ViewError) -> StatusCode {
+    ApiError::from_view(e).status
+}
+
 impl From<ViewError> for ApiError {
     fn from(e: ViewError) -> Self {
+        Self::from_view(&e)
+    }
+}
+
+impl ApiError {
+    fn from_view(e: &ViewError) -> Self {
         let message = e.to_string();
         match e {
+            // 504: the server gave up waiting for what the read needs; the read may be
+            // retried as it is (the records are in the log). The positions say how far it is.
+            ViewError::ReadBehind { view, version, waited_ms, behind } => {
+                let behind: Vec<serde_json::Value> = behind
+                    .iter()
+                    .map(|b| json!({"topic": b.topic, "partition": b.partition, "offset": b.offset, "position": b.position}))
+                    .collect();
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "view_behind", message)
+                    .with_details(json!({"view": view, "version": version, "waited_ms": waited_ms, "behind": behind}))
+            }
+            ViewError::NotAnInput { .. } => Self::bad_request("not_an_input", message),
             ViewError::UnknownView(_) => Self::not_found("unknown_view", message),
             ViewError::UnknownVersion { .. } => Self::not_found("unknown_version", message),
             ViewError::NotReady { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "view_not_ready", message),
@@ -69,7 +105,7 @@ impl From<ViewError> for ApiError {
             ViewError::RetireActive { .. } => Self::new(StatusCode::CONFLICT, "version_serving", message),
             ViewError::AsOf { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "as_of_unavailable", message),
             ViewError::AsOfInvalid { .. } => Self::bad_request("invalid_as_of", message),
-            ViewError::Log(e) => e.into(),
+            ViewError::Log(e) => Self::from_log(e),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "view_error", message),
         }
     }
@@ -77,6 +113,12 @@ impl From<ViewError> for ApiError {
 
 impl From<LogError> for ApiError {
     fn from(e: LogError) -> Self {
+        Self::from_log(&e)
+    }
+}
+
+impl ApiError {
+    fn from_log(e: &LogError) -> Self {
         let message = e.to_string();
         match e {
             LogError::UnknownTopic(_) => Self::not_found("unknown_topic", message),

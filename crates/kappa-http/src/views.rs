@@ -7,7 +7,9 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use kappa_views::{AsOf, Phase, ScanLimit, VersionInfo, ViewInfo};
+use std::time::Duration;
+
+use kappa_views::{AsOf, InputPosition, Phase, READ_WAIT_MS_MAX, ScanLimit, VersionInfo, ViewInfo};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -117,12 +119,63 @@ pub async fn describe(State(state): State<Arc<AppState>>, Path(view): Path<Strin
 }
 
 /// What `GET /v1/views/{view}/keys/{key}` accepts.
-const KEY_QUERY: &str = "?as_of=<an RFC 3339 time such as 2026-11-26T10:00:00Z, ms since the epoch, or topic/partition=offset,...> or no query";
+const KEY_QUERY: &str = "?as_of=<an RFC 3339 time such as 2026-11-26T10:00:00Z, ms since the epoch, or topic/partition=offset,...>, or [?after_offsets=<topic>:<partition>:<offset>,...][&wait_ms=<ms>], or no query";
+
+/// How long a read with `after_offsets` waits by default for the view to apply them.
+pub const READ_WAIT_MS_DEFAULT: u64 = 5_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyQuery {
     as_of: Option<String>,
+    after_offsets: Option<String>,
+    wait_ms: Option<u64>,
+}
+
+/// Read-your-writes: `after_offsets` (offsets a produce answered, `topic:partition:offset`,
+/// comma-separated) makes a read wait, up to `wait_ms`, until the serving version has applied
+/// them (named so because a page's `after` is its cursor). The offsets to wait for and how
+/// long, or None for a read that does not wait.
+fn read_wait(
+    after_offsets: Option<&str>,
+    wait_ms: Option<u64>,
+) -> Result<Option<(Vec<InputPosition>, Duration)>, ApiError> {
+    let Some(list) = after_offsets else {
+        return match wait_ms {
+            Some(_) => Err(ApiError::bad_request(
+                "invalid_wait_ms",
+                "wait_ms says how long to wait for after_offsets: give after_offsets=<topic>:<partition>:<offset>,... too",
+            )),
+            None => Ok(None),
+        };
+    };
+    let wait_ms = wait_ms.unwrap_or(READ_WAIT_MS_DEFAULT);
+    if wait_ms > READ_WAIT_MS_MAX {
+        return Err(ApiError::bad_request(
+            "invalid_wait_ms",
+            format!(
+                "wait_ms is {wait_ms}; a read waits at most {READ_WAIT_MS_MAX} ms (READ_WAIT_MS_MAX): read again instead"
+            ),
+        ));
+    }
+    let offsets = parse_after_offsets(list).map_err(|e| ApiError::bad_request("invalid_after_offsets", e))?;
+    Ok(Some((offsets, Duration::from_millis(wait_ms))))
+}
+
+/// `topic:partition:offset,...` (topic names hold no `:` or `,`) as positions; an empty list
+/// or a malformed item is an error saying what was expected.
+pub fn parse_after_offsets(list: &str) -> Result<Vec<InputPosition>, String> {
+    let expected = "expected after_offsets=<topic>:<partition>:<offset>,... with the partition and offset a produce answered (e.g. channels:0:41,channels:3:7)";
+    let parse = |item: &str| -> Option<InputPosition> {
+        let mut parts = item.rsplitn(3, ':');
+        let offset = parts.next()?.parse::<i64>().ok().filter(|o| *o >= 0)?;
+        let partition = parts.next()?.parse::<i32>().ok().filter(|p| *p >= 0)?;
+        let topic = parts.next().filter(|t| !t.is_empty())?;
+        Some(InputPosition { topic: topic.to_owned(), partition, offset })
+    };
+    list.split(',')
+        .map(|item| parse(item.trim()).ok_or_else(|| format!("'{item}' is not an offset: {expected}")))
+        .collect()
 }
 
 pub async fn get_key(
@@ -131,6 +184,13 @@ pub async fn get_key(
     query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid_query(e, KEY_QUERY))?;
+    let wait = read_wait(query.after_offsets.as_deref(), query.wait_ms)?;
+    if query.as_of.is_some() && wait.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "as_of reads the past, after_offsets waits for recent writes: give one of them",
+        ));
+    }
     if let Some(at) = query.as_of {
         let at = AsOf::parse(&at).map_err(|e| ApiError::bad_request("invalid_as_of", e))?;
         let permit = state.try_as_of_permit()?;
@@ -155,7 +215,10 @@ pub async fn get_key(
             )),
         };
     }
-    let read = state.engine.get(&view, &key)?;
+    let read = match wait {
+        Some((after, timeout)) => state.engine.get_after(&view, &key, &after, timeout).await?,
+        None => state.engine.get(&view, &key)?,
+    };
     let token = position(&state, &view, read.version, read.position)?;
     match read.value {
         Some(item) => {
@@ -172,8 +235,7 @@ pub async fn get_key(
 /// up to 4 MiB each would otherwise make one 4 GiB answer. A fixed limit.
 pub const PAGE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
-const SCAN_QUERY: &str =
-    "[?prefix=<key prefix>][&after=<the previous page's cursor>][&limit=<items, 1 to --http-page-items-max>]";
+const SCAN_QUERY: &str = "[?prefix=<key prefix>][&after=<the previous page's cursor>][&limit=<items, 1 to --http-page-items-max>][&after_offsets=<topic>:<partition>:<offset>,...][&wait_ms=<ms>]";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +244,8 @@ pub struct ScanQuery {
     prefix: String,
     after: Option<String>,
     limit: Option<usize>,
+    after_offsets: Option<String>,
+    wait_ms: Option<u64>,
 }
 
 pub async fn scan(
@@ -201,7 +265,13 @@ pub async fn scan(
         ));
     }
     let page_limit = ScanLimit { items: limit, bytes: PAGE_BYTES_MAX };
-    let read = state.engine.scan(&view, &query.prefix, query.after.as_deref(), page_limit)?;
+    let read = match read_wait(query.after_offsets.as_deref(), query.wait_ms)? {
+        Some((after, timeout)) => {
+            let page = (query.prefix.as_str(), query.after.as_deref(), page_limit);
+            state.engine.scan_after(&view, page, &after, timeout).await?
+        }
+        None => state.engine.scan(&view, &query.prefix, query.after.as_deref(), page_limit)?,
+    };
     let cursor = if read.value.more { read.value.items.last().map(|i| i.key.clone()) } else { None };
     let items = read
         .value

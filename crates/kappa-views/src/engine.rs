@@ -15,7 +15,7 @@ use kappa_log::io::{RealFs, Storage, write_file_atomic};
 
 use crate::asof::{self, AsOf, AsOfView};
 use crate::backend::LogBackend;
-use crate::error::{Result, ViewError};
+use crate::error::{InputPosition, Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
 use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
@@ -697,4 +697,166 @@ impl ViewEngine {
         }
         Ok(fold)
     }
+}
+
+/// The longest a read waits for input offsets to be applied ([`ViewEngine::get_after`]): a
+/// reader's wait holds its request open, and a view further behind than this is better
+/// reported than waited for.
+pub const READ_WAIT_MS_MAX: u64 = 30_000;
+
+/// Read-your-writes: reads that first wait until the serving version has applied given input
+/// offsets (those a produce answered), so a client sees its own writes.
+impl ViewEngine {
+    /// [`Self::get`] once the serving version has applied every offset of `after` (see
+    /// [`Self::wait_applied`]).
+    pub async fn get_after(
+        &self,
+        name: &str,
+        key: &str,
+        after: &[InputPosition],
+        timeout: std::time::Duration,
+    ) -> Result<Read<Option<Item>>> {
+        let shared = self.wait_applied(name, after, timeout).await?;
+        let snapshot = shared.store.snapshot()?;
+        let value = snapshot.get(Scope::View, key)?.map(|v| item(key.to_owned(), v));
+        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+    }
+
+    /// [`Self::scan`] once the serving version has applied every offset of `after`.
+    pub async fn scan_after(
+        &self,
+        name: &str,
+        page: (&str, Option<&str>, ScanLimit),
+        after: &[InputPosition],
+        timeout: std::time::Duration,
+    ) -> Result<Read<Page>> {
+        let (prefix, cursor, limit) = page;
+        let shared = self.wait_applied(name, after, timeout).await?;
+        let snapshot = shared.store.snapshot()?;
+        let (items, more) = snapshot.scan(prefix, cursor, limit)?;
+        let items = items.into_iter().map(|(k, v)| item(k, v)).collect();
+        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value: Page { items, more } })
+    }
+
+    /// Waits up to `timeout` (at most [`READ_WAIT_MS_MAX`]) until the serving version's
+    /// committed positions are past every offset of `after`; returns that version, whose
+    /// store then holds them (positions are published after the store commit). Woken by each
+    /// published step or phase change, not by polling. Fails at once for a partition the
+    /// view does not read (`NotAnInput`) and for a version that will not move without a
+    /// restart (failed, or not run by this build); at the timeout with `ReadBehind` (or
+    /// `NotReady` while nothing serves).
+    async fn wait_applied(
+        &self,
+        name: &str,
+        after: &[InputPosition],
+        timeout: std::time::Duration,
+    ) -> Result<Arc<VersionShared>> {
+        let entry = self.entry(name)?;
+        let timeout = timeout.min(std::time::Duration::from_millis(READ_WAIT_MS_MAX));
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let shared = match self.serving(name) {
+                Ok(shared) => shared,
+                Err(ViewError::NotReady { .. }) => {
+                    if let Some(failed) = never_serving(entry) {
+                        return Err(failed);
+                    }
+                    // Nothing serves yet: the newest version's steps say when that changes.
+                    let newest = read_lock(&entry.versions).values().next_back().cloned();
+                    newest.ok_or_else(|| ViewError::UnknownView(name.to_owned()))?
+                }
+                Err(e) => return Err(e),
+            };
+            // Subscribed before looking, so a step published in between still wakes us.
+            let mut published = shared.subscribe();
+            let status = shared.status();
+            self.check_inputs(entry, &shared, &status, after)?;
+            let serving = *read_lock(&entry.active) == Some(shared.version);
+            if serving && behind(&status, after).is_empty() {
+                return Ok(shared);
+            }
+            match status.phase {
+                Phase::Failed(reason) => {
+                    return Err(ViewError::VersionFailed { view: name.to_owned(), version: shared.version, reason });
+                }
+                Phase::Stopped => {
+                    let reason = "this build does not have its code, so it does not follow its inputs".to_owned();
+                    return Err(ViewError::VersionFailed { view: name.to_owned(), version: shared.version, reason });
+                }
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, published.changed()).await.is_err() {
+                // One last look: the serving version may have changed without a step.
+                let serving = self.serving(name)?;
+                let lagging = behind(&serving.status(), after);
+                if lagging.is_empty() {
+                    return Ok(serving);
+                }
+                let waited_ms = timeout.as_millis() as u64;
+                let version = serving.version;
+                return Err(ViewError::ReadBehind { view: name.to_owned(), version, waited_ms, behind: lagging });
+            }
+        }
+    }
+
+    /// Fails when `after` names a partition `shared` does not read: one of its definition's
+    /// input topics (or, without code, the topics it has positions for), below the topic's
+    /// partition count.
+    fn check_inputs(
+        &self,
+        entry: &ViewEntry,
+        shared: &VersionShared,
+        status: &crate::runner::RunnerStatus,
+        after: &[InputPosition],
+    ) -> Result<()> {
+        let inputs: Vec<String> = match entry.definitions.get(&shared.version) {
+            Some(view) => view.inputs.clone(),
+            None => {
+                let mut topics: Vec<String> = status
+                    .positions
+                    .keys()
+                    .filter_map(|key| key.rsplit_once('/').map(|(topic, _)| topic.to_owned()))
+                    .collect();
+                topics.sort();
+                topics.dedup();
+                topics
+            }
+        };
+        for asked in after {
+            let partitions =
+                if inputs.contains(&asked.topic) { self.inner.backend.partition_count(&asked.topic)? } else { 0 };
+            if !(0..partitions).contains(&asked.partition) {
+                let mut described = Vec::new();
+                for topic in &inputs {
+                    let count = self.inner.backend.partition_count(topic).unwrap_or(0);
+                    described.push(format!("{topic} (partitions 0 to {})", count - 1));
+                }
+                return Err(ViewError::NotAnInput {
+                    view: entry.name.clone(),
+                    topic: asked.topic.clone(),
+                    partition: asked.partition,
+                    inputs: described.join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The offsets of `after` that `status` has not applied yet (its position is the next
+/// offset to apply, so an offset is applied once the position is past it).
+fn behind(status: &crate::runner::RunnerStatus, after: &[InputPosition]) -> Vec<crate::error::Behind> {
+    after
+        .iter()
+        .filter_map(|asked| {
+            let position =
+                status.positions.get(&crate::runner::position_key(&asked.topic, asked.partition)).copied().unwrap_or(0);
+            (position <= asked.offset).then(|| crate::error::Behind {
+                topic: asked.topic.clone(),
+                partition: asked.partition,
+                offset: asked.offset,
+                position,
+            })
+        })
+        .collect()
 }

@@ -17,6 +17,31 @@ impl std::fmt::Display for InputPosition {
     }
 }
 
+/// An input partition a read waited for, and how far the view had applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behind {
+    pub topic: String,
+    pub partition: i32,
+    /// The offset asked for (a produce's answer): the read waits until it is applied.
+    pub offset: i64,
+    /// The view's position there: the next offset it applies.
+    pub position: i64,
+}
+
+impl std::fmt::Display for Behind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} at offset {} (asked to apply offset {})",
+            self.topic, self.partition, self.position, self.offset
+        )
+    }
+}
+
+fn behind_list(behind: &[Behind]) -> String {
+    behind.iter().map(Behind::to_string).collect::<Vec<_>>().join(", ")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     #[error("log: {0}")]
@@ -73,6 +98,17 @@ pub enum ViewError {
         "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic; retire this version (or delete its directory and changelog topic) to rebuild it from the new topic"
     )]
     InputTopicRecreated { view: String, version: u32, topic: String },
+    /// A read asked to wait for an offset of a partition the view does not read.
+    #[error(
+        "view '{view}' does not read {topic}/{partition}: its inputs are {inputs}; wait only for offsets of the view's input partitions"
+    )]
+    NotAnInput { view: String, topic: String, partition: i32, inputs: String },
+    /// A read waited its whole timeout for input offsets the serving version had not applied yet.
+    #[error(
+        "view '{view}' v{version} had not applied every offset asked for within {waited_ms} ms: it is at {}; the records are in the log and are applied in order, so read again (a longer wait, or later)",
+        behind_list(.behind)
+    )]
+    ReadBehind { view: String, version: u32, waited_ms: u64, behind: Vec<Behind> },
     #[error("the view engine is shutting down")]
     ShuttingDown,
 }

@@ -27,8 +27,10 @@ pub mod view;
 pub use crate::asof::{AsOf, AsOfView};
 pub use crate::backend::LogBackend;
 pub use crate::embedded::EmbeddedLog;
-pub use crate::engine::{ChangelogFold, EngineConfig, Item, Page, Read, VersionInfo, ViewEngine, ViewInfo};
-pub use crate::error::{EventError, Result, ViewError};
+pub use crate::engine::{
+    ChangelogFold, EngineConfig, Item, Page, READ_WAIT_MS_MAX, Read, VersionInfo, ViewEngine, ViewInfo,
+};
+pub use crate::error::{Behind, EventError, InputPosition, Result, ViewError};
 pub use crate::event::{Event, JsonCodec, PayloadCodec, TypedPayload};
 pub use crate::partitioned::{PartitionView, Step};
 pub use crate::runner::{Phase, RunnerStatus};

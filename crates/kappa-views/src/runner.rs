@@ -171,6 +171,9 @@ pub(crate) struct VersionShared {
     /// checkpoint makes them durable before the store. Kept across the runners of a
     /// restarting version, as their store (with its steps not yet durable) is.
     dead_letters: Mutex<BTreeMap<String, i64>>,
+    /// Bumped whenever the status changes (a committed step, a phase): readers waiting for
+    /// input offsets to be applied (`ViewEngine::get_after`) wait on it instead of polling.
+    published: tokio::sync::watch::Sender<()>,
 }
 
 impl VersionShared {
@@ -182,6 +185,7 @@ impl VersionShared {
             changelog_topic: changelog::topic_name(view, version),
             stop: AtomicBool::new(false),
             dead_letters: Mutex::new(BTreeMap::new()),
+            published: tokio::sync::watch::Sender::new(()),
             status: Mutex::new(RunnerStatus {
                 phase,
                 events_applied: progress.events_applied,
@@ -204,6 +208,12 @@ impl VersionShared {
 
     pub fn set_phase(&self, phase: Phase) {
         self.lock_status().phase = phase;
+        self.published.send_replace(());
+    }
+
+    /// A receiver that sees every status change after this call.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.published.subscribe()
     }
 }
 
@@ -1069,11 +1079,14 @@ impl Runner {
 
     /// Publishes what the store holds (so a reader that waited for a position finds it).
     fn publish(&self, extra: impl FnOnce(&mut RunnerStatus)) {
-        let mut status = self.shared.lock_status();
-        status.events_applied = self.store_progress.events_applied;
-        status.positions.clone_from(&self.store_progress.positions);
-        status.changelog_next = self.store_progress.changelog_next;
-        extra(&mut status);
+        {
+            let mut status = self.shared.lock_status();
+            status.events_applied = self.store_progress.events_applied;
+            status.positions.clone_from(&self.store_progress.positions);
+            status.changelog_next = self.store_progress.changelog_next;
+            extra(&mut status);
+        }
+        self.shared.published.send_replace(());
     }
 
     fn update_rate(&mut self, idle: bool) {

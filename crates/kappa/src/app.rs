@@ -13,7 +13,7 @@ use kappa_coordinator::TxnConfig;
 use kappa_log::{Log, LogError, LogOptions};
 use kappa_views::{AsOf, EmbeddedLog, EngineConfig, Schemas, View, ViewEngine};
 
-use crate::cli::{BadInput, ServerArgs, outln};
+use crate::cli::{BadInput, NotFound, ServerArgs, outln};
 use crate::settings::{ServeArgs, Settings};
 
 /// Where view state lives inside the data directory.
@@ -86,15 +86,25 @@ enum ViewCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Print one key of a view as JSON, now or as of a past point.
+    /// Print one key of a view as JSON, now or as of a past point; with --after, once the
+    /// view has applied the offsets a produce answered (read your own writes).
     ///
     /// Example: kappa view get channel_page c1 --as-of 2026-11-26T10:00:00Z
+    /// Example: kappa view get channel_page c1 --after "$(kappa produce channels --print-after <events)"
     Get {
         view: String,
         key: String,
         /// An RFC 3339 time, milliseconds since the epoch, or topic/partition=offset,...
-        #[arg(long)]
+        #[arg(long, conflicts_with = "after")]
         as_of: Option<String>,
+        /// Wait until the view has applied this offset of a produce: topic:partition:offset
+        /// (repeatable, or comma-separated; `kappa produce --print-after` prints it). A
+        /// running server only: offline, nothing applies records.
+        #[arg(long, value_name = "TOPIC:PARTITION:OFFSET", conflicts_with = "data_dir")]
+        after: Vec<String>,
+        /// How long --after waits, in milliseconds [default: the server's, 5000; at most 30000].
+        #[arg(long, requires = "after")]
+        wait_ms: Option<u64>,
         #[command(flatten)]
         target: Target,
     },
@@ -367,8 +377,9 @@ impl App {
         match command {
             ViewCommand::List(Target { data_dir: None, server }) => crate::view_cli::list(&server.server),
             ViewCommand::Status { view, once, server } => crate::view_cli::status(&server.server, &view, once),
-            ViewCommand::Get { view, key, as_of, target: Target { data_dir: None, server } } => {
-                crate::view_cli::get(&server.server, &view, &key, as_of.as_deref())
+            ViewCommand::Get { view, key, as_of, after, wait_ms, target: Target { data_dir: None, server } } => {
+                let read = crate::view_cli::Read { as_of: as_of.as_deref(), after: &after, wait_ms };
+                crate::view_cli::get(&server.server, &view, &key, read)
             }
             ViewCommand::Watch { view, key, prefix, server } => {
                 crate::view_cli::watch(&server.server, &view, key.as_deref(), prefix.as_deref())
@@ -377,7 +388,7 @@ impl App {
                 crate::view_cli::switch(&server.server, &view, version, force)
             }
             ViewCommand::Retire { view, version, server } => crate::view_cli::retire(&server.server, &view, version),
-            ViewCommand::List(Target { data_dir: Some(dir), .. }) => self.offline(&dir, false, |engine| {
+            ViewCommand::List(Target { data_dir: Some(dir), .. }) => self.offline(&dir, None, false, |engine| {
                 for view in engine.list() {
                     for version in &view.versions {
                         outln!(
@@ -393,39 +404,60 @@ impl App {
                 }
                 Ok(())
             }),
-            ViewCommand::Get { view, key, as_of, target: Target { data_dir: Some(dir), .. } } => {
-                self.offline(&dir, false, |engine| match as_of {
+            ViewCommand::Get { view, key, as_of, target: Target { data_dir: Some(dir), .. }, .. } => {
+                self.offline(&dir, Some(&view), false, |engine| match as_of {
                     Some(at) => {
-                        let at = AsOf::parse(&at).map_err(anyhow::Error::msg).context("--as-of")?;
+                        let at = AsOf::parse(&at).map_err(|e| BadInput(format!("--as-of: {e}")))?;
                         let result = engine.as_of(&view, None, &at, Some(&key))?;
                         match result.values.first() {
-                            Some((_, json)) => outln!("{}", String::from_utf8_lossy(json)),
-                            None => bail!("view {view} had no key '{key}' as of {:?}", result.positions),
+                            Some((_, json)) => outln!("{}", sorted_json(json)?),
+                            None => {
+                                Err(NotFound(format!("view {view} had no key '{key}' as of {:?}", result.positions)))?
+                            }
                         }
                     }
                     None => match engine.get(&view, &key)?.value {
-                        Some(item) => outln!("{}", String::from_utf8_lossy(&item.json)),
-                        None => bail!("view {view} has no key '{key}'"),
+                        Some(item) => outln!("{}", sorted_json(&item.json)?),
+                        None => Err(NotFound(format!("view {view} has no key '{key}'")))?,
                     },
                 })
             }
-            ViewCommand::Dump { view, catch_up, source, data } => self.offline(&data.data_dir, catch_up, |engine| {
-                if catch_up && !engine.wait_caught_up(&view, CATCH_UP_TIMEOUT)? {
-                    bail!("view {view} did not catch up with its inputs within {CATCH_UP_TIMEOUT:?}");
-                }
-                dump_view(engine, &view, source)
-            }),
+            ViewCommand::Dump { view, catch_up, source, data } => {
+                self.offline(&data.data_dir, Some(&view), catch_up, |engine| {
+                    if catch_up && !engine.wait_caught_up(&view, CATCH_UP_TIMEOUT)? {
+                        bail!("view {view} did not catch up with its inputs within {CATCH_UP_TIMEOUT:?}");
+                    }
+                    dump_view(engine, &view, source)
+                })
+            }
         }
     }
 
     /// Opens a stopped server's data directory, runs `f` on its views, closes it.
+    /// A view `named` that has no state there is refused, and without `run` only the versions
+    /// with state are opened: opening one creates its state store, and reading must create
+    /// nothing.
     fn offline(
-        self,
+        mut self,
         data_dir: &Path,
+        named: Option<&str>,
         run: bool,
         f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         check_data_dir(data_dir)?;
+        let on_disk = views_on_disk(&data_dir.join(VIEWS_DIR))?;
+        if let Some(view) = named.filter(|view| !on_disk.contains_key(*view)) {
+            let there: Vec<&str> = on_disk.keys().map(String::as_str).collect();
+            let there = if there.is_empty() { "none".to_owned() } else { there.join(", ") };
+            return Err(NotFound(format!(
+                "view {view} has no state in data directory {} (views there: {there}): it never ran on it; run `kappa serve` on it first (or check the view's name)",
+                data_dir.display()
+            ))
+            .into());
+        }
+        if !run {
+            self.views.retain(|v| on_disk.get(v.name()).is_some_and(|versions| versions.contains(&v.version())));
+        }
         let _lock = lock_data_dir(data_dir)?;
         let log = Arc::new(
             Log::open(data_dir, LogOptions::default())
@@ -515,6 +547,33 @@ fn dump_view(engine: &ViewEngine, view: &str, source: DumpSource) -> anyhow::Res
         }
     }
     out.flush().map_err(crate::cli::stdout_error)
+}
+
+/// The views with state under `views_dir` and their versions (`<view>/v<N>/` directories).
+fn views_on_disk(views_dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<u32>>> {
+    let mut views = BTreeMap::new();
+    let entries = match std::fs::read_dir(views_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(views),
+        other => other.with_context(|| format!("reading {}", views_dir.display()))?,
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", views_dir.display()))?;
+        let Ok(versions) = std::fs::read_dir(entry.path()) else { continue };
+        let versions: Vec<u32> = versions
+            .filter_map(|v| v.ok()?.file_name().to_str()?.strip_prefix('v')?.parse().ok())
+            .filter(|v| entry.path().join(format!("v{v}")).is_dir())
+            .collect();
+        if !versions.is_empty() {
+            views.insert(entry.file_name().to_string_lossy().into_owned(), versions);
+        }
+    }
+    Ok(views)
+}
+
+/// A stored view value printed as `view get` prints it over HTTP: JSON with sorted keys.
+fn sorted_json(json: &[u8]) -> anyhow::Result<String> {
+    let value: serde_json::Value = serde_json::from_slice(json).context("a stored view value is not JSON")?;
+    Ok(value.to_string())
 }
 
 /// Refuses, creating nothing, a directory an offline command must not open: one that does

@@ -115,12 +115,11 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
         return 0;
     }
     if let Some(failure) = error.downcast_ref::<ApiFailure>() {
-        return match failure.status {
-            400 | 413 | 416 | 422 => EXIT_USAGE,
-            404 => EXIT_NOT_FOUND,
-            409 => EXIT_CONFLICT,
-            _ => EXIT_ERROR,
-        };
+        return status_exit_code(failure.status);
+    }
+    // Offline view commands: the code the server's answer to the same error would give.
+    if let Some(view_error) = error.downcast_ref::<kappa_views::ViewError>() {
+        return status_exit_code(kappa_http::error::view_error_status(view_error).as_u16());
     }
     if error.downcast_ref::<BadInput>().is_some() {
         return EXIT_USAGE;
@@ -130,6 +129,16 @@ pub fn exit_code(error: &anyhow::Error) -> i32 {
     }
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connect { .. } | ClientError::BadAddress(_)) => EXIT_UNREACHABLE,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// The exit code for an HTTP status the server answered (or would answer) with.
+fn status_exit_code(status: u16) -> i32 {
+    match status {
+        400 | 413 | 416 | 422 => EXIT_USAGE,
+        404 => EXIT_NOT_FOUND,
+        409 => EXIT_CONFLICT,
         _ => EXIT_ERROR,
     }
 }
@@ -304,6 +313,13 @@ mod tests {
         // Context added on the way up keeps the code.
         assert_eq!(exit_code(&api(409).context("producing")), EXIT_CONFLICT);
         assert_eq!(exit_code(&anyhow::anyhow!("other")), EXIT_ERROR);
+        // Offline view errors as the server would answer them.
+        let unknown = kappa_views::ViewError::UnknownView("v".into());
+        assert_eq!(exit_code(&anyhow::Error::from(unknown).context("reading")), EXIT_NOT_FOUND);
+        let invalid = kappa_views::ViewError::AsOfInvalid { view: "v".into(), reason: "x".into() };
+        assert_eq!(exit_code(&invalid.into()), EXIT_USAGE);
+        let failed = kappa_views::ViewError::Changelog { view: "v".into(), version: 1, reason: "x".into() };
+        assert_eq!(exit_code(&failed.into()), EXIT_ERROR);
         // A closed stdout ends a command quietly, with context or without.
         let closed = stdout_error(std::io::ErrorKind::BrokenPipe.into());
         assert_eq!(exit_code(&closed.context("listing topics")), 0);

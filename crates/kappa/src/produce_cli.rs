@@ -79,6 +79,11 @@ pub struct ProduceArgs {
     /// Print each record's partition and offset (tab-separated) on stdout.
     #[arg(long)]
     pub print_offsets: bool,
+    /// At the end, print one line for `kappa view get --after` (and the HTTP API's
+    /// `after_offsets`): topic:partition:offset of the last record written to each partition,
+    /// comma-separated.
+    #[arg(long)]
+    pub print_after: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -157,6 +162,11 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
         sender.send(records)?;
     }
     sender.finish();
+    if args.print_after && !sender.latest.is_empty() {
+        let topic = &args.topic;
+        let after: Vec<String> = sender.latest.iter().map(|(p, o)| format!("{topic}:{p}:{o}")).collect();
+        reportln!("{}", after.join(","))?;
+    }
     Ok(())
 }
 
@@ -248,6 +258,8 @@ struct Sender<'a> {
     requests: u64,
     guarded: bool,
     progress: Progress,
+    /// Partition → the offset of the last record written to it (for `--print-after`).
+    latest: BTreeMap<i64, i64>,
 }
 
 impl<'a> Sender<'a> {
@@ -259,6 +271,7 @@ impl<'a> Sender<'a> {
             requests: 0,
             guarded: false,
             progress: Progress::new(None, "{spinner} {pos} records produced ({per_sec})"),
+            latest: BTreeMap::new(),
         }
     }
 
@@ -280,6 +293,12 @@ impl<'a> Sender<'a> {
         };
         let answer =
             expect_ok(http_client::request(&self.args.server.server, "POST", &self.path, Some(&body))?, &what)?;
+        for o in answer["offsets"].as_array().into_iter().flatten() {
+            if let (Some(partition), Some(offset)) = (o["partition"].as_i64(), o["offset"].as_i64()) {
+                let latest = self.latest.entry(partition).or_insert(offset);
+                *latest = (*latest).max(offset);
+            }
+        }
         if self.args.print_offsets {
             for o in answer["offsets"].as_array().into_iter().flatten() {
                 // A closed stdout drops the offsets, not the records still to send.

@@ -8,7 +8,7 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::{RECONNECT_WITHIN, Reconnect, encode, expect_ok, outln, stdout_error};
+use crate::cli::{BadInput, RECONNECT_WITHIN, Reconnect, encode, expect_ok, outln, stdout_error};
 use crate::http_client;
 
 /// How often `view status` polls while following a rebuild.
@@ -38,10 +38,31 @@ pub fn list(server: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn get(server: &str, view: &str, key: &str, as_of: Option<&str>) -> anyhow::Result<()> {
+/// How `view get` reads: now, as of a past point, or after offsets were applied.
+pub struct Read<'a> {
+    pub as_of: Option<&'a str>,
+    /// `topic:partition:offset` items, each possibly a comma-separated list.
+    pub after: &'a [String],
+    pub wait_ms: Option<u64>,
+}
+
+pub fn get(server: &str, view: &str, key: &str, read: Read<'_>) -> anyhow::Result<()> {
     let mut path = format!("/v1/views/{}/keys/{}", encode(view), encode(key));
-    if let Some(at) = as_of {
-        path.push_str(&format!("?as_of={}", encode(at)));
+    let mut query = Vec::new();
+    if let Some(at) = read.as_of {
+        query.push(format!("as_of={}", encode(at)));
+    }
+    if !read.after.is_empty() {
+        // Checked here too, so a typo is exit 2 with the flag's name before any request.
+        let list = read.after.join(",");
+        kappa_http::views::parse_after_offsets(&list).map_err(|e| BadInput(format!("--after: {e}")))?;
+        query.push(format!("after_offsets={}", encode(&list)));
+    }
+    if let Some(ms) = read.wait_ms {
+        query.push(format!("wait_ms={ms}"));
+    }
+    if !query.is_empty() {
+        path.push_str(&format!("?{}", query.join("&")));
     }
     let answer = expect_ok(http_client::request(server, "GET", &path, None)?, &format!("reading {view}/{key}"))?;
     outln!("{}", answer["value"])
@@ -105,8 +126,9 @@ pub fn watch(server: &str, view: &str, key: Option<&str>, prefix: Option<&str>) 
                     bail!("the subscription ended: {}", event.data);
                 }
                 // Line by line, as changes come; a closed pipe (`| head -1`) ends the watch
-                // quietly.
-                writeln!(out, "{}", event.data).and_then(|()| out.flush()).map_err(stdout_error)?;
+                // quietly. Keys sorted, as `view get` and `view dump` print them.
+                let line = serde_json::from_str::<Value>(&event.data).map_or(event.data, |v| v.to_string());
+                writeln!(out, "{line}").and_then(|()| out.flush()).map_err(stdout_error)?;
                 if let Some(id) = event.id {
                     token = Some(id);
                 }

@@ -867,3 +867,169 @@ fn view_watch_and_consume_follow_go_on_across_a_server_restart() {
         assert!(!stderr.contains("error:"), "{what}: {stderr}");
     }
 }
+
+/// Runs `binary <args>` against `server` with `stdin` (any exit code).
+fn run_with(binary: &std::path::Path, server: &Server, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(binary)
+        .args(args)
+        .env("KAPPA_SERVER", format!("http://{}", server.http))
+        .env_remove("KAPPA_DATA_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn channel_created(id: &str, name: &str) -> String {
+    format!(
+        r#"{{"key":"{id}","value":{{"channelId":"{id}","name":"{name}","ownerId":"u1"}},"headers":{{"kappa.type":"ChannelCreated"}}}}"#
+    )
+}
+
+/// JSON text whose keys are already in sorted order (serde_json's maps sort on the way back).
+fn keys_sorted(line: &str) -> bool {
+    serde_json::from_str::<Value>(line).and_then(|v| serde_json::to_string(&v)).is_ok_and(|text| text == line)
+}
+
+/// `produce --print-after` prints what `view get --after` takes, and the read right after
+/// the produce sees it, every time (without --after some of these reads miss); what cannot
+/// be waited for is refused with exit 2 saying why.
+#[test]
+fn view_get_after_reads_the_write_just_produced() {
+    let channels = common::example_binary("channels");
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_binary_in(&channels, &temp.path().join("data"), &[]);
+    let produce = ["produce", "channels", "--format", "json", "--print-after"];
+    for i in 0..30 {
+        let out = run_with(&channels, &server, &produce, &format!("{}\n", channel_created(&format!("c{i}"), "News")));
+        assert!(out.status.success(), "produce: {}", String::from_utf8_lossy(&out.stderr));
+        let after = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert!(after.starts_with("channels:") && after.split(':').count() == 3, "{after:?}");
+        // The first reads may come while the view first builds: --after waits for that too.
+        let key = format!("c{i}");
+        let get = ["view", "get", "channel_page", key.as_str(), "--after", after.as_str()];
+        let out = run_with(&channels, &server, &get, "");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "read {i}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log());
+        let page: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(page["channelId"], key.as_str(), "{stdout}");
+        assert!(keys_sorted(stdout.trim()), "{stdout}");
+    }
+    let refused: [(&[&str], &str); 4] = [
+        (&["--after", "channels:99:0"], "does not read channels/99"),
+        (&["--after", "channels:0"], "--after: 'channels:0' is not an offset"),
+        (&["--after", "channels:0:0", "--wait-ms", "30001"], "at most 30000 ms"),
+        (&["--after", "channels:0:0", "--data-dir", "x"], "cannot be used with"),
+    ];
+    for (extra, says) in refused {
+        let args = [&["view", "get", "channel_page", "c1"][..], extra].concat();
+        let out = run_with(&channels, &server, &args, "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// `view get` and `view watch` print JSON the same way: keys sorted.
+#[test]
+fn view_get_and_view_watch_print_keys_sorted() {
+    let channels = common::example_binary("channels");
+    let temp = tempfile::tempdir().unwrap();
+    let server = Server::start_binary_in(&channels, &temp.path().join("data"), &[]);
+    let out = run_with(
+        &channels,
+        &server,
+        &["produce", "channels", "--format", "json", "--print-after"],
+        &format!("{}\n", channel_created("s1", "Sorted")),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = run_with(
+        &channels,
+        &server,
+        &["view", "get", "channel_page", "s1", "--after", &after, "--wait-ms", "30000"],
+        "",
+    );
+    let got = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success() && keys_sorted(got.trim()), "{got}: {}", String::from_utf8_lossy(&out.stderr));
+    let mut watch = Follower::spawn(&channels, &server, &["view", "watch", "channel_page", "s1"]);
+    let snapshot = watch.wait_for(&server, "the snapshot", |e| e["type"] == "snapshot");
+    let line = watch.seen.last().unwrap().clone();
+    watch.stop();
+    assert!(keys_sorted(&line), "watch printed {line}");
+    assert_eq!(snapshot["items"][0]["value"].to_string(), got.trim(), "the same value, printed the same way");
+}
+
+/// Offline commands on a data directory where a view never ran refuse it (exit 4, naming
+/// the views there) and create nothing; offline user errors exit 2 as over HTTP.
+#[test]
+fn offline_view_commands_create_nothing_and_exit_as_over_http() {
+    let channels = common::example_binary("channels");
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    // The plain binary has no views: its data directory holds none.
+    let mut server = Server::start_in(&data, &[]);
+    server.stop();
+    let offline = |args: &[&str], dir: &std::path::Path| {
+        Command::new(&channels).args(args).arg("--data-dir").arg(dir).env_remove("KAPPA_DATA_DIR").output().unwrap()
+    };
+    let files = |dir: &std::path::Path| -> Vec<String> {
+        let mut found = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path.clone());
+                }
+                found.push(path.display().to_string());
+            }
+        }
+        found.sort();
+        found
+    };
+    let before = files(&data.join("views"));
+    for command in [&["view", "get", "channel_page", "c1"][..], &["view", "dump", "channel_stats"][..]] {
+        let out = offline(command, &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{command:?}: {stderr}");
+        assert!(stderr.contains("has no state") && stderr.contains("views there: none"), "{command:?}: {stderr}");
+    }
+    let out = offline(&["view", "list"], &data);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(files(&data.join("views")), before, "an offline command created files");
+
+    // Where the views ran: bad input exits 2 (as the same read over HTTP), a missing key 4.
+    let data = temp.path().join("ran");
+    let mut server = Server::start_binary_in(&channels, &data, &[]);
+    let produce = ["produce", "channels", "--format", "json", "--print-after"];
+    let out = run_with(&channels, &server, &produce, &format!("{}\n", channel_created("o1", "Offline")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let get = ["view", "get", "channel_page", "o1", "--after", &after, "--wait-ms", "30000"];
+    let out = run_with(&channels, &server, &get, "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    server.stop();
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["view", "get", "channel_page", "o1", "--as-of", "yesterday"], 2, "--as-of"),
+        (&["view", "get", "channel_page", "o1", "--as-of", "channels/9=0"], 2, "channels/9"),
+        (&["view", "get", "channel_page", "nope"], 4, "no key 'nope'"),
+        (&["view", "get", "no_such_view", "o1"], 4, "views there: channel_page, channel_stats, owner_channels"),
+    ];
+    for (command, code, says) in cases {
+        let out = offline(command, &data);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{command:?}: {stderr}");
+        assert!(stderr.contains(says), "{command:?}: {stderr}");
+    }
+    let out = offline(&["view", "get", "channel_page", "o1"], &data);
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && keys_sorted(got.trim()) && got.contains("Offline"),
+        "{got}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

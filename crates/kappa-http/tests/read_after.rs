@@ -1,0 +1,149 @@
+//! Read-your-writes: a view read with `after_offsets` (the offsets a produce answered) waits
+//! until the serving version has applied them — against a real log, view engine and socket.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kappa_http::HttpConfig;
+use kappa_views::{Event, EventError, Reducer, View};
+use serde_json::{Value, json};
+
+/// `latest` (key → value), but applying the record keyed `slow` takes `SLOW`: a view held
+/// behind for that long while it runs normally.
+struct Slow;
+
+const SLOW: Duration = Duration::from_millis(1500);
+
+impl Reducer for Slow {
+    type State = Value;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<Value>, event: &Event) -> Result<Option<Value>, EventError> {
+        match event.key_str() {
+            Some("slow") => std::thread::sleep(SLOW),
+            Some("boom") => return Err(EventError::new("boom")),
+            _ => {}
+        }
+        Ok(event.payload()?.cloned())
+    }
+}
+
+fn started() -> Kappa {
+    let kappa = Kappa::start(vec![View::reducer("latest", 1, &[TOPIC], Slow)], HttpConfig::default());
+    kappa.wait_caught_up("latest");
+    kappa
+}
+
+/// `topic:partition:offset,...` for every offset of a produce answer.
+fn after(produced: &Value) -> String {
+    let offsets = produced["offsets"].as_array().unwrap().iter();
+    offsets.map(|o| format!("{TOPIC}:{}:{}", o["partition"], o["offset"])).collect::<Vec<_>>().join(",")
+}
+
+/// Without `after_offsets` such reads miss the write now and then (the view applies it a
+/// moment later); with it, every key read and every page right after its produce has it.
+#[test]
+fn a_read_after_its_produce_sees_the_write_every_time() {
+    let kappa = started();
+    for i in 0..40 {
+        let produced = kappa.produce(json!([{"key": format!("k{i}"), "value": i}]));
+        let started = Instant::now();
+        let (status, body) = kappa.get(&format!("/v1/views/latest/keys/k{i}?after_offsets={}", after(&produced)));
+        assert_eq!((status, &body["value"]), (200, &json!(i)), "read {i}: {body}");
+        // Woken by the view's step, not at the end of the 5 s default wait.
+        assert!(started.elapsed() < Duration::from_secs(3), "read {i} took {:?}", started.elapsed());
+        let (status, page) =
+            kappa.get(&format!("/v1/views/latest/keys?prefix=k{i}&after_offsets={}&wait_ms=3000", after(&produced)));
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["items"], json!([{"key": format!("k{i}"), "value": i}]), "page {i}");
+    }
+    // One request over all three partitions (a transaction): one offset per partition.
+    let records: Vec<Value> = (0..3).map(|p| json!({"key": format!("t{p}"), "value": p, "partition": p})).collect();
+    let produced = kappa.produce(json!(records));
+    let (status, page) = kappa.get(&format!("/v1/views/latest/keys?prefix=t&after_offsets={}", after(&produced)));
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+}
+
+/// A view behind the offsets for longer than `wait_ms` answers 504 `view_behind` with where
+/// it is; the same read a moment later succeeds.
+#[test]
+fn a_view_held_behind_answers_504_with_its_position_and_a_retry_succeeds() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "slow", "value": 0, "partition": 1}]));
+    let produced = kappa.produce(json!([{"key": "mine", "value": 1, "partition": 1}]));
+    let offset = produced["offsets"][0]["offset"].as_i64().unwrap();
+    let started = Instant::now();
+    let (status, body) = kappa.get(&format!("/v1/views/latest/keys/mine?after_offsets=items:1:{offset}&wait_ms=200"));
+    assert_eq!(status, 504, "{body}");
+    assert!(started.elapsed() < SLOW, "answered when wait_ms passed, not when the view caught up");
+    let error = &body["error"];
+    assert_eq!(
+        (error["code"].as_str(), error["view"].as_str(), error["version"].as_u64()),
+        (Some("view_behind"), Some("latest"), Some(1)),
+        "{body}"
+    );
+    assert_eq!(error["waited_ms"], 200, "{body}");
+    let behind = &error["behind"][0];
+    assert_eq!(
+        (behind["topic"].as_str(), behind["partition"].as_i64(), behind["offset"].as_i64()),
+        (Some(TOPIC), Some(1), Some(offset)),
+        "{body}"
+    );
+    assert!(behind["position"].as_i64().unwrap() <= offset, "{body}");
+    assert!(error["message"].as_str().unwrap().contains("read again"), "{body}");
+
+    let (status, body) = kappa.get(&format!("/v1/views/latest/keys/mine?after_offsets=items:1:{offset}&wait_ms=10000"));
+    assert_eq!((status, &body["value"]), (200, &json!(1)), "{body}");
+}
+
+/// A serving version stopped at an event before the offsets never applies them: the read
+/// fails at once with why it stopped, rather than waiting out `wait_ms`.
+#[test]
+fn a_stopped_view_fails_the_read_at_once() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "boom", "value": 0, "partition": 2}]));
+    let produced = kappa.produce(json!([{"key": "after-boom", "value": 1, "partition": 2}]));
+    let started = Instant::now();
+    let path = format!("/v1/views/latest/keys/after-boom?after_offsets={}&wait_ms=20000", after(&produced));
+    let (status, body) = kappa.get(&path);
+    assert_eq!(status, 500, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10), "waited for a stopped view: {:?}", started.elapsed());
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("failed") && message.contains("boom"), "{body}");
+}
+
+/// What is not a valid wait is a 400 saying what was wrong, before any waiting.
+#[test]
+fn bad_after_offsets_and_wait_ms_are_400() {
+    let kappa = started();
+    let cases = [
+        ("after_offsets=items:3:0", "not_an_input", "items (partitions 0 to 2)"),
+        ("after_offsets=other:0:0", "not_an_input", "does not read other/0"),
+        ("after_offsets=items:0", "invalid_after_offsets", "topic>:<partition>:<offset>"),
+        ("after_offsets=items:x:1", "invalid_after_offsets", "'items:x:1'"),
+        ("after_offsets=items:0:-1", "invalid_after_offsets", "'items:0:-1'"),
+        ("after_offsets=", "invalid_after_offsets", "''"),
+        ("after_offsets=items:0:0&wait_ms=30001", "invalid_wait_ms", "at most 30000 ms"),
+        ("wait_ms=10", "invalid_wait_ms", "give after_offsets"),
+        ("after_offsets=items:0:0&as_of=0", "invalid_query", "give one of them"),
+    ];
+    for (query, code, says) in cases {
+        for path in [format!("/v1/views/latest/keys/k?{query}"), format!("/v1/views/latest/keys?{query}")] {
+            if path.contains("as_of") && !path.contains("/keys/") {
+                continue; // a page has no as_of
+            }
+            let started = Instant::now();
+            let (status, body) = kappa.get(&path);
+            assert_eq!((status, body["error"]["code"].as_str()), (400, Some(code)), "{path}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains(says), "{path}: {message}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{path} waited");
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `ViewEngine::get_after`: a read that waits until the serving version has applied given
+//! input offsets — against a real log, with an open transaction holding the view behind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kappa_views::{Event, EventError, InputPosition, Reducer, Schemas, View, ViewError};
+use serde_json::{Value, json};
+
+/// key → the latest JSON value.
+struct Latest;
+
+impl Reducer for Latest {
+    type State = Value;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<Value>, event: &Event) -> Result<Option<Value>, EventError> {
+        Ok(event.payload()?.cloned())
+    }
+}
+
+fn at(topic: &str, partition: i32, offset: i64) -> InputPosition {
+    InputPosition { topic: topic.to_owned(), partition, offset }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+}
+
+#[test]
+fn get_after_waits_for_the_offsets_to_be_applied_and_says_how_far_the_view_is_when_it_times_out() {
+    let fixture = Fixture::new(2);
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("latest", 1, &[TOPIC], Latest)]);
+    wait_caught_up(&engine, "latest");
+    let rt = runtime();
+
+    let offset = fixture.append(0, vec![event("a", Some(json!(1)), None, None, 1)]);
+    let read = rt.block_on(engine.get_after("latest", "a", &[at(TOPIC, 0, offset)], Duration::from_secs(5))).unwrap();
+    assert_eq!(read.value.map(|item| item.json), Some(b"1".to_vec()));
+
+    for (asked, says) in [(at("other", 0, 0), "does not read other/0"), (at(TOPIC, 2, 0), "events (partitions 0 to 1)")]
+    {
+        let error = rt.block_on(engine.get_after("latest", "a", &[asked], Duration::from_secs(5))).unwrap_err();
+        assert!(matches!(error, ViewError::NotAnInput { .. }) && error.to_string().contains(says), "{error}");
+    }
+
+    // An open transaction holds partition 1 behind: the read times out, saying where it is.
+    let held = fixture.append_transactional(1, 7, 0, vec![event("b", Some(json!(2)), None, None, 2)]);
+    let started = Instant::now();
+    let error =
+        rt.block_on(engine.get_after("latest", "b", &[at(TOPIC, 1, held)], Duration::from_millis(200))).unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+    match &error {
+        ViewError::ReadBehind { view, version: 1, waited_ms: 200, behind } => {
+            assert_eq!(view, "latest");
+            assert_eq!((behind.len(), behind[0].partition, behind[0].offset), (1, 1, held), "{error}");
+            assert!(behind[0].position <= held, "{error}");
+            assert!(error.to_string().contains("read again"), "{error}");
+        }
+        other => panic!("expected ReadBehind, got {other}"),
+    }
+
+    // A read already waiting returns as soon as the commit lets the view apply it.
+    let waiting = engine.clone();
+    let waiter = std::thread::spawn(move || {
+        runtime().block_on(waiting.get_after("latest", "b", &[at(TOPIC, 1, held)], Duration::from_secs(20)))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    fixture.end_transaction(1, 7, true);
+    let committed = Instant::now();
+    let read = waiter.join().unwrap().unwrap();
+    assert_eq!(read.value.map(|item| item.json), Some(b"2".to_vec()));
+    // Woken by the step's notification, not by its 20 s timeout's last look.
+    assert!(committed.elapsed() < Duration::from_secs(5), "woke {:?} after the commit", committed.elapsed());
+    engine.shutdown();
+}
