@@ -116,7 +116,39 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> String {
     state.metrics.render()
 }
 
-async fn get_key(State(state): State<Arc<HttpState>>, Path((view, key)): Path<(String, String)>) -> Response {
+/// `serve`'s read-your-writes parameters, which a worker cannot honour yet: its reads come
+/// from the changelog replica, which knows changelog positions, not the input offsets a
+/// produce answered. Refused rather than ignored, so a client never takes a read that did
+/// not wait for its writes for one that did.
+#[derive(Debug, Default, Deserialize)]
+struct ReadWaitQuery {
+    after_offsets: Option<String>,
+    wait_ms: Option<String>,
+}
+
+impl ReadWaitQuery {
+    fn refusal(&self) -> Option<Response> {
+        (self.after_offsets.is_some() || self.wait_ms.is_some()).then(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_in_work_mode",
+                "after_offsets and wait_ms (read your own writes) are served by `kappa serve` only; \
+                 a work-mode worker's reads answer from its changelog replica at once: read without them \
+                 and retry until the value reflects the write"
+                    .to_owned(),
+            )
+        })
+    }
+}
+
+async fn get_key(
+    State(state): State<Arc<HttpState>>,
+    Path((view, key)): Path<(String, String)>,
+    Query(wait): Query<ReadWaitQuery>,
+) -> Response {
+    if let Some(refusal) = wait.refusal() {
+        return refusal;
+    }
     if !state.replica.has_view(&view) {
         return unknown_view(&view);
     }
@@ -134,6 +166,9 @@ struct ScanQuery {
     prefix: String,
     after: Option<String>,
     limit: Option<usize>,
+    // Not `#[serde(flatten)]`: flattened query values reach `limit` as strings and fail.
+    after_offsets: Option<String>,
+    wait_ms: Option<String>,
 }
 
 async fn scan(
@@ -141,6 +176,10 @@ async fn scan(
     Path(view): Path<String>,
     Query(query): Query<ScanQuery>,
 ) -> Response {
+    let wait = ReadWaitQuery { after_offsets: query.after_offsets.clone(), wait_ms: query.wait_ms.clone() };
+    if let Some(refusal) = wait.refusal() {
+        return refusal;
+    }
     if !state.replica.has_view(&view) {
         return unknown_view(&view);
     }

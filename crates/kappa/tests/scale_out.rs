@@ -549,6 +549,26 @@ fn view_not_keyed_by_its_input_is_refused() {
     assert!(worker.log_text().contains("--repartition owner_channels"), "log:\n{}", worker.log_text());
 }
 
+/// `serve`'s read-your-writes parameters are refused by a worker, which cannot wait for
+/// input offsets (they were ignored: the read answered at once, as if it had waited).
+#[test]
+fn a_worker_refuses_read_your_writes_parameters() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_in(&temp.path().join("data"), &[]);
+    let mut worker = Worker::start_with(&server, temp.path(), "w", &["channel_stats"], &[]);
+    wait_owned(&mut [&mut worker], 4);
+    for path in [
+        "/v1/views/channel_stats/keys/c1?after_offsets=channels:0:0",
+        "/v1/views/channel_stats/keys?prefix=c&after_offsets=channels:0:0&wait_ms=100",
+        "/v1/views/channel_stats/keys?limit=5&wait_ms=100",
+    ] {
+        let (status, body) = http_get(worker.http, path);
+        assert!(status == 400 && body.contains("unsupported_in_work_mode"), "{path}: {status} {body}");
+    }
+    let (status, body) = http_get(worker.http, "/v1/views/channel_stats/keys?prefix=c&limit=5");
+    assert_eq!(status, 200, "a page without them: {body}");
+}
+
 /// An existing repartition topic that does not match (partitions) stops the worker at start
 /// with an error naming the topic, what differs and what to do.
 #[test]
