@@ -230,17 +230,11 @@ fn down_convert_reads(
 /// One partition's read as a message set of `magic` from its fetch offset on, within
 /// `limit`. A stored batch that does not decode ends the set; with no message before it,
 /// the partition is UNKNOWN_SERVER_ERROR, as Kafka answers a failed down-conversion,
-/// without records — or UNSUPPORTED_COMPRESSION_TYPE for a zstd batch, which Kafka does not
-/// down-convert (KIP-110: zstd needs fetch v10).
+/// without records.
 fn down_convert_read(w: &Wanted, mut read: PartitionRead, magic: i8, limit: message_set::SetLimit) -> PartitionRead {
     let records = std::mem::take(&mut read.records);
     match message_set::down_convert(&records, magic, w.offset, legacy::DECOMPRESSED_BYTES_MAX, limit) {
         Ok(set) => read.records = set,
-        Err(message_set::MessageSetError::Zstd) => {
-            // The client's version, not the data: not worth a warning per fetch.
-            tracing::debug!(topic = %w.topic, partition = w.index, "zstd batch not down-converted");
-            read.error_code = errors::UNSUPPORTED_COMPRESSION_TYPE;
-        }
         Err(e) => {
             tracing::warn!(topic = %w.topic, partition = w.index, error = %e, "down-conversion failed");
             read.error_code = errors::UNKNOWN_SERVER_ERROR;

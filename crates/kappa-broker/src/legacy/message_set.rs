@@ -52,9 +52,6 @@ pub enum MessageSetError {
     BadVarint,
     #[error("record batch: {0}")]
     Batch(String),
-    /// KIP-110: zstd needs record batches (fetch v10+); Kafka does not down-convert it.
-    #[error("a zstd-compressed batch cannot be down-converted to magic 0/1 messages: fetch with version 10 or newer")]
-    Zstd,
 }
 
 /// One message of a flattened (decompressed) message set.
@@ -262,8 +259,9 @@ impl SetLimit {
 /// offset it got); batches past the end, and those wholly before `from_offset`, are not
 /// inflated. A batch that cannot be converted ends the set: its error is returned only
 /// when no message was converted before it, so a consumer gets what precedes a broken
-/// batch and, fetching from it, the error. A zstd batch is one of those, as in Kafka
-/// (`RecordsUtil.downConvert` refuses it; KIP-110).
+/// batch and, fetching from it, the error. zstd batches are converted too (to
+/// uncompressed messages, as every batch is): Kafka refuses them (KIP-110), which leaves a
+/// kafka-node consumer unable to read what librdkafka or KafkaJS wrote with zstd.
 pub fn down_convert(
     batches: &[u8],
     magic: i8,
@@ -295,9 +293,6 @@ pub fn down_convert(
             return ended(out, MessageSetError::Batch(format!("stored batch has magic {}", header.magic)));
         }
         if !header.is_control() && header.last_offset() >= from_offset {
-            if matches!(header.compression(), Ok(Compression::Zstd)) {
-                return ended(out, MessageSetError::Zstd);
-            }
             let decoded = match records::decode_records(&rest[..total], max_decompressed) {
                 Ok(decoded) => decoded,
                 Err(e) => return ended(out, MessageSetError::Batch(e.to_string())),
@@ -623,7 +618,7 @@ mod tests {
     /// The set starts at the fetch offset, inside a (compressed) batch or not.
     #[test]
     fn down_convert_starts_at_the_fetch_offset() {
-        for compression in [Compression::None, Compression::Gzip, Compression::Lz4] {
+        for compression in [Compression::None, Compression::Gzip, Compression::Lz4, Compression::Zstd] {
             let mut batches = Vec::new();
             for base in [10, 20] {
                 let mut builder = BatchBuilder::new().compression(compression);
@@ -640,21 +635,6 @@ mod tests {
             assert_eq!(offsets(29), [29], "{compression:?}");
             assert_eq!(offsets(30), [0i64; 0], "{compression:?}");
         }
-    }
-
-    /// Kafka does not down-convert zstd (KIP-110): a zstd batch ends the set, and is the
-    /// error when nothing precedes it — unless wholly before the fetch offset.
-    #[test]
-    fn down_convert_ends_at_a_zstd_batch() {
-        let (batches, _) = three_messages();
-        let all = down_convert(&batches, 1, 0, MAX, SetLimit::NONE).unwrap();
-        let mut zstd = BatchBuilder::new().compression(Compression::Zstd);
-        zstd.base_offset = 3;
-        zstd.push(NewRecord::new(None, Some(b"z"), 1));
-        let with_zstd = [&batches[..], &zstd.build()[..]].concat();
-        assert_eq!(down_convert(&with_zstd, 1, 0, MAX, SetLimit::NONE).unwrap(), all);
-        assert_eq!(down_convert(&with_zstd, 0, 3, MAX, SetLimit::NONE), Err(MessageSetError::Zstd));
-        assert_eq!(down_convert(&with_zstd, 1, 4, MAX, SetLimit::NONE).unwrap(), Bytes::new(), "before the offset");
     }
 
     proptest! {
