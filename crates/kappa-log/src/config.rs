@@ -344,8 +344,9 @@ impl TopicConfig {
         Ok(config)
     }
 
-    /// Defaults plus `overrides`, each key valid on its own (no check across keys).
-    fn from_keys(overrides: &BTreeMap<String, String>) -> Result<Self> {
+    /// Defaults plus `overrides`, each key valid on its own (no check across keys): to
+    /// compare a wish with a stored topic that predates a rule.
+    pub fn from_keys(overrides: &BTreeMap<String, String>) -> Result<Self> {
         let mut config = Self::default();
         for (key, value) in overrides {
             config.set(key, value)?;

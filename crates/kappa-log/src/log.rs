@@ -193,7 +193,7 @@ impl Log {
         let config = TopicConfig::from_properties(&String::from_utf8_lossy(&text))?;
         if let Err(e) = config.validate() {
             // Stored before the rule existed: open it as it is, rather than refuse the data dir.
-            tracing::warn!(topic = %name, error = %e, "topic config breaks a rule new configs must follow; fix it with alter-configs");
+            tracing::warn!(topic = %name, error = %e, "topic config breaks a rule new configs must follow; fix it with `kappa topic alter <topic> --set cleanup.policy=compact` (or `--delete kappa.compaction.subkey.header`), or any admin client's AlterConfigs");
         }
         let id = self.open_topic_id(name, &dir)?;
         let mut indexes: Vec<i32> =
@@ -320,11 +320,13 @@ impl Log {
     ) -> Result<TopicConfig> {
         validate_topic_name(name)?;
         validate_partition_count(partitions, 0)?;
-        let config = TopicConfig::from_overrides(overrides)?;
+        // Existence first, as Kafka checks it: a client that "ensures" a topic takes
+        // TOPIC_ALREADY_EXISTS as success, but not INVALID_CONFIG for configs that no longer
+        // pass a rule the stored topic predates.
         if self.topic(name).is_ok() {
             return Err(LogError::TopicExists(name.to_owned()));
         }
-        Ok(config)
+        TopicConfig::from_overrides(overrides)
     }
 
     /// Deletes a topic and all its data.

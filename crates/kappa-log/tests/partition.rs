@@ -421,6 +421,9 @@ fn a_stored_subkey_header_without_compaction_still_opens() {
         let refused = log.create_topic("plain", 1, &overrides(&[header])).err();
         assert!(matches!(refused, Some(LogError::InvalidConfig { .. })), "{refused:?}");
         log.create_topic("plain", 1, &overrides(&[])).unwrap();
+        // Existence is checked first, as Kafka does: an "ensure the topic" call succeeds.
+        let again = log.create_topic("plain", 1, &overrides(&[header])).err();
+        assert!(matches!(again, Some(LogError::TopicExists(_))), "{again:?}");
     }
     let properties = dir.path().join("topics/plain/topic.properties");
     std::fs::write(&properties, "kappa.compaction.subkey.header=contentId\n").unwrap();

@@ -491,8 +491,9 @@ fn warn_if_topic_differs(log: &Log, spec: &TopicSpec) {
 fn topic_differences(log: &Log, spec: &TopicSpec) -> Vec<String> {
     let Ok(topic) = log.topic(&spec.name) else { return Vec::new() };
     let config = topic.config();
-    // Both sides as the config reads them back (`delete,compact` is `compact,delete`).
-    let wanted = kappa_log::TopicConfig::from_overrides(&spec.configs).ok();
+    // Both sides as the config reads them back (`delete,compact` is `compact,delete`); the
+    // wish read key by key, so one the rules between keys refuse is still compared.
+    let wanted = kappa_log::TopicConfig::from_keys(&spec.configs).ok();
     let mut differences: Vec<String> = spec
         .configs
         .keys()

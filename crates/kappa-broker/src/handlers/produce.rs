@@ -360,10 +360,10 @@ fn record_batches_only(version: i16, records: &[u8]) -> Result<(), Refusal> {
     }
 }
 
-/// Refuses zstd in produce v0-6 with UNSUPPORTED_COMPRESSION_TYPE, as Kafka does
+/// Refuses zstd in produce v0-6 with UNSUPPORTED_COMPRESSION_TYPE, as Kafka does for v3-6
 /// (`ProduceRequest.validateRecords`; KIP-110: a client that can compress with zstd must send
-/// v7, so older versions are clients that cannot be expected to read zstd back either).
-/// Message sets (v0-2) are looked at too: magic 0/1 cannot carry zstd, whatever the version.
+/// v7). Message sets (v0-2) are looked at too: magic 0/1 cannot carry zstd (Kafka refuses
+/// such a wrapper as an invalid record), and one code for "zstd, too old" says more.
 fn zstd_allowed(version: i16, records: &[u8]) -> Result<(), Refusal> {
     if version >= ZSTD_PRODUCE_VERSION_MIN {
         return Ok(());
