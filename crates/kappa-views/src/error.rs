@@ -70,7 +70,7 @@ pub enum ViewError {
     )]
     NotRepartitionable { view: String, position: InputPosition, reason: String },
     #[error(
-        "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic; retire this version (or delete its directory and changelog topic) to rebuild it from the new topic"
+        "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic. To read the new topic, define a new version of the view numbered above every existing one: it builds from the new topic's start beside this one (which keeps serving its last state if it serves) and takes over reads once caught up; then retire v{version}"
     )]
     InputTopicRecreated { view: String, version: u32, topic: String },
     #[error("the view engine is shutting down")]

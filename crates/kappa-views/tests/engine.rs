@@ -1788,6 +1788,35 @@ fn an_input_topic_created_again_stops_the_view_with_an_error_naming_it() {
     engine.shutdown();
 }
 
+/// The recovery `InputTopicRecreated` advises, followed for a version that serves reads
+/// (which `retire` refuses): a new version numbered above every existing one builds from
+/// the new topic, takes over reads once caught up, and the stopped version is then retired.
+#[test]
+fn the_recovery_an_input_topic_created_again_advises_ends_with_the_view_reading_the_new_topic() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    fixture.log.delete_topic(TOPIC).unwrap();
+    fixture.log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    fixture.append(0, (0..8).map(|i| event("k1", Some(json!({"n": 100})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    let Phase::Failed(reason) = wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(reason.contains("define a new version of the view"), "{reason}");
+    assert!(matches!(engine.retire("sums", 1), Err(ViewError::RetireActive { .. })), "v1 serves: retire refuses it");
+    engine.shutdown();
+
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 1)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(60)), "{:?}", engine.describe("sums"));
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 8, "total": 800}))]));
+    engine.retire("sums", 1).unwrap();
+    assert_eq!(engine.describe("sums").unwrap().versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2]);
+    engine.shutdown();
+}
+
 /// The embedded log, except that once `swapped` is set the input topic's name leads to
 /// another topic (`RECREATED`): an input topic deleted and created again between two looks
 /// of a running view, with no moment without it.
