@@ -181,6 +181,9 @@ impl ViewEngine {
         };
         for entry in engine.inner.views.values() {
             engine.open_versions(entry, run)?;
+            if run {
+                serve_caught_up_when_unserved(entry)?;
+            }
         }
         Ok(engine)
     }
@@ -253,7 +256,8 @@ impl ViewEngine {
         }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
-        if no_auto_switch(&entry.dir, version)? {
+        // Nothing serving outranks an operator's mark: it would leave the view unreadable.
+        if active.is_some() && no_auto_switch(&entry.dir, version)? {
             tracing::info!(view = name, version, serving = ?active, "view version caught up; it does not take over reads, as an operator switched them away from it");
             return Ok(());
         }
@@ -521,6 +525,18 @@ impl ViewEngine {
         Ok(ends)
     }
 
+    /// Whether `version` of `name` takes over reads by itself when it (again) first catches
+    /// up and is the newest version this build defines. False once an operator switched
+    /// reads away from it (the file `v<N>/no-auto-switch`), so a rollback is not undone;
+    /// cleared by deleting that file (read at each catch-up, no restart needed) or by
+    /// retiring or rebuilding the version. When nothing serves the view the mark is
+    /// ignored: a caught-up version takes over anyway.
+    pub fn auto_switch_enabled(&self, name: &str, version: u32) -> Result<bool> {
+        let entry = self.entry(name)?;
+        self.version(entry, version)?;
+        Ok(!no_auto_switch(&entry.dir, version)?)
+    }
+
     pub fn backend(&self) -> &Arc<dyn LogBackend> {
         &self.inner.backend
     }
@@ -579,6 +595,26 @@ fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
     std::fs::remove_file(&path).map_err(|e| ViewError::io(&path, e))?;
     RealFs.sync_dir(dir).map_err(|e| ViewError::io(dir, e))?;
     Ok(None)
+}
+
+/// When nothing serves `entry` (its serving version's directory was deleted), the newest
+/// version this build runs that has caught up before takes over reads, marked
+/// (`NO_AUTO_SWITCH_FILE`) or not: it starts live and never catches up "for the first time"
+/// again, so without this the view would serve nothing until an operator switched.
+fn serve_caught_up_when_unserved(entry: &ViewEntry) -> Result<()> {
+    if read_lock(&entry.active).is_some() {
+        return Ok(());
+    }
+    let versions = read_lock(&entry.versions);
+    for (version, shared) in versions.iter().rev().filter(|(v, _)| entry.definitions.contains_key(v)) {
+        if shared.store.progress()?.caught_up {
+            write_active(&entry.dir, *version)?;
+            *write_lock(&entry.active) = Some(*version);
+            tracing::info!(view = %entry.name, version, "nothing served reads; this caught-up version now does");
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Whether an operator switched reads away from `version` (see `NO_AUTO_SWITCH_FILE`).

@@ -1916,3 +1916,36 @@ fn a_running_view_stops_when_its_input_topic_is_created_again() {
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]));
     engine.shutdown();
 }
+
+/// A manual switch away from a version marks it (`no-auto-switch`), which its status
+/// shows; when nothing serves the view (the serving version's directory deleted, the marked
+/// one the only version left), the marked version, caught up long ago, takes over anyway
+/// instead of leaving the view unreadable.
+#[test]
+fn a_marked_version_shows_its_mark_and_takes_over_when_nothing_serves() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(60)), "{:?}", engine.describe("sums"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.describe("sums").unwrap().versions.iter().any(|v| v.status.phase != Phase::Live) {
+        assert!(Instant::now() < deadline, "{:?}", engine.describe("sums"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(engine.auto_switch_enabled("sums", 2).unwrap());
+    engine.switch("sums", 1, false).unwrap();
+    assert!(!engine.auto_switch_enabled("sums", 2).unwrap(), "switched away from: marked");
+    assert!(engine.auto_switch_enabled("sums", 1).unwrap());
+    assert!(matches!(engine.auto_switch_enabled("sums", 3), Err(ViewError::UnknownVersion { .. })));
+    engine.shutdown();
+
+    // The serving version's code and state are gone; only the marked version is left.
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic("__kappa.view.sums.v1").unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(2, 10)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(10)), "nothing serves: {:?}", engine.describe("sums"));
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 50}))]));
+    engine.shutdown();
+}
+
