@@ -342,11 +342,32 @@ impl ViewEngine {
                 serving: active == Some(shared.version),
                 running: entry.definitions.contains_key(&shared.version),
                 changelog_topic: shared.changelog_topic.clone(),
-                status: shared.status(),
+                status: self.status_now(entry, shared),
             })
             .collect();
         let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
         ViewInfo { name: entry.name.clone(), active, inputs, versions }
+    }
+
+    /// `shared`'s status, with the inputs' ends looked up now for a version whose runner
+    /// does not (failed, or pausing before a restart): its lag then shows how far behind it
+    /// falls as the inputs grow, not how far it was when it stopped.
+    fn status_now(&self, entry: &ViewEntry, shared: &VersionShared) -> RunnerStatus {
+        let mut status = shared.status();
+        let stalled = matches!(status.phase, Phase::Failed(_) | Phase::Restarting { .. });
+        let Some(view) = entry.definitions.get(&shared.version).filter(|_| stalled) else { return status };
+        // It applies nothing meanwhile: no rate, so no time until caught up.
+        status.rate_per_second = 0.0;
+        for topic in &view.inputs {
+            // A topic gone or unreadable keeps its last known ends: status must not fail.
+            let Ok(partitions) = self.inner.backend.partition_count(topic) else { continue };
+            for partition in 0..partitions {
+                if let Ok(end) = self.inner.backend.end_offset(topic, partition) {
+                    status.ends.insert(crate::runner::position_key(topic, partition), end);
+                }
+            }
+        }
+        status
     }
 
     /// Makes `version` serve reads (a cutover, or a rollback). Without `force` the version

@@ -1949,3 +1949,21 @@ fn a_marked_version_shows_its_mark_and_takes_over_when_nothing_serves() {
     engine.shutdown();
 }
 
+/// A version stopped at a bad event falls further behind as its input grows: its status
+/// (and the lag metric made from it) follows the inputs' ends, not where they were when it
+/// stopped, and gives no time until caught up.
+#[test]
+fn a_stopped_versions_lag_grows_with_its_input() {
+    let fixture = Fixture::new(1);
+    let bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"[1,"), 1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 0), bad]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_)));
+    let lag = || engine.describe("sums").unwrap().versions[0].status.lag();
+    assert_eq!(lag(), 1, "stopped before the bad event");
+    fixture.append(0, (0..4).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    assert_eq!(lag(), 5, "the 4 events produced since it stopped count as lag");
+    assert_eq!(engine.describe("sums").unwrap().versions[0].status.eta_seconds(), None);
+    engine.shutdown();
+}
+
