@@ -408,6 +408,19 @@ impl Runner {
         }
     }
 
+    /// Fails when a step marker being restored names another id for an input topic than
+    /// the topic has now: the store (which records the ids) may be gone, rebuilt from this
+    /// changelog, whose positions then name records of the old topic. Checked before the
+    /// step reaches the store, so every restart stops here again.
+    fn check_marker_topic_ids(&self, marker: &StepMarker) -> Result<()> {
+        for (topic, id) in &self.topic_ids {
+            if marker.topic_ids.get(topic).is_some_and(|read| *read != changelog::topic_id_hex(id)) {
+                return Err(self.topic_recreated(topic));
+            }
+        }
+        Ok(())
+    }
+
     fn topic_recreated(&self, topic: &str) -> ViewError {
         ViewError::InputTopicRecreated {
             view: self.shared.view.clone(),
@@ -482,6 +495,7 @@ impl Runner {
                 {
                     Entry::Change { offset, change, .. } => writes.push(store_write(change, offset)),
                     Entry::Step { marker, .. } => {
+                        self.check_marker_topic_ids(&marker)?;
                         self.progress.positions = marker.positions;
                         self.progress.events_applied = marker.events_applied;
                     }
@@ -1046,7 +1060,11 @@ impl Runner {
                     });
                 }
             }
-            let marker = StepMarker { positions: next.positions.clone(), events_applied: next.events_applied };
+            let marker = StepMarker {
+                positions: next.positions.clone(),
+                events_applied: next.events_applied,
+                topic_ids: self.topic_ids.iter().map(|(t, id)| (t.clone(), changelog::topic_id_hex(id))).collect(),
+            };
             let records = changelog::encode_step(&changes, &marker, timestamp);
             let (base, last) = self.backend.append(&self.shared.changelog_topic, 0, records)?;
             assert_eq!(last - base, changes.len() as i64, "a step's changelog batch is its changes plus one marker");

@@ -1967,3 +1967,38 @@ fn a_stopped_versions_lag_grows_with_its_input() {
     engine.shutdown();
 }
 
+/// The input topic ids are also in the changelog's step markers: a version whose directory
+/// was deleted (its store, which records the ids, gone) restores from its changelog and
+/// stops when an input topic was created again meanwhile, instead of reading the new topic
+/// from the old topic's offsets. With the same topic it restores and serves as before.
+#[test]
+fn a_version_restored_from_its_changelog_stops_when_its_input_topic_was_created_again() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    let before = BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]);
+
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums"), before, "restored from its changelog with the same topic");
+    engine.shutdown();
+
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic(TOPIC).unwrap();
+    fixture.log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    fixture.append(0, (0..8).map(|i| event("k1", Some(json!({"n": 100})), None, None, i)).collect());
+    for _ in 0..2 {
+        // Twice: the restart after the failure stops at the same marker.
+        let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+        let phase = wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_) | Phase::Live));
+        let Phase::Failed(reason) = &phase else {
+            panic!("the view went on with the new topic: {phase:?}, {:?}", dump(&engine, "sums"))
+        };
+        assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
+        engine.shutdown();
+    }
+}
+
