@@ -2002,3 +2002,111 @@ fn a_version_restored_from_its_changelog_stops_when_its_input_topic_was_created_
     }
 }
 
+/// Real redb over a real file, except that while `full` is set writes (and growing the
+/// file) fail with ENOSPC, as on a full disk.
+#[derive(Debug)]
+struct FullDiskFile {
+    file: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FullDiskFile {
+    fn refuse(&self) -> std::io::Result<()> {
+        match self.full.load(Ordering::Acquire) {
+            true => Err(std::io::Error::from_raw_os_error(28)),
+            false => Ok(()),
+        }
+    }
+}
+
+type Bound = std::ops::Bound<u64>;
+
+impl redb::StorageBackend for FullDiskFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len > self.file.len()? {
+            self.refuse()?;
+        }
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.refuse()?;
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+    fn try_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.query_lock_range(start, end)
+    }
+}
+
+/// The view's state store refuses a write with ENOSPC (a full disk): as when the log's
+/// append does, the version pauses (`Restarting`, naming the full disk) and starts again
+/// by itself with its store reopened; once there is room it catches up with nothing lost.
+#[test]
+fn a_full_disk_refusing_the_state_store_restarts_the_version_instead_of_failing_it() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
+    let full = Arc::new(AtomicBool::new(false));
+    let opener: kappa_views::store::StoreOpener = {
+        let full = full.clone();
+        Arc::new(move |path: &std::path::Path| {
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            let file = redb::backends::FileBackend::new(file)?;
+            redb::Builder::new().create_with_backend(FullDiskFile { file, full: full.clone() })
+        })
+    };
+    let config = EngineConfig {
+        checkpoint_interval: Duration::from_millis(20),
+        store_opener: opener,
+        ..EngineConfig::new(fixture.views_dir())
+    };
+    let engine =
+        ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone())), config, vec![sum_view(1, 1)])
+            .unwrap();
+    wait_caught_up(&engine, "sums");
+
+    full.store(true, Ordering::Release);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 2})), None, None, 2)]);
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Live | Phase::Building | Phase::Restoring));
+    let Phase::Restarting { reason, .. } = phase else {
+        panic!("a full disk stops the version only until it starts again, but its status says {phase:?}")
+    };
+    assert!(reason.contains("os error 28"), "the reason names the full disk: {reason}");
+
+    full.store(false, Ordering::Release);
+    fixture.append(0, vec![event("k2", Some(json!({"n": 5})), None, None, 3)]);
+    assert!(engine.wait_caught_up("sums", Duration::from_secs(60)).unwrap(), "{:?}", engine.describe("sums"));
+    assert_eq!(
+        dump(&engine, "sums"),
+        BTreeMap::from([
+            ("k1".to_owned(), json!({"count": 2, "total": 3})),
+            ("k2".to_owned(), json!({"count": 1, "total": 5}))
+        ])
+    );
+    engine.shutdown();
+}
