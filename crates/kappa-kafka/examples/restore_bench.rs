@@ -89,6 +89,7 @@ fn write_changelog(config: &WorkConfig, topic: &str, keys: u64) -> anyhow::Resul
     let marker = StepMarker {
         positions: [("bench-input/0".to_owned(), keys as i64)].into_iter().collect(),
         events_applied: keys as i64,
+        topic_ids: Default::default(),
     };
     send(&producer, topic, MARKER_KEY, &serde_json::to_vec(&marker)?);
     producer.flush(Duration::from_secs(300))?;

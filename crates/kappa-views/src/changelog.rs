@@ -53,6 +53,16 @@ pub struct StepMarker {
     pub positions: BTreeMap<String, i64>,
     /// Events applied from the beginning up to here.
     pub events_applied: i64,
+    /// Input topic → its topic id (32 hex digits) as the version read it: a version whose
+    /// store is gone restores from here and stops if a topic has another id now (deleted
+    /// and created again). Empty from a log without topic ids, and in older changelogs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topic_ids: BTreeMap<String, String>,
+}
+
+/// A topic id as step markers hold it: 32 lowercase hex digits.
+pub fn topic_id_hex(id: &crate::backend::TopicId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The records of one step: its changes, then its marker.

@@ -19,7 +19,7 @@ use crate::error::{InputPosition, Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
 use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
-use crate::store::{ScanLimit, Scope, Store, StoredValue};
+use crate::store::{ScanLimit, Scope, Store, StoreOpener, StoredValue};
 use crate::view::View;
 
 const ACTIVE_FILE: &str = "active";
@@ -36,6 +36,8 @@ pub struct EngineConfig {
     /// How often each version's store is made durable (`CHECKPOINT_INTERVAL` by default):
     /// it bounds how much changelog a restart replays.
     pub checkpoint_interval: std::time::Duration,
+    /// How each version's state store is opened (`file_store_opener` by default).
+    pub store_opener: StoreOpener,
 }
 
 impl EngineConfig {
@@ -45,6 +47,7 @@ impl EngineConfig {
             schemas: Schemas::new(),
             codec: Arc::new(JsonCodec),
             checkpoint_interval: crate::runner::CHECKPOINT_INTERVAL,
+            store_opener: crate::store::file_store_opener(),
         }
     }
 }
@@ -111,6 +114,7 @@ struct Inner {
     schemas: Arc<Schemas>,
     codec: Arc<dyn PayloadCodec>,
     checkpoint_interval: std::time::Duration,
+    store_opener: StoreOpener,
     views: BTreeMap<String, Arc<ViewEntry>>,
     threads: Mutex<Vec<(String, u32, JoinHandle<()>)>>,
 }
@@ -175,12 +179,16 @@ impl ViewEngine {
                 schemas: Arc::new(config.schemas),
                 codec: config.codec,
                 checkpoint_interval: config.checkpoint_interval,
+                store_opener: config.store_opener,
                 views: entries,
                 threads: Mutex::new(Vec::new()),
             }),
         };
         for entry in engine.inner.views.values() {
             engine.open_versions(entry, run)?;
+            if run {
+                serve_caught_up_when_unserved(entry)?;
+            }
         }
         Ok(engine)
     }
@@ -194,7 +202,7 @@ impl ViewEngine {
         versions.sort_unstable();
         versions.dedup();
         for version in versions {
-            let store = Store::open(&version_dir(&entry.dir, version))?;
+            let store = Store::open_with(&version_dir(&entry.dir, version), self.inner.store_opener.clone())?;
             let definition = entry.definitions.get(&version).filter(|_| run);
             let phase = if definition.is_some() { Phase::Building } else { Phase::Stopped };
             let shared = Arc::new(VersionShared::new(&entry.name, version, store, phase)?);
@@ -253,7 +261,8 @@ impl ViewEngine {
         }
         let active = *read_lock(&entry.active);
         let newest = entry.definitions.keys().next_back().copied();
-        if no_auto_switch(&entry.dir, version)? {
+        // Nothing serving outranks an operator's mark: it would leave the view unreadable.
+        if active.is_some() && no_auto_switch(&entry.dir, version)? {
             tracing::info!(view = name, version, serving = ?active, "view version caught up; it does not take over reads, as an operator switched them away from it");
             return Ok(());
         }
@@ -338,11 +347,32 @@ impl ViewEngine {
                 serving: active == Some(shared.version),
                 running: entry.definitions.contains_key(&shared.version),
                 changelog_topic: shared.changelog_topic.clone(),
-                status: shared.status(),
+                status: self.status_now(entry, shared),
             })
             .collect();
         let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
         ViewInfo { name: entry.name.clone(), active, inputs, versions }
+    }
+
+    /// `shared`'s status, with the inputs' ends looked up now for a version whose runner
+    /// does not (failed, or pausing before a restart): its lag then shows how far behind it
+    /// falls as the inputs grow, not how far it was when it stopped.
+    fn status_now(&self, entry: &ViewEntry, shared: &VersionShared) -> RunnerStatus {
+        let mut status = shared.status();
+        let stalled = matches!(status.phase, Phase::Failed(_) | Phase::Restarting { .. });
+        let Some(view) = entry.definitions.get(&shared.version).filter(|_| stalled) else { return status };
+        // It applies nothing meanwhile: no rate, so no time until caught up.
+        status.rate_per_second = 0.0;
+        for topic in &view.inputs {
+            // A topic gone or unreadable keeps its last known ends: status must not fail.
+            let Ok(partitions) = self.inner.backend.partition_count(topic) else { continue };
+            for partition in 0..partitions {
+                if let Ok(end) = self.inner.backend.end_offset(topic, partition) {
+                    status.ends.insert(crate::runner::position_key(topic, partition), end);
+                }
+            }
+        }
+        status
     }
 
     /// Makes `version` serve reads (a cutover, or a rollback). Without `force` the version
@@ -521,6 +551,18 @@ impl ViewEngine {
         Ok(ends)
     }
 
+    /// Whether `version` of `name` takes over reads by itself when it (again) first catches
+    /// up and is the newest version this build defines. False once an operator switched
+    /// reads away from it (the file `v<N>/no-auto-switch`), so a rollback is not undone;
+    /// cleared by deleting that file (read at each catch-up, no restart needed) or by
+    /// retiring or rebuilding the version. When nothing serves the view the mark is
+    /// ignored: a caught-up version takes over anyway.
+    pub fn auto_switch_enabled(&self, name: &str, version: u32) -> Result<bool> {
+        let entry = self.entry(name)?;
+        self.version(entry, version)?;
+        Ok(!no_auto_switch(&entry.dir, version)?)
+    }
+
     pub fn backend(&self) -> &Arc<dyn LogBackend> {
         &self.inner.backend
     }
@@ -579,6 +621,26 @@ fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
     std::fs::remove_file(&path).map_err(|e| ViewError::io(&path, e))?;
     RealFs.sync_dir(dir).map_err(|e| ViewError::io(dir, e))?;
     Ok(None)
+}
+
+/// When nothing serves `entry` (its serving version's directory was deleted), the newest
+/// version this build runs that has caught up before takes over reads, marked
+/// (`NO_AUTO_SWITCH_FILE`) or not: it starts live and never catches up "for the first time"
+/// again, so without this the view would serve nothing until an operator switched.
+fn serve_caught_up_when_unserved(entry: &ViewEntry) -> Result<()> {
+    if read_lock(&entry.active).is_some() {
+        return Ok(());
+    }
+    let versions = read_lock(&entry.versions);
+    for (version, shared) in versions.iter().rev().filter(|(v, _)| entry.definitions.contains_key(v)) {
+        if shared.store.progress()?.caught_up {
+            write_active(&entry.dir, *version)?;
+            *write_lock(&entry.active) = Some(*version);
+            tracing::info!(view = %entry.name, version, "nothing served reads; this caught-up version now does");
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Whether an operator switched reads away from `version` (see `NO_AUTO_SWITCH_FILE`).

@@ -95,7 +95,7 @@ pub enum ViewError {
     )]
     NotRepartitionable { view: String, position: InputPosition, reason: String },
     #[error(
-        "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic; retire this version (or delete its directory and changelog topic) to rebuild it from the new topic"
+        "view '{view}' v{version}: input topic '{topic}' was deleted and created again after this version first read it (its topic id changed), so the input positions it recorded name records of the old topic. To read the new topic, define a new version of the view numbered above every existing one: it builds from the new topic's start beside this one (which keeps serving its last state if it serves) and takes over reads once caught up; then retire v{version}"
     )]
     InputTopicRecreated { view: String, version: u32, topic: String },
     /// A read asked to wait for an offset of a partition the view does not read.
@@ -125,17 +125,25 @@ impl ViewError {
     }
 
     /// True for a failure that passes by itself, so the version is started again after a
-    /// pause: a full disk (or quota) refusing the log or a file a write — the log does not
-    /// poison itself for that, and once space returns the same step goes through. False for
-    /// everything else, which a new runner would hit again or cannot recover from inside
-    /// this process: an event, the changelog's content, a limit, the definition, a poisoned
-    /// log directory (refuses appends until a restart), and any state-store error (after a
-    /// failed write redb refuses every later call on that handle, which the runner reuses).
+    /// pause: a full disk (or quota) refusing the log, a file or the state store a write —
+    /// the log does not poison itself for that, the store is reopened before the restart
+    /// (redb refuses every call on a handle after a failed write), and once space returns
+    /// the same step goes through. False for everything else, which a new runner would hit
+    /// again or cannot recover from inside this process: an event, the changelog's content,
+    /// a limit, the definition, a poisoned log directory (refuses appends until a restart),
+    /// and any other state-store error.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Log(kappa_log::LogError::Io { source, .. }) | Self::Io { source, .. } => is_out_of_space(source),
+            Self::Store { source, .. } => matches!(&**source, redb::Error::Io(e) if is_out_of_space(e)),
             _ => false,
         }
+    }
+
+    /// A state-store error saying an earlier write failed (redb's "previous I/O error"):
+    /// the earlier error says why.
+    pub(crate) fn is_previous_store_io(&self) -> bool {
+        matches!(self, Self::Store { source, .. } if matches!(**source, redb::Error::PreviousIo))
     }
 }
 

@@ -338,7 +338,11 @@ impl PartitionView {
         };
         let position = last.offset + 1;
         let events_applied = self.events_applied + applied;
-        let marker = StepMarker { positions: BTreeMap::from([(self.position_key.clone(), position)]), events_applied };
+        let marker = StepMarker {
+            positions: BTreeMap::from([(self.position_key.clone(), position)]),
+            events_applied,
+            topic_ids: BTreeMap::new(),
+        };
         let changelog = changelog::encode_step(&changes, &marker, timestamp.unwrap_or_else(now_ms));
         self.pending = Some(Pending { changes, position, events_applied });
         Ok(Some(Step { changelog, repartition, dead_letters, next_offset: position }))

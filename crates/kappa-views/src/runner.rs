@@ -319,7 +319,16 @@ impl Runner {
     /// Runs until stopped or failed, and returns the failure; the caller records it in the
     /// status (failed, or restarting).
     pub fn run(mut self) -> Option<ViewError> {
-        let result = self.run_until_stopped();
+        let mut result = self.run_until_stopped();
+        if let Err(e) = &result
+            && e.is_previous_store_io()
+        {
+            // A step's store call can see the failure of a write the checkpoint thread made
+            // first: that write's error says why (a full disk is transient).
+            if let Some(Ok(Err(first))) = self.in_flight.take().map(|f| f.thread.join()) {
+                result = Err(first);
+            }
+        }
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
@@ -418,6 +427,19 @@ impl Runner {
         }
     }
 
+    /// Fails when a step marker being restored names another id for an input topic than
+    /// the topic has now: the store (which records the ids) may be gone, rebuilt from this
+    /// changelog, whose positions then name records of the old topic. Checked before the
+    /// step reaches the store, so every restart stops here again.
+    fn check_marker_topic_ids(&self, marker: &StepMarker) -> Result<()> {
+        for (topic, id) in &self.topic_ids {
+            if marker.topic_ids.get(topic).is_some_and(|read| *read != changelog::topic_id_hex(id)) {
+                return Err(self.topic_recreated(topic));
+            }
+        }
+        Ok(())
+    }
+
     fn topic_recreated(&self, topic: &str) -> ViewError {
         ViewError::InputTopicRecreated {
             view: self.shared.view.clone(),
@@ -492,6 +514,7 @@ impl Runner {
                 {
                     Entry::Change { offset, change, .. } => writes.push(store_write(change, offset)),
                     Entry::Step { marker, .. } => {
+                        self.check_marker_topic_ids(&marker)?;
                         self.progress.positions = marker.positions;
                         self.progress.events_applied = marker.events_applied;
                     }
@@ -1056,7 +1079,11 @@ impl Runner {
                     });
                 }
             }
-            let marker = StepMarker { positions: next.positions.clone(), events_applied: next.events_applied };
+            let marker = StepMarker {
+                positions: next.positions.clone(),
+                events_applied: next.events_applied,
+                topic_ids: self.topic_ids.iter().map(|(t, id)| (t.clone(), changelog::topic_id_hex(id))).collect(),
+            };
             let records = changelog::encode_step(&changes, &marker, timestamp);
             let (base, last) = self.backend.append(&self.shared.changelog_topic, 0, records)?;
             assert_eq!(last - base, changes.len() as i64, "a step's changelog batch is its changes plus one marker");
@@ -1115,9 +1142,13 @@ impl Runner {
 /// callers waiting for it (`ViewEngine::wait_caught_up`) tell the pause from a failure.
 pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
     let mut pause = RESTART_PAUSE_MIN;
+    let mut reopen_store = false;
     loop {
         let started = Instant::now();
-        let Some(error) = make().run() else { return };
+        // A store that failed a write refuses every call until reopened (`Store::reopen`).
+        let reopened = if reopen_store { shared.store.reopen().err() } else { None };
+        let Some(error) = reopened.or_else(|| make().run()) else { return };
+        reopen_store = matches!(error, ViewError::Store { .. });
         if !error.is_transient() {
             tracing::error!(view = %shared.view, version = shared.version, error = %error, "view version stopped");
             shared.set_phase(Phase::Failed(error.to_string()));

@@ -1788,6 +1788,35 @@ fn an_input_topic_created_again_stops_the_view_with_an_error_naming_it() {
     engine.shutdown();
 }
 
+/// The recovery `InputTopicRecreated` advises, followed for a version that serves reads
+/// (which `retire` refuses): a new version numbered above every existing one builds from
+/// the new topic, takes over reads once caught up, and the stopped version is then retired.
+#[test]
+fn the_recovery_an_input_topic_created_again_advises_ends_with_the_view_reading_the_new_topic() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    fixture.log.delete_topic(TOPIC).unwrap();
+    fixture.log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    fixture.append(0, (0..8).map(|i| event("k1", Some(json!({"n": 100})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    let Phase::Failed(reason) = wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_))) else {
+        unreachable!()
+    };
+    assert!(reason.contains("define a new version of the view"), "{reason}");
+    assert!(matches!(engine.retire("sums", 1), Err(ViewError::RetireActive { .. })), "v1 serves: retire refuses it");
+    engine.shutdown();
+
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 1)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(60)), "{:?}", engine.describe("sums"));
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 8, "total": 800}))]));
+    engine.retire("sums", 1).unwrap();
+    assert_eq!(engine.describe("sums").unwrap().versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2]);
+    engine.shutdown();
+}
+
 /// The embedded log, except that once `swapped` is set the input topic's name leads to
 /// another topic (`RECREATED`): an input topic deleted and created again between two looks
 /// of a running view, with no moment without it.
@@ -1885,5 +1914,199 @@ fn a_running_view_stops_when_its_input_topic_is_created_again() {
     let Phase::Failed(reason) = &phase else { panic!("{phase:?}") };
     assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
     assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]));
+    engine.shutdown();
+}
+
+/// A manual switch away from a version marks it (`no-auto-switch`), which its status
+/// shows; when nothing serves the view (the serving version's directory deleted, the marked
+/// one the only version left), the marked version, caught up long ago, takes over anyway
+/// instead of leaving the view unreadable.
+#[test]
+fn a_marked_version_shows_its_mark_and_takes_over_when_nothing_serves() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(60)), "{:?}", engine.describe("sums"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.describe("sums").unwrap().versions.iter().any(|v| v.status.phase != Phase::Live) {
+        assert!(Instant::now() < deadline, "{:?}", engine.describe("sums"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(engine.auto_switch_enabled("sums", 2).unwrap());
+    engine.switch("sums", 1, false).unwrap();
+    assert!(!engine.auto_switch_enabled("sums", 2).unwrap(), "switched away from: marked");
+    assert!(engine.auto_switch_enabled("sums", 1).unwrap());
+    assert!(matches!(engine.auto_switch_enabled("sums", 3), Err(ViewError::UnknownVersion { .. })));
+    engine.shutdown();
+
+    // The serving version's code and state are gone; only the marked version is left.
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic("__kappa.view.sums.v1").unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(2, 10)]);
+    assert!(wait_active(&engine, "sums", 2, Duration::from_secs(10)), "nothing serves: {:?}", engine.describe("sums"));
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums"), BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 50}))]));
+    engine.shutdown();
+}
+
+/// A version stopped at a bad event falls further behind as its input grows: its status
+/// (and the lag metric made from it) follows the inputs' ends, not where they were when it
+/// stopped, and gives no time until caught up.
+#[test]
+fn a_stopped_versions_lag_grows_with_its_input() {
+    let fixture = Fixture::new(1);
+    let bad = kappa_log::records::NewRecord::new(Some(b"k1"), Some(b"[1,"), 1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 0), bad]);
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_)));
+    let lag = || engine.describe("sums").unwrap().versions[0].status.lag();
+    assert_eq!(lag(), 1, "stopped before the bad event");
+    fixture.append(0, (0..4).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    assert_eq!(lag(), 5, "the 4 events produced since it stopped count as lag");
+    assert_eq!(engine.describe("sums").unwrap().versions[0].status.eta_seconds(), None);
+    engine.shutdown();
+}
+
+/// The input topic ids are also in the changelog's step markers: a version whose directory
+/// was deleted (its store, which records the ids, gone) restores from its changelog and
+/// stops when an input topic was created again meanwhile, instead of reading the new topic
+/// from the old topic's offsets. With the same topic it restores and serves as before.
+#[test]
+fn a_version_restored_from_its_changelog_stops_when_its_input_topic_was_created_again() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, (0..5).map(|i| event("k1", Some(json!({"n": 1})), None, None, i)).collect());
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    let before = BTreeMap::from([("k1".to_owned(), json!({"count": 5, "total": 5}))]);
+
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+    wait_caught_up(&engine, "sums");
+    assert_eq!(dump(&engine, "sums"), before, "restored from its changelog with the same topic");
+    engine.shutdown();
+
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic(TOPIC).unwrap();
+    fixture.log.create_topic(TOPIC, 1, &BTreeMap::new()).unwrap();
+    fixture.append(0, (0..8).map(|i| event("k1", Some(json!({"n": 100})), None, None, i)).collect());
+    for _ in 0..2 {
+        // Twice: the restart after the failure stops at the same marker.
+        let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1)]);
+        let phase = wait_for_phase(&engine, "sums", |p| matches!(p, Phase::Failed(_) | Phase::Live));
+        let Phase::Failed(reason) = &phase else {
+            panic!("the view went on with the new topic: {phase:?}, {:?}", dump(&engine, "sums"))
+        };
+        assert!(reason.contains("input topic 'events' was deleted and created again"), "{reason}");
+        engine.shutdown();
+    }
+}
+
+/// Real redb over a real file, except that while `full` is set writes (and growing the
+/// file) fail with ENOSPC, as on a full disk.
+#[derive(Debug)]
+struct FullDiskFile {
+    file: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FullDiskFile {
+    fn refuse(&self) -> std::io::Result<()> {
+        match self.full.load(Ordering::Acquire) {
+            true => Err(std::io::Error::from_raw_os_error(28)),
+            false => Ok(()),
+        }
+    }
+}
+
+type Bound = std::ops::Bound<u64>;
+
+impl redb::StorageBackend for FullDiskFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len > self.file.len()? {
+            self.refuse()?;
+        }
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.refuse()?;
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+    fn try_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.query_lock_range(start, end)
+    }
+}
+
+/// The view's state store refuses a write with ENOSPC (a full disk): as when the log's
+/// append does, the version pauses (`Restarting`, naming the full disk) and starts again
+/// by itself with its store reopened; once there is room it catches up with nothing lost.
+#[test]
+fn a_full_disk_refusing_the_state_store_restarts_the_version_instead_of_failing_it() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
+    let full = Arc::new(AtomicBool::new(false));
+    let opener: kappa_views::store::StoreOpener = {
+        let full = full.clone();
+        Arc::new(move |path: &std::path::Path| {
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            let file = redb::backends::FileBackend::new(file)?;
+            redb::Builder::new().create_with_backend(FullDiskFile { file, full: full.clone() })
+        })
+    };
+    let config = EngineConfig {
+        checkpoint_interval: Duration::from_millis(20),
+        store_opener: opener,
+        ..EngineConfig::new(fixture.views_dir())
+    };
+    let engine =
+        ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone())), config, vec![sum_view(1, 1)])
+            .unwrap();
+    wait_caught_up(&engine, "sums");
+
+    full.store(true, Ordering::Release);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 2})), None, None, 2)]);
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Live | Phase::Building | Phase::Restoring));
+    let Phase::Restarting { reason, .. } = phase else {
+        panic!("a full disk stops the version only until it starts again, but its status says {phase:?}")
+    };
+    assert!(reason.contains("os error 28"), "the reason names the full disk: {reason}");
+
+    full.store(false, Ordering::Release);
+    fixture.append(0, vec![event("k2", Some(json!({"n": 5})), None, None, 3)]);
+    assert!(engine.wait_caught_up("sums", Duration::from_secs(60)).unwrap(), "{:?}", engine.describe("sums"));
+    assert_eq!(
+        dump(&engine, "sums"),
+        BTreeMap::from([
+            ("k1".to_owned(), json!({"count": 2, "total": 3})),
+            ("k2".to_owned(), json!({"count": 1, "total": 5}))
+        ])
+    );
     engine.shutdown();
 }
