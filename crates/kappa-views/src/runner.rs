@@ -493,7 +493,7 @@ impl Runner {
         let start = self.backend.start_offset(&topic, 0)?;
         if self.progress.changelog_next > end {
             return Err(self.changelog_error(format!(
-                "the state store is at changelog offset {} but the changelog ends at {end}: the changelog lost records. Retire this version (or delete its directory and changelog topic) to rebuild it from the inputs",
+                "the state store is at changelog offset {} but the changelog ends at {end}: the changelog lost records. To rebuild from the inputs: retire this version if it does not serve; if it serves, define a version numbered above every existing one (it builds beside this one and takes over once caught up), or stop kappa and delete this version's directory and changelog topic",
                 self.progress.changelog_next
             )));
         }
