@@ -98,6 +98,7 @@ impl ApiError {
                     .with_details(json!({"view": view, "version": version, "waited_ms": waited_ms, "behind": behind}))
             }
             ViewError::NotAnInput { .. } => Self::bad_request("not_an_input", message),
+            ViewError::OffsetNotWritten { .. } => Self::bad_request("offset_not_written", message),
             ViewError::UnknownView(_) => Self::not_found("unknown_view", message),
             ViewError::UnknownVersion { .. } => Self::not_found("unknown_version", message),
             ViewError::NotReady { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "view_not_ready", message),

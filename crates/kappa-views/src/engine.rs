@@ -742,7 +742,8 @@ impl ViewEngine {
     /// committed positions are past every offset of `after`; returns that version, whose
     /// store then holds them (positions are published after the store commit). Woken by each
     /// published step or phase change, not by polling. Fails at once for a partition the
-    /// view does not read (`NotAnInput`) and for a version that will not move without a
+    /// view does not read (`NotAnInput`), for an offset its partition has not written
+    /// (`OffsetNotWritten`: no produce answered it) and for a version that will not move without a
     /// restart (failed, or not run by this build); at the timeout with `ReadBehind` (or
     /// `NotReady` while nothing serves).
     async fn wait_applied(
@@ -801,7 +802,7 @@ impl ViewEngine {
 
     /// Fails when `after` names a partition `shared` does not read: one of its definition's
     /// input topics (or, without code, the topics it has positions for), below the topic's
-    /// partition count.
+    /// partition count — or an offset at or past its partition's high watermark.
     fn check_inputs(
         &self,
         entry: &ViewEntry,
@@ -836,6 +837,19 @@ impl ViewEngine {
                     topic: asked.topic.clone(),
                     partition: asked.partition,
                     inputs: described.join(", "),
+                });
+            }
+            // The high watermark, not the last stable offset: an open transaction's records
+            // are below the one and above the other, and a produce's answer is below both
+            // once it is acknowledged — at or past the high watermark nothing was answered.
+            let end = self.inner.backend.durable_end_offset(&asked.topic, asked.partition)?;
+            if asked.offset >= end {
+                return Err(ViewError::OffsetNotWritten {
+                    view: entry.name.clone(),
+                    topic: asked.topic.clone(),
+                    partition: asked.partition,
+                    offset: asked.offset,
+                    end,
                 });
             }
         }
