@@ -532,7 +532,7 @@ fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
     let versions = read_lock(&entry.versions);
     let mut failed = None;
     for (version, shared) in versions.iter().filter(|(version, _)| entry.definitions.contains_key(version)) {
-        match shared.status().phase {
+        match shared.phase() {
             Phase::Failed(reason) => {
                 failed = Some(ViewError::VersionFailed { view: entry.name.clone(), version: *version, reason })
             }
@@ -770,13 +770,15 @@ impl ViewEngine {
             };
             // Subscribed before looking, so a step published in between still wakes us.
             let mut published = shared.subscribe();
-            let status = shared.status();
-            self.check_inputs(entry, &shared, &status, after)?;
+            self.check_inputs(entry, &shared, after)?;
+            // Only the phase and the positions asked for, read under the runner's lock.
+            let (phase, applied) =
+                shared.with_status(|status| (status.phase.clone(), behind(status, after).is_empty()));
             let serving = *read_lock(&entry.active) == Some(shared.version);
-            if serving && behind(&status, after).is_empty() {
+            if serving && applied {
                 return Ok(shared);
             }
-            match status.phase {
+            match phase {
                 Phase::Failed(reason) => {
                     return Err(ViewError::VersionFailed { view: name.to_owned(), version: shared.version, reason });
                 }
@@ -789,7 +791,7 @@ impl ViewEngine {
             if tokio::time::timeout_at(deadline, published.changed()).await.is_err() {
                 // One last look: the serving version may have changed without a step.
                 let serving = self.serving(name)?;
-                let lagging = behind(&serving.status(), after);
+                let lagging = serving.with_status(|status| behind(status, after));
                 if lagging.is_empty() {
                     return Ok(serving);
                 }
@@ -800,24 +802,26 @@ impl ViewEngine {
         }
     }
 
+    /// A receiver of what wakes the readers waiting on `version` of `name`.
+    #[cfg(test)]
+    pub(crate) fn subscribe_version(&self, name: &str, version: u32) -> Result<tokio::sync::watch::Receiver<()>> {
+        Ok(self.version(self.entry(name)?, version)?.subscribe())
+    }
+
     /// Fails when `after` names a partition `shared` does not read: one of its definition's
     /// input topics (or, without code, the topics it has positions for), below the topic's
     /// partition count — or an offset at or past its partition's high watermark.
-    fn check_inputs(
-        &self,
-        entry: &ViewEntry,
-        shared: &VersionShared,
-        status: &crate::runner::RunnerStatus,
-        after: &[InputPosition],
-    ) -> Result<()> {
+    fn check_inputs(&self, entry: &ViewEntry, shared: &VersionShared, after: &[InputPosition]) -> Result<()> {
         let inputs: Vec<String> = match entry.definitions.get(&shared.version) {
             Some(view) => view.inputs.clone(),
             None => {
-                let mut topics: Vec<String> = status
-                    .positions
-                    .keys()
-                    .filter_map(|key| key.rsplit_once('/').map(|(topic, _)| topic.to_owned()))
-                    .collect();
+                let mut topics: Vec<String> = shared.with_status(|status| {
+                    status
+                        .positions
+                        .keys()
+                        .filter_map(|key| key.rsplit_once('/').map(|(topic, _)| topic.to_owned()))
+                        .collect()
+                });
                 topics.sort();
                 topics.dedup();
                 topics
