@@ -113,6 +113,9 @@ struct Inner {
     checkpoint_interval: std::time::Duration,
     views: BTreeMap<String, Arc<ViewEntry>>,
     threads: Mutex<Vec<(String, u32, JoinHandle<()>)>>,
+    /// Set by [`ViewEngine::shutdown`] before it stops anything: a read waiting for input
+    /// offsets then fails with [`ViewError::ShuttingDown`].
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// Runs views and answers reads. Cheap to clone.
@@ -177,6 +180,7 @@ impl ViewEngine {
                 checkpoint_interval: config.checkpoint_interval,
                 views: entries,
                 threads: Mutex::new(Vec::new()),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         for entry in engine.inner.views.values() {
@@ -260,6 +264,7 @@ impl ViewEngine {
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
             write_active(&entry.dir, version)?;
             *write_lock(&entry.active) = Some(version);
+            wake_waiters(entry);
             tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
         }
         Ok(())
@@ -372,6 +377,7 @@ impl ViewEngine {
         }
         write_active(&entry.dir, version)?;
         *write_lock(&entry.active) = Some(version);
+        wake_waiters(entry);
         tracing::info!(view = name, version, ?previous, "switched the version serving reads");
         Ok(())
     }
@@ -389,6 +395,8 @@ impl ViewEngine {
             // Unlisted first: neither switch nor auto_switch can pick it from here on.
             write_lock(&entry.versions).remove(&version);
             shared.stop.store(true, Ordering::Release);
+            // A read waiting on it (the newest while nothing serves) looks again.
+            shared.wake();
             shared
         };
         // Joined without `admin`: the runner may be waiting for it in auto_switch.
@@ -431,9 +439,13 @@ impl ViewEngine {
     /// Stops every runner (each makes its state durable first) and closes the stores;
     /// reads afterwards fail.
     pub fn shutdown(&self) {
+        // First, and waking them: reads waiting for input offsets fail now, not at the end
+        // of their wait (or with the versions gone).
+        self.inner.shutting_down.store(true, Ordering::Release);
         for entry in self.inner.views.values() {
             for shared in read_lock(&entry.versions).values() {
                 shared.stop.store(true, Ordering::Release);
+                shared.wake();
             }
         }
         self.join_all();
@@ -540,6 +552,14 @@ fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
         }
     }
     failed
+}
+
+/// Wakes every read waiting on a version of `entry` ([`ViewEngine::get_after`]): which
+/// version serves changed, so what it waits for may have too.
+fn wake_waiters(entry: &ViewEntry) {
+    for shared in read_lock(&entry.versions).values() {
+        shared.wake();
+    }
 }
 
 fn item(key: String, value: StoredValue) -> Item {
@@ -756,6 +776,10 @@ impl ViewEngine {
         let timeout = timeout.min(std::time::Duration::from_millis(READ_WAIT_MS_MAX));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Checked before looking at the versions: a shutdown clears them.
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                return Err(ViewError::ShuttingDown);
+            }
             let shared = match self.serving(name) {
                 Ok(shared) => shared,
                 Err(ViewError::NotReady { .. }) => {
@@ -789,6 +813,9 @@ impl ViewEngine {
                 _ => {}
             }
             if tokio::time::timeout_at(deadline, published.changed()).await.is_err() {
+                if self.inner.shutting_down.load(Ordering::Acquire) {
+                    return Err(ViewError::ShuttingDown);
+                }
                 // One last look: the serving version may have changed without a step.
                 let serving = self.serving(name)?;
                 let lagging = serving.with_status(|status| behind(status, after));

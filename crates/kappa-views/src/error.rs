@@ -116,7 +116,7 @@ pub enum ViewError {
         behind_list(.behind)
     )]
     ReadBehind { view: String, version: u32, waited_ms: u64, behind: Vec<Behind> },
-    #[error("the view engine is shutting down")]
+    #[error("the view engine is shutting down: read again once kappa has restarted")]
     ShuttingDown,
 }
 

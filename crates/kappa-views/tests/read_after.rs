@@ -79,3 +79,29 @@ fn get_after_waits_for_the_offsets_to_be_applied_and_says_how_far_the_view_is_wh
     assert!(committed.elapsed() < Duration::from_secs(5), "woke {:?} after the commit", committed.elapsed());
     engine.shutdown();
 }
+
+/// A read waiting when the engine shuts down fails at once with `ShuttingDown` — not at the
+/// end of its wait, nor as an unknown version once the versions are closed.
+#[test]
+fn a_read_waiting_when_the_engine_shuts_down_fails_with_shutting_down_at_once() {
+    let fixture = Fixture::new(2);
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("latest", 1, &[TOPIC], Latest)]);
+    wait_caught_up(&engine, "latest");
+    // An open transaction holds partition 1 behind: the read waits.
+    let held = fixture.append_transactional(1, 7, 0, vec![event("b", Some(json!(2)), None, None, 2)]);
+    let waiting = engine.clone();
+    let waiter = std::thread::spawn(move || {
+        let started = Instant::now();
+        let read = runtime().block_on(waiting.get_after("latest", "b", &[at(TOPIC, 1, held)], Duration::from_secs(20)));
+        (read, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "the read did not wait");
+    engine.shutdown();
+    let (read, waited) = waiter.join().unwrap();
+    assert!(matches!(read, Err(ViewError::ShuttingDown)), "{:?}", read.map(|r| r.value));
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
+    // A read started after the shutdown fails the same way.
+    let read = runtime().block_on(engine.get_after("latest", "b", &[at(TOPIC, 1, held)], Duration::from_secs(20)));
+    assert!(matches!(read, Err(ViewError::ShuttingDown)), "{:?}", read.map(|r| r.value));
+}
