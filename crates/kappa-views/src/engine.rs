@@ -130,8 +130,9 @@ impl ViewEngine {
         Self::open(backend, config, views, true)
     }
 
-    /// Opens every version without processing anything (for offline inspection and as-of
-    /// queries while the server is stopped).
+    /// Opens every version on disk without processing anything (for offline inspection and
+    /// as-of queries while the server is stopped); a defined version with no state on disk is
+    /// not opened (opening it would create its store), but its code still answers `as_of`.
     pub fn open_offline(backend: Arc<dyn LogBackend>, config: EngineConfig, views: Vec<View>) -> Result<Self> {
         Self::open(backend, config, views, false)
     }
@@ -194,7 +195,11 @@ impl ViewEngine {
             .iter()
             .filter_map(|name| name.strip_prefix('v').and_then(|v| v.parse().ok()))
             .collect();
-        versions.extend(entry.definitions.keys());
+        // Offline only the versions on disk: opening one creates its state store, and an
+        // offline command (`view get --as-of` of a view that never ran) creates nothing.
+        if run {
+            versions.extend(entry.definitions.keys());
+        }
         versions.sort_unstable();
         versions.dedup();
         for version in versions {
