@@ -787,13 +787,18 @@ impl ViewEngine {
             }
             let shared = match self.serving(name) {
                 Ok(shared) => shared,
-                Err(ViewError::NotReady { .. }) => {
+                Err(not_ready @ ViewError::NotReady { .. }) => {
                     if let Some(failed) = never_serving(entry) {
                         return Err(failed);
                     }
-                    // Nothing serves yet: the newest version's steps say when that changes.
-                    let newest = read_lock(&entry.versions).values().next_back().cloned();
-                    newest.ok_or_else(|| ViewError::UnknownView(name.to_owned()))?
+                    // Nothing serves yet: the steps of the newest version this build runs say
+                    // when that changes (a newer one on disk without code here never moves).
+                    let versions = read_lock(&entry.versions);
+                    let mut running = versions.iter().rev().filter(|(v, _)| entry.definitions.contains_key(v));
+                    match running.next() {
+                        Some((_, newest)) => newest.clone(),
+                        None => return Err(not_ready),
+                    }
                 }
                 Err(e) => return Err(e),
             };

@@ -105,3 +105,43 @@ fn a_read_waiting_when_the_engine_shuts_down_fails_with_shutting_down_at_once() 
     let read = runtime().block_on(engine.get_after("latest", "b", &[at(TOPIC, 1, held)], Duration::from_secs(20)));
     assert!(matches!(read, Err(ViewError::ShuttingDown)), "{:?}", read.map(|r| r.value));
 }
+
+/// `latest`, but applying the record keyed `slow` takes 1.5 s: a version held building.
+struct Slow;
+
+impl Reducer for Slow {
+    type State = Value;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<Value>, event: &Event) -> Result<Option<Value>, EventError> {
+        if event.key_str() == Some("slow") {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        Ok(event.payload()?.cloned())
+    }
+}
+
+/// While nothing serves yet, a read waits for the newest version this build runs — not for
+/// a newer one on disk it has no code for (stopped: it never moves), which failed the read.
+#[test]
+fn while_nothing_serves_a_read_follows_the_newest_version_this_build_runs() {
+    let fixture = Fixture::new(1);
+    // v2 ran once (a newer build) and left its state; nothing serves when this build starts.
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("latest", 2, &[TOPIC], Latest)]);
+    wait_caught_up(&engine, "latest");
+    engine.shutdown();
+    std::fs::remove_file(fixture.views_dir().join("latest").join("active")).unwrap();
+    fixture.append(0, vec![event("slow", Some(json!(0)), None, None, 1)]);
+    let offset = fixture.append(0, vec![event("mine", Some(json!(1)), None, None, 2)]);
+
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("latest", 1, &[TOPIC], Slow)]);
+    let read = runtime().block_on(engine.get_after("latest", "mine", &[at(TOPIC, 0, offset)], Duration::from_secs(20)));
+    match read {
+        Ok(read) => assert_eq!((read.version, read.value.map(|item| item.json)), (1, Some(b"1".to_vec()))),
+        Err(e) => panic!("{e}"),
+    }
+    engine.shutdown();
+}
