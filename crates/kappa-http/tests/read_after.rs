@@ -129,7 +129,7 @@ fn bad_after_offsets_and_wait_ms_are_400() {
         ("after_offsets=items:x:1", "invalid_after_offsets", "'items:x:1'"),
         ("after_offsets=items:0:-1", "invalid_after_offsets", "'items:0:-1'"),
         ("after_offsets=", "invalid_after_offsets", "''"),
-        ("after_offsets=items:0:0&wait_ms=30001", "invalid_wait_ms", "at most 30000 ms"),
+        ("after_offsets=items:0:0&wait_ms=30001", "invalid_wait_ms", "wait_ms is at most 30000"),
         ("wait_ms=10", "invalid_wait_ms", "give after_offsets"),
         ("after_offsets=items:0:0&as_of=0", "invalid_query", "give one of them"),
     ];

@@ -870,14 +870,19 @@ impl ViewEngine {
             if !(0..partitions).contains(&asked.partition) {
                 let mut described = Vec::new();
                 for topic in &inputs {
-                    let count = self.inner.backend.partition_count(topic).unwrap_or(0);
-                    described.push(format!("{topic} (partitions 0 to {})", count - 1));
+                    described.push(match self.inner.backend.partition_count(topic) {
+                        Ok(1) => format!("{topic} (partition 0)"),
+                        Ok(count) if count > 1 => format!("{topic} (partitions 0 to {})", count - 1),
+                        _ => format!("{topic} (which does not exist now)"),
+                    });
                 }
+                let inputs =
+                    if described.is_empty() { "unknown to this build".to_owned() } else { described.join(", ") };
                 return Err(ViewError::NotAnInput {
                     view: entry.name.clone(),
                     topic: asked.topic.clone(),
                     partition: asked.partition,
-                    inputs: described.join(", "),
+                    inputs,
                 });
             }
             // The high watermark, not the last stable offset: an open transaction's records

@@ -112,7 +112,7 @@ pub enum ViewError {
     OffsetNotWritten { view: String, topic: String, partition: i32, offset: i64, end: i64 },
     /// A read waited its whole timeout for input offsets the serving version had not applied yet.
     #[error(
-        "view '{view}' v{version} had not applied every offset asked for within {waited_ms} ms: it is at {}; the records are in the log and are applied in order, so read again (a longer wait, or later)",
+        "view '{view}' v{version} had not applied every offset asked for within {waited_ms} ms: it is at {}; the records are in the log and are applied in order, so read again (with a longer wait_ms, at most 30000, or later)",
         behind_list(.behind)
     )]
     ReadBehind { view: String, version: u32, waited_ms: u64, behind: Vec<Behind> },

@@ -143,5 +143,8 @@ fn while_nothing_serves_a_read_follows_the_newest_version_this_build_runs() {
         Ok(read) => assert_eq!((read.version, read.value.map(|item| item.json)), (1, Some(b"1".to_vec()))),
         Err(e) => panic!("{e}"),
     }
+    // One partition is named as one (not "partitions 0 to 0").
+    let error = runtime().block_on(engine.get_after("latest", "mine", &[at(TOPIC, 1, 0)], Duration::ZERO)).unwrap_err();
+    assert!(error.to_string().contains("its inputs are events (partition 0);"), "{error}");
     engine.shutdown();
 }

@@ -922,7 +922,7 @@ fn view_get_after_reads_the_write_just_produced() {
         (&["--after", "channels:99:0"], "does not read channels/99"),
         (&["--after", "channels:0:1000000", "--wait-ms", "30000"], "after_offsets takes offsets a produce answered"),
         (&["--after", "channels:0"], "--after: 'channels:0' is not an offset"),
-        (&["--after", "channels:0:0", "--wait-ms", "30001"], "at most 30000 ms"),
+        (&["--after", "channels:0:0", "--wait-ms", "30001"], "--wait-ms 30001: at most 30000"),
         (&["--after", "channels:0:0", "--data-dir", "x"], "cannot be used with"),
     ];
     for (extra, says) in refused {
