@@ -18,7 +18,7 @@ export declare class KappaError extends Error {
 /** An offset a produce answered: `{topic, partition, offset}` (what `produce` returns) or `'topic:partition:offset'`. */
 export type InputOffset = { topic: string; partition: number; offset: number } | string;
 
-/** Read your own writes: wait up to `waitMs` (server default 5000, at most 30000) until the view has applied these offsets. A view still behind then fails with `view_behind` (status 504). */
+/** Read your own writes: wait up to `waitMs` (server default 5000, at most 30000) until the view has applied these offsets (an empty list waits for nothing). A view still behind then fails with `view_behind` (status 504); an offset its partition never wrote with `offset_not_written` (status 400). */
 export interface ReadAfter {
   afterOffsets?: InputOffset[];
   waitMs?: number;

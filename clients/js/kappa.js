@@ -11,16 +11,21 @@
 // No dependencies in browsers. In Node < 22 there is no global WebSocket: pass one, e.g.
 // `new Kappa(url, { WebSocket: (await import('ws')).WebSocket })`.
 
-/** An error from the server (its stable `code` and message) or from the client itself. */
-/** Adds a read's `after_offsets` (and `wait_ms`) to `query`: offsets as `{topic, partition, offset}` or `'topic:partition:offset'`. */
+/**
+ * Adds a read's `after_offsets` (and `wait_ms`) to `query`: offsets as `{topic, partition,
+ * offset}` or `'topic:partition:offset'`. An empty list (a produce of nothing) adds nothing:
+ * there is nothing to wait for.
+ */
 function setAfterOffsets(query, afterOffsets, waitMs) {
   if (afterOffsets != null) {
+    if (afterOffsets.length === 0) return;
     const list = afterOffsets.map((o) => (typeof o === 'string' ? o : `${o.topic}:${o.partition}:${o.offset}`));
     query.set('after_offsets', list.join(','));
   }
   if (waitMs != null) query.set('wait_ms', String(waitMs));
 }
 
+/** An error from the server (its stable `code` and message) or from the client itself. */
 export class KappaError extends Error {
   constructor(code, message, details = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
@@ -162,14 +167,16 @@ export class Kappa extends Emitter {
    * past (then `position` is the input offsets). `afterOffsets` (what `produce` answered:
    * `[{topic, partition, offset}]`, or `'topic:partition:offset'` strings) waits up to
    * `waitMs` (server default 5000, at most 30000) until the view has applied them: read
-   * your own writes. A view still behind then fails with code `view_behind` (status 504;
-   * `error.details.behind` says where it is): read again.
+   * your own writes (an empty list waits for nothing). A view still behind then fails with
+   * code `view_behind` (status 504; `error.details.behind` says where it is): read again. An
+   * offset its partition never wrote fails with `offset_not_written` (status 400).
    */
   async get(view, key, { asOf, afterOffsets, waitMs } = {}) {
     const query = new URLSearchParams();
     if (asOf !== undefined) query.set('as_of', asOf);
     setAfterOffsets(query, afterOffsets, waitMs);
-    const search = query.size === 0 ? '' : `?${query}`;
+    // Not `query.size`: older browsers and Node releases lack it.
+    const search = query.toString() === '' ? '' : `?${query}`;
     try {
       return await this._request('GET', `/v1/views/${encodeURIComponent(view)}/keys/${encodeURIComponent(key)}${search}`);
     } catch (e) {

@@ -82,6 +82,10 @@ describe('HTTP reads', () => {
     }
     await assert.rejects(kappa.get('channel_page', 'k', { afterOffsets: [{ topic: 'other', partition: 0, offset: 0 }] }), { code: 'not_an_input', status: 400 });
     await assert.rejects(kappa.get('channel_page', 'k', { afterOffsets: ['channels:0'] }), { code: 'invalid_after_offsets', status: 400 });
+    await assert.rejects(kappa.get('channel_page', 'k', { afterOffsets: ['channels:0:1000000000'] }), { code: 'offset_not_written', status: 400 });
+    // A produce of nothing answers no offsets: a read after it waits for nothing.
+    assert.deepEqual((await kappa.get('channel_page', 'ryw-0', { afterOffsets: [], waitMs: 1000 }))?.value, page('ryw-0', 'name 0'));
+    assert.deepEqual((await kappa.list('channel_page', { prefix: 'ryw-0', afterOffsets: [] })).items.map((item) => item.key), ['ryw-0']);
   });
 
   test('server errors become KappaErrors with the stable code, status and message', async () => {

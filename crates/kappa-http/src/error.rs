@@ -98,9 +98,11 @@ impl ApiError {
                     .with_details(json!({"view": view, "version": version, "waited_ms": waited_ms, "behind": behind}))
             }
             ViewError::NotAnInput { .. } => Self::bad_request("not_an_input", message),
+            ViewError::OffsetNotWritten { .. } => Self::bad_request("offset_not_written", message),
             ViewError::UnknownView(_) => Self::not_found("unknown_view", message),
             ViewError::UnknownVersion { .. } => Self::not_found("unknown_version", message),
             ViewError::NotReady { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "view_not_ready", message),
+            ViewError::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
             ViewError::VersionNotCaughtUp { .. } => Self::new(StatusCode::CONFLICT, "version_not_caught_up", message),
             ViewError::RetireActive { .. } => Self::new(StatusCode::CONFLICT, "version_serving", message),
             ViewError::AsOf { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "as_of_unavailable", message),

@@ -154,7 +154,7 @@ fn read_wait(
         return Err(ApiError::bad_request(
             "invalid_wait_ms",
             format!(
-                "wait_ms is {wait_ms}; a read waits at most {READ_WAIT_MS_MAX} ms (READ_WAIT_MS_MAX): read again instead"
+                "wait_ms={wait_ms}: wait_ms is at most {READ_WAIT_MS_MAX} (ms, READ_WAIT_MS_MAX); give less, and read again if the view is still behind"
             ),
         ));
     }

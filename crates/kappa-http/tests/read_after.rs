@@ -129,7 +129,7 @@ fn bad_after_offsets_and_wait_ms_are_400() {
         ("after_offsets=items:x:1", "invalid_after_offsets", "'items:x:1'"),
         ("after_offsets=items:0:-1", "invalid_after_offsets", "'items:0:-1'"),
         ("after_offsets=", "invalid_after_offsets", "''"),
-        ("after_offsets=items:0:0&wait_ms=30001", "invalid_wait_ms", "at most 30000 ms"),
+        ("after_offsets=items:0:0&wait_ms=30001", "invalid_wait_ms", "wait_ms is at most 30000"),
         ("wait_ms=10", "invalid_wait_ms", "give after_offsets"),
         ("after_offsets=items:0:0&as_of=0", "invalid_query", "give one of them"),
     ];
@@ -146,4 +146,34 @@ fn bad_after_offsets_and_wait_ms_are_400() {
             assert!(started.elapsed() < Duration::from_secs(2), "{path} waited");
         }
     }
+}
+
+/// An offset at or past its partition's end was answered by no produce (a typo, another
+/// topic's offset, a topic created again): a 400 at once saying where the partition ends,
+/// not a wait of `wait_ms` ending in a 504 that says to read again.
+#[test]
+fn an_offset_past_the_partitions_end_is_400_at_once() {
+    let kappa = started();
+    let produced = kappa.produce(json!([{"key": "k", "value": 1, "partition": 0}]));
+    let end = produced["offsets"][0]["offset"].as_i64().unwrap() + 1;
+    for (asked, says) in [
+        (format!("items:0:{end}"), format!("items/0 ends at {end}")),
+        (format!("items:0:{}", end + 1000), format!("items/0 ends at {end}")),
+        ("items:2:0".to_owned(), "items/2 ends at 0".to_owned()),
+    ] {
+        for path in [
+            format!("/v1/views/latest/keys/k?after_offsets={asked}&wait_ms=20000"),
+            format!("/v1/views/latest/keys?after_offsets={asked}&wait_ms=20000"),
+        ] {
+            let started = Instant::now();
+            let (status, body) = kappa.get(&path);
+            assert_eq!((status, body["error"]["code"].as_str()), (400, Some("offset_not_written")), "{path}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains(&says) && message.contains("a produce answered"), "{path}: {message}");
+            assert!(started.elapsed() < Duration::from_secs(5), "{path} waited {:?}", started.elapsed());
+        }
+    }
+    // The last offset written is still a wait that succeeds.
+    let (status, body) = kappa.get(&format!("/v1/views/latest/keys/k?after_offsets=items:0:{}", end - 1));
+    assert_eq!((status, &body["value"]), (200, &json!(1)), "{body}");
 }

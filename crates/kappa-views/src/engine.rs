@@ -117,6 +117,9 @@ struct Inner {
     store_opener: StoreOpener,
     views: BTreeMap<String, Arc<ViewEntry>>,
     threads: Mutex<Vec<(String, u32, JoinHandle<()>)>>,
+    /// Set by [`ViewEngine::shutdown`] before it stops anything: a read waiting for input
+    /// offsets then fails with [`ViewError::ShuttingDown`].
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// Runs views and answers reads. Cheap to clone.
@@ -131,8 +134,9 @@ impl ViewEngine {
         Self::open(backend, config, views, true)
     }
 
-    /// Opens every version without processing anything (for offline inspection and as-of
-    /// queries while the server is stopped).
+    /// Opens every version on disk without processing anything (for offline inspection and
+    /// as-of queries while the server is stopped); a defined version with no state on disk is
+    /// not opened (opening it would create its store), but its code still answers `as_of`.
     pub fn open_offline(backend: Arc<dyn LogBackend>, config: EngineConfig, views: Vec<View>) -> Result<Self> {
         Self::open(backend, config, views, false)
     }
@@ -182,6 +186,7 @@ impl ViewEngine {
                 store_opener: config.store_opener,
                 views: entries,
                 threads: Mutex::new(Vec::new()),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         for entry in engine.inner.views.values() {
@@ -198,7 +203,11 @@ impl ViewEngine {
             .iter()
             .filter_map(|name| name.strip_prefix('v').and_then(|v| v.parse().ok()))
             .collect();
-        versions.extend(entry.definitions.keys());
+        // Offline only the versions on disk: opening one creates its state store, and an
+        // offline command (`view get --as-of` of a view that never ran) creates nothing.
+        if run {
+            versions.extend(entry.definitions.keys());
+        }
         versions.sort_unstable();
         versions.dedup();
         for version in versions {
@@ -269,6 +278,7 @@ impl ViewEngine {
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
             write_active(&entry.dir, version)?;
             *write_lock(&entry.active) = Some(version);
+            wake_waiters(entry);
             tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
         }
         Ok(())
@@ -402,6 +412,7 @@ impl ViewEngine {
         }
         write_active(&entry.dir, version)?;
         *write_lock(&entry.active) = Some(version);
+        wake_waiters(entry);
         tracing::info!(view = name, version, ?previous, "switched the version serving reads");
         Ok(())
     }
@@ -419,6 +430,8 @@ impl ViewEngine {
             // Unlisted first: neither switch nor auto_switch can pick it from here on.
             write_lock(&entry.versions).remove(&version);
             shared.stop.store(true, Ordering::Release);
+            // A read waiting on it (the newest while nothing serves) looks again.
+            shared.wake();
             shared
         };
         // Joined without `admin`: the runner may be waiting for it in auto_switch.
@@ -461,9 +474,13 @@ impl ViewEngine {
     /// Stops every runner (each makes its state durable first) and closes the stores;
     /// reads afterwards fail.
     pub fn shutdown(&self) {
+        // First, and waking them: reads waiting for input offsets fail now, not at the end
+        // of their wait (or with the versions gone).
+        self.inner.shutting_down.store(true, Ordering::Release);
         for entry in self.inner.views.values() {
             for shared in read_lock(&entry.versions).values() {
                 shared.stop.store(true, Ordering::Release);
+                shared.wake();
             }
         }
         self.join_all();
@@ -574,7 +591,7 @@ fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
     let versions = read_lock(&entry.versions);
     let mut failed = None;
     for (version, shared) in versions.iter().filter(|(version, _)| entry.definitions.contains_key(version)) {
-        match shared.status().phase {
+        match shared.phase() {
             Phase::Failed(reason) => {
                 failed = Some(ViewError::VersionFailed { view: entry.name.clone(), version: *version, reason })
             }
@@ -582,6 +599,14 @@ fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
         }
     }
     failed
+}
+
+/// Wakes every read waiting on a version of `entry` ([`ViewEngine::get_after`]): which
+/// version serves changed, so what it waits for may have too.
+fn wake_waiters(entry: &ViewEntry) {
+    for shared in read_lock(&entry.versions).values() {
+        shared.wake();
+    }
 }
 
 fn item(key: String, value: StoredValue) -> Item {
@@ -804,7 +829,8 @@ impl ViewEngine {
     /// committed positions are past every offset of `after`; returns that version, whose
     /// store then holds them (positions are published after the store commit). Woken by each
     /// published step or phase change, not by polling. Fails at once for a partition the
-    /// view does not read (`NotAnInput`) and for a version that will not move without a
+    /// view does not read (`NotAnInput`), for an offset its partition has not written
+    /// (`OffsetNotWritten`: no produce answered it) and for a version that will not move without a
     /// restart (failed, or not run by this build); at the timeout with `ReadBehind` (or
     /// `NotReady` while nothing serves).
     async fn wait_applied(
@@ -817,27 +843,38 @@ impl ViewEngine {
         let timeout = timeout.min(std::time::Duration::from_millis(READ_WAIT_MS_MAX));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // Checked before looking at the versions: a shutdown clears them.
+            if self.inner.shutting_down.load(Ordering::Acquire) {
+                return Err(ViewError::ShuttingDown);
+            }
             let shared = match self.serving(name) {
                 Ok(shared) => shared,
-                Err(ViewError::NotReady { .. }) => {
+                Err(not_ready @ ViewError::NotReady { .. }) => {
                     if let Some(failed) = never_serving(entry) {
                         return Err(failed);
                     }
-                    // Nothing serves yet: the newest version's steps say when that changes.
-                    let newest = read_lock(&entry.versions).values().next_back().cloned();
-                    newest.ok_or_else(|| ViewError::UnknownView(name.to_owned()))?
+                    // Nothing serves yet: the steps of the newest version this build runs say
+                    // when that changes (a newer one on disk without code here never moves).
+                    let versions = read_lock(&entry.versions);
+                    let mut running = versions.iter().rev().filter(|(v, _)| entry.definitions.contains_key(v));
+                    match running.next() {
+                        Some((_, newest)) => newest.clone(),
+                        None => return Err(not_ready),
+                    }
                 }
                 Err(e) => return Err(e),
             };
             // Subscribed before looking, so a step published in between still wakes us.
             let mut published = shared.subscribe();
-            let status = shared.status();
-            self.check_inputs(entry, &shared, &status, after)?;
+            self.check_inputs(entry, &shared, after)?;
+            // Only the phase and the positions asked for, read under the runner's lock.
+            let (phase, applied) =
+                shared.with_status(|status| (status.phase.clone(), behind(status, after).is_empty()));
             let serving = *read_lock(&entry.active) == Some(shared.version);
-            if serving && behind(&status, after).is_empty() {
+            if serving && applied {
                 return Ok(shared);
             }
-            match status.phase {
+            match phase {
                 Phase::Failed(reason) => {
                     return Err(ViewError::VersionFailed { view: name.to_owned(), version: shared.version, reason });
                 }
@@ -848,9 +885,12 @@ impl ViewEngine {
                 _ => {}
             }
             if tokio::time::timeout_at(deadline, published.changed()).await.is_err() {
+                if self.inner.shutting_down.load(Ordering::Acquire) {
+                    return Err(ViewError::ShuttingDown);
+                }
                 // One last look: the serving version may have changed without a step.
                 let serving = self.serving(name)?;
-                let lagging = behind(&serving.status(), after);
+                let lagging = serving.with_status(|status| behind(status, after));
                 if lagging.is_empty() {
                     return Ok(serving);
                 }
@@ -861,24 +901,26 @@ impl ViewEngine {
         }
     }
 
+    /// A receiver of what wakes the readers waiting on `version` of `name`.
+    #[cfg(test)]
+    pub(crate) fn subscribe_version(&self, name: &str, version: u32) -> Result<tokio::sync::watch::Receiver<()>> {
+        Ok(self.version(self.entry(name)?, version)?.subscribe())
+    }
+
     /// Fails when `after` names a partition `shared` does not read: one of its definition's
     /// input topics (or, without code, the topics it has positions for), below the topic's
-    /// partition count.
-    fn check_inputs(
-        &self,
-        entry: &ViewEntry,
-        shared: &VersionShared,
-        status: &crate::runner::RunnerStatus,
-        after: &[InputPosition],
-    ) -> Result<()> {
+    /// partition count — or an offset at or past its partition's high watermark.
+    fn check_inputs(&self, entry: &ViewEntry, shared: &VersionShared, after: &[InputPosition]) -> Result<()> {
         let inputs: Vec<String> = match entry.definitions.get(&shared.version) {
             Some(view) => view.inputs.clone(),
             None => {
-                let mut topics: Vec<String> = status
-                    .positions
-                    .keys()
-                    .filter_map(|key| key.rsplit_once('/').map(|(topic, _)| topic.to_owned()))
-                    .collect();
+                let mut topics: Vec<String> = shared.with_status(|status| {
+                    status
+                        .positions
+                        .keys()
+                        .filter_map(|key| key.rsplit_once('/').map(|(topic, _)| topic.to_owned()))
+                        .collect()
+                });
                 topics.sort();
                 topics.dedup();
                 topics
@@ -890,14 +932,32 @@ impl ViewEngine {
             if !(0..partitions).contains(&asked.partition) {
                 let mut described = Vec::new();
                 for topic in &inputs {
-                    let count = self.inner.backend.partition_count(topic).unwrap_or(0);
-                    described.push(format!("{topic} (partitions 0 to {})", count - 1));
+                    described.push(match self.inner.backend.partition_count(topic) {
+                        Ok(1) => format!("{topic} (partition 0)"),
+                        Ok(count) if count > 1 => format!("{topic} (partitions 0 to {})", count - 1),
+                        _ => format!("{topic} (which does not exist now)"),
+                    });
                 }
+                let inputs =
+                    if described.is_empty() { "unknown to this build".to_owned() } else { described.join(", ") };
                 return Err(ViewError::NotAnInput {
                     view: entry.name.clone(),
                     topic: asked.topic.clone(),
                     partition: asked.partition,
-                    inputs: described.join(", "),
+                    inputs,
+                });
+            }
+            // The high watermark, not the last stable offset: an open transaction's records
+            // are below the one and above the other, and a produce's answer is below both
+            // once it is acknowledged — at or past the high watermark nothing was answered.
+            let end = self.inner.backend.durable_end_offset(&asked.topic, asked.partition)?;
+            if asked.offset >= end {
+                return Err(ViewError::OffsetNotWritten {
+                    view: entry.name.clone(),
+                    topic: asked.topic.clone(),
+                    partition: asked.partition,
+                    offset: asked.offset,
+                    end,
                 });
             }
         }

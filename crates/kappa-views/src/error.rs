@@ -103,13 +103,20 @@ pub enum ViewError {
         "view '{view}' does not read {topic}/{partition}: its inputs are {inputs}; wait only for offsets of the view's input partitions"
     )]
     NotAnInput { view: String, topic: String, partition: i32, inputs: String },
+    /// A read asked to wait for an offset at or past its partition's high watermark: no
+    /// produce answered it (a typo, another topic's offset, a topic deleted and created
+    /// again), so waiting would never see it applied.
+    #[error(
+        "view '{view}': {topic}/{partition} ends at {end}, so it has no offset {offset} yet; after_offsets takes offsets a produce answered (each below its partition's end)"
+    )]
+    OffsetNotWritten { view: String, topic: String, partition: i32, offset: i64, end: i64 },
     /// A read waited its whole timeout for input offsets the serving version had not applied yet.
     #[error(
-        "view '{view}' v{version} had not applied every offset asked for within {waited_ms} ms: it is at {}; the records are in the log and are applied in order, so read again (a longer wait, or later)",
+        "view '{view}' v{version} had not applied every offset asked for within {waited_ms} ms: it is at {}; the records are in the log and are applied in order, so read again (with a longer wait_ms, at most 30000, or later)",
         behind_list(.behind)
     )]
     ReadBehind { view: String, version: u32, waited_ms: u64, behind: Vec<Behind> },
-    #[error("the view engine is shutting down")]
+    #[error("the view engine is shutting down: read again once kappa has restarted")]
     ShuttingDown,
 }
 

@@ -24,6 +24,9 @@ pub mod schema;
 pub mod store;
 pub mod view;
 
+#[cfg(test)]
+mod read_after_tests;
+
 pub use crate::asof::{AsOf, AsOfView};
 pub use crate::backend::LogBackend;
 pub use crate::embedded::EmbeddedLog;

@@ -171,8 +171,10 @@ pub(crate) struct VersionShared {
     /// checkpoint makes them durable before the store. Kept across the runners of a
     /// restarting version, as their store (with its steps not yet durable) is.
     dead_letters: Mutex<BTreeMap<String, i64>>,
-    /// Bumped whenever the status changes (a committed step, a phase): readers waiting for
-    /// input offsets to be applied (`ViewEngine::get_after`) wait on it instead of polling.
+    /// Bumped when the positions or the phase change (not for the ends and rate each idle
+    /// pass refreshes), and by the engine when which version serves changes or it shuts
+    /// down: readers waiting for input offsets to be applied (`ViewEngine::get_after`) wait
+    /// on it instead of polling.
     published: tokio::sync::watch::Sender<()>,
 }
 
@@ -206,14 +208,38 @@ impl VersionShared {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_phase(&self, phase: Phase) {
-        self.lock_status().phase = phase;
-        self.published.send_replace(());
+    /// `f` of the status, read under its lock: a reader that needs a few positions or the
+    /// phase looks at them without cloning the whole status.
+    pub fn with_status<R>(&self, f: impl FnOnce(&RunnerStatus) -> R) -> R {
+        f(&self.lock_status())
     }
 
-    /// A receiver that sees every status change after this call.
+    pub fn phase(&self) -> Phase {
+        self.with_status(|status| status.phase.clone())
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        let changed = {
+            let mut status = self.lock_status();
+            let changed = status.phase != phase;
+            status.phase = phase;
+            changed
+        };
+        if changed {
+            self.wake();
+        }
+    }
+
+    /// A receiver that sees every change of the positions or the phase after this call
+    /// (and every [`Self::wake`]).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
         self.published.subscribe()
+    }
+
+    /// Wakes the readers waiting on this version (`subscribe`): its positions or phase
+    /// changed, or the engine's did (a switch, a retire, a shutdown).
+    pub fn wake(&self) {
+        self.published.send_replace(());
     }
 }
 
@@ -1105,15 +1131,23 @@ impl Runner {
     }
 
     /// Publishes what the store holds (so a reader that waited for a position finds it).
+    /// Waiting readers are woken only when the positions moved: each pass publishes the ends
+    /// and each idle pass the rate, which no waiter needs.
     fn publish(&self, extra: impl FnOnce(&mut RunnerStatus)) {
-        {
+        let moved = {
             let mut status = self.shared.lock_status();
             status.events_applied = self.store_progress.events_applied;
-            status.positions.clone_from(&self.store_progress.positions);
+            let moved = status.positions != self.store_progress.positions;
+            if moved {
+                status.positions.clone_from(&self.store_progress.positions);
+            }
             status.changelog_next = self.store_progress.changelog_next;
             extra(&mut status);
+            moved
+        };
+        if moved {
+            self.shared.wake();
         }
-        self.shared.published.send_replace(());
     }
 
     fn update_rate(&mut self, idle: bool) {

@@ -405,7 +405,10 @@ impl App {
                 Ok(())
             }),
             ViewCommand::Get { view, key, as_of, target: Target { data_dir: Some(dir), .. }, .. } => {
-                self.offline(&dir, Some(&view), false, |engine| match as_of {
+                // As of a point it replays the inputs: it reads no state, so a view that never
+                // ran here answers too.
+                let reads_state = as_of.is_none().then_some(view.as_str());
+                self.offline(&dir, reads_state, false, |engine| match as_of {
                     Some(at) => {
                         let at = AsOf::parse(&at).map_err(|e| BadInput(format!("--as-of: {e}")))?;
                         let result = engine.as_of(&view, None, &at, Some(&key))?;
@@ -423,7 +426,9 @@ impl App {
                 })
             }
             ViewCommand::Dump { view, catch_up, source, data } => {
-                self.offline(&data.data_dir, Some(&view), catch_up, |engine| {
+                // With --catch-up it runs the views, building a view's state if it has none.
+                let reads_state = (!catch_up).then_some(view.as_str());
+                self.offline(&data.data_dir, reads_state, catch_up, |engine| {
                     if catch_up && !engine.wait_caught_up(&view, CATCH_UP_TIMEOUT)? {
                         bail!("view {view} did not catch up with its inputs within {CATCH_UP_TIMEOUT:?}");
                     }
@@ -433,20 +438,21 @@ impl App {
         }
     }
 
-    /// Opens a stopped server's data directory, runs `f` on its views, closes it.
-    /// A view `named` that has no state there is refused, and without `run` only the versions
-    /// with state are opened: opening one creates its state store, and reading must create
-    /// nothing.
+    /// Opens a stopped server's data directory, runs `f` on its views, closes it. A view
+    /// `reads_state` (whose stored state `f` reads) that has no state there is refused;
+    /// without `run` only the versions with state are opened (opening one creates its state
+    /// store, and reading must create nothing), while every definition is kept: an as-of
+    /// read replays a view's inputs with its code, state or not.
     fn offline(
-        mut self,
+        self,
         data_dir: &Path,
-        named: Option<&str>,
+        reads_state: Option<&str>,
         run: bool,
         f: impl FnOnce(&ViewEngine) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         check_data_dir(data_dir)?;
         let on_disk = views_on_disk(&data_dir.join(VIEWS_DIR))?;
-        if let Some(view) = named.filter(|view| !on_disk.contains_key(*view)) {
+        if let Some(view) = reads_state.filter(|view| !on_disk.contains_key(*view)) {
             let there: Vec<&str> = on_disk.keys().map(String::as_str).collect();
             let there = if there.is_empty() { "none".to_owned() } else { there.join(", ") };
             return Err(NotFound(format!(
@@ -454,9 +460,6 @@ impl App {
                 data_dir.display()
             ))
             .into());
-        }
-        if !run {
-            self.views.retain(|v| on_disk.get(v.name()).is_some_and(|versions| versions.contains(&v.version())));
         }
         let _lock = lock_data_dir(data_dir)?;
         let log = Arc::new(

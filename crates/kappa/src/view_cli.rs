@@ -59,6 +59,13 @@ pub fn get(server: &str, view: &str, key: &str, read: Read<'_>) -> anyhow::Resul
         query.push(format!("after_offsets={}", encode(&list)));
     }
     if let Some(ms) = read.wait_ms {
+        if ms > kappa_views::READ_WAIT_MS_MAX {
+            let max = kappa_views::READ_WAIT_MS_MAX;
+            return Err(BadInput(format!(
+                "--wait-ms {ms}: at most {max} (ms); give less, and read again if the view is still behind"
+            ))
+            .into());
+        }
         query.push(format!("wait_ms={ms}"));
     }
     if !query.is_empty() {

@@ -918,10 +918,11 @@ fn view_get_after_reads_the_write_just_produced() {
         assert_eq!(page["channelId"], key.as_str(), "{stdout}");
         assert!(keys_sorted(stdout.trim()), "{stdout}");
     }
-    let refused: [(&[&str], &str); 4] = [
+    let refused: [(&[&str], &str); 5] = [
         (&["--after", "channels:99:0"], "does not read channels/99"),
+        (&["--after", "channels:0:1000000", "--wait-ms", "30000"], "after_offsets takes offsets a produce answered"),
         (&["--after", "channels:0"], "--after: 'channels:0' is not an offset"),
-        (&["--after", "channels:0:0", "--wait-ms", "30001"], "at most 30000 ms"),
+        (&["--after", "channels:0:0", "--wait-ms", "30001"], "--wait-ms 30001: at most 30000"),
         (&["--after", "channels:0:0", "--data-dir", "x"], "cannot be used with"),
     ];
     for (extra, says) in refused {
@@ -963,15 +964,34 @@ fn view_get_and_view_watch_print_keys_sorted() {
     assert_eq!(snapshot["items"][0]["value"].to_string(), got.trim(), "the same value, printed the same way");
 }
 
-/// Offline commands on a data directory where a view never ran refuse it (exit 4, naming
-/// the views there) and create nothing; offline user errors exit 2 as over HTTP.
+/// Offline commands on a data directory where a view never ran refuse to read its state
+/// (exit 4, naming the views there) and create nothing — but an as-of read, which replays
+/// the inputs, answers; offline user errors exit 2 as over HTTP.
 #[test]
 fn offline_view_commands_create_nothing_and_exit_as_over_http() {
     let channels = common::example_binary("channels");
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().join("data");
-    // The plain binary has no views: its data directory holds none.
+    // The plain binary has no views: its data directory holds none, but it holds the topic
+    // the channels views read, with a record.
     let mut server = Server::start_in(&data, &[]);
+    let create = [
+        "topic",
+        "create",
+        "channels",
+        "--partitions",
+        "4",
+        "--config",
+        "cleanup.policy=compact",
+        "--config",
+        "kappa.compaction.subkey.header=contentId",
+    ];
+    let out = kappa(&server, &create, "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        kappa(&server, &["produce", "channels", "--format", "json"], &format!("{}\n", channel_created("n1", "Never")));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let produced_by = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
     server.stop();
     let offline = |args: &[&str], dir: &std::path::Path| {
         Command::new(&channels).args(args).arg("--data-dir").arg(dir).env_remove("KAPPA_DATA_DIR").output().unwrap()
@@ -1000,7 +1020,16 @@ fn offline_view_commands_create_nothing_and_exit_as_over_http() {
     }
     let out = offline(&["view", "list"], &data);
     assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(files(&data.join("views")), before, "an offline command created files");
+    // As of a point: the inputs replayed with the view's code, no state read or made.
+    let as_of = produced_by.to_string();
+    let out = offline(&["view", "get", "channel_page", "n1", "--as-of", &as_of], &data);
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && got.contains("Never"), "{got}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = offline(&["view", "get", "channel_page", "nope", "--as-of", &as_of], &data);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = files(&data.join("views"));
+    assert!(!after.iter().any(|path| path.ends_with("state.redb")), "{after:?}");
+    assert_eq!(after, before, "an offline command created files");
 
     // Where the views ran: bad input exits 2 (as the same read over HTTP), a missing key 4.
     let data = temp.path().join("ran");
