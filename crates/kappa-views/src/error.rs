@@ -132,25 +132,17 @@ impl ViewError {
     }
 
     /// True for a failure that passes by itself, so the version is started again after a
-    /// pause: a full disk (or quota) refusing the log, a file or the state store a write —
-    /// the log does not poison itself for that, the store is reopened before the restart
-    /// (redb refuses every call on a handle after a failed write), and once space returns
-    /// the same step goes through. False for everything else, which a new runner would hit
-    /// again or cannot recover from inside this process: an event, the changelog's content,
-    /// a limit, the definition, a poisoned log directory (refuses appends until a restart),
-    /// and any other state-store error.
+    /// pause: a full disk (or quota) refusing the log or a file a write — the log does not
+    /// poison itself for that, and once space returns the same step goes through. False for
+    /// everything else, which a new runner would hit again or cannot recover from inside
+    /// this process: an event, the changelog's content, a limit, the definition, a poisoned
+    /// log directory (refuses appends until a restart), and any state-store error (after a
+    /// failed write redb refuses every later call on that handle, which the runner reuses).
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Log(kappa_log::LogError::Io { source, .. }) | Self::Io { source, .. } => is_out_of_space(source),
-            Self::Store { source, .. } => matches!(&**source, redb::Error::Io(e) if is_out_of_space(e)),
             _ => false,
         }
-    }
-
-    /// A state-store error saying an earlier write failed (redb's "previous I/O error"):
-    /// the earlier error says why.
-    pub(crate) fn is_previous_store_io(&self) -> bool {
-        matches!(self, Self::Store { source, .. } if matches!(**source, redb::Error::PreviousIo))
     }
 }
 

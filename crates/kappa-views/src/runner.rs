@@ -345,16 +345,7 @@ impl Runner {
     /// Runs until stopped or failed, and returns the failure; the caller records it in the
     /// status (failed, or restarting).
     pub fn run(mut self) -> Option<ViewError> {
-        let mut result = self.run_until_stopped();
-        if let Err(e) = &result
-            && e.is_previous_store_io()
-        {
-            // A step's store call can see the failure of a write the checkpoint thread made
-            // first: that write's error says why (a full disk is transient).
-            if let Some(Ok(Err(first))) = self.in_flight.take().map(|f| f.thread.join()) {
-                result = Err(first);
-            }
-        }
+        let result = self.run_until_stopped();
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
@@ -1176,13 +1167,9 @@ impl Runner {
 /// callers waiting for it (`ViewEngine::wait_caught_up`) tell the pause from a failure.
 pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
     let mut pause = RESTART_PAUSE_MIN;
-    let mut reopen_store = false;
     loop {
         let started = Instant::now();
-        // A store that failed a write refuses every call until reopened (`Store::reopen`).
-        let reopened = if reopen_store { shared.store.reopen().err() } else { None };
-        let Some(error) = reopened.or_else(|| make().run()) else { return };
-        reopen_store = matches!(error, ViewError::Store { .. });
+        let Some(error) = make().run() else { return };
         if !error.is_transient() {
             tracing::error!(view = %shared.view, version = shared.version, error = %error, "view version stopped");
             shared.set_phase(Phase::Failed(error.to_string()));

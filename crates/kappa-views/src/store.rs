@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -94,62 +93,20 @@ pub struct Progress {
     pub caught_up: bool,
 }
 
-/// Opens (or creates) a version's redb database at a path. `Database::create` unless a
-/// test runs real redb over a storage backend of its own (e.g. one that fails writes with
-/// ENOSPC: `EngineConfig::store_opener`).
-pub type StoreOpener = Arc<dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync>;
-
-/// The default [`StoreOpener`]: a file on disk.
-pub fn file_store_opener() -> StoreOpener {
-    Arc::new(|path: &Path| Database::create(path))
-}
-
 pub struct Store {
-    /// None only after a failed `reopen` (every call then fails until one succeeds).
-    db: RwLock<Option<Database>>,
+    db: Database,
     path: PathBuf,
-    opener: StoreOpener,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_with(dir, file_store_opener())
-    }
-
-    /// Opens (or creates) the store in `dir` with `opener`.
-    pub fn open_with(dir: &Path, opener: StoreOpener) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| ViewError::io(dir, e))?;
         let path = dir.join(STATE_FILE);
-        let db = opener(&path).map_err(|e| ViewError::store(&path, e))?;
-        let store = Self { db: RwLock::new(Some(db)), path, opener };
+        let db = Database::create(&path).map_err(|e| ViewError::store(&path, e))?;
+        let store = Self { db, path };
         store.create_tables()?;
         Ok(store)
-    }
-
-    /// Closes the database and opens it again: after a failed write (e.g. a full disk) redb
-    /// refuses every later call on that handle ("previous I/O error") until it is closed.
-    /// Opening runs redb's repair, back to the last durable commit; the runner then replays
-    /// the changelog from there. Reads in progress fail; the caller makes sure no write is.
-    pub fn reopen(&self) -> Result<()> {
-        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
-        // Dropped first: the file stays locked while the old handle is open.
-        drop(db.take());
-        *db = Some((self.opener)(&self.path).map_err(|e| self.err(e))?);
-        drop(db);
-        self.create_tables()
-    }
-
-    fn begin_read(&self) -> Result<redb::ReadTransaction> {
-        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
-        let db = db.as_ref().ok_or_else(|| self.err(redb::StorageError::DatabaseClosed))?;
-        db.begin_read().map_err(|e| self.err(e))
-    }
-
-    fn begin_write(&self) -> Result<redb::WriteTransaction> {
-        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
-        let db = db.as_ref().ok_or_else(|| self.err(redb::StorageError::DatabaseClosed))?;
-        db.begin_write().map_err(|e| self.err(e))
     }
 
     pub fn path(&self) -> &Path {
@@ -162,7 +119,7 @@ impl Store {
 
     /// The committed progress.
     pub fn progress(&self) -> Result<Progress> {
-        let txn = self.begin_read()?;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let positions = txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
         let meta_get =
@@ -184,7 +141,7 @@ impl Store {
     /// survive a process crash only until the next durable one; see the module docs of
     /// `runner.rs` for why that is enough.
     pub fn commit(&self, writes: &[StoreWrite], progress: &Progress, durability: Durability) -> Result<()> {
-        let mut txn = self.begin_write()?;
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(durability).map_err(|e| self.err(e))?;
         // Saving the allocator state costs time proportional to the database's size; only
         // durable commits need it (a crash falls back to the last durable commit).
@@ -222,7 +179,7 @@ impl Store {
     }
 
     fn create_tables(&self) -> Result<()> {
-        let txn = self.begin_write()?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
         txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
         txn.open_table(META).map_err(|e| self.err(e))?;
@@ -233,7 +190,7 @@ impl Store {
 
     /// The recorded id of input topic `topic`, if any.
     pub fn input_topic_id(&self, topic: &str) -> Result<Option<Vec<u8>>> {
-        let txn = self.begin_read()?;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let ids = txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?;
         Ok(ids.get(topic).map_err(|e| self.err(e))?.map(|id| id.value().to_vec()))
     }
@@ -242,7 +199,7 @@ impl Store {
     /// one would also make earlier steps durable, maybe ahead of the changelog). It is
     /// durable by the time any position stored after it is.
     pub fn record_input_topic_id(&self, topic: &str, id: &[u8]) -> Result<()> {
-        let mut txn = self.begin_write()?;
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
         txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?.insert(topic, id).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
@@ -250,14 +207,14 @@ impl Store {
 
     /// Makes every earlier commit durable.
     pub fn checkpoint(&self) -> Result<()> {
-        let mut txn = self.begin_write()?;
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_quick_repair(true);
         txn.commit().map_err(|e| self.err(e))
     }
 
     /// A consistent snapshot for reads.
     pub fn snapshot(&self) -> Result<Snapshot<'_>> {
-        let txn = self.begin_read()?;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let view = txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
         let internal = txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
