@@ -644,22 +644,41 @@ fn forget_active(name: &str, dir: &Path, version: u32) -> Result<Option<u32>> {
 }
 
 /// When nothing serves `entry` (its serving version's directory was deleted), the newest
-/// version this build runs that has caught up before takes over reads, marked
-/// (`NO_AUTO_SWITCH_FILE`) or not: it starts live and never catches up "for the first time"
-/// again, so without this the view would serve nothing until an operator switched.
+/// version this build runs that has caught up before takes over reads: it starts live and
+/// never catches up "for the first time" again, so without this the view would serve nothing
+/// until an operator switched. A version an operator switched away from
+/// (`NO_AUTO_SWITCH_FILE`) takes over only when no unmarked version this build runs is
+/// left to do it — one still building takes over once caught up, as nothing serves.
+/// Under `admin`: a runner already running may auto-switch meanwhile.
 fn serve_caught_up_when_unserved(entry: &ViewEntry) -> Result<()> {
+    let _admin = lock(&entry.admin);
     if read_lock(&entry.active).is_some() {
         return Ok(());
     }
     let versions = read_lock(&entry.versions);
+    let mut caught_up_marked = None;
+    let mut unmarked_left = false;
     for (version, shared) in versions.iter().rev().filter(|(v, _)| entry.definitions.contains_key(v)) {
-        if shared.store.progress()?.caught_up {
-            write_active(&entry.dir, *version)?;
-            *write_lock(&entry.active) = Some(*version);
-            tracing::info!(view = %entry.name, version, "nothing served reads; this caught-up version now does");
-            return Ok(());
+        let marked = no_auto_switch(&entry.dir, *version)?;
+        unmarked_left |= !marked;
+        if !shared.store.progress()?.caught_up {
+            continue;
         }
+        if !marked {
+            return take_over_unserved(entry, *version);
+        }
+        caught_up_marked = caught_up_marked.or(Some(*version));
     }
+    match caught_up_marked {
+        Some(version) if !unmarked_left => take_over_unserved(entry, version),
+        _ => Ok(()),
+    }
+}
+
+fn take_over_unserved(entry: &ViewEntry, version: u32) -> Result<()> {
+    write_active(&entry.dir, version)?;
+    *write_lock(&entry.active) = Some(version);
+    tracing::info!(view = %entry.name, version, "nothing served reads; this caught-up version now does");
     Ok(())
 }
 

@@ -1939,6 +1939,17 @@ fn a_marked_version_shows_its_mark_and_takes_over_when_nothing_serves() {
     assert!(matches!(engine.auto_switch_enabled("sums", 3), Err(ViewError::UnknownVersion { .. })));
     engine.shutdown();
 
+    // The serving version's state is gone but its code is not: it rebuilds and serves again;
+    // the version switched away from does not take over meanwhile.
+    std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
+    fixture.log.delete_topic("__kappa.view.sums.v1").unwrap();
+    let engine = fixture.engine(Schemas::new(), vec![sum_view(1, 1), sum_view(2, 10)]);
+    let serving = || engine.describe("sums").unwrap().versions.iter().find(|v| v.serving).map(|v| v.version);
+    assert_ne!(serving(), Some(2), "the marked version took over while the other rebuilt");
+    assert!(wait_active(&engine, "sums", 1, Duration::from_secs(60)), "{:?}", engine.describe("sums"));
+    assert!(!engine.auto_switch_enabled("sums", 2).unwrap(), "still marked");
+    engine.shutdown();
+
     // The serving version's code and state are gone; only the marked version is left.
     std::fs::remove_dir_all(fixture.views_dir().join("sums/v1")).unwrap();
     fixture.log.delete_topic("__kappa.view.sums.v1").unwrap();
@@ -2001,4 +2012,3 @@ fn a_version_restored_from_its_changelog_stops_when_its_input_topic_was_created_
         engine.shutdown();
     }
 }
-
