@@ -143,6 +143,11 @@ export interface ViewVersion {
   phase: string;
   serving: boolean;
   running: boolean;
+  /**
+   * False once reads were switched away from this version: it then does not take them over
+   * by itself when it catches up. Switching to it or retiring it clears that.
+   */
+  auto_switch: boolean;
   events_applied: number;
   lag: number;
   /** 0..1: events applied / (applied + lag). */

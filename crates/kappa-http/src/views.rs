@@ -93,6 +93,7 @@ pub(crate) fn view_json(view: &ViewInfo) -> Value {
                 "phase": status.phase.name(),
                 "serving": v.serving,
                 "running": v.running,
+                "auto_switch": v.auto_switch,
                 "events_applied": applied,
                 "lag": lag,
                 "progress": if total == 0 { 1.0 } else { applied as f64 / total as f64 },
@@ -335,8 +336,14 @@ mod tests {
             changelog_next: 4,
             rate_per_second: 0.0,
         };
-        let version =
-            VersionInfo { version: 2, serving: false, running: true, changelog_topic: "c".to_owned(), status };
+        let version = VersionInfo {
+            version: 2,
+            serving: false,
+            running: true,
+            changelog_topic: "c".to_owned(),
+            status,
+            auto_switch: true,
+        };
         let view = ViewInfo { name: "v".to_owned(), active: Some(1), inputs: Vec::new(), versions: vec![version] };
         view_json(&view)["versions"][0].clone()
     }

@@ -470,13 +470,20 @@ fn switching_versions_and_retiring_follow_the_rules() {
     assert_eq!(kappa.get("/v1/views/latest/keys/k").1["value"], json!({"v2": 1}));
     let (status, body) = kappa.delete("/v1/views/latest/versions/2");
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("version_serving")));
+    let auto_switch = |version: u64| {
+        let (_, view) = kappa.get("/v1/views/latest");
+        view["versions"].as_array().unwrap().iter().find(|v| v["version"] == version).unwrap()["auto_switch"].clone()
+    };
+    assert_eq!((auto_switch(1), auto_switch(2)), (json!(true), json!(true)));
     assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 1})).0, 200);
     assert_eq!(kappa.get("/v1/views/latest/keys/k").1["value"], json!(1));
+    assert_eq!(auto_switch(2), json!(false), "switched away from: it does not take over by itself");
     let (status, body) = kappa.post("/v1/views/latest/switch", &json!({"version": 7}));
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_version")));
     let (status, body) = kappa.post("/v1/views/latest/switch", &json!({"versoin": 2}));
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_body")));
     assert_eq!(kappa.post("/v1/views/latest/switch", &json!({"version": 2})).0, 200);
+    assert_eq!((auto_switch(1), auto_switch(2)), (json!(false), json!(true)), "switched to: the mark goes");
     assert_eq!(kappa.delete("/v1/views/latest/versions/1").0, 200);
     let (_, view) = kappa.get("/v1/views/latest");
     assert_eq!(view["versions"].as_array().unwrap().len(), 1);

@@ -85,6 +85,10 @@ pub struct VersionInfo {
     pub running: bool,
     pub changelog_topic: String,
     pub status: RunnerStatus,
+    /// False once an operator switched reads away from this version (`v<N>/no-auto-switch`):
+    /// it does not take reads over by itself when it catches up while another version
+    /// serves. Cleared by switching to it, retiring it, or deleting that file.
+    pub auto_switch: bool,
 }
 
 /// A view with its versions.
@@ -353,6 +357,8 @@ impl ViewEngine {
                 running: entry.definitions.contains_key(&shared.version),
                 changelog_topic: shared.changelog_topic.clone(),
                 status: self.status_now(entry, shared),
+                // A mark that cannot be read shows as none: status must not fail.
+                auto_switch: !no_auto_switch(&entry.dir, shared.version).unwrap_or(false),
             })
             .collect();
         let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
@@ -407,6 +413,8 @@ impl ViewEngine {
         }
         write_active(&entry.dir, version)?;
         *write_lock(&entry.active) = Some(version);
+        // Switched to: the operator's last word on this version is no longer "away from it".
+        clear_no_auto_switch(&entry.dir, version)?;
         wake_waiters(entry);
         tracing::info!(view = name, version, ?previous, "switched the version serving reads");
         Ok(())
@@ -566,9 +574,10 @@ impl ViewEngine {
     /// Whether `version` of `name` takes over reads by itself when it (again) first catches
     /// up and is the newest version this build defines. False once an operator switched
     /// reads away from it (the file `v<N>/no-auto-switch`), so a rollback is not undone;
-    /// cleared by deleting that file (read at each catch-up, no restart needed) or by
-    /// retiring or rebuilding the version. When nothing serves the view the mark is
-    /// ignored: a caught-up version takes over anyway.
+    /// cleared by switching to it, by deleting that file (read at each catch-up, no restart
+    /// needed) or by retiring or rebuilding the version. When nothing serves the view a
+    /// caught-up version may take over anyway (`serve_caught_up_when_unserved`). Also
+    /// `VersionInfo::auto_switch`.
     pub fn auto_switch_enabled(&self, name: &str, version: u32) -> Result<bool> {
         let entry = self.entry(name)?;
         self.version(entry, version)?;
@@ -688,6 +697,15 @@ fn no_auto_switch(view_dir: &Path, version: u32) -> Result<bool> {
     match std::fs::metadata(&path) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(ViewError::io(&path, e)),
+    }
+}
+
+fn clear_no_auto_switch(view_dir: &Path, version: u32) -> Result<()> {
+    let path = version_dir(view_dir, version).join(NO_AUTO_SWITCH_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(ViewError::io(&path, e)),
     }
 }

@@ -392,13 +392,14 @@ impl App {
                 for view in engine.list() {
                     for version in &view.versions {
                         outln!(
-                            "{}\tv{}\t{}{}\tevents={}\tlag={}",
+                            "{}\tv{}\t{}{}\tevents={}\tlag={}{}",
                             view.name,
                             version.version,
                             version.status.phase.name(),
                             if version.serving { " (serving)" } else { "" },
                             version.status.events_applied,
-                            version.status.lag()
+                            version.status.lag(),
+                            if version.auto_switch { "" } else { "\tno auto-switch (switched away from)" }
                         )?;
                     }
                 }

@@ -22,6 +22,9 @@ fn version_line(name: &str, version: &Value) -> String {
         version["events_applied"],
         version["lag"]
     );
+    if version["auto_switch"] == false {
+        line.push_str("\tno auto-switch (switched away from)");
+    }
     if let Some(error) = version["error"].as_str() {
         line.push_str(&format!("\terror: {error}"));
     }
@@ -244,4 +247,21 @@ fn stopped_versions(view: &str, info: &Value) -> anyhow::Result<()> {
 
 fn total(version: &Value) -> u64 {
     version["events_applied"].as_u64().unwrap_or(0) + version["lag"].as_u64().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::version_line;
+
+    /// A version switched away from says so in `view list` / `view status`: it explains why
+    /// it does not take over when it catches up.
+    #[test]
+    fn a_version_line_says_when_the_version_does_not_switch_by_itself() {
+        let version = json!({"version": 2, "status": "ready", "events_applied": 5, "lag": 0, "auto_switch": false});
+        assert_eq!(version_line("v", &version), "v\tv2\tready\tevents=5\tlag=0\tno auto-switch (switched away from)");
+        let version = json!({"version": 1, "status": "serving", "events_applied": 5, "lag": 0, "auto_switch": true});
+        assert_eq!(version_line("v", &version), "v\tv1\tserving\tevents=5\tlag=0");
+    }
 }
