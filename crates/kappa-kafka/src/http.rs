@@ -126,19 +126,18 @@ struct ReadWaitQuery {
     wait_ms: Option<String>,
 }
 
-impl ReadWaitQuery {
-    fn refusal(&self) -> Option<Response> {
-        (self.after_offsets.is_some() || self.wait_ms.is_some()).then(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_in_work_mode",
-                "after_offsets and wait_ms (read your own writes) are served by `kappa serve` only; \
-                 a work-mode worker's reads answer from its changelog replica at once: read without them \
-                 and retry until the value reflects the write"
-                    .to_owned(),
-            )
-        })
-    }
+/// The answer to a read that asks to wait for input offsets (`after_offsets`, `wait_ms`).
+fn read_wait_refusal(after_offsets: &Option<String>, wait_ms: &Option<String>) -> Option<Response> {
+    (after_offsets.is_some() || wait_ms.is_some()).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_in_work_mode",
+            "after_offsets and wait_ms (read your own writes) are served by `kappa serve` only; \
+             a work-mode worker's reads answer from its changelog replica at once: read without them \
+             and retry until the value reflects the write"
+                .to_owned(),
+        )
+    })
 }
 
 async fn get_key(
@@ -146,7 +145,7 @@ async fn get_key(
     Path((view, key)): Path<(String, String)>,
     Query(wait): Query<ReadWaitQuery>,
 ) -> Response {
-    if let Some(refusal) = wait.refusal() {
+    if let Some(refusal) = read_wait_refusal(&wait.after_offsets, &wait.wait_ms) {
         return refusal;
     }
     if !state.replica.has_view(&view) {
@@ -176,8 +175,7 @@ async fn scan(
     Path(view): Path<String>,
     Query(query): Query<ScanQuery>,
 ) -> Response {
-    let wait = ReadWaitQuery { after_offsets: query.after_offsets.clone(), wait_ms: query.wait_ms.clone() };
-    if let Some(refusal) = wait.refusal() {
+    if let Some(refusal) = read_wait_refusal(&query.after_offsets, &query.wait_ms) {
         return refusal;
     }
     if !state.replica.has_view(&view) {

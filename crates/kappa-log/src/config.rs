@@ -340,7 +340,7 @@ impl TopicConfig {
     /// error naming it.
     pub fn from_overrides(overrides: &BTreeMap<String, String>) -> Result<Self> {
         let config = Self::from_keys(overrides)?;
-        config.check_subkey_header(COMPACTION_SUBKEY_HEADER)?;
+        config.validate()?;
         Ok(config)
     }
 

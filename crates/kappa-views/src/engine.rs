@@ -275,9 +275,7 @@ impl ViewEngine {
             return Ok(());
         }
         if active.is_none() || (active < Some(version) && newest == Some(version)) {
-            write_active(&entry.dir, version)?;
-            *write_lock(&entry.active) = Some(version);
-            wake_waiters(entry);
+            make_serving(entry, version)?;
             tracing::info!(view = name, version, previous = ?active, "view version caught up and now serves reads");
         }
         Ok(())
@@ -318,18 +316,13 @@ impl ViewEngine {
     /// One key of the serving version.
     pub fn get(&self, name: &str, key: &str) -> Result<Read<Option<Item>>> {
         let shared = self.serving(name)?;
-        let snapshot = shared.store.snapshot()?;
-        let value = snapshot.get(Scope::View, key)?.map(|v| item(key.to_owned(), v));
-        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+        read_key(&shared, key)
     }
 
     /// Keys of the serving version starting with `prefix`, after `after`, up to `limit`.
     pub fn scan(&self, name: &str, prefix: &str, after: Option<&str>, limit: ScanLimit) -> Result<Read<Page>> {
         let shared = self.serving(name)?;
-        let snapshot = shared.store.snapshot()?;
-        let (items, more) = snapshot.scan(prefix, after, limit)?;
-        let items = items.into_iter().map(|(k, v)| item(k, v)).collect();
-        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value: Page { items, more } })
+        read_page(&shared, prefix, after, limit)
     }
 
     /// The changelog topic of the serving version (subscriptions follow it).
@@ -376,11 +369,8 @@ impl ViewEngine {
         status.rate_per_second = 0.0;
         for topic in &view.inputs {
             // A topic gone or unreadable keeps its last known ends: status must not fail.
-            let Ok(partitions) = self.inner.backend.partition_count(topic) else { continue };
-            for partition in 0..partitions {
-                if let Ok(end) = self.inner.backend.end_offset(topic, partition) {
-                    status.ends.insert(crate::runner::position_key(topic, partition), end);
-                }
+            if let Ok(ends) = self.topic_ends(topic) {
+                status.ends.extend(ends);
             }
         }
         status
@@ -411,11 +401,9 @@ impl ViewEngine {
         if let Some(previous) = previous_kept {
             write_no_auto_switch(&entry.dir, previous)?;
         }
-        write_active(&entry.dir, version)?;
-        *write_lock(&entry.active) = Some(version);
+        make_serving(entry, version)?;
         // Switched to: the operator's last word on this version is no longer "away from it".
         clear_no_auto_switch(&entry.dir, version)?;
-        wake_waiters(entry);
         tracing::info!(view = name, version, ?previous, "switched the version serving reads");
         Ok(())
     }
@@ -559,16 +547,19 @@ impl ViewEngine {
 
     fn current_ends(&self, entry: &ViewEntry) -> Result<BTreeMap<String, i64>> {
         let mut ends = BTreeMap::new();
-        let inputs = entry.definitions.values().next_back().map(|v| v.inputs.clone()).unwrap_or_default();
-        for topic in inputs {
-            for partition in 0..self.inner.backend.partition_count(&topic)? {
-                ends.insert(
-                    crate::runner::position_key(&topic, partition),
-                    self.inner.backend.end_offset(&topic, partition)?,
-                );
-            }
+        for topic in entry.definitions.values().next_back().map(|v| v.inputs.as_slice()).unwrap_or_default() {
+            ends.extend(self.topic_ends(topic)?);
         }
         Ok(ends)
+    }
+
+    /// Each partition of `topic` (by its position key) with its end offset now.
+    fn topic_ends(&self, topic: &str) -> Result<Vec<(String, i64)>> {
+        (0..self.inner.backend.partition_count(topic)?)
+            .map(|partition| {
+                Ok((crate::runner::position_key(topic, partition), self.inner.backend.end_offset(topic, partition)?))
+            })
+            .collect()
     }
 
     /// Whether `version` of `name` takes over reads by itself when it (again) first catches
@@ -605,12 +596,36 @@ fn never_serving(entry: &ViewEntry) -> Option<ViewError> {
     failed
 }
 
+/// Makes `version` serve `entry`'s reads: recorded on disk first (the `active` file), then
+/// in memory, then the reads waiting on the view woken.
+fn make_serving(entry: &ViewEntry, version: u32) -> Result<()> {
+    write_active(&entry.dir, version)?;
+    *write_lock(&entry.active) = Some(version);
+    wake_waiters(entry);
+    Ok(())
+}
+
 /// Wakes every read waiting on a version of `entry` ([`ViewEngine::get_after`]): which
 /// version serves changed, so what it waits for may have too.
 fn wake_waiters(entry: &ViewEntry) {
     for shared in read_lock(&entry.versions).values() {
         shared.wake();
     }
+}
+
+/// One key of `shared`'s store, with the changelog position the read reflects.
+fn read_key(shared: &VersionShared, key: &str) -> Result<Read<Option<Item>>> {
+    let snapshot = shared.store.snapshot()?;
+    let value = snapshot.get(Scope::View, key)?.map(|v| item(key.to_owned(), v));
+    Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+}
+
+/// A page of `shared`'s keys starting with `prefix`, after `after`, up to `limit`.
+fn read_page(shared: &VersionShared, prefix: &str, after: Option<&str>, limit: ScanLimit) -> Result<Read<Page>> {
+    let snapshot = shared.store.snapshot()?;
+    let (items, more) = snapshot.scan(prefix, after, limit)?;
+    let items = items.into_iter().map(|(k, v)| item(k, v)).collect();
+    Ok(Read { version: shared.version, position: snapshot.changelog_next(), value: Page { items, more } })
 }
 
 fn item(key: String, value: StoredValue) -> Item {
@@ -685,8 +700,7 @@ fn serve_caught_up_when_unserved(entry: &ViewEntry) -> Result<()> {
 }
 
 fn take_over_unserved(entry: &ViewEntry, version: u32) -> Result<()> {
-    write_active(&entry.dir, version)?;
-    *write_lock(&entry.active) = Some(version);
+    make_serving(entry, version)?;
     tracing::info!(view = %entry.name, version, "nothing served reads; this caught-up version now does");
     Ok(())
 }
@@ -836,9 +850,7 @@ impl ViewEngine {
         timeout: std::time::Duration,
     ) -> Result<Read<Option<Item>>> {
         let shared = self.wait_applied(name, after, timeout).await?;
-        let snapshot = shared.store.snapshot()?;
-        let value = snapshot.get(Scope::View, key)?.map(|v| item(key.to_owned(), v));
-        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+        read_key(&shared, key)
     }
 
     /// [`Self::scan`] once the serving version has applied every offset of `after`.
@@ -851,10 +863,7 @@ impl ViewEngine {
     ) -> Result<Read<Page>> {
         let (prefix, cursor, limit) = page;
         let shared = self.wait_applied(name, after, timeout).await?;
-        let snapshot = shared.store.snapshot()?;
-        let (items, more) = snapshot.scan(prefix, cursor, limit)?;
-        let items = items.into_iter().map(|(k, v)| item(k, v)).collect();
-        Ok(Read { version: shared.version, position: snapshot.changelog_next(), value: Page { items, more } })
+        read_page(&shared, prefix, cursor, limit)
     }
 
     /// Waits up to `timeout` (at most [`READ_WAIT_MS_MAX`]) until the serving version's

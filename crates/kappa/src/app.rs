@@ -399,7 +399,7 @@ impl App {
                             if version.serving { " (serving)" } else { "" },
                             version.status.events_applied,
                             version.status.lag(),
-                            if version.auto_switch { "" } else { "\tno auto-switch (switched away from)" }
+                            if version.auto_switch { "" } else { crate::view_cli::NO_AUTO_SWITCH_NOTE }
                         )?;
                     }
                 }

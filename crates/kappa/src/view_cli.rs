@@ -11,6 +11,9 @@ use serde_json::Value;
 use crate::cli::{BadInput, RECONNECT_WITHIN, Reconnect, encode, expect_ok, outln, stdout_error};
 use crate::http_client;
 
+/// How `view list` / `view status` mark a version switched away from (`"auto_switch": false`).
+pub const NO_AUTO_SWITCH_NOTE: &str = "\tno auto-switch (switched away from)";
+
 /// How often `view status` polls while following a rebuild.
 const STATUS_POLL: Duration = Duration::from_millis(500);
 
@@ -23,7 +26,7 @@ fn version_line(name: &str, version: &Value) -> String {
         version["lag"]
     );
     if version["auto_switch"] == false {
-        line.push_str("\tno auto-switch (switched away from)");
+        line.push_str(NO_AUTO_SWITCH_NOTE);
     }
     if let Some(error) = version["error"].as_str() {
         line.push_str(&format!("\terror: {error}"));
