@@ -492,37 +492,51 @@ async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (code, axum::Json(body))
 }
 
-/// Readiness: as `/health`, but 503 also while a serving view version is stopped or waits to
-/// restart (its reads are frozen where it stopped): take the server out of rotation.
+/// Readiness: as `/health`, but 503 also while a view's reads cannot follow its inputs — its
+/// serving version is stopped or waits to restart (reads frozen where it stopped), or nothing
+/// serves it and no version is left building (reads answer `view_not_ready` until an operator
+/// acts): take the server out of rotation.
 async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let (serving_stopped, body) = health_report(&state);
-    let ready = body["status"] != "failed" && !serving_stopped;
+    let (reads_stuck, body) = health_report(&state);
+    let ready = body["status"] != "failed" && !reads_stuck;
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, axum::Json(body))
 }
 
-/// The health body, and whether a serving view version is stopped.
+/// The health body, and whether some view's reads are stuck (see `ready`).
 fn health_report(state: &AppState) -> (bool, serde_json::Value) {
     if let Err(e) = state.log.health().check() {
         return (false, serde_json::json!({"status": "failed", "reason": e.to_string()}));
     }
-    let stopped: Vec<serde_json::Value> = state
-        .engine
-        .list()
+    let views = state.engine.list();
+    let stopped: Vec<serde_json::Value> = views
         .iter()
         .flat_map(|view| view.versions.iter().map(move |v| (view, v)))
-        .filter_map(|(view, v)| match &v.status.phase {
-            phase @ (kappa_views::Phase::Failed(reason) | kappa_views::Phase::Restarting { reason, .. }) => {
-                let name = phase.name();
-                Some(serde_json::json!({"view": view.name, "version": v.version, "phase": name, "serving": v.serving, "error": reason}))
-            }
-            _ => None,
+        .filter_map(|(view, v)| {
+            let reason = stopped_reason(&v.status.phase)?;
+            let phase = v.status.phase.name();
+            Some(serde_json::json!({"view": view.name, "version": v.version, "phase": phase, "serving": v.serving, "error": reason}))
         })
         .collect();
     if stopped.is_empty() {
         return (false, serde_json::json!({"status": "ok"}));
     }
-    let serving_stopped = stopped.iter().any(|v| v["serving"] == true);
-    (serving_stopped, serde_json::json!({"status": "degraded", "views_failed": stopped}))
+    let reads_stuck = views.iter().any(|view| {
+        let stopped = |v: &kappa_views::VersionInfo| stopped_reason(&v.status.phase).is_some();
+        match view.versions.iter().find(|v| v.serving) {
+            Some(serving) => stopped(serving),
+            // Nothing serves: stuck unless a version of this build is still building.
+            None => !view.versions.iter().any(|v| v.running && !stopped(v)),
+        }
+    });
+    (reads_stuck, serde_json::json!({"status": "degraded", "views_failed": stopped}))
+}
+
+/// Why a version is stopped (failed, or waiting to restart), or `None` while it runs.
+fn stopped_reason(phase: &kappa_views::Phase) -> Option<&str> {
+    match phase {
+        kappa_views::Phase::Failed(reason) | kappa_views::Phase::Restarting { reason, .. } => Some(reason),
+        _ => None,
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -104,6 +104,38 @@ fn a_stopped_version_that_does_not_serve_leaves_ready_200_and_degraded() {
     assert_eq!((failed["version"].as_u64(), failed["serving"].as_bool()), (Some(2), Some(false)), "{body}");
 }
 
+/// A new view whose only version stopped before it ever caught up serves nothing, and will
+/// not until an operator acts: `/ready` is 503 (it stayed 200 — only a stopped *serving*
+/// version counted — so a server whose view answers nothing but `view_not_ready` stayed in
+/// rotation); `/health` stays 200.
+#[test]
+fn a_view_nothing_serves_whose_only_version_stopped_makes_ready_503() {
+    let kappa = started();
+    kappa.produce(json!([{"key": "boom", "value": 1}]));
+    kappa.wait_caught_up("latest");
+    let dir = kappa.stop();
+    let unbuildable = kappa_views::View::reducer("unbuildable", 1, &[TOPIC], FailsAtBoom);
+    let kappa = Kappa::start_in(dir, vec![latest(1), unbuildable], HttpConfig::default());
+    let started = Instant::now();
+    let body = loop {
+        let (status, body) = kappa.get("/ready");
+        if status == 503 {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never unready: {status} {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(kappa.get("/health"), (200, body.clone()), "liveness: the server itself is fine");
+    let failed = &body["views_failed"][0];
+    assert_eq!(
+        (failed["view"].as_str(), failed["version"].as_u64(), failed["serving"].as_bool()),
+        (Some("unbuildable"), Some(1), Some(false)),
+        "{body}"
+    );
+    let (status, read) = kappa.get("/v1/views/unbuildable/keys/boom");
+    assert_eq!((status, read["error"]["code"].as_str()), (503, Some("view_not_ready")), "{read}");
+}
+
 #[test]
 fn health_metrics_and_errors_are_json_with_stable_codes() {
     let kappa = started();
