@@ -19,7 +19,7 @@ use crate::error::{InputPosition, Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
 use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
-use crate::store::{ScanLimit, Scope, Store, StoredValue};
+use crate::store::{ScanLimit, Scope, Store, StoreOpener, StoredValue, file_store_opener};
 use crate::view::View;
 
 const ACTIVE_FILE: &str = "active";
@@ -36,6 +36,8 @@ pub struct EngineConfig {
     /// How often each version's store is made durable (`CHECKPOINT_INTERVAL` by default):
     /// it bounds how much changelog a restart replays.
     pub checkpoint_interval: std::time::Duration,
+    /// How each version's state store is opened ([`file_store_opener`] by default).
+    pub store_opener: StoreOpener,
 }
 
 impl EngineConfig {
@@ -45,6 +47,7 @@ impl EngineConfig {
             schemas: Schemas::new(),
             codec: Arc::new(JsonCodec),
             checkpoint_interval: crate::runner::CHECKPOINT_INTERVAL,
+            store_opener: file_store_opener(),
         }
     }
 }
@@ -115,6 +118,7 @@ struct Inner {
     schemas: Arc<Schemas>,
     codec: Arc<dyn PayloadCodec>,
     checkpoint_interval: std::time::Duration,
+    store_opener: StoreOpener,
     views: BTreeMap<String, Arc<ViewEntry>>,
     threads: Mutex<Vec<(String, u32, JoinHandle<()>)>>,
     /// Set by [`ViewEngine::shutdown`] before it stops anything: a read waiting for input
@@ -183,6 +187,7 @@ impl ViewEngine {
                 schemas: Arc::new(config.schemas),
                 codec: config.codec,
                 checkpoint_interval: config.checkpoint_interval,
+                store_opener: config.store_opener,
                 views: entries,
                 threads: Mutex::new(Vec::new()),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
@@ -210,7 +215,7 @@ impl ViewEngine {
         versions.sort_unstable();
         versions.dedup();
         for version in versions {
-            let store = Store::open(&version_dir(&entry.dir, version))?;
+            let store = Store::open_with(&version_dir(&entry.dir, version), &self.inner.store_opener)?;
             let definition = entry.definitions.get(&version).filter(|_| run);
             let phase = if definition.is_some() { Phase::Building } else { Phase::Stopped };
             let shared = Arc::new(VersionShared::new(&entry.name, version, store, phase)?);

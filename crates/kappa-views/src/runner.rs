@@ -19,6 +19,7 @@
 //! applied twice (its marker moved the positions) or lost (it is in the changelog, or it
 //! never happened and is processed again from the inputs, deterministically).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -663,7 +664,7 @@ impl Runner {
         let shared = self.shared.clone();
         let snapshot = shared.store.snapshot()?;
         let deferred = self.in_flight.as_ref().map(|f| f.deferred.clone());
-        let store = StepRead { snapshot: &snapshot, deferred: deferred.as_deref() };
+        let store = StepRead::new(&snapshot, deferred.as_deref());
         self.step_timestamp = None;
         let mut position = start;
         let mut applied = 0usize;
@@ -699,6 +700,7 @@ impl Runner {
                 break;
             }
         }
+        store.check()?;
         if position == start && failure.is_none() {
             self.held[index] = held_at.map_or(-1, |(_, stable)| stable);
             return Ok(false);
@@ -706,29 +708,35 @@ impl Runner {
         if let Some((offset, _)) = &failure {
             // The failing event may have changed keys before failing: apply the step again
             // without it.
-            (position, applied) = self.reapply(topic, partition, start, *offset, usize::MAX, &store)?.done();
+            (position, applied) =
+                self.reapply(topic, partition, start, *offset, usize::MAX, &store).map_err(|e| store.cause(e))?.done();
         }
-        let mut changes = self.take_changes(topic, partition, start)?;
+        let mut changes = self.take_changes(topic, partition, start).map_err(|e| store.cause(e))?;
         let mut found_oversized = Vec::new();
         // The changes of the step first read, when it was too large for one step.
         let mut shortened_from = None;
         loop {
             if oversized_change(&changes).is_some() {
                 // An earlier event than any failure found so far: the step ends before it.
-                let (offset, key, error) =
-                    self.find_oversized_event(topic, partition, start, position, applied, &store)?;
+                let (offset, key, error) = self
+                    .find_oversized_event(topic, partition, start, position, applied, &store)
+                    .map_err(|e| store.cause(e))?;
                 found_oversized.push(key);
                 failure = Some((offset, error));
-                (position, applied) = self.reapply(topic, partition, start, offset, usize::MAX, &store)?.done();
+                (position, applied) = self
+                    .reapply(topic, partition, start, offset, usize::MAX, &store)
+                    .map_err(|e| store.cause(e))?
+                    .done();
             } else if changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
                 failure = None;
                 shortened_from.get_or_insert(changes_bytes(&changes));
-                (position, applied) =
-                    self.shorten_step(topic, partition, start, position, applied, &spans, &changes, &store)?;
+                (position, applied) = self
+                    .shorten_step(topic, partition, start, position, applied, &spans, &changes, &store)
+                    .map_err(|e| store.cause(e))?;
             } else {
                 break;
             }
-            changes = self.take_changes(topic, partition, start)?;
+            changes = self.take_changes(topic, partition, start).map_err(|e| store.cause(e))?;
         }
         if let Some(bytes) = shortened_from.filter(|_| failure.is_none()) {
             self.warn_split_transaction(topic, partition, start, position, &spans, bytes, changes_bytes(&changes));
@@ -740,6 +748,9 @@ impl Runner {
                 self.oversized.push(key);
             }
         }
+        // Also when the view's code went on past a failed read: its result is not to be kept.
+        store.check()?;
+        drop(store);
         drop(snapshot);
         drop(deferred); // unshared again, so commit_store extends it in place
         let mut stop = None;
@@ -1297,6 +1308,26 @@ pub(crate) fn now_ms() -> i64 {
 struct StepRead<'a, 's> {
     snapshot: &'a Snapshot<'s>,
     deferred: Option<&'a Deferred>,
+    /// The first error the store gave a read. The view's code gets an `EventError` only so
+    /// that it stops; the step fails with this instead of blaming the event, which the
+    /// error policy would then dead-letter (skipping a valid event for good) or stop at.
+    store_failure: RefCell<Option<ViewError>>,
+}
+
+impl<'a, 's> StepRead<'a, 's> {
+    fn new(snapshot: &'a Snapshot<'s>, deferred: Option<&'a Deferred>) -> Self {
+        Self { snapshot, deferred, store_failure: RefCell::new(None) }
+    }
+
+    /// Err with the store's error if a read of this step failed.
+    fn check(&self) -> Result<()> {
+        self.store_failure.borrow_mut().take().map_or(Ok(()), Err)
+    }
+
+    /// `error`, unless a read of this step failed first: then that store error, the cause.
+    fn cause(&self, error: ViewError) -> ViewError {
+        self.store_failure.borrow_mut().take().unwrap_or(error)
+    }
 }
 
 impl StoreRead for StepRead<'_, '_> {
@@ -1304,9 +1335,10 @@ impl StoreRead for StepRead<'_, '_> {
         if let Some(value) = self.deferred.and_then(|d| d[scope_index(scope)].get(key)) {
             return Ok(value.as_ref().map(|v| v.json.clone()));
         }
-        self.snapshot
-            .get(scope, key)
-            .map(|v| v.map(|v| v.json))
-            .map_err(|e| EventError(format!("reading view state: {e}")))
+        self.snapshot.get(scope, key).map(|v| v.map(|v| v.json)).map_err(|e| {
+            let message = EventError(format!("reading view state: {e}"));
+            self.store_failure.borrow_mut().get_or_insert(e);
+            message
+        })
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -93,6 +94,16 @@ pub struct Progress {
     pub caught_up: bool,
 }
 
+/// Opens (or creates) a version's redb database at a path: `Database::create` (see
+/// [`file_store_opener`]) unless a test runs real redb over a storage backend of its own,
+/// one that fails reads or writes as a failing disk would (`EngineConfig::store_opener`).
+pub type StoreOpener = Arc<dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// The default [`StoreOpener`]: a file on disk.
+pub fn file_store_opener() -> StoreOpener {
+    Arc::new(|path: &Path| Database::create(path))
+}
+
 pub struct Store {
     db: Database,
     path: PathBuf,
@@ -101,9 +112,14 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, &file_store_opener())
+    }
+
+    /// Opens (or creates) the store in `dir` with `opener`.
+    pub fn open_with(dir: &Path, opener: &StoreOpener) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| ViewError::io(dir, e))?;
         let path = dir.join(STATE_FILE);
-        let db = Database::create(&path).map_err(|e| ViewError::store(&path, e))?;
+        let db = opener(&path).map_err(|e| ViewError::store(&path, e))?;
         let store = Self { db, path };
         store.create_tables()?;
         Ok(store)

@@ -2012,3 +2012,140 @@ fn a_version_restored_from_its_changelog_stops_when_its_input_topic_was_created_
         engine.shutdown();
     }
 }
+
+/// Real redb over a real file, except that reads fail with EIO while `failing` is set: a
+/// disk that stopped reading.
+#[derive(Debug)]
+struct UnreadableFile {
+    file: redb::backends::FileBackend,
+    failing: Arc<AtomicBool>,
+}
+
+type Bound = std::ops::Bound<u64>;
+
+impl redb::StorageBackend for UnreadableFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        if self.failing.load(Ordering::Acquire) {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+    fn try_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.query_lock_range(start, end)
+    }
+}
+
+/// `Sum`, except that once `armed`, taking the key of a `k1` event makes the disk fail
+/// reads: the state read that follows, inside the step, is the one that fails.
+struct SumOnFailingDisk {
+    sum: Sum,
+    armed: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
+}
+
+impl Reducer for SumOnFailingDisk {
+    type State = Totals;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        if event.key_str() == Some("k1") && self.armed.load(Ordering::Acquire) {
+            self.failing.store(true, Ordering::Release);
+        }
+        self.sum.key(event)
+    }
+
+    fn apply(&self, state: Option<Totals>, event: &Event) -> Result<Option<Totals>, EventError> {
+        self.sum.apply(state, event)
+    }
+}
+
+/// The view's state store failing a read inside a step fails the version with the store's
+/// error: the event is not blamed — under a dead-letter policy it was dead-lettered and
+/// skipped for good, under `Stop` the version said the event was bad. After a restart on a
+/// disk that reads again, the event is applied; nothing reached the dead-letter topic.
+#[test]
+fn a_state_store_read_failing_inside_a_step_fails_the_version_and_dead_letters_nothing() {
+    let fixture = Fixture::new(1);
+    // Enough keys for a tree of several levels: k1's leaf is read only when looked up.
+    let mut keys: Vec<_> =
+        (0..3_000).map(|i| event(&format!("key{i:04}"), Some(json!({"n": i})), None, None, 0)).collect();
+    keys.push(event("k1", Some(json!({"n": 1})), None, None, 1));
+    fixture.append(0, keys);
+    let (armed, failing) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let start = |checkpoint_interval| {
+        let opener: kappa_views::store::StoreOpener = {
+            let failing = failing.clone();
+            Arc::new(move |path: &std::path::Path| {
+                let file =
+                    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+                let file = redb::backends::FileBackend::new(file)?;
+                // No read cache: redb reads every page of a small database when it opens.
+                redb::Builder::new()
+                    .set_cache_size(0)
+                    .create_with_backend(UnreadableFile { file, failing: failing.clone() })
+            })
+        };
+        let config =
+            EngineConfig { checkpoint_interval, store_opener: opener, ..EngineConfig::new(fixture.views_dir()) };
+        let reducer = SumOnFailingDisk { sum: Sum { factor: 1 }, armed: armed.clone(), failing: failing.clone() };
+        let view = View::reducer("sums", 1, &[TOPIC], reducer).dead_letter("sums-dlq");
+        ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone())), config, vec![view]).unwrap()
+    };
+    let dead_letters = || fixture.log.partition("sums-dlq", 0).map_or(0, |p| p.high_watermark());
+    // Durable at once, so the next start replays nothing into the store.
+    let engine = start(Duration::ZERO);
+    wait_caught_up(&engine, "sums");
+    engine.shutdown();
+    // Started again, so k1's state is in no cache of redb's: the step reads the disk. No
+    // checkpoint while reads fail: only the step reads the store then.
+    let engine = start(Duration::from_secs(3_600));
+    wait_caught_up(&engine, "sums");
+    armed.store(true, Ordering::Release);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 2})), None, None, 2)]);
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Live | Phase::Building | Phase::Restoring));
+    assert_eq!(dead_letters(), 0, "a valid event was dead-lettered because the disk failed a read: {phase:?}");
+    let Phase::Failed(reason) = phase else { panic!("a failing store read stops the version, not {phase:?}") };
+    assert!(
+        reason.contains("os error 5") && !reason.contains("offset"),
+        "the store's error, not the event's: {reason}"
+    );
+    engine.shutdown();
+
+    armed.store(false, Ordering::Release);
+    failing.store(false, Ordering::Release);
+    let engine = start(Duration::ZERO);
+    wait_caught_up(&engine, "sums");
+    let state = dump(&engine, "sums");
+    assert_eq!((state.len(), &state["k1"]), (3_001, &json!({"count": 2, "total": 3})));
+    assert_eq!(dead_letters(), 0);
+    engine.shutdown();
+}
