@@ -202,6 +202,30 @@ async fn a_legacy_fetch_at_a_trailing_marker_waits_for_max_wait_or_new_records()
     assert_eq!(offsets, [3], "past the marker");
 }
 
+/// A marker followed by a batch larger than the partition's `partition_max_bytes`: a read
+/// from the marker held only the marker (the next batch did not fit), which converts to
+/// nothing, so a v0-3 consumer fetched at the marker's offset forever (Kafka too). The read
+/// starts past the marker instead, and the large batch comes whole, as a read's first does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_fetch_moves_past_a_marker_before_a_batch_larger_than_its_limit() {
+    let (_dir, addr, log) = start_with_log().await;
+    committed_transaction(&log);
+    let value = vec![b'x'; 4_096];
+    let large = BatchBuilder::new().record(NewRecord::new(Some(b"k"), Some(&value), 2_000)).build();
+    log.partition("t", 0).unwrap().append(large).unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    for version in [0, 1, 2, 3] {
+        let frame = legacy_fetch_frame_waiting(version, 9, "t", 2, 1 << 20, 1_024, MAX_WAIT.as_millis() as i32);
+        stream.write_all(&frame).await.unwrap();
+        let (error_code, set) = read_legacy_fetch(&mut stream, version, 9).await;
+        assert_eq!(error_code, 0, "v{version}");
+        let messages = message_set::decode(&set, 1 << 20, false).unwrap();
+        let got: Vec<(i64, usize)> =
+            messages.iter().map(|m| (m.offset, m.value.as_ref().map_or(0, |v| v.len()))).collect();
+        assert_eq!(got, [(3, 4_096)], "v{version}: the batch after the marker, whole");
+    }
+}
+
 const MAX_WAIT: Duration = Duration::from_millis(1_000);
 /// Timer granularity: a wait may end a little before its deadline as measured here.
 const SLACK: Duration = Duration::from_millis(50);

@@ -9,7 +9,7 @@ use kafka_protocol::messages::list_offsets_response::{ListOffsetsPartitionRespon
 use kafka_protocol::messages::{
     FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProducerId, TopicName,
 };
-use kappa_log::{Isolation, LogError, Partition};
+use kappa_log::{Isolation, LogError, Partition, ReadOutcome};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -67,7 +67,8 @@ impl Broker {
                 wanted.iter().filter_map(|w| w.partition.as_ref().ok().map(|p| p.watch_high_watermark())).collect();
             let reads = {
                 let wanted = wanted.clone();
-                blocking(move || read_all(&wanted, isolation, response_max)).await
+                let legacy = version <= LAST_LEGACY_FETCH_VERSION;
+                blocking(move || read_all(&wanted, isolation, response_max, legacy)).await
             };
             let bytes: usize = reads.iter().map(|r| r.records.len()).sum();
             let errored = reads.iter().any(|r| r.error_code != errors::NONE);
@@ -254,7 +255,9 @@ struct PartitionRead {
 
 /// Reads every wanted partition within the response budget. The first partition with data
 /// gets at least one whole batch even if it is larger than the budget (Kafka semantics).
-fn read_all(wanted: &[Wanted], isolation: Isolation, response_max: usize) -> Vec<PartitionRead> {
+/// For fetch v0-3 (`legacy`) a partition's read starts past leading transaction markers,
+/// which those versions cannot carry ([`read_past_markers`]).
+fn read_all(wanted: &[Wanted], isolation: Isolation, response_max: usize, legacy: bool) -> Vec<PartitionRead> {
     let mut remaining = response_max;
     let mut any_data = false;
     wanted
@@ -280,7 +283,11 @@ fn read_all(wanted: &[Wanted], isolation: Isolation, response_max: usize) -> Vec
                 read.log_start_offset = partition.log_start_offset();
                 return read;
             }
-            match partition.read(w.offset, budget.max(1), isolation) {
+            let read = match legacy {
+                true => read_past_markers(partition, w.offset, budget.max(1), isolation),
+                false => partition.read(w.offset, budget.max(1), isolation),
+            };
+            match read {
                 Ok(read) => {
                     remaining = remaining.saturating_sub(read.records.len());
                     any_data |= !read.records.is_empty();
@@ -303,6 +310,44 @@ fn read_all(wanted: &[Wanted], isolation: Isolation, response_max: usize) -> Vec
             }
         })
         .collect()
+}
+
+/// How many reads of transaction markers only a fetch v0-3 partition read skips before it
+/// answers with what it has (the consumer then fetches again from the same offset).
+const LEGACY_MARKER_READS_MAX: usize = 64;
+
+/// A partition's read from `offset`, moved past the transaction markers it starts with:
+/// magic 0/1 cannot carry them, so a read of only markers converts to nothing. Were the
+/// batch after a marker larger than `max_bytes`, the read would hold only the marker, and a
+/// v0-3 consumer (kafka-node) would fetch at the marker's offset forever — as it would from
+/// Kafka. Read from past the markers, the batch comes as the read's first, whatever its size.
+fn read_past_markers(
+    partition: &Partition,
+    offset: i64,
+    max_bytes: usize,
+    isolation: Isolation,
+) -> Result<ReadOutcome, LogError> {
+    let mut read = partition.read(offset, max_bytes, isolation)?;
+    for _ in 0..LEGACY_MARKER_READS_MAX {
+        match markers_only_until(&read.records) {
+            Some(next) if next < read.high_watermark => read = partition.read(next, max_bytes, isolation)?,
+            _ => break,
+        }
+    }
+    Ok(read)
+}
+
+/// Where the next batch starts, when `records` (whole batches) are transaction markers only.
+fn markers_only_until(records: &[u8]) -> Option<i64> {
+    let mut next = None;
+    for batch in kappa_log::batch::batches(records) {
+        let (header, _) = batch.ok()?;
+        if !header.is_control() {
+            return None;
+        }
+        next = Some(header.next_offset());
+    }
+    next
 }
 
 fn build_fetch_response(wanted: &[Wanted], reads: Vec<PartitionRead>, isolation: Isolation) -> FetchResponse {
@@ -458,7 +503,7 @@ mod tests {
 
     /// (offsets per partition, bytes per partition) of a down-converted answer.
     fn convert(wanted: &[Wanted], answer_bytes_max: usize) -> (Vec<Vec<i64>>, Vec<usize>) {
-        let reads = read_all(wanted, Isolation::ReadUncommitted, 1 << 20);
+        let reads = read_all(wanted, Isolation::ReadUncommitted, 1 << 20, true);
         let converted = down_convert_reads(wanted, reads, 1, answer_bytes_max);
         converted
             .into_iter()
