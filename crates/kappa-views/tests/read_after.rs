@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -147,4 +149,95 @@ fn while_nothing_serves_a_read_follows_the_newest_version_this_build_runs() {
     let error = runtime().block_on(engine.get_after("latest", "mine", &[at(TOPIC, 1, 0)], Duration::ZERO)).unwrap_err();
     assert!(error.to_string().contains("its inputs are events (partition 0);"), "{error}");
     engine.shutdown();
+}
+
+/// `latest`, but applying a record whose key has a gate here waits until the gate opens.
+struct Gated(std::collections::BTreeMap<&'static str, Arc<AtomicBool>>);
+
+impl Reducer for Gated {
+    type State = Value;
+
+    fn key(&self, event: &Event) -> Option<String> {
+        event.key_str().map(str::to_owned)
+    }
+
+    fn apply(&self, _: Option<Value>, event: &Event) -> Result<Option<Value>, EventError> {
+        if let Some(gate) = event.key_str().and_then(|key| self.0.get(key)) {
+            while !gate.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(event.payload()?.cloned())
+    }
+}
+
+/// A waiting read follows the version serving reads: when another version takes reads over
+/// — by catching up for the first time (auto-switch), or by `switch` — a read waiting on
+/// the held one is woken and answered by the new one at once, not at the end of its wait.
+#[test]
+fn a_waiting_read_is_answered_by_the_version_reads_switch_to() {
+    let gate = || Arc::new(AtomicBool::new(false));
+    let (v1_gated, v2_gated, v2_held) = (gate(), gate(), gate());
+    let views = || {
+        vec![
+            View::reducer("latest", 1, &[TOPIC], Gated([("gated", v1_gated.clone())].into())),
+            View::reducer(
+                "latest",
+                2,
+                &[TOPIC],
+                Gated([("gated", v2_gated.clone()), ("held", v2_held.clone())].into()),
+            ),
+        ]
+    };
+    // v1 serves (it ran alone before); both versions are held at `gated`.
+    let fixture = fixture_with_v1_serving();
+    let offset = fixture.append(0, vec![event("gated", Some(json!(1)), None, None, 1)]);
+    let engine = fixture.engine(Schemas::new(), views());
+    let wait_for = |key: &'static str, offset: i64| {
+        let waiting = engine.clone();
+        std::thread::spawn(move || {
+            let read =
+                runtime().block_on(waiting.get_after("latest", key, &[at(TOPIC, 0, offset)], Duration::from_secs(30)));
+            (read, Instant::now())
+        })
+    };
+
+    let waiter = wait_for("gated", offset);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "v1 is held: the read waits");
+    v2_gated.store(true, Ordering::Release); // v2 catches up and takes reads over
+    let opened = Instant::now();
+    let (read, answered) = waiter.join().unwrap();
+    let read = read.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((read.version, read.value.map(|item| item.json)), (2, Some(b"1".to_vec())));
+    assert!(answered - opened < Duration::from_secs(10), "woken by the auto-switch, not by its 30 s timeout");
+
+    // v1 catches up; v2 is held at `held`, and reads are switched back to v1 meanwhile.
+    v1_gated.store(true, Ordering::Release);
+    let held = fixture.append(0, vec![event("held", Some(json!(2)), None, None, 2)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.describe("latest").unwrap().versions[0].status.positions.get("events/0") != Some(&(held + 1)) {
+        assert!(Instant::now() < deadline, "v1 did not apply `held`: {:?}", engine.describe("latest"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let waiter = wait_for("held", held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "v2 serves and is held: the read waits");
+    engine.switch("latest", 1, false).unwrap();
+    let switched = Instant::now();
+    let (read, answered) = waiter.join().unwrap();
+    let read = read.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((read.version, read.value.map(|item| item.json)), (1, Some(b"2".to_vec())));
+    assert!(answered - switched < Duration::from_secs(10), "woken by the switch, not by its 30 s timeout");
+    v2_held.store(true, Ordering::Release);
+    engine.shutdown();
+}
+
+/// A fixture whose view `latest` v1 (plain `Latest`) ran once, caught up and serves.
+fn fixture_with_v1_serving() -> Fixture {
+    let fixture = Fixture::new(1);
+    let engine = fixture.engine(Schemas::new(), vec![View::reducer("latest", 1, &[TOPIC], Latest)]);
+    wait_caught_up(&engine, "latest");
+    engine.shutdown();
+    fixture
 }
