@@ -19,7 +19,7 @@ use crate::error::{InputPosition, Result, ViewError};
 use crate::event::{JsonCodec, PayloadCodec};
 use crate::runner::{CaughtUp, Phase, Runner, RunnerStatus, VersionShared, run_restarting};
 use crate::schema::Schemas;
-use crate::store::{ScanLimit, Scope, Store, StoreOpener, StoredValue, file_store_opener};
+use crate::store::{ScanLimit, Scope, Snapshot, Store, StoreOpener, StoredValue, file_store_opener};
 use crate::view::View;
 
 const ACTIVE_FILE: &str = "active";
@@ -321,13 +321,13 @@ impl ViewEngine {
     /// One key of the serving version.
     pub fn get(&self, name: &str, key: &str) -> Result<Read<Option<Item>>> {
         let shared = self.serving(name)?;
-        read_key(&shared, key)
+        read_key(shared.version, &shared.store.snapshot()?, key)
     }
 
     /// Keys of the serving version starting with `prefix`, after `after`, up to `limit`.
     pub fn scan(&self, name: &str, prefix: &str, after: Option<&str>, limit: ScanLimit) -> Result<Read<Page>> {
         let shared = self.serving(name)?;
-        read_page(&shared, prefix, after, limit)
+        read_page(shared.version, &shared.store.snapshot()?, prefix, after, limit)
     }
 
     /// The changelog topic of the serving version (subscriptions follow it).
@@ -619,18 +619,22 @@ fn wake_waiters(entry: &ViewEntry) {
 }
 
 /// One key of `shared`'s store, with the changelog position the read reflects.
-fn read_key(shared: &VersionShared, key: &str) -> Result<Read<Option<Item>>> {
-    let snapshot = shared.store.snapshot()?;
+fn read_key(version: u32, snapshot: &Snapshot<'_>, key: &str) -> Result<Read<Option<Item>>> {
     let value = snapshot.get(Scope::View, key)?.map(|v| item(key.to_owned(), v));
-    Ok(Read { version: shared.version, position: snapshot.changelog_next(), value })
+    Ok(Read { version, position: snapshot.changelog_next(), value })
 }
 
 /// A page of `shared`'s keys starting with `prefix`, after `after`, up to `limit`.
-fn read_page(shared: &VersionShared, prefix: &str, after: Option<&str>, limit: ScanLimit) -> Result<Read<Page>> {
-    let snapshot = shared.store.snapshot()?;
+fn read_page(
+    version: u32,
+    snapshot: &Snapshot<'_>,
+    prefix: &str,
+    after: Option<&str>,
+    limit: ScanLimit,
+) -> Result<Read<Page>> {
     let (items, more) = snapshot.scan(prefix, after, limit)?;
     let items = items.into_iter().map(|(k, v)| item(k, v)).collect();
-    Ok(Read { version: shared.version, position: snapshot.changelog_next(), value: Page { items, more } })
+    Ok(Read { version, position: snapshot.changelog_next(), value: Page { items, more } })
 }
 
 fn item(key: String, value: StoredValue) -> Item {
@@ -842,6 +846,10 @@ impl ViewEngine {
 /// reported than waited for.
 pub const READ_WAIT_MS_MAX: u64 = 30_000;
 
+/// How often a waiting read looks again at a state store a full disk failed, until it is
+/// reopened (rare: no wake-up is wired for it).
+const STORE_REOPEN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Read-your-writes: reads that first wait until the serving version has applied given input
 /// offsets (those a produce answered), so a client sees its own writes.
 impl ViewEngine {
@@ -854,8 +862,7 @@ impl ViewEngine {
         after: &[InputPosition],
         timeout: std::time::Duration,
     ) -> Result<Read<Option<Item>>> {
-        let shared = self.wait_applied(name, after, timeout).await?;
-        read_key(&shared, key)
+        self.read_applied(name, after, timeout, |version, snapshot| read_key(version, snapshot, key)).await
     }
 
     /// [`Self::scan`] once the serving version has applied every offset of `after`.
@@ -867,8 +874,38 @@ impl ViewEngine {
         timeout: std::time::Duration,
     ) -> Result<Read<Page>> {
         let (prefix, cursor, limit) = page;
-        let shared = self.wait_applied(name, after, timeout).await?;
-        read_page(&shared, prefix, cursor, limit)
+        self.read_applied(name, after, timeout, |version, snapshot| read_page(version, snapshot, prefix, cursor, limit))
+            .await
+    }
+
+    /// `read` of the serving version's state once it has applied `after` ([`Self::wait_applied`]).
+    async fn read_applied<T>(
+        &self,
+        name: &str,
+        after: &[InputPosition],
+        timeout: std::time::Duration,
+        read: impl Fn(u32, &Snapshot<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let timeout = timeout.min(std::time::Duration::from_millis(READ_WAIT_MS_MAX));
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (shared, epoch) = self.wait_applied(name, after, deadline, timeout).await?;
+            let snapshot = match shared.store.snapshot() {
+                // A full disk failed the store: it is reopened once there is room.
+                Err(ViewError::StoreReopening { .. } | ViewError::Store { out_of_space: true, .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(STORE_REOPEN_POLL.min(deadline - tokio::time::Instant::now())).await;
+                    continue;
+                }
+                snapshot => snapshot?,
+            };
+            // Reopened since the positions were judged: the state may be rolled back behind
+            // them, and they were published again — look again.
+            if snapshot.epoch() == epoch {
+                return read(shared.version, &snapshot);
+            }
+        }
     }
 
     /// Waits up to `timeout` (at most [`READ_WAIT_MS_MAX`]) until the serving version's
@@ -883,11 +920,10 @@ impl ViewEngine {
         &self,
         name: &str,
         after: &[InputPosition],
+        deadline: tokio::time::Instant,
         timeout: std::time::Duration,
-    ) -> Result<Arc<VersionShared>> {
+    ) -> Result<(Arc<VersionShared>, u64)> {
         let entry = self.entry(name)?;
-        let timeout = timeout.min(std::time::Duration::from_millis(READ_WAIT_MS_MAX));
-        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Checked before looking at the versions: a shutdown clears them.
             if self.inner.shutting_down.load(Ordering::Acquire) {
@@ -912,13 +948,15 @@ impl ViewEngine {
             };
             // Subscribed before looking, so a step published in between still wakes us.
             let mut published = shared.subscribe();
+            // Before the positions: a reopen publishes its own before it bumps the epoch.
+            let epoch = shared.store.epoch();
             self.check_inputs(entry, &shared, after)?;
             // Only the phase and the positions asked for, read under the runner's lock.
             let (phase, applied) =
                 shared.with_status(|status| (status.phase.clone(), behind(status, after).is_empty()));
             let serving = *read_lock(&entry.active) == Some(shared.version);
             if serving && applied {
-                return Ok(shared);
+                return Ok((shared, epoch));
             }
             match phase {
                 Phase::Failed(reason) => {
@@ -936,9 +974,10 @@ impl ViewEngine {
                 }
                 // One last look: the serving version may have changed without a step.
                 let serving = self.serving(name)?;
+                let epoch = serving.store.epoch();
                 let lagging = serving.with_status(|status| behind(status, after));
                 if lagging.is_empty() {
-                    return Ok(serving);
+                    return Ok((serving, epoch));
                 }
                 let waited_ms = timeout.as_millis() as u64;
                 let version = serving.version;

@@ -46,8 +46,14 @@ fn behind_list(behind: &[Behind]) -> String {
 pub enum ViewError {
     #[error("log: {0}")]
     Log(#[from] kappa_log::LogError),
+    /// `out_of_space`: the store's handle failed on a full disk (this error, or one before
+    /// it that left redb refusing calls): a reopen, once there is room, recovers it.
     #[error("view state store {path}: {source}")]
-    Store { path: PathBuf, source: Box<redb::Error> },
+    Store { path: PathBuf, source: Box<redb::Error>, out_of_space: bool },
+    #[error(
+        "view state store {path} is being reopened after a full disk failed a write; retry in a moment (it is back once there is room on the disk)"
+    )]
+    StoreReopening { path: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("no view named '{0}'; list the views with `GET /v1/views` or `kappa view list`")]
@@ -123,8 +129,8 @@ pub enum ViewError {
 pub type Result<T, E = ViewError> = std::result::Result<T, E>;
 
 impl ViewError {
-    pub(crate) fn store(path: &std::path::Path, source: impl Into<redb::Error>) -> Self {
-        Self::Store { path: path.to_owned(), source: Box::new(source.into()) }
+    pub(crate) fn store(path: &std::path::Path, source: impl Into<redb::Error>, out_of_space: bool) -> Self {
+        Self::Store { path: path.to_owned(), source: Box::new(source.into()), out_of_space }
     }
 
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
@@ -132,21 +138,24 @@ impl ViewError {
     }
 
     /// True for a failure that passes by itself, so the version is started again after a
-    /// pause: a full disk (or quota) refusing the log or a file a write — the log does not
-    /// poison itself for that, and once space returns the same step goes through. False for
-    /// everything else, which a new runner would hit again or cannot recover from inside
-    /// this process: an event, the changelog's content, a limit, the definition, a poisoned
-    /// log directory (refuses appends until a restart), and any state-store error (after a
-    /// failed write redb refuses every later call on that handle, which the runner reuses).
+    /// pause: a full disk (or quota) refusing the log, a file or the state store a write —
+    /// the log does not poison itself for that, the store is reopened (redb refuses every
+    /// later call on a handle after a failed write), and once space returns the same step
+    /// goes through. False for everything else, which a new runner would hit again or
+    /// cannot recover from inside this process: an event, the changelog's content, a limit,
+    /// the definition, a poisoned log directory (refuses appends until a restart), and any
+    /// other state-store error (a failed read or fsync may mean a failing disk).
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Log(kappa_log::LogError::Io { source, .. }) | Self::Io { source, .. } => is_out_of_space(source),
+            Self::Store { out_of_space, .. } => *out_of_space,
+            Self::StoreReopening { .. } => true,
             _ => false,
         }
     }
 }
 
-fn is_out_of_space(error: &std::io::Error) -> bool {
+pub(crate) fn is_out_of_space(error: &std::io::Error) -> bool {
     matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 

@@ -242,6 +242,24 @@ impl VersionShared {
     pub fn wake(&self) {
         self.published.send_replace(());
     }
+
+    /// Reopens the store after a full disk left redb refusing every call on it, publishing
+    /// the progress it reopened at — its last durable commit, maybe behind what was
+    /// published — before readers see the reopened state; the next runner recovers the rest
+    /// from the changelog.
+    fn reopen_store(&self) -> Result<()> {
+        self.store.reopen(|progress| {
+            {
+                let mut status = self.lock_status();
+                status.positions.clone_from(&progress.positions);
+                status.events_applied = progress.events_applied;
+                status.changelog_next = progress.changelog_next;
+            }
+            self.wake();
+        })?;
+        tracing::info!(view = %self.view, version = self.version, "reopened the view state store after a full disk");
+        Ok(())
+    }
 }
 
 /// Called when a version first catches up with its inputs, before that is recorded: an
@@ -347,6 +365,10 @@ impl Runner {
     /// status (failed, or restarting).
     pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
+        // A store that failed on a full disk refuses every call until it is reopened.
+        if self.shared.store.needs_reopen() {
+            return result.err();
+        }
         if let Err(e) = self.checkpoint() {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
@@ -1171,20 +1193,35 @@ impl Runner {
 }
 
 /// Runs a version's runners (`make` builds one) until stopped: after a transient failure
-/// (`ViewError::is_transient`, e.g. a full disk refusing a step's append) a new runner
-/// recovers from the changelog and goes on, after a pause that doubles while failures
-/// come quickly. Any other failure leaves the version failed until a restart.
+/// (`ViewError::is_transient`, e.g. a full disk refusing a step's append or the state
+/// store's write) a new runner recovers from the changelog and goes on, after a pause that
+/// doubles while failures come quickly; a store that failed on the full disk is reopened
+/// first. Any other failure leaves the version failed until a restart.
 /// During a pause its status says `Phase::Restarting`, with why and when it starts again, so
 /// callers waiting for it (`ViewEngine::wait_caught_up`) tell the pause from a failure.
 pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
     let mut pause = RESTART_PAUSE_MIN;
     loop {
         let started = Instant::now();
-        let Some(error) = make().run() else { return };
+        let outcome = match shared.store.needs_reopen() {
+            true => shared.reopen_store().map(|()| make().run()),
+            false => Ok(make().run()),
+        };
+        let error = match outcome {
+            Ok(None) => return,
+            Ok(Some(error)) | Err(error) => error,
+        };
         if !error.is_transient() {
             tracing::error!(view = %shared.view, version = shared.version, error = %error, "view version stopped");
             shared.set_phase(Phase::Failed(error.to_string()));
             return;
+        }
+        // Now, not after the pause: meanwhile reads answer from the store as last made
+        // durable instead of failing. If the disk is still full, the next try reopens it.
+        if shared.store.needs_reopen()
+            && let Err(e) = shared.reopen_store()
+        {
+            tracing::debug!(view = %shared.view, version = shared.version, error = %e, "reopening the view state store failed; trying again after the pause");
         }
         if started.elapsed() > RESTART_PAUSE_MAX {
             pause = RESTART_PAUSE_MIN;

@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -105,9 +106,21 @@ pub fn file_store_opener() -> StoreOpener {
 }
 
 pub struct Store {
-    db: Database,
+    /// The open database; `None` while [`Store::reopen`] replaces it.
+    db: RwLock<Option<Arc<Database>>>,
     path: PathBuf,
+    opener: StoreOpener,
+    /// Set once a call failed on a full disk (ENOSPC, EDQUOT): redb then refuses every later
+    /// call on the handle ("previous I/O error") until it is reopened. Cleared by a reopen.
+    out_of_space: AtomicBool,
+    /// Bumped by every reopen, which may roll the state back (to the last durable commit):
+    /// a reader that judged the state by positions published before it must look again.
+    epoch: AtomicU64,
 }
+
+/// How long a reopen waits for readers still holding the old handle's file (each holds it
+/// for one read) before it gives up until the next try.
+const REOPEN_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
@@ -119,9 +132,15 @@ impl Store {
     pub fn open_with(dir: &Path, opener: &StoreOpener) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| ViewError::io(dir, e))?;
         let path = dir.join(STATE_FILE);
-        let db = opener(&path).map_err(|e| ViewError::store(&path, e))?;
-        let store = Self { db, path };
-        store.create_tables()?;
+        let store = Self {
+            db: RwLock::new(None),
+            path,
+            opener: opener.clone(),
+            out_of_space: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+        };
+        let db = store.open_database()?;
+        *store.db.write().unwrap_or_else(PoisonError::into_inner) = Some(db);
         Ok(store)
     }
 
@@ -129,35 +148,96 @@ impl Store {
         &self.path
     }
 
+    /// True when the handle failed on a full disk (or is closed by a reopen that failed):
+    /// [`Store::reopen`] is what recovers it.
+    pub fn needs_reopen(&self) -> bool {
+        self.out_of_space.load(Ordering::Acquire) || self.db.read().unwrap_or_else(PoisonError::into_inner).is_none()
+    }
+
+    /// Closes the database and opens it again — back at its last durable commit, where
+    /// redb's repair leaves it — after a full disk made redb refuse every call on the
+    /// handle. `before_visible` gets the reopened progress before any reader can see the
+    /// reopened state (the version's published positions must not claim what it lost).
+    /// Meanwhile reads fail with [`ViewError::StoreReopening`]; after a failure too, until
+    /// a later reopen succeeds.
+    pub fn reopen(&self, before_visible: impl FnOnce(&Progress)) -> Result<()> {
+        let old = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        // Dropped outside the lock; the file stays locked until readers holding it are done.
+        drop(old);
+        let db = self.open_database()?;
+        before_visible(&read_progress(&db, &|e| self.err(e))?);
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.out_of_space.store(false, Ordering::Release);
+        *slot = Some(db);
+        Ok(())
+    }
+
+    /// Opens the database file, waiting up to [`REOPEN_WAIT_MAX`] for readers of a closed
+    /// handle to let go of it, and creates the tables a new one lacks.
+    fn open_database(&self) -> Result<Arc<Database>> {
+        let deadline = std::time::Instant::now() + REOPEN_WAIT_MAX;
+        let db = loop {
+            match (self.opener)(&self.path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other.map_err(|e| self.err(e))?,
+            }
+        };
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
+        for table in [VIEW_STATE, INTERNAL_STATE, INPUT_TOPIC_IDS] {
+            txn.open_table(table).map_err(|e| self.err(e))?;
+        }
+        txn.open_table(META).map_err(|e| self.err(e))?;
+        txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(Arc::new(db))
+    }
+
+    /// The open database and its epoch, or `StoreReopening` while a reopen replaces it.
+    fn database(&self) -> Result<(Arc<Database>, u64)> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        match &*db {
+            Some(db) => Ok((db.clone(), epoch)),
+            None => Err(ViewError::StoreReopening { path: self.path.clone() }),
+        }
+    }
+
+    fn begin_read(&self) -> Result<(redb::ReadTransaction, u64)> {
+        let (db, epoch) = self.database()?;
+        Ok((db.begin_read().map_err(|e| self.err(e))?, epoch))
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        self.database()?.0.begin_write().map_err(|e| self.err(e))
+    }
+
+    /// The epoch: bumped by every reopen (see [`Snapshot::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     fn err(&self, e: impl Into<redb::Error>) -> ViewError {
-        ViewError::store(&self.path, e)
+        let source = e.into();
+        if matches!(&source, redb::Error::Io(io) if crate::error::is_out_of_space(io)) {
+            self.out_of_space.store(true, Ordering::Release);
+        }
+        ViewError::store(&self.path, source, self.out_of_space.load(Ordering::Acquire))
     }
 
     /// The committed progress.
     pub fn progress(&self) -> Result<Progress> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        let positions = txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
-        let meta_get =
-            |key: &str| -> Result<i64> { Ok(meta.get(key).map_err(|e| self.err(e))?.map(|v| v.value()).unwrap_or(0)) };
-        let mut progress = Progress {
-            positions: BTreeMap::new(),
-            changelog_next: meta_get(META_CHANGELOG_NEXT)?,
-            events_applied: meta_get(META_EVENTS_APPLIED)?,
-            caught_up: meta_get(META_CAUGHT_UP)? != 0,
-        };
-        for entry in positions.iter().map_err(|e| self.err(e))? {
-            let (key, value) = entry.map_err(|e| self.err(e))?;
-            progress.positions.insert(key.value().to_owned(), value.value());
-        }
-        Ok(progress)
+        let (db, _) = self.database()?;
+        read_progress(&db, &|e| self.err(e))
     }
 
     /// Applies `writes` and records `progress`, atomically. `Durability::None` commits
     /// survive a process crash only until the next durable one; see the module docs of
     /// `runner.rs` for why that is enough.
     pub fn commit(&self, writes: &[StoreWrite], progress: &Progress, durability: Durability) -> Result<()> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut txn = self.begin_write()?;
         txn.set_durability(durability).map_err(|e| self.err(e))?;
         // Saving the allocator state costs time proportional to the database's size; only
         // durable commits need it (a crash falls back to the last durable commit).
@@ -194,19 +274,9 @@ impl Store {
         Ok(())
     }
 
-    fn create_tables(&self) -> Result<()> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
-        txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
-        txn.open_table(META).map_err(|e| self.err(e))?;
-        txn.open_table(POSITIONS).map_err(|e| self.err(e))?;
-        txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
-    }
-
     /// The recorded id of input topic `topic`, if any.
     pub fn input_topic_id(&self, topic: &str) -> Result<Option<Vec<u8>>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (txn, _) = self.begin_read()?;
         let ids = txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?;
         Ok(ids.get(topic).map_err(|e| self.err(e))?.map(|id| id.value().to_vec()))
     }
@@ -215,7 +285,7 @@ impl Store {
     /// one would also make earlier steps durable, maybe ahead of the changelog). It is
     /// durable by the time any position stored after it is.
     pub fn record_input_topic_id(&self, topic: &str, id: &[u8]) -> Result<()> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut txn = self.begin_write()?;
         txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
         txn.open_table(INPUT_TOPIC_IDS).map_err(|e| self.err(e))?.insert(topic, id).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
@@ -223,20 +293,40 @@ impl Store {
 
     /// Makes every earlier commit durable.
     pub fn checkpoint(&self) -> Result<()> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut txn = self.begin_write()?;
         txn.set_quick_repair(true);
         txn.commit().map_err(|e| self.err(e))
     }
 
     /// A consistent snapshot for reads.
     pub fn snapshot(&self) -> Result<Snapshot<'_>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let (txn, epoch) = self.begin_read()?;
         let view = txn.open_table(VIEW_STATE).map_err(|e| self.err(e))?;
         let internal = txn.open_table(INTERNAL_STATE).map_err(|e| self.err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let changelog_next = meta.get(META_CHANGELOG_NEXT).map_err(|e| self.err(e))?.map_or(0, |v| v.value());
-        Ok(Snapshot { store: self, view, internal, changelog_next })
+        Ok(Snapshot { store: self, view, internal, changelog_next, epoch })
     }
+}
+
+/// The progress committed in `db`; `err` names the store in errors.
+fn read_progress(db: &Database, err: &dyn Fn(redb::Error) -> ViewError) -> Result<Progress> {
+    let txn = db.begin_read().map_err(|e| err(e.into()))?;
+    let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+    let positions = txn.open_table(POSITIONS).map_err(|e| err(e.into()))?;
+    let meta_get =
+        |key: &str| -> Result<i64> { Ok(meta.get(key).map_err(|e| err(e.into()))?.map(|v| v.value()).unwrap_or(0)) };
+    let mut progress = Progress {
+        positions: BTreeMap::new(),
+        changelog_next: meta_get(META_CHANGELOG_NEXT)?,
+        events_applied: meta_get(META_EVENTS_APPLIED)?,
+        caught_up: meta_get(META_CAUGHT_UP)? != 0,
+    };
+    for entry in positions.iter().map_err(|e| err(e.into()))? {
+        let (key, value) = entry.map_err(|e| err(e.into()))?;
+        progress.positions.insert(key.value().to_owned(), value.value());
+    }
+    Ok(progress)
 }
 
 /// A read-only view of one committed state.
@@ -245,6 +335,7 @@ pub struct Snapshot<'s> {
     view: redb::ReadOnlyTable<&'static str, &'static [u8]>,
     internal: redb::ReadOnlyTable<&'static str, &'static [u8]>,
     changelog_next: i64,
+    epoch: u64,
 }
 
 impl Snapshot<'_> {
@@ -252,6 +343,11 @@ impl Snapshot<'_> {
     /// in the snapshot, none at or after it.
     pub fn changelog_next(&self) -> i64 {
         self.changelog_next
+    }
+
+    /// The store's epoch when this snapshot was taken ([`Store::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn get(&self, scope: Scope, key: &str) -> Result<Option<StoredValue>> {

@@ -2149,3 +2149,128 @@ fn a_state_store_read_failing_inside_a_step_fails_the_version_and_dead_letters_n
     assert_eq!(dead_letters(), 0);
     engine.shutdown();
 }
+
+/// Real redb over a real file, except that while `full` is set writes (and growing the
+/// file) fail with ENOSPC, as on a full disk.
+#[derive(Debug)]
+struct FullDiskFile {
+    file: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FullDiskFile {
+    fn refuse(&self) -> std::io::Result<()> {
+        match self.full.load(Ordering::Acquire) {
+            true => Err(std::io::Error::from_raw_os_error(28)),
+            false => Ok(()),
+        }
+    }
+}
+
+impl redb::StorageBackend for FullDiskFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len > self.file.len()? {
+            self.refuse()?;
+        }
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.refuse()?;
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+    fn try_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
+        self.file.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
+        self.file.query_lock_range(start, end)
+    }
+}
+
+/// The view's state store refusing a write with ENOSPC (a full disk): as when the log's
+/// append does, the version pauses (`Restarting`, naming the full disk) and starts again
+/// by itself with its store reopened — it failed until a restart, as redb refuses every
+/// call on a handle after a failed write. Once there is room it catches up with nothing
+/// lost, and reads answer again.
+#[test]
+fn a_full_disk_refusing_the_state_store_restarts_the_version_instead_of_failing_it() {
+    let fixture = Fixture::new(1);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
+    let full = Arc::new(AtomicBool::new(false));
+    let opener: kappa_views::store::StoreOpener = {
+        let full = full.clone();
+        Arc::new(move |path: &std::path::Path| {
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            let file = redb::backends::FileBackend::new(file)?;
+            redb::Builder::new().create_with_backend(FullDiskFile { file, full: full.clone() })
+        })
+    };
+    let config = EngineConfig {
+        checkpoint_interval: Duration::from_millis(20),
+        store_opener: opener,
+        ..EngineConfig::new(fixture.views_dir())
+    };
+    let engine =
+        ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone())), config, vec![sum_view(1, 1)])
+            .unwrap();
+    wait_caught_up(&engine, "sums");
+
+    full.store(true, Ordering::Release);
+    fixture.append(0, vec![event("k1", Some(json!({"n": 2})), None, None, 2)]);
+    let phase = wait_for_phase(&engine, "sums", |p| !matches!(p, Phase::Live | Phase::Building | Phase::Restoring));
+    let Phase::Restarting { reason, .. } = phase else {
+        panic!("a full disk stops the version only until it starts again, but its status says {phase:?}")
+    };
+    assert!(reason.contains("os error 28"), "the reason names the full disk: {reason}");
+    // Still full: it keeps trying (each try fails to reopen or to write), and does not fail.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let phase = engine.describe("sums").unwrap().versions[0].status.phase.clone();
+    assert!(matches!(phase, Phase::Restarting { .. }), "{phase:?}");
+
+    // A read waiting for the event the full disk interrupted gets it once there is room —
+    // not the state the reopened store rolled back to, nor an error meanwhile.
+    let waiting = engine.clone();
+    let waiter = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let after = [kappa_views::InputPosition { topic: TOPIC.to_owned(), partition: 0, offset: 1 }];
+        runtime.block_on(waiting.get_after("sums", "k1", &after, Duration::from_secs(30)))
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    full.store(false, Ordering::Release);
+    let read = waiter.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    let value: Value = serde_json::from_slice(&read.value.unwrap().json).unwrap();
+    assert_eq!(value, json!({"count": 2, "total": 3}), "read-your-writes after the reopen");
+    fixture.append(0, vec![event("k2", Some(json!({"n": 5})), None, None, 3)]);
+    assert!(engine.wait_caught_up("sums", Duration::from_secs(60)).unwrap(), "{:?}", engine.describe("sums"));
+    assert_eq!(
+        dump(&engine, "sums"),
+        BTreeMap::from([
+            ("k1".to_owned(), json!({"count": 2, "total": 3})),
+            ("k2".to_owned(), json!({"count": 1, "total": 5}))
+        ])
+    );
+    engine.shutdown();
+}
