@@ -86,7 +86,14 @@ test('subscriptions resume across kill -9 and restart without gap, duplicate or 
 
   for (let restart = 0; restart < RESTARTS; restart++) {
     const at = produced;
-    await eventually('the producer to make progress', () => produced >= at + 15 && seen.page.length > 0, { server, timeoutMs: 30_000 });
+    // A message since the last reconnect too: the client resets its backoff on a message, not
+    // on open (a resumed subscription gets no acknowledgement, only the next change).
+    const seenBefore = seen.page.length + seen.stats.length;
+    await eventually(
+      'the producer to make progress and a change to arrive',
+      () => produced >= at + 15 && seen.page.length + seen.stats.length > seenBefore,
+      { server, timeoutMs: 30_000 },
+    );
     const closedBefore = connection.filter((c) => c.status === 'closed').length;
     await server.kill9();
     // Let a few reconnects fail so the backoff shows, then bring the server back.
@@ -109,7 +116,7 @@ test('subscriptions resume across kill -9 and restart without gap, duplicate or 
     throw new Error(`${e.message}\ncopy:  ${sorted(stats.items)}\nfresh: ${await fresh()}\ntoken ${stats.token}, stats ${JSON.stringify(stats.stats)}`);
   }
 
-  // The backoff: after each kill, the delays double from initialMs up to maxMs, and an open resets them.
+  // The backoff: after each kill, the delays double from initialMs up to maxMs, and a message after reconnecting resets them.
   const delays = [];
   let run = [];
   for (const c of connection) {

@@ -600,6 +600,9 @@ fn websocket_subscriptions_get_a_snapshot_then_every_change_and_bad_input_gets_e
     ws.send_text(&format!(r#"{{"op":"subscribe","id":"big","view":"latest","key":"{}"}}"#, "k".repeat(70_000)));
     assert_eq!(ws.next()["code"], "message_too_large");
     ws.send(&json!({"op": "unsubscribe", "id": "s1"}));
+    // A connection's messages are handled in order: this one's answer says s1 is gone.
+    ws.send(&json!({"op": "unsubscribe", "id": "zz"}));
+    assert_eq!(ws.next()["code"], "unknown_subscription");
     kappa.produce(json!([{"key": "p2", "value": 20}, {"key": "q", "value": 30}]));
     let next = ws.next();
     assert_eq!((next["id"].as_str(), next["value"].as_i64()), (Some("s2"), Some(30)), "s1 is gone, s2 still works");

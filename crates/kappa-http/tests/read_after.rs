@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -10,13 +12,15 @@ use kappa_http::HttpConfig;
 use kappa_views::{Event, EventError, Reducer, View};
 use serde_json::{Value, json};
 
-/// `latest` (key → value), but applying the record keyed `slow` takes `SLOW`: a view held
-/// behind for that long while it runs normally.
-struct Slow;
+/// `latest` (key → value), but applying the record keyed `slow` waits until `open` is set
+/// (at most `HELD_MAX`): a view held behind for as long as a test needs.
+struct Held {
+    open: Arc<AtomicBool>,
+}
 
-const SLOW: Duration = Duration::from_millis(1500);
+const HELD_MAX: Duration = Duration::from_secs(60);
 
-impl Reducer for Slow {
+impl Reducer for Held {
     type State = Value;
 
     fn key(&self, event: &Event) -> Option<String> {
@@ -25,7 +29,12 @@ impl Reducer for Slow {
 
     fn apply(&self, _: Option<Value>, event: &Event) -> Result<Option<Value>, EventError> {
         match event.key_str() {
-            Some("slow") => std::thread::sleep(SLOW),
+            Some("slow") => {
+                let since = Instant::now();
+                while !self.open.load(Ordering::Acquire) && since.elapsed() < HELD_MAX {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
             Some("boom") => return Err(EventError::new("boom")),
             _ => {}
         }
@@ -34,9 +43,16 @@ impl Reducer for Slow {
 }
 
 fn started() -> Kappa {
-    let kappa = Kappa::start(vec![View::reducer("latest", 1, &[TOPIC], Slow)], HttpConfig::default());
+    started_held().0
+}
+
+/// [`started`], with the gate that lets the view past a `slow` record.
+fn started_held() -> (Kappa, Arc<AtomicBool>) {
+    let open = Arc::new(AtomicBool::new(false));
+    let view = View::reducer("latest", 1, &[TOPIC], Held { open: open.clone() });
+    let kappa = Kappa::start(vec![view], HttpConfig::default());
     kappa.wait_caught_up("latest");
-    kappa
+    (kappa, open)
 }
 
 /// `topic:partition:offset,...` for every offset of a produce answer.
@@ -74,14 +90,14 @@ fn a_read_after_its_produce_sees_the_write_every_time() {
 /// it is; the same read a moment later succeeds.
 #[test]
 fn a_view_held_behind_answers_504_with_its_position_and_a_retry_succeeds() {
-    let kappa = started();
+    let (kappa, open) = started_held();
     kappa.produce(json!([{"key": "slow", "value": 0, "partition": 1}]));
     let produced = kappa.produce(json!([{"key": "mine", "value": 1, "partition": 1}]));
     let offset = produced["offsets"][0]["offset"].as_i64().unwrap();
     let started = Instant::now();
     let (status, body) = kappa.get(&format!("/v1/views/latest/keys/mine?after_offsets=items:1:{offset}&wait_ms=200"));
     assert_eq!(status, 504, "{body}");
-    assert!(started.elapsed() < SLOW, "answered when wait_ms passed, not when the view caught up");
+    assert!(started.elapsed() >= Duration::from_millis(200), "answered before wait_ms passed");
     let error = &body["error"];
     assert_eq!(
         (error["code"].as_str(), error["view"].as_str(), error["version"].as_u64()),
@@ -98,6 +114,7 @@ fn a_view_held_behind_answers_504_with_its_position_and_a_retry_succeeds() {
     assert!(behind["position"].as_i64().unwrap() <= offset, "{body}");
     assert!(error["message"].as_str().unwrap().contains("read again"), "{body}");
 
+    open.store(true, Ordering::Release);
     let (status, body) = kappa.get(&format!("/v1/views/latest/keys/mine?after_offsets=items:1:{offset}&wait_ms=10000"));
     assert_eq!((status, &body["value"]), (200, &json!(1)), "{body}");
 }

@@ -161,7 +161,18 @@ fn serve_log_with(rust_log: &str) -> String {
         assert!(started.elapsed() < Duration::from_secs(30), "kappa serve did not listen within 30 s");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // The probe above connected and closed; give the broker a moment to notice.
+    // One request answered, so the broker serves this connection (a bare connect may still
+    // wait in the accept queue when SIGTERM comes); then closed, and a moment to notice.
+    {
+        use std::io::Write;
+        // size 10, api key 18 (ApiVersions), version 0, correlation id 1, null client id.
+        const API_VERSIONS_V0: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+        let mut stream = std::net::TcpStream::connect(&kafka).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.write_all(&API_VERSIONS_V0).expect("send ApiVersions");
+        let mut size = [0u8; 4];
+        stream.read_exact(&mut size).expect("the ApiVersions answer");
+    }
     std::thread::sleep(Duration::from_millis(200));
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill -TERM");
     let mut log = String::new();

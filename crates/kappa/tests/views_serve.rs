@@ -189,6 +189,8 @@ fn the_view_command_line_talks_to_a_running_server() {
         "c1",
         &json!({"channelId": "c1", "name": "News", "ownerId": "u1", "content": {}}),
     );
+    // Each view serves from its own first catch-up, on its own thread.
+    wait_for_key(&server, "owner_channels", "u1", &json!({"channels": ["c1"]}));
 
     let list = cli(&server, &["list"]);
     assert!(list.status.success(), "{list:?}");
@@ -268,9 +270,11 @@ fn a_record_the_views_cannot_read_shows_in_ready_health_and_view_status() {
     let server = Server::start_binary_in(&example_binary("channels"), temp.path(), &[]);
     kcat_produce(&server, "zz", "hello", &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
+    // Each view stops on its own thread: wait for the one `view status` is asked about.
     let health = loop {
         let (status, body) = http::request(server.http, "GET", "/ready", None, &[]);
-        if status == 503 {
+        let stopped = |view: &Value| view["view"] == "channel_page";
+        if status == 503 && body["views_failed"].as_array().is_some_and(|views| views.iter().any(stopped)) {
             break body;
         }
         assert!(Instant::now() < deadline, "never unready: {status} {body}\n{}", server.log());
