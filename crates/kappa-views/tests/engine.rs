@@ -2274,3 +2274,92 @@ fn a_full_disk_refusing_the_state_store_restarts_the_version_instead_of_failing_
     );
     engine.shutdown();
 }
+
+/// A tmpfs mounted for a test, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on a fresh directory, or says why it could not.
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        match output.status.success() {
+            true => Ok(Self { dir }),
+            false => Err(String::from_utf8_lossy(&output.stderr).trim().to_owned()),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Writes `path` until the file system is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    for chunk in [1 << 16, 1 << 12, 1 << 8, 1] {
+        while file.write_all(&vec![0u8; chunk]).is_ok() {}
+    }
+}
+
+/// The same on a real file system: the views' state lives on a small tmpfs (the log does
+/// not), which a filler file fills while events with new keys arrive. The version's store
+/// hits ENOSPC, the version restarts instead of failing, and once the filler is deleted it
+/// catches up with every event applied once.
+#[test]
+fn a_view_whose_state_disk_fills_up_goes_on_once_space_is_freed() {
+    let tmpfs = match Tmpfs::mount("8m") {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            eprintln!("skipping: cannot mount a tmpfs ({reason})");
+            return;
+        }
+    };
+    let fixture = Fixture::new(1);
+    let config = EngineConfig {
+        checkpoint_interval: Duration::from_millis(20),
+        ..EngineConfig::new(tmpfs.dir.path().join("views"))
+    };
+    let engine =
+        ViewEngine::start(Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone())), config, vec![sum_view(1, 1)])
+            .unwrap();
+    let mut events = Vec::new();
+    let mut append = |from: usize, count: usize| {
+        let batch: Vec<_> = (from..from + count).map(|i| (format!("k{i}"), Some(i as i64))).collect();
+        fixture.append(0, batch.iter().map(|(k, n)| event(k, n.map(|n| json!({"n": n})), None, None, 1)).collect());
+        events.extend(batch);
+    };
+    append(0, 100);
+    wait_caught_up(&engine, "sums");
+
+    let filler = tmpfs.dir.path().join("filler");
+    fill(&filler);
+    let mut next = 100;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reason = loop {
+        append(next, 500);
+        next += 500;
+        std::thread::sleep(Duration::from_millis(50));
+        if let Phase::Restarting { reason, .. } = engine.describe("sums").unwrap().versions[0].status.phase.clone() {
+            break reason;
+        }
+        let phase = engine.describe("sums").unwrap().versions[0].status.phase.clone();
+        assert!(!matches!(phase, Phase::Failed(_)), "the full disk failed the version: {phase:?}");
+        assert!(Instant::now() < deadline, "the state store never hit the full disk");
+    };
+    assert!(reason.contains("os error 28"), "the reason names the full disk: {reason}");
+
+    std::fs::remove_file(&filler).unwrap();
+    assert!(engine.wait_caught_up("sums", Duration::from_secs(60)).unwrap(), "{:?}", engine.describe("sums"));
+    assert_eq!(dump(&engine, "sums"), reference(&events, 1));
+    engine.shutdown();
+}
