@@ -103,11 +103,9 @@ impl ApiError {
             ViewError::UnknownVersion { .. } => Self::not_found("unknown_version", message),
             ViewError::NotReady { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "view_not_ready", message),
             ViewError::ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
-            // A full disk failed the store: it is reopened (and reads answer again) once
-            // there is room.
-            ViewError::StoreReopening { .. } | ViewError::Store { out_of_space: true, .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message)
-            }
+            // A failed write closed the store: it is reopened (and reads answer again) once
+            // a full disk has room.
+            e if e.is_store_unavailable() => Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", message),
             ViewError::VersionNotCaughtUp { .. } => Self::new(StatusCode::CONFLICT, "version_not_caught_up", message),
             ViewError::RetireActive { .. } => Self::new(StatusCode::CONFLICT, "version_serving", message),
             ViewError::AsOf { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "as_of_unavailable", message),

@@ -523,8 +523,9 @@ impl ViewEngine {
                 Ok(shared) => {
                     let status = shared.status();
                     let ends_now = self.current_ends(entry)?;
-                    let done =
-                        ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
+                    // A store closed for a reopen may come back behind what the status says.
+                    let done = !shared.store.needs_reopen()
+                        && ends_now.iter().all(|(key, end)| status.positions.get(key).copied().unwrap_or(0) >= *end);
                     if done {
                         return Ok(true);
                     }
@@ -890,20 +891,19 @@ impl ViewEngine {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (shared, epoch) = self.wait_applied(name, after, deadline, timeout).await?;
-            let snapshot = match shared.store.snapshot() {
-                // A full disk failed the store: it is reopened once there is room.
-                Err(ViewError::StoreReopening { .. } | ViewError::Store { out_of_space: true, .. })
-                    if tokio::time::Instant::now() < deadline =>
-                {
+            let answer = shared.store.snapshot().and_then(|snapshot| {
+                // Reopened since the positions were judged: the state may be rolled back
+                // behind them, and they were published again — look again (None).
+                (snapshot.epoch() == epoch).then(|| read(shared.version, &snapshot)).transpose()
+            });
+            match answer {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => {}
+                // A failed write closed the store: it is reopened once a full disk has room.
+                Err(e) if e.is_store_unavailable() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(STORE_REOPEN_POLL.min(deadline - tokio::time::Instant::now())).await;
-                    continue;
                 }
-                snapshot => snapshot?,
-            };
-            // Reopened since the positions were judged: the state may be rolled back behind
-            // them, and they were published again — look again.
-            if snapshot.epoch() == epoch {
-                return read(shared.version, &snapshot);
+                Err(e) => return Err(e),
             }
         }
     }

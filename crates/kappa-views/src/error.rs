@@ -51,7 +51,7 @@ pub enum ViewError {
     #[error("view state store {path}: {source}")]
     Store { path: PathBuf, source: Box<redb::Error>, out_of_space: bool },
     #[error(
-        "view state store {path} is being reopened after a full disk failed a write; retry in a moment (it is back once there is room on the disk)"
+        "view state store {path} is closed until it is reopened after a failed write; retry in a moment (after a full disk its view version restarts by itself once there is room; its status says why it stopped)"
     )]
     StoreReopening { path: PathBuf },
     #[error("{path}: {source}")]
@@ -150,6 +150,21 @@ impl ViewError {
             Self::Log(kappa_log::LogError::Io { source, .. }) | Self::Io { source, .. } => is_out_of_space(source),
             Self::Store { out_of_space, .. } => *out_of_space,
             Self::StoreReopening { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+impl ViewError {
+    /// True for a state store that cannot answer until it is reopened: closed for a reopen,
+    /// failed on a full disk, or refusing calls after a failure (`PreviousIo`) or because
+    /// a reopen closed the handle a read was using (`DatabaseClosed`). Reads answer "retry".
+    pub fn is_store_unavailable(&self) -> bool {
+        match self {
+            Self::StoreReopening { .. } => true,
+            Self::Store { out_of_space, source, .. } => {
+                *out_of_space || matches!(**source, redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+            }
             _ => false,
         }
     }

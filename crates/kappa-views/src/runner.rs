@@ -365,11 +365,18 @@ impl Runner {
     /// status (failed, or restarting).
     pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
-        // A store that failed on a full disk refuses every call until it is reopened.
+        // The checkpoint thread joined first: its error is what marks the store full, which
+        // decides below and in the caller.
+        let finished = self.finish_checkpoint(true);
+        // A store that failed on a full disk refuses every call until it is reopened: no
+        // store checkpoint, but the outputs are still made durable.
         if self.shared.store.needs_reopen() {
+            if let Err(e) = outputs_durable(self.backend.as_ref(), &self.shared, self.progress.changelog_next) {
+                tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "making the changelog durable after the state store failed");
+            }
             return result.err();
         }
-        if let Err(e) = self.checkpoint() {
+        if let Err(e) = finished.and_then(|()| self.checkpoint()) {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
         }
         result.err()
@@ -1202,23 +1209,27 @@ impl Runner {
 pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) {
     let mut pause = RESTART_PAUSE_MIN;
     loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
         let started = Instant::now();
-        let outcome = match shared.store.needs_reopen() {
-            true => shared.reopen_store().map(|()| make().run()),
-            false => Ok(make().run()),
+        let (error, reopen_failed) = match shared.store.needs_reopen() {
+            true => match shared.reopen_store() {
+                Ok(()) => (make().run(), false),
+                Err(e) => (Some(e), true),
+            },
+            false => (make().run(), false),
         };
-        let error = match outcome {
-            Ok(None) => return,
-            Ok(Some(error)) | Err(error) => error,
-        };
-        if !error.is_transient() {
+        let Some(error) = error else { return };
+        if !restartable(&error, &shared.store) {
             tracing::error!(view = %shared.view, version = shared.version, error = %error, "view version stopped");
             shared.set_phase(Phase::Failed(error.to_string()));
             return;
         }
         // Now, not after the pause: meanwhile reads answer from the store as last made
         // durable instead of failing. If the disk is still full, the next try reopens it.
-        if shared.store.needs_reopen()
+        if !reopen_failed
+            && shared.store.needs_reopen()
             && let Err(e) = shared.reopen_store()
         {
             tracing::debug!(view = %shared.view, version = shared.version, error = %e, "reopening the view state store failed; trying again after the pause");
@@ -1237,6 +1248,14 @@ pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) 
         }
         pause = (pause * 2).min(RESTART_PAUSE_MAX);
     }
+}
+
+/// Whether a runner's `error` passes by itself ([`ViewError::is_transient`]) — or is the
+/// store refusing calls after a failure that turned out to be a full disk: the runner may
+/// meet the refusal (`PreviousIo`) before the checkpoint thread that met the full disk has
+/// marked the store, so the mark is looked at now, with that thread joined.
+fn restartable(error: &ViewError, store: &Store) -> bool {
+    error.is_transient() || (error.is_store_unavailable() && store.needs_reopen())
 }
 
 /// Makes the dead letters appended so far, then the changelog below `changelog_next`,

@@ -100,9 +100,61 @@ pub struct Progress {
 /// one that fails reads or writes as a failing disk would (`EngineConfig::store_opener`).
 pub type StoreOpener = Arc<dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync>;
 
-/// The default [`StoreOpener`]: a file on disk.
+/// The default [`StoreOpener`]: a file on disk (as `Database::create`), whose failed fsyncs
+/// are never taken for a full disk ([`FsyncFailuresAreNotFull`]).
 pub fn file_store_opener() -> StoreOpener {
-    Arc::new(|path: &Path| Database::create(path))
+    Arc::new(|path: &Path| {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        redb::Builder::new().create_with_backend(FsyncFailuresAreNotFull(redb::backends::FileBackend::new(file)?))
+    })
+}
+
+/// A file backend whose failed fsync never reports ENOSPC or EDQUOT: after a failed fsync
+/// the kernel may have dropped the dirty pages, so reopening and going on could take lost
+/// writes for durable ones (the log poisons its directory for the same error). Reported as
+/// another error, it fails the version until a restart instead of restarting it.
+#[derive(Debug)]
+struct FsyncFailuresAreNotFull(redb::backends::FileBackend);
+
+type LockBound = std::ops::Bound<u64>;
+
+impl redb::StorageBackend for FsyncFailuresAreNotFull {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data().map_err(|e| std::io::Error::other(format!("fsync failed: {e}")))
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+    fn try_lock_range(&self, start: LockBound, end: LockBound) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(&self, start: LockBound, end: LockBound) -> std::result::Result<bool, redb::BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: LockBound, end: LockBound) -> std::result::Result<(), redb::BackendError> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: LockBound, end: LockBound) -> std::result::Result<(), redb::BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: LockBound, end: LockBound) -> std::result::Result<(), redb::BackendError> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: LockBound, end: LockBound) -> std::result::Result<bool, redb::BackendError> {
+        self.0.query_lock_range(start, end)
+    }
 }
 
 pub struct Store {
@@ -118,8 +170,9 @@ pub struct Store {
     epoch: AtomicU64,
 }
 
-/// How long a reopen waits for readers still holding the old handle's file (each holds it
-/// for one read) before it gives up until the next try.
+/// How long a reopen retries while the file is still locked by the handle it closed (redb
+/// closes a dropped database at once — reads still running on it fail with `DatabaseClosed`
+/// — so this is a bound, not an expected wait).
 const REOPEN_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Store {
@@ -162,25 +215,30 @@ impl Store {
     /// a later reopen succeeds.
     pub fn reopen(&self, before_visible: impl FnOnce(&Progress)) -> Result<()> {
         let old = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
-        // Dropped outside the lock; the file stays locked until readers holding it are done.
+        // The full disk was the old handle's: the new one's errors are judged on their own
+        // (a failing repair is no reason to keep trying). Still closed: `needs_reopen` holds.
+        self.out_of_space.store(false, Ordering::Release);
         drop(old);
         let db = self.open_database()?;
         before_visible(&read_progress(&db, &|e| self.err(e))?);
         let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.out_of_space.store(false, Ordering::Release);
         *slot = Some(db);
         Ok(())
     }
 
-    /// Opens the database file, waiting up to [`REOPEN_WAIT_MAX`] for readers of a closed
-    /// handle to let go of it, and creates the tables a new one lacks.
+    /// Opens the database file, retrying up to [`REOPEN_WAIT_MAX`] while the handle it
+    /// closed still locks it, and creates the tables a new one lacks.
     fn open_database(&self) -> Result<Arc<Database>> {
         let deadline = std::time::Instant::now() + REOPEN_WAIT_MAX;
         let db = loop {
             match (self.opener)(&self.path) {
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                // Still locked: tried again at the next restart.
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(ViewError::StoreReopening { path: self.path.clone() });
                 }
                 other => break other.map_err(|e| self.err(e))?,
             }
