@@ -2013,33 +2013,66 @@ fn a_version_restored_from_its_changelog_stops_when_its_input_topic_was_created_
     }
 }
 
-/// Real redb over a real file, except that reads fail with EIO while `failing` is set: a
-/// disk that stopped reading.
+/// Real redb over a real file, except that while `unreadable` is set reads fail with EIO (a
+/// disk that stopped reading), and while `full` is set writes and growing the file fail
+/// with ENOSPC (a full disk).
+#[derive(Debug, Default)]
+struct Faults {
+    unreadable: Arc<AtomicBool>,
+    full: Arc<AtomicBool>,
+}
+
 #[derive(Debug)]
-struct UnreadableFile {
+struct FaultyFile {
     file: redb::backends::FileBackend,
-    failing: Arc<AtomicBool>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyFile {
+    /// A store opener of real redb over a `FaultyFile` with `faults`; `cache_bytes` None
+    /// keeps redb's default read cache.
+    fn opener(faults: &Arc<Faults>, cache_bytes: Option<usize>) -> kappa_views::store::StoreOpener {
+        let faults = faults.clone();
+        Arc::new(move |path: &std::path::Path| {
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            let file = FaultyFile { file: redb::backends::FileBackend::new(file)?, faults: faults.clone() };
+            let mut builder = redb::Builder::new();
+            if let Some(bytes) = cache_bytes {
+                builder.set_cache_size(bytes);
+            }
+            builder.create_with_backend(file)
+        })
+    }
+
+    fn fail_if(flag: &AtomicBool, errno: i32) -> std::io::Result<()> {
+        match flag.load(Ordering::Acquire) {
+            true => Err(std::io::Error::from_raw_os_error(errno)),
+            false => Ok(()),
+        }
+    }
 }
 
 type Bound = std::ops::Bound<u64>;
 
-impl redb::StorageBackend for UnreadableFile {
+impl redb::StorageBackend for FaultyFile {
     fn len(&self) -> std::io::Result<u64> {
         self.file.len()
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        if self.failing.load(Ordering::Acquire) {
-            return Err(std::io::Error::from_raw_os_error(5));
-        }
+        Self::fail_if(&self.faults.unreadable, 5)?;
         self.file.read(offset, out)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
+        if len > self.file.len()? {
+            Self::fail_if(&self.faults.full, 28)?;
+        }
         self.file.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        Self::fail_if(&self.faults.full, 28)?;
         self.file.write(offset, data)
     }
     fn close(&self) -> std::io::Result<()> {
@@ -2145,24 +2178,14 @@ fn a_read_fails_inside_a_step(view: impl Fn(&Arc<AtomicBool>, &Arc<AtomicBool>) 
         (0..3_000).map(|i| event(&format!("key{i:04}"), Some(json!({"n": i})), None, None, 0)).collect();
     keys.push(event("k1", Some(json!({"n": 1})), None, None, 1));
     fixture.append(0, keys);
-    let (armed, failing) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (armed, faults) = (Arc::new(AtomicBool::new(false)), Arc::new(Faults::default()));
+    let failing = &faults.unreadable;
     let start = |checkpoint_interval| {
-        let opener: kappa_views::store::StoreOpener = {
-            let failing = failing.clone();
-            Arc::new(move |path: &std::path::Path| {
-                let file =
-                    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-                let file = redb::backends::FileBackend::new(file)?;
-                // No read cache: redb reads every page of a small database when it opens.
-                redb::Builder::new()
-                    .set_cache_size(0)
-                    .create_with_backend(UnreadableFile { file, failing: failing.clone() })
-            })
-        };
-        let config =
-            EngineConfig { checkpoint_interval, store_opener: opener, ..EngineConfig::new(fixture.views_dir()) };
+        // No read cache: redb reads every page of a small database when it opens.
+        let store_opener = FaultyFile::opener(&faults, Some(0));
+        let config = EngineConfig { checkpoint_interval, store_opener, ..EngineConfig::new(fixture.views_dir()) };
         let backend = Arc::new(kappa_views::EmbeddedLog::new(fixture.log.clone()));
-        ViewEngine::start(backend, config, vec![view(&armed, &failing)]).unwrap()
+        ViewEngine::start(backend, config, vec![view(&armed, failing)]).unwrap()
     };
     let dead_letters = || fixture.log.partition("sums-dlq", 0).map_or(0, |p| p.high_watermark());
     // Durable at once, so the next start replays nothing into the store.
@@ -2195,66 +2218,6 @@ fn a_read_fails_inside_a_step(view: impl Fn(&Arc<AtomicBool>, &Arc<AtomicBool>) 
     state
 }
 
-/// Real redb over a real file, except that while `full` is set writes (and growing the
-/// file) fail with ENOSPC, as on a full disk.
-#[derive(Debug)]
-struct FullDiskFile {
-    file: redb::backends::FileBackend,
-    full: Arc<AtomicBool>,
-}
-
-impl FullDiskFile {
-    fn refuse(&self) -> std::io::Result<()> {
-        match self.full.load(Ordering::Acquire) {
-            true => Err(std::io::Error::from_raw_os_error(28)),
-            false => Ok(()),
-        }
-    }
-}
-
-impl redb::StorageBackend for FullDiskFile {
-    fn len(&self) -> std::io::Result<u64> {
-        self.file.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.file.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        if len > self.file.len()? {
-            self.refuse()?;
-        }
-        self.file.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.refuse()?;
-        self.file.write(offset, data)
-    }
-    fn close(&self) -> std::io::Result<()> {
-        self.file.close()
-    }
-    fn try_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
-        self.file.try_lock_range(start, end)
-    }
-    fn try_lock_shared_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
-        self.file.try_lock_shared_range(start, end)
-    }
-    fn lock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
-        self.file.lock_range(start, end)
-    }
-    fn lock_shared_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
-        self.file.lock_shared_range(start, end)
-    }
-    fn unlock_range(&self, start: Bound, end: Bound) -> Result<(), redb::BackendError> {
-        self.file.unlock_range(start, end)
-    }
-    fn query_lock_range(&self, start: Bound, end: Bound) -> Result<bool, redb::BackendError> {
-        self.file.query_lock_range(start, end)
-    }
-}
-
 /// The view's state store refusing a write with ENOSPC (a full disk): as when the log's
 /// append does, the version pauses (`Restarting`, naming the full disk) and starts again
 /// by itself with its store reopened — it failed until a restart, as redb refuses every
@@ -2264,18 +2227,11 @@ impl redb::StorageBackend for FullDiskFile {
 fn a_full_disk_refusing_the_state_store_restarts_the_version_instead_of_failing_it() {
     let fixture = Fixture::new(1);
     fixture.append(0, vec![event("k1", Some(json!({"n": 1})), None, None, 1)]);
-    let full = Arc::new(AtomicBool::new(false));
-    let opener: kappa_views::store::StoreOpener = {
-        let full = full.clone();
-        Arc::new(move |path: &std::path::Path| {
-            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-            let file = redb::backends::FileBackend::new(file)?;
-            redb::Builder::new().create_with_backend(FullDiskFile { file, full: full.clone() })
-        })
-    };
+    let faults = Arc::new(Faults::default());
+    let full = &faults.full;
     let config = EngineConfig {
         checkpoint_interval: Duration::from_millis(20),
-        store_opener: opener,
+        store_opener: FaultyFile::opener(&faults, None),
         ..EngineConfig::new(fixture.views_dir())
     };
     let engine =
