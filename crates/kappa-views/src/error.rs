@@ -157,13 +157,14 @@ impl ViewError {
 
 impl ViewError {
     /// True for a state store that cannot answer until it is reopened: closed for a reopen,
-    /// failed on a full disk, or refusing calls after a failure (`PreviousIo`) or because
-    /// a reopen closed the handle a read was using (`DatabaseClosed`). Reads answer "retry".
+    /// failed on a full disk, or closed by a reopen under a read that was using it
+    /// (`DatabaseClosed`). Reads answer "retry". Not `PreviousIo` as such: after any other
+    /// failure the store stays refused until a restart.
     pub fn is_store_unavailable(&self) -> bool {
         match self {
             Self::StoreReopening { .. } => true,
             Self::Store { out_of_space, source, .. } => {
-                *out_of_space || matches!(**source, redb::Error::PreviousIo | redb::Error::DatabaseClosed)
+                *out_of_space || matches!(**source, redb::Error::DatabaseClosed)
             }
             _ => false,
         }

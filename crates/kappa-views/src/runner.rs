@@ -366,15 +366,27 @@ impl Runner {
     pub fn run(mut self) -> Option<ViewError> {
         let result = self.run_until_stopped();
         // The checkpoint thread joined first: its error is what marks the store full, which
-        // decides below and in the caller.
-        let finished = self.finish_checkpoint(true);
+        // decides below and in the caller. After a failure the writes it deferred are
+        // dropped: `progress` may hold a step whose changes were not deferred (it failed
+        // after its changelog append), and the changelog replays them anyway.
+        let finished = match result {
+            Ok(()) => self.finish_checkpoint(true),
+            Err(_) => self.join_checkpoint(),
+        };
         // A store that failed on a full disk refuses every call until it is reopened: no
         // store checkpoint, but the outputs are still made durable.
         if self.shared.store.needs_reopen() {
             if let Err(e) = outputs_durable(self.backend.as_ref(), &self.shared, self.progress.changelog_next) {
                 tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "making the changelog durable after the state store failed");
             }
-            return result.err();
+            // The runner may have met redb's refusal before the checkpoint met the full disk:
+            // the full disk is the reason to give.
+            return match (result, finished) {
+                (Err(ViewError::Store { source, .. }), Err(full)) if matches!(*source, redb::Error::PreviousIo) => {
+                    Some(full)
+                }
+                (result, _) => result.err(),
+            };
         }
         if let Err(e) = finished.and_then(|()| self.checkpoint()) {
             tracing::error!(view = %self.shared.view, version = self.shared.version, error = %e, "final view checkpoint failed");
@@ -614,6 +626,14 @@ impl Runner {
             }
         }
         self.last_checkpoint = Instant::now();
+    }
+
+    /// Waits for the running checkpoint, if any, and drops the writes that waited for it.
+    fn join_checkpoint(&mut self) -> Result<()> {
+        let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
+        in_flight.thread.join().unwrap_or_else(|_| {
+            Err(self.changelog_error("the checkpoint thread panicked; restart to recover from the changelog".into()))
+        })
     }
 
     /// Ends the running checkpoint if it is done (or, with `wait`, once it is), then commits
@@ -1255,7 +1275,9 @@ pub(crate) fn run_restarting(shared: &VersionShared, make: impl Fn() -> Runner) 
 /// meet the refusal (`PreviousIo`) before the checkpoint thread that met the full disk has
 /// marked the store, so the mark is looked at now, with that thread joined.
 fn restartable(error: &ViewError, store: &Store) -> bool {
-    error.is_transient() || (error.is_store_unavailable() && store.needs_reopen())
+    let refused = matches!(error, ViewError::Store { source, .. }
+        if matches!(**source, redb::Error::PreviousIo | redb::Error::DatabaseClosed));
+    error.is_transient() || (refused && store.marked_full())
 }
 
 /// Makes the dead letters appended so far, then the changelog below `changelog_next`,

@@ -201,6 +201,11 @@ impl Store {
         &self.path
     }
 
+    /// True when a call failed on a full disk (ENOSPC, EDQUOT) since the handle was opened.
+    pub fn marked_full(&self) -> bool {
+        self.out_of_space.load(Ordering::Acquire)
+    }
+
     /// True when the handle failed on a full disk (or is closed by a reopen that failed):
     /// [`Store::reopen`] is what recovers it.
     pub fn needs_reopen(&self) -> bool {
@@ -219,7 +224,13 @@ impl Store {
         // (a failing repair is no reason to keep trying). Still closed: `needs_reopen` holds.
         self.out_of_space.store(false, Ordering::Release);
         drop(old);
-        let db = self.open_database()?;
+        let db = self.open_database().map_err(|e| match e {
+            // Still locked by the handle it closed: tried again at the next restart.
+            ViewError::Store { source, .. } if matches!(*source, redb::Error::DatabaseAlreadyOpen) => {
+                ViewError::StoreReopening { path: self.path.clone() }
+            }
+            e => e,
+        })?;
         before_visible(&read_progress(&db, &|e| self.err(e))?);
         let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
         self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -235,10 +246,6 @@ impl Store {
             match (self.opener)(&self.path) {
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                // Still locked: tried again at the next restart.
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                    return Err(ViewError::StoreReopening { path: self.path.clone() });
                 }
                 other => break other.map_err(|e| self.err(e))?,
             }
