@@ -494,4 +494,34 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.input_topic_id("events").unwrap(), Some(vec![1; 16]));
     }
+
+    /// What read-your-writes relies on: a reopen hands over the reopened progress while no
+    /// reader can read the reopened state yet, and only then makes it readable, with a new
+    /// epoch; a snapshot carries the epoch it was taken at.
+    #[test]
+    fn a_reopen_publishes_its_progress_before_its_state_is_readable_and_bumps_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let progress = Progress { changelog_next: 9, events_applied: 4, ..Progress::default() };
+        store.commit(&[], &progress, Durability::Immediate).unwrap();
+        let before = store.snapshot().unwrap().epoch();
+        assert!(!store.needs_reopen());
+
+        let mut seen = None;
+        store
+            .reopen(|reopened| {
+                let read = store.snapshot().map(|_| ()).unwrap_err();
+                assert!(
+                    matches!(read, ViewError::StoreReopening { .. }),
+                    "readable before its progress was handed over"
+                );
+                assert!(read.is_store_unavailable() && read.is_transient(), "{read}");
+                seen = Some(reopened.changelog_next);
+            })
+            .unwrap();
+        assert_eq!(seen, Some(9));
+        let snapshot = store.snapshot().unwrap();
+        assert_eq!((snapshot.epoch(), store.epoch(), snapshot.changelog_next()), (before + 1, before + 1, 9));
+        assert!(!store.needs_reopen());
+    }
 }
