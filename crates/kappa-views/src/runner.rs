@@ -754,39 +754,38 @@ impl Runner {
             self.held[index] = held_at.map_or(-1, |(_, stable)| stable);
             return Ok(false);
         }
-        if let Some((offset, _)) = &failure {
-            // The failing event may have changed keys before failing: apply the step again
-            // without it.
-            (position, applied) =
-                self.reapply(topic, partition, start, *offset, usize::MAX, &store).map_err(|e| store.cause(e))?.done();
-        }
-        let mut changes = self.take_changes(topic, partition, start).map_err(|e| store.cause(e))?;
         let mut found_oversized = Vec::new();
         // The changes of the step first read, when it was too large for one step.
         let mut shortened_from = None;
-        loop {
-            if oversized_change(&changes).is_some() {
-                // An earlier event than any failure found so far: the step ends before it.
-                let (offset, key, error) = self
-                    .find_oversized_event(topic, partition, start, position, applied, &store)
-                    .map_err(|e| store.cause(e))?;
-                found_oversized.push(key);
-                failure = Some((offset, error));
-                (position, applied) = self
-                    .reapply(topic, partition, start, offset, usize::MAX, &store)
-                    .map_err(|e| store.cause(e))?
-                    .done();
-            } else if changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
-                failure = None;
-                shortened_from.get_or_insert(changes_bytes(&changes));
-                (position, applied) = self
-                    .shorten_step(topic, partition, start, position, applied, &spans, &changes, &store)
-                    .map_err(|e| store.cause(e))?;
-            } else {
-                break;
+        // Any error from here on, if a read of the step failed, is the store's doing (e.g.
+        // "not deterministic" from a re-applied event whose read failed): `cause`.
+        let changes = (|| -> Result<Vec<Change>> {
+            if let Some((offset, _)) = &failure {
+                // The failing event may have changed keys before failing: apply the step
+                // again without it.
+                (position, applied) = self.reapply(topic, partition, start, *offset, usize::MAX, &store)?.done();
             }
-            changes = self.take_changes(topic, partition, start).map_err(|e| store.cause(e))?;
-        }
+            let mut changes = self.take_changes(topic, partition, start)?;
+            loop {
+                if oversized_change(&changes).is_some() {
+                    // An earlier event than any failure found so far: the step ends before it.
+                    let (offset, key, error) =
+                        self.find_oversized_event(topic, partition, start, position, applied, &store)?;
+                    found_oversized.push(key);
+                    failure = Some((offset, error));
+                    (position, applied) = self.reapply(topic, partition, start, offset, usize::MAX, &store)?.done();
+                } else if changes_bytes(&changes) > CHANGELOG_STEP_BYTES_MAX {
+                    failure = None;
+                    shortened_from.get_or_insert(changes_bytes(&changes));
+                    (position, applied) =
+                        self.shorten_step(topic, partition, start, position, applied, &spans, &changes, &store)?;
+                } else {
+                    return Ok(changes);
+                }
+                changes = self.take_changes(topic, partition, start)?;
+            }
+        })()
+        .map_err(|e| store.cause(e))?;
         if let Some(bytes) = shortened_from.filter(|_| failure.is_none()) {
             self.warn_split_transaction(topic, partition, start, position, &spans, bytes, changes_bytes(&changes));
         }
